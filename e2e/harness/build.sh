@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Build the e2e binaries from their Go modules, pinned in versions.env, and cache
+# them outside the repo in ${KUBETUNE_E2E_CACHE:-$HOME/.cache/kubetune-e2e}/<name>-<version>/bin.
+# Idempotent: a component whose binaries are already cached is skipped.
+#
+#   kube-apiserver, kube-controller-manager  k8s.io/kubernetes (wrapper module, staging replaced)
+#   etcd                                      go.etcd.io/etcd/server/v3 (wrapper module)
+#   helm                                      helm.sh/helm/v3/cmd/helm (wrapper module)
+#
+# k8s.io/kubernetes and etcd's server module carry `replace` directives pointing at
+# sibling directories, so `go install pkg@version` refuses them; a throwaway wrapper
+# module requiring them (and pinning what the replaces pointed at) builds them.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.env
+source "$here/versions.env"
+cache="${KUBETUNE_E2E_CACHE:-$HOME/.cache/kubetune-e2e}"
+mkdir -p "$cache"
+export GOFLAGS="${GOFLAGS:-} -trimpath -buildvcs=false -mod=mod"
+export GOTOOLCHAIN=local CGO_ENABLED=0
+proxy="${GOPROXY:-https://proxy.golang.org}"; proxy="${proxy%%,*}"
+ldflags="-s -w"
+
+have() { for b in "$@"; do [[ -x $b ]] || return 1; done; }
+
+wrapper() { # wrapper <dir> <go.mod body>: fresh throwaway module in <dir>
+  rm -rf "$1"; mkdir -p "$1"
+  printf 'module kubetune.local/e2e-build\n\ngo 1.24\n\n%s\n' "$2" >"$1/go.mod"
+}
+
+build_kubernetes() {
+  local v=$KUBERNETES_VERSION out="$cache/kubernetes-$KUBERNETES_VERSION/bin"
+  have "$out/kube-apiserver" "$out/kube-controller-manager" && { echo "kubernetes $v: cached"; return; }
+  local sv="v0${v#v1}" w="$cache/kubernetes-$v/src" rep="" m
+  # every staging module the kubernetes go.mod replaces with ./staging/... -> its v0.x tag
+  for m in $(curl -fsSL "$proxy/k8s.io/kubernetes/@v/$v.mod" | awk '/=> \.\/staging/{print $1}'); do
+    rep+="replace $m => $m $sv"$'\n'
+  done
+  wrapper "$w" "require k8s.io/kubernetes $v
+$rep"
+  local ver="k8s.io/component-base/version" minor="${v#v1.}"; minor="${minor%%.*}"
+  local lf="$ldflags -X $ver.gitVersion=$v -X $ver.gitMajor=1 -X $ver.gitMinor=$minor -X $ver.gitTreeState=clean"
+  lf+=" -X k8s.io/client-go/pkg/version.gitVersion=$v -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+  (cd "$w" && go get "k8s.io/kubernetes/cmd/kube-apiserver@$v" "k8s.io/kubernetes/cmd/kube-controller-manager@$v" \
+    && go build -ldflags "$lf" -o "$out.tmp/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager)
+  rm -rf "$out"; mv "$out.tmp" "$out"; rm -rf "$w"
+}
+
+build_etcd() {
+  local v=$ETCD_VERSION out="$cache/etcd-$ETCD_VERSION/bin" w="$cache/etcd-$ETCD_VERSION/src" m req=""
+  have "$out/etcd" && { echo "etcd $v: cached"; return; }
+  for m in api/v3 client/pkg/v3 client/v2 client/v3 pkg/v3 raft/v3 server/v3; do req+="require go.etcd.io/etcd/$m $v"$'\n'; done
+  wrapper "$w" "$req"
+  (cd "$w" && go get "go.etcd.io/etcd/server/v3@$v" \
+    && go build -ldflags "$ldflags" -o "$out.tmp/etcd" go.etcd.io/etcd/server/v3)
+  rm -rf "$out"; mv "$out.tmp" "$out"; rm -rf "$w"
+}
+
+build_helm() {
+  local v=$HELM_VERSION out="$cache/helm-$HELM_VERSION/bin" w="$cache/helm-$HELM_VERSION/src"
+  have "$out/helm" && { echo "helm $v: cached"; return; }
+  wrapper "$w" "require helm.sh/helm/v3 $v"
+  (cd "$w" && go get "helm.sh/helm/v3/cmd/helm@$v" \
+    && go build -ldflags "$ldflags -X helm.sh/helm/v3/internal/version.version=$v" -o "$out.tmp/helm" helm.sh/helm/v3/cmd/helm)
+  rm -rf "$out"; mv "$out.tmp" "$out"; rm -rf "$w"
+}
+
+start=$SECONDS
+for c in ${KUBETUNE_E2E_COMPONENTS:-kubernetes etcd helm}; do
+  t=$SECONDS; "build_$c"; echo "build.sh: $c done in $((SECONDS - t))s"
+done
+echo "build.sh: all done in $((SECONDS - start))s (cache: $cache)"

@@ -1,0 +1,491 @@
+"""The FineTuneJob API (kubetune.io/v1alpha1): the single source of truth.
+
+The CRD's OpenAPI schema is generated from these models (`kubetune crd`), the
+operator validates and renders from them, and the trainer reads the resolved
+config built from them. Field names are camelCase on the wire (aliases) and
+snake_case in Python.
+
+Cross-field rules that the API server can check live here as CEL rules
+(`x-kubernetes-validations`, via `json_schema_extra`); rules it cannot check are
+in `kubetune.api.validation`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+
+
+class ApiModel(BaseModel):
+    """Base: camelCase aliases, unknown fields refused, immutable."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The camelCase dict a user would write in YAML (defaults included, None dropped)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def cel(*rules: tuple[str, str]) -> dict[str, Any]:
+    """CEL rules for `x-kubernetes-validations`: (rule, message) pairs."""
+    return {"x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]}
+
+
+# A subset of Kubernetes' own types that the pod template accepts unchanged.
+# They are passed through as plain objects (x-kubernetes-preserve-unknown-fields)
+# so that users can write anything the core API accepts there.
+PRESERVE = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+
+
+# --------------------------------------------------------------------- model
+
+
+class ModelSpec(ApiModel):
+    """Which pretrained model to start from."""
+
+    source: str = Field(
+        min_length=1,
+        max_length=2048,
+        pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|hf://[^\s]+|pvc://[a-z0-9][a-z0-9\-.]*(/.*)?|file://.+|/.+)$",
+    )
+    """Where the model is: `s3://bucket/prefix`, `pvc://claim/path`, an absolute local path (or `file://`), or `hf://org/name` where the cluster reaches the Hugging Face hub."""
+    revision: str | None = Field(default=None, max_length=256)
+    """Revision (branch, tag or commit) for `hf://` sources."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """dtype to load the weights in; `auto` picks bfloat16 on GPUs that support it and float32 on CPU."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with the checkpoint to run. Only for sources you trust."""
+
+
+# ------------------------------------------------------------------- dataset
+
+
+class FieldMapping(ApiModel):
+    """Column names in the dataset, where they differ from the defaults."""
+
+    messages: str = "messages"
+    """Column with a list of {role, content} chat messages (format `chat`)."""
+    instruction: str = "instruction"
+    """Column with the instruction (format `instruction`)."""
+    input: str = "input"
+    """Optional column with extra input appended to the instruction (format `instruction`)."""
+    response: str = "response"
+    """Column with the response to learn (format `instruction`)."""
+    prompt: str = "prompt"
+    """Column with the prompt (format `prompt_completion`)."""
+    completion: str = "completion"
+    """Column with the completion to learn (format `prompt_completion`)."""
+    text: str = "text"
+    """Column with plain text (format `text`)."""
+
+
+class DatasetSpec(ApiModel):
+    """Training (and evaluation) data."""
+
+    train: str = Field(min_length=1, max_length=2048, pattern=r"^(s3://|pvc://|file://|/|hf://).+")
+    """Training data: a JSONL, Parquet or CSV file (or a prefix holding such files) at `s3://`, `pvc://`, a local path or `hf://`."""
+    eval: str | None = Field(default=None, max_length=2048, pattern=r"^(s3://|pvc://|file://|/|hf://).+")
+    """Optional evaluation data, same forms as `train`. Without it, `evalSplit` holds out part of `train`."""
+    format: Literal["auto", "chat", "instruction", "prompt_completion", "text"] = "auto"
+    """Record format; `auto` detects it from the columns present."""
+    fields: FieldMapping = Field(default_factory=FieldMapping)
+    """Column names, where they differ from the defaults."""
+    max_seq_length: int = Field(default=1024, ge=16, le=131072)
+    """Longest tokenized example; longer ones are truncated."""
+    packing: bool = False
+    """Pack several examples into one sequence (attention never crosses example boundaries)."""
+    eval_split: float = Field(default=0.0, ge=0.0, le=0.5)
+    """Fraction of `train` held out for evaluation when `eval` is not given."""
+
+
+# -------------------------------------------------------------------- method
+
+
+class LoraSpec(ApiModel):
+    """LoRA adapter settings (method `lora`)."""
+
+    r: int = Field(default=16, ge=1, le=1024)
+    """Rank of the adapter matrices."""
+    alpha: float = Field(default=32.0, gt=0)
+    """Scaling numerator (the update is scaled by alpha/r)."""
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Dropout on the adapter input."""
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1, max_length=64)
+    """Module names to adapt, or `all-linear` for every linear layer but the output head."""
+    modules_to_save: list[str] = Field(default_factory=list, max_length=64)
+    """Modules trained in full and saved with the adapter (e.g. `embed_tokens`, `lm_head`)."""
+
+
+class FreezeSpec(ApiModel):
+    """Partial fine-tuning: which parameters stay frozen."""
+
+    first_n_layers: int | None = Field(default=None, ge=0, le=1024)
+    """Freeze the embeddings and the first N transformer blocks."""
+    trainable_modules: list[str] = Field(default_factory=list, max_length=256)
+    """Train only parameters whose name contains one of these strings; everything else is frozen."""
+
+
+# ------------------------------------------------------------------ training
+
+
+class EarlyStoppingSpec(ApiModel):
+    """Stop when the evaluation metric stops improving."""
+
+    patience: int = Field(default=3, ge=1, le=1000)
+    """Evaluations without improvement before training stops."""
+    metric: Literal["eval_loss"] = "eval_loss"
+    """Metric watched (lower is better)."""
+    min_delta: float = Field(default=0.0, ge=0.0)
+    """Smallest decrease that counts as an improvement."""
+
+
+class TrainingSpec(ApiModel):
+    """Optimisation settings."""
+
+    epochs: float = Field(default=1.0, gt=0, le=1000)
+    """Passes over the training data (ignored when `maxSteps` is set)."""
+    max_steps: int | None = Field(default=None, ge=1)
+    """Total optimizer steps; overrides `epochs`."""
+    learning_rate: float = Field(default=2e-4, gt=0, le=1.0)
+    """Peak learning rate."""
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: float = Field(default=0.03, ge=0.0, le=1.0)
+    """Fraction of steps spent warming up (ignored when `warmupSteps` is set)."""
+    warmup_steps: int | None = Field(default=None, ge=0)
+    """Warmup steps; overrides `warmupRatio`."""
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(default=1.0, ge=0.0)
+    """Gradient clipping norm; 0 disables clipping."""
+    per_device_batch_size: int = Field(default=1, ge=1, le=4096)
+    """Sequences per process per micro-step."""
+    global_batch_size: int | None = Field(default=None, ge=1, le=1048576)
+    """Sequences per optimizer step across all processes; must be a multiple of perDeviceBatchSize x world size. Gradient accumulation = global / (perDevice x world size). Unset: no accumulation."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Compute precision; `auto` is bf16 on GPUs that support it, fp32 on CPU."""
+    seed: int = Field(default=42, ge=0)
+    """Random seed (model init of new modules, data order, dropout)."""
+    logging_steps: int = Field(default=10, ge=1)
+    """Log loss and progress every N steps."""
+    eval_steps: int | None = Field(default=None, ge=1)
+    """Evaluate every N steps (and at the end); unset: only at the end of each epoch."""
+    early_stopping: EarlyStoppingSpec | None = None
+    """Stop early when evaluation stops improving (needs evaluation data)."""
+
+
+# --------------------------------------------------------------- distributed
+
+
+class DistributedSpec(ApiModel):
+    """How many processes train together and how they share the work."""
+
+    nodes: int = Field(default=1, ge=1, le=1024)
+    """Pods (machines) in the gang; one torchrun per pod."""
+    procs_per_node: int = Field(default=1, ge=1, le=64)
+    """Processes per pod: GPUs per node on GPU nodes (each process gets one), CPU processes otherwise."""
+    gpus_per_node: int = Field(default=0, ge=0, le=64)
+    """GPUs requested per pod (`nvidia.com/gpu`); 0 trains on CPU. When > 0 it must equal procsPerNode."""
+    backend: Literal["auto", "ddp", "deepspeed"] = "auto"
+    """`ddp`, `deepspeed` (ZeRO), or `auto`: DDP when the model and optimizer fit one device, else DeepSpeed."""
+    zero_stage: int = Field(default=2, ge=1, le=3)
+    """DeepSpeed ZeRO stage (1, 2 or 3)."""
+    offload_optimizer: bool = False
+    """DeepSpeed: keep optimizer state in CPU memory."""
+    offload_params: bool = False
+    """DeepSpeed ZeRO-3: keep parameters in CPU memory."""
+
+
+# -------------------------------------------------------------- output/storage
+
+
+class OutputSpec(ApiModel):
+    """Where artifacts go."""
+
+    uri: str = Field(min_length=1, max_length=2048, pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|pvc://.+|file://.+|/.+)$")
+    """Artifacts prefix: `s3://bucket/prefix`, `pvc://claim/path` or a local path. The job writes under `<uri>/` checkpoints/, adapter/, merged/, metrics.json and manifest.json."""
+    merge_adapter: bool = True
+    """For LoRA: also write the adapter merged into the base weights (safetensors)."""
+    checkpoint_steps: int = Field(default=100, ge=1)
+    """Save a resumable checkpoint every N steps (and on SIGTERM)."""
+    keep_checkpoints: int = Field(default=2, ge=1, le=100)
+    """Complete checkpoints kept; older ones are deleted."""
+
+
+class SecretKeyNames(ApiModel):
+    """A Secret holding S3 credentials, and the keys in it."""
+
+    name: str = Field(min_length=1, max_length=253)
+    """Secret name, in the FineTuneJob's namespace."""
+    access_key_id_key: str = "AWS_ACCESS_KEY_ID"
+    """Key holding the access key id."""
+    secret_access_key_key: str = "AWS_SECRET_ACCESS_KEY"
+    """Key holding the secret access key."""
+    session_token_key: str | None = None
+    """Optional key holding a session token."""
+
+
+class StorageSpec(ApiModel):
+    """S3 connection for model, data and artifacts. Credentials only by Secret reference."""
+
+    endpoint: str | None = Field(default=None, max_length=2048, pattern=r"^https?://.+")
+    """S3 endpoint URL for S3-compatible stores (MinIO, Ceph); unset for AWS."""
+    region: str = Field(default="us-east-1", max_length=64)
+    """S3 region."""
+    secret_ref: SecretKeyNames | None = None
+    """Secret with the access keys; unset uses the pod's ambient identity (IRSA, workload identity)."""
+    path_style: bool = True
+    """Path-style addressing (most S3-compatible stores need it)."""
+
+
+# ---------------------------------------------------------------- run policy
+
+
+class RunPolicy(ApiModel):
+    """Restarts, deadlines, clean-up, admission."""
+
+    backoff_limit: int = Field(default=3, ge=0, le=100)
+    """Whole-gang restarts after a failed rank before the job is Failed."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """Wall-clock limit for the whole job; then it is Failed."""
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    """Delete the FineTuneJob this long after it succeeds or fails."""
+    suspend: bool = False
+    """Suspend: no pods run (set by you or by a queue such as Kueue); unsuspending resumes from the last checkpoint."""
+
+
+# -------------------------------------------------------------- pod settings
+
+
+class LocalObjectReference(ApiModel):
+    name: str = Field(min_length=1, max_length=253)
+    """Name of the object in the same namespace."""
+
+
+class EnvVar(ApiModel):
+    """An environment variable for the trainer container (as in a Pod)."""
+
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    """Variable name."""
+    value: str | None = None
+    """Literal value."""
+    value_from: dict[str, Any] | None = Field(default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    """Source for the value, as in a Pod's `env[].valueFrom`."""
+
+
+class CacheVolume(ApiModel):
+    """A volume mounted into every training pod (model/dataset caches, PVCs with data)."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    """Volume name."""
+    mount_path: str = Field(min_length=1, pattern=r"^/.*")
+    """Where it is mounted in the container."""
+    read_only: bool = False
+    """Mount read-only."""
+    source: dict[str, Any] = Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    """The volume source as in a Pod's `volumes[]` without `name` (e.g. `persistentVolumeClaim: {claimName: data}`)."""
+
+
+class ResourcesSpec(ApiModel):
+    """Compute resources for each training pod (GPU requests come from `distributed.gpusPerNode`)."""
+
+    requests: dict[str, str] = Field(default_factory=dict)
+    """Resource requests, e.g. {cpu: "8", memory: 64Gi}."""
+    limits: dict[str, str] = Field(default_factory=dict)
+    """Resource limits."""
+
+
+# ---------------------------------------------------------------------- spec
+
+_IMMUTABLE = ("model", "dataset", "method", "lora", "freeze", "training", "distributed", "output")
+
+
+class FineTuneJobSpec(ApiModel):
+    """What to fine-tune, on what, how, and where the result goes."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "self.method == 'lora' || !has(self.lora)",
+                "spec.lora is only allowed with spec.method: lora; remove spec.lora or set spec.method to lora",
+            ),
+            (
+                "!has(self.training.globalBatchSize) || self.training.globalBatchSize % "
+                "(self.training.perDeviceBatchSize * self.distributed.nodes * self.distributed.procsPerNode) == 0",
+                "spec.training.globalBatchSize must be a multiple of perDeviceBatchSize x nodes x procsPerNode",
+            ),
+            (
+                "self.distributed.gpusPerNode == 0 || self.distributed.gpusPerNode == self.distributed.procsPerNode",
+                "spec.distributed.procsPerNode must equal spec.distributed.gpusPerNode on GPU nodes (one process per GPU)",
+            ),
+            (
+                "!has(self.distributed.offloadParams) || !self.distributed.offloadParams || "
+                "(self.distributed.backend != 'ddp' && self.distributed.zeroStage == 3)",
+                "spec.distributed.offloadParams needs backend deepspeed (or auto) with zeroStage: 3",
+            ),
+            (
+                "!has(self.training.earlyStopping) || has(self.dataset.eval) || self.dataset.evalSplit > 0.0",
+                "spec.training.earlyStopping needs evaluation data: set spec.dataset.eval or spec.dataset.evalSplit",
+            ),
+        )
+    )
+
+    model: ModelSpec
+    """The pretrained model to start from."""
+    dataset: DatasetSpec
+    """Training and evaluation data."""
+    method: Literal["lora", "full"] = "lora"
+    """`lora` trains a low-rank adapter; `full` trains all (unfrozen) parameters."""
+    lora: LoraSpec | None = None
+    """LoRA settings (only with method `lora`; defaults apply when omitted)."""
+    freeze: FreezeSpec | None = None
+    """Partial fine-tuning: freeze the first layers or train only named modules."""
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    """Optimisation settings."""
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    """Processes, nodes and the parallelism backend."""
+    output: OutputSpec
+    """Where checkpoints and artifacts are written."""
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    """S3 endpoint, region and credentials (Secret reference)."""
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
+    """Restarts, deadline, TTL and suspend."""
+    image: str | None = Field(default=None, max_length=1024)
+    """Trainer image; unset uses the operator's default."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    """Image pull policy for the trainer container."""
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list)
+    """Secrets for pulling the image."""
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    """CPU/memory requests and limits per pod."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the pods must match."""
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, json_schema_extra={"items": PRESERVE})
+    """Pod tolerations (as in a Pod)."""
+    affinity: dict[str, Any] | None = Field(default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    """Pod affinity (as in a Pod)."""
+    priority_class_name: str | None = None
+    """PriorityClass for the pods."""
+    scheduler_name: str | None = None
+    """Scheduler for the pods (e.g. a gang scheduler such as Volcano)."""
+    service_account_name: str | None = None
+    """ServiceAccount the pods run as."""
+    env: list[EnvVar] = Field(default_factory=list)
+    """Extra environment variables for the trainer."""
+    volumes: list[CacheVolume] = Field(default_factory=list)
+    """Extra volumes (caches, data PVCs) mounted in every pod."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Extra labels for the pods (e.g. for Kueue or cost allocation)."""
+    annotations: dict[str, str] = Field(default_factory=dict)
+    """Extra annotations for the pods."""
+
+
+# -------------------------------------------------------------------- status
+
+Phase = Literal["Pending", "Initializing", "Running", "Succeeded", "Failed", "Suspended", "Restarting"]
+PHASES: tuple[str, ...] = ("Pending", "Initializing", "Running", "Succeeded", "Failed", "Suspended", "Restarting")
+
+
+class Condition(ApiModel):
+    """Shaped like metav1.Condition."""
+
+    type: str
+    """Condition type, e.g. Ready, Succeeded, Failed, Suspended, SpecValid."""
+    status: Literal["True", "False", "Unknown"]
+    """True, False or Unknown."""
+    reason: str
+    """CamelCase reason."""
+    message: str = ""
+    """What a person should know, and the fix where there is one."""
+    last_transition_time: str
+    """When the status last flipped (RFC 3339)."""
+    observed_generation: int | None = None
+    """The spec generation this condition describes."""
+
+
+class Progress(ApiModel):
+    """Training progress reported by rank 0."""
+
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: float | None = None
+    percent: float | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+    updated_at: str | None = None
+
+
+class Artifacts(ApiModel):
+    """Where the results are."""
+
+    checkpoint: str | None = None
+    """Newest complete checkpoint."""
+    adapter: str | None = None
+    """PEFT adapter (LoRA)."""
+    merged_model: str | None = None
+    """Full model weights (merged adapter or full fine-tune), safetensors."""
+    metrics: str | None = None
+    """metrics.json."""
+    manifest: str | None = None
+    """manifest.json (every file with its sha256)."""
+
+
+class FineTuneJobStatus(ApiModel):
+    """Observed state, written by the operator."""
+
+    model_config = ConfigDict(extra="allow")
+
+    phase: Phase | None = None
+    message: str | None = None
+    """Short human summary of the current phase."""
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    restarts: int = 0
+    """Whole-gang restarts so far."""
+    progress: Progress | None = None
+    artifacts: Artifacts | None = None
+    workload: str | None = None
+    """Name of the current batch/v1 Job."""
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str | None = None
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+
+
+class FineTuneJob(BaseModel):
+    """A whole FineTuneJob object as read from YAML or the API."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["FineTuneJob"] = KIND
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None

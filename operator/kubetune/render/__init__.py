@@ -1,0 +1,1 @@
+"""Pure functions: FineTuneJob -> the objects and configs that run it."""
