@@ -12,15 +12,15 @@ in `kubetune.api.validation`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-GROUP = "kubetune.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "FineTuneJob"
+GROUP: Final = "kubetune.io"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = "kubetune.io/v1alpha1"
+KIND: Final = "FineTuneJob"
 PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
 SHORT_NAMES = ["ftj"]
@@ -50,7 +50,7 @@ def cel(*rules: tuple[str, str]) -> dict[str, Any]:
 # A subset of Kubernetes' own types that the pod template accepts unchanged.
 # They are passed through as plain objects (x-kubernetes-preserve-unknown-fields)
 # so that users can write anything the core API accepts there.
-PRESERVE = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+PRESERVE: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
 
 
 # --------------------------------------------------------------------- model
@@ -378,7 +378,7 @@ class FineTuneJobSpec(ApiModel):
     """CPU/memory requests and limits per pod."""
     node_selector: dict[str, str] = Field(default_factory=dict)
     """Node labels the pods must match."""
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, json_schema_extra={"items": PRESERVE})
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, json_schema_extra={"items": dict(PRESERVE)})
     """Pod tolerations (as in a Pod)."""
     affinity: dict[str, Any] | None = Field(default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
     """Pod affinity (as in a Pod)."""

@@ -9,14 +9,14 @@ into the job's ConfigMap; the trainer loads it with `TrainerConfig.load()`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import yaml
 from pydantic import Field
 
 from kubetune.api.models import ApiModel, FineTuneJobSpec
 
-TRAINER_CONFIG_VERSION = "kubetune.io/trainer-config/v1"
+TRAINER_CONFIG_VERSION: Final = "kubetune.io/trainer-config/v1"
 DEFAULT_PROGRESS_PORT = 8080
 DEFAULT_RDZV_PORT = 29500
 
