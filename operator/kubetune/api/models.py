@@ -12,7 +12,7 @@ in `kubetune.api.validation`.
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -52,6 +52,10 @@ def cel(*rules: tuple[str, str]) -> dict[str, Any]:
 # so that users can write anything the core API accepts there.
 PRESERVE: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
 
+# A bounded string: the API server estimates the cost of CEL rules from maxLength,
+# so every string a rule may compare carries one.
+Name = Annotated[str, Field(min_length=1, max_length=256)]
+
 
 # --------------------------------------------------------------------- model
 
@@ -79,19 +83,19 @@ class ModelSpec(ApiModel):
 class FieldMapping(ApiModel):
     """Column names in the dataset, where they differ from the defaults."""
 
-    messages: str = "messages"
+    messages: str = Field(default="messages", max_length=256)
     """Column with a list of {role, content} chat messages (format `chat`)."""
-    instruction: str = "instruction"
+    instruction: str = Field(default="instruction", max_length=256)
     """Column with the instruction (format `instruction`)."""
-    input: str = "input"
+    input: str = Field(default="input", max_length=256)
     """Optional column with extra input appended to the instruction (format `instruction`)."""
-    response: str = "response"
+    response: str = Field(default="response", max_length=256)
     """Column with the response to learn (format `instruction`)."""
-    prompt: str = "prompt"
+    prompt: str = Field(default="prompt", max_length=256)
     """Column with the prompt (format `prompt_completion`)."""
-    completion: str = "completion"
+    completion: str = Field(default="completion", max_length=256)
     """Column with the completion to learn (format `prompt_completion`)."""
-    text: str = "text"
+    text: str = Field(default="text", max_length=256)
     """Column with plain text (format `text`)."""
 
 
@@ -126,9 +130,9 @@ class LoraSpec(ApiModel):
     """Scaling numerator (the update is scaled by alpha/r)."""
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     """Dropout on the adapter input."""
-    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1, max_length=64)
+    target_modules: list[Name] = Field(default_factory=lambda: ["all-linear"], min_length=1, max_length=64)
     """Module names to adapt, or `all-linear` for every linear layer but the output head."""
-    modules_to_save: list[str] = Field(default_factory=list, max_length=64)
+    modules_to_save: list[Name] = Field(default_factory=list, max_length=64)
     """Modules trained in full and saved with the adapter (e.g. `embed_tokens`, `lm_head`)."""
 
 
@@ -137,7 +141,7 @@ class FreezeSpec(ApiModel):
 
     first_n_layers: int | None = Field(default=None, ge=0, le=1024)
     """Freeze the embeddings and the first N transformer blocks."""
-    trainable_modules: list[str] = Field(default_factory=list, max_length=256)
+    trainable_modules: list[Name] = Field(default_factory=list, max_length=256)
     """Train only parameters whose name contains one of these strings; everything else is frozen."""
 
 
@@ -276,6 +280,8 @@ class RunPolicy(ApiModel):
 
 
 class LocalObjectReference(ApiModel):
+    """A reference to an object in the same namespace."""
+
     name: str = Field(min_length=1, max_length=253)
     """Name of the object in the same namespace."""
 
@@ -425,15 +431,29 @@ class Progress(ApiModel):
     """Training progress reported by rank 0."""
 
     step: int | None = None
+    """Optimizer steps completed."""
     total_steps: int | None = None
+    """Optimizer steps planned."""
     epoch: float | None = None
+    """Fractional epoch reached."""
     percent: float | None = None
+    """step / totalSteps x 100."""
     loss: float | None = None
+    """Latest training loss."""
     eval_loss: float | None = None
+    """Latest evaluation loss."""
     learning_rate: float | None = None
+    """Current learning rate."""
     tokens_per_second: float | None = None
+    """Training throughput across all ranks."""
     eta_seconds: float | None = None
+    """Estimated seconds until training ends."""
+    eta: str | None = None
+    """The same estimate for people (e.g. `1h05m`)."""
+    trainer_phase: str | None = None
+    """What rank 0 says it is doing (e.g. loading, training, evaluating, saving)."""
     updated_at: str | None = None
+    """When the operator last read progress from rank 0 (RFC 3339)."""
 
 
 class Artifacts(ApiModel):
@@ -451,22 +471,44 @@ class Artifacts(ApiModel):
     """manifest.json (every file with its sha256)."""
 
 
+class FailureInfo(ApiModel):
+    """A failed rank, as the operator saw it."""
+
+    pod: str | None = None
+    """The pod that failed."""
+    exit_code: int | None = None
+    """Its trainer container's exit code."""
+    reason: str | None = None
+    """CamelCase reason (from the exit code or the termination message)."""
+    message: str | None = None
+    """The trainer's termination message."""
+
+
 class FineTuneJobStatus(ApiModel):
     """Observed state, written by the operator."""
 
     model_config = ConfigDict(extra="allow")
 
     phase: Phase | None = None
+    """Pending, Initializing, Running, Succeeded, Failed, Suspended or Restarting."""
     message: str | None = None
     """Short human summary of the current phase."""
     conditions: list[Condition] = Field(default_factory=list)
+    """Conditions (metav1.Condition): SpecValid, Running, Succeeded, Failed, Suspended."""
     observed_generation: int | None = None
+    """The spec generation the operator last acted on."""
     start_time: str | None = None
+    """When the first pod of the first gang started (RFC 3339)."""
     completion_time: str | None = None
+    """When the job succeeded or failed (RFC 3339)."""
     restarts: int = 0
     """Whole-gang restarts so far."""
     progress: Progress | None = None
+    """Training progress from rank 0."""
     artifacts: Artifacts | None = None
+    """Where the results are (set on success)."""
+    last_failure: FailureInfo | None = None
+    """The last failed rank: exit code, reason and message (from its termination message)."""
     workload: str | None = None
     """Name of the current batch/v1 Job."""
 
