@@ -5,8 +5,11 @@
 #
 #   kube-apiserver, kube-controller-manager  k8s.io/kubernetes (wrapper module, staging replaced)
 #   etcd                                      go.etcd.io/etcd/server/v3 (wrapper module)
+#   minio                                     github.com/minio/minio (S3 server)
 #   helm                                      helm.sh/helm/v3/cmd/helm (wrapper module)
 #
+# Versions are chosen so that every module they need is on the Go module proxy
+# (e.g. k8s v1.32.13's staging modules are not all there; v1.32.2's are).
 # k8s.io/kubernetes and etcd's server module carry `replace` directives pointing at
 # sibling directories, so `go install pkg@version` refuses them; a throwaway wrapper
 # module requiring them (and pinning what the replaces pointed at) builds them.
@@ -50,7 +53,9 @@ $rep"
 build_etcd() {
   local v=$ETCD_VERSION out="$cache/etcd-$ETCD_VERSION/bin" w="$cache/etcd-$ETCD_VERSION/src" m req=""
   have "$out/etcd" && { echo "etcd $v: cached"; return; }
-  for m in api/v3 client/pkg/v3 client/v2 client/v3 pkg/v3 raft/v3 server/v3; do req+="require go.etcd.io/etcd/$m $v"$'\n'; done
+  # the modules server/v3 replaces with ../<dir>; client/v2 is tagged v2.305.<patch>
+  for m in api/v3 client/pkg/v3 client/v3 pkg/v3 raft/v3 server/v3; do req+="require go.etcd.io/etcd/$m $v"$'\n'; done
+  req+="require go.etcd.io/etcd/client/v2 v2.305.${v##*.}"
   wrapper "$w" "$req"
   (cd "$w" && go get "go.etcd.io/etcd/server/v3@$v" \
     && go build -ldflags "$ldflags" -o "$out.tmp/etcd" go.etcd.io/etcd/server/v3)
@@ -66,8 +71,17 @@ build_helm() {
   rm -rf "$out"; mv "$out.tmp" "$out"; rm -rf "$w"
 }
 
+build_minio() { # S3 server for the e2e suite (see e2e/README.md for why MinIO)
+  local v=$MINIO_VERSION out="$cache/minio-$MINIO_VERSION/bin" w="$cache/minio-$MINIO_VERSION/src"
+  have "$out/minio" && { echo "minio $v: cached"; return; }
+  wrapper "$w" "require github.com/minio/minio $v"
+  (cd "$w" && go get "github.com/minio/minio@$v" \
+    && go build -ldflags "$ldflags" -o "$out.tmp/minio" github.com/minio/minio)
+  rm -rf "$out"; mv "$out.tmp" "$out"; rm -rf "$w"
+}
+
 start=$SECONDS
-for c in ${KUBETUNE_E2E_COMPONENTS:-kubernetes etcd helm}; do
+for c in ${KUBETUNE_E2E_COMPONENTS:-kubernetes etcd minio helm}; do
   t=$SECONDS; "build_$c"; echo "build.sh: $c done in $((SECONDS - t))s"
 done
 echo "build.sh: all done in $((SECONDS - start))s (cache: $cache)"

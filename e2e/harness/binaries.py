@@ -1,0 +1,60 @@
+"""Where build.sh caches the pinned e2e binaries, and building them on demand."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BUILD_SH = HERE / "build.sh"
+
+
+class BinariesUnavailable(RuntimeError):
+    """The binaries are missing and building is disabled (KUBETUNE_E2E_BUILD=0)."""
+
+
+def versions() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in (HERE / "versions.env").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            k, v = line.split("=", 1)
+            out[k] = v
+    return out
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KUBETUNE_E2E_CACHE", Path.home() / ".cache" / "kubetune-e2e"))
+
+
+def _paths() -> dict[str, Path]:
+    v, c = versions(), cache_dir()
+    k8s = c / f"kubernetes-{v['KUBERNETES_VERSION']}" / "bin"
+    return {
+        "kube-apiserver": k8s / "kube-apiserver",
+        "kube-controller-manager": k8s / "kube-controller-manager",
+        "etcd": c / f"etcd-{v['ETCD_VERSION']}" / "bin" / "etcd",
+        "helm": c / f"helm-{v['HELM_VERSION']}" / "bin" / "helm",
+        "minio": c / f"minio-{v['MINIO_VERSION']}" / "bin" / "minio",
+    }
+
+
+def ensure(*names: str) -> dict[str, Path]:
+    """Return paths of the named binaries, running build.sh if any is missing.
+
+    With KUBETUNE_E2E_BUILD=0 a missing binary raises BinariesUnavailable instead.
+    """
+    paths = _paths()
+    missing = [n for n in names if not os.access(paths[n], os.X_OK)]
+    if missing:
+        if os.environ.get("KUBETUNE_E2E_BUILD", "1") == "0":
+            raise BinariesUnavailable(
+                f"e2e binaries missing ({', '.join(missing)}) under {cache_dir()} and "
+                f"KUBETUNE_E2E_BUILD=0; run {BUILD_SH} first"
+            )
+        t0 = time.monotonic()
+        subprocess.run([str(BUILD_SH)], check=True)
+        print(f"build.sh took {time.monotonic() - t0:.0f}s")
+    return {n: paths[n] for n in names}

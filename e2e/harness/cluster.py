@@ -1,0 +1,220 @@
+"""A real Kubernetes control plane on loopback: etcd + kube-apiserver + kube-controller-manager.
+
+    with Cluster(workdir) as c:
+        c.kubectl("get", "ns")
+        kubeconfig = c.kubeconfig_for_serviceaccount("kubetune-system", "kubetune-operator")
+
+Per-run certificates (one CA), RBAC + Node authorization, the default admission
+plugins plus NodeRestriction, service-account token signing, and the controller
+manager with every controller (`--controllers=*`) using per-controller
+service-account credentials. There is no kube-scheduler and no kubelet: the
+node agent (node_agent.py) plays both for one fake node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from . import binaries
+from .kube import ApiError, Credentials, Kube
+from .pki import CA, service_account_keypair
+from .procs import Proc, free_port
+
+KUBECTL = os.environ.get("KUBETUNE_E2E_KUBECTL", "/usr/bin/kubectl")
+SERVICE_CIDR = "10.0.0.0/24"
+ISSUER = "https://kubernetes.default.svc.cluster.local"
+
+
+def write_kubeconfig(path: Path, server: str, ca: Path, user: str, **auth: str) -> Path:
+    """Write a kubeconfig (JSON is valid YAML) with client-certificate/-key or token auth."""
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "e2e", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "users": [{"name": user, "user": auth}],
+        "contexts": [{"name": user, "context": {"cluster": "e2e", "user": user}}],
+        "current-context": user,
+    }
+    path.write_text(json.dumps(cfg, indent=2))
+    path.chmod(0o600)
+    return path
+
+
+class Cluster:
+    def __init__(self, workdir: Path, *, node_name: str = "e2e-node") -> None:
+        self.dir = workdir
+        self.node_name = node_name
+        self.procs: list[Proc] = []
+        self.port = 0
+        self.server = ""
+
+    # -- lifecycle -------------------------------------------------------------------
+    def __enter__(self) -> Cluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        bins = binaries.ensure("etcd", "kube-apiserver", "kube-controller-manager")
+        d = self.dir
+        d.mkdir(parents=True, exist_ok=True)
+        pki, logs = d / "pki", d / "logs"
+        self.log_dir = logs
+        ca = self.ca = CA(pki)
+        self.port = free_port()
+        self.server = f"https://127.0.0.1:{self.port}"
+        serving = ca.issue(
+            "apiserver", "kube-apiserver", server=True,
+            dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                 "kubernetes.default.svc.cluster.local"),
+            ips=("127.0.0.1", "10.0.0.1"),
+        )
+        sa_key, sa_pub = service_account_keypair(pki)
+        admin_crt, admin_key = ca.issue("admin", "kubetune-e2e-admin", ("system:masters",))
+        kcm_crt, kcm_key = ca.issue("kcm", "system:kube-controller-manager")
+        self.kubeconfig = write_kubeconfig(
+            d / "admin.kubeconfig", self.server, ca.cert_file, "admin",
+            **{"client-certificate": str(admin_crt), "client-key": str(admin_key)},
+        )
+        kcm_kubeconfig = write_kubeconfig(
+            d / "kcm.kubeconfig", self.server, ca.cert_file, "kcm",
+            **{"client-certificate": str(kcm_crt), "client-key": str(kcm_key)},
+        )
+        self.admin = Kube(Credentials(self.server, ca.cert_file, admin_crt, admin_key))
+
+        etcd_port, peer_port = free_port(), free_port()
+        self.procs.append(Proc("etcd", [
+            str(bins["etcd"]), "--name=e2e", f"--data-dir={d / 'etcd'}",
+            f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
+            f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
+            f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+            f"--initial-cluster=e2e=http://127.0.0.1:{peer_port}",
+            "--unsafe-no-fsync", "--log-level=warn",
+        ], logs / "etcd.log"))
+        self.procs.append(Proc("kube-apiserver", [
+            str(bins["kube-apiserver"]),
+            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--secure-port={self.port}", f"--cert-dir={pki}",
+            f"--tls-cert-file={serving[0]}", f"--tls-private-key-file={serving[1]}",
+            f"--client-ca-file={ca.cert_file}",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",  # on top of the default set
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--service-account-issuer={ISSUER}",
+            f"--service-account-key-file={sa_pub}",
+            f"--service-account-signing-key-file={sa_key}",
+            "--api-audiences=https://kubernetes.default.svc.cluster.local",
+            "--allow-privileged=true",
+            # the `kubernetes` Service's endpoints may not be loopback addresses
+            "--endpoint-reconciler-type=none",
+            "--v=1",
+        ], logs / "kube-apiserver.log"))
+        self._wait_ready()
+        self.procs.append(Proc("kube-controller-manager", [
+            str(bins["kube-controller-manager"]),
+            f"--kubeconfig={kcm_kubeconfig}",
+            f"--authentication-kubeconfig={kcm_kubeconfig}",
+            f"--authorization-kubeconfig={kcm_kubeconfig}",
+            "--bind-address=127.0.0.1", f"--secure-port={free_port()}", f"--cert-dir={pki / 'kcm'}",
+            "--controllers=*", "--use-service-account-credentials",
+            f"--service-account-private-key-file={sa_key}",
+            f"--root-ca-file={ca.cert_file}",
+            f"--cluster-signing-cert-file={ca.cert_file}", f"--cluster-signing-key-file={ca.key_file}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--leader-elect=false", "--v=1",
+        ], logs / "kube-controller-manager.log"))
+        # the serviceaccount controller creating `default` proves the controller manager works
+        self.wait_for_serviceaccount("default", "default", timeout=90)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs.clear()
+
+    def _wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            for p in self.procs:
+                p.check()
+            try:
+                body = self.admin.request("GET", "/readyz")
+                if body == {} or body:
+                    return
+            except json.JSONDecodeError:  # "ok" is not JSON
+                return
+            except (ApiError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("kube-apiserver not ready:\n" + self.procs[-1].tail())
+            time.sleep(0.5)
+
+    # -- helpers -----------------------------------------------------------------------
+    def kubectl(self, *args: str, kubeconfig: Path | None = None, check: bool = True,
+                input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run /usr/bin/kubectl against this cluster (admin unless `kubeconfig` is given)."""
+        cmd = [KUBECTL, f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, input=input, timeout=120)
+        if check and r.returncode != 0:
+            raise subprocess.CalledProcessError(r.returncode, cmd, r.stdout, r.stderr)
+        return r
+
+    def apply(self, manifest: str) -> str:
+        return self.kubectl("apply", "-f", "-", input=manifest).stdout
+
+    def api_client(self) -> Any:
+        """A kubernetes.client.ApiClient for the admin user."""
+        from kubernetes import config  # noqa: PLC0415 - only needed by tests that use it
+
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    def wait_for_serviceaccount(self, ns: str, name: str, timeout: float = 60.0) -> None:
+        self.admin.wait_for(f"/api/v1/namespaces/{ns}/serviceaccounts/{name}", timeout=timeout)
+
+    def create_namespace(self, ns: str) -> None:
+        """Create a namespace and wait for its `default` ServiceAccount (pods need it)."""
+        try:
+            self.admin.post("/api/v1/namespaces", {"metadata": {"name": ns}})
+        except ApiError as e:
+            if e.status != 409:
+                raise
+        self.wait_for_serviceaccount(ns, "default")
+
+    def token_for_serviceaccount(self, ns: str, name: str, seconds: int = 3600) -> str:
+        tr = self.admin.post(
+            f"/api/v1/namespaces/{ns}/serviceaccounts/{name}/token",
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+             "spec": {"expirationSeconds": seconds}},
+        )
+        return str(tr["status"]["token"])
+
+    def kubeconfig_for_serviceaccount(self, ns: str, name: str, seconds: int = 3600) -> Path:
+        """A kubeconfig that authenticates as system:serviceaccount:<ns>:<name> (TokenRequest)."""
+        token = self.token_for_serviceaccount(ns, name, seconds)
+        return write_kubeconfig(self.dir / f"sa-{ns}-{name}.kubeconfig", self.server,
+                                self.ca.cert_file, f"{ns}-{name}", token=token)
+
+    def credentials_for(self, name: str, cn: str, orgs: tuple[str, ...] = ()) -> Credentials:
+        """Client-certificate credentials for an arbitrary user/group (e.g. a node)."""
+        crt, key = self.ca.issue(name, cn, orgs)
+        return Credentials(self.server, self.ca.cert_file, crt, key)
+
+    def logs(self) -> dict[str, str]:
+        return {p.name: p.tail(200) for p in self.procs}
+
+
+def cleanup(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
