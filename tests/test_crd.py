@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from kubetune.api.crd import IMMUTABLE_WHILE_ACTIVE, crd, crd_yaml
 
 ROOT = Path(__file__).resolve().parents[1]

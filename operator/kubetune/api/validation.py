@@ -1,0 +1,314 @@
+"""What the CRD schema cannot check, and readable messages for what pydantic refuses.
+
+Each problem names the field (camelCase, as the user wrote it) and the fix. The
+operator refuses a spec with any problem (phase Failed, condition SpecValid=False)
+and `kubetune validate` prints them. The CEL rules in the CRD are repeated here
+so that `kubetune validate` catches them without a cluster.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubetune.api.crd import MAX_NAME_LENGTH
+from kubetune.api.models import FineTuneJob, FineTuneJobSpec
+
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+# Environment the operator sets itself; a user value would silently break the gang.
+RESERVED_ENV = frozenset(
+    {
+        "KUBETUNE_CONFIG",
+        "KUBETUNE_PVC_ROOT",
+        "KUBETUNE_TERMINATION_LOG",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "WORLD_SIZE",
+        "RANK",
+        "LOCAL_RANK",
+        "NODE_RANK",
+        "JOB_COMPLETION_INDEX",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+    }
+)
+# Mount paths the operator uses itself.
+RESERVED_MOUNTS = ("/dev/shm", "/etc/kubetune", "/mnt/pvc")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a manifest: where, and what to do about it."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class SpecInvalid(ValueError):
+    """A manifest the operator refuses; `problems` says why."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+
+# ------------------------------------------------------- pydantic -> people
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith("function-") or part in ("str", "int", "float", "literal[...]"):
+            continue  # pydantic's union/validator branch names, not fields
+        else:
+            out += f".{part}" if out else part
+    return out or "(document)"
+
+
+def _got(error: Any) -> str:
+    value = error.get("input")
+    if isinstance(value, dict | list) or value is None:
+        return ""
+    return f" (got {value!r})"
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    got = _got(error)
+    simple = {
+        "missing": "is required",
+        "extra_forbidden": "is not a known field (check the spelling and the indentation)",
+        "int_type": f"must be an integer{got}",
+        "int_parsing": f"must be an integer{got}",
+        "int_from_float": f"must be a whole number{got}",
+        "float_type": f"must be a number{got}",
+        "float_parsing": f"must be a number{got}",
+        "bool_type": f"must be true or false{got}",
+        "bool_parsing": f"must be true or false{got}",
+        "string_type": f"must be a string{got}",
+        "dict_type": "must be a mapping (key: value)",
+        "model_type": "must be a mapping (key: value)",
+        "model_attributes_type": "must be a mapping (key: value)",
+        "list_type": "must be a list",
+    }
+    if kind in simple:
+        return simple[kind]
+    bounds = {
+        "greater_than_equal": ("must be >=", "ge"),
+        "greater_than": ("must be >", "gt"),
+        "less_than_equal": ("must be <=", "le"),
+        "less_than": ("must be <", "lt"),
+    }
+    if kind in bounds:
+        words, key = bounds[kind]
+        return f"{words} {ctx.get(key)}{got}"
+    if kind == "string_too_short":
+        return "must not be empty" if ctx.get("min_length") == 1 else f"must be at least {ctx.get('min_length')} characters"
+    if kind == "string_too_long":
+        return f"must be at most {ctx.get('max_length')} characters"
+    if kind == "too_short":
+        return f"needs at least {ctx.get('min_length')} item(s)"
+    if kind == "too_long":
+        return f"takes at most {ctx.get('max_length')} item(s)"
+    if kind == "string_pattern_mismatch":
+        return f"has an unsupported form{got}; expected a value matching {ctx.get('pattern')}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}{got}"
+    return f"{error['msg']}{got}"
+
+
+def problems_from_pydantic(exc: ValidationError, prefix: str = "") -> list[Problem]:
+    out = []
+    for error in exc.errors():
+        field = _loc(tuple(error["loc"]))
+        out.append(Problem(f"{prefix}{field}" if prefix else field, _message(error)))
+    return out
+
+
+# ---------------------------------------------------------- semantic checks
+
+
+def _uris(spec: FineTuneJobSpec) -> dict[str, str]:
+    uris = {"spec.model.source": spec.model.source, "spec.dataset.train": spec.dataset.train, "spec.output.uri": spec.output.uri}
+    if spec.dataset.eval:
+        uris["spec.dataset.eval"] = spec.dataset.eval
+    return uris
+
+
+def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
+    """PersistentVolumeClaims named by pvc:// URIs, in a stable order (the operator mounts them)."""
+    claims: list[str] = []
+    for uri in _uris(spec).values():
+        if uri.startswith("pvc://"):
+            claim = uri[len("pvc://") :].split("/", 1)[0]
+            if claim not in claims:
+                claims.append(claim)
+    return claims
+
+
+def _cel_twins(spec: FineTuneJobSpec) -> list[Problem]:
+    """The CRD's CEL rules, so that a check without a cluster finds the same."""
+    out = []
+    if spec.lora is not None and spec.method != "lora":
+        out.append(Problem("spec.lora", "is only allowed with method: lora; remove spec.lora or set spec.method: lora"))
+    t, d = spec.training, spec.distributed
+    micro = t.per_device_batch_size * d.nodes * d.procs_per_node
+    if t.global_batch_size is not None and t.global_batch_size % micro:
+        out.append(
+            Problem(
+                "spec.training.globalBatchSize",
+                f"must be a multiple of perDeviceBatchSize x nodes x procsPerNode = {micro} (got {t.global_batch_size}); "
+                f"try {max(micro, t.global_batch_size // micro * micro)}",
+            )
+        )
+    if d.gpus_per_node and d.gpus_per_node != d.procs_per_node:
+        out.append(
+            Problem("spec.distributed.procsPerNode", f"must equal gpusPerNode ({d.gpus_per_node}): one process per GPU")
+        )
+    if d.offload_params and (d.backend == "ddp" or d.zero_stage != 3):
+        out.append(Problem("spec.distributed.offloadParams", "needs backend deepspeed (or auto) with zeroStage: 3"))
+    if t.early_stopping is not None and not spec.dataset.eval and spec.dataset.eval_split == 0:
+        out.append(
+            Problem("spec.training.earlyStopping", "needs evaluation data: set spec.dataset.eval or spec.dataset.evalSplit")
+        )
+    return out
+
+
+def _storage(spec: FineTuneJobSpec) -> list[Problem]:
+    out = []
+    s3 = [f for f, uri in _uris(spec).items() if uri.startswith("s3://")]
+    if s3 and spec.storage.endpoint and spec.storage.secret_ref is None:
+        out.append(
+            Problem(
+                "spec.storage.secretRef",
+                f"is required with a custom S3 endpoint ({spec.storage.endpoint}) used by {', '.join(s3)}: "
+                "create a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY and name it here",
+            )
+        )
+    ref = spec.storage.secret_ref
+    if ref is not None and not DNS_1123_SUBDOMAIN.match(ref.name):
+        out.append(Problem("spec.storage.secretRef.name", f"{ref.name!r} is not a valid Secret name (lowercase DNS subdomain)"))
+    for i, secret in enumerate(spec.image_pull_secrets):
+        if not DNS_1123_SUBDOMAIN.match(secret.name):
+            out.append(Problem(f"spec.imagePullSecrets[{i}].name", f"{secret.name!r} is not a valid Secret name"))
+    return out
+
+
+def _method(spec: FineTuneJobSpec) -> list[Problem]:
+    out = []
+    if spec.freeze is not None:
+        if spec.method == "lora":
+            out.append(
+                Problem(
+                    "spec.freeze",
+                    "applies to method: full (LoRA already freezes the base model); remove spec.freeze, "
+                    "or choose the adapted modules with spec.lora.targetModules",
+                )
+            )
+        if spec.freeze.first_n_layers is not None and spec.freeze.trainable_modules:
+            out.append(
+                Problem("spec.freeze", "set either firstNLayers or trainableModules, not both (they contradict each other)")
+            )
+        if spec.freeze.first_n_layers is None and not spec.freeze.trainable_modules:
+            out.append(Problem("spec.freeze", "is empty: set firstNLayers or trainableModules, or remove it"))
+    return out
+
+
+def _training(spec: FineTuneJobSpec) -> list[Problem]:
+    out = []
+    has_eval = bool(spec.dataset.eval) or spec.dataset.eval_split > 0
+    if spec.training.eval_steps is not None and not has_eval:
+        out.append(
+            Problem("spec.training.evalSteps", "needs evaluation data: set spec.dataset.eval or spec.dataset.evalSplit > 0")
+        )
+    d = spec.distributed
+    if d.gpus_per_node == 0 and d.backend == "deepspeed":
+        out.append(
+            Problem("spec.distributed.backend", "deepspeed needs GPUs: set gpusPerNode > 0, or use backend ddp on CPU")
+        )
+    return out
+
+
+def _pod(spec: FineTuneJobSpec) -> list[Problem]:
+    out = []
+    for kind in ("requests", "limits"):
+        if "nvidia.com/gpu" in getattr(spec.resources, kind):
+            out.append(
+                Problem(f"spec.resources.{kind}", "must not name nvidia.com/gpu: set spec.distributed.gpusPerNode instead")
+            )
+    for i, env in enumerate(spec.env):
+        if env.name in RESERVED_ENV:
+            out.append(Problem(f"spec.env[{i}].name", f"{env.name} is set by kubetune; remove it"))
+        if env.value is not None and env.value_from is not None:
+            out.append(Problem(f"spec.env[{i}]", "set value or valueFrom, not both"))
+    names: set[str] = set()
+    for i, vol in enumerate(spec.volumes):
+        if vol.name in names:
+            out.append(Problem(f"spec.volumes[{i}].name", f"{vol.name!r} is used twice"))
+        names.add(vol.name)
+        if vol.name in ("dshm", "trainer-config") or vol.name.startswith("pvc-"):
+            out.append(Problem(f"spec.volumes[{i}].name", f"{vol.name!r} is reserved by kubetune; pick another name"))
+        for reserved in RESERVED_MOUNTS:
+            if vol.mount_path == reserved or vol.mount_path.startswith(reserved + "/"):
+                out.append(Problem(f"spec.volumes[{i}].mountPath", f"{reserved} is used by kubetune; mount elsewhere"))
+        if len(vol.source) != 1:
+            out.append(
+                Problem(
+                    f"spec.volumes[{i}].source",
+                    "must hold exactly one volume source, e.g. {persistentVolumeClaim: {claimName: cache}}",
+                )
+            )
+    return out
+
+
+def check_name(name: str | None) -> list[Problem]:
+    if not name:
+        return [Problem("metadata.name", "is required")]
+    if len(name) > MAX_NAME_LENGTH:
+        return [Problem("metadata.name", f"must be at most {MAX_NAME_LENGTH} characters (got {len(name)})")]
+    if not DNS_1035.match(name):
+        return [
+            Problem("metadata.name", f"{name!r} must start with a letter and hold only a-z, 0-9 and '-' (it names a Service)")
+        ]
+    return []
+
+
+def check_spec(spec: FineTuneJobSpec) -> list[Problem]:
+    """Every problem with a spec that parsed; empty when the operator can run it."""
+    return _cel_twins(spec) + _storage(spec) + _method(spec) + _training(spec) + _pod(spec)
+
+
+def validate_manifest(doc: Any) -> tuple[FineTuneJob | None, list[Problem]]:
+    """Parse and check one FineTuneJob document (as read from YAML or the API)."""
+    if not isinstance(doc, dict):
+        return None, [Problem("(document)", "must be a mapping with apiVersion, kind, metadata and spec")]
+    doc = {k: v for k, v in doc.items() if k != "status"}
+    try:
+        job = FineTuneJob.model_validate(doc)
+    except ValidationError as exc:
+        return None, problems_from_pydantic(exc)
+    return job, check_name(job.metadata.name) + check_spec(job.spec)
+
+
+def parse_spec(spec: Any, name: str | None = None) -> FineTuneJobSpec:
+    """The operator's entry: the typed spec, or SpecInvalid listing every problem."""
+    try:
+        parsed = FineTuneJobSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise SpecInvalid(problems_from_pydantic(exc, prefix="spec.")) from None
+    problems = (check_name(name) if name is not None else []) + check_spec(parsed)
+    if problems:
+        raise SpecInvalid(problems)
+    return parsed
