@@ -39,7 +39,7 @@ RESERVED_ENV = frozenset(
     }
 )
 # Mount paths the operator uses itself.
-RESERVED_MOUNTS = ("/dev/shm", "/etc/kubetune", "/mnt/pvc")
+RESERVED_MOUNTS = ("/dev/shm", "/etc/kubetune", "/mnt/pvc", "/var/cache/kubetune")
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,7 @@ def _pod(spec: FineTuneJobSpec) -> list[Problem]:
         if vol.name in names:
             out.append(Problem(f"spec.volumes[{i}].name", f"{vol.name!r} is used twice"))
         names.add(vol.name)
-        if vol.name in ("dshm", "trainer-config") or vol.name.startswith("pvc-"):
+        if vol.name.startswith("kubetune-"):
             out.append(Problem(f"spec.volumes[{i}].name", f"{vol.name!r} is reserved by kubetune; pick another name"))
         for reserved in RESERVED_MOUNTS:
             if vol.mount_path == reserved or vol.mount_path.startswith(reserved + "/"):

@@ -1,0 +1,312 @@
+"""FineTuneJob -> the Kubernetes objects that run it. Pure: plain dicts in, plain dicts out.
+
+One FineTuneJob owns:
+- a ConfigMap `<name>-config` with the trainer's resolved config;
+- a headless Service `<name>` (publishNotReadyAddresses, so rank 0's DNS name
+  resolves before any pod is Ready: torchrun needs it to rendezvous);
+- an Indexed batch/v1 Job `<name>-r<restart>` with completions = parallelism =
+  nodes. Its pods are `<name>-r<restart>-<index>.<name>`; index 0 is rank 0.
+
+The Job's own backoffLimit is 0: the Job controller replaces a failed *index*,
+but torchrun's static rendezvous needs every rank to restart together from the
+same checkpoint, so the operator restarts the whole gang itself by deleting the
+Job and creating the next `-r<n>` (fresh names also keep a dying gang's pods and
+DNS records apart from the new one's).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from kubetune.api.contract import ENV_CACHE_DIR, ENV_CONFIG_PATH, ENV_TERMINATION_LOG
+from kubetune.api.models import FineTuneJobSpec
+from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT, DEFAULT_RDZV_PORT, TrainerConfig
+from kubetune.api.validation import pvc_claims
+from kubetune.render.trainer_config import render_trainer_config
+
+LABEL_JOB: Final = "kubetune.io/job-name"
+LABEL_RESTART: Final = "kubetune.io/restart"
+LABEL_ROLE: Final = "kubetune.io/role"
+LABEL_QUEUE: Final = "kueue.x-k8s.io/queue-name"
+MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes.io/part-of": "kubetune"}
+
+CONTAINER: Final = "trainer"
+CONFIG_DIR: Final = "/etc/kubetune"
+CONFIG_KEY: Final = "trainer-config.yaml"
+CONFIG_PATH: Final = f"{CONFIG_DIR}/{CONFIG_KEY}"
+PVC_ROOT: Final = "/mnt/pvc"  # pvc://claim/path -> /mnt/pvc/claim/path (the trainer's KUBETUNE_PVC_ROOT)
+CACHE_DIR: Final = "/var/cache/kubetune"
+TERMINATION_LOG: Final = "/dev/termination-log"
+UID: Final = 1000
+# Long enough for rank 0 to write a checkpoint to S3 after SIGTERM.
+TERMINATION_GRACE_SECONDS: Final = 300
+DEFAULT_IMAGE: Final = "ghcr.io/kubetune/trainer:0.1.0"
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def service_name(name: str) -> str:
+    return name
+
+
+def workload_name(name: str, restart: int) -> str:
+    return f"{name}-r{restart}"
+
+
+def master_addr(name: str, restart: int) -> str:
+    return f"{workload_name(name, restart)}-0.{service_name(name)}"
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {LABEL_JOB: name}
+
+
+def trainer_config(spec: FineTuneJobSpec, name: str, namespace: str, uid: str) -> TrainerConfig:
+    return render_trainer_config(spec, name, namespace, uid)
+
+
+def render_config_map(spec: FineTuneJobSpec, name: str, namespace: str, uid: str = "") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": config_map_name(name), "namespace": namespace, "labels": {**MANAGED_BY, **selector_labels(name)}},
+        "data": {CONFIG_KEY: trainer_config(spec, name, namespace, uid).dump_yaml()},
+    }
+
+
+def render_service(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": service_name(name), "namespace": namespace, "labels": {**MANAGED_BY, **selector_labels(name)}},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector_labels(name),
+            "ports": [
+                {"name": "rendezvous", "port": DEFAULT_RDZV_PORT, "targetPort": DEFAULT_RDZV_PORT},
+                {"name": "progress", "port": DEFAULT_PROGRESS_PORT, "targetPort": DEFAULT_PROGRESS_PORT},
+            ],
+        },
+    }
+
+
+def torchrun_args(spec: FineTuneJobSpec, name: str, restart: int) -> list[str]:
+    d = spec.distributed
+    return [
+        "--nnodes",
+        str(d.nodes),
+        "--nproc-per-node",
+        str(d.procs_per_node),
+        "--node-rank",
+        "$(JOB_COMPLETION_INDEX)",  # expanded by the kubelet from the Job controller's env
+        "--master-addr",
+        master_addr(name, restart),
+        "--master-port",
+        str(DEFAULT_RDZV_PORT),
+        "--max-restarts",
+        "0",  # restarts are whole-gang, by the operator
+        "-m",
+        "kubetune_trainer",
+        "--config",
+        CONFIG_PATH,
+    ]
+
+
+def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": ENV_CONFIG_PATH, "value": CONFIG_PATH},
+        {"name": ENV_TERMINATION_LOG, "value": TERMINATION_LOG},
+        {"name": ENV_CACHE_DIR, "value": CACHE_DIR},
+        {"name": "KUBETUNE_PVC_ROOT", "value": PVC_ROOT},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "HOME", "value": CACHE_DIR},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if spec.distributed.gpus_per_node > 0:
+        env += [
+            {"name": "NCCL_DEBUG", "value": "WARN"},
+            {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
+            # A rank that hangs in a collective should fail the gang, not wedge it.
+            {"name": "TORCH_NCCL_BLOCKING_WAIT", "value": "0"},
+        ]
+    else:
+        env += [
+            {"name": "ACCELERATE_USE_CPU", "value": "1"},
+            {"name": "KUBETUNE_DIST_BACKEND", "value": "gloo"},
+            {"name": "OMP_NUM_THREADS", "value": str(_cpu_threads(spec))},
+        ]
+    s = spec.storage
+    env.append({"name": "AWS_DEFAULT_REGION", "value": s.region})
+    if s.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": s.endpoint})
+    if s.secret_ref is not None:
+        keys = [
+            ("AWS_ACCESS_KEY_ID", s.secret_ref.access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", s.secret_ref.secret_access_key_key),
+        ]
+        if s.secret_ref.session_token_key:
+            keys.append(("AWS_SESSION_TOKEN", s.secret_ref.session_token_key))
+        env += [
+            {"name": var, "valueFrom": {"secretKeyRef": {"name": s.secret_ref.name, "key": key}}} for var, key in keys
+        ]
+    for var in spec.env:
+        entry: dict[str, Any] = {"name": var.name}
+        if var.value_from is not None:
+            entry["valueFrom"] = var.value_from
+        else:
+            entry["value"] = var.value or ""
+        env.append(entry)
+    return env
+
+
+def _cpu_threads(spec: FineTuneJobSpec) -> int:
+    """Threads per CPU process: the pod's CPU request split between its processes (at least 1)."""
+    cpu = spec.resources.requests.get("cpu") or spec.resources.limits.get("cpu")
+    try:
+        cores = float(cpu[:-1]) / 1000 if cpu and cpu.endswith("m") else float(cpu or 1)
+    except ValueError:
+        cores = 1.0
+    return max(1, int(cores // spec.distributed.procs_per_node))
+
+
+def _volumes(spec: FineTuneJobSpec, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "kubetune-config", "configMap": {"name": config_map_name(name)}},
+        {"name": "kubetune-shm", "emptyDir": {"medium": "Memory"}},  # NCCL and DataLoader workers need > 64Mi
+        {"name": "kubetune-cache", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "kubetune-config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "kubetune-shm", "mountPath": "/dev/shm"},
+        {"name": "kubetune-cache", "mountPath": CACHE_DIR},
+    ]
+    for i, claim in enumerate(pvc_claims(spec)):
+        volumes.append({"name": f"kubetune-pvc-{i}", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": f"kubetune-pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}"})
+    for vol in spec.volumes:
+        volumes.append({"name": vol.name, **vol.source})
+        mounts.append({"name": vol.name, "mountPath": vol.mount_path, "readOnly": vol.read_only})
+    return volumes, mounts
+
+
+def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
+    requests = dict(spec.resources.requests)
+    limits = dict(spec.resources.limits)
+    if spec.distributed.gpus_per_node > 0:
+        gpus = str(spec.distributed.gpus_per_node)
+        requests["nvidia.com/gpu"] = gpus
+        limits["nvidia.com/gpu"] = gpus
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def render_pod_template(
+    spec: FineTuneJobSpec, name: str, restart: int, default_image: str = DEFAULT_IMAGE
+) -> dict[str, Any]:
+    volumes, mounts = _volumes(spec, name)
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image or default_image,
+        "command": ["torchrun"],
+        "args": torchrun_args(spec, name, restart),
+        "env": _env(spec),
+        "ports": [
+            {"name": "rendezvous", "containerPort": DEFAULT_RDZV_PORT},
+            {"name": "progress", "containerPort": DEFAULT_PROGRESS_PORT},
+        ],
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": service_name(name),  # with the Indexed Job's hostname: <job>-<index>.<service>
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,  # pods never talk to the Kubernetes API
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "fsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    optional = {
+        "nodeSelector": dict(spec.node_selector),
+        "tolerations": list(spec.tolerations),
+        "affinity": spec.affinity,
+        "priorityClassName": spec.priority_class_name,
+        "schedulerName": spec.scheduler_name,
+        "serviceAccountName": spec.service_account_name,
+        "imagePullSecrets": [{"name": s.name} for s in spec.image_pull_secrets],
+    }
+    pod.update({k: v for k, v in optional.items() if v})
+    labels = {**spec.labels, **MANAGED_BY, **selector_labels(name), LABEL_RESTART: str(restart), LABEL_ROLE: "worker"}
+    metadata: dict[str, Any] = {"labels": labels}
+    if spec.annotations:
+        metadata["annotations"] = dict(spec.annotations)
+    return {"metadata": metadata, "spec": pod}
+
+
+def render_workload(
+    spec: FineTuneJobSpec,
+    name: str,
+    namespace: str,
+    restart: int = 0,
+    labels: dict[str, str] | None = None,
+    default_image: str = DEFAULT_IMAGE,
+) -> dict[str, Any]:
+    """The Indexed batch/v1 Job for gang generation `restart`. `labels` are the FineTuneJob's own."""
+    job_labels = {**MANAGED_BY, **selector_labels(name), LABEL_RESTART: str(restart)}
+    if labels and LABEL_QUEUE in labels:
+        job_labels[LABEL_QUEUE] = labels[LABEL_QUEUE]  # Kueue admits the Job by unsuspending it
+    nodes = spec.distributed.nodes
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": workload_name(name, restart), "namespace": namespace, "labels": job_labels},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": nodes,
+            "parallelism": nodes,
+            "backoffLimit": 0,  # whole-gang restarts are the operator's (see the module docstring)
+            "suspend": spec.run_policy.suspend,
+            "template": render_pod_template(spec, name, restart, default_image),
+        },
+    }
+
+
+def render_all(
+    spec: FineTuneJobSpec,
+    name: str,
+    namespace: str,
+    uid: str = "",
+    restart: int = 0,
+    labels: dict[str, str] | None = None,
+    default_image: str = DEFAULT_IMAGE,
+) -> list[dict[str, Any]]:
+    """ConfigMap, Service and workload Job, in creation order (config and DNS before pods)."""
+    return [
+        render_config_map(spec, name, namespace, uid),
+        render_service(name, namespace),
+        render_workload(spec, name, namespace, restart, labels, default_image),
+    ]

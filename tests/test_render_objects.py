@@ -1,0 +1,164 @@
+"""Rendering a FineTuneJob into its ConfigMap, headless Service and Indexed Job."""
+
+from __future__ import annotations
+
+import yaml
+from kubetune.api.trainer_config import TrainerConfig
+from kubetune.render.objects import (
+    LABEL_JOB,
+    LABEL_QUEUE,
+    LABEL_RESTART,
+    render_all,
+    render_config_map,
+    render_service,
+    render_workload,
+)
+from operator_samples import spec
+
+
+def container(job):
+    return job["spec"]["template"]["spec"]["containers"][0]
+
+
+def env(job):
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(job)["env"]}
+
+
+def test_config_map_holds_a_loadable_trainer_config():
+    cm = render_config_map(spec(), "demo", "ml", "uid-1")
+    cfg = TrainerConfig.model_validate(yaml.safe_load(cm["data"]["trainer-config.yaml"]))
+    assert cfg.job.name == "demo" and cfg.job.namespace == "ml" and cfg.world_size == 1
+
+
+def test_service_is_headless_and_publishes_not_ready_pods():
+    svc = render_service("demo", "ml")
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {LABEL_JOB: "demo"}
+
+
+def test_workload_is_an_indexed_job_with_one_pod_per_node():
+    job = render_workload(spec(distributed={"nodes": 4}), "demo", "ml")
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 4
+    assert job["spec"]["backoffLimit"] == 0
+
+
+def test_workload_name_carries_the_gang_generation():
+    job = render_workload(spec(), "demo", "ml", restart=3)
+    assert job["metadata"]["name"] == "demo-r3"
+    assert job["spec"]["template"]["metadata"]["labels"][LABEL_RESTART] == "3"
+
+
+def test_torchrun_rendezvous_at_rank_zero_stable_dns_name():
+    job = render_workload(spec(distributed={"nodes": 2, "procsPerNode": 8, "gpusPerNode": 8}), "demo", "ml", restart=1)
+    c = container(job)
+    assert c["command"] == ["torchrun"]
+    args = " ".join(c["args"])
+    assert "--nnodes 2 --nproc-per-node 8 --node-rank $(JOB_COMPLETION_INDEX)" in args
+    assert "--master-addr demo-r1-0.demo --master-port 29500" in args
+    assert args.endswith("-m kubetune_trainer --config /etc/kubetune/trainer-config.yaml")
+    assert job["spec"]["template"]["spec"]["subdomain"] == "demo"
+
+
+def test_gpus_are_requested_and_limited():
+    job = render_workload(spec(distributed={"procsPerNode": 2, "gpusPerNode": 2}), "demo", "ml")
+    res = container(job)["resources"]
+    assert res["requests"]["nvidia.com/gpu"] == "2" and res["limits"]["nvidia.com/gpu"] == "2"
+    assert "NCCL_DEBUG" in env(job) and "ACCELERATE_USE_CPU" not in env(job)
+
+
+def test_cpu_jobs_use_gloo_and_no_gpu():
+    job = render_workload(spec(), "demo", "ml")
+    assert env(job)["ACCELERATE_USE_CPU"] == "1"
+    assert "nvidia.com/gpu" not in str(container(job)["resources"])
+
+
+def test_storage_credentials_come_from_the_secret():
+    e = env(render_workload(spec(), "demo", "ml"))
+    assert e["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}}
+    assert e["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert e["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert e["AWS_DEFAULT_REGION"] == "us-east-1"
+
+
+def test_shm_is_memory_backed():
+    pod = render_workload(spec(), "demo", "ml")["spec"]["template"]["spec"]
+    shm = next(v for v in pod["volumes"] if v["name"] == "kubetune-shm")
+    assert shm["emptyDir"] == {"medium": "Memory"}
+
+
+def test_pods_run_as_non_root_without_privileges():
+    job = render_workload(spec(), "demo", "ml")
+    pod = job["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
+    sc = container(job)["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_grace_period_and_termination_message():
+    job = render_workload(spec(), "demo", "ml")
+    assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 120
+    assert container(job)["terminationMessagePath"] == "/dev/termination-log"
+    assert container(job)["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_pvc_uris_are_mounted_under_the_trainer_pvc_root():
+    job = render_workload(spec(dataset={"train": "pvc://data/sets/train.jsonl"}), "demo", "ml")
+    mounts = {m["mountPath"]: m["name"] for m in container(job)["volumeMounts"]}
+    assert "/mnt/pvc/data" in mounts
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[mounts["/mnt/pvc/data"]]["persistentVolumeClaim"] == {"claimName": "data"}
+
+
+def test_user_pod_settings_pass_through():
+    s = spec(
+        nodeSelector={"gpu": "a100"},
+        tolerations=[{"key": "gpu", "operator": "Exists"}],
+        priorityClassName="high",
+        schedulerName="volcano",
+        serviceAccountName="trainer",
+        imagePullSecrets=[{"name": "regcred"}],
+        env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+        volumes=[{"name": "cache", "mountPath": "/cache", "source": {"persistentVolumeClaim": {"claimName": "c"}}}],
+        labels={"team": "nlp"},
+        annotations={"cost": "x"},
+        image="registry/trainer:1",
+    )
+    job = render_workload(s, "demo", "ml", default_image="default:1")
+    tmpl = job["spec"]["template"]
+    pod = tmpl["spec"]
+    assert pod["nodeSelector"] == {"gpu": "a100"}
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert (pod["priorityClassName"], pod["schedulerName"], pod["serviceAccountName"]) == ("high", "volcano", "trainer")
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert {"name": "cache", "persistentVolumeClaim": {"claimName": "c"}} in pod["volumes"]
+    assert tmpl["metadata"]["labels"]["team"] == "nlp" and tmpl["metadata"]["annotations"] == {"cost": "x"}
+    assert container(job)["image"] == "registry/trainer:1"
+    assert env(job)["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+
+
+def test_default_image_applies_when_spec_has_none():
+    assert container(render_workload(spec(), "demo", "ml", default_image="default:1"))["image"] == "default:1"
+
+
+def test_suspend_maps_to_the_job_suspend_field():
+    assert render_workload(spec(runPolicy={"suspend": True}), "demo", "ml")["spec"]["suspend"] is True
+
+
+def test_kueue_queue_label_is_copied_to_the_job():
+    job = render_workload(spec(), "demo", "ml", labels={LABEL_QUEUE: "team-a", "other": "x"})
+    assert job["metadata"]["labels"][LABEL_QUEUE] == "team-a"
+    assert "other" not in job["metadata"]["labels"]
+
+
+def test_longest_allowed_name_keeps_pod_hostnames_within_63_chars():
+    name = "a" * 50
+    job = render_workload(spec(distributed={"nodes": 1024}), name, "ml", restart=100)
+    assert len(f"{job['metadata']['name']}-1023") <= 63
+
+
+def test_render_all_orders_config_and_service_before_the_job():
+    kinds = [o["kind"] for o in render_all(spec(), "demo", "ml")]
+    assert kinds == ["ConfigMap", "Service", "Job"]
