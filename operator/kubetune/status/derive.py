@@ -1,0 +1,319 @@
+"""Observed Job + pods + progress -> status, conditions and what the operator should do next. Pure.
+
+Each policy is its own small function (failure, success, deadline, suspend), and
+`derive()` puts them in order. The operator's timer gathers the observation,
+calls `derive()`, writes the status, then performs the action.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from kubetune.api import contract
+from kubetune.api.models import Artifacts, FineTuneJobSpec, Progress
+from kubetune.render.objects import CONTAINER, workload_name
+from kubetune.status import conditions as c
+
+Action = Literal["none", "create", "restart", "stop"]
+TERMINAL = ("Succeeded", "Failed")
+# What rank 0 reports while it is not yet optimising.
+STARTING_TRAINER_PHASES = ("starting", "loading", "initializing", "resuming", "downloading", "tokenizing")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the operator saw on one tick."""
+
+    job: dict[str, Any] | None
+    """The current generation's batch/v1 Job (`<name>-r<restarts>`), if it exists."""
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    """Pods of the current generation."""
+    stale: int = 0
+    """Jobs or pods of earlier generations still present (a restart waits for them to go)."""
+    progress: Progress | None = None
+    """What rank 0 reported, if it could be read."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failed rank."""
+
+    pod: str
+    exit_code: int | None
+    reason: str
+    message: str
+    finished_at: str = ""
+
+    @property
+    def retryable(self) -> bool:
+        return self.exit_code is None or contract.is_retryable(self.exit_code)
+
+    def describe(self) -> str:
+        code = f", exit code {self.exit_code}" if self.exit_code is not None else ""
+        msg = f": {self.message}" if self.message else ""
+        return f"pod {self.pod} {self.reason}{code}{msg}"
+
+    def to_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"pod": self.pod, "reason": self.reason, "message": self.message}
+        if self.exit_code is not None:
+            out["exitCode"] = self.exit_code
+        return out
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: dict[str, Any]
+    """The whole new status (camelCase), to patch onto status."""
+    action: Action = "none"
+    """create: create the current generation's Job; restart: delete it (the next tick creates the next);
+    stop: delete it because the job is over."""
+    event: tuple[str, str, str] | None = None
+    """(type, reason, message) to record when the phase changed."""
+
+
+def iso(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+# ------------------------------------------------------------------ failures
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == CONTAINER:
+            state = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+            return state if isinstance(state, dict) else None
+    return None
+
+
+def pod_failure(pod: dict[str, Any]) -> Failure | None:
+    """Why a pod failed: the trainer's JSON termination message first, then the exit code, then the pod."""
+    status = pod.get("status") or {}
+    if status.get("phase") != "Failed":
+        return None
+    name = (pod.get("metadata") or {}).get("name", "?")
+    term = _terminated(pod)
+    if term is None:
+        return Failure(name, None, status.get("reason") or "PodFailed", status.get("message") or "")
+    code: int | None = term.get("exitCode")
+    raw = (term.get("message") or "").strip()
+    reason, message = "", raw
+    try:
+        parsed = json.loads(raw) if raw.startswith("{") else None
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        # torchrun exits 1 whatever its child did: the trainer's own code is in the message.
+        if isinstance(parsed.get("exitCode"), int):
+            code = parsed["exitCode"]
+        reason = str(parsed.get("reason") or "")
+        message = str(parsed.get("message") or "")
+    if not reason:
+        reason = contract.REASONS.get(code, "") if code is not None else ""
+    if not reason:
+        reason = term.get("reason") or status.get("reason") or "Error"
+    if len(message) > 1024:
+        message = "..." + message[-1024:]
+    return Failure(name, code, reason, message, term.get("finishedAt") or "")
+
+
+def decisive_failure(pods: list[dict[str, Any]]) -> Failure | None:
+    """The failure that decides: a user error if any rank had one, else the first rank to fail."""
+    failures = [f for f in (pod_failure(p) for p in pods) if f is not None]
+    if not failures:
+        return None
+    user = [f for f in failures if not f.retryable]
+    pool = user or failures
+    return sorted(pool, key=lambda f: (f.finished_at or "~", f.pod))[0]
+
+
+def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return dict(cond)
+    return None
+
+
+# ------------------------------------------------------------------ policies
+
+
+def artifacts(spec: FineTuneJobSpec) -> Artifacts:
+    """Where a successful job's results are, from spec.output.uri and the contract's layout."""
+    base = spec.output.uri.rstrip("/")
+    lora = spec.method == "lora"
+    return Artifacts(
+        checkpoint=f"{base}/{contract.CHECKPOINTS_DIR}/",
+        adapter=f"{base}/{contract.ADAPTER_DIR}/" if lora else None,
+        merged_model=f"{base}/{contract.MERGED_DIR}/" if (not lora or spec.output.merge_adapter) else None,
+        metrics=f"{base}/{contract.METRICS_FILE}",
+        manifest=f"{base}/{contract.MANIFEST_FILE}",
+    )
+
+
+def deadline_exceeded(spec: FineTuneJobSpec, start_time: str | None, now: datetime) -> bool:
+    limit = spec.run_policy.active_deadline_seconds
+    start = _parse_time(start_time)
+    return bool(limit and start and (now - start).total_seconds() > limit)
+
+
+def _pod_phase(spec: FineTuneJobSpec, pods: list[dict[str, Any]], progress: Progress | None) -> tuple[str, str, str]:
+    """(phase, reason, message) of a live, unsuspended gang."""
+    nodes = spec.distributed.nodes
+    phases = [(p.get("status") or {}).get("phase") for p in pods]
+    up = sum(1 for ph in phases if ph in ("Running", "Succeeded"))
+    scheduled = sum(1 for p in pods if (p.get("spec") or {}).get("nodeName"))
+    if up >= nodes:
+        if progress is not None and (progress.trainer_phase or "").lower() in STARTING_TRAINER_PHASES:
+            return "Initializing", "PodsStarting", c.reason_message("PodsStarting")
+        if progress is not None and progress.step is not None:
+            msg = c.reason_message(
+                "TrainingRunning", step=progress.step, total=progress.total_steps or "?", percent=progress.percent or 0
+            )
+            return "Running", "TrainingRunning", msg
+        return "Running", "TrainingStarted", c.reason_message("TrainingStarted", nodes=nodes)
+    if scheduled or up:
+        return "Initializing", "PodsStarting", c.reason_message("PodsStarting")
+    return "Pending", "PodsPending", c.reason_message("PodsPending", nodes=nodes, pending=nodes - up)
+
+
+# ------------------------------------------------------------------ derive
+
+
+def derive(
+    spec: FineTuneJobSpec,
+    name: str,
+    generation: int | None,
+    old: dict[str, Any] | None,
+    observed: Observed,
+    now: datetime,
+) -> Decision:
+    """The new status and the next action, from the old status and what was observed."""
+    old = dict(old or {})
+    ts = iso(now)
+    restarts = int(old.get("restarts") or 0)
+    old_phase = old.get("phase")
+    status: dict[str, Any] = {k: v for k, v in old.items() if k != "kopf"}
+    status["restarts"] = restarts
+    status["observedGeneration"] = generation
+    status["workload"] = workload_name(name, restarts)
+    if observed.progress is not None:
+        status["progress"] = observed.progress.model_dump(by_alias=True, exclude_none=True, mode="json")
+    action: Action = "none"
+
+    if old_phase in TERMINAL:
+        return Decision(status=status)
+
+    job = observed.job
+    if job is not None and not (job.get("spec") or {}).get("suspend") and not status.get("startTime"):
+        status["startTime"] = ts
+
+    nodes = spec.distributed.nodes
+    phase, reason, message = "Pending", "PodsPending", c.reason_message("PodsPending", nodes=nodes, pending=nodes)
+    failure: Failure | None = None
+    if deadline_exceeded(spec, status.get("startTime"), now):
+        phase, reason = "Failed", "DeadlineExceeded"
+        message = c.reason_message(reason, seconds=spec.run_policy.active_deadline_seconds)
+        action = "stop" if job is not None else "none"
+    elif job is None:
+        if restarts and old_phase == "Restarting":
+            phase, reason, message = "Restarting", "GangRestarting", old.get("message") or ""
+        elif spec.run_policy.suspend:
+            phase, reason, message = "Suspended", "JobSuspended", c.reason_message("JobSuspended")
+        action = "none" if observed.stale else "create"
+    elif _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
+        phase, reason = "Succeeded", "TrainingSucceeded"
+        message = c.reason_message(reason, uri=spec.output.uri)
+        status["artifacts"] = artifacts(spec).model_dump(by_alias=True, exclude_none=True)
+    elif (failure := decisive_failure(observed.pods)) is not None or _job_condition(job, "Failed"):
+        if failure is None:
+            cond = _job_condition(job, "Failed") or {}
+            failure = Failure(job["metadata"]["name"], None, cond.get("reason") or "JobFailed", cond.get("message") or "")
+        status["lastFailure"] = failure.to_status()
+        if not failure.retryable:
+            phase, reason, message = "Failed", failure.reason, failure.describe()
+            action = "stop"
+        elif restarts < spec.run_policy.backoff_limit:
+            status["restarts"] = restarts + 1
+            status["workload"] = workload_name(name, restarts + 1)
+            phase, reason = "Restarting", "GangRestarting"
+            message = c.reason_message(
+                reason, cause=failure.describe(), restart=restarts + 1, limit=spec.run_policy.backoff_limit
+            )
+            action = "restart"
+        else:
+            phase, reason = "Failed", "BackoffLimitExceeded"
+            message = c.reason_message(reason, restarts=restarts, cause=failure.describe())
+            action = "stop"
+    elif (job.get("spec") or {}).get("suspend"):
+        phase, reason, message = "Suspended", "JobSuspended", c.reason_message("JobSuspended")
+    else:
+        phase, reason, message = _pod_phase(spec, observed.pods, observed.progress)
+
+    if phase in TERMINAL:
+        status["completionTime"] = ts
+    status["phase"] = phase
+    status["message"] = message
+    status["conditions"] = _conditions(status.get("conditions") or [], phase, reason, message, ts, generation)
+    event = None
+    if phase != old_phase:
+        kind = "Warning" if phase in ("Failed", "Restarting") else "Normal"
+        event = (kind, reason, message)
+    return Decision(status=status, action=action, event=event)
+
+
+def _conditions(
+    old: list[dict[str, Any]], phase: str, reason: str, message: str, now: str, generation: int | None
+) -> list[dict[str, Any]]:
+    out = list(old)
+    if c.get_condition(out, c.SPEC_VALID) is None:
+        out = c.set_condition(out, c.SPEC_VALID, True, "SpecAccepted", c.reason_message("SpecAccepted"), now, generation)
+    out = c.set_condition(out, c.RUNNING, phase == "Running", reason, message, now, generation)
+    suspended = phase == "Suspended"
+    prev = c.get_condition(out, c.SUSPENDED)
+    if suspended:
+        out = c.set_condition(out, c.SUSPENDED, True, "JobSuspended", message, now, generation)
+    elif prev is not None and prev.get("status") == "True":
+        out = c.set_condition(out, c.SUSPENDED, False, "JobResumed", c.reason_message("JobResumed"), now, generation)
+    if phase == "Succeeded":
+        out = c.set_condition(out, c.SUCCEEDED, True, reason, message, now, generation)
+    if phase == "Failed":
+        out = c.set_condition(out, c.FAILED, True, reason, message, now, generation)
+    return out
+
+
+def refused_status(old: dict[str, Any] | None, problems: list[str], generation: int | None, now: datetime) -> dict[str, Any]:
+    """The status of a spec the operator refuses: Failed, SpecValid=False naming each field and fix."""
+    ts = iso(now)
+    text = "; ".join(problems)
+    message = c.reason_message("SpecInvalid", problems=text)
+    conds = list((old or {}).get("conditions") or [])
+    conds = c.set_condition(conds, c.SPEC_VALID, False, "SpecInvalid", message, ts, generation)
+    conds = c.set_condition(conds, c.FAILED, True, "SpecInvalid", message, ts, generation)
+    return {
+        "phase": "Failed",
+        "message": message,
+        "observedGeneration": generation,
+        "restarts": int((old or {}).get("restarts") or 0),
+        "completionTime": ts,
+        "conditions": conds,
+    }
+
+
+def ttl_expired(spec: FineTuneJobSpec, status: dict[str, Any] | None, now: datetime) -> bool:
+    """A finished job whose ttlSecondsAfterFinished has passed (the operator deletes it)."""
+    ttl = spec.run_policy.ttl_seconds_after_finished
+    status = status or {}
+    done = _parse_time(status.get("completionTime"))
+    return ttl is not None and status.get("phase") in TERMINAL and done is not None and (now - done).total_seconds() >= ttl

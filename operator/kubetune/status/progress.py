@@ -1,0 +1,77 @@
+"""Read rank 0's progress endpoint and map it to status.progress.
+
+The trainer serves `GET /progress` on rank 0 with camelCase JSON: step,
+totalSteps, epoch, loss, evalLoss, learningRate, tokensPerSecond, etaSeconds,
+phase. Reading it is best effort: a pod that is starting, busy or gone simply
+has no progress this time.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from kubetune.api.models import Progress
+from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT
+
+
+def progress_url(pod_ip: str, port: int = DEFAULT_PROGRESS_PORT) -> str:
+    host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+    return f"http://{host}:{port}/progress"
+
+
+def fetch_progress(pod_ip: str, port: int = DEFAULT_PROGRESS_PORT, timeout: float = 2.0) -> dict[str, Any] | None:
+    """The trainer's JSON, or None when it cannot be read (never raises for network trouble)."""
+    try:
+        with urllib.request.urlopen(progress_url(pod_ip, port), timeout=timeout) as resp:  # noqa: S310 (pod IP, http)
+            data = json.loads(resp.read(1 << 20))
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def format_eta(seconds: float | None) -> str | None:
+    if seconds is None or seconds < 0:
+        return None
+    s = int(seconds)
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    if h:
+        return f"{h}h{m:02d}m"
+    if m:
+        return f"{m}m{sec:02d}s"
+    return f"{sec}s"
+
+
+def _num(data: dict[str, Any], key: str) -> float | None:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if value != value or value in (float("inf"), float("-inf")):
+        return None  # NaN/inf cannot be written to the API as JSON
+    return float(value)
+
+
+def to_progress(data: dict[str, Any], now: str) -> Progress:
+    """Map the trainer's JSON to status.progress (percent and a readable ETA added)."""
+    step = _num(data, "step")
+    total = _num(data, "totalSteps")
+    percent = round(100.0 * step / total, 1) if step is not None and total else None
+    eta = _num(data, "etaSeconds")
+    phase = data.get("phase")
+    return Progress(
+        step=int(step) if step is not None else None,
+        total_steps=int(total) if total is not None else None,
+        epoch=_num(data, "epoch"),
+        percent=percent,
+        loss=_num(data, "loss"),
+        eval_loss=_num(data, "evalLoss"),
+        learning_rate=_num(data, "learningRate"),
+        tokens_per_second=_num(data, "tokensPerSecond"),
+        eta_seconds=eta,
+        eta=format_eta(eta),
+        trainer_phase=phase if isinstance(phase, str) else None,
+        updated_at=now,
+    )
