@@ -1,0 +1,103 @@
+"""Session fixtures for the end-to-end suite: a real control plane, the node agent, S3.
+
+    .venv/bin/pytest e2e -m e2e
+
+Environment:
+  KUBETUNE_E2E_BUILD=0      never build; skip when the binaries are not cached
+  KUBETUNE_E2E_CACHE=DIR    binary cache (default ~/.cache/kubetune-e2e)
+  KUBETUNE_E2E_WORKDIR=DIR  keep certs, kubeconfigs, logs and pod dirs there (default: pytest tmp)
+  KUBETUNE_E2E_S3=moto      use moto instead of MinIO (accepts any credentials)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import binaries
+from harness.cluster import Cluster
+from harness.node_agent import NodeAgent, for_cluster
+from harness.s3 import S3Server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: end-to-end test against a real API server (slow start)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def e2e_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = os.environ.get("KUBETUNE_E2E_WORKDIR")
+    if d:
+        p = Path(d) / uuid.uuid4().hex[:8]
+        p.mkdir(parents=True)
+        return p
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="session")
+def cluster(e2e_workdir: Path) -> Iterator[Cluster]:
+    """etcd + kube-apiserver + kube-controller-manager on loopback (admin kubeconfig)."""
+    try:
+        binaries.ensure("etcd", "kube-apiserver", "kube-controller-manager")
+    except binaries.BinariesUnavailable as e:
+        pytest.skip(str(e))
+    c = Cluster(e2e_workdir / "cluster")
+    try:
+        c.start()
+    except Exception:
+        for name, tail in c.logs().items():
+            print(f"--- {name} ---\n{tail}", file=sys.stderr)
+        c.stop()
+        raise
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="session")
+def node_agent(cluster: Cluster, e2e_workdir: Path) -> Iterator[NodeAgent]:
+    """The fake kubelet/scheduler/DNS for one node; pods run as local processes."""
+    if not os.access("/etc/hosts", os.W_OK):
+        pytest.skip("the node agent publishes pod DNS names in /etc/hosts and needs to write it (run as root)")
+    agent = for_cluster(cluster, e2e_workdir / "node")
+    agent.start()
+    yield agent
+    agent.stop()
+    if agent.errors:
+        print("node agent errors:\n" + "\n".join(agent.errors[-20:]), file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def s3(e2e_workdir: Path) -> Iterator[S3Server]:
+    """A loopback S3 server (MinIO) with a bucket; `.env()` gives the AWS_* variables."""
+    kind = os.environ.get("KUBETUNE_E2E_S3")
+    if kind is None:
+        try:
+            binaries.ensure("minio")
+            kind = "minio"
+        except binaries.BinariesUnavailable:
+            kind = "moto"
+    server = S3Server(e2e_workdir / "s3", kind=kind)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    """A fresh namespace (with its `default` ServiceAccount), deleted afterwards."""
+    ns = f"e2e-{uuid.uuid4().hex[:8]}"
+    cluster.create_namespace(ns)
+    yield ns
+    cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)

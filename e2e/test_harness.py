@@ -1,0 +1,290 @@
+"""Tests that prove the e2e harness is real: RBAC, controllers, the node agent, DNS, S3."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from harness.cluster import Cluster
+from harness.kube import Obj
+from harness.node_agent import NodeAgent
+from harness.procs import free_port
+from harness.s3 import S3Server
+
+PY = "python3"
+
+
+def pod_phase_in(*phases: str) -> Any:
+    return lambda p: p.get("status", {}).get("phase") in phases
+
+
+def wait_gone(cluster: Cluster, path: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while cluster.admin.get_or_none(path) is not None:
+        assert time.monotonic() < deadline, f"{path} still exists after {timeout}s"
+        time.sleep(0.25)
+
+
+def job_condition(job: Obj, type_: str) -> bool:
+    return any(c["type"] == type_ and c["status"] == "True"
+               for c in job.get("status", {}).get("conditions") or [])
+
+
+def test_rbac_refuses_serviceaccount_without_rights(cluster: Cluster, namespace: str) -> None:
+    cluster.kubectl("create", "serviceaccount", "nobody", "-n", namespace)
+    kc = cluster.kubeconfig_for_serviceaccount(namespace, "nobody")
+    r = cluster.kubectl("auth", "can-i", "create", "pods", "-n", namespace, kubeconfig=kc, check=False)
+    assert (r.returncode, r.stdout.strip()) == (1, "no")
+    r = cluster.kubectl("get", "pods", "-n", namespace, kubeconfig=kc, check=False)
+    assert r.returncode != 0 and "Forbidden" in r.stderr
+    assert f"system:serviceaccount:{namespace}:nobody" in r.stderr
+    # granting a Role makes the same request pass: authorization, not a broken token
+    cluster.kubectl("create", "role", "reader", "--verb=list", "--resource=pods", "-n", namespace)
+    cluster.kubectl("create", "rolebinding", "reader", "--role=reader",
+                    f"--serviceaccount={namespace}:nobody", "-n", namespace)
+    deadline = time.monotonic() + 10
+    while cluster.kubectl("get", "pods", "-n", namespace, kubeconfig=kc, check=False).returncode:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_indexed_job_runs_to_completion(cluster: Cluster, node_agent: NodeAgent, namespace: str) -> None:
+    cluster.apply(f"""
+apiVersion: batch/v1
+kind: Job
+metadata: {{name: indexed, namespace: {namespace}}}
+spec:
+  completions: 2
+  parallelism: 2
+  completionMode: Indexed
+  backoffLimit: 0
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+      - name: main
+        image: ignored
+        command: [{PY}, -c, "import os; print('index', os.environ['JOB_COMPLETION_INDEX'])"]
+""")
+    job = cluster.admin.wait_for(f"/apis/batch/v1/namespaces/{namespace}/jobs/indexed",
+                                 lambda j: job_condition(j, "Complete") or job_condition(j, "Failed"),
+                                 timeout=90)
+    assert job_condition(job, "Complete"), job["status"]
+    assert job["status"]["succeeded"] == 2
+    pods = cluster.admin.get(f"/api/v1/namespaces/{namespace}/pods",
+                             labelSelector="batch.kubernetes.io/job-name=indexed")["items"]
+    outputs = set()
+    for p in pods:
+        assert p["status"]["phase"] == "Succeeded"
+        assert p["spec"]["nodeName"] == node_agent.name
+        assert p["status"]["podIP"].startswith("127.0.")
+        outputs.add(node_agent.logs(namespace, p["metadata"]["name"]).strip())
+    assert outputs == {"index 0", "index 1"}
+
+
+def test_failed_pod_reports_exit_code_and_termination_message(
+    cluster: Cluster, node_agent: NodeAgent, namespace: str
+) -> None:
+    cluster.apply(f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: fails, namespace: {namespace}}}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: main
+    image: ignored
+    command: [{PY}, -c, "open('/dev/termination-log', 'w').write('model not found'); raise SystemExit(3)"]
+""")
+    pod = cluster.admin.wait_for(f"/api/v1/namespaces/{namespace}/pods/fails",
+                                 pod_phase_in("Succeeded", "Failed"), timeout=60)
+    assert pod["status"]["phase"] == "Failed"
+    term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert term["exitCode"] == 3
+    assert term["reason"] == "Error"
+    assert term["message"] == "model not found"
+    conds = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
+    assert conds["PodScheduled"] == "True" and conds["Ready"] == "False"
+
+
+def test_env_volumes_and_mount_path_rewriting(cluster: Cluster, node_agent: NodeAgent, namespace: str) -> None:
+    cluster.kubectl("create", "secret", "generic", "creds", "--from-literal=token=s3cr3t", "-n", namespace)
+    cluster.kubectl("create", "configmap", "cfg", "--from-literal=config.yaml=lr: 0.1", "-n", namespace)
+    cluster.apply(f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: env, namespace: {namespace}, labels: {{app: env}}}}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: main
+    image: ignored
+    command: [{PY}, -c]
+    args:
+    - |
+      import json, os
+      print(json.dumps({{"token": os.environ["TOKEN"], "pod": os.environ["POD"], "ip": os.environ["IP"],
+                        "cfg": open("/etc/kubetune/config.yaml").read(), "cfgpath": os.environ["CFG"],
+                        "scratch": os.path.isdir("/scratch/x/..")}}))
+    env:
+    - {{name: TOKEN, valueFrom: {{secretKeyRef: {{name: creds, key: token}}}}}}
+    - {{name: POD, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}
+    - {{name: IP, valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}}}
+    - {{name: CFG, value: /etc/kubetune/config.yaml}}
+    volumeMounts:
+    - {{name: cfg, mountPath: /etc/kubetune}}
+    - {{name: scratch, mountPath: /scratch}}
+  volumes:
+  - {{name: cfg, configMap: {{name: cfg}}}}
+  - {{name: scratch, emptyDir: {{}}}}
+""")
+    pod = cluster.admin.wait_for(f"/api/v1/namespaces/{namespace}/pods/env",
+                                 pod_phase_in("Succeeded", "Failed"), timeout=60)
+    out = node_agent.logs(namespace, "env")
+    assert pod["status"]["phase"] == "Succeeded", out
+    got = json.loads(out)
+    assert got["token"] == "s3cr3t" and got["pod"] == "env" and got["cfg"] == "lr: 0.1"
+    assert got["ip"] == pod["status"]["podIP"]
+    assert got["cfgpath"].endswith("/volumes/cfg/config.yaml")
+
+
+def test_missing_secret_keeps_pod_waiting(cluster: Cluster, node_agent: NodeAgent, namespace: str) -> None:
+    cluster.apply(f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: nosecret, namespace: {namespace}}}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: main
+    image: ignored
+    command: [{PY}, -c, "print(1)"]
+    env:
+    - {{name: T, valueFrom: {{secretKeyRef: {{name: absent, key: token}}}}}}
+""")
+
+    def waiting(p: Obj) -> bool:
+        cs = p.get("status", {}).get("containerStatuses") or [{}]
+        return cs[0].get("state", {}).get("waiting", {}).get("reason") == "CreateContainerConfigError"
+
+    pod = cluster.admin.wait_for(f"/api/v1/namespaces/{namespace}/pods/nosecret", waiting, timeout=60)
+    assert pod["status"]["phase"] == "Pending"
+    assert "absent" in pod["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
+
+
+def test_delete_sends_sigterm_then_removes_pod(cluster: Cluster, node_agent: NodeAgent, namespace: str) -> None:
+    cluster.apply(f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: sleeper, namespace: {namespace}}}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 20
+  containers:
+  - name: main
+    image: ignored
+    command: [{PY}, -c]
+    args:
+    - |
+      import signal, sys, time
+      def term(*_):
+          print("got SIGTERM, checkpointing", flush=True)
+          sys.exit(0)
+      signal.signal(signal.SIGTERM, term)
+      print("running", flush=True)
+      time.sleep(600)
+""")
+    cluster.admin.wait_for(f"/api/v1/namespaces/{namespace}/pods/sleeper", pod_phase_in("Running"), timeout=60)
+    time.sleep(1)  # let the handler install
+    t0 = time.monotonic()
+    cluster.kubectl("delete", "pod", "sleeper", "-n", namespace, "--wait=false")
+    wait_gone(cluster, f"/api/v1/namespaces/{namespace}/pods/sleeper", timeout=30)
+    assert time.monotonic() - t0 < 15, "graceful exit should not wait for the whole grace period"
+    assert "got SIGTERM" in node_agent.logs(namespace, "sleeper")
+
+
+def test_garbage_collector_cascades_to_owned_objects(cluster: Cluster, namespace: str) -> None:
+    owner = cluster.admin.post(f"/api/v1/namespaces/{namespace}/configmaps",
+                               {"metadata": {"name": "owner"}})
+    cluster.admin.post(f"/api/v1/namespaces/{namespace}/configmaps", {"metadata": {
+        "name": "owned", "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner",
+                                              "uid": owner["metadata"]["uid"]}]}})
+    cluster.kubectl("delete", "configmap", "owner", "-n", namespace)
+    wait_gone(cluster, f"/api/v1/namespaces/{namespace}/configmaps/owned", timeout=60)
+
+
+def test_ttl_after_finished_deletes_job(cluster: Cluster, node_agent: NodeAgent, namespace: str) -> None:
+    cluster.apply(f"""
+apiVersion: batch/v1
+kind: Job
+metadata: {{name: ttl, namespace: {namespace}}}
+spec:
+  ttlSecondsAfterFinished: 1
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+      - {{name: main, image: ignored, command: [{PY}, -c, "print('done')"]}}
+""")
+    cluster.admin.wait_for(f"/apis/batch/v1/namespaces/{namespace}/jobs/ttl",
+                           lambda j: job_condition(j, "Complete"), timeout=60)
+    wait_gone(cluster, f"/apis/batch/v1/namespaces/{namespace}/jobs/ttl", timeout=60)
+
+
+def test_pods_reach_each_other_by_hostname_and_subdomain(
+    cluster: Cluster, node_agent: NodeAgent, namespace: str
+) -> None:
+    port = free_port()
+    server = f"""
+import socket
+s = socket.create_server(("0.0.0.0", {port}))
+conn, _ = s.accept()
+conn.sendall(b"hello from rank 0 " + conn.recv(100))
+conn.close()
+"""
+    client = f"""
+import socket, time
+for _ in range(300):
+    try:
+        c = socket.create_connection(("rank-0.rdv", {port}), timeout=2)
+        break
+    except OSError as e:
+        err = e
+        time.sleep(0.2)
+else:
+    raise SystemExit(f"could not connect: {{err}}")
+c.sendall(b"rank 1")
+print(c.recv(100).decode())
+"""
+    cluster.apply(json.dumps({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "rdv", "namespace": namespace},
+         "spec": {"clusterIP": "None", "selector": {"app": "rdv"}, "publishNotReadyAddresses": True}},
+        *({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": namespace, "labels": {"app": "rdv"}},
+           "spec": {"hostname": name, "subdomain": "rdv", "restartPolicy": "Never",
+                    "containers": [{"name": "main", "image": "ignored", "command": [PY, "-c", code]}]}}
+          for name, code in (("rank-0", server), ("rank-1", client))),
+    ]}))
+    for name in ("rank-0", "rank-1"):
+        pod = cluster.admin.wait_for(f"/api/v1/namespaces/{namespace}/pods/{name}",
+                                     pod_phase_in("Succeeded", "Failed"), timeout=90)
+        assert pod["status"]["phase"] == "Succeeded", node_agent.logs(namespace, name)
+    assert node_agent.logs(namespace, "rank-1").strip() == "hello from rank 0 rank 1"
+
+
+def test_s3_refuses_wrong_secret(s3: S3Server) -> None:
+    if not s3.enforces_credentials:
+        pytest.skip(f"{s3.kind} does not check credentials")
+    from botocore.exceptions import ClientError  # noqa: PLC0415
+
+    ok = s3.client()
+    ok.put_object(Bucket=s3.bucket, Key="hello.txt", Body=b"hi")
+    assert ok.get_object(Bucket=s3.bucket, Key="hello.txt")["Body"].read() == b"hi"
+    with pytest.raises(ClientError) as e:
+        s3.client(secret_key="not-the-secret").get_object(Bucket=s3.bucket, Key="hello.txt")
+    assert e.value.response["Error"]["Code"] in ("SignatureDoesNotMatch", "AccessDenied")
+    with pytest.raises(ClientError) as e:
+        s3.client(access_key="nobody", secret_key="whatever1").list_objects_v2(Bucket=s3.bucket)
+    assert e.value.response["Error"]["Code"] in ("InvalidAccessKeyId", "AccessDenied")
