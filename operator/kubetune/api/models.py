@@ -194,6 +194,8 @@ class TrainingSpec(ApiModel):
     """Evaluate every N steps (and at the end); unset: only at the end of each epoch."""
     early_stopping: EarlyStoppingSpec | None = None
     """Stop early when evaluation stops improving (needs evaluation data)."""
+    eval_generation_samples: int = Field(default=0, ge=0, le=10000)
+    """Held-out examples answered greedily before and after training to report exact-match accuracy in metrics.json (0: off)."""
 
 
 # --------------------------------------------------------------- distributed

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from kubetune.api.models import FineTuneJobSpec
-from kubetune.api.trainer_config import JobRef, TrainerConfig
+from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT, JobRef, TrainerConfig
+from kubetune.render.deepspeed import render_deepspeed_config, uses_deepspeed
 
 
 def world_size(spec: FineTuneJobSpec) -> int:
@@ -22,10 +23,20 @@ def gradient_accumulation_steps(spec: FineTuneJobSpec) -> int:
     return spec.training.global_batch_size // micro
 
 
-def render_trainer_config(spec: FineTuneJobSpec, name: str, namespace: str = "default", uid: str = "") -> TrainerConfig:
+def render_trainer_config(
+    spec: FineTuneJobSpec, name: str, namespace: str = "default", uid: str = "", progress_port: int = DEFAULT_PROGRESS_PORT
+) -> TrainerConfig:
+    accum = gradient_accumulation_steps(spec)
+    deepspeed = (
+        render_deepspeed_config(spec, world_size(spec), accum, on_gpu=spec.distributed.gpus_per_node > 0)
+        if uses_deepspeed(spec)
+        else None
+    )
     return TrainerConfig(
         job=JobRef(name=name, namespace=namespace, uid=uid),
         spec=spec,
         world_size=world_size(spec),
-        gradient_accumulation_steps=gradient_accumulation_steps(spec),
+        gradient_accumulation_steps=accum,
+        progress_port=progress_port,
+        deepspeed=deepspeed,
     )

@@ -1,0 +1,86 @@
+"""Entry point: `torchrun ... -m kubetune_trainer --config trainer-config.yaml [--set training.maxSteps=5]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import Any
+
+import yaml
+
+from kubetune.api.contract import ENV_CONFIG_PATH, ExitCode
+
+
+def apply_overrides(document: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`a.b.c=value` sets spec.a.b.c (YAML-typed value); a leading `spec.` or top-level key is also accepted."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        path = key.split(".")
+        node = document
+        if path[0] == "spec" or path[0] not in document:
+            path = path[1:] if path[0] == "spec" else path
+            node = document["spec"]
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = yaml.safe_load(raw)
+    return document
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubetune_trainer", description=__doc__)
+    parser.add_argument("--config", default=os.environ.get(ENV_CONFIG_PATH, "/etc/kubetune/trainer-config.yaml"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. training.maxSteps=5")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
+    from pydantic import ValidationError
+
+    from kubetune.api.trainer_config import TrainerConfig
+    from kubetune_trainer.errors import TrainerError, write_termination_message
+
+    trainer = None
+    try:
+        try:
+            document = apply_overrides(yaml.safe_load(open(args.config)), args.set)
+            config = TrainerConfig.model_validate(document)
+        except (OSError, ValueError, ValidationError, yaml.YAMLError) as exc:
+            raise TrainerError(ExitCode.CONFIG_INVALID, f"config {args.config}: {exc}") from exc
+        from kubetune_trainer.train import Trainer
+
+        trainer = Trainer(config)
+        trainer.setup()
+        code = ExitCode.OK
+        if not trainer.done:
+            code = trainer.train()
+            if code == ExitCode.OK:
+                trainer.save()
+        message = "training finished" if code == ExitCode.OK else "stopped by SIGTERM after writing a checkpoint"
+        write_termination_message(code, message)
+        return int(code)
+    except TrainerError as exc:
+        print(f"[kubetune] error: {exc.message}", file=sys.stderr, flush=True)
+        if trainer is not None:
+            trainer.progress.update(phase="Failed")
+        write_termination_message(exc.exit_code, exc.message)
+        return int(exc.exit_code)
+    except Exception as exc:  # anything unclassified: assume infrastructure, a restart may help
+        traceback.print_exc()
+        write_termination_message(ExitCode.INFRASTRUCTURE, f"{type(exc).__name__}: {exc}")
+        return int(ExitCode.INFRASTRUCTURE)
+    finally:
+        if trainer is not None:
+            try:
+                trainer.cleanup()
+            except Exception:
+                pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Failures the trainer classifies, and the termination message the operator reads."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from kubetune.api.contract import ENV_TERMINATION_LOG, REASONS, ExitCode
+
+
+class TrainerError(Exception):
+    """An error with an exit code from the contract and a message that says what to fix."""
+
+    def __init__(self, exit_code: ExitCode, message: str):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.message = message
+
+
+def termination_message(exit_code: int, message: str) -> dict[str, object]:
+    return {"exitCode": int(exit_code), "reason": REASONS.get(exit_code, "Succeeded" if exit_code == 0 else "Error"), "message": message[-3000:]}
+
+
+def write_termination_message(exit_code: int, message: str) -> None:
+    """Kubernetes shows /dev/termination-log in the pod status; $KUBETUNE_TERMINATION_LOG wins when set."""
+    text = json.dumps(termination_message(exit_code, message))
+    targets = [os.environ.get(ENV_TERMINATION_LOG), "/dev/termination-log"]
+    for target in targets:
+        if not target:
+            continue
+        path = Path(target)
+        if target == "/dev/termination-log" and not path.exists():
+            continue
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            return
+        except OSError:
+            continue

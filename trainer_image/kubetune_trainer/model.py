@@ -1,0 +1,109 @@
+"""Pretrained model + tokenizer in; LoRA, full or partial (frozen) fine-tuning set up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubetune.api.contract import ExitCode
+from kubetune.api.models import FineTuneJobSpec, FreezeSpec, LoraSpec
+from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.storage import fetch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+    if not on_gpu:
+        return torch.float32  # CPU kernels train in fp32; half types are slow or unsupported there
+    return DTYPES[name]
+
+
+def model_path(spec: FineTuneJobSpec) -> Path:
+    return fetch(spec.model.source, spec.storage, "spec.model.source", ExitCode.MODEL_NOT_FOUND, spec.model.revision)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: no usable tokenizer at {path}: {type(exc).__name__}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if not (path / "config.json").exists():
+        raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {path} holds no config.json; is it a Hugging Face model directory?")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise TrainerError(
+            ExitCode.MODEL_NOT_FOUND, f"spec.model.source: the model at {path} cannot be loaded (corrupt or incomplete?): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def apply_lora(model: Any, lora: LoraSpec) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    targets: Any = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        modules_to_save=list(lora.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise TrainerError(ExitCode.CONFIG_INVALID, f"spec.lora: {exc}") from exc
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer block a parameter belongs to (`...layers.<i>.` / `...h.<i>.`), if any."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in {"layers", "h", "blocks", "layer"} and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def apply_freeze(model: Any, freeze: FreezeSpec) -> None:
+    """Freeze the embeddings + first N blocks, and/or everything but the named modules."""
+    for name, param in model.named_parameters():
+        if freeze.trainable_modules:
+            param.requires_grad = any(m in name for m in freeze.trainable_modules)
+        if freeze.first_n_layers:
+            idx = layer_index(name)
+            if "embed" in name or "wte" in name or "wpe" in name or (idx is not None and idx < freeze.first_n_layers):
+                param.requires_grad = False
+    if not any(p.requires_grad for p in model.parameters()):
+        raise TrainerError(ExitCode.CONFIG_INVALID, "spec.freeze leaves no trainable parameter")
+
+
+def prepare_model(spec: FineTuneJobSpec, path: Path, on_gpu: bool) -> Any:
+    model = load_model(path, resolve_dtype(spec.model.dtype, on_gpu), spec.model.trust_remote_code)
+    if spec.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if spec.freeze is not None and spec.method == "full":
+        apply_freeze(model, spec.freeze)
+    if spec.method == "lora":
+        model = apply_lora(model, spec.lora or LoraSpec())
+    return model
+
+
+def trainable_parameters(model: Any) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total

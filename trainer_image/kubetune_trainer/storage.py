@@ -1,0 +1,285 @@
+"""Where bytes come from and go to: local/PVC paths, S3 (boto3 transfer manager), the Hugging Face hub.
+
+Downloads land in a node-local cache ($KUBETUNE_CACHE_DIR). A file lock makes the
+first process on a node download while the others wait, then every process reads
+the same files; a `.complete` marker makes an interrupted download start over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+from kubetune.api.contract import ENV_CACHE_DIR, ExitCode
+from kubetune.api.models import StorageSpec
+from kubetune_trainer.errors import TrainerError
+
+ENV_PVC_ROOT = "KUBETUNE_PVC_ROOT"  # pvc://claim/path -> $KUBETUNE_PVC_ROOT/claim/path
+DEFAULT_PVC_ROOT = "/mnt/pvc"
+MULTIPART_THRESHOLD = 8 * 1024 * 1024
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "kubetune")
+
+
+def local_path(uri: str) -> Path | None:
+    """The filesystem path behind a local, file:// or pvc:// URI; None for remote ones."""
+    if uri.startswith("file://"):
+        return Path(uri[len("file://") :])
+    if uri.startswith("pvc://"):
+        claim_and_path = uri[len("pvc://") :]
+        return Path(os.environ.get(ENV_PVC_ROOT, DEFAULT_PVC_ROOT)) / claim_and_path
+    if uri.startswith("s3://") or uri.startswith("hf://"):
+        return None
+    return Path(uri)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+# ---------------------------------------------------------------------- S3
+
+
+def s3_client(storage: StorageSpec):  # type: ignore[no-untyped-def]
+    """Credentials come from the environment (the operator maps the Secret to AWS_* env vars) or IRSA."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=storage.endpoint or os.environ.get("AWS_ENDPOINT_URL"),
+        region_name=storage.region,
+        config=Config(
+            s3={"addressing_style": "path" if storage.path_style else "auto"},
+            retries={"max_attempts": 5, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=60,
+        ),
+    )
+
+
+def transfer_config():  # type: ignore[no-untyped-def]
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD, max_concurrency=8)
+
+
+def classify_s3_error(exc: BaseException, what: str, not_found: ExitCode) -> TrainerError:
+    """Map boto errors to the contract: missing objects are the user's, unreachable stores are infrastructure."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, NoCredentialsError):
+        return TrainerError(ExitCode.CREDENTIALS_INVALID, f"{what}: no S3 credentials; set spec.storage.secretRef")
+    if isinstance(exc, EndpointConnectionError):
+        return TrainerError(ExitCode.STORAGE_UNAVAILABLE, f"{what}: cannot reach the S3 endpoint: {exc}")
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken"}:
+            return TrainerError(
+                ExitCode.CREDENTIALS_INVALID, f"{what}: S3 refused the credentials ({code}); check spec.storage.secretRef"
+            )
+        if code in {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}:
+            return TrainerError(not_found, f"{what}: not found in S3 ({code})")
+        if code.startswith("5") or code in {"SlowDown", "ServiceUnavailable", "InternalError"}:
+            return TrainerError(ExitCode.STORAGE_UNAVAILABLE, f"{what}: S3 error {code}")
+        return TrainerError(not_found, f"{what}: S3 error {code}: {exc}")
+    return TrainerError(ExitCode.STORAGE_UNAVAILABLE, f"{what}: {exc}")
+
+
+def s3_list(client, bucket: str, prefix: str) -> list[str]:  # type: ignore[no-untyped-def]
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys.extend(obj["Key"] for obj in page.get("Contents", []))
+    return keys
+
+
+# ------------------------------------------------------------ node-local cache
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cached(key: str, fill: Callable[[Path], None]) -> Path:
+    """Run `fill(dir)` once per node for `key`; everyone else waits on the lock and reuses the result."""
+    target = cache_root() / hashlib.sha256(key.encode()).hexdigest()[:24]
+    marker = target / ".complete"
+    if marker.exists():
+        return target
+    with file_lock(target.with_suffix(".lock")):
+        if not marker.exists():
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            fill(target)
+            marker.write_text(key)
+    return target
+
+
+def download_s3_prefix(storage: StorageSpec, uri: str, dest: Path, not_found: ExitCode, what: str) -> None:
+    client = s3_client(storage)
+    bucket, prefix = split_s3(uri)
+    try:
+        keys = s3_list(client, bucket, prefix)
+        # An exact object, or everything under prefix/.
+        if prefix and prefix in keys:
+            keys, base = [prefix], prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        else:
+            base = prefix.rstrip("/")
+            keys = [k for k in keys if not base or k.startswith(base + "/")]
+        if not keys:
+            raise TrainerError(not_found, f"{what}: nothing at {uri}")
+        config = transfer_config()
+        for key in keys:
+            rel = key[len(base) :].lstrip("/") if base else key
+            out = dest / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(out), Config=config)
+    except TrainerError:
+        raise
+    except Exception as exc:
+        raise classify_s3_error(exc, what, not_found) from exc
+
+
+def fetch(uri: str, storage: StorageSpec, what: str, not_found: ExitCode, revision: str | None = None) -> Path:
+    """A local path holding what `uri` names (a file or a directory); remote sources are cached per node."""
+    path = local_path(uri)
+    if path is not None:
+        if not path.exists():
+            raise TrainerError(not_found, f"{what}: {uri} does not exist (looked at {path})")
+        return path
+    if uri.startswith("s3://"):
+        directory = cached(f"{uri}@{storage.endpoint}", lambda d: download_s3_prefix(storage, uri, d, not_found, what))
+        bucket, prefix = split_s3(uri)
+        single = directory / prefix.rsplit("/", 1)[-1]
+        return single if prefix and single.is_file() else directory
+    if uri.startswith("hf://"):
+        repo = uri[len("hf://") :]
+
+        def fill(directory: Path) -> None:
+            try:
+                from huggingface_hub import snapshot_download
+
+                snapshot_download(repo, revision=revision, local_dir=str(directory))
+            except Exception as exc:  # hub errors vary by version; classify broadly
+                name = type(exc).__name__
+                code = not_found if "NotFound" in name or "Repository" in name else ExitCode.STORAGE_UNAVAILABLE
+                raise TrainerError(code, f"{what}: cannot fetch {uri} from the Hugging Face hub: {name}: {exc}") from exc
+
+        return cached(f"{uri}@{revision}", fill)
+    raise TrainerError(ExitCode.CONFIG_INVALID, f"{what}: unsupported URI {uri}")
+
+
+# ----------------------------------------------------------------- output
+
+
+class OutputStore:
+    """The artifacts prefix: a local directory or an S3 prefix, addressed by relative paths."""
+
+    def __init__(self, uri: str, storage: StorageSpec):
+        self.uri = uri.rstrip("/")
+        self.storage = storage
+        self.local = local_path(self.uri)
+        self.client = None
+        if self.local is None:
+            if not self.uri.startswith("s3://"):
+                raise TrainerError(ExitCode.CONFIG_INVALID, f"spec.output.uri: unsupported URI {uri}")
+            self.client = s3_client(storage)
+            self.bucket, self.prefix = split_s3(self.uri)
+
+    def url(self, rel: str) -> str:
+        return f"{self.uri}/{rel}"
+
+    def _key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def _s3(self, action: str, fn):  # type: ignore[no-untyped-def]
+        try:
+            return fn()
+        except Exception as exc:
+            raise classify_s3_error(exc, f"output {self.uri}: {action}", ExitCode.STORAGE_UNAVAILABLE) from exc
+
+    def check_writable(self) -> None:
+        self.put_text(".kubetune-write-check", "ok")
+
+    def put_file(self, rel: str, src: Path) -> None:
+        if self.local is not None:
+            out = self.local / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, out)
+        else:
+            self._s3(f"upload {rel}", lambda: self.client.upload_file(str(src), self.bucket, self._key(rel), Config=transfer_config()))
+
+    def put_text(self, rel: str, text: str) -> None:
+        if self.local is not None:
+            out = self.local / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+        else:
+            self._s3(f"write {rel}", lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=text.encode()))
+
+    def exists(self, rel: str) -> bool:
+        if self.local is not None:
+            return (self.local / rel).exists()
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                return False
+            raise classify_s3_error(exc, f"output {self.uri}", ExitCode.STORAGE_UNAVAILABLE) from exc
+
+    def list_dirs(self, rel: str) -> list[str]:
+        """Names directly under rel/."""
+        if self.local is not None:
+            base = self.local / rel
+            return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.exists() else []
+        prefix = self._key(rel).rstrip("/") + "/"
+        keys = self._s3("list", lambda: s3_list(self.client, self.bucket, prefix))
+        return sorted({k[len(prefix) :].split("/", 1)[0] for k in keys if "/" in k[len(prefix) :]})
+
+    def get_dir(self, rel: str, dest: Path) -> None:
+        if self.local is not None:
+            shutil.copytree(self.local / rel, dest, dirs_exist_ok=True)
+            return
+        prefix = self._key(rel).rstrip("/") + "/"
+
+        def download() -> None:
+            for key in s3_list(self.client, self.bucket, prefix):
+                out = dest / key[len(prefix) :]
+                out.parent.mkdir(parents=True, exist_ok=True)
+                self.client.download_file(self.bucket, key, str(out), Config=transfer_config())
+
+        self._s3(f"download {rel}", download)
+
+    def delete_dir(self, rel: str) -> None:
+        if self.local is not None:
+            shutil.rmtree(self.local / rel, ignore_errors=True)
+            return
+        prefix = self._key(rel).rstrip("/") + "/"
+
+        def delete() -> None:
+            keys = s3_list(self.client, self.bucket, prefix)
+            for i in range(0, len(keys), 1000):
+                self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]}
+                )
+
+        self._s3(f"delete {rel}", delete)

@@ -1,0 +1,408 @@
+"""The recipe: setup -> train -> save -> cleanup. One Trainer per process; rank 0 also reports progress."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubetune.api.contract import ADAPTER_DIR, COMPLETE_MARKER, CONFIG_FILE, MERGED_DIR, METRICS_FILE, ExitCode
+from kubetune.api.trainer_config import TrainerConfig
+from kubetune.render.deepspeed import render_deepspeed_config, uses_deepspeed
+from kubetune_trainer import checkpoint as ckpt
+from kubetune_trainer import data as data_mod
+from kubetune_trainer import model as model_mod
+from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.progress import ProgressState, serve
+from kubetune_trainer.storage import OutputStore, cache_root
+
+
+def log(msg: str) -> None:
+    print(f"[kubetune] {msg}", flush=True)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint needs besides accelerate's state: where we are and what we have seen."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches consumed in `epoch` (data position)
+    best_eval: float | None = None
+    evals_without_improvement: int = 0
+    loss_curve: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+
+
+def build_accelerator(config: TrainerConfig) -> Any:
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+
+    on_gpu = torch.cuda.is_available()
+    spec = config.spec
+    handlers = [InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo")]
+    accum = config.gradient_accumulation_steps
+    # A seedable sampler makes each epoch's order a function of (seed, epoch): resume can skip what was seen.
+    loaders = DataLoaderConfiguration(use_seedable_sampler=True)
+    if uses_deepspeed(spec, gpus_available=on_gpu) or config.deepspeed:
+        ds = dict(config.deepspeed or render_deepspeed_config(spec, config.world_size, accum, on_gpu))
+        if not on_gpu:  # fp32 on CPU whatever the rendered config says
+            ds = {**ds, "bf16": {"enabled": False}, "fp16": {"enabled": False}}
+        # Passing backend explicitly matters on CPU: without it Accelerate initialises DeepSpeed's
+        # process group but records a single process, and every rank trains alone.
+        return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds), kwargs_handlers=handlers, gradient_accumulation_steps=accum, dataloader_config=loaders)
+    if not on_gpu:
+        os.environ["ACCELERATE_USE_CPU"] = "1"  # else Accelerate under torchrun on CPU runs each rank alone
+    prec = spec.training.precision
+    mixed = "no" if not on_gpu or prec == "fp32" else ("fp16" if prec == "fp16" else "bf16")
+    return Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=handlers, gradient_accumulation_steps=accum, dataloader_config=loaders)
+
+
+class Trainer:
+    def __init__(self, config: TrainerConfig):
+        self.config = config
+        self.spec = config.spec
+        self.state = TrainState()
+        self.progress = ProgressState()
+        self.stop_requested = False
+        self.server: Any = None
+        self.metrics: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        from accelerate.utils import set_seed
+        from transformers import get_scheduler
+
+        spec = self.spec
+        self.started = time.time()
+        self.accelerator = acc = build_accelerator(self.config)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if self.world_size != self.config.world_size:
+            raise TrainerError(
+                ExitCode.CONFIG_INVALID,
+                f"torchrun started {self.world_size} processes but the config expects worldSize {self.config.world_size}",
+            )
+        if acc.is_main_process:
+            self.server = serve(self.progress, self.config.progress_port)
+            log(f"progress on :{self.server.server_address[1]}/progress; world size {self.world_size}; {acc.distributed_type}")
+        set_seed(spec.training.seed)
+        self.store = OutputStore(spec.output.uri, spec.storage)
+        if acc.is_main_process:
+            self.store.check_writable()
+        self.done = self.store.exists(COMPLETE_MARKER)
+        if self.done:
+            if acc.is_main_process:
+                log(f"{self.store.uri} already holds complete artifacts; nothing to do")
+            return
+        self.model_path = model_mod.model_path(spec)
+        self.tokenizer = model_mod.load_tokenizer(self.model_path, spec.model.trust_remote_code)
+        train, evals, self.gen_examples = data_mod.load_examples(spec.dataset, spec.storage, self.tokenizer, spec.training.seed)
+        if acc.is_main_process:
+            log(f"{len(train)} training and {len(evals)} evaluation sequences")
+            if spec.training.eval_generation_samples and self.gen_examples:
+                before = self._exact_match(self._plain_model(self.model_path))
+                self.metrics["exactMatchBefore"] = before
+                log(f"exact match before training: {before:.3f}")
+        on_gpu = torch.cuda.is_available()
+        model = model_mod.prepare_model(spec, self.model_path, on_gpu)
+        trainable, total = model_mod.trainable_parameters(model)
+        if acc.is_main_process:
+            log(f"method {spec.method}: {trainable:,} of {total:,} parameters trainable")
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=spec.training.learning_rate, weight_decay=spec.training.weight_decay)
+
+        pad = self.tokenizer.pad_token_id
+        packed = spec.dataset.packing
+        collate = lambda b: data_mod.collate(b, pad, packed)  # noqa: E731
+        generator = torch.Generator().manual_seed(spec.training.seed)
+        train_loader = torch.utils.data.DataLoader(
+            train, batch_size=spec.training.per_device_batch_size, shuffle=True, collate_fn=collate, generator=generator
+        )
+        eval_loader = torch.utils.data.DataLoader(evals, batch_size=spec.training.per_device_batch_size, collate_fn=collate) if evals else None
+        self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, train_loader)
+        self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
+
+        accum = self.config.gradient_accumulation_steps
+        self.steps_per_epoch = max(1, len(self.train_loader) // accum)
+        t = spec.training
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
+        warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * self.total_steps)
+        # Stepped by hand once per optimizer step (not through accelerate, which scales by world size).
+        self.scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
+        acc.register_for_checkpointing(self.scheduler)
+        self._resume()
+        if self.eval_loader is not None and self.state.step == 0:
+            self.metrics["evalLossBefore"] = self.evaluate()
+            if acc.is_main_process:
+                log(f"eval loss before training: {self.metrics['evalLossBefore']:.4f}")
+        self.progress.update(totalSteps=self.total_steps, step=self.state.step, phase="Training")
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+
+    def _plain_model(self, path: Path) -> Any:
+        return model_mod.load_model(path, torch.float32, self.spec.model.trust_remote_code).eval()
+
+    # ------------------------------------------------------------------ resume
+
+    def _resume(self) -> None:
+        steps = ckpt.complete_checkpoints(self.store)
+        if not steps:
+            return
+        step = steps[-1]
+        local = self._local_checkpoint_dir(step)
+        # The first process on each node fetches; the others wait at the barrier.
+        if self.accelerator.is_local_main_process:
+            shutil.rmtree(local, ignore_errors=True)
+            self.store.get_dir(ckpt.checkpoint_rel(step), local)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.load_state(str(local / "accelerate"))
+        saved = json.loads((local / "trainer_state.json").read_text())
+        self.state = TrainState(**saved)
+        log(f"resumed from checkpoint step {step} (epoch {self.state.epoch}, batch {self.state.batches_in_epoch})")
+
+    def _local_checkpoint_dir(self, step: int) -> Path:
+        return cache_root() / "checkpoints" / (self.config.job.uid or self.config.job.name) / ckpt.checkpoint_rel(step)
+
+    # ------------------------------------------------------------------ train
+
+    def _flags(self, nonfinite: bool) -> tuple[bool, bool]:
+        """All ranks agree on (loss not finite somewhere, SIGTERM seen somewhere)."""
+        t = torch.tensor([float(nonfinite), float(self.stop_requested)], device=self.accelerator.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t[0] > 0), bool(t[1] > 0)
+
+    def train(self) -> ExitCode:
+        acc, spec, st = self.accelerator, self.spec, self.state
+        accum = self.config.gradient_accumulation_steps
+        window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.time()
+        preempted = stopped_early = False
+        self.model.train()
+        while st.step < self.total_steps and not (preempted or stopped_early):
+            self.train_loader.set_epoch(st.epoch)
+            loader = acc.skip_first_batches(self.train_loader, st.batches_in_epoch) if st.batches_in_epoch else self.train_loader
+            for batch in loader:
+                with acc.accumulate(self.model):
+                    out = self.model(**batch)
+                    loss = out.loss
+                    nonfinite, stop = self._flags(not torch.isfinite(loss.detach()).item())
+                    if nonfinite:
+                        raise TrainerError(
+                            ExitCode.LOSS_NOT_FINITE,
+                            f"loss became {loss.item()} at step {st.step + 1}; lower spec.training.learningRate or check the data. "
+                            "The last good checkpoint is kept.",
+                        )
+                    acc.backward(loss)
+                    if acc.sync_gradients and spec.training.max_grad_norm > 0 and acc.distributed_type.value != "DEEPSPEED":
+                        acc.clip_grad_norm_(self.model.parameters(), spec.training.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+                st.batches_in_epoch += 1
+                window_loss += loss.item()
+                window_n += 1
+                window_tokens += int((batch["labels"] != data_mod.IGNORE).sum()) if "labels" in batch else 0
+                if not acc.sync_gradients:
+                    continue
+                self.scheduler.step()
+                st.step += 1
+                if st.step % spec.training.logging_steps == 0 or st.step == self.total_steps:
+                    stats = acc.reduce(torch.tensor([window_loss / max(window_n, 1), float(window_tokens)], device=acc.device), "sum")
+                    elapsed = time.time() - window_start
+                    mean_loss = float(stats[0]) / self.world_size
+                    tps = float(stats[1]) / max(elapsed, 1e-9)
+                    st.tokens_seen += int(stats[1])
+                    st.train_seconds += elapsed
+                    self._report(mean_loss, tps)
+                    window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.time()
+                if self.eval_loader is not None and spec.training.eval_steps and st.step % spec.training.eval_steps == 0:
+                    stopped_early = self._evaluate_and_check()
+                preempted = stop
+                if preempted or st.step % spec.output.checkpoint_steps == 0:
+                    self.save_checkpoint()
+                if preempted or stopped_early or st.step >= self.total_steps:
+                    break
+            else:
+                st.epoch += 1
+                st.batches_in_epoch = 0
+                if self.eval_loader is not None and not spec.training.eval_steps:
+                    stopped_early = self._evaluate_and_check()
+        if preempted:
+            log(f"SIGTERM: checkpoint written at step {st.step}; exiting for a restart")
+            return ExitCode.PREEMPTED
+        if self.eval_loader is not None and (not st.evals or st.evals[-1]["step"] != st.step):
+            self._evaluate_and_check()
+        return ExitCode.OK
+
+    def _report(self, loss: float, tps: float) -> None:
+        st = self.state
+        lr = self.scheduler.get_last_lr()[0]
+        st.loss_curve.append({"step": st.step, "loss": loss, "learningRate": lr, "tokensPerSecond": tps})
+        per_step = st.train_seconds / max(st.step, 1)
+        eta = per_step * (self.total_steps - st.step)
+        epoch = st.epoch + st.batches_in_epoch / max(len(self.train_loader), 1)
+        self.progress.update(step=st.step, loss=loss, learningRate=lr, tokensPerSecond=tps, etaSeconds=eta, epoch=round(epoch, 4))
+        if self.accelerator.is_main_process:
+            log(f"step {st.step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} tokens/s {tps:.0f} eta {eta:.0f}s")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        acc = self.accelerator
+        self.progress.update(phase="Evaluating")
+        self.model.eval()
+        total = torch.zeros(2, device=acc.device)
+        for batch in self.eval_loader:
+            out = self.model(**batch)
+            n = (batch["labels"][:, 1:] != data_mod.IGNORE).sum()
+            total += torch.stack([out.loss.detach().float() * n, n.float()])
+        total = acc.reduce(total, "sum")
+        self.model.train()
+        self.progress.update(phase="Training")
+        return float(total[0] / total[1].clamp(min=1))
+
+    def _evaluate_and_check(self) -> bool:
+        """Evaluate; True when early stopping says stop."""
+        st, es = self.state, self.spec.training.early_stopping
+        loss = self.evaluate()
+        st.evals.append({"step": st.step, "evalLoss": loss})
+        self.progress.update(evalLoss=loss)
+        if self.accelerator.is_main_process:
+            log(f"step {st.step} eval loss {loss:.4f}")
+        if st.best_eval is None or loss < st.best_eval - (es.min_delta if es else 0.0):
+            st.best_eval, st.evals_without_improvement = loss, 0
+        else:
+            st.evals_without_improvement += 1
+        if es and st.evals_without_improvement >= es.patience:
+            if self.accelerator.is_main_process:
+                log(f"early stopping: eval loss has not improved for {es.patience} evaluations")
+            return True
+        return False
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> None:
+        acc, step = self.accelerator, self.state.step
+        self.progress.update(phase="Saving")
+        local = self._local_checkpoint_dir(step)
+        if acc.is_local_main_process:
+            shutil.rmtree(local, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(local / "accelerate"))
+        if acc.is_main_process:
+            (local / "trainer_state.json").write_text(json.dumps(vars(self.state)))
+        acc.wait_for_everyone()
+        # Each node uploads what its ranks wrote; rank 0 seals once every node is done.
+        files = ckpt.file_table(local) if acc.is_local_main_process else {}
+        if acc.is_local_main_process:
+            ckpt.upload_files(self.store, local, ckpt.checkpoint_rel(step), files)
+        gathered: list[Any] = [None] * self.world_size
+        if self.world_size > 1:
+            torch.distributed.all_gather_object(gathered, files)
+        else:
+            gathered = [files]
+        if acc.is_main_process:
+            merged = {k: v for part in gathered for k, v in (part or {}).items()}
+            ckpt.seal(self.store, ckpt.checkpoint_rel(step), merged, {"step": step})
+            ckpt.prune_checkpoints(self.store, self.spec.output.keep_checkpoints)
+            log(f"checkpoint step {step} -> {self.store.url(ckpt.checkpoint_rel(step))}")
+        acc.wait_for_everyone()
+        self.progress.update(phase="Training")
+
+    # ------------------------------------------------------------------ save
+
+    def save(self) -> None:
+        """Final artifacts: adapter/, model/, metrics.json, trainer-config.yaml, manifest.json, COMPLETE last."""
+        acc, spec = self.accelerator, self.spec
+        self.progress.update(phase="Saving")
+        state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 shards; every rank must call it
+        if acc.is_main_process:
+            out = Path(tempfile.mkdtemp(prefix="kubetune-artifacts-", dir=cache_root()))
+            unwrapped = acc.unwrap_model(self.model)
+            if spec.method == "lora":
+                unwrapped.save_pretrained(out / ADAPTER_DIR, state_dict=state_dict)
+                self.tokenizer.save_pretrained(out / ADAPTER_DIR)
+                if spec.output.merge_adapter:
+                    from peft import PeftModel
+
+                    base = model_mod.load_model(self.model_path, model_mod.resolve_dtype(spec.model.dtype, torch.cuda.is_available()), spec.model.trust_remote_code)
+                    merged = PeftModel.from_pretrained(base, str(out / ADAPTER_DIR)).merge_and_unload()
+                    merged.save_pretrained(out / MERGED_DIR, safe_serialization=True)
+                    self.tokenizer.save_pretrained(out / MERGED_DIR)
+            else:
+                unwrapped.save_pretrained(out / MERGED_DIR, state_dict=state_dict, safe_serialization=True)
+                self.tokenizer.save_pretrained(out / MERGED_DIR)
+            self._final_metrics(out)
+            (out / CONFIG_FILE).write_text(self.config.dump_yaml())
+            files = ckpt.file_table(out)
+            ckpt.upload_files(self.store, out, "", files)
+            ckpt.seal(self.store, "", files, {"job": self.config.job.name, "step": self.state.step})
+            shutil.rmtree(out, ignore_errors=True)
+            log(f"artifacts -> {self.store.uri} ({len(files)} files)")
+        acc.wait_for_everyone()
+        self.progress.update(phase="Succeeded")
+
+    def _final_metrics(self, out: Path) -> None:
+        st = self.state
+        if self.spec.training.eval_generation_samples and self.gen_examples:
+            if (out / MERGED_DIR).exists():
+                tuned = self._plain_model(out / MERGED_DIR)
+            else:
+                from peft import PeftModel
+
+                tuned = PeftModel.from_pretrained(self._plain_model(self.model_path), str(out / ADAPTER_DIR)).eval()
+            self.metrics["exactMatchAfter"] = self._exact_match(tuned)
+            log(f"exact match after training: {self.metrics['exactMatchAfter']:.3f} (before {self.metrics.get('exactMatchBefore', 0):.3f})")
+        metrics = {
+            "job": self.config.job.name,
+            "steps": st.step,
+            "totalSteps": self.total_steps,
+            "worldSize": self.world_size,
+            "lossCurve": st.loss_curve,
+            "evals": st.evals,
+            "evalLossBefore": self.metrics.get("evalLossBefore"),
+            "evalLossAfter": st.evals[-1]["evalLoss"] if st.evals else None,
+            "tokensSeen": st.tokens_seen,
+            "tokensPerSecond": st.tokens_seen / st.train_seconds if st.train_seconds else None,
+            "trainSeconds": st.train_seconds,
+            "wallSeconds": time.time() - self.started,
+            **{k: v for k, v in self.metrics.items() if k != "evalLossBefore"},
+        }
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        self.final_metrics = metrics
+
+    @torch.no_grad()
+    def _exact_match(self, model: Any) -> float:
+        """Greedy answers to held-out prompts compared token for token with the reference response."""
+        samples = self.gen_examples[: self.spec.training.eval_generation_samples]
+        hits = 0
+        for prompt, reference in samples:
+            out = model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=len(reference),
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            hits += out[0, len(prompt) :].tolist() == reference
+        return hits / max(len(samples), 1)
+
+    # ------------------------------------------------------------------ cleanup
+
+    def cleanup(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
