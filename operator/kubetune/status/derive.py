@@ -131,7 +131,9 @@ def pod_failure(pod: dict[str, Any]) -> Failure | None:
 
 def decisive_failure(pods: list[dict[str, Any]]) -> Failure | None:
     """The failure that decides: a user error if any rank had one, else the first rank to fail."""
-    failures = [f for f in (pod_failure(p) for p in pods) if f is not None]
+    # Pods being deleted (suspend, restart) are not failures; a real eviction shows in the Job's Failed condition.
+    live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+    failures = [f for f in (pod_failure(p) for p in live) if f is not None]
     if not failures:
         return None
     user = [f for f in failures if not f.retryable]
@@ -236,6 +238,8 @@ def derive(
         phase, reason = "Succeeded", "TrainingSucceeded"
         message = c.reason_message(reason, uri=spec.output.uri)
         status["artifacts"] = artifacts(spec).model_dump(by_alias=True, exclude_none=True)
+    elif (job.get("spec") or {}).get("suspend"):
+        phase, reason, message = "Suspended", "JobSuspended", c.reason_message("JobSuspended")
     elif (failure := decisive_failure(observed.pods)) is not None or _job_condition(job, "Failed"):
         if failure is None:
             cond = _job_condition(job, "Failed") or {}
@@ -256,8 +260,6 @@ def derive(
             phase, reason = "Failed", "BackoffLimitExceeded"
             message = c.reason_message(reason, restarts=restarts, cause=failure.describe())
             action = "stop"
-    elif (job.get("spec") or {}).get("suspend"):
-        phase, reason, message = "Suspended", "JobSuspended", c.reason_message("JobSuspended")
     else:
         phase, reason, message = _pod_phase(spec, observed.pods, observed.progress)
 

@@ -1,0 +1,127 @@
+"""The operator's only I/O with the Kubernetes API (and rank 0's progress endpoint).
+
+Thin wrappers over the official client that speak plain dicts, treat 404 as
+"absent" and 409 on create as "already there" (so a restarted operator never
+duplicates a workload).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from kubetune.api.models import GROUP, PLURAL, VERSION
+from kubetune.render.objects import LABEL_JOB, LABEL_RESTART
+
+
+def load_config() -> None:
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+def _data(resp: Any) -> dict[str, Any]:
+    return json.loads(resp.data)  # type: ignore[no-any-return]
+
+
+def _temporary(exc: ApiException, what: str) -> kopf.TemporaryError:
+    return kopf.TemporaryError(f"{what}: {exc.status} {exc.reason}", delay=10)
+
+
+def create_if_absent(obj: dict[str, Any]) -> bool:
+    """Create `obj`; False when it already existed. Refused objects are permanent errors."""
+    ns = obj["metadata"]["namespace"]
+    kind = obj["kind"]
+    try:
+        if kind == "ConfigMap":
+            client.CoreV1Api().create_namespaced_config_map(ns, obj)
+        elif kind == "Service":
+            client.CoreV1Api().create_namespaced_service(ns, obj)
+        elif kind == "Job":
+            client.BatchV1Api().create_namespaced_job(ns, obj)
+        else:
+            raise ValueError(kind)
+    except ApiException as exc:
+        if exc.status == 409:
+            return False
+        if exc.status in (400, 422):
+            raise kopf.PermanentError(f"{kind} {obj['metadata']['name']} refused by the API server: {exc.body}") from exc
+        raise _temporary(exc, f"create {kind} {obj['metadata']['name']}") from exc
+    return True
+
+
+def get_job(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        return _data(client.BatchV1Api().read_namespaced_job(name, namespace, _preload_content=False))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise _temporary(exc, f"read Job {name}") from exc
+
+
+def list_jobs(namespace: str, ftj: str) -> list[dict[str, Any]]:
+    try:
+        resp = client.BatchV1Api().list_namespaced_job(namespace, label_selector=f"{LABEL_JOB}={ftj}", _preload_content=False)
+    except ApiException as exc:
+        raise _temporary(exc, "list Jobs") from exc
+    return list(_data(resp).get("items") or [])
+
+
+def list_pods(namespace: str, ftj: str) -> list[dict[str, Any]]:
+    try:
+        resp = client.CoreV1Api().list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={ftj}", _preload_content=False)
+    except ApiException as exc:
+        raise _temporary(exc, "list Pods") from exc
+    return list(_data(resp).get("items") or [])
+
+
+def generation_of(obj: dict[str, Any]) -> str:
+    return ((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_RESTART, "")
+
+
+def delete_job(namespace: str, name: str, propagation: str = "Foreground") -> None:
+    """Delete a workload Job and (Foreground) its pods before the Job itself goes."""
+    try:
+        client.BatchV1Api().delete_namespaced_job(
+            name, namespace, body=client.V1DeleteOptions(propagation_policy=propagation)
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise _temporary(exc, f"delete Job {name}") from exc
+
+
+def set_job_suspend(namespace: str, name: str, suspend: bool) -> bool:
+    """Patch the workload Job's spec.suspend; False when there is no such Job yet."""
+    try:
+        client.BatchV1Api().patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise _temporary(exc, f"patch Job {name}") from exc
+    return True
+
+
+def patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
+    try:
+        client.CustomObjectsApi().patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": status}
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return  # deleted meanwhile
+        raise _temporary(exc, f"patch status of {name}") from exc
+
+
+def delete_finetunejob(namespace: str, name: str) -> None:
+    try:
+        client.CustomObjectsApi().delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, body=client.V1DeleteOptions(propagation_policy="Background")
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise _temporary(exc, f"delete FineTuneJob {name}") from exc

@@ -1,0 +1,46 @@
+"""The Kopf handlers: the only module with @kopf decorators. Each is a thin call into kubetune.handlers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from kubetune.api.models import GROUP, PLURAL, VERSION
+from kubetune.handlers import kube, reconcile
+from kubetune.handlers.settings import Settings
+
+SETTINGS = Settings.from_env()  # read at import: the timer's interval is fixed at decoration time
+RESOURCE = (GROUP, VERSION, PLURAL)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
+    kube.load_config()
+    # Progress and diff-base annotations under our own prefix; nothing written to spec.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kubetune.io", key="last-handled-configuration"
+    )
+    settings.posting.level = logging.INFO
+    settings.execution.max_workers = 8
+    settings.watching.server_timeout = 300
+    settings.peering.standalone = not SETTINGS.peering
+    logger.info("kubetune operator: image=%s poll=%ss", SETTINGS.trainer_image, SETTINGS.poll_interval)
+
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+def create(body: kopf.Body, status: kopf.Status, logger: kopf.Logger, **_: Any) -> None:
+    reconcile.on_create(body, dict(status), SETTINGS, logger)
+
+
+@kopf.timer(*RESOURCE, interval=SETTINGS.poll_interval, initial_delay=1.0, sharp=False)
+def poll(body: kopf.Body, status: kopf.Status, logger: kopf.Logger, **_: Any) -> None:
+    reconcile.on_timer(body, dict(status), SETTINGS, logger)
+
+
+@kopf.on.field(*RESOURCE, field="spec.runPolicy.suspend")
+def suspend(body: kopf.Body, new: Any, status: kopf.Status, logger: kopf.Logger, **_: Any) -> None:
+    reconcile.on_suspend_change(body, new, dict(status), logger)
