@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,6 +25,9 @@ from kubetune_trainer import model as model_mod
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.progress import ProgressState, serve
 from kubetune_trainer.storage import OutputStore, cache_root
+
+
+ENV_DEBUG_DIR = "KUBETUNE_DEBUG_DIR"  # tests: each rank writes its world size and a weights digest here
 
 
 def log(msg: str) -> None:
@@ -245,7 +249,30 @@ class Trainer:
             return ExitCode.PREEMPTED
         if self.eval_loader is not None and (not st.evals or st.evals[-1]["step"] != st.step):
             self._evaluate_and_check()
+        if os.environ.get(ENV_DEBUG_DIR):
+            self._dump_rank_state(Path(os.environ[ENV_DEBUG_DIR]))
         return ExitCode.OK
+
+    def _dump_rank_state(self, directory: Path) -> None:
+        """Tests: each rank records the world size torch.distributed saw and a digest of its trained weights."""
+        import hashlib
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        gather: Any = contextlib.nullcontext()
+        if self.accelerator.distributed_type.value == "DEEPSPEED" and self.config.deepspeed and self.spec.distributed.zero_stage == 3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(params)
+        with gather:
+            digest = hashlib.sha256(b"".join(p.detach().float().cpu().numpy().tobytes() for p in params)).hexdigest()
+            norm = float(sum(p.detach().float().norm() ** 2 for p in params) ** 0.5)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"rank-{rank}.json").write_text(
+            json.dumps({"rank": rank, "worldSize": self.world_size, "distributedType": str(self.accelerator.distributed_type),
+                        "acceleratorProcesses": self.accelerator.num_processes, "digest": digest, "norm": norm,
+                        "lossCurve": self.state.loss_curve})
+        )
 
     def _report(self, loss: float, tps: float) -> None:
         st = self.state
