@@ -1,0 +1,58 @@
+{{- define "kubetune.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kubetune.labels" -}}
+app.kubernetes.io/name: kubetune
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "kubetune.selectorLabels" -}}
+app.kubernetes.io/name: kubetune
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "kubetune.serviceAccountName" -}}
+{{- default (include "kubetune.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{/* Rules in each watched namespace: exactly the calls the operator makes (kubetune/handlers/kube.py + Kopf). */}}
+{{- define "kubetune.namespacedRules" -}}
+# FineTuneJobs: Kopf lists/watches them and patches its annotations; TTL clean-up deletes them.
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs]
+  verbs: [list, watch, patch, delete]
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs/status]
+  verbs: [patch]
+# The workload: created, read, suspended/resumed, deleted on gang restart.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [create, get, list, patch, delete]
+# ConfigMap and headless Service: created once, deleted by owner references.
+- apiGroups: [""]
+  resources: [configmaps, services]
+  verbs: [create]
+# Pods: read for status, exit codes and rank 0's IP.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
+# Events on FineTuneJobs (Kopf posts core/v1 events).
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end -}}
+
+{{/* Cluster-scoped rules Kopf needs in any mode: it discovers resources by watching CRDs. */}}
+{{- define "kubetune.clusterRules" -}}
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+{{- end -}}

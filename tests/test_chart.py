@@ -1,0 +1,134 @@
+"""The Helm chart renders, its values are schema-checked, and its RBAC grants exactly what is used.
+
+Needs a `helm` binary: $HELM, `helm` on PATH, or the one e2e/harness/build.sh builds from
+its Go module into ~/.cache/kubetune-e2e/helm-*/bin/helm. Skipped only when none is found.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "kubetune"
+
+
+def find_helm() -> str | None:
+    candidates = [os.environ.get("HELM"), shutil.which("helm")]
+    candidates += sorted(glob.glob(os.path.expanduser("~/.cache/kubetune-e2e/*/bin/helm")), reverse=True)
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+HELM = find_helm()
+pytestmark = pytest.mark.skipif(HELM is None, reason="no helm binary (run e2e/harness/build.sh to build one)")
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    assert HELM is not None
+    return subprocess.run([HELM, *args], capture_output=True, text=True, check=check, timeout=120)
+
+
+def template(*sets: str) -> list[dict]:
+    args = ["template", "kt", str(CHART), "--namespace", "kubetune-system", "--include-crds"]
+    for s in sets:
+        args += ["--set", s]
+    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def grants(rules: list[dict]) -> set[tuple[str, str, str]]:
+    return {
+        (g, r, v)
+        for rule in rules
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+
+
+NAMESPACED = (
+    {("kubetune.io", "finetunejobs", v) for v in ("list", "watch", "patch", "delete")}
+    | {("kubetune.io", "finetunejobs/status", "patch")}
+    | {("batch", "jobs", v) for v in ("create", "get", "list", "patch", "delete")}
+    | {
+        ("", "configmaps", "create"),
+        ("", "services", "create"),
+        ("", "pods", "list"),
+        ("", "events", "create"),
+    }
+)
+KOPF_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
+KOPF_ALL_NAMESPACES = {("", "namespaces", "list"), ("", "namespaces", "watch")}
+
+
+def test_helm_lint_passes():
+    result = helm("lint", str(CHART), "--strict", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_default_install_renders_crd_deployment_and_cluster_rbac():
+    docs = template()
+    assert [d["metadata"]["name"] for d in by_kind(docs, "CustomResourceDefinition")] == [
+        "finetunejobs.kubetune.io"
+    ]
+    [deploy] = by_kind(docs, "Deployment")
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    assert "--all-namespaces" in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert by_kind(docs, "Role") == []
+
+
+def test_operator_pod_is_non_root_with_liveness_probe():
+    [deploy] = by_kind(template(), "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    container = pod["containers"][0]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_cluster_rbac_grants_exactly_what_the_operator_uses():
+    [role] = by_kind(template(), "ClusterRole")
+    assert grants(role["rules"]) == NAMESPACED | KOPF_CLUSTER | KOPF_ALL_NAMESPACES
+
+
+def test_watch_namespaces_gives_namespaced_roles_and_only_crd_access_cluster_wide():
+    docs = template("watchNamespaces={team-a,team-b}")
+    roles = by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert all(grants(r["rules"]) == NAMESPACED for r in roles)
+    [cluster] = by_kind(docs, "ClusterRole")
+    assert grants(cluster["rules"]) == KOPF_CLUSTER
+    assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == ["team-a", "team-b"]
+    args = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+
+
+def test_helm_test_hook_pod_is_rendered():
+    pods = [
+        d for d in by_kind(template(), "Pod") if d["metadata"]["annotations"].get("helm.sh/hook") == "test"
+    ]
+    assert len(pods) == 1
+
+
+def test_values_schema_rejects_unknown_keys():
+    result = helm("template", "kt", str(CHART), "--set", "replicas=2", check=False)
+    assert result.returncode != 0 and "additional properties" in (result.stderr + result.stdout).lower()
+
+
+def test_values_schema_rejects_bad_log_format():
+    result = helm("template", "kt", str(CHART), "--set", "logFormat=xml", check=False)
+    assert result.returncode != 0
+
+
+def test_chart_crd_is_the_generated_one():
+    crd = (CHART / "crds" / "kubetune.io_finetunejobs.yaml").read_text()
+    assert crd == (ROOT / "crds" / "kubetune.io_finetunejobs.yaml").read_text()
