@@ -1,0 +1,30 @@
+-- Argo CD resource health for kubetune.io/FineTuneJob.
+-- Install under argocd-cm: resource.customizations.health.kubetune.io_FineTuneJob (see docs/operator.md).
+hs = {}
+local phase = nil
+local message = nil
+if obj.status ~= nil then
+  phase = obj.status.phase
+  message = obj.status.message
+end
+if phase == nil then
+  hs.status = "Progressing"
+  hs.message = "Waiting for the kubetune operator"
+  return hs
+end
+if phase == "Succeeded" then
+  hs.status = "Healthy"
+elseif phase == "Failed" then
+  hs.status = "Degraded"
+elseif phase == "Suspended" then
+  hs.status = "Suspended"
+else
+  -- Pending, Initializing, Running, Restarting
+  hs.status = "Progressing"
+end
+if message ~= nil and message ~= "" then
+  hs.message = phase .. ": " .. message
+else
+  hs.message = phase
+end
+return hs
