@@ -132,3 +132,9 @@ def test_values_schema_rejects_bad_log_format():
 def test_chart_crd_is_the_generated_one():
     crd = (CHART / "crds" / "kubetune.io_finetunejobs.yaml").read_text()
     assert crd == (ROOT / "crds" / "kubetune.io_finetunejobs.yaml").read_text()
+
+
+def test_kustomize_base_operator_manifest_is_the_rendered_chart():
+    rendered = helm("template", "kubetune", str(CHART), "--namespace", "kubetune-system").stdout
+    committed = (ROOT / "deploy" / "kustomize" / "base" / "operator.yaml").read_text()
+    assert committed == rendered, "helm template kubetune charts/kubetune -n kubetune-system > deploy/kustomize/base/operator.yaml"
