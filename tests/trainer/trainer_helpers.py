@@ -1,0 +1,81 @@
+"""Helpers for the trainer tests: small specs, configs rendered like the operator does, a torchrun launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_MODEL = REPO / "examples" / "data" / "tiny-llama"
+SPELL = REPO / "examples" / "data" / "spell-digits"
+
+
+def small_train_file(directory: Path, n: int = 256) -> Path:
+    lines = SPELL.joinpath("train.jsonl").read_text().splitlines()[:n]
+    out = directory / "train.jsonl"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def job_spec(tmp: Path, **overrides: Any) -> dict[str, Any]:
+    """A small FineTuneJob spec (camelCase) that trains the tiny model in seconds."""
+    spec: dict[str, Any] = {
+        "model": {"source": str(TINY_MODEL)},
+        "dataset": {"train": str(small_train_file(tmp)), "eval": str(SPELL / "eval.jsonl"), "maxSeqLength": 32},
+        "method": "lora",
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "modulesToSave": ["lm_head"]},
+        "training": {"maxSteps": 30, "learningRate": 0.005, "warmupSteps": 2, "perDeviceBatchSize": 8, "loggingSteps": 5, "seed": 1},
+        "distributed": {"nodes": 1, "procsPerNode": 2, "backend": "ddp"},
+        "output": {"uri": str(tmp / "out"), "checkpointSteps": 10, "keepCheckpoints": 2},
+    }
+    for key, value in overrides.items():
+        node = spec
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return spec
+
+
+def write_config(tmp: Path, spec: dict[str, Any], name: str = "t") -> Path:
+    from kubetune.api.models import FineTuneJobSpec
+    from kubetune.render.trainer_config import render_trainer_config
+
+    config = render_trainer_config(FineTuneJobSpec.model_validate(spec), name=name, uid=f"uid-{tmp.name}", progress_port=free_port())
+    path = tmp / "trainer-config.yaml"
+    path.write_text(config.dump_yaml())
+    return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(tmp: Path, config: Path, nproc: int, extra_env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
+    port = free_port()
+    env = {**os.environ, "KUBETUNE_DEBUG_DIR": str(tmp / "ranks"), "KUBETUNE_TERMINATION_LOG": str(tmp / "termination-log"), **(extra_env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "kubetune_trainer", "--config", str(config)]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def run_trainer(tmp: Path, spec: dict[str, Any], nproc: int = 2, timeout: int = 300) -> tuple[int, str]:
+    proc = launch(tmp, write_config(tmp, spec), nproc)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def rank_dumps(tmp: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((tmp / "ranks").glob("rank-*.json"))]
+
+
+def termination(tmp: Path) -> dict[str, Any]:
+    return json.loads((tmp / "termination-log").read_text())
