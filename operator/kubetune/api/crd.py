@@ -184,7 +184,7 @@ def openapi_schema() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion of this object: kubetune.io/v1alpha1."},
             "kind": {"type": "string", "description": "Kind of this object: FineTuneJob."},
-            "metadata": {"type": "object", "description": "Standard object metadata."},
+            "metadata": {"type": "object"},  # the API server allows nothing else here
             "spec": object_schema(FineTuneJobSpec),
             "status": status_schema(),
         },
