@@ -7,7 +7,8 @@ sequences of maxSeqLength with position_ids restarting at 0 for each example and
 attention mask: transformers then builds a block-diagonal causal mask from the
 position_ids (masking_utils.find_packed_sequence_indices), so attention never crosses
 an example boundary with the eager and SDPA kernels used on CPU, and with
-flash-attention on GPU. The first token of every packed example gets no label, so
+flash-attention on GPU. This holds only without a KV cache (the trainer passes
+use_cache=False; with a cache transformers skips the packed-sequence mask). The first token of every packed example gets no label, so
 no example is ever trained to predict from its neighbour.
 """
 

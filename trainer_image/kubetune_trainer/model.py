@@ -94,9 +94,10 @@ def apply_freeze(model: Any, freeze: FreezeSpec) -> None:
 
 def prepare_model(spec: FineTuneJobSpec, path: Path, on_gpu: bool) -> Any:
     model = load_model(path, resolve_dtype(spec.model.dtype, on_gpu), spec.model.trust_remote_code)
+    # No KV cache while training: with one, transformers skips the packed-sequence mask built from position_ids.
+    model.config.use_cache = False
     if spec.training.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-        model.config.use_cache = False
     if spec.freeze is not None and spec.method == "full":
         apply_freeze(model, spec.freeze)
     if spec.method == "lora":

@@ -201,7 +201,7 @@ class Trainer:
             loader = acc.skip_first_batches(self.train_loader, st.batches_in_epoch) if st.batches_in_epoch else self.train_loader
             for batch in loader:
                 with acc.accumulate(self.model):
-                    out = self.model(**batch)
+                    out = self.model(**batch, use_cache=False)
                     loss = out.loss
                     nonfinite, stop = self._flags(not torch.isfinite(loss.detach()).item())
                     if nonfinite:
@@ -292,7 +292,7 @@ class Trainer:
         self.model.eval()
         total = torch.zeros(2, device=acc.device)
         for batch in self.eval_loader:
-            out = self.model(**batch)
+            out = self.model(**batch, use_cache=False)
             n = (batch["labels"][:, 1:] != data_mod.IGNORE).sum()
             total += torch.stack([out.loss.detach().float() * n, n.float()])
         total = acc.reduce(total, "sum")
