@@ -12,7 +12,7 @@ talking to the real API server under the identities real components use:
   no scheduling gates, a matching nodeSelector, tolerated taints and requests that
   fit the node's allocatable resources (no affinity, no preemption);
 * as a DNS add-on (its own ClusterRole, like CoreDNS): publishes headless Services'
-  EndpointSlices (``<hostname>.<service>[.<ns>[.svc[.cluster.local]]]`` and
+  endpoints (``<hostname>.<service>[.<ns>[.svc[.cluster.local]]]`` and
   ``<service>.<ns>.svc[.cluster.local]``) into a marked block of /etc/hosts.
 
 How a pod runs: its image is ignored; every container's command+args runs as a local
@@ -36,9 +36,10 @@ Why /etc/hosts for DNS: the operator points torchrun at ``<job>-0.<service>``; t
 faithful way to make that name resolve for unmodified programs (glibc getaddrinfo,
 torch's TCPStore, Python's socket) without a DNS server and resolv.conf changes is
 the hosts file, which glibc re-reads on every lookup. Rewriting names inside args
-would hide bugs (e.g. a wrong service name would "work"). Entries come from the
-real EndpointSlices the controller manager writes, so a missing/mis-selecting headless
-Service fails like in a cluster. It needs write access to /etc/hosts (root: CI and the
+would hide bugs (e.g. a wrong service name would "work"). Entries are derived from the
+headless Services and the pods they select, exactly as the EndpointSlice controller
+selects them (the API server refuses loopback IPs in EndpointSlices, so the real
+slices stay empty), so a missing/mis-selecting headless Service fails like in a cluster. It needs write access to /etc/hosts (root: CI and the
 dev container run as root); the block is removed on stop and stale blocks from crashed
 runs are cleaned on start. Search domains do not apply to /etc/hosts, so the short
 forms are written out; they are not namespaced (use distinct names across namespaces).
@@ -628,27 +629,37 @@ class NodeAgent:
 
     # -- DNS -----------------------------------------------------------------------------
     def _sync_dns(self) -> None:
-        services = {(s["metadata"]["namespace"], s["metadata"]["name"]): s
-                    for s in self.dns.get("/api/v1/services")["items"]}
-        slices = self.dns.get("/apis/discovery.k8s.io/v1/endpointslices")["items"]
+        # The EndpointSlice controller runs, but the API server refuses loopback addresses in
+        # EndpointSlices ("may not be in the loopback range"), so the records are derived the
+        # way that controller would: headless Service -> pods its selector matches in its
+        # namespace (ready ones, or all with publishNotReadyAddresses) -> hostname records
+        # for pods whose spec.subdomain names the Service.
+        services = self.dns.get("/api/v1/services")["items"]
+        pods = self.dns.get("/api/v1/pods")["items"]
         entries: list[tuple[str, list[str]]] = []
-        for sl in slices:
-            ns = sl["metadata"]["namespace"]
-            svc_name = sl["metadata"].get("labels", {}).get("kubernetes.io/service-name", "")
-            svc = services.get((ns, svc_name))
-            if svc is None or svc["spec"].get("clusterIP") != "None":
+        for svc in services:
+            ns, name = svc["metadata"]["namespace"], svc["metadata"]["name"]
+            selector = svc["spec"].get("selector") or {}
+            if svc["spec"].get("clusterIP") != "None" or not selector:
                 continue  # ClusterIP services are not routable here: only headless ones resolve
             publish_not_ready = svc["spec"].get("publishNotReadyAddresses", False)
-            for ep in sl.get("endpoints") or []:
-                if not (ep.get("conditions", {}).get("ready") or publish_not_ready):
+            for pod in pods:
+                md, st = pod["metadata"], pod.get("status", {})
+                labels = md.get("labels") or {}
+                if (md["namespace"] != ns or any(labels.get(k) != v for k, v in selector.items())
+                        or not st.get("podIP") or md.get("deletionTimestamp")
+                        or st.get("phase") in ("Succeeded", "Failed")):
                     continue
-                for ip in ep.get("addresses", []):
-                    base = f"{svc_name}.{ns}"
-                    names = [f"{base}.svc.cluster.local", f"{base}.svc"]
-                    if ep.get("hostname"):
-                        h = f"{ep['hostname']}.{svc_name}"
-                        names = [f"{h}.{ns}.svc.cluster.local", f"{h}.{ns}.svc", f"{h}.{ns}", h, *names]
-                    entries.append((ip, names))
+                ready = any(c["type"] == "Ready" and c["status"] == "True" for c in st.get("conditions") or [])
+                if not (ready or publish_not_ready):
+                    continue
+                base = f"{name}.{ns}"
+                names = [f"{base}.svc.cluster.local", f"{base}.svc"]
+                host = pod["spec"].get("hostname")
+                if host and pod["spec"].get("subdomain") == name:
+                    h = f"{host}.{name}"
+                    names = [f"{h}.{ns}.svc.cluster.local", f"{h}.{ns}.svc", f"{h}.{ns}", h, *names]
+                entries.append((st["podIP"], names))
         self._write_hosts(sorted(entries))
 
     def _write_hosts(self, entries: list[tuple[str, list[str]]], final: bool = False) -> None:
@@ -860,7 +871,8 @@ def for_cluster(cluster: Any, workdir: Path, name: str | None = None, **kw: Any)
     cluster.admin.request("PUT", "/apis/rbac.authorization.k8s.io/v1/clusterroles/kubetune-e2e-dns", {
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
         "metadata": {"name": "kubetune-e2e-dns"},
-        "rules": [{"apiGroups": [""], "resources": ["services", "endpoints"], "verbs": ["list", "watch"]},
+        "rules": [{"apiGroups": [""], "resources": ["services", "endpoints", "pods"],
+                   "verbs": ["list", "watch"]},
                   {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
                    "verbs": ["list", "watch"]}]})
     cluster.admin.request("PUT", "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/kubetune-e2e-dns", {
