@@ -205,6 +205,74 @@ spec:
     assert "got SIGTERM" in node_agent.logs(namespace, "sleeper")
 
 
+def test_node_is_registered_ready_with_gpus(cluster: Cluster, node_agent: NodeAgent) -> None:
+    node = cluster.admin.get(f"/api/v1/nodes/{node_agent.name}")
+    assert node["status"]["capacity"]["nvidia.com/gpu"] == "8"
+    ready = next(c for c in node["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+    lease = cluster.admin.get(f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{node_agent.name}")
+    assert lease["spec"]["holderIdentity"] == node_agent.name
+    # NodeRestriction: the node identity may not touch other nodes
+    r = cluster.kubectl("auth", "can-i", "delete", "nodes/other", "--as", f"system:node:{node_agent.name}",
+                        "--as-group", "system:nodes", check=False)
+    assert r.stdout.strip() == "no"
+
+
+def test_on_failure_restarts_container_and_keeps_emptydir(
+    cluster: Cluster, node_agent: NodeAgent, namespace: str
+) -> None:
+    cluster.apply(f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: flaky, namespace: {namespace}}}
+spec:
+  restartPolicy: OnFailure
+  containers:
+  - name: main
+    image: ignored
+    command: [{PY}, -c]
+    args:
+    - |
+      import os
+      p = "/data/attempts"
+      n = int(open(p).read()) if os.path.exists(p) else 0
+      open(p, "w").write(str(n + 1))
+      print("attempt", n)
+      raise SystemExit(0 if n else 1)
+    volumeMounts: [{{name: data, mountPath: /data}}]
+  volumes: [{{name: data, emptyDir: {{}}}}]
+""")
+    pod = cluster.admin.wait_for(f"/api/v1/namespaces/{namespace}/pods/flaky",
+                                 pod_phase_in("Succeeded", "Failed"), timeout=60)
+    assert pod["status"]["phase"] == "Succeeded"
+    cs = pod["status"]["containerStatuses"][0]
+    assert cs["restartCount"] == 1
+    assert cs["lastState"]["terminated"]["exitCode"] == 1
+    assert node_agent.logs(namespace, "flaky", restart=0).strip() == "attempt 0"
+    assert node_agent.logs(namespace, "flaky").strip() == "attempt 1"
+
+
+def test_scheduling_gates_hold_pods_pending(cluster: Cluster, node_agent: NodeAgent, namespace: str) -> None:
+    cluster.apply(f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: gated, namespace: {namespace}}}
+spec:
+  restartPolicy: Never
+  schedulingGates: [{{name: kueue.x-k8s.io/admission}}]
+  containers:
+  - {{name: main, image: ignored, command: [{PY}, -c, "print('admitted')"]}}
+""")
+    time.sleep(3)
+    pod = cluster.admin.get(f"/api/v1/namespaces/{namespace}/pods/gated")
+    assert not pod["spec"].get("nodeName") and pod["status"]["phase"] == "Pending"
+    cluster.kubectl("patch", "pod", "gated", "-n", namespace, "--type=json",
+                    "-p", '[{"op": "remove", "path": "/spec/schedulingGates"}]')
+    pod = cluster.admin.wait_for(f"/api/v1/namespaces/{namespace}/pods/gated",
+                                 pod_phase_in("Succeeded", "Failed"), timeout=60)
+    assert pod["status"]["phase"] == "Succeeded"
+
+
 def test_garbage_collector_cascades_to_owned_objects(cluster: Cluster, namespace: str) -> None:
     owner = cluster.admin.post(f"/api/v1/namespaces/{namespace}/configmaps",
                                {"metadata": {"name": "owner"}})

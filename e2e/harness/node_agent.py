@@ -207,8 +207,14 @@ class PodRunner(threading.Thread):
     def run(self) -> None:
         try:
             self._run()
-        except Exception:
+        except Exception as e:
             log.exception("pod %s/%s: runner crashed", self.ns, self.name)
+            self.agent.errors.append(f"pod {self.ns}/{self.name}: {e!r}")
+            try:  # show it on the pod, as the kubelet shows CreateContainerError
+                self._set_waiting(self._all_containers(), "CreateContainerError", repr(e))
+                self._patch_status("Pending", False, False, message=repr(e))
+            except Exception:
+                log.exception("pod %s/%s: could not report the crash", self.ns, self.name)
         finally:
             self._kill_all(0)
             self.finished = True
@@ -361,10 +367,9 @@ class PodRunner(threading.Thread):
                                      start_new_session=True)
         started = now()
         self.running[name] = Running(name, popen, started, logf, term_path)
-        st.status = {"state": {"running": {"startedAt": started}},
+        last = st.status.get("state", {}) if "terminated" in st.status.get("state", {}) else {}
+        st.status = {"state": {"running": {"startedAt": started}}, "lastState": last,
                      "containerID": f"kubetune-e2e://{self.uid}/{name}/{popen.pid}"}
-        if st.restarts and "lastState" in st.status:
-            pass
 
     def _record_exit(self, name: str, code: int | None) -> None:
         r = self.running.pop(name, None)
@@ -383,7 +388,7 @@ class PodRunner(threading.Thread):
         if message:
             term["message"] = message
         st = self.states[name]
-        st.status = {"state": {"terminated": term}, "lastState": {},
+        st.status = {"state": {"terminated": term}, "lastState": st.status.get("lastState", {}),
                      "containerID": term["containerID"]}
         log.info("pod %s/%s container %s exited %s", self.ns, self.name, name, code)
 
@@ -476,6 +481,17 @@ class NodeAgent:
                 f = cd / f"{restart}.log" if restart is not None else files[-1]
                 out.append(f.read_text(errors="replace"))
         return "".join(out)
+
+    def kill_container(self, ns: str, pod: str, container: str | None = None,
+                       sig: int = signal.SIGKILL) -> None:
+        """Fault injection: signal a running container's process group (SIGKILL ~ OOM kill)."""
+        for r in self.runners.values():
+            if (r.ns, r.name) == (ns, pod):
+                for name, run in list(r.running.items()):
+                    if container in (None, name):
+                        _signal_group(run.popen, sig)
+                return
+        raise KeyError(f"no running pod {ns}/{pod} on {self.name}")
 
     def allocate_ip(self) -> str:
         with self._ip_lock:
@@ -609,6 +625,8 @@ class NodeAgent:
                     continue
                 r = self.runners[uid] = PodRunner(self, pod)
                 r.start()
+            elif md.get("deletionTimestamp") and r.finished and not r.is_alive():
+                self._force_delete(pod)  # the runner is gone (crashed): nobody else will
             elif md.get("deletionTimestamp") and r.delete_grace is None:
                 r.delete_grace = float(md.get("deletionGracePeriodSeconds")
                                        or pod["spec"].get("terminationGracePeriodSeconds") or 0)
