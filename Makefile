@@ -31,8 +31,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+## Regenerate the CRD (and the chart's copy) from the API models
 crd: install
-	$(VENV)/bin/kubetune crd > crds/kubetune.io_finetunejobs.yaml
+	$(VENV)/bin/kubetune crd -o crds/kubetune.io_finetunejobs.yaml
+	cp crds/kubetune.io_finetunejobs.yaml charts/kubetune/crds/
 
 e2e-build:
 	bash e2e/harness/build.sh
