@@ -1,0 +1,286 @@
+"""Suite-only fixtures: the operator installed the way the chart installs it.
+
+* `installed` (session): the CRD from crds/ (server-side apply), the chart rendered with
+  `helm template` (ServiceAccount, Roles, bindings applied; the Deployment only server-side
+  dry-run, its image cannot run here), watching the suite's fixed namespaces.
+* `operator` (session): `kubetune operator` as a local process under the chart
+  ServiceAccount's token (TokenRequest kubeconfig), so every call it makes is checked by
+  the chart's RBAC. `.restart()`, `.kill()`, `.rss_kib()`, `.healthy()`, `.log`.
+* `s3_data` (session): the quickstart's tiny model and data uploaded to the S3 bucket.
+* `suite_ns(name)`: one of the watched namespaces, emptied of FineTuneJobs and pods after the
+  test (torchrun rank-0s share the host network: one job at a time must hold port 29500).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD = ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
+CHART = ROOT / "charts" / "kubetune"
+DATA = ROOT / "examples" / "data"
+VENV_BIN = Path(sys.executable).parent
+RELEASE_NS = "kubetune-system"
+RELEASE = "kubetune"
+SA = "kubetune"  # the chart's fullname for release "kubetune"
+# The operator watches exactly these (chart value watchNamespaces -> a Role per namespace), so it
+# never touches the random namespaces of e2e/test_operator.py, whose tests run their own operator.
+NAMESPACES = {"happy": "kts-happy", "bad": "kts-bad", "faults": "kts-faults", "many": "kts-many"}
+SECRET = "s3-creds"
+
+
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0, every: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+def helm_binary() -> Path:
+    cache = Path(os.environ.get("KUBETUNE_E2E_CACHE", Path.home() / ".cache" / "kubetune-e2e"))
+    found = sorted(cache.glob("helm-*/bin/helm"))
+    if not found:
+        from harness import binaries  # noqa: PLC0415
+
+        try:
+            binaries.ensure("helm")
+        except binaries.BinariesUnavailable as e:
+            pytest.skip(str(e))
+        found = sorted(cache.glob("helm-*/bin/helm"))
+    return found[-1]
+
+
+def render_chart(*sets: str) -> list[dict[str, Any]]:
+    args = [str(helm_binary()), "template", RELEASE, str(CHART), "--namespace", RELEASE_NS]
+    for s in sets:
+        args += ["--set", s]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+class Kctl:
+    """kubectl + JSON helpers bound to a cluster."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+
+    def __call__(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return self.cluster.kubectl(*args, **kw)
+
+    def get(self, ns: str, kind: str, name: str | None = None, *sel: str) -> Any:
+        args = ["-n", ns, "get", kind] + ([name] if name else []) + list(sel) + ["-o", "json"]
+        r = self.cluster.kubectl(*args, check=False)
+        if r.returncode != 0:
+            return None
+        obj = json.loads(r.stdout)
+        return obj if name else obj["items"]
+
+    def status(self, ns: str, name: str) -> dict[str, Any]:
+        return (self.get(ns, "ftj", name) or {}).get("status") or {}
+
+    def phase(self, ns: str, name: str) -> str | None:
+        return self.status(ns, name).get("phase")
+
+    def apply(self, ns: str, doc: dict[str, Any] | str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        text = doc if isinstance(doc, str) else yaml.safe_dump(doc)
+        return self.cluster.kubectl("-n", ns, "apply", "-f", "-", input=text, check=check)
+
+
+@pytest.fixture(scope="session")
+def kctl(cluster: Any) -> Kctl:
+    return Kctl(cluster)
+
+
+@pytest.fixture(scope="session")
+def installed(cluster: Any, kctl: Kctl) -> dict[str, Any]:
+    """CRD + the chart's ServiceAccount/RBAC applied; returns the rendered docs and the SA kubeconfig."""
+    t0 = time.monotonic()
+    r = kctl("apply", "--server-side", "-f", str(CRD), check=False)
+    assert r.returncode == 0, r.stderr
+    kctl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+    for ns in (RELEASE_NS, *NAMESPACES.values()):
+        cluster.create_namespace(ns)
+    docs = render_chart("watchNamespaces={" + ",".join(NAMESPACES.values()) + "}", "pollInterval=1")
+    runnable = [d for d in docs if d["kind"] != "Deployment"
+                and "helm.sh/hook" not in (d["metadata"].get("annotations") or {})]
+    deployment = [d for d in docs if d["kind"] == "Deployment"]
+    assert deployment, "the chart renders no Deployment"
+    r = kctl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(runnable), check=False)
+    assert r.returncode == 0, r.stderr
+    # The operator image cannot run here: the API server still validates and admits the Deployment.
+    r = kctl("apply", "--server-side", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(deployment), check=False)
+    assert r.returncode == 0, r.stderr
+    cluster.wait_for_serviceaccount(RELEASE_NS, SA)
+    kubeconfig = cluster.kubeconfig_for_serviceaccount(RELEASE_NS, SA, seconds=6 * 3600)
+    print(f"\n[suite] install: {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    return {"docs": docs, "deployment": deployment[0], "kubeconfig": kubeconfig}
+
+
+class Operator:
+    """`kubetune operator` as a local process under the chart ServiceAccount's token."""
+
+    def __init__(self, kubeconfig: Path, log: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.log = log
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        from harness.procs import free_port  # noqa: PLC0415
+
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "AWS_"))}
+        env["KUBECONFIG"] = str(self.kubeconfig)
+        cmd = [str(VENV_BIN / "kubetune"), "operator", "--poll-interval", "1", "--log-format", "json",
+               "--liveness", f"http://127.0.0.1:{self.port}/healthz"]
+        for ns in NAMESPACES.values():
+            cmd += ["-n", ns]
+        self.starts += 1
+        out = self.log.open("a")
+        out.write(f"\n===== start {self.starts} =====\n")
+        out.flush()
+        self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        wait_for("operator liveness", self.healthy, 60)
+
+    def healthy(self) -> bool:
+        import urllib.request  # noqa: PLC0415
+
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def rss_kib(self) -> int:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def tail(self, n: int = 6000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+    def errors(self) -> list[str]:
+        """Tracebacks / unhandled errors in the log (Kopf logs handler crashes at ERROR)."""
+        bad = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if '"levelname": "ERROR"' in line or "Traceback" in line or '"level": "error"' in line.lower():
+                bad.append(line)
+        return bad
+
+
+@pytest.fixture(scope="session")
+def operator(installed: dict[str, Any], e2e_workdir: Path) -> Iterator[Operator]:
+    op = Operator(installed["kubeconfig"], e2e_workdir / "suite-operator.log")
+    op.start()
+    yield op
+    op.stop()
+    print(f"[suite] operator log: {op.log}", file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def s3_data(s3: Any) -> dict[str, str]:
+    """The tiny model and data in the bucket; returns URIs."""
+    client = s3.client()
+    for p in DATA.rglob("*"):
+        if p.is_file() and p.suffix != ".py":
+            client.upload_file(str(p), s3.bucket, f"data/{p.relative_to(DATA)}")
+    base = f"s3://{s3.bucket}/data"
+    return {"model": f"{base}/tiny-llama", "train": f"{base}/spell-digits/train.jsonl",
+            "eval": f"{base}/spell-digits/eval.jsonl"}
+
+
+def ensure_secret(kctl: Kctl, s3: Any, ns: str) -> None:
+    doc = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET, "namespace": ns},
+           "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}}
+    kctl.apply(ns, doc)
+
+
+def empty_namespace(kctl: Kctl, ns: str, timeout: float = 120) -> None:
+    kctl("-n", ns, "delete", "ftj", "--all", "--wait=false", check=False)
+    wait_for(f"no FineTuneJobs in {ns}", lambda: kctl.get(ns, "ftj") == [], timeout)
+    wait_for(f"no pods in {ns}", lambda: kctl.get(ns, "pods") == [], timeout)
+
+
+@pytest.fixture
+def suite_ns(request: pytest.FixtureRequest, kctl: Kctl, operator: Operator, s3: Any) -> Iterator[str]:
+    """The watched namespace for this module (`NS_KEY` in the test module), with the S3 Secret."""
+    ns = NAMESPACES[getattr(request.module, "NS_KEY")]
+    ensure_secret(kctl, s3, ns)
+    empty_namespace(kctl, ns)
+    yield ns
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print("--- operator log tail ---\n" + operator.tail(), file=sys.stderr)
+    empty_namespace(kctl, ns)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Any:
+    rep = yield
+    setattr(item, "rep_" + rep.when, rep)
+    return rep
+
+
+def job_doc(name: str, s3: Any, data: dict[str, str], *, method: str = "lora", steps: int = 40,
+            checkpoint_steps: int = 20, **overrides: Any) -> dict[str, Any]:
+    """A 2 nodes x 1 process CPU job built from examples/cpu-2node-<method>.yaml, shrunk to a few
+    steps and pointed at the harness's S3 server (what a user does with `--set`-style edits)."""
+    doc = yaml.safe_load((ROOT / "examples" / f"cpu-2node-{method}.yaml").read_text())
+    doc["metadata"] = {"name": name}
+    spec = doc["spec"]
+    spec["model"]["source"] = data["model"]
+    spec["dataset"].update(train=data["train"], eval=data["eval"])
+    spec["training"].update(maxSteps=steps, perDeviceBatchSize=4, globalBatchSize=8, warmupSteps=2,
+                            loggingSteps=1, evalSteps=max(steps, 1))
+    spec["training"].pop("evalGenerationSamples", None)
+    spec["output"].update(uri=f"s3://{s3.bucket}/runs/{name}", checkpointSteps=checkpoint_steps)
+    spec["storage"] = {"endpoint": s3.endpoint, "secretRef": {"name": SECRET}}
+    spec["resources"] = {"requests": {"cpu": "100m", "memory": "256Mi"}}
+    for path, value in overrides.items():  # "training.maxSteps": 5 style
+        node = spec
+        keys = path.split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        if value is None:
+            node.pop(keys[-1], None)
+        else:
+            node[keys[-1]] = value
+    return doc

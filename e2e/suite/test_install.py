@@ -1,0 +1,106 @@
+"""Item 1: install from crds/ and the chart; the operator runs under the chart's RBAC, no broader."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import NAMESPACES, RELEASE_NS, SA
+
+pytestmark = pytest.mark.e2e
+WATCHED = NAMESPACES["happy"]
+SUBJECT = f"system:serviceaccount:{RELEASE_NS}:{SA}"
+
+
+def can_i(kctl: Any, kubeconfig: Any, *args: str) -> bool:
+    r = kctl("auth", "can-i", *args, kubeconfig=kubeconfig, check=False)
+    answer = r.stdout.strip()
+    assert answer in ("yes", "no"), (args, r.stdout, r.stderr)
+    return answer == "yes"
+
+
+def test_chart_objects_installed_and_deployment_admitted(installed, kctl):
+    kinds = {d["kind"] for d in installed["docs"]}
+    assert {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment"} <= kinds
+    assert kctl.get(RELEASE_NS, "serviceaccount", SA)
+    for ns in NAMESPACES.values():
+        assert kctl.get(ns, "role", "kubetune"), ns
+        assert kctl.get(ns, "rolebinding", "kubetune"), ns
+    dep = installed["deployment"]
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == SA
+    # The Deployment was admitted by a server-side dry run (the image cannot run here): not created.
+    assert kctl.get(RELEASE_NS, "deployment", dep["metadata"]["name"]) is None
+
+
+def test_operator_runs_under_chart_serviceaccount(installed, operator, kctl):
+    who = kctl("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}",
+               kubeconfig=installed["kubeconfig"], check=False)
+    if who.returncode == 0:
+        assert who.stdout.strip() == SUBJECT
+    assert operator.healthy()
+
+
+# What the operator needs (docs/operator.md "RBAC") in a watched namespace ...
+NEEDED = [
+    ("list", "finetunejobs.kubetune.io"), ("watch", "finetunejobs.kubetune.io"),
+    ("patch", "finetunejobs.kubetune.io"), ("delete", "finetunejobs.kubetune.io"),
+    ("patch", "finetunejobs.kubetune.io", "--subresource=status"),
+    ("create", "jobs.batch"), ("get", "jobs.batch"), ("patch", "jobs.batch"), ("delete", "jobs.batch"),
+    ("create", "configmaps"), ("create", "services"), ("list", "pods"), ("create", "events"),
+]
+# ... and what it must not be able to do there.
+DENIED = [
+    ("delete", "pods"), ("create", "pods"), ("get", "secrets"), ("list", "secrets"), ("create", "deployments.apps"),
+    ("update", "finetunejobs.kubetune.io"), ("create", "finetunejobs.kubetune.io"),
+    ("delete", "configmaps"), ("get", "configmaps"), ("create", "pods/exec"), ("create", "roles.rbac.authorization.k8s.io"),
+    ("create", "leases.coordination.k8s.io"), ("update", "jobs.batch"),
+]
+
+
+@pytest.mark.parametrize("verb_resource", NEEDED, ids=lambda v: " ".join(v))
+def test_rbac_allows_what_operator_needs(installed, kctl, verb_resource):
+    assert can_i(kctl, installed["kubeconfig"], *verb_resource, "-n", WATCHED)
+
+
+@pytest.mark.parametrize("verb_resource", DENIED, ids=lambda v: " ".join(v))
+def test_rbac_denies_in_watched_namespace(installed, kctl, verb_resource):
+    assert not can_i(kctl, installed["kubeconfig"], *verb_resource, "-n", WATCHED)
+
+
+@pytest.mark.parametrize("args", [
+    ("list", "finetunejobs.kubetune.io", "-n", "default"),         # not a watched namespace
+    ("create", "jobs.batch", "-n", "default"),
+    ("list", "secrets", "--all-namespaces"),
+    ("get", "secrets", "-n", "kube-system"),
+    ("list", "pods", "--all-namespaces"),
+    ("list", "namespaces"),                                          # only with watchNamespaces empty
+    ("create", "customresourcedefinitions.apiextensions.k8s.io"),
+    ("patch", "customresourcedefinitions.apiextensions.k8s.io"),
+    ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
+    ("*", "*", "--all-namespaces"),
+], ids=lambda a: " ".join(a))
+def test_rbac_denies_outside_watched_scope(installed, kctl, args):
+    assert not can_i(kctl, installed["kubeconfig"], *args)
+
+
+def test_cluster_rules_are_only_crd_discovery(installed, kctl):
+    assert can_i(kctl, installed["kubeconfig"], "list", "customresourcedefinitions.apiextensions.k8s.io")
+    assert can_i(kctl, installed["kubeconfig"], "watch", "customresourcedefinitions.apiextensions.k8s.io")
+
+
+def test_all_namespaces_mode_renders_clusterrole_without_secrets(installed, kctl, cluster):
+    """The default install (watch all namespaces): same rules in a ClusterRole, still no secrets, pods delete."""
+    from conftest import render_chart
+
+    docs = render_chart()
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    r = kctl("apply", "--server-side", "--dry-run=server", "-f", "-",
+             input=__import__("yaml").safe_dump_all([d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]),
+             check=False)
+    assert r.returncode == 0, r.stderr
+    resources = {(g, res): set(rule["verbs"]) for rule in role["rules"]
+                 for g in rule["apiGroups"] for res in rule["resources"]}
+    assert ("", "secrets") not in resources
+    assert "delete" not in resources.get(("", "pods"), set())
+    assert ("apps", "deployments") not in resources
+    assert resources[("", "namespaces")] == {"list", "watch"}
