@@ -68,6 +68,7 @@ def launch(tmp: Path, config: Path, nproc: int, extra_env: dict[str, str] | None
 
 
 def run_trainer(tmp: Path, spec: dict[str, Any], nproc: int = 2, timeout: int = 300) -> tuple[int, str]:
+    spec["distributed"]["procsPerNode"] = nproc
     proc = launch(tmp, write_config(tmp, spec), nproc)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out

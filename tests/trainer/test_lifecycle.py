@@ -1,0 +1,136 @@
+"""A whole run: artifacts load with stock libraries; SIGTERM then restart resumes; bad input exits with the right code."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_helpers import TINY_MODEL, job_spec, launch, rank_dumps, run_trainer, termination, write_config
+
+from kubetune.api.contract import ExitCode
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("lora-run")
+    code, out = run_trainer(tmp, job_spec(tmp, **{"training.evalGenerationSamples": 20}), nproc=1)
+    assert code == 0, out[-4000:]
+    return tmp / "out"
+
+
+@pytest.mark.slow
+def test_artifacts_layout_and_manifest(lora_run: Path) -> None:
+    from kubetune_trainer.checkpoint import sha256_file
+
+    for name in ("adapter/adapter_config.json", "model/model.safetensors", "model/tokenizer.json", "model/chat_template.jinja",
+                 "metrics.json", "trainer-config.yaml", "manifest.json", "COMPLETE"):  # fmt: skip
+        assert (lora_run / name).exists(), name
+    manifest = json.loads((lora_run / "manifest.json").read_text())
+    files = {p.relative_to(lora_run).as_posix() for p in lora_run.rglob("*") if p.is_file() and not p.as_posix().startswith(str(lora_run / "checkpoints"))}
+    assert set(manifest["files"]) == files - {"manifest.json", "COMPLETE", ".kubetune-write-check"}
+    for rel, entry in manifest["files"].items():
+        assert sha256_file(lora_run / rel) == entry["sha256"]
+    metrics = json.loads((lora_run / "metrics.json").read_text())
+    assert metrics["lossCurve"] and metrics["evalLossAfter"] < metrics["evalLossBefore"]
+    assert metrics["tokensPerSecond"] > 0 and metrics["wallSeconds"] > 0
+    assert "exactMatchBefore" in metrics and "exactMatchAfter" in metrics
+
+
+@pytest.mark.slow
+def test_merged_model_matches_base_plus_adapter(lora_run: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(lora_run / "model"))
+    assert tokenizer.chat_template
+    ids = torch.tensor([tokenizer("<|user|> one two three four <|end|> <|assistant|>", add_special_tokens=False)["input_ids"]])
+    merged = AutoModelForCausalLM.from_pretrained(str(lora_run / "model")).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(TINY_MODEL)), str(lora_run / "adapter")).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(TINY_MODEL)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_then_restart_resumes(tmp_path: Path) -> None:
+    spec = job_spec(tmp_path, **{"training.maxSteps": 400, "output.checkpointSteps": 1000})
+    config = write_config(tmp_path, spec)
+    proc = launch(tmp_path, config, nproc=2, start_new_session=True)
+    assert proc.stdout is not None
+    seen = []
+    deadline = time.time() + 180
+    for line in proc.stdout:  # wait until training is under way
+        seen.append(line)
+        if "step 20/400" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)  # to torchrun, as the kubelet does to PID 1
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, "".join(seen) + out
+    steps = sorted((tmp_path / "out" / "checkpoints").glob("step-*"))
+    assert steps, "".join(seen) + out
+    stopped_at = int(steps[-1].name.split("-")[1])
+    assert 20 <= stopped_at < 400 and (steps[-1] / "COMPLETE").exists()
+    assert termination(tmp_path)["exitCode"] == ExitCode.PREEMPTED
+    assert not (tmp_path / "out" / "COMPLETE").exists()
+
+    shutil.rmtree(tmp_path / "ranks", ignore_errors=True)
+    spec["training"]["maxSteps"] = stopped_at + 10
+    code, out = run_trainer(tmp_path, spec)
+    assert code == 0, out[-4000:]
+    assert f"resumed from checkpoint step {stopped_at}" in out
+    logged = [int(m) for m in re.findall(r"step (\d+)/\d+ loss", out)]
+    assert logged and min(logged) > stopped_at  # no step before the checkpoint was trained again
+    curve_steps = [point["step"] for point in rank_dumps(tmp_path)[0]["lossCurve"]]
+    assert curve_steps == sorted(set(curve_steps))  # the loss curve carries over, without repeats
+    assert (tmp_path / "out" / "COMPLETE").exists() and (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_full_fine_tune_with_frozen_layers_saves_loadable_model(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    spec = job_spec(tmp_path, method="full", freeze={"firstNLayers": 1}, **{"training.maxSteps": 5})
+    spec.pop("lora")
+    code, out = run_trainer(tmp_path, spec, nproc=1)
+    assert code == 0, out[-4000:]
+    tuned = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "model")).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(str(TINY_MODEL)).state_dict()
+    assert torch.equal(tuned["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(tuned["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert not torch.equal(tuned["model.layers.1.self_attn.q_proj.weight"], base["model.layers.1.self_attn.q_proj.weight"])
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_loss_not_finite(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "nan-model"
+    shutil.copytree(TINY_MODEL, model)
+    weights = load_file(str(model / "model.safetensors"))
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    code, out = run_trainer(tmp_path, job_spec(tmp_path, **{"model.source": str(model)}), nproc=1)
+    assert code == ExitCode.LOSS_NOT_FINITE, out[-3000:]
+    assert "loss became nan" in termination(tmp_path)["message"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("override", "exit_code"),
+    [
+        ({"model.source": "/nonexistent/model"}, ExitCode.MODEL_NOT_FOUND),
+        ({"dataset.train": "/nonexistent/train.jsonl"}, ExitCode.DATASET_INVALID),
+    ],
+)
+def test_missing_inputs_exit_with_user_error_codes(tmp_path: Path, override: dict, exit_code: int) -> None:
+    code, out = run_trainer(tmp_path, job_spec(tmp_path, **override), nproc=1)
+    assert code == exit_code, out[-3000:]
+    message = termination(tmp_path)
+    assert message["exitCode"] == exit_code and "does not exist" in message["message"]
