@@ -439,6 +439,7 @@ class NodeAgent:
         self._thread = threading.Thread(target=self._loop, daemon=True, name="node-agent")
         self._last_heartbeat = 0.0
         self._hosts_block = ""
+        self._ready_since = now()
         self.errors: list[str] = []
 
     # -- public ------------------------------------------------------------------------
@@ -501,7 +502,7 @@ class NodeAgent:
 
     # -- node --------------------------------------------------------------------------
     def _node_status(self) -> Obj:
-        t = now()
+        t, since = now(), self._ready_since
         return {
             "capacity": self.capacity, "allocatable": self.capacity,
             "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
@@ -509,9 +510,9 @@ class NodeAgent:
             "conditions": [
                 {"type": "Ready", "status": "True", "reason": "KubeletReady",
                  "message": "kubetune e2e node agent is posting ready status",
-                 "lastHeartbeatTime": t, "lastTransitionTime": t},
+                 "lastHeartbeatTime": t, "lastTransitionTime": since},
                 *({"type": ty, "status": "False", "reason": f"KubeletHas{r}",
-                   "lastHeartbeatTime": t, "lastTransitionTime": t}
+                   "lastHeartbeatTime": t, "lastTransitionTime": since}
                   for ty, r in (("MemoryPressure", "SufficientMemory"),
                                 ("DiskPressure", "NoDiskPressure"),
                                 ("PIDPressure", "SufficientPID"))),
@@ -827,8 +828,11 @@ class NodeAgent:
         return out
 
     def container_env(self, r: PodRunner, c: Obj) -> dict[str, str]:
-        env = dict(os.environ)
-        env.pop("KUBECONFIG", None)
+        # the "image" environment is this machine's, minus credentials and test plumbing a
+        # pod would not have (pods get S3/API credentials only through their spec)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("AWS_", "KUBERNETES_", "PYTEST_", "KUBETUNE_E2E_"))
+               and k != "KUBECONFIG"}
         env["PATH"] = os.pathsep.join([*self.path_prefix, env.get("PATH", "")])
         env["HOSTNAME"] = r.pod["spec"].get("hostname") or r.name
         own: dict[str, str] = {}
