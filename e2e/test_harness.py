@@ -356,3 +356,55 @@ def test_s3_refuses_wrong_secret(s3: S3Server) -> None:
     with pytest.raises(ClientError) as e:
         s3.client(access_key="nobody", secret_key="whatever1").list_objects_v2(Bucket=s3.bucket)
     assert e.value.response["Error"]["Code"] in ("InvalidAccessKeyId", "AccessDenied")
+
+
+ALLREDUCE = """
+import os, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+print(f"rank {dist.get_rank()}/{dist.get_world_size()} sum {t.item():.0f}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_gloo_across_indexed_job_pods(cluster: Cluster, node_agent: NodeAgent, namespace: str) -> None:
+    """The operator's shape: Indexed Job + headless Service, torchrun --master-addr <job>-0.<svc>."""
+    pytest.importorskip("torch")
+    port = free_port()
+    cluster.kubectl("create", "configmap", "script", f"--from-literal=allreduce.py={ALLREDUCE}", "-n", namespace)
+    cluster.apply(f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: ddp, namespace: {namespace}}}
+spec: {{clusterIP: None, selector: {{job-name: ddp}}, publishNotReadyAddresses: true}}
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {{name: ddp, namespace: {namespace}}}
+spec:
+  completions: 2
+  parallelism: 2
+  completionMode: Indexed
+  backoffLimit: 0
+  template:
+    spec:
+      subdomain: ddp
+      restartPolicy: Never
+      containers:
+      - name: trainer
+        image: ignored
+        command: [torchrun, --nnodes=2, --nproc-per-node=1, --node-rank=$(JOB_COMPLETION_INDEX),
+                  --master-addr=ddp-0.ddp, --master-port={port}, /opt/script/allreduce.py]
+        volumeMounts: [{{name: script, mountPath: /opt/script}}]
+      volumes: [{{name: script, configMap: {{name: script}}}}]
+""")
+    job = cluster.admin.wait_for(f"/apis/batch/v1/namespaces/{namespace}/jobs/ddp",
+                                 lambda j: job_condition(j, "Complete") or job_condition(j, "Failed"),
+                                 timeout=240)
+    pods = cluster.admin.get(f"/api/v1/namespaces/{namespace}/pods", labelSelector="job-name=ddp")["items"]
+    logs = {p["metadata"]["name"]: node_agent.logs(namespace, p["metadata"]["name"]) for p in pods}
+    assert job_condition(job, "Complete"), logs
+    assert sorted(line for out in logs.values() for line in out.splitlines() if line.startswith("rank ")) == [
+        "rank 0/2 sum 3", "rank 1/2 sum 3"]
