@@ -50,6 +50,18 @@ def test_rbac_refuses_serviceaccount_without_rights(cluster: Cluster, namespace:
         time.sleep(0.2)
 
 
+def test_kubernetes_python_client_and_serviceaccount_kubeconfig(cluster: Cluster, namespace: str) -> None:
+    from kubernetes import client, config  # noqa: PLC0415
+
+    names = [n.metadata.name for n in client.CoreV1Api(cluster.api_client()).list_namespace().items]
+    assert namespace in names
+    cluster.kubectl("create", "serviceaccount", "op", "-n", namespace)
+    sa = config.new_client_from_config(str(cluster.kubeconfig_for_serviceaccount(namespace, "op")))
+    with pytest.raises(client.ApiException) as e:
+        client.CoreV1Api(sa).list_namespaced_secret(namespace)
+    assert e.value.status == 403
+
+
 def test_indexed_job_runs_to_completion(cluster: Cluster, node_agent: NodeAgent, namespace: str) -> None:
     cluster.apply(f"""
 apiVersion: batch/v1

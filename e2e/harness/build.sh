@@ -22,7 +22,6 @@ cache="${KUBETUNE_E2E_CACHE:-$HOME/.cache/kubetune-e2e}"
 mkdir -p "$cache"
 export GOFLAGS="${GOFLAGS:-} -trimpath -buildvcs=false -mod=mod"
 export GOTOOLCHAIN=local CGO_ENABLED=0
-proxy="${GOPROXY:-https://proxy.golang.org}"; proxy="${proxy%%,*}"
 ldflags="-s -w"
 
 have() { for b in "$@"; do [[ -x $b ]] || return 1; done; }
@@ -35,9 +34,10 @@ wrapper() { # wrapper <dir> <go.mod body>: fresh throwaway module in <dir>
 build_kubernetes() {
   local v=$KUBERNETES_VERSION out="$cache/kubernetes-$KUBERNETES_VERSION/bin"
   have "$out/kube-apiserver" "$out/kube-controller-manager" && { echo "kubernetes $v: cached"; return; }
-  local sv="v0${v#v1}" w="$cache/kubernetes-$v/src" rep="" m
+  local sv="v0${v#v1}" w="$cache/kubernetes-$v/src" rep="" m gomod
   # every staging module the kubernetes go.mod replaces with ./staging/... -> its v0.x tag
-  for m in $(curl -fsSL "$proxy/k8s.io/kubernetes/@v/$v.mod" | awk '/=> \.\/staging/{print $1}'); do
+  gomod=$(cd "$cache" && go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')
+  for m in $(awk '/=> \.\/staging/{print $1}' "$gomod"); do
     rep+="replace $m => $m $sv"$'\n'
   done
   wrapper "$w" "require k8s.io/kubernetes $v
