@@ -62,7 +62,7 @@ def free_port() -> int:
 def launch(tmp: Path, config: Path, nproc: int, extra_env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
     port = free_port()
     env = {**os.environ, "KUBETUNE_DEBUG_DIR": str(tmp / "ranks"), "KUBETUNE_TERMINATION_LOG": str(tmp / "termination-log"), **(extra_env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+    cmd = [sys.executable, "-m", "kubetune_trainer.launch", "--nnodes", "1", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "kubetune_trainer", "--config", str(config)]  # fmt: skip
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 

@@ -22,6 +22,13 @@ def termination_message(exit_code: int, message: str) -> dict[str, object]:
     return {"exitCode": int(exit_code), "reason": REASONS.get(exit_code, "Succeeded" if exit_code == 0 else "Error"), "message": message[-3000:]}
 
 
+def _holds_error(path: Path) -> bool:
+    try:
+        return int(json.loads(path.read_text())["exitCode"]) != 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def write_termination_message(exit_code: int, message: str) -> None:
     """Kubernetes shows /dev/termination-log in the pod status; $KUBETUNE_TERMINATION_LOG wins when set."""
     text = json.dumps(termination_message(exit_code, message))
@@ -33,6 +40,8 @@ def write_termination_message(exit_code: int, message: str) -> None:
         if target == "/dev/termination-log" and not path.exists():
             continue
         try:
+            if exit_code == ExitCode.INFRASTRUCTURE and _holds_error(path):
+                return  # a rank's own error came first; peers that lost it only add noise
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
             return
