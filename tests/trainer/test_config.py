@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from kubetune.api.models import FineTuneJobSpec
 from kubetune.api.trainer_config import TrainerConfig
 from kubetune.render.deepspeed import render_deepspeed_config, uses_deepspeed

@@ -21,7 +21,7 @@ def _spec(**kw) -> DatasetSpec:
 
 
 def _learned(tokenizer, ids, labels) -> str:
-    return tokenizer.decode([i for i, label in zip(ids, labels) if label != data.IGNORE])
+    return tokenizer.decode([i for i, label in zip(ids, labels, strict=True) if label != data.IGNORE])
 
 
 @pytest.mark.parametrize(

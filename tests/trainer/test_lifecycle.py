@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import TINY_MODEL, job_spec, launch, rank_dumps, run_trainer, termination, write_config
-
 from kubetune.api.contract import ExitCode
+from trainer_helpers import TINY_MODEL, job_spec, launch, rank_dumps, run_trainer, termination, write_config
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from kubetune.api.contract import COMPLETE_MARKER, ExitCode, is_retryable
 from kubetune.api.models import Progress, StorageSpec
 from kubetune_trainer import checkpoint as ckpt
@@ -64,9 +63,8 @@ def test_corrupt_model_is_model_not_found(tmp_path: Path) -> None:
     import shutil
 
     import torch
-    from trainer_helpers import TINY_MODEL
-
     from kubetune_trainer.model import load_model
+    from trainer_helpers import TINY_MODEL
 
     bad = tmp_path / "model"
     shutil.copytree(TINY_MODEL, bad)

@@ -8,12 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from trainer_helpers import SPELL, TINY_MODEL, free_port, job_spec, run_trainer, termination
-
 from kubetune.api.contract import ExitCode
 from kubetune.api.models import StorageSpec
 from kubetune_trainer import storage
 from kubetune_trainer.errors import TrainerError
+from trainer_helpers import SPELL, TINY_MODEL, free_port, job_spec, run_trainer, termination
 
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 

@@ -9,7 +9,6 @@ import traceback
 from typing import Any
 
 import yaml
-
 from kubetune.api.contract import ENV_CONFIG_PATH, ExitCode
 
 
@@ -40,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
+    from kubetune.api.trainer_config import TrainerConfig
     from pydantic import ValidationError
 
-    from kubetune.api.trainer_config import TrainerConfig
     from kubetune_trainer.errors import TrainerError, write_termination_message
 
     trainer = None

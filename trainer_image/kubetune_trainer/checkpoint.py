@@ -12,7 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.contract import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, COMPLETE_MARKER, MANIFEST_FILE, checkpoint_dir_name
+from kubetune.api.contract import (
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS_DIR,
+    COMPLETE_MARKER,
+    MANIFEST_FILE,
+    checkpoint_dir_name,
+)
+
 from kubetune_trainer.storage import OutputStore
 
 

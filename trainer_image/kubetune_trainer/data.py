@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from kubetune.api.contract import ExitCode
 from kubetune.api.models import DatasetSpec, StorageSpec
+
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.storage import cached, fetch
 

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from kubetune.api.contract import ExitCode
 from kubetune.api.models import FineTuneJobSpec, FreezeSpec, LoraSpec
+
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.storage import fetch
 
@@ -56,9 +56,10 @@ def apply_lora(model: Any, lora: LoraSpec) -> Any:
     from peft import LoraConfig, get_peft_model
 
     targets: Any = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
+    alpha: Any = lora.alpha  # peft annotates int; any positive number works (scaling = alpha / r)
     config = LoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
         modules_to_save=list(lora.modules_to_save) or None,

@@ -14,10 +14,12 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from kubetune.api.contract import ENV_CACHE_DIR, ExitCode
 from kubetune.api.models import StorageSpec
+
 from kubetune_trainer.errors import TrainerError
 
 ENV_PVC_ROOT = "KUBETUNE_PVC_ROOT"  # pvc://claim/path -> $KUBETUNE_PVC_ROOT/claim/path
@@ -195,7 +197,7 @@ class OutputStore:
         self.uri = uri.rstrip("/")
         self.storage = storage
         self.local = local_path(self.uri)
-        self.client = None
+        self.client: Any = None
         if self.local is None:
             if not self.uri.startswith("s3://"):
                 raise TrainerError(ExitCode.CONFIG_INVALID, f"spec.output.uri: unsupported URI {uri}")

@@ -12,20 +12,26 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-
-from kubetune.api.contract import ADAPTER_DIR, COMPLETE_MARKER, CONFIG_FILE, MERGED_DIR, METRICS_FILE, ExitCode
+from kubetune.api.contract import (
+    ADAPTER_DIR,
+    COMPLETE_MARKER,
+    CONFIG_FILE,
+    MERGED_DIR,
+    METRICS_FILE,
+    ExitCode,
+)
 from kubetune.api.trainer_config import TrainerConfig
 from kubetune.render.deepspeed import render_deepspeed_config, uses_deepspeed
+
 from kubetune_trainer import checkpoint as ckpt
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import model as model_mod
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.progress import ProgressState, serve
 from kubetune_trainer.storage import OutputStore, cache_root
-
 
 ENV_DEBUG_DIR = "KUBETUNE_DEBUG_DIR"  # tests: each rank writes its world size and a weights digest here
 
@@ -132,10 +138,10 @@ class Trainer:
         packed = spec.dataset.packing
         collate = lambda b: data_mod.collate(b, pad, packed)  # noqa: E731
         generator = torch.Generator().manual_seed(spec.training.seed)
-        train_loader = torch.utils.data.DataLoader(
-            train, batch_size=spec.training.per_device_batch_size, shuffle=True, collate_fn=collate, generator=generator
+        train_loader: Any = torch.utils.data.DataLoader(
+            cast(Any, train), batch_size=spec.training.per_device_batch_size, shuffle=True, collate_fn=collate, generator=generator
         )
-        eval_loader = torch.utils.data.DataLoader(evals, batch_size=spec.training.per_device_batch_size, collate_fn=collate) if evals else None
+        eval_loader: Any = torch.utils.data.DataLoader(cast(Any, evals), batch_size=spec.training.per_device_batch_size, collate_fn=collate) if evals else None
         self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, train_loader)
         self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
 
@@ -192,7 +198,6 @@ class Trainer:
 
     def train(self) -> ExitCode:
         acc, spec, st = self.accelerator, self.spec, self.state
-        accum = self.config.gradient_accumulation_steps
         window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.time()
         preempted = stopped_early = False
         self.model.train()
@@ -288,6 +293,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         acc = self.accelerator
+        assert self.eval_loader is not None
         self.progress.update(phase="Evaluating")
         self.model.eval()
         total = torch.zeros(2, device=acc.device)
