@@ -539,7 +539,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "final_loss": k["final_loss"],
                 "baseline_final_loss": b["final_loss"],
                 "speedup": k["tokens_per_s"] / b["tokens_per_s"],
-                "mem_ratio": k["peak_mem_gib"] / b["peak_mem_gib"] if b["peak_mem_gib"] > 0 else None,
+                "mem_ratio": k["peak_mem_gib"] / b["peak_mem_gib"] if b["peak_mem_gib"] > 0.01 else None,  # CPU RSS growth of a tiny model is noise
                 "loss_curve": k["loss_curve"],
                 "baseline_loss_curve": b["loss_curve"],
                 "timed_steps": k["timed_steps"],
