@@ -91,7 +91,7 @@ spec:
     for p in pods:
         assert p["status"]["phase"] == "Succeeded"
         assert p["spec"]["nodeName"] == node_agent.name
-        assert p["status"]["podIP"].startswith("127.0.")
+        assert p["status"]["podIP"].startswith("127.")
         outputs.add(node_agent.logs(namespace, p["metadata"]["name"]).strip())
     assert outputs == {"index 0", "index 1"}
 

@@ -28,7 +28,7 @@ command, args, env values and workingDir is replaced by the local directory, and
 The termination message path (default /dev/termination-log) is rewritten the same way
 (also exported as ``KUBETUNE_E2E_TERMINATION_MESSAGE_PATH``).
 
-Each pod gets its own loopback IP (127.0.x.y, all of 127/8 is loopback on Linux) as
+Each pod gets its own loopback IP (127.N.x.y, N random per agent; all of 127/8 is loopback) as
 status.podIP; processes share this machine's network namespace, so two pods must not
 listen on the same port of 0.0.0.0 at the same time.
 
@@ -54,9 +54,11 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
+import random
 import re
 import signal
 import subprocess
@@ -232,8 +234,9 @@ class PodRunner(threading.Thread):
                 mounts_by_volume = self.agent.materialise_volumes(self)
                 envs = {c["name"]: self.agent.container_env(self, c) for c in inits + mains}
                 break
-            except NotReady as e:
-                self._set_waiting(inits + mains, e.reason, str(e))
+            except (NotReady, ApiError) as e:
+                reason = e.reason if isinstance(e, NotReady) else "ContainerCreating"
+                self._set_waiting(inits + mains, reason, str(e))
                 self._patch_status("Pending", False, not inits)
                 time.sleep(2)
         else:
@@ -396,6 +399,18 @@ class PodRunner(threading.Thread):
         return (self.pod["spec"].get("initContainers") or []) + self.pod["spec"]["containers"]
 
 
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _signal_group(p: subprocess.Popen[bytes], sig: int) -> None:
     try:
         os.killpg(p.pid, sig)
@@ -438,7 +453,8 @@ class NodeAgent:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="node-agent")
         self._last_heartbeat = 0.0
-        self._hosts_block = ""
+        # a random second octet keeps pod IPs of concurrent agents (other test runs) apart
+        self._ip_octet = random.randint(1, 254)
         self._ready_since = now()
         self.errors: list[str] = []
 
@@ -498,7 +514,7 @@ class NodeAgent:
         with self._ip_lock:
             n = self._ip_next
             self._ip_next += 1
-        return f"127.0.{1 + n // 250}.{1 + n % 250}"
+        return f"127.{self._ip_octet}.{n // 250}.{1 + n % 250}"
 
     # -- node --------------------------------------------------------------------------
     def _node_status(self) -> Obj:
@@ -682,28 +698,34 @@ class NodeAgent:
         self._write_hosts(sorted(entries))
 
     def _write_hosts(self, entries: list[tuple[str, list[str]]], final: bool = False) -> None:
+        """Replace this agent's block in the hosts file (under flock, in place: /etc/hosts may be
+        a bind mount). Blocks of other live agents are kept; those of dead processes dropped."""
         block = "".join(f"{ip}\t{' '.join(names)}\n" for ip, names in entries)
-        if block == self._hosts_block and not final and self._hosts_block:
-            return
-        text = self.hosts_file.read_text()
-        kept, skipping = [], False
-        for line in text.splitlines(keepends=True):
-            if line.startswith(HOSTS_BEGIN):
-                skipping = True
-            elif line.startswith(HOSTS_END):
-                skipping = False
-            elif not skipping:
-                kept.append(line)
-        new = "".join(kept)
-        if block and not final:
-            if new and not new.endswith("\n"):
-                new += "\n"
-            new += f"{HOSTS_BEGIN} ({self.name}, pid {os.getpid()})\n{block}{HOSTS_END}\n"
-        if new != text:
-            with open(self.hosts_file, "r+") as f:  # in place: /etc/hosts may be a bind mount
+        with open(self.hosts_file, "r+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            text = f.read()
+            kept, skipping = [], False
+            for line in text.splitlines(keepends=True):
+                if line.startswith(HOSTS_BEGIN):
+                    pid = int(m.group(1)) if (m := re.search(r"pid (\d+)", line)) else 0
+                    skipping = pid == os.getpid() or not _alive(pid)
+                    if not skipping:
+                        kept.append(line)
+                elif line.startswith(HOSTS_END):
+                    if not skipping:
+                        kept.append(line)
+                    skipping = False
+                elif not skipping:
+                    kept.append(line)
+            new = "".join(kept)
+            if block and not final:
+                if new and not new.endswith("\n"):
+                    new += "\n"
+                new += f"{HOSTS_BEGIN} {self.name} pid {os.getpid()}\n{block}{HOSTS_END}\n"
+            if new != text:
+                f.seek(0)
                 f.write(new)
                 f.truncate()
-        self._hosts_block = block or "\n"
 
     # -- volumes and env -------------------------------------------------------------------
     def _get_ref(self, kind: str, ns: str, name: str, optional: bool) -> Obj | None:
