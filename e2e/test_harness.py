@@ -420,3 +420,21 @@ spec:
     assert job_condition(job, "Complete"), logs
     assert sorted(line for out in logs.values() for line in out.splitlines() if line.startswith("rank ")) == [
         "rank 0/2 sum 3", "rank 1/2 sum 3"]
+
+
+def test_kill_container_fault_injection(cluster: Cluster, node_agent: NodeAgent, namespace: str) -> None:
+    cluster.apply(f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: victim, namespace: {namespace}}}
+spec:
+  restartPolicy: Never
+  containers:
+  - {{name: main, image: ignored, command: [{PY}, -c, "import time; time.sleep(600)"]}}
+""")
+    cluster.admin.wait_for(f"/api/v1/namespaces/{namespace}/pods/victim", pod_phase_in("Running"), timeout=60)
+    node_agent.kill_container(namespace, "victim")
+    pod = cluster.admin.wait_for(f"/api/v1/namespaces/{namespace}/pods/victim",
+                                 pod_phase_in("Succeeded", "Failed"), timeout=30)
+    assert pod["status"]["phase"] == "Failed"
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137

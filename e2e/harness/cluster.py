@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -213,7 +212,3 @@ class Cluster:
 
     def logs(self) -> dict[str, str]:
         return {p.name: p.tail(200) for p in self.procs}
-
-
-def cleanup(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -159,7 +159,7 @@ class PodRunner(threading.Thread):
     def _patch_status(self, phase: str, ready: bool, initialized: bool, message: str = "") -> None:
         t = now()
         spec = self.pod["spec"]
-        conds = [
+        conds: list[Obj] = [
             {"type": "PodReadyToStartContainers", "status": "True"},
             {"type": "Initialized", "status": str(initialized)},
             {"type": "ContainersReady", "status": str(ready)},
