@@ -27,6 +27,11 @@ def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) ->
     settings.execution.max_workers = 8
     settings.watching.server_timeout = 300
     settings.peering.standalone = not SETTINGS.peering
+    if SETTINGS.namespaces and not any(c in ns for ns in SETTINGS.namespaces for c in "*?!["):
+        # Exact namespaces (the chart's watchNamespaces: a Role per namespace, no namespaces
+        # list/watch): without this Kopf first tries to list namespaces, retries the 403 with
+        # back-off for about a minute, and only then falls back to the given names.
+        settings.scanning.disabled = True
     logger.info("kubetune operator: image=%s poll=%ss", SETTINGS.trainer_image, SETTINGS.poll_interval)
 
 
