@@ -10,7 +10,8 @@ from trainer_helpers import job_spec, rank_dumps, run_trainer
 
 CASES = {
     "ddp-lora": {"distributed.backend": "ddp", "method": "lora"},
-    "ddp-full": {"distributed.backend": "ddp", "method": "full", "lora": None},
+    # perDevice 8 x 2 ranks x 2 accumulation steps
+    "ddp-full": {"distributed.backend": "ddp", "method": "full", "lora": None, "training.globalBatchSize": 32},
     "zero2-lora": {"distributed.backend": "deepspeed", "distributed.zeroStage": 2, "method": "lora"},
     "zero3-full": {"distributed.backend": "deepspeed", "distributed.zeroStage": 3, "method": "full", "lora": None},
 }

@@ -92,6 +92,34 @@ def test_sigterm_checkpoints_then_restart_resumes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path: Path) -> None:
+    """Model, optimizer, scheduler, RNG and data position all come back: resuming changes nothing."""
+    overrides = {"training.maxSteps": 20, "output.checkpointSteps": 1000, "dataset.eval": None, "lora.dropout": 0.1}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir()
+    split.mkdir()
+    code, out = run_trainer(straight, job_spec(straight, **overrides))
+    assert code == 0, out[-3000:]
+    code, out = run_trainer(split, job_spec(split, **overrides), env={"KUBETUNE_DEBUG_STOP_AT_STEP": "11"})
+    assert code == ExitCode.PREEMPTED, out[-3000:]
+    assert (split / "out" / "checkpoints" / "step-00000011" / "COMPLETE").exists()
+    code, out = run_trainer(split, job_spec(split, **overrides))
+    assert code == 0 and "resumed from checkpoint step 11" in out, out[-3000:]
+    assert rank_dumps(split)[0]["digest"] == rank_dumps(straight)[0]["digest"]
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_before_max_steps(tmp_path: Path) -> None:
+    spec = job_spec(tmp_path, **{"training.maxSteps": 200, "training.learningRate": 1e-9, "training.evalSteps": 2,
+                                 "training.earlyStopping": {"patience": 2, "minDelta": 0.01}})  # fmt: skip
+    code, out = run_trainer(tmp_path, spec, nproc=1)
+    assert code == 0, out[-3000:]
+    assert "early stopping" in out
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and (tmp_path / "out" / "COMPLETE").exists()
+
+
+@pytest.mark.slow
 def test_full_fine_tune_with_frozen_layers_saves_loadable_model(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -67,9 +67,9 @@ def launch(tmp: Path, config: Path, nproc: int, extra_env: dict[str, str] | None
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def run_trainer(tmp: Path, spec: dict[str, Any], nproc: int = 2, timeout: int = 300) -> tuple[int, str]:
+def run_trainer(tmp: Path, spec: dict[str, Any], nproc: int = 2, timeout: int = 300, env: dict[str, str] | None = None) -> tuple[int, str]:
     spec["distributed"]["procsPerNode"] = nproc
-    proc = launch(tmp, write_config(tmp, spec), nproc)
+    proc = launch(tmp, write_config(tmp, spec), nproc, env)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
 

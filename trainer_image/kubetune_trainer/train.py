@@ -34,6 +34,7 @@ from kubetune_trainer.progress import ProgressState, serve
 from kubetune_trainer.storage import OutputStore, cache_root
 
 ENV_DEBUG_DIR = "KUBETUNE_DEBUG_DIR"  # tests: each rank writes its world size and a weights digest here
+ENV_DEBUG_STOP_AT_STEP = "KUBETUNE_DEBUG_STOP_AT_STEP"  # tests: preempt at exactly this step
 
 
 def log(msg: str) -> None:
@@ -200,6 +201,7 @@ class Trainer:
         acc, spec, st = self.accelerator, self.spec, self.state
         window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.time()
         preempted = stopped_early = False
+        debug_stop_at = int(os.environ.get(ENV_DEBUG_STOP_AT_STEP, "0"))  # tests: act as if SIGTERM came at this step
         self.model.train()
         while st.step < self.total_steps and not (preempted or stopped_early):
             self.train_loader.set_epoch(st.epoch)
@@ -239,7 +241,7 @@ class Trainer:
                     window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.time()
                 if self.eval_loader is not None and spec.training.eval_steps and st.step % spec.training.eval_steps == 0:
                     stopped_early = self._evaluate_and_check()
-                preempted = stop
+                preempted = stop or st.step == debug_stop_at
                 if preempted or st.step % spec.output.checkpoint_steps == 0:
                     self.save_checkpoint()
                 if preempted or stopped_early or st.step >= self.total_steps:
