@@ -23,6 +23,29 @@ def load_config() -> None:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+    _bearer_token_compat()
+
+
+def _bearer_token_compat() -> None:
+    """kubernetes-client 36 reads the token from `api_key["BearerToken"]`, but its own config
+    loaders (kube config and in-cluster) still store it under `api_key["authorization"]`: every
+    call went out anonymous (403 for `system:anonymous`), found by the e2e suite running the
+    operator under a ServiceAccount token. Mirror the key, also after each token refresh."""
+    cfg = client.Configuration.get_default_copy()
+    token = cfg.api_key.get("authorization")
+    if not token or "BearerToken" in cfg.api_key:
+        return
+    cfg.api_key["BearerToken"] = token
+    refresh = cfg.refresh_api_key_hook
+
+    def _refresh(c: Any) -> None:
+        if refresh is not None:
+            refresh(c)
+        if c.api_key.get("authorization"):
+            c.api_key["BearerToken"] = c.api_key["authorization"]
+
+    cfg.refresh_api_key_hook = _refresh
+    client.Configuration.set_default(cfg)
 
 
 def _data(resp: Any) -> dict[str, Any]:
