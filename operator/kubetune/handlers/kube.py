@@ -30,7 +30,8 @@ def _bearer_token_compat() -> None:
     """kubernetes-client 36 reads the token from `api_key["BearerToken"]`, but its own config
     loaders (kube config and in-cluster) still store it under `api_key["authorization"]`: every
     call went out anonymous (403 for `system:anonymous`), found by the e2e suite running the
-    operator under a ServiceAccount token. Mirror the key, also after each token refresh."""
+    operator under a ServiceAccount token. Mirror the key, also after each token refresh.
+    Called before each API object is made: Kopf's login handler reloads the default config."""
     cfg = client.Configuration.get_default_copy()
     token = cfg.api_key.get("authorization")
     if not token or "BearerToken" in cfg.api_key:
@@ -48,6 +49,11 @@ def _bearer_token_compat() -> None:
     client.Configuration.set_default(cfg)
 
 
+def _api(cls: Any) -> Any:
+    _bearer_token_compat()
+    return cls()
+
+
 def _data(resp: Any) -> dict[str, Any]:
     return json.loads(resp.data)  # type: ignore[no-any-return]
 
@@ -62,11 +68,11 @@ def create_if_absent(obj: dict[str, Any]) -> bool:
     kind = obj["kind"]
     try:
         if kind == "ConfigMap":
-            client.CoreV1Api().create_namespaced_config_map(ns, obj)
+            _api(client.CoreV1Api).create_namespaced_config_map(ns, obj)
         elif kind == "Service":
-            client.CoreV1Api().create_namespaced_service(ns, obj)
+            _api(client.CoreV1Api).create_namespaced_service(ns, obj)
         elif kind == "Job":
-            client.BatchV1Api().create_namespaced_job(ns, obj)
+            _api(client.BatchV1Api).create_namespaced_job(ns, obj)
         else:
             raise ValueError(kind)
     except ApiException as exc:
@@ -80,7 +86,7 @@ def create_if_absent(obj: dict[str, Any]) -> bool:
 
 def get_job(namespace: str, name: str) -> dict[str, Any] | None:
     try:
-        return _data(client.BatchV1Api().read_namespaced_job(name, namespace, _preload_content=False))
+        return _data(_api(client.BatchV1Api).read_namespaced_job(name, namespace, _preload_content=False))
     except ApiException as exc:
         if exc.status == 404:
             return None
@@ -89,7 +95,7 @@ def get_job(namespace: str, name: str) -> dict[str, Any] | None:
 
 def list_jobs(namespace: str, ftj: str) -> list[dict[str, Any]]:
     try:
-        resp = client.BatchV1Api().list_namespaced_job(namespace, label_selector=f"{LABEL_JOB}={ftj}", _preload_content=False)
+        resp = _api(client.BatchV1Api).list_namespaced_job(namespace, label_selector=f"{LABEL_JOB}={ftj}", _preload_content=False)
     except ApiException as exc:
         raise _temporary(exc, "list Jobs") from exc
     return list(_data(resp).get("items") or [])
@@ -97,7 +103,7 @@ def list_jobs(namespace: str, ftj: str) -> list[dict[str, Any]]:
 
 def list_pods(namespace: str, ftj: str) -> list[dict[str, Any]]:
     try:
-        resp = client.CoreV1Api().list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={ftj}", _preload_content=False)
+        resp = _api(client.CoreV1Api).list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={ftj}", _preload_content=False)
     except ApiException as exc:
         raise _temporary(exc, "list Pods") from exc
     return list(_data(resp).get("items") or [])
@@ -110,7 +116,7 @@ def generation_of(obj: dict[str, Any]) -> str:
 def delete_job(namespace: str, name: str, propagation: str = "Foreground") -> None:
     """Delete a workload Job and (Foreground) its pods before the Job itself goes."""
     try:
-        client.BatchV1Api().delete_namespaced_job(
+        _api(client.BatchV1Api).delete_namespaced_job(
             name, namespace, body=client.V1DeleteOptions(propagation_policy=propagation)
         )
     except ApiException as exc:
@@ -121,7 +127,7 @@ def delete_job(namespace: str, name: str, propagation: str = "Foreground") -> No
 def set_job_suspend(namespace: str, name: str, suspend: bool) -> bool:
     """Patch the workload Job's spec.suspend; False when there is no such Job yet."""
     try:
-        client.BatchV1Api().patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+        _api(client.BatchV1Api).patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
     except ApiException as exc:
         if exc.status == 404:
             return False
@@ -131,7 +137,7 @@ def set_job_suspend(namespace: str, name: str, suspend: bool) -> bool:
 
 def patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
     try:
-        client.CustomObjectsApi().patch_namespaced_custom_object_status(
+        _api(client.CustomObjectsApi).patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": status}
         )
     except ApiException as exc:
@@ -142,7 +148,7 @@ def patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
 
 def delete_finetunejob(namespace: str, name: str) -> None:
     try:
-        client.CustomObjectsApi().delete_namespaced_custom_object(
+        _api(client.CustomObjectsApi).delete_namespaced_custom_object(
             GROUP, VERSION, namespace, PLURAL, name, body=client.V1DeleteOptions(propagation_policy="Background")
         )
     except ApiException as exc:
