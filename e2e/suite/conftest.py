@@ -233,9 +233,32 @@ def ensure_secret(kctl: Kctl, s3: Any, ns: str) -> None:
     kctl.apply(ns, doc)
 
 
-def empty_namespace(kctl: Kctl, ns: str, timeout: float = 120) -> None:
+def dump(kctl: Kctl, node_agent: Any, ns: str) -> None:
+    """Failure diagnostics: FineTuneJob statuses, pods, and each pod's log tail."""
+    for obj in kctl.get(ns, "ftj") or []:
+        print(f"--- ftj {obj['metadata']['name']} status ---\n" + json.dumps(obj.get("status"), indent=1),
+              file=sys.stderr)
+    print(kctl("-n", ns, "get", "pods,jobs", "-o", "wide", check=False).stdout, file=sys.stderr)
+    if node_agent is None:
+        return
+    for pod in kctl.get(ns, "pods") or []:
+        try:
+            print(f"--- pod {pod['metadata']['name']} log ---\n" + node_agent.logs(ns, pod["metadata"]["name"])[-3000:],
+                  file=sys.stderr)
+        except Exception as e:  # noqa: BLE001
+            print(f"--- pod {pod['metadata']['name']}: no log ({e})", file=sys.stderr)
+
+
+def empty_namespace(kctl: Kctl, ns: str, timeout: float = 90) -> None:
     kctl("-n", ns, "delete", "ftj", "--all", "--wait=false", check=False)
-    wait_for(f"no FineTuneJobs in {ns}", lambda: kctl.get(ns, "ftj") == [], timeout)
+    try:
+        wait_for(f"no FineTuneJobs in {ns}", lambda: kctl.get(ns, "ftj") == [], 30)
+    except AssertionError:  # a stuck finalizer must not cascade into the next test
+        for obj in kctl.get(ns, "ftj") or []:
+            kctl("-n", ns, "patch", "ftj", obj["metadata"]["name"], "--type=merge",
+                 "-p", '{"metadata":{"finalizers":null}}', check=False)
+        raise
+    kctl("-n", ns, "delete", "jobs", "--all", "--cascade=foreground", "--wait=false", check=False)
     wait_for(f"no pods in {ns}", lambda: kctl.get(ns, "pods") == [], timeout)
 
 
@@ -248,6 +271,7 @@ def suite_ns(request: pytest.FixtureRequest, kctl: Kctl, operator: Operator, s3:
     yield ns
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
+        dump(kctl, request.getfixturevalue("node_agent") if "node_agent" in request.fixturenames else None, ns)
         print("--- operator log tail ---\n" + operator.tail(), file=sys.stderr)
     empty_namespace(kctl, ns)
 

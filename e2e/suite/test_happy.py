@@ -53,18 +53,20 @@ def test_happy_path(method, cluster, kctl, suite_ns, s3, s3_data, node_agent, op
         assert value.startswith(base), (field, value)
         rel = value[len(base):].rstrip("/")
         assert any(k == rel or k.startswith(rel + "/") for k in keys), (field, value, sorted(keys)[:40])
-    expected = {"model/manifest.json", "model/COMPLETE", "metrics.json"}
+    expected = {"manifest.json", "COMPLETE", "metrics.json", "model/model.safetensors", "model/config.json",
+                "model/tokenizer.json"}
     if method == "lora":
         assert "adapter" in arts
-        expected |= {"adapter/manifest.json", "adapter/COMPLETE"}
-    assert "mergedModel" in arts
+        expected |= {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"}
+    assert "mergedModel" in arts and "manifest" in arts
     assert expected <= keys, sorted(keys)
-    assert any(k.startswith("checkpoints/step-") and k.endswith("/COMPLETE") for k in keys), sorted(keys)
-    manifest = json.loads(s3.client().get_object(Bucket=s3.bucket, Key=prefix + "model/manifest.json")["Body"].read())
-    assert any(f.endswith(".safetensors") for f in manifest["files"]), manifest
+    assert "checkpoints/step-00000030/COMPLETE" in keys, sorted(keys)
+    assert "checkpoints/step-00000030/manifest.json" in keys, sorted(keys)
+    manifest = json.loads(s3.client().get_object(Bucket=s3.bucket, Key=prefix + "manifest.json")["Body"].read())
+    assert "model/model.safetensors" in manifest["files"], sorted(manifest["files"])
     for rel, meta in manifest["files"].items():
-        assert f"model/{rel}" in keys, rel
-        assert meta["sha256"]
+        assert rel in keys, rel
+        assert meta["sha256"] and meta["size"] >= 0
 
     # Conditions, Events, printer columns, describe.
     conds = {c["type"]: c for c in status["conditions"]}

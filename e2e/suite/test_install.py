@@ -104,3 +104,12 @@ def test_all_namespaces_mode_renders_clusterrole_without_secrets(installed, kctl
     assert "delete" not in resources.get(("", "pods"), set())
     assert ("apps", "deployments") not in resources
     assert resources[("", "namespaces")] == {"list", "watch"}
+
+
+def test_operator_makes_no_forbidden_calls(operator):
+    """Every call the operator made so far (startup, discovery, watches) was allowed by the chart RBAC."""
+    import time
+
+    time.sleep(3)
+    bad = [line for line in operator.log.read_text(errors="replace").splitlines() if "forbidden" in line.lower()]
+    assert not bad, "\n".join(bad[:5])
