@@ -283,11 +283,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     return rep
 
 
-def job_doc(name: str, s3: Any, data: dict[str, str], *, method: str = "lora", steps: int = 40,
+def job_doc(name: str, s3: Any, data: dict[str, str], *, example: str = "lora", steps: int = 40,
             checkpoint_steps: int = 20, **overrides: Any) -> dict[str, Any]:
     """A 2 nodes x 1 process CPU job built from examples/cpu-2node-<method>.yaml, shrunk to a few
     steps and pointed at the harness's S3 server (what a user does with `--set`-style edits)."""
-    doc = yaml.safe_load((ROOT / "examples" / f"cpu-2node-{method}.yaml").read_text())
+    doc = yaml.safe_load((ROOT / "examples" / f"cpu-2node-{example}.yaml").read_text())
     doc["metadata"] = {"name": name}
     spec = doc["spec"]
     spec["model"]["source"] = data["model"]

@@ -27,7 +27,7 @@ def s3_keys(s3: Any, prefix: str) -> set[str]:
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_happy_path(method, cluster, kctl, suite_ns, s3, s3_data, node_agent, operator):
     name = f"happy-{method}"
-    doc = job_doc(name, s3, s3_data, method=method, steps=60, checkpoint_steps=30)
+    doc = job_doc(name, s3, s3_data, example=method, steps=60, checkpoint_steps=30)
     t0 = time.monotonic()
     with Sampler(cluster, suite_ns, name) as sampler:
         kctl.apply(suite_ns, doc)
