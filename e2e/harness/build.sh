@@ -20,6 +20,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/versions.env"
 cache="${KUBETUNE_E2E_CACHE:-$HOME/.cache/kubetune-e2e}"
 mkdir -p "$cache"
+exec 9>"$cache/.build.lock" && flock 9  # concurrent callers (two test sessions) take turns
 export GOFLAGS="${GOFLAGS:-} -trimpath -buildvcs=false -mod=mod"
 export GOTOOLCHAIN=local CGO_ENABLED=0
 ldflags="-s -w"
