@@ -13,6 +13,9 @@ CASES = {
     # perDevice 8 x 2 ranks x 2 accumulation steps
     "ddp-full": {"distributed.backend": "ddp", "method": "full", "lora": None, "training.globalBatchSize": 32},
     "zero2-lora": {"distributed.backend": "deepspeed", "distributed.zeroStage": 2, "method": "lora"},
+    "zero2-full": {"distributed.backend": "deepspeed", "distributed.zeroStage": 2, "method": "full", "lora": None},
+    "zero3-lora-offload": {"distributed.backend": "deepspeed", "distributed.zeroStage": 3, "method": "lora",
+                           "distributed.offloadOptimizer": True, "distributed.offloadParams": True},
     "zero3-full": {"distributed.backend": "deepspeed", "distributed.zeroStage": 3, "method": "full", "lora": None},
 }
 

@@ -69,8 +69,13 @@ def launch(tmp: Path, config: Path, nproc: int, extra_env: dict[str, str] | None
 
 def run_trainer(tmp: Path, spec: dict[str, Any], nproc: int = 2, timeout: int = 300, env: dict[str, str] | None = None) -> tuple[int, str]:
     spec["distributed"]["procsPerNode"] = nproc
-    proc = launch(tmp, write_config(tmp, spec), nproc, env)
-    out, _ = proc.communicate(timeout=timeout)
+    proc = launch(tmp, write_config(tmp, spec), nproc, env, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # the launcher, torchrun and the ranks: nothing outlives the test
+        out, _ = proc.communicate()
+        raise AssertionError(f"trainer did not finish in {timeout}s:\n{out[-4000:]}") from None
     return proc.returncode, out
 
 

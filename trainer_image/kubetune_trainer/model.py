@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,24 @@ def load_model(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> Any:
         raise TrainerError(
             ExitCode.MODEL_NOT_FOUND, f"spec.model.source: the model at {path} cannot be loaded (corrupt or incomplete?): {type(exc).__name__}: {exc}"
         ) from exc
+
+
+@contextlib.contextmanager
+def no_zero3_init() -> Iterator[None]:
+    """Load a plain, whole model in one process while DeepSpeed ZeRO-3 is active.
+
+    Under ZeRO-3 Accelerate registers a global HfDeepSpeedConfig, and from_pretrained
+    then partitions new models across ranks with collectives; a model loaded by rank 0
+    alone (merging the adapter, exact-match evaluation) would wait for the others forever.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def apply_lora(model: Any, lora: LoraSpec) -> Any:

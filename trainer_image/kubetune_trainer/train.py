@@ -165,7 +165,8 @@ class Trainer:
         self.stop_requested = True
 
     def _plain_model(self, path: Path) -> Any:
-        return model_mod.load_model(path, torch.float32, self.spec.model.trust_remote_code).eval()
+        with model_mod.no_zero3_init():
+            return model_mod.load_model(path, torch.float32, self.spec.model.trust_remote_code).eval()
 
     # ------------------------------------------------------------------ resume
 
@@ -372,8 +373,10 @@ class Trainer:
                 if spec.output.merge_adapter:
                     from peft import PeftModel
 
-                    base = model_mod.load_model(self.model_path, model_mod.resolve_dtype(spec.model.dtype, torch.cuda.is_available()), spec.model.trust_remote_code)
-                    merged = PeftModel.from_pretrained(base, str(out / ADAPTER_DIR)).merge_and_unload()
+                    with model_mod.no_zero3_init():
+                        dtype = model_mod.resolve_dtype(spec.model.dtype, torch.cuda.is_available())
+                        base = model_mod.load_model(self.model_path, dtype, spec.model.trust_remote_code)
+                        merged = PeftModel.from_pretrained(base, str(out / ADAPTER_DIR)).merge_and_unload()
                     merged.save_pretrained(out / MERGED_DIR, safe_serialization=True)
                     self.tokenizer.save_pretrained(out / MERGED_DIR)
             else:
@@ -397,7 +400,8 @@ class Trainer:
             else:
                 from peft import PeftModel
 
-                tuned = PeftModel.from_pretrained(self._plain_model(self.model_path), str(out / ADAPTER_DIR)).eval()
+                with model_mod.no_zero3_init():
+                    tuned = PeftModel.from_pretrained(self._plain_model(self.model_path), str(out / ADAPTER_DIR)).eval()
             self.metrics["exactMatchAfter"] = self._exact_match(tuned)
             log(f"exact match after training: {self.metrics['exactMatchAfter']:.3f} (before {self.metrics.get('exactMatchBefore', 0):.3f})")
         metrics = {
