@@ -489,8 +489,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--isolate", dest="isolate", action="store_true", default=None, help="a subprocess per run (default on GPU)")
     ap.add_argument("--no-isolate", dest="isolate", action="store_false")
     ap.add_argument("--out", help="result JSON path (default bench/results/<device>-<date>.json)")
+    ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge the modes of earlier result files (same device) into --out")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+
+    if a.combine:
+        parts = [json.loads(Path(x).read_text()) for x in a.combine]
+        devices = {part["device"] for part in parts}
+        if len(devices) != 1:
+            ap.error(f"results from different devices: {sorted(devices)}")
+        merged = {**parts[0]}
+        for part in parts[1:]:
+            merged.update({m: part[m] for m in MODES if m in part})
+        merged["combined_from"] = [Path(x).name for x in a.combine]
+        out = Path(a.out) if a.out else REPO / "bench" / "results" / f"{slug(merged['device'])}-{merged['date']}.json"
+        out.write_text(json.dumps(merged, indent=2) + "\n")
+        print(f"wrote {out} with modes {[m for m in MODES if m in merged]}")
+        return merged
 
     if a.worker:
         job = json.loads(a.worker)
