@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import signal
 
     from harness.cluster import Cluster
-
     from kubetune.render.objects import LABEL_JOB
 
     def on_term(signum: int, frame: Any) -> None:

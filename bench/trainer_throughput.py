@@ -363,7 +363,6 @@ def run_kubetune(p: dict[str, Any], mode: str, work: Path) -> dict[str, Any]:
     import socket
 
     import torch
-
     from kubetune.api.models import FineTuneJobSpec
     from kubetune.render.trainer_config import render_trainer_config
     from kubetune_trainer import __main__ as entry
