@@ -1,0 +1,81 @@
+"""Item 5: 50 FineTuneJobs applied at once (one `kubectl apply`) all reach their expected phase:
+45 valid ones held with `spec.runPolicy.suspend: true` (the Kueue path: the operator creates the
+ConfigMap, Service and a suspended Job; no pods) -> Suspended, 5 the operator refuses -> Failed.
+Prints the operator's RSS and the apply -> workload-created latency (p50/p95)."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+from conftest import job_doc, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+NS_KEY = "many"
+N, N_BAD = 50, 5
+
+
+def test_fifty_jobs_at_once(cluster, kctl, suite_ns, s3, s3_data, operator):
+    docs = []
+    for i in range(N):
+        name = f"many-{i:02d}"
+        if i < N_BAD:
+            doc = job_doc(name, s3, s3_data, steps=5, **{"dataset.eval": None, "training.evalSteps": 5})
+        else:
+            doc = job_doc(name, s3, s3_data, steps=5, **{"runPolicy.suspend": True})
+        docs.append(doc)
+    rss_before = operator.rss_kib()
+
+    seen: dict[str, float] = {}
+    stop = threading.Event()
+    jobs_path = f"/apis/batch/v1/namespaces/{suite_ns}/jobs"
+
+    def watch_jobs() -> None:
+        while not stop.is_set():
+            try:
+                items = cluster.admin.get(jobs_path).get("items") or []
+            except Exception:  # noqa: BLE001
+                items = []
+            now = time.monotonic()
+            for j in items:
+                seen.setdefault(j["metadata"]["name"].removesuffix("-r0"), now)
+            stop.wait(0.2)
+
+    watcher = threading.Thread(target=watch_jobs, daemon=True)
+    watcher.start()
+    t0 = time.monotonic()
+    kctl.apply(suite_ns, yaml.safe_dump_all(docs))
+    t_applied = time.monotonic() - t0
+    try:
+        wait_for(f"{N - N_BAD} workloads", lambda: len(seen) >= N - N_BAD, 180, 1)
+
+        def phases() -> dict[str, int]:
+            out: dict[str, int] = {}
+            for o in kctl.get(suite_ns, "ftj") or []:
+                ph = (o.get("status") or {}).get("phase", "-")
+                out[ph] = out.get(ph, 0) + 1
+            return out
+
+        wait_for("all phases", lambda: phases() == {"Suspended": N - N_BAD, "Failed": N_BAD}, 240, 2)
+        t_all = time.monotonic() - t0
+    finally:
+        stop.set()
+        watcher.join(5)
+    rss_after = operator.rss_kib()
+    lat = sorted(seen[n] - t0 for n in seen)
+    p50 = statistics.median(lat)
+    p95 = lat[min(len(lat) - 1, int(round(0.95 * len(lat))) - 1)]
+    print(f"\n[suite] {N} jobs: kubectl apply {t_applied:.1f}s; apply->Job created p50 {p50:.2f}s p95 {p95:.2f}s "
+          f"max {lat[-1]:.2f}s; all phases reached {t_all:.1f}s; operator RSS {rss_before / 1024:.0f} MiB -> "
+          f"{rss_after / 1024:.0f} MiB", file=sys.stderr)
+    # Nothing ran: no pods for suspended or refused jobs; refused ones have no workload at all.
+    assert kctl.get(suite_ns, "pods") == []
+    assert not any(f"many-{i:02d}" in seen for i in range(N_BAD))
+    jobs = kctl.get(suite_ns, "jobs")
+    assert len(jobs) == N - N_BAD and all(j["spec"]["suspend"] is True for j in jobs)
+    assert operator.healthy()
+    assert rss_after < 1024 * 1024, rss_after  # < 1 GiB (the chart's limit is 512Mi: report, not gate)
