@@ -111,6 +111,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path: Path) 
 @pytest.mark.slow
 def test_early_stopping_ends_before_max_steps(tmp_path: Path) -> None:
     spec = job_spec(tmp_path, **{"training.maxSteps": 200, "training.learningRate": 1e-9, "training.evalSteps": 2,
+                                 "dataset.eval": None, "dataset.evalSplit": 0.1,
                                  "training.earlyStopping": {"patience": 2, "minDelta": 0.01}})  # fmt: skip
     code, out = run_trainer(tmp_path, spec, nproc=1)
     assert code == 0, out[-3000:]

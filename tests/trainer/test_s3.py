@@ -80,13 +80,60 @@ def test_large_artifact_uploads_in_parts(s3, s3_endpoint: str, tmp_path: Path) -
     assert (back / "big.bin").read_bytes() == big.read_bytes()
 
 
-def test_refused_credentials_are_credentials_invalid(s3_endpoint: str) -> None:
-    """moto's server accepts any key, so S3's refusal is replayed with botocore's Stubber."""
+@pytest.fixture
+def authenticating_s3() -> Iterator[str]:
+    """A second moto server that checks access keys (INITIAL_NO_AUTH_ACTION_COUNT=0): every key is unknown to it."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_bad_credentials_are_credentials_invalid(authenticating_s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
+    with pytest.raises(TrainerError) as err:
+        storage.fetch("s3://models/tiny", StorageSpec(endpoint=authenticating_s3), "spec.model.source", ExitCode.MODEL_NOT_FOUND)
+    assert err.value.exit_code == ExitCode.CREDENTIALS_INVALID
+    assert "InvalidAccessKeyId" in err.value.message and "secretRef" in err.value.message
+
+
+@pytest.mark.slow
+def test_trainer_with_bad_credentials_exits_credentials_invalid(authenticating_s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
+    spec = job_spec(tmp_path, **{"model.source": "s3://models/tiny", "storage": {"endpoint": authenticating_s3}})
+    code, out = run_trainer(tmp_path, spec, nproc=1)
+    assert code == ExitCode.CREDENTIALS_INVALID, out[-3000:]
+    assert termination(tmp_path)["reason"] == "CredentialsInvalid"
+
+
+def test_refused_session_token_is_credentials_invalid(s3_endpoint: str) -> None:
+    """An expired token, replayed with botocore's Stubber (moto does not expire tokens)."""
     from botocore.stub import Stubber
 
     client = storage.s3_client(StorageSpec(endpoint=s3_endpoint))
     with Stubber(client) as stub:
-        stub.add_client_error("list_objects_v2", service_error_code="InvalidAccessKeyId", http_status_code=403)
+        stub.add_client_error("list_objects_v2", service_error_code="ExpiredToken", http_status_code=400)
         with pytest.raises(Exception) as raised:
             storage.s3_list(client, "models", "tiny")
     err = storage.classify_s3_error(raised.value, "spec.model.source", ExitCode.MODEL_NOT_FOUND)
