@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from kubetune.api.contract import ENV_CACHE_DIR, ENV_TERMINATION_LOG, METRICS_FILE, REASONS
+from kubetune.api.contract import COMPLETE_MARKER, ENV_CACHE_DIR, ENV_TERMINATION_LOG, METRICS_FILE, REASONS
 from kubetune.api.models import FineTuneJob
 from kubetune.render.trainer_config import render_trainer_config
 
@@ -126,7 +126,11 @@ def _poll_progress(port: int, stop: threading.Event, tty: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    try:
+        import torch
+    except ImportError:
+        print("kubetune run: the trainer is not installed; pip install 'kubetune[trainer]'", file=sys.stderr)
+        return 64
 
     manifest_path = Path(args.manifest)
     try:
@@ -151,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     print(f"kubetune run: {name}: {config.world_size} process(es), {job.spec.method}, output {job.spec.output.uri}", file=sys.stderr)
     print(f"kubetune run: config {config_path}, log {log_path}", file=sys.stderr)
+    done_marker = Path(job.spec.output.uri.removeprefix("file://")) / COMPLETE_MARKER
+    if done_marker.exists():
+        print(f"kubetune run: {done_marker.parent} already holds finished artifacts; nothing will be trained "
+              "(delete it or pass --output to train again)", file=sys.stderr)  # fmt: skip
     tty = sys.stderr.isatty()
     stop = threading.Event()
     threading.Thread(target=_poll_progress, args=(port, stop, tty), daemon=True).start()
