@@ -249,10 +249,10 @@ def dump(kctl: Kctl, node_agent: Any, ns: str) -> None:
             print(f"--- pod {pod['metadata']['name']}: no log ({e})", file=sys.stderr)
 
 
-def empty_namespace(kctl: Kctl, ns: str, timeout: float = 90) -> None:
+def empty_namespace(kctl: Kctl, ns: str, timeout: float = 150) -> None:
     kctl("-n", ns, "delete", "ftj", "--all", "--wait=false", check=False)
     try:
-        wait_for(f"no FineTuneJobs in {ns}", lambda: kctl.get(ns, "ftj") == [], 30)
+        wait_for(f"no FineTuneJobs in {ns}", lambda: kctl.get(ns, "ftj") == [], timeout)
     except AssertionError:  # a stuck finalizer must not cascade into the next test
         for obj in kctl.get(ns, "ftj") or []:
             kctl("-n", ns, "patch", "ftj", obj["metadata"]["name"], "--type=merge",
