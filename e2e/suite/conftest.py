@@ -265,7 +265,7 @@ def empty_namespace(kctl: Kctl, ns: str, timeout: float = 150) -> None:
 @pytest.fixture
 def suite_ns(request: pytest.FixtureRequest, kctl: Kctl, operator: Operator, s3: Any) -> Iterator[str]:
     """The watched namespace for this module (`NS_KEY` in the test module), with the S3 Secret."""
-    ns = NAMESPACES[getattr(request.module, "NS_KEY")]
+    ns = NAMESPACES[request.module.NS_KEY]
     ensure_secret(kctl, s3, ns)
     empty_namespace(kctl, ns)
     yield ns
