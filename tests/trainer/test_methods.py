@@ -56,3 +56,25 @@ def test_train_only_named_modules() -> None:
 def test_freezing_everything_is_refused() -> None:
     with pytest.raises(TrainerError):
         apply_freeze(_model(), FreezeSpec(trainable_modules=["nothing-matches"]))
+
+
+def test_training_dtype() -> None:
+    import torch
+    from kubetune.api.models import FineTuneJobSpec
+    from kubetune_trainer.model import training_dtype
+
+    def spec(method: str, dtype: str = "auto") -> FineTuneJobSpec:
+        return FineTuneJobSpec.model_validate(
+            {"model": {"source": "/m", "dtype": dtype}, "dataset": {"train": "/d"}, "output": {"uri": "/o"}, "method": method}
+        )
+
+    assert training_dtype(spec("full"), on_gpu=True, deepspeed=False) == torch.float32  # fp32 master weights under DDP
+    assert training_dtype(spec("full"), on_gpu=True, deepspeed=True) == resolve_auto_gpu()
+    assert training_dtype(spec("lora"), on_gpu=False, deepspeed=False) == torch.float32  # CPU: always fp32
+    assert training_dtype(spec("full", "float16"), on_gpu=True, deepspeed=False) == torch.float16  # asked for explicitly
+
+
+def resolve_auto_gpu():  # type: ignore[no-untyped-def]
+    from kubetune_trainer.model import resolve_dtype
+
+    return resolve_dtype("auto", on_gpu=True)

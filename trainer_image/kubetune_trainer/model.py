@@ -113,8 +113,20 @@ def apply_freeze(model: Any, freeze: FreezeSpec) -> None:
         raise TrainerError(ExitCode.CONFIG_INVALID, "spec.freeze leaves no trainable parameter")
 
 
-def prepare_model(spec: FineTuneJobSpec, path: Path, on_gpu: bool) -> Any:
-    model = load_model(path, resolve_dtype(spec.model.dtype, on_gpu), spec.model.trust_remote_code)
+def training_dtype(spec: FineTuneJobSpec, on_gpu: bool, deepspeed: bool) -> torch.dtype:
+    """dtype to load the weights in for training.
+
+    `auto` full fine-tuning under DDP loads fp32 and lets Accelerate autocast to bf16, so
+    AdamW updates fp32 master weights; DeepSpeed keeps its own fp32 master copy, and
+    LoRA's frozen base can stay in bf16 (peft keeps the adapter in fp32).
+    """
+    if spec.model.dtype == "auto" and spec.method == "full" and not deepspeed:
+        return torch.float32
+    return resolve_dtype(spec.model.dtype, on_gpu)
+
+
+def prepare_model(spec: FineTuneJobSpec, path: Path, on_gpu: bool, deepspeed: bool = False) -> Any:
+    model = load_model(path, training_dtype(spec, on_gpu, deepspeed), spec.model.trust_remote_code)
     # No KV cache while training: with one, transformers skips the packed-sequence mask built from position_ids.
     model.config.use_cache = False
     if spec.training.gradient_checkpointing:

@@ -128,7 +128,7 @@ class Trainer:
                 self.metrics["exactMatchBefore"] = before
                 log(f"exact match before training: {before:.3f}")
         on_gpu = torch.cuda.is_available()
-        model = model_mod.prepare_model(spec, self.model_path, on_gpu)
+        model = model_mod.prepare_model(spec, self.model_path, on_gpu, self.accelerator.distributed_type.value == "DEEPSPEED")
         trainable, total = model_mod.trainable_parameters(model)
         if acc.is_main_process:
             log(f"method {spec.method}: {trainable:,} of {total:,} parameters trainable")
