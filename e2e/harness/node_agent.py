@@ -452,6 +452,7 @@ class NodeAgent:
         self._ip_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="node-agent")
+        self._hb_thread = threading.Thread(target=self._heartbeat_loop, daemon=True, name="node-heartbeat")
         self._last_heartbeat = 0.0
         # a random second octet keeps pod IPs of concurrent agents (other test runs) apart
         self._ip_octet = random.randint(1, 254)
@@ -463,11 +464,13 @@ class NodeAgent:
         self._write_hosts([])  # clean stale blocks, check we can write
         self._register()
         self._thread.start()
+        self._hb_thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+        self._hb_thread.join(10)
         for r in list(self.runners.values()):
             r.gone = True
         for r in list(self.runners.values()):
@@ -573,13 +576,21 @@ class NodeAgent:
     # -- main loop ---------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
-            for step in (self._maybe_heartbeat, self._schedule, self._sync_pods, self._sync_dns):
-                try:
-                    step()
-                except Exception as e:  # keep going like a kubelet; remember for debugging
-                    log.exception("node agent step %s failed", step.__name__)
-                    self.errors.append(f"{step.__name__}: {e}")
+            for step in (self._schedule, self._sync_pods, self._sync_dns):
+                self._step(step)
             self._stop.wait(0.3)
+
+    def _heartbeat_loop(self) -> None:
+        # its own thread, so a slow sync (busy CPUs during training) never lets the Lease lapse
+        while not self._stop.wait(1.0):
+            self._step(self._maybe_heartbeat)
+
+    def _step(self, step: Any) -> None:
+        try:
+            step()
+        except Exception as e:  # keep going like a kubelet; remember for debugging
+            log.exception("node agent step %s failed", step.__name__)
+            self.errors = [*self.errors[-199:], f"{step.__name__}: {e}"]
 
     def _maybe_heartbeat(self) -> None:
         if time.monotonic() - self._last_heartbeat > 10:
