@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from harness import binaries
-from harness.cluster import Cluster
+from harness.cluster import KUBECTL, Cluster
 from harness.node_agent import NodeAgent, for_cluster
 from harness.s3 import S3Server
 
@@ -49,6 +49,8 @@ def e2e_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def cluster(e2e_workdir: Path) -> Iterator[Cluster]:
     """etcd + kube-apiserver + kube-controller-manager on loopback (admin kubeconfig)."""
+    if not os.access(KUBECTL, os.X_OK):
+        pytest.skip(f"kubectl not found at {KUBECTL} (set KUBETUNE_E2E_KUBECTL)")
     try:
         binaries.ensure("etcd", "kube-apiserver", "kube-controller-manager")
     except binaries.BinariesUnavailable as e:
