@@ -214,7 +214,8 @@ def render_pod_template(
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image or default_image,
-        "command": ["torchrun"],
+        # torchrun behind a wrapper that exits with the failing rank's ExitCode (torchrun alone exits 1)
+        "command": ["python", "-m", "kubetune_trainer.launch"],
         "args": torchrun_args(spec, name, restart),
         "env": _env(spec),
         "ports": [
