@@ -53,7 +53,7 @@ def test_workload_name_carries_the_gang_generation():
 def test_torchrun_rendezvous_at_rank_zero_stable_dns_name():
     job = render_workload(spec(distributed={"nodes": 2, "procsPerNode": 8, "gpusPerNode": 8}), "demo", "ml", restart=1)
     c = container(job)
-    assert c["command"] == ["python", "-m", "kubetune_trainer.launch"]
+    assert c["command"] == ["torchrun"]
     args = " ".join(c["args"])
     assert "--nnodes 2 --nproc-per-node 8 --node-rank $(JOB_COMPLETION_INDEX)" in args
     assert "--master-addr demo-r1-0.demo --master-port 29500" in args

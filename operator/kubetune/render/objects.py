@@ -214,8 +214,10 @@ def render_pod_template(
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image or default_image,
-        # torchrun behind a wrapper that exits with the failing rank's ExitCode (torchrun alone exits 1)
-        "command": ["python", "-m", "kubetune_trainer.launch"],
+        # Plain torchrun: the failing rank's ExitCode reaches the operator through the
+        # termination message (kubetune_trainer.launch, the image's entrypoint, is not used
+        # here: forwarding SIGTERM a second time raced torchrun's shutdown on suspend).
+        "command": ["torchrun"],
         "args": torchrun_args(spec, name, restart),
         "env": _env(spec),
         "ports": [
