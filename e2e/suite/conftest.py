@@ -19,12 +19,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from harness.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
@@ -38,17 +39,6 @@ SA = "kubetune"  # the chart's fullname for release "kubetune"
 # never touches the random namespaces of e2e/test_operator.py, whose tests run their own operator.
 NAMESPACES = {"happy": "kts-happy", "bad": "kts-bad", "faults": "kts-faults", "many": "kts-many"}
 SECRET = "s3-creds"
-
-
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
 
 
 def helm_binary() -> Path:
