@@ -24,13 +24,24 @@ def job(suspend=False, conditions=()):
 
 
 def pod(
-    name="demo-r0-0", phase="Running", node="n1", exit_code=None, message="", finished="2025-01-01T11:00:00Z"
+    name="demo-r0-0",
+    phase="Running",
+    node="n1",
+    exit_code=None,
+    message="",
+    finished="2025-01-01T11:00:00Z",
+    started=NOW - timedelta(seconds=5),
 ):
     status: dict = {"phase": phase}
     if exit_code is not None:
         term = {"exitCode": exit_code, "message": message, "finishedAt": finished, "reason": "Error"}
         status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": term}}]
-    return {"metadata": {"name": name}, "spec": {"nodeName": node}, "status": status}
+    elif phase == "Running":
+        running = {"startedAt": started.strftime("%Y-%m-%dT%H:%M:%SZ")}
+        status["containerStatuses"] = [{"name": "trainer", "state": {"running": running}}]
+    index = name.rsplit("-", 1)[-1]
+    annotations = {"batch.kubernetes.io/job-completion-index": index}
+    return {"metadata": {"name": name, "annotations": annotations}, "spec": {"nodeName": node}, "status": status}
 
 
 def run(observed, old=None, **spec_overrides):
@@ -62,9 +73,25 @@ def test_scheduled_but_not_all_running_is_initializing():
 
 
 def test_all_pods_running_is_running():
-    d = run(Observed(job=job(), pods=[pod()]))
+    d = run(Observed(job=job(), pods=[pod()], progress=Progress(step=0, total_steps=10, trainer_phase="Training")))
     assert d.status["phase"] == "Running"
     assert condition(d.status, "Running")["status"] == "True"
+
+
+def test_pods_up_before_the_trainer_reports_are_initializing():
+    d = run(Observed(job=job(), pods=[pod()]), old={"phase": "Pending"})
+    assert d.status["phase"] == "Initializing"
+
+
+def test_running_never_steps_back_when_one_progress_read_fails():
+    d = run(Observed(job=job(), pods=[pod()]), old={"phase": "Running"})
+    assert d.status["phase"] == "Running"
+
+
+def test_progress_never_readable_is_running_after_a_grace_period():
+    long_ago = NOW - timedelta(seconds=600)
+    d = run(Observed(job=job(), pods=[pod(started=long_ago)]), old={"phase": "Initializing"})
+    assert d.status["phase"] == "Running" and d.status["message"] == "All 1 pod(s) are running."
 
 
 def test_trainer_still_loading_is_initializing():
@@ -86,6 +113,24 @@ def test_complete_job_succeeds_with_artifacts():
     assert d.status["artifacts"]["mergedModel"] == "s3://out/demo/model/"
     assert d.status["artifacts"]["metrics"] == "s3://out/demo/metrics.json"
     assert condition(d.status, "Succeeded")["status"] == "True"
+
+
+def test_success_takes_the_final_progress_from_rank_0s_termination_message():
+    final = {"step": 160, "totalSteps": 160, "loss": 0.02, "evalLoss": 0.03, "phase": "Succeeded"}
+    msg = json.dumps({"exitCode": 0, "reason": "Succeeded", "message": "training finished", "progress": final})
+    rank0 = pod("demo-r0-0", phase="Succeeded", exit_code=0, message=msg)
+    rank1 = pod("demo-r0-1", phase="Succeeded", exit_code=0, message="")
+    old = {"phase": "Running", "progress": {"step": 159, "totalSteps": 160, "percent": 99.4}}
+    d = run(Observed(job=job(conditions=["Complete"]), pods=[rank1, rank0]), old=old, distributed={"nodes": 2})
+    assert d.status["phase"] == "Succeeded"
+    assert d.status["progress"]["step"] == 160 and d.status["progress"]["percent"] == 100.0
+    assert d.status["progress"]["evalLoss"] == 0.03 and d.status["progress"]["trainerPhase"] == "Succeeded"
+
+
+def test_success_without_a_final_message_keeps_the_last_polled_progress():
+    old = {"phase": "Running", "progress": {"step": 159, "totalSteps": 160}}
+    d = run(Observed(job=job(conditions=["Complete"]), pods=[pod(phase="Succeeded", exit_code=0)]), old=old)
+    assert d.status["phase"] == "Succeeded" and d.status["progress"]["step"] == 159
 
 
 def test_full_fine_tune_has_no_adapter_artifact():

@@ -42,6 +42,17 @@ def test_artifacts_layout_and_manifest(lora_run: Path) -> None:
 
 
 @pytest.mark.slow
+def test_success_termination_message_carries_the_final_progress(lora_run: Path) -> None:
+    """The operator's last poll can be a step behind; the message rank 0 leaves has the last step."""
+    message = termination(lora_run.parent)
+    assert message["exitCode"] == 0 and message["reason"] == "Succeeded"
+    progress = message["progress"]
+    assert progress["step"] == progress["totalSteps"] > 0 and progress["phase"] == "Succeeded"
+    assert progress["loss"] > 0 and "evalLoss" in progress
+    assert len(json.dumps(message)) < 4096  # what Kubernetes keeps of a termination message
+
+
+@pytest.mark.slow
 def test_merged_model_matches_base_plus_adapter(lora_run: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -60,8 +60,13 @@ def main(argv: list[str] | None = None) -> int:
             code = trainer.train()
             if code == ExitCode.OK:
                 trainer.save()
-        message = "training finished" if code == ExitCode.OK else "stopped by SIGTERM after writing a checkpoint"
-        write_termination_message(code, message)
+        if code == ExitCode.OK:
+            # Rank 0 alone: on a node running several ranks the message is one file, and it carries the
+            # final progress the operator shows once the job has succeeded.
+            if int(os.environ.get("RANK", "0")) == 0:
+                write_termination_message(code, "training finished", trainer.progress.snapshot())
+        else:
+            write_termination_message(code, "stopped by SIGTERM after writing a checkpoint")
         return int(code)
     except TrainerError as exc:
         print(f"[kubetune] error: {exc.message}", file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from kubetune.api.contract import ENV_TERMINATION_LOG, REASONS, ExitCode
 
@@ -18,8 +19,16 @@ class TrainerError(Exception):
         self.message = message
 
 
-def termination_message(exit_code: int, message: str) -> dict[str, object]:
-    return {"exitCode": int(exit_code), "reason": REASONS.get(exit_code, "Succeeded" if exit_code == 0 else "Error"), "message": message[-3000:]}
+def termination_message(exit_code: int, message: str, progress: dict[str, Any] | None = None) -> dict[str, object]:
+    """The JSON the operator reads. Kubernetes keeps at most 4096 bytes of it, so the message is cut."""
+    out: dict[str, object] = {
+        "exitCode": int(exit_code),
+        "reason": REASONS.get(exit_code, "Succeeded" if exit_code == 0 else "Error"),
+        "message": message[-2500:],
+    }
+    if progress:
+        out["progress"] = {k: v for k, v in progress.items() if v is not None}
+    return out
 
 
 def _holds_error(path: Path) -> bool:
@@ -29,9 +38,12 @@ def _holds_error(path: Path) -> bool:
         return False
 
 
-def write_termination_message(exit_code: int, message: str) -> None:
-    """Kubernetes shows /dev/termination-log in the pod status; $KUBETUNE_TERMINATION_LOG wins when set."""
-    text = json.dumps(termination_message(exit_code, message))
+def write_termination_message(exit_code: int, message: str, progress: dict[str, Any] | None = None) -> None:
+    """Kubernetes shows /dev/termination-log in the pod status; $KUBETUNE_TERMINATION_LOG wins when set.
+
+    `progress` is rank 0's final /progress snapshot: the operator's last poll may be a step behind.
+    """
+    text = json.dumps(termination_message(exit_code, message, progress))
     targets = [os.environ.get(ENV_TERMINATION_LOG), "/dev/termination-log"]
     for target in targets:
         if not target:

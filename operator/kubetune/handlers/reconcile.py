@@ -13,11 +13,9 @@ from kubetune.api.models import FineTuneJobSpec
 from kubetune.api.validation import SpecInvalid, parse_spec
 from kubetune.handlers import kube
 from kubetune.handlers.settings import Settings
-from kubetune.render.objects import render_all, render_workload, workload_name
+from kubetune.render.objects import COMPLETION_INDEX, render_all, render_workload, workload_name
 from kubetune.status.derive import TERMINAL, Decision, Observed, derive, iso, refused_status, ttl_expired
 from kubetune.status.progress import fetch_progress, to_progress
-
-COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
 
 def now() -> datetime:

@@ -30,6 +30,8 @@ LABEL_ROLE: Final = "kubetune.io/role"
 LABEL_QUEUE: Final = "kueue.x-k8s.io/queue-name"
 MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes.io/part-of": "kubetune"}
 
+COMPLETION_INDEX: Final = "batch.kubernetes.io/job-completion-index"
+"""The Job controller's annotation on each pod: its index, i.e. the node rank."""
 CONTAINER: Final = "trainer"
 CONFIG_DIR: Final = "/etc/kubetune"
 CONFIG_KEY: Final = "trainer-config.yaml"

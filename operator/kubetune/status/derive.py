@@ -14,13 +14,17 @@ from typing import Any, Literal
 
 from kubetune.api import contract
 from kubetune.api.models import Artifacts, FineTuneJobSpec, Progress
-from kubetune.render.objects import CONTAINER, workload_name
+from kubetune.render.objects import COMPLETION_INDEX, CONTAINER, workload_name
 from kubetune.status import conditions as c
+from kubetune.status.progress import to_progress
 
 Action = Literal["none", "create", "restart", "stop"]
 TERMINAL = ("Succeeded", "Failed")
 # What rank 0 reports while it is not yet optimising.
 STARTING_TRAINER_PHASES = ("starting", "loading", "initializing", "resuming", "downloading", "tokenizing")
+# Pods up this long with rank 0's progress never read: call it Running anyway (e.g. a NetworkPolicy
+# keeps the operator from the progress port), and say so in the message.
+PROGRESS_GRACE_SECONDS = 120
 
 
 @dataclass(frozen=True)
@@ -170,7 +174,21 @@ def deadline_exceeded(spec: FineTuneJobSpec, start_time: str | None, now: dateti
     return bool(limit and start and (now - start).total_seconds() > limit)
 
 
-def _pod_phase(spec: FineTuneJobSpec, pods: list[dict[str, Any]], progress: Progress | None) -> tuple[str, str, str]:
+def _running_since(pods: list[dict[str, Any]]) -> datetime | None:
+    """When the last of the trainer containers started running."""
+    starts = []
+    for p in pods:
+        for cs in (p.get("status") or {}).get("containerStatuses") or []:
+            if cs.get("name") == CONTAINER:
+                started = _parse_time(((cs.get("state") or {}).get("running") or {}).get("startedAt"))
+                if started is not None:
+                    starts.append(started)
+    return max(starts) if starts else None
+
+
+def _pod_phase(
+    spec: FineTuneJobSpec, pods: list[dict[str, Any]], progress: Progress | None, old_phase: str | None, now: datetime
+) -> tuple[str, str, str]:
     """(phase, reason, message) of a live, unsuspended gang."""
     nodes = spec.distributed.nodes
     phases = [(p.get("status") or {}).get("phase") for p in pods]
@@ -184,10 +202,32 @@ def _pod_phase(spec: FineTuneJobSpec, pods: list[dict[str, Any]], progress: Prog
                 "TrainingRunning", step=progress.step, total=progress.total_steps or "?", percent=progress.percent or 0
             )
             return "Running", "TrainingRunning", msg
+        if progress is None and old_phase != "Running":
+            # The trainer serves progress once it is up; until then it is still starting. Never step back
+            # from Running because one read failed.
+            since = _running_since(pods)
+            if since is None or (now - since).total_seconds() < PROGRESS_GRACE_SECONDS:
+                return "Initializing", "PodsStarting", c.reason_message("PodsStarting")
         return "Running", "TrainingStarted", c.reason_message("TrainingStarted", nodes=nodes)
     if scheduled or up:
         return "Initializing", "PodsStarting", c.reason_message("PodsStarting")
     return "Pending", "PodsPending", c.reason_message("PodsPending", nodes=nodes, pending=nodes - up)
+
+
+def final_progress(pods: list[dict[str, Any]], now: datetime) -> Progress | None:
+    """The progress rank 0 left in its termination message when it finished (the last poll may be a step behind)."""
+    for p in pods:
+        if ((p.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX) != "0":
+            continue
+        term = _terminated(p) or {}
+        raw = (term.get("message") or "").strip()
+        try:
+            parsed = json.loads(raw) if raw.startswith("{") else None
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("progress"), dict):
+            return to_progress(parsed["progress"], iso(now))
+    return None
 
 
 # ------------------------------------------------------------------ derive
@@ -238,6 +278,8 @@ def derive(
         phase, reason = "Succeeded", "TrainingSucceeded"
         message = c.reason_message(reason, uri=spec.output.uri)
         status["artifacts"] = artifacts(spec).model_dump(by_alias=True, exclude_none=True)
+        if (final := final_progress(observed.pods, now)) is not None:
+            status["progress"] = final.model_dump(by_alias=True, exclude_none=True, mode="json")
     elif (job.get("spec") or {}).get("suspend"):
         phase, reason, message = "Suspended", "JobSuspended", c.reason_message("JobSuspended")
     elif (failure := decisive_failure(observed.pods)) is not None or _job_condition(job, "Failed"):
@@ -261,7 +303,7 @@ def derive(
             message = c.reason_message(reason, restarts=restarts, cause=failure.describe())
             action = "stop"
     else:
-        phase, reason, message = _pod_phase(spec, observed.pods, observed.progress)
+        phase, reason, message = _pod_phase(spec, observed.pods, observed.progress, old_phase, now)
 
     if phase in TERMINAL:
         status["completionTime"] = ts
