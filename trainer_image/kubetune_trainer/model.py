@@ -138,6 +138,33 @@ def prepare_model(spec: FineTuneJobSpec, path: Path, on_gpu: bool, deepspeed: bo
     return model
 
 
+def ddp_state_bytes(spec: FineTuneJobSpec, path: Path, on_gpu: bool) -> int:
+    """Weights + gradients + AdamW state one GPU would hold under DDP, sized on an empty (meta)
+    model built from config.json with the job's LoRA or freezing applied: nothing is loaded."""
+    from accelerate import init_empty_weights
+    from kubetune.render.deepspeed import ddp_state_bytes as state_bytes
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=spec.model.trust_remote_code)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.model.trust_remote_code)
+        model.tie_weights()  # inside init_empty_weights tying is skipped; a loaded model shares them
+        with init_empty_weights():
+            if spec.freeze is not None and spec.method == "full":
+                apply_freeze(model, spec.freeze)
+            if spec.method == "lora":
+                model = apply_lora(model, spec.lora or LoraSpec())
+    except TrainerError:
+        raise
+    except Exception as exc:
+        raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: cannot read the model's config at {path}: {type(exc).__name__}: {exc}") from exc
+    trainable, total = trainable_parameters(model)
+    weight = torch.empty((), dtype=training_dtype(spec, on_gpu, deepspeed=False)).element_size()
+    # peft keeps adapter weights in fp32 whatever the base's dtype.
+    return state_bytes(total, trainable, weight, 4 if spec.method == "lora" else weight)
+
+
 def trainable_parameters(model: Any) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total

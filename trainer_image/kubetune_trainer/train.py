@@ -10,6 +10,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -24,7 +25,7 @@ from kubetune.api.contract import (
     ExitCode,
 )
 from kubetune.api.trainer_config import TrainerConfig
-from kubetune.render.deepspeed import render_deepspeed_config, uses_deepspeed
+from kubetune.render.deepspeed import BackendChoice, choose_backend, render_deepspeed_config
 
 from kubetune_trainer import checkpoint as ckpt
 from kubetune_trainer import data as data_mod
@@ -56,7 +57,7 @@ class TrainState:
     train_seconds: float = 0.0
 
 
-def build_accelerator(config: TrainerConfig) -> Any:
+def build_accelerator(config: TrainerConfig, use_deepspeed: bool) -> Any:
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
@@ -66,7 +67,7 @@ def build_accelerator(config: TrainerConfig) -> Any:
     accum = config.gradient_accumulation_steps
     # A seedable sampler makes each epoch's order a function of (seed, epoch): resume can skip what was seen.
     loaders = DataLoaderConfiguration(use_seedable_sampler=True)
-    if uses_deepspeed(spec, gpus_available=on_gpu) or config.deepspeed:
+    if use_deepspeed:
         ds = dict(config.deepspeed or render_deepspeed_config(spec, config.world_size, accum, on_gpu))
         if not on_gpu:  # fp32 on CPU whatever the rendered config says
             ds = {**ds, "bf16": {"enabled": False}, "fp16": {"enabled": False}}
@@ -78,6 +79,19 @@ def build_accelerator(config: TrainerConfig) -> Any:
     prec = spec.training.precision
     mixed = "no" if not on_gpu or prec == "fp32" else ("fp16" if prec == "fp16" else "bf16")
     return Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=handlers, gradient_accumulation_steps=accum, dataloader_config=loaders)
+
+
+def pick_backend(config: TrainerConfig, on_gpu: bool, model_dir: Callable[[], Path]) -> BackendChoice:
+    """DDP or DeepSpeed: the spec decides, or for `auto` on several GPUs, the model's size against
+    the GPU's memory (the model is fetched first; every rank reaches the same answer)."""
+    spec = config.spec
+    first = choose_backend(spec, on_gpu)
+    dist = spec.distributed
+    if dist.backend != "auto" or not first.deepspeed or dist.offload_optimizer or dist.offload_params:
+        return first
+    state = model_mod.ddp_state_bytes(spec, model_dir(), on_gpu)
+    device = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+    return choose_backend(spec, on_gpu, state, device)
 
 
 class Trainer:
@@ -98,7 +112,10 @@ class Trainer:
 
         spec = self.spec
         self.started = time.time()
-        self.accelerator = acc = build_accelerator(self.config)
+        on_gpu = torch.cuda.is_available()
+        self.model_path: Path | None = None
+        self.backend = pick_backend(self.config, on_gpu, self._model_dir)
+        self.accelerator = acc = build_accelerator(self.config, self.backend.deepspeed)
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if self.world_size != self.config.world_size:
@@ -109,6 +126,7 @@ class Trainer:
         if acc.is_main_process:
             self.server = serve(self.progress, self.config.progress_port)
             log(f"progress on :{self.server.server_address[1]}/progress; world size {self.world_size}; {acc.distributed_type}")
+            log(f"backend {self.backend.name}: {self.backend.reason}")
         set_seed(spec.training.seed)
         self.store = OutputStore(spec.output.uri, spec.storage)
         if acc.is_main_process:
@@ -118,22 +136,23 @@ class Trainer:
             if acc.is_main_process:
                 log(f"{self.store.uri} already holds complete artifacts; nothing to do")
             return
-        self.model_path = model_mod.model_path(spec)
-        self.tokenizer = model_mod.load_tokenizer(self.model_path, spec.model.trust_remote_code)
+        model_path = self._model_dir()
+        self.tokenizer = model_mod.load_tokenizer(model_path, spec.model.trust_remote_code)
         train, evals, self.gen_examples = data_mod.load_examples(spec.dataset, spec.storage, self.tokenizer, spec.training.seed)
         if acc.is_main_process:
             log(f"{len(train)} training and {len(evals)} evaluation sequences")
             if spec.training.eval_generation_samples and self.gen_examples:
-                before = self._exact_match(self._plain_model(self.model_path))
+                before = self._exact_match(self._plain_model(self._model_dir()))
                 self.metrics["exactMatchBefore"] = before
                 log(f"exact match before training: {before:.3f}")
-        on_gpu = torch.cuda.is_available()
-        model = model_mod.prepare_model(spec, self.model_path, on_gpu, self.accelerator.distributed_type.value == "DEEPSPEED")
+        model = model_mod.prepare_model(spec, model_path, on_gpu, self.backend.deepspeed)
         trainable, total = model_mod.trainable_parameters(model)
         if acc.is_main_process:
             log(f"method {spec.method}: {trainable:,} of {total:,} parameters trainable")
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=spec.training.learning_rate, weight_decay=spec.training.weight_decay)
+        # One fused kernel per step on CUDA under DDP; DeepSpeed manages (and may offload) the state itself.
+        fused = on_gpu and not self.backend.deepspeed
+        optimizer = torch.optim.AdamW(params, lr=spec.training.learning_rate, weight_decay=spec.training.weight_decay, fused=fused or None)
 
         pad = self.tokenizer.pad_token_id
         packed = spec.dataset.packing
@@ -160,6 +179,11 @@ class Trainer:
             if acc.is_main_process:
                 log(f"eval loss before training: {self.metrics['evalLossBefore']:.4f}")
         self.progress.update(totalSteps=self.total_steps, step=self.state.step, phase="Training")
+
+    def _model_dir(self) -> Path:
+        if self.model_path is None:
+            self.model_path = model_mod.model_path(self.spec)
+        return self.model_path
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.stop_requested = True
@@ -375,7 +399,7 @@ class Trainer:
 
                     with model_mod.no_zero3_init():
                         dtype = model_mod.resolve_dtype(spec.model.dtype, torch.cuda.is_available())
-                        base = model_mod.load_model(self.model_path, dtype, spec.model.trust_remote_code)
+                        base = model_mod.load_model(self._model_dir(), dtype, spec.model.trust_remote_code)
                         merged = PeftModel.from_pretrained(base, str(out / ADAPTER_DIR)).merge_and_unload()
                     merged.save_pretrained(out / MERGED_DIR, safe_serialization=True)
                     self.tokenizer.save_pretrained(out / MERGED_DIR)
@@ -401,7 +425,7 @@ class Trainer:
                 from peft import PeftModel
 
                 with model_mod.no_zero3_init():
-                    tuned = PeftModel.from_pretrained(self._plain_model(self.model_path), str(out / ADAPTER_DIR)).eval()
+                    tuned = PeftModel.from_pretrained(self._plain_model(self._model_dir()), str(out / ADAPTER_DIR)).eval()
             self.metrics["exactMatchAfter"] = self._exact_match(tuned)
             log(f"exact match after training: {self.metrics['exactMatchAfter']:.3f} (before {self.metrics.get('exactMatchBefore', 0):.3f})")
         metrics = {
@@ -409,6 +433,8 @@ class Trainer:
             "steps": st.step,
             "totalSteps": self.total_steps,
             "worldSize": self.world_size,
+            "backend": self.backend.name,
+            "backendReason": self.backend.reason,
             "lossCurve": st.loss_curve,
             "evals": st.evals,
             "evalLossBefore": self.metrics.get("evalLossBefore"),

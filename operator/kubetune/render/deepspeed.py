@@ -6,18 +6,67 @@ that DeepSpeed can check on its own: micro batch x accumulation x world size = t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api.models import FineTuneJobSpec
 
 
 def uses_deepspeed(spec: FineTuneJobSpec, gpus_available: bool | None = None) -> bool:
-    """`auto` picks DeepSpeed only for multi-GPU jobs; DDP is simpler and enough elsewhere."""
+    """Whether DeepSpeed may run: always for `deepspeed`; for `auto`, multi-GPU jobs, where the
+    trainer makes the final choice at start with `choose_backend` (it knows the model and the GPU)."""
     backend = spec.distributed.backend
     if backend == "auto":
         gpus = spec.distributed.gpus_per_node if gpus_available is None else (1 if gpus_available else 0)
         return gpus > 0 and spec.distributed.nodes * spec.distributed.procs_per_node > 1
     return backend == "deepspeed"
+
+
+DDP_STATE_FRACTION = 0.6
+"""`auto` picks DDP when weights + gradients + optimizer state take at most this share of one GPU's
+memory; the rest is for activations, the CUDA context and the allocator's slack."""
+
+
+def ddp_state_bytes(total_params: int, trainable_params: int, weight_bytes: int, trainable_bytes: int) -> int:
+    """What one GPU holds under DDP before activations: every weight once, and per trainable
+    parameter its gradient, AdamW's two moments and DDP's gradient bucket (four more copies)."""
+    frozen = total_params - trainable_params
+    return frozen * weight_bytes + trainable_params * trainable_bytes * 5
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    deepspeed: bool
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return "deepspeed" if self.deepspeed else "ddp"
+
+
+def choose_backend(
+    spec: FineTuneJobSpec,
+    on_gpu: bool,
+    state_bytes: int | None = None,
+    device_bytes: int | None = None,
+) -> BackendChoice:
+    """DDP or DeepSpeed for this run. `auto`: DDP when the model and its optimizer state fit one
+    GPU (ZeRO only adds communication there), DeepSpeed ZeRO when they do not or when offload is asked."""
+    dist = spec.distributed
+    if dist.backend != "auto":
+        return BackendChoice(dist.backend == "deepspeed", f"spec.distributed.backend is {dist.backend}")
+    if not uses_deepspeed(spec, gpus_available=on_gpu):
+        return BackendChoice(False, "one GPU or CPU processes: DDP")
+    if dist.offload_optimizer or dist.offload_params:
+        return BackendChoice(True, "offload asked: DeepSpeed ZeRO")
+    if state_bytes is None or not device_bytes:
+        return BackendChoice(True, "model size unknown: DeepSpeed ZeRO")
+    gib = 1024**3
+    share = f"{state_bytes / gib:.1f} GiB of weights, gradients and optimizer state per GPU under DDP"
+    budget = f"{DDP_STATE_FRACTION:.0%} of {device_bytes / gib:.0f} GiB"
+    if state_bytes <= DDP_STATE_FRACTION * device_bytes:
+        return BackendChoice(False, f"{share} fit in {budget}: DDP")
+    return BackendChoice(True, f"{share} exceed {budget}: DeepSpeed ZeRO-{dist.zero_stage}")
 
 
 def precision(spec: FineTuneJobSpec, on_gpu: bool) -> str:
