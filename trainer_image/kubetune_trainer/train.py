@@ -215,17 +215,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ train
 
-    def _flags(self, nonfinite: bool) -> tuple[bool, bool]:
-        """All ranks agree on (loss not finite somewhere, SIGTERM seen somewhere)."""
-        t = torch.tensor([float(nonfinite), float(self.stop_requested)], device=self.accelerator.device)
+    def _flags(self, nonfinite: torch.Tensor) -> tuple[bool, bool]:
+        """All ranks agree on (loss not finite somewhere, SIGTERM seen somewhere). The one host sync per
+        optimizer step: losses and token counts stay on the device until a logging step."""
+        t = torch.stack([(nonfinite > 0).float(), torch.tensor(float(self.stop_requested), device=nonfinite.device)])
         if self.world_size > 1:
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t[0] > 0), bool(t[1] > 0)
+        flags = t.tolist()
+        return flags[0] > 0, flags[1] > 0
 
     def train(self) -> ExitCode:
         acc, spec, st = self.accelerator, self.spec, self.state
-        window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.time()
-        preempted = stopped_early = False
+        device = acc.device
+        zero = lambda: torch.zeros((), device=device)  # noqa: E731
+        window_loss, window_n, window_tokens, window_start = zero(), 0, zero(), time.time()
+        nonfinite, bad_loss = zero(), zero()
+        preempted = stopped_early = stop = False
         debug_stop_at = int(os.environ.get(ENV_DEBUG_STOP_AT_STEP, "0"))  # tests: act as if SIGTERM came at this step
         self.model.train()
         while st.step < self.total_steps and not (preempted or stopped_early):
@@ -235,35 +240,42 @@ class Trainer:
                 with acc.accumulate(self.model):
                     out = self.model(**batch, use_cache=False)
                     loss = out.loss
-                    nonfinite, stop = self._flags(not torch.isfinite(loss.detach()).item())
-                    if nonfinite:
-                        raise TrainerError(
-                            ExitCode.LOSS_NOT_FINITE,
-                            f"loss became {loss.item()} at step {st.step + 1}; lower spec.training.learningRate or check the data. "
-                            "The last good checkpoint is kept.",
-                        )
+                    detached = loss.detach().float()
+                    finite = torch.isfinite(detached)
+                    nonfinite += (~finite).float()
+                    bad_loss = torch.where(finite, bad_loss, detached)
                     acc.backward(loss)
-                    if acc.sync_gradients and spec.training.max_grad_norm > 0 and acc.distributed_type.value != "DEEPSPEED":
-                        acc.clip_grad_norm_(self.model.parameters(), spec.training.max_grad_norm)
+                    if acc.sync_gradients:
+                        # Checked before the update, so a non-finite loss in any micro-batch never reaches the weights.
+                        bad, stop = self._flags(nonfinite)
+                        if bad:
+                            raise TrainerError(
+                                ExitCode.LOSS_NOT_FINITE,
+                                f"loss became {bad_loss.item()} at step {st.step + 1}; lower spec.training.learningRate or check the data. "
+                                "The last good checkpoint is kept.",
+                            )
+                        if spec.training.max_grad_norm > 0 and acc.distributed_type.value != "DEEPSPEED":
+                            acc.clip_grad_norm_(self.model.parameters(), spec.training.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                 st.batches_in_epoch += 1
-                window_loss += loss.item()
+                window_loss += torch.nan_to_num(detached)
                 window_n += 1
-                window_tokens += int((batch["labels"] != data_mod.IGNORE).sum()) if "labels" in batch else 0
+                if "labels" in batch:
+                    window_tokens += (batch["labels"] != data_mod.IGNORE).sum()
                 if not acc.sync_gradients:
                     continue
                 self.scheduler.step()
                 st.step += 1
                 if st.step % spec.training.logging_steps == 0 or st.step == self.total_steps:
-                    stats = acc.reduce(torch.tensor([window_loss / max(window_n, 1), float(window_tokens)], device=acc.device), "sum")
+                    stats = acc.reduce(torch.stack([window_loss / max(window_n, 1), window_tokens.float()]), "sum").tolist()
                     elapsed = time.time() - window_start
-                    mean_loss = float(stats[0]) / self.world_size
-                    tps = float(stats[1]) / max(elapsed, 1e-9)
+                    mean_loss = stats[0] / self.world_size
+                    tps = stats[1] / max(elapsed, 1e-9)
                     st.tokens_seen += int(stats[1])
                     st.train_seconds += elapsed
                     self._report(mean_loss, tps)
-                    window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.time()
+                    window_loss, window_n, window_tokens, window_start = zero(), 0, zero(), time.time()
                 if self.eval_loader is not None and spec.training.eval_steps and st.step % spec.training.eval_steps == 0:
                     stopped_early = self._evaluate_and_check()
                 preempted = stop or st.step == debug_stop_at
