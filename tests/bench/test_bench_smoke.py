@@ -56,3 +56,14 @@ def test_s3_transfer_smoke(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     for key in ("upload_mb_s", "baseline_upload_mb_s", "download_mb_s", "baseline_download_mb_s", "upload_ratio", "download_ratio"):
         assert _finite(result[key]) and result[key] > 0, key
+
+
+def test_loss_memory_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "loss.json"
+    cmd = [sys.executable, str(REPO / "bench" / "loss_memory.py"), "--tokens", "96", "--hidden", "32", "--vocab", "3000", "--reps", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["loss_rel_diff"] < 1e-5 and result["grad_w_rel_diff"] < 1e-4
+    for side in ("model", "chunked"):
+        assert _finite(result[side]["peak_mib"]) and result[side]["seconds"] > 0

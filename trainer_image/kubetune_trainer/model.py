@@ -135,6 +135,11 @@ def prepare_model(spec: FineTuneJobSpec, path: Path, on_gpu: bool, deepspeed: bo
         apply_freeze(model, spec.freeze)
     if spec.method == "lora":
         model = apply_lora(model, spec.lora or LoraSpec())
+    # ZeRO-3 partitions lm_head's weight outside its own forward: keep the model's loss there.
+    if not (deepspeed and spec.distributed.zero_stage == 3):
+        from kubetune_trainer import loss
+
+        loss.install(model)
     return model
 
 

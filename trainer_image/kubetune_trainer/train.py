@@ -29,6 +29,7 @@ from kubetune.render.deepspeed import BackendChoice, choose_backend, render_deep
 
 from kubetune_trainer import checkpoint as ckpt
 from kubetune_trainer import data as data_mod
+from kubetune_trainer import loss as loss_mod
 from kubetune_trainer import model as model_mod
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.progress import ProgressState, serve
@@ -147,8 +148,13 @@ class Trainer:
                 log(f"exact match before training: {before:.3f}")
         model = model_mod.prepare_model(spec, model_path, on_gpu, self.backend.deepspeed)
         trainable, total = model_mod.trainable_parameters(model)
+        self.metrics["chunkedLoss"] = loss_mod.installed(model)
         if acc.is_main_process:
             log(f"method {spec.method}: {trainable:,} of {total:,} parameters trainable")
+            if self.metrics["chunkedLoss"]:
+                log("loss: chunked linear + cross-entropy (no full logits)")
+            else:
+                log(f"loss: the model's own ({loss_mod.supported(model) or 'off under ZeRO-3, or KUBETUNE_CHUNKED_LOSS=0'})")
         params = [p for p in model.parameters() if p.requires_grad]
         # One fused kernel per step on CUDA under DDP; DeepSpeed manages (and may offload) the state itself.
         fused = on_gpu and not self.backend.deepspeed
