@@ -41,7 +41,6 @@ def _rss_mib() -> float:
 def one(kind: str, tokens: int, hidden: int, vocab: int, dtype: str, reps: int) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
-
     from kubetune_trainer.loss import linear_cross_entropy
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
