@@ -38,7 +38,7 @@ def _rss_mib() -> float:
     return 0.0
 
 
-def one(kind: str, tokens: int, hidden: int, vocab: int, dtype: str, reps: int) -> dict[str, float]:
+def one(kind: str, tokens: int, hidden: int, vocab: int, dtype: str, reps: int) -> dict[str, object]:
     import torch
     import torch.nn.functional as F
     from kubetune_trainer.loss import linear_cross_entropy
