@@ -158,6 +158,27 @@ def download_s3_prefix(storage: StorageSpec, uri: str, dest: Path, not_found: Ex
         raise classify_s3_error(exc, what, not_found) from exc
 
 
+def classify_hub_error(exc: BaseException, not_found: ExitCode) -> tuple[ExitCode, str]:
+    """A hub failure -> (exit code, what to do). A missing repo, revision or file is the user's to fix;
+    a gated repo needs a token; an unreachable hub or a server error may pass, so a restart can help."""
+    from huggingface_hub import errors
+
+    if isinstance(exc, errors.GatedRepoError):
+        return ExitCode.CREDENTIALS_INVALID, "the repo is gated: accept its terms and give the pods HF_TOKEN (spec.env from a Secret)"
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return not_found, "no such repo, or it is private and HF_TOKEN is missing"
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return not_found, "no such revision: fix spec.model.revision"
+    if isinstance(exc, errors.LocalEntryNotFoundError | errors.OfflineModeIsEnabled):
+        return ExitCode.STORAGE_UNAVAILABLE, "the hub could not be reached (HF_ENDPOINT, proxy, network policy)"
+    if isinstance(exc, errors.EntryNotFoundError):
+        return not_found, "a file the repo lists is missing"
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403):
+        return ExitCode.CREDENTIALS_INVALID, "the hub refused the token: check HF_TOKEN"
+    return ExitCode.STORAGE_UNAVAILABLE, "hub error"
+
+
 def fetch(uri: str, storage: StorageSpec, what: str, not_found: ExitCode, revision: str | None = None) -> Path:
     """A local path holding what `uri` names (a file or a directory); remote sources are cached per node."""
     path = local_path(uri)
@@ -178,10 +199,9 @@ def fetch(uri: str, storage: StorageSpec, what: str, not_found: ExitCode, revisi
                 from huggingface_hub import snapshot_download
 
                 snapshot_download(repo, revision=revision, local_dir=str(directory))
-            except Exception as exc:  # hub errors vary by version; classify broadly
-                name = type(exc).__name__
-                code = not_found if "NotFound" in name or "Repository" in name else ExitCode.STORAGE_UNAVAILABLE
-                raise TrainerError(code, f"{what}: cannot fetch {uri} from the Hugging Face hub: {name}: {exc}") from exc
+            except Exception as exc:
+                code, hint = classify_hub_error(exc, not_found)
+                raise TrainerError(code, f"{what}: cannot fetch {uri} (revision {revision or 'main'}) from the Hugging Face hub: {hint}: {type(exc).__name__}: {exc}") from exc
 
         return cached(f"{uri}@{revision}", fill)
     raise TrainerError(ExitCode.CONFIG_INVALID, f"{what}: unsupported URI {uri}")
