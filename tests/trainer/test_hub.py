@@ -33,6 +33,7 @@ def test_trains_from_the_hub_and_fetches_once_per_node(hub: Hub, tmp_path: Path)
     assert (tmp_path / "out" / "COMPLETE").exists() and (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("source", "revision", "needle"),
     [("hf://acme/missing", None, "acme/missing"), ("hf://acme/tiny-llama", "v9-does-not-exist", "v9-does-not-exist")],
