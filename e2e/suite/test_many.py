@@ -88,3 +88,14 @@ def test_fifty_jobs_at_once(cluster, kctl, suite_ns, s3, s3_data, operator):
     assert len(jobs) == N - N_BAD and all(j["spec"]["suspend"] is True for j in jobs)
     assert operator.healthy()
     assert rss_after < 1024 * 1024, rss_after  # < 1 GiB (the chart's limit is 512Mi: report, not gate)
+
+    # `kubectl delete ftj --all`: the operator's finalizer (Kopf's, for its status timer) must come off
+    # every object, and the garbage collector then removes each Job, Service and ConfigMap.
+    t0 = time.monotonic()
+    r = kctl("-n", suite_ns, "delete", "ftj", "--all", "--wait=false", check=False)
+    assert r.returncode == 0, r.stderr
+    wait_for("every FineTuneJob gone", lambda: kctl.get(suite_ns, "ftj") == [], 180, 1)
+    t_ftj = time.monotonic() - t0
+    wait_for("every child gone", lambda: kctl.get(suite_ns, "jobs") == [] and kctl.get(suite_ns, "configmaps", None, "-l", "app.kubernetes.io/managed-by=kubetune") == [], 180, 1)
+    print(f"[suite] delete {N} jobs: FineTuneJobs gone after {t_ftj:.1f}s, children after {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    assert operator.healthy()
