@@ -160,6 +160,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             missing = sorted(set(names) - set(seen))
             latencies = [seen[n] - created[n] for n in names if n in seen]
             rss_after = op.rss_kib()
+            # Then delete them all: until every FineTuneJob is gone (the operator's finalizer released).
+            start_delete = time.monotonic()
+            for name in names:
+                cluster.admin.delete(f"{path}/{name}")
+            while cluster.admin.get(path).get("items") and time.monotonic() < start_delete + a.timeout:
+                time.sleep(0.2)
+            delete_s = time.monotonic() - start_delete
+            left = len(cluster.admin.get(path).get("items") or [])
         finally:
             stop.set()
             sampler.join(2)
@@ -173,12 +181,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "latency_p50_s": statistics.median(latencies), "latency_p95_s": pct(latencies, 0.95), "latency_max_s": max(latencies),
             "operator_rss_idle_mib": rss_idle / 1024, "operator_rss_peak_mib": peak[0] / 1024, "operator_rss_after_mib": rss_after / 1024,
             "operator_log_errors": len(errors), "setup_seconds": setup_s, "poll_interval_s": a.poll,
+            "delete_all_seconds": delete_s, "not_deleted": left,
         }  # fmt: skip
     tmp.cleanup() if not a.workdir else None
     print(f"{a.jobs} FineTuneJobs (suspended) in {ns}: {len(latencies)} workloads, all within {all_s:.1f}s (POSTs took {applied_s:.1f}s)")
     print(f"latency to workload Job: p50 {result['latency_p50_s']:.2f}s  p95 {result['latency_p95_s']:.2f}s  max {result['latency_max_s']:.2f}s")
     print(f"operator RSS: idle {result['operator_rss_idle_mib']:.0f} MiB, peak {result['operator_rss_peak_mib']:.0f} MiB, "
           f"after {result['operator_rss_after_mib']:.0f} MiB; {len(errors)} error lines in its log")  # fmt: skip
+    print(f"deleting all {a.jobs}: every FineTuneJob gone after {delete_s:.1f}s" + (f" ({left} LEFT)" if left else ""))
     if missing:
         print(f"MISSING workloads: {len(missing)} (first: {missing[:5]})")
     if a.out:
