@@ -94,12 +94,28 @@ def _parse_time(value: str | None) -> datetime | None:
 # ------------------------------------------------------------------ failures
 
 
-def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+def _trainer_status(pod: dict[str, Any]) -> dict[str, Any]:
+    """The trainer container's status in a pod ({} until the kubelet reports it)."""
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
         if cs.get("name") == CONTAINER:
-            state = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
-            return state if isinstance(state, dict) else None
-    return None
+            return dict(cs)
+    return {}
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    cs = _trainer_status(pod)
+    state = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+    return state if isinstance(state, dict) else None
+
+
+def _message_json(term: dict[str, Any]) -> dict[str, Any] | None:
+    """The trainer's JSON termination message, or None when the message is not one."""
+    raw = (term.get("message") or "").strip()
+    try:
+        parsed = json.loads(raw) if raw.startswith("{") else None
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def pod_failure(pod: dict[str, Any]) -> Failure | None:
@@ -112,13 +128,8 @@ def pod_failure(pod: dict[str, Any]) -> Failure | None:
     if term is None:
         return Failure(name, None, status.get("reason") or "PodFailed", status.get("message") or "")
     code: int | None = term.get("exitCode")
-    raw = (term.get("message") or "").strip()
-    reason, message = "", raw
-    try:
-        parsed = json.loads(raw) if raw.startswith("{") else None
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict):
+    reason, message = "", (term.get("message") or "").strip()
+    if (parsed := _message_json(term)) is not None:
         # torchrun exits 1 whatever its child did: the trainer's own code is in the message.
         if isinstance(parsed.get("exitCode"), int):
             code = parsed["exitCode"]
@@ -176,14 +187,9 @@ def deadline_exceeded(spec: FineTuneJobSpec, start_time: str | None, now: dateti
 
 def _running_since(pods: list[dict[str, Any]]) -> datetime | None:
     """When the last of the trainer containers started running."""
-    starts = []
-    for p in pods:
-        for cs in (p.get("status") or {}).get("containerStatuses") or []:
-            if cs.get("name") == CONTAINER:
-                started = _parse_time(((cs.get("state") or {}).get("running") or {}).get("startedAt"))
-                if started is not None:
-                    starts.append(started)
-    return max(starts) if starts else None
+    starts = [_parse_time(((_trainer_status(p).get("state") or {}).get("running") or {}).get("startedAt")) for p in pods]
+    known = [t for t in starts if t is not None]
+    return max(known) if known else None
 
 
 def _pod_phase(
@@ -219,13 +225,8 @@ def final_progress(pods: list[dict[str, Any]], now: datetime) -> Progress | None
     for p in pods:
         if ((p.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX) != "0":
             continue
-        term = _terminated(p) or {}
-        raw = (term.get("message") or "").strip()
-        try:
-            parsed = json.loads(raw) if raw.startswith("{") else None
-        except ValueError:
-            parsed = None
-        if isinstance(parsed, dict) and isinstance(parsed.get("progress"), dict):
+        parsed = _message_json(_terminated(p) or {}) or {}
+        if isinstance(parsed.get("progress"), dict):
             return to_progress(parsed["progress"], iso(now))
     return None
 
