@@ -93,20 +93,21 @@ def get_job(namespace: str, name: str) -> dict[str, Any] | None:
         raise _temporary(exc, f"read Job {name}") from exc
 
 
-def list_jobs(namespace: str, ftj: str) -> list[dict[str, Any]]:
+def _list_of(ftj: str, namespace: str, list_call: Any, what: str) -> list[dict[str, Any]]:
+    """The objects of one FineTuneJob (by its label), as plain dicts."""
     try:
-        resp = _api(client.BatchV1Api).list_namespaced_job(namespace, label_selector=f"{LABEL_JOB}={ftj}", _preload_content=False)
+        resp = list_call(namespace, label_selector=f"{LABEL_JOB}={ftj}", _preload_content=False)
     except ApiException as exc:
-        raise _temporary(exc, "list Jobs") from exc
+        raise _temporary(exc, f"list {what}") from exc
     return list(_data(resp).get("items") or [])
+
+
+def list_jobs(namespace: str, ftj: str) -> list[dict[str, Any]]:
+    return _list_of(ftj, namespace, _api(client.BatchV1Api).list_namespaced_job, "Jobs")
 
 
 def list_pods(namespace: str, ftj: str) -> list[dict[str, Any]]:
-    try:
-        resp = _api(client.CoreV1Api).list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={ftj}", _preload_content=False)
-    except ApiException as exc:
-        raise _temporary(exc, "list Pods") from exc
-    return list(_data(resp).get("items") or [])
+    return _list_of(ftj, namespace, _api(client.CoreV1Api).list_namespaced_pod, "Pods")
 
 
 def generation_of(obj: dict[str, Any]) -> str:
