@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import datetime, timezone
 from typing import Any
 
@@ -62,11 +61,15 @@ def on_create(body: kopf.Body, status: dict[str, Any], settings: Settings, logge
         logger.info("created %s", ", ".join(created))
     if not status.get("phase"):
         meta = body["metadata"]
-        first = derive(spec, meta["name"], meta.get("generation"), dict(status), Observed(job=None), now())
-        initial = dict(first.status)
-        kube.patch_status(meta["namespace"], meta["name"], initial)
-        if first.event:
-            kopf.event(body, type=first.event[0], reason=first.event[1], message=first.event[2])
+        publish(body, derive(spec, meta["name"], meta.get("generation"), dict(status), Observed(job=None), now()))
+
+
+def publish(body: kopf.Body, decision: Decision) -> None:
+    """Write the decided status, then record its Event (status first: the Event describes it)."""
+    meta = body["metadata"]
+    kube.patch_status(meta["namespace"], meta["name"], decision.status)
+    if decision.event:
+        kopf.event(body, type=decision.event[0], reason=decision.event[1], message=decision.event[2])
 
 
 def observe(namespace: str, name: str, restarts: int, settings: Settings) -> Observed:
@@ -133,13 +136,7 @@ def on_timer(body: kopf.Body, status: dict[str, Any], settings: Settings, logger
             return
         if ttl_expired(spec, dict(status), now()):
             logger.info("ttlSecondsAfterFinished passed: deleting")
-            # Deferred until this timer handler has returned: a deletion issued from inside the
-            # handler reaches Kopf while its own timer still runs, Kopf postpones releasing its
-            # finalizer and, with no later event, never comes back (the e2e TTL test hung with
-            # deletionTimestamp set). A failed delete is retried by the next poll.
-            t = threading.Timer(1.0, _delete_quietly, args=(ns, name, logger))
-            t.daemon = True
-            t.start()
+            _delete_quietly(ns, name, logger)  # a failed delete is retried by the next poll
         return
     parsed = accept(body, status, logger)
     if parsed is None:
@@ -147,9 +144,7 @@ def on_timer(body: kopf.Body, status: dict[str, Any], settings: Settings, logger
     restarts = int(status.get("restarts") or 0)
     observed = observe(ns, name, restarts, settings)
     decision = derive(parsed, name, meta.get("generation"), dict(status), observed, now())
-    kube.patch_status(ns, name, decision.status)  # status first, then the Event, then the action
-    if decision.event:
-        kopf.event(body, type=decision.event[0], reason=decision.event[1], message=decision.event[2])
+    publish(body, decision)  # status and Event first, then the action
     act(body, parsed, decision, settings, logger)
 
 
