@@ -50,8 +50,8 @@ def config_dir(tmp_path: Path, config: dict) -> Path:
 
 
 def test_explicit_backend_wins() -> None:
-    assert choose_backend(spec(backend="ddp"), True, 10**12, H100).name == "ddp"
-    assert choose_backend(spec(backend="deepspeed"), True, 1, H100).name == "deepspeed"
+    assert choose_backend(spec(backend="ddp"), True, lambda: (10**12, H100)).name == "ddp"
+    assert choose_backend(spec(backend="deepspeed"), True, lambda: (1, H100)).name == "deepspeed"
 
 
 def test_auto_on_cpu_or_one_gpu_is_ddp() -> None:
@@ -61,11 +61,11 @@ def test_auto_on_cpu_or_one_gpu_is_ddp() -> None:
 
 
 def test_auto_sizes_state_against_the_gpu() -> None:
-    fits = choose_backend(spec(), True, 40 * GIB, H100)
+    fits = choose_backend(spec(), True, lambda: (40 * GIB, H100))
     assert fits.name == "ddp" and "fit in 60% of 80 GiB" in fits.reason
-    too_big = choose_backend(spec(zeroStage=3), True, 60 * GIB, H100)
+    too_big = choose_backend(spec(zeroStage=3), True, lambda: (60 * GIB, H100))
     assert too_big.name == "deepspeed" and "ZeRO-3" in too_big.reason
-    assert choose_backend(spec(offloadOptimizer=True), True, GIB, H100).name == "deepspeed"
+    assert choose_backend(spec(offloadOptimizer=True), True, lambda: (GIB, H100)).name == "deepspeed"
     assert choose_backend(spec(), True).name == "deepspeed"  # unknown size: the safe side
 
 

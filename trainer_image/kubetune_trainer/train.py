@@ -85,14 +85,12 @@ def build_accelerator(config: TrainerConfig, use_deepspeed: bool) -> Any:
 def pick_backend(config: TrainerConfig, on_gpu: bool, model_dir: Callable[[], Path]) -> BackendChoice:
     """DDP or DeepSpeed: the spec decides, or for `auto` on several GPUs, the model's size against
     the GPU's memory (the model is fetched first; every rank reaches the same answer)."""
-    spec = config.spec
-    first = choose_backend(spec, on_gpu)
-    dist = spec.distributed
-    if dist.backend != "auto" or not first.deepspeed or dist.offload_optimizer or dist.offload_params:
-        return first
-    state = model_mod.ddp_state_bytes(spec, model_dir(), on_gpu)
-    device = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
-    return choose_backend(spec, on_gpu, state, device)
+
+    def sizes() -> tuple[int, int]:
+        state = model_mod.ddp_state_bytes(config.spec, model_dir(), on_gpu)
+        return state, torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+
+    return choose_backend(config.spec, on_gpu, sizes)
 
 
 class Trainer:
@@ -143,7 +141,7 @@ class Trainer:
         if acc.is_main_process:
             log(f"{len(train)} training and {len(evals)} evaluation sequences")
             if spec.training.eval_generation_samples and self.gen_examples:
-                before = self._exact_match(self._plain_model(self._model_dir()))
+                before = self._exact_match(self._plain_model(model_path))
                 self.metrics["exactMatchBefore"] = before
                 log(f"exact match before training: {before:.3f}")
         model = model_mod.prepare_model(spec, model_path, on_gpu, self.backend.deepspeed)

@@ -6,6 +6,7 @@ that DeepSpeed can check on its own: micro batch x accumulation x world size = t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,14 +45,12 @@ class BackendChoice:
         return "deepspeed" if self.deepspeed else "ddp"
 
 
-def choose_backend(
-    spec: FineTuneJobSpec,
-    on_gpu: bool,
-    state_bytes: int | None = None,
-    device_bytes: int | None = None,
-) -> BackendChoice:
+def choose_backend(spec: FineTuneJobSpec, on_gpu: bool, sizes: Callable[[], tuple[int, int]] | None = None) -> BackendChoice:
     """DDP or DeepSpeed for this run. `auto`: DDP when the model and its optimizer state fit one
-    GPU (ZeRO only adds communication there), DeepSpeed ZeRO when they do not or when offload is asked."""
+    GPU (ZeRO only adds communication there), DeepSpeed ZeRO when they do not or when offload is asked.
+
+    `sizes` returns (DDP state bytes, one GPU's bytes); it is called only when the answer depends on them.
+    """
     dist = spec.distributed
     if dist.backend != "auto":
         return BackendChoice(dist.backend == "deepspeed", f"spec.distributed.backend is {dist.backend}")
@@ -59,7 +58,8 @@ def choose_backend(
         return BackendChoice(False, "one GPU or CPU processes: DDP")
     if dist.offload_optimizer or dist.offload_params:
         return BackendChoice(True, "offload asked: DeepSpeed ZeRO")
-    if state_bytes is None or not device_bytes:
+    state_bytes, device_bytes = sizes() if sizes is not None else (0, 0)
+    if not device_bytes:
         return BackendChoice(True, "model size unknown: DeepSpeed ZeRO")
     gib = 1024**3
     share = f"{state_bytes / gib:.1f} GiB of weights, gradients and optimizer state per GPU under DDP"
