@@ -106,14 +106,14 @@ def test_volume_on_reserved_path_is_refused():
 def test_long_name_is_refused():
     doc = manifest()
     doc["metadata"]["name"] = "x" * 51
-    assert problems(doc) == ["metadata.name: must be at most 50 characters (got 51)"]
+    assert problems(doc) == ["metadata.name: must be at most 50 characters (got 51); pods are named after it"]
 
 
 def test_name_must_start_with_a_letter():
     doc = manifest()
     doc["metadata"]["name"] = "1job"
     [problem] = problems(doc)
-    assert problem.startswith("metadata.name: '1job' must start with a letter")
+    assert problem.startswith("metadata.name: '1job' must start with a lowercase letter")
 
 
 def test_parse_spec_raises_with_every_problem():

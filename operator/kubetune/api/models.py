@@ -57,6 +57,12 @@ PRESERVE: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fie
 Name = Annotated[str, Field(min_length=1, max_length=256)]
 
 
+# A URI the trainer reads data from. `s3://` needs a bucket (`s3:///x` has none).
+DATA_URI = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9][a-z0-9\-.]*(/.*)?|file://.+|/.+|hf://[^\s]+)$"
+# A Kubernetes resource quantity, as the API server parses it (e.g. 8, 500m, 64Gi, 1e3).
+QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
+Quantity = Annotated[str, Field(max_length=64, pattern=QUANTITY)]
+
 # --------------------------------------------------------------------- model
 
 
@@ -102,9 +108,9 @@ class FieldMapping(ApiModel):
 class DatasetSpec(ApiModel):
     """Training (and evaluation) data."""
 
-    train: str = Field(min_length=1, max_length=2048, pattern=r"^(s3://|pvc://|file://|/|hf://).+")
+    train: str = Field(min_length=1, max_length=2048, pattern=DATA_URI)
     """Training data: a JSONL, Parquet or CSV file (or a prefix holding such files) at `s3://`, `pvc://`, a local path or `hf://`."""
-    eval: str | None = Field(default=None, max_length=2048, pattern=r"^(s3://|pvc://|file://|/|hf://).+")
+    eval: str | None = Field(default=None, max_length=2048, pattern=DATA_URI)
     """Optional evaluation data, same forms as `train`. Without it, `evalSplit` holds out part of `train`."""
     format: Literal["auto", "chat", "instruction", "prompt_completion", "text"] = "auto"
     """Record format; `auto` detects it from the columns present."""
@@ -186,7 +192,7 @@ class TrainingSpec(ApiModel):
     """Recompute activations in the backward pass to save memory."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Compute precision; `auto` is bf16 on GPUs that support it, fp32 on CPU."""
-    seed: int = Field(default=42, ge=0)
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
     """Random seed (model init of new modules, data order, dropout)."""
     logging_steps: int = Field(default=10, ge=1)
     """Log loss and progress every N steps."""
@@ -315,9 +321,9 @@ class CacheVolume(ApiModel):
 class ResourcesSpec(ApiModel):
     """Compute resources for each training pod (GPU requests come from `distributed.gpusPerNode`)."""
 
-    requests: dict[str, str] = Field(default_factory=dict)
+    requests: dict[str, Quantity] = Field(default_factory=dict)
     """Resource requests, e.g. {cpu: "8", memory: 64Gi}."""
-    limits: dict[str, str] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(default_factory=dict)
     """Resource limits."""
 
 

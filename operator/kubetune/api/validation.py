@@ -8,6 +8,8 @@ so that `kubetune validate` catches them without a cluster.
 
 from __future__ import annotations
 
+import math
+import posixpath
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api.crd import MAX_NAME_LENGTH
-from kubetune.api.models import FineTuneJob, FineTuneJobSpec
+from kubetune.api.models import API_VERSION, DATA_URI, KIND, QUANTITY, FineTuneJob, FineTuneJobSpec
 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -38,6 +40,18 @@ RESERVED_ENV = frozenset(
         "AWS_SESSION_TOKEN",
     }
 )
+# What a pattern in the models means, for people.
+PATTERN_HINTS = {
+    QUANTITY: "a Kubernetes quantity such as 8, 500m or 64Gi",
+    DATA_URI: "s3://bucket/key, pvc://claim/path, file://path, /absolute/path or hf://org/name",
+}
+
+# Kubernetes' own limits on what the pods and their Job carry.
+MAX_ANNOTATIONS_BYTES = 256 * 1024  # all annotations of one object together
+MAX_LABEL_VALUE = 63
+DNS_LABEL_MAX = 63  # pod hostnames, Service and Job names used in DNS
+LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 # Mount paths the operator uses itself.
 RESERVED_MOUNTS = ("/dev/shm", "/etc/kubetune", "/mnt/pvc", "/var/cache/kubetune")
 
@@ -123,7 +137,8 @@ def _message(error: Any) -> str:
     if kind == "too_long":
         return f"takes at most {ctx.get('max_length')} item(s)"
     if kind == "string_pattern_mismatch":
-        return f"has an unsupported form{got}; expected a value matching {ctx.get('pattern')}"
+        hint = PATTERN_HINTS.get(str(ctx.get("pattern")), f"a value matching {ctx.get('pattern')}")
+        return f"has an unsupported form{got}; expected {hint}"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')}{got}"
     return f"{error['msg']}{got}"
@@ -273,42 +288,171 @@ def _pod(spec: FineTuneJobSpec) -> list[Problem]:
     return out
 
 
-def check_name(name: str | None) -> list[Problem]:
+def _location(uri: str) -> tuple[str, str] | None:
+    """(scheme, normalised path) of a URI the job reads or writes; None for hf:// (never written)."""
+    for scheme in ("s3://", "pvc://", "file://"):
+        if uri.startswith(scheme):
+            return scheme, posixpath.normpath(uri[len(scheme) :] or ".")
+    if uri.startswith("/"):
+        return "file://", posixpath.normpath(uri)
+    return None
+
+
+def _inside(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def _output(spec: FineTuneJobSpec) -> list[Problem]:
+    """The output must not overlap an input: the job writes COMPLETE, model/ and checkpoints/ there."""
+    out = _location(spec.output.uri)
+    if out is None:
+        return []
+    problems = []
+    for field, uri in _uris(spec).items():
+        if field == "spec.output.uri":
+            continue
+        loc = _location(uri)
+        if loc is None or loc[0] != out[0]:
+            continue
+        if _inside(out[1], loc[1]) or _inside(loc[1], out[1]):
+            problems.append(
+                Problem(
+                    "spec.output.uri",
+                    f"{spec.output.uri} overlaps {field} ({uri}): the job writes its checkpoints, model/ and COMPLETE "
+                    "there; choose an output directory that neither holds nor sits inside an input",
+                )
+            )
+    return problems
+
+
+def _labels(field: str, labels: dict[str, str]) -> list[Problem]:
+    out = []
+    for key, value in labels.items():
+        prefix, _, label = key.rpartition("/")
+        if (prefix and (len(prefix) > 253 or not DNS_1123_SUBDOMAIN.match(prefix))) or len(label) > 63 or not LABEL_NAME.match(label):
+            out.append(Problem(f"{field}[{key[:80]!r}]", "is not a valid label key: [prefix/]name, name at most 63 of a-z, A-Z, 0-9, '-', '_', '.'"))
+        if len(value) > MAX_LABEL_VALUE or not LABEL_VALUE.match(value):
+            out.append(Problem(f"{field}[{key[:80]!r}]", f"value must be at most {MAX_LABEL_VALUE} of a-z, A-Z, 0-9, '-', '_', '.', starting and ending alphanumeric"))
+    return out
+
+
+def _annotations(field: str, annotations: dict[str, str]) -> list[Problem]:
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in annotations.items())
+    if size > MAX_ANNOTATIONS_BYTES:
+        return [Problem(field, f"total {size:,} bytes; Kubernetes allows at most {MAX_ANNOTATIONS_BYTES:,} (keep large data in a ConfigMap or S3)")]
+    return []
+
+
+def _metadata_maps(spec: FineTuneJobSpec) -> list[Problem]:
+    return _labels("spec.labels", spec.labels) + _annotations("spec.annotations", spec.annotations)
+
+
+def check_name(name: str | None, spec: FineTuneJobSpec | None = None) -> list[Problem]:
+    """metadata.name, and the names derived from it: Service `<name>`, Job `<name>-r<restart>`, pods' hostnames
+    `<name>-r<restart>-<index>` (DNS labels, at most 63 characters)."""
     if not name:
         return [Problem("metadata.name", "is required")]
     if len(name) > MAX_NAME_LENGTH:
-        return [Problem("metadata.name", f"must be at most {MAX_NAME_LENGTH} characters (got {len(name)})")]
+        return [Problem("metadata.name", f"must be at most {MAX_NAME_LENGTH} characters (got {len(name)}); pods are named after it")]
     if not DNS_1035.match(name):
         return [
-            Problem("metadata.name", f"{name!r} must start with a letter and hold only a-z, 0-9 and '-' (it names a Service)")
+            Problem(
+                "metadata.name",
+                f"{name!r} must start with a lowercase letter and hold only a-z, 0-9 and '-' (it names a Service and the pods)",
+            )
         ]
+    if spec is not None:
+        hostname = f"{name}-r{spec.run_policy.backoff_limit}-{spec.distributed.nodes - 1}"
+        if len(hostname) > DNS_LABEL_MAX:
+            return [
+                Problem(
+                    "metadata.name",
+                    f"the last pod's hostname {hostname!r} would be {len(hostname)} characters (at most {DNS_LABEL_MAX}); "
+                    f"shorten the name by {len(hostname) - DNS_LABEL_MAX}",
+                )
+            ]
     return []
 
 
 def check_spec(spec: FineTuneJobSpec) -> list[Problem]:
     """Every problem with a spec that parsed; empty when the operator can run it."""
-    return _cel_twins(spec) + _storage(spec) + _method(spec) + _training(spec) + _pod(spec)
+    return _cel_twins(spec) + _storage(spec) + _output(spec) + _method(spec) + _training(spec) + _pod(spec) + _metadata_maps(spec)
+
+
+def check_values(value: Any, where: str = "") -> list[Problem]:
+    """What JSON (and so the API server) cannot carry: non-finite numbers, non-string keys, dates, bytes.
+    Iterative, so a deep document cannot exhaust the stack."""
+    out: list[Problem] = []
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack and len(out) < 20:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            for key, item in node.items():
+                if not isinstance(key, str):
+                    out.append(Problem(path or "(document)", f"key {key!r} must be a string (quote it)"))
+                    continue
+                stack.append((item, f"{path}.{key}" if path else key))
+        elif isinstance(node, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node))
+        elif isinstance(node, float) and not math.isfinite(node):
+            out.append(Problem(path, f"must be a finite number (got {node}); the API server cannot store .inf or .nan"))
+        elif not (node is None or isinstance(node, str | int | float | bool)):
+            out.append(Problem(path, f"must be a string, number, true/false, list or mapping (got {type(node).__name__}); quote it"))
+    return out
+
+
+def _strict(model: Any, data: Any, prefix: str = "") -> tuple[Any, list[Problem]]:
+    """Types as the API server checks them: "16" is not an integer, "false" not a boolean."""
+    try:
+        return model.model_validate(data, strict=True), []
+    except ValidationError as exc:
+        return None, problems_from_pydantic(exc, prefix=prefix)
 
 
 def validate_manifest(doc: Any) -> tuple[FineTuneJob | None, list[Problem]]:
-    """Parse and check one FineTuneJob document (as read from YAML or the API)."""
+    """The one check of a FineTuneJob document (read from YAML or the API): every problem at once.
+
+    `kubetune validate`, `render` and `run` call it; the operator calls `parse_spec`, its spec-only twin."""
     if not isinstance(doc, dict):
         return None, [Problem("(document)", "must be a mapping with apiVersion, kind, metadata and spec")]
-    doc = {k: v for k, v in doc.items() if k != "status"}
-    try:
-        job = FineTuneJob.model_validate(doc)
-    except ValidationError as exc:
-        return None, problems_from_pydantic(exc)
-    return job, check_name(job.metadata.name) + check_spec(job.spec)
+    problems = check_values(doc)
+    if doc.get("apiVersion") != API_VERSION:
+        got = f" (got {doc['apiVersion']!r})" if "apiVersion" in doc else ""
+        problems.append(Problem("apiVersion", f"must be {API_VERSION}{got}"))
+    if doc.get("kind") != KIND:
+        problems.append(Problem("kind", f"must be {KIND}"))
+    meta = doc.get("metadata")
+    if not isinstance(meta, dict):
+        return None, [*problems, Problem("metadata", "must be a mapping with at least a name, e.g. metadata: {name: my-job}")]
+    for key, check in (("labels", _labels), ("annotations", _annotations)):
+        value = meta.get(key)
+        if value is not None and not isinstance(value, dict):
+            problems.append(Problem(f"metadata.{key}", "must be a mapping of strings"))
+        elif isinstance(value, dict) and not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            problems.append(Problem(f"metadata.{key}", "values must be strings (quote numbers and true/false)"))
+        elif value:
+            problems += check(f"metadata.{key}", value)
+    name = meta.get("name")
+    if not isinstance(name, str):
+        problems.append(Problem("metadata.name", "is required" if name is None else f"must be a string (got {name!r})"))
+    job, parse_problems = _strict(FineTuneJob, {k: v for k, v in doc.items() if k != "status"})
+    seen = {p.field for p in problems}
+    problems += [p for p in parse_problems if p.field not in seen]
+    if job is None:
+        return None, problems
+    problems += (check_name(name, job.spec) if isinstance(name, str) else []) + check_spec(job.spec)
+    return (None if problems else job), problems
 
 
 def parse_spec(spec: Any, name: str | None = None) -> FineTuneJobSpec:
     """The operator's entry: the typed spec, or SpecInvalid listing every problem."""
-    try:
-        parsed = FineTuneJobSpec.model_validate(spec)
-    except ValidationError as exc:
-        raise SpecInvalid(problems_from_pydantic(exc, prefix="spec.")) from None
-    problems = (check_name(name) if name is not None else []) + check_spec(parsed)
+    problems = check_values(spec, "spec")
+    if problems:
+        raise SpecInvalid(problems)
+    parsed, problems = _strict(FineTuneJobSpec, spec, prefix="spec.")
+    if parsed is None:
+        raise SpecInvalid(problems)
+    problems = (check_name(name, parsed) if name is not None else []) + check_spec(parsed)
     if problems:
         raise SpecInvalid(problems)
     return parsed
