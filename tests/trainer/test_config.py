@@ -48,7 +48,7 @@ def test_quickstart_manifest_renders(tmp_path: Path) -> None:
 def test_kubetune_run_nproc_and_set_override(tmp_path: Path) -> None:
     from kubetune.cli.run import localize
 
-    manifest = {"kind": "FineTuneJob", "metadata": {"name": "x"}, "spec": {**BASE, "model": {"source": "file://m"}, "output": {"uri": "out"}}}
+    manifest = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "x"}, "spec": {**BASE, "model": {"source": "file://m"}, "output": {"uri": "out"}}}
     job = localize(manifest, tmp_path, None, 3, ["training.maxSteps=7", "method=full"], gpus=0)
     assert job.spec.distributed.procs_per_node == 3 and job.spec.distributed.nodes == 1
     assert job.spec.training.max_steps == 7 and job.spec.method == "full"

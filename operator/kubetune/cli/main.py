@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> (module, help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
@@ -32,9 +33,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Exit code when kubetune itself fails (sysexits EX_SOFTWARE): a bug, never a verdict on the input.
+INTERNAL_ERROR = 70
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"kubetune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `kubetune render ... | head`
+        sys.stderr.close()
+        return 0
+    except Exception as exc:  # user input is refused with a message before this; anything here is a bug
+        if os.environ.get("KUBETUNE_TRACEBACK"):
+            raise
+        print(
+            f"kubetune {args.command}: internal error: {type(exc).__name__}: {exc} "
+            "(a bug in kubetune; KUBETUNE_TRACEBACK=1 shows where, please report it)",
+            file=sys.stderr,
+        )
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
-"""`kubetune validate FILE...`: check FineTuneJob manifests against the API without a cluster."""
+"""`kubetune validate FILE...`: check FineTuneJob manifests against the API without a cluster.
+
+Exit 0 when every FineTuneJob is valid, 64 (ConfigInvalid) when any file or job is refused.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-import yaml
-
-from kubetune.api.models import KIND
 from kubetune.api.validation import validate_manifest
+from kubetune.cli.manifests import REFUSED, Refusal, job_name, print_problems, read_jobs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,27 +18,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    failed = 0
+    failed = False
     for file in args.files:
         try:
-            text = sys.stdin.read() if file == "-" else Path(file).read_text()
-            docs = [d for d in yaml.safe_load_all(text) if d is not None]
-        except (OSError, yaml.YAMLError) as exc:
-            print(f"{file}: cannot read: {exc}", file=sys.stderr)
-            failed += 1
+            jobs = read_jobs(file)
+        except Refusal as exc:
+            print(exc, file=sys.stderr)
+            failed = True
             continue
-        jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
-        if not jobs:
-            print(f"{file}: no {KIND} in this file", file=sys.stderr)
-            failed += 1
         for doc in jobs:
-            name = (doc.get("metadata") or {}).get("name", "?")
             _, problems = validate_manifest(doc)
             if problems:
-                failed += 1
-                print(f"{file}: {KIND} {name}: {len(problems)} problem(s)", file=sys.stderr)
-                for problem in problems:
-                    print(f"  {problem}", file=sys.stderr)
+                failed = True
+                print_problems(file, doc, problems)
             elif not args.quiet:
-                print(f"{file}: {KIND} {name}: valid")
-    return 1 if failed else 0
+                print(f"{file}: FineTuneJob {job_name(doc)}: valid")
+    return REFUSED if failed else 0
