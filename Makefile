@@ -6,7 +6,7 @@ PIP_FLAGS ?= -q
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
-	DS_BUILD_OPS=0 $(PY) -m pip install $(PIP_FLAGS) -c .ci/constraints.txt -e ".[operator,trainer,dev]"
+	DS_BUILD_OPS=0 $(PY) -m pip install $(PIP_FLAGS) -c .ci/constraints.txt -e ".[operator,trainer,client,dev]"
 	touch $@
 
 .PHONY: install quickstart test test-fast lint crd e2e-build

@@ -14,6 +14,15 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("kubetune.cli.validate", "check FineTuneJob manifests against the API without a cluster"),
     "render": ("kubetune.cli.render", "print the objects the operator would create for a manifest"),
     "operator": ("kubetune.cli.operator", "run the operator (Kopf) against the current cluster"),
+    # On a cluster, through the SDK (kubetune.client); kubectl's -n/--context/KUBECONFIG and -o yaml|json.
+    "submit": ("kubetune.cli.submit", "create a FineTuneJob from a manifest (--wait to follow it)"),
+    "get": ("kubetune.cli.get", "list FineTuneJobs with phase, progress, loss, tokens/s and ETA (-w: live)"),
+    "describe": ("kubetune.cli.describe", "show a FineTuneJob's conditions, last failure, artifacts and events"),
+    "logs": ("kubetune.cli.logs", "print a rank's trainer log (-f to follow)"),
+    "suspend": ("kubetune.cli.suspend", "suspend FineTuneJobs (pods checkpoint, then stop)"),
+    "resume": ("kubetune.cli.resume", "resume suspended FineTuneJobs from their last checkpoint"),
+    "delete": ("kubetune.cli.delete", "delete FineTuneJobs and everything they own"),
+    "download": ("kubetune.cli.download", "download a job's merged model or adapter to a directory"),
 }
 
 

@@ -1,0 +1,70 @@
+"""`kubetune describe NAME`: phase, progress, conditions, the last failure, artifacts and Events."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from kubetune.api.models import FineTuneJob
+from kubetune.cli.cluster_args import add_cluster_args, client_from, guarded
+from kubetune.client.jobs import artifacts_of, phase_of
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="FineTuneJob name")
+    add_cluster_args(parser)
+
+
+def describe(job: FineTuneJob, events: list[dict[str, Any]]) -> str:
+    """The text `kubetune describe` prints (pure)."""
+    st = job.status
+    spec = job.spec
+    lines = [f"Name:         {job.metadata.name}", f"Namespace:    {job.metadata.namespace}",
+             f"Phase:        {phase_of(job)}"]  # fmt: skip
+    if st and st.message:
+        lines.append(f"Message:      {st.message}")
+    if hasattr(spec, "method"):
+        lines.append(f"Method:       {spec.method}, {spec.distributed.nodes} node(s) x {spec.distributed.procs_per_node} process(es)")
+        lines.append(f"Model:        {spec.model.source}")
+        lines.append(f"Output:       {spec.output.uri}")
+    if st:
+        lines += [f"Restarts:     {st.restarts}", f"Started:      {st.start_time or '-'}",
+                  f"Completed:    {st.completion_time or '-'}", f"Workload:     {st.workload or '-'}"]  # fmt: skip
+    p = st.progress if st else None
+    if p:
+        lines.append("Progress:")
+        for label, value in (("Step", f"{p.step}/{p.total_steps}" if p.step is not None else None),
+                             ("Percent", p.percent), ("Epoch", p.epoch), ("Loss", p.loss), ("Eval loss", p.eval_loss),
+                             ("Learning rate", p.learning_rate), ("Tokens/s", p.tokens_per_second), ("ETA", p.eta),
+                             ("Updated", p.updated_at)):  # fmt: skip
+            if value is not None:
+                lines.append(f"  {label + ':':<15}{value}")
+    if st and st.conditions:
+        lines.append("Conditions:")
+        lines.append(f"  {'TYPE':<12}{'STATUS':<8}{'REASON':<24}MESSAGE")
+        for c in st.conditions:
+            lines.append(f"  {c.type:<12}{c.status:<8}{c.reason:<24}{c.message}")
+    if st and st.last_failure:
+        f = st.last_failure
+        lines.append("Last failure:")
+        lines.append(f"  Pod {f.pod}, exit code {f.exit_code} ({f.reason}): {f.message}")
+    if hasattr(spec, "output"):
+        arts = artifacts_of(job)
+        lines.append("Artifacts:" + ("" if phase_of(job) == "Succeeded" else " (when it succeeds)"))
+        for label, value in (("Merged model", arts.merged_model), ("Adapter", arts.adapter), ("Checkpoints", arts.checkpoint),
+                             ("Metrics", arts.metrics), ("Manifest", arts.manifest)):  # fmt: skip
+            if value:
+                lines.append(f"  {label + ':':<15}{value}")
+    lines.append("Events:" + ("" if events else " <none>"))
+    for e in events[-15:]:
+        when = e.get("lastTimestamp") or e.get("eventTime") or ""
+        lines.append(f"  {when:<22}{e.get('type', ''):<9}{e.get('reason', ''):<20}{e.get('message', '')}")
+    return "\n".join(lines)
+
+
+@guarded
+def run(args: argparse.Namespace) -> int:
+    client = client_from(args)
+    job = client.get(args.name)
+    print(describe(job, client.events(args.name)))
+    return 0

@@ -1,0 +1,23 @@
+"""`kubetune download NAME DIR`: copy the job's merged model (or adapter) from its storage, checked against
+its manifest. Credentials: the job's storage Secret when you may read it, else your AWS_* environment."""
+
+from __future__ import annotations
+
+import argparse
+
+from kubetune.cli.cluster_args import add_cluster_args, client_from, guarded
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="FineTuneJob name")
+    parser.add_argument("dir", help="local directory to write into (DIR/model/..., DIR/adapter/...)")
+    parser.add_argument("--what", choices=["auto", "model", "adapter", "all"], default="auto",
+                        help="auto: the merged model if there is one, else the adapter (default)")
+    add_cluster_args(parser)
+
+
+@guarded
+def run(args: argparse.Namespace) -> int:
+    got = client_from(args).download(args.name, args.dir, which=args.what)
+    print(f"{got.uri} -> {got.path} ({len(got.files)} files, {got.verified} checked against the manifest)")
+    return 0

@@ -1,0 +1,21 @@
+"""`kubetune suspend NAME`: stop the job's pods after they checkpoint (resume continues from there)."""
+
+from __future__ import annotations
+
+import argparse
+
+from kubetune.cli.cluster_args import add_cluster_args, client_from, guarded
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("names", nargs="+", metavar="NAME", help="FineTuneJob name(s)")
+    add_cluster_args(parser)
+
+
+@guarded
+def run(args: argparse.Namespace) -> int:
+    client = client_from(args)
+    for name in args.names:
+        client.suspend(name)
+        print(f"finetunejob.kubetune.io/{name} suspended")
+    return 0

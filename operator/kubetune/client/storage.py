@@ -1,0 +1,160 @@
+"""Downloading a job's artifacts: S3 (the job's own storage settings) or a local directory.
+
+Every file listed in the output's manifest.json is checked against its sha256 after the
+download, so a partial or corrupted copy is an error, not a model that loads wrongly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kubetune.api.contract import MANIFEST_FILE
+from kubetune.api.models import Artifacts, StorageSpec
+
+Which = Literal["auto", "model", "adapter", "all"]
+
+
+class DownloadError(Exception):
+    pass
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def output_root(arts: Artifacts) -> str:
+    """spec.output.uri: the directory every artifact lives under (the manifest's parent)."""
+    if not arts.manifest:
+        raise DownloadError("the job has no artifacts yet (status.artifacts is empty)")
+    return arts.manifest.rsplit("/", 1)[0]
+
+
+def pick(arts: Artifacts, which: Which) -> str:
+    """The URI to download: the merged model when there is one (auto), else the adapter."""
+    if which == "all":
+        return output_root(arts) + "/"
+    if which == "model" or (which == "auto" and arts.merged_model):
+        if not arts.merged_model:
+            raise DownloadError("this job writes no merged model (spec.output.mergeAdapter: false); download the adapter")
+        return arts.merged_model
+    if not arts.adapter:
+        raise DownloadError("this job has no adapter (spec.method: full); download the model")
+    return arts.adapter
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(files: dict[str, Path], manifest: dict[str, Any]) -> int:
+    """Check downloaded files (relative path under the output root -> local path) against the manifest."""
+    table = manifest.get("files") or {}
+    checked = 0
+    for rel, local in files.items():
+        want = table.get(rel)
+        if want is None:
+            continue
+        if local.stat().st_size != want.get("size") or sha256(local) != want.get("sha256"):
+            raise DownloadError(f"{rel}: content differs from the manifest (sha256 or size); download again")
+        checked += 1
+    return checked
+
+
+@dataclass
+class Downloaded:
+    uri: str
+    path: Path
+    files: list[Path] = field(default_factory=list)
+    verified: int = 0
+
+
+def download(arts: Artifacts, storage: StorageSpec, dest: str | Path, which: Which = "auto",
+             credentials: dict[str, str] | None = None) -> Downloaded:
+    """Copy the chosen artifact directory under `dest` (dest/model/..., dest/adapter/...)."""
+    root = output_root(arts)
+    uri = pick(arts, which)
+    dest = Path(dest)
+    rel_dir = uri[len(root):].strip("/")
+    if root.startswith("s3://"):
+        files = _download_s3(root, rel_dir, storage, dest, credentials)
+        manifest = _read_s3_json(root + "/" + MANIFEST_FILE, storage, credentials)
+    else:
+        src_root = Path(root.removeprefix("file://"))
+        files = _copy_local(src_root, rel_dir, dest)
+        mpath = src_root / MANIFEST_FILE
+        manifest = json.loads(mpath.read_text()) if mpath.exists() else {}
+    if not files:
+        raise DownloadError(f"nothing under {uri}: has the job succeeded?")
+    verified = verify(files, manifest)
+    return Downloaded(uri=uri, path=dest / rel_dir if rel_dir else dest, files=sorted(files.values()), verified=verified)
+
+
+def s3_client(storage: StorageSpec, credentials: dict[str, str] | None = None) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    creds = credentials or {}
+    return boto3.client(
+        "s3", endpoint_url=storage.endpoint, region_name=storage.region,
+        aws_access_key_id=creds.get("AWS_ACCESS_KEY_ID"), aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
+        aws_session_token=creds.get("AWS_SESSION_TOKEN"),
+        config=Config(s3={"addressing_style": "path" if storage.path_style else "auto"}, retries={"max_attempts": 5, "mode": "standard"}),
+    )  # fmt: skip
+
+
+def _download_s3(root: str, rel_dir: str, storage: StorageSpec, dest: Path, credentials: dict[str, str] | None) -> dict[str, Path]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, base = split_s3(root)
+    base = base.strip("/")
+    prefix = "/".join(p for p in (base, rel_dir) if p) + "/" if (base or rel_dir) else ""
+    client = s3_client(storage, credentials)
+    files: dict[str, Path] = {}
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents") or []:
+                rel = obj["Key"][len(base) + 1:] if base else obj["Key"]
+                local = dest / rel
+                local.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, obj["Key"], str(local))
+                files[rel] = local
+    except (BotoCoreError, ClientError) as exc:
+        raise DownloadError(f"s3://{bucket}/{prefix}: {exc}") from exc
+    return files
+
+
+def _read_s3_json(uri: str, storage: StorageSpec, credentials: dict[str, str] | None) -> dict[str, Any]:
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        body = s3_client(storage, credentials).get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError:
+        return {}
+    data = json.loads(body)
+    return data if isinstance(data, dict) else {}
+
+
+def _copy_local(src_root: Path, rel_dir: str, dest: Path) -> dict[str, Path]:
+    src = src_root / rel_dir if rel_dir else src_root
+    files: dict[str, Path] = {}
+    if not src.is_dir():
+        return files
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            rel = str(p.relative_to(src_root))
+            local = dest / rel
+            local.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, local)
+            files[rel] = local
+    return files
