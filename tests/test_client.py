@@ -1,0 +1,224 @@
+"""The SDK's pure parts: typed errors from API answers, reading jobs, waiting, the get table, downloads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubetune.api.models import Artifacts, FineTuneJob, StorageSpec
+from kubetune.cli.describe import describe
+from kubetune.cli.table import bar, row
+from kubetune.client import (
+    AlreadyExists,
+    Client,
+    DownloadError,
+    Forbidden,
+    JobFailed,
+    NotFound,
+    SpecInvalid,
+    storage,
+)
+from kubetune.client.errors import from_api
+from kubetune.client.jobs import checked, from_object, new_progress
+from operator_samples import manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# What kube-apiserver answers when RBAC refuses a create.
+FORBIDDEN = {
+    "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403,
+    "message": 'finetunejobs.kubetune.io is forbidden: User "system:serviceaccount:ml:nb" cannot create resource '
+               '"finetunejobs" in API group "kubetune.io" in the namespace "ml"',
+    "details": {"group": "kubetune.io", "kind": "finetunejobs"},
+}  # fmt: skip
+
+
+def test_forbidden_names_the_missing_verb_and_resource() -> None:
+    err = from_api(403, json.dumps(FORBIDDEN).encode(), verb="create", resource="finetunejobs.kubetune.io", name="x", namespace="ml")
+    assert isinstance(err, Forbidden)
+    assert (err.verb, err.resource, err.user) == ("create", "finetunejobs.kubetune.io", "system:serviceaccount:ml:nb")
+    assert "verb 'create' on finetunejobs.kubetune.io" in str(err)
+
+
+def test_forbidden_for_pod_logs_names_the_subresource() -> None:
+    body = {"message": 'pods "j-r0-0" is forbidden: User "alice" cannot get resource "pods/log" in API group "" in the namespace "ml"'}
+    err = from_api(403, body, verb="get", resource="pods/log", name="j-r0-0", namespace="ml")
+    assert isinstance(err, Forbidden) and err.verb == "get" and err.resource == "pods/log"
+
+
+def test_forbidden_without_a_readable_message_falls_back_to_the_attempted_verb() -> None:
+    err = from_api(403, b"nope", verb="patch", resource="finetunejobs.kubetune.io", name="x", namespace="ml")
+    assert isinstance(err, Forbidden) and err.verb == "patch"
+
+
+def test_not_found_and_already_exists() -> None:
+    assert isinstance(from_api(404, {}, verb="get", resource="finetunejobs.kubetune.io", name="x", namespace="ml"), NotFound)
+    err = from_api(409, {}, verb="create", resource="finetunejobs.kubetune.io", name="x", namespace="ml")
+    assert isinstance(err, AlreadyExists) and "already exists in namespace ml" in str(err)
+
+
+def test_api_server_refusal_becomes_spec_invalid_with_each_field() -> None:
+    body = {"code": 422, "message": "FineTuneJob.kubetune.io \"x\" is invalid",
+            "details": {"causes": [{"field": "spec.lora", "message": "spec.lora is only allowed with spec.method: lora"},
+                                   {"field": "spec.training.learningRate", "message": "must be <= 1"}]}}  # fmt: skip
+    err = from_api(422, body, verb="create", resource="finetunejobs.kubetune.io", name="x", namespace="ml")
+    assert isinstance(err, SpecInvalid)
+    assert [p.field for p in err.problems] == ["spec.lora", "spec.training.learningRate"]
+
+
+def test_submit_refuses_a_bad_manifest_before_any_call(tmp_path: Path) -> None:
+    doc = manifest(training={"learningRate": 5, "perDeviceBatchSize": 0})
+    with pytest.raises(SpecInvalid) as exc:
+        checked(doc)
+    fields = {p.field for p in exc.value.problems}
+    assert {"spec.training.learningRate", "spec.training.perDeviceBatchSize"} <= fields
+
+
+def test_a_yaml_path_a_dict_and_a_model_submit_the_same_manifest(tmp_path: Path) -> None:
+    path = ROOT / "examples" / "cpu-2node-lora.yaml"
+    from_path = checked(path)
+    model = FineTuneJob.model_validate(from_path)
+    assert checked(model)["spec"] == FineTuneJob.model_validate(checked(from_path)).model_dump(by_alias=True, exclude_none=True, mode="json")["spec"]
+    assert checked(dict(from_path))["metadata"]["name"] == from_path["metadata"]["name"]
+    empty = tmp_path / "x.yaml"
+    empty.write_text("kind: ConfigMap\n")
+    with pytest.raises(SpecInvalid, match="no FineTuneJob document"):
+        checked(empty)
+
+
+def test_an_object_the_operator_refused_still_reads_with_its_status() -> None:
+    obj = manifest(training={"learningRate": 5})
+    obj["status"] = {"phase": "Failed", "message": "spec.training.learningRate: must be <= 1.0"}
+    job = from_object(obj)
+    assert job.status is not None and job.status.phase == "Failed"
+
+
+def _job(phase: str | None, step: int | None = None, loss: float | None = None, **status: Any) -> FineTuneJob:
+    doc = manifest()
+    doc["status"] = {"phase": phase, **status}
+    if step is not None:
+        doc["status"]["progress"] = {"step": step, "totalSteps": 10, "percent": step * 10.0, "loss": loss,
+                                     "updatedAt": f"2026-01-01T00:00:{step:02d}Z"}  # fmt: skip
+    return FineTuneJob.model_validate(doc)
+
+
+class Replay:
+    """A backend that replays watch events (the real one is exercised against an API server in e2e)."""
+
+    namespace = "ml"
+
+    def __init__(self, states: list[FineTuneJob]):
+        self.states = states
+
+    def watch(self, name: str | None = None, timeout: float | None = None) -> Iterator[tuple[str, FineTuneJob]]:
+        for i, job in enumerate(self.states):
+            yield ("ADDED" if i == 0 else "MODIFIED"), job
+
+
+def test_wait_reports_each_new_progress_once_and_returns_on_success() -> None:
+    states = [_job("Pending"), _job("Running", 1, 2.0), _job("Running", 1, 2.0, restarts=0),
+              _job("Running", 5, 1.0), _job("Succeeded", 10, 0.5)]  # fmt: skip
+    seen: list[int | None] = []
+    phases: list[str] = []
+    done = Client(Replay(states)).wait("demo", on_progress=lambda p: seen.append(p.step), on_phase=phases.append)  # type: ignore[arg-type]
+    assert done.status is not None and done.status.phase == "Succeeded"
+    assert seen == [1, 5, 10]
+    assert phases == ["Pending", "Running", "Succeeded"]
+
+
+def test_wait_raises_job_failed_with_the_trainers_reason() -> None:
+    failed = _job("Failed", lastFailure={"pod": "demo-r0-0", "exitCode": 66, "reason": "DatasetInvalid", "message": "line 3: not JSON"})
+    with pytest.raises(JobFailed, match="DatasetInvalid.*line 3"):
+        Client(Replay([_job("Running"), failed])).wait("demo")  # type: ignore[arg-type]
+
+
+def test_wait_for_suspended_returns_on_suspended() -> None:
+    job = Client(Replay([_job("Running", 2, 1.0), _job("Suspended", 2, 1.0)])).wait("demo", until={"Suspended", "Failed"})  # type: ignore[arg-type]
+    assert job.status is not None and job.status.phase == "Suspended"
+
+
+def test_wait_times_out_when_the_watch_ends_first() -> None:
+    with pytest.raises(TimeoutError, match="not Succeeded"):
+        Client(Replay([_job("Running", 2, 1.0)])).wait("demo", timeout=0.1)  # type: ignore[arg-type]
+
+
+def test_stream_progress_yields_new_readings_until_the_job_ends() -> None:
+    states = [_job("Initializing"), _job("Running", 2, 1.5), _job("Running", 2, 1.5), _job("Running", 4, 1.2),
+              _job("Succeeded", 10, 0.4), _job("Succeeded", 10, 0.4)]  # fmt: skip
+    assert [(p.step, p.loss) for p in Client(Replay(states)).stream_progress("demo")] == [(2, 1.5), (4, 1.2), (10, 0.4)]  # type: ignore[arg-type]
+
+
+def test_new_progress_ignores_a_reread_of_the_same_step() -> None:
+    a = _job("Running", 3, 1.0).status.progress  # type: ignore[union-attr]
+    b = a.model_copy(update={"updated_at": "later"})  # type: ignore[union-attr]
+    assert new_progress(None, a) and not new_progress(a, b) and not new_progress(a, None)
+
+
+def test_the_get_row_shows_phase_progress_loss_and_age() -> None:
+    job = _job("Running", 4, 1.23456)
+    job.metadata.__pydantic_extra__["creationTimestamp"] = "2026-01-01T00:00:00Z"  # type: ignore[index]
+    r = row(job, datetime(2026, 1, 1, 0, 3, 5, tzinfo=timezone.utc))
+    assert (r["PHASE"], r["PROGRESS"], r["STEP"], r["LOSS"], r["AGE"]) == ("Running", 40.0, "4/10", "1.2346", "3m05s")
+    assert bar(40.0, width=10) == "████░░░░░░  40.0%" and bar(None) == ""
+
+
+def test_describe_shows_conditions_failure_and_artifacts() -> None:
+    job = _job("Failed", 3, 2.0, restarts=1,
+               conditions=[{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "1 restart",
+                            "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+               lastFailure={"pod": "demo-r1-0", "exitCode": 76, "reason": "StorageUnavailable", "message": "S3 down"})  # fmt: skip
+    text = describe(job, [{"type": "Warning", "reason": "Failed", "message": "gave up", "lastTimestamp": "2026-01-01T00:00:01Z"}])
+    assert "BackoffLimitExceeded" in text and "exit code 76 (StorageUnavailable): S3 down" in text
+    assert "s3://out/demo/model/" in text and "(when it succeeds)" in text and "gave up" in text
+
+
+# ---------------------------------------------------------------- downloads
+
+
+def _output(tmp_path: Path) -> Path:
+    """A finished LoRA output directory: adapter/, model/ and the manifest of both."""
+    out = tmp_path / "out"
+    files = {"adapter/adapter_model.safetensors": b"a" * 100, "model/model.safetensors": b"m" * 300,
+             "model/config.json": b"{}", "metrics.json": b"{}"}  # fmt: skip
+    for rel, data in files.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    table = {rel: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for rel, d in files.items()}
+    (out / "manifest.json").write_text(json.dumps({"files": table}))
+    return out
+
+
+def _arts(out: Path, merged: bool = True) -> Artifacts:
+    base = f"file://{out}"
+    return Artifacts(adapter=f"{base}/adapter/", merged_model=f"{base}/model/" if merged else None,
+                     metrics=f"{base}/metrics.json", manifest=f"{base}/manifest.json")  # fmt: skip
+
+
+def test_download_takes_the_merged_model_and_checks_it_against_the_manifest(tmp_path: Path) -> None:
+    got = storage.download(_arts(_output(tmp_path)), StorageSpec(), tmp_path / "dl")
+    assert got.path == tmp_path / "dl" / "model"
+    assert sorted(p.name for p in got.files) == ["config.json", "model.safetensors"] and got.verified == 2
+
+
+def test_download_takes_the_adapter_when_nothing_was_merged(tmp_path: Path) -> None:
+    got = storage.download(_arts(_output(tmp_path), merged=False), StorageSpec(), tmp_path / "dl")
+    assert [p.name for p in got.files] == ["adapter_model.safetensors"]
+    with pytest.raises(DownloadError, match="mergeAdapter: false"):
+        storage.download(_arts(_output(tmp_path), merged=False), StorageSpec(), tmp_path / "dl2", which="model")
+
+
+def test_download_refuses_a_file_that_differs_from_the_manifest(tmp_path: Path) -> None:
+    out = _output(tmp_path)
+    (out / "model" / "model.safetensors").write_bytes(b"x" * 300)
+    with pytest.raises(DownloadError, match="model/model.safetensors: content differs"):
+        storage.download(_arts(out), StorageSpec(), tmp_path / "dl")
+
+
+def test_download_before_success_says_so(tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="has the job succeeded"):
+        storage.download(_arts(tmp_path / "nothing"), StorageSpec(), tmp_path / "dl")
