@@ -9,6 +9,7 @@ import kopf
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.handlers import kube, reconcile
+from kubetune.handlers.metrics import METRICS, serve
 from kubetune.handlers.settings import Settings
 
 SETTINGS = Settings.from_env()  # read at import: the timer's interval is fixed at decoration time
@@ -38,19 +39,33 @@ def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) ->
         # back-off for about a minute, and only then falls back to the given names.
         settings.scanning.disabled = True
     logger.info("kubetune operator: image=%s poll=%ss", SETTINGS.trainer_image, SETTINGS.poll_interval)
+    if SETTINGS.metrics_port:
+        if serve(SETTINGS.metrics_port):
+            logger.info("metrics on :%d/metrics", SETTINGS.metrics_port)
+        else:
+            logger.warning("metrics port %d is taken: no /metrics", SETTINGS.metrics_port)
 
 
 @kopf.on.resume(*RESOURCE)
 @kopf.on.create(*RESOURCE)
 def create(body: kopf.Body, status: kopf.Status, logger: kopf.Logger, **_: Any) -> None:
-    reconcile.on_create(body, dict(status), SETTINGS, logger)
+    with METRICS.reconciling("create"):
+        reconcile.on_create(body, dict(status), SETTINGS, logger)
 
 
 @kopf.timer(*RESOURCE, interval=SETTINGS.poll_interval, initial_delay=1.0, sharp=False)
 def poll(body: kopf.Body, status: kopf.Status, logger: kopf.Logger, **_: Any) -> None:
-    reconcile.on_timer(body, dict(status), SETTINGS, logger)
+    with METRICS.reconciling("poll"):
+        reconcile.on_timer(body, dict(status), SETTINGS, logger)
 
 
 @kopf.on.field(*RESOURCE, field="spec.runPolicy.suspend")
 def suspend(body: kopf.Body, new: Any, status: kopf.Status, logger: kopf.Logger, **_: Any) -> None:
-    reconcile.on_suspend_change(body, new, dict(status), logger)
+    with METRICS.reconciling("suspend"):
+        reconcile.on_suspend_change(body, new, dict(status), logger)
+
+
+@kopf.on.event(*RESOURCE)
+def observe(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """Every watch event: jobs by phase, restarts, and the per-job training metrics (from status.progress)."""
+    METRICS.observe(event.get("type"), dict(body))

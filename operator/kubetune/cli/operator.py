@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=["text", "json"], help="log format (KUBETUNE_LOG_FORMAT)")
     parser.add_argument("--peering", action="store_true", help="enable Kopf peering (several replicas)")
     parser.add_argument("--liveness", help="liveness endpoint URL (KUBETUNE_LIVENESS), e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (KUBETUNE_METRICS_PORT, default 8000; 0: off)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -30,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
         "KUBETUNE_LOG_FORMAT": args.log_format,
         "KUBETUNE_PEERING": "true" if args.peering else None,
         "KUBETUNE_LIVENESS": args.liveness,
+        "KUBETUNE_METRICS_PORT": str(args.metrics_port) if args.metrics_port is not None else None,
     }
     if args.all_namespaces:
         env["KUBETUNE_NAMESPACES"] = ""

@@ -15,6 +15,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
+from kubetune.handlers.metrics import counting_client
 from kubetune.render.objects import LABEL_JOB, LABEL_RESTART
 
 
@@ -51,7 +52,7 @@ def _bearer_token_compat() -> None:
 
 def _api(cls: Any) -> Any:
     _bearer_token_compat()
-    return cls()
+    return cls(counting_client())  # every request counted in kubetune_api_requests_total
 
 
 def _data(resp: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import kopf
 from kubetune.api.models import FineTuneJobSpec
 from kubetune.api.validation import SpecInvalid, parse_spec
 from kubetune.handlers import kube
+from kubetune.handlers.metrics import METRICS
 from kubetune.handlers.settings import Settings
 from kubetune.render.objects import COMPLETION_INDEX, render_all, render_workload, workload_name
 from kubetune.status.derive import TERMINAL, Decision, Observed, derive, iso, refused_status, ttl_expired
@@ -46,6 +47,8 @@ def ensure_children(body: kopf.Body, spec: FineTuneJobSpec, restarts: int, setti
         kopf.adopt(obj, owner=body)
         if kube.create_if_absent(obj):
             created.append(f"{obj['kind']} {obj['metadata']['name']}")
+            if obj["kind"] == "Job" and restarts == 0:
+                METRICS.workload_created(dict(meta))
     return created
 
 

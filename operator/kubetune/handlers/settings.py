@@ -28,6 +28,8 @@ class Settings:
     """KUBETUNE_PEERING: Kopf peering (only for more than one replica); off by default (standalone)."""
     liveness: str = "http://0.0.0.0:8080/healthz"
     """KUBETUNE_LIVENESS: Kopf's liveness endpoint, probed by the Deployment."""
+    metrics_port: int = 8000
+    """KUBETUNE_METRICS_PORT: Prometheus /metrics port (kubetune.handlers.metrics); 0 turns it off."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -40,4 +42,5 @@ class Settings:
             log_format=(e.get("KUBETUNE_LOG_FORMAT") or "text").lower(),
             peering=(e.get("KUBETUNE_PEERING") or "").lower() in ("1", "true", "yes", "on"),
             liveness=e.get("KUBETUNE_LIVENESS") or "http://0.0.0.0:8080/healthz",
+            metrics_port=int(e.get("KUBETUNE_METRICS_PORT") or 8000),
         )

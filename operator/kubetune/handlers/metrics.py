@@ -1,0 +1,259 @@
+"""The operator's Prometheus metrics (prometheus-client), served on the metrics port.
+
+The handlers call the small functions at the bottom (`observe_event`, `reconciling`,
+`workload_created`); `counting_client()` counts the Kubernetes API calls the operator makes.
+Per-job training metrics are re-exported from the status the operator writes from rank 0's
+progress, so training pods need no scrape rules. Every name here is listed in docs/operator.md
+and the Grafana dashboard uses only these (tests/test_metrics.py checks both).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+PHASES = ("Pending", "Initializing", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+# (metric name, Progress field, help) of the per-job gauges re-exported from status.progress.
+JOB_GAUGES = (
+    ("kubetune_job_step", "step", "Optimizer step rank 0 last reported."),
+    ("kubetune_job_total_steps", "totalSteps", "Steps the job will run."),
+    ("kubetune_job_progress_ratio", "percent", "Fraction of the steps done (0-1)."),
+    ("kubetune_job_loss", "loss", "Training loss rank 0 last reported."),
+    ("kubetune_job_eval_loss", "evalLoss", "Last evaluation loss."),
+    ("kubetune_job_learning_rate", "learningRate", "Current learning rate."),
+    ("kubetune_job_tokens_per_second", "tokensPerSecond", "Training throughput of the whole gang (tokens/s)."),
+    ("kubetune_job_eta_seconds", "etaSeconds", "Estimated seconds until the last step."),
+)
+
+
+def _time(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+@dataclass
+class JobState:
+    namespace: str
+    name: str
+    phase: str = "Pending"
+    progress: dict[str, Any] | None = None
+    restarts: int = 0
+    gpus: int = 0
+    running_since: float | None = None  # when this process last saw it start running (for GPU-seconds)
+    phase_since: float | None = None
+    last_step_at: float | None = None
+
+
+class Metrics(Collector):
+    """All operator metrics; one instance (`METRICS`) registers with the default registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY):
+        self.jobs: dict[str, JobState] = {}
+        self.gpu_seconds: dict[str, float] = {}  # namespace -> GPU-seconds of jobs that stopped running
+        self.reconcile_duration = Histogram("kubetune_reconcile_duration_seconds", "Time one handler call took.",
+                                            ["handler"], registry=registry)  # fmt: skip
+        self.reconcile_errors = Counter("kubetune_reconcile_errors_total", "Handler calls that raised (Kopf retries them).",
+                                        ["handler", "error"], registry=registry)  # fmt: skip
+        self.time_to_workload = Histogram("kubetune_time_to_workload_seconds",
+                                          "From FineTuneJob creation to its first workload Job created.",
+                                          buckets=LATENCY_BUCKETS, registry=registry)  # fmt: skip
+        self.time_to_progress = Histogram("kubetune_time_to_first_progress_seconds",
+                                          "From FineTuneJob creation to the first progress read from rank 0.",
+                                          buckets=LATENCY_BUCKETS, registry=registry)  # fmt: skip
+        self.restarts = Counter("kubetune_gang_restarts_total", "Whole-gang restarts, by the failed rank's reason.",
+                                ["namespace", "reason"], registry=registry)  # fmt: skip
+        self.api_requests = Counter("kubetune_api_requests_total",
+                                    "Kubernetes API requests the operator made, by verb, resource and HTTP code.",
+                                    ["verb", "resource", "code"], registry=registry)  # fmt: skip
+        if registry is not None:
+            registry.register(self)
+
+    # ------------------------------------------------------------ observing
+
+    def observe(self, event: str | None, body: dict[str, Any], now: float | None = None) -> None:
+        """A FineTuneJob as the watch delivered it (Kopf's on.event): phase, progress, restarts."""
+        now = time.time() if now is None else now
+        meta = body.get("metadata") or {}
+        key = meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}"
+        if event == "DELETED":
+            state = self.jobs.pop(key, None)
+            if state is not None:
+                self._stop_running(state, now)
+            return
+        status = body.get("status") or {}
+        spec = body.get("spec") or {}
+        dist = spec.get("distributed") or {}
+        state = self.jobs.get(key)
+        fresh = state is None
+        if state is None:
+            state = self.jobs[key] = JobState(meta.get("namespace") or "", meta.get("name") or "",
+                                              restarts=int(status.get("restarts") or 0))  # fmt: skip
+        state.gpus = int(dist.get("nodes") or 1) * int(dist.get("gpusPerNode") or 0)
+        phase = status.get("phase") or "Pending"
+        if phase != state.phase or state.phase_since is None:
+            state.phase_since = now
+        if phase == "Running" and state.running_since is None:
+            state.running_since = now
+        elif phase != "Running":
+            self._stop_running(state, now)
+        state.phase = phase
+        restarts = int(status.get("restarts") or 0)
+        if restarts > state.restarts:
+            reason = ((status.get("lastFailure") or {}).get("reason")) or "Unknown"
+            self.restarts.labels(state.namespace, reason).inc(restarts - state.restarts)
+        state.restarts = max(state.restarts, restarts)
+        progress = status.get("progress") or None
+        had_step = bool(state.progress and state.progress.get("step") is not None)
+        if progress and progress.get("step") is not None:
+            if not had_step and not fresh:  # seen before without progress: this is the first reading
+                created = _time(meta.get("creationTimestamp"))
+                if created is not None:
+                    self.time_to_progress.observe(max(0.0, now - created))
+            if not had_step or (state.progress or {}).get("step") != progress.get("step"):
+                state.last_step_at = now
+        state.progress = progress or state.progress
+
+    def _stop_running(self, state: JobState, now: float) -> None:
+        if state.running_since is not None:
+            self.gpu_seconds[state.namespace] = self.gpu_seconds.get(state.namespace, 0.0) + state.gpus * (now - state.running_since)
+            state.running_since = None
+
+    def workload_created(self, meta: dict[str, Any], now: float | None = None) -> None:
+        created = _time(meta.get("creationTimestamp"))
+        if created is not None:
+            self.time_to_workload.observe(max(0.0, (time.time() if now is None else now) - created))
+
+    # ------------------------------------------------------------ exporting
+
+    def collect(self, now: float | None = None) -> Iterator[Any]:  # type: ignore[override]
+        now = time.time() if now is None else now
+        by_phase = GaugeMetricFamily("kubetune_finetunejobs", "FineTuneJobs by namespace and phase.", labels=["namespace", "phase"])
+        counts: dict[tuple[str, str], int] = {}
+        namespaces = {s.namespace for s in self.jobs.values()}
+        for ns in namespaces:
+            for phase in PHASES:
+                counts[(ns, phase)] = 0
+        for s in self.jobs.values():
+            counts[(s.namespace, s.phase)] = counts.get((s.namespace, s.phase), 0) + 1
+        for (ns, phase), n in sorted(counts.items()):
+            by_phase.add_metric([ns, phase], n)
+        yield by_phase
+
+        phase_age = GaugeMetricFamily("kubetune_job_phase_seconds", "Seconds each job has been in its current phase.",
+                                      labels=["namespace", "job", "phase"])  # fmt: skip
+        since_step = GaugeMetricFamily("kubetune_job_seconds_since_progress",
+                                       "Seconds since a running job's step last advanced.", labels=["namespace", "job"])  # fmt: skip
+        gauges = {name: GaugeMetricFamily(name, help_, labels=["namespace", "job"]) for name, _, help_ in JOB_GAUGES}
+        restarts = GaugeMetricFamily("kubetune_job_restarts", "Whole-gang restarts of each job so far.", labels=["namespace", "job"])
+        for s in sorted(self.jobs.values(), key=lambda s: (s.namespace, s.name)):
+            labels = [s.namespace, s.name]
+            restarts.add_metric(labels, s.restarts)
+            if s.phase_since is not None:
+                phase_age.add_metric([*labels, s.phase], now - s.phase_since)
+            if s.phase == "Running" and s.last_step_at is not None:
+                since_step.add_metric(labels, now - s.last_step_at)
+            for name, field, _ in JOB_GAUGES:
+                value = (s.progress or {}).get(field)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    gauges[name].add_metric(labels, value / 100.0 if field == "percent" else float(value))
+        yield from gauges.values()
+        yield restarts
+        yield phase_age
+        yield since_step
+
+        gpu = CounterMetricFamily("kubetune_gpu_seconds", "GPU-seconds of running jobs (nodes x gpusPerNode while Running).",
+                                  labels=["namespace"])  # fmt: skip
+        totals = dict(self.gpu_seconds)
+        for s in self.jobs.values():
+            if s.running_since is not None:
+                totals[s.namespace] = totals.get(s.namespace, 0.0) + s.gpus * (now - s.running_since)
+        for ns, value in sorted(totals.items()):
+            gpu.add_metric([ns], value)
+        yield gpu
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())  # names are dynamic per scrape; nothing to check at registration
+
+    # ------------------------------------------------------------ reconcile timing
+
+    @contextmanager
+    def reconciling(self, handler: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception as exc:
+            self.reconcile_errors.labels(handler, type(exc).__name__).inc()
+            raise
+        finally:
+            self.reconcile_duration.labels(handler).observe(time.perf_counter() - started)
+
+    def api_request(self, method: str, url: str, code: int) -> None:
+        verb, resource = api_call(method, url)
+        self.api_requests.labels(verb, resource, str(code)).inc()
+
+
+_PATH = re.compile(r"^/(?:api/v1|apis/[^/]+/[^/]+)(?:/namespaces/[^/]+)?/(?P<rest>[^?]*)")
+_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+def api_call(method: str, url: str) -> tuple[str, str]:
+    """(verb, resource) as RBAC names them, from a request: GET .../jobs -> list jobs, PATCH .../x/status -> patch x/status."""
+    path = url.split("://", 1)[-1]
+    path = path[path.find("/"):] if "/" in path else "/"
+    m = _PATH.match(path)
+    parts = (m["rest"] if m else path.strip("/")).strip("/").split("/")
+    resource = parts[0] or "unknown"
+    if len(parts) >= 3:
+        resource += "/" + parts[2]
+    if method.upper() == "GET":
+        verb = "watch" if "watch=" in url else ("get" if len(parts) >= 2 else "list")
+    else:
+        verb = _VERBS.get(method.upper(), method.lower())
+    return verb, resource
+
+
+METRICS = Metrics()
+
+
+def counting_client() -> Any:
+    """A kubernetes ApiClient (default configuration) whose every request is counted."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    class CountingApiClient(client.ApiClient):  # type: ignore[misc]
+        def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+            try:
+                resp = super().request(method, url, *args, **kwargs)
+            except ApiException as exc:
+                METRICS.api_request(method, url, exc.status or 0)
+                raise
+            METRICS.api_request(method, url, getattr(resp, "status", 200))
+            return resp
+
+    return CountingApiClient()
+
+
+def serve(port: int, address: str = "0.0.0.0") -> bool:
+    """Serve /metrics; False (and the operator carries on) when the port is taken."""
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port, addr=address)
+    except OSError:
+        return False
+    return True
