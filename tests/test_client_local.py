@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from kubetune.client import Client
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+disable_created_metrics()  # no *_created series: they double the series count and nothing here uses them
 
 PHASES = ("Pending", "Initializing", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -155,11 +157,11 @@ class Metrics(Collector):
         yield by_phase
 
         phase_age = GaugeMetricFamily("kubetune_job_phase_seconds", "Seconds each job has been in its current phase.",
-                                      labels=["namespace", "job", "phase"])  # fmt: skip
+                                      labels=["namespace", "finetunejob", "phase"])  # fmt: skip
         since_step = GaugeMetricFamily("kubetune_job_seconds_since_progress",
-                                       "Seconds since a running job's step last advanced.", labels=["namespace", "job"])  # fmt: skip
-        gauges = {name: GaugeMetricFamily(name, help_, labels=["namespace", "job"]) for name, _, help_ in JOB_GAUGES}
-        restarts = GaugeMetricFamily("kubetune_job_restarts", "Whole-gang restarts of each job so far.", labels=["namespace", "job"])
+                                       "Seconds since a running job's step last advanced.", labels=["namespace", "finetunejob"])  # fmt: skip
+        gauges = {name: GaugeMetricFamily(name, help_, labels=["namespace", "finetunejob"]) for name, _, help_ in JOB_GAUGES}
+        restarts = GaugeMetricFamily("kubetune_job_restarts", "Whole-gang restarts of each job so far.", labels=["namespace", "finetunejob"])
         for s in sorted(self.jobs.values(), key=lambda s: (s.namespace, s.name)):
             labels = [s.namespace, s.name]
             restarts.add_metric(labels, s.restarts)
