@@ -222,3 +222,12 @@ def test_download_refuses_a_file_that_differs_from_the_manifest(tmp_path: Path) 
 def test_download_before_success_says_so(tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="has the job succeeded"):
         storage.download(_arts(tmp_path / "nothing"), StorageSpec(), tmp_path / "dl")
+
+
+def test_the_local_backend_reads_back_the_failure_line_kubetune_run_prints(tmp_path: Path) -> None:
+    from kubetune.cli.run import failure_line
+    from kubetune.client.local import FAILED_LINE
+
+    _, line = failure_line(66, {"exitCode": 66, "reason": "DatasetInvalid", "message": "train.jsonl line 3: not JSON"},
+                           "", tmp_path / "train.log")  # fmt: skip
+    assert FAILED_LINE.findall("noise\n" + line + "\n") == [("66", "DatasetInvalid", "train.jsonl line 3: not JSON")]

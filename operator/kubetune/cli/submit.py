@@ -7,7 +7,7 @@ import sys
 
 from kubetune.api.models import Progress
 from kubetune.cli.cluster_args import add_cluster_args, client_from, guarded, print_objects
-from kubetune.cli.run import progress_line
+from kubetune.cli.run import progress_fields
 from kubetune.client.jobs import checked
 
 
@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     def show(p: Progress) -> None:
-        print(f"{name}: " + progress_line(p.to_wire()), file=sys.stderr)
+        eta = f"  eta {p.eta}" if p.eta else ""
+        print(f"{name}: step {p.step}/{p.total_steps}  {progress_fields(p.to_wire())}{eta}", file=sys.stderr)
 
     done = client.wait(name, timeout=args.timeout, on_progress=show,
                        on_phase=lambda phase: print(f"{name}: {phase}", file=sys.stderr))

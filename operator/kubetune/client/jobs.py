@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from kubetune.api.manifest_yaml import ManifestError, load_documents, read_text
 from kubetune.api.models import KIND, Artifacts, FineTuneJob, FineTuneJobStatus, ObjectMeta, Progress
 from kubetune.api.validation import Problem, SpecInvalid, validate_manifest
 from kubetune.status.derive import TERMINAL, artifacts
@@ -26,17 +25,15 @@ def manifest_of(job: JobSource) -> dict[str, Any]:
         return job.model_dump(by_alias=True, exclude_none=True, mode="json", exclude={"status"})
     if isinstance(job, dict):
         return {k: v for k, v in job.items() if k != "status"}
-    path = Path(job)
+    path = str(job)
     try:
-        docs = list(yaml.safe_load_all(path.read_text()))
-    except OSError as exc:
-        raise SpecInvalid([Problem(str(path), f"cannot read the file: {exc.strerror}")]) from exc
-    except yaml.YAMLError as exc:
-        raise SpecInvalid([Problem(str(path), f"not valid YAML: {exc}")]) from exc
+        docs = load_documents(read_text(path))  # the bounded loader `kubetune validate` uses
+    except ManifestError as exc:
+        raise SpecInvalid([Problem(path, str(exc))]) from None
     for doc in docs:
         if isinstance(doc, dict) and doc.get("kind") == KIND:
             return {k: v for k, v in doc.items() if k != "status"}
-    raise SpecInvalid([Problem(str(path), f"no {KIND} document in this file; add `kind: {KIND}`")])
+    raise SpecInvalid([Problem(path, f"no {KIND} document in this file; add `kind: {KIND}`")])
 
 
 def checked(job: JobSource, namespace: str | None = None) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from kubetune.status.derive import artifacts
 from kubetune.status.progress import fetch_progress, to_progress
 
 CONFIG_LINE = re.compile(r"kubetune run: config (\S+), log")
-FAILED_LINE = re.compile(r"kubetune run: failed with exit code (\d+) \((\w+)\): (.*)")
+FAILED_LINE = re.compile(r"kubetune run: failed: .*?exit code (-?\d+) \((\w+)\): (.*?)(?:; log \S+)?$", re.MULTILINE)
 
 
 def now_iso() -> str:
