@@ -80,7 +80,7 @@ class Metrics(Collector):
         self.restarts = Counter("kubetune_gang_restarts_total", "Whole-gang restarts, by the failed rank's reason.",
                                 ["namespace", "reason"], registry=registry)  # fmt: skip
         self.api_requests = Counter("kubetune_api_requests_total",
-                                    "Kubernetes API requests the operator made, by verb, resource and HTTP code.",
+                                    "Kubernetes API requests the operator made, by verb, resource and HTTP code (0: no answer).",
                                     ["verb", "resource", "code"], registry=registry)  # fmt: skip
         if registry is not None:
             registry.register(self)
@@ -243,6 +243,9 @@ def counting_client() -> Any:
                 resp = super().request(method, url, *args, **kwargs)
             except ApiException as exc:
                 METRICS.api_request(method, url, exc.status or 0)
+                raise
+            except Exception:  # no answer at all (connection refused, timeout)
+                METRICS.api_request(method, url, 0)
                 raise
             METRICS.api_request(method, url, getattr(resp, "status", 200))
             return resp
