@@ -103,9 +103,10 @@ def load_documents(text: str) -> list[Any]:
     """Every document in `text` (None for empty ones), or ManifestError naming the first thing wrong."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_DOCUMENT_BYTES:
         raise ManifestError(f"is larger than {MAX_DOCUMENT_BYTES // (1024 * 1024)} MiB; a FineTuneJob is a few KB")
-    loader = _Loader(text)
     docs: list[Any] = []
+    loader = None
     try:
+        loader = _Loader(text)  # the reader refuses control characters here already
         while loader.check_node():
             node = loader.get_node()
             if node is None:
@@ -117,7 +118,8 @@ def load_documents(text: str) -> list[Any]:
     except RecursionError:
         raise ManifestError(f"document {len(docs) + 1} is nested too deeply to read") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return docs
 
 
