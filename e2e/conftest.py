@@ -7,6 +7,9 @@ Environment:
   KUBETUNE_E2E_CACHE=DIR    binary cache (default ~/.cache/kubetune-e2e)
   KUBETUNE_E2E_WORKDIR=DIR  keep certs, kubeconfigs, logs and pod dirs there (default: pytest tmp)
   KUBETUNE_E2E_S3=moto      use moto instead of MinIO (accepts any credentials)
+  KUBETUNE_E2E_NODE=kubelet the control plane runs in a private network + mount namespace with a
+                            real node (containerd, kubelet, kube-scheduler, CoreDNS: `kubelet_node`);
+                            default `agent`: on the host's loopback with the node agent
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import binaries
 from harness.cluster import KUBECTL, Cluster
 from harness.node_agent import NodeAgent, for_cluster
 from harness.s3 import S3Server
+
+NODE_MODE = os.environ.get("KUBETUNE_E2E_NODE", "agent")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -55,7 +61,12 @@ def cluster(e2e_workdir: Path) -> Iterator[Cluster]:
         binaries.ensure("etcd", "kube-apiserver", "kube-controller-manager")
     except binaries.BinariesUnavailable as e:
         pytest.skip(str(e))
-    c = Cluster(e2e_workdir / "cluster")
+    ns = None
+    if NODE_MODE == "kubelet":
+        from harness.netns import Namespace  # noqa: PLC0415
+
+        ns = Namespace(e2e_workdir / "netns")
+    c = Cluster(e2e_workdir / "cluster", ns=ns)
     try:
         c.start()
     except Exception:
@@ -70,6 +81,8 @@ def cluster(e2e_workdir: Path) -> Iterator[Cluster]:
 @pytest.fixture(scope="session")
 def node_agent(cluster: Cluster, e2e_workdir: Path) -> Iterator[NodeAgent]:
     """The fake kubelet/scheduler/DNS for one node; pods run as local processes."""
+    if NODE_MODE == "kubelet":
+        pytest.skip("KUBETUNE_E2E_NODE=kubelet: this test needs the node agent")
     if not os.access("/etc/hosts", os.W_OK):
         pytest.skip("the node agent publishes pod DNS names in /etc/hosts and needs to write it (run as root)")
     agent = for_cluster(cluster, e2e_workdir / "node")
@@ -78,6 +91,28 @@ def node_agent(cluster: Cluster, e2e_workdir: Path) -> Iterator[NodeAgent]:
     agent.stop()
     if agent.errors:
         print("node agent errors:\n" + "\n".join(agent.errors[-20:]), file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def kubelet_node(cluster: Cluster, e2e_workdir: Path) -> Iterator[Any]:
+    """A real node: containerd + kubelet + kube-scheduler + CoreDNS, images built from this repo."""
+    if NODE_MODE != "kubelet":
+        pytest.skip("the real-kubelet node runs with KUBETUNE_E2E_NODE=kubelet")
+    from harness.kubelet_node import KubeletNode  # noqa: PLC0415
+
+    node = KubeletNode(cluster, e2e_workdir / "kubelet-node")
+    try:
+        node.start()
+    except binaries.BinariesUnavailable as e:
+        node.stop()
+        pytest.skip(str(e))
+    except Exception:
+        for name, tail in node.logs().items():
+            print(f"--- {name} ---\n{tail}", file=sys.stderr)
+        node.stop()
+        raise
+    yield node
+    node.stop()
 
 
 @pytest.fixture(scope="session")

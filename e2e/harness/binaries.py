@@ -32,13 +32,25 @@ def cache_dir() -> Path:
 def _paths() -> dict[str, Path]:
     v, c = versions(), cache_dir()
     k8s = c / f"kubernetes-{v['KUBERNETES_VERSION']}" / "bin"
+    node = c / f"kubernetes-node-{v['KUBERNETES_VERSION']}" / "bin"
     return {
         "kube-apiserver": k8s / "kube-apiserver",
         "kube-controller-manager": k8s / "kube-controller-manager",
         "etcd": c / f"etcd-{v['ETCD_VERSION']}" / "bin" / "etcd",
         "helm": c / f"helm-{v['HELM_VERSION']}" / "bin" / "helm",
         "minio": c / f"minio-{v['MINIO_VERSION']}" / "bin" / "minio",
+        "kubelet": node / "kubelet",
+        "kube-scheduler": node / "kube-scheduler",
+        "pause": node / "pause",
+        "coredns": c / f"coredns-{v['COREDNS_VERSION']}" / "bin" / "coredns",
     }
+
+
+COMPONENT = {  # binary -> build.sh component
+    "kube-apiserver": "kubernetes", "kube-controller-manager": "kubernetes", "etcd": "etcd",
+    "helm": "helm", "minio": "minio", "kubelet": "node", "kube-scheduler": "node", "pause": "node",
+    "coredns": "coredns",
+}
 
 
 def ensure(*names: str) -> dict[str, Path]:
@@ -55,6 +67,8 @@ def ensure(*names: str) -> dict[str, Path]:
                 f"KUBETUNE_E2E_BUILD=0; run {BUILD_SH} first"
             )
         t0 = time.monotonic()
-        subprocess.run([str(BUILD_SH)], check=True)
+        env = dict(os.environ)
+        env.setdefault("KUBETUNE_E2E_COMPONENTS", " ".join(sorted({COMPONENT[n] for n in missing})))
+        subprocess.run([str(BUILD_SH)], check=True, env=env)
         print(f"build.sh took {time.monotonic() - t0:.0f}s")
     return {n: paths[n] for n in names}

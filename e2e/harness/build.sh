@@ -7,6 +7,11 @@
 #   etcd                                      go.etcd.io/etcd/server/v3 (wrapper module)
 #   minio                                     github.com/minio/minio (S3 server)
 #   helm                                      helm.sh/helm/v3/cmd/helm (wrapper module)
+#   node: kubelet, kube-scheduler, pause      k8s.io/kubernetes (same wrapper module; own cache dir,
+#                                             so adding it does not invalidate the control plane's)
+#   coredns                                   github.com/coredns/coredns (custom main, only the plugins used)
+#
+# `node` and `coredns` are only needed by the real-kubelet mode (KUBETUNE_E2E_NODE=kubelet).
 #
 # Versions are chosen so that every module they need is on the Go module proxy
 # (e.g. k8s v1.32.13's staging modules are not all there; v1.32.2's are).
@@ -32,22 +37,88 @@ wrapper() { # wrapper <dir> <go.mod body>: fresh throwaway module in <dir>
   printf 'module kubetune.local/e2e-build\n\ngo 1.24\n\n%s\n' "$2" >"$1/go.mod"
 }
 
-build_kubernetes() {
-  local v=$KUBERNETES_VERSION out="$cache/kubernetes-$KUBERNETES_VERSION/bin"
-  have "$out/kube-apiserver" "$out/kube-controller-manager" && { echo "kubernetes $v: cached"; return; }
-  local sv="v0${v#v1}" w="$cache/kubernetes-$v/src" rep="" m gomod
+k8s_wrapper() { # k8s_wrapper <dir> <version>: wrapper module requiring k8s.io/kubernetes + its staging tags
+  local v=$2 sv="v0${2#v1}" rep="" m gomod
   # every staging module the kubernetes go.mod replaces with ./staging/... -> its v0.x tag
   gomod=$(cd "$cache" && go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')
   for m in $(awk '/=> \.\/staging/{print $1}' "$gomod"); do
     rep+="replace $m => $m $sv"$'\n'
   done
-  wrapper "$w" "require k8s.io/kubernetes $v
+  wrapper "$1" "require k8s.io/kubernetes $v
 $rep"
+}
+
+build_kubernetes() {
+  local v=$KUBERNETES_VERSION out="$cache/kubernetes-$KUBERNETES_VERSION/bin"
+  have "$out/kube-apiserver" "$out/kube-controller-manager" && { echo "kubernetes $v: cached"; return; }
+  local w="$cache/kubernetes-$v/src"
+  k8s_wrapper "$w" "$v"
   local ver="k8s.io/component-base/version" minor="${v#v1.}"; minor="${minor%%.*}"
   local lf="$ldflags -X $ver.gitVersion=$v -X $ver.gitMajor=1 -X $ver.gitMinor=$minor -X $ver.gitTreeState=clean"
   lf+=" -X k8s.io/client-go/pkg/version.gitVersion=$v -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
   (cd "$w" && go get "k8s.io/kubernetes/cmd/kube-apiserver@$v" "k8s.io/kubernetes/cmd/kube-controller-manager@$v" \
     && go build -ldflags "$lf" -o "$out.tmp/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager)
+  rm -rf "$out"; mv "$out.tmp" "$out"; rm -rf "$w"
+}
+
+build_node() { # kubelet + kube-scheduler (+ a static pause binary for the sandbox image)
+  local v=$KUBERNETES_VERSION out="$cache/kubernetes-node-$KUBERNETES_VERSION/bin"
+  have "$out/kubelet" "$out/kube-scheduler" "$out/pause" && { echo "node $v: cached"; return; }
+  local w="$cache/kubernetes-node-$v/src"
+  k8s_wrapper "$w" "$v"
+  local ver="k8s.io/component-base/version" minor="${v#v1.}"; minor="${minor%%.*}"
+  local lf="$ldflags -X $ver.gitVersion=$v -X $ver.gitMajor=1 -X $ver.gitMinor=$minor -X $ver.gitTreeState=clean"
+  lf+=" -X k8s.io/client-go/pkg/version.gitVersion=$v -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+  mkdir -p "$w/pause"
+  cat >"$w/pause/main.go" <<'GO'
+// pause: the pod sandbox's process; sleeps until SIGTERM/SIGINT and reaps nothing else.
+package main
+
+import (
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	c := make(chan os.Signal, 1)
+	signal.Notify(c, syscall.SIGTERM, syscall.SIGINT)
+	<-c
+}
+GO
+  (cd "$w" && go get "k8s.io/kubernetes/cmd/kubelet@$v" "k8s.io/kubernetes/cmd/kube-scheduler@$v" \
+    && go build -ldflags "$lf" -o "$out.tmp/" k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-scheduler \
+    && go build -ldflags "$ldflags" -o "$out.tmp/pause" ./pause)
+  rm -rf "$out"; mv "$out.tmp" "$out"; rm -rf "$w"
+}
+
+build_coredns() { # only the plugins the e2e Corefile uses: a much smaller build than the full coredns
+  local v=$COREDNS_VERSION out="$cache/coredns-$COREDNS_VERSION/bin" w="$cache/coredns-$COREDNS_VERSION/src"
+  have "$out/coredns" && { echo "coredns $v: cached"; return; }
+  wrapper "$w" "require github.com/coredns/coredns $v"
+  cat >"$w/main.go" <<'GO'
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/ready"
+)
+
+func init() {
+	dnsserver.Directives = []string{"errors", "log", "health", "ready", "cache", "kubernetes"}
+}
+
+func main() { coremain.Run() }
+GO
+  (cd "$w" && go get "github.com/coredns/coredns@$v" && go mod tidy \
+    && go build -ldflags "$ldflags" -o "$out.tmp/coredns" .)
   rm -rf "$out"; mv "$out.tmp" "$out"; rm -rf "$w"
 }
 

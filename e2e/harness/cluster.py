@@ -7,8 +7,10 @@
 Per-run certificates (one CA), RBAC + Node authorization, the default admission
 plugins plus NodeRestriction, service-account token signing, and the controller
 manager with every controller (`--controllers=*`) using per-controller
-service-account credentials. There is no kube-scheduler and no kubelet: the
-node agent (node_agent.py) plays both for one fake node.
+service-account credentials. With `ns` (a netns.Namespace) every component runs inside
+that private network + mount namespace and the host reaches the API server through a
+forwarder on the same loopback port (see kubelet_node.py); without it, on the host's
+loopback, and the node agent (node_agent.py) plays kubelet and scheduler.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from . import binaries
 from .kube import ApiError, Credentials, Kube
+from .netns import Namespace
 from .pki import CA, service_account_keypair
 from .procs import Proc, free_port
 
@@ -46,9 +50,11 @@ def write_kubeconfig(path: Path, server: str, ca: Path, user: str, **auth: str) 
 
 
 class Cluster:
-    def __init__(self, workdir: Path, *, node_name: str = "e2e-node") -> None:
+    def __init__(self, workdir: Path, *, node_name: str = "e2e-node", ns: Namespace | None = None) -> None:
         self.dir = workdir
         self.node_name = node_name
+        self.ns = ns
+        self.leftovers: list[str] = []  # what stop() could not clean up (namespace mode)
         self.procs: list[Proc] = []
         self.port = 0
         self.server = ""
@@ -69,6 +75,8 @@ class Cluster:
         bins = binaries.ensure("etcd", "kube-apiserver", "kube-controller-manager")
         d = self.dir
         d.mkdir(parents=True, exist_ok=True)
+        if self.ns is not None:
+            self.ns.start()
         pki, logs = d / "pki", d / "logs"
         self.log_dir = logs
         ca = self.ca = CA(pki)
@@ -83,6 +91,7 @@ class Cluster:
         sa_key, sa_pub = service_account_keypair(pki)
         admin_crt, admin_key = ca.issue("admin", "kubetune-e2e-admin", ("system:masters",))
         kcm_crt, kcm_key = ca.issue("kcm", "system:kube-controller-manager")
+        kubelet_client = ca.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client", ("system:masters",))
         self.kubeconfig = write_kubeconfig(
             d / "admin.kubeconfig", self.server, ca.cert_file, "admin",
             **{"client-certificate": str(admin_crt), "client-key": str(admin_key)},
@@ -94,7 +103,7 @@ class Cluster:
         self.admin = Kube(Credentials(self.server, ca.cert_file, admin_crt, admin_key))
 
         etcd_port, peer_port = free_port(), free_port()
-        self.procs.append(Proc("etcd", [
+        self._spawn("etcd", [
             str(bins["etcd"]), "--name=e2e", f"--data-dir={d / 'etcd'}",
             f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
             f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
@@ -102,8 +111,8 @@ class Cluster:
             f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
             f"--initial-cluster=e2e=http://127.0.0.1:{peer_port}",
             "--unsafe-no-fsync", "--log-level=warn",
-        ], logs / "etcd.log"))
-        self.procs.append(Proc("kube-apiserver", [
+        ], logs / "etcd.log")
+        self._spawn("kube-apiserver", [
             str(bins["kube-apiserver"]),
             f"--etcd-servers=http://127.0.0.1:{etcd_port}",
             "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
@@ -120,10 +129,20 @@ class Cluster:
             "--allow-privileged=true",
             # the `kubernetes` Service's endpoints may not be loopback addresses
             "--endpoint-reconciler-type=none",
+            # `kubectl logs`: the API server reaches the kubelet at the node's InternalIP
+            f"--kubelet-client-certificate={kubelet_client[0]}", f"--kubelet-client-key={kubelet_client[1]}",
+            "--kubelet-preferred-address-types=InternalIP",
             "--v=1",
-        ], logs / "kube-apiserver.log"))
+        ], logs / "kube-apiserver.log")
+        if self.ns is not None:  # the host's kubectl/clients reach it on the same port of the host's loopback
+            sock = d / "apiserver.sock"
+            fwd = [sys.executable, str(Path(__file__).with_name("forward.py"))]
+            self._spawn("apiserver-forward-ns", [*fwd, f"unix:{sock}=tcp:127.0.0.1:{self.port}"],
+                        logs / "forward.log")
+            self.procs.append(Proc("apiserver-forward-host", [*fwd, f"tcp:127.0.0.1:{self.port}=unix:{sock}"],
+                                   logs / "forward-host.log"))
         self._wait_ready()
-        self.procs.append(Proc("kube-controller-manager", [
+        self._spawn("kube-controller-manager", [
             str(bins["kube-controller-manager"]),
             f"--kubeconfig={kcm_kubeconfig}",
             f"--authentication-kubeconfig={kcm_kubeconfig}",
@@ -135,14 +154,23 @@ class Cluster:
             f"--cluster-signing-cert-file={ca.cert_file}", f"--cluster-signing-key-file={ca.key_file}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--leader-elect=false", "--v=1",
-        ], logs / "kube-controller-manager.log"))
+        ], logs / "kube-controller-manager.log")
         # the serviceaccount controller creating `default` proves the controller manager works
         self.wait_for_serviceaccount("default", "default", timeout=90)
+
+    def _spawn(self, name: str, argv: list[str], log: Path) -> Proc:
+        p = Proc(name, self.ns.argv(argv) if self.ns is not None else argv, log)
+        self.procs.append(p)
+        return p
 
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.stop()
         self.procs.clear()
+        if self.ns is not None:
+            self.leftovers = self.ns.stop()
+            if self.leftovers:
+                print("e2e teardown left behind: " + "; ".join(self.leftovers), file=sys.stderr)
 
     def _wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
@@ -204,6 +232,11 @@ class Cluster:
         token = self.token_for_serviceaccount(ns, name, seconds)
         return write_kubeconfig(self.dir / f"sa-{ns}-{name}.kubeconfig", self.server,
                                 self.ca.cert_file, f"{ns}-{name}", token=token)
+
+    def write_kubeconfig(self, path: Path, user: str, crt: Path, key: Path) -> Path:
+        """A client-certificate kubeconfig for this cluster."""
+        return write_kubeconfig(path, self.server, self.ca.cert_file, user,
+                                **{"client-certificate": str(crt), "client-key": str(key)})
 
     def credentials_for(self, name: str, cn: str, orgs: tuple[str, ...] = ()) -> Credentials:
         """Client-certificate credentials for an arbitrary user/group (e.g. a node)."""

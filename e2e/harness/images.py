@@ -1,0 +1,349 @@
+"""The operator, trainer and pause images for the real-kubelet mode, built with no daemon and no pull.
+
+    layers = build_all()            # cached under <cache>/images, keyed by content
+    import_all(ctr_argv)            # `ctr -n k8s.io images import -` of each missing image
+
+Every image is an OCI image with uncompressed layers:
+
+* base: a Debian minbase root filesystem with python3, made by `mmdebstrap` (the same
+  Debian release as the CI machine, so its Python 3.11 runs the wheels of the test venv);
+* deps: a virtualenv at /opt/kubetune holding exactly the installed distributions that
+  `kubetune[operator]` (operator image) or `kubetune[trainer]` + pyarrow (trainer image)
+  require, copied from the running venv (so torch is not downloaded a second time; the
+  versions are the ones .ci/constraints.txt pins), with their console scripts;
+* app: this repository's `kubetune` and `kubetune_trainer` packages, a `kubetune` user
+  (uid 1000) and the image config of operator_image/Dockerfile / trainer_image/Dockerfile
+  (user 1000, entrypoint, PATH).
+
+The names are the chart's defaults (charts/kubetune/values.yaml), so `helm install` with
+default values runs these images. What differs from the Dockerfiles: a Debian base instead
+of python:3.11-slim / the CUDA base, and the venv copied instead of `pip install`ed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import IO
+
+import yaml
+from packaging.requirements import Requirement
+
+from .binaries import cache_dir, ensure
+
+REPO = Path(__file__).resolve().parents[2]
+DEBIAN_SUITE = "bookworm"
+BASE_PACKAGES = ("python3", "ca-certificates")
+PY = f"python{sys.version_info.major}.{sys.version_info.minor}"
+VENV = "opt/kubetune"
+SITE = f"{VENV}/lib/{PY}/site-packages"
+PATH = "/opt/kubetune/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PAUSE_IMAGE = "kubetune.local/pause:e2e"
+# not needed on CPU and 640 MB: torch imports it only for torch.compile on GPUs
+SKIP_DISTS = {"triton"}
+
+
+def chart_images() -> tuple[str, str]:
+    """(operator image, trainer image) as the chart's default values name them."""
+    chart = REPO / "charts" / "kubetune"
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    app_version = yaml.safe_load((chart / "Chart.yaml").read_text())["appVersion"]
+    op = f"{values['image']['repository']}:{values['image']['tag'] or app_version}"
+    return op, str(values["trainerImage"])
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def images_dir() -> Path:
+    d = cache_dir() / "images"
+    (d / "layers").mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# -- layers ------------------------------------------------------------------------------
+
+
+def _cached_layer(key: str, write: Callable[[tarfile.TarFile], None]) -> Path:
+    """<images>/layers/<key>.tar, written once by `write` (an uncompressed layer tar)."""
+    out = images_dir() / "layers" / f"{key}.tar"
+    if out.exists():
+        return out
+    tmp = out.with_suffix(".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        write(tar)
+    tmp.rename(out)
+    return out
+
+
+def base_layer() -> Path:
+    """Debian minbase + python3 from mmdebstrap (about 100 s cold)."""
+    args = ["--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", "--format=tar", DEBIAN_SUITE]
+    key = "base-" + _sha(json.dumps(args).encode())[:16]
+    out = images_dir() / "layers" / f"{key}.tar"
+    if not out.exists():
+        if not shutil.which("mmdebstrap"):
+            raise RuntimeError("mmdebstrap not found: apt-get install mmdebstrap (see e2e/README.md)")
+        tmp = out.with_suffix(".tmp")
+        t0 = time.monotonic()
+        subprocess.run(["mmdebstrap", "--quiet", *args, str(tmp)], check=True)
+        tmp.rename(out)
+        print(f"images: base rootfs built in {time.monotonic() - t0:.0f}s", file=sys.stderr)
+    return out
+
+
+def _closure(requirements: Iterable[str]) -> list[metadata.Distribution]:
+    """The installed distributions the requirements need (markers evaluated, extras followed)."""
+    seen: dict[str, metadata.Distribution] = {}
+    todo = [(Requirement(r), "") for r in requirements]
+    while todo:
+        req, extra = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": extra}):
+            continue
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        if name in SKIP_DISTS:
+            continue
+        dist = metadata.distribution(req.name)
+        for ex in req.extras or {""}:
+            key = f"{name}[{ex}]"
+            if key in seen:
+                continue
+            seen[key] = dist
+            todo += [(Requirement(r), ex) for r in dist.requires or []]
+    unique = {d.metadata["Name"].lower(): d for d in seen.values()}
+    unique.pop("kubetune", None)  # the app layer carries this repository's code
+    return [unique[k] for k in sorted(unique)]
+
+
+def _top_levels(dist: metadata.Distribution) -> set[str]:
+    """site-packages entries (package dirs, modules, dist-info, .libs) of one distribution."""
+    tops: set[str] = set()
+    for f in dist.files or []:
+        parts = Path(str(f)).parts
+        if parts and parts[0] not in ("..", "__pycache__") and not str(f).endswith(".pth"):
+            tops.add(parts[0])
+    return tops
+
+
+def _scripts(dists: Sequence[metadata.Distribution]) -> dict[str, str]:
+    out = {}
+    for d in dists:
+        for ep in d.entry_points.select(group="console_scripts"):
+            mod, _, attr = ep.value.partition(":")
+            out[ep.name] = (f"#!/{VENV}/bin/python\nimport sys\nfrom {mod.strip()} import {attr.strip()}\n"
+                            f"sys.exit({attr.strip()}())\n")
+    return out
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), mode, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _add_dir(tar: tarfile.TarFile, name: str, mode: int = 0o755) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime = tarfile.DIRTYPE, mode, 0
+    tar.addfile(info)
+
+
+def _owned_by_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info
+
+
+def deps_layer(requirements: Sequence[str]) -> Path:
+    """/opt/kubetune: a venv with the installed closure of `requirements` and its console scripts."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    dists = _closure(requirements)
+    ident = [f"{d.metadata['Name']}=={d.version}" for d in dists]
+    key = "deps-" + _sha(json.dumps([PY, sys.version, str(site), ident]).encode())[:16]
+
+    def write(tar: tarfile.TarFile) -> None:
+        for d in ("opt", VENV, f"{VENV}/bin", f"{VENV}/lib", f"{VENV}/lib/{PY}", SITE):
+            _add_dir(tar, d)
+        pyver = ".".join(map(str, sys.version_info[:3]))
+        _add_bytes(tar, f"{VENV}/pyvenv.cfg",
+                   f"home = /usr/bin\ninclude-system-site-packages = false\nversion = {pyver}\n".encode())
+        for link in ("python", "python3", PY):
+            info = tarfile.TarInfo(f"{VENV}/bin/{link}")
+            info.type, info.linkname, info.mode = tarfile.SYMTYPE, f"/usr/bin/{PY}", 0o777
+            tar.addfile(info)
+        for name, text in _scripts(dists).items():
+            _add_bytes(tar, f"{VENV}/bin/{name}", text.encode(), 0o755)
+        for dist in dists:
+            for top in sorted(_top_levels(dist)):
+                if (site / top).exists():
+                    tar.add(site / top, arcname=f"{SITE}/{top}", filter=_owned_by_root)
+
+    return _cached_layer(key, write)
+
+
+def app_layer(base: Path, scripts: dict[str, str]) -> Path:
+    """This repository's packages into the venv, and the kubetune user (uid/gid 1000)."""
+    srcs = [REPO / "operator" / "kubetune", REPO / "trainer_image" / "kubetune_trainer"]
+    files = sorted((p, p.relative_to(s.parent)) for s in srcs for p in s.rglob("*")
+                   if p.is_file() and "__pycache__" not in p.parts)
+    h = hashlib.sha256(base.name.encode() + json.dumps(scripts, sort_keys=True).encode())
+    for p, rel in files:
+        h.update(str(rel).encode() + b"\0" + p.read_bytes())
+    key = "app-" + h.hexdigest()[:16]
+
+    def etc(name: str) -> bytes:
+        with tarfile.open(base) as t:
+            f = t.extractfile(f"./etc/{name}") or t.extractfile(f"etc/{name}")
+            assert f is not None
+            return f.read()
+
+    def write(tar: tarfile.TarFile) -> None:
+        _add_bytes(tar, "etc/passwd", etc("passwd") + b"kubetune:x:1000:1000::/home/kubetune:/bin/sh\n")
+        _add_bytes(tar, "etc/group", etc("group") + b"kubetune:x:1000:\n")
+        home = tarfile.TarInfo("home/kubetune")
+        home.type, home.mode, home.uid, home.gid = tarfile.DIRTYPE, 0o755, 1000, 1000
+        tar.addfile(home)
+        for name, text in scripts.items():
+            _add_bytes(tar, f"{VENV}/bin/{name}", text.encode(), 0o755)
+        for p, rel in files:
+            tar.add(p, arcname=f"{SITE}/{rel}", filter=_owned_by_root, recursive=False)
+        # package metadata, so importlib.metadata finds kubetune and `kubetune` resolves
+        version = yaml.safe_load((REPO / "charts" / "kubetune" / "Chart.yaml").read_text())["appVersion"]
+        di = f"{SITE}/kubetune-{version}.dist-info"
+        _add_bytes(tar, f"{di}/METADATA", f"Metadata-Version: 2.1\nName: kubetune\nVersion: {version}\n".encode())
+        _add_bytes(tar, f"{di}/entry_points.txt", b"[console_scripts]\nkubetune = kubetune.cli.main:main\n")
+
+    return _cached_layer(key, write)
+
+
+def pause_layer() -> Path:
+    pause = ensure("pause")["pause"]
+    key = "pause-" + _file_sha(pause)[:16]
+    return _cached_layer(key, lambda tar: tar.add(pause, arcname="pause", filter=_owned_by_root))
+
+
+# -- images ------------------------------------------------------------------------------
+
+
+@dataclass
+class Image:
+    name: str
+    layers: list[Path]
+    config: dict[str, object]
+    blobs: dict[str, Path | bytes] = field(default_factory=dict)
+
+    def _layer_digest(self, layer: Path) -> str:
+        memo = layer.with_suffix(".sha256")
+        if not memo.exists() or memo.stat().st_mtime < layer.stat().st_mtime:
+            memo.write_text(_file_sha(layer))
+        return memo.read_text().strip()
+
+    def manifest(self) -> tuple[str, bytes]:
+        """(manifest digest, index.json); fills self.blobs with every blob of the layout."""
+        digests = [self._layer_digest(layer) for layer in self.layers]
+        config = json.dumps({
+            "architecture": "amd64", "os": "linux", "config": self.config,
+            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{d}" for d in digests]},
+        }, sort_keys=True).encode()
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": f"sha256:{_sha(config)}", "size": len(config)},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": f"sha256:{d}",
+                        "size": layer.stat().st_size} for d, layer in zip(digests, self.layers, strict=True)],
+        }, sort_keys=True).encode()
+        self.blobs = {_sha(config): config, _sha(manifest): manifest}
+        self.blobs.update(zip(digests, self.layers, strict=True))
+        index = json.dumps({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": f"sha256:{_sha(manifest)}", "size": len(manifest),
+            "annotations": {"io.containerd.image.name": self.name, "org.opencontainers.image.ref.name": self.name},
+        }]}).encode()
+        return f"sha256:{_sha(manifest)}", index
+
+    def write_archive(self, out: IO[bytes]) -> None:
+        """The OCI image layout as a tar stream (what `ctr images import` reads)."""
+        _, index = self.manifest()
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            _add_bytes(tar, "oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
+            _add_bytes(tar, "index.json", index)
+            _add_dir(tar, "blobs")
+            _add_dir(tar, "blobs/sha256")
+            for digest, blob in self.blobs.items():
+                if isinstance(blob, bytes):
+                    _add_bytes(tar, f"blobs/sha256/{digest}", blob)
+                else:
+                    info = tarfile.TarInfo(f"blobs/sha256/{digest}")
+                    info.size, info.mode = blob.stat().st_size, 0o644
+                    with open(blob, "rb") as f:
+                        tar.addfile(info, f)
+
+
+def build_all() -> list[Image]:
+    """The pause, operator and trainer images (layers built or taken from the cache)."""
+    t0 = time.monotonic()
+    op_name, trainer_name = chart_images()
+    base = base_layer()
+    scripts = {"kubetune": f"#!/{VENV}/bin/python\nimport sys\nfrom kubetune.cli.main import main\nsys.exit(main())\n"}
+    app = app_layer(base, scripts)
+    env = [f"PATH={PATH}", f"VIRTUAL_ENV=/{VENV}", "PYTHONUNBUFFERED=1", "PYTHONDONTWRITEBYTECODE=1"]
+    images = [
+        Image(PAUSE_IMAGE, [pause_layer()], {"Entrypoint": ["/pause"]}),
+        Image(op_name, [base, deps_layer(["kubetune[operator]"]), app],
+              {"User": "1000:1000", "Env": env, "Entrypoint": ["kubetune"],
+               "Cmd": ["operator", "--all-namespaces"], "WorkingDir": "/tmp",
+               "ExposedPorts": {"8080/tcp": {}}}),
+        Image(trainer_name, [base, deps_layer(["kubetune[trainer]", "pyarrow"]), app],
+              {"User": "1000:1000", "Env": [*env, "HF_HOME=/cache/hf", "KUBETUNE_CACHE_DIR=/cache/kubetune"],
+               "Entrypoint": ["python", "-m", "kubetune_trainer.launch"], "WorkingDir": "/home/kubetune",
+               "ExposedPorts": {"8080/tcp": {}}}),
+    ]
+    print(f"images: layers ready in {time.monotonic() - t0:.0f}s", file=sys.stderr)
+    return images
+
+
+def import_all(images: Sequence[Image], ctr: Sequence[str]) -> None:
+    """Import each image into containerd (namespace k8s.io) unless it is there with the same manifest."""
+    listed = subprocess.run([*ctr, "-n", "k8s.io", "images", "ls"], check=True, capture_output=True, text=True).stdout
+    have = {line.split()[0]: line.split()[2] for line in listed.splitlines()[1:] if line.strip()}
+    for image in images:
+        digest, _ = image.manifest()
+        if have.get(image.name) == digest:
+            continue
+        t0 = time.monotonic()
+        p = subprocess.Popen([*ctr, "-n", "k8s.io", "images", "import", "-"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert p.stdin is not None
+        try:
+            image.write_archive(p.stdin)
+        finally:
+            p.stdin.close()
+        out = p.stdout.read().decode() if p.stdout else ""
+        if p.wait() != 0:
+            raise RuntimeError(f"ctr images import {image.name} failed:\n{out}")
+        print(f"images: imported {image.name} in {time.monotonic() - t0:.0f}s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    for img in build_all():
+        print(img.name, [str(p) for p in img.layers])

@@ -1,0 +1,163 @@
+"""The real node (KUBETUNE_E2E_NODE=kubelet): containerd + kubelet + kube-scheduler + CoreDNS,
+the operator and trainer images built from this repository, the chart installed with helm.
+
+    KUBETUNE_E2E_NODE=kubelet .venv/bin/pytest e2e/test_kubelet.py
+
+Skipped in the default (node agent) mode.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from harness import binaries
+from harness.cluster import Cluster
+from harness.images import chart_images
+from harness.s3 import S3Server
+from harness.waiting import wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+OPERATOR_IMAGE, TRAINER_IMAGE = chart_images()
+WATCHED = "ktk-jobs"  # the namespace the helm-installed operator watches
+RELEASE_NS = "kubetune-system"
+
+
+def pod_phase(cluster: Cluster, ns: str, name: str) -> str:
+    return str((cluster.admin.get_or_none(f"/api/v1/namespaces/{ns}/pods/{name}") or {})
+               .get("status", {}).get("phase"))
+
+
+def test_node_is_ready_with_gpus_and_images(cluster: Cluster, kubelet_node: Any) -> None:
+    node = cluster.admin.get(f"/api/v1/nodes/{kubelet_node.name}")
+    assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+    addrs = {a["type"]: a["address"] for a in node["status"]["addresses"]}
+    assert addrs["InternalIP"] == "10.1.0.1"
+    names = {n for i in node["status"].get("images", []) for n in i.get("names", [])}
+    assert {OPERATOR_IMAGE, TRAINER_IMAGE} <= names, names
+
+
+def test_trainer_image_pod_runs_as_uid_1000_and_logs(cluster: Cluster, kubelet_node: Any, namespace: str) -> None:
+    """The trainer image under the operator's securityContext; `kubectl logs`; exit code + termination message."""
+    pod = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probe", "namespace": namespace},
+        "spec": {
+            "restartPolicy": "Never",
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory"}}],
+            "containers": [{
+                "name": "trainer", "image": TRAINER_IMAGE, "command": ["python", "-c"],
+                "args": ["import os, sys, torch, kubetune_trainer, shutil\n"
+                         "print('uid', os.getuid(), 'torch', torch.__version__, flush=True)\n"
+                         "shutil.disk_usage('/dev/shm')\n"
+                         "open('/dev/termination-log', 'w').write('bye')\n"
+                         "sys.exit(3)"],
+                "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}],
+                "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False,
+                                    "capabilities": {"drop": ["ALL"]}},
+            }],
+        },
+    }
+    cluster.apply(json.dumps(pod))
+    wait_for("probe finished", lambda: pod_phase(cluster, namespace, "probe") in ("Succeeded", "Failed"), 120, 1)
+    got = cluster.admin.get(f"/api/v1/namespaces/{namespace}/pods/probe")
+    term = got["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert got["status"]["phase"] == "Failed" and term["exitCode"] == 3 and term["message"] == "bye", term
+    logs = cluster.kubectl("-n", namespace, "logs", "probe").stdout
+    assert logs.startswith("uid 1000 torch "), logs
+
+
+@pytest.fixture(scope="module")
+def helm_release(cluster: Cluster, kubelet_node: Any) -> dict[str, Any]:
+    """`helm install` of charts/kubetune with default images: the operator runs as its Deployment's pod."""
+    helm = binaries.ensure("helm")["helm"]
+    cluster.create_namespace(WATCHED)
+    t0 = time.monotonic()
+    cmd = [str(helm), "--kubeconfig", str(cluster.kubeconfig), "install", "kubetune", str(ROOT / "charts" / "kubetune"),
+           "--namespace", RELEASE_NS, "--create-namespace", "--set", f"watchNamespaces={{{WATCHED}}}",
+           "--set", "pollInterval=2", "--wait", "--timeout", "180s"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(cluster.kubectl("-n", RELEASE_NS, "describe", "pods", check=False).stdout, file=sys.stderr)
+    assert r.returncode == 0, r.stdout + r.stderr
+    print(f"\nhelm install --wait: {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    return {"helm": helm}
+
+
+def test_helm_install_runs_operator_pod_and_helm_test_passes(cluster: Cluster, helm_release: dict[str, Any]) -> None:
+    pods = cluster.admin.get(f"/api/v1/namespaces/{RELEASE_NS}/pods",
+                             query={"labelSelector": "app.kubernetes.io/name=kubetune"})["items"]
+    running = [p for p in pods if p["status"]["phase"] == "Running"]
+    assert len(running) == 1, [p["status"]["phase"] for p in pods]
+    op = running[0]
+    assert op["spec"]["serviceAccountName"] == "kubetune"
+    assert op["spec"]["containers"][0]["image"] == OPERATOR_IMAGE
+    assert all(c["ready"] for c in op["status"]["containerStatuses"])  # readiness probe: Kopf's /healthz
+    r = subprocess.run([str(helm_release["helm"]), "--kubeconfig", str(cluster.kubeconfig), "test", "kubetune",
+                        "--namespace", RELEASE_NS, "--logs", "--timeout", "120s"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "FineTuneJob API served" in r.stdout, r.stdout
+
+
+def test_lora_job_on_two_pods_through_the_installed_operator(
+    cluster: Cluster, kubelet_node: Any, helm_release: dict[str, Any], s3: S3Server
+) -> None:
+    """torchrun's rendezvous resolves `<job>-0.<service>` through CoreDNS, the operator pod reads
+    rank 0's /progress over the pod network, and `kubectl logs` of a rank shows progress lines."""
+    ns, name = WATCHED, "kubelet-lora"
+    data = ROOT / "examples" / "data"
+    client = s3.client()
+    for p in data.rglob("*"):
+        if p.is_file() and p.suffix != ".py":
+            client.upload_file(str(p), s3.bucket, f"data/{p.relative_to(data)}")
+    endpoint = "http://" + kubelet_node.expose(int(s3.endpoint.rsplit(":", 1)[1]))
+    cluster.apply(json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": ns},
+                              "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key,
+                                             "AWS_SECRET_ACCESS_KEY": s3.secret_key}}))
+    doc = yaml.safe_load((ROOT / "examples" / "cpu-2node-lora.yaml").read_text())
+    base = f"s3://{s3.bucket}/data"
+    doc["metadata"] = {"name": name, "namespace": ns}
+    spec = doc["spec"]
+    spec["model"]["source"] = f"{base}/tiny-llama"
+    spec["dataset"].update(train=f"{base}/spell-digits/train.jsonl", eval=f"{base}/spell-digits/eval.jsonl")
+    spec["training"].update(maxSteps=30, perDeviceBatchSize=4, globalBatchSize=8, warmupSteps=2, loggingSteps=1,
+                            evalSteps=30)
+    spec["output"].update(uri=f"s3://{s3.bucket}/runs/{name}", checkpointSteps=15)
+    spec["storage"] = {"endpoint": endpoint, "secretRef": {"name": "s3-creds"}}
+    spec["resources"] = {"requests": {"cpu": "100m", "memory": "256Mi"}}
+    cluster.apply(json.dumps(doc))
+    path = f"/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs/{name}"
+    steps: list[int] = []
+
+    def done() -> bool:
+        st = (cluster.admin.get_or_none(path) or {}).get("status") or {}
+        if st.get("phase") == "Running" and (st.get("progress") or {}).get("step"):
+            steps.append(st["progress"]["step"])
+        return st.get("phase") in ("Succeeded", "Failed")
+
+    try:
+        wait_for("job finished", done, 600, 1)
+    finally:
+        print(cluster.kubectl("-n", ns, "get", "pods,jobs", "-o", "wide", check=False).stdout, file=sys.stderr)
+    status = cluster.admin.get(path)["status"]
+    pods = cluster.admin.get(f"/api/v1/namespaces/{ns}/pods",
+                             query={"labelSelector": f"kubetune.io/job-name={name}"})["items"]
+    logs = {p["metadata"]["name"]: cluster.kubectl("-n", ns, "logs", p["metadata"]["name"], check=False).stdout
+            for p in pods}
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1) + "\n" + "\n".join(
+        f"--- {k}\n{v[-3000:]}" for k, v in logs.items())
+    assert len(pods) == 2 and {p["spec"]["nodeName"] for p in pods} == {kubelet_node.name}
+    assert steps, "the operator never reported a step while Running (rank 0's /progress over the pod network)"
+    assert status["progress"]["step"] == 30
+    rank0 = next(v for k, v in logs.items() if "-0-" in k)
+    assert "world size 2" in rank0, rank0[-2000:]
+    assert re.search(r"step \d+/30 loss \d", rank0), rank0[-2000:]
