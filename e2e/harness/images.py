@@ -193,10 +193,10 @@ def deps_layer(requirements: Sequence[str]) -> Path:
             tar.addfile(info)
         for name, text in _scripts(dists).items():
             _add_bytes(tar, f"{VENV}/bin/{name}", text.encode(), 0o755)
-        for dist in dists:
-            for top in sorted(_top_levels(dist)):
-                if (site / top).exists():
-                    tar.add(site / top, arcname=f"{SITE}/{top}", filter=_owned_by_root)
+        # once each: namespace packages (nvidia/) are shared by many distributions
+        for top in sorted({t for dist in dists for t in _top_levels(dist)}):
+            if (site / top).exists():
+                tar.add(site / top, arcname=f"{SITE}/{top}", filter=_owned_by_root)
 
     return _cached_layer(key, write)
 
