@@ -85,8 +85,20 @@ class KubeletNode:
         print(f"kubelet node ready in {time.monotonic() - t0:.0f}s", file=sys.stderr)
 
     def stop(self) -> None:
+        containerd = next((p for p in self.procs if p.name == "containerd"), None)
         for p in reversed(self.procs):
-            p.stop(grace=5)
+            if p is not containerd:
+                p.stop(grace=5)
+        if containerd is not None and containerd.alive():
+            # the kubelet leaves pods running when it stops: remove their containers while containerd
+            # runs, so the kept containerd root holds images only
+            c = " ".join(self.ctr) + " -n k8s.io"
+            try:
+                self.ns.run(["sh", "-c", f"for x in $({c} c ls -q); do {c} t kill -s SIGKILL $x; {c} t rm -f $x;"
+                                         f" {c} c rm $x; done >/dev/null 2>&1; true"], timeout=60)
+            except Exception as e:  # noqa: BLE001 - best effort; the namespace teardown kills the rest
+                self.errors.append(f"container cleanup: {e}")
+            containerd.stop(grace=10)
         self.procs.clear()
         # containers and shims die with the namespace and its cgroups (cluster.stop())
         if self._root_lock is not None:
