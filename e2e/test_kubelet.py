@@ -9,6 +9,7 @@ Skipped in the default (node agent) mode.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,7 +25,11 @@ from harness.images import chart_images
 from harness.s3 import S3Server
 from harness.waiting import wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.e2e, pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("KUBETUNE_E2E_NODE", "agent") != "kubelet",
+                       reason="the real-kubelet node runs with KUBETUNE_E2E_NODE=kubelet"),
+]
 ROOT = Path(__file__).resolve().parents[1]
 OPERATOR_IMAGE, TRAINER_IMAGE = chart_images()
 WATCHED = "ktk-jobs"  # the namespace the helm-installed operator watches
