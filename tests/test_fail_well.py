@@ -195,3 +195,49 @@ def test_render_output_is_the_objects(workdir, capsys):
     assert main(["render", str(path)]) == 0
     kinds = [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)]
     assert kinds == ["ConfigMap", "Service", "Job"]
+
+
+TORCHRUN_TAIL = """\
+[kubetune] error: rank 0 lost its peers
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+kubetune_trainer FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-11-29_23:00:01
+  host      : node-a
+  rank      : 0 (local_rank: 0)
+  exitcode  : 75 (pid: 101)
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-29_23:00:00
+  host      : node-a
+  rank      : {rank} (local_rank: {rank})
+  exitcode  : {code} (pid: 102)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 102
+============================================================
+"""
+
+
+def test_a_killed_rank_is_named_not_its_peers_connection_errors(tmp_path):
+    from kubetune.cli.run import failure_line
+
+    peer = {"exitCode": 75, "reason": "InfrastructureError", "message": "RuntimeError: [gloo] Connection reset by peer"}
+    code, line = failure_line(1, peer, TORCHRUN_TAIL.format(rank=1, code=-9), tmp_path / "train.log")
+    assert code == 75
+    assert line == f"kubetune run: failed: rank 1 on node-a: exit code 75 (Killed): killed by SIGKILL (out of memory? see `dmesg`); log {tmp_path / 'train.log'}"
+
+
+def test_a_user_error_keeps_its_code_reason_and_message(tmp_path):
+    from kubetune.cli.run import failure_line
+
+    detail = {"exitCode": 66, "reason": "DatasetInvalid", "message": "train.jsonl line 3: not JSON"}
+    code, line = failure_line(1, detail, TORCHRUN_TAIL.format(rank=1, code=66), tmp_path / "train.log")
+    assert code == 66
+    assert line.startswith("kubetune run: failed: rank 1 on node-a: exit code 66 (DatasetInvalid): train.jsonl line 3: not JSON; log ")
+    assert line.count("\n") == 0

@@ -70,7 +70,7 @@ def _check_size(node: Node) -> None:
         count += 1
         if count > MAX_EXPANDED_NODES:
             raise ManifestError(
-                f"line {node.start_mark.line + 1}: the document expands to more than {MAX_EXPANDED_NODES:,} values "
+                f"line {current.start_mark.line + 1}: the document expands to more than {MAX_EXPANDED_NODES:,} values "
                 "(YAML aliases repeated too often?); write it out without anchors and aliases"
             )
         if depth > MAX_DEPTH:

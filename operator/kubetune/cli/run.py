@@ -239,7 +239,8 @@ ROOT_CAUSE = re.compile(
 
 def failure_line(code: int, detail: dict[str, Any], log_text: str, log_path: Path) -> tuple[int, str]:
     """One line for a failed run: which rank, on which node, exit code, reason class, message, log path."""
-    root = ROOT_CAUSE.search(log_text)
+    start = log_text.rfind("Root Cause")  # torchrun lists the other failures first
+    root = ROOT_CAUSE.search(log_text[start:] if start >= 0 else log_text)
     rank = f"rank {root['rank']} on {root['host']}" if root else "a rank"
     raw = int(root["code"]) if root else code
     code = int(detail.get("exitCode", code))
