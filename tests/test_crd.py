@@ -69,7 +69,7 @@ def test_exclusive_bounds_use_openapi_v3_booleans():
 
 def test_enums_are_kept():
     method = schema()["properties"]["spec"]["properties"]["method"]
-    assert method["enum"] == ["lora", "full"]
+    assert method["enum"] == ["lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "full"]
 
 
 def test_every_string_under_immutable_fields_is_bounded_for_cel_cost():

@@ -33,7 +33,7 @@ def test_missing_required_field():
 
 def test_enum_error_lists_the_choices():
     [problem] = problems(manifest(method="qlora"))
-    assert problem.startswith("spec.method: must be one of 'lora' or 'full'")
+    assert problem.startswith("spec.method: must be one of 'lora', 'dora', 'ia3', 'prompt_tuning', 'prefix_tuning' or 'full'")
 
 
 def test_lora_block_with_method_full():

@@ -1,16 +1,19 @@
-"""Pretrained model + tokenizer in; LoRA, full or partial (frozen) fine-tuning set up."""
+"""Pretrained model + tokenizer in; an adapter method (LoRA, DoRA, IA3, prompt/prefix tuning, QLoRA), full or partial (frozen) fine-tuning set up."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from kubetune.api.contract import ExitCode
-from kubetune.api.models import FineTuneJobSpec, FreezeSpec, LoraSpec
+from kubetune.api.methods import is_adapter
+from kubetune.api.models import FineTuneJobSpec, FreezeSpec, LoraSpec, QuantizationSpec
 
+from kubetune_trainer import peft_methods
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.storage import fetch
 
@@ -41,13 +44,22 @@ def load_tokenizer(path: Path, trust_remote_code: bool) -> Any:
     return tokenizer
 
 
-def load_model(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> Any:
+def load_model(path: Path, dtype: torch.dtype, trust_remote_code: bool, quantization: QuantizationSpec | None = None) -> Any:
     from transformers import AutoModelForCausalLM
 
     if not (path / "config.json").exists():
         raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {path} holds no config.json; is it a Hugging Face model directory?")
+    kwargs: dict[str, Any] = {}
+    if quantization is not None:
+        on_gpu = torch.cuda.is_available()
+        missing = peft_methods.bitsandbytes_missing(on_gpu)
+        if missing:
+            raise TrainerError(ExitCode.CONFIG_INVALID, f"spec.model.quantization: {missing}")
+        kwargs["quantization_config"] = peft_methods.bitsandbytes_config(quantization, dtype)
+        # Each DDP rank loads the whole quantized base onto its own GPU.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as exc:
         raise TrainerError(
             ExitCode.MODEL_NOT_FOUND, f"spec.model.source: the model at {path} cannot be loaded (corrupt or incomplete?): {type(exc).__name__}: {exc}"
@@ -73,20 +85,10 @@ def no_zero3_init() -> Iterator[None]:
 
 
 def apply_lora(model: Any, lora: LoraSpec) -> Any:
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    targets: Any = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
-    alpha: Any = lora.alpha  # peft annotates int; any positive number works (scaling = alpha / r)
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets,
-        modules_to_save=list(lora.modules_to_save) or None,
-        task_type="CAUSAL_LM",
-    )
     try:
-        return get_peft_model(model, config)
+        return get_peft_model(model, peft_methods.lora_config(lora))
     except ValueError as exc:
         raise TrainerError(ExitCode.CONFIG_INVALID, f"spec.lora: {exc}") from exc
 
@@ -122,19 +124,39 @@ def training_dtype(spec: FineTuneJobSpec, on_gpu: bool, deepspeed: bool) -> torc
     """
     if spec.model.dtype == "auto" and spec.method == "full" and not deepspeed:
         return torch.float32
+    if spec.model.quantization is not None and on_gpu and spec.model.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # QLoRA computes in half precision
     return resolve_dtype(spec.model.dtype, on_gpu)
 
 
+def not_yet_supported(spec: FineTuneJobSpec) -> list[str]:
+    """API fields this trainer does not act on yet: refused rather than silently ignored."""
+    t = spec.training
+    asked = {
+        "spec.objective: dpo": spec.objective == "dpo",
+        "spec.lora.loraplusLrRatio": bool(spec.lora and spec.lora.loraplus_lr_ratio),
+        "spec.training.layerLrDecay": t.layer_lr_decay is not None,
+        "spec.training.headLearningRate": t.head_learning_rate is not None,
+        "spec.training.neftuneAlpha": t.neftune_alpha is not None,
+    }
+    return [name for name, on in asked.items() if on]
+
+
 def prepare_model(spec: FineTuneJobSpec, path: Path, on_gpu: bool, deepspeed: bool = False) -> Any:
-    model = load_model(path, training_dtype(spec, on_gpu, deepspeed), spec.model.trust_remote_code)
+    missing = not_yet_supported(spec)
+    if missing:
+        raise TrainerError(ExitCode.CONFIG_INVALID, f"{', '.join(missing)}: not supported by this trainer image yet; remove them")
+    model = load_model(path, training_dtype(spec, on_gpu, deepspeed), spec.model.trust_remote_code, spec.model.quantization)
     # No KV cache while training: with one, transformers skips the packed-sequence mask built from position_ids.
     model.config.use_cache = False
-    if spec.training.gradient_checkpointing:
+    if spec.model.quantization is not None:
+        model = peft_methods.prepare_kbit(model, spec.training.gradient_checkpointing)
+    elif spec.training.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if spec.freeze is not None and spec.method == "full":
         apply_freeze(model, spec.freeze)
-    if spec.method == "lora":
-        model = apply_lora(model, spec.lora or LoraSpec())
+    if is_adapter(spec):
+        model = peft_methods.apply_adapter(model, spec, path)
     # ZeRO-3 partitions lm_head's weight outside its own forward: keep the model's loss there.
     if not (deepspeed and spec.distributed.zero_stage == 3):
         from kubetune_trainer import loss
@@ -158,8 +180,8 @@ def ddp_state_bytes(spec: FineTuneJobSpec, path: Path, on_gpu: bool) -> int:
         with init_empty_weights():
             if spec.freeze is not None and spec.method == "full":
                 apply_freeze(model, spec.freeze)
-            if spec.method == "lora":
-                model = apply_lora(model, spec.lora or LoraSpec())
+            if is_adapter(spec):
+                model = peft_methods.apply_adapter(model, spec, path)
     except TrainerError:
         raise
     except Exception as exc:
@@ -167,7 +189,10 @@ def ddp_state_bytes(spec: FineTuneJobSpec, path: Path, on_gpu: bool) -> int:
     trainable, total = trainable_parameters(model)
     weight = torch.empty((), dtype=training_dtype(spec, on_gpu, deepspeed=False)).element_size()
     # peft keeps adapter weights in fp32 whatever the base's dtype.
-    return state_bytes(total, trainable, weight, 4 if spec.method == "lora" else weight)
+    if spec.model.quantization is not None:  # the frozen base at 4 or 8 bits (plus constants), not the load dtype
+        frozen = total - trainable
+        return state_bytes(total, trainable, 0, 4) + frozen * spec.model.quantization.bits // 8
+    return state_bytes(total, trainable, weight, 4 if is_adapter(spec) else weight)
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:

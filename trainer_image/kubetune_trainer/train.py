@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from kubetune.api import methods
 from kubetune.api.contract import (
     ADAPTER_DIR,
     COMPLETE_MARKER,
@@ -407,18 +408,26 @@ class Trainer:
         if acc.is_main_process:
             out = Path(tempfile.mkdtemp(prefix="kubetune-artifacts-", dir=cache_root()))
             unwrapped = acc.unwrap_model(self.model)
-            if spec.method == "lora":
+            if methods.is_adapter(spec):
                 unwrapped.save_pretrained(out / ADAPTER_DIR, state_dict=state_dict)
                 self.tokenizer.save_pretrained(out / ADAPTER_DIR)
-                if spec.output.merge_adapter:
+                if methods.merges_adapter(spec):
                     from peft import PeftModel
 
                     with model_mod.no_zero3_init():
                         dtype = model_mod.resolve_dtype(spec.model.dtype, torch.cuda.is_available())
+                        # QLoRA too: the adapter is merged into the base loaded unquantized (de-quantized weights).
                         base = model_mod.load_model(self._model_dir(), dtype, spec.model.trust_remote_code)
                         merged = PeftModel.from_pretrained(base, str(out / ADAPTER_DIR)).merge_and_unload()
                     merged.save_pretrained(out / MERGED_DIR, safe_serialization=True)
                     self.tokenizer.save_pretrained(out / MERGED_DIR)
+                    if spec.model.quantization is not None:
+                        q = spec.model.quantization
+                        self.metrics["mergedModel"] = (
+                            f"de-quantized: the adapter (trained on the {q.bits}-bit {q.type if q.bits == 4 else 'int8'} base) "
+                            f"merged into the original {str(dtype).removeprefix('torch.')} weights"
+                        )
+                        log(f"merged model: {self.metrics['mergedModel']}")
             else:
                 unwrapped.save_pretrained(out / MERGED_DIR, state_dict=state_dict, safe_serialization=True)
                 self.tokenizer.save_pretrained(out / MERGED_DIR)

@@ -66,6 +66,17 @@ Quantity = Annotated[str, Field(max_length=64, pattern=QUANTITY)]
 # --------------------------------------------------------------------- model
 
 
+class QuantizationSpec(ApiModel):
+    """k-bit loading of the frozen base model (QLoRA) through bitsandbytes."""
+
+    bits: Literal[4, 8] = 4
+    """4-bit (QLoRA) or 8-bit (LLM.int8) weights."""
+    type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type: `nf4` (NormalFloat, as in the QLoRA paper) or `fp4`."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (about 0.4 bits per weight saved)."""
+
+
 class ModelSpec(ApiModel):
     """Which pretrained model to start from."""
 
@@ -81,6 +92,8 @@ class ModelSpec(ApiModel):
     """dtype to load the weights in; `auto` picks bfloat16 on GPUs that support it and float32 on CPU."""
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint to run. Only for sources you trust."""
+    quantization: QuantizationSpec | None = None
+    """QLoRA: load the frozen base quantized (bitsandbytes, CUDA only) and train a LoRA/DoRA adapter on it."""
 
 
 # ------------------------------------------------------------------- dataset
@@ -140,6 +153,43 @@ class LoraSpec(ApiModel):
     """Module names to adapt, or `all-linear` for every linear layer but the output head."""
     modules_to_save: list[Name] = Field(default_factory=list, max_length=64)
     """Modules trained in full and saved with the adapter (e.g. `embed_tokens`, `lm_head`)."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale the update by alpha/sqrt(r) instead of alpha/r (helps at high ranks)."""
+    rank_pattern: dict[str, Annotated[int, Field(ge=1, le=1024)]] = Field(default_factory=dict, max_length=64)
+    """Per-module ranks that override `r`: module name or regex -> rank (e.g. {down_proj: 32})."""
+    alpha_pattern: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict, max_length=64)
+    """Per-module alphas that override `alpha`: module name or regex -> alpha."""
+    loraplus_lr_ratio: float | None = Field(default=None, ge=1.0, le=1024.0)
+    """LoRA+: the B matrices learn at this multiple of the learning rate (the paper suggests 16); unset: one rate."""
+
+
+class PromptTuningSpec(ApiModel):
+    """Prompt tuning settings (method `prompt_tuning`): trained virtual tokens before every input."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1, le=1024)
+    """Virtual tokens prepended to each sequence."""
+    init_text: str | None = Field(default=None, min_length=1, max_length=4096)
+    """Initialise the virtual tokens from this text's embeddings (e.g. a task description); unset: random."""
+
+
+class PrefixTuningSpec(ApiModel):
+    """Prefix tuning settings (method `prefix_tuning`): trained key/value prefixes in every layer."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1, le=1024)
+    """Prefix length (key/value positions per layer)."""
+    projection: bool = False
+    """Reparameterise the prefix through a two-layer MLP while training (more stable, more memory)."""
+    encoder_hidden_size: int | None = Field(default=None, ge=1, le=65536)
+    """Hidden size of that MLP (with `projection`); unset: the model's hidden size."""
+
+
+class Ia3Spec(ApiModel):
+    """IA3 settings (method `ia3`): learned vectors that rescale keys, values and feed-forward activations."""
+
+    target_modules: list[Name] = Field(default_factory=list, max_length=64)
+    """Modules to rescale; empty: peft's defaults for the architecture (Llama: k_proj, v_proj, down_proj)."""
+    feedforward_modules: list[Name] = Field(default_factory=list, max_length=64)
+    """Which of `targetModules` are feed-forward layers (their input is scaled, not their output); needed with `targetModules`."""
 
 
 class FreezeSpec(ApiModel):
@@ -202,6 +252,28 @@ class TrainingSpec(ApiModel):
     """Stop early when evaluation stops improving (needs evaluation data)."""
     eval_generation_samples: int = Field(default=0, ge=0, le=10000)
     """Held-out examples answered greedily before and after training to report exact-match accuracy in metrics.json (0: off)."""
+    layer_lr_decay: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Discriminative learning rates (method `full`): block i of N learns at learningRate x decay^(N-i); embeddings at decay^(N+1). Unset: one rate."""
+    head_learning_rate: float | None = Field(default=None, gt=0, le=1.0)
+    """Learning rate for the output head and other newly added or unfrozen heads (`lm_head`, `score`, LoRA's modulesToSave); unset: learningRate."""
+    neftune_alpha: float | None = Field(default=None, gt=0.0, le=100.0)
+    """NEFTune: add uniform noise of scale alpha/sqrt(sequence length x hidden size) to the input embeddings while training (5 is typical); unset: off."""
+
+
+# ----------------------------------------------------------------- objective
+
+
+class DpoSpec(ApiModel):
+    """Direct Preference Optimization settings (objective `dpo`)."""
+
+    beta: float = Field(default=0.1, gt=0.0, le=100.0)
+    """Strength of the pull towards the reference model (higher: stay closer)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """`sigmoid` (the DPO paper), `ipo`, `hinge` (SLiC) or `robust` (noisy-label robust DPO, with labelSmoothing)."""
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+    """Assumed probability that a preference label is flipped (conservative DPO for `sigmoid`, and `robust`)."""
+    reference_model: Literal["frozen-copy", "none"] = "frozen-copy"
+    """`frozen-copy`: the starting model is the reference (with an adapter method, the frozen base itself, adapters off: no second copy); `none`: reference-free."""
 
 
 # --------------------------------------------------------------- distributed
@@ -234,8 +306,8 @@ class OutputSpec(ApiModel):
 
     uri: str = Field(min_length=1, max_length=2048, pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|pvc://.+|file://.+|/.+)$")
     """Artifacts prefix: `s3://bucket/prefix`, `pvc://claim/path` or a local path. The job writes under `<uri>/` checkpoints/, adapter/, merged/, metrics.json and manifest.json."""
-    merge_adapter: bool = True
-    """For LoRA: also write the adapter merged into the base weights (safetensors)."""
+    merge_adapter: bool | None = None
+    """For adapter methods: also write the adapter merged into the base weights (safetensors). Unset: merge where peft can (lora, dora, ia3; not prompt or prefix tuning)."""
     checkpoint_steps: int = Field(default=100, ge=1)
     """Save a resumable checkpoint every N steps (and on SIGTERM)."""
     keep_checkpoints: int = Field(default=2, ge=1, le=100)
@@ -329,7 +401,7 @@ class ResourcesSpec(ApiModel):
 
 # ---------------------------------------------------------------------- spec
 
-_IMMUTABLE = ("model", "dataset", "method", "lora", "freeze", "training", "distributed", "output")
+_IMMUTABLE = ("model", "dataset", "method", "lora", "promptTuning", "prefixTuning", "ia3", "objective", "dpo", "freeze", "training", "distributed", "output")
 
 
 class FineTuneJobSpec(ApiModel):
@@ -338,8 +410,28 @@ class FineTuneJobSpec(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=cel(
             (
-                "self.method == 'lora' || !has(self.lora)",
-                "spec.lora is only allowed with spec.method: lora; remove spec.lora or set spec.method to lora",
+                "self.method in ['lora', 'dora'] || !has(self.lora)",
+                "spec.lora is only allowed with spec.method: lora or dora; remove spec.lora or set spec.method",
+            ),
+            (
+                "self.method == 'prompt_tuning' || !has(self.promptTuning)",
+                "spec.promptTuning is only allowed with spec.method: prompt_tuning; remove it or set spec.method",
+            ),
+            (
+                "self.method == 'prefix_tuning' || !has(self.prefixTuning)",
+                "spec.prefixTuning is only allowed with spec.method: prefix_tuning; remove it or set spec.method",
+            ),
+            (
+                "self.method == 'ia3' || !has(self.ia3)",
+                "spec.ia3 is only allowed with spec.method: ia3; remove it or set spec.method",
+            ),
+            (
+                "self.objective == 'dpo' || !has(self.dpo)",
+                "spec.dpo is only allowed with spec.objective: dpo; remove spec.dpo or set spec.objective: dpo",
+            ),
+            (
+                "!has(self.model.quantization) || self.method in ['lora', 'dora']",
+                "spec.model.quantization (QLoRA) trains an adapter on the quantized base: set spec.method to lora or dora",
             ),
             (
                 "!has(self.training.globalBatchSize) || self.training.globalBatchSize % "
@@ -366,10 +458,20 @@ class FineTuneJobSpec(ApiModel):
     """The pretrained model to start from."""
     dataset: DatasetSpec
     """Training and evaluation data."""
-    method: Literal["lora", "full"] = "lora"
-    """`lora` trains a low-rank adapter; `full` trains all (unfrozen) parameters."""
+    method: Literal["lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "full"] = "lora"
+    """`lora` trains a low-rank adapter; `dora` a weight-decomposed LoRA; `ia3` rescaling vectors; `prompt_tuning` virtual input tokens; `prefix_tuning` per-layer key/value prefixes; `full` all (unfrozen) parameters."""
     lora: LoraSpec | None = None
-    """LoRA settings (only with method `lora`; defaults apply when omitted)."""
+    """LoRA settings (methods `lora` and `dora`; defaults apply when omitted)."""
+    prompt_tuning: PromptTuningSpec | None = None
+    """Prompt tuning settings (only with method `prompt_tuning`)."""
+    prefix_tuning: PrefixTuningSpec | None = None
+    """Prefix tuning settings (only with method `prefix_tuning`)."""
+    ia3: Ia3Spec | None = None
+    """IA3 settings (only with method `ia3`)."""
+    objective: Literal["sft", "dpo"] = "sft"
+    """`sft`: learn the responses (cross-entropy); `dpo`: learn preferences from prompt/chosen/rejected pairs."""
+    dpo: DpoSpec | None = None
+    """DPO settings (only with objective `dpo`; defaults apply when omitted)."""
     freeze: FreezeSpec | None = None
     """Partial fine-tuning: freeze the first layers or train only named modules."""
     training: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -450,6 +552,10 @@ class Progress(ApiModel):
     """Latest training loss."""
     eval_loss: float | None = None
     """Latest evaluation loss."""
+    reward_accuracy: float | None = None
+    """DPO: share of pairs whose chosen reply the policy prefers over the rejected one, relative to the reference (latest logging window)."""
+    reward_margin: float | None = None
+    """DPO: mean (chosen reward - rejected reward), in units of beta x log-probability ratio."""
     learning_rate: float | None = None
     """Current learning rate."""
     tokens_per_second: float | None = None

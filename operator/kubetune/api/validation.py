@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api.crd import MAX_NAME_LENGTH
+from kubetune.api.methods import PROMPT_LEARNING_METHODS, is_adapter
 from kubetune.api.models import API_VERSION, DATA_URI, KIND, QUANTITY, FineTuneJob, FineTuneJobSpec
 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -176,8 +177,18 @@ def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
 def _cel_twins(spec: FineTuneJobSpec) -> list[Problem]:
     """The CRD's CEL rules, so that a check without a cluster finds the same."""
     out = []
-    if spec.lora is not None and spec.method != "lora":
-        out.append(Problem("spec.lora", "is only allowed with method: lora; remove spec.lora or set spec.method: lora"))
+    if spec.lora is not None and spec.method not in ("lora", "dora"):
+        out.append(Problem("spec.lora", "is only allowed with method: lora or dora; remove spec.lora or set spec.method"))
+    blocks = (("promptTuning", spec.prompt_tuning, "prompt_tuning"), ("prefixTuning", spec.prefix_tuning, "prefix_tuning"), ("ia3", spec.ia3, "ia3"))
+    for block, value, method in blocks:
+        if value is not None and spec.method != method:
+            out.append(Problem(f"spec.{block}", f"is only allowed with method: {method}; remove spec.{block} or set spec.method: {method}"))
+    if spec.dpo is not None and spec.objective != "dpo":
+        out.append(Problem("spec.dpo", "is only allowed with objective: dpo; remove spec.dpo or set spec.objective: dpo"))
+    if spec.model.quantization is not None and spec.method not in ("lora", "dora"):
+        out.append(
+            Problem("spec.model.quantization", "(QLoRA) trains an adapter on the quantized base: set spec.method to lora or dora")
+        )
     t, d = spec.training, spec.distributed
     micro = t.per_device_batch_size * d.nodes * d.procs_per_node
     if t.global_batch_size is not None and t.global_batch_size % micro:
@@ -224,11 +235,11 @@ def _storage(spec: FineTuneJobSpec) -> list[Problem]:
 def _method(spec: FineTuneJobSpec) -> list[Problem]:
     out = []
     if spec.freeze is not None:
-        if spec.method == "lora":
+        if is_adapter(spec):
             out.append(
                 Problem(
                     "spec.freeze",
-                    "applies to method: full (LoRA already freezes the base model); remove spec.freeze, "
+                    f"applies to method: full ({spec.method} already freezes the base model); remove spec.freeze, "
                     "or choose the adapted modules with spec.lora.targetModules",
                 )
             )
@@ -238,6 +249,74 @@ def _method(spec: FineTuneJobSpec) -> list[Problem]:
             )
         if spec.freeze.first_n_layers is None and not spec.freeze.trainable_modules:
             out.append(Problem("spec.freeze", "is empty: set firstNLayers or trainableModules, or remove it"))
+    return out
+
+
+def _methods(spec: FineTuneJobSpec) -> list[Problem]:
+    """The adapter methods, QLoRA, DPO and the learning-rate controls."""
+    out = []
+    if spec.method in PROMPT_LEARNING_METHODS and spec.output.merge_adapter:
+        out.append(
+            Problem(
+                "spec.output.mergeAdapter",
+                f"method {spec.method} adds virtual tokens, not weights: peft cannot merge it into the base model; "
+                "remove mergeAdapter (the adapter loads with PeftModel.from_pretrained)",
+            )
+        )
+    if spec.method in PROMPT_LEARNING_METHODS and spec.dataset.packing:
+        out.append(
+            Problem("spec.dataset.packing", f"cannot be used with method {spec.method} (peft drops the position ids packing needs); set packing: false")
+        )
+    if spec.ia3 is not None and spec.ia3.feedforward_modules:
+        extra = [m for m in spec.ia3.feedforward_modules if m not in spec.ia3.target_modules]
+        if extra:
+            out.append(Problem("spec.ia3.feedforwardModules", f"{extra} must also be listed in spec.ia3.targetModules"))
+    if spec.ia3 is not None and spec.ia3.target_modules and not spec.ia3.feedforward_modules:
+        out.append(
+            Problem("spec.ia3.feedforwardModules", "is required with targetModules: name which of them are feed-forward layers (e.g. [down_proj])")
+        )
+    q, d = spec.model.quantization, spec.distributed
+    if q is not None:
+        if d.gpus_per_node == 0:
+            out.append(
+                Problem(
+                    "spec.model.quantization",
+                    "needs GPUs: bitsandbytes k-bit training runs on CUDA; set spec.distributed.gpusPerNode > 0, "
+                    "or remove quantization to train LoRA on the unquantized model",
+                )
+            )
+        if d.backend == "deepspeed" or d.offload_optimizer or d.offload_params:
+            out.append(
+                Problem(
+                    "spec.distributed.backend",
+                    "QLoRA trains with DDP (each GPU holds the quantized base); DeepSpeed ZeRO cannot partition "
+                    "bitsandbytes weights here: set backend: ddp (or auto) without offload",
+                )
+            )
+    if spec.objective == "dpo":
+        if spec.dataset.packing:
+            out.append(Problem("spec.dataset.packing", "cannot be used with objective dpo (each pair is scored as whole sequences); set packing: false"))
+        if spec.dataset.format not in ("auto", "chat") and spec.dataset.format != "preference":
+            out.append(
+                Problem("spec.dataset.format", f"objective dpo reads prompt/chosen/rejected records; set format: auto (got {spec.dataset.format})")
+            )
+        dpo = spec.dpo
+        if dpo is not None and dpo.label_smoothing and dpo.loss_type not in ("sigmoid", "robust"):
+            out.append(Problem("spec.dpo.labelSmoothing", f"applies to lossType sigmoid or robust, not {dpo.loss_type}; remove it"))
+        if spec.training.eval_generation_samples:
+            out.append(Problem("spec.training.evalGenerationSamples", "is for objective sft; with dpo, reward accuracy is reported instead: remove it"))
+    t = spec.training
+    if t.layer_lr_decay is not None and spec.method != "full":
+        out.append(
+            Problem("spec.training.layerLrDecay", f"applies to method full (every layer trains); with {spec.method} only the adapter trains: remove it")
+        )
+    if t.head_learning_rate is not None and is_adapter(spec) and not (spec.lora and spec.lora.modules_to_save):
+        out.append(
+            Problem(
+                "spec.training.headLearningRate",
+                f"has no head to apply to: method {spec.method} trains no head; add lm_head to spec.lora.modulesToSave or remove it",
+            )
+        )
     return out
 
 
@@ -376,7 +455,7 @@ def check_name(name: str | None, spec: FineTuneJobSpec | None = None) -> list[Pr
 
 def check_spec(spec: FineTuneJobSpec) -> list[Problem]:
     """Every problem with a spec that parsed; empty when the operator can run it."""
-    return _cel_twins(spec) + _storage(spec) + _output(spec) + _method(spec) + _training(spec) + _pod(spec) + _metadata_maps(spec)
+    return _cel_twins(spec) + _storage(spec) + _output(spec) + _method(spec) + _methods(spec) + _training(spec) + _pod(spec) + _metadata_maps(spec)
 
 
 def check_values(value: Any, where: str = "") -> list[Problem]:

@@ -17,6 +17,8 @@ def uses_deepspeed(spec: FineTuneJobSpec, gpus_available: bool | None = None) ->
     """Whether DeepSpeed may run: always for `deepspeed`; for `auto`, multi-GPU jobs, where the
     trainer makes the final choice at start with `choose_backend` (it knows the model and the GPU)."""
     backend = spec.distributed.backend
+    if spec.model.quantization is not None and backend != "deepspeed":
+        return False  # QLoRA: DDP; ZeRO does not partition bitsandbytes weights
     if backend == "auto":
         gpus = spec.distributed.gpus_per_node if gpus_available is None else (1 if gpus_available else 0)
         return gpus > 0 and spec.distributed.nodes * spec.distributed.procs_per_node > 1
@@ -54,6 +56,8 @@ def choose_backend(spec: FineTuneJobSpec, on_gpu: bool, sizes: Callable[[], tupl
     dist = spec.distributed
     if dist.backend != "auto":
         return BackendChoice(dist.backend == "deepspeed", f"spec.distributed.backend is {dist.backend}")
+    if spec.model.quantization is not None:
+        return BackendChoice(False, "QLoRA: DDP (each GPU holds the quantized base; ZeRO does not partition bitsandbytes weights)")
     if not uses_deepspeed(spec, gpus_available=on_gpu):
         return BackendChoice(False, "one GPU or CPU processes: DDP")
     if dist.offload_optimizer or dist.offload_params:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from kubetune.api import contract
+from kubetune.api import contract, methods
 from kubetune.api.models import Artifacts, FineTuneJobSpec, Progress
 from kubetune.render.objects import COMPLETION_INDEX, CONTAINER, workload_name
 from kubetune.status import conditions as c
@@ -169,11 +169,10 @@ def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
 def artifacts(spec: FineTuneJobSpec) -> Artifacts:
     """Where a successful job's results are, from spec.output.uri and the contract's layout."""
     base = spec.output.uri.rstrip("/")
-    lora = spec.method == "lora"
     return Artifacts(
         checkpoint=f"{base}/{contract.CHECKPOINTS_DIR}/",
-        adapter=f"{base}/{contract.ADAPTER_DIR}/" if lora else None,
-        merged_model=f"{base}/{contract.MERGED_DIR}/" if (not lora or spec.output.merge_adapter) else None,
+        adapter=f"{base}/{contract.ADAPTER_DIR}/" if methods.is_adapter(spec) else None,
+        merged_model=f"{base}/{contract.MERGED_DIR}/" if methods.writes_full_model(spec) else None,
         metrics=f"{base}/{contract.METRICS_FILE}",
         manifest=f"{base}/{contract.MANIFEST_FILE}",
     )

@@ -68,6 +68,8 @@ def to_progress(data: dict[str, Any], now: str) -> Progress:
         percent=percent,
         loss=_num(data, "loss"),
         eval_loss=_num(data, "evalLoss"),
+        reward_accuracy=_num(data, "rewardAccuracy"),
+        reward_margin=_num(data, "rewardMargin"),
         learning_rate=_num(data, "learningRate"),
         tokens_per_second=_num(data, "tokensPerSecond"),
         eta_seconds=eta,

@@ -1,0 +1,32 @@
+"""Facts about the fine-tuning methods that the operator, validation and the trainer share."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from kubetune.api.models import FineTuneJobSpec
+
+ADAPTER_METHODS: Final = frozenset({"lora", "dora", "ia3", "prompt_tuning", "prefix_tuning"})
+"""Methods that train a peft adapter on a frozen base (saved under adapter/)."""
+MERGEABLE_METHODS: Final = frozenset({"lora", "dora", "ia3"})
+"""Adapters peft can fold into the base weights; prompt and prefix tuning add inputs, not weights."""
+PROMPT_LEARNING_METHODS: Final = frozenset({"prompt_tuning", "prefix_tuning"})
+"""Methods that add virtual tokens: peft ignores position_ids for them, so packing cannot work."""
+
+
+def is_adapter(spec: FineTuneJobSpec) -> bool:
+    return spec.method in ADAPTER_METHODS
+
+
+def merges_adapter(spec: FineTuneJobSpec) -> bool:
+    """Whether the trainer writes a merged model for an adapter method (unset: where peft can)."""
+    if not is_adapter(spec):
+        return False
+    if spec.output.merge_adapter is None:
+        return spec.method in MERGEABLE_METHODS
+    return spec.output.merge_adapter
+
+
+def writes_full_model(spec: FineTuneJobSpec) -> bool:
+    """Whether the job's artifacts include full model weights under model/ (full fine-tune or a merge)."""
+    return not is_adapter(spec) or merges_adapter(spec)
