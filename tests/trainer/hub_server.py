@@ -4,7 +4,8 @@ It answers the calls `huggingface_hub.snapshot_download` makes, shaped as the hu
 `GET /api/models/<repo>/revision/<rev>` (repo info with its commit sha), `GET
 /api/models/<repo>/tree/<rev>` (the file list) and `HEAD`/`GET /<repo>/resolve/<rev>/<file>`
 (`X-Repo-Commit`, `ETag`, `Content-Length`), with the hub's 404s and `X-Error-Code` headers
-(RepoNotFound, RevisionNotFound, EntryNotFound). Every request is recorded.
+(RepoNotFound, RevisionNotFound, EntryNotFound). Dataset repositories are keyed `datasets/<org>/<name>`
+and answer `/api/datasets/...` and `/datasets/<repo>/resolve/...`. Every request is recorded.
 """
 
 from __future__ import annotations
@@ -68,10 +69,12 @@ class Hub:
             def _route(self) -> None:
                 path = unquote(urlparse(self.path).path)
                 hub.requests.append(f"{self.command} {path}")
-                if path.startswith("/api/models/"):
-                    rest = path[len("/api/models/") :]
+                if path.startswith(("/api/models/", "/api/datasets/")):
+                    datasets = path.startswith("/api/datasets/")
+                    rest = path.split("/", 3)[3]
                     kind = "/tree/" if "/tree/" in rest else "/revision/"
                     repo_id, _, rev = rest.partition(kind)
+                    repo_id = f"datasets/{repo_id}" if datasets else repo_id
                     repo = self._repo(repo_id, rev.split("/")[0])
                     if repo is None:
                         return
@@ -81,7 +84,7 @@ class Hub:
                         body = json.dumps(entries).encode()
                     else:
                         siblings = [{"rfilename": name} for name in sorted(repo.files)]
-                        body = json.dumps({"id": repo_id, "sha": repo.sha, "siblings": siblings}).encode()
+                        body = json.dumps({"id": repo_id.removeprefix("datasets/"), "sha": repo.sha, "siblings": siblings}).encode()
                     self._send(200, body, {"Content-Type": "application/json"})
                     return
                 parts = path.lstrip("/").split("/")

@@ -1,148 +1,40 @@
-"""Records -> token ids with loss masks -> (optionally packed) training examples.
+"""Datasets -> token ids with loss masks -> (optionally packed) training examples.
 
-Formats: chat (`messages`, rendered with the tokenizer's chat template), instruction
-(instruction [+ input] -> response), prompt_completion, text. Loss is computed only
-on response tokens (label -100 elsewhere). Packing concatenates examples into
-sequences of maxSeqLength with position_ids restarting at 0 for each example and no
-attention mask: transformers then builds a block-diagonal causal mask from the
-position_ids (masking_utils.find_packed_sequence_indices), so attention never crosses
-an example boundary with the eager and SDPA kernels used on CPU, and with
+Reading files is records.py, formats and column mappings formats.py, ids and loss masks
+masking.py; this module builds the examples (overflow policy, invalid records, mixing
+weights, eval split), caches them per node, and batches them.
+
+Packing concatenates examples into sequences of maxSeqLength with position_ids restarting
+at 0 for each example and no attention mask: transformers then builds a block-diagonal
+causal mask from the position_ids (masking_utils.find_packed_sequence_indices), so attention
+never crosses an example boundary with the eager and SDPA kernels used on CPU, and with
 flash-attention on GPU. This holds only without a KV cache (the trainer passes
-use_cache=False; with a cache transformers skips the packed-sequence mask). The first token of every packed example gets no label, so
-no example is ever trained to predict from its neighbour.
+use_cache=False; with a cache transformers skips the packed-sequence mask). The first token
+of every packed example gets no label, so no example is ever trained to predict from its
+neighbour.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
+import math
 import random
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from kubetune.api.contract import ExitCode
-from kubetune.api.models import DatasetSpec, StorageSpec
+from kubetune.api.models import DatasetSpec, FieldMapping, StorageSpec, TrainingSpec
 
-from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.formats import Invalid, Mapping, parse, resolve
+from kubetune_trainer.masking import IGNORE, tokenize, upto_eos
+from kubetune_trainer.records import iter_records, refuse
 from kubetune_trainer.storage import cached, fetch
 
-IGNORE = -100
-SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-
-
-# ------------------------------------------------------------------- reading
-
-
-def read_file(path: Path) -> list[dict[str, Any]]:
-    name = path.name.lower()
-    try:
-        if name.endswith(".jsonl") or name.endswith(".json"):
-            text = path.read_text()
-            if name.endswith(".json") and text.lstrip().startswith("["):
-                return list(json.loads(text))
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        if name.endswith(".csv"):
-            with open(path, newline="") as handle:
-                return list(csv.DictReader(handle))
-        if name.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-    except TrainerError:
-        raise
-    except Exception as exc:
-        raise TrainerError(ExitCode.DATASET_INVALID, f"dataset file {path.name} cannot be read: {type(exc).__name__}: {exc}") from exc
-    raise TrainerError(ExitCode.DATASET_INVALID, f"dataset file {path.name}: unsupported type; use .jsonl, .parquet or .csv")
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and not p.name.startswith(".")) if path.is_dir() else [path]
-    if not files:
-        raise TrainerError(ExitCode.DATASET_INVALID, f"no .jsonl/.parquet/.csv files under {path}")
-    records = [r for f in files for r in read_file(f)]
-    if not records:
-        raise TrainerError(ExitCode.DATASET_INVALID, f"dataset {path} has no records")
-    return records
-
-
-# ------------------------------------------------------------------- formats
-
-
-def detect_format(record: dict[str, Any], spec: DatasetSpec) -> str:
-    fields = spec.fields
-    if fields.messages in record:
-        return "chat"
-    if fields.instruction in record and fields.response in record:
-        return "instruction"
-    if fields.prompt in record and fields.completion in record:
-        return "prompt_completion"
-    if fields.text in record:
-        return "text"
-    raise TrainerError(
-        ExitCode.DATASET_INVALID,
-        f"cannot detect the dataset format from columns {sorted(record)}; expected one of "
-        f"'{fields.messages}', '{fields.instruction}'+'{fields.response}', '{fields.prompt}'+'{fields.completion}', "
-        f"'{fields.text}' (see spec.dataset.fields)",
-    )
-
-
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """Tokens of the rendered conversation; labels only on assistant turns."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise TrainerError(ExitCode.DATASET_INVALID, "format chat needs a tokenizer with a chat template")
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
-    ids = _ids(tokenizer, render(messages, False))
-    labels = [IGNORE] * len(ids)
-    for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        start = len(_ids(tokenizer, render(messages[:i], True)))
-        end = len(_ids(tokenizer, render(messages[: i + 1], False)))
-        labels[start:end] = ids[start:end]
-    return ids, labels
-
-
-def _prompt_response_ids(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    prompt_ids = _ids(tokenizer, prompt)
-    response_ids = _ids(tokenizer, response) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-    return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids
-
-
-def tokenize_record(record: dict[str, Any], fmt: str, spec: DatasetSpec, tokenizer: Any) -> tuple[list[int], list[int]]:
-    f = spec.fields
-    try:
-        if fmt == "chat":
-            messages = record[f.messages]
-            if isinstance(messages, str):
-                messages = json.loads(messages)
-            return _chat_ids(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
-        if fmt == "instruction":
-            instruction = str(record[f.instruction])
-            extra = record.get(f.input)
-            user = f"{instruction}\n\n{extra}" if extra else instruction
-            if getattr(tokenizer, "chat_template", None):
-                return _chat_ids(tokenizer, [{"role": "user", "content": user}, {"role": "assistant", "content": str(record[f.response])}])
-            return _prompt_response_ids(tokenizer, f"### Instruction:\n{user}\n\n### Response:\n", str(record[f.response]))
-        if fmt == "prompt_completion":
-            return _prompt_response_ids(tokenizer, str(record[f.prompt]), str(record[f.completion]))
-        if fmt == "text":
-            ids = _ids(tokenizer, str(record[f.text]))
-            if tokenizer.eos_token_id is not None:
-                ids.append(tokenizer.eos_token_id)
-            return ids, list(ids)
-    except TrainerError:
-        raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise TrainerError(ExitCode.DATASET_INVALID, f"record does not fit format {fmt}: {type(exc).__name__}: {exc}") from exc
-    raise TrainerError(ExitCode.CONFIG_INVALID, f"unknown dataset format {fmt}")
-
+__all__ = ["IGNORE", "upto_eos"]
 
 # ------------------------------------------------------------------- examples
 
@@ -154,17 +46,112 @@ class Example:
     position_ids: list[int]
 
 
-def tokenize_all(records: list[dict[str, Any]], spec: DatasetSpec, tokenizer: Any) -> list[Example]:
-    fmt = spec.format if spec.format != "auto" else detect_format(records[0], spec)
-    examples = []
-    for record in records:
-        ids, labels = tokenize_record(record, fmt, spec, tokenizer)
-        ids, labels = ids[: spec.max_seq_length], labels[: spec.max_seq_length]
-        if any(label != IGNORE for label in labels[1:]):
-            examples.append(Example(ids, labels, list(range(len(ids)))))
+@dataclass
+class SourceReport:
+    """What one dataset gave: records read, examples kept, and why the others were not."""
+
+    path: str
+    format: str = ""
+    mapping: str = ""
+    weight: float = 1.0
+    records: int = 0
+    examples: int = 0
+    tokens: int = 0
+    invalid: Counter[str] = field(default_factory=Counter)
+    invalid_detail: list[str] = field(default_factory=list)
+    truncated: int = 0
+    truncated_tokens: int = 0
+    dropped: int = 0
+    dropped_tokens: int = 0
+    lengths: list[int] = field(default_factory=list)  # tokens per example before overflow handling
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "path": self.path, "format": self.format, "mapping": self.mapping, "weight": self.weight,
+            "records": self.records, "examples": self.examples, "tokens": self.tokens, "invalid": dict(self.invalid),
+            "truncated": self.truncated, "truncatedTokens": self.truncated_tokens, "dropped": self.dropped, "droppedTokens": self.dropped_tokens,
+        }  # fmt: skip
+
+
+def tokenize_source(
+    path: Path, label: str, fmt: str, fields: FieldMapping, spec: DatasetSpec, tokenizer: Any
+) -> tuple[list[Example], SourceReport]:
+    """Every record of one dataset, streamed: parsed, tokenized, overflow applied. Refuses what cannot train."""
+    report = SourceReport(label)
+    mapping: Mapping | None = None
+    examples: list[Example] = []
+    limit = spec.max_seq_length
+    for where, record in iter_records(path, spec.max_record_bytes):
+        if mapping is None:
+            mapping = resolve(record, where, fmt, fields)
+            report.format, report.mapping = mapping.format, mapping.describe()
+        report.records += 1
+        try:
+            sample = parse(record, where, mapping)
+        except Invalid as bad:
+            report.invalid[bad.reason] += 1
+            if len(report.invalid_detail) < 3:
+                report.invalid_detail.append(bad.detail)
+            continue
+        ids, labels = tokenize(sample, tokenizer, where)
+        report.lengths.append(len(ids))
+        if len(ids) > limit:
+            if spec.overflow == "error":
+                raise refuse(
+                    f"{where}: {len(ids)} tokens, more than spec.dataset.maxSeqLength {limit}; raise maxSeqLength, "
+                    "or set spec.dataset.overflow: truncate (or drop)"
+                )
+            if spec.overflow == "drop":
+                report.dropped += 1
+                report.dropped_tokens += len(ids)
+                continue
+            report.truncated += 1
+            report.truncated_tokens += len(ids) - limit
+            ids, labels = ids[:limit], labels[:limit]
+        if not any(label != IGNORE for label in labels[1:]):  # truncation cut every learned token
+            report.dropped += 1
+            report.dropped_tokens += len(ids)
+            continue
+        examples.append(Example(ids, labels, list(range(len(ids)))))
+        report.tokens += len(ids)
+    if mapping is None:
+        raise refuse(f"dataset {label} has no records")
+    report.examples = len(examples)
+    bad = sum(report.invalid.values())
+    if bad > spec.max_invalid_fraction * report.records:
+        reasons = ", ".join(f"{n} {r}" for r, n in report.invalid.most_common())
+        share = bad / report.records
+        raise refuse(
+            f"{bad} of {report.records} records in {label} are invalid ({reasons}), more than spec.dataset.maxInvalidFraction "
+            f"{spec.max_invalid_fraction:g}; first: {'; '.join(report.invalid_detail)}. Fix the data, or skip them with "
+            f"spec.dataset.maxInvalidFraction: {math.ceil(share * 1000) / 1000:g}"
+        )
     if not examples:
-        raise TrainerError(ExitCode.DATASET_INVALID, f"no example has tokens to learn from (format {fmt}, maxSeqLength {spec.max_seq_length})")
-    return examples
+        raise refuse(
+            f"no example in {label} has tokens to learn from (format {report.format}, maxSeqLength {limit}, overflow {spec.overflow}"
+            f", {report.dropped} dropped); raise spec.dataset.maxSeqLength"
+        )
+    return examples, report
+
+
+def weighted(examples: list[Example], weight: float, seed: int) -> list[Example]:
+    """`weight` x the examples: whole repeats, then a seeded sample for the fraction."""
+    whole = int(weight)
+    extra = round((weight - whole) * len(examples))
+    if whole == 0:
+        extra = max(extra, 1)
+    return examples * whole + random.Random(seed).sample(examples, min(extra, len(examples)))
+
+
+def check_batch(n_train: int, training: TrainingSpec, world_size: int, accum: int) -> None:
+    """Too little data for one optimizer step is a dataset error, not a step that never comes."""
+    need = training.per_device_batch_size * world_size * accum
+    if n_train < need:
+        raise refuse(
+            f"{n_train} training sequences, fewer than one optimizer step needs ({need} = perDeviceBatchSize "
+            f"{training.per_device_batch_size} x {world_size} processes x {accum} accumulation); add data or lower "
+            "spec.training.globalBatchSize / perDeviceBatchSize"
+        )
 
 
 def pack(examples: list[Example], max_len: int) -> list[Example]:
@@ -238,15 +225,76 @@ def generation_pairs(examples: list[Example]) -> list[tuple[list[int], list[int]
     return pairs
 
 
+@dataclass
+class Built:
+    train: list[Example]
+    evals: list[Example]
+    pairs: list[tuple[list[int], list[int]]]
+    sources: list[SourceReport]
+    eval_source: SourceReport | None
+
+    def report(self) -> dict[str, Any]:
+        """Data counts for the log and metrics.json."""
+        parts = self.sources + ([self.eval_source] if self.eval_source else [])
+        examples = sum(p.examples + p.dropped for p in parts)
+        truncated, dropped = sum(p.truncated for p in parts), sum(p.dropped for p in parts)
+        return {
+            "sources": [p.summary() for p in self.sources],
+            "eval": self.eval_source.summary() if self.eval_source else None,
+            "trainSequences": len(self.train),
+            "evalSequences": len(self.evals),
+            "trainTokens": sum(len(e.input_ids) for e in self.train),
+            "truncated": truncated,
+            "truncatedTokens": sum(p.truncated_tokens for p in parts),
+            "dropped": dropped,
+            "droppedTokens": sum(p.dropped_tokens for p in parts),
+            "overflowShare": (truncated + dropped) / max(examples, 1),
+            "invalid": sum(sum(p.invalid.values()) for p in parts),
+        }
+
+
+def _sources(spec: DatasetSpec, storage: StorageSpec) -> list[tuple[Path, str, str, FieldMapping, float]]:
+    out = []
+    for i, source in enumerate(spec.train_sources()):
+        what = f"spec.dataset.sources[{i}].path" if spec.sources else "spec.dataset.train"
+        path = fetch(source.path, storage, what, ExitCode.DATASET_INVALID, repo_type="dataset")
+        out.append((path, source.path, source.format or spec.format, source.fields or spec.fields, source.weight))
+    return out
+
+
+def build(spec: DatasetSpec, storage: StorageSpec, tokenizer: Any, seed: int) -> Built:
+    """Train and eval examples, eval (prompt, reference) pairs and what each dataset gave."""
+    train: list[Example] = []
+    evals: list[Example] = []
+    reports = []
+    for path, label, fmt, fields, weight in _sources(spec, storage):
+        examples, report = tokenize_source(path, label, fmt, fields, spec, tokenizer)
+        report.weight = weight
+        reports.append(report)
+        if not spec.eval:
+            examples, held = split_eval(examples, spec.eval_split, seed)
+            evals += held
+        train += weighted(examples, weight, seed) if weight != 1 else examples
+    eval_report = None
+    if spec.eval:
+        eval_path = fetch(spec.eval, storage, "spec.dataset.eval", ExitCode.DATASET_INVALID, repo_type="dataset")
+        evals, eval_report = tokenize_source(eval_path, spec.eval, spec.format, spec.fields, spec, tokenizer)
+    pairs = generation_pairs(evals)
+    if spec.packing:
+        train, evals = pack(train, spec.max_seq_length), pack(evals, spec.max_seq_length)
+    return Built(train, evals, pairs, reports, eval_report)
+
+
 def load_examples(
     spec: DatasetSpec, storage: StorageSpec, tokenizer: Any, seed: int
-) -> tuple[list[Example], list[Example], list[tuple[list[int], list[int]]]]:
-    """Train and eval examples and eval (prompt, reference) pairs, tokenized once per node (first process under the cache lock; others load)."""
-    train_path = fetch(spec.train, storage, "spec.dataset.train", ExitCode.DATASET_INVALID)
-    eval_path = fetch(spec.eval, storage, "spec.dataset.eval", ExitCode.DATASET_INVALID) if spec.eval else None
+) -> tuple[list[Example], list[Example], list[tuple[list[int], list[int]]], dict[str, Any]]:
+    """Train and eval examples, eval (prompt, reference) pairs and the data report, built once per node
+    (first process under the cache lock; others load)."""
+    paths = [p for p, *_ in _sources(spec, storage)]
+    eval_path = fetch(spec.eval, storage, "spec.dataset.eval", ExitCode.DATASET_INVALID, repo_type="dataset") if spec.eval else None
     key = json.dumps(
         {
-            "train": _fingerprint(train_path),
+            "train": [_fingerprint(p) for p in paths],
             "eval": _fingerprint(eval_path) if eval_path else None,
             "spec": spec.model_dump(mode="json"),
             "tokenizer": [tokenizer.name_or_path, len(tokenizer), getattr(tokenizer, "chat_template", None)],
@@ -255,17 +303,26 @@ def load_examples(
         sort_keys=True,
     )
 
-    def build(directory: Path) -> None:
-        train = tokenize_all(read_records(train_path), spec, tokenizer)
-        if eval_path is not None:
-            evals = tokenize_all(read_records(eval_path), spec, tokenizer)
-        else:
-            train, evals = split_eval(train, spec.eval_split, seed)
-        pairs = generation_pairs(evals)
-        if spec.packing:
-            train, evals = pack(train, spec.max_seq_length), pack(evals, spec.max_seq_length)
-        torch.save({"train": [vars(e) for e in train], "eval": [vars(e) for e in evals], "pairs": pairs}, directory / "examples.pt")
+    def fill(directory: Path) -> None:
+        built = build(spec, storage, tokenizer, seed)
+        torch.save({"train": [vars(e) for e in built.train], "eval": [vars(e) for e in built.evals], "pairs": built.pairs,
+                    "report": built.report()}, directory / "examples.pt")  # fmt: skip
 
-    directory = cached("tokenized:" + key, build)
+    directory = cached("tokenized:" + key, fill)
     data = torch.load(directory / "examples.pt")
-    return [Example(**e) for e in data["train"]], [Example(**e) for e in data["eval"]], [tuple(p) for p in data["pairs"]]
+    return [Example(**e) for e in data["train"]], [Example(**e) for e in data["eval"]], [tuple(p) for p in data["pairs"]], data["report"]
+
+
+def report_lines(report: dict[str, Any], spec: DatasetSpec) -> list[str]:
+    """The data report for the log: each source's format and counts, and overflow when any."""
+    lines = []
+    for s in report["sources"]:
+        invalid = f", {sum(s['invalid'].values())} invalid skipped ({', '.join(f'{n} {r}' for r, n in s['invalid'].items())})" if s["invalid"] else ""
+        lines.append(f"data {s['path']}: {s['mapping']}; {s['records']} records -> {s['examples']} examples{invalid}")
+    if report["truncated"] or report["dropped"]:
+        lines.append(
+            f"overflow ({spec.overflow}, maxSeqLength {spec.max_seq_length}): {report['truncated']} examples truncated "
+            f"({report['truncatedTokens']} tokens cut), {report['dropped']} dropped ({report['droppedTokens']} tokens): "
+            f"{report['overflowShare']:.1%} of examples"
+        )
+    return lines

@@ -179,8 +179,10 @@ def classify_hub_error(exc: BaseException, not_found: ExitCode) -> tuple[ExitCod
     return ExitCode.STORAGE_UNAVAILABLE, "hub error"
 
 
-def fetch(uri: str, storage: StorageSpec, what: str, not_found: ExitCode, revision: str | None = None) -> Path:
-    """A local path holding what `uri` names (a file or a directory); remote sources are cached per node."""
+def fetch(uri: str, storage: StorageSpec, what: str, not_found: ExitCode, revision: str | None = None, repo_type: str = "model") -> Path:
+    """A local path holding what `uri` names (a file or a directory); remote sources are cached per node.
+    `hf://` names a model repository, or a dataset repository when `repo_type` is "dataset"
+    (`hf://datasets/org/name` and `hf://org/name` both)."""
     path = local_path(uri)
     if path is not None:
         if not path.exists():
@@ -193,17 +195,19 @@ def fetch(uri: str, storage: StorageSpec, what: str, not_found: ExitCode, revisi
         return single if prefix and single.is_file() else directory
     if uri.startswith("hf://"):
         repo = uri[len("hf://") :]
+        if repo_type == "dataset":
+            repo = repo.removeprefix("datasets/")
 
         def fill(directory: Path) -> None:
             try:
                 from huggingface_hub import snapshot_download
 
-                snapshot_download(repo, revision=revision, local_dir=str(directory))
+                snapshot_download(repo, revision=revision, local_dir=str(directory), repo_type=repo_type)
             except Exception as exc:
                 code, hint = classify_hub_error(exc, not_found)
                 raise TrainerError(code, f"{what}: cannot fetch {uri} (revision {revision or 'main'}) from the Hugging Face hub: {hint}: {type(exc).__name__}: {exc}") from exc
 
-        return cached(f"{uri}@{revision}", fill)
+        return cached(f"{uri}@{revision}" + (":dataset" if repo_type == "dataset" else ""), fill)
     raise TrainerError(ExitCode.CONFIG_INVALID, f"{what}: unsupported URI {uri}")
 
 

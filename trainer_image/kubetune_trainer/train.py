@@ -138,9 +138,12 @@ class Trainer:
             return
         model_path = self._model_dir()
         self.tokenizer = model_mod.load_tokenizer(model_path, spec.model.trust_remote_code)
-        train, evals, self.gen_examples = data_mod.load_examples(spec.dataset, spec.storage, self.tokenizer, spec.training.seed)
+        train, evals, self.gen_examples, self.metrics["data"] = data_mod.load_examples(spec.dataset, spec.storage, self.tokenizer, spec.training.seed)
+        data_mod.check_batch(len(train), spec.training, self.world_size, self.config.gradient_accumulation_steps)
         if acc.is_main_process:
             log(f"{len(train)} training and {len(evals)} evaluation sequences")
+            for line in data_mod.report_lines(self.metrics["data"], spec.dataset):
+                log(line)
             if spec.training.eval_generation_samples and self.gen_examples:
                 before = self._exact_match(self._plain_model(model_path))
                 self.metrics["exactMatchBefore"] = before
@@ -486,7 +489,8 @@ class Trainer:
                 do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
-            hits += out[0, len(prompt) :].tolist() == reference
+            eos = self.tokenizer.eos_token_id
+            hits += data_mod.upto_eos(out[0, len(prompt) :].tolist(), eos) == data_mod.upto_eos(reference, eos)
         return hits / max(len(samples), 1)
 
     # ------------------------------------------------------------------ cleanup

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP: Final = "kubetune.io"
@@ -99,42 +99,126 @@ class ModelSpec(ApiModel):
 # ------------------------------------------------------------------- dataset
 
 
-class FieldMapping(ApiModel):
-    """Column names in the dataset, where they differ from the defaults."""
+# Column and key names tried, in order, when a `fields` entry is left unset (`auto`).
+FIELD_ALIASES: Final[dict[str, tuple[str, ...]]] = {
+    "messages": ("messages", "conversations"),
+    "role": ("role", "from"),
+    "content": ("content", "value"),
+    "instruction": ("instruction",),
+    "input": ("input", "context"),
+    "response": ("output", "response", "answer"),
+    "prompt": ("prompt",),
+    "completion": ("completion",),
+    "text": ("text",),
+    "chosen": ("chosen",),
+    "rejected": ("rejected",),
+}
 
-    messages: str = Field(default="messages", max_length=256)
-    """Column with a list of {role, content} chat messages (format `chat`)."""
-    instruction: str = Field(default="instruction", max_length=256)
-    """Column with the instruction (format `instruction`)."""
-    input: str = Field(default="input", max_length=256)
-    """Optional column with extra input appended to the instruction (format `instruction`)."""
-    response: str = Field(default="response", max_length=256)
-    """Column with the response to learn (format `instruction`)."""
-    prompt: str = Field(default="prompt", max_length=256)
-    """Column with the prompt (format `prompt_completion`)."""
-    completion: str = Field(default="completion", max_length=256)
-    """Column with the completion to learn (format `prompt_completion`)."""
-    text: str = Field(default="text", max_length=256)
-    """Column with plain text (format `text`)."""
+# Role names understood without a `fields.roles` entry (ShareGPT's human/gpt included).
+DEFAULT_ROLES: Final[dict[str, str]] = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+}
+
+class FieldMapping(ApiModel):
+    """Column and key names in the dataset. Unset entries try their common names (see docs/trainer.md)."""
+
+    messages: str | None = Field(default=None, max_length=256)
+    """Column with the list of chat messages (format `chat`); unset tries `messages`, then `conversations` (ShareGPT)."""
+    role: str | None = Field(default=None, max_length=256)
+    """Key of a message's role; unset tries `role`, then `from` (ShareGPT)."""
+    content: str | None = Field(default=None, max_length=256)
+    """Key of a message's text; unset tries `content`, then `value` (ShareGPT)."""
+    roles: dict[str, Literal["system", "user", "assistant"]] = Field(default_factory=dict, max_length=64)
+    """Role names in the data mapped to system, user or assistant, added to the built-in ones (system, user, human, assistant, gpt). Assistant turns are learned."""
+    instruction: str | None = Field(default=None, max_length=256)
+    """Column with the instruction (format `instruction`); unset: `instruction`."""
+    input: str | None = Field(default=None, max_length=256)
+    """Optional column appended to the instruction (format `instruction`); unset tries `input`, then `context`."""
+    response: str | None = Field(default=None, max_length=256)
+    """Column with the response to learn (format `instruction`); unset tries `output`, `response`, then `answer`."""
+    prompt: str | None = Field(default=None, max_length=256)
+    """Column with the prompt (formats `prompt_completion` and `preference`); unset: `prompt`."""
+    completion: str | None = Field(default=None, max_length=256)
+    """Column with the completion to learn (format `prompt_completion`); unset: `completion`."""
+    text: str | None = Field(default=None, max_length=256)
+    """Column with plain text, every token learned (format `text`); unset: `text`."""
+    chosen: str | None = Field(default=None, max_length=256)
+    """Column with the preferred response (format `preference`); unset: `chosen`."""
+    rejected: str | None = Field(default=None, max_length=256)
+    """Column with the dispreferred response (format `preference`); unset: `rejected`."""
+
+    def names(self, key: str) -> tuple[str, ...]:
+        """The column names tried for `key`: the one set, or the common ones."""
+        value = getattr(self, key)
+        return (value,) if value else FIELD_ALIASES[key]
+
+
+DatasetFormat = Literal["auto", "chat", "instruction", "prompt_completion", "text", "preference"]
+
+
+class DatasetSource(ApiModel):
+    """One of several training datasets mixed together (`dataset.sources`)."""
+
+    path: str = Field(min_length=1, max_length=2048, pattern=DATA_URI)
+    """A file, a directory of shards, or a dataset saved with `datasets`' save_to_disk, at `s3://`, `pvc://`, a local path or `hf://`."""
+    weight: float = Field(default=1.0, gt=0, le=100)
+    """How much of this source one epoch holds, relative to its size: 2 repeats every example twice, 0.5 takes a seeded half."""
+    format: DatasetFormat | None = None
+    """Record format of this source; unset: `dataset.format`."""
+    fields: FieldMapping | None = None
+    """Column names of this source; unset: `dataset.fields`."""
 
 
 class DatasetSpec(ApiModel):
     """Training (and evaluation) data."""
 
-    train: str = Field(min_length=1, max_length=2048, pattern=DATA_URI)
-    """Training data: a JSONL, Parquet or CSV file (or a prefix holding such files) at `s3://`, `pvc://`, a local path or `hf://`."""
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "has(self.train) != (has(self.sources) && size(self.sources) > 0)",
+                "set exactly one of spec.dataset.train (one dataset) or spec.dataset.sources (several, mixed with weights)",
+            )
+        )
+    )
+
+    train: str | None = Field(default=None, min_length=1, max_length=2048, pattern=DATA_URI)
+    """Training data: a JSONL, JSON, CSV/TSV or Parquet file, a directory of such shards, or a dataset saved with `datasets`' save_to_disk, at `s3://`, `pvc://`, a local path or `hf://` (a dataset repository)."""
+    sources: list[DatasetSource] = Field(default_factory=list, max_length=64)
+    """Several training datasets mixed with weights, instead of `train`."""
     eval: str | None = Field(default=None, max_length=2048, pattern=DATA_URI)
-    """Optional evaluation data, same forms as `train`. Without it, `evalSplit` holds out part of `train`."""
-    format: Literal["auto", "chat", "instruction", "prompt_completion", "text"] = "auto"
-    """Record format; `auto` detects it from the columns present."""
+    """Optional evaluation data, same forms as `train`. Without it, `evalSplit` holds out part of the training data."""
+    format: DatasetFormat = "auto"
+    """Record format; `auto` detects it from the columns of the first record."""
     fields: FieldMapping = Field(default_factory=FieldMapping)
-    """Column names, where they differ from the defaults."""
+    """Column and key names, where they differ from the common ones."""
     max_seq_length: int = Field(default=1024, ge=16, le=131072)
-    """Longest tokenized example; longer ones are truncated."""
+    """Longest tokenized example; what happens to longer ones is `overflow`."""
+    overflow: Literal["truncate", "drop", "error"] = "truncate"
+    """Examples longer than maxSeqLength: `truncate` them, `drop` them, or refuse the dataset (`error`). Counts go to the log and metrics.json."""
+    max_invalid_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of records with an empty or null response, a missing cell or nothing to learn that is skipped; above it the dataset is refused."""
+    max_record_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    """Largest single record (a JSONL line, a CSV row); a larger one refuses the dataset, naming file and line."""
     packing: bool = False
     """Pack several examples into one sequence (attention never crosses example boundaries)."""
     eval_split: float = Field(default=0.0, ge=0.0, le=0.5)
-    """Fraction of `train` held out for evaluation when `eval` is not given."""
+    """Fraction of the training data held out for evaluation when `eval` is not given."""
+
+    def train_sources(self) -> list[DatasetSource]:
+        """`sources`, or `train` as a single source of weight 1."""
+        if self.sources:
+            return list(self.sources)
+        return [DatasetSource(path=self.train or "")]
+
+    @model_validator(mode="after")
+    def _one_training_input(self) -> DatasetSpec:
+        if bool(self.train) == bool(self.sources):
+            raise ValueError("set exactly one of spec.dataset.train (one dataset) or spec.dataset.sources (several, mixed with weights)")
+        return self
 
 
 # -------------------------------------------------------------------- method

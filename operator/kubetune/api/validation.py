@@ -157,7 +157,11 @@ def problems_from_pydantic(exc: ValidationError, prefix: str = "") -> list[Probl
 
 
 def _uris(spec: FineTuneJobSpec) -> dict[str, str]:
-    uris = {"spec.model.source": spec.model.source, "spec.dataset.train": spec.dataset.train, "spec.output.uri": spec.output.uri}
+    uris = {"spec.model.source": spec.model.source, "spec.output.uri": spec.output.uri}
+    if spec.dataset.train:
+        uris["spec.dataset.train"] = spec.dataset.train
+    for i, source in enumerate(spec.dataset.sources):
+        uris[f"spec.dataset.sources[{i}].path"] = source.path
     if spec.dataset.eval:
         uris["spec.dataset.eval"] = spec.dataset.eval
     return uris

@@ -123,6 +123,10 @@ def localized_document(
         holder = spec.get(block)
         if isinstance(holder, dict) and isinstance(holder.get(key), str) and holder[key]:
             holder[key] = resolve_uri(holder[key], base)
+    sources = spec.get("dataset", {}).get("sources") if isinstance(spec.get("dataset"), dict) else None
+    for source in sources if isinstance(sources, list) else []:
+        if isinstance(source, dict) and isinstance(source.get("path"), str) and source["path"]:
+            source["path"] = resolve_uri(source["path"], base)
     dist = spec.setdefault("distributed", {})
     if isinstance(dist, dict):
         nodes, per_node = dist.get("nodes", 1), dist.get("procsPerNode", 1)
@@ -194,7 +198,9 @@ def preflight(job: FineTuneJob) -> Failure | None:
     model = local_path(spec.model.source)
     if model is not None and not model.exists():
         return Failure(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {model} does not exist; point it at a model directory")
-    for field, uri in (("spec.dataset.train", spec.dataset.train), ("spec.dataset.eval", spec.dataset.eval)):
+    inputs = [("spec.dataset.train", spec.dataset.train), ("spec.dataset.eval", spec.dataset.eval)]
+    inputs += [(f"spec.dataset.sources[{i}].path", s.path) for i, s in enumerate(spec.dataset.sources)]
+    for field, uri in inputs:
         path = local_path(uri) if uri else None
         if path is not None and not path.exists():
             return Failure(ExitCode.DATASET_INVALID, f"{field}: {path} does not exist")
