@@ -232,6 +232,7 @@ class Built:
     pairs: list[tuple[list[int], list[int]]]
     sources: list[SourceReport]
     eval_source: SourceReport | None
+    starts: list[int] = field(default_factory=list)  # where each source's examples begin in `train` (unpacked)
 
     def report(self) -> dict[str, Any]:
         """Data counts for the log and metrics.json."""
@@ -249,6 +250,7 @@ class Built:
             "dropped": dropped,
             "droppedTokens": sum(p.dropped_tokens for p in parts),
             "overflowShare": (truncated + dropped) / max(examples, 1),
+            "longest": max((n for p in self.sources for n in p.lengths), default=0),
             "invalid": sum(sum(p.invalid.values()) for p in parts),
         }
 
@@ -266,8 +268,9 @@ def build(spec: DatasetSpec, storage: StorageSpec, tokenizer: Any, seed: int) ->
     """Train and eval examples, eval (prompt, reference) pairs and what each dataset gave."""
     train: list[Example] = []
     evals: list[Example] = []
-    reports = []
+    reports, starts = [], []
     for path, label, fmt, fields, weight in _sources(spec, storage):
+        starts.append(len(train))
         examples, report = tokenize_source(path, label, fmt, fields, spec, tokenizer)
         report.weight = weight
         reports.append(report)
@@ -282,7 +285,7 @@ def build(spec: DatasetSpec, storage: StorageSpec, tokenizer: Any, seed: int) ->
     pairs = generation_pairs(evals)
     if spec.packing:
         train, evals = pack(train, spec.max_seq_length), pack(evals, spec.max_seq_length)
-    return Built(train, evals, pairs, reports, eval_report)
+    return Built(train, evals, pairs, reports, eval_report, [] if spec.packing else starts)
 
 
 def load_examples(

@@ -57,8 +57,8 @@ class Mapping:
 
     def describe(self) -> str:
         cols = ", ".join(f"{k}={v}" for k, v in self.columns.items())
-        roles = ", ".join(f"{k}->{v}" for k, v in self.roles.items())
-        return f"{self.format} ({cols}" + (f"; roles {roles})" if self.format == "chat" else ")")
+        roles = ", ".join(f"{k}->{v}" for k, v in self.roles.items() if DEFAULT_ROLES.get(k) != v)
+        return f"{self.format} ({cols}" + (f"; roles {roles})" if roles else ")")
 
 
 class Invalid(Exception):

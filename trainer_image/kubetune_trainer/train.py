@@ -32,6 +32,7 @@ from kubetune_trainer import checkpoint as ckpt
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import loss as loss_mod
 from kubetune_trainer import model as model_mod
+from kubetune_trainer import preflight
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.progress import ProgressState, serve
 from kubetune_trainer.storage import OutputStore, cache_root
@@ -144,6 +145,7 @@ class Trainer:
             log(f"{len(train)} training and {len(evals)} evaluation sequences")
             for line in data_mod.report_lines(self.metrics["data"], spec.dataset):
                 log(line)
+            log(preflight.memory_line(spec, model_path, self.metrics["data"]["longest"], on_gpu, self.backend.deepspeed))
             if spec.training.eval_generation_samples and self.gen_examples:
                 before = self._exact_match(self._plain_model(model_path))
                 self.metrics["exactMatchBefore"] = before

@@ -10,6 +10,7 @@ import sys
 # subcommand -> (module, help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("kubetune.cli.run", "run a FineTuneJob manifest locally with torchrun (no cluster needed)"),
+    "preflight": ("kubetune.cli.preflight", "show what the model will learn from the data, and whether it fits, before training"),
     "crd": ("kubetune.cli.crd", "print the FineTuneJob CustomResourceDefinition generated from the API models"),
     "validate": ("kubetune.cli.validate", "check FineTuneJob manifests against the API without a cluster"),
     "render": ("kubetune.cli.render", "print the objects the operator would create for a manifest"),

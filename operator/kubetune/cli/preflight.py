@@ -1,0 +1,119 @@
+"""`kubetune preflight MANIFEST`: what the model will learn, and whether it fits, before any GPU starts.
+
+    kubetune preflight examples/quickstart.yaml
+    kubetune preflight job.yaml --json            # for CI pipelines
+    kubetune preflight job.yaml --gpu-memory 24   # size against a 24 GiB GPU
+
+It reads the data and the tokenizer exactly as the trainer does (formats, `fields`,
+overflow, invalid records) and prints: the detected format and column mapping of each
+dataset; three examples with the learned tokens highlighted; the token-length
+distribution against maxSeqLength; tokens and steps per epoch; and an estimate of peak
+memory per GPU from the model's config.json. A data error exits 66 with the trainer's
+message. Relative paths in the manifest resolve against the manifest's directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.contract import REASONS, ExitCode
+
+GIB = 1 << 30
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", help="FineTuneJob YAML (the one you would kubectl apply)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--examples", type=int, default=3, help="rendered examples to show (default 3)")
+    parser.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory per GPU to size against (default 80)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. dataset.maxSeqLength=512")
+
+
+def _job(path: Path, overrides: list[str]) -> Any:
+    from kubetune.api.models import FineTuneJob
+    from kubetune.cli.run import load_manifest, resolve_uri, set_path
+
+    manifest = load_manifest(path)
+    spec = manifest.setdefault("spec", {})
+    for item in overrides:
+        set_path(spec, item)
+    base = path.parent
+    spec.setdefault("output", {}).setdefault("uri", "file:///tmp/kubetune-preflight")  # not written to
+    model, dataset = spec.get("model") or {}, spec.get("dataset") or {}
+    if model.get("source"):
+        model["source"] = resolve_uri(model["source"], base)
+    for key in ("train", "eval"):
+        if dataset.get(key):
+            dataset[key] = resolve_uri(dataset[key], base)
+    for source in dataset.get("sources") or []:
+        if isinstance(source, dict) and source.get("path"):
+            source["path"] = resolve_uri(source["path"], base)
+    return FineTuneJob.model_validate(manifest)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    try:
+        job = _job(Path(args.manifest), args.set)
+    except (OSError, ValueError) as exc:
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
+        print(f"{REASONS[ExitCode.CONFIG_INVALID]}: {args.manifest}: {detail}", file=sys.stderr)
+        return int(ExitCode.CONFIG_INVALID)
+
+    from kubetune_trainer.errors import TrainerError
+    from kubetune_trainer.preflight import run_preflight
+
+    try:
+        summary = run_preflight(job.spec, args.examples, int(args.gpu_memory * GIB))
+    except TrainerError as exc:
+        print(f"{REASONS.get(exc.exit_code, 'Error')}: {exc.message}", file=sys.stderr)
+        return int(exc.exit_code)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        show(summary)
+    memory = summary["memory"]
+    return 0 if memory is None or memory["fits"] is not False else 1
+
+
+def show(summary: dict[str, Any]) -> None:
+    """The summary for people: tables, learned tokens in green, the memory verdict last."""
+    from kubetune_trainer.preflight import text_lines
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(highlight=False)
+    table = Table(title="Datasets", title_justify="left")
+    for col in ("path", "format and mapping", "records", "examples", "weight", "invalid skipped"):
+        table.add_column(col)
+    for s in summary["sources"]:
+        invalid = ", ".join(f"{n} {r}" for r, n in s["invalid"].items()) or "0"
+        path = s["path"].removeprefix("file://")
+        table.add_row(path if len(path) <= 40 else "..." + path[-37:], s["mapping"], str(s["records"]), str(s["examples"]), f"{s['weight']:g}", invalid)
+    console.print(table)
+    for i, example in enumerate(summary["examples"], start=1):
+        text = Text(f"example {i}: ", style="bold")
+        for token in example:
+            text.append(token["text"], style="bold green" if token["learned"] else "dim")
+        console.print(text)
+    console.print(Text("learned tokens in green; the rest is context the loss ignores", style="italic"))
+    ln = summary["lengths"]
+    hist = Table(title=f"Tokens per example (maxSeqLength {ln['maxSeqLength']})", title_justify="left")
+    hist.add_column("tokens")
+    hist.add_column("examples", justify="right")
+    hist.add_column("")
+    top = max((b["count"] for b in ln["histogram"]), default=1) or 1
+    lower = 0
+    for b in ln["histogram"]:
+        label = f"{lower + 1}-{b['upTo']}" if b["upTo"] is not None else f"> {ln['maxSeqLength']}"
+        hist.add_row(label, str(b["count"]), "#" * round(30 * b["count"] / top), style="red" if b["upTo"] is None and b["count"] else None)
+        lower = b["upTo"] or lower
+    console.print(hist)
+    for line in text_lines(summary)[len(summary["sources"]) :]:
+        console.print(line, style="bold red" if "WARNING" in line else None)
