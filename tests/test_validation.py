@@ -127,3 +127,26 @@ def test_parse_spec_prefixes_pydantic_locations_with_spec():
     with pytest.raises(SpecInvalid) as info:
         parse_spec({"model": {"source": "s3://models/x"}, "dataset": {"train": "/d"}}, name="demo")
     assert [str(p) for p in info.value.problems] == ["spec.output: is required"]
+
+
+def test_the_operator_checks_types_as_strictly_as_the_api_server():
+    spec = manifest(lora={"r": "16", "alpha": float("inf")}, output={"uri": "s3://out/demo", "mergeAdapter": "false"})["spec"]
+    with pytest.raises(SpecInvalid) as exc:
+        parse_spec(spec, name="demo")
+    assert [str(p) for p in exc.value.problems] == [
+        "spec.lora.alpha: must be a finite number (got inf); the API server cannot store .inf or .nan"
+    ]
+    del spec["lora"]["alpha"]
+    with pytest.raises(SpecInvalid) as exc:
+        parse_spec(spec, name="demo")
+    assert sorted(str(p) for p in exc.value.problems) == [
+        "spec.lora.r: must be an integer (got '16')",
+        "spec.output.mergeAdapter: must be true or false (got 'false')",
+    ]
+
+
+def test_the_operator_refuses_an_output_inside_the_model():
+    spec = manifest(output={"uri": "s3://models/tiny/run1"})["spec"]
+    with pytest.raises(SpecInvalid) as exc:
+        parse_spec(spec, name="demo")
+    assert str(exc.value).startswith("spec.output.uri: s3://models/tiny/run1 overlaps spec.model.source (s3://models/tiny)")
