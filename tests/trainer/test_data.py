@@ -295,6 +295,19 @@ def test_overflow_counts_reach_the_report_and_the_log(tmp_path: Path, tokenizer:
     assert any(line.startswith("overflow (truncate, maxSeqLength 16): 1 examples truncated (5 tokens cut)") for line in data.report_lines(report, spec))
 
 
+def test_overflow_above_one_percent_reaches_status_progress(tmp_path: Path, tokenizer: Any) -> None:
+    from kubetune.status.progress import to_progress
+
+    short = [{"prompt": "one", "completion": "1"}]
+    spec = _spec(train=str(_jsonl(tmp_path / "t.jsonl", [{"prompt": "one " * 10, "completion": "1 " * 10}] + short * 99)), maxSeqLength=16)
+    warning = data.data_warning(data.build(spec, StorageSpec(), tokenizer, seed=1).report(), spec)
+    assert warning is None  # exactly 1%: not above
+    spec = _spec(train=str(_jsonl(tmp_path / "u.jsonl", [{"prompt": "one " * 10, "completion": "1 " * 10}] * 2 + short * 98)), maxSeqLength=16)
+    warning = data.data_warning(data.build(spec, StorageSpec(), tokenizer, seed=1).report(), spec)
+    assert warning == "2.0% of examples longer than maxSeqLength 16 (2 truncated, 0 dropped; overflow: truncate); see metrics.json data"
+    assert to_progress({"step": 1, "dataWarning": warning}, "now").data_warning == warning
+
+
 # ---------------------------------------------------------------- files and mixing
 
 

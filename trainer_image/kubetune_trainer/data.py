@@ -329,3 +329,16 @@ def report_lines(report: dict[str, Any], spec: DatasetSpec) -> list[str]:
             f"{report['overflowShare']:.1%} of examples"
         )
     return lines
+
+
+def data_warning(report: dict[str, Any], spec: DatasetSpec) -> str | None:
+    """One line for status.progress.dataWarning when more than 1% of examples overflowed, or records were skipped."""
+    parts = []
+    if report["overflowShare"] > 0.01:
+        parts.append(
+            f"{report['overflowShare']:.1%} of examples longer than maxSeqLength {spec.max_seq_length} "
+            f"({report['truncated']} truncated, {report['dropped']} dropped; overflow: {spec.overflow})"
+        )
+    if report["invalid"]:
+        parts.append(f"{report['invalid']} invalid records skipped (maxInvalidFraction {spec.max_invalid_fraction:g})")
+    return "; ".join(parts) + "; see metrics.json data" if parts else None

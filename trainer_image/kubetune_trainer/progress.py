@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 # Keys the operator reads (kubetune.api.models.Progress uses the same camelCase names).
-KEYS = ("step", "totalSteps", "epoch", "loss", "evalLoss", "learningRate", "tokensPerSecond", "etaSeconds", "phase")
+KEYS = ("step", "totalSteps", "epoch", "loss", "evalLoss", "learningRate", "tokensPerSecond", "etaSeconds", "phase", "dataWarning")
 METRICS = {
     "step": ("kubetune_trainer_step", "Optimizer steps completed"),
     "totalSteps": ("kubetune_trainer_total_steps", "Optimizer steps planned"),

@@ -145,6 +145,8 @@ class Trainer:
             log(f"{len(train)} training and {len(evals)} evaluation sequences")
             for line in data_mod.report_lines(self.metrics["data"], spec.dataset):
                 log(line)
+            if warning := data_mod.data_warning(self.metrics["data"], spec.dataset):
+                self.progress.update(dataWarning=warning)
             log(preflight.memory_line(spec, model_path, self.metrics["data"]["longest"], on_gpu, self.backend.deepspeed))
             if spec.training.eval_generation_samples and self.gen_examples:
                 before = self._exact_match(self._plain_model(model_path))

@@ -650,6 +650,8 @@ class Progress(ApiModel):
     """The same estimate for people (e.g. `1h05m`)."""
     trainer_phase: str | None = None
     """What rank 0 says it is doing (e.g. loading, training, evaluating, saving)."""
+    data_warning: str | None = Field(default=None, max_length=512)
+    """What rank 0 found in the data worth a look: more than 1% of examples truncated or dropped at maxSeqLength, or invalid records skipped."""
     updated_at: str | None = None
     """When the operator last read progress from rank 0 (RFC 3339)."""
 

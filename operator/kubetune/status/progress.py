@@ -61,6 +61,7 @@ def to_progress(data: dict[str, Any], now: str) -> Progress:
     percent = round(100.0 * step / total, 1) if step is not None and total else None
     eta = _num(data, "etaSeconds")
     phase = data.get("phase")
+    warning = data.get("dataWarning")
     return Progress(
         step=int(step) if step is not None else None,
         total_steps=int(total) if total is not None else None,
@@ -75,5 +76,6 @@ def to_progress(data: dict[str, Any], now: str) -> Progress:
         eta_seconds=eta,
         eta=format_eta(eta),
         trainer_phase=phase if isinstance(phase, str) else None,
+        data_warning=warning[:512] if isinstance(warning, str) else None,
         updated_at=now,
     )
