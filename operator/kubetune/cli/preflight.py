@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _job(path: Path, overrides: list[str]) -> Any:
-    from kubetune.api.models import FineTuneJob
+    """The manifest with its paths resolved, through the one validation (SpecInvalid lists every problem)."""
+    from kubetune.api.validation import SpecInvalid, validate_manifest
     from kubetune.cli.run import load_manifest, resolve_uri, set_path
 
     manifest = load_manifest(path)
@@ -52,17 +53,24 @@ def _job(path: Path, overrides: list[str]) -> Any:
     for source in dataset.get("sources") or []:
         if isinstance(source, dict) and source.get("path"):
             source["path"] = resolve_uri(source["path"], base)
-    return FineTuneJob.model_validate(manifest)
+    job, problems = validate_manifest(manifest)
+    if job is None:
+        raise SpecInvalid(problems)
+    return job
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+    from kubetune.api.validation import SpecInvalid
 
     try:
         job = _job(Path(args.manifest), args.set)
-    except (OSError, ValueError) as exc:
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
-        print(f"{REASONS[ExitCode.CONFIG_INVALID]}: {args.manifest}: {detail}", file=sys.stderr)
+    except SpecInvalid as exc:
+        print(f"{REASONS[ExitCode.CONFIG_INVALID]}: {args.manifest}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return int(ExitCode.CONFIG_INVALID)
+    except ValueError as exc:
+        print(f"{REASONS[ExitCode.CONFIG_INVALID]}: {args.manifest}: {exc}", file=sys.stderr)
         return int(ExitCode.CONFIG_INVALID)
 
     from kubetune_trainer.errors import TrainerError

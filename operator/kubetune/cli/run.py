@@ -119,8 +119,11 @@ def localized_document(
             out["uri"] = output if output.startswith("s3://") else "file://" + str(Path(output).resolve())
         elif "uri" not in out:
             out["uri"] = "file://" + str(Path("runs", name if isinstance(name, str) and name else "job").resolve())
-    for block, key in (("model", "source"), ("dataset", "train"), ("dataset", "eval"), ("output", "uri")):
-        holder = spec.get(block)
+    dataset = spec.get("dataset")
+    sources = dataset.get("sources") if isinstance(dataset, dict) else None
+    holders = [(spec.get(block), key) for block, key in (("model", "source"), ("dataset", "train"), ("dataset", "eval"), ("output", "uri"))]
+    holders += [(source, "path") for source in sources] if isinstance(sources, list) else []
+    for holder, key in holders:
         if isinstance(holder, dict) and isinstance(holder.get(key), str) and holder[key]:
             holder[key] = resolve_uri(holder[key], base)
     sources = spec.get("dataset", {}).get("sources") if isinstance(spec.get("dataset"), dict) else None
