@@ -1,30 +1,41 @@
-"""Operator scale: apply N FineTuneJobs (suspended: no pods, no training) and time until each one's workload
-(the batch/v1 Job) exists; report p50/p95/max latency, the time until all exist, and the operator's RSS.
+"""Operator scale on the e2e control plane, each figure against the control plane's own speed in the same run.
 
-Everything comes from the e2e harness: the control plane (e2e/harness/cluster.py: etcd + kube-apiserver +
-kube-controller-manager on loopback), and from the e2e suite (e2e/suite/conftest.py) the chart's RBAC
-(`render_chart`), the FineTuneJob document (`job_doc`, the suite's CPU job) and `kubetune operator` run as a local
-process under the chart ServiceAccount's token (`Operator`, watching the suite's namespaces, poll interval 1 s).
-The jobs go to the suite's `kts-many` namespace. The harness binaries must be built (e2e/harness/build.sh; set
-KUBETUNE_E2E_BUILD=0 to fail instead of building).
+1. Bare burst: a plain client creates N suspended batch/v1 Jobs (the control plane's speed for the workload
+   itself), then deletes them.
+2. kubetune burst: the same client POSTs N suspended FineTuneJobs; time from the first POST until the last
+   workload Job exists, and per job from its POST returning to its Job appearing (p50/p99). Then all N are
+   deleted: time until every FineTuneJob is gone (and until their children are).
+3. Steady state (--steady M): M FineTuneJobs that run (1 pod each). The controller manager creates the pods;
+   this script plays the kubelet (marks each pod Running with its own loopback IP) and serves each rank 0's
+   /progress from a stub HTTP server on that IP (the only thing faked). Measured over --window seconds: operator
+   RSS, API requests per minute counted by the apiserver (apiserver_request_total from /metrics, minus this
+   script's own), the operator's own count, and how stale status.progress is against the configured interval.
 
-    python bench/operator_scale.py --jobs 50
-    python bench/operator_scale.py --jobs 200 --out bench/results/operator-scale.json
+Both sides use the same keep-alive client (the kubernetes package) and the same watch to see objects appear.
+Everything else comes from the e2e harness and suite: the control plane (etcd + kube-apiserver +
+kube-controller-manager on loopback), the chart's RBAC, the suite's job document, and `kubetune operator` run
+as a local process under the chart ServiceAccount's token. Binaries: e2e/harness/build.sh.
 
-Latency per job = (first poll that sees its Job) - (its FineTuneJob POST returned); jobs are POSTed back to back
-through the API (no kubectl start-up per job), and the Jobs are polled every --poll seconds.
+    python bench/operator_scale.py --jobs 500 --steady 1000 --out bench/results/operator-scale.json
+    python bench/operator_scale.py --jobs 50 --steady 0          # quick
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import json
+import os
+import re
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -34,6 +45,9 @@ E2E = REPO / "e2e"
 for extra in (E2E, REPO / "operator"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
+
+GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
+BARE_NS = "bench-bare"
 
 
 def suite_module() -> ModuleType:
@@ -47,16 +61,22 @@ def suite_module() -> ModuleType:
 
 def install(suite: ModuleType, cluster: Any, kctl: Any) -> Path:
     """What the suite's `installed` fixture does: CRD, namespaces, the chart's RBAC; returns the SA kubeconfig."""
+    import yaml
+
     r = kctl("apply", "--server-side", "-f", str(suite.CRD), check=False)
     if r.returncode:
         raise RuntimeError(r.stderr)
-    kctl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
-    for ns in (suite.RELEASE_NS, *suite.NAMESPACES.values()):
+    established = lambda crd: any(c["type"] == "Established" and c["status"] == "True"  # noqa: E731
+                                  for c in (crd.get("status") or {}).get("conditions") or [])
+    cluster.admin.wait_for("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.kubetune.io", established)
+    for ns in (suite.RELEASE_NS, *suite.NAMESPACES.values(), BARE_NS):
         cluster.create_namespace(ns)
-    docs = suite.render_chart("watchNamespaces={" + ",".join(suite.NAMESPACES.values()) + "}", "pollInterval=1")
+    try:
+        docs = suite.render_chart("watchNamespaces={" + ",".join(suite.NAMESPACES.values()) + "}")
+    except BaseException as exc:  # no helm binary (pytest.skip raises a BaseException): admin credentials
+        print(f"no chart RBAC ({exc}); the operator runs with the admin kubeconfig", flush=True)
+        return Path(cluster.kubeconfig)
     runnable = [d for d in docs if d["kind"] != "Deployment" and "helm.sh/hook" not in (d["metadata"].get("annotations") or {})]
-    import yaml
-
     r = kctl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(runnable), check=False)
     if r.returncode:
         raise RuntimeError(r.stderr)
@@ -64,10 +84,92 @@ def install(suite: ModuleType, cluster: Any, kctl: Any) -> Path:
     return Path(cluster.kubeconfig_for_serviceaccount(suite.RELEASE_NS, suite.SA, seconds=6 * 3600))
 
 
-class FakeS3:
-    """job_doc and ensure_secret want an S3 server; suspended jobs never reach it."""
+class Operator:
+    """`kubetune operator` as a local process (its flags and KUBETUNE_* settings given here)."""
 
-    bucket, endpoint, access_key, secret_key = "kubetune-bench", "http://127.0.0.1:9", "bench", "bench-secret"
+    def __init__(self, kubeconfig: Path, log: Path, namespaces: list[str], poll_interval: float, env: dict[str, str]) -> None:
+        from harness.procs import free_port
+
+        self.log, self.port = log, free_port()
+        cmd = [str(Path(sys.executable).parent / "kubetune"), "operator", "--poll-interval", str(poll_interval),
+               "--log-format", "json", "--liveness", f"http://127.0.0.1:{self.port}/healthz"]  # fmt: skip
+        for ns in namespaces:
+            cmd += ["-n", ns]
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "AWS_"))}
+        full_env.update(env, KUBECONFIG=str(kubeconfig))
+        self.proc = subprocess.Popen(cmd, env=full_env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    def healthy(self) -> bool:
+        import urllib.request
+
+        if self.proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stats(self) -> list[dict[str, int]]:
+        """The operator's periodic counters (its `stats:` log lines)."""
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if "stats: " in line:
+                out.append({k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line.split("stats: ", 1)[1])})
+        return out
+
+    def errors(self) -> list[str]:
+        return [ln for ln in self.log.read_text(errors="replace").splitlines() if '"levelname": "ERROR"' in ln or "Traceback" in ln]
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class Watcher:
+    """A watch on one kind in one namespace: when each object was first and last seen (monotonic)."""
+
+    def __init__(self, list_fn: Any, ns: str, key: Any = None, **kw: Any) -> None:
+        self.added: dict[str, float] = {}
+        self.deleted: dict[str, float] = {}
+        self.key = key or (lambda o: o["metadata"]["name"])
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, args=(list_fn, ns, kw), daemon=True)
+        self._thread.start()
+
+    def _run(self, list_fn: Any, ns: str, kw: dict[str, Any]) -> None:
+        from kubernetes import watch
+
+        rv = None
+        while not self._stop:
+            try:
+                for ev in watch.Watch().stream(list_fn, ns, timeout_seconds=30, resource_version=rv, **kw):
+                    obj = ev["raw_object"]
+                    rv = obj["metadata"].get("resourceVersion", rv)
+                    k = self.key(obj)
+                    if k is None:
+                        continue
+                    if ev["type"] == "DELETED":
+                        self.deleted.setdefault(k, time.monotonic())
+                    elif ev["type"] in ("ADDED", "MODIFIED"):
+                        self.added.setdefault(k, time.monotonic())
+                    if self._stop:
+                        return
+            except Exception:  # noqa: BLE001 - a watch that expired: list again
+                rv = None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self._stop = True
 
 
 def pct(values: list[float], q: float) -> float:
@@ -75,122 +177,348 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+def wait(pred: Any, timeout: float, what: str, every: float = 0.1) -> float:
+    start = time.monotonic()
+    while not pred():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"{what}: not within {timeout:.0f}s")
+        time.sleep(every)
+    return time.monotonic()
+
+
+def apiserver_requests(admin: Any) -> dict[str, float]:
+    """apiserver_request_total by verb/resource, read from the apiserver's /metrics."""
+    text = admin.call_api("/metrics", "GET", _preload_content=False, _return_http_data_only=True).data.decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("apiserver_request_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            key = f"{labels.get('verb')} {labels.get('resource')}{'/' + labels['subresource'] if labels.get('subresource') else ''}"
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def diff(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
+
+
+# ------------------------------------------------------------------ phases
+
+
+def bare_burst(api: Any, n: int, timeout: float) -> dict[str, float]:
+    from kubernetes import client
+
+    batch = client.BatchV1Api(api)
+    jobs = Watcher(batch.list_namespaced_job, BARE_NS)
+    time.sleep(1)
+    doc = {"apiVersion": "batch/v1", "kind": "Job", "spec": {"suspend": True, "template": {"spec": {
+        "restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox", "command": ["true"]}]}}}}  # fmt: skip
+    start = time.monotonic()
+    for i in range(n):
+        batch.create_namespaced_job(BARE_NS, {**doc, "metadata": {"name": f"bare-{i:04d}"}}, _preload_content=False)
+    posts = time.monotonic() - start
+    end = wait(lambda: len(jobs.added) >= n, timeout, "bare Jobs")
+    start_del = time.monotonic()
+    for i in range(n):
+        batch.delete_namespaced_job(f"bare-{i:04d}", BARE_NS, propagation_policy="Background", _preload_content=False)
+    end_del = wait(lambda: len(jobs.deleted) >= n, timeout, "bare Jobs deleted")
+    jobs.stop()
+    return {"create_seconds": end - start, "post_seconds": posts, "delete_seconds": end_del - start_del}
+
+
+def finetunejob_docs(suite: ModuleType, n: int, prefix: str) -> list[dict[str, Any]]:
+    data = {"model": "s3://kubetune-bench/data/tiny-llama", "train": "s3://kubetune-bench/data/train.jsonl",
+            "eval": "s3://kubetune-bench/data/eval.jsonl"}  # fmt: skip
+    docs = []
+    for i in range(n):
+        doc = suite.job_doc(f"{prefix}-{i:04d}", FakeS3, data, steps=5, **{"runPolicy.suspend": True})
+        doc.update(apiVersion=f"{GROUP}/{VERSION}", kind="FineTuneJob")
+        docs.append(doc)
+    return docs
+
+
+def posts_without_operator(api: Any, suite: ModuleType, ns: str, n: int) -> dict[str, float]:
+    """The API server's own cost of N FineTuneJob POSTs and DELETEs (schema, CEL), no operator running."""
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(api)
+    docs = finetunejob_docs(suite, n, "plain")
+    start = time.monotonic()
+    for doc in docs:
+        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, doc, _preload_content=False)
+    posts = time.monotonic() - start
+    start = time.monotonic()
+    for doc in docs:
+        custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, doc["metadata"]["name"], _preload_content=False)
+    return {"post_seconds": posts, "delete_seconds": time.monotonic() - start}
+
+
+def profile_summary(path: Path, top: int = 25) -> list[tuple[str, float]]:
+    """Share of samples (inclusive) per function in py-spy's collapsed-stack output."""
+    totals: dict[str, int] = {}
+    samples = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        samples += n
+        for frame in set(stack.split(";")):
+            name = re.sub(r" \((.*/)?([^/]+):\d+\)$", r" (\2)", frame)
+            totals[name] = totals.get(name, 0) + n
+    return [(k, round(v / max(samples, 1), 3)) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:top]]
+
+
+def kubetune_burst(api: Any, suite: ModuleType, ns: str, n: int, timeout: float) -> dict[str, Any]:
+    from kubernetes import client
+    from kubetune.render.objects import LABEL_JOB
+
+    custom, batch = client.CustomObjectsApi(api), client.BatchV1Api(api)
+    jobs = Watcher(batch.list_namespaced_job, ns, key=lambda o: (o["metadata"].get("labels") or {}).get(LABEL_JOB))
+    ftjs = Watcher(lambda ns_, **kw: custom.list_namespaced_custom_object(GROUP, VERSION, ns_, PLURAL, **kw), ns)
+    time.sleep(1)
+    docs = finetunejob_docs(suite, n, "scale")
+    names = [d["metadata"]["name"] for d in docs]
+    posted: dict[str, float] = {}
+    start = time.monotonic()
+    for doc in docs:
+        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, doc, _preload_content=False)
+        posted[doc["metadata"]["name"]] = time.monotonic()
+    posts = time.monotonic() - start
+    try:
+        end = wait(lambda: all(nm in jobs.added for nm in names), timeout, "workload Jobs", 0.2)
+    except TimeoutError:
+        end = time.monotonic()
+    latencies = [jobs.added[nm] - posted[nm] for nm in names if nm in jobs.added]
+    missing = [nm for nm in names if nm not in jobs.added]
+    start_del = time.monotonic()
+    for name in names:
+        custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, _preload_content=False)
+    end_del = wait(lambda: all(nm in ftjs.deleted for nm in names), timeout, "FineTuneJobs deleted", 0.2)
+    end_children = wait(lambda: all(nm in jobs.deleted for nm in names if nm in jobs.added), timeout, "children deleted", 0.2)
+    jobs.stop()
+    ftjs.stop()
+    return {
+        "create_seconds": end - start, "post_seconds": posts, "created": len(latencies), "missing": missing[:10],
+        "latency_p50_s": statistics.median(latencies) if latencies else None,
+        "latency_p99_s": pct(latencies, 0.99) if latencies else None, "latency_max_s": max(latencies, default=None),
+        "delete_seconds": end_del - start_del, "delete_children_seconds": end_children - start_del,
+    }  # fmt: skip
+
+
+class FakeS3:
+    """job_doc and ensure_secret want an S3 server; nothing here reaches it."""
+
+    bucket, endpoint, access_key, secret_key = "kubetune-bench", "http://127.0.0.1:9", "bench", "bench-secret"
+
+
+class ProgressStubs:
+    """One /progress endpoint per loopback IP (127.1.x.y:8080), each a trainer that steps once a second."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.t0 = time.time()
+        self.reads = 0
+        self.loop = asyncio.new_event_loop()
+        self._servers: list[Any] = []
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            self.reads += 1
+            step = int(time.time() - self.t0)
+            body = json.dumps({"step": step, "totalSteps": 1_000_000, "epoch": 0.1, "loss": 1.0 + 1.0 / (1 + step),
+                               "learningRate": 1e-4, "tokensPerSecond": 1000.0, "etaSeconds": 3600, "phase": "Training"}).encode()  # fmt: skip
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def serve(self, ip: str) -> None:
+        async def start() -> None:
+            self._servers.append(await asyncio.start_server(self._handle, ip, self.port, reuse_address=True))
+
+        asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+
+
+def ip_for(i: int) -> str:
+    return f"127.1.{i // 250}.{i % 250 + 1}"
+
+
+def steady_state(api: Any, admin_api: Any, suite: ModuleType, op: Operator, ns: str, m: int, window: float, poll: float,
+                 timeout: float) -> dict[str, Any]:  # fmt: skip
+    from kubernetes import client
+    from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT
+    from kubetune.render.objects import CONTAINER, LABEL_JOB
+
+    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+    stubs = ProgressStubs(DEFAULT_PROGRESS_PORT)
+    assigned: dict[str, str] = {}
+    stop = threading.Event()
+
+    def kubelet() -> None:
+        """Mark each new pod Running at its own IP, with its stub serving /progress there."""
+        while not stop.is_set():
+            pods = core.list_namespaced_pod(ns, label_selector=LABEL_JOB, _preload_content=False)
+            now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            for pod in json.loads(pods.data)["items"]:
+                name = pod["metadata"]["name"]
+                if name in assigned or (pod.get("status") or {}).get("phase") == "Running":
+                    continue
+                ip = assigned[name] = ip_for(len(assigned))
+                stubs.serve(ip)
+                status = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "startTime": now,
+                          "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+                          "containerStatuses": [{"name": CONTAINER, "ready": True, "restartCount": 0, "image": "bench",
+                                                 "imageID": "", "started": True, "state": {"running": {"startedAt": now}}}]}  # fmt: skip
+                core.patch_namespaced_pod_status(name, ns, {"status": status}, _preload_content=False)
+            stop.wait(1.0)
+
+    data = {"model": "s3://kubetune-bench/data/tiny-llama", "train": "s3://kubetune-bench/data/train.jsonl",
+            "eval": "s3://kubetune-bench/data/eval.jsonl"}  # fmt: skip
+    threading.Thread(target=kubelet, daemon=True).start()
+    start = time.monotonic()
+    for i in range(m):
+        doc = suite.job_doc(f"run-{i:04d}", FakeS3, data, steps=1_000_000, **{"distributed.nodes": 1})
+        doc.update(apiVersion=f"{GROUP}/{VERSION}", kind="FineTuneJob")
+        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, doc, _preload_content=False)
+
+    def phases() -> dict[str, int]:
+        items = json.loads(custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, _preload_content=False).data)["items"]
+        out: dict[str, int] = {}
+        for o in items:
+            ph = (o.get("status") or {}).get("phase", "-")
+            out[ph] = out.get(ph, 0) + 1
+        return out
+
+    last: dict[str, int] = {}
+
+    def all_running() -> bool:
+        nonlocal last
+        last = phases()
+        return last.get("Running", 0) >= m
+
+    try:
+        wait(all_running, timeout, f"{m} Running (last: {last})", 5.0)
+    except TimeoutError as exc:
+        stop.set()
+        raise TimeoutError(f"{exc}; phases {last}") from None
+    ramp = time.monotonic() - start
+    print(f"  {m} FineTuneJobs Running after {ramp:.0f}s; measuring {window:.0f}s", flush=True)
+    time.sleep(min(30.0, window / 4))  # settle: the ramp's writes are not steady state
+    own_before = op.stats()[-1] if op.stats() else {}
+    before = apiserver_requests(admin_api)
+    t0 = time.monotonic()
+    rss: list[float] = []
+    stale: list[float] = []
+    bench_requests = 1  # the /metrics read above
+    while time.monotonic() - t0 < window:
+        rss.append(op.rss_mib())
+        items = json.loads(custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, _preload_content=False).data)["items"]
+        bench_requests += 1
+        now = datetime.now(timezone.utc)
+        for o in items:
+            upd = ((o.get("status") or {}).get("progress") or {}).get("updatedAt")
+            if upd:
+                stale.append((now - datetime.fromisoformat(upd.replace("Z", "+00:00"))).total_seconds())
+        time.sleep(5)
+    elapsed = time.monotonic() - t0
+    after = apiserver_requests(admin_api)
+    stop.set()
+    time.sleep(1.5)
+    per_kind = diff(after, before)
+    # This script's own requests in the window: its FineTuneJob lists (and the kubelet's pod lists, ~1/s).
+    kubelet_lists = elapsed / 1.0
+    total = sum(per_kind.values()) - bench_requests - kubelet_lists
+    stats = op.stats()
+    own = {k: stats[-1][k] - own_before.get(k, 0) for k in stats[-1]} if stats and own_before else {}
+    return {
+        "jobs": m, "ramp_seconds": ramp, "window_seconds": elapsed, "poll_interval_s": poll,
+        "operator_rss_mib_max": max(rss), "operator_rss_mib_mean": statistics.mean(rss),
+        "apiserver_requests_per_min": total * 60 / elapsed,
+        "apiserver_requests_by_kind_per_min": {k: round(v * 60 / elapsed, 1) for k, v in sorted(per_kind.items())},
+        "operator_counters_in_window": own, "stub_progress_reads": stubs.reads,
+        "progress_staleness_p50_s": statistics.median(stale), "progress_staleness_p99_s": pct(stale, 0.99),
+        "progress_staleness_max_s": max(stale),
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--jobs", type=int, default=50)
-    ap.add_argument("--poll", type=float, default=0.2, help="seconds between Job listings (default 0.2)")
-    ap.add_argument("--timeout", type=float, default=300, help="give up waiting for workloads after this many seconds (default 300)")
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--jobs", type=int, default=500, help="burst size (default 500)")
+    ap.add_argument("--steady", type=int, default=0, help="running FineTuneJobs for the steady state (0: skip)")
+    ap.add_argument("--window", type=float, default=120, help="steady-state measuring window, seconds")
+    ap.add_argument("--poll-interval", type=float, default=10, help="the operator's --poll-interval (default 10)")
+    ap.add_argument("--timeout", type=float, default=600, help="give up waiting after this many seconds")
     ap.add_argument("--workdir", help="keep certificates, logs and the operator log here (default: a temporary dir)")
+    ap.add_argument("--profile", help="py-spy record the operator during the burst into this file (collapsed stacks; "
+                    "needs py-spy in the venv); the share of samples per function goes into the JSON")
     ap.add_argument("--out", help="also write the figures as JSON here")
     a = ap.parse_args(argv)
 
-    import signal
-
     from harness.cluster import Cluster
-    from kubetune.render.objects import LABEL_JOB
 
     def on_term(signum: int, frame: Any) -> None:
         raise SystemExit(f"signal {signum}")  # unwinds the with-blocks: the operator and control plane stop
 
     signal.signal(signal.SIGTERM, on_term)
-
     suite = suite_module()
     tmp = tempfile.TemporaryDirectory(prefix="kubetune-opbench-")
     work = Path(a.workdir) if a.workdir else Path(tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     ns = suite.NAMESPACES["many"]
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"jobs": a.jobs, "machine_cpus": os.cpu_count()}
     t0 = time.monotonic()
     with Cluster(work / "cluster") as cluster:
         kctl = suite.Kctl(cluster)
-        print(f"control plane up ({time.monotonic() - t0:.0f}s); installing CRD + chart RBAC", flush=True)
         kubeconfig = install(suite, cluster, kctl)
         suite.ensure_secret(kctl, FakeS3, ns)
-        op = suite.Operator(kubeconfig, work / "operator.log")
-        op.start()
-        setup_s = time.monotonic() - t0
-        print(f"operator healthy ({setup_s:.0f}s); applying {a.jobs} FineTuneJobs", flush=True)
-        rss_idle = op.rss_kib()
-        peak = [rss_idle]
-        stop = threading.Event()
-
-        def sample_rss() -> None:
-            while not stop.wait(0.1):
-                try:
-                    peak[0] = max(peak[0], op.rss_kib())
-                except (OSError, AssertionError):
-                    return
-
-        sampler = threading.Thread(target=sample_rss, daemon=True)
-        sampler.start()
+        api = cluster.api_client()
+        print(f"control plane up and installed ({time.monotonic() - t0:.0f}s)", flush=True)
+        bare = bare_burst(api, a.jobs, a.timeout)
+        print(f"bare client: {a.jobs} Jobs created in {bare['create_seconds']:.1f}s, deleted in {bare['delete_seconds']:.1f}s", flush=True)
+        plain = posts_without_operator(api, suite, ns, a.jobs)
+        result["finetunejobs_without_operator"] = plain
+        print(f"no operator: {a.jobs} FineTuneJob POSTs {plain['post_seconds']:.1f}s, DELETEs {plain['delete_seconds']:.1f}s", flush=True)
+        op = Operator(kubeconfig, work / "operator.log", list(suite.NAMESPACES.values()), a.poll_interval, {})
         try:
-            names = [f"scale-{i:04d}" for i in range(a.jobs)]
-            data = {"model": f"s3://{FakeS3.bucket}/data/tiny-llama", "train": f"s3://{FakeS3.bucket}/data/train.jsonl",
-                    "eval": f"s3://{FakeS3.bucket}/data/eval.jsonl"}  # fmt: skip
-            created: dict[str, float] = {}
-            seen: dict[str, float] = {}
-            path = f"/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs"
-
-            def poll_jobs() -> None:
-                while not stop.is_set() and len(seen) < len(names):
-                    items = cluster.admin.get(f"/apis/batch/v1/namespaces/{ns}/jobs").get("items", [])
-                    now = time.monotonic()
-                    for job in items:
-                        owner = (job["metadata"].get("labels") or {}).get(LABEL_JOB) or job["metadata"]["name"].rsplit("-r", 1)[0]
-                        if owner in created and owner not in seen:
-                            seen[owner] = now
-                    time.sleep(a.poll)
-
-            poller = threading.Thread(target=poll_jobs, daemon=True)
-            poller.start()
-            start = time.monotonic()
-            for name in names:
-                doc = suite.job_doc(name, FakeS3, data, steps=5, **{"runPolicy.suspend": True})
-                doc.setdefault("apiVersion", "kubetune.io/v1alpha1")
-                doc.setdefault("kind", "FineTuneJob")
-                cluster.admin.post(path, doc)
-                created[name] = time.monotonic()
-            applied_s = time.monotonic() - start
-            deadline = start + a.timeout
-            while len(seen) < len(names) and time.monotonic() < deadline:
-                if not op.healthy():
-                    raise RuntimeError("operator died:\n" + op.tail())
-                time.sleep(0.2)
-            all_s = time.monotonic() - start
-            missing = sorted(set(names) - set(seen))
-            latencies = [seen[n] - created[n] for n in names if n in seen]
-            rss_after = op.rss_kib()
-            # Then delete them all: until every FineTuneJob is gone (the operator's finalizer released).
-            start_delete = time.monotonic()
-            for name in names:
-                cluster.admin.delete(f"{path}/{name}")
-            while cluster.admin.get(path).get("items") and time.monotonic() < start_delete + a.timeout:
-                time.sleep(0.2)
-            delete_s = time.monotonic() - start_delete
-            left = len(cluster.admin.get(path).get("items") or [])
+            wait(op.healthy, 60, "operator liveness", 0.5)
+            result["operator_rss_idle_mib"] = op.rss_mib()
+            spy = None
+            if a.profile:
+                pyspy = str(Path(sys.executable).parent / "py-spy")
+                spy = subprocess.Popen([pyspy, "record", "--pid", str(op.proc.pid), "--output", a.profile, "--format", "raw",
+                                        "--threads", "--rate", "50", "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+                time.sleep(2)
+            burst = kubetune_burst(api, suite, ns, a.jobs, a.timeout)
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(60)
+                result["profile_top"] = profile_summary(Path(a.profile))
+            result["operator_rss_after_burst_mib"] = op.rss_mib()
+            result["bare"], result["kubetune"] = bare, burst
+            result["create_ratio"] = burst["create_seconds"] / bare["create_seconds"]
+            result["delete_ratio"] = burst["delete_seconds"] / bare["delete_seconds"]
+            print(f"kubetune: {burst['created']}/{a.jobs} workloads {burst['create_seconds']:.1f}s after the first POST "
+                  f"({result['create_ratio']:.2f}x bare); latency p50 {burst['latency_p50_s']:.2f}s p99 {burst['latency_p99_s']:.2f}s; "
+                  f"deleted in {burst['delete_seconds']:.1f}s ({result['delete_ratio']:.2f}x bare), children "
+                  f"{burst['delete_children_seconds']:.1f}s", flush=True)  # fmt: skip
+            if a.steady:
+                result["steady"] = steady_state(api, api, suite, op, ns, a.steady, a.window, a.poll_interval, a.timeout)
+                s = result["steady"]
+                print(f"steady state, {a.steady} running: RSS max {s['operator_rss_mib_max']:.0f} MiB; "
+                      f"{s['apiserver_requests_per_min']:.0f} API requests/min at the apiserver; progress staleness "
+                      f"p50 {s['progress_staleness_p50_s']:.1f}s p99 {s['progress_staleness_p99_s']:.1f}s "
+                      f"(interval {a.poll_interval:g}s)", flush=True)  # fmt: skip
+            result["operator_log_errors"] = len(op.errors())
         finally:
-            stop.set()
-            sampler.join(2)
-            errors = op.errors()
             op.stop()
-        if not latencies:
-            raise RuntimeError(f"no workload Job appeared in {a.timeout:.0f}s; operator log tail:\n{op.tail()}")
-        result = {
-            "jobs": a.jobs, "created_workloads": len(latencies), "missing": missing[:20],
-            "apply_seconds": applied_s, "all_workloads_seconds": all_s,
-            "latency_p50_s": statistics.median(latencies), "latency_p95_s": pct(latencies, 0.95), "latency_max_s": max(latencies),
-            "operator_rss_idle_mib": rss_idle / 1024, "operator_rss_peak_mib": peak[0] / 1024, "operator_rss_after_mib": rss_after / 1024,
-            "operator_log_errors": len(errors), "setup_seconds": setup_s, "poll_interval_s": a.poll,
-            "delete_all_seconds": delete_s, "not_deleted": left,
-        }  # fmt: skip
-    tmp.cleanup() if not a.workdir else None
-    print(f"{a.jobs} FineTuneJobs (suspended) in {ns}: {len(latencies)} workloads, all within {all_s:.1f}s (POSTs took {applied_s:.1f}s)")
-    print(f"latency to workload Job: p50 {result['latency_p50_s']:.2f}s  p95 {result['latency_p95_s']:.2f}s  max {result['latency_max_s']:.2f}s")
-    print(f"operator RSS: idle {result['operator_rss_idle_mib']:.0f} MiB, peak {result['operator_rss_peak_mib']:.0f} MiB, "
-          f"after {result['operator_rss_after_mib']:.0f} MiB; {len(errors)} error lines in its log")  # fmt: skip
-    print(f"deleting all {a.jobs}: every FineTuneJob gone after {delete_s:.1f}s" + (f" ({left} LEFT)" if left else ""))
-    if missing:
-        print(f"MISSING workloads: {len(missing)} (first: {missing[:5]})")
+    if a.workdir is None:
+        tmp.cleanup()
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -56,13 +56,15 @@ def grants(rules: list[dict]) -> set[tuple[str, str, str]]:
 
 
 NAMESPACED = (
-    {("kubetune.io", "finetunejobs", v) for v in ("list", "watch", "patch", "delete")}
+    {("kubetune.io", "finetunejobs", v) for v in ("list", "watch", "delete")}
     | {("kubetune.io", "finetunejobs/status", "patch")}
-    | {("batch", "jobs", v) for v in ("create", "get", "list", "patch", "delete")}
+    | {("batch", "jobs", v) for v in ("create", "list", "watch", "patch", "delete")}
     | {
         ("", "configmaps", "create"),
+        ("", "configmaps", "patch"),
         ("", "services", "create"),
         ("", "pods", "list"),
+        ("", "pods", "watch"),
         ("", "events", "create"),
     }
 )

@@ -12,6 +12,13 @@ if phase == nil then
   hs.message = "Waiting for the kubetune operator"
   return hs
 end
+-- An edit the operator has not acted on yet: the status still describes the previous spec.
+if obj.metadata ~= nil and obj.metadata.generation ~= nil and obj.status.observedGeneration ~= nil
+    and obj.status.observedGeneration < obj.metadata.generation then
+  hs.status = "Progressing"
+  hs.message = "Waiting for the kubetune operator to act on generation " .. obj.metadata.generation
+  return hs
+end
 if phase == "Succeeded" then
   hs.status = "Healthy"
 elseif phase == "Failed" then

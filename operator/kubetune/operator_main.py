@@ -1,4 +1,10 @@
-"""The Kopf handlers: the only module with @kopf decorators. Each is a thin call into kubetune.handlers."""
+"""The Kopf handlers: the only module with @kopf decorators. Each is a thin call into kubetune.handlers.
+
+Nothing here runs on a clock per object. Kopf watches FineTuneJobs and the Jobs and Pods that carry the
+kubetune.io/job-name label (filtered by the API server); each event updates the controller's Store and
+queues the FineTuneJob it concerns. No finalizer is added: children are owned (garbage-collected), and
+nothing has to happen before a FineTuneJob goes.
+"""
 
 from __future__ import annotations
 
@@ -8,64 +14,76 @@ from typing import Any
 import kopf
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
-from kubetune.handlers import kube, reconcile
+from kubetune.handlers import kube
+from kubetune.handlers.controller import Controller
 from kubetune.handlers.metrics import METRICS, serve
 from kubetune.handlers.settings import Settings
+from kubetune.render.objects import LABEL_JOB
 
-SETTINGS = Settings.from_env()  # read at import: the timer's interval is fixed at decoration time
 RESOURCE = (GROUP, VERSION, PLURAL)
+CHILD = {LABEL_JOB: kopf.PRESENT}
+_state: dict[str, Any] = {}
+
+
+def use(settings: Settings) -> Controller:
+    """Set what the handlers below run with (before `kopf.operator()` starts)."""
+    controller = Controller(settings)
+    _state["settings"], _state["controller"] = settings, controller
+    return controller
+
+
+def controller() -> Controller:
+    if "controller" not in _state:
+        use(Settings())
+    return _state["controller"]  # type: ignore[no-any-return]
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
+    ours: Settings = controller().settings
     kube.load_config()
-    # Progress and diff-base annotations under our own prefix; nothing written to spec.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kubetune.io", key="last-handled-configuration"
-    )
-    settings.posting.level = logging.INFO
-    settings.execution.max_workers = 8
+    kube.configure_limits(ours.api_qps, ours.api_burst)
+    settings.posting.enabled = False  # Events are ours (kube.post_event); Kopf would post one per handler log line
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # no "Handler 'pod_event' succeeded" per event
     settings.watching.server_timeout = 300
-    # Deleting a FineTuneJob waits for its status timer to stop before Kopf removes its finalizer.
-    # A timer caught mid-poll does not stop "instantly", and Kopf then looks again only after
-    # cancellation_polling (60 s by default): `kubectl delete ftj` took a minute. Look every second.
-    settings.background.instant_exit_timeout = 0.1
-    settings.background.cancellation_polling = 1.0
-    settings.peering.standalone = not SETTINGS.peering
-    if SETTINGS.namespaces and not any(c in ns for ns in SETTINGS.namespaces for c in "*?!["):
+    # Only our children come down the Job and Pod watches (a server-side label selector).
+    settings.watching.label_selectors["batch", "v1", "jobs"] = LABEL_JOB
+    settings.watching.label_selectors["", "v1", "pods"] = LABEL_JOB
+    settings.peering.standalone = not ours.peering
+    if ours.namespaces and not any(c in ns for ns in ours.namespaces for c in "*?!["):
         # Exact namespaces (the chart's watchNamespaces: a Role per namespace, no namespaces
         # list/watch): without this Kopf first tries to list namespaces, retries the 403 with
         # back-off for about a minute, and only then falls back to the given names.
         settings.scanning.disabled = True
-    logger.info("kubetune operator: image=%s poll=%ss", SETTINGS.trainer_image, SETTINGS.poll_interval)
-    if SETTINGS.metrics_port:
-        if serve(SETTINGS.metrics_port):
-            logger.info("metrics on :%d/metrics", SETTINGS.metrics_port)
+    if ours.metrics_port:
+        if serve(ours.metrics_port):
+            logger.info("metrics on :%d/metrics", ours.metrics_port)
         else:
-            logger.warning("metrics port %d is taken: no /metrics", SETTINGS.metrics_port)
+            logger.warning("metrics port %d is taken: no /metrics", ours.metrics_port)
+    await controller().start()
+    logger.info(
+        "kubetune operator: image=%s poll=%ss progress budget=%s/s workers=%d api qps=%s",
+        ours.trainer_image, ours.poll_interval, ours.progress_budget, ours.workers, ours.api_qps,
+    )  # fmt: skip
 
 
-@kopf.on.resume(*RESOURCE)
-@kopf.on.create(*RESOURCE)
-def create(body: kopf.Body, status: kopf.Status, logger: kopf.Logger, **_: Any) -> None:
-    with METRICS.reconciling("create"):
-        reconcile.on_create(body, dict(status), SETTINGS, logger)
-
-
-@kopf.timer(*RESOURCE, interval=SETTINGS.poll_interval, initial_delay=1.0, sharp=False)
-def poll(body: kopf.Body, status: kopf.Status, logger: kopf.Logger, **_: Any) -> None:
-    with METRICS.reconciling("poll"):
-        reconcile.on_timer(body, dict(status), SETTINGS, logger)
-
-
-@kopf.on.field(*RESOURCE, field="spec.runPolicy.suspend")
-def suspend(body: kopf.Body, new: Any, status: kopf.Status, logger: kopf.Logger, **_: Any) -> None:
-    with METRICS.reconciling("suspend"):
-        reconcile.on_suspend_change(body, new, dict(status), logger)
+@kopf.on.cleanup()
+async def stop(**_: Any) -> None:
+    await controller().stop()
 
 
 @kopf.on.event(*RESOURCE)
-def observe(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-    """Every watch event: jobs by phase, restarts, and the per-job training metrics (from status.progress)."""
-    METRICS.observe(event.get("type"), dict(body))
+async def finetunejob_event(type: str | None, event: kopf.RawEvent, **_: Any) -> None:
+    obj = dict(event["object"])
+    METRICS.observe(type, obj)  # jobs by phase, restarts, per-job training gauges (from status.progress)
+    controller().on_finetunejob(type, obj)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=CHILD)
+async def job_event(type: str | None, event: kopf.RawEvent, **_: Any) -> None:
+    controller().on_child("Job", type, dict(event["object"]))
+
+
+@kopf.on.event("", "v1", "pods", labels=CHILD)
+async def pod_event(type: str | None, event: kopf.RawEvent, **_: Any) -> None:
+    controller().on_child("Pod", type, dict(event["object"]))

@@ -32,7 +32,7 @@ from kubetune_trainer import checkpoint as ckpt
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import loss as loss_mod
 from kubetune_trainer import model as model_mod
-from kubetune_trainer import preflight
+from kubetune_trainer import preflight, watchdog
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.progress import ProgressState, serve
 from kubetune_trainer.storage import OutputStore, cache_root
@@ -207,7 +207,11 @@ class Trainer:
     # ------------------------------------------------------------------ resume
 
     def _resume(self) -> None:
-        steps = ckpt.complete_checkpoints(self.store)
+        store = self.store
+        steps = ckpt.complete_checkpoints(store)
+        if not steps and self.config.resume_from:  # a new run that continues the previous one
+            store = OutputStore(self.config.resume_from, self.spec.storage)
+            steps = ckpt.complete_checkpoints(store)
         if not steps:
             return
         step = steps[-1]
@@ -215,12 +219,13 @@ class Trainer:
         # The first process on each node fetches; the others wait at the barrier.
         if self.accelerator.is_local_main_process:
             shutil.rmtree(local, ignore_errors=True)
-            self.store.get_dir(ckpt.checkpoint_rel(step), local)
+            store.get_dir(ckpt.checkpoint_rel(step), local)
         self.accelerator.wait_for_everyone()
         self.accelerator.load_state(str(local / "accelerate"))
         saved = json.loads((local / "trainer_state.json").read_text())
         self.state = TrainState(**saved)
-        log(f"resumed from checkpoint step {step} (epoch {self.state.epoch}, batch {self.state.batches_in_epoch})")
+        origin = "" if store is self.store else f" of {store.uri}"
+        log(f"resumed from checkpoint step {step}{origin} (epoch {self.state.epoch}, batch {self.state.batches_in_epoch})")
 
     def _local_checkpoint_dir(self, step: int) -> Path:
         return cache_root() / "checkpoints" / (self.config.job.uid or self.config.job.name) / ckpt.checkpoint_rel(step)
@@ -245,6 +250,9 @@ class Trainer:
         preempted = stopped_early = stop = False
         debug_stop_at = int(os.environ.get(ENV_DEBUG_STOP_AT_STEP, "0"))  # tests: act as if SIGTERM came at this step
         self.model.train()
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        deadline = spec.run_policy.progress_deadline_seconds
+        dog = watchdog.Watchdog(deadline, watchdog.exit_stalled).start() if deadline else None
         while st.step < self.total_steps and not (preempted or stopped_early):
             self.train_loader.set_epoch(st.epoch)
             loader = acc.skip_first_batches(self.train_loader, st.batches_in_epoch) if st.batches_in_epoch else self.train_loader
@@ -279,6 +287,9 @@ class Trainer:
                     continue
                 self.scheduler.step()
                 st.step += 1
+                watchdog.debug_hang(st.step, rank)
+                if dog is not None:
+                    dog.beat(st.step)
                 if st.step % spec.training.logging_steps == 0 or st.step == self.total_steps:
                     stats = acc.reduce(torch.stack([window_loss / max(window_n, 1), window_tokens.float()]), "sum").tolist()
                     elapsed = time.time() - window_start
@@ -300,6 +311,8 @@ class Trainer:
                 st.batches_in_epoch = 0
                 if self.eval_loader is not None and not spec.training.eval_steps:
                     stopped_early = self._evaluate_and_check()
+        if dog is not None:
+            dog.stop()
         if preempted:
             log(f"SIGTERM: checkpoint written at step {st.step}; exiting for a restart")
             return ExitCode.PREEMPTED

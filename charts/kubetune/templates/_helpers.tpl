@@ -25,26 +25,30 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* Rules in each watched namespace: exactly the calls the operator makes (kubetune/handlers/kube.py + Kopf). */}}
 {{- define "kubetune.namespacedRules" -}}
-# FineTuneJobs: Kopf lists/watches them and patches its annotations; TTL clean-up deletes them.
+# FineTuneJobs: Kopf lists/watches them (no annotations, no finalizer); TTL clean-up deletes them.
 - apiGroups: [kubetune.io]
   resources: [finetunejobs]
-  verbs: [list, watch, patch, delete]
+  verbs: [list, watch, delete]
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/status]
   verbs: [patch]
-# The workload: created, read, suspended/resumed, deleted on gang restart.
+# The workload: created, watched (reconcile is driven by its changes), suspended/resumed, deleted on gang restart.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [create, get, list, patch, delete]
-# ConfigMap and headless Service: created once, deleted by owner references.
+  verbs: [create, list, watch, patch, delete]
+# ConfigMap and headless Service: created once, deleted by owner references; a new run (an edit after
+# the job finished) replaces the ConfigMap's trainer config.
 - apiGroups: [""]
-  resources: [configmaps, services]
+  resources: [configmaps]
+  verbs: [create, patch]
+- apiGroups: [""]
+  resources: [services]
   verbs: [create]
-# Pods: read for status, exit codes and rank 0's IP.
+# Pods: watched for status, exit codes and rank 0's IP.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list]
-# Events on FineTuneJobs (Kopf posts core/v1 events).
+  verbs: [list, watch]
+# Events on FineTuneJobs (the operator posts core/v1 Events).
 - apiGroups: [""]
   resources: [events]
   verbs: [create]

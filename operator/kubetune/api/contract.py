@@ -22,6 +22,7 @@ class ExitCode(IntEnum):
     # --- infrastructure errors: a restart from the last checkpoint may help.
     INFRASTRUCTURE = 75
     STORAGE_UNAVAILABLE = 76
+    STALLED = 77  # no optimizer step for runPolicy.progressDeadlineSeconds (the rank's own watchdog)
     # --- stopped by SIGTERM after writing a checkpoint (pod deleted, node drained, suspend).
     PREEMPTED = 143
 
@@ -44,6 +45,7 @@ REASONS: dict[int, str] = {
     ExitCode.LOSS_NOT_FINITE: "LossNotFinite",
     ExitCode.INFRASTRUCTURE: "InfrastructureError",
     ExitCode.STORAGE_UNAVAILABLE: "StorageUnavailable",
+    ExitCode.STALLED: "Stalled",
     ExitCode.PREEMPTED: "Preempted",
 }
 

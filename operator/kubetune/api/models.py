@@ -396,6 +396,8 @@ class OutputSpec(ApiModel):
     """Save a resumable checkpoint every N steps (and on SIGTERM)."""
     keep_checkpoints: int = Field(default=2, ge=1, le=100)
     """Complete checkpoints kept; older ones are deleted."""
+    resume_from: Literal["fresh", "previous"] = "fresh"
+    """An edit of what is trained after the job finished starts a new run, written under `<uri>/run-<n>/`: `fresh` trains from the model again, `previous` resumes from the previous run's newest checkpoint (weights, optimizer, step)."""
 
 
 class SecretKeyNames(ApiModel):
@@ -434,6 +436,8 @@ class RunPolicy(ApiModel):
     """Whole-gang restarts after a failed rank before the job is Failed."""
     active_deadline_seconds: int | None = Field(default=None, ge=1)
     """Wall-clock limit for the whole job; then it is Failed."""
+    progress_deadline_seconds: int | None = Field(default=None, ge=10)
+    """A rank that makes no optimizer step this long while training is Stalled: its Python stacks go to its log and `status.lastFailure`, and the gang restarts from the last checkpoint (counted against backoffLimit)."""
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
     """Delete the FineTuneJob this long after it succeeds or fails."""
     suspend: bool = False
@@ -684,6 +688,29 @@ class FailureInfo(ApiModel):
     """The trainer's termination message."""
 
 
+class RunRecord(ApiModel):
+    """A finished run: one trained spec generation, start to end."""
+
+    run: int = Field(ge=1)
+    """Run number (1 is the first)."""
+    generation: int | None = None
+    """The spec generation (metadata.generation) this run trained."""
+    start_time: str | None = None
+    """When its first gang started (RFC 3339)."""
+    completion_time: str | None = None
+    """When it succeeded or failed (RFC 3339)."""
+    outcome: Literal["Succeeded", "Failed"]
+    """How it ended."""
+    message: str | None = None
+    """The final status message."""
+    uri: str
+    """Where it wrote its checkpoints and artifacts."""
+    resumed_from: str | None = None
+    """The previous run's output it resumed from (spec.output.resumeFrom: previous)."""
+    artifacts: Artifacts | None = None
+    """Its results (when it succeeded)."""
+
+
 class FineTuneJobStatus(ApiModel):
     """Observed state, written by the operator."""
 
@@ -711,6 +738,18 @@ class FineTuneJobStatus(ApiModel):
     """The last failed rank: exit code, reason and message (from its termination message)."""
     workload: str | None = None
     """Name of the current batch/v1 Job."""
+    run: int = 1
+    """The current run: an edit of what is trained after the job finished starts run n+1."""
+    run_uri: str | None = None
+    """Where the current run writes (spec.output.uri for run 1, `<uri>/run-<n>/` after)."""
+    resumed_from: str | None = None
+    """The previous run's output the current run resumed from (spec.output.resumeFrom: previous)."""
+    trained_spec_hash: str | None = None
+    """Fingerprint of the current run's trained fields (model, dataset, method, lora, freeze, training, distributed, output): a finished job whose spec no longer matches it starts a new run."""
+    run_generation: int | None = None
+    """The spec generation the current run trains."""
+    runs: list[RunRecord] = Field(default_factory=list)
+    """Earlier runs, oldest first."""
 
 
 class ObjectMeta(BaseModel):

@@ -45,6 +45,9 @@ class TrainerConfig(ApiModel):
     """torchrun's rendezvous port on rank 0."""
     deepspeed: dict[str, Any] | None = None
     """DeepSpeed config (data generated from the spec) when the backend is deepspeed."""
+    resume_from: str | None = None
+    """Another run's output URI: when this run has no checkpoint of its own yet, start from that run's newest
+    complete checkpoint (a new run after an edit, with spec.output.resumeFrom: previous)."""
 
     def dump_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(by_alias=True, mode="json", exclude_none=True), sort_keys=False)

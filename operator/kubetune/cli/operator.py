@@ -1,13 +1,14 @@
 """`kubetune operator`: run the operator (Kopf) against the current cluster.
 
-Flags override the KUBETUNE_* environment (see kubetune.handlers.settings).
+Flags override the KUBETUNE_* environment (see kubetune.handlers.settings); they are handed to the
+operator as a Settings object, not through the environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("-n", "--namespace", action="append", default=[], help="namespace to watch (repeatable)")
     where.add_argument("-A", "--all-namespaces", action="store_true", help="watch all namespaces (default without -n)")
     parser.add_argument("--trainer-image", help="default trainer image (KUBETUNE_TRAINER_IMAGE)")
-    parser.add_argument("--poll-interval", type=float, help="seconds between status reads (KUBETUNE_POLL_INTERVAL)")
+    parser.add_argument("--poll-interval", type=float, help="seconds between progress reads of a running job (KUBETUNE_POLL_INTERVAL)")
     parser.add_argument("--log-format", choices=["text", "json"], help="log format (KUBETUNE_LOG_FORMAT)")
     parser.add_argument("--peering", action="store_true", help="enable Kopf peering (several replicas)")
     parser.add_argument("--liveness", help="liveness endpoint URL (KUBETUNE_LIVENESS), e.g. http://0.0.0.0:8080/healthz")
@@ -23,27 +24,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-def run(args: argparse.Namespace) -> int:
-    env = {
-        "KUBETUNE_NAMESPACES": ",".join(args.namespace) if args.namespace else None,
-        "KUBETUNE_TRAINER_IMAGE": args.trainer_image,
-        "KUBETUNE_POLL_INTERVAL": str(args.poll_interval) if args.poll_interval else None,
-        "KUBETUNE_LOG_FORMAT": args.log_format,
-        "KUBETUNE_PEERING": "true" if args.peering else None,
-        "KUBETUNE_LIVENESS": args.liveness,
-        "KUBETUNE_METRICS_PORT": str(args.metrics_port) if args.metrics_port is not None else None,
+def settings_from(args: argparse.Namespace) -> Any:
+    """Settings: the environment, overridden by the flags that were given."""
+    from kubetune.handlers.settings import Settings
+
+    given: dict[str, Any] = {
+        "namespaces": args.namespace or None,
+        "trainer_image": args.trainer_image,
+        "poll_interval": args.poll_interval,
+        "log_format": args.log_format,
+        "peering": True if args.peering else None,
+        "liveness": args.liveness,
+        "metrics_port": args.metrics_port,
     }
     if args.all_namespaces:
-        env["KUBETUNE_NAMESPACES"] = ""
-    for key, value in env.items():
-        if value is not None:
-            os.environ[key] = value
+        given["namespaces"] = []
+    return Settings(**{k: v for k, v in given.items() if v is not None})
 
+
+def run(args: argparse.Namespace) -> int:
     import kopf
+    from pydantic import ValidationError
 
-    from kubetune import operator_main  # registers the handlers with the settings above
+    from kubetune import operator_main  # registers the handlers
 
-    settings = operator_main.SETTINGS
+    try:
+        settings = settings_from(args)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        print(f"kubetune operator: KUBETUNE_{field.upper()} (--{field.replace('_', '-')}): {err['msg']}; fix the flag or variable")
+        return 2
+    operator_main.use(settings)
     kopf.configure(
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL,

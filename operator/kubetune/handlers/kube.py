@@ -1,22 +1,32 @@
-"""The operator's only I/O with the Kubernetes API (and rank 0's progress endpoint).
+"""The operator's only writes (and few reads) to the Kubernetes API.
 
-Thin wrappers over the official client that speak plain dicts, treat 404 as
-"absent" and 409 on create as "already there" (so a restarted operator never
-duplicates a workload).
+Thin wrappers over the official client that speak plain dicts, treat 404 as "absent" and 409 on
+create as "already there" (so a restarted operator never duplicates a workload). Every call goes
+through one shared connection pool, a token bucket (bounded QPS, like client-go's) and a retry
+with exponential back-off on 429 and 5xx (honouring Retry-After). Reads of Jobs and Pods come from
+the watch cache (`kubetune.handlers.store`), not from here.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import random
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any, TypeVar
 
 import kopf
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.handlers.metrics import counting_client
-from kubetune.render.objects import LABEL_JOB, LABEL_RESTART
+
+T = TypeVar("T")
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 def load_config() -> None:
@@ -25,14 +35,16 @@ def load_config() -> None:
     except config.ConfigException:
         config.load_kube_config()
     _bearer_token_compat()
+    global _CLIENT  # noqa: PLW0603 - one pool for the process, rebuilt when the config is reloaded
+    with _CLIENT_LOCK:
+        _CLIENT = None
 
 
 def _bearer_token_compat() -> None:
     """kubernetes-client 36 reads the token from `api_key["BearerToken"]`, but its own config
     loaders (kube config and in-cluster) still store it under `api_key["authorization"]`: every
     call went out anonymous (403 for `system:anonymous`), found by the e2e suite running the
-    operator under a ServiceAccount token. Mirror the key, also after each token refresh.
-    Called before each API object is made: Kopf's login handler reloads the default config."""
+    operator under a ServiceAccount token. Mirror the key, also after each token refresh."""
     cfg = client.Configuration.get_default_copy()
     token = cfg.api_key.get("authorization")
     if not token or "BearerToken" in cfg.api_key:
@@ -50,109 +62,237 @@ def _bearer_token_compat() -> None:
     client.Configuration.set_default(cfg)
 
 
+# ------------------------------------------------------------------ rate limit and retry
+
+
+class TokenBucket:
+    """`qps` requests per second on average, `burst` at once; `acquire()` blocks until a token is free."""
+
+    def __init__(
+        self, qps: float, burst: int, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
+        self.qps, self.burst = qps, burst
+        self._clock, self._sleep = clock, sleep
+        self._tokens = float(burst)
+        self._at = clock()
+        self._lock = threading.Lock()
+
+    def reserve(self) -> float:
+        """Take a token; the seconds to wait before using it (0 when one was free)."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.qps)
+            self._at = now
+            self._tokens -= 1.0
+            return 0.0 if self._tokens >= 0 else -self._tokens / self.qps
+
+    def acquire(self) -> float:
+        wait = self.reserve()
+        if wait > 0:
+            self._sleep(wait)
+        return wait
+
+
+def backoff(attempt: int, base: float = 0.25, cap: float = 8.0) -> float:
+    """Exponential back-off with full jitter for the n-th retry (0-based)."""
+    return random.uniform(0, min(cap, base * (2**attempt)))  # noqa: S311 - jitter, not crypto
+
+
+def retry_after(exc: ApiException) -> float | None:
+    value = (exc.headers or {}).get("Retry-After") if exc.headers else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+_LIMITER = TokenBucket(qps=100.0, burst=500)
+ATTEMPTS = 5
+_COUNT_LOCK = threading.Lock()
+calls = 0
+"""API requests made by this process (read by the operator's own log line and the tests)."""
+
+
+def configure_limits(qps: float, burst: int) -> None:
+    global _LIMITER  # noqa: PLW0603
+    _LIMITER = TokenBucket(qps=qps, burst=burst)
+
+
+def call(fn: Callable[..., T], *args: Any, attempts: int = ATTEMPTS, sleep: Callable[[float], None] = time.sleep, **kw: Any) -> T:
+    """`fn(*args, **kw)` under the QPS limit, retried on 429, 5xx and connection errors with back-off."""
+    global calls  # noqa: PLW0603
+    for attempt in range(attempts):
+        _LIMITER.acquire()
+        with _COUNT_LOCK:
+            calls += 1
+        try:
+            return fn(*args, **kw)
+        except ApiException as exc:
+            if exc.status not in RETRY_STATUSES or attempt == attempts - 1:
+                raise
+            sleep(retry_after(exc) or backoff(attempt))
+        except urllib3.exceptions.HTTPError:
+            if attempt == attempts - 1:
+                raise
+            sleep(backoff(attempt))
+    raise AssertionError("unreachable")
+
+
+_CLIENT: client.ApiClient | None = None
+_CLIENT_LOCK = threading.Lock()
+
+
+def api_client() -> client.ApiClient:
+    """One ApiClient (one connection pool) for every call: a new client per call opened a new TLS connection."""
+    global _CLIENT  # noqa: PLW0603
+    with _CLIENT_LOCK:
+        if _CLIENT is None:
+            _bearer_token_compat()
+            cfg = client.Configuration.get_default_copy()
+            cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, 64)
+            client.Configuration.set_default(cfg)
+            _CLIENT = counting_client()  # every request counted in kubetune_api_requests_total
+        return _CLIENT
+
+
 def _api(cls: Any) -> Any:
-    _bearer_token_compat()
-    return cls(counting_client())  # every request counted in kubetune_api_requests_total
+    return cls(api_client())
 
 
 def _data(resp: Any) -> dict[str, Any]:
     return json.loads(resp.data)  # type: ignore[no-any-return]
 
 
-def _temporary(exc: ApiException, what: str) -> kopf.TemporaryError:
-    return kopf.TemporaryError(f"{what}: {exc.status} {exc.reason}", delay=10)
+def _temporary(exc: Exception, what: str) -> kopf.TemporaryError:
+    if isinstance(exc, ApiException):
+        return kopf.TemporaryError(f"{what}: {exc.status} {exc.reason}", delay=10)
+    return kopf.TemporaryError(f"{what}: {exc}", delay=10)
 
 
-def create_if_absent(obj: dict[str, Any]) -> bool:
-    """Create `obj`; False when it already existed. Refused objects are permanent errors."""
+# ------------------------------------------------------------------ calls
+
+
+def create_if_absent(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """Create `obj`; the created object, or None when it already existed. Refused objects are permanent errors."""
     ns = obj["metadata"]["namespace"]
     kind = obj["kind"]
+    if kind == "ConfigMap":
+        fn = _api(client.CoreV1Api).create_namespaced_config_map
+    elif kind == "Service":
+        fn = _api(client.CoreV1Api).create_namespaced_service
+    elif kind == "Job":
+        fn = _api(client.BatchV1Api).create_namespaced_job
+    else:
+        raise ValueError(kind)
     try:
-        if kind == "ConfigMap":
-            _api(client.CoreV1Api).create_namespaced_config_map(ns, obj)
-        elif kind == "Service":
-            _api(client.CoreV1Api).create_namespaced_service(ns, obj)
-        elif kind == "Job":
-            _api(client.BatchV1Api).create_namespaced_job(ns, obj)
-        else:
-            raise ValueError(kind)
+        return _data(call(fn, ns, obj, _preload_content=False))
     except ApiException as exc:
         if exc.status == 409:
-            return False
+            return None
         if exc.status in (400, 422):
             raise kopf.PermanentError(f"{kind} {obj['metadata']['name']} refused by the API server: {exc.body}") from exc
         raise _temporary(exc, f"create {kind} {obj['metadata']['name']}") from exc
-    return True
+    except urllib3.exceptions.HTTPError as exc:
+        raise _temporary(exc, f"create {kind} {obj['metadata']['name']}") from exc
 
 
-def get_job(namespace: str, name: str) -> dict[str, Any] | None:
+def delete_job(namespace: str, name: str, propagation: str = "Foreground") -> dict[str, Any] | None:
+    """Delete a workload Job and (Foreground) its pods before the Job itself goes; the Job as the
+    delete left it (with its deletionTimestamp while the pods go), or None when it is gone."""
     try:
-        return _data(_api(client.BatchV1Api).read_namespaced_job(name, namespace, _preload_content=False))
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise _temporary(exc, f"read Job {name}") from exc
-
-
-def _list_of(ftj: str, namespace: str, list_call: Any, what: str) -> list[dict[str, Any]]:
-    """The objects of one FineTuneJob (by its label), as plain dicts."""
-    try:
-        resp = list_call(namespace, label_selector=f"{LABEL_JOB}={ftj}", _preload_content=False)
-    except ApiException as exc:
-        raise _temporary(exc, f"list {what}") from exc
-    return list(_data(resp).get("items") or [])
-
-
-def list_jobs(namespace: str, ftj: str) -> list[dict[str, Any]]:
-    return _list_of(ftj, namespace, _api(client.BatchV1Api).list_namespaced_job, "Jobs")
-
-
-def list_pods(namespace: str, ftj: str) -> list[dict[str, Any]]:
-    return _list_of(ftj, namespace, _api(client.CoreV1Api).list_namespaced_pod, "Pods")
-
-
-def generation_of(obj: dict[str, Any]) -> str:
-    return ((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_RESTART, "")
-
-
-def delete_job(namespace: str, name: str, propagation: str = "Foreground") -> None:
-    """Delete a workload Job and (Foreground) its pods before the Job itself goes."""
-    try:
-        _api(client.BatchV1Api).delete_namespaced_job(
-            name, namespace, body=client.V1DeleteOptions(propagation_policy=propagation)
+        resp = call(
+            _api(client.BatchV1Api).delete_namespaced_job,
+            name,
+            namespace,
+            body=client.V1DeleteOptions(propagation_policy=propagation),
+            _preload_content=False,
         )
     except ApiException as exc:
         if exc.status != 404:
             raise _temporary(exc, f"delete Job {name}") from exc
+        return None
+    except urllib3.exceptions.HTTPError as exc:
+        raise _temporary(exc, f"delete Job {name}") from exc
+    obj = _data(resp)
+    return obj if obj.get("kind") == "Job" and (obj.get("metadata") or {}).get("deletionTimestamp") else None
 
 
-def set_job_suspend(namespace: str, name: str, suspend: bool) -> bool:
-    """Patch the workload Job's spec.suspend; False when there is no such Job yet."""
+def patch_config_map(namespace: str, name: str, patch: dict[str, Any]) -> None:
     try:
-        _api(client.BatchV1Api).patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+        call(_api(client.CoreV1Api).patch_namespaced_config_map, name, namespace, patch, _preload_content=False)
+    except (ApiException, urllib3.exceptions.HTTPError) as exc:
+        raise _temporary(exc, f"patch ConfigMap {name}") from exc
+
+
+def patch_job(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+    """Merge-patch the workload Job; the patched Job, or None when there is no such Job."""
+    try:
+        return _data(call(_api(client.BatchV1Api).patch_namespaced_job, name, namespace, patch, _preload_content=False))
     except ApiException as exc:
         if exc.status == 404:
-            return False
+            return None
         raise _temporary(exc, f"patch Job {name}") from exc
-    return True
+    except urllib3.exceptions.HTTPError as exc:
+        raise _temporary(exc, f"patch Job {name}") from exc
 
 
-def patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
+def patch_status(namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+    """Merge-patch the FineTuneJob's status; the object as written, or None when it is gone."""
     try:
-        _api(client.CustomObjectsApi).patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": status}
-        )
+        resp = call(
+            _api(client.CustomObjectsApi).patch_namespaced_custom_object_status,
+            GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _preload_content=False,
+        )  # fmt: skip
+        return _data(resp)
     except ApiException as exc:
         if exc.status == 404:
-            return  # deleted meanwhile
+            return None  # deleted meanwhile
+        raise _temporary(exc, f"patch status of {name}") from exc
+    except urllib3.exceptions.HTTPError as exc:
         raise _temporary(exc, f"patch status of {name}") from exc
 
 
 def delete_finetunejob(namespace: str, name: str) -> None:
     try:
-        _api(client.CustomObjectsApi).delete_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name, body=client.V1DeleteOptions(propagation_policy="Background")
-        )
+        call(
+            _api(client.CustomObjectsApi).delete_namespaced_custom_object,
+            GROUP, VERSION, namespace, PLURAL, name,
+            body=client.V1DeleteOptions(propagation_policy="Background"), _preload_content=False,
+        )  # fmt: skip
     except ApiException as exc:
         if exc.status != 404:
             raise _temporary(exc, f"delete FineTuneJob {name}") from exc
+    except urllib3.exceptions.HTTPError as exc:
+        raise _temporary(exc, f"delete FineTuneJob {name}") from exc
+
+
+def post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    """A core/v1 Event on the FineTuneJob (what `kubectl describe` shows). Best effort: never raises."""
+    meta = body["metadata"]
+    now = datetime.now(timezone.utc)
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"),
+            "kind": body.get("kind", "FineTuneJob"),
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"),
+        },
+        "type": type_,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": "kubetune"},
+        "reportingComponent": "kubetune",
+        "firstTimestamp": now.isoformat(),
+        "lastTimestamp": now.isoformat(),
+        "count": 1,
+    }
+    try:
+        call(_api(client.CoreV1Api).create_namespaced_event, meta["namespace"], event, _preload_content=False, attempts=3)
+    except (ApiException, urllib3.exceptions.HTTPError):
+        pass
+

@@ -1,28 +1,186 @@
-"""What each handler does, as plain functions over the API wrappers in `kube` (no decorators here)."""
+"""Reconcile one FineTuneJob: read what the watches saw (the Store), decide (pure `derive`), write the
+status only when it changed, record the Event, then act. Runs in a worker thread; no decorators here.
+
+`reconcile()` returns when to look again (seconds) for what no watch event announces: a deadline,
+a TTL, a trainer that never answers; None when only a change should wake it.
+"""
 
 from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 import kopf
+import yaml
 
-from kubetune.api.models import FineTuneJobSpec
+from kubetune.api.models import FineTuneJobSpec, Progress
+from kubetune.api.trainer_config import TrainerConfig
 from kubetune.api.validation import SpecInvalid, parse_spec
 from kubetune.handlers import kube
 from kubetune.handlers.metrics import METRICS
 from kubetune.handlers.settings import Settings
-from kubetune.render.objects import COMPLETION_INDEX, render_all, render_workload, workload_name
-from kubetune.status.derive import TERMINAL, Decision, Observed, derive, iso, refused_status, ttl_expired
-from kubetune.status.progress import fetch_progress, to_progress
+from kubetune.handlers.store import Key, Store
+from kubetune.render.objects import LABEL_RESTART, render_all, workload_name
+from kubetune.status import runs
+from kubetune.status.derive import (
+    PROGRESS_GRACE_SECONDS,
+    TERMINAL,
+    Decision,
+    Observed,
+    _parse_time,
+    derive,
+    refused_status,
+    ttl_expired,
+)
+
+log = logging.getLogger("kubetune.reconcile")
+SUSPEND_APPLIED = "kubetune.io/suspend"
+"""Annotation on the workload Job: the spec.runPolicy.suspend the operator last applied to it. The
+operator changes the Job's suspend only when the spec's value differs from it, so a queue (Kueue)
+that suspends or unsuspends the Job itself is never fought."""
+
+
+STALE_RECHECK_SECONDS = 30.0
+JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
 
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def accept(body: kopf.Body, status: dict[str, Any], logger: logging.Logger | Any) -> FineTuneJobSpec | None:
+# ------------------------------------------------------------------ pure parts
+
+
+def observe(
+    name: str, restarts: int, jobs: list[dict[str, Any]], pods: list[dict[str, Any]], progress: tuple[str, Progress] | None
+) -> Observed:
+    """The current gang's Job and pods, how many older objects remain, and rank 0's progress if it is
+    this gang's (a read from the previous gang's rank 0 is not shown)."""
+    current = workload_name(name, restarts)
+    gen = str(restarts)
+    job = next((j for j in jobs if j["metadata"]["name"] == current and not j["metadata"].get("deletionTimestamp")), None)
+    uid = (job or {}).get("metadata", {}).get("uid")
+
+    def of_current_job(p: dict[str, Any]) -> bool:
+        labels = p["metadata"].get("labels") or {}
+        owner = labels.get(JOB_UID_LABEL)  # the Job controller's label: tells two Jobs of the same name apart
+        return job is not None and (owner == uid if owner else labels.get(LABEL_RESTART) == gen)
+
+    mine = [p for p in pods if of_current_job(p)]
+    stale = sum(1 for j in jobs if j["metadata"]["name"] != current) + len(pods) - len(mine)
+    if job is None and any(j["metadata"]["name"] == current for j in jobs):
+        stale += 1  # the current one is being deleted
+    shown = None
+    if progress is not None and any(p["metadata"]["name"] == progress[0] for p in mine):
+        shown = progress[1]
+    return Observed(job=job, pods=mine, stale=stale, progress=shown)
+
+
+def wake_after(spec: FineTuneJobSpec, status: dict[str, Any], observed: Observed, at: datetime, poll: float) -> float | None:
+    """Seconds until something changes that no watch event reports; None if nothing will."""
+    phase = status.get("phase")
+    waits: list[float] = []
+    if phase in TERMINAL:
+        ttl, done = spec.run_policy.ttl_seconds_after_finished, _parse_time(status.get("completionTime"))
+        if ttl is not None and done is not None:
+            waits.append(ttl - (at - done).total_seconds())
+        return max(0.5, min(waits)) if waits else None
+    deadline, start = spec.run_policy.active_deadline_seconds, _parse_time(status.get("startTime"))
+    if deadline and start is not None:
+        waits.append(deadline - (at - start).total_seconds() + 0.5)
+    if phase == "Initializing" and observed.progress is None:
+        waits.append(min(poll, PROGRESS_GRACE_SECONDS))  # the grace for a trainer that never answers
+    if observed.stale:
+        waits.append(STALE_RECHECK_SECONDS)  # the watch reports the old gang gone; this only guards a lost event
+    return max(0.5, min(waits)) if waits else None
+
+
+def status_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return {k: v for k, v in old.items() if k != "kopf"} != {k: v for k, v in new.items() if k != "kopf"}
+
+
+# ------------------------------------------------------------------ the loop body
+
+
+def reconcile(key: Key, store: Store, settings: Settings) -> float | None:
+    body = store.ftj(key)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None
+    meta = body["metadata"]
+    ns, name = key
+    status = dict(body.get("status") or {})
+    if status.get("phase") in TERMINAL:
+        return finished(key, body, status, store, settings)
+    spec = accept(body, status, store)
+    if spec is None:
+        return None
+    if not status.get("trainedSpecHash"):  # the first pass of a run: remember what it trains
+        status = {**status, "trainedSpecHash": runs.trained_hash(spec), "runGeneration": meta.get("generation"),
+                  "runUri": runs.run_uri(spec.output.uri, int(status.get("run") or 1))}  # fmt: skip
+    spec = runs.for_run(spec, status)
+    restarts = int(status.get("restarts") or 0)
+    jobs, pods = store.children(key)
+    seen = store.seen_progress(key)
+    observed = observe(name, restarts, jobs, pods, (seen.pod, seen.progress) if seen else None)
+    at = now()
+    decision = derive(spec, name, meta.get("generation"), status, observed, at)
+    if decision.action == "create":
+        # Creating is idempotent, so it goes first here: the status then describes the Job just created
+        # (one status write and one Event for a new job instead of Pending, then Suspended or Initializing).
+        act(body, spec, decision, observed, store, settings)
+        jobs, pods = store.children(key)
+        observed = observe(name, restarts, jobs, pods, None)
+        decision = derive(spec, name, meta.get("generation"), status, observed, at)
+        decision = Decision(status=decision.status, event=decision.event)  # created already
+    publish(body, dict(body.get("status") or {}), decision, store)  # status and Event first, then the action
+    act(body, spec, decision, observed, store, settings)
+    return wake_after(spec, decision.status, observed, at, settings.poll_interval)
+
+
+def finished(key: Key, body: dict[str, Any], status: dict[str, Any], store: Store, settings: Settings) -> float | None:
+    """A finished job: start a new run when its trained fields were edited, keep observedGeneration
+    truthful, and delete it when its TTL has passed."""
+    meta = body["metadata"]
+    generation = meta.get("generation")
+    if status.get("observedGeneration") != generation:
+        spec = accept(body, status, store)
+        if spec is None:
+            return None
+        if runs.needs_new_run(spec, status):
+            return new_run(key, body, spec, status, store)
+        if status.get("trainedSpecHash"):  # the edit changed nothing trained: the status still describes it
+            publish(body, status, Decision(status={**status, "observedGeneration": generation}), store)
+    try:
+        spec = FineTuneJobSpec.model_validate(dict(body["spec"]))
+    except ValueError:
+        return None
+    at = now()
+    if ttl_expired(spec, status, at):
+        log.info("%s/%s: ttlSecondsAfterFinished passed: deleting", meta["namespace"], meta["name"])
+        kube.delete_finetunejob(meta["namespace"], meta["name"])
+        return None
+    return wake_after(spec, status, Observed(job=None), at, 0)
+
+
+def new_run(key: Key, body: dict[str, Any], spec: FineTuneJobSpec, status: dict[str, Any], store: Store) -> float | None:
+    """Close the finished run, remove its gang (the next run reuses the workload names), start run n+1."""
+    meta = body["metadata"]
+    new_status, event = runs.start_new_run(spec, meta.get("generation"), status, now())
+    jobs, _ = store.children(key)
+    for job in jobs:  # the new gang waits until the watch shows these Jobs and their pods gone
+        left = kube.delete_job(meta["namespace"], job["metadata"]["name"], propagation="Background")
+        if left is not None:
+            store.put_child("Job", left)
+        else:
+            store.drop_child("Job", job)
+    store.progress.pop(key, None)
+    publish(body, status, Decision(status=new_status, event=event), store)
+    log.info("%s/%s: %s", meta["namespace"], meta["name"], event[2])
+    return None
+
+
+def accept(body: dict[str, Any], status: dict[str, Any], store: Store) -> FineTuneJobSpec | None:
     """The typed spec, or None after marking a refused spec Failed (status, then an Event)."""
     meta = body["metadata"]
     try:
@@ -30,137 +188,95 @@ def accept(body: kopf.Body, status: dict[str, Any], logger: logging.Logger | Any
     except SpecInvalid as exc:
         if status.get("phase") != "Failed":
             problems = [str(p) for p in exc.problems]
-            kube.patch_status(meta["namespace"], meta["name"], refused_status(dict(status), problems, meta.get("generation"), now()))
-            kopf.warn(body, reason="SpecInvalid", message="; ".join(problems))
-            logger.warning("refused: %s", "; ".join(problems))
+            written = kube.patch_status(meta["namespace"], meta["name"], refused_status(status, problems, meta.get("generation"), now()))
+            if written is not None:
+                store.put_ftj(written)
+            kube.post_event(body, "Warning", "SpecInvalid", "; ".join(problems))
+            log.warning("%s/%s refused: %s", meta["namespace"], meta["name"], "; ".join(problems))
         return None
 
 
-def ensure_children(body: kopf.Body, spec: FineTuneJobSpec, restarts: int, settings: Settings) -> list[str]:
-    """Create-if-absent the ConfigMap, Service and current workload Job, owned by the FineTuneJob."""
+def publish(body: dict[str, Any], old: dict[str, Any], decision: Decision, store: Store) -> None:
+    """Write the decided status if it differs from what is there, then record its Event."""
+    meta = body["metadata"]
+    if status_changed(old, decision.status):
+        written = kube.patch_status(meta["namespace"], meta["name"], decision.status)
+        if written is not None:
+            store.put_ftj(written)  # the next pass starts from this, even before the watch echoes it
+    if decision.event:
+        kube.post_event(body, *decision.event)
+
+
+def ensure_children(body: dict[str, Any], spec: FineTuneJobSpec, restarts: int, store: Store, settings: Settings) -> list[str]:
+    """Create-if-absent the workload Job first (what a queue admits and a user waits for), then its
+    ConfigMap and Service, all owned by the FineTuneJob."""
     meta = body["metadata"]
     objs = render_all(
         spec, meta["name"], meta["namespace"], meta.get("uid", ""), restarts, dict(meta.get("labels") or {}), settings.trainer_image
     )
+    objs.sort(key=lambda o: o["kind"] != "Job")
+    status = body.get("status") or {}
+    later_run = int(status.get("run") or 1) > 1
     created = []
     for obj in objs:
-        kopf.adopt(obj, owner=body)
-        if kube.create_if_absent(obj):
+        kopf.adopt(obj, owner=cast(kopf.Body, body))  # owner reference, namespace, the owner's labels
+        if obj["kind"] == "Job":
+            obj["metadata"].setdefault("annotations", {})[SUSPEND_APPLIED] = str(spec.run_policy.suspend).lower()
+        if obj["kind"] == "ConfigMap" and status.get("resumedFrom"):
+            obj["data"] = {k: with_resume_from(v, status["resumedFrom"]) for k, v in obj["data"].items()}
+        done = kube.create_if_absent(obj)
+        if done is not None:
             created.append(f"{obj['kind']} {obj['metadata']['name']}")
-            if obj["kind"] == "Job" and restarts == 0:
-                METRICS.workload_created(dict(meta))
+            if obj["kind"] == "Job":
+                store.put_child("Job", done)
+                if restarts == 0:
+                    METRICS.workload_created(dict(meta))
+        elif obj["kind"] == "ConfigMap" and later_run:  # the previous run's config: this run's replaces it
+            kube.patch_config_map(meta["namespace"], obj["metadata"]["name"], {"data": obj["data"]})
     return created
 
 
-def on_create(body: kopf.Body, status: dict[str, Any], settings: Settings, logger: Any) -> None:
-    if status.get("phase") in TERMINAL:
-        return
-    spec = accept(body, status, logger)
-    if spec is None:
-        return
-    restarts = int(status.get("restarts") or 0)
-    created = ensure_children(body, spec, restarts, settings)
-    if created:
-        logger.info("created %s", ", ".join(created))
-    if not status.get("phase"):
-        meta = body["metadata"]
-        publish(body, derive(spec, meta["name"], meta.get("generation"), dict(status), Observed(job=None), now()))
+def with_resume_from(config_yaml: str, uri: str) -> str:
+    config = TrainerConfig.model_validate(yaml.safe_load(config_yaml))
+    return config.model_copy(update={"resume_from": uri}).dump_yaml()
 
 
-def publish(body: kopf.Body, decision: Decision) -> None:
-    """Write the decided status, then record its Event (status first: the Event describes it)."""
-    meta = body["metadata"]
-    kube.patch_status(meta["namespace"], meta["name"], decision.status)
-    if decision.event:
-        kopf.event(body, type=decision.event[0], reason=decision.event[1], message=decision.event[2])
-
-
-def observe(namespace: str, name: str, restarts: int, settings: Settings) -> Observed:
-    current = workload_name(name, restarts)
-    gen = str(restarts)
-    jobs = kube.list_jobs(namespace, name)
-    job = next((j for j in jobs if j["metadata"]["name"] == current and not j["metadata"].get("deletionTimestamp")), None)
-    pods = kube.list_pods(namespace, name)
-    mine = [p for p in pods if kube.generation_of(p) == gen]
-    stale = sum(1 for j in jobs if j["metadata"]["name"] != current) + sum(1 for p in pods if kube.generation_of(p) != gen)
-    if job is None and any(j["metadata"]["name"] == current for j in jobs):
-        stale += 1  # the current one is being deleted
-    progress = None
-    rank0 = next(
-        (
-            p
-            for p in mine
-            if (p["metadata"].get("annotations") or {}).get(COMPLETION_INDEX) == "0"
-            and (p.get("status") or {}).get("phase") == "Running"
-            and (p.get("status") or {}).get("podIP")
-        ),
-        None,
-    )
-    if rank0 is not None:
-        data = fetch_progress(rank0["status"]["podIP"], timeout=settings.progress_timeout)
-        if data is not None:
-            progress = to_progress(data, iso(now()))
-    return Observed(job=job, pods=mine, stale=stale, progress=progress)
-
-
-def act(body: kopf.Body, spec: FineTuneJobSpec, decision: Decision, settings: Settings, logger: Any) -> None:
+def act(body: dict[str, Any], spec: FineTuneJobSpec, decision: Decision, observed: Observed, store: Store, settings: Settings) -> None:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     restarts = int(decision.status.get("restarts") or 0)
     if decision.action == "create":
-        created = ensure_children(body, spec, restarts, settings)
+        created = ensure_children(body, spec, restarts, store, settings)
         if created:
-            logger.info("created %s", ", ".join(created))
+            log.info("%s/%s: created %s", ns, name, ", ".join(created))
     elif decision.action == "restart":
         old = workload_name(name, restarts - 1)
-        logger.warning("gang restart %d: deleting %s", restarts, old)
-        kube.delete_job(ns, old, propagation="Foreground")
+        log.warning("%s/%s: gang restart %d: deleting %s", ns, name, restarts, old)
+        # Background: the Job goes at once and the garbage collector removes its pods; the next gang is
+        # created when the watch shows the last old pod gone. (Foreground kept the Job until its pods were
+        # gone, and a Job controller stuck on its status update could hold it there for good.)
+        left = kube.delete_job(ns, old, propagation="Background")
+        if left is not None:
+            store.put_child("Job", left)
     elif decision.action == "stop":
-        job = kube.get_job(ns, workload_name(name, restarts))
+        job = observed.job
         conds = {c.get("type") for c in ((job or {}).get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
         if job is not None and not conds & {"Failed", "Complete"}:
             kube.delete_job(ns, workload_name(name, restarts), propagation="Background")
+    elif observed.job is not None and decision.status.get("phase") not in TERMINAL:
+        sync_suspend(observed.job, spec, store)
 
 
-def _delete_quietly(ns: str, name: str, logger: Any) -> None:
-    try:
-        kube.delete_finetunejob(ns, name)
-    except Exception as exc:  # noqa: BLE001 - the next poll retries
-        logger.warning("TTL delete of %s/%s failed: %s", ns, name, exc)
-
-
-def on_timer(body: kopf.Body, status: dict[str, Any], settings: Settings, logger: Any) -> None:
-    meta = body["metadata"]
-    ns, name = meta["namespace"], meta["name"]
-    if status.get("phase") in TERMINAL:
-        try:
-            spec = FineTuneJobSpec.model_validate(dict(body["spec"]))
-        except ValueError:
-            return
-        if ttl_expired(spec, dict(status), now()):
-            logger.info("ttlSecondsAfterFinished passed: deleting")
-            _delete_quietly(ns, name, logger)  # a failed delete is retried by the next poll
+def sync_suspend(job: dict[str, Any], spec: FineTuneJobSpec, store: Store) -> None:
+    """spec.runPolicy.suspend changed since the operator last applied it: suspend or resume the Job."""
+    want = str(spec.run_policy.suspend).lower()
+    applied = (job["metadata"].get("annotations") or {}).get(SUSPEND_APPLIED)
+    if applied == want or (applied is None and bool(job["spec"].get("suspend")) == spec.run_policy.suspend):
         return
-    parsed = accept(body, status, logger)
-    if parsed is None:
-        return
-    restarts = int(status.get("restarts") or 0)
-    observed = observe(ns, name, restarts, settings)
-    decision = derive(parsed, name, meta.get("generation"), dict(status), observed, now())
-    publish(body, decision)  # status and Event first, then the action
-    act(body, parsed, decision, settings, logger)
-
-
-def on_suspend_change(body: kopf.Body, new: Any, status: dict[str, Any], logger: Any) -> None:
-    """spec.runPolicy.suspend changed: suspend or resume the current workload Job."""
-    meta = body["metadata"]
-    if status.get("phase") in TERMINAL:
-        return
-    name = workload_name(meta["name"], int(status.get("restarts") or 0))
-    if kube.set_job_suspend(meta["namespace"], name, bool(new)):
-        logger.info("%s Job %s", "suspended" if new else "resumed", name)
-
-
-def render_for(body: kopf.Body, spec: FineTuneJobSpec, restarts: int, settings: Settings) -> dict[str, Any]:
-    meta = body["metadata"]
-    return render_workload(spec, meta["name"], meta["namespace"], restarts, dict(meta.get("labels") or {}), settings.trainer_image)
+    meta = job["metadata"]
+    patched = kube.patch_job(
+        meta["namespace"], meta["name"], {"metadata": {"annotations": {SUSPEND_APPLIED: want}}, "spec": {"suspend": spec.run_policy.suspend}}
+    )
+    if patched is not None:
+        store.put_child("Job", patched)
+        log.info("%s/%s: %s Job %s", meta["namespace"], meta["name"], "suspended" if spec.run_policy.suspend else "resumed", meta["name"])

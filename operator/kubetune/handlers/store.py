@@ -1,0 +1,231 @@
+"""The operator's memory: what the watches have shown (FineTuneJobs, their Jobs and Pods, keyed by the
+owner label) and the work queue of FineTuneJobs to reconcile. No I/O here.
+
+The watch streams (Kopf event handlers) write into `Store`; reconciling reads from it instead of
+listing Jobs and Pods, so a cluster at rest costs no API calls. `WorkQueue` has client-go's
+semantics: a key waits at most once in the queue, and one key is never reconciled by two workers
+at the same time (a change seen meanwhile queues it again once the first pass is done).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune.api.models import Progress
+from kubetune.render.objects import COMPLETION_INDEX, LABEL_JOB, LABEL_RESTART
+
+Key = tuple[str, str]
+"""(namespace, FineTuneJob name)."""
+
+
+def key_of(obj: dict[str, Any]) -> Key:
+    meta = obj.get("metadata") or {}
+    return (meta.get("namespace") or "", meta.get("name") or "")
+
+
+def owner_key(obj: dict[str, Any]) -> Key | None:
+    """The FineTuneJob a Job or Pod belongs to, by its kubetune.io/job-name label."""
+    meta = obj.get("metadata") or {}
+    owner = (meta.get("labels") or {}).get(LABEL_JOB)
+    return (meta.get("namespace") or "", owner) if owner else None
+
+
+def slim(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object without metadata.managedFields (often half its size; nothing here reads it)."""
+    meta = obj.get("metadata") or {}
+    if "managedFields" not in meta:
+        return obj
+    return {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+
+
+def _rv(obj: dict[str, Any]) -> int:
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+@dataclass
+class Seen:
+    """A progress read: what rank 0 said, from which pod, and when its step last moved."""
+
+    pod: str
+    progress: Progress
+    read_at: float
+    step_moved_at: float
+
+
+@dataclass
+class Store:
+    """Thread-safe: watch handlers write on the event loop, reconcile workers read from threads."""
+
+    ftjs: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    jobs: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    pods: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    progress: dict[Key, Seen] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ---------------------------------------------------------------- FineTuneJobs
+
+    def put_ftj(self, obj: dict[str, Any]) -> None:
+        """Keep the newest version: our own status write (its response) may be ahead of the watch."""
+        obj = slim(obj)
+        key = key_of(obj)
+        with self._lock:
+            old = self.ftjs.get(key)
+            same_object = old is not None and old["metadata"].get("uid") == obj["metadata"].get("uid")
+            if same_object and _rv(old or {}) > _rv(obj):
+                return
+            self.ftjs[key] = obj
+
+    def drop_ftj(self, key: Key) -> None:
+        with self._lock:
+            self.ftjs.pop(key, None)
+            self.progress.pop(key, None)
+
+    def ftj(self, key: Key) -> dict[str, Any] | None:
+        with self._lock:
+            return self.ftjs.get(key)
+
+    def keys(self) -> list[Key]:
+        with self._lock:
+            return list(self.ftjs)
+
+    # ---------------------------------------------------------------- children
+
+    def _table(self, kind: str) -> dict[Key, dict[str, dict[str, Any]]]:
+        return self.jobs if kind == "Job" else self.pods
+
+    def put_child(self, kind: str, obj: dict[str, Any]) -> Key | None:
+        """A Job or Pod as the watch (or our own create) saw it; returns its FineTuneJob's key."""
+        owner = owner_key(obj)
+        if owner is None:
+            return None
+        obj = slim(obj)
+        name = obj["metadata"]["name"]
+        with self._lock:
+            table = self._table(kind).setdefault(owner, {})
+            old = table.get(name)
+            if old is not None and old["metadata"].get("uid") == obj["metadata"].get("uid") and _rv(old) > _rv(obj):
+                return owner
+            table[name] = obj
+        return owner
+
+    def drop_child(self, kind: str, obj: dict[str, Any]) -> Key | None:
+        owner = owner_key(obj)
+        if owner is None:
+            return None
+        with self._lock:
+            table = self._table(kind)
+            children = table.get(owner) or {}
+            old = children.get(obj["metadata"]["name"])
+            if old is not None and old["metadata"].get("uid") == obj["metadata"].get("uid"):
+                children.pop(obj["metadata"]["name"], None)
+            if not children:
+                table.pop(owner, None)
+        return owner
+
+    def children(self, key: Key) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(Jobs, Pods) of one FineTuneJob."""
+        with self._lock:
+            return list((self.jobs.get(key) or {}).values()), list((self.pods.get(key) or {}).values())
+
+    # ---------------------------------------------------------------- progress
+
+    def progress_targets(self) -> list[tuple[Key, str, str]]:
+        """(key, pod name, pod IP) of every running rank 0 of the current gang of a FineTuneJob not finished."""
+        out = []
+        with self._lock:
+            for key, pods in self.pods.items():
+                ftj = self.ftjs.get(key)
+                if ftj is None:
+                    continue
+                status = ftj.get("status") or {}
+                if status.get("phase") in ("Succeeded", "Failed", "Suspended"):
+                    continue
+                gen = str(int(status.get("restarts") or 0))
+                for pod in pods.values():
+                    meta, st = pod["metadata"], pod.get("status") or {}
+                    if (
+                        (meta.get("annotations") or {}).get(COMPLETION_INDEX) == "0"
+                        and (meta.get("labels") or {}).get(LABEL_RESTART) == gen
+                        and st.get("phase") == "Running"
+                        and st.get("podIP")
+                        and not meta.get("deletionTimestamp")
+                    ):
+                        out.append((key, meta["name"], st["podIP"]))
+        return out
+
+    def put_progress(self, key: Key, pod: str, progress: Progress, now: float) -> bool:
+        """Record a read; True when it says something new (anything but the read time changed)."""
+        with self._lock:
+            old = self.progress.get(key)
+            moved = old is None or old.pod != pod or old.progress.step != progress.step
+            self.progress[key] = Seen(pod, progress, now, now if moved else old.step_moved_at)  # type: ignore[union-attr]
+            if old is None or old.pod != pod:
+                return True
+            return old.progress.model_copy(update={"updated_at": None}) != progress.model_copy(update={"updated_at": None})
+
+    def seen_progress(self, key: Key) -> Seen | None:
+        with self._lock:
+            return self.progress.get(key)
+
+
+class WorkQueue:
+    """Deduplicating queue of keys for asyncio workers; `add` is safe from any thread via `add_threadsafe`."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Key] = asyncio.Queue()
+        self._queued: set[Key] = set()
+        self._active: set[Key] = set()
+        self._again: set[Key] = set()
+        self._timers: dict[Key, asyncio.TimerHandle] = {}
+        self._loop = asyncio.get_running_loop()
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+    def add(self, key: Key) -> None:
+        if key in self._active:
+            self._again.add(key)
+        elif key not in self._queued:
+            self._queued.add(key)
+            self._queue.put_nowait(key)
+
+    def add_threadsafe(self, key: Key) -> None:
+        self._loop.call_soon_threadsafe(self.add, key)
+
+    def add_after(self, key: Key, delay: float) -> None:
+        """Queue `key` in `delay` seconds (an earlier wake-up already set for it wins)."""
+        when = self._loop.time() + delay
+        old = self._timers.get(key)
+        if old is not None and not old.cancelled() and old.when() <= when:
+            return
+        if old is not None:
+            old.cancel()
+
+        def fire() -> None:
+            self._timers.pop(key, None)
+            self.add(key)
+
+        self._timers[key] = self._loop.call_at(when, fire)
+
+    async def get(self) -> Key:
+        key = await self._queue.get()
+        self._queued.discard(key)
+        self._active.add(key)
+        return key
+
+    def done(self, key: Key) -> None:
+        self._active.discard(key)
+        if key in self._again:
+            self._again.discard(key)
+            self.add(key)
+
+    def forget(self, key: Key) -> None:
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
