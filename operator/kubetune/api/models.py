@@ -354,7 +354,7 @@ class DpoSpec(ApiModel):
     """Strength of the pull towards the reference model (higher: stay closer)."""
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     """`sigmoid` (the DPO paper), `ipo`, `hinge` (SLiC) or `robust` (noisy-label robust DPO, with labelSmoothing)."""
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+    label_smoothing: float = Field(default=0.0, ge=0.0, le=0.49)  # not lt=0.5: the API server checks the default 0 against an exclusive 0.5 cast to an integer, and refused the CRD
     """Assumed probability that a preference label is flipped (conservative DPO for `sigmoid`, and `robust`)."""
     reference_model: Literal["frozen-copy", "none"] = "frozen-copy"
     """`frozen-copy`: the starting model is the reference (with an adapter method, the frozen base itself, adapters off: no second copy); `none`: reference-free."""
