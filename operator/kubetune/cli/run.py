@@ -382,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
         return REFUSED
     failure = preflight(job)
     if failure is not None:
-        print(f"kubetune run: {args.manifest}: {failure.message}", file=sys.stderr)
+        print(f"kubetune run: {args.manifest}: {REASONS.get(failure.code, 'Error')}: {failure.message}", file=sys.stderr)
         return int(failure.code)
     return launch(job, args)
 
