@@ -35,37 +35,51 @@ def _model(seed: int | None = None) -> Any:
     return model.eval()
 
 
-def test_text_and_chat_records_become_prompt_and_reply_tokens(tokenizer: Any) -> None:
-    spec = DatasetSpec(train="/d")
-    text = dpo.tokenize_pair(RECORDS[0], spec, tokenizer)
-    assert tokenizer.decode(text.prompt_ids) == "seven zero two nine"
-    assert text.chosen_ids[-1] == tokenizer.eos_token_id and text.chosen_ids[:-1] != text.rejected_ids[:-1]
-    chat = {"messages": [{"role": "user", "content": "one one"}], "chosen": [{"role": "assistant", "content": "1 1"}], "rejected": "3"}
-    pair = dpo.tokenize_pair(chat, spec, tokenizer)
-    rendered = tokenizer.apply_chat_template([*chat["messages"], {"role": "assistant", "content": "1 1"}], tokenize=False)
-    assert "".join(tokenizer.decode(pair.prompt_ids + pair.chosen_ids).split()) == "".join(rendered.split())
-    assert "1" in tokenizer.decode(pair.chosen_ids) and "3" in tokenizer.decode(pair.rejected_ids)
+def _pairs(tmp_path: Path, records: list[dict], tokenizer: Any) -> list[dpo.PairExample]:
+    import json
+
+    from kubetune.api.models import FieldMapping
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return dpo.tokenize_source_pairs(path, str(path), "auto", FieldMapping(), DatasetSpec(train="/d", maxSeqLength=64), tokenizer)
 
 
-def test_a_record_without_rejected_names_the_columns(tokenizer: Any) -> None:
+def _learned(ids: list[int], labels: list[int]) -> list[int]:
+    return [t for t, label in zip(ids, labels, strict=True) if label != dpo.IGNORE]
+
+
+def test_text_and_conversation_prompts_become_two_sequences_with_one_prompt(tmp_path: Path, tokenizer: Any) -> None:
+    chat = {"prompt": [{"role": "user", "content": "one one"}], "chosen": "1 1", "rejected": "3"}
+    text, conversation = _pairs(tmp_path, [RECORDS[0], chat], tokenizer)
+    for pair, chosen, rejected in ((text, "7 0 2 9", "7 0 2 8"), (conversation, "1 1", "3")):
+        assert chosen in tokenizer.decode(_learned(pair.chosen_ids, pair.chosen_labels))
+        assert rejected in tokenizer.decode(_learned(pair.rejected_ids, pair.rejected_labels))
+        start = pair.chosen_labels.index(next(x for x in pair.chosen_labels if x != dpo.IGNORE))
+        assert pair.chosen_ids[:start] == pair.rejected_ids[:start]  # the same prompt before both replies
+    assert "one one" in tokenizer.decode(conversation.chosen_ids)
+
+
+def test_records_without_rejected_are_refused_naming_the_format(tmp_path: Path, tokenizer: Any) -> None:
     from kubetune_trainer.errors import TrainerError
 
-    with pytest.raises(TrainerError, match="'chosen' and 'rejected'"):
-        dpo.tokenize_pair({"prompt": "x", "chosen": "y"}, DatasetSpec(train="/d"), tokenizer)
+    with pytest.raises(TrainerError, match="rejected"):
+        _pairs(tmp_path, [{"prompt": "x", "chosen": "y"}], tokenizer)
 
 
-def test_collated_pairs_label_only_the_replies(tokenizer: Any) -> None:
-    pairs = dpo.tokenize_pairs(RECORDS[:2], DatasetSpec(train="/d"), tokenizer)
+def test_collated_pairs_stack_chosen_then_rejected(tmp_path: Path, tokenizer: Any) -> None:
+    pairs = _pairs(tmp_path, RECORDS[:2], tokenizer)
     batch = dpo.collate_pairs(pairs, tokenizer.pad_token_id)
-    assert batch["input_ids"].shape[0] == 4  # chosen rows, then rejected rows
+    assert batch["input_ids"].shape[0] == 4
     row = batch["labels"][2]  # the first pair's rejected reply
-    assert row[row != dpo.IGNORE].tolist() == pairs[0].rejected_ids
-    assert batch["attention_mask"][1].sum() == len(pairs[1].prompt_ids) + len(pairs[1].chosen_ids)
+    assert row[row != dpo.IGNORE].tolist() == _learned(pairs[0].rejected_ids, pairs[0].rejected_labels)
+    assert batch["attention_mask"][1].sum() == len(pairs[1].chosen_ids)
 
 
-def test_truncation_keeps_the_reply_start_and_the_prompt_end() -> None:
-    pair = dpo.truncate(dpo.PairExample(list(range(10)), [20, 21, 22], [30]), 8)
-    assert pair == dpo.PairExample(list(range(5, 10)), [20, 21, 22], [30])
+def test_truncation_drops_a_pair_whose_reply_is_cut_away() -> None:
+    pair = dpo.PairExample([1, 2, 3, 4], [-100, -100, 3, 4], [1, 2, 5], [-100, -100, 5])
+    assert dpo.truncate(pair, 4) == pair
+    assert dpo.truncate(pair, 2) is None
 
 
 @pytest.mark.parametrize("loss_type, smoothing", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.2)])
@@ -111,3 +125,62 @@ def test_with_an_adapter_the_reference_is_the_base_with_adapters_off() -> None:
 def test_reward_statistics_count_pairs_ranked_right() -> None:
     out = dpo.DpoOutput(torch.tensor(0.5), torch.tensor([1.0, -1.0, 2.0]), torch.tensor([0.0, 0.0, 3.0]))
     assert out.stats().tolist() == [3.0, 1.0, -1.0, 2.0, 3.0]
+
+
+# ---------------------------------------------------------------- two ranks
+
+
+def preference_file(directory: Path, n: int = 256) -> Path:
+    """spell-digits as preferences: the digits are chosen, echoing the words rejected (the prompt as a
+    conversation, as TRL's conversational preference records have it)."""
+    import json
+
+    from trainer_helpers import SPELL
+
+    out = directory / "pairs.jsonl"
+    lines = []
+    for line in SPELL.joinpath("train.jsonl").read_text().splitlines()[:n]:
+        user, answer = json.loads(line)["messages"]
+        lines.append(json.dumps({"prompt": [user], "chosen": answer["content"], "rejected": user["content"]}))
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+DPO_CASES = {
+    # LoRA: the reference is the same weights with the adapter off.
+    "lora": {"method": "lora"},
+    # Full fine-tuning against a frozen copy, with the learning-rate controls: layer-wise decay, the head's
+    # own rate, NEFTune noise on the embeddings.
+    "full-lr-controls": {"method": "full", "lora": None, "training.learningRate": 0.004, "training.layerLrDecay": 0.8,
+                         "training.headLearningRate": 0.006, "training.neftuneAlpha": 5.0},
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(DPO_CASES))
+def test_dpo_on_two_ranks_learns_the_preferences(tmp_path: Path, case: str) -> None:
+    import json
+
+    from trainer_helpers import job_spec, rank_dumps, run_trainer
+
+    overrides = {k: v for k, v in DPO_CASES[case].items() if v is not None}
+    data = preference_file(tmp_path)
+    spec = job_spec(tmp_path, objective="dpo", dpo={"beta": 0.1}, **{"training.learningRate": 0.005, **overrides})
+    spec["dataset"] = {"train": str(data), "evalSplit": 0.125, "maxSeqLength": 32}
+    if "lora" in DPO_CASES[case] and DPO_CASES[case]["lora"] is None:
+        spec.pop("lora")
+    code, out = run_trainer(tmp_path, spec)
+    assert code == 0, out[-4000:]
+    ranks = rank_dumps(tmp_path)
+    assert [r["worldSize"] for r in ranks] == [2, 2] and ranks[0]["digest"] == ranks[1]["digest"]
+    curve = ranks[0]["lossCurve"]
+    assert curve[-1]["loss"] < 0.7 * curve[0]["loss"], [p["loss"] for p in curve]
+    accuracy = [p["rewardAccuracy"] for p in curve]
+    assert accuracy[-1] > accuracy[0] and accuracy[-1] > 0.9, accuracy
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["objective"] == "dpo" and metrics["rewardAccuracy"] == accuracy[-1]
+    assert metrics["evalRewardAccuracyAfter"] > 0.9 > metrics["evalRewardAccuracyBefore"]  # held-out pairs too
+    assert metrics["evalLossAfter"] < metrics["evalLossBefore"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "model"))  # merged (LoRA) or full weights load

@@ -74,7 +74,9 @@ def test_lora_config_carries_the_options() -> None:
 # ---------------------------------------------------------------- two ranks
 
 CASES = {
-    "dora": {"method": "dora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "modulesToSave": ["lm_head"], "useRslora": True}},
+    # DoRA with rsLoRA, LoRA+ (B matrices at 4x) and the saved lm_head at its own rate.
+    "dora": {"method": "dora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "modulesToSave": ["lm_head"], "useRslora": True,
+                                        "loraplusLrRatio": 4.0}, "training.headLearningRate": 0.01},
     "ia3": {"method": "ia3", "lora": None, "training.learningRate": 0.2},
     "prompt_tuning": {"method": "prompt_tuning", "lora": None, "promptTuning": {"numVirtualTokens": 8}, "training.learningRate": 0.05},
     "prefix_tuning": {"method": "prefix_tuning", "lora": None, "prefixTuning": {"numVirtualTokens": 8}, "training.learningRate": 0.05},
@@ -94,7 +96,7 @@ def test_method_trains_on_two_ranks_and_its_adapter_loads_with_peft(tmp_path: Pa
     assert [r["worldSize"] for r in ranks] == [2, 2] and ranks[0]["digest"] == ranks[1]["digest"]
     curve = [p["loss"] for p in ranks[0]["lossCurve"]]
     # DoRA learns like LoRA; IA3 and prompt/prefix tuning (a few thousand parameters on a random model) far slower.
-    assert curve[-1] < (0.7 * curve[0] if case == "dora" else curve[0] - 0.05), curve
+    assert curve[-1] < (0.75 * curve[0] if case == "dora" else curve[0] - 0.05), curve
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["evalLossAfter"] < metrics["evalLossBefore"]
 

@@ -1,7 +1,8 @@
 """Direct Preference Optimization: preference pairs in, the DPO loss and its reward statistics out.
 
-Self-contained on purpose (the SFT loss may change shape without touching it): each pair is scored as
-two whole sequences, prompt + chosen and prompt + rejected, stacked as one batch (chosen rows first),
+Self-contained on purpose (the SFT loss may change shape without touching it): records in the
+`preference` shape are parsed and tokenized by the dataset code (formats/masking), and each pair is
+scored as two whole sequences, prompt + chosen and prompt + rejected, stacked as one batch (chosen rows first),
 and a sequence's log-probability is the sum over its reply tokens. The reference is the starting model:
 with an adapter method the same weights with the adapter switched off (no second copy), with full
 fine-tuning a frozen copy, or nothing (`referenceModel: none`). The loss follows TRL's DPOTrainer
@@ -11,7 +12,6 @@ fine-tuning a frozen copy, or nothing (`referenceModel: none`). The loss follows
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from kubetune.api.contract import ExitCode
-from kubetune.api.models import DatasetSpec, DpoSpec
+from kubetune.api.models import DatasetSpec, DpoSpec, FieldMapping
 
 from kubetune_trainer.errors import TrainerError
 
@@ -31,88 +31,67 @@ IGNORE = -100
 
 @dataclass
 class PairExample:
-    prompt_ids: list[int]
+    """A preference pair as two token sequences (same prompt), each with its reply labelled."""
+
     chosen_ids: list[int]
+    chosen_labels: list[int]
     rejected_ids: list[int]
+    rejected_labels: list[int]
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _messages(value: Any) -> list[dict[str, str]] | None:
-    if isinstance(value, str) and value.startswith("["):
-        with contextlib.suppress(ValueError):
-            value = json.loads(value)
-    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
-    return None
-
-
-def _reply(value: Any) -> str:
-    """A reply as text: a string, or the assistant message(s) of a conversational reply."""
-    messages = _messages(value)
-    if messages is None:
-        return str(value)
-    return "".join(m["content"] for m in messages if m["role"] == "assistant")
-
-
-def tokenize_pair(record: dict[str, Any], spec: DatasetSpec, tokenizer: Any) -> PairExample:
-    """One preference record: {prompt, chosen, rejected} with text or chat messages, or
-    {messages, chosen, rejected} (a conversation and two candidate replies). Chat prompts go through
-    the chat template; the replies are the tokens the template adds for the assistant turn."""
-    f = spec.fields
-    try:
-        prompt = record[f.messages] if f.messages in record else record[f.prompt]
-        chosen, rejected = _reply(record["chosen"]), _reply(record["rejected"])
-    except KeyError as exc:
-        raise TrainerError(
-            ExitCode.DATASET_INVALID,
-            f"objective dpo needs records with '{f.prompt}' (or '{f.messages}'), 'chosen' and 'rejected'; missing {exc}",
-        ) from exc
-    messages = _messages(prompt)
-    if messages is not None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise TrainerError(ExitCode.DATASET_INVALID, "chat preference records need a tokenizer with a chat template")
-        render = lambda msgs, gen: _ids(tokenizer, tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen))  # noqa: E731
-        prompt_ids = render(messages, True)
-        replies = [render([*messages, {"role": "assistant", "content": r}], False)[len(prompt_ids) :] for r in (chosen, rejected)]
-        return PairExample(prompt_ids, replies[0], replies[1])
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return PairExample(_ids(tokenizer, str(prompt)), _ids(tokenizer, chosen) + eos, _ids(tokenizer, rejected) + eos)
+def _learns(labels: list[int]) -> bool:
+    return any(label != IGNORE for label in labels[1:])
 
 
 def truncate(pair: PairExample, max_len: int) -> PairExample | None:
-    """Fit prompt + longer reply in max_len: cut the prompt's start first (keeping half), then the replies' ends."""
-    longest = max(len(pair.chosen_ids), len(pair.rejected_ids))
-    prompt = pair.prompt_ids
-    if len(prompt) + longest > max_len:
-        prompt = prompt[-max(max_len - longest, max_len // 2) :]
-    room = max_len - len(prompt)
-    if room < 1 or not pair.chosen_ids or not pair.rejected_ids:
-        return None
-    return PairExample(prompt, pair.chosen_ids[:room], pair.rejected_ids[:room])
+    """Cut both sequences at max_len; None when either reply lost every token."""
+    out = PairExample(pair.chosen_ids[:max_len], pair.chosen_labels[:max_len], pair.rejected_ids[:max_len], pair.rejected_labels[:max_len])
+    return out if _learns(out.chosen_labels) and _learns(out.rejected_labels) else None
 
 
-def tokenize_pairs(records: list[dict[str, Any]], spec: DatasetSpec, tokenizer: Any) -> list[PairExample]:
-    pairs = [truncate(tokenize_pair(r, spec, tokenizer), spec.max_seq_length) for r in records]
-    kept = [p for p in pairs if p is not None]
-    if not kept:
-        raise TrainerError(ExitCode.DATASET_INVALID, f"no preference pair fits maxSeqLength {spec.max_seq_length}")
-    return kept
+def tokenize_source_pairs(path: Any, label: str, fmt: str, fields: FieldMapping, spec: DatasetSpec, tokenizer: Any) -> list[PairExample]:
+    """Every record of one dataset in the `preference` shape (prompt as text or a conversation, chosen,
+    rejected), parsed by the same code as SFT data and tokenized as two sequences."""
+    from kubetune_trainer.formats import Invalid, parse, resolve
+    from kubetune_trainer.masking import tokenize_preference
+    from kubetune_trainer.records import iter_records, refuse
+
+    mapping = None
+    pairs: list[PairExample] = []
+    records = invalid = 0
+    for where, record in iter_records(path, spec.max_record_bytes):
+        if mapping is None:
+            mapping = resolve(record, where, "preference" if fmt == "auto" else fmt, fields)
+            if mapping.format != "preference":
+                raise refuse(f"objective dpo reads format preference (prompt, chosen, rejected), not {mapping.format}: set spec.dataset.format: preference")
+        records += 1
+        try:
+            sample = parse(record, where, mapping)
+        except Invalid:
+            invalid += 1
+            continue
+        (c_ids, c_labels), (r_ids, r_labels) = tokenize_preference(sample, tokenizer, where)
+        pair = truncate(PairExample(c_ids, c_labels, r_ids, r_labels), spec.max_seq_length)
+        if pair is not None:
+            pairs.append(pair)
+    if invalid > spec.max_invalid_fraction * max(records, 1):
+        raise refuse(f"{invalid} of {records} records in {label} are invalid preference records; fix the data or raise spec.dataset.maxInvalidFraction")
+    if not pairs:
+        raise TrainerError(ExitCode.DATASET_INVALID, f"no preference pair in {label} fits maxSeqLength {spec.max_seq_length}")
+    return pairs
 
 
 def collate_pairs(batch: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded [chosen rows; rejected rows]; labels only on the reply tokens."""
-    rows = [(p.prompt_ids, p.chosen_ids) for p in batch] + [(p.prompt_ids, p.rejected_ids) for p in batch]
-    width = max(len(a) + len(b) for a, b in rows)
+    rows = [(p.chosen_ids, p.chosen_labels) for p in batch] + [(p.rejected_ids, p.rejected_labels) for p in batch]
+    width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (prompt, reply) in enumerate(rows):
-        n = len(prompt) + len(reply)
-        ids[i, :n] = torch.tensor(prompt + reply)
-        labels[i, len(prompt) : n] = torch.tensor(reply)
+    for i, (row_ids, row_labels) in enumerate(rows):
+        n = len(row_ids)
+        ids[i, :n] = torch.tensor(row_ids)
+        labels[i, :n] = torch.tensor(row_labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -199,6 +178,12 @@ class DpoOutput:
         )  # fmt: skip
 
 
+def reward_summary(stats: list[float]) -> dict[str, float]:
+    """Summed DpoOutput.stats() (over micro-batches and ranks) -> the numbers people read."""
+    pairs = max(stats[0], 1.0)
+    return {"rewardAccuracy": stats[1] / pairs, "rewardMargin": stats[2] / pairs, "rewardChosen": stats[3] / pairs, "rewardRejected": stats[4] / pairs}
+
+
 def dpo_forward(model: Any, reference: Callable[..., Any] | None, batch: dict[str, torch.Tensor], dpo: DpoSpec) -> DpoOutput:
     """The DPO loss of a [chosen; rejected] batch: policy forward with gradients, reference without."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
@@ -210,3 +195,27 @@ def dpo_forward(model: Any, reference: Callable[..., Any] | None, batch: dict[st
             ref, _ = sequence_logps(reference(**inputs).logits, labels)
     loss, chosen, rejected = preference_loss(policy, ref, lengths, dpo)
     return DpoOutput(loss.mean(), chosen, rejected)
+
+
+def load_pairs(spec: DatasetSpec, storage: Any, tokenizer: Any, seed: int) -> tuple[list[PairExample], list[PairExample]]:
+    """Train and eval preference pairs (eval from `dataset.eval`, else `evalSplit` of each source)."""
+    import random
+
+    from kubetune_trainer.data import _sources
+    from kubetune_trainer.storage import fetch
+
+    train: list[PairExample] = []
+    evals: list[PairExample] = []
+    for path, label, fmt, fields, _weight in _sources(spec, storage):
+        pairs = tokenize_source_pairs(path, label, fmt, fields, spec, tokenizer)
+        if not spec.eval and spec.eval_split > 0:
+            order = list(range(len(pairs)))
+            random.Random(seed).shuffle(order)
+            held = set(order[: max(1, int(len(pairs) * spec.eval_split))])
+            evals += [p for i, p in enumerate(pairs) if i in held]
+            pairs = [p for i, p in enumerate(pairs) if i not in held]
+        train += pairs
+    if spec.eval:
+        path = fetch(spec.eval, storage, "spec.dataset.eval", ExitCode.DATASET_INVALID, repo_type="dataset")
+        evals = tokenize_source_pairs(path, spec.eval, spec.format, spec.fields, spec, tokenizer)
+    return train, evals

@@ -129,23 +129,7 @@ def training_dtype(spec: FineTuneJobSpec, on_gpu: bool, deepspeed: bool) -> torc
     return resolve_dtype(spec.model.dtype, on_gpu)
 
 
-def not_yet_supported(spec: FineTuneJobSpec) -> list[str]:
-    """API fields this trainer does not act on yet: refused rather than silently ignored."""
-    t = spec.training
-    asked = {
-        "spec.objective: dpo": spec.objective == "dpo",
-        "spec.lora.loraplusLrRatio": bool(spec.lora and spec.lora.loraplus_lr_ratio),
-        "spec.training.layerLrDecay": t.layer_lr_decay is not None,
-        "spec.training.headLearningRate": t.head_learning_rate is not None,
-        "spec.training.neftuneAlpha": t.neftune_alpha is not None,
-    }
-    return [name for name, on in asked.items() if on]
-
-
 def prepare_model(spec: FineTuneJobSpec, path: Path, on_gpu: bool, deepspeed: bool = False) -> Any:
-    missing = not_yet_supported(spec)
-    if missing:
-        raise TrainerError(ExitCode.CONFIG_INVALID, f"{', '.join(missing)}: not supported by this trainer image yet; remove them")
     model = load_model(path, training_dtype(spec, on_gpu, deepspeed), spec.model.trust_remote_code, spec.model.quantization)
     # No KV cache while training: with one, transformers skips the packed-sequence mask built from position_ids.
     model.config.use_cache = False

@@ -8,7 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 # Keys the operator reads (kubetune.api.models.Progress uses the same camelCase names).
-KEYS = ("step", "totalSteps", "epoch", "loss", "evalLoss", "learningRate", "tokensPerSecond", "etaSeconds", "phase", "dataWarning")
+KEYS = ("step", "totalSteps", "epoch", "loss", "evalLoss", "learningRate", "tokensPerSecond", "etaSeconds", "phase", "dataWarning",
+        "rewardAccuracy", "rewardMargin")
 METRICS = {
     "step": ("kubetune_trainer_step", "Optimizer steps completed"),
     "totalSteps": ("kubetune_trainer_total_steps", "Optimizer steps planned"),
@@ -18,6 +19,8 @@ METRICS = {
     "learningRate": ("kubetune_trainer_learning_rate", "Current learning rate"),
     "tokensPerSecond": ("kubetune_trainer_tokens_per_second", "Training tokens per second, all ranks"),
     "etaSeconds": ("kubetune_trainer_eta_seconds", "Estimated seconds to the end of training"),
+    "rewardAccuracy": ("kubetune_trainer_reward_accuracy", "DPO: share of pairs ranked right (last logging window)"),
+    "rewardMargin": ("kubetune_trainer_reward_margin", "DPO: mean chosen minus rejected reward (last logging window)"),
 }
 PHASES = ("Initializing", "Training", "Evaluating", "Saving", "Succeeded", "Failed")
 

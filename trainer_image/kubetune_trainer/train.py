@@ -25,13 +25,16 @@ from kubetune.api.contract import (
     METRICS_FILE,
     ExitCode,
 )
+from kubetune.api.models import DpoSpec
 from kubetune.api.trainer_config import TrainerConfig
 from kubetune.render.deepspeed import BackendChoice, choose_backend, render_deepspeed_config
 
 from kubetune_trainer import checkpoint as ckpt
 from kubetune_trainer import data as data_mod
+from kubetune_trainer import dpo as dpo_mod
 from kubetune_trainer import loss as loss_mod
 from kubetune_trainer import model as model_mod
+from kubetune_trainer import optim as optim_mod
 from kubetune_trainer import preflight, watchdog
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.progress import ProgressState, serve
@@ -139,20 +142,33 @@ class Trainer:
             return
         model_path = self._model_dir()
         self.tokenizer = model_mod.load_tokenizer(model_path, spec.model.trust_remote_code)
-        train, evals, self.gen_examples, self.metrics["data"] = data_mod.load_examples(spec.dataset, spec.storage, self.tokenizer, spec.training.seed)
+        pad = self.tokenizer.pad_token_id
+        train: Any
+        evals: Any
+        if spec.objective == "dpo":
+            train, evals = dpo_mod.load_pairs(spec.dataset, spec.storage, self.tokenizer, spec.training.seed)
+            self.gen_examples = []
+            collate: Callable[[Any], dict[str, torch.Tensor]] = lambda b: dpo_mod.collate_pairs(b, pad)  # noqa: E731
+        else:
+            train, evals, self.gen_examples, self.metrics["data"] = data_mod.load_examples(spec.dataset, spec.storage, self.tokenizer, spec.training.seed)
+            packed = spec.dataset.packing
+            collate = lambda b: data_mod.collate(b, pad, packed)  # noqa: E731
         data_mod.check_batch(len(train), spec.training, self.world_size, self.config.gradient_accumulation_steps)
         if acc.is_main_process:
-            log(f"{len(train)} training and {len(evals)} evaluation sequences")
-            for line in data_mod.report_lines(self.metrics["data"], spec.dataset):
-                log(line)
-            if warning := data_mod.data_warning(self.metrics["data"], spec.dataset):
-                self.progress.update(dataWarning=warning)
-            log(preflight.memory_line(spec, model_path, self.metrics["data"]["longest"], on_gpu, self.backend.deepspeed))
+            log(f"{len(train)} training and {len(evals)} evaluation {'preference pairs' if spec.objective == 'dpo' else 'sequences'}")
+            if "data" in self.metrics:
+                for line in data_mod.report_lines(self.metrics["data"], spec.dataset):
+                    log(line)
+                if warning := data_mod.data_warning(self.metrics["data"], spec.dataset):
+                    self.progress.update(dataWarning=warning)
+                log(preflight.memory_line(spec, model_path, self.metrics["data"]["longest"], on_gpu, self.backend.deepspeed))
             if spec.training.eval_generation_samples and self.gen_examples:
                 before = self._exact_match(self._plain_model(model_path))
                 self.metrics["exactMatchBefore"] = before
                 log(f"exact match before training: {before:.3f}")
         model = model_mod.prepare_model(spec, model_path, on_gpu, self.backend.deepspeed)
+        if spec.training.neftune_alpha is not None:
+            optim_mod.install_neftune(model, spec.training.neftune_alpha)
         trainable, total = model_mod.trainable_parameters(model)
         self.metrics["chunkedLoss"] = loss_mod.installed(model)
         if acc.is_main_process:
@@ -161,14 +177,13 @@ class Trainer:
                 log("loss: chunked linear + cross-entropy (no full logits)")
             else:
                 log(f"loss: the model's own ({loss_mod.supported(model) or 'off under ZeRO-3, or KUBETUNE_CHUNKED_LOSS=0'})")
-        params = [p for p in model.parameters() if p.requires_grad]
+        # Parameter groups carry LoRA+, the head's rate and layer-wise decay (one group when none is set).
+        groups = optim_mod.param_groups(model, spec)
+        if acc.is_main_process and len(groups) > 1:
+            log("learning rates: " + ", ".join(f"{len(g['params'])} tensors at {g['lr']:.2e}" for g in groups))
         # One fused kernel per step on CUDA under DDP; DeepSpeed manages (and may offload) the state itself.
         fused = on_gpu and not self.backend.deepspeed
-        optimizer = torch.optim.AdamW(params, lr=spec.training.learning_rate, weight_decay=spec.training.weight_decay, fused=fused or None)
-
-        pad = self.tokenizer.pad_token_id
-        packed = spec.dataset.packing
-        collate = lambda b: data_mod.collate(b, pad, packed)  # noqa: E731
+        optimizer = torch.optim.AdamW(groups, lr=spec.training.learning_rate, weight_decay=spec.training.weight_decay, fused=fused or None)
         generator = torch.Generator().manual_seed(spec.training.seed)
         train_loader: Any = torch.utils.data.DataLoader(
             cast(Any, train), batch_size=spec.training.per_device_batch_size, shuffle=True, collate_fn=collate, generator=generator
@@ -176,6 +191,7 @@ class Trainer:
         eval_loader: Any = torch.utils.data.DataLoader(cast(Any, evals), batch_size=spec.training.per_device_batch_size, collate_fn=collate) if evals else None
         self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, train_loader)
         self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
+        self.reference = self._dpo_reference(model_path, on_gpu) if spec.objective == "dpo" else None
 
         accum = self.config.gradient_accumulation_steps
         self.steps_per_epoch = max(1, len(self.train_loader) // accum)
@@ -188,9 +204,33 @@ class Trainer:
         self._resume()
         if self.eval_loader is not None and self.state.step == 0:
             self.metrics["evalLossBefore"] = self.evaluate()
+            self.metrics.update({f"{k}Before": v for k, v in self.eval_rewards.items()})
             if acc.is_main_process:
                 log(f"eval loss before training: {self.metrics['evalLossBefore']:.4f}")
         self.progress.update(totalSteps=self.total_steps, step=self.state.step, phase="Training")
+
+    def _dpo_reference(self, model_path: Path, on_gpu: bool) -> Any:
+        """The reference policy: the adapters-off base (adapter methods), a frozen copy (full), or None."""
+        spec, dpo = self.spec, self.spec.dpo or DpoSpec()
+        copy = None
+        if dpo.reference_model == "frozen-copy" and not methods.is_adapter(spec):
+            with model_mod.no_zero3_init():  # a whole copy per rank, outside ZeRO-3's partitioning
+                dtype = model_mod.resolve_dtype(spec.model.dtype, on_gpu)
+                copy = model_mod.load_model(model_path, dtype, spec.model.trust_remote_code).to(self.accelerator.device).eval()
+            copy.requires_grad_(False)
+        if self.accelerator.is_main_process:
+            kind = "none (reference-free)" if dpo.reference_model == "none" else ("the base with adapters off" if copy is None else "a frozen copy")
+            log(f"objective dpo ({dpo.loss_type}, beta {dpo.beta}); reference: {kind}")
+        return dpo_mod.reference_for(methods.is_adapter(spec), dpo, self.accelerator.unwrap_model(self.model), copy)
+
+    def _loss(self, model: Any, batch: dict[str, torch.Tensor], stats: torch.Tensor | None) -> torch.Tensor:
+        """The objective's loss on one micro-batch; DPO adds its reward statistics to `stats`."""
+        if self.spec.objective == "dpo":
+            out = dpo_mod.dpo_forward(model, self.reference, batch, self.spec.dpo or DpoSpec())
+            if stats is not None:
+                stats += out.stats()
+            return out.loss
+        return model(**batch, use_cache=False).loss
 
     def _model_dir(self) -> Path:
         if self.model_path is None:
@@ -246,6 +286,7 @@ class Trainer:
         device = acc.device
         zero = lambda: torch.zeros((), device=device)  # noqa: E731
         window_loss, window_n, window_tokens, window_start = zero(), 0, zero(), time.time()
+        window_pref = torch.zeros(5, device=device)  # DPO: pairs, ranked right, margin, chosen and rejected reward sums
         nonfinite, bad_loss = zero(), zero()
         preempted = stopped_early = stop = False
         debug_stop_at = int(os.environ.get(ENV_DEBUG_STOP_AT_STEP, "0"))  # tests: act as if SIGTERM came at this step
@@ -258,8 +299,7 @@ class Trainer:
             loader = acc.skip_first_batches(self.train_loader, st.batches_in_epoch) if st.batches_in_epoch else self.train_loader
             for batch in loader:
                 with acc.accumulate(self.model):
-                    out = self.model(**batch, use_cache=False)
-                    loss = out.loss
+                    loss = self._loss(self.model, batch, window_pref)
                     detached = loss.detach().float()
                     finite = torch.isfinite(detached)
                     nonfinite += (~finite).float()
@@ -291,14 +331,15 @@ class Trainer:
                 if dog is not None:
                     dog.beat(st.step)
                 if st.step % spec.training.logging_steps == 0 or st.step == self.total_steps:
-                    stats = acc.reduce(torch.stack([window_loss / max(window_n, 1), window_tokens.float()]), "sum").tolist()
+                    stats = acc.reduce(torch.cat([torch.stack([window_loss / max(window_n, 1), window_tokens.float()]), window_pref]), "sum").tolist()
                     elapsed = time.time() - window_start
                     mean_loss = stats[0] / self.world_size
                     tps = stats[1] / max(elapsed, 1e-9)
                     st.tokens_seen += int(stats[1])
                     st.train_seconds += elapsed
-                    self._report(mean_loss, tps)
+                    self._report(mean_loss, tps, dpo_mod.reward_summary(stats[2:]) if spec.objective == "dpo" else {})
                     window_loss, window_n, window_tokens, window_start = zero(), 0, zero(), time.time()
+                    window_pref.zero_()
                 if self.eval_loader is not None and spec.training.eval_steps and st.step % spec.training.eval_steps == 0:
                     stopped_early = self._evaluate_and_check()
                 preempted = stop or st.step == debug_stop_at
@@ -343,16 +384,18 @@ class Trainer:
                         "lossCurve": self.state.loss_curve})
         )
 
-    def _report(self, loss: float, tps: float) -> None:
+    def _report(self, loss: float, tps: float, rewards: dict[str, float]) -> None:
         st = self.state
-        lr = self.scheduler.get_last_lr()[0]
-        st.loss_curve.append({"step": st.step, "loss": loss, "learningRate": lr, "tokensPerSecond": tps})
+        lr = max(self.scheduler.get_last_lr())  # the base rate (head and LoRA+ groups may be higher, decayed layers lower)
+        st.loss_curve.append({"step": st.step, "loss": loss, "learningRate": lr, "tokensPerSecond": tps, **rewards})
         per_step = st.train_seconds / max(st.step, 1)
         eta = per_step * (self.total_steps - st.step)
         epoch = st.epoch + st.batches_in_epoch / max(len(self.train_loader), 1)
-        self.progress.update(step=st.step, loss=loss, learningRate=lr, tokensPerSecond=tps, etaSeconds=eta, epoch=round(epoch, 4))
+        self.progress.update(step=st.step, loss=loss, learningRate=lr, tokensPerSecond=tps, etaSeconds=eta, epoch=round(epoch, 4),
+                             **{k: v for k, v in rewards.items() if k in ("rewardAccuracy", "rewardMargin")})
         if self.accelerator.is_main_process:
-            log(f"step {st.step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} tokens/s {tps:.0f} eta {eta:.0f}s")
+            extra = "".join(f" {k} {v:.3f}" for k, v in rewards.items())
+            log(f"step {st.step}/{self.total_steps} loss {loss:.4f}{extra} lr {lr:.2e} tokens/s {tps:.0f} eta {eta:.0f}s")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -361,11 +404,18 @@ class Trainer:
         self.progress.update(phase="Evaluating")
         self.model.eval()
         total = torch.zeros(2, device=acc.device)
+        pref = torch.zeros(5, device=acc.device)
         for batch in self.eval_loader:
-            out = self.model(**batch, use_cache=False)
-            n = (batch["labels"][:, 1:] != data_mod.IGNORE).sum()
-            total += torch.stack([out.loss.detach().float() * n, n.float()])
-        total = acc.reduce(total, "sum")
+            if self.spec.objective == "dpo":  # weighted by pairs
+                before = pref[0].clone()
+                loss = self._loss(self.model, batch, pref)
+                n = pref[0] - before
+            else:
+                loss = self._loss(self.model, batch, None)
+                n = (batch["labels"][:, 1:] != data_mod.IGNORE).sum()
+            total += torch.stack([loss.detach().float() * n, n.float()])
+        total, pref = acc.reduce(total, "sum"), acc.reduce(pref, "sum")
+        self.eval_rewards = {f"eval{k[0].upper()}{k[1:]}": v for k, v in dpo_mod.reward_summary(pref.tolist()).items()} if self.spec.objective == "dpo" else {}
         self.model.train()
         self.progress.update(phase="Training")
         return float(total[0] / total[1].clamp(min=1))
@@ -374,7 +424,7 @@ class Trainer:
         """Evaluate; True when early stopping says stop."""
         st, es = self.state, self.spec.training.early_stopping
         loss = self.evaluate()
-        st.evals.append({"step": st.step, "evalLoss": loss})
+        st.evals.append({"step": st.step, "evalLoss": loss, **self.eval_rewards})
         self.progress.update(evalLoss=loss)
         if self.accelerator.is_main_process:
             log(f"step {st.step} eval loss {loss:.4f}")
@@ -484,6 +534,9 @@ class Trainer:
             "evals": st.evals,
             "evalLossBefore": self.metrics.get("evalLossBefore"),
             "evalLossAfter": st.evals[-1]["evalLoss"] if st.evals else None,
+            "objective": self.spec.objective,
+            **({k: st.loss_curve[-1][k] for k in ("rewardAccuracy", "rewardMargin")} if self.spec.objective == "dpo" and st.loss_curve else {}),
+            **({f"{k}After": v for k, v in st.evals[-1].items() if k.startswith("evalReward")} if st.evals else {}),
             "tokensSeen": st.tokens_seen,
             "tokensPerSecond": st.tokens_seen / st.train_seconds if st.train_seconds else None,
             "trainSeconds": st.train_seconds,

@@ -300,9 +300,9 @@ def _methods(spec: FineTuneJobSpec) -> list[Problem]:
     if spec.objective == "dpo":
         if spec.dataset.packing:
             out.append(Problem("spec.dataset.packing", "cannot be used with objective dpo (each pair is scored as whole sequences); set packing: false"))
-        if spec.dataset.format not in ("auto", "chat") and spec.dataset.format != "preference":
+        if spec.dataset.format not in ("auto", "preference"):
             out.append(
-                Problem("spec.dataset.format", f"objective dpo reads prompt/chosen/rejected records; set format: auto (got {spec.dataset.format})")
+                Problem("spec.dataset.format", f"objective dpo reads prompt/chosen/rejected records; set format: preference (got {spec.dataset.format})")
             )
         dpo = spec.dpo
         if dpo is not None and dpo.label_smoothing and dpo.loss_type not in ("sigmoid", "robust"):
