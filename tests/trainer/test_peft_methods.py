@@ -77,6 +77,8 @@ CASES = {
     # DoRA with rsLoRA, LoRA+ (B matrices at 4x) and the saved lm_head at its own rate.
     "dora": {"method": "dora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "modulesToSave": ["lm_head"], "useRslora": True,
                                         "loraplusLrRatio": 4.0}, "training.headLearningRate": 0.01},
+    # QLoRA: LoRA on the 4-bit NF4 base (bitsandbytes runs it on CPU too), DDP across the ranks.
+    "qlora": {"method": "lora", "model.quantization": {"bits": 4, "type": "nf4", "doubleQuant": True}},
     "ia3": {"method": "ia3", "lora": None, "training.learningRate": 0.2},
     "prompt_tuning": {"method": "prompt_tuning", "lora": None, "promptTuning": {"numVirtualTokens": 8}, "training.learningRate": 0.05},
     "prefix_tuning": {"method": "prefix_tuning", "lora": None, "prefixTuning": {"numVirtualTokens": 8}, "training.learningRate": 0.05},
@@ -96,7 +98,7 @@ def test_method_trains_on_two_ranks_and_its_adapter_loads_with_peft(tmp_path: Pa
     assert [r["worldSize"] for r in ranks] == [2, 2] and ranks[0]["digest"] == ranks[1]["digest"]
     curve = [p["loss"] for p in ranks[0]["lossCurve"]]
     # DoRA learns like LoRA; IA3 and prompt/prefix tuning (a few thousand parameters on a random model) far slower.
-    assert curve[-1] < (0.75 * curve[0] if case == "dora" else curve[0] - 0.05), curve
+    assert curve[-1] < (0.75 * curve[0] if case in ("dora", "qlora") else curve[0] - 0.05), curve
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["evalLossAfter"] < metrics["evalLossBefore"]
 
@@ -105,13 +107,18 @@ def test_method_trains_on_two_ranks_and_its_adapter_loads_with_peft(tmp_path: Pa
 
     adapter = PeftModel.from_pretrained(_model(), str(tmp_path / "out" / "adapter")).eval()
     assert json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())["peft_type"] == {
-        "dora": "LORA", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING"}[case]  # fmt: skip
+        "dora": "LORA", "qlora": "LORA", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING"}[case]  # fmt: skip
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "out" / "adapter"))
     ids = torch.tensor([tok("seven zero two nine", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         tuned = adapter(input_ids=ids).logits[:, -ids.shape[1] :]
     merged_dir = tmp_path / "out" / "model"
-    if case in ("dora", "ia3"):  # merged by default, and the merge computes what the adapter does
+    if case == "qlora":  # merged into the de-quantized (original) weights, and the metrics say so
+        assert metrics["quantizedLayers"] == 14  # q, k, v, o, gate, up, down in both blocks: 4-bit under the adapter
+        assert metrics["mergedModel"].startswith("de-quantized"), metrics.get("mergedModel")
+        merged = AutoModelForCausalLM.from_pretrained(str(merged_dir))
+        assert not any("4bit" in type(m).__name__ for m in merged.modules()) and (merged_dir / "model.safetensors").exists()
+    elif case in ("dora", "ia3"):  # merged by default, and the merge computes what the adapter does
         merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
         with torch.no_grad():
             assert torch.allclose(merged(input_ids=ids).logits, tuned, atol=1e-4)

@@ -51,13 +51,12 @@ def load_model(path: Path, dtype: torch.dtype, trust_remote_code: bool, quantiza
         raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {path} holds no config.json; is it a Hugging Face model directory?")
     kwargs: dict[str, Any] = {}
     if quantization is not None:
-        on_gpu = torch.cuda.is_available()
-        missing = peft_methods.bitsandbytes_missing(on_gpu)
+        missing = peft_methods.bitsandbytes_missing()
         if missing:
             raise TrainerError(ExitCode.CONFIG_INVALID, f"spec.model.quantization: {missing}")
         kwargs["quantization_config"] = peft_methods.bitsandbytes_config(quantization, dtype)
-        # Each DDP rank loads the whole quantized base onto its own GPU.
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        # Quantized where it runs: each DDP rank loads the whole quantized base onto its own GPU (or the CPU).
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"}
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as exc:

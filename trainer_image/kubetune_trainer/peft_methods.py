@@ -120,14 +120,12 @@ def bitsandbytes_config(q: QuantizationSpec, compute_dtype: torch.dtype) -> Any:
     )
 
 
-def bitsandbytes_missing(on_gpu: bool) -> str | None:
-    """Why k-bit loading cannot run here, or None when it can."""
+def bitsandbytes_missing() -> str | None:
+    """Why k-bit loading cannot run here, or None when it can (bitsandbytes >= 0.50 runs on CUDA and on CPU)."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        return "bitsandbytes is not installed in the trainer image (pip install 'kubetune[qlora]')"
-    if not on_gpu:
-        return "bitsandbytes k-bit training needs a CUDA GPU; set spec.distributed.gpusPerNode > 0"
+        return "bitsandbytes is not installed in the trainer image (pip install 'bitsandbytes>=0.50')"
     return None
 
 

@@ -170,6 +170,11 @@ class Trainer:
         if spec.training.neftune_alpha is not None:
             optim_mod.install_neftune(model, spec.training.neftune_alpha)
         trainable, total = model_mod.trainable_parameters(model)
+        if spec.model.quantization is not None:
+            # What bitsandbytes really built: its k-bit linear layers under the adapter.
+            self.metrics["quantizedLayers"] = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+            if acc.is_main_process:
+                log(f"QLoRA: {self.metrics['quantizedLayers']} linear layers at {spec.model.quantization.bits} bits ({spec.model.quantization.type if spec.model.quantization.bits == 4 else 'int8'})")
         self.metrics["chunkedLoss"] = loss_mod.installed(model)
         if acc.is_main_process:
             log(f"method {spec.method}: {trainable:,} of {total:,} parameters trainable")

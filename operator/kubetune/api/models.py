@@ -93,7 +93,7 @@ class ModelSpec(ApiModel):
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint to run. Only for sources you trust."""
     quantization: QuantizationSpec | None = None
-    """QLoRA: load the frozen base quantized (bitsandbytes, CUDA only) and train a LoRA/DoRA adapter on it."""
+    """QLoRA: load the frozen base quantized (bitsandbytes, on CUDA or CPU) and train a LoRA/DoRA adapter on it."""
 
 
 # ------------------------------------------------------------------- dataset

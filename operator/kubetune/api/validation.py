@@ -281,14 +281,6 @@ def _methods(spec: FineTuneJobSpec) -> list[Problem]:
         )
     q, d = spec.model.quantization, spec.distributed
     if q is not None:
-        if d.gpus_per_node == 0:
-            out.append(
-                Problem(
-                    "spec.model.quantization",
-                    "needs GPUs: bitsandbytes k-bit training runs on CUDA; set spec.distributed.gpusPerNode > 0, "
-                    "or remove quantization to train LoRA on the unquantized model",
-                )
-            )
         if d.backend == "deepspeed" or d.offload_optimizer or d.offload_params:
             out.append(
                 Problem(
