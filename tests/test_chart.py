@@ -7,6 +7,7 @@ its Go module into ~/.cache/kubetune-e2e/helm-*/bin/helm. Skipped only when none
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -140,3 +141,54 @@ def test_kustomize_base_operator_manifest_is_the_rendered_chart():
     rendered = helm("template", "kubetune", str(CHART), "--namespace", "kubetune-system").stdout
     committed = (ROOT / "deploy" / "kustomize" / "base" / "operator.yaml").read_text()
     assert committed == rendered, "helm template kubetune charts/kubetune -n kubetune-system > deploy/kustomize/base/operator.yaml"
+
+
+MONITORING = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PodMonitor", "monitoring.coreos.com/v1/PrometheusRule")
+
+
+def template_with_api(apis: tuple[str, ...], *sets: str) -> list[dict]:
+    args = ["template", "kt", str(CHART), "--namespace", "kubetune-system"]
+    for api in apis:
+        args += ["--api-versions", api]
+    for s in sets:
+        args += ["--set", s]
+    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+
+
+def test_metrics_service_port_and_dashboard_by_default():
+    docs = template()
+    service = next(d for d in by_kind(docs, "Service") if d["metadata"]["name"] == "kt-kubetune-metrics")
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8000, "targetPort": "metrics"}]
+    container = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "metrics", "containerPort": 8000} in container["ports"]
+    assert {"name": "KUBETUNE_METRICS_PORT", "value": "8000"} in container["env"]
+    dashboard = next(d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "kt-kubetune-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["kubetune.json"]) == json.loads((CHART / "dashboards" / "kubetune.json").read_text())
+    assert not [d for d in docs if d["kind"] in ("ServiceMonitor", "PodMonitor", "PrometheusRule")]
+
+
+def test_monitors_and_rules_render_only_where_their_crds_exist():
+    on = ("metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true", "metrics.prometheusRule.enabled=true")
+    assert not [d for d in template_with_api((), *on) if d["kind"] in ("ServiceMonitor", "PodMonitor", "PrometheusRule")]
+    docs = template_with_api(MONITORING, *on, "metrics.serviceMonitor.labels.release=prom")
+    monitor = by_kind(docs, "ServiceMonitor")[0]
+    assert monitor["metadata"]["labels"]["release"] == "prom" and monitor["spec"]["endpoints"][0]["honorLabels"] is True
+    assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "metrics"
+    pods = by_kind(docs, "PodMonitor")[0]["spec"]
+    assert pods["podMetricsEndpoints"][0]["port"] == "progress" and pods["namespaceSelector"] == {"any": True}
+    rules = by_kind(docs, "PrometheusRule")[0]["spec"]["groups"][0]["rules"]
+    assert {r["alert"] for r in rules} == {"KubetuneJobStuckInitializing", "KubetuneJobNoProgress",
+                                          "KubetuneJobRestartsClimbing", "KubetuneOperatorDown"}  # fmt: skip
+    stuck = next(r for r in rules if r["alert"] == "KubetuneJobStuckInitializing")
+    assert stuck["expr"] == 'kubetune_job_phase_seconds{phase="Initializing"} > 900'
+    assert "{{ $labels.finetunejob }}" in stuck["annotations"]["summary"]
+    assert not by_kind(template_with_api(MONITORING), "ServiceMonitor")  # off by default even with the CRDs
+
+
+def test_metrics_can_be_turned_off():
+    docs = template("metrics.enabled=false", "metrics.dashboard.enabled=false")
+    assert not [d for d in by_kind(docs, "Service") if d["metadata"]["name"].endswith("-metrics")]
+    container = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "KUBETUNE_METRICS_PORT", "value": "0"} in container["env"]
+    assert not [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
