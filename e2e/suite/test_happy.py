@@ -37,7 +37,8 @@ def test_happy_path(method, cluster, kctl, suite_ns, s3, s3_data, node_agent, op
     status = kctl.status(suite_ns, name)
     print(f"\n[suite] {name}: {took:.1f}s phases={sampler.phases} steps={sampler.steps}", file=sys.stderr)
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
-    assert sampler.saw_in_order("Pending", "Running", "Succeeded"), sampler.phases
+    # Pending may last less than one sample (the status is written once per change); its Event is checked below.
+    assert sampler.saw_in_order("Running", "Succeeded") and sampler.phases[0] in ("Pending", "Initializing"), sampler.phases
     assert "Failed" not in sampler.phases
     # Progress moved while training, and ends at the last step.
     assert len(set(sampler.steps)) >= 2, sampler.steps
@@ -73,7 +74,7 @@ def test_happy_path(method, cluster, kctl, suite_ns, s3, s3_data, node_agent, op
     assert conds["Succeeded"]["status"] == "True" and conds["SpecValid"]["status"] == "True"
     events = kctl.get(suite_ns, "events", None, f"--field-selector=involvedObject.name={name}")
     reasons = {e["reason"] for e in events}
-    assert "TrainingSucceeded" in reasons, reasons
+    assert "TrainingSucceeded" in reasons and "PodsPending" in reasons, reasons
     assert len(reasons) >= 2, reasons
     table = kctl("-n", suite_ns, "get", "ftj", name).stdout.splitlines()
     header, row = table[0].split(), table[1].split()

@@ -42,11 +42,11 @@ def test_operator_runs_under_chart_serviceaccount(installed, operator, kctl):
 
 # What the operator needs (docs/operator.md "RBAC") in a watched namespace ...
 NEEDED = [
-    ("list", "finetunejobs.kubetune.io"), ("watch", "finetunejobs.kubetune.io"),
-    ("patch", "finetunejobs.kubetune.io"), ("delete", "finetunejobs.kubetune.io"),
+    ("list", "finetunejobs.kubetune.io"), ("watch", "finetunejobs.kubetune.io"), ("delete", "finetunejobs.kubetune.io"),
     ("patch", "finetunejobs.kubetune.io", "--subresource=status"),
-    ("create", "jobs.batch"), ("get", "jobs.batch"), ("patch", "jobs.batch"), ("delete", "jobs.batch"),
-    ("create", "configmaps"), ("create", "services"), ("list", "pods"), ("create", "events"),
+    ("create", "jobs.batch"), ("list", "jobs.batch"), ("watch", "jobs.batch"), ("patch", "jobs.batch"), ("delete", "jobs.batch"),
+    ("create", "configmaps"), ("patch", "configmaps"), ("create", "services"), ("list", "pods"), ("watch", "pods"),
+    ("create", "events"),
 ]
 # ... and what it must not be able to do there.
 DENIED = [
@@ -54,6 +54,7 @@ DENIED = [
     ("update", "finetunejobs.kubetune.io"), ("create", "finetunejobs.kubetune.io"),
     ("delete", "configmaps"), ("get", "configmaps"), ("create", "pods/exec"), ("create", "roles.rbac.authorization.k8s.io"),
     ("create", "leases.coordination.k8s.io"), ("update", "jobs.batch"),
+    ("patch", "finetunejobs.kubetune.io"),  # no finalizer, no annotations: only the status is written
 ]
 
 
