@@ -95,6 +95,16 @@ def test_api_server_cel_refuses_lora_block_with_full_method(cluster, crd, namesp
     assert "spec.lora is only allowed with spec.method: lora" in r.stderr
 
 
+def test_api_server_cel_wants_exactly_one_of_train_and_sources(cluster, crd, namespace):
+    train = f"file://{DATA / 'spell-digits' / 'train.jsonl'}"
+    both = ftj("bad-sources", dataset={"train": train, "sources": [{"path": train, "weight": 2}]})
+    r = cluster.kubectl("-n", namespace, "apply", "--dry-run=server", "-f", "-", input=both, check=False)
+    assert r.returncode != 0 and "set exactly one of spec.dataset.train" in r.stderr
+    mixed = ftj("mixed-sources", dataset={"sources": [{"path": train, "weight": 2, "fields": {"roles": {"bot": "assistant"}}}]})
+    r = cluster.kubectl("-n", namespace, "apply", "--dry-run=server", "-f", "-", input=mixed, check=False)
+    assert r.returncode == 0, r.stderr
+
+
 def test_api_server_refuses_out_of_bounds(cluster, crd, namespace):
     doc = ftj("bad-bound", training={"perDeviceBatchSize": 0})
     r = cluster.kubectl("-n", namespace, "apply", "-f", "-", input=doc, check=False)
