@@ -12,7 +12,8 @@ The memory estimate per GPU (or per process on CPU) adds up:
   offloadOptimizer moves them to CPU);
 - activations: about 34 x hidden bytes per token and layer in 16-bit (Korthikanti et
   al. 2022, with a fused attention kernel), doubled in fp32; with gradient checkpointing
-  one hidden state per layer plus one layer's working set;
+  one hidden state per layer plus one layer's working set; LoRA with dropout adds each
+  adapted linear's dropped-out input;
 - logits: fp32 logits and their gradient, for one loss chunk when the chunked loss is
   installed (loss.py), else for every token of the micro-batch;
 - a fixed allowance for the CUDA context and the allocator (none on CPU).
@@ -97,7 +98,7 @@ def estimate_memory(
     weights = frozen * weight_bytes + trainable * trainable_bytes
     if stage == 3:
         weights = 0 if d.offload_params else weights // world
-    grads = trainable * trainable_bytes * (1 if deepspeed else 2)  # DDP keeps a bucket copy
+    grads = trainable * trainable_bytes * (1 if deepspeed or world == 1 else 2)  # DDP keeps a bucket copy
     if stage >= 2:
         grads //= world
     optimizer = trainable * (8 + (4 if deepspeed and trainable_bytes == 2 else 0))
@@ -112,6 +113,11 @@ def estimate_memory(
         activations = tokens * (layers * hidden * 2 * act_scale + per_layer)
     else:
         activations = tokens * layers * per_layer
+    lora = spec.lora or LoraSpec()
+    if spec.method == "lora" and lora.dropout > 0:  # each adapted linear keeps its dropped-out input (q k v o gate up: hidden; down: intermediate)
+        intermediate = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
+        held = 1 if spec.training.gradient_checkpointing else layers  # recomputed layer by layer under checkpointing
+        activations += tokens * held * (6 * hidden + intermediate) * (2 if half else 4)
     chunked = getattr(config, "model_type", "") in CHUNKED_LOSS_TYPES and stage != 3
     logit_tokens = min(tokens, max(16, min(8192, (1 << 26) // max(vocab, 1)))) if chunked else tokens
     parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations, "logits": logit_tokens * vocab * 4 * 2}
