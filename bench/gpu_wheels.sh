@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Wheels the GPU device machine lacks, for the trainer benchmark (its image has torch, transformers, accelerate,
-# peft, safetensors, tokenizers, pyyaml, psutil; not pydantic, hjson or deepspeed). Run here (network), then carry
-# .whl/ (git-ignored) to the device and install it first thing there:
+# Wheels the GPU device machine lacks, for bench/gpu_check.sh and the trainer benchmark (its image has torch 2.11,
+# transformers 5.17, accelerate, peft, safetensors, tokenizers, pyyaml, psutil; not pydantic, hjson, deepspeed or
+# liger-kernel). transformers and peft travel too, at the versions CI pins, so the GPU runs the code CI tested.
+# Run here (network), then carry .whl/ (git-ignored, about 20 MB; the device tool's limit is 64 MiB) to the device;
+# bench/gpu_check.sh installs it first thing there, as:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site
 # PY=3.12 is the device image's python3 (KINDS.md). deepspeed is built here with DS_BUILD_OPS=0 (pure Python, ops
@@ -13,10 +15,10 @@ PIP=${PIP:-.venv/bin/python -m pip}
 mkdir -p .whl
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 $PIP download -q --no-deps --only-binary=:all: --python-version "$PY" --implementation cp "${plat[@]}" -d .whl \
-  pydantic==2.13.4 pydantic-core==2.46.4 annotated-types typing-inspection hjson==3.1.0
+  pydantic==2.13.4 pydantic-core==2.46.4 annotated-types typing-inspection hjson==3.1.0 \
+  liger-kernel==0.8.5 transformers==5.23.0 peft==0.21.2
 DS_BUILD_OPS=0 $PIP wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
-if [ "${LIGER:-0}" = 1 ]; then  # for the next engineer's fused linear cross-entropy work
-  $PIP download -q --no-deps --only-binary=:all: --python-version "$PY" --implementation cp "${plat[@]}" -d .whl liger-kernel
-fi
 ls -la .whl
 du -sh .whl
+total=$(du -sm .whl | cut -f1)
+[ "$total" -le 60 ] || { echo "wheels take ${total} MiB; the device tool carries at most 64 MiB in all" >&2; exit 1; }

@@ -366,7 +366,6 @@ def run_kubetune(p: dict[str, Any], mode: str, work: Path) -> dict[str, Any]:
     from kubetune.api.models import FineTuneJobSpec
     from kubetune.render.trainer_config import render_trainer_config
     from kubetune_trainer import __main__ as entry
-    from kubetune_trainer import data as data_mod
     from kubetune_trainer import train as train_mod
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"kubetune-{mode}-", dir=work))
@@ -379,17 +378,13 @@ def run_kubetune(p: dict[str, Any], mode: str, work: Path) -> dict[str, Any]:
     os.environ["KUBETUNE_CACHE_DIR"] = str(run_dir / "cache")
     os.environ["KUBETUNE_TERMINATION_LOG"] = str(run_dir / "termination-log")
 
-    # Read-only observation hooks: tokens per micro-batch (collate) and a timestamp per optimizer step (report).
-    counts: list[int] = []
+    # A read-only observation hook: a timestamp per optimizer step (report). Tokens come from the trainer's own
+    # loss curve (inputTokens per report: every token the model ran on; it never computes padding).
     marks: dict[int, float] = {}
-    orig_collate, orig_report = data_mod.collate, train_mod.Trainer._report
+    orig_report = train_mod.Trainer._report
 
-    def counting_collate(batch: list[Any], pad_id: int, packed: bool) -> Any:
-        counts.append(sum(len(e.input_ids) for e in batch))
-        return orig_collate(batch, pad_id, packed)
-
-    def timed_report(self: Any, loss: float, tps: float) -> None:
-        orig_report(self, loss, tps)
+    def timed_report(self: Any, *args: Any) -> None:
+        orig_report(self, *args)
         sync()
         marks[self.state.step] = time.perf_counter()
         timed_report.trainer = self  # type: ignore[attr-defined]
@@ -402,12 +397,12 @@ def run_kubetune(p: dict[str, Any], mode: str, work: Path) -> dict[str, Any]:
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port)}  # fmt: skip
     saved_env = {k: os.environ.get(k) for k in torchrun_env}
     os.environ.update(torchrun_env)
-    data_mod.collate, train_mod.Trainer._report = counting_collate, timed_report
+    train_mod.Trainer._report = timed_report
     try:
         with PeakMemory() as mem:
             code = entry.main(["--config", str(run_dir / "trainer-config.yaml")])
     finally:
-        data_mod.collate, train_mod.Trainer._report = orig_collate, orig_report
+        train_mod.Trainer._report = orig_report
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -421,8 +416,7 @@ def run_kubetune(p: dict[str, Any], mode: str, work: Path) -> dict[str, Any]:
     steps, warm = trainer.state.step, p["warmup"]
     if steps <= warm:
         raise RuntimeError(f"kubetune ran only {steps} steps (<= warmup {warm}); more data or fewer warmup steps")
-    accum = config.gradient_accumulation_steps
-    tokens = sum(counts[warm * accum : steps * accum])
+    tokens = sum(e["inputTokens"] for e in trainer.state.loss_curve if warm < e["step"] <= steps)
     seconds = marks[steps] - marks[warm]
     curve = [e["loss"] for e in trainer.state.loss_curve]
     del trainer

@@ -7,11 +7,13 @@ weights, eval split), caches them per node, and batches them.
 Packing concatenates examples into sequences of maxSeqLength with position_ids restarting
 at 0 for each example and no attention mask: transformers then builds a block-diagonal
 causal mask from the position_ids (masking_utils.find_packed_sequence_indices), so attention
-never crosses an example boundary with the eager and SDPA kernels used on CPU, and with
-flash-attention on GPU. This holds only without a KV cache (the trainer passes
-use_cache=False; with a cache transformers skips the packed-sequence mask). The first token
-of every packed example gets no label, so no example is ever trained to predict from its
-neighbour.
+never crosses an example boundary with the eager and SDPA kernels. This holds only without a
+KV cache (the trainer passes use_cache=False; with a cache transformers skips the
+packed-sequence mask). It does NOT hold for transformers' flash-attention path when a batch
+has several rows (it reads boundaries from position_ids only for one row): the trainer
+normally flattens each micro-batch into one row instead (batching.py, attention.py), and
+`collate` here serves only models that keep their own attention. The first token of every
+packed example gets no label, so no example is ever trained to predict from its neighbour.
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubetune_trainer import kernels
+
 IGNORE = -100
 # Architectures whose CausalLM forward is decoder -> lm_head -> cross-entropy, nothing else
 # (no logit soft-capping or scaling, no auxiliary losses).
@@ -38,10 +40,11 @@ def chunk_tokens(vocab: int) -> int:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, chunk: int
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, chunk: int,
+        denominator: torch.Tensor | None,
     ) -> torch.Tensor:
         n = hidden.shape[0]
-        count = (labels != IGNORE).sum().clamp(min=1).float()
+        count = (labels != IGNORE).sum().clamp(min=1).float() if denominator is None else denominator.float()
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         need_b = bias is not None and bias.requires_grad
         # The matmuls run in autocast's dtype when it is on (as the model's own head would), else
@@ -93,16 +96,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
             (grad_b * scale).to(b_dtype) if grad_b is not None else None,
             None,
             None,
+            None,
         )
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, chunk: int | None = None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    chunk: int | None = None,
+    denominator: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of `hidden @ weight.T + bias` against `labels` (IGNORE rows skipped), chunked."""
+    """Cross-entropy of `hidden @ weight.T + bias` against `labels` (IGNORE rows skipped), summed and divided by
+    `denominator` (a tensor: the optimizer step's token count share, see train.py) or by the labelled rows.
+    On CUDA with liger-kernel installed, Liger's fused Triton kernel; elsewhere the chunked function above."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).to(hidden.device)
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk or chunk_tokens(weight.shape[0]))
+    if chunk is None and kernels.liger_available(hidden.device):
+        total = kernels.fused_linear_cross_entropy_sum(hidden, weight, bias, labels)
+        count = (labels != IGNORE).sum().clamp(min=1).float() if denominator is None else denominator.float()
+        return total / count
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk or chunk_tokens(weight.shape[0]), denominator)
 
 
 def _causal_lm(model: Any) -> Any:
@@ -150,19 +165,25 @@ def install(model: Any, chunk: int | None = None) -> bool:
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         kwargs.pop("use_cache", None)
-        kwargs.pop("num_items_in_batch", None)
+        denominator = kwargs.pop("num_items_in_batch", None)
+        if denominator is not None and not isinstance(denominator, torch.Tensor):
+            denominator = torch.tensor(float(denominator), device=hidden_device(lm))
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
         hidden = out[0]
         head = _plain_head(lm.get_output_embeddings())
         if head is None:
             raise TypeError(f"lm_head became a {type(lm.get_output_embeddings()).__name__}; set {ENV_DISABLE}=0")
         # Position t predicts the label at t+1, as the model's own loss shifts them.
-        loss = linear_cross_entropy(hidden[:, :-1, :], head.weight, head.bias, labels[:, 1:], chunk)
+        loss = linear_cross_entropy(hidden[:, :-1, :], head.weight, head.bias, labels[:, 1:], chunk, denominator)
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     lm.forward = forward
     lm.kubetune_chunked_loss = True
     return True
+
+
+def hidden_device(lm: Any) -> torch.device:
+    return next(lm.parameters()).device
 
 
 def installed(model: Any) -> bool:

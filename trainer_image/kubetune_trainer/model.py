@@ -129,9 +129,17 @@ def training_dtype(spec: FineTuneJobSpec, on_gpu: bool, deepspeed: bool) -> torc
 
 
 def prepare_model(spec: FineTuneJobSpec, path: Path, on_gpu: bool, deepspeed: bool = False) -> Any:
+    """The model ready to train; `fast_path(model)` says which fast-path pieces it got."""
+    from kubetune_trainer import attention, kernels
+
     model = load_model(path, training_dtype(spec, on_gpu, deepspeed), spec.model.trust_remote_code, spec.model.quantization)
     # No KV cache while training: with one, transformers skips the packed-sequence mask built from position_ids.
     model.config.use_cache = False
+    # Prompt and prefix tuning put virtual tokens before each sequence, DPO batches chosen/rejected pairs, and
+    # NEFTune scales its noise by the row's length: they keep one example per row and the model's own attention.
+    flat = attention.enabled() and spec.method not in ("prompt_tuning", "prefix_tuning") and spec.objective != "dpo" and spec.training.neftune_alpha is None
+    features: dict[str, Any] = {"varlenAttention": attention.use(model) if flat else False}
+    features["ligerKernels"] = kernels.apply_liger(model) if spec.model.quantization is None else []  # before peft wraps
     if spec.model.quantization is not None:
         model = peft_methods.prepare_kbit(model, spec.training.gradient_checkpointing)
     elif spec.training.gradient_checkpointing:
@@ -140,12 +148,22 @@ def prepare_model(spec: FineTuneJobSpec, path: Path, on_gpu: bool, deepspeed: bo
         apply_freeze(model, spec.freeze)
     if is_adapter(spec):
         model = peft_methods.apply_adapter(model, spec, path)
+        # Under DDP on a GPU Accelerate autocasts to half precision: peft's fp32 copy of each adapter input is waste.
+        if on_gpu and not deepspeed and spec.training.precision != "fp32":
+            features["loraInputCastingOff"] = kernels.lora_input_casting_off(model)
     # ZeRO-3 partitions lm_head's weight outside its own forward: keep the model's loss there.
     if not (deepspeed and spec.distributed.zero_stage == 3):
         from kubetune_trainer import loss
 
         loss.install(model)
+    features["compiledLayers"] = kernels.compile_layers(model)
+    model.kubetune_fast_path = features
     return model
+
+
+def fast_path(model: Any) -> dict[str, Any]:
+    """What prepare_model switched on: varlen attention, Liger kernels, LoRA input casting off, compiled layers."""
+    return dict(getattr(model, "kubetune_fast_path", {}))
 
 
 def ddp_state_bytes(spec: FineTuneJobSpec, path: Path, on_gpu: bool) -> int:

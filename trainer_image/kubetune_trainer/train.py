@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -29,19 +30,22 @@ from kubetune.api.models import DpoSpec
 from kubetune.api.trainer_config import TrainerConfig
 from kubetune.render.deepspeed import BackendChoice, choose_backend, render_deepspeed_config
 
+from kubetune_trainer import batching, preflight, steps, watchdog
 from kubetune_trainer import checkpoint as ckpt
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import dpo as dpo_mod
 from kubetune_trainer import loss as loss_mod
 from kubetune_trainer import model as model_mod
 from kubetune_trainer import optim as optim_mod
-from kubetune_trainer import preflight, watchdog
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.progress import ProgressState, serve
 from kubetune_trainer.storage import OutputStore, cache_root
 
 ENV_DEBUG_DIR = "KUBETUNE_DEBUG_DIR"  # tests: each rank writes its world size and a weights digest here
 ENV_DEBUG_STOP_AT_STEP = "KUBETUNE_DEBUG_STOP_AT_STEP"  # tests: preempt at exactly this step
+ENV_FUSED_ADAMW = "KUBETUNE_FUSED_ADAMW"
+DDP_BUCKET_MB = 100
+LOADER_WORKERS_GPU = 2  # collate in worker processes on GPU machines; in-process on CPU (tests, laptops)
 
 
 def log(msg: str) -> None:
@@ -65,14 +69,22 @@ class TrainState:
 
 def build_accelerator(config: TrainerConfig, use_deepspeed: bool) -> Any:
     from accelerate import Accelerator, DeepSpeedPlugin
-    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        DistributedDataParallelKwargs,
+        InitProcessGroupKwargs,
+    )
 
     on_gpu = torch.cuda.is_available()
     spec = config.spec
-    handlers = [InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo")]
     accum = config.gradient_accumulation_steps
+    # DDP: gradients live in the all-reduce buckets (no copy), bigger buckets, and a static graph when there is no
+    # accumulation (torch's reducer asserts when a static graph meets no_sync).
+    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True, static_graph=accum == 1, bucket_cap_mb=DDP_BUCKET_MB)
+    handlers: list[Any] = [InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo"), ddp]
     # A seedable sampler makes each epoch's order a function of (seed, epoch): resume can skip what was seen.
-    loaders = DataLoaderConfiguration(use_seedable_sampler=True)
+    # Pinned batches (DataLoader workers pin them) are copied to the GPU without blocking the host.
+    loaders = DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=on_gpu)
     if use_deepspeed:
         ds = dict(config.deepspeed or render_deepspeed_config(spec, config.world_size, accum, on_gpu))
         if not on_gpu:  # fp32 on CPU whatever the rendered config says
@@ -148,11 +160,10 @@ class Trainer:
         if spec.objective == "dpo":
             train, evals = dpo_mod.load_pairs(spec.dataset, spec.storage, self.tokenizer, spec.training.seed)
             self.gen_examples = []
-            collate: Callable[[Any], dict[str, torch.Tensor]] = lambda b: dpo_mod.collate_pairs(b, pad)  # noqa: E731
+            collate: Callable[[Any], dict[str, torch.Tensor]] = functools.partial(dpo_mod.collate_pairs, pad_id=pad)
         else:
             train, evals, self.gen_examples, self.metrics["data"] = data_mod.load_examples(spec.dataset, spec.storage, self.tokenizer, spec.training.seed)
-            packed = spec.dataset.packing
-            collate = lambda b: data_mod.collate(b, pad, packed)  # noqa: E731
+            collate = functools.partial(data_mod.collate, pad_id=pad, packed=spec.dataset.packing)
         data_mod.check_batch(len(train), spec.training, self.world_size, self.config.gradient_accumulation_steps)
         if acc.is_main_process:
             log(f"{len(train)} training and {len(evals)} evaluation {'preference pairs' if spec.objective == 'dpo' else 'sequences'}")
@@ -176,8 +187,9 @@ class Trainer:
             if acc.is_main_process:
                 log(f"QLoRA: {self.metrics['quantizedLayers']} linear layers at {spec.model.quantization.bits} bits ({spec.model.quantization.type if spec.model.quantization.bits == 4 else 'int8'})")
         self.metrics["chunkedLoss"] = loss_mod.installed(model)
+        self.metrics["fastPath"] = model_mod.fast_path(model)
         if acc.is_main_process:
-            log(f"method {spec.method}: {trainable:,} of {total:,} parameters trainable")
+            log(f"method {spec.method}: {trainable:,} of {total:,} parameters trainable; fast path {self.metrics['fastPath']}")
             if self.metrics["chunkedLoss"]:
                 log("loss: chunked linear + cross-entropy (no full logits)")
             else:
@@ -187,13 +199,21 @@ class Trainer:
         if acc.is_main_process and len(groups) > 1:
             log("learning rates: " + ", ".join(f"{len(g['params'])} tensors at {g['lr']:.2e}" for g in groups))
         # One fused kernel per step on CUDA under DDP; DeepSpeed manages (and may offload) the state itself.
-        fused = on_gpu and not self.backend.deepspeed
+        # KUBETUNE_FUSED_ADAMW=1 forces it on the CPU too (tests of the on-device skip), 0 turns it off.
+        fused = os.environ.get(ENV_FUSED_ADAMW, "1" if on_gpu else "0") == "1" and not self.backend.deepspeed
         optimizer = torch.optim.AdamW(groups, lr=spec.training.learning_rate, weight_decay=spec.training.weight_decay, fused=fused or None)
+        workers = LOADER_WORKERS_GPU if on_gpu else 0
+        loader_args: dict[str, Any] = {"num_workers": workers, "pin_memory": on_gpu, "persistent_workers": workers > 0}
         generator = torch.Generator().manual_seed(spec.training.seed)
-        train_loader: Any = torch.utils.data.DataLoader(
-            cast(Any, train), batch_size=spec.training.per_device_batch_size, shuffle=True, collate_fn=collate, generator=generator
-        )
-        eval_loader: Any = torch.utils.data.DataLoader(cast(Any, evals), batch_size=spec.training.per_device_batch_size, collate_fn=collate) if evals else None
+        if self.metrics["fastPath"].get("varlenAttention"):
+            # Micro-batches by token budget (perDeviceBatchSize x maxSeqLength), each one flattened row (batching.py).
+            budget = spec.training.per_device_batch_size * spec.dataset.max_seq_length
+            loader_args.update(batch_size=1, collate_fn=batching.Flatten(spec.dataset.max_seq_length))
+            train, evals = batching.micro_batches(train, budget, spec.training.seed), batching.micro_batches(evals, budget)
+        else:  # the model's own attention: rows padded to the longest (packed rows carry position_ids), or DPO pairs
+            loader_args.update(batch_size=spec.training.per_device_batch_size, collate_fn=collate)
+        train_loader: Any = torch.utils.data.DataLoader(cast(Any, train), shuffle=True, generator=generator, **loader_args)
+        eval_loader: Any = torch.utils.data.DataLoader(cast(Any, evals), **loader_args) if evals else None
         self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, train_loader)
         self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
         self.reference = self._dpo_reference(model_path, on_gpu) if spec.objective == "dpo" else None
@@ -228,13 +248,16 @@ class Trainer:
             log(f"objective dpo ({dpo.loss_type}, beta {dpo.beta}); reference: {kind}")
         return dpo_mod.reference_for(methods.is_adapter(spec), dpo, self.accelerator.unwrap_model(self.model), copy)
 
-    def _loss(self, model: Any, batch: dict[str, torch.Tensor], stats: torch.Tensor | None) -> torch.Tensor:
-        """The objective's loss on one micro-batch; DPO adds its reward statistics to `stats`."""
+    def _loss(self, model: Any, batch: dict[str, Any], stats: torch.Tensor | None, denominator: torch.Tensor | None = None) -> torch.Tensor:
+        """The objective's loss on one micro-batch; DPO adds its reward statistics to `stats`. For the language-model
+        loss, `denominator` makes it the micro-batch's token sum over the step's share of tokens (steps.py)."""
         if self.spec.objective == "dpo":
             out = dpo_mod.dpo_forward(model, self.reference, batch, self.spec.dpo or DpoSpec())
             if stats is not None:
                 stats += out.stats()
             return out.loss
+        if denominator is not None:
+            return model(**batch, num_items_in_batch=denominator, use_cache=False).loss
         return model(**batch, use_cache=False).loss
 
     def _model_dir(self) -> Path:
@@ -277,24 +300,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ train
 
-    def _flags(self, nonfinite: torch.Tensor) -> tuple[bool, bool]:
-        """All ranks agree on (loss not finite somewhere, SIGTERM seen somewhere). The one host sync per
-        optimizer step: losses and token counts stay on the device until a logging step."""
-        t = torch.stack([(nonfinite > 0).float(), torch.tensor(float(self.stop_requested), device=nonfinite.device)])
-        if self.world_size > 1:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        flags = t.tolist()
-        return flags[0] > 0, flags[1] > 0
+    def _raise_if_bad(self, step_flags: torch.Tensor, bad_loss: torch.Tensor, step: int) -> bool:
+        """Read the flags back (a host sync); raise on a non-finite loss; True when a SIGTERM was seen."""
+        bad, stop = (v > 0 for v in step_flags.tolist())
+        if bad:
+            raise TrainerError(
+                ExitCode.LOSS_NOT_FINITE,
+                f"loss became {bad_loss.item()} at step {step}; lower spec.training.learningRate or check the data. "
+                "The last good checkpoint is kept.",
+            )
+        return stop
 
     def train(self) -> ExitCode:
         acc, spec, st = self.accelerator, self.spec, self.state
         device = acc.device
         zero = lambda: torch.zeros((), device=device)  # noqa: E731
-        window_loss, window_n, window_tokens, window_start = zero(), 0, zero(), time.time()
+        window_loss, window_n, window_tokens, window_inputs, window_start = zero(), 0, zero(), zero(), time.time()
         window_pref = torch.zeros(5, device=device)  # DPO: pairs, ranked right, margin, chosen and rejected reward sums
         nonfinite, bad_loss = zero(), zero()
         preempted = stopped_early = stop = False
         debug_stop_at = int(os.environ.get(ENV_DEBUG_STOP_AT_STEP, "0"))  # tests: act as if SIGTERM came at this step
+        accum = self.config.gradient_accumulation_steps
+        token_weighted = spec.objective != "dpo"  # DPO weighs pairs, each micro-batch's mean as before
+        deferred = steps.skips_on_device(self.optimizer)  # flags read one step late; the fused optimizer skips a bad step
+        pending: torch.Tensor | None = None  # the previous step's flags, not yet read
+        clip = spec.training.max_grad_norm > 0 and acc.distributed_type.value != "DEEPSPEED"
         self.model.train()
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         deadline = spec.run_policy.progress_deadline_seconds
@@ -302,53 +332,58 @@ class Trainer:
         while st.step < self.total_steps and not (preempted or stopped_early):
             self.train_loader.set_epoch(st.epoch)
             loader = acc.skip_first_batches(self.train_loader, st.batches_in_epoch) if st.batches_in_epoch else self.train_loader
-            for batch in loader:
-                with acc.accumulate(self.model):
-                    loss = self._loss(self.model, batch, window_pref)
-                    detached = loss.detach().float()
+            for group in steps.optimizer_steps(loader, accum):
+                denominator = steps.step_denominator(group, self.world_size, accum, device) if token_weighted else None
+                losses = steps.forward_backward(acc, self.model, group, functools.partial(self._loss, self.model, stats=window_pref, denominator=denominator))
+                for batch, detached in zip(group, losses, strict=True):
                     finite = torch.isfinite(detached)
                     nonfinite += (~finite).float()
                     bad_loss = torch.where(finite, bad_loss, detached)
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        # Checked before the update, so a non-finite loss in any micro-batch never reaches the weights.
-                        bad, stop = self._flags(nonfinite)
-                        if bad:
-                            raise TrainerError(
-                                ExitCode.LOSS_NOT_FINITE,
-                                f"loss became {bad_loss.item()} at step {st.step + 1}; lower spec.training.learningRate or check the data. "
-                                "The last good checkpoint is kept.",
-                            )
-                        if spec.training.max_grad_norm > 0 and acc.distributed_type.value != "DEEPSPEED":
-                            acc.clip_grad_norm_(self.model.parameters(), spec.training.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad()
-                st.batches_in_epoch += 1
-                window_loss += torch.nan_to_num(detached)
-                window_n += 1
-                if "labels" in batch:
-                    window_tokens += (batch["labels"] != data_mod.IGNORE).sum()
-                if not acc.sync_gradients:
-                    continue
+                    window_loss += torch.nan_to_num(detached)
+                    window_n += 1
+                    if "labels" in batch:
+                        window_tokens += batching.label_count(batch)
+                        window_inputs += batch["input_ids"].numel()
+                st.batches_in_epoch += len(group)
+                step_flags = steps.flags(nonfinite, self.stop_requested)
+                if pending is not None:  # the previous step's flags: long done on the device by now
+                    stop = self._raise_if_bad(pending, bad_loss, st.step) or stop
+                    pending = None
+                if deferred:
+                    steps.set_found_inf(self.optimizer, step_flags)
+                    pending = step_flags
+                else:  # checked before the update, so a non-finite loss never reaches the weights
+                    stop = self._raise_if_bad(step_flags, bad_loss, st.step + 1) or stop
+                if clip:
+                    acc.clip_grad_norm_(self.model.parameters(), spec.training.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
                 self.scheduler.step()
                 st.step += 1
                 watchdog.debug_hang(st.step, rank)
                 if dog is not None:
                     dog.beat(st.step)
-                if st.step % spec.training.logging_steps == 0 or st.step == self.total_steps:
-                    stats = acc.reduce(torch.cat([torch.stack([window_loss / max(window_n, 1), window_tokens.float()]), window_pref]), "sum").tolist()
+                logging_step = st.step % spec.training.logging_steps == 0 or st.step == self.total_steps
+                eval_step = self.eval_loader is not None and bool(spec.training.eval_steps) and st.step % spec.training.eval_steps == 0
+                checkpoint_step = st.step % spec.output.checkpoint_steps == 0 or st.step == debug_stop_at
+                if pending is not None and (logging_step or eval_step or checkpoint_step or st.step >= self.total_steps):
+                    stop = self._raise_if_bad(pending, bad_loss, st.step) or stop  # never log, evaluate or save a bad step
+                    pending = None
+                if logging_step:
+                    window = torch.stack([window_loss / max(window_n, 1), window_tokens.float(), window_inputs.float()])
+                    stats = acc.reduce(torch.cat([window, window_pref]), "sum").tolist()
                     elapsed = time.time() - window_start
                     mean_loss = stats[0] / self.world_size
                     tps = stats[1] / max(elapsed, 1e-9)
                     st.tokens_seen += int(stats[1])
                     st.train_seconds += elapsed
-                    self._report(mean_loss, tps, dpo_mod.reward_summary(stats[2:]) if spec.objective == "dpo" else {})
-                    window_loss, window_n, window_tokens, window_start = zero(), 0, zero(), time.time()
+                    self._report(mean_loss, tps, dpo_mod.reward_summary(stats[3:]) if spec.objective == "dpo" else {}, int(stats[2]))
+                    window_loss, window_n, window_tokens, window_inputs, window_start = zero(), 0, zero(), zero(), time.time()
                     window_pref.zero_()
-                if self.eval_loader is not None and spec.training.eval_steps and st.step % spec.training.eval_steps == 0:
+                if eval_step:
                     stopped_early = self._evaluate_and_check()
                 preempted = stop or st.step == debug_stop_at
-                if preempted or st.step % spec.output.checkpoint_steps == 0:
+                if preempted or checkpoint_step:
                     self.save_checkpoint()
                 if preempted or stopped_early or st.step >= self.total_steps:
                     break
@@ -357,6 +392,9 @@ class Trainer:
                 st.batches_in_epoch = 0
                 if self.eval_loader is not None and not spec.training.eval_steps:
                     stopped_early = self._evaluate_and_check()
+        if pending is not None:
+            self._raise_if_bad(pending, bad_loss, st.step)
+        steps.set_found_inf(self.optimizer, None)
         if dog is not None:
             dog.stop()
         if preempted:
@@ -389,10 +427,11 @@ class Trainer:
                         "lossCurve": self.state.loss_curve})
         )
 
-    def _report(self, loss: float, tps: float, rewards: dict[str, float]) -> None:
+    def _report(self, loss: float, tps: float, rewards: dict[str, float], input_tokens: int = 0) -> None:
         st = self.state
         lr = max(self.scheduler.get_last_lr())  # the base rate (head and LoRA+ groups may be higher, decayed layers lower)
-        st.loss_curve.append({"step": st.step, "loss": loss, "learningRate": lr, "tokensPerSecond": tps, **rewards})
+        # inputTokens: tokens the model ran on since the last report, all ranks (padding-free batches compute no padding).
+        st.loss_curve.append({"step": st.step, "loss": loss, "learningRate": lr, "tokensPerSecond": tps, "inputTokens": input_tokens, **rewards})
         per_step = st.train_seconds / max(st.step, 1)
         eta = per_step * (self.total_steps - st.step)
         epoch = st.epoch + st.batches_in_epoch / max(len(self.train_loader), 1)

@@ -1,0 +1,148 @@
+"""Short real runs through the trainer's entry point, so every code path of the fast path runs once on this device:
+LoRA and full fine-tuning under DDP, DeepSpeed ZeRO-2 and ZeRO-3, packed and not, on a small grouped-query Qwen2
+(bench/trainer_throughput.py's tiny model and word tokenizer). Each run is `torchrun --nproc-per-node 1 -m
+kubetune_trainer --config ...` with a config rendered from a FineTuneJob spec as the operator renders it; the runs
+go in parallel (one GPU holds them all). A run passes when it exits 0, its losses are finite and its final loss is
+below its first. Prints one JSON line per run (with the trainer's fastPath metrics) and exits 1 if any failed.
+
+    python bench/gpu_runs.py [--cpu-rehearsal] [--steps 8] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+for extra in (REPO / "operator", REPO / "trainer_image", REPO / "bench"):
+    if str(extra) not in sys.path:
+        sys.path.insert(0, str(extra))
+
+CASES: dict[str, dict[str, Any]] = {
+    "ddp-lora": {"method": "lora", "backend": "ddp", "packing": False},
+    "ddp-full": {"method": "full", "backend": "ddp", "packing": True},
+    "zero2-lora": {"method": "lora", "backend": "deepspeed", "zero": 2, "packing": True},
+    "zero2-full": {"method": "full", "backend": "deepspeed", "zero": 2, "packing": False},
+    "zero3-lora": {"method": "lora", "backend": "deepspeed", "zero": 3, "packing": False},
+    "zero3-full": {"method": "full", "backend": "deepspeed", "zero": 3, "packing": True},
+}
+
+
+def spec_for(case: dict[str, Any], work: Path, out: Path, steps: int, gpu: bool) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": {"source": str(work / "model")},
+        "dataset": {"train": str(work / "ragged.jsonl"), "format": "text", "maxSeqLength": 128, "packing": case["packing"]},
+        "method": case["method"],
+        "training": {"maxSteps": steps, "learningRate": 2e-3 if case["method"] == "lora" else 5e-4, "warmupSteps": 0,
+                     "perDeviceBatchSize": 4, "globalBatchSize": 8, "loggingSteps": 1, "seed": 42},  # 2 micro-batches a step
+        "distributed": {"nodes": 1, "procsPerNode": 1, "gpusPerNode": 1 if gpu else 0, "backend": case["backend"]},
+        "output": {"uri": str(out), "checkpointSteps": max(2, steps // 2), "keepCheckpoints": 1, "mergeAdapter": False},
+    }  # fmt: skip
+    if "zero" in case:
+        spec["distributed"]["zeroStage"] = case["zero"]
+    if case["method"] == "lora":
+        spec["lora"] = {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]}
+    return spec
+
+
+def launch(name: str, case: dict[str, Any], work: Path, steps: int, gpu: bool) -> tuple[subprocess.Popen, Path]:
+    import socket
+
+    from kubetune.api.models import FineTuneJobSpec
+    from kubetune.render.trainer_config import render_trainer_config
+
+    run_dir = work / name
+    run_dir.mkdir()
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    spec = FineTuneJobSpec.model_validate(spec_for(case, work, run_dir / "out", steps, gpu))
+    config = render_trainer_config(spec, name=f"check-{name}", uid=f"check-{name}", progress_port=ports[0])
+    (run_dir / "trainer-config.yaml").write_text(config.dump_yaml())
+    env = {**os.environ, "KUBETUNE_CACHE_DIR": str(run_dir / "cache"), "KUBETUNE_TERMINATION_LOG": str(run_dir / "termination-log"),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer_image"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    if not gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+           "--master-port", str(ports[1]), "-m", "kubetune_trainer", "--config", str(run_dir / "trainer-config.yaml")]  # fmt: skip
+    log = open(run_dir / "log", "w")
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), run_dir
+
+
+def verdict(name: str, code: int, run_dir: Path, seconds: float) -> dict[str, Any]:
+    metrics_file = run_dir / "out" / "metrics.json"
+    r: dict[str, Any] = {"run": name, "exit": code, "seconds": round(seconds, 1)}
+    if code != 0 or not metrics_file.exists():
+        r["ok"] = False
+        r["log_tail"] = (run_dir / "log").read_text()[-3000:]
+        return r
+    m = json.loads(metrics_file.read_text())
+    losses = [e["loss"] for e in m["lossCurve"]]
+    r.update({"backend": m["backend"], "steps": m["steps"], "first_loss": losses[0], "final_loss": losses[-1],
+              "fastPath": m.get("fastPath"), "chunkedLoss": m.get("chunkedLoss"), "tokensPerSecond": m.get("tokensPerSecond")})  # fmt: skip
+    r["ok"] = all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu-rehearsal", action="store_true", help="run on the CPU (only the device changes)")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--runs", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
+    ap.add_argument("--parallel", type=int, help="runs at once (default: all on a GPU, 2 on a CPU)")
+    ap.add_argument("--timeout", type=int, default=240, help="seconds for all runs")
+    ap.add_argument("--out", help="also write the results as one JSON list here")
+    a = ap.parse_args(argv)
+    import torch
+
+    gpu = not a.cpu_rehearsal
+    if gpu and not torch.cuda.is_available():
+        ap.error("no CUDA device here; use --cpu-rehearsal")
+    names = [n for n in a.runs.split(",") if n]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        ap.error(f"unknown runs {unknown}; choose from {list(CASES)}")
+    import trainer_throughput as tt
+
+    results: list[dict[str, Any]] = []
+    deadline = time.time() + a.timeout
+    with tempfile.TemporaryDirectory(prefix="kubetune-gpu-runs-") as tmp:
+        work = Path(tmp)
+        p = {"tiny": True, "attn": "sdpa", "seq": 128, "mb": 4, "steps": a.steps * 4, "vocab": tt.model_config(True, "sdpa").vocab_size}
+        tt.prepare(p, work)
+        queue, running = list(names), {}
+        parallel = a.parallel or (len(names) if gpu else 2)
+        while queue or running:
+            while queue and len(running) < parallel:
+                name = queue.pop(0)
+                running[name] = (*launch(name, CASES[name], work, a.steps, gpu), time.time())
+            for name, (proc, run_dir, started) in list(running.items()):
+                code = proc.poll()
+                if code is None and time.time() > deadline:
+                    os.killpg(proc.pid, 9)
+                    code = proc.wait()
+                if code is not None:
+                    del running[name]
+                    r = verdict(name, code, run_dir, time.time() - started)
+                    results.append(r)
+                    print(json.dumps(r), flush=True)
+            time.sleep(0.5)
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
+    failed = [r["run"] for r in results if not r["ok"]]
+    print(f"trainer runs on {'cuda' if gpu else 'cpu'}: " + (f"FAILED {failed}" if failed else f"all {len(results)} passed"), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
