@@ -258,10 +258,10 @@ def profile_summary(path: Path, top: int = 25) -> list[tuple[str, float]]:
     totals: dict[str, int] = {}
     samples = 0
     for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack:
+        m = re.match(r"^(.*) (\d+)$", line)
+        if not m:
             continue
-        n = int(count)
+        stack, n = m.group(1), int(m.group(2))
         samples += n
         for frame in set(stack.split(";")):
             name = re.sub(r" \((.*/)?([^/]+):\d+\)$", r" (\2)", frame)
