@@ -46,7 +46,7 @@ def test_node_is_ready_with_gpus_and_images(cluster: Cluster, kubelet_node: Any)
     assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
     addrs = {a["type"]: a["address"] for a in node["status"]["addresses"]}
     assert addrs["InternalIP"] == "10.1.0.1"
-    names = {n for i in node["status"].get("images", []) for n in i.get("names", [])}
+    names = {n for i in node["status"].get("images", []) for n in i.get("names") or []}
     assert {OPERATOR_IMAGE, TRAINER_IMAGE} <= names, names
 
 
