@@ -93,6 +93,9 @@ def helm_release(cluster: Cluster, kubelet_node: Any) -> dict[str, Any]:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         print(cluster.kubectl("-n", RELEASE_NS, "describe", "pods", check=False).stdout, file=sys.stderr)
+        for flag in ("--previous", "--timestamps"):
+            print(cluster.kubectl("-n", RELEASE_NS, "logs", "deploy/kubetune", flag, check=False).stdout[-5000:],
+                  file=sys.stderr)
     assert r.returncode == 0, r.stdout + r.stderr
     print(f"\nhelm install --wait: {time.monotonic() - t0:.1f}s", file=sys.stderr)
     return {"helm": helm}

@@ -38,6 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO
 
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 
@@ -113,10 +114,26 @@ def base_layer() -> Path:
     return out
 
 
+def _expand_project(requirements: Iterable[str]) -> list[str]:
+    """`kubetune[extra]` -> the requirements this repository's pyproject.toml declares (not the
+    installed metadata, which is as old as the last `pip install -e`)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    out: list[str] = []
+    for r in requirements:
+        req = Requirement(r)
+        if req.name != project["name"]:
+            out.append(r)
+            continue
+        out += project["dependencies"]
+        for extra in req.extras:
+            out += project["optional-dependencies"][extra]
+    return out
+
+
 def _closure(requirements: Iterable[str]) -> list[metadata.Distribution]:
     """The installed distributions the requirements need (markers evaluated, extras followed)."""
     seen: dict[str, metadata.Distribution] = {}
-    todo = [(Requirement(r), "") for r in requirements]
+    todo = [(Requirement(r), "") for r in _expand_project(requirements)]
     while todo:
         req, extra = todo.pop()
         if req.marker is not None and not req.marker.evaluate({"extra": extra}):
@@ -124,7 +141,11 @@ def _closure(requirements: Iterable[str]) -> list[metadata.Distribution]:
         name = re.sub(r"[-_.]+", "-", req.name).lower()
         if name in SKIP_DISTS:
             continue
-        dist = metadata.distribution(req.name)
+        try:
+            dist = metadata.distribution(req.name)
+        except metadata.PackageNotFoundError:
+            raise RuntimeError(f"{req.name} is required by the images but not installed in {sys.prefix}: "
+                               "pip install -c .ci/constraints.txt -e '.[operator,trainer,dev]'") from None
         for ex in req.extras or {""}:
             key = f"{name}[{ex}]"
             if key in seen:

@@ -9,8 +9,9 @@ interfaces and mount things. All of it happens in here, never on the host:
   Service's ClusterIP, cluster DNS, host services); the CNI bridge `cni0` comes later;
 * the /proc/sys files the kubelet writes at start (vm.overcommit_memory, kernel.panic, ...)
   are bind-mounted over with plain files, so the host's values never change;
-* tmpfs over /run/netns, /run/containerd, /var/lib/cni and /var/log/{pods,containers},
-  which containerd, the CNI plugins and the kubelet use at fixed paths.
+* tmpfs over /run/netns, /run/containerd, /var/lib/cni and /var/log/containers, and
+  <workdir>/pod-logs over /var/log/pods (kept after the run), the fixed paths containerd,
+  the CNI plugins and the kubelet use.
 
 `stop()` kills every process in the namespace's mount namespace and every process in
 the given cgroups, removes those cgroups, then ends the holder: the namespace and all
@@ -33,7 +34,8 @@ HOST_SERVICES_IP = "10.0.0.20"  # host ports (S3) forwarded into the namespace a
 POD_CIDR = "10.88.0.0/16"
 SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
            "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
-TMPFS = ("/run/netns", "/run/containerd", "/var/lib/cni", "/var/log/pods", "/var/log/containers")
+TMPFS = ("/run/netns", "/run/containerd", "/var/lib/cni", "/var/log/containers")
+POD_LOGS = "/var/log/pods"  # bind-mounted from <workdir>/pod-logs: kept for post-mortems
 CGROUP_FS = Path("/sys/fs/cgroup")
 
 
@@ -50,7 +52,7 @@ class Namespace:
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        for d in TMPFS:  # mount points must exist; the mounts themselves are private
+        for d in (*TMPFS, POD_LOGS):  # mount points must exist; the mounts themselves are private
             Path(d).mkdir(parents=True, exist_ok=True)
         self.holder = subprocess.Popen(
             ["unshare", "--net", "--mount", "--propagation", "private", "--", "sleep", "infinity"],
@@ -71,6 +73,8 @@ class Namespace:
             copy.write_text(Path("/proc/sys", f).read_text())
             lines.append(f"mount --bind {copy} /proc/sys/{f}")
         lines += [f"mount -t tmpfs tmpfs {d}" for d in TMPFS]
+        (self.dir / "pod-logs").mkdir(exist_ok=True)
+        lines.append(f"mount --bind {self.dir / 'pod-logs'} {POD_LOGS}")
         self.run(["sh", "-c", "\n".join(lines)])
 
     def argv(self, argv: Sequence[str]) -> list[str]:
