@@ -339,6 +339,10 @@ def build_all() -> list[Image]:
                "Entrypoint": ["python", "-m", "kubetune_trainer.launch"], "WorkingDir": "/home/kubetune",
                "ExposedPorts": {"8080/tcp": {}}}),
     ]
+    used = {p.with_suffix("") for i in images for p in i.layers}
+    for stale in (images_dir() / "layers").iterdir():  # layers of older contents: GBs each
+        if stale.with_suffix("") not in used and stale.suffix in (".tar", ".sha256"):
+            stale.unlink()
     print(f"images: layers ready in {time.monotonic() - t0:.0f}s", file=sys.stderr)
     return images
 
