@@ -100,7 +100,7 @@ def test_loss_matches_trl_dpo_trainer_on_the_same_batch(tmp_path: Path, tokenize
     out = dpo.dpo_forward(plain_policy, plain_reference, ours, DpoSpec(beta=0.3, loss_type=loss_type, label_smoothing=smoothing))
     assert abs(out.loss.item() - expected.item()) < 1e-5, (out.loss.item(), expected.item())
     assert not (batch["completion_mask"][:, 0] == 1).any()  # every row has a prompt: TRL tokenized the pairs as meant
-    assert abs(float(out.loss) - float(torch.log(torch.tensor(2.0)))) > 1e-3  # the policy really differs from the reference
+    assert abs(out.loss.item() - float(torch.log(torch.tensor(2.0)))) > 1e-3  # the policy really differs from the reference
 
 
 def test_with_an_adapter_the_reference_is_the_base_with_adapters_off() -> None:
