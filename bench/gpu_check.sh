@@ -13,7 +13,7 @@
 #   1. preflight  (bench/gpu_preflight.py, ~30 s): varlen attention vs per-example SDPA (output and gradients, GQA,
 #                 causal), a small model flattened vs each example alone, Liger's fused loss vs loss.py;
 #   2. runs       (bench/gpu_runs.py, ~1-2 min): short real runs through the trainer's entry point, LoRA and full
-#                 under DDP, ZeRO-2 and ZeRO-3, in parallel;
+#                 under DDP, ZeRO-2 and ZeRO-3, DoRA and QLoRA (4-bit NF4) under DDP, in parallel;
 #   3. throughput (bench/trainer_throughput.py, ~5 min): full, lora, ragged_full, ragged_lora vs the HF Trainer
 #                 baseline in the same run.
 # Results: $OUT/{preflight,runs,throughput}.json, and bench/results/<device>-<date>.json (the throughput keys plus a

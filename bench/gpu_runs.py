@@ -33,6 +33,9 @@ CASES: dict[str, dict[str, Any]] = {
     "zero2-full": {"method": "full", "backend": "deepspeed", "zero": 2, "packing": False},
     "zero3-lora": {"method": "lora", "backend": "deepspeed", "zero": 3, "packing": False},
     "zero3-full": {"method": "full", "backend": "deepspeed", "zero": 3, "packing": True},
+    # The adapter methods that change the GPU path: DoRA's magnitude vectors, QLoRA's 4-bit NF4 base (bitsandbytes).
+    "ddp-dora": {"method": "dora", "backend": "ddp", "packing": False},
+    "ddp-qlora": {"method": "lora", "backend": "ddp", "packing": False, "quantization": {"bits": 4, "type": "nf4", "doubleQuant": True}},
 }
 
 
@@ -41,15 +44,17 @@ def spec_for(case: dict[str, Any], work: Path, out: Path, steps: int, gpu: bool)
         "model": {"source": str(work / "model")},
         "dataset": {"train": str(work / "ragged.jsonl"), "format": "text", "maxSeqLength": 128, "packing": case["packing"]},
         "method": case["method"],
-        "training": {"maxSteps": steps, "learningRate": 2e-3 if case["method"] == "lora" else 5e-4, "warmupSteps": 0,
+        "training": {"maxSteps": steps, "learningRate": 5e-4 if case["method"] == "full" else 2e-3, "warmupSteps": 0,
                      "perDeviceBatchSize": 4, "globalBatchSize": 8, "loggingSteps": 1, "seed": 42},  # 2 micro-batches a step
         "distributed": {"nodes": 1, "procsPerNode": 1, "gpusPerNode": 1 if gpu else 0, "backend": case["backend"]},
         "output": {"uri": str(out), "checkpointSteps": max(2, steps // 2), "keepCheckpoints": 1, "mergeAdapter": False},
     }  # fmt: skip
     if "zero" in case:
         spec["distributed"]["zeroStage"] = case["zero"]
-    if case["method"] == "lora":
+    if case["method"] in ("lora", "dora"):
         spec["lora"] = {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]}
+    if "quantization" in case:
+        spec["model"]["quantization"] = case["quantization"]
     return spec
 
 

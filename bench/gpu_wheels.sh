@@ -13,10 +13,10 @@ cd "$(dirname "$0")/.."
 PY=${PY:-3.12}
 PIP=${PIP:-.venv/bin/python -m pip}
 mkdir -p .whl
-plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 $PIP download -q --no-deps --only-binary=:all: --python-version "$PY" --implementation cp "${plat[@]}" -d .whl \
   pydantic==2.13.4 pydantic-core==2.46.4 annotated-types typing-inspection hjson==3.1.0 \
-  liger-kernel==0.8.5 transformers==5.23.0 peft==0.21.2
+  liger-kernel==0.8.5 transformers==5.23.0 peft==0.21.2 bitsandbytes==0.50.2   # bitsandbytes (41 MB): the ddp-qlora run
 DS_BUILD_OPS=0 $PIP wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
 ls -la .whl
 du -sh .whl
