@@ -501,8 +501,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["profile_top"] = profile_summary(Path(a.profile))
             result["operator_rss_after_burst_mib"] = op.rss_mib()
             result["bare"], result["kubetune"] = bare, burst
-            result["create_ratio"] = burst["create_seconds"] / bare["create_seconds"]
-            result["delete_ratio"] = burst["delete_seconds"] / bare["delete_seconds"]
+            result["create_ratio"] = burst["create_seconds"] / max(bare["create_seconds"], 1e-9)
+            result["delete_ratio"] = burst["delete_seconds"] / max(bare["delete_seconds"], 1e-9)
             print(f"kubetune: {burst['created']}/{a.jobs} workloads {burst['create_seconds']:.1f}s after the first POST "
                   f"({result['create_ratio']:.2f}x bare); latency p50 {burst['latency_p50_s']:.2f}s p99 {burst['latency_p99_s']:.2f}s; "
                   f"deleted in {burst['delete_seconds']:.1f}s ({result['delete_ratio']:.2f}x bare), children "
