@@ -241,3 +241,25 @@ def test_a_user_error_keeps_its_code_reason_and_message(tmp_path):
     assert code == 66
     assert line.startswith("kubetune run: failed: rank 1 on node-a: exit code 66 (DatasetInvalid): train.jsonl line 3: not JSON; log ")
     assert line.count("\n") == 0
+
+
+def test_a_full_disk_is_a_user_error_naming_the_path():
+    from kubetune_trainer.errors import user_os_error
+
+    with pytest.raises(OSError) as caught, open("/dev/full", "w") as full:  # a real ENOSPC
+        full.write("x")
+        full.flush()
+    caught.value.filename = "/out/checkpoints/step-00000010/model.safetensors"
+    error = user_os_error(caught.value)
+    assert error is not None and error.exit_code == 64
+    assert error.message.startswith("writing /out/checkpoints/step-00000010/model.safetensors: the volume is full (No space left on device)")
+
+
+def test_a_read_only_output_is_a_user_error_and_a_reset_connection_is_not():
+    import errno
+
+    from kubetune_trainer.errors import user_os_error
+
+    read_only = user_os_error(OSError(errno.EROFS, "Read-only file system", "/out/COMPLETE"))
+    assert read_only is not None and read_only.exit_code == 64 and "/out/COMPLETE: the volume is read-only" in read_only.message
+    assert user_os_error(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")) is None

@@ -12,6 +12,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from trainer_helpers import job_spec
+from trainer_helpers import free_port, job_spec, termination, write_config
 
 
 def manifest(tmp: Path) -> Path:
@@ -33,10 +34,10 @@ def manifest(tmp: Path) -> Path:
 class Terminal:
     """A child process whose controlling terminal is a pty we hold the other side of."""
 
-    def __init__(self, argv: list[str]):
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: its own session, the pty as its terminal, in the foreground group
-            os.execv(argv[0], argv)
+            os.execve(argv[0], argv, env if env is not None else dict(os.environ))
         self.text = ""
 
     def read_until(self, pattern: str, timeout: float) -> re.Match[str]:
@@ -114,3 +115,26 @@ def test_ctrl_c_checkpoints_and_the_same_command_resumes(tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from checkpoint step {newest}" in done.stderr
     assert (out / "COMPLETE").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ctrl-c", "hangup"])
+def test_a_rank_checkpoints_on_sigint_and_sighup(tmp_path: Path, how: str) -> None:
+    """The trainer itself (as torchrun or a pod runs it) treats SIGINT and SIGHUP like SIGTERM."""
+    spec = job_spec(tmp_path, **{"training.maxSteps": 400, "training.loggingSteps": 2, "output.checkpointSteps": 1000})
+    spec["dataset"].pop("eval")
+    spec["distributed"]["procsPerNode"] = 1
+    env = {**os.environ, "KUBETUNE_TERMINATION_LOG": str(tmp_path / "termination-log"),  # and what torchrun sets for a rank:
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    rank = Terminal([sys.executable, "-m", "kubetune_trainer", "--config", str(write_config(tmp_path, spec))], env)
+    rank.read_until(r"step \d+/400", timeout=240)
+    if how == "ctrl-c":
+        rank.ctrl_c()
+    else:
+        os.kill(rank.pid, signal.SIGHUP)
+    assert rank.wait(timeout=120) == 143, rank.text[-3000:]
+    [kept] = complete_checkpoints(tmp_path / "out")
+    name = "SIGINT" if how == "ctrl-c" else "SIGHUP"
+    assert f"{name}: checkpoint written at step {int(kept.removeprefix('step-'))}" in rank.text
+    assert termination(tmp_path)["exitCode"] == 143
+    assert "Traceback" not in rank.text and "KeyboardInterrupt" not in rank.text

@@ -29,12 +29,24 @@ def apply_overrides(document: dict[str, Any], overrides: list[str]) -> dict[str,
     return document
 
 
+def unclassified(exc: BaseException) -> int:
+    """Anything not classified: assume infrastructure, a restart may help."""
+    from kubetune_trainer.errors import write_termination_message
+
+    traceback.print_exc()
+    write_termination_message(ExitCode.INFRASTRUCTURE, f"{type(exc).__name__}: {exc}")
+    return int(ExitCode.INFRASTRUCTURE)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kubetune_trainer", description=__doc__)
     parser.add_argument("--config", default=os.environ.get(ENV_CONFIG_PATH, "/etc/kubetune/trainer-config.yaml"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. training.maxSteps=5")
     args = parser.parse_args(argv)
 
+    from kubetune_trainer.signals import StoppedBeforeTraining, stop_at_once
+
+    stop_at_once()  # a signal during imports or start-up ends the rank cleanly (nothing to checkpoint yet)
     import torch
 
     if not torch.cuda.is_available():
@@ -42,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from kubetune.api.trainer_config import TrainerConfig
     from pydantic import ValidationError
 
-    from kubetune_trainer.errors import TrainerError, write_termination_message
+    from kubetune_trainer.errors import TrainerError, user_os_error, write_termination_message
 
     trainer = None
     try:
@@ -66,18 +78,23 @@ def main(argv: list[str] | None = None) -> int:
             if int(os.environ.get("RANK", "0")) == 0:
                 write_termination_message(code, "training finished", trainer.progress.snapshot())
         else:
-            write_termination_message(code, "stopped by SIGTERM after writing a checkpoint")
+            write_termination_message(code, f"stopped by {trainer.stop_reason()} after writing the checkpoint at step {trainer.state.step}")
         return int(code)
-    except TrainerError as exc:
+    except StoppedBeforeTraining as exc:
+        print(f"[kubetune] {exc}", file=sys.stderr, flush=True)
+        write_termination_message(ExitCode.PREEMPTED, str(exc))
+        return int(ExitCode.PREEMPTED)
+    except (TrainerError, OSError) as caught:
+        exc = caught if isinstance(caught, TrainerError) else user_os_error(caught)
+        if exc is None:
+            return unclassified(caught)
         print(f"[kubetune] error: {exc.message}", file=sys.stderr, flush=True)
         if trainer is not None:
             trainer.progress.update(phase="Failed")
         write_termination_message(exc.exit_code, exc.message)
         return int(exc.exit_code)
-    except Exception as exc:  # anything unclassified: assume infrastructure, a restart may help
-        traceback.print_exc()
-        write_termination_message(ExitCode.INFRASTRUCTURE, f"{type(exc).__name__}: {exc}")
-        return int(ExitCode.INFRASTRUCTURE)
+    except Exception as exc:
+        return unclassified(exc)
     finally:
         if trainer is not None:
             try:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.contract import ENV_TERMINATION_LOG, REASONS, ExitCode
+from kubetune.api.contract import ENV_CACHE_DIR, ENV_TERMINATION_LOG, REASONS, ExitCode
 
 
 class TrainerError(Exception):
@@ -59,3 +60,20 @@ def write_termination_message(exit_code: int, message: str, progress: dict[str, 
             return
         except OSError:
             continue
+
+
+# A full or read-only disk, or a quota: a restart on the same volume cannot help.
+USER_OS_ERRORS = {errno.ENOSPC: "is full", errno.EDQUOT: "is over its quota", errno.EROFS: "is read-only"}
+
+
+def user_os_error(exc: OSError) -> TrainerError | None:
+    """OSErrors a restart cannot fix, as user errors naming the path; None for the rest (infrastructure)."""
+    what = USER_OS_ERRORS.get(exc.errno or 0)
+    if what is None:
+        return None
+    where = exc.filename or "the output or cache volume"
+    return TrainerError(
+        ExitCode.CONFIG_INVALID,
+        f"writing {where}: the volume {what} ({exc.strerror}); free space or choose another spec.output.uri "
+        f"(checkpoints are staged under {os.environ.get(ENV_CACHE_DIR, 'the cache directory')} first)",
+    )

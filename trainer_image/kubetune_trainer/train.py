@@ -8,7 +8,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from kubetune.api.models import DpoSpec
 from kubetune.api.trainer_config import TrainerConfig
 from kubetune.render.deepspeed import BackendChoice, choose_backend, render_deepspeed_config
 
-from kubetune_trainer import batching, preflight, steps, watchdog
+from kubetune_trainer import batching, preflight, signals, steps, watchdog
 from kubetune_trainer import checkpoint as ckpt
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import dpo as dpo_mod
@@ -117,6 +116,7 @@ class Trainer:
         self.state = TrainState()
         self.progress = ProgressState()
         self.stop_requested = False
+        self.stop_signal = 0  # the first of SIGTERM, SIGINT or SIGHUP this rank saw
         self.server: Any = None
         self.metrics: dict[str, Any] = {}
 
@@ -132,7 +132,7 @@ class Trainer:
         self.model_path: Path | None = None
         self.backend = pick_backend(self.config, on_gpu, self._model_dir)
         self.accelerator = acc = build_accelerator(self.config, self.backend.deepspeed)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signals.stop_at_next_step(self._on_sigterm)  # SIGTERM, SIGINT and SIGHUP: checkpoint at the next step
         self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if self.world_size != self.config.world_size:
             raise TrainerError(
@@ -267,6 +267,10 @@ class Trainer:
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.stop_requested = True
+        self.stop_signal = self.stop_signal or signum
+
+    def stop_reason(self) -> str:
+        return signals.signal_name(self.stop_signal) if self.stop_signal else "a peer's stop request"
 
     def _plain_model(self, path: Path) -> Any:
         with model_mod.no_zero3_init():
@@ -398,7 +402,7 @@ class Trainer:
         if dog is not None:
             dog.stop()
         if preempted:
-            log(f"SIGTERM: checkpoint written at step {st.step}; exiting for a restart")
+            log(f"{self.stop_reason()}: checkpoint written at step {st.step}; exiting for a restart")
             return ExitCode.PREEMPTED
         if self.eval_loader is not None and (not st.evals or st.evals[-1]["step"] != st.step):
             self._evaluate_and_check()
