@@ -14,8 +14,9 @@ from typing import Any
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-class StoppedBeforeTraining(Exception):
-    """A stop signal arrived before the step loop could checkpoint."""
+class StoppedBeforeTraining(BaseException):
+    """A stop signal arrived before the step loop could checkpoint (a BaseException, like KeyboardInterrupt,
+    so that no library's `except Exception` swallows it)."""
 
     def __init__(self, signum: int):
         super().__init__(f"stopped by {signal_name(signum)} before training started; no new checkpoint")
