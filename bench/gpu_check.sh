@@ -96,7 +96,8 @@ name = f"{slug(report['device'])}-{report['date']}.json"
 results.mkdir(parents=True, exist_ok=True)
 (results / name).write_text(json.dumps(report, indent=2) + "\n")
 (out / "results").mkdir(exist_ok=True)
-shutil.copy(results / name, out / "results" / name)
+if (out / "results" / name).resolve() != (results / name).resolve():
+    shutil.copy(results / name, out / "results" / name)
 print(f"wrote {results / name}")
 EOF
 fi

@@ -1,6 +1,7 @@
 """Short real runs through the trainer's entry point, so every code path of the fast path runs once on this device:
 LoRA and full fine-tuning under DDP, DeepSpeed ZeRO-2 and ZeRO-3, packed and not, on a small grouped-query Qwen2
-(bench/trainer_throughput.py's tiny model and word tokenizer). Each run is `torchrun --nproc-per-node 1 -m
+(bench/trainer_throughput.py's tiny model and word tokenizer) and ragged data a model learns in a few steps (each next
+word follows from the last by a fixed permutation, so the loss falls far more than bf16's noise). Each run is `torchrun --nproc-per-node 1 -m
 kubetune_trainer --config ...` with a config rendered from a FineTuneJob spec as the operator renders it; the runs
 go in parallel (one GPU holds them all). A run passes when it exits 0, its losses are finite and its final loss is
 below its first. Prints one JSON line per run (with the trainer's fastPath metrics) and exits 1 if any failed.
@@ -42,9 +43,9 @@ CASES: dict[str, dict[str, Any]] = {
 def spec_for(case: dict[str, Any], work: Path, out: Path, steps: int, gpu: bool) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "model": {"source": str(work / "model")},
-        "dataset": {"train": str(work / "ragged.jsonl"), "format": "text", "maxSeqLength": 128, "packing": case["packing"]},
+        "dataset": {"train": str(work / "chains.jsonl"), "format": "text", "maxSeqLength": 128, "packing": case["packing"]},
         "method": case["method"],
-        "training": {"maxSteps": steps, "learningRate": 5e-4 if case["method"] == "full" else 2e-3, "warmupSteps": 0,
+        "training": {"maxSteps": steps, "learningRate": 3e-3, "warmupSteps": 0,
                      "perDeviceBatchSize": 4, "globalBatchSize": 8, "loggingSteps": 1, "seed": 42},  # 2 micro-batches a step
         "distributed": {"nodes": 1, "procsPerNode": 1, "gpusPerNode": 1 if gpu else 0, "backend": case["backend"]},
         "output": {"uri": str(out), "checkpointSteps": max(2, steps // 2), "keepCheckpoints": 1, "mergeAdapter": False},
@@ -56,6 +57,24 @@ def spec_for(case: dict[str, Any], work: Path, out: Path, steps: int, gpu: bool)
     if "quantization" in case:
         spec["model"]["quantization"] = case["quantization"]
     return spec
+
+
+def write_chains(work: Path, vocab: int, n: int = 256) -> None:
+    """Ragged examples (16-120 words) where each word follows from the last by one fixed permutation."""
+    import random
+
+    import trainer_throughput as tt
+
+    first = tt._vocab_cache(vocab)[2]
+    words = list(range(first, vocab - 1))
+    rng = random.Random(0)
+    follow = dict(zip(words, rng.sample(words, len(words)), strict=True))
+    with open(work / "chains.jsonl", "w") as handle:
+        for _ in range(n):
+            ids = [rng.choice(words)]
+            for _ in range(rng.randint(15, 119)):
+                ids.append(follow[ids[-1]])
+            handle.write(json.dumps({"text": tt.ids_to_text(ids, vocab)}) + "\n")
 
 
 def launch(name: str, case: dict[str, Any], work: Path, steps: int, gpu: bool) -> tuple[subprocess.Popen, Path]:
@@ -125,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         p = {"tiny": True, "attn": "sdpa", "seq": 128, "mb": 4, "steps": a.steps * 4, "vocab": tt.model_config(True, "sdpa").vocab_size}
         tt.prepare(p, work)
+        write_chains(work, p["vocab"])
         queue, running = list(names), {}
         parallel = a.parallel or (len(names) if gpu else 2)
         while queue or running:
