@@ -1,0 +1,212 @@
+"""Issue 14: the SDK and the CLI against the real API server, the operator's metrics scraped by a
+real Prometheus.
+
+One 2-rank CPU job, driven from Python: `Client.submit` -> `wait` (progress callbacks) and
+`stream_progress` (both on a watch) -> `artifacts().download()` from MinIO with the job's own
+Secret, checked against its manifest. Meanwhile `kubetune get -w` runs in a real terminal (tmux),
+whose screen is read while the job runs and after it succeeds, and Prometheus scrapes the
+operator's /metrics: a PromQL query returns the job's loss. Plus the typed errors a user meets
+first: Forbidden naming the RBAC verb, NotFound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import VENV_BIN, job_doc, wait_for
+from harness.procs import free_port
+from kubetune.client import Client, Forbidden, NotFound
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+NS_KEY = "happy"
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+TMUX = shutil.which("tmux")
+
+
+class Prometheus:
+    """A real Prometheus (Debian's package, or any on PATH) scraping one target every second."""
+
+    def __init__(self, target: str, workdir: Path):
+        self.port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                  "scrape_configs": [{"job_name": "kubetune-operator", "honor_labels": True,
+                                      "static_configs": [{"targets": [target]}]}]}  # fmt: skip
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.log = (workdir / "prometheus.log").open("w")
+        self.proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
+        wait_for("prometheus ready", self.ready, 60)
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        with urllib.request.urlopen(url, timeout=5) as r:
+            body = json.load(r)
+        assert body["status"] == "success", body
+        return list(body["data"]["result"])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+        self.log.close()
+
+
+class Terminal:
+    """A command in a real terminal: a tmux session on a private server, 170x20 characters."""
+
+    def __init__(self, command: list[str], env: dict[str, str]):
+        self.socket = f"kubetune-e2e-{uuid.uuid4().hex[:8]}"
+        exports = " ".join(f"{k}={_quote(v)}" for k, v in env.items())
+        line = f"env {exports} " + " ".join(_quote(c) for c in command)
+        self.tmux("new-session", "-d", "-x", "170", "-y", "20", "-s", "t", line)
+        self.tmux("set-option", "-t", "t", "remain-on-exit", "on")
+
+    def tmux(self, *args: str) -> str:
+        assert TMUX is not None
+        return subprocess.run([TMUX, "-L", self.socket, *args], check=True, capture_output=True, text=True).stdout
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p", "-t", "t")
+
+    def close(self) -> None:
+        subprocess.run([TMUX or "tmux", "-L", self.socket, "kill-server"], capture_output=True)
+
+
+def _quote(s: str) -> str:
+    return "'" + s.replace("'", "'\\''") + "'"
+
+
+def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node_agent, operator, tmp_path, monkeypatch):
+    if not os.access(PROMETHEUS, os.X_OK):
+        pytest.skip("no prometheus binary (apt-get install prometheus; .ci/run installs it)")
+    if TMUX is None:
+        pytest.skip("no tmux (apt-get install tmux; .ci/run installs it)")
+    # The suite's operator again, now with its metrics port on a free port of this machine.
+    monkeypatch.setenv("KUBETUNE_METRICS_PORT", str(free_port()))
+    operator.restart()
+    prometheus = Prometheus(f"127.0.0.1:{os.environ['KUBETUNE_METRICS_PORT']}", tmp_path / "prometheus")
+    name = "sdk-lora"
+    client = Client(namespace=suite_ns, kubeconfig=str(cluster.kubeconfig))
+    env = {"KUBECONFIG": str(cluster.kubeconfig), "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "TERM": "xterm-256color",
+           "COLUMNS": "170"}  # fmt: skip
+    terminal = Terminal([str(VENV_BIN / "kubetune"), "get", "-w", "-n", suite_ns], env)
+    try:
+        # Typed errors first: a ServiceAccount with no Role, and a name that does not exist.
+        nobody = Client(namespace=suite_ns, kubeconfig=str(cluster.kubeconfig_for_serviceaccount(suite_ns, "default")))
+        with pytest.raises(Forbidden) as refused:
+            nobody.submit(job_doc(name, s3, s3_data, steps=30))
+        assert (refused.value.verb, refused.value.resource) == ("create", "finetunejobs.kubetune.io"), str(refused.value)
+        with pytest.raises(NotFound):
+            client.get("no-such-job")
+
+        t0 = time.monotonic()
+        job = client.submit(job_doc(name, s3, s3_data, steps=30, checkpoint_steps=30))
+        assert job.metadata.namespace == suite_ns and job.metadata.uid
+        streamed: list[Any] = []
+        streamer = threading.Thread(target=lambda: streamed.extend(client.stream_progress(name, timeout=300)), daemon=True)
+        streamer.start()
+        seen: list[Any] = []
+        screens: list[str] = []
+
+        def on_progress(p: Any) -> None:
+            seen.append(p)
+            if p.step and p.step < 30:
+                screens.append(terminal.screen())  # the live table while it trains
+
+        done = client.wait(name, timeout=300, on_progress=on_progress)
+        streamer.join(30)
+        took = time.monotonic() - t0
+        print(f"\n[suite] {name}: submit -> Succeeded via the SDK in {took:.1f}s; {len(seen)} progress callbacks, "
+              f"{len(streamed)} streamed", file=sys.stderr)  # fmt: skip
+        assert done.status is not None and done.status.phase == "Succeeded"
+        assert done.status.progress is not None and done.status.progress.step == 30
+        for readings in (seen, streamed):
+            steps = [p.step for p in readings if p.step is not None]
+            assert len(set(steps)) >= 2 and steps == sorted(steps) and steps[-1] == 30, steps
+        assert [j.metadata.name for j in client.list(phase="Succeeded")] == [name]
+        assert client.list(phase="Running") == []
+
+        # Artifacts: the URIs, and the merged model downloaded with the job's Secret, checked against its manifest.
+        arts = client.artifacts(name)
+        assert arts.uris.merged_model == f"s3://{s3.bucket}/runs/{name}/model/"
+        assert arts.credentials is not None  # read from spec.storage.secretRef
+        got = arts.download(tmp_path / "download")
+        manifest = json.loads(s3.client().get_object(Bucket=s3.bucket, Key=f"runs/{name}/manifest.json")["Body"].read())
+        in_model = {k for k in manifest["files"] if k.startswith("model/")}
+        assert got.verified == len(in_model) >= 3
+        assert {str(p.relative_to(tmp_path / "download")) for p in got.files} == in_model
+        assert json.loads((got.path / "config.json").read_text())["model_type"] == "llama"
+
+        # PromQL: the operator re-exports the job's loss; Prometheus has scraped it.
+        loss = done.status.progress.loss
+
+        def sample(promql: str) -> float | None:
+            result = prometheus.query(promql)
+            return float(result[0]["value"][1]) if result else None
+
+        # Scraped every second: wait for the scrape after the final status (the values are then exact).
+        wait_for("the final loss in Prometheus", lambda: sample(
+            f'kubetune_job_loss{{namespace="{suite_ns}", finetunejob="{name}"}}') == pytest.approx(loss, rel=1e-6), 30)
+        wait_for("one Succeeded job in Prometheus", lambda: sample(
+            f'kubetune_finetunejobs{{namespace="{suite_ns}", phase="Succeeded"}}') == 1, 30)
+        assert sample(f'kubetune_finetunejobs{{namespace="{suite_ns}", phase="Running"}}') == 0
+        latency = prometheus.query("kubetune_time_to_workload_seconds_count")
+        assert latency and float(latency[0]["value"][1]) >= 1
+        created = prometheus.query('sum(kubetune_api_requests_total{verb="create", resource="jobs"})')
+        assert created and float(created[0]["value"][1]) >= 1
+
+        # The terminal: the live table showed the job training, then its end.
+        final = wait_for("Succeeded on the tmux screen", lambda: (lambda s: s if "Succeeded" in s else None)(terminal.screen()), 15)
+        training = [sc for sc in screens if name in sc and "Running" in sc]
+        print("[suite] kubetune get -w, while training:\n" + (training[-1] if training else "(none)") +
+              "\n[suite] and at the end:\n" + final, file=sys.stderr)  # fmt: skip
+        assert training, screens
+        header = next(line for line in final.splitlines() if "PHASE" in line)
+        assert all(col in header for col in ("NAME", "PROGRESS", "LOSS", "TOKENS/S", "ETA"))
+        row = next(line for line in final.splitlines() if name in line)
+        assert "Succeeded" in row and "100.0%" in row and f"{loss:.4f}" in row and "30/30" in row
+
+        # The other commands, as a user types them.
+        cli_env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+        kt = str(VENV_BIN / "kubetune")
+        out = subprocess.run([kt, "get", name, "-n", suite_ns, "-o", "json"], env=cli_env, capture_output=True, text=True, check=True)
+        assert json.loads(out.stdout)["status"]["phase"] == "Succeeded"
+        out = subprocess.run([kt, "describe", name, "-n", suite_ns], env=cli_env, capture_output=True, text=True, check=True)
+        assert "Phase:        Succeeded" in out.stdout and arts.uris.merged_model in out.stdout
+        out = subprocess.run([kt, "download", name, str(tmp_path / "cli"), "-n", suite_ns, "--what", "adapter"],
+                             env=cli_env, capture_output=True, text=True)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert (tmp_path / "cli" / "adapter" / "adapter_config.json").exists()
+
+        if os.environ.get("KUBETUNE_E2E_NODE") == "kubelet":  # the node agent has no kubelet API to read logs from
+            lines = list(client.logs(name, rank=0, follow=False))
+            assert any("[kubetune]" in line for line in lines), lines[-20:]
+
+        client.delete(name)
+        wait_for("the FineTuneJob gone", lambda: not client.list(), 60)
+        out = subprocess.run([kt, "describe", name, "-n", suite_ns], env=cli_env, capture_output=True, text=True)
+        assert out.returncode == 1 and f"finetunejob {name!r} not found in namespace {suite_ns}" in out.stderr
+    finally:
+        terminal.close()
+        prometheus.stop()
