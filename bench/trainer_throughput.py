@@ -366,7 +366,7 @@ def run_kubetune(p: dict[str, Any], mode: str, work: Path) -> dict[str, Any]:
     from kubetune.api.models import FineTuneJobSpec
     from kubetune.render.trainer_config import render_trainer_config
     from kubetune_trainer import __main__ as entry
-    from kubetune_trainer import train as train_mod
+    from kubetune_trainer import loop as loop_mod
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"kubetune-{mode}-", dir=work))
     spec = FineTuneJobSpec.model_validate(kubetune_spec(p, mode, work, run_dir / "out"))
@@ -381,7 +381,7 @@ def run_kubetune(p: dict[str, Any], mode: str, work: Path) -> dict[str, Any]:
     # A read-only observation hook: a timestamp per optimizer step (report). Tokens come from the trainer's own
     # loss curve (inputTokens per report: every token the model ran on; it never computes padding).
     marks: dict[int, float] = {}
-    orig_report = train_mod.Trainer._report
+    orig_report = loop_mod.StepLoop.report
 
     def timed_report(self: Any, *args: Any) -> None:
         orig_report(self, *args)
@@ -397,12 +397,12 @@ def run_kubetune(p: dict[str, Any], mode: str, work: Path) -> dict[str, Any]:
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port)}  # fmt: skip
     saved_env = {k: os.environ.get(k) for k in torchrun_env}
     os.environ.update(torchrun_env)
-    train_mod.Trainer._report = timed_report
+    loop_mod.StepLoop.report = timed_report
     try:
         with PeakMemory() as mem:
             code = entry.main(["--config", str(run_dir / "trainer-config.yaml")])
     finally:
-        train_mod.Trainer._report = orig_report
+        loop_mod.StepLoop.report = orig_report
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -17,7 +17,7 @@ from kubetune.api.trainer_config import TrainerConfig
 from kubetune.render.deepspeed import choose_backend, ddp_state_bytes
 from kubetune.render.trainer_config import render_trainer_config
 from kubetune_trainer import model as model_mod
-from kubetune_trainer.train import pick_backend
+from kubetune_trainer.setup import pick_backend
 from trainer_helpers import TINY_MODEL
 
 GIB = 1024**3

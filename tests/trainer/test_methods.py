@@ -61,7 +61,7 @@ def test_freezing_everything_is_refused() -> None:
 def test_training_dtype() -> None:
     import torch
     from kubetune.api.models import FineTuneJobSpec
-    from kubetune_trainer.model import training_dtype
+    from kubetune_trainer.precision import training_dtype
 
     def spec(method: str, dtype: str = "auto") -> FineTuneJobSpec:
         return FineTuneJobSpec.model_validate(
@@ -75,6 +75,6 @@ def test_training_dtype() -> None:
 
 
 def resolve_auto_gpu():  # type: ignore[no-untyped-def]
-    from kubetune_trainer.model import resolve_dtype
+    from kubetune_trainer.precision import resolve_dtype
 
     return resolve_dtype("auto", on_gpu=True)

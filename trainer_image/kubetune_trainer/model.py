@@ -14,18 +14,10 @@ from kubetune.api.methods import is_adapter
 from kubetune.api.models import FineTuneJobSpec, FreezeSpec, LoraSpec, QuantizationSpec
 
 from kubetune_trainer import peft_methods
+from kubetune_trainer.backend import ddp_state_bytes as state_bytes
 from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.precision import training_dtype
 from kubetune_trainer.storage import fetch
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
-    if not on_gpu:
-        return torch.float32  # CPU kernels train in fp32; half types are slow or unsupported there
-    return DTYPES[name]
 
 
 def model_path(spec: FineTuneJobSpec) -> Path:
@@ -114,18 +106,6 @@ def apply_freeze(model: Any, freeze: FreezeSpec) -> None:
         raise TrainerError(ExitCode.CONFIG_INVALID, "spec.freeze leaves no trainable parameter")
 
 
-def training_dtype(spec: FineTuneJobSpec, on_gpu: bool, deepspeed: bool) -> torch.dtype:
-    """dtype to load the weights in for training.
-
-    `auto` full fine-tuning under DDP loads fp32 and lets Accelerate autocast to bf16, so
-    AdamW updates fp32 master weights; DeepSpeed keeps its own fp32 master copy, and
-    LoRA's frozen base can stay in bf16 (peft keeps the adapter in fp32).
-    """
-    if spec.model.dtype == "auto" and spec.method == "full" and not deepspeed:
-        return torch.float32
-    if spec.model.quantization is not None and on_gpu and spec.model.dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # QLoRA computes in half precision
-    return resolve_dtype(spec.model.dtype, on_gpu)
 
 
 def prepare_model(spec: FineTuneJobSpec, path: Path, on_gpu: bool, deepspeed: bool = False) -> Any:
@@ -170,7 +150,6 @@ def ddp_state_bytes(spec: FineTuneJobSpec, path: Path, on_gpu: bool) -> int:
     """Weights + gradients + AdamW state one GPU would hold under DDP, sized on an empty (meta)
     model built from config.json with the job's LoRA or freezing applied: nothing is loaded."""
     from accelerate import init_empty_weights
-    from kubetune.render.deepspeed import ddp_state_bytes as state_bytes
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -199,3 +178,9 @@ def ddp_state_bytes(spec: FineTuneJobSpec, path: Path, on_gpu: bool) -> int:
 def trainable_parameters(model: Any) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+def plain_model(path: Path, spec: FineTuneJobSpec) -> Any:
+    """The whole model in fp32 for evaluation in one process (generation), outside ZeRO-3."""
+    with no_zero3_init():
+        return load_model(path, torch.float32, spec.model.trust_remote_code).eval()

@@ -1,0 +1,135 @@
+"""Final artifacts: adapter/, model/, metrics.json, trainer-config.yaml, manifest.json, COMPLETE last."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from kubetune.api import methods
+from kubetune.api.contract import ADAPTER_DIR, CONFIG_FILE, MERGED_DIR, METRICS_FILE
+from kubetune.api.trainer_config import TrainerConfig
+
+from kubetune_trainer import checkpoint as ckpt
+from kubetune_trainer import model as model_mod
+from kubetune_trainer.evaluation import exact_match
+from kubetune_trainer.log import log
+from kubetune_trainer.precision import resolve_dtype
+from kubetune_trainer.setup import Parts, Runtime
+from kubetune_trainer.state import RunFacts, TrainState
+from kubetune_trainer.storage import cache_root
+
+
+@dataclass
+class ArtifactWriter:
+    config: TrainerConfig
+    rt: Runtime
+    parts: Parts
+    state: TrainState
+    facts: RunFacts
+    started: float  # time.time() when the run began
+
+    def save(self) -> None:
+        """Every rank takes part (gathering ZeRO-3 shards); rank 0 writes and publishes."""
+        acc = self.rt.accelerator
+        state_dict = acc.get_state_dict(self.parts.model)
+        if self.rt.is_main:
+            out = Path(tempfile.mkdtemp(prefix="kubetune-artifacts-", dir=cache_root()))
+            self._write_weights(out, state_dict)
+            self._measure_exact_match(out)
+            (out / METRICS_FILE).write_text(json.dumps(self.metrics(), indent=2))
+            (out / CONFIG_FILE).write_text(self.config.dump_yaml())
+            files = ckpt.file_table(out)
+            ckpt.upload_files(self.rt.store, out, "", files)
+            ckpt.seal(self.rt.store, "", files, {"job": self.config.job.name, "step": self.state.step})
+            shutil.rmtree(out, ignore_errors=True)
+            log(f"artifacts -> {self.rt.store.uri} ({len(files)} files)")
+        acc.wait_for_everyone()
+
+    def _write_weights(self, out: Path, state_dict: Any) -> None:
+        spec, tokenizer = self.config.spec, self.parts.tokenizer
+        unwrapped = self.rt.accelerator.unwrap_model(self.parts.model)
+        if not methods.is_adapter(spec):
+            unwrapped.save_pretrained(out / MERGED_DIR, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(out / MERGED_DIR)
+            return
+        unwrapped.save_pretrained(out / ADAPTER_DIR, state_dict=state_dict)
+        tokenizer.save_pretrained(out / ADAPTER_DIR)
+        if methods.merges_adapter(spec):
+            self._merge_adapter(out)
+
+    def _merge_adapter(self, out: Path) -> None:
+        from peft import PeftModel
+
+        spec = self.config.spec
+        with model_mod.no_zero3_init():
+            dtype = resolve_dtype(spec.model.dtype, torch.cuda.is_available())
+            # QLoRA too: the adapter is merged into the base loaded unquantized (de-quantized weights).
+            base = model_mod.load_model(self.rt.model_files.path(), dtype, spec.model.trust_remote_code)
+            merged = PeftModel.from_pretrained(base, str(out / ADAPTER_DIR)).merge_and_unload()
+        merged.save_pretrained(out / MERGED_DIR, safe_serialization=True)
+        self.parts.tokenizer.save_pretrained(out / MERGED_DIR)
+        if (q := spec.model.quantization) is not None:
+            self.facts.merged_model = (
+                f"de-quantized: the adapter (trained on the {q.bits}-bit {q.type if q.bits == 4 else 'int8'} base) "
+                f"merged into the original {str(dtype).removeprefix('torch.')} weights"
+            )
+            log(f"merged model: {self.facts.merged_model}")
+
+    def _measure_exact_match(self, out: Path) -> None:
+        spec = self.config.spec
+        samples = self.parts.gen_examples[: spec.training.eval_generation_samples]
+        if not samples:
+            return
+        if (out / MERGED_DIR).exists():
+            tuned = model_mod.plain_model(out / MERGED_DIR, spec)
+        else:
+            from peft import PeftModel
+
+            with model_mod.no_zero3_init():
+                tuned = PeftModel.from_pretrained(
+                    model_mod.plain_model(self.rt.model_files.path(), spec), str(out / ADAPTER_DIR)
+                ).eval()
+        after = self.facts.exact_match_after = exact_match(tuned, samples, self.parts.tokenizer)
+        log(f"exact match after training: {after:.3f} (before {self.facts.exact_match_before or 0:.3f})")
+
+    def _rewards(self) -> dict[str, Any]:
+        """DPO: the last window's reward accuracy and margin, and the eval rewards before and after."""
+        st = self.state
+        out: dict[str, Any] = dict(self.facts.eval_rewards_before)
+        if self.config.spec.objective == "dpo" and st.loss_curve:
+            out.update({k: st.loss_curve[-1][k] for k in ("rewardAccuracy", "rewardMargin")})
+        if st.evals:
+            out.update({f"{k}After": v for k, v in st.evals[-1].items() if k.startswith("evalReward")})
+        return out
+
+    def metrics(self) -> dict[str, Any]:
+        st, facts = self.state, self.facts
+        optional = {"exactMatchBefore": facts.exact_match_before, "exactMatchAfter": facts.exact_match_after,
+                    "mergedModel": facts.merged_model}  # fmt: skip
+        return {
+            "job": self.config.job.name,
+            "steps": st.step,
+            "totalSteps": self.parts.total_steps,
+            "worldSize": self.rt.world_size,
+            "backend": self.rt.backend.name,
+            "backendReason": self.rt.backend.reason,
+            "lossCurve": st.loss_curve,
+            "evals": st.evals,
+            "evalLossBefore": facts.eval_loss_before,
+            "evalLossAfter": st.evals[-1]["evalLoss"] if st.evals else None,
+            "objective": self.config.spec.objective,
+            **self._rewards(),
+            "tokensSeen": st.tokens_seen,
+            "tokensPerSecond": st.tokens_seen / st.train_seconds if st.train_seconds else None,
+            "trainSeconds": st.train_seconds,
+            "wallSeconds": time.time() - self.started,
+            "chunkedLoss": facts.chunked_loss,
+            "data": facts.data,
+            **{k: v for k, v in optional.items() if v is not None},
+        }

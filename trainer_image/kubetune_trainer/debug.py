@@ -1,0 +1,57 @@
+"""The one seam for test hooks. Production pods never set these variables; tests do.
+
+- KUBETUNE_DEBUG_STOP_AT_STEP=N: act as if SIGTERM came at step N (checkpoint, exit 143).
+- KUBETUNE_DEBUG_DIR=dir: at the end each rank writes dir/rank-<r>.json with the world size
+  torch.distributed saw and a digest of its trained weights, so tests can prove ranks trained together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ENV_DEBUG_DIR = "KUBETUNE_DEBUG_DIR"
+ENV_DEBUG_STOP_AT_STEP = "KUBETUNE_DEBUG_STOP_AT_STEP"
+
+
+@dataclass(frozen=True)
+class DebugHooks:
+    stop_at_step: int = 0
+    dump_dir: Path | None = None
+
+    @classmethod
+    def from_env(cls) -> DebugHooks:
+        dump = os.environ.get(ENV_DEBUG_DIR)
+        return cls(int(os.environ.get(ENV_DEBUG_STOP_AT_STEP, "0")), Path(dump) if dump else None)
+
+    def preempt_at(self, step: int) -> bool:
+        return self.stop_at_step > 0 and step == self.stop_at_step
+
+    def dump_rank_state(
+        self, accelerator: Any, model: Any, world_size: int, zero3: bool, loss_curve: list[dict[str, float]]
+    ) -> None:
+        if self.dump_dir is None:
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        gather: Any = contextlib.nullcontext()
+        if zero3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(params)
+        with gather:
+            digest = hashlib.sha256(
+                b"".join(p.detach().float().cpu().numpy().tobytes() for p in params)
+            ).hexdigest()
+            norm = float(sum(p.detach().float().norm() ** 2 for p in params) ** 0.5)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.dump_dir.mkdir(parents=True, exist_ok=True)
+        record = {"rank": rank, "worldSize": world_size, "distributedType": str(accelerator.distributed_type),
+                  "acceleratorProcesses": accelerator.num_processes, "digest": digest, "norm": norm, "lossCurve": loss_curve}  # fmt: skip
+        (self.dump_dir / f"rank-{rank}.json").write_text(json.dumps(record))

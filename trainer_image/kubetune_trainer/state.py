@@ -1,0 +1,36 @@
+"""What a checkpoint carries besides Accelerate's state, and the run's one-off measurements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainState:
+    """Where training is and what it has seen; saved as trainer_state.json in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches consumed in `epoch` (data position)
+    best_eval: float | None = None
+    evals_without_improvement: int = 0
+    loss_curve: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+
+
+@dataclass
+class RunFacts:
+    """Measured once per run (not per step) and written to metrics.json."""
+
+    chunked_loss: bool = False
+    eval_loss_before: float | None = None
+    exact_match_before: float | None = None
+    exact_match_after: float | None = None
+    data: dict[str, Any] = field(default_factory=dict)  # the data report: sources, formats, counts, overflow
+    eval_rewards_before: dict[str, float] = field(default_factory=dict)  # DPO: evalReward*Before
+    merged_model: str | None = None
+    fast_path: dict[str, Any] = field(default_factory=dict)  # which fast kernels the model runs (model.fast_path)
+    quantized_layers: int | None = None  # QLoRA: the k-bit linear layers bitsandbytes built  # how the merged model was made, when not plainly (QLoRA: de-quantized)
