@@ -1,4 +1,4 @@
-"""The config contract: what the operator renders is what the trainer loads; DeepSpeed config as data."""
+"""The config contract: what the operator renders is what the trainer loads; the trainer's DeepSpeed config as data."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import yaml
 from kubetune.api.models import FineTuneJobSpec
 from kubetune.api.trainer_config import TrainerConfig
-from kubetune.render.deepspeed import render_deepspeed_config, uses_deepspeed
 from kubetune.render.trainer_config import render_trainer_config
 from kubetune_trainer.__main__ import apply_overrides
+from kubetune_trainer.backend import deepspeed_config
 
 BASE = {
     "model": {"source": "s3://models/llama"},
@@ -30,7 +30,7 @@ def test_operator_rendered_config_is_what_the_trainer_loads(tmp_path: Path) -> N
     loaded = TrainerConfig.load(path)
     assert loaded == config
     assert loaded.world_size == 4 and loaded.gradient_accumulation_steps == 4
-    assert loaded.deepspeed is not None and loaded.deepspeed["zero_optimization"]["stage"] == 3
+    assert "deepspeed" not in config.model_dump(by_alias=True)  # the trainer alone renders the DeepSpeed config
 
 
 def test_quickstart_manifest_renders(tmp_path: Path) -> None:
@@ -42,7 +42,7 @@ def test_quickstart_manifest_renders(tmp_path: Path) -> None:
     assert job.spec.output.uri == "file://" + str(tmp_path)
     config = render_trainer_config(job.spec, "quickstart")
     assert TrainerConfig.model_validate(yaml.safe_load(config.dump_yaml())) == config
-    assert config.world_size == 2 and config.deepspeed is None
+    assert config.world_size == 2
 
 
 def test_kubetune_run_nproc_and_set_override(tmp_path: Path) -> None:
@@ -66,7 +66,7 @@ def test_trainer_set_overrides_spec_fields() -> None:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_config_batch_sizes_and_stage(stage: int) -> None:
     spec = _spec(nodes=2, procsPerNode=4, gpusPerNode=4, backend="deepspeed", zeroStage=stage)
-    ds = render_deepspeed_config(spec, world_size=8, gradient_accumulation_steps=2, on_gpu=True)
+    ds = deepspeed_config(spec, world_size=8, gradient_accumulation_steps=2, on_gpu=True)
     assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["train_batch_size"] == 4 * 2 * 8
     assert ds["zero_optimization"]["stage"] == stage
@@ -76,19 +76,11 @@ def test_deepspeed_config_batch_sizes_and_stage(stage: int) -> None:
 
 def test_deepspeed_offload() -> None:
     spec = _spec(backend="deepspeed", zeroStage=3, offloadOptimizer=True, offloadParams=True, gpusPerNode=1)
-    zero = render_deepspeed_config(spec, 1, 1, on_gpu=True)["zero_optimization"]
+    zero = deepspeed_config(spec, 1, 1, on_gpu=True)["zero_optimization"]
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
 
 
 def test_deepspeed_on_cpu_is_fp32() -> None:
-    ds = render_deepspeed_config(_spec(backend="deepspeed"), 2, 1, on_gpu=False)
+    ds = deepspeed_config(_spec(backend="deepspeed"), 2, 1, on_gpu=False)
     assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}
     assert ds["zero_optimization"]["overlap_comm"] is False
-
-
-def test_auto_backend_picks_deepspeed_only_for_multi_gpu() -> None:
-    assert uses_deepspeed(_spec(backend="auto", procsPerNode=8, gpusPerNode=8))
-    assert not uses_deepspeed(_spec(backend="auto", procsPerNode=2))
-    assert not uses_deepspeed(_spec(backend="auto", gpusPerNode=1, procsPerNode=1))
-    assert uses_deepspeed(_spec(backend="deepspeed"))
-    assert not uses_deepspeed(_spec(backend="ddp", procsPerNode=8, gpusPerNode=8))

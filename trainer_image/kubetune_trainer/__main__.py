@@ -6,10 +6,14 @@ import argparse
 import os
 import sys
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from kubetune.api.contract import ENV_CONFIG_PATH, ExitCode
+from kubetune.api.contract import CONFIG_PATH, ENV_CONFIG_PATH, ExitCode, TrainerPhase
+from kubetune.api.trainer_config import TrainerConfig
+
+if TYPE_CHECKING:
+    from kubetune_trainer.train import Trainer
 
 
 def apply_overrides(document: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -38,9 +42,41 @@ def unclassified(exc: BaseException) -> int:
     return int(ExitCode.INFRASTRUCTURE)
 
 
+def load_config(path: str, overrides: list[str]) -> TrainerConfig:
+    from pydantic import ValidationError
+
+    from kubetune_trainer.errors import TrainerError
+
+    try:
+        with open(path) as handle:
+            document = apply_overrides(yaml.safe_load(handle), overrides)
+        return TrainerConfig.model_validate(document)
+    except (OSError, ValueError, ValidationError, yaml.YAMLError) as exc:
+        raise TrainerError(ExitCode.CONFIG_INVALID, f"config {path}: {exc}") from exc
+
+
+def run(trainer: Trainer) -> ExitCode:
+    """setup -> train -> save; the termination message says how it ended."""
+    from kubetune_trainer.errors import write_termination_message
+
+    trainer.setup()
+    code = ExitCode.OK
+    if not trainer.done:
+        code = trainer.train()
+        if code == ExitCode.OK:
+            trainer.save()
+    if code != ExitCode.OK:
+        write_termination_message(code, f"stopped by {trainer.stop_reason()} after writing the checkpoint at step {trainer.state.step}")
+    elif int(os.environ.get("RANK", "0")) == 0:
+        # Rank 0 alone: on a node running several ranks the message is one file, and it carries the
+        # final progress the operator shows once the job has succeeded.
+        write_termination_message(code, "training finished", trainer.progress.report())
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kubetune_trainer", description=__doc__)
-    parser.add_argument("--config", default=os.environ.get(ENV_CONFIG_PATH, "/etc/kubetune/trainer-config.yaml"))
+    parser.add_argument("--config", default=os.environ.get(ENV_CONFIG_PATH, CONFIG_PATH))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. training.maxSteps=5")
     args = parser.parse_args(argv)
 
@@ -51,35 +87,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
-    from kubetune.api.trainer_config import TrainerConfig
-    from pydantic import ValidationError
-
     from kubetune_trainer.errors import TrainerError, user_os_error, write_termination_message
 
     trainer = None
     try:
-        try:
-            document = apply_overrides(yaml.safe_load(open(args.config)), args.set)
-            config = TrainerConfig.model_validate(document)
-        except (OSError, ValueError, ValidationError, yaml.YAMLError) as exc:
-            raise TrainerError(ExitCode.CONFIG_INVALID, f"config {args.config}: {exc}") from exc
+        config = load_config(args.config, args.set)
         from kubetune_trainer.train import Trainer
 
         trainer = Trainer(config)
-        trainer.setup()
-        code = ExitCode.OK
-        if not trainer.done:
-            code = trainer.train()
-            if code == ExitCode.OK:
-                trainer.save()
-        if code == ExitCode.OK:
-            # Rank 0 alone: on a node running several ranks the message is one file, and it carries the
-            # final progress the operator shows once the job has succeeded.
-            if int(os.environ.get("RANK", "0")) == 0:
-                write_termination_message(code, "training finished", trainer.progress.snapshot())
-        else:
-            write_termination_message(code, f"stopped by {trainer.stop_reason()} after writing the checkpoint at step {trainer.state.step}")
-        return int(code)
+        return int(run(trainer))
     except StoppedBeforeTraining as exc:
         print(f"[kubetune] {exc}", file=sys.stderr, flush=True)
         write_termination_message(ExitCode.PREEMPTED, str(exc))
@@ -90,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             return unclassified(caught)
         print(f"[kubetune] error: {exc.message}", file=sys.stderr, flush=True)
         if trainer is not None:
-            trainer.progress.update(phase="Failed")
+            trainer.progress.update(phase=TrainerPhase.FAILED)
         write_termination_message(exc.exit_code, exc.message)
         return int(exc.exit_code)
     except Exception as exc:

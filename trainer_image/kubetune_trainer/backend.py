@@ -52,6 +52,8 @@ def choose_backend(
     dist = spec.distributed
     if dist.backend != "auto":
         return BackendChoice(dist.backend == "deepspeed", f"spec.distributed.backend is {dist.backend}")
+    if spec.model.quantization is not None:
+        return BackendChoice(False, "QLoRA: DDP (each GPU holds the quantized base; ZeRO does not partition bitsandbytes weights)")
     if not on_gpu or dist.nodes * dist.procs_per_node == 1:
         return BackendChoice(False, "one GPU or CPU processes: DDP")
     if dist.offload_optimizer or dist.offload_params:

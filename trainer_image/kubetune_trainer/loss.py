@@ -37,6 +37,27 @@ def chunk_tokens(vocab: int) -> int:
     return max(16, min(8192, CHUNK_ELEMENTS // max(vocab, 1)))
 
 
+def _add_chunk_grads(
+    g: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, h: torch.Tensor, w: torch.Tensor,
+    grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None], rows: slice,
+) -> None:  # fmt: skip
+    """Add one chunk's share to the gradients: d(sum CE)/d logits = softmax - one_hot, on labelled
+    rows only (`scale` is 0 elsewhere), over the labelled count. `g` holds the chunk's softmax."""
+    grad_h, grad_w, grad_b = grads
+    g[torch.arange(g.shape[0], device=g.device), target] -= 1.0
+    g.mul_(scale[:, None])
+    gc = g.to(w.dtype)
+    if grad_h is not None:
+        grad_h[rows] = (gc @ w).to(grad_h.dtype)
+    if grad_w is not None:
+        if w.dtype == torch.float32:
+            grad_w.addmm_(g.t(), h)
+        else:
+            grad_w += (gc.t() @ h).float()
+    if grad_b is not None:
+        grad_b += g.sum(0)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -65,22 +86,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 target = y.clamp(min=0)
                 lse = torch.logsumexp(logits, dim=-1)
                 total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
-                if not (need_h or need_w or need_b):
-                    continue
-                # d(sum CE)/d logits = softmax - one_hot, on labelled rows only, over the labelled count.
-                g = logits.sub_(lse[:, None]).exp_()
-                g[torch.arange(g.shape[0], device=g.device), target] -= 1.0
-                g.mul_((valid.float() / count)[:, None])
-                gc = g.to(cdtype)
-                if grad_h is not None:
-                    grad_h[start : start + chunk] = (gc @ w).to(hidden.dtype)
-                if grad_w is not None:
-                    if cdtype == torch.float32:
-                        grad_w.addmm_(g.t(), h)
-                    else:
-                        grad_w += (gc.t() @ h).float()
-                if grad_b is not None:
-                    grad_b += g.sum(0)
+                if need_h or need_w or need_b:
+                    g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    _add_chunk_grads(g, target, valid / count, h, w, (grad_h, grad_w, grad_b), slice(start, start + chunk))
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total / count

@@ -238,7 +238,7 @@ def accumulation(spec: FineTuneJobSpec) -> int:
 
 def job_memory(spec: FineTuneJobSpec, model_dir: Path, max_tokens: int, on_gpu: bool, deepspeed: bool | None, gpu_memory: int | None) -> MemoryEstimate:
     """The estimate for this job's model and batch; `deepspeed` None decides as backend `auto` does."""
-    from kubetune.render.deepspeed import choose_backend, ddp_state_bytes
+    from kubetune_trainer.backend import choose_backend, ddp_state_bytes
 
     trainable, total, config = parameter_counts(spec, model_dir)
     if deepspeed is None:

@@ -9,7 +9,7 @@ into the job's ConfigMap; the trainer loads it with `TrainerConfig.load()`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 import yaml
 from pydantic import Field
@@ -43,8 +43,6 @@ class TrainerConfig(ApiModel):
     """Rank 0 serves /progress and /metrics here."""
     rdzv_port: int = Field(default=DEFAULT_RDZV_PORT, ge=1, le=65535)
     """torchrun's rendezvous port on rank 0."""
-    deepspeed: dict[str, Any] | None = None
-    """DeepSpeed config (data generated from the spec) when the backend is deepspeed."""
     resume_from: str | None = None
     """Another run's output URI: when this run has no checkpoint of its own yet, start from that run's newest
     complete checkpoint (a new run after an edit, with spec.output.resumeFrom: previous)."""

@@ -1,10 +1,13 @@
-"""FineTuneJob spec -> TrainerConfig. Pure; shared by the operator and `kubetune run`."""
+"""FineTuneJob spec -> TrainerConfig. Pure; shared by the operator and `kubetune run`.
+
+The backend (DDP or DeepSpeed ZeRO) and the DeepSpeed config are not rendered here: the trainer
+alone decides, at start, when it knows the model and the GPU (kubetune_trainer.backend).
+"""
 
 from __future__ import annotations
 
 from kubetune.api.models import FineTuneJobSpec
 from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT, JobRef, TrainerConfig
-from kubetune.render.deepspeed import render_deepspeed_config, uses_deepspeed
 
 
 def world_size(spec: FineTuneJobSpec) -> int:
@@ -26,17 +29,10 @@ def gradient_accumulation_steps(spec: FineTuneJobSpec) -> int:
 def render_trainer_config(
     spec: FineTuneJobSpec, name: str, namespace: str = "default", uid: str = "", progress_port: int = DEFAULT_PROGRESS_PORT
 ) -> TrainerConfig:
-    accum = gradient_accumulation_steps(spec)
-    deepspeed = (
-        render_deepspeed_config(spec, world_size(spec), accum, on_gpu=spec.distributed.gpus_per_node > 0)
-        if uses_deepspeed(spec)
-        else None
-    )
     return TrainerConfig(
         job=JobRef(name=name, namespace=namespace, uid=uid),
         spec=spec,
         world_size=world_size(spec),
-        gradient_accumulation_steps=accum,
+        gradient_accumulation_steps=gradient_accumulation_steps(spec),
         progress_port=progress_port,
-        deepspeed=deepspeed,
     )
