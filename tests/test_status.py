@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 
+from kubetune.api.contract import TrainerPhase
 from kubetune.api.models import Progress
 from kubetune.status.conditions import set_condition
 from kubetune.status.derive import Observed, decisive_failure, derive, refused_status, ttl_expired
@@ -94,13 +95,14 @@ def test_progress_never_readable_is_running_after_a_grace_period():
     assert d.status["phase"] == "Running" and d.status["message"] == "All 1 pod(s) are running."
 
 
-def test_trainer_still_loading_is_initializing():
-    d = run(Observed(job=job(), pods=[pod()], progress=Progress(trainer_phase="loading")))
+def test_trainer_still_initializing_is_initializing():
+    """The phase rank 0 reports before its first step (the trainer's own TrainerPhase, not a guess)."""
+    d = run(Observed(job=job(), pods=[pod()], progress=Progress(trainer_phase=TrainerPhase.INITIALIZING.value)))
     assert d.status["phase"] == "Initializing"
 
 
 def test_progress_is_written_and_named_in_the_message():
-    p = Progress(step=50, total_steps=200, percent=25.0, loss=1.5, trainer_phase="training")
+    p = Progress(step=50, total_steps=200, percent=25.0, loss=1.5, trainer_phase="Training")
     d = run(Observed(job=job(), pods=[pod()], progress=p))
     assert d.status["progress"]["step"] == 50 and d.status["progress"]["totalSteps"] == 200
     assert d.status["message"] == "Training: step 50 of 200 (25.0%)."

@@ -7,41 +7,57 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from kubetune.api.contract import COMPLETE_MARKER, ExitCode, is_retryable
+from kubetune.api.contract import (
+    COMPLETE_MARKER,
+    ExitCode,
+    ProgressReport,
+    TerminationMessage,
+    TrainerPhase,
+    is_retryable,
+)
 from kubetune.api.models import Progress, StorageSpec
 from kubetune_trainer import checkpoint as ckpt
 from kubetune_trainer import storage
 from kubetune_trainer.errors import TrainerError, write_termination_message
-from kubetune_trainer.progress import KEYS, ProgressState, prometheus_text, serve
+from kubetune_trainer.progress import ProgressState, prometheus_text, serve
 
 
 def test_progress_endpoint_serves_camel_case_json_and_prometheus() -> None:
     state = ProgressState()
     server = serve(state, 0, host="127.0.0.1")
     try:
-        state.update(step=5, totalSteps=10, loss=1.5, learningRate=1e-3, tokensPerSecond=100.0, etaSeconds=3.0, epoch=0.5, phase="Training")
+        state.update(step=5, total_steps=10, loss=1.5, learning_rate=1e-3, tokens_per_second=100.0, eta_seconds=3.0, epoch=0.5,
+                     phase=TrainerPhase.TRAINING)  # fmt: skip
         port = server.server_address[1]
         body = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/progress"))
-        assert set(body) == set(KEYS)
+        assert ProgressReport.model_validate(body) == state.report()
         assert body["step"] == 5 and body["totalSteps"] == 10 and body["phase"] == "Training"
         # The operator's model reads the same names.
         Progress.model_validate({k: v for k, v in body.items() if k != "phase"})
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-        assert "kubetune_trainer_step 5.0" in metrics
-        assert 'kubetune_trainer_phase{phase="Training"} 1' in metrics
+        assert "kubetune_trainer_step 5.0" in metrics and "kubetune_trainer_tokens_per_second 100.0" in metrics
+        assert 'kubetune_trainer_phase{phase="Training"} 1.0' in metrics
+        assert 'kubetune_trainer_phase{phase="Saving"} 0.0' in metrics
     finally:
         server.shutdown()
 
 
 def test_prometheus_text_skips_unknown_values() -> None:
-    text = prometheus_text({"step": 1, "loss": None, "phase": "Initializing"})
+    state = ProgressState()
+    state.update(step=1)
+    text = prometheus_text(state).decode()
     assert "kubetune_trainer_loss" not in text and "# TYPE kubetune_trainer_step gauge" in text
+    with pytest.raises(KeyError):
+        state.update(totalSteps=3)  # Python names only: a typo cannot slip through
 
 
 def test_termination_message_goes_to_env_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(tmp_path / "term"))
     write_termination_message(ExitCode.DATASET_INVALID, "bad rows")
     assert json.loads((tmp_path / "term").read_text()) == {"exitCode": 66, "reason": "DatasetInvalid", "message": "bad rows"}
+    assert TerminationMessage.read(tmp_path / "term") == TerminationMessage(exit_code=66, reason="DatasetInvalid", message="bad rows")
+    write_termination_message(ExitCode.INFRASTRUCTURE, "peer lost")  # a follow-on error never hides the first
+    assert TerminationMessage.read(tmp_path / "term").exit_code == 66  # type: ignore[union-attr]
     assert not is_retryable(66)
 
 

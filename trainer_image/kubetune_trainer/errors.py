@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 from pathlib import Path
-from typing import Any
 
-from kubetune.api.contract import ENV_CACHE_DIR, ENV_TERMINATION_LOG, REASONS, ExitCode
+from kubetune.api.contract import (
+    ENV_CACHE_DIR,
+    ENV_TERMINATION_LOG,
+    TERMINATION_LOG,
+    ExitCode,
+    ProgressReport,
+    TerminationMessage,
+)
 
 
 class TrainerError(Exception):
@@ -20,40 +25,21 @@ class TrainerError(Exception):
         self.message = message
 
 
-def termination_message(exit_code: int, message: str, progress: dict[str, Any] | None = None) -> dict[str, object]:
-    """The JSON the operator reads. Kubernetes keeps at most 4096 bytes of it, so the message is cut."""
-    out: dict[str, object] = {
-        "exitCode": int(exit_code),
-        "reason": REASONS.get(exit_code, "Succeeded" if exit_code == 0 else "Error"),
-        "message": message[-2500:],
-    }
-    if progress:
-        out["progress"] = {k: v for k, v in progress.items() if v is not None}
-    return out
+def write_termination_message(exit_code: int, message: str, progress: ProgressReport | None = None) -> None:
+    """Kubernetes shows TERMINATION_LOG in the pod status; $KUBETUNE_TERMINATION_LOG wins when set.
 
-
-def _holds_error(path: Path) -> bool:
-    try:
-        return int(json.loads(path.read_text())["exitCode"]) != 0
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def write_termination_message(exit_code: int, message: str, progress: dict[str, Any] | None = None) -> None:
-    """Kubernetes shows /dev/termination-log in the pod status; $KUBETUNE_TERMINATION_LOG wins when set.
-
-    `progress` is rank 0's final /progress snapshot: the operator's last poll may be a step behind.
+    `progress` is rank 0's final report: the operator's last poll may be a step behind.
     """
-    text = json.dumps(termination_message(exit_code, message, progress))
-    targets = [os.environ.get(ENV_TERMINATION_LOG), "/dev/termination-log"]
-    for target in targets:
+    text = TerminationMessage.build(exit_code, message, progress).to_text()
+    for target in (os.environ.get(ENV_TERMINATION_LOG), TERMINATION_LOG):
         if not target:
             continue
         path = Path(target)
-        if target == "/dev/termination-log" and not path.exists():
-            continue
+        if target == TERMINATION_LOG and not path.exists():
+            continue  # not in a pod
         try:
-            if exit_code == ExitCode.INFRASTRUCTURE and _holds_error(path):
+            earlier = TerminationMessage.read(path)
+            if exit_code == ExitCode.INFRASTRUCTURE and earlier is not None and earlier.exit_code != 0:
                 return  # a rank's own error came first; peers that lost it only add noise
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from kubetune.api.contract import TrainerPhase
 from kubetune.api.models import FineTuneJobSpec
 
 from kubetune_trainer.data import IGNORE, upto_eos
@@ -28,7 +29,7 @@ class Evaluator:
     @torch.no_grad()
     def loss(self) -> float:
         """Mean loss over the evaluation set, all ranks together: per label token (SFT) or per pair (DPO)."""
-        self.progress.update(phase="Evaluating")
+        self.progress.update(phase=TrainerPhase.EVALUATING)
         self.model.eval()
         device = self.accelerator.device
         total, pref = torch.zeros(2, device=device), torch.zeros(PREF_STATS, device=device)
@@ -40,7 +41,7 @@ class Evaluator:
         total, pref = self.accelerator.reduce(total, "sum"), self.accelerator.reduce(pref, "sum")
         self.rewards = {f"eval{k[0].upper()}{k[1:]}": v for k, v in reward_fields(pref.tolist(), self.spec).items()}
         self.model.train()
-        self.progress.update(phase="Training")
+        self.progress.update(phase=TrainerPhase.TRAINING)
         return float(total[0] / total[1].clamp(min=1))
 
     def evaluate_and_check(self, st: TrainState) -> bool:
@@ -48,7 +49,7 @@ class Evaluator:
         es, main = self.spec.training.early_stopping, self.accelerator.is_main_process
         loss = self.loss()
         st.evals.append({"step": st.step, "evalLoss": loss, **self.rewards})
-        self.progress.update(evalLoss=loss)
+        self.progress.update(eval_loss=loss)
         if main:
             log(f"step {st.step} eval loss {loss:.4f}")
         if st.best_eval is None or loss < st.best_eval - (es.min_delta if es else 0.0):

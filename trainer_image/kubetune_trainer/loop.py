@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from kubetune.api.contract import ExitCode
+from kubetune.api.contract import ExitCode, TrainerPhase
 from kubetune.api.models import FineTuneJobSpec
 
 from kubetune_trainer import batching, signals, steps, watchdog
@@ -233,6 +233,6 @@ class StepLoop:
             log(f"step {st.step}/{total} loss {loss:.4f}{extra} lr {lr:.2e} tokens/s {tps:.0f} eta {eta:.0f}s")
 
     def save_checkpoint(self) -> None:
-        self.progress.update(phase="Saving")
+        self.progress.update(phase=TrainerPhase.SAVING)
         self.checkpointer.save(self.state)
-        self.progress.update(phase="Training")
+        self.progress.update(phase=TrainerPhase.TRAINING)

@@ -1,58 +1,64 @@
-"""Rank 0's progress endpoint: GET /progress (JSON, camelCase) and GET /metrics (Prometheus text)."""
+"""Rank 0's progress endpoint: GET /progress (the contract's ProgressReport as camelCase JSON) and
+GET /metrics (the same values as Prometheus gauges, exposed by prometheus-client)."""
 
 from __future__ import annotations
 
-import json
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-# Keys the operator reads (kubetune.api.models.Progress uses the same camelCase names).
-KEYS = ("step", "totalSteps", "epoch", "loss", "evalLoss", "learningRate", "tokensPerSecond", "etaSeconds", "phase", "dataWarning",
-        "rewardAccuracy", "rewardMargin")
-METRICS = {
-    "step": ("kubetune_trainer_step", "Optimizer steps completed"),
-    "totalSteps": ("kubetune_trainer_total_steps", "Optimizer steps planned"),
-    "epoch": ("kubetune_trainer_epoch", "Epochs completed (fractional)"),
-    "loss": ("kubetune_trainer_loss", "Training loss (mean over the last logging window)"),
-    "evalLoss": ("kubetune_trainer_eval_loss", "Latest evaluation loss"),
-    "learningRate": ("kubetune_trainer_learning_rate", "Current learning rate"),
-    "tokensPerSecond": ("kubetune_trainer_tokens_per_second", "Training tokens per second, all ranks"),
-    "etaSeconds": ("kubetune_trainer_eta_seconds", "Estimated seconds to the end of training"),
-    "rewardAccuracy": ("kubetune_trainer_reward_accuracy", "DPO: share of pairs ranked right (last logging window)"),
-    "rewardMargin": ("kubetune_trainer_reward_margin", "DPO: mean chosen minus rejected reward (last logging window)"),
-}
-PHASES = ("Initializing", "Training", "Evaluating", "Saving", "Succeeded", "Failed")
+from kubetune.api.contract import ProgressReport, TrainerPhase
+from kubetune.api.models import TrainingMetrics
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+METRIC_PREFIX = "kubetune_trainer_"
 
 
 class ProgressState:
+    """The latest ProgressReport, updated by the training thread and read by the server's."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values: dict[str, Any] = {key: None for key in KEYS}
-        self._values["phase"] = "Initializing"
+        self._report = ProgressReport()
 
     def update(self, **values: Any) -> None:
-        unknown = set(values) - set(KEYS)
+        """Set fields by their Python names (step=..., total_steps=..., phase=TrainerPhase.TRAINING)."""
+        unknown = set(values) - set(ProgressReport.model_fields)
         if unknown:
-            raise KeyError(f"unknown progress keys: {sorted(unknown)}")
+            raise KeyError(f"unknown progress fields: {sorted(unknown)}")
         with self._lock:
-            self._values.update(values)
+            self._report = self._report.model_copy(update=values)
 
-    def snapshot(self) -> dict[str, Any]:
+    def report(self) -> ProgressReport:
         with self._lock:
-            return dict(self._values)
+            return self._report
 
 
-def prometheus_text(values: dict[str, Any]) -> str:
-    lines = []
-    for key, (name, help_text) in METRICS.items():
-        if values.get(key) is None:
-            continue
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {float(values[key])!r}"]
-    phase = values.get("phase")
-    lines += ["# HELP kubetune_trainer_phase Current trainer phase (1 for the active one)", "# TYPE kubetune_trainer_phase gauge"]
-    lines += [f'kubetune_trainer_phase{{phase="{p}"}} {1 if p == phase else 0}' for p in PHASES]
-    return "\n".join(lines) + "\n"
+class ProgressCollector(Collector):
+    """One gauge per TrainingMetrics field that has a value, and kubetune_trainer_phase{phase}."""
+
+    def __init__(self, state: ProgressState):
+        self.state = state
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        report = self.state.report()
+        for name, info in TrainingMetrics.model_fields.items():
+            value = getattr(report, name)
+            if value is not None:
+                yield GaugeMetricFamily(METRIC_PREFIX + name, info.description or name, value=float(value))
+        phases = GaugeMetricFamily(METRIC_PREFIX + "phase", "Current trainer phase (1 for the active one)", labels=["phase"])
+        for phase in TrainerPhase:
+            phases.add_metric([phase.value], 1.0 if phase == report.phase else 0.0)
+        yield phases
+
+
+def prometheus_text(state: ProgressState) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProgressCollector(state))
+    return generate_latest(registry)
 
 
 def serve(state: ProgressState, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
@@ -62,9 +68,9 @@ def serve(state: ProgressState, port: int, host: str = "0.0.0.0") -> ThreadingHT
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             path = self.path.split("?", 1)[0]
             if path == "/progress":
-                body, ctype = json.dumps(state.snapshot()).encode(), "application/json"
+                body, ctype = state.report().model_dump_json(by_alias=True).encode(), "application/json"
             elif path == "/metrics":
-                body, ctype = prometheus_text(state.snapshot()).encode(), "text/plain; version=0.0.4"
+                body, ctype = prometheus_text(state), CONTENT_TYPE_LATEST
             elif path in ("/healthz", "/"):
                 body, ctype = b"ok\n", "text/plain"
             else:

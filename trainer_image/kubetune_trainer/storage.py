@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from kubetune.api.contract import ENV_CACHE_DIR, ExitCode
+from kubetune.api.contract import ENV_CACHE_DIR, ENV_PVC_ROOT, PVC_ROOT, ExitCode
 from kubetune.api.models import StorageSpec
 
 from kubetune_trainer.errors import TrainerError
 
-ENV_PVC_ROOT = "KUBETUNE_PVC_ROOT"  # pvc://claim/path -> $KUBETUNE_PVC_ROOT/claim/path
-DEFAULT_PVC_ROOT = "/mnt/pvc"
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 
 
@@ -37,7 +35,7 @@ def local_path(uri: str) -> Path | None:
         return Path(uri[len("file://") :])
     if uri.startswith("pvc://"):
         claim_and_path = uri[len("pvc://") :]
-        return Path(os.environ.get(ENV_PVC_ROOT, DEFAULT_PVC_ROOT)) / claim_and_path
+        return Path(os.environ.get(ENV_PVC_ROOT, PVC_ROOT)) / claim_and_path
     if uri.startswith("s3://") or uri.startswith("hf://"):
         return None
     return Path(uri)

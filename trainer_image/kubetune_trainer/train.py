@@ -118,9 +118,9 @@ class Trainer:
         return ExitCode.OK
 
     def save(self) -> None:
-        self.progress.update(phase="Saving")
+        self.progress.update(phase=TrainerPhase.SAVING)
         ArtifactWriter(self.config, self.runtime, self.parts, self.state, self.facts, self.started).save()
-        self.progress.update(phase="Succeeded")
+        self.progress.update(phase=TrainerPhase.SUCCEEDED)
 
     def stop_reason(self) -> str:
         return self.stop.reason()

@@ -1,14 +1,21 @@
-"""What the operator and the trainer agree on besides TrainerConfig: exit codes, artifact layout, env.
+"""Everything the operator and the trainer agree on besides TrainerConfig, each item once: exit
+codes, trainer phases, the progress report, the termination message, artifact layout, paths, env.
 
-The trainer exits with one of these codes and writes a JSON termination message
-({"exitCode", "reason", "message"}) to /dev/termination-log (or
-$KUBETUNE_TERMINATION_LOG); the operator reads the code from the pod's
+The trainer exits with one of these codes and writes a TerminationMessage to
+TERMINATION_LOG (or $KUBETUNE_TERMINATION_LOG); the operator reads it from the pod's
 container status to decide whether restarting the gang can help.
 """
 
 from __future__ import annotations
 
-from enum import IntEnum
+import json
+from enum import Enum, IntEnum
+from pathlib import Path
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from kubetune.api.models import ApiModel, TrainerReport
 
 
 class ExitCode(IntEnum):
@@ -70,7 +77,76 @@ def checkpoint_dir_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:08d}"
 
 
-# --- environment the pods get (besides torchrun's) ----------------------------
-ENV_CONFIG_PATH = "KUBETUNE_CONFIG"  # path of the mounted trainer-config.yaml
-ENV_TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"
-ENV_CACHE_DIR = "KUBETUNE_CACHE_DIR"  # node-local cache for model downloads and tokenized data
+# --- paths and environment the pods get (besides torchrun's) ------------------
+ENV_CONFIG_PATH: Final = "KUBETUNE_CONFIG"  # path of the mounted trainer-config.yaml
+ENV_TERMINATION_LOG: Final = "KUBETUNE_TERMINATION_LOG"  # where the trainer writes its TerminationMessage
+ENV_CACHE_DIR: Final = "KUBETUNE_CACHE_DIR"  # node-local cache for model downloads and tokenized data
+ENV_PVC_ROOT: Final = "KUBETUNE_PVC_ROOT"  # where pvc://claim/path URIs are mounted: <root>/claim/path
+TERMINATION_LOG: Final = "/dev/termination-log"  # the container's terminationMessagePath
+PVC_ROOT: Final = "/mnt/pvc"  # the default of $KUBETUNE_PVC_ROOT, and where the operator mounts claims
+
+
+# --- what rank 0 reports ---------------------------------------------------------
+
+
+class TrainerPhase(str, Enum):
+    """What rank 0 is doing (ProgressReport.phase, status.progress.trainerPhase)."""
+
+    INITIALIZING = "Initializing"  # fetching the model, tokenizing, resuming: no optimizer step yet
+    TRAINING = "Training"
+    EVALUATING = "Evaluating"
+    SAVING = "Saving"  # a checkpoint or the final artifacts
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class ProgressReport(TrainerReport):
+    """Rank 0's GET /progress body (camelCase JSON), and the final one in its TerminationMessage."""
+
+    phase: TrainerPhase = TrainerPhase.INITIALIZING
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, mode="json")
+
+
+# --- the termination message: the trainer writes it, the operator reads it --------
+
+MESSAGE_LIMIT: Final = 2500
+"""Kubernetes keeps at most 4096 bytes of a termination message; the text is cut to leave room."""
+
+
+class TerminationMessage(ApiModel):
+    """The JSON a rank leaves in TERMINATION_LOG when it exits."""
+
+    exit_code: int
+    reason: str
+    message: str
+    progress: dict[str, Any] | None = None
+    """Rank 0's final ProgressReport (non-null fields) when training finished."""
+
+    @classmethod
+    def build(cls, exit_code: int, message: str, progress: ProgressReport | None = None) -> TerminationMessage:
+        reason = REASONS.get(exit_code, "Succeeded" if exit_code == 0 else "Error")
+        final = progress.model_dump(by_alias=True, mode="json", exclude_none=True) if progress else None
+        return cls(exit_code=int(exit_code), reason=reason, message=message[-MESSAGE_LIMIT:], progress=final)
+
+    def to_text(self) -> str:
+        return json.dumps(self.model_dump(by_alias=True, mode="json", exclude_none=True))
+
+    @classmethod
+    def parse(cls, text: str | None) -> TerminationMessage | None:
+        """The message in `text`, or None when it is not one (a plain log tail, say)."""
+        raw = (text or "").strip()
+        if not raw.startswith("{"):
+            return None
+        try:
+            return cls.model_validate(json.loads(raw))
+        except (ValueError, ValidationError):
+            return None
+
+    @classmethod
+    def read(cls, path: Path) -> TerminationMessage | None:
+        try:
+            return cls.parse(path.read_text())
+        except OSError:
+            return None

@@ -489,9 +489,6 @@ class ResourcesSpec(ApiModel):
 
 # ---------------------------------------------------------------------- spec
 
-_IMMUTABLE = ("model", "dataset", "method", "lora", "promptTuning", "prefixTuning", "ia3", "objective", "dpo", "freeze", "training", "distributed", "output")
-
-
 class FineTuneJobSpec(ApiModel):
     """What to fine-tune, on what, how, and where the result goes."""
 
@@ -605,7 +602,6 @@ class FineTuneJobSpec(ApiModel):
 # -------------------------------------------------------------------- status
 
 Phase = Literal["Pending", "Initializing", "Running", "Succeeded", "Failed", "Suspended", "Restarting"]
-PHASES: tuple[str, ...] = ("Pending", "Initializing", "Running", "Succeeded", "Failed", "Suspended", "Restarting")
 
 
 class Condition(ApiModel):
@@ -625,8 +621,9 @@ class Condition(ApiModel):
     """The spec generation this condition describes."""
 
 
-class Progress(ApiModel):
-    """Training progress reported by rank 0."""
+class TrainingMetrics(ApiModel):
+    """The measured part of progress: what rank 0 reports (kubetune.api.contract.ProgressReport) and
+    status.progress shows. Each field is also a gauge, kubetune_trainer_<snake_name>, on rank 0's /metrics."""
 
     step: int | None = None
     """Optimizer steps completed."""
@@ -634,8 +631,6 @@ class Progress(ApiModel):
     """Optimizer steps planned."""
     epoch: float | None = None
     """Fractional epoch reached."""
-    percent: float | None = None
-    """step / totalSteps x 100."""
     loss: float | None = None
     """Latest training loss."""
     eval_loss: float | None = None
@@ -650,12 +645,24 @@ class Progress(ApiModel):
     """Training throughput across all ranks."""
     eta_seconds: float | None = None
     """Estimated seconds until training ends."""
+
+
+class TrainerReport(TrainingMetrics):
+    """Everything rank 0 reports besides its phase: the metrics, and what it found worth a look."""
+
+    data_warning: str | None = Field(default=None, max_length=512)
+    """What rank 0 found in the data worth a look: more than 1% of examples truncated or dropped at maxSeqLength, or invalid records skipped."""
+
+
+class Progress(TrainerReport):
+    """Training progress reported by rank 0."""
+
+    percent: float | None = None
+    """step / totalSteps x 100."""
     eta: str | None = None
     """The same estimate for people (e.g. `1h05m`)."""
     trainer_phase: str | None = None
-    """What rank 0 says it is doing (e.g. loading, training, evaluating, saving)."""
-    data_warning: str | None = Field(default=None, max_length=512)
-    """What rank 0 found in the data worth a look: more than 1% of examples truncated or dropped at maxSeqLength, or invalid records skipped."""
+    """What rank 0 says it is doing: Initializing, Training, Evaluating, Saving, Succeeded or Failed."""
     updated_at: str | None = None
     """When the operator last read progress from rank 0 (RFC 3339)."""
 

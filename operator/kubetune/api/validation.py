@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kubetune.api.contract import ENV_CONFIG_PATH, ENV_PVC_ROOT, ENV_TERMINATION_LOG, PVC_ROOT
 from kubetune.api.crd import MAX_NAME_LENGTH
 from kubetune.api.methods import PROMPT_LEARNING_METHODS, is_adapter
 from kubetune.api.models import API_VERSION, DATA_URI, KIND, QUANTITY, FineTuneJob, FineTuneJobSpec
@@ -26,9 +27,9 @@ DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-
 # Environment the operator sets itself; a user value would silently break the gang.
 RESERVED_ENV = frozenset(
     {
-        "KUBETUNE_CONFIG",
-        "KUBETUNE_PVC_ROOT",
-        "KUBETUNE_TERMINATION_LOG",
+        ENV_CONFIG_PATH,
+        ENV_PVC_ROOT,
+        ENV_TERMINATION_LOG,
         "MASTER_ADDR",
         "MASTER_PORT",
         "WORLD_SIZE",
@@ -54,7 +55,7 @@ DNS_LABEL_MAX = 63  # pod hostnames, Service and Job names used in DNS
 LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 # Mount paths the operator uses itself.
-RESERVED_MOUNTS = ("/dev/shm", "/etc/kubetune", "/mnt/pvc", "/var/cache/kubetune")
+RESERVED_MOUNTS = ("/dev/shm", "/etc/kubetune", PVC_ROOT, "/var/cache/kubetune")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,14 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from kubetune.api.contract import ENV_CACHE_DIR, ENV_CONFIG_PATH, ENV_TERMINATION_LOG
+from kubetune.api.contract import (
+    ENV_CACHE_DIR,
+    ENV_CONFIG_PATH,
+    ENV_PVC_ROOT,
+    ENV_TERMINATION_LOG,
+    PVC_ROOT,
+    TERMINATION_LOG,
+)
 from kubetune.api.models import FineTuneJobSpec
 from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT, DEFAULT_RDZV_PORT, TrainerConfig
 from kubetune.api.validation import pvc_claims
@@ -36,9 +43,7 @@ CONTAINER: Final = "trainer"
 CONFIG_DIR: Final = "/etc/kubetune"
 CONFIG_KEY: Final = "trainer-config.yaml"
 CONFIG_PATH: Final = f"{CONFIG_DIR}/{CONFIG_KEY}"
-PVC_ROOT: Final = "/mnt/pvc"  # pvc://claim/path -> /mnt/pvc/claim/path (the trainer's KUBETUNE_PVC_ROOT)
 CACHE_DIR: Final = "/var/cache/kubetune"
-TERMINATION_LOG: Final = "/dev/termination-log"
 UID: Final = 1000
 # Long enough for rank 0 to write a checkpoint to S3 after SIGTERM.
 TERMINATION_GRACE_SECONDS: Final = 300
@@ -122,7 +127,7 @@ def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
         {"name": ENV_CONFIG_PATH, "value": CONFIG_PATH},
         {"name": ENV_TERMINATION_LOG, "value": TERMINATION_LOG},
         {"name": ENV_CACHE_DIR, "value": CACHE_DIR},
-        {"name": "KUBETUNE_PVC_ROOT", "value": PVC_ROOT},
+        {"name": ENV_PVC_ROOT, "value": PVC_ROOT},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "HOME", "value": CACHE_DIR},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
@@ -136,8 +141,6 @@ def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
         ]
     else:
         env += [
-            {"name": "ACCELERATE_USE_CPU", "value": "1"},
-            {"name": "KUBETUNE_DIST_BACKEND", "value": "gloo"},
             {"name": "OMP_NUM_THREADS", "value": str(_cpu_threads(spec))},
         ]
     s = spec.storage
@@ -217,8 +220,9 @@ def render_pod_template(
         "name": CONTAINER,
         "image": spec.image or default_image,
         # Plain torchrun: the failing rank's ExitCode reaches the operator through the
-        # termination message (kubetune_trainer.launch, the image's entrypoint, is not used
-        # here: forwarding SIGTERM a second time raced torchrun's shutdown on suspend).
+        # termination message (kubetune_trainer.launch, the image's default entrypoint for
+        # `docker run`, is not used here: forwarding SIGTERM a second time raced torchrun's
+        # shutdown on suspend).
         "command": ["torchrun"],
         "args": torchrun_args(spec, name, restart),
         "env": _env(spec),

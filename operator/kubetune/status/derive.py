@@ -7,7 +7,6 @@ calls `derive()`, writes the status, then performs the action.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -20,8 +19,6 @@ from kubetune.status.progress import to_progress
 
 Action = Literal["none", "create", "restart", "stop"]
 TERMINAL = ("Succeeded", "Failed")
-# What rank 0 reports while it is not yet optimising.
-STARTING_TRAINER_PHASES = ("starting", "loading", "initializing", "resuming", "downloading", "tokenizing")
 # Pods up this long with rank 0's progress never read: call it Running anyway (e.g. a NetworkPolicy
 # keeps the operator from the progress port), and say so in the message.
 PROGRESS_GRACE_SECONDS = 120
@@ -108,14 +105,9 @@ def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
     return state if isinstance(state, dict) else None
 
 
-def _message_json(term: dict[str, Any]) -> dict[str, Any] | None:
-    """The trainer's JSON termination message, or None when the message is not one."""
-    raw = (term.get("message") or "").strip()
-    try:
-        parsed = json.loads(raw) if raw.startswith("{") else None
-    except ValueError:
-        return None
-    return parsed if isinstance(parsed, dict) else None
+def _message(term: dict[str, Any]) -> contract.TerminationMessage | None:
+    """The trainer's termination message, or None when the container left something else."""
+    return contract.TerminationMessage.parse(term.get("message"))
 
 
 def pod_failure(pod: dict[str, Any]) -> Failure | None:
@@ -129,12 +121,9 @@ def pod_failure(pod: dict[str, Any]) -> Failure | None:
         return Failure(name, None, status.get("reason") or "PodFailed", status.get("message") or "")
     code: int | None = term.get("exitCode")
     reason, message = "", (term.get("message") or "").strip()
-    if (parsed := _message_json(term)) is not None:
+    if (parsed := _message(term)) is not None:
         # torchrun exits 1 whatever its child did: the trainer's own code is in the message.
-        if isinstance(parsed.get("exitCode"), int):
-            code = parsed["exitCode"]
-        reason = str(parsed.get("reason") or "")
-        message = str(parsed.get("message") or "")
+        code, reason, message = parsed.exit_code, parsed.reason, parsed.message
     if not reason:
         reason = contract.REASONS.get(code, "") if code is not None else ""
     if not reason:
@@ -200,7 +189,7 @@ def _pod_phase(
     up = sum(1 for ph in phases if ph in ("Running", "Succeeded"))
     scheduled = sum(1 for p in pods if (p.get("spec") or {}).get("nodeName"))
     if up >= nodes:
-        if progress is not None and (progress.trainer_phase or "").lower() in STARTING_TRAINER_PHASES:
+        if progress is not None and progress.trainer_phase == contract.TrainerPhase.INITIALIZING:
             return "Initializing", "PodsStarting", c.reason_message("PodsStarting")
         if progress is not None and progress.step is not None:
             msg = c.reason_message(
@@ -224,9 +213,9 @@ def final_progress(pods: list[dict[str, Any]], now: datetime) -> Progress | None
     for p in pods:
         if ((p.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX) != "0":
             continue
-        parsed = _message_json(_terminated(p) or {}) or {}
-        if isinstance(parsed.get("progress"), dict):
-            return to_progress(parsed["progress"], iso(now))
+        parsed = _message(_terminated(p) or {})
+        if parsed is not None and parsed.progress is not None:
+            return to_progress(parsed.progress, iso(now))
     return None
 
 

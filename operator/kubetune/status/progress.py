@@ -1,9 +1,8 @@
 """Read rank 0's progress endpoint and map it to status.progress.
 
-The trainer serves `GET /progress` on rank 0 with camelCase JSON: step,
-totalSteps, epoch, loss, evalLoss, learningRate, tokensPerSecond, etaSeconds,
-phase. Reading it is best effort: a pod that is starting, busy or gone simply
-has no progress this time.
+The trainer serves `GET /progress` on rank 0: a kubetune.api.contract.ProgressReport as
+camelCase JSON. Reading it is best effort: a pod that is starting, busy or gone simply
+has no progress this time, and a value that cannot be shown is dropped.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from kubetune.api.models import Progress
+from kubetune.api.models import Progress, TrainingMetrics
 from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT
 
 
@@ -56,24 +55,16 @@ def _num(data: dict[str, Any], key: str) -> float | None:
 
 def to_progress(data: dict[str, Any], now: str) -> Progress:
     """Map the trainer's JSON to status.progress (percent and a readable ETA added)."""
-    step = _num(data, "step")
-    total = _num(data, "totalSteps")
-    percent = round(100.0 * step / total, 1) if step is not None and total else None
-    eta = _num(data, "etaSeconds")
+    values: dict[str, Any] = {}
+    for name, info in TrainingMetrics.model_fields.items():
+        value = _num(data, info.alias or name)
+        values[name] = int(value) if value is not None and info.annotation == int | None else value
+    step, total, eta = values["step"], values["total_steps"], values["eta_seconds"]
     phase = data.get("phase")
     warning = data.get("dataWarning")
     return Progress(
-        step=int(step) if step is not None else None,
-        total_steps=int(total) if total is not None else None,
-        epoch=_num(data, "epoch"),
-        percent=percent,
-        loss=_num(data, "loss"),
-        eval_loss=_num(data, "evalLoss"),
-        reward_accuracy=_num(data, "rewardAccuracy"),
-        reward_margin=_num(data, "rewardMargin"),
-        learning_rate=_num(data, "learningRate"),
-        tokens_per_second=_num(data, "tokensPerSecond"),
-        eta_seconds=eta,
+        **values,
+        percent=round(100.0 * step / total, 1) if step is not None and total else None,
         eta=format_eta(eta),
         trainer_phase=phase if isinstance(phase, str) else None,
         data_warning=warning[:512] if isinstance(warning, str) else None,
