@@ -84,6 +84,9 @@ ENV_CACHE_DIR: Final = "KUBETUNE_CACHE_DIR"  # node-local cache for model downlo
 ENV_PVC_ROOT: Final = "KUBETUNE_PVC_ROOT"  # where pvc://claim/path URIs are mounted: <root>/claim/path
 TERMINATION_LOG: Final = "/dev/termination-log"  # the container's terminationMessagePath
 PVC_ROOT: Final = "/mnt/pvc"  # the default of $KUBETUNE_PVC_ROOT, and where the operator mounts claims
+CONFIG_MOUNT_DIR: Final = "/etc/kubetune"  # the job's ConfigMap, mounted read-only
+CONFIG_PATH: Final = f"{CONFIG_MOUNT_DIR}/{CONFIG_FILE}"  # the default of $KUBETUNE_CONFIG
+CACHE_MOUNT_DIR: Final = "/var/cache/kubetune"  # the pod's $KUBETUNE_CACHE_DIR (an emptyDir)
 
 
 # --- what rank 0 reports ---------------------------------------------------------

@@ -16,7 +16,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune.api.contract import ENV_CONFIG_PATH, ENV_PVC_ROOT, ENV_TERMINATION_LOG, PVC_ROOT
+from kubetune.api.contract import (
+    CACHE_MOUNT_DIR,
+    CONFIG_MOUNT_DIR,
+    ENV_CONFIG_PATH,
+    ENV_PVC_ROOT,
+    ENV_TERMINATION_LOG,
+    PVC_ROOT,
+)
 from kubetune.api.crd import MAX_NAME_LENGTH
 from kubetune.api.methods import PROMPT_LEARNING_METHODS, is_adapter
 from kubetune.api.models import API_VERSION, DATA_URI, KIND, QUANTITY, FineTuneJob, FineTuneJobSpec
@@ -55,7 +62,7 @@ DNS_LABEL_MAX = 63  # pod hostnames, Service and Job names used in DNS
 LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 # Mount paths the operator uses itself.
-RESERVED_MOUNTS = ("/dev/shm", "/etc/kubetune", PVC_ROOT, "/var/cache/kubetune")
+RESERVED_MOUNTS = ("/dev/shm", CONFIG_MOUNT_DIR, PVC_ROOT, CACHE_MOUNT_DIR)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,10 @@ from __future__ import annotations
 from typing import Any, Final
 
 from kubetune.api.contract import (
+    CACHE_MOUNT_DIR,
+    CONFIG_FILE,
+    CONFIG_MOUNT_DIR,
+    CONFIG_PATH,
     ENV_CACHE_DIR,
     ENV_CONFIG_PATH,
     ENV_PVC_ROOT,
@@ -40,10 +44,9 @@ MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes
 COMPLETION_INDEX: Final = "batch.kubernetes.io/job-completion-index"
 """The Job controller's annotation on each pod: its index, i.e. the node rank."""
 CONTAINER: Final = "trainer"
-CONFIG_DIR: Final = "/etc/kubetune"
-CONFIG_KEY: Final = "trainer-config.yaml"
-CONFIG_PATH: Final = f"{CONFIG_DIR}/{CONFIG_KEY}"
-CACHE_DIR: Final = "/var/cache/kubetune"
+CONFIG_DIR: Final = CONFIG_MOUNT_DIR
+CONFIG_KEY: Final = CONFIG_FILE
+CACHE_DIR: Final = CACHE_MOUNT_DIR
 UID: Final = 1000
 # Long enough for rank 0 to write a checkpoint to S3 after SIGTERM.
 TERMINATION_GRACE_SECONDS: Final = 300

@@ -1,0 +1,67 @@
+"""The operator-trainer contract is written once: kubetune.api.contract holds each shared string,
+and both sides import it (a copy elsewhere would drift)."""
+
+from __future__ import annotations
+
+import ast
+from collections import Counter
+from pathlib import Path
+
+from kubetune.api import contract
+from kubetune.api.contract import ProgressReport, TerminationMessage, TrainerPhase
+from kubetune.api.models import Progress, TrainingMetrics
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = {
+    "TERMINATION_LOG": contract.TERMINATION_LOG,
+    "PVC_ROOT": contract.PVC_ROOT,
+    "ENV_PVC_ROOT": contract.ENV_PVC_ROOT,
+    "ENV_TERMINATION_LOG": contract.ENV_TERMINATION_LOG,
+    "ENV_CONFIG_PATH": contract.ENV_CONFIG_PATH,
+    "ENV_CACHE_DIR": contract.ENV_CACHE_DIR,
+    "CONFIG_MOUNT_DIR": contract.CONFIG_MOUNT_DIR,
+    "CACHE_MOUNT_DIR": contract.CACHE_MOUNT_DIR,
+    "TrainerPhase.TRAINING": TrainerPhase.TRAINING.value,
+    "TrainerPhase.EVALUATING": TrainerPhase.EVALUATING.value,
+    "TrainerPhase.SAVING": TrainerPhase.SAVING.value,
+}
+
+
+def _string_constants() -> Counter[str]:
+    """Every string literal in the operator's and the trainer's code (docstrings aside)."""
+    counts: Counter[str] = Counter()
+    for package in (REPO / "operator" / "kubetune", REPO / "trainer_image" / "kubetune_trainer"):
+        for path in package.rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            docstrings = {
+                id(node.body[0].value)
+                for node in ast.walk(tree)
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+            }  # fmt: skip
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                    counts[node.value] += 1
+    return counts
+
+
+def test_each_shared_string_is_written_once() -> None:
+    counts = _string_constants()
+    assert {name: counts[value] for name, value in SHARED.items()} == dict.fromkeys(SHARED, 1)
+
+
+def test_progress_fields_are_listed_once() -> None:
+    """The trainer's report and the status share TrainingMetrics; neither adds a metric of its own."""
+    metrics = set(TrainingMetrics.model_fields)
+    assert set(ProgressReport.model_fields) == metrics | {"phase"}
+    assert set(Progress.model_fields) == metrics | {"percent", "eta", "trainer_phase", "updated_at"}
+
+
+def test_termination_message_round_trips_and_refuses_other_text() -> None:
+    report = ProgressReport(step=3, total_steps=3, loss=0.5, phase=TrainerPhase.SUCCEEDED)
+    message = TerminationMessage.build(0, "training finished", report)
+    assert TerminationMessage.parse(message.to_text()) == message
+    assert message.progress == {"step": 3, "totalSteps": 3, "loss": 0.5, "phase": "Succeeded"}
+    assert TerminationMessage.build(66, "x" * 5000).message == "x" * contract.MESSAGE_LIMIT
+    assert TerminationMessage.parse("Traceback (most recent call last): ...") is None
+    assert TerminationMessage.parse('{"exitCode": "not a number"}') is None
