@@ -1,8 +1,8 @@
 """S3 transfer: model download and artifact upload MB/s, kubetune's storage code vs plain single-stream boto3.
 
 kubetune: trainer_image/kubetune_trainer/storage.py as the trainer uses it -- `fetch("s3://...")` for the model
-(list the prefix, `download_file` with its TransferConfig into the node cache) and `OutputStore.put_file` for
-artifacts (`upload_file` with its TransferConfig).
+(list the prefix, every key through one s3transfer TransferManager into the node cache) and `OutputStore.put_files`
+for artifacts (one TransferManager for the whole directory: files in parallel, each multipart).
 Baseline: one boto3 client, `upload_file` / `download_file` with multipart disabled (threshold above the file size,
 no threads): a single PUT / GET stream per file.
 
@@ -121,11 +121,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             single = single_stream_config(per_file)
             times: dict[str, list[float]] = {k: [] for k in ("kubetune_upload", "baseline_upload", "kubetune_download", "baseline_download")}
             for rep in range(a.reps):
-                # Artifact upload: OutputStore.put_file, as checkpoint.upload_files calls it for every artifact file.
+                # Artifact upload: OutputStore.put_files, as checkpoint.upload_files calls it for a whole directory.
                 store = storage.OutputStore(f"s3://{bucket}/kt-{rep}", spec)
                 t = time.perf_counter()
-                for name in names:
-                    store.put_file(f"model/{name}", src / name)
+                store.put_files([(src / name, f"model/{name}") for name in names])
                 times["kubetune_upload"].append(time.perf_counter() - t)
                 t = time.perf_counter()
                 for name in names:

@@ -71,13 +71,15 @@ def test_large_artifact_uploads_in_parts(s3, s3_endpoint: str, tmp_path: Path) -
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(storage.MULTIPART_THRESHOLD * 2 + 1234))
     store = storage.OutputStore("s3://out/multipart", StorageSpec(endpoint=s3_endpoint))
-    store.put_file("model/big.bin", big)
+    small = tmp_path / "small.json"
+    small.write_text("{}")
+    store.put_files([(big, "model/big.bin"), (small, "model/small.json")])
     head = s3.head_object(Bucket="out", Key="multipart/model/big.bin")
     assert head["ContentLength"] == big.stat().st_size
     assert head["ETag"].strip('"').endswith("-3")  # a multipart upload's ETag counts its parts
     back = tmp_path / "back"
     store.get_dir("model", back)
-    assert (back / "big.bin").read_bytes() == big.read_bytes()
+    assert (back / "big.bin").read_bytes() == big.read_bytes() and (back / "small.json").read_text() == "{}"
 
 
 @pytest.fixture

@@ -48,8 +48,7 @@ def file_table(local_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def upload_files(store: OutputStore, local_dir: Path, rel: str, files: dict[str, Any]) -> None:
-    for name in files:
-        store.put_file(f"{rel}/{name}" if rel else name, local_dir / name)
+    store.put_files([(local_dir / name, f"{rel}/{name}" if rel else name) for name in files])
 
 
 def seal(store: OutputStore, rel: str, files: dict[str, Any], extra: dict[str, Any] | None = None) -> None:

@@ -1,22 +1,22 @@
 """Where bytes come from and go to: local/PVC paths, S3 (boto3 transfer manager), the Hugging Face hub.
 
-Downloads land in a node-local cache ($KUBETUNE_CACHE_DIR). A file lock makes the
-first process on a node download while the others wait, then every process reads
-the same files; a `.complete` marker makes an interrupted download start over.
+Downloads land in a node-local cache ($KUBETUNE_CACHE_DIR). A file lock (filelock) makes
+the first process on a node download while the others wait, then every process reads
+the same files; a `.complete` marker makes an interrupted download start over. A whole
+directory moves through one s3transfer TransferManager: files in parallel, each multipart.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from filelock import FileLock
 from kubetune.api.contract import ENV_CACHE_DIR, ENV_PVC_ROOT, PVC_ROOT, ExitCode
 from kubetune.api.models import StorageSpec
 
@@ -67,10 +67,33 @@ def s3_client(storage: StorageSpec):  # type: ignore[no-untyped-def]
     )
 
 
-def transfer_config():  # type: ignore[no-untyped-def]
+def transfer_config() -> Any:
     from boto3.s3.transfer import TransferConfig
 
     return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD, max_concurrency=8)
+
+
+def download_all(client: Any, bucket: str, files: list[tuple[str, Path]]) -> None:
+    """Each (key, path) downloaded by one TransferManager; the first failure is raised."""
+    from boto3.s3.transfer import create_transfer_manager
+
+    with create_transfer_manager(client, transfer_config()) as manager:
+        futures = []
+        for key, out in files:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            futures.append(manager.download(bucket, key, str(out)))
+        for future in futures:
+            future.result()
+
+
+def upload_all(client: Any, bucket: str, files: list[tuple[Path, str]]) -> None:
+    """Each (path, key) uploaded by one TransferManager; the first failure is raised."""
+    from boto3.s3.transfer import create_transfer_manager
+
+    with create_transfer_manager(client, transfer_config()) as manager:
+        futures = [manager.upload(str(src), bucket, key) for src, key in files]
+        for future in futures:
+            future.result()
 
 
 def classify_s3_error(exc: BaseException, what: str, not_found: ExitCode) -> TrainerError:
@@ -105,24 +128,14 @@ def s3_list(client, bucket: str, prefix: str) -> list[str]:  # type: ignore[no-u
 # ------------------------------------------------------------ node-local cache
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def cached(key: str, fill: Callable[[Path], None]) -> Path:
     """Run `fill(dir)` once per node for `key`; everyone else waits on the lock and reuses the result."""
     target = cache_root() / hashlib.sha256(key.encode()).hexdigest()[:24]
     marker = target / ".complete"
     if marker.exists():
         return target
-    with file_lock(target.with_suffix(".lock")):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.with_suffix(".lock"))):
         if not marker.exists():
             shutil.rmtree(target, ignore_errors=True)
             target.mkdir(parents=True)
@@ -144,12 +157,7 @@ def download_s3_prefix(storage: StorageSpec, uri: str, dest: Path, not_found: Ex
             keys = [k for k in keys if not base or k.startswith(base + "/")]
         if not keys:
             raise TrainerError(not_found, f"{what}: nothing at {uri}")
-        config = transfer_config()
-        for key in keys:
-            rel = key[len(base) :].lstrip("/") if base else key
-            out = dest / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, key, str(out), Config=config)
+        download_all(client, bucket, [(key, dest / (key[len(base) :].lstrip("/") if base else key)) for key in keys])
     except TrainerError:
         raise
     except Exception as exc:
@@ -241,13 +249,16 @@ class OutputStore:
     def check_writable(self) -> None:
         self.put_text(".kubetune-write-check", "ok")
 
-    def put_file(self, rel: str, src: Path) -> None:
+    def put_files(self, files: list[tuple[Path, str]]) -> None:
+        """Each (local file, relative path) written; on S3, all through one TransferManager."""
         if self.local is not None:
-            out = self.local / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, out)
-        else:
-            self._s3(f"upload {rel}", lambda: self.client.upload_file(str(src), self.bucket, self._key(rel), Config=transfer_config()))
+            for src, rel in files:
+                out = self.local / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, out)
+            return
+        what = f"upload {len(files)} file(s) under {files[0][1].rsplit('/', 1)[0] if files else ''}"
+        self._s3(what, lambda: upload_all(self.client, self.bucket, [(src, self._key(rel)) for src, rel in files]))
 
     def put_text(self, rel: str, text: str) -> None:
         if self.local is not None:
@@ -286,10 +297,8 @@ class OutputStore:
         prefix = self._key(rel).rstrip("/") + "/"
 
         def download() -> None:
-            for key in s3_list(self.client, self.bucket, prefix):
-                out = dest / key[len(prefix) :]
-                out.parent.mkdir(parents=True, exist_ok=True)
-                self.client.download_file(self.bucket, key, str(out), Config=transfer_config())
+            keys = s3_list(self.client, self.bucket, prefix)
+            download_all(self.client, self.bucket, [(key, dest / key[len(prefix) :]) for key in keys])
 
         self._s3(f"download {rel}", download)
 
