@@ -9,7 +9,7 @@ from pathlib import Path
 
 from kubetune.api import contract
 from kubetune.api.contract import ProgressReport, TerminationMessage, TrainerPhase
-from kubetune.api.models import Progress, TrainingMetrics
+from kubetune.api.models import Progress, TrainerReport, TrainingMetrics
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = {
@@ -51,10 +51,12 @@ def test_each_shared_string_is_written_once() -> None:
 
 
 def test_progress_fields_are_listed_once() -> None:
-    """The trainer's report and the status share TrainingMetrics; neither adds a metric of its own."""
-    metrics = set(TrainingMetrics.model_fields)
-    assert set(ProgressReport.model_fields) == metrics | {"phase"}
-    assert set(Progress.model_fields) == metrics | {"percent", "eta", "trainer_phase", "updated_at"}
+    """The trainer's report and the status share TrainerReport (TrainingMetrics and the data warning);
+    neither adds a field of its own besides the phase and what the operator computes."""
+    reported = set(TrainerReport.model_fields)
+    assert set(TrainingMetrics.model_fields) < reported
+    assert set(ProgressReport.model_fields) == reported | {"phase"}
+    assert set(Progress.model_fields) == reported | {"percent", "eta", "trainer_phase", "updated_at"}
 
 
 def test_termination_message_round_trips_and_refuses_other_text() -> None:

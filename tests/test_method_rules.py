@@ -77,10 +77,11 @@ def test_qlora_on_gpus_with_ddp_is_valid_and_zero3_is_refused() -> None:
 
 
 def test_qlora_auto_backend_is_ddp_on_many_gpus() -> None:
-    from kubetune.render.deepspeed import choose_backend, uses_deepspeed
+    from kubetune_trainer.backend import choose_backend
 
     s = spec(model={"source": "s3://models/x", "quantization": {}}, distributed={"gpusPerNode": 8, "procsPerNode": 8, "nodes": 2})
-    assert not uses_deepspeed(s) and not choose_backend(s, on_gpu=True).deepspeed
+    choice = choose_backend(s, on_gpu=True, sizes=lambda: (10**15, 80 * 2**30))  # however big: QLoRA stays on DDP
+    assert not choice.deepspeed and "QLoRA" in choice.reason
 
 
 def test_dpo_block_needs_objective_dpo() -> None:

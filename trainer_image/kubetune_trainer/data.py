@@ -82,7 +82,6 @@ def tokenize_source(
     report = SourceReport(label)
     mapping: Mapping | None = None
     examples: list[Example] = []
-    limit = spec.max_seq_length
     for where, record in iter_records(path, spec.max_record_bytes):
         if mapping is None:
             mapping = resolve(record, where, fmt, fields)
@@ -95,30 +94,44 @@ def tokenize_source(
             if len(report.invalid_detail) < 3:
                 report.invalid_detail.append(bad.detail)
             continue
-        ids, labels = tokenize(sample, tokenizer, where)
-        report.lengths.append(len(ids))
-        if len(ids) > limit:
-            if spec.overflow == "error":
-                raise refuse(
-                    f"{where}: {len(ids)} tokens, more than spec.dataset.maxSeqLength {limit}; raise maxSeqLength, "
-                    "or set spec.dataset.overflow: truncate (or drop)"
-                )
-            if spec.overflow == "drop":
-                report.dropped += 1
-                report.dropped_tokens += len(ids)
-                continue
-            report.truncated += 1
-            report.truncated_tokens += len(ids) - limit
-            ids, labels = ids[:limit], labels[:limit]
-        if not any(label != IGNORE for label in labels[1:]):  # truncation cut every learned token
-            report.dropped += 1
-            report.dropped_tokens += len(ids)
-            continue
-        examples.append(Example(ids, labels, list(range(len(ids)))))
-        report.tokens += len(ids)
+        fitted = _fit(*tokenize(sample, tokenizer, where), spec, where, report)
+        if fitted is not None:
+            examples.append(Example(fitted[0], fitted[1], list(range(len(fitted[0])))))
+            report.tokens += len(fitted[0])
     if mapping is None:
         raise refuse(f"dataset {label} has no records")
     report.examples = len(examples)
+    _check_source(report, examples, label, spec)
+    return examples, report
+
+
+def _fit(ids: list[int], labels: list[int], spec: DatasetSpec, where: object, report: SourceReport) -> tuple[list[int], list[int]] | None:
+    """spec.dataset.overflow applied to one tokenized record (counted in `report`); None when it is dropped."""
+    limit = spec.max_seq_length
+    report.lengths.append(len(ids))
+    if len(ids) > limit:
+        if spec.overflow == "error":
+            raise refuse(
+                f"{where}: {len(ids)} tokens, more than spec.dataset.maxSeqLength {limit}; raise maxSeqLength, "
+                "or set spec.dataset.overflow: truncate (or drop)"
+            )
+        if spec.overflow == "drop":
+            report.dropped += 1
+            report.dropped_tokens += len(ids)
+            return None
+        report.truncated += 1
+        report.truncated_tokens += len(ids) - limit
+        ids, labels = ids[:limit], labels[:limit]
+    if not any(label != IGNORE for label in labels[1:]):  # truncation cut every learned token
+        report.dropped += 1
+        report.dropped_tokens += len(ids)
+        return None
+    return ids, labels
+
+
+def _check_source(report: SourceReport, examples: list[Example], label: str, spec: DatasetSpec) -> None:
+    """Refuse a source with too many invalid records or nothing to learn from."""
+    limit = spec.max_seq_length
     bad = sum(report.invalid.values())
     if bad > spec.max_invalid_fraction * report.records:
         reasons = ", ".join(f"{n} {r}" for r, n in report.invalid.most_common())
@@ -133,7 +146,6 @@ def tokenize_source(
             f"no example in {label} has tokens to learn from (format {report.format}, maxSeqLength {limit}, overflow {spec.overflow}"
             f", {report.dropped} dropped); raise spec.dataset.maxSeqLength"
         )
-    return examples, report
 
 
 def weighted(examples: list[Example], weight: float, seed: int) -> list[Example]:
@@ -258,7 +270,7 @@ class Built:
 
 
 def _sources(spec: DatasetSpec, storage: StorageSpec) -> list[tuple[Path, str, str, FieldMapping, float]]:
-    out = []
+    out: list[tuple[Path, str, str, FieldMapping, float]] = []
     for i, source in enumerate(spec.train_sources()):
         what = f"spec.dataset.sources[{i}].path" if spec.sources else "spec.dataset.train"
         path = fetch(source.path, storage, what, ExitCode.DATASET_INVALID, repo_type="dataset")

@@ -192,11 +192,11 @@ def parse(record: Any, where: Where, mapping: Mapping) -> Sample:
     if fmt == "text":
         return Sample("text", text=_cell(record, c["text"], "text", where, learned=True))
     if fmt == "preference":
-        prompt = record.get(c["prompt"])
+        conversation = record.get(c["prompt"])
         messages: tuple[tuple[str, str], ...] = ()
-        if isinstance(prompt, list):  # the prompt as a conversation
-            chat = Mapping("chat", {"messages": c["prompt"], **_message_keys(prompt, where, c["prompt"], FieldMapping())}, {**DEFAULT_ROLES})
-            messages, prompt_text = _turns(prompt, where, chat, need_assistant=False), ""
+        if isinstance(conversation, list):  # the prompt as a conversation
+            chat = Mapping("chat", {"messages": c["prompt"], **_message_keys(conversation, where, c["prompt"], FieldMapping())}, {**DEFAULT_ROLES})
+            messages, prompt_text = _turns(conversation, where, chat, need_assistant=False), ""
         else:
             prompt_text = _cell(record, c["prompt"], "prompt", where)
         chosen = _cell(record, c["chosen"], "chosen", where, learned=True)
