@@ -92,7 +92,7 @@ def test_crd_is_established_with_printer_columns(cluster, crd):
 def test_api_server_cel_refuses_lora_block_with_full_method(cluster, crd, namespace):
     r = cluster.kubectl("-n", namespace, "apply", "-f", "-", input=ftj("bad-cel", method="full", lora={"r": 8}), check=False)
     assert r.returncode != 0
-    assert "spec.lora is only allowed with spec.method: lora" in r.stderr
+    assert "spec.lora: is only allowed with method: lora" in r.stderr  # the message kubetune validate gives too
 
 
 def test_api_server_cel_wants_exactly_one_of_train_and_sources(cluster, crd, namespace):

@@ -15,8 +15,6 @@ from typing import Any
 from kubetune.api.models import FineTuneJobSpec
 from kubetune.api.trainer_config import TrainerConfig
 
-from kubetune_trainer.precision import compute_precision
-
 DDP_BUCKET_MB = 100
 DDP_STATE_FRACTION = 0.6
 """`auto` picks DDP when weights + gradients + optimizer state take at most this share of one GPU's
@@ -72,6 +70,8 @@ def choose_backend(
 def deepspeed_config(
     spec: FineTuneJobSpec, world_size: int, gradient_accumulation_steps: int, on_gpu: bool
 ) -> dict[str, Any]:
+    from kubetune_trainer.precision import compute_precision  # torch: imported only when a run needs it
+
     dist = spec.distributed
     micro = spec.training.per_device_batch_size
     prec = compute_precision(spec, on_gpu)

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from kubetune.api.rules import SPEC_RULES, cel_validations
+
 GROUP: Final = "kubetune.io"
 VERSION: Final = "v1alpha1"
 API_VERSION: Final = "kubetune.io/v1alpha1"
@@ -492,52 +494,8 @@ class ResourcesSpec(ApiModel):
 class FineTuneJobSpec(ApiModel):
     """What to fine-tune, on what, how, and where the result goes."""
 
-    model_config = ConfigDict(
-        json_schema_extra=cel(
-            (
-                "self.method in ['lora', 'dora'] || !has(self.lora)",
-                "spec.lora is only allowed with spec.method: lora or dora; remove spec.lora or set spec.method",
-            ),
-            (
-                "self.method == 'prompt_tuning' || !has(self.promptTuning)",
-                "spec.promptTuning is only allowed with spec.method: prompt_tuning; remove it or set spec.method",
-            ),
-            (
-                "self.method == 'prefix_tuning' || !has(self.prefixTuning)",
-                "spec.prefixTuning is only allowed with spec.method: prefix_tuning; remove it or set spec.method",
-            ),
-            (
-                "self.method == 'ia3' || !has(self.ia3)",
-                "spec.ia3 is only allowed with spec.method: ia3; remove it or set spec.method",
-            ),
-            (
-                "self.objective == 'dpo' || !has(self.dpo)",
-                "spec.dpo is only allowed with spec.objective: dpo; remove spec.dpo or set spec.objective: dpo",
-            ),
-            (
-                "!has(self.model.quantization) || self.method in ['lora', 'dora']",
-                "spec.model.quantization (QLoRA) trains an adapter on the quantized base: set spec.method to lora or dora",
-            ),
-            (
-                "!has(self.training.globalBatchSize) || self.training.globalBatchSize % "
-                "(self.training.perDeviceBatchSize * self.distributed.nodes * self.distributed.procsPerNode) == 0",
-                "spec.training.globalBatchSize must be a multiple of perDeviceBatchSize x nodes x procsPerNode",
-            ),
-            (
-                "self.distributed.gpusPerNode == 0 || self.distributed.gpusPerNode == self.distributed.procsPerNode",
-                "spec.distributed.procsPerNode must equal spec.distributed.gpusPerNode on GPU nodes (one process per GPU)",
-            ),
-            (
-                "!has(self.distributed.offloadParams) || !self.distributed.offloadParams || "
-                "(self.distributed.backend != 'ddp' && self.distributed.zeroStage == 3)",
-                "spec.distributed.offloadParams needs backend deepspeed (or auto) with zeroStage: 3",
-            ),
-            (
-                "!has(self.training.earlyStopping) || has(self.dataset.eval) || self.dataset.evalSplit > 0.0",
-                "spec.training.earlyStopping needs evaluation data: set spec.dataset.eval or spec.dataset.evalSplit",
-            ),
-        )
-    )
+    # Cross-field rules: one table (kubetune.api.rules) gives the API server its CEL and validation.py its twins.
+    model_config = ConfigDict(json_schema_extra=cel_validations(SPEC_RULES))
 
     model: ModelSpec
     """The pretrained model to start from."""

@@ -27,6 +27,7 @@ from kubetune.api.contract import (
 from kubetune.api.crd import MAX_NAME_LENGTH
 from kubetune.api.methods import PROMPT_LEARNING_METHODS, is_adapter
 from kubetune.api.models import API_VERSION, DATA_URI, KIND, QUANTITY, FineTuneJob, FineTuneJobSpec
+from kubetune.api.rules import SPEC_RULES
 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -187,41 +188,8 @@ def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
 
 
 def _cel_twins(spec: FineTuneJobSpec) -> list[Problem]:
-    """The CRD's CEL rules, so that a check without a cluster finds the same."""
-    out = []
-    if spec.lora is not None and spec.method not in ("lora", "dora"):
-        out.append(Problem("spec.lora", "is only allowed with method: lora or dora; remove spec.lora or set spec.method"))
-    blocks = (("promptTuning", spec.prompt_tuning, "prompt_tuning"), ("prefixTuning", spec.prefix_tuning, "prefix_tuning"), ("ia3", spec.ia3, "ia3"))
-    for block, value, method in blocks:
-        if value is not None and spec.method != method:
-            out.append(Problem(f"spec.{block}", f"is only allowed with method: {method}; remove spec.{block} or set spec.method: {method}"))
-    if spec.dpo is not None and spec.objective != "dpo":
-        out.append(Problem("spec.dpo", "is only allowed with objective: dpo; remove spec.dpo or set spec.objective: dpo"))
-    if spec.model.quantization is not None and spec.method not in ("lora", "dora"):
-        out.append(
-            Problem("spec.model.quantization", "(QLoRA) trains an adapter on the quantized base: set spec.method to lora or dora")
-        )
-    t, d = spec.training, spec.distributed
-    micro = t.per_device_batch_size * d.nodes * d.procs_per_node
-    if t.global_batch_size is not None and t.global_batch_size % micro:
-        out.append(
-            Problem(
-                "spec.training.globalBatchSize",
-                f"must be a multiple of perDeviceBatchSize x nodes x procsPerNode = {micro} (got {t.global_batch_size}); "
-                f"try {max(micro, t.global_batch_size // micro * micro)}",
-            )
-        )
-    if d.gpus_per_node and d.gpus_per_node != d.procs_per_node:
-        out.append(
-            Problem("spec.distributed.procsPerNode", f"must equal gpusPerNode ({d.gpus_per_node}): one process per GPU")
-        )
-    if d.offload_params and (d.backend == "ddp" or d.zero_stage != 3):
-        out.append(Problem("spec.distributed.offloadParams", "needs backend deepspeed (or auto) with zeroStage: 3"))
-    if t.early_stopping is not None and not spec.dataset.eval and spec.dataset.eval_split == 0:
-        out.append(
-            Problem("spec.training.earlyStopping", "needs evaluation data: set spec.dataset.eval or spec.dataset.evalSplit")
-        )
-    return out
+    """The CRD's CEL rules (kubetune.api.rules), so that a check without a cluster finds the same."""
+    return [Problem(rule.field, rule.describe(spec)) for rule in SPEC_RULES if rule.broken(spec)]
 
 
 def _storage(spec: FineTuneJobSpec) -> list[Problem]:
