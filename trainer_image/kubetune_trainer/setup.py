@@ -138,6 +138,8 @@ def load_data(
     data report and the memory estimate, and reports a data warning with its progress."""
     spec = config.spec
     gen_examples: list[Any] = []
+    train: list[Any]
+    evals: list[Any]
     if spec.objective == "dpo":
         train, evals = dpo_mod.load_pairs(spec.dataset, spec.storage, tokenizer, spec.training.seed)
     else:

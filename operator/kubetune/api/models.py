@@ -491,6 +491,10 @@ class ResourcesSpec(ApiModel):
 
 # ---------------------------------------------------------------------- spec
 
+# Spec fields whose edit starts a new run (status.runs) rather than changing the running one.
+_IMMUTABLE = ("model", "dataset", "method", "lora", "promptTuning", "prefixTuning", "ia3", "objective", "dpo", "freeze", "training", "distributed", "output")
+
+
 class FineTuneJobSpec(ApiModel):
     """What to fine-tune, on what, how, and where the result goes."""
 
