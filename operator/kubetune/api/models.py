@@ -491,7 +491,7 @@ class ResourcesSpec(ApiModel):
 
 # ---------------------------------------------------------------------- spec
 
-# Spec fields whose edit starts a new run (status.runs) rather than changing the running one.
+# The spec fields that define a run: status/runs.py fingerprints them (an edit to one starts a new run).
 _IMMUTABLE = ("model", "dataset", "method", "lora", "promptTuning", "prefixTuning", "ia3", "objective", "dpo", "freeze", "training", "distributed", "output")
 
 

@@ -25,8 +25,6 @@ MESSAGES: Final[dict[str, str]] = {
     "TrainingSucceeded": "Training finished; artifacts are under {uri}.",
     "BackoffLimitExceeded": "Failed after {restarts} restart(s); last failure: {cause}.",
     "DeadlineExceeded": "Ran longer than spec.runPolicy.activeDeadlineSeconds ({seconds}s).",
-    "NotFinished": "Not finished.",
-    "NotStarted": "Not running.",
 }
 
 
