@@ -143,4 +143,4 @@ def varlen_attention_forward(
         out = varlen_attn(q.to(half), k.to(half), v.to(half), cu, cu, max_len, max_len, scale=scaling, window_size=window)
     else:
         out = _sdpa_per_segment(q, k, v, cu, scaling, sliding_window)
-    return out.view(batch, length, *out.shape[1:]), None
+    return out.view(batch, length, *out.shape[1:]), None  # type: ignore[union-attr]

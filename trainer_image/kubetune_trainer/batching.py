@@ -88,4 +88,5 @@ class Flatten:
 
 def label_count(batch: dict[str, Any]) -> torch.Tensor:
     """Tokens that carry a loss (labels are shifted by one inside the model)."""
-    return (batch["labels"][..., 1:] != IGNORE).sum()
+    count: torch.Tensor = (batch["labels"][..., 1:] != IGNORE).sum()
+    return count

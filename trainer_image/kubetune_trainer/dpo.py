@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +160,7 @@ def reference_for(spec_method_is_adapter: bool, dpo: DpoSpec, unwrapped: Any, fr
         return base
     if frozen_copy is None:
         raise TrainerError(ExitCode.CONFIG_INVALID, "spec.dpo.referenceModel: frozen-copy needs the reference model loaded")
-    return frozen_copy
+    return cast(Callable[..., Any], frozen_copy)
 
 
 @dataclass

@@ -52,7 +52,7 @@ def fused_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, b
 
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else weight.dtype
     with torch.autocast("cuda", enabled=False):
-        return liger_fused_linear_cross_entropy(
+        return liger_fused_linear_cross_entropy(  # type: ignore[no-any-return]
             hidden.to(dtype), weight.to(dtype), labels, bias.to(dtype) if bias is not None else None,
             reduction="sum", accum_dtype=torch.float32, chunk_mem_const=LIGER_CHUNK_MEM_CONST,
         ).float()  # fmt: skip
@@ -65,7 +65,7 @@ def lora_input_casting_off(model: Any) -> int:
     changed = 0
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = False
+            module.cast_input_dtype_enabled = False  # type: ignore[attr-defined]
             changed += 1
     return changed
 

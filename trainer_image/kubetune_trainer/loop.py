@@ -193,7 +193,8 @@ class StepLoop:
         if self.dog is not None:
             self.dog.beat(st.step)
         logging_step = st.step % t.logging_steps == 0 or st.step == self.parts.total_steps
-        eval_step = self.evaluator is not None and bool(t.eval_steps) and st.step % t.eval_steps == 0
+        every = t.eval_steps or 0
+        eval_step = self.evaluator is not None and every > 0 and st.step % every == 0
         checkpoint_step = st.step % self.spec.output.checkpoint_steps == 0 or self.hooks.preempt_at(st.step)
         if self.pending is not None and (logging_step or eval_step or checkpoint_step or st.step >= self.parts.total_steps):
             self._check_flags(self.pending, st.step)  # never log, evaluate or save a bad step

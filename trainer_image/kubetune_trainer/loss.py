@@ -60,7 +60,7 @@ def _add_chunk_grads(
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, chunk: int,
         denominator: torch.Tensor | None,
     ) -> torch.Tensor:
@@ -94,7 +94,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total / count
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         scale = grad_out.float()
@@ -125,7 +125,8 @@ def linear_cross_entropy(
         total = kernels.fused_linear_cross_entropy_sum(hidden, weight, bias, labels)
         count = (labels != IGNORE).sum().clamp(min=1).float() if denominator is None else denominator.float()
         return total / count
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk or chunk_tokens(weight.shape[0]), denominator)
+    loss: torch.Tensor = _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk or chunk_tokens(weight.shape[0]), denominator)  # type: ignore[no-untyped-call]
+    return loss
 
 
 def _causal_lm(model: Any) -> Any:
@@ -191,7 +192,8 @@ def install(model: Any, chunk: int | None = None) -> bool:
 
 
 def hidden_device(lm: Any) -> torch.device:
-    return next(lm.parameters()).device
+    device: torch.device = next(lm.parameters()).device
+    return device
 
 
 def installed(model: Any) -> bool:

@@ -154,7 +154,7 @@ def _csv(path: Path, limit: int, delimiter: str) -> Iterator[tuple[Where, Any]]:
                 raise refuse(f"{path.name} line {reader.line_num} (record {index}): {exc} (the limit is spec.dataset.maxRecordBytes)") from exc
             if None in row:
                 raise refuse(
-                    f"{path.name} line {reader.line_num} (record {index}) has {len(header) + len(row[None])} cells but the header has "  # type: ignore[index]
+                    f"{path.name} line {reader.line_num} (record {index}) has {len(header) + len(row[None])} cells but the header has "
                     f"{len(header)}; quote cells that contain '{delimiter}'"
                 )
             yield Where(path.name, index, reader.line_num), row  # missing cells are None, counted as invalid by the format

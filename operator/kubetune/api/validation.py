@@ -12,7 +12,7 @@ import math
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ValidationError
 
@@ -506,4 +506,4 @@ def parse_spec(spec: Any, name: str | None = None) -> FineTuneJobSpec:
     problems = (check_name(name, parsed) if name is not None else []) + check_spec(parsed)
     if problems:
         raise SpecInvalid(problems)
-    return parsed
+    return cast(FineTuneJobSpec, parsed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from kubetune.api.models import FineTuneJob
 from kubetune.cli.cluster_args import add_cluster_args, client_from, guarded, print_objects
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_cluster_args(parser, output=True)
 
 
-def _console():  # type: ignore[no-untyped-def]
+def _console() -> Any:
     from rich.console import Console
 
     return Console(highlight=False, soft_wrap=False)

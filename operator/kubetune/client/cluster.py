@@ -84,7 +84,7 @@ class ClusterBackend:
 
     def _get_raw(self, name: str) -> dict[str, Any]:
         return self._call("get", RESOURCE, name, lambda: self.custom.get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, name))  # type: ignore[no-any-return]
+            GROUP, VERSION, self.namespace, PLURAL, name))
 
     # ---------------------------------------------------------------- the API
 

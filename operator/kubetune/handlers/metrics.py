@@ -142,7 +142,7 @@ class Metrics(Collector):
 
     # ------------------------------------------------------------ exporting
 
-    def collect(self, now: float | None = None) -> Iterator[Any]:  # type: ignore[override]
+    def collect(self, now: float | None = None) -> Iterator[Any]:
         now = time.time() if now is None else now
         by_phase = GaugeMetricFamily("kubetune_finetunejobs", "FineTuneJobs by namespace and phase.", labels=["namespace", "phase"])
         counts: dict[tuple[str, str], int] = {}
