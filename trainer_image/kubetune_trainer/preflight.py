@@ -82,6 +82,24 @@ def parameter_counts(spec: FineTuneJobSpec, model_dir: Path) -> tuple[int, int, 
     return trainable, total, getattr(config, "text_config", config)
 
 
+def _activation_bytes(spec: FineTuneJobSpec, config: Any, tokens: int, half: bool) -> int:
+    """Activations kept for the backward pass (see the module docstring)."""
+    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
+    layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
+    act_scale = 1 if half else 2
+    per_layer = ACTIVATION_BYTES_PER_HIDDEN * hidden * act_scale
+    if spec.training.gradient_checkpointing:
+        activations = tokens * (layers * hidden * 2 * act_scale + per_layer)
+    else:
+        activations = tokens * layers * per_layer
+    lora = spec.lora or LoraSpec()
+    if spec.method == "lora" and lora.dropout > 0:  # each adapted linear keeps its dropped-out input (q k v o gate up: hidden; down: intermediate)
+        intermediate = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
+        held = 1 if spec.training.gradient_checkpointing else layers  # recomputed layer by layer under checkpointing
+        activations += tokens * held * (6 * hidden + intermediate) * (2 if half else 4)
+    return activations
+
+
 def estimate_memory(
     spec: FineTuneJobSpec, trainable: int, total: int, config: Any, tokens: int, on_gpu: bool, deepspeed: bool,
     available: int | None = None,
@@ -104,20 +122,8 @@ def estimate_memory(
     optimizer = trainable * (8 + (4 if deepspeed and trainable_bytes == 2 else 0))
     if stage >= 1:
         optimizer = 0 if d.offload_optimizer else optimizer // world
-    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
-    layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
     vocab = int(getattr(config, "vocab_size", 0))
-    act_scale = 1 if half else 2
-    per_layer = ACTIVATION_BYTES_PER_HIDDEN * hidden * act_scale
-    if spec.training.gradient_checkpointing:
-        activations = tokens * (layers * hidden * 2 * act_scale + per_layer)
-    else:
-        activations = tokens * layers * per_layer
-    lora = spec.lora or LoraSpec()
-    if spec.method == "lora" and lora.dropout > 0:  # each adapted linear keeps its dropped-out input (q k v o gate up: hidden; down: intermediate)
-        intermediate = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
-        held = 1 if spec.training.gradient_checkpointing else layers  # recomputed layer by layer under checkpointing
-        activations += tokens * held * (6 * hidden + intermediate) * (2 if half else 4)
+    activations = _activation_bytes(spec, config, tokens, half)
     chunked = getattr(config, "model_type", "") in CHUNKED_LOSS_TYPES and stage != 3
     logit_tokens = min(tokens, max(16, min(8192, (1 << 26) // max(vocab, 1)))) if chunked else tokens
     parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations, "logits": logit_tokens * vocab * 4 * 2}
