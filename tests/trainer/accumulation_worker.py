@@ -18,7 +18,7 @@ from kubetune.api.trainer_config import TrainerConfig
 from kubetune_trainer import batching, steps
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import model as model_mod
-from kubetune_trainer import train as train_mod
+from kubetune_trainer.backend import BackendChoice, build_accelerator
 from kubetune_trainer.data import IGNORE, Example
 
 LENGTHS = [23, 5, 17, 30, 9, 12, 26, 7, 14, 19, 11, 3]  # ragged: every micro-batch holds a different token count
@@ -39,7 +39,7 @@ def main() -> None:
     out_dir, packing = Path(sys.argv[2]), sys.argv[3] == "packed"
     spec = config.spec
     assert config.gradient_accumulation_steps == ACCUM, config.gradient_accumulation_steps
-    acc = train_mod.build_accelerator(config, use_deepspeed=False)
+    acc = build_accelerator(config, BackendChoice(False, "test: DDP"), on_gpu=False)
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     torch.manual_seed(0)
     model = model_mod.prepare_model(spec, Path(spec.model.source), on_gpu=False)
