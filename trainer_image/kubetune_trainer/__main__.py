@@ -74,6 +74,20 @@ def run(trainer: Trainer) -> ExitCode:
     return code
 
 
+def failed(caught: Exception, trainer: Trainer | None) -> int:
+    """A classified error (or an OSError the user can fix): one line, the termination message, its exit code."""
+    from kubetune_trainer.errors import TrainerError, user_os_error, write_termination_message
+
+    error = caught if isinstance(caught, TrainerError) else user_os_error(caught) if isinstance(caught, OSError) else None
+    if error is None:
+        return unclassified(caught)
+    print(f"[kubetune] error: {error.message}", file=sys.stderr, flush=True)
+    if trainer is not None:
+        trainer.progress.update(phase=TrainerPhase.FAILED)
+    write_termination_message(error.exit_code, error.message)
+    return int(error.exit_code)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kubetune_trainer", description=__doc__)
     parser.add_argument("--config", default=os.environ.get(ENV_CONFIG_PATH, CONFIG_PATH))
@@ -87,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
-    from kubetune_trainer.errors import TrainerError, user_os_error, write_termination_message
+    from kubetune_trainer.errors import TrainerError, write_termination_message
 
     trainer = None
     try:
@@ -101,14 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         write_termination_message(ExitCode.PREEMPTED, str(exc))
         return int(ExitCode.PREEMPTED)
     except (TrainerError, OSError) as caught:
-        exc = caught if isinstance(caught, TrainerError) else user_os_error(caught)
-        if exc is None:
-            return unclassified(caught)
-        print(f"[kubetune] error: {exc.message}", file=sys.stderr, flush=True)
-        if trainer is not None:
-            trainer.progress.update(phase=TrainerPhase.FAILED)
-        write_termination_message(exc.exit_code, exc.message)
-        return int(exc.exit_code)
+        return failed(caught, trainer)
     except Exception as exc:
         return unclassified(exc)
     finally:
