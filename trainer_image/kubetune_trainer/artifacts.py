@@ -111,7 +111,7 @@ class ArtifactWriter:
     def metrics(self) -> dict[str, Any]:
         st, facts = self.state, self.facts
         optional = {"exactMatchBefore": facts.exact_match_before, "exactMatchAfter": facts.exact_match_after,
-                    "mergedModel": facts.merged_model}  # fmt: skip
+                    "mergedModel": facts.merged_model, "quantizedLayers": facts.quantized_layers}  # fmt: skip
         return {
             "job": self.config.job.name,
             "steps": st.step,
@@ -130,6 +130,7 @@ class ArtifactWriter:
             "trainSeconds": st.train_seconds,
             "wallSeconds": time.time() - self.started,
             "chunkedLoss": facts.chunked_loss,
+            "fastPath": facts.fast_path,
             "data": facts.data,
             **{k: v for k, v in optional.items() if v is not None},
         }
