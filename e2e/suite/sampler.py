@@ -27,23 +27,27 @@ class Sampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
+        self._sample()  # the state the caller just waited for, which the last poll may have missed
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                obj = self.cluster.admin.get_or_none(self.path)
-            except Exception:  # noqa: BLE001 - keep sampling through API hiccups
-                obj = None
-            status = (obj or {}).get("status") or {}
-            if status:
-                self.samples.append((time.monotonic(), status))
-                ph = status.get("phase")
-                if ph and (not self.phases or self.phases[-1] != ph):
-                    self.phases.append(ph)
-                step = (status.get("progress") or {}).get("step")
-                if step is not None and (not self.steps or self.steps[-1] != step):
-                    self.steps.append(int(step))
+            self._sample()
             self._stop.wait(self.every)
+
+    def _sample(self) -> None:
+        try:
+            obj = self.cluster.admin.get_or_none(self.path)
+        except Exception:  # noqa: BLE001 - keep sampling through API hiccups
+            obj = None
+        status = (obj or {}).get("status") or {}
+        if status:
+            self.samples.append((time.monotonic(), status))
+            ph = status.get("phase")
+            if ph and (not self.phases or self.phases[-1] != ph):
+                self.phases.append(ph)
+            step = (status.get("progress") or {}).get("step")
+            if step is not None and (not self.steps or self.steps[-1] != step):
+                self.steps.append(int(step))
 
     def saw_in_order(self, *phases: str) -> bool:
         it = iter(self.phases)
