@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from kubernetes.client.rest import ApiException
-from kubetune.api.models import Progress
+from kubetune.api.models import FineTuneJobStatus, Progress
 from kubetune.handlers import kube
 from kubetune.handlers.controller import progress_interval
 from kubetune.handlers.reconcile import observe, status_changed, wake_after
@@ -155,20 +155,20 @@ def test_without_a_current_job_every_pod_is_stale():
 
 def test_wake_after_a_running_job_only_for_its_deadline():
     spec = sample_spec(runPolicy={"activeDeadlineSeconds": 100})
-    status = {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"}
+    status = FineTuneJobStatus(phase="Running", start_time="2026-01-01T00:00:00Z")
     assert wake_after(spec, status, Observed(job=None, progress=Progress(step=1)), T0 + timedelta(seconds=40), 10) == pytest.approx(60.5)
     assert wake_after(sample_spec(), status, Observed(job=None, progress=Progress(step=1)), T0, 10) is None
 
 
 def test_wake_after_a_finished_job_when_its_ttl_runs_out():
     spec = sample_spec(runPolicy={"ttlSecondsAfterFinished": 30})
-    status = {"phase": "Succeeded", "completionTime": "2026-01-01T00:00:00Z"}
+    status = FineTuneJobStatus(phase="Succeeded", completion_time="2026-01-01T00:00:00Z")
     assert wake_after(spec, status, Observed(job=None), T0 + timedelta(seconds=10), 10) == pytest.approx(20)
 
 
 def test_wake_after_an_initializing_job_whose_trainer_has_not_answered():
     spec = sample_spec()
-    assert wake_after(spec, {"phase": "Initializing"}, Observed(job=None), T0, 10) == 10
+    assert wake_after(spec, FineTuneJobStatus(phase="Initializing"), Observed(job=None), T0, 10) == 10
 
 
 def test_status_unchanged_means_no_write():

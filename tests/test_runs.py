@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+from kubetune.api.models import FineTuneJobStatus
 from kubetune.status.runs import for_run, needs_new_run, run_uri, start_new_run, trained_hash
 from operator_samples import spec
 
 NOW = datetime(2026, 1, 2, tzinfo=timezone.utc)
 
 
-def finished(s, **extra) -> dict:
-    return {"phase": "Succeeded", "message": "done", "observedGeneration": 1, "runGeneration": 1, "trainedSpecHash": trained_hash(s),
+def finished(s, **extra) -> FineTuneJobStatus:
+    return FineTuneJobStatus.from_stored({"phase": "Succeeded", "message": "done", "observedGeneration": 1, "runGeneration": 1, "trainedSpecHash": trained_hash(s),
             "startTime": "2026-01-01T00:00:00Z", "completionTime": "2026-01-01T01:00:00Z", "restarts": 1,
             "runUri": "s3://out/demo", "artifacts": {"adapter": "s3://out/demo/adapter/"}, "progress": {"step": 60},
             "conditions": [{"type": "Succeeded", "status": "True", "reason": "TrainingSucceeded", "message": "",
-                            "lastTransitionTime": "2026-01-01T01:00:00Z"}], **extra}  # fmt: skip
+                            "lastTransitionTime": "2026-01-01T01:00:00Z"}], **extra})  # fmt: skip
 
 
 def test_an_edit_of_what_is_trained_after_the_job_finished_starts_a_new_run():
@@ -33,14 +34,15 @@ def test_edits_that_train_nothing_new_start_no_run():
 
 def test_no_new_run_while_active_or_without_a_recorded_fingerprint():
     old = spec(training={"maxSteps": 60})
-    assert not needs_new_run(spec(training={"maxSteps": 80}), {**finished(old), "phase": "Running"})
-    assert not needs_new_run(spec(training={"maxSteps": 80}), {**finished(old), "trainedSpecHash": None})
+    assert not needs_new_run(spec(training={"maxSteps": 80}), finished(old, phase="Running"))
+    assert not needs_new_run(spec(training={"maxSteps": 80}), finished(old, trainedSpecHash=None))
 
 
 def test_the_new_run_records_the_old_one_and_starts_pending_at_its_own_prefix():
     old = spec(training={"maxSteps": 60})
     new = spec(training={"maxSteps": 80}, output={"uri": "s3://out/demo", "resumeFrom": "previous"})
-    status, event = start_new_run(new, 2, finished(old), NOW)
+    typed, event = start_new_run(new, 2, finished(old), NOW)
+    status = typed.to_patch()
     assert status["phase"] == "Pending" and status["observedGeneration"] == 2 and status["run"] == 2
     assert status["runUri"] == "s3://out/demo/run-2" and status["resumedFrom"] == "s3://out/demo"
     assert status["restarts"] == 0 and status["progress"] is None and status["artifacts"] is None
@@ -57,11 +59,11 @@ def test_the_new_run_records_the_old_one_and_starts_pending_at_its_own_prefix():
 def test_a_fresh_new_run_resumes_from_nothing():
     old = spec(training={"maxSteps": 60})
     status, event = start_new_run(spec(training={"maxSteps": 80}), 2, finished(old), NOW)
-    assert status["resumedFrom"] is None and "from the start" in event[2]
+    assert status.resumed_from is None and "from the start" in event[2]
 
 
 def test_each_run_after_the_first_writes_to_its_own_prefix():
     s = spec()
     assert run_uri("s3://out/demo/", 1) == "s3://out/demo/" and run_uri("s3://out/demo/", 3) == "s3://out/demo/run-3"
-    assert for_run(s, {"run": 1}).output.uri == s.output.uri
-    assert for_run(s, {"run": 2}).output.uri == "s3://out/demo/run-2"
+    assert for_run(s, FineTuneJobStatus(run=1)).output.uri == s.output.uri
+    assert for_run(s, FineTuneJobStatus(run=2)).output.uri == "s3://out/demo/run-2"

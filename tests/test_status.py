@@ -6,7 +6,7 @@ import json
 from datetime import datetime, timedelta, timezone
 
 from kubetune.api.contract import TrainerPhase
-from kubetune.api.models import Progress
+from kubetune.api.models import FailureInfo, FineTuneJobStatus, Progress
 from kubetune.status.conditions import set_condition
 from kubetune.status.derive import Observed, decisive_failure, derive, refused_status, ttl_expired
 from operator_samples import spec
@@ -46,75 +46,76 @@ def pod(
 
 
 def run(observed, old=None, **spec_overrides):
-    return derive(spec(**spec_overrides), "demo", 1, old, observed, NOW)
+    typed = FineTuneJobStatus.from_stored(old) if isinstance(old, dict) or old is None else old
+    return derive(spec(**spec_overrides), "demo", 1, typed, observed, NOW)
 
 
 def condition(status, type_):
-    return next(c for c in status["conditions"] if c["type"] == type_)
+    return next(c for c in status.conditions if c.type == type_)
 
 
 def test_missing_job_is_created_and_pending():
     d = run(Observed(job=None))
-    assert d.action == "create" and d.status["phase"] == "Pending"
+    assert d.action == "create" and d.status.phase == "Pending"
 
 
 def test_restart_waits_for_the_old_gang_to_be_gone():
     d = run(Observed(job=None, stale=2), old={"phase": "Restarting", "restarts": 1})
-    assert d.action == "none" and d.status["phase"] == "Restarting"
+    assert d.action == "none" and d.status.phase == "Restarting"
 
 
 def test_unscheduled_pods_are_pending():
     d = run(Observed(job=job(), pods=[pod(phase="Pending", node=None)]))
-    assert d.status["phase"] == "Pending"
+    assert d.status.phase == "Pending"
 
 
 def test_scheduled_but_not_all_running_is_initializing():
     d = run(Observed(job=job(), pods=[pod(), pod("demo-r0-1", phase="Pending")]), distributed={"nodes": 2})
-    assert d.status["phase"] == "Initializing"
+    assert d.status.phase == "Initializing"
 
 
 def test_all_pods_running_is_running():
     d = run(Observed(job=job(), pods=[pod()], progress=Progress(step=0, total_steps=10, trainer_phase="Training")))
-    assert d.status["phase"] == "Running"
-    assert condition(d.status, "Running")["status"] == "True"
+    assert d.status.phase == "Running"
+    assert condition(d.status, "Running").status == "True"
 
 
 def test_pods_up_before_the_trainer_reports_are_initializing():
     d = run(Observed(job=job(), pods=[pod()]), old={"phase": "Pending"})
-    assert d.status["phase"] == "Initializing"
+    assert d.status.phase == "Initializing"
 
 
 def test_running_never_steps_back_when_one_progress_read_fails():
     d = run(Observed(job=job(), pods=[pod()]), old={"phase": "Running"})
-    assert d.status["phase"] == "Running"
+    assert d.status.phase == "Running"
 
 
 def test_progress_never_readable_is_running_after_a_grace_period():
     long_ago = NOW - timedelta(seconds=600)
     d = run(Observed(job=job(), pods=[pod(started=long_ago)]), old={"phase": "Initializing"})
-    assert d.status["phase"] == "Running" and d.status["message"] == "All 1 pod(s) are running."
+    assert d.status.phase == "Running" and d.status.message == "All 1 pod(s) are running."
 
 
 def test_trainer_still_initializing_is_initializing():
     """The phase rank 0 reports before its first step (the trainer's own TrainerPhase, not a guess)."""
     d = run(Observed(job=job(), pods=[pod()], progress=Progress(trainer_phase=TrainerPhase.INITIALIZING.value)))
-    assert d.status["phase"] == "Initializing"
+    assert d.status.phase == "Initializing"
 
 
 def test_progress_is_written_and_named_in_the_message():
     p = Progress(step=50, total_steps=200, percent=25.0, loss=1.5, trainer_phase="Training")
     d = run(Observed(job=job(), pods=[pod()], progress=p))
-    assert d.status["progress"]["step"] == 50 and d.status["progress"]["totalSteps"] == 200
-    assert d.status["message"] == "Training: step 50 of 200 (25.0%)."
+    assert d.status.progress.step == 50 and d.status.progress.total_steps == 200
+    assert d.status.message == "Training: step 50 of 200 (25.0%)."
 
 
 def test_complete_job_succeeds_with_artifacts():
     d = run(Observed(job=job(conditions=["Complete"]), pods=[pod(phase="Succeeded")]))
-    assert d.status["phase"] == "Succeeded"
-    assert d.status["artifacts"]["adapter"] == "s3://out/demo/adapter/"
-    assert d.status["artifacts"]["mergedModel"] == "s3://out/demo/model/"
-    assert d.status["artifacts"]["metrics"] == "s3://out/demo/metrics.json"
-    assert condition(d.status, "Succeeded")["status"] == "True"
+    assert d.status.phase == "Succeeded"
+    assert d.status.artifacts.adapter == "s3://out/demo/adapter/"
+    assert d.status.artifacts.merged_model == "s3://out/demo/model/"
+    assert d.status.artifacts.metrics == "s3://out/demo/metrics.json"
+    assert condition(d.status, "Succeeded").status == "True"
 
 
 def test_success_takes_the_final_progress_from_rank_0s_termination_message():
@@ -124,46 +125,41 @@ def test_success_takes_the_final_progress_from_rank_0s_termination_message():
     rank1 = pod("demo-r0-1", phase="Succeeded", exit_code=0, message="")
     old = {"phase": "Running", "progress": {"step": 159, "totalSteps": 160, "percent": 99.4}}
     d = run(Observed(job=job(conditions=["Complete"]), pods=[rank1, rank0]), old=old, distributed={"nodes": 2})
-    assert d.status["phase"] == "Succeeded"
-    assert d.status["progress"]["step"] == 160 and d.status["progress"]["percent"] == 100.0
-    assert d.status["progress"]["evalLoss"] == 0.03 and d.status["progress"]["trainerPhase"] == "Succeeded"
+    assert d.status.phase == "Succeeded"
+    assert d.status.progress.step == 160 and d.status.progress.percent == 100.0
+    assert d.status.progress.eval_loss == 0.03 and d.status.progress.trainer_phase == "Succeeded"
 
 
 def test_success_without_a_final_message_keeps_the_last_polled_progress():
     old = {"phase": "Running", "progress": {"step": 159, "totalSteps": 160}}
     d = run(Observed(job=job(conditions=["Complete"]), pods=[pod(phase="Succeeded", exit_code=0)]), old=old)
-    assert d.status["phase"] == "Succeeded" and d.status["progress"]["step"] == 159
+    assert d.status.phase == "Succeeded" and d.status.progress.step == 159
 
 
 def test_full_fine_tune_has_no_adapter_artifact():
     d = run(Observed(job=job(conditions=["Complete"])), method="full")
-    assert "adapter" not in d.status["artifacts"]
+    assert d.status.artifacts is not None and d.status.artifacts.adapter is None
 
 
 def test_retryable_failure_restarts_the_gang():
     d = run(Observed(job=job(conditions=["Failed"]), pods=[pod(phase="Failed", exit_code=75)]))
-    assert d.action == "restart" and d.status["phase"] == "Restarting"
-    assert d.status["restarts"] == 1 and d.status["workload"] == "demo-r1"
-    assert d.status["lastFailure"] == {
-        "pod": "demo-r0-0",
-        "exitCode": 75,
-        "reason": "InfrastructureError",
-        "message": "",
-    }
+    assert d.action == "restart" and d.status.phase == "Restarting"
+    assert d.status.restarts == 1 and d.status.workload == "demo-r1"
+    assert d.status.last_failure == FailureInfo(pod="demo-r0-0", exit_code=75, reason="InfrastructureError", message="")
 
 
 def test_user_error_fails_at_once():
     d = run(Observed(job=job(), pods=[pod(phase="Failed", exit_code=65)]))
-    assert d.action == "stop" and d.status["phase"] == "Failed"
-    assert condition(d.status, "Failed")["reason"] == "ModelNotFound"
+    assert d.action == "stop" and d.status.phase == "Failed"
+    assert condition(d.status, "Failed").reason == "ModelNotFound"
 
 
 def test_trainer_termination_message_overrides_torchrun_exit_code():
     msg = json.dumps({"exitCode": 66, "reason": "DatasetInvalid", "message": "line 3: no 'messages' column"})
     d = run(Observed(job=job(), pods=[pod(phase="Failed", exit_code=1, message=msg)]))
-    assert d.status["phase"] == "Failed"
-    assert "line 3: no 'messages' column" in d.status["message"]
-    assert d.status["lastFailure"]["exitCode"] == 66
+    assert d.status.phase == "Failed"
+    assert "line 3: no 'messages' column" in d.status.message
+    assert d.status.last_failure.exit_code == 66
 
 
 def test_backoff_limit_exhausted_fails_with_the_last_reason_and_code():
@@ -172,10 +168,10 @@ def test_backoff_limit_exhausted_fails_with_the_last_reason_and_code():
         old={"restarts": 2},
         runPolicy={"backoffLimit": 2},
     )
-    assert d.status["phase"] == "Failed" and d.action == "stop"
+    assert d.status.phase == "Failed" and d.action == "stop"
     cond = condition(d.status, "Failed")
-    assert cond["reason"] == "BackoffLimitExceeded"
-    assert "StorageUnavailable, exit code 76" in cond["message"]
+    assert cond.reason == "BackoffLimitExceeded"
+    assert "StorageUnavailable, exit code 76" in cond.message
 
 
 def test_user_error_on_any_rank_decides_over_an_earlier_infrastructure_error():
@@ -207,27 +203,27 @@ def test_evicted_pod_without_container_status_is_retryable():
 
 def test_suspended_job_is_suspended():
     d = run(Observed(job=job(suspend=True), pods=[]))
-    assert d.status["phase"] == "Suspended"
-    assert condition(d.status, "Suspended")["status"] == "True"
+    assert d.status.phase == "Suspended"
+    assert condition(d.status, "Suspended").status == "True"
 
 
 def test_resumed_job_flips_suspended_condition_to_false():
     old = run(Observed(job=job(suspend=True))).status
     d = run(Observed(job=job(), pods=[pod()]), old=old)
-    assert condition(d.status, "Suspended")["status"] == "False"
-    assert condition(d.status, "Suspended")["reason"] == "JobResumed"
+    assert condition(d.status, "Suspended").status == "False"
+    assert condition(d.status, "Suspended").reason == "JobResumed"
 
 
 def test_deadline_exceeded_fails_and_stops():
     old = {"phase": "Running", "startTime": "2025-01-01T10:00:00Z"}
     d = run(Observed(job=job(), pods=[pod()]), old=old, runPolicy={"activeDeadlineSeconds": 3600})
-    assert d.status["phase"] == "Failed" and d.action == "stop"
-    assert condition(d.status, "Failed")["reason"] == "DeadlineExceeded"
+    assert d.status.phase == "Failed" and d.action == "stop"
+    assert condition(d.status, "Failed").reason == "DeadlineExceeded"
 
 
 def test_terminal_phase_stays():
     d = run(Observed(job=None), old={"phase": "Succeeded"})
-    assert d.status["phase"] == "Succeeded" and d.action == "none"
+    assert d.status.phase == "Succeeded" and d.action == "none"
 
 
 def test_event_only_on_phase_change():
@@ -239,24 +235,24 @@ def test_event_only_on_phase_change():
 
 def test_observed_generation_is_recorded():
     d = run(Observed(job=job(), pods=[pod()]))
-    assert d.status["observedGeneration"] == 1
-    assert all(c["observedGeneration"] == 1 for c in d.status["conditions"])
+    assert d.status.observed_generation == 1
+    assert all(c.observed_generation == 1 for c in d.status.conditions)
 
 
 def test_transition_time_moves_only_when_status_flips():
     conds = set_condition([], "Running", True, "A", "a", "t1", 1)
     conds = set_condition(conds, "Running", True, "B", "b", "t2", 1)
-    assert conds[0]["lastTransitionTime"] == "t1" and conds[0]["reason"] == "B"
+    assert conds[0].last_transition_time == "t1" and conds[0].reason == "B"
     conds = set_condition(conds, "Running", False, "C", "c", "t3", 1)
-    assert conds[0]["lastTransitionTime"] == "t3"
+    assert conds[0].last_transition_time == "t3"
 
 
 def test_refused_spec_is_failed_with_spec_valid_false():
     s = refused_status(None, ["spec.training.evalSteps: needs evaluation data"], 2, NOW)
-    assert s["phase"] == "Failed"
+    assert s.phase == "Failed"
     valid = condition(s, "SpecValid")
-    assert valid["status"] == "False" and valid["reason"] == "SpecInvalid"
-    assert "spec.training.evalSteps" in valid["message"]
+    assert valid.status == "False" and valid.reason == "SpecInvalid"
+    assert "spec.training.evalSteps" in valid.message
 
 
 def test_ttl_expires_after_finish():
@@ -264,6 +260,7 @@ def test_ttl_expires_after_finish():
         "phase": "Succeeded",
         "completionTime": (NOW - timedelta(seconds=61)).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+    finished = FineTuneJobStatus.from_stored(finished)
     assert ttl_expired(spec(runPolicy={"ttlSecondsAfterFinished": 60}), finished, NOW)
     assert not ttl_expired(spec(runPolicy={"ttlSecondsAfterFinished": 120}), finished, NOW)
     assert not ttl_expired(spec(), finished, NOW)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune.api.models import Progress
+from kubetune.api.models import FineTuneJobStatus, Progress
 from kubetune.status.derive import Observed, derive, refused_status
 from kubetune.status.runs import start_new_run, trained_hash
 from operator_samples import spec
@@ -24,12 +24,12 @@ from test_status import NOW, job, pod
 GOLDEN = Path(__file__).with_name("status_wire.json")
 
 
-def wire(status: Any) -> dict[str, Any]:
-    return dict(status)
+def wire(status: FineTuneJobStatus) -> dict[str, Any]:
+    return status.to_patch()
 
 
-def old(raw: dict[str, Any] | None) -> Any:
-    return raw
+def old(raw: dict[str, Any] | None) -> FineTuneJobStatus:
+    return FineTuneJobStatus.from_stored(raw)
 
 
 RUNNING = {

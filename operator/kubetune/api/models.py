@@ -720,6 +720,19 @@ class FineTuneJobStatus(ApiModel):
     runs: list[RunRecord] = Field(default_factory=list)
     """Earlier runs, oldest first."""
 
+    @classmethod
+    def from_stored(cls, raw: dict[str, Any] | None) -> FineTuneJobStatus:
+        """The status as the API server holds it, typed; its keys become the fields set. Kopf's own
+        bookkeeping (`status.kopf`, left by older operators) is not part of it."""
+        return cls.model_validate({k: v for k, v in (raw or {}).items() if k != "kopf"})
+
+    def to_patch(self) -> dict[str, Any]:
+        """The one serialisation of a status the operator writes (a JSON merge patch): each field that was
+        set, camelCase; a field set to None removes the key; None inside objects is left out."""
+        full = self.model_dump(by_alias=True, exclude_none=True, mode="json")
+        keys = [info.alias or name for name, info in type(self).model_fields.items() if name in self.model_fields_set]
+        return {key: full.get(key) for key in [*keys, *(self.model_extra or {})]}
+
 
 class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow")

@@ -14,7 +14,7 @@ from typing import Any, cast
 import kopf
 import yaml
 
-from kubetune.api.models import FineTuneJobSpec, Progress
+from kubetune.api.models import FineTuneJobSpec, FineTuneJobStatus, Progress
 from kubetune.api.trainer_config import TrainerConfig
 from kubetune.api.validation import SpecInvalid, parse_spec
 from kubetune.handlers import kube
@@ -77,16 +77,16 @@ def observe(
     return Observed(job=job, pods=mine, stale=stale, progress=shown)
 
 
-def wake_after(spec: FineTuneJobSpec, status: dict[str, Any], observed: Observed, at: datetime, poll: float) -> float | None:
+def wake_after(spec: FineTuneJobSpec, status: FineTuneJobStatus, observed: Observed, at: datetime, poll: float) -> float | None:
     """Seconds until something changes that no watch event reports; None if nothing will."""
-    phase = status.get("phase")
+    phase = status.phase
     waits: list[float] = []
     if phase in TERMINAL:
-        ttl, done = spec.run_policy.ttl_seconds_after_finished, _parse_time(status.get("completionTime"))
+        ttl, done = spec.run_policy.ttl_seconds_after_finished, _parse_time(status.completion_time)
         if ttl is not None and done is not None:
             waits.append(ttl - (at - done).total_seconds())
         return max(0.5, min(waits)) if waits else None
-    deadline, start = spec.run_policy.active_deadline_seconds, _parse_time(status.get("startTime"))
+    deadline, start = spec.run_policy.active_deadline_seconds, _parse_time(status.start_time)
     if deadline and start is not None:
         waits.append(deadline - (at - start).total_seconds() + 0.5)
     if phase == "Initializing" and observed.progress is None:
@@ -96,8 +96,9 @@ def wake_after(spec: FineTuneJobSpec, status: dict[str, Any], observed: Observed
     return max(0.5, min(waits)) if waits else None
 
 
-def status_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    return {k: v for k, v in old.items() if k != "kopf"} != {k: v for k, v in new.items() if k != "kopf"}
+def status_changed(old: dict[str, Any], patch: dict[str, Any]) -> bool:
+    """Whether writing `patch` (the whole status, or the fields a new run sets) changes the stored status."""
+    return {k: v for k, v in old.items() if k != "kopf"} != {k: v for k, v in patch.items() if k != "kopf"}
 
 
 # ------------------------------------------------------------------ the loop body
@@ -109,17 +110,17 @@ def reconcile(key: Key, store: Store, settings: Settings) -> float | None:
         return None
     meta = body["metadata"]
     ns, name = key
-    status = dict(body.get("status") or {})
-    if status.get("phase") in TERMINAL:
+    status = FineTuneJobStatus.from_stored(body.get("status"))
+    if status.phase in TERMINAL:
         return finished(key, body, status, store, settings)
     spec = accept(body, status, store)
     if spec is None:
         return None
-    if not status.get("trainedSpecHash"):  # the first pass of a run: remember what it trains
-        status = {**status, "trainedSpecHash": runs.trained_hash(spec), "runGeneration": meta.get("generation"),
-                  "runUri": runs.run_uri(spec.output.uri, int(status.get("run") or 1))}  # fmt: skip
+    if not status.trained_spec_hash:  # the first pass of a run: remember what it trains
+        status = status.model_copy(update={"trained_spec_hash": runs.trained_hash(spec), "run_generation": meta.get("generation"),
+                                           "run_uri": runs.run_uri(spec.output.uri, status.run)})  # fmt: skip
     spec = runs.for_run(spec, status)
-    restarts = int(status.get("restarts") or 0)
+    restarts = status.restarts
     jobs, pods = store.children(key)
     seen = store.seen_progress(key)
     observed = observe(name, restarts, jobs, pods, (seen.pod, seen.progress) if seen else None)
@@ -133,24 +134,24 @@ def reconcile(key: Key, store: Store, settings: Settings) -> float | None:
         observed = observe(name, restarts, jobs, pods, None)
         decision = derive(spec, name, meta.get("generation"), status, observed, at)
         decision = Decision(status=decision.status, event=decision.event)  # created already
-    publish(body, dict(body.get("status") or {}), decision, store)  # status and Event first, then the action
+    publish(body, decision, store)  # status and Event first, then the action
     act(body, spec, decision, observed, store, settings)
     return wake_after(spec, decision.status, observed, at, settings.poll_interval)
 
 
-def finished(key: Key, body: dict[str, Any], status: dict[str, Any], store: Store, settings: Settings) -> float | None:
+def finished(key: Key, body: dict[str, Any], status: FineTuneJobStatus, store: Store, settings: Settings) -> float | None:
     """A finished job: start a new run when its trained fields were edited, keep observedGeneration
     truthful, and delete it when its TTL has passed."""
     meta = body["metadata"]
     generation = meta.get("generation")
-    if status.get("observedGeneration") != generation:
+    if status.observed_generation != generation:
         spec = accept(body, status, store)
         if spec is None:
             return None
         if runs.needs_new_run(spec, status):
             return new_run(key, body, spec, status, store)
-        if status.get("trainedSpecHash"):  # the edit changed nothing trained: the status still describes it
-            publish(body, status, Decision(status={**status, "observedGeneration": generation}), store)
+        if status.trained_spec_hash:  # the edit changed nothing trained: the status still describes it
+            publish(body, Decision(status=status.model_copy(update={"observed_generation": generation})), store)
     try:
         spec = FineTuneJobSpec.model_validate(dict(body["spec"]))
     except ValueError:
@@ -163,7 +164,7 @@ def finished(key: Key, body: dict[str, Any], status: dict[str, Any], store: Stor
     return wake_after(spec, status, Observed(job=None), at, 0)
 
 
-def new_run(key: Key, body: dict[str, Any], spec: FineTuneJobSpec, status: dict[str, Any], store: Store) -> float | None:
+def new_run(key: Key, body: dict[str, Any], spec: FineTuneJobSpec, status: FineTuneJobStatus, store: Store) -> float | None:
     """Close the finished run, remove its gang (the next run reuses the workload names), start run n+1."""
     meta = body["metadata"]
     new_status, event = runs.start_new_run(spec, meta.get("generation"), status, now())
@@ -175,32 +176,31 @@ def new_run(key: Key, body: dict[str, Any], spec: FineTuneJobSpec, status: dict[
         else:
             store.drop_child("Job", job)
     store.progress.pop(key, None)
-    publish(body, status, Decision(status=new_status, event=event), store)
+    publish(body, Decision(status=new_status, event=event), store)
     log.info("%s/%s: %s", meta["namespace"], meta["name"], event[2])
     return None
 
 
-def accept(body: dict[str, Any], status: dict[str, Any], store: Store) -> FineTuneJobSpec | None:
+def accept(body: dict[str, Any], status: FineTuneJobStatus, store: Store) -> FineTuneJobSpec | None:
     """The typed spec, or None after marking a refused spec Failed (status, then an Event)."""
     meta = body["metadata"]
     try:
         return parse_spec(dict(body["spec"]), name=meta["name"])
     except SpecInvalid as exc:
-        if status.get("phase") != "Failed":
-            problems = [str(p) for p in exc.problems]
-            written = kube.patch_status(meta["namespace"], meta["name"], refused_status(status, problems, meta.get("generation"), now()))
-            if written is not None:
-                store.put_ftj(written)
-            kube.post_event(body, "Warning", "SpecInvalid", "; ".join(problems))
-            log.warning("%s/%s refused: %s", meta["namespace"], meta["name"], "; ".join(problems))
+        if status.phase != "Failed":
+            problems = "; ".join(str(p) for p in exc.problems)
+            refused = refused_status(status, [str(p) for p in exc.problems], meta.get("generation"), now())
+            publish(body, Decision(status=refused, event=("Warning", "SpecInvalid", problems)), store)
+            log.warning("%s/%s refused: %s", meta["namespace"], meta["name"], problems)
         return None
 
 
-def publish(body: dict[str, Any], old: dict[str, Any], decision: Decision, store: Store) -> None:
-    """Write the decided status if it differs from what is there, then record its Event."""
+def publish(body: dict[str, Any], decision: Decision, store: Store) -> None:
+    """Write the decided status if it differs from the stored one (body's), then record its Event."""
     meta = body["metadata"]
-    if status_changed(old, decision.status):
-        written = kube.patch_status(meta["namespace"], meta["name"], decision.status)
+    patch = decision.status.to_patch()  # the one place a status is serialised
+    if status_changed(dict(body.get("status") or {}), patch):
+        written = kube.patch_status(meta["namespace"], meta["name"], patch)
         if written is not None:
             store.put_ftj(written)  # the next pass starts from this, even before the watch echoes it
     if decision.event:
@@ -215,15 +215,16 @@ def ensure_children(body: dict[str, Any], spec: FineTuneJobSpec, restarts: int, 
         spec, meta["name"], meta["namespace"], meta.get("uid", ""), restarts, dict(meta.get("labels") or {}), settings.trainer_image
     )
     objs.sort(key=lambda o: o["kind"] != "Job")
-    status = body.get("status") or {}
-    later_run = int(status.get("run") or 1) > 1
+    status = FineTuneJobStatus.from_stored(body.get("status"))
+    later_run = status.run > 1
     created = []
     for obj in objs:
         kopf.adopt(obj, owner=cast(kopf.Body, body))  # owner reference, namespace, the owner's labels
         if obj["kind"] == "Job":
             obj["metadata"].setdefault("annotations", {})[SUSPEND_APPLIED] = str(spec.run_policy.suspend).lower()
-        if obj["kind"] == "ConfigMap" and status.get("resumedFrom"):
-            obj["data"] = {k: with_resume_from(v, status["resumedFrom"]) for k, v in obj["data"].items()}
+        if obj["kind"] == "ConfigMap" and status.resumed_from:
+            resumed = status.resumed_from
+            obj["data"] = {k: with_resume_from(v, resumed) for k, v in obj["data"].items()}
         done = kube.create_if_absent(obj)
         if done is not None:
             created.append(f"{obj['kind']} {obj['metadata']['name']}")
@@ -244,7 +245,7 @@ def with_resume_from(config_yaml: str, uri: str) -> str:
 def act(body: dict[str, Any], spec: FineTuneJobSpec, decision: Decision, observed: Observed, store: Store, settings: Settings) -> None:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
-    restarts = int(decision.status.get("restarts") or 0)
+    restarts = decision.status.restarts
     if decision.action == "create":
         created = ensure_children(body, spec, restarts, store, settings)
         if created:
@@ -263,7 +264,7 @@ def act(body: dict[str, Any], spec: FineTuneJobSpec, decision: Decision, observe
         conds = {c.get("type") for c in ((job or {}).get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
         if job is not None and not conds & {"Failed", "Complete"}:
             kube.delete_job(ns, workload_name(name, restarts), propagation="Background")
-    elif observed.job is not None and decision.status.get("phase") not in TERMINAL:
+    elif observed.job is not None and decision.status.phase not in TERMINAL:
         sync_suspend(observed.job, spec, store)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Final
+from collections.abc import Sequence
+from typing import Any, Final, Literal
+
+from kubetune.api.models import Condition
 
 # Condition types
 SPEC_VALID: Final = "SpecValid"
@@ -10,6 +13,8 @@ RUNNING: Final = "Running"
 SUSPENDED: Final = "Suspended"
 SUCCEEDED: Final = "Succeeded"
 FAILED: Final = "Failed"
+ORDER: Final = (SPEC_VALID, RUNNING, SUSPENDED, SUCCEEDED, FAILED)
+"""The order conditions are listed in."""
 
 # Reason -> message template (formatted with the keyword arguments given to `reason_message`).
 MESSAGES: Final[dict[str, str]] = {
@@ -37,32 +42,25 @@ def reason_message(reason: str, **kwargs: Any) -> str:
 
 
 def set_condition(
-    conditions: list[dict[str, Any]],
+    conditions: Sequence[Condition],
     type_: str,
-    status: bool | str,
+    status: bool,
     reason: str,
     message: str,
     now: str,
     generation: int | None,
-) -> list[dict[str, Any]]:
+) -> list[Condition]:
     """A new list with `type_` set; lastTransitionTime moves only when the status flips."""
-    value = status if isinstance(status, str) else ("True" if status else "False")
-    old = next((c for c in conditions if c.get("type") == type_), None)
-    since = old["lastTransitionTime"] if old and old.get("status") == value and old.get("lastTransitionTime") else now
-    new: dict[str, Any] = {
-        "type": type_,
-        "status": value,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": since,
-    }
-    if generation is not None:
-        new["observedGeneration"] = generation
-    out = [c for c in conditions if c.get("type") != type_]
+    value: Literal["True", "False"] = "True" if status else "False"
+    old = get_condition(conditions, type_)
+    since = old.last_transition_time if old is not None and old.status == value and old.last_transition_time else now
+    new = Condition(
+        type=type_, status=value, reason=reason, message=message, last_transition_time=since, observed_generation=generation
+    )
+    out = [c for c in conditions if c.type != type_]
     out.append(new)
-    order = [SPEC_VALID, RUNNING, SUSPENDED, SUCCEEDED, FAILED]
-    return sorted(out, key=lambda c: order.index(c["type"]) if c["type"] in order else len(order))
+    return sorted(out, key=lambda c: ORDER.index(c.type) if c.type in ORDER else len(ORDER))
 
 
-def get_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
-    return next((c for c in conditions if c.get("type") == type_), None)
+def get_condition(conditions: Sequence[Condition], type_: str) -> Condition | None:
+    return next((c for c in conditions if c.type == type_), None)

@@ -12,7 +12,15 @@ from datetime import datetime
 from typing import Any, Literal
 
 from kubetune.api import contract, methods
-from kubetune.api.models import Artifacts, FineTuneJobSpec, Progress
+from kubetune.api.models import (
+    Artifacts,
+    Condition,
+    FailureInfo,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+    Phase,
+    Progress,
+)
 from kubetune.render.objects import COMPLETION_INDEX, CONTAINER, workload_name
 from kubetune.status import conditions as c
 from kubetune.status.progress import to_progress
@@ -57,17 +65,14 @@ class Failure:
         msg = f": {self.message}" if self.message else ""
         return f"pod {self.pod} {self.reason}{code}{msg}"
 
-    def to_status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"pod": self.pod, "reason": self.reason, "message": self.message}
-        if self.exit_code is not None:
-            out["exitCode"] = self.exit_code
-        return out
+    def to_status(self) -> FailureInfo:
+        return FailureInfo(pod=self.pod, exit_code=self.exit_code, reason=self.reason, message=self.message)
 
 
 @dataclass(frozen=True)
 class Decision:
-    status: dict[str, Any]
-    """The whole new status (camelCase), to patch onto status."""
+    status: FineTuneJobStatus
+    """The new status; the fields set are what is written (FineTuneJobStatus.to_patch)."""
     action: Action = "none"
     """create: create the current generation's Job; restart: delete it (the next tick creates the next);
     stop: delete it because the job is over."""
@@ -182,7 +187,7 @@ def _running_since(pods: list[dict[str, Any]]) -> datetime | None:
 
 def _pod_phase(
     spec: FineTuneJobSpec, pods: list[dict[str, Any]], progress: Progress | None, old_phase: str | None, now: datetime
-) -> tuple[str, str, str]:
+) -> tuple[Phase, str, str]:
     """(phase, reason, message) of a live, unsuspended gang."""
     nodes = spec.distributed.nodes
     phases = [(p.get("status") or {}).get("phase") for p in pods]
@@ -222,66 +227,69 @@ def final_progress(pods: list[dict[str, Any]], now: datetime) -> Progress | None
 # ------------------------------------------------------------------ derive
 
 
+def _set(status: FineTuneJobStatus, **changes: Any) -> FineTuneJobStatus:
+    """`status` with `changes` (snake_case field names, typed values) set."""
+    if unknown := set(changes) - set(FineTuneJobStatus.model_fields):
+        raise TypeError(f"not FineTuneJobStatus fields: {sorted(unknown)}")  # model_copy would keep them as extras
+    return status.model_copy(update=changes)
+
+
 def derive(
     spec: FineTuneJobSpec,
     name: str,
     generation: int | None,
-    old: dict[str, Any] | None,
+    old: FineTuneJobStatus | None,
     observed: Observed,
     now: datetime,
 ) -> Decision:
     """The new status and the next action, from the old status and what was observed."""
-    old = dict(old or {})
+    old = old or FineTuneJobStatus()
     ts = iso(now)
-    restarts = int(old.get("restarts") or 0)
-    old_phase = old.get("phase")
-    status: dict[str, Any] = {k: v for k, v in old.items() if k != "kopf"}
-    status["restarts"] = restarts
-    status["observedGeneration"] = generation
-    status["workload"] = workload_name(name, restarts)
+    restarts = old.restarts
+    status = _set(old, restarts=restarts, observed_generation=generation, workload=workload_name(name, restarts))
     if observed.progress is not None:
-        status["progress"] = observed.progress.model_dump(by_alias=True, exclude_none=True, mode="json")
+        status = _set(status, progress=observed.progress)
     action: Action = "none"
 
-    if old_phase in TERMINAL:
+    if old.phase in TERMINAL:
         return Decision(status=status)
 
     job = observed.job
-    if job is not None and not (job.get("spec") or {}).get("suspend") and not status.get("startTime"):
-        status["startTime"] = ts
+    if job is not None and not (job.get("spec") or {}).get("suspend") and not status.start_time:
+        status = _set(status, start_time=ts)
 
     nodes = spec.distributed.nodes
-    phase, reason, message = "Pending", "PodsPending", c.reason_message("PodsPending", nodes=nodes, pending=nodes)
+    phase: Phase = "Pending"
+    reason, message = "PodsPending", c.reason_message("PodsPending", nodes=nodes, pending=nodes)
     failure: Failure | None = None
-    if deadline_exceeded(spec, status.get("startTime"), now):
+    if deadline_exceeded(spec, status.start_time, now):
         phase, reason = "Failed", "DeadlineExceeded"
         message = c.reason_message(reason, seconds=spec.run_policy.active_deadline_seconds)
         action = "stop" if job is not None else "none"
     elif job is None:
-        if restarts and old_phase == "Restarting":
-            phase, reason, message = "Restarting", "GangRestarting", old.get("message") or ""
+        if restarts and old.phase == "Restarting":
+            phase, reason, message = "Restarting", "GangRestarting", old.message or ""
         elif spec.run_policy.suspend:
             phase, reason, message = "Suspended", "JobSuspended", c.reason_message("JobSuspended")
         action = "none" if observed.stale else "create"
     elif _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
         phase, reason = "Succeeded", "TrainingSucceeded"
         message = c.reason_message(reason, uri=spec.output.uri)
-        status["artifacts"] = artifacts(spec).model_dump(by_alias=True, exclude_none=True)
+        status = _set(status, artifacts=artifacts(spec))
         if (final := final_progress(observed.pods, now)) is not None:
-            status["progress"] = final.model_dump(by_alias=True, exclude_none=True, mode="json")
+            status = _set(status, progress=final)
     elif (job.get("spec") or {}).get("suspend"):
         phase, reason, message = "Suspended", "JobSuspended", c.reason_message("JobSuspended")
     elif (failure := decisive_failure(observed.pods)) is not None or _job_condition(job, "Failed"):
         if failure is None:
             cond = _job_condition(job, "Failed") or {}
             failure = Failure(job["metadata"]["name"], None, cond.get("reason") or "JobFailed", cond.get("message") or "")
-        status["lastFailure"] = failure.to_status()
+        status = _set(status, last_failure=failure.to_status())
         if not failure.retryable:
             phase, reason, message = "Failed", failure.reason, failure.describe()
             action = "stop"
         elif restarts < spec.run_policy.backoff_limit:
-            status["restarts"] = restarts + 1
-            status["workload"] = workload_name(name, restarts + 1)
+            status = _set(status, restarts=restarts + 1, workload=workload_name(name, restarts + 1))
             phase, reason = "Restarting", "GangRestarting"
             message = c.reason_message(
                 reason, cause=failure.describe(), restart=restarts + 1, limit=spec.run_policy.backoff_limit
@@ -292,23 +300,22 @@ def derive(
             message = c.reason_message(reason, restarts=restarts, cause=failure.describe())
             action = "stop"
     else:
-        phase, reason, message = _pod_phase(spec, observed.pods, observed.progress, old_phase, now)
+        phase, reason, message = _pod_phase(spec, observed.pods, observed.progress, old.phase, now)
 
     if phase in TERMINAL:
-        status["completionTime"] = ts
-    status["phase"] = phase
-    status["message"] = message
-    status["conditions"] = _conditions(status.get("conditions") or [], phase, reason, message, ts, generation)
+        status = _set(status, completion_time=ts)
+    conditions = _conditions(status.conditions, phase, reason, message, ts, generation)
+    status = _set(status, phase=phase, message=message, conditions=conditions)
     event = None
-    if phase != old_phase:
+    if phase != old.phase:
         kind = "Warning" if phase in ("Failed", "Restarting") else "Normal"
         event = (kind, reason, message)
     return Decision(status=status, action=action, event=event)
 
 
 def _conditions(
-    old: list[dict[str, Any]], phase: str, reason: str, message: str, now: str, generation: int | None
-) -> list[dict[str, Any]]:
+    old: list[Condition], phase: str, reason: str, message: str, now: str, generation: int | None
+) -> list[Condition]:
     out = list(old)
     if c.get_condition(out, c.SPEC_VALID) is None:
         out = c.set_condition(out, c.SPEC_VALID, True, "SpecAccepted", c.reason_message("SpecAccepted"), now, generation)
@@ -317,7 +324,7 @@ def _conditions(
     prev = c.get_condition(out, c.SUSPENDED)
     if suspended:
         out = c.set_condition(out, c.SUSPENDED, True, "JobSuspended", message, now, generation)
-    elif prev is not None and prev.get("status") == "True":
+    elif prev is not None and prev.status == "True":
         out = c.set_condition(out, c.SUSPENDED, False, "JobResumed", c.reason_message("JobResumed"), now, generation)
     if phase == "Succeeded":
         out = c.set_condition(out, c.SUCCEEDED, True, reason, message, now, generation)
@@ -326,27 +333,26 @@ def _conditions(
     return out
 
 
-def refused_status(old: dict[str, Any] | None, problems: list[str], generation: int | None, now: datetime) -> dict[str, Any]:
+def refused_status(old: FineTuneJobStatus | None, problems: list[str], generation: int | None, now: datetime) -> FineTuneJobStatus:
     """The status of a spec the operator refuses: Failed, SpecValid=False naming each field and fix."""
     ts = iso(now)
-    text = "; ".join(problems)
-    message = c.reason_message("SpecInvalid", problems=text)
-    conds = list((old or {}).get("conditions") or [])
-    conds = c.set_condition(conds, c.SPEC_VALID, False, "SpecInvalid", message, ts, generation)
+    old = old or FineTuneJobStatus()
+    message = c.reason_message("SpecInvalid", problems="; ".join(problems))
+    conds = c.set_condition(old.conditions, c.SPEC_VALID, False, "SpecInvalid", message, ts, generation)
     conds = c.set_condition(conds, c.FAILED, True, "SpecInvalid", message, ts, generation)
-    return {
-        "phase": "Failed",
-        "message": message,
-        "observedGeneration": generation,
-        "restarts": int((old or {}).get("restarts") or 0),
-        "completionTime": ts,
-        "conditions": conds,
-    }
+    return FineTuneJobStatus(
+        phase="Failed",
+        message=message,
+        observed_generation=generation,
+        restarts=old.restarts,
+        completion_time=ts,
+        conditions=conds,
+    )
 
 
-def ttl_expired(spec: FineTuneJobSpec, status: dict[str, Any] | None, now: datetime) -> bool:
+def ttl_expired(spec: FineTuneJobSpec, status: FineTuneJobStatus | None, now: datetime) -> bool:
     """A finished job whose ttlSecondsAfterFinished has passed (the operator deletes it)."""
     ttl = spec.run_policy.ttl_seconds_after_finished
-    status = status or {}
-    done = _parse_time(status.get("completionTime"))
-    return ttl is not None and status.get("phase") in TERMINAL and done is not None and (now - done).total_seconds() >= ttl
+    status = status or FineTuneJobStatus()
+    done = _parse_time(status.completion_time)
+    return ttl is not None and status.phase in TERMINAL and done is not None and (now - done).total_seconds() >= ttl

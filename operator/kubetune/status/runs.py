@@ -12,9 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
-from typing import Any
 
-from kubetune.api.models import _IMMUTABLE, FineTuneJobSpec, RunRecord
+from kubetune.api.models import _IMMUTABLE, FineTuneJobSpec, FineTuneJobStatus, RunRecord
 from kubetune.status import conditions as c
 from kubetune.status.derive import TERMINAL, iso
 
@@ -33,69 +32,69 @@ def run_uri(base: str, run: int) -> str:
     return base if run <= 1 else f"{base.rstrip('/')}/run-{run}"
 
 
-def for_run(spec: FineTuneJobSpec, status: dict[str, Any]) -> FineTuneJobSpec:
+def for_run(spec: FineTuneJobSpec, status: FineTuneJobStatus) -> FineTuneJobSpec:
     """The spec as the current run trains it: its output at the run's own prefix."""
-    run = int(status.get("run") or 1)
-    if run <= 1:
+    if status.run <= 1:
         return spec
-    return spec.model_copy(update={"output": spec.output.model_copy(update={"uri": run_uri(spec.output.uri, run)})})
+    return spec.model_copy(update={"output": spec.output.model_copy(update={"uri": run_uri(spec.output.uri, status.run)})})
 
 
-def needs_new_run(spec: FineTuneJobSpec, status: dict[str, Any]) -> bool:
+def needs_new_run(spec: FineTuneJobSpec, status: FineTuneJobStatus) -> bool:
     """Finished, and the spec now asks for something else to be trained."""
-    recorded = status.get("trainedSpecHash")
-    return status.get("phase") in TERMINAL and bool(recorded) and recorded != trained_hash(spec)
+    recorded = status.trained_spec_hash
+    return status.phase in TERMINAL and bool(recorded) and recorded != trained_hash(spec)
 
 
-def start_new_run(spec: FineTuneJobSpec, generation: int | None, old: dict[str, Any], now: datetime) -> tuple[dict[str, Any], tuple[str, str, str]]:
+def start_new_run(
+    spec: FineTuneJobSpec, generation: int | None, old: FineTuneJobStatus, now: datetime
+) -> tuple[FineTuneJobStatus, tuple[str, str, str]]:
     """The status of run n+1 (Pending, no gang yet) with run n recorded, and its Event."""
     ts = iso(now)
-    run = int(old.get("run") or 1)
+    run = old.run
     record = RunRecord(
         run=run,
         generation=_run_generation(old),
-        start_time=old.get("startTime"),
-        completion_time=old.get("completionTime"),
-        outcome="Succeeded" if old.get("phase") == "Succeeded" else "Failed",
-        message=old.get("message"),
-        uri=old.get("runUri") or run_uri(spec.output.uri, run),
-        resumed_from=old.get("resumedFrom"),
-        artifacts=old.get("artifacts"),
-    ).model_dump(mode="json", by_alias=True, exclude_none=True)
+        start_time=old.start_time,
+        completion_time=old.completion_time,
+        outcome="Succeeded" if old.phase == "Succeeded" else "Failed",
+        message=old.message,
+        uri=old.run_uri or run_uri(spec.output.uri, run),
+        resumed_from=old.resumed_from,
+        artifacts=old.artifacts,
+    )
     nxt = run + 1
-    resumed = (old.get("runUri") or run_uri(spec.output.uri, run)) if spec.output.resume_from == "previous" else None
+    resumed = (old.run_uri or run_uri(spec.output.uri, run)) if spec.output.resume_from == "previous" else None
     message = (
         f"Run {nxt} for spec generation {generation}: "
         + (f"resuming from run {run}'s last checkpoint" if resumed else "training from the start")
         + f"; writing to {run_uri(spec.output.uri, nxt)}"
     )
-    conds = list(old.get("conditions") or [])
+    conds = list(old.conditions)
     for type_ in (c.SUCCEEDED, c.FAILED):
         if c.get_condition(conds, type_) is not None:
             conds = c.set_condition(conds, type_, False, NEW_RUN_REASON, message, ts, generation)
     conds = c.set_condition(conds, c.RUNNING, False, NEW_RUN_REASON, message, ts, generation)
-    status: dict[str, Any] = {
-        "phase": "Pending",
-        "message": message,
-        "observedGeneration": generation,
-        "restarts": 0,
-        "run": nxt,
-        "runUri": run_uri(spec.output.uri, nxt),
-        "trainedSpecHash": trained_hash(spec),
-        "runGeneration": generation,
-        "conditions": conds,
-        "runs": [*list(old.get("runs") or []), record],
-        # Cleared for the new run (a merge patch removes keys set to None).
-        "startTime": None,
-        "completionTime": None,
-        "progress": None,
-        "artifacts": None,
-        "lastFailure": None,
-        "resumedFrom": resumed,
-    }
+    status = FineTuneJobStatus(
+        phase="Pending",
+        message=message,
+        observed_generation=generation,
+        restarts=0,
+        run=nxt,
+        run_uri=run_uri(spec.output.uri, nxt),
+        trained_spec_hash=trained_hash(spec),
+        run_generation=generation,
+        conditions=conds,
+        runs=[*old.runs, record],
+        # Cleared for the new run (set to None: the merge patch removes them).
+        start_time=None,
+        completion_time=None,
+        progress=None,
+        artifacts=None,
+        last_failure=None,
+        resumed_from=resumed,
+    )
     return status, ("Normal", NEW_RUN_REASON, message)
 
 
-def _run_generation(status: dict[str, Any]) -> int | None:
-    gen = status.get("runGeneration", status.get("observedGeneration"))
-    return int(gen) if gen is not None else None
+def _run_generation(status: FineTuneJobStatus) -> int | None:
+    return status.run_generation if status.run_generation is not None else status.observed_generation
