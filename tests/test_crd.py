@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubetune.api.crd import IMMUTABLE_WHILE_ACTIVE, crd, crd_yaml
+from kubetune.api import TRAINED_FIELDS, FineTuneJobSpec
+from kubetune.api.crd import crd, crd_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED_IN = ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
@@ -75,7 +76,7 @@ def test_enums_are_kept():
 def test_every_string_under_immutable_fields_is_bounded_for_cel_cost():
     spec = schema()["properties"]["spec"]
     unbounded = []
-    for field in IMMUTABLE_WHILE_ACTIVE:
+    for field in TRAINED_FIELDS:
         for path, node in walk(spec["properties"][field], field):
             if node.get("type") == "string" and "maxLength" not in node:
                 unbounded.append(path)
@@ -84,10 +85,15 @@ def test_every_string_under_immutable_fields_is_bounded_for_cel_cost():
     assert unbounded == []
 
 
+def test_every_trained_field_is_a_spec_field():
+    aliases = {info.alias or name for name, info in FineTuneJobSpec.model_fields.items()}
+    assert set(TRAINED_FIELDS) <= aliases
+
+
 def test_immutability_rule_is_a_root_transition_rule_over_every_training_field():
     rules = schema()["x-kubernetes-validations"]
     rule = next(r["rule"] for r in rules if "oldSelf" in r["rule"])
-    for field in IMMUTABLE_WHILE_ACTIVE:
+    for field in TRAINED_FIELDS:
         assert f"oldSelf.spec.{field}" in rule
 
 

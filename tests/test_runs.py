@@ -26,6 +26,14 @@ def test_an_edit_of_what_is_trained_after_the_job_finished_starts_a_new_run():
     assert needs_new_run(spec(dataset={"train": "s3://data/other.jsonl"}), finished(old))
 
 
+def test_an_edit_of_any_trained_field_starts_a_new_run():
+    old = spec(method="prompt_tuning", promptTuning={"numVirtualTokens": 8})
+    assert not needs_new_run(spec(method="prompt_tuning", promptTuning={"numVirtualTokens": 8}), finished(old))
+    assert needs_new_run(spec(method="prompt_tuning", promptTuning={"numVirtualTokens": 16}), finished(old))
+    prefix = spec(method="prefix_tuning", prefixTuning={"numVirtualTokens": 8})
+    assert needs_new_run(spec(method="prefix_tuning", prefixTuning={"numVirtualTokens": 4}), finished(prefix))
+
+
 def test_edits_that_train_nothing_new_start_no_run():
     old = spec(training={"maxSteps": 60})
     assert not needs_new_run(spec(training={"maxSteps": 60}, runPolicy={"ttlSecondsAfterFinished": 60}), finished(old))

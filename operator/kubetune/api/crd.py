@@ -19,25 +19,8 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from kubetune.api import models
-from kubetune.api.models import FineTuneJobSpec, FineTuneJobStatus
+from kubetune.api.models import TRAINED_FIELDS, FineTuneJobSpec, FineTuneJobStatus
 
-# Training-defining fields: changing them under a running gang would mix two
-# trainings in one set of checkpoints.
-IMMUTABLE_WHILE_ACTIVE: tuple[str, ...] = (
-    "model",
-    "dataset",
-    "method",
-    "lora",
-    "promptTuning",
-    "prefixTuning",
-    "ia3",
-    "objective",
-    "dpo",
-    "freeze",
-    "training",
-    "distributed",
-    "output",
-)
 ACTIVE_PHASES: tuple[str, ...] = ("Initializing", "Running", "Restarting")
 
 # Keys pydantic emits that a CRD schema does not take.
@@ -53,16 +36,16 @@ NAME_RULE: dict[str, str] = {
 
 
 def immutability_rule() -> dict[str, str]:
-    """Root-level transition rule: training-defining spec fields are frozen while a gang is active."""
+    """Root-level transition rule: the trained fields (models.TRAINED_FIELDS) are frozen while a gang is active."""
     same = " && ".join(
         f"(has(self.spec.{f}) == has(oldSelf.spec.{f}) && (!has(self.spec.{f}) || self.spec.{f} == oldSelf.spec.{f}))"
-        for f in IMMUTABLE_WHILE_ACTIVE
+        for f in TRAINED_FIELDS
     )
     active = ", ".join(f"'{p}'" for p in ACTIVE_PHASES)
     return {
         "rule": f"!has(oldSelf.status) || !has(oldSelf.status.phase) || !(oldSelf.status.phase in [{active}]) || ({same})",
         "message": (
-            "spec." + ", spec.".join(IMMUTABLE_WHILE_ACTIVE) + " cannot change while the job is "
+            "spec." + ", spec.".join(TRAINED_FIELDS) + " cannot change while the job is "
             "Initializing, Running or Restarting; suspend it first (spec.runPolicy.suspend: true) "
             "or create a new FineTuneJob"
         ),

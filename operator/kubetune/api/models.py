@@ -491,8 +491,25 @@ class ResourcesSpec(ApiModel):
 
 # ---------------------------------------------------------------------- spec
 
-# The spec fields that define a run: status/runs.py fingerprints them (an edit to one starts a new run).
-_IMMUTABLE = ("model", "dataset", "method", "lora", "promptTuning", "prefixTuning", "ia3", "objective", "dpo", "freeze", "training", "distributed", "output")
+TRAINED_FIELDS: Final[tuple[str, ...]] = (
+    "model",
+    "dataset",
+    "method",
+    "lora",
+    "promptTuning",
+    "prefixTuning",
+    "ia3",
+    "objective",
+    "dpo",
+    "freeze",
+    "training",
+    "distributed",
+    "output",
+)
+"""The spec fields that say what a run trains, as written in YAML. The API server keeps them frozen while
+a gang is active (changing them would mix two trainings in one set of checkpoints: the CEL transition rule
+kubetune.api.crd.immutability_rule); once the job finished, an edit to one of them starts a new run
+(kubetune.status.runs fingerprints them, all but spec.output.resumeFrom, which only says how a run starts)."""
 
 
 class FineTuneJobSpec(ApiModel):
@@ -714,7 +731,7 @@ class FineTuneJobStatus(ApiModel):
     resumed_from: str | None = None
     """The previous run's output the current run resumed from (spec.output.resumeFrom: previous)."""
     trained_spec_hash: str | None = None
-    """Fingerprint of the current run's trained fields (model, dataset, method, lora, freeze, training, distributed, output): a finished job whose spec no longer matches it starts a new run."""
+    """Fingerprint of the current run's trained fields (kubetune.api.TRAINED_FIELDS): a finished job whose spec no longer matches it starts a new run."""
     run_generation: int | None = None
     """The spec generation the current run trains."""
     runs: list[RunRecord] = Field(default_factory=list)

@@ -4,7 +4,7 @@ The status remembers a fingerprint of what the current run trains. Once the job 
 changes it (data, hyper-parameters, method, steps, ...) closes the run into `status.runs[]` and starts the
 next one: its own output prefix, a fresh status, and (with `spec.output.resumeFrom: previous`) the previous
 run's newest checkpoint to start from. Edits that change nothing trained (TTL, labels) start nothing.
-While a run is active the API server's CEL rule keeps those fields frozen.
+While a run is active the API server's CEL rule keeps those fields (kubetune.api.TRAINED_FIELDS) frozen.
 """
 
 from __future__ import annotations
@@ -13,17 +13,25 @@ import hashlib
 import json
 from datetime import datetime
 
-from kubetune.api.models import _IMMUTABLE, FineTuneJobSpec, FineTuneJobStatus, RunRecord
+from kubetune.api.models import TRAINED_FIELDS, FineTuneJobSpec, FineTuneJobStatus, RunRecord
 from kubetune.status import conditions as c
 from kubetune.status.derive import TERMINAL, iso
 
 NEW_RUN_REASON = "NewRun"
 
 
+_TRAINED = {name for name, info in FineTuneJobSpec.model_fields.items() if (info.alias or name) in TRAINED_FIELDS}
+# Fingerprinted only when set, so that the fingerprints of jobs that never used them stay what they were.
+_ONLY_WHEN_SET = ("promptTuning", "prefixTuning")
+
+
 def trained_hash(spec: FineTuneJobSpec) -> str:
     """Fingerprint of the fields that decide what is trained (resumeFrom only says how to start)."""
-    data = spec.model_dump(mode="json", by_alias=True, include=set(_IMMUTABLE))
+    data = spec.model_dump(mode="json", by_alias=True, include=_TRAINED)
     data.get("output", {}).pop("resumeFrom", None)
+    for key in _ONLY_WHEN_SET:
+        if data.get(key) is None:
+            data.pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
