@@ -67,6 +67,8 @@ NAMESPACED = (
         ("", "pods", "list"),
         ("", "pods", "watch"),
         ("", "events", "create"),
+        ("serving.kserve.io", "inferenceservices", "create"),
+        ("apps", "deployments", "create"),
     }
 )
 KOPF_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}

@@ -52,6 +52,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+# spec.serving: once a job succeeds, its KServe InferenceService or Deployment is created (then owned).
+- apiGroups: [serving.kserve.io]
+  resources: [inferenceservices]
+  verbs: [create]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [create]
 {{- end -}}
 
 {{/* Cluster-scoped rules Kopf needs in any mode: it discovers resources by watching CRDs. */}}

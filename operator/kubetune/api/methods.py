@@ -30,3 +30,11 @@ def merges_adapter(spec: FineTuneJobSpec) -> bool:
 def writes_full_model(spec: FineTuneJobSpec) -> bool:
     """Whether the job's artifacts include full model weights under model/ (full fine-tune or a merge)."""
     return not is_adapter(spec) or merges_adapter(spec)
+
+
+def served_artifact(spec: FineTuneJobSpec) -> str:
+    """What spec.serving serves: `merged` weights (merged adapter or full fine-tune) or the `adapter` on its base."""
+    want = spec.serving.model if spec.serving is not None else "auto"
+    if want != "auto":
+        return want
+    return "merged" if writes_full_model(spec) else "adapter"

@@ -489,6 +489,41 @@ class ResourcesSpec(ApiModel):
     """Resource limits."""
 
 
+# ------------------------------------------------------------------- serving
+
+
+class ServingSpec(ApiModel):
+    """What serves the model once the job has succeeded: a KServe InferenceService or a plain Deployment.
+
+    The operator creates it only when the job Succeeds (a failed job, or one that fails its evaluation gate,
+    creates nothing), owned by the FineTuneJob and named in `status.serving`."""
+
+    kind: Literal["InferenceService", "Deployment"] = "InferenceService"
+    """`InferenceService` (KServe, serving.kserve.io/v1beta1: the Hugging Face runtime, vLLM where it can) or `Deployment` (apps/v1, running `image` with the model's location in its environment)."""
+    name: str | None = Field(default=None, min_length=1, max_length=63, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    """Name of the served object; unset: the FineTuneJob's name."""
+    model: Literal["auto", "merged", "adapter"] = "auto"
+    """What is served: `merged` (the merged or fully fine-tuned weights, or the published OCI artifact), `adapter` (the base model plus the LoRA adapter: vLLM's --enable-lora), or `auto` (merged when the job writes merged weights, else the adapter)."""
+    image: str | None = Field(default=None, min_length=1, max_length=1024)
+    """Serving image: required with kind `Deployment` (e.g. vllm/vllm-openai); with `InferenceService` it overrides the runtime's image."""
+    runtime: str | None = Field(default=None, min_length=1, max_length=253)
+    """InferenceService: the ServingRuntime to use (e.g. `kserve-huggingfaceserver`); unset: KServe picks one for modelFormat huggingface."""
+    args: list[Annotated[str, Field(max_length=4096)]] = Field(default_factory=list, max_length=64)
+    """Extra arguments for the model server (after the ones kubetune sets)."""
+    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+    """Extra environment variables for the model server."""
+    port: int = Field(default=8080, ge=1, le=65535)
+    """Deployment: the port the server listens on (KUBETUNE_SERVING_PORT; a Service is not created)."""
+    replicas: int = Field(default=1, ge=0, le=1000)
+    """Deployment replicas; InferenceService minReplicas."""
+    gpus: int = Field(default=0, ge=0, le=64)
+    """GPUs per replica (`nvidia.com/gpu`)."""
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    """CPU and memory requests and limits per replica (GPUs: `gpus`)."""
+    service_account_name: str | None = Field(default=None, min_length=1, max_length=253)
+    """ServiceAccount of the serving pods; for an InferenceService reading s3://, the one KServe takes S3 credentials from."""
+
+
 # ---------------------------------------------------------------------- spec
 
 TRAINED_FIELDS: Final[tuple[str, ...]] = (
@@ -576,6 +611,8 @@ class FineTuneJobSpec(ApiModel):
     """Extra labels for the pods (e.g. for Kueue or cost allocation)."""
     annotations: dict[str, str] = Field(default_factory=dict)
     """Extra annotations for the pods."""
+    serving: ServingSpec | None = None
+    """Serve the model when the job succeeds: a KServe InferenceService or a Deployment, owned by the job (status.serving)."""
 
 
 # -------------------------------------------------------------------- status
@@ -661,6 +698,17 @@ class Artifacts(ApiModel):
     """manifest.json (every file with its sha256)."""
 
 
+class ServingStatus(ApiModel):
+    """The object created to serve the model (spec.serving)."""
+
+    kind: str
+    """InferenceService or Deployment."""
+    name: str
+    """Its name, in the FineTuneJob's namespace."""
+    uri: str | None = None
+    """What it serves: the merged model or the OCI reference (with `model: adapter`, the adapter)."""
+
+
 class FailureInfo(ApiModel):
     """A failed rank, as the operator saw it."""
 
@@ -736,6 +784,8 @@ class FineTuneJobStatus(ApiModel):
     """The spec generation the current run trains."""
     runs: list[RunRecord] = Field(default_factory=list)
     """Earlier runs, oldest first."""
+    serving: ServingStatus | None = None
+    """The InferenceService or Deployment serving the model (spec.serving), once created."""
 
     @classmethod
     def from_stored(cls, raw: dict[str, Any] | None) -> FineTuneJobStatus:

@@ -104,6 +104,18 @@ SPEC_RULES: tuple[Rule, ...] = (
         "needs evaluation data: set spec.dataset.eval or spec.dataset.evalSplit",
         lambda s: s.training.early_stopping is not None and not s.dataset.eval and s.dataset.eval_split == 0,
     ),
+    Rule(
+        "spec.serving.image",
+        "!has(self.serving) || !has(self.serving.kind) || self.serving.kind != 'Deployment' || has(self.serving.image)",
+        "is required with kind: Deployment; name the serving image (e.g. vllm/vllm-openai) or use kind: InferenceService",
+        lambda s: s.serving is not None and s.serving.kind == "Deployment" and not s.serving.image,
+    ),
+    Rule(
+        "spec.serving.model",
+        "!has(self.serving) || !has(self.serving.model) || self.serving.model != 'adapter' || self.method in ['lora', 'dora']",
+        "adapter is served with vLLM's --enable-lora, which takes LoRA adapters only: use method lora or dora, or serving.model: merged",
+        lambda s: s.serving is not None and s.serving.model == "adapter" and s.method not in ("lora", "dora"),
+    ),
 )
 
 

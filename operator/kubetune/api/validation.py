@@ -25,7 +25,7 @@ from kubetune.api.contract import (
     PVC_ROOT,
 )
 from kubetune.api.crd import MAX_NAME_LENGTH
-from kubetune.api.methods import PROMPT_LEARNING_METHODS, is_adapter
+from kubetune.api.methods import PROMPT_LEARNING_METHODS, is_adapter, served_artifact, writes_full_model
 from kubetune.api.models import API_VERSION, DATA_URI, KIND, QUANTITY, FineTuneJob, FineTuneJobSpec
 from kubetune.api.rules import SPEC_RULES
 
@@ -376,6 +376,34 @@ def _output(spec: FineTuneJobSpec) -> list[Problem]:
     return problems
 
 
+SERVABLE = ("s3://", "pvc://")
+BASE_SERVABLE = ("s3://", "pvc://", "hf://")
+
+
+def _serving(spec: FineTuneJobSpec) -> list[Problem]:
+    """What a serving pod must be able to load: merged weights or a LoRA adapter, from a place it can read."""
+    serving = spec.serving
+    if serving is None:
+        return []
+    out = []
+    served = served_artifact(spec)
+    if served == "merged" and not writes_full_model(spec):
+        out.append(Problem("spec.serving.model", "merged, but the job writes no merged weights (spec.output.mergeAdapter: false); set mergeAdapter: true, or serving.model: adapter"))
+    elif served == "adapter" and spec.method not in ("lora", "dora") and serving.model == "auto":
+        out.append(Problem("spec.serving", f"a {spec.method} adapter has no merged weights and vLLM cannot load it; train with method lora, dora or full to serve the result"))
+    if not spec.output.uri.startswith(SERVABLE):
+        out.append(Problem("spec.output.uri", f"{spec.output.uri} cannot be read by serving pods (spec.serving); write to s3:// or pvc://"))
+    if served == "adapter" and serving.kind == "InferenceService" and not spec.model.source.startswith(BASE_SERVABLE):
+        out.append(Problem("spec.model.source", f"{spec.model.source}: the InferenceService loads the base model of the adapter from here; use s3://, pvc:// or hf://, or serve merged weights"))
+    for i, env in enumerate(serving.env):
+        if env.value is not None and env.value_from is not None:
+            out.append(Problem(f"spec.serving.env[{i}]", "set value or valueFrom, not both"))
+    for kind in ("requests", "limits"):
+        if "nvidia.com/gpu" in getattr(serving.resources, kind):
+            out.append(Problem(f"spec.serving.resources.{kind}", "must not name nvidia.com/gpu: set spec.serving.gpus instead"))
+    return out
+
+
 def _labels(field: str, labels: dict[str, str]) -> list[Problem]:
     out = []
     for key, value in labels.items():
@@ -427,7 +455,7 @@ def check_name(name: str | None, spec: FineTuneJobSpec | None = None) -> list[Pr
 
 def check_spec(spec: FineTuneJobSpec) -> list[Problem]:
     """Every problem with a spec that parsed; empty when the operator can run it."""
-    return _cel_twins(spec) + _storage(spec) + _output(spec) + _method(spec) + _methods(spec) + _training(spec) + _pod(spec) + _metadata_maps(spec)
+    return _cel_twins(spec) + _storage(spec) + _output(spec) + _method(spec) + _methods(spec) + _training(spec) + _pod(spec) + _metadata_maps(spec) + _serving(spec)
 
 
 def check_values(value: Any, where: str = "") -> list[Problem]:

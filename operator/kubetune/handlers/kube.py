@@ -172,11 +172,25 @@ def _temporary(exc: Exception, what: str) -> kopf.TemporaryError:
 # ------------------------------------------------------------------ calls
 
 
+class ApiMissing(Exception):
+    """The API server does not serve the object's kind (e.g. KServe's CRDs are not installed)."""
+
+
 def create_if_absent(obj: dict[str, Any]) -> dict[str, Any] | None:
-    """Create `obj`; the created object, or None when it already existed. Refused objects are permanent errors."""
+    """Create `obj`; the created object, or None when it already existed. Refused objects are permanent
+    errors; a kind the API server does not serve raises ApiMissing."""
     ns = obj["metadata"]["namespace"]
     kind = obj["kind"]
-    if kind == "ConfigMap":
+    fn: Callable[..., Any]
+    if kind == "InferenceService":
+        group, version = obj["apiVersion"].split("/")
+        custom = _api(client.CustomObjectsApi).create_namespaced_custom_object
+
+        def fn(namespace: str, body: dict[str, Any], **kw: Any) -> Any:
+            return custom(group, version, namespace, "inferenceservices", body, **kw)
+    elif kind == "Deployment":
+        fn = _api(client.AppsV1Api).create_namespaced_deployment
+    elif kind == "ConfigMap":
         fn = _api(client.CoreV1Api).create_namespaced_config_map
     elif kind == "Service":
         fn = _api(client.CoreV1Api).create_namespaced_service
@@ -189,6 +203,8 @@ def create_if_absent(obj: dict[str, Any]) -> dict[str, Any] | None:
     except ApiException as exc:
         if exc.status == 409:
             return None
+        if exc.status == 404 and kind == "InferenceService":
+            raise ApiMissing(obj["apiVersion"]) from exc
         if exc.status in (400, 422):
             raise kopf.PermanentError(f"{kind} {obj['metadata']['name']} refused by the API server: {exc.body}") from exc
         raise _temporary(exc, f"create {kind} {obj['metadata']['name']}") from exc

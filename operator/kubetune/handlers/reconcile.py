@@ -17,7 +17,7 @@ import yaml
 from kubetune.api.models import FineTuneJobSpec, FineTuneJobStatus, Progress
 from kubetune.api.trainer_config import TrainerConfig
 from kubetune.api.validation import SpecInvalid, parse_spec
-from kubetune.handlers import kube
+from kubetune.handlers import kube, serving
 from kubetune.handlers.metrics import METRICS
 from kubetune.handlers.settings import Settings
 from kubetune.handlers.store import Key, Store
@@ -136,7 +136,8 @@ def reconcile(key: Key, store: Store, settings: Settings) -> float | None:
         decision = Decision(status=decision.status, event=decision.event)  # created already
     publish(body, decision, store)  # status and Event first, then the action
     act(body, spec, decision, observed, store, settings)
-    return wake_after(spec, decision.status, observed, at, settings.poll_interval)
+    wake = wake_after(spec, decision.status, observed, at, settings.poll_interval)
+    return sooner(wake, serve(body, spec, decision.status, store))
 
 
 def finished(key: Key, body: dict[str, Any], status: FineTuneJobStatus, store: Store, settings: Settings) -> float | None:
@@ -152,6 +153,7 @@ def finished(key: Key, body: dict[str, Any], status: FineTuneJobStatus, store: S
             return new_run(key, body, spec, status, store)
         if status.trained_spec_hash:  # the edit changed nothing trained: the status still describes it
             publish(body, Decision(status=status.model_copy(update={"observed_generation": generation})), store)
+            status = status.model_copy(update={"observed_generation": generation})
     try:
         spec = FineTuneJobSpec.model_validate(dict(body["spec"]))
     except ValueError:
@@ -161,7 +163,21 @@ def finished(key: Key, body: dict[str, Any], status: FineTuneJobStatus, store: S
         log.info("%s/%s: ttlSecondsAfterFinished passed: deleting", meta["namespace"], meta["name"])
         kube.delete_finetunejob(meta["namespace"], meta["name"])
         return None
-    return wake_after(spec, status, Observed(job=None), at, 0)
+    return sooner(wake_after(spec, status, Observed(job=None), at, 0), serve(body, spec, status, store))
+
+
+def serve(body: dict[str, Any], spec: FineTuneJobSpec, status: FineTuneJobStatus, store: Store) -> float | None:
+    """A succeeded job with spec.serving: create what serves it once, then record it (status, Event)."""
+    done = serving.hand_off(body, spec, status)
+    if done is None:
+        return None
+    new_status, event, wake = done
+    publish(body, Decision(status=new_status, event=event), store)
+    return wake
+
+
+def sooner(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 def new_run(key: Key, body: dict[str, Any], spec: FineTuneJobSpec, status: FineTuneJobStatus, store: Store) -> float | None:

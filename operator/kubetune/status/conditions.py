@@ -13,7 +13,8 @@ RUNNING: Final = "Running"
 SUSPENDED: Final = "Suspended"
 SUCCEEDED: Final = "Succeeded"
 FAILED: Final = "Failed"
-ORDER: Final = (SPEC_VALID, RUNNING, SUSPENDED, SUCCEEDED, FAILED)
+SERVING: Final = "Serving"
+ORDER: Final = (SPEC_VALID, RUNNING, SUSPENDED, SUCCEEDED, FAILED, SERVING)
 """The order conditions are listed in."""
 
 # Reason -> message template (formatted with the keyword arguments given to `reason_message`).
@@ -30,6 +31,9 @@ MESSAGES: Final[dict[str, str]] = {
     "TrainingSucceeded": "Training finished; artifacts are under {uri}.",
     "BackoffLimitExceeded": "Failed after {restarts} restart(s); last failure: {cause}.",
     "DeadlineExceeded": "Ran longer than spec.runPolicy.activeDeadlineSeconds ({seconds}s).",
+    "ServingCreated": "{kind} {name} created; it serves {uri}.",
+    "ServingAPIMissing": "The cluster has no {kind} API ({api}): install KServe's CRDs, or set spec.serving.kind: Deployment. The model stays at {uri}.",
+    "ServingRefused": "The API server refused {kind} {name}: {error}",
 }
 
 
