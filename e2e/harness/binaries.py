@@ -72,3 +72,14 @@ def ensure(*names: str) -> dict[str, Path]:
         subprocess.run([str(BUILD_SH)], check=True, env=env)
         print(f"build.sh took {time.monotonic() - t0:.0f}s")
     return {n: paths[n] for n in names}
+
+
+def kserve_crds() -> Path:
+    """The directory with KServe's CRDs (InferenceService, ServingRuntime, ClusterServingRuntime) from the
+    pinned kserve module, fetched by build.sh on demand."""
+    out = cache_dir() / f"kserve-{versions()['KSERVE_VERSION']}" / "crds"
+    if not (out / "serving.kserve.io_inferenceservices.yaml").is_file():
+        if os.environ.get("KUBETUNE_E2E_BUILD", "1") == "0":
+            raise BinariesUnavailable(f"KServe CRDs missing under {out} and KUBETUNE_E2E_BUILD=0; run {BUILD_SH} first")
+        subprocess.run([str(BUILD_SH)], check=True, env={**os.environ, "KUBETUNE_E2E_COMPONENTS": "kserve"})
+    return out

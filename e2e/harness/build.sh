@@ -10,6 +10,8 @@
 #   node: kubelet, kube-scheduler, pause      k8s.io/kubernetes (same wrapper module; own cache dir,
 #                                             so adding it does not invalidate the control plane's)
 #   coredns                                   github.com/coredns/coredns (custom main, only the plugins used)
+#   kserve                                    github.com/kserve/kserve: not built, only its CRDs (config/crd/full)
+#                                             taken from the module zip, for the spec.serving tests
 #
 # `node` and `coredns` are only needed by the real-kubelet mode (KUBETUNE_E2E_NODE=kubelet).
 #
@@ -150,6 +152,19 @@ build_minio() { # S3 server for the e2e suite (see e2e/README.md for why MinIO)
   (cd "$w" && go get "github.com/minio/minio@$v" \
     && go build -ldflags "$ldflags" -o "$out.tmp/minio" github.com/minio/minio)
   rm -rf "$out"; mv "$out.tmp" "$out"; rm -rf "$w"
+}
+
+build_kserve() { # KServe's CRDs as released: the API server validates InferenceServices against them
+  local v=$KSERVE_VERSION out="$cache/kserve-$KSERVE_VERSION/crds" dir f
+  have_files() { for f in "$@"; do [[ -s $f ]] || return 1; done; }
+  have_files "$out/serving.kserve.io_inferenceservices.yaml" "$out/serving.kserve.io_servingruntimes.yaml" \
+    && { echo "kserve $v: cached"; return; }
+  dir=$(cd "$cache" && go mod download -json "github.com/kserve/kserve@$v" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  rm -rf "$out.tmp"; mkdir -p "$out.tmp"
+  for f in inferenceservices servingruntimes clusterservingruntimes; do
+    cp "$dir/config/crd/full/serving.kserve.io_$f.yaml" "$out.tmp/"
+  done
+  rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
 start=$SECONDS

@@ -42,6 +42,26 @@ def test_artifacts_layout_and_manifest(lora_run: Path) -> None:
 
 
 @pytest.mark.slow
+def test_the_model_card_and_its_plots_come_from_the_runs_metrics(lora_run: Path) -> None:
+    from PIL import Image
+
+    card = (lora_run / "README.md").read_text()
+    metrics = json.loads((lora_run / "metrics.json").read_text())
+    manifest = json.loads((lora_run / "manifest.json").read_text())
+    assert {"README.md", "loss.png", "eval.png"} <= set(manifest["files"])  # sealed with the weights
+    assert card.startswith("# t\n") and str(TINY_MODEL) in card and "lora (r=8, alpha=16" in card
+    row = next(line for line in card.splitlines() if line.startswith("| eval loss |"))
+    assert row == f"| eval loss | {metrics['evalLossBefore']:.4g} | {metrics['evalLossAfter']:.4g} |"
+    assert f"| exact match | {metrics['exactMatchBefore']:.4g} | {metrics['exactMatchAfter']:.4g} |" in card
+    assert "| length | 30 steps (30 done) |" in card and "learning rate | 0.005, cosine" in card
+    assert "![loss](loss.png)" in card and "![eval](eval.png)" in card
+    for name in ("loss.png", "eval.png"):
+        with Image.open(lora_run / name) as img:
+            img.verify()  # a whole, valid PNG
+            assert img.format == "PNG" and img.size[0] >= 400 and img.size[1] >= 200
+
+
+@pytest.mark.slow
 def test_success_termination_message_carries_the_final_progress(lora_run: Path) -> None:
     """The operator's last poll can be a step behind; the message rank 0 leaves has the last step."""
     message = termination(lora_run.parent)

@@ -1,4 +1,5 @@
-"""Final artifacts: adapter/, model/, metrics.json, trainer-config.yaml, manifest.json, COMPLETE last."""
+"""Final artifacts: adapter/, model/, metrics.json, the model card (README.md, loss.png, eval.png),
+trainer-config.yaml, manifest.json, COMPLETE last."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from kubetune.api.trainer_config import TrainerConfig
 
 from kubetune_trainer import checkpoint as ckpt
 from kubetune_trainer import model as model_mod
+from kubetune_trainer.card import write_card
 from kubetune_trainer.evaluation import exact_match
 from kubetune_trainer.log import log
 from kubetune_trainer.precision import resolve_dtype
@@ -44,6 +46,7 @@ class ArtifactWriter:
             self._measure_exact_match(out)
             (out / METRICS_FILE).write_text(json.dumps(self.metrics(), indent=2))
             (out / CONFIG_FILE).write_text(self.config.dump_yaml())
+            write_card(out, self.config)
             files = ckpt.file_table(out)
             ckpt.upload_files(self.rt.store, out, "", files)
             ckpt.seal(self.rt.store, "", files, {"job": self.config.job.name, "step": self.state.step})
