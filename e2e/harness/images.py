@@ -1,7 +1,8 @@
 """The operator, trainer and pause images for the real-kubelet mode, built with no daemon and no pull.
 
     layers = build_all()            # cached under <cache>/images, keyed by content
-    import_all(ctr_argv)            # `ctr -n k8s.io images import -` of each missing image
+    import_all(layers, ctr_argv)    # `ctr -n k8s.io images import -` of each changed image (new
+                                    # blobs only), then prune of older versions
 
 Every image is an OCI image with uncompressed layers:
 
@@ -32,7 +33,7 @@ import sys
 import sysconfig
 import tarfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -302,9 +303,12 @@ class Image:
         }]}).encode()
         return f"sha256:{_sha(manifest)}", index
 
-    def write_archive(self, out: IO[bytes]) -> None:
-        """The OCI image layout as a tar stream (what `ctr images import` reads)."""
+    def write_archive(self, out: IO[bytes], skip: Container[str] = ()) -> int:
+        """The OCI image layout as a tar stream (what `ctr images import` reads). Layer blobs whose
+        digest is in `skip` (already in containerd's content store) are left out: the import finds
+        them in the store, so only new layers are streamed. Returns the bytes of blobs written."""
         _, index = self.manifest()
+        sent = 0
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             _add_bytes(tar, "oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
             _add_bytes(tar, "index.json", index)
@@ -313,11 +317,13 @@ class Image:
             for digest, blob in self.blobs.items():
                 if isinstance(blob, bytes):
                     _add_bytes(tar, f"blobs/sha256/{digest}", blob)
-                else:
+                elif f"sha256:{digest}" not in skip:
                     info = tarfile.TarInfo(f"blobs/sha256/{digest}")
                     info.size, info.mode = blob.stat().st_size, 0o644
                     with open(blob, "rb") as f:
                         tar.addfile(info, f)
+                    sent += info.size
+        return sent
 
 
 def build_all() -> list[Image]:
@@ -347,26 +353,67 @@ def build_all() -> list[Image]:
     return images
 
 
+def _ctr(ctr: Sequence[str], *args: str) -> str:
+    return subprocess.run([*ctr, "-n", "k8s.io", *args], check=True, capture_output=True, text=True).stdout
+
+
+def _image_refs(ctr: Sequence[str]) -> dict[str, str]:
+    """{image ref: manifest digest} in containerd's k8s.io namespace (names and the CRI's sha256: ids)."""
+    lines = _ctr(ctr, "images", "ls").splitlines()[1:]
+    return {line.split()[0]: line.split()[2] for line in lines if line.strip()}
+
+
+def _import(image: Image, ctr: Sequence[str], skip: Container[str]) -> tuple[int, str]:
+    p = subprocess.Popen([*ctr, "-n", "k8s.io", "images", "import", "-"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert p.stdin is not None and p.stdout is not None
+    try:
+        sent = image.write_archive(p.stdin, skip)
+    except BrokenPipeError:
+        sent = -1
+    finally:
+        try:
+            p.stdin.close()
+        except BrokenPipeError:
+            pass
+    out = p.stdout.read().decode()
+    return (sent if p.wait() == 0 and sent >= 0 else -1), out
+
+
 def import_all(images: Sequence[Image], ctr: Sequence[str]) -> None:
-    """Import each image into containerd (namespace k8s.io) unless it is there with the same manifest."""
-    listed = subprocess.run([*ctr, "-n", "k8s.io", "images", "ls"], check=True, capture_output=True, text=True).stdout
-    have = {line.split()[0]: line.split()[2] for line in listed.splitlines()[1:] if line.strip()}
+    """Import each image into containerd (namespace k8s.io) unless it is there with the same manifest.
+
+    Only blobs missing from the content store are streamed (after a source change: the app
+    layer, not the 4.7 GB venv layer); containerd takes the others from its store and unpacks
+    only the new layers on top of the existing snapshots. Then `prune` drops older versions."""
+    have = _image_refs(ctr)
     for image in images:
         digest, _ = image.manifest()
         if have.get(image.name) == digest:
             continue
         t0 = time.monotonic()
-        p = subprocess.Popen([*ctr, "-n", "k8s.io", "images", "import", "-"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert p.stdin is not None
-        try:
-            image.write_archive(p.stdin)
-        finally:
-            p.stdin.close()
-        out = p.stdout.read().decode() if p.stdout else ""
-        if p.wait() != 0:
+        present = set(_ctr(ctr, "content", "ls", "-q").split())
+        sent, out = _import(image, ctr, present)
+        if sent < 0 and present:  # e.g. a blob collected in between: send everything
+            sent, out = _import(image, ctr, ())
+        if sent < 0:
             raise RuntimeError(f"ctr images import {image.name} failed:\n{out}")
-        print(f"images: imported {image.name} in {time.monotonic() - t0:.0f}s", file=sys.stderr)
+        print(f"images: imported {image.name} in {time.monotonic() - t0:.0f}s ({sent / 2**20:.0f} MiB streamed)",
+              file=sys.stderr)
+    prune(images, ctr)
+
+
+def prune(images: Sequence[Image], ctr: Sequence[str]) -> list[str]:
+    """Remove every image ref that does not point at one of `images`' manifests (older versions,
+    and the CRI's `sha256:<config>` ids of them), then collect their blobs and snapshots
+    (`ctr images rm --sync` runs containerd's garbage collector). Returns the removed refs."""
+    keep = {image.manifest()[0] for image in images}
+    stale = sorted(ref for ref, digest in _image_refs(ctr).items() if digest not in keep)
+    if stale:
+        t0 = time.monotonic()
+        _ctr(ctr, "images", "rm", "--sync", *stale)
+        print(f"images: pruned {len(stale)} old image refs in {time.monotonic() - t0:.0f}s", file=sys.stderr)
+    return stale
 
 
 if __name__ == "__main__":
