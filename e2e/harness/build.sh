@@ -12,6 +12,8 @@
 #   coredns                                   github.com/coredns/coredns (custom main, only the plugins used)
 #   kserve                                    github.com/kserve/kserve: not built, only its CRDs (config/crd/full)
 #                                             taken from the module zip, for the spec.serving tests
+#   registry                                  github.com/distribution/distribution/v3 (OCI registry; custom main:
+#                                             filesystem storage + htpasswd auth only, no cloud SDKs)
 #
 # `node` and `coredns` are only needed by the real-kubelet mode (KUBETUNE_E2E_NODE=kubelet).
 #
@@ -167,8 +169,30 @@ build_kserve() { # KServe's CRDs as released: the API server validates Inference
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
+build_registry() { # the CNCF distribution registry, for publishing models as OCI artifacts
+  # The stock cmd/registry links the Azure, GCS and S3 storage drivers (their SDKs are most of
+  # its build time); the suite needs only the filesystem driver and htpasswd auth.
+  local v=$REGISTRY_VERSION out="$cache/registry-$REGISTRY_VERSION/bin" w="$cache/registry-$REGISTRY_VERSION/src"
+  have "$out/registry" && { echo "registry $v: cached"; return; }
+  wrapper "$w" "require github.com/distribution/distribution/v3 $v"
+  cat >"$w/main.go" <<'GO'
+package main
+
+import (
+	"github.com/distribution/distribution/v3/registry"
+	_ "github.com/distribution/distribution/v3/registry/auth/htpasswd"
+	_ "github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
+)
+
+func main() { _ = registry.RootCmd.Execute() }
+GO
+  (cd "$w" && go get "github.com/distribution/distribution/v3@$v" && go mod tidy \
+    && go build -ldflags "$ldflags -X github.com/distribution/distribution/v3/version.version=$v" -o "$out.tmp/registry" .)
+  rm -rf "$out"; mv "$out.tmp" "$out"; rm -rf "$w"
+}
+
 start=$SECONDS
-for c in ${KUBETUNE_E2E_COMPONENTS:-kubernetes etcd minio helm}; do
+for c in ${KUBETUNE_E2E_COMPONENTS:-kubernetes etcd minio helm registry}; do
   t=$SECONDS; "build_$c"; echo "build.sh: $c done in $((SECONDS - t))s"
 done
 echo "build.sh: all done in $((SECONDS - start))s (cache: $cache)"

@@ -70,7 +70,7 @@ def run(trainer: Trainer) -> ExitCode:
     elif int(os.environ.get("RANK", "0")) == 0:
         # Rank 0 alone: on a node running several ranks the message is one file, and it carries the
         # final progress the operator shows once the job has succeeded.
-        write_termination_message(code, "training finished", trainer.progress.report())
+        write_termination_message(code, "training finished", trainer.progress.report(), trainer.published())
     return code
 
 

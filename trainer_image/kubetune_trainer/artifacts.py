@@ -4,6 +4,7 @@ trainer-config.yaml, manifest.json, COMPLETE last."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -13,11 +14,12 @@ from typing import Any
 
 import torch
 from kubetune.api import methods
-from kubetune.api.contract import ADAPTER_DIR, CONFIG_FILE, MERGED_DIR, METRICS_FILE
+from kubetune.api.contract import ADAPTER_DIR, CONFIG_FILE, ENV_REGISTRY_AUTH, MERGED_DIR, METRICS_FILE
 from kubetune.api.trainer_config import TrainerConfig
 
 from kubetune_trainer import checkpoint as ckpt
 from kubetune_trainer import model as model_mod
+from kubetune_trainer import publish
 from kubetune_trainer.card import write_card
 from kubetune_trainer.evaluation import exact_match
 from kubetune_trainer.log import log
@@ -49,10 +51,25 @@ class ArtifactWriter:
             write_card(out, self.config)
             files = ckpt.file_table(out)
             ckpt.upload_files(self.rt.store, out, "", files)
+            if self.config.spec.output.publish is not None:
+                self._publish(out, files)
             ckpt.seal(self.rt.store, "", files, {"job": self.config.job.name, "step": self.state.step})
             shutil.rmtree(out, ignore_errors=True)
             log(f"artifacts -> {self.rt.store.uri} ({len(files)} files)")
         acc.wait_for_everyone()
+
+    def _publish(self, out: Path, files: dict[str, Any]) -> None:
+        """Push the model (or the adapter) as an OCI artifact, then record its digest-pinned reference in
+        metrics.json: after the upload, before COMPLETE, so a failed push leaves the output unsealed."""
+        spec = self.config.spec
+        assert spec.output.publish is not None
+        pushed = pushed_dir(self.config)
+        reference = publish.push(spec.output.publish, publish.layers(out, files, pushed), registry_auth())
+        self.facts.oci = {"reference": reference, "tag": spec.output.publish.oci, "directory": pushed}
+        log(f"published {pushed}/ as {reference}")
+        (out / METRICS_FILE).write_text(json.dumps(self.metrics(), indent=2))
+        files[METRICS_FILE] = ckpt.file_table(out, [METRICS_FILE])[METRICS_FILE]
+        ckpt.upload_files(self.rt.store, out, "", {METRICS_FILE: files[METRICS_FILE]})
 
     def _write_weights(self, out: Path, state_dict: Any) -> None:
         spec, tokenizer = self.config.spec, self.parts.tokenizer
@@ -114,7 +131,8 @@ class ArtifactWriter:
     def metrics(self) -> dict[str, Any]:
         st, facts = self.state, self.facts
         optional = {"exactMatchBefore": facts.exact_match_before, "exactMatchAfter": facts.exact_match_after,
-                    "mergedModel": facts.merged_model, "quantizedLayers": facts.quantized_layers}  # fmt: skip
+                    "mergedModel": facts.merged_model, "quantizedLayers": facts.quantized_layers,
+                    "oci": facts.oci}  # fmt: skip
         return {
             "job": self.config.job.name,
             "steps": st.step,
@@ -137,3 +155,18 @@ class ArtifactWriter:
             "data": facts.data,
             **{k: v for k, v in optional.items() if v is not None},
         }
+
+
+def pushed_dir(config: TrainerConfig) -> str:
+    """What spec.output.publish pushes: artifact, or the merged model where the job writes one, else the adapter."""
+    spec = config.spec
+    choice = spec.output.publish.artifact if spec.output.publish is not None else None
+    if choice is None:
+        choice = "model" if methods.writes_full_model(spec) else "adapter"
+    return MERGED_DIR if choice == "model" else ADAPTER_DIR
+
+
+def registry_auth() -> Path | None:
+    """The mounted dockerconfigjson (spec.output.publish.credentialsSecret), or $KUBETUNE_REGISTRY_AUTH locally."""
+    path = os.environ.get(ENV_REGISTRY_AUTH)
+    return Path(path) if path else None

@@ -38,11 +38,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_table(local_dir: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {sha256, size}} for every file under local_dir (markers excluded)."""
+def file_table(local_dir: Path, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """{relative path: {sha256, size}} for every file under local_dir (markers excluded), or the `only` ones."""
+    paths = [local_dir / rel for rel in only] if only is not None else sorted(local_dir.rglob("*"))
     return {
         str(p.relative_to(local_dir)): {"sha256": sha256_file(p), "size": p.stat().st_size}
-        for p in sorted(local_dir.rglob("*"))
+        for p in paths
         if p.is_file() and not (p.parent == local_dir and p.name in (COMPLETE_MARKER, MANIFEST_FILE))
     }
 

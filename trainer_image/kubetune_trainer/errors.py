@@ -14,6 +14,7 @@ from kubetune.api.contract import (
     ProgressReport,
     TerminationMessage,
 )
+from kubetune.api.models import Artifacts
 
 
 class TrainerError(Exception):
@@ -25,12 +26,15 @@ class TrainerError(Exception):
         self.message = message
 
 
-def write_termination_message(exit_code: int, message: str, progress: ProgressReport | None = None) -> None:
+def write_termination_message(
+    exit_code: int, message: str, progress: ProgressReport | None = None, artifacts: Artifacts | None = None
+) -> None:
     """Kubernetes shows TERMINATION_LOG in the pod status; $KUBETUNE_TERMINATION_LOG wins when set.
 
-    `progress` is rank 0's final report: the operator's last poll may be a step behind.
+    `progress` is rank 0's final report: the operator's last poll may be a step behind; `artifacts` what
+    it published beyond the fixed layout (the OCI reference).
     """
-    text = TerminationMessage.build(exit_code, message, progress).to_text()
+    text = TerminationMessage.build(exit_code, message, progress, artifacts).to_text()
     for target in (os.environ.get(ENV_TERMINATION_LOG), TERMINATION_LOG):
         if not target:
             continue

@@ -32,5 +32,6 @@ class RunFacts:
     data: dict[str, Any] = field(default_factory=dict)  # the data report: sources, formats, counts, overflow
     eval_rewards_before: dict[str, float] = field(default_factory=dict)  # DPO: evalReward*Before
     merged_model: str | None = None
+    oci: dict[str, str] | None = None  # spec.output.publish: the pushed reference, digest-pinned
     fast_path: dict[str, Any] = field(default_factory=dict)  # which fast kernels the model runs (model.fast_path)
     quantized_layers: int | None = None  # QLoRA: the k-bit linear layers bitsandbytes built  # how the merged model was made, when not plainly (QLoRA: de-quantized)

@@ -11,10 +11,11 @@ from http.server import ThreadingHTTPServer
 
 import torch
 from kubetune.api.contract import COMPLETE_MARKER, ExitCode, TrainerPhase
+from kubetune.api.models import Artifacts
 from kubetune.api.trainer_config import TrainerConfig
 
-from kubetune_trainer import signals
-from kubetune_trainer.artifacts import ArtifactWriter
+from kubetune_trainer import publish, signals
+from kubetune_trainer.artifacts import ArtifactWriter, registry_auth
 from kubetune_trainer.checkpoint import Checkpointer
 from kubetune_trainer.debug import DebugHooks
 from kubetune_trainer.evaluation import Evaluator
@@ -65,6 +66,8 @@ class Trainer:
             )
             log(f"backend {rt.backend.name}: {rt.backend.reason}")
             rt.store.check_writable()
+            if (publish_spec := self.spec.output.publish) is not None:
+                publish.check_access(publish_spec, registry_auth())  # wrong credentials fail before training
         set_seed(self.spec.training.seed)
         self.done = rt.store.exists(COMPLETE_MARKER)
         if self.done:
@@ -121,6 +124,10 @@ class Trainer:
         self.progress.update(phase=TrainerPhase.SAVING)
         ArtifactWriter(self.config, self.runtime, self.parts, self.state, self.facts, self.started).save()
         self.progress.update(phase=TrainerPhase.SUCCEEDED)
+
+    def published(self) -> Artifacts | None:
+        """What the termination message carries beyond the fixed layout: the pushed OCI reference."""
+        return Artifacts(oci=self.facts.oci["reference"]) if self.facts.oci else None
 
     def stop_reason(self) -> str:
         return self.stop.reason()

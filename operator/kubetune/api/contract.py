@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from kubetune.api.models import ApiModel, TrainerReport
+from kubetune.api.models import ApiModel, Artifacts, TrainerReport
 
 
 class ExitCode(IntEnum):
@@ -90,6 +90,12 @@ PVC_ROOT: Final = "/mnt/pvc"  # the default of $KUBETUNE_PVC_ROOT, and where the
 CONFIG_MOUNT_DIR: Final = "/etc/kubetune"  # the job's ConfigMap, mounted read-only
 CONFIG_PATH: Final = f"{CONFIG_MOUNT_DIR}/{CONFIG_FILE}"  # the default of $KUBETUNE_CONFIG
 CACHE_MOUNT_DIR: Final = "/var/cache/kubetune"  # the pod's $KUBETUNE_CACHE_DIR (an emptyDir)
+# spec.output.publish.credentialsSecret (a dockerconfigjson Secret), mounted read-only; the env var names the
+# file, so the credentials themselves are never in env or logs.
+ENV_REGISTRY_AUTH: Final = "KUBETUNE_REGISTRY_AUTH"
+REGISTRY_AUTH_DIR: Final = "/var/run/kubetune/registry"
+REGISTRY_AUTH_FILE: Final = "config.json"
+REGISTRY_AUTH_PATH: Final = f"{REGISTRY_AUTH_DIR}/{REGISTRY_AUTH_FILE}"
 
 
 # --- what rank 0 reports ---------------------------------------------------------
@@ -129,12 +135,18 @@ class TerminationMessage(ApiModel):
     message: str
     progress: dict[str, Any] | None = None
     """Rank 0's final ProgressReport (non-null fields) when training finished."""
+    artifacts: Artifacts | None = None
+    """What rank 0 wrote beyond the fixed layout under spec.output.uri: the digest-pinned OCI reference it pushed."""
 
     @classmethod
-    def build(cls, exit_code: int, message: str, progress: ProgressReport | None = None) -> TerminationMessage:
+    def build(
+        cls, exit_code: int, message: str, progress: ProgressReport | None = None, artifacts: Artifacts | None = None
+    ) -> TerminationMessage:
         reason = REASONS.get(exit_code, "Succeeded" if exit_code == 0 else "Error")
         final = progress.model_dump(by_alias=True, mode="json", exclude_none=True) if progress else None
-        return cls(exit_code=int(exit_code), reason=reason, message=message[-MESSAGE_LIMIT:], progress=final)
+        return cls(
+            exit_code=int(exit_code), reason=reason, message=message[-MESSAGE_LIMIT:], progress=final, artifacts=artifacts
+        )
 
     def to_text(self) -> str:
         return json.dumps(self.model_dump(by_alias=True, mode="json", exclude_none=True))

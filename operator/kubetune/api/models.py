@@ -386,6 +386,25 @@ class DistributedSpec(ApiModel):
 
 # -------------------------------------------------------------- output/storage
 
+# registry/repository:tag, the registry named explicitly (a host with a dot or a port, or localhost).
+OCI_REFERENCE = (
+    r"^((localhost|[a-zA-Z0-9-]+(\.[a-zA-Z0-9-]+)+)(:[0-9]+)?|[a-zA-Z0-9-]+:[0-9]+)"
+    r"/[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+)
+
+
+class PublishSpec(ApiModel):
+    """Where the finished model is published besides the output URI."""
+
+    oci: str = Field(max_length=512, pattern=OCI_REFERENCE)
+    """`registry/repository:tag`: rank 0 pushes the merged model (or the adapter) there as an OCI artifact with the CNCF ModelPack media types, after the artifacts are written; status.artifacts.oci gets the digest-pinned reference `registry/repository@sha256:...`."""
+    credentials_secret: str | None = Field(default=None, min_length=1, max_length=253)
+    """A `kubernetes.io/dockerconfigjson` Secret in the job's namespace with an `auths` entry for the registry; mounted read-only into rank 0's pod, never put in env or logs. Unset: push without credentials."""
+    plain_http: bool = Field(default=False, alias="plainHTTP")
+    """Talk to the registry over plain HTTP (a test registry on loopback or inside the cluster); default HTTPS."""
+    artifact: Literal["model", "adapter"] | None = None
+    """What to push: `model` (the merged or fully fine-tuned weights, with the tokenizer) or `adapter` (the PEFT adapter alone). Unset: the model where the job writes one, else the adapter."""
+
 
 class OutputSpec(ApiModel):
     """Where artifacts go."""
@@ -400,6 +419,8 @@ class OutputSpec(ApiModel):
     """Complete checkpoints kept; older ones are deleted."""
     resume_from: Literal["fresh", "previous"] = "fresh"
     """An edit of what is trained after the job finished starts a new run, written under `<uri>/run-<n>/`: `fresh` trains from the model again, `previous` resumes from the previous run's newest checkpoint (weights, optimizer, step)."""
+    publish: PublishSpec | None = None
+    """Also publish the finished model to an OCI registry (see PublishSpec)."""
 
 
 class SecretKeyNames(ApiModel):
@@ -696,6 +717,8 @@ class Artifacts(ApiModel):
     """metrics.json."""
     manifest: str | None = None
     """manifest.json (every file with its sha256)."""
+    oci: str | None = None
+    """The published OCI artifact, digest-pinned: `registry/repository@sha256:...` (spec.output.publish)."""
 
 
 class ServingStatus(ApiModel):

@@ -21,12 +21,22 @@ from kubetune.api.contract import (
     CONFIG_MOUNT_DIR,
     ENV_CONFIG_PATH,
     ENV_PVC_ROOT,
+    ENV_REGISTRY_AUTH,
     ENV_TERMINATION_LOG,
     PVC_ROOT,
+    REGISTRY_AUTH_DIR,
 )
 from kubetune.api.crd import MAX_NAME_LENGTH
 from kubetune.api.methods import PROMPT_LEARNING_METHODS, is_adapter, served_artifact, writes_full_model
-from kubetune.api.models import API_VERSION, DATA_URI, KIND, QUANTITY, FineTuneJob, FineTuneJobSpec
+from kubetune.api.models import (
+    API_VERSION,
+    DATA_URI,
+    KIND,
+    OCI_REFERENCE,
+    QUANTITY,
+    FineTuneJob,
+    FineTuneJobSpec,
+)
 from kubetune.api.rules import SPEC_RULES
 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -38,6 +48,7 @@ RESERVED_ENV = frozenset(
         ENV_CONFIG_PATH,
         ENV_PVC_ROOT,
         ENV_TERMINATION_LOG,
+        ENV_REGISTRY_AUTH,
         "MASTER_ADDR",
         "MASTER_PORT",
         "WORLD_SIZE",
@@ -54,6 +65,7 @@ RESERVED_ENV = frozenset(
 PATTERN_HINTS = {
     QUANTITY: "a Kubernetes quantity such as 8, 500m or 64Gi",
     DATA_URI: "s3://bucket/key, pvc://claim/path, file://path, /absolute/path or hf://org/name",
+    OCI_REFERENCE: "registry/repository:tag with the registry host named, e.g. ghcr.io/org/model:v1 or 127.0.0.1:5000/models/tiny:v1",
 }
 
 # Kubernetes' own limits on what the pods and their Job carry.
@@ -63,7 +75,7 @@ DNS_LABEL_MAX = 63  # pod hostnames, Service and Job names used in DNS
 LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 # Mount paths the operator uses itself.
-RESERVED_MOUNTS = ("/dev/shm", CONFIG_MOUNT_DIR, PVC_ROOT, CACHE_MOUNT_DIR)
+RESERVED_MOUNTS = ("/dev/shm", CONFIG_MOUNT_DIR, PVC_ROOT, CACHE_MOUNT_DIR, REGISTRY_AUTH_DIR)
 
 
 @dataclass(frozen=True)
@@ -404,6 +416,34 @@ def _serving(spec: FineTuneJobSpec) -> list[Problem]:
     return out
 
 
+def _publish(spec: FineTuneJobSpec) -> list[Problem]:
+    """spec.output.publish must name something the job writes, and a Secret by a valid name."""
+    publish = spec.output.publish
+    if publish is None:
+        return []
+    out = []
+    if publish.credentials_secret is not None and not DNS_1123_SUBDOMAIN.match(publish.credentials_secret):
+        out.append(
+            Problem(
+                "spec.output.publish.credentialsSecret",
+                f"{publish.credentials_secret!r} is not a valid Secret name (lowercase DNS subdomain)",
+            )
+        )
+    if publish.artifact == "model" and not writes_full_model(spec):
+        out.append(
+            Problem(
+                "spec.output.publish.artifact",
+                f"model: method {spec.method} with this spec.output.mergeAdapter writes no merged model; "
+                "set artifact: adapter, or spec.output.mergeAdapter: true where the method can merge",
+            )
+        )
+    if publish.artifact == "adapter" and not is_adapter(spec):
+        out.append(
+            Problem("spec.output.publish.artifact", "adapter: method full trains no adapter; set artifact: model or remove it")
+        )
+    return out
+
+
 def _labels(field: str, labels: dict[str, str]) -> list[Problem]:
     out = []
     for key, value in labels.items():
@@ -455,7 +495,7 @@ def check_name(name: str | None, spec: FineTuneJobSpec | None = None) -> list[Pr
 
 def check_spec(spec: FineTuneJobSpec) -> list[Problem]:
     """Every problem with a spec that parsed; empty when the operator can run it."""
-    return _cel_twins(spec) + _storage(spec) + _output(spec) + _method(spec) + _methods(spec) + _training(spec) + _pod(spec) + _metadata_maps(spec) + _serving(spec)
+    return _cel_twins(spec) + _storage(spec) + _output(spec) + _publish(spec) + _method(spec) + _methods(spec) + _training(spec) + _pod(spec) + _metadata_maps(spec) + _serving(spec)
 
 
 def check_values(value: Any, where: str = "") -> list[Problem]:

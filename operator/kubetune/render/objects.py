@@ -26,8 +26,12 @@ from kubetune.api.contract import (
     ENV_CACHE_DIR,
     ENV_CONFIG_PATH,
     ENV_PVC_ROOT,
+    ENV_REGISTRY_AUTH,
     ENV_TERMINATION_LOG,
     PVC_ROOT,
+    REGISTRY_AUTH_DIR,
+    REGISTRY_AUTH_FILE,
+    REGISTRY_AUTH_PATH,
     TERMINATION_LOG,
 )
 from kubetune.api.models import FineTuneJobSpec
@@ -135,6 +139,8 @@ def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
         {"name": "HOME", "value": CACHE_DIR},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if spec.output.publish is not None and spec.output.publish.credentials_secret:
+        env.append({"name": ENV_REGISTRY_AUTH, "value": REGISTRY_AUTH_PATH})  # a path; the file holds the secret
     if spec.distributed.gpus_per_node > 0:
         env += [
             {"name": "NCCL_DEBUG", "value": "WARN"},
@@ -194,6 +200,12 @@ def _volumes(spec: FineTuneJobSpec, name: str) -> tuple[list[dict[str, Any]], li
     for i, claim in enumerate(pvc_claims(spec)):
         volumes.append({"name": f"kubetune-pvc-{i}", "persistentVolumeClaim": {"claimName": claim}})
         mounts.append({"name": f"kubetune-pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}"})
+    if (publish := spec.output.publish) is not None and publish.credentials_secret:
+        # The whole dockerconfigjson as one read-only file: never env, never a log line.
+        secret = {"secretName": publish.credentials_secret, "defaultMode": 0o440,
+                  "items": [{"key": ".dockerconfigjson", "path": REGISTRY_AUTH_FILE}]}  # fmt: skip
+        volumes.append({"name": "kubetune-registry-auth", "secret": secret})
+        mounts.append({"name": "kubetune-registry-auth", "mountPath": REGISTRY_AUTH_DIR, "readOnly": True})
     for vol in spec.volumes:
         volumes.append({"name": vol.name, **vol.source})
         mounts.append({"name": vol.name, "mountPath": vol.mount_path, "readOnly": vol.read_only})

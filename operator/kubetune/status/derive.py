@@ -213,15 +213,27 @@ def _pod_phase(
     return "Pending", "PodsPending", c.reason_message("PodsPending", nodes=nodes, pending=nodes - up)
 
 
-def final_progress(pods: list[dict[str, Any]], now: datetime) -> Progress | None:
-    """The progress rank 0 left in its termination message when it finished (the last poll may be a step behind)."""
+def _final_message(pods: list[dict[str, Any]]) -> contract.TerminationMessage | None:
+    """Rank 0's termination message, once its pod has finished."""
     for p in pods:
         if ((p.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX) != "0":
             continue
-        parsed = _message(_terminated(p) or {})
-        if parsed is not None and parsed.progress is not None:
-            return to_progress(parsed.progress, iso(now))
+        if (parsed := _message(_terminated(p) or {})) is not None:
+            return parsed
     return None
+
+
+def final_progress(pods: list[dict[str, Any]], now: datetime) -> Progress | None:
+    """The progress rank 0 left in its termination message when it finished (the last poll may be a step behind)."""
+    parsed = _final_message(pods)
+    return to_progress(parsed.progress, iso(now)) if parsed is not None and parsed.progress is not None else None
+
+
+def final_artifacts(spec: FineTuneJobSpec, pods: list[dict[str, Any]]) -> Artifacts:
+    """The layout's artifacts, plus what rank 0 reported publishing (the digest-pinned OCI reference)."""
+    parsed = _final_message(pods)
+    oci = parsed.artifacts.oci if parsed is not None and parsed.artifacts is not None else None
+    return artifacts(spec).model_copy(update={"oci": oci})
 
 
 # ------------------------------------------------------------------ derive
@@ -275,7 +287,7 @@ def derive(
     elif _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
         phase, reason = "Succeeded", "TrainingSucceeded"
         message = c.reason_message(reason, uri=spec.output.uri)
-        status = _set(status, artifacts=artifacts(spec))
+        status = _set(status, artifacts=final_artifacts(spec, observed.pods))
         if (final := final_progress(observed.pods, now)) is not None:
             status = _set(status, progress=final)
     elif (job.get("spec") or {}).get("suspend"):

@@ -26,9 +26,11 @@ _ONLY_WHEN_SET = ("promptTuning", "prefixTuning")
 
 
 def trained_hash(spec: FineTuneJobSpec) -> str:
-    """Fingerprint of the fields that decide what is trained (resumeFrom only says how to start)."""
+    """Fingerprint of the fields that decide what is trained (resumeFrom only says how to start, publish
+    where the result goes besides the output)."""
     data = spec.model_dump(mode="json", by_alias=True, include=_TRAINED)
-    data.get("output", {}).pop("resumeFrom", None)
+    for key in ("resumeFrom", "publish"):
+        data.get("output", {}).pop(key, None)
     for key in _ONLY_WHEN_SET:
         if data.get(key) is None:
             data.pop(key, None)
