@@ -8,10 +8,10 @@ import pytest
 from kubetune.api.contract import ENV_REGISTRY_AUTH, REGISTRY_AUTH_PATH
 from kubetune.api.validation import validate_manifest
 from kubetune.render.objects import render_workload
-from kubetune.status.derive import Observed, derive
+from kubetune.status.derive import Observed
 from kubetune.status.runs import trained_hash
 from operator_samples import manifest, spec
-from test_status import NOW, job, pod
+from test_status import job, pod, run
 
 OCI = "127.0.0.1:5000/models/tiny:v1"
 
@@ -95,14 +95,16 @@ def test_the_digest_pinned_reference_from_rank_0_goes_into_status_artifacts():
     pinned = "127.0.0.1:5000/models/tiny@sha256:" + "ab" * 32
     msg = json.dumps({"exitCode": 0, "reason": "Succeeded", "message": "training finished", "artifacts": {"oci": pinned}})
     rank0 = pod("demo-r0-0", phase="Succeeded", exit_code=0, message=msg)
-    d = derive(spec(output=output()), "demo", 1, {"phase": "Running"}, Observed(job=job(conditions=["Complete"]), pods=[rank0]), NOW)
-    assert d.status["phase"] == "Succeeded"
-    assert d.status["artifacts"]["oci"] == pinned
-    assert d.status["artifacts"]["mergedModel"] == "s3://out/demo/model/"
+    d = run(Observed(job=job(conditions=["Complete"]), pods=[rank0]), old={"phase": "Running"}, output=output())
+    assert d.status.phase == "Succeeded" and d.status.artifacts is not None
+    assert d.status.artifacts.oci == pinned
+    assert d.status.artifacts.merged_model == "s3://out/demo/model/"
+    assert d.status.to_patch()["artifacts"]["oci"] == pinned
 
 
 def test_without_a_published_reference_status_has_no_oci_artifact():
     msg = json.dumps({"exitCode": 0, "reason": "Succeeded", "message": "training finished"})
     rank0 = pod("demo-r0-0", phase="Succeeded", exit_code=0, message=msg)
-    d = derive(spec(), "demo", 1, {"phase": "Running"}, Observed(job=job(conditions=["Complete"]), pods=[rank0]), NOW)
-    assert "oci" not in d.status["artifacts"]
+    d = run(Observed(job=job(conditions=["Complete"]), pods=[rank0]), old={"phase": "Running"})
+    assert d.status.artifacts is not None and d.status.artifacts.oci is None
+    assert "oci" not in d.status.to_patch()["artifacts"]
