@@ -55,3 +55,9 @@ def test_no_trainer_function_is_longer_than_40_lines() -> None:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert not long, long
+
+
+def test_test_hooks_are_read_only_by_the_debug_seam() -> None:
+    """Every KUBETUNE_DEBUG_* variable is read in debug.py (DebugHooks) and nowhere else in the trainer."""
+    elsewhere = [p.name for p in sorted(TRAINER.glob("*.py")) if p.name != "debug.py" and "KUBETUNE_DEBUG_" in p.read_text()]
+    assert not elsewhere, elsewhere

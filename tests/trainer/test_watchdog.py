@@ -10,6 +10,7 @@ import textwrap
 import threading
 
 from kubetune.api import contract
+from kubetune_trainer.debug import DebugHooks
 from kubetune_trainer.watchdog import Watchdog, stacks
 
 
@@ -32,6 +33,16 @@ def test_a_rank_without_a_step_past_the_deadline_reports_its_stacks():
     now[0] = 11
     assert dog.check()
     assert reports == ["no optimizer step for 11s after step 7 (progressDeadlineSeconds 10)"]
+
+
+def test_the_hang_hook_stops_only_the_rank_and_step_asked_for(monkeypatch):
+    monkeypatch.setenv("KUBETUNE_DEBUG_HANG_AT_STEP", "6")
+    monkeypatch.setenv("KUBETUNE_DEBUG_HANG_RANK", "1")
+    hooks = DebugHooks.from_env()
+    assert hooks.hangs_at(6, 1)
+    assert not hooks.hangs_at(6, 0) and not hooks.hangs_at(5, 1) and not hooks.hangs_at(7, 1)
+    hooks.hang_if_asked(6, 0)  # returns at once on every other rank
+    assert not DebugHooks().hangs_at(0, 0)  # unset: nobody hangs
 
 
 def test_stacks_show_where_each_other_thread_waits():

@@ -1,6 +1,8 @@
 """The one seam for test hooks. Production pods never set these variables; tests do.
 
 - KUBETUNE_DEBUG_STOP_AT_STEP=N: act as if SIGTERM came at step N (checkpoint, exit 143).
+- KUBETUNE_DEBUG_HANG_AT_STEP=N (and KUBETUNE_DEBUG_HANG_RANK=r, default 0): global rank r stops stepping
+  for good after step N, as a rank stuck in a collective would (the hang watchdog's test).
 - KUBETUNE_DEBUG_DIR=dir: at the end each rank writes dir/rank-<r>.json with the world size
   torch.distributed saw and a digest of its trained weights, so tests can prove ranks trained together.
 """
@@ -11,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,20 +22,38 @@ import torch
 
 ENV_DEBUG_DIR = "KUBETUNE_DEBUG_DIR"
 ENV_DEBUG_STOP_AT_STEP = "KUBETUNE_DEBUG_STOP_AT_STEP"
+ENV_DEBUG_HANG_AT_STEP = "KUBETUNE_DEBUG_HANG_AT_STEP"
+ENV_DEBUG_HANG_RANK = "KUBETUNE_DEBUG_HANG_RANK"
 
 
 @dataclass(frozen=True)
 class DebugHooks:
     stop_at_step: int = 0
     dump_dir: Path | None = None
+    hang_at_step: int = 0
+    hang_rank: int = 0
 
     @classmethod
     def from_env(cls) -> DebugHooks:
-        dump = os.environ.get(ENV_DEBUG_DIR)
-        return cls(int(os.environ.get(ENV_DEBUG_STOP_AT_STEP, "0")), Path(dump) if dump else None)
+        env = os.environ
+        dump = env.get(ENV_DEBUG_DIR)
+        return cls(
+            stop_at_step=int(env.get(ENV_DEBUG_STOP_AT_STEP, "0")),
+            dump_dir=Path(dump) if dump else None,
+            hang_at_step=int(env.get(ENV_DEBUG_HANG_AT_STEP, "0")),
+            hang_rank=int(env.get(ENV_DEBUG_HANG_RANK, "0")),
+        )
 
     def preempt_at(self, step: int) -> bool:
         return self.stop_at_step > 0 and step == self.stop_at_step
+
+    def hangs_at(self, step: int, rank: int) -> bool:
+        return self.hang_at_step > 0 and step == self.hang_at_step and rank == self.hang_rank
+
+    def hang_if_asked(self, step: int, rank: int) -> None:
+        """Stop stepping for good on the rank and step asked for (the watchdog ends the process)."""
+        while self.hangs_at(step, rank):
+            time.sleep(3600)
 
     def dump_rank_state(
         self, accelerator: Any, model: Any, world_size: int, zero3: bool, loss_curve: list[dict[str, float]]

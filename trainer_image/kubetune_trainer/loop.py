@@ -189,7 +189,7 @@ class StepLoop:
         self._update()
         self.parts.scheduler.step()
         st.step += 1
-        watchdog.debug_hang(st.step, self.rank)
+        self.hooks.hang_if_asked(st.step, self.rank)
         if self.dog is not None:
             self.dog.beat(st.step)
         logging_step = st.step % t.logging_steps == 0 or st.step == self.parts.total_steps

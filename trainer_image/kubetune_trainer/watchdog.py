@@ -19,9 +19,6 @@ from collections.abc import Callable
 
 from kubetune.api.contract import ExitCode
 
-ENV_DEBUG_HANG_AT_STEP = "KUBETUNE_DEBUG_HANG_AT_STEP"  # tests: this rank stops stepping at this step ...
-ENV_DEBUG_HANG_RANK = "KUBETUNE_DEBUG_HANG_RANK"  # ... (only this global rank; default 0)
-
 
 def stacks() -> str:
     """Every other thread's Python stack, innermost call last (like py-spy dump); the main thread last."""
@@ -87,11 +84,3 @@ def exit_stalled(summary: str) -> None:
     print(f"[kubetune] STALLED: {summary}; Python stacks:\n{stacks()}", file=sys.stderr, flush=True)
     write_termination_message(ExitCode.STALLED, f"{summary}; main thread, innermost first: {main_stack_brief()}")
     os._exit(int(ExitCode.STALLED))
-
-
-def debug_hang(step: int, rank: int) -> None:
-    """Tests: stop stepping for good on the rank and step named by the environment."""
-    at = int(os.environ.get(ENV_DEBUG_HANG_AT_STEP, "0"))
-    if at and step == at and rank == int(os.environ.get(ENV_DEBUG_HANG_RANK, "0")):
-        while True:
-            time.sleep(3600)
