@@ -20,9 +20,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "get": ("kubetune.cli.get", "list FineTuneJobs with phase, progress, loss, tokens/s and ETA (-w: live)"),
     "describe": ("kubetune.cli.describe", "show a FineTuneJob's conditions, last failure, artifacts and events"),
     "logs": ("kubetune.cli.logs", "print a rank's trainer log (-f to follow)"),
-    "suspend": ("kubetune.cli.suspend", "suspend FineTuneJobs (pods checkpoint, then stop)"),
-    "resume": ("kubetune.cli.resume", "resume suspended FineTuneJobs from their last checkpoint"),
-    "delete": ("kubetune.cli.delete", "delete FineTuneJobs and everything they own"),
+    "suspend": ("kubetune.cli.lifecycle", "suspend FineTuneJobs (pods checkpoint, then stop)"),
+    "resume": ("kubetune.cli.lifecycle", "resume suspended FineTuneJobs from their last checkpoint"),
+    "delete": ("kubetune.cli.lifecycle", "delete FineTuneJobs and everything they own"),
     "download": ("kubetune.cli.download", "download a job's merged model or adapter to a directory"),
 }
 
