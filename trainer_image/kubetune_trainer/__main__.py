@@ -70,7 +70,7 @@ def run(trainer: Trainer) -> ExitCode:
     elif int(os.environ.get("RANK", "0")) == 0:
         # Rank 0 alone: on a node running several ranks the message is one file, and it carries the
         # final progress the operator shows once the job has succeeded.
-        write_termination_message(code, "training finished", trainer.progress.report(), trainer.published())
+        write_termination_message(code, "training finished", trainer.progress.report(), trainer.published(), trainer.facts.evaluation)
     return code
 
 
@@ -84,7 +84,7 @@ def failed(caught: Exception, trainer: Trainer | None) -> int:
     print(f"[kubetune] error: {error.message}", file=sys.stderr, flush=True)
     if trainer is not None:
         trainer.progress.update(phase=TrainerPhase.FAILED)
-    write_termination_message(error.exit_code, error.message)
+    write_termination_message(error.exit_code, error.message, evaluation=getattr(error, "result", None))
     return int(error.exit_code)
 
 

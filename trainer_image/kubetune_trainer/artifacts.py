@@ -18,8 +18,9 @@ from kubetune.api.contract import ADAPTER_DIR, CONFIG_FILE, ENV_REGISTRY_AUTH, M
 from kubetune.api.trainer_config import TrainerConfig
 
 from kubetune_trainer import checkpoint as ckpt
+from kubetune_trainer import gate, publish
 from kubetune_trainer import model as model_mod
-from kubetune_trainer import publish
+from kubetune_trainer.assess import Assessment
 from kubetune_trainer.card import write_card
 from kubetune_trainer.evaluation import exact_match
 from kubetune_trainer.log import log
@@ -45,14 +46,17 @@ class ArtifactWriter:
         if self.rt.is_main:
             out = Path(tempfile.mkdtemp(prefix="kubetune-artifacts-", dir=cache_root()))
             self._write_weights(out, state_dict)
-            self._measure_exact_match(out)
+            self._evaluate(out)
             (out / METRICS_FILE).write_text(json.dumps(self.metrics(), indent=2))
             (out / CONFIG_FILE).write_text(self.config.dump_yaml())
             write_card(out, self.config)
             files = ckpt.file_table(out)
             ckpt.upload_files(self.rt.store, out, "", files)
             if self.config.spec.output.publish is not None:
-                self._publish(out, files)
+                if gate.passed(self.facts.evaluation):
+                    self._publish(out, files)
+                else:  # the artifacts stay in the output for inspection; the job ends EvaluationGateFailed
+                    log("evaluation gate failed: nothing published")
             ckpt.seal(self.rt.store, "", files, {"job": self.config.job.name, "step": self.state.step})
             shutil.rmtree(out, ignore_errors=True)
             log(f"artifacts -> {self.rt.store.uri} ({len(files)} files)")
@@ -101,22 +105,29 @@ class ArtifactWriter:
             )
             log(f"merged model: {self.facts.merged_model}")
 
-    def _measure_exact_match(self, out: Path) -> None:
+    def _evaluate(self, out: Path) -> None:
+        """Exact match of the fine-tuned model, then spec.evaluation and the WiSE-FT mixes (assess.py)."""
         spec = self.config.spec
         samples = self.parts.gen_examples[: spec.training.eval_generation_samples]
-        if not samples:
+        assessment = Assessment(self.config, self.rt, self.parts, self.state, self.facts)
+        if not samples and not assessment.wanted:
             return
-        if (out / MERGED_DIR).exists():
-            tuned = model_mod.plain_model(out / MERGED_DIR, spec)
-        else:
-            from peft import PeftModel
+        tuned = self._tuned_model(out)
+        if samples:
+            after = self.facts.exact_match_after = exact_match(tuned, samples, self.parts.tokenizer)
+            log(f"exact match after training: {after:.3f} (before {self.facts.exact_match_before or 0:.3f})")
+        if assessment.wanted:
+            assessment.run(out, tuned)
 
-            with model_mod.no_zero3_init():
-                tuned = PeftModel.from_pretrained(
-                    model_mod.plain_model(self.rt.model_files.path(), spec), str(out / ADAPTER_DIR)
-                ).eval()
-        after = self.facts.exact_match_after = exact_match(tuned, samples, self.parts.tokenizer)
-        log(f"exact match after training: {after:.3f} (before {self.facts.exact_match_before or 0:.3f})")
+    def _tuned_model(self, out: Path) -> Any:
+        """The fine-tuned model as saved: model/ when written, else the base with the adapter."""
+        spec = self.config.spec
+        if (out / MERGED_DIR).exists():
+            return model_mod.plain_model(out / MERGED_DIR, spec)
+        from peft import PeftModel
+
+        with model_mod.no_zero3_init():
+            return PeftModel.from_pretrained(model_mod.plain_model(self.rt.model_files.path(), spec), str(out / ADAPTER_DIR)).eval()
 
     def _rewards(self) -> dict[str, Any]:
         """DPO: the last window's reward accuracy and margin, and the eval rewards before and after."""
@@ -154,7 +165,19 @@ class ArtifactWriter:
             "fastPath": facts.fast_path,
             "data": facts.data,
             **{k: v for k, v in optional.items() if v is not None},
+            **self._evaluation(),
         }
+
+    def _evaluation(self) -> dict[str, Any]:
+        """metrics.json's `evaluation` (the final model's figures, gate verdict, generation answers) and
+        `interpolation` (one row per WiSE-FT mix), when spec.evaluation or output.interpolate asked for them."""
+        facts = self.facts
+        out: dict[str, Any] = {}
+        if facts.evaluation is not None:
+            out["evaluation"] = {**facts.evaluation.model_dump(by_alias=True, mode="json"), "generations": facts.generations}
+        if facts.interpolation:
+            out["interpolation"] = facts.interpolation
+        return out
 
 
 def pushed_dir(config: TrainerConfig) -> str:

@@ -14,7 +14,7 @@ from kubetune.api.contract import (
     ProgressReport,
     TerminationMessage,
 )
-from kubetune.api.models import Artifacts
+from kubetune.api.models import Artifacts, EvaluationResult
 
 
 class TrainerError(Exception):
@@ -27,14 +27,19 @@ class TrainerError(Exception):
 
 
 def write_termination_message(
-    exit_code: int, message: str, progress: ProgressReport | None = None, artifacts: Artifacts | None = None
+    exit_code: int,
+    message: str,
+    progress: ProgressReport | None = None,
+    artifacts: Artifacts | None = None,
+    evaluation: EvaluationResult | None = None,
 ) -> None:
     """Kubernetes shows TERMINATION_LOG in the pod status; $KUBETUNE_TERMINATION_LOG wins when set.
 
     `progress` is rank 0's final report: the operator's last poll may be a step behind; `artifacts` what
-    it published beyond the fixed layout (the OCI reference).
+    it published beyond the fixed layout (the OCI reference); `evaluation` its verdict on the final model
+    (status.evaluation), passed or failed.
     """
-    text = TerminationMessage.build(exit_code, message, progress, artifacts).to_text()
+    text = TerminationMessage.build(exit_code, message, progress, artifacts, evaluation).to_text()
     for target in (os.environ.get(ENV_TERMINATION_LOG), TERMINATION_LOG):
         if not target:
             continue

@@ -1,15 +1,16 @@
-"""Held-out loss, early stopping, and exact match of greedy answers."""
+"""Held-out loss, early stopping, exact match of greedy answers, one-process scoring and generation checks."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from kubetune.api.contract import TrainerPhase
-from kubetune.api.models import FineTuneJobSpec
+from kubetune.api.models import FineTuneJobSpec, GenerationCheck
 
-from kubetune_trainer.data import IGNORE, upto_eos
+from kubetune_trainer.data import IGNORE, Example, collate, upto_eos
 from kubetune_trainer.log import log
 from kubetune_trainer.objective import PREF_STATS, objective_loss, reward_fields
 from kubetune_trainer.progress import ProgressState
@@ -77,3 +78,44 @@ def exact_match(model: Any, samples: list[tuple[list[int], list[int]]], tokenize
         )
         hits += upto_eos(out[0, len(prompt) :].tolist(), eos) == upto_eos(reference, eos)
     return hits / max(len(samples), 1)
+
+
+@torch.no_grad()
+def score_loss(model: Any, examples: list[Example], pad_id: int, packed: bool, batch_size: int = 8) -> float | None:
+    """Mean loss per label token over `examples`, in this process alone (rank 0 scoring a plain model)."""
+    if not examples:
+        return None
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad_id, packed)
+        labels = batch.pop("labels")
+        logits = model(**batch, use_cache=False).logits[:, :-1].float()
+        target = labels[:, 1:]
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum"))
+        count += int((target != IGNORE).sum())
+    return total / max(count, 1)
+
+
+def _prompt_ids(tokenizer: Any, check: GenerationCheck) -> list[int]:
+    text = check.prompt
+    if not check.raw and getattr(tokenizer, "chat_template", None):
+        text = str(tokenizer.apply_chat_template([{"role": "user", "content": check.prompt}], tokenize=False, add_generation_prompt=True))
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@torch.no_grad()
+def generation_checks(model: Any, tokenizer: Any, checks: list[GenerationCheck]) -> list[dict[str, Any]]:
+    """Each prompt answered greedily: {prompt, expect, answer, passed}."""
+    model.eval()
+    out = []
+    for check in checks:
+        ids = _prompt_ids(tokenizer, check)
+        generated = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=check.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+        answer = tokenizer.decode(generated[0, len(ids) :], skip_special_tokens=True)
+        hit = check.expect in answer if check.match == "substring" else re.search(check.expect, answer) is not None
+        out.append({"prompt": check.prompt, "expect": check.expect, "answer": answer, "passed": hit})
+    return out

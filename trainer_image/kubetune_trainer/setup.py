@@ -28,7 +28,7 @@ from kubetune_trainer import model as model_mod
 from kubetune_trainer import optim as optim_mod
 from kubetune_trainer.backend import BackendChoice, build_accelerator, choose_backend
 from kubetune_trainer.errors import TrainerError
-from kubetune_trainer.evaluation import exact_match
+from kubetune_trainer.evaluation import exact_match, score_loss
 from kubetune_trainer.log import log
 from kubetune_trainer.precision import resolve_dtype
 from kubetune_trainer.progress import ProgressState
@@ -81,6 +81,8 @@ class Parts:
     gen_examples: list[tuple[list[int], list[int]]]
     total_steps: int
     reference: Any = None  # DPO's reference policy (a callable), or None
+    eval_examples: list[Any] = field(default_factory=list)  # the whole eval set (rank 0 scores plain models on it)
+    retain_examples: list[Any] = field(default_factory=list)  # spec.evaluation.retain, tokenized (rank 0 only)
 
 
 def pick_backend(config: TrainerConfig, on_gpu: bool, model_dir: Callable[[], Path]) -> BackendChoice:
@@ -118,6 +120,7 @@ def build_parts(config: TrainerConfig, rt: Runtime, facts: RunFacts, progress: P
     if rt.is_main and samples:
         facts.exact_match_before = exact_match(model_mod.plain_model(path, spec), samples, tokenizer)
         log(f"exact match before training: {facts.exact_match_before:.3f}")
+    retain = score_retain_before(spec, rt, path, tokenizer, facts) if rt.is_main else []
     raw_model = build_model(spec, rt, path, facts)
     raw_optimizer = build_optimizer(spec, raw_model, rt)
     varlen = bool(facts.fast_path.get("varlenAttention"))
@@ -128,7 +131,19 @@ def build_parts(config: TrainerConfig, rt: Runtime, facts: RunFacts, progress: P
     total_steps = plan_steps(spec, len(train_loader), config.gradient_accumulation_steps)
     scheduler = build_scheduler(spec, raw_optimizer, total_steps)
     acc.register_for_checkpointing(scheduler)
-    return Parts(tokenizer, model, optimizer, scheduler, train_loader, eval_loader, gen_examples, total_steps, reference)
+    return Parts(tokenizer, model, optimizer, scheduler, train_loader, eval_loader, gen_examples, total_steps, reference,
+                 eval_examples=evals if spec.objective == "sft" else [], retain_examples=retain)  # fmt: skip
+
+
+def score_retain_before(spec: FineTuneJobSpec, rt: Runtime, path: Path, tokenizer: Any, facts: RunFacts) -> list[Any]:
+    """spec.evaluation.retain tokenized, and the base model's loss on it (forgetting is measured against it)."""
+    retain_spec = spec.evaluation.retain if spec.evaluation is not None else None
+    if retain_spec is None:
+        return []
+    retain, _, _, report = data_mod.load_examples(retain_spec, spec.storage, tokenizer, spec.training.seed)
+    facts.retain_loss_before = score_loss(model_mod.plain_model(path, spec), retain, tokenizer.pad_token_id, retain_spec.packing)
+    log(f"retain set: {len(retain)} sequences ({report['trainTokens']} tokens); base model's loss {facts.retain_loss_before:.4f}")
+    return retain
 
 
 def load_data(

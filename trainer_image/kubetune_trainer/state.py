@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune.api.models import EvaluationResult
+
 
 @dataclass
 class TrainState:
@@ -34,4 +36,8 @@ class RunFacts:
     merged_model: str | None = None
     oci: dict[str, str] | None = None  # spec.output.publish: the pushed reference, digest-pinned
     fast_path: dict[str, Any] = field(default_factory=dict)  # which fast kernels the model runs (model.fast_path)
+    retain_loss_before: float | None = None  # spec.evaluation.retain scored by the base model
+    evaluation: EvaluationResult | None = None  # the final model's figures and gate verdict (gate.passed asks it)
+    generations: list[dict[str, Any]] = field(default_factory=list)  # each generation check: prompt, answer, passed
+    interpolation: list[dict[str, Any]] = field(default_factory=list)  # WiSE-FT: one row of figures per alpha
     quantized_layers: int | None = None  # QLoRA: the k-bit linear layers bitsandbytes built  # how the merged model was made, when not plainly (QLoRA: de-quantized)

@@ -14,11 +14,12 @@ from kubetune.api.contract import COMPLETE_MARKER, ExitCode, TrainerPhase
 from kubetune.api.models import Artifacts
 from kubetune.api.trainer_config import TrainerConfig
 
-from kubetune_trainer import publish, signals
+from kubetune_trainer import gate, publish, signals
 from kubetune_trainer.artifacts import ArtifactWriter, registry_auth
 from kubetune_trainer.checkpoint import Checkpointer
 from kubetune_trainer.debug import DebugHooks
 from kubetune_trainer.evaluation import Evaluator
+from kubetune_trainer.gate import GateFailed
 from kubetune_trainer.log import log
 from kubetune_trainer.loop import Outcome, StepLoop, StopFlag
 from kubetune_trainer.progress import ProgressState, serve
@@ -121,13 +122,22 @@ class Trainer:
         return ExitCode.OK
 
     def save(self) -> None:
+        """Artifacts (with the evaluation and its gate) to the output, then: a failed gate ends the run
+        (GateFailed, not retryable) before anything is published; the artifacts stay for inspection."""
         self.progress.update(phase=TrainerPhase.SAVING)
         ArtifactWriter(self.config, self.runtime, self.parts, self.state, self.facts, self.started).save()
+        if not self.gate_passed():
+            raise GateFailed(self.facts.evaluation, self.runtime.store.uri)  # type: ignore[arg-type]
         self.progress.update(phase=TrainerPhase.SUCCEEDED)
 
     def published(self) -> Artifacts | None:
         """What the termination message carries beyond the fixed layout: the pushed OCI reference."""
         return Artifacts(oci=self.facts.oci["reference"]) if self.facts.oci else None
+
+    def gate_passed(self) -> bool:
+        """Whether the final model may be published: no gate, or every threshold met (rank 0 knows; other
+        ranks say True, they publish nothing)."""
+        return gate.passed(self.facts.evaluation)
 
     def stop_reason(self) -> str:
         return self.stop.reason()

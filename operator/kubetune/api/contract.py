@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from kubetune.api.models import ApiModel, Artifacts, TrainerReport
+from kubetune.api.models import ApiModel, Artifacts, EvaluationResult, TrainerReport
 
 
 class ExitCode(IntEnum):
@@ -26,6 +26,7 @@ class ExitCode(IntEnum):
     DATASET_INVALID = 66
     CREDENTIALS_INVALID = 67
     LOSS_NOT_FINITE = 68
+    EVALUATION_GATE_FAILED = 69  # the final model missed a spec.evaluation.gate threshold: training again gives the same model
     # --- infrastructure errors: a restart from the last checkpoint may help.
     INFRASTRUCTURE = 75
     STORAGE_UNAVAILABLE = 76
@@ -41,6 +42,7 @@ USER_ERRORS = frozenset(
         ExitCode.DATASET_INVALID,
         ExitCode.CREDENTIALS_INVALID,
         ExitCode.LOSS_NOT_FINITE,
+        ExitCode.EVALUATION_GATE_FAILED,
     }
 )
 
@@ -50,6 +52,7 @@ REASONS: dict[int, str] = {
     ExitCode.DATASET_INVALID: "DatasetInvalid",
     ExitCode.CREDENTIALS_INVALID: "CredentialsInvalid",
     ExitCode.LOSS_NOT_FINITE: "LossNotFinite",
+    ExitCode.EVALUATION_GATE_FAILED: "EvaluationGateFailed",
     ExitCode.INFRASTRUCTURE: "InfrastructureError",
     ExitCode.STORAGE_UNAVAILABLE: "StorageUnavailable",
     ExitCode.STALLED: "Stalled",
@@ -67,6 +70,7 @@ CHECKPOINTS_DIR = "checkpoints"  # checkpoints/step-00000100/ ... each with mani
 CHECKPOINT_PREFIX = "step-"
 ADAPTER_DIR = "adapter"  # PEFT adapter (LoRA): PeftModel.from_pretrained(base, <uri>/adapter)
 MERGED_DIR = "model"  # full weights (merged LoRA or full FT), safetensors + tokenizer
+INTERPOLATION_DIR = "interpolation"  # WiSE-FT mixes: interpolation/alpha-0.50/ ... (spec.output.interpolate)
 METRICS_FILE = "metrics.json"
 CARD_FILE = "README.md"  # the model card, drawn from metrics.json (kubetune report shows it)
 LOSS_PLOT = "loss.png"  # training (and eval) loss by step
@@ -137,16 +141,24 @@ class TerminationMessage(ApiModel):
     """Rank 0's final ProgressReport (non-null fields) when training finished."""
     artifacts: Artifacts | None = None
     """What rank 0 wrote beyond the fixed layout under spec.output.uri: the digest-pinned OCI reference it pushed."""
+    evaluation: EvaluationResult | None = None
+    """Rank 0's evaluation of the final model (spec.evaluation), passed or not: the operator copies it to status.evaluation."""
 
     @classmethod
     def build(
-        cls, exit_code: int, message: str, progress: ProgressReport | None = None, artifacts: Artifacts | None = None
+        cls,
+        exit_code: int,
+        message: str,
+        progress: ProgressReport | None = None,
+        artifacts: Artifacts | None = None,
+        evaluation: EvaluationResult | None = None,
     ) -> TerminationMessage:
         reason = REASONS.get(exit_code, "Succeeded" if exit_code == 0 else "Error")
         final = progress.model_dump(by_alias=True, mode="json", exclude_none=True) if progress else None
         return cls(
-            exit_code=int(exit_code), reason=reason, message=message[-MESSAGE_LIMIT:], progress=final, artifacts=artifacts
-        )
+            exit_code=int(exit_code), reason=reason, message=message[-MESSAGE_LIMIT:], progress=final, artifacts=artifacts,
+            evaluation=evaluation,
+        )  # fmt: skip
 
     def to_text(self) -> str:
         return json.dumps(self.model_dump(by_alias=True, mode="json", exclude_none=True))

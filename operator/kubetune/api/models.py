@@ -12,12 +12,13 @@ in `kubetune.api.validation`.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from kubetune.api.rules import SPEC_RULES, cel_validations
+from kubetune.api.rules import EVALUATION_RULES, SPEC_RULES, cel_validations
 
 GROUP: Final = "kubetune.io"
 VERSION: Final = "v1alpha1"
@@ -421,6 +422,24 @@ class OutputSpec(ApiModel):
     """An edit of what is trained after the job finished starts a new run, written under `<uri>/run-<n>/`: `fresh` trains from the model again, `previous` resumes from the previous run's newest checkpoint (weights, optimizer, step)."""
     publish: PublishSpec | None = None
     """Also publish the finished model to an OCI registry (see PublishSpec)."""
+    interpolate: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(default_factory=list, max_length=16)
+    """WiSE-FT: weight mixes alpha x fine-tuned + (1 - alpha) x base to write under `<uri>/interpolation/alpha-<a>/` and evaluate on the eval and retain sets (e.g. [0.25, 0.5, 0.75]); the table goes to metrics.json. Needs full weights (a full fine-tune or a merged adapter)."""
+    select: Literal["fineTuned", "best"] = "fineTuned"
+    """Which model ends up in `<uri>/model/` (and is gated): `fineTuned` (alpha 1), or `best`: the mix (alpha 1 included) with the best `selectMetric`."""
+    select_metric: SelectMetric = "evalLoss"
+    """The figure `select: best` compares: evalLoss, perplexity, retainLoss, forgetting (lower is better), exactMatch or generationPass (higher is better)."""
+    keep_mixes: bool = True
+    """Upload every mix's weights under `<uri>/interpolation/`; false keeps only the table in metrics.json (and the selected mix in model/)."""
+
+    @model_validator(mode="after")
+    def _distinct_mixes(self) -> OutputSpec:
+        if len(set(self.interpolate)) != len(self.interpolate):
+            raise ValueError(f"spec.output.interpolate: list each alpha once (got {self.interpolate})")
+        return self
+
+
+SelectMetric = Literal["evalLoss", "perplexity", "retainLoss", "forgetting", "exactMatch", "generationPass"]
+"""Figures a model is compared by (losses, perplexity and forgetting: lower is better; the rest: higher)."""
 
 
 class SecretKeyNames(ApiModel):
@@ -545,6 +564,82 @@ class ServingSpec(ApiModel):
     """ServiceAccount of the serving pods; for an InferenceService reading s3://, the one KServe takes S3 credentials from."""
 
 
+# ---------------------------------------------------------------- evaluation
+
+
+_RETAIN_ONE_INPUT = "spec.evaluation.retain: set exactly one of train (one dataset) or sources (several)"
+_RETAIN_NO_EVAL = "spec.evaluation.retain: eval and evalSplit do not apply (the whole retain set is scored); remove them"
+
+
+class RetainSpec(DatasetSpec):
+    """Data from the base model's domain, read like `dataset` (its `train` or `sources`, format, fields, maxSeqLength)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            ("has(self.train) != (has(self.sources) && size(self.sources) > 0)", _RETAIN_ONE_INPUT),
+            ("!has(self.eval) && (!has(self.evalSplit) || self.evalSplit == 0.0)", _RETAIN_NO_EVAL),
+        )
+    )
+
+    @model_validator(mode="after")
+    def _one_training_input(self) -> RetainSpec:
+        if bool(self.train) == bool(self.sources):
+            raise ValueError(_RETAIN_ONE_INPUT)
+        if self.eval or self.eval_split:
+            raise ValueError(_RETAIN_NO_EVAL)
+        return self
+
+
+class GenerationCheck(ApiModel):
+    """A prompt answered greedily after training, and what the answer must contain."""
+
+    prompt: str = Field(min_length=1, max_length=4096)
+    """The user's message (sent through the tokenizer's chat template when it has one, unless `raw`)."""
+    expect: str = Field(min_length=1, max_length=1024)
+    """What the answer must contain: a substring, or a Python regular expression searched in it (`match: regex`)."""
+    match: Literal["substring", "regex"] = "substring"
+    """How `expect` is compared with the answer."""
+    max_new_tokens: int = Field(default=32, ge=1, le=4096)
+    """Longest answer generated."""
+    raw: bool = False
+    """Send the prompt as plain text, without the chat template."""
+
+    @model_validator(mode="after")
+    def _regex_compiles(self) -> GenerationCheck:
+        if self.match == "regex":
+            try:
+                re.compile(self.expect)
+            except re.error as exc:
+                raise ValueError(f"expect is not a valid regular expression ({exc}); fix it or set match: substring") from None
+        return self
+
+
+class EvaluationGate(ApiModel):
+    """Thresholds the final model must meet; a job that misses one ends Failed (EvaluationGateFailed) and publishes nothing."""
+
+    max_eval_loss: float | None = Field(default=None, gt=0.0)
+    """Highest acceptable held-out loss (needs evaluation data)."""
+    max_perplexity: float | None = Field(default=None, ge=1.0)
+    """Highest acceptable held-out perplexity, exp(eval loss) (needs evaluation data and objective sft)."""
+    min_exact_match: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Lowest acceptable share of greedy answers equal to the reference (needs training.evalGenerationSamples)."""
+    min_generation_pass: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Lowest acceptable share of `evaluation.generations` checks passed."""
+    max_forgetting_percent: float | None = Field(default=None, ge=0.0)
+    """Highest acceptable increase of the retain loss over the base model's, in percent (needs `evaluation.retain`)."""
+
+
+class EvaluationSpec(ApiModel):
+    """What is measured after training, and the gate the final model must pass."""
+
+    retain: RetainSpec | None = None
+    """Data from the base model's domain (its `train` or `sources`; format, fields and maxSeqLength as for `dataset`), scored by the base model before training and by the final one after: forgetting is the increase of its loss, in percent."""
+    generations: list[GenerationCheck] = Field(default_factory=list, max_length=64)
+    """Prompts answered greedily after training, each with the substring or regex its answer must contain."""
+    gate: EvaluationGate | None = None
+    """Thresholds; unset: figures are reported, nothing is refused."""
+
+
 # ---------------------------------------------------------------------- spec
 
 TRAINED_FIELDS: Final[tuple[str, ...]] = (
@@ -572,7 +667,7 @@ class FineTuneJobSpec(ApiModel):
     """What to fine-tune, on what, how, and where the result goes."""
 
     # Cross-field rules: one table (kubetune.api.rules) gives the API server its CEL and validation.py its twins.
-    model_config = ConfigDict(json_schema_extra=cel_validations(SPEC_RULES))
+    model_config = ConfigDict(json_schema_extra=cel_validations(SPEC_RULES + EVALUATION_RULES))
 
     model: ModelSpec
     """The pretrained model to start from."""
@@ -602,6 +697,8 @@ class FineTuneJobSpec(ApiModel):
     """Where checkpoints and artifacts are written."""
     storage: StorageSpec = Field(default_factory=StorageSpec)
     """S3 endpoint, region and credentials (Secret reference)."""
+    evaluation: EvaluationSpec | None = None
+    """Evaluation after training (held-out loss and perplexity, exact match, generation checks, forgetting on a retain set) and its gate."""
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
     """Restarts, deadline, TTL and suspend."""
     image: str | None = Field(default=None, max_length=1024)
@@ -719,6 +816,44 @@ class Artifacts(ApiModel):
     """manifest.json (every file with its sha256)."""
     oci: str | None = None
     """The published OCI artifact, digest-pinned: `registry/repository@sha256:...` (spec.output.publish)."""
+    interpolation: str | None = None
+    """The WiSE-FT mixes, one directory per alpha (spec.output.interpolate with keepMixes)."""
+
+
+class EvaluationResult(ApiModel):
+    """The final model's figures and the gate's verdict: the trainer's termination message carries it, status.evaluation shows it."""
+
+    eval_loss: float | None = None
+    """Held-out loss of the final model."""
+    perplexity: float | None = None
+    """exp(evalLoss) (objective sft)."""
+    retain_loss_before: float | None = None
+    """Retain-set loss of the base model."""
+    retain_loss_after: float | None = None
+    """Retain-set loss of the final model."""
+    forgetting_percent: float | None = None
+    """(retainLossAfter / retainLossBefore - 1) x 100."""
+    exact_match: float | None = None
+    """Share of greedy answers equal to the reference."""
+    generation_pass: float | None = None
+    """Share of generation checks passed."""
+    alpha: float | None = None
+    """The weight mix in model/ (1: the fine-tuned model; below 1 when output.select picked an interpolation)."""
+    gate_passed: bool | None = None
+    """Whether every gate threshold was met (unset without a gate)."""
+    failed_checks: list[str] = Field(default_factory=list)
+    """Each missed threshold, e.g. `evalLoss 3.41 > maxEvalLoss 0.5`."""
+
+    def summary(self) -> str:
+        """The figures on one line, e.g. `evalLoss 0.0049, perplexity 1.005, forgetting 2.1%; gate passed`."""
+        shown = [("evalLoss", self.eval_loss, "{:.4g}"), ("perplexity", self.perplexity, "{:.4g}"),
+                 ("retainLoss", self.retain_loss_after, "{:.4g}"), ("forgetting", self.forgetting_percent, "{:.1f}%"),
+                 ("exactMatch", self.exact_match, "{:.3f}"), ("generationPass", self.generation_pass, "{:.3f}"),
+                 ("alpha", None if self.alpha in (None, 1.0) else self.alpha, "{:g}")]  # fmt: skip
+        text = ", ".join(f"{name} {fmt.format(value)}" for name, value, fmt in shown if value is not None) or "no figures"
+        if self.gate_passed is None:
+            return text
+        return f"{text}; gate {'passed' if self.gate_passed else 'failed: ' + '; '.join(self.failed_checks)}"
 
 
 class ServingStatus(ApiModel):
@@ -778,7 +913,7 @@ class FineTuneJobStatus(ApiModel):
     message: str | None = None
     """Short human summary of the current phase."""
     conditions: list[Condition] = Field(default_factory=list)
-    """Conditions (metav1.Condition): SpecValid, Running, Succeeded, Failed, Suspended."""
+    """Conditions (metav1.Condition): SpecValid, Running, Succeeded, Failed, Suspended, Evaluated."""
     observed_generation: int | None = None
     """The spec generation the operator last acted on."""
     start_time: str | None = None
@@ -791,6 +926,8 @@ class FineTuneJobStatus(ApiModel):
     """Training progress from rank 0."""
     artifacts: Artifacts | None = None
     """Where the results are (set on success)."""
+    evaluation: EvaluationResult | None = None
+    """The final model's evaluation figures and gate verdict (spec.evaluation), from the trainer."""
     last_failure: FailureInfo | None = None
     """The last failed rank: exit code, reason and message (from its termination message)."""
     workload: str | None = None

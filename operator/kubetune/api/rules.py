@@ -119,6 +119,99 @@ SPEC_RULES: tuple[Rule, ...] = (
 )
 
 
+_EVAL_DATA_CEL = "has(self.dataset.eval) || self.dataset.evalSplit > 0.0"
+
+
+def _has_eval_data(s: FineTuneJobSpec) -> bool:
+    return bool(s.dataset.eval) or s.dataset.eval_split > 0
+
+
+def _gate(s: FineTuneJobSpec, attr: str) -> bool:
+    """Whether spec.evaluation.gate.<attr> is set."""
+    gate = s.evaluation.gate if s.evaluation is not None else None
+    return gate is not None and getattr(gate, attr) is not None
+
+
+def _gate_rule(key: str, attr: str, needs_cel: str, needs: Callable[[FineTuneJobSpec], bool], message: str) -> Rule:
+    """spec.evaluation.gate.<key> is only meaningful when `needs` holds."""
+    return Rule(
+        f"spec.evaluation.gate.{key}",
+        f"!has(self.evaluation) || !has(self.evaluation.gate) || !has(self.evaluation.gate.{key}) || {needs_cel}",
+        message,
+        lambda s: _gate(s, attr) and not needs(s),
+    )
+
+
+def _select(s: FineTuneJobSpec, *metrics: str) -> bool:
+    return s.output.select == "best" and s.output.select_metric in metrics
+
+
+def _select_rule(metrics: tuple[str, ...], needs_cel: str, needs: Callable[[FineTuneJobSpec], bool], message: str) -> Rule:
+    listed = ", ".join(f"'{m}'" for m in metrics)
+    return Rule(
+        "spec.output.selectMetric",
+        f"!has(self.output.select) || self.output.select != 'best' || !(self.output.selectMetric in [{listed}]) || {needs_cel}",
+        message,
+        lambda s: _select(s, *metrics) and not needs(s),
+    )
+
+
+_HAS_GENERATIONS_CEL = "(has(self.evaluation) && has(self.evaluation.generations) && size(self.evaluation.generations) > 0)"
+_HAS_RETAIN_CEL = "(has(self.evaluation) && has(self.evaluation.retain))"
+_INTERPOLATES_CEL = "(has(self.output.interpolate) && size(self.output.interpolate) > 0)"
+
+
+def _generations(s: FineTuneJobSpec) -> bool:
+    return s.evaluation is not None and bool(s.evaluation.generations)
+
+
+def _retain(s: FineTuneJobSpec) -> bool:
+    return s.evaluation is not None and s.evaluation.retain is not None
+
+
+def _full_weights(s: FineTuneJobSpec) -> bool:
+    """Mirrors methods.writes_full_model (which imports the models, hence not imported here)."""
+    return s.method == "full" or (s.method in ("lora", "dora", "ia3") and s.output.merge_adapter is not False)
+
+
+EVALUATION_RULES: tuple[Rule, ...] = (
+    _gate_rule("maxEvalLoss", "max_eval_loss", f"({_EVAL_DATA_CEL})", _has_eval_data,
+               "needs evaluation data: set spec.dataset.eval or spec.dataset.evalSplit"),
+    _gate_rule("maxPerplexity", "max_perplexity", f"(({_EVAL_DATA_CEL}) && self.objective == 'sft')",
+               lambda s: _has_eval_data(s) and s.objective == "sft",
+               "needs evaluation data (spec.dataset.eval or evalSplit) and objective: sft; with dpo use maxEvalLoss"),
+    _gate_rule("minExactMatch", "min_exact_match", "self.training.evalGenerationSamples > 0",
+               lambda s: s.training.eval_generation_samples > 0,
+               "needs spec.training.evalGenerationSamples > 0 (the held-out answers it counts)"),
+    _gate_rule("minGenerationPass", "min_generation_pass", _HAS_GENERATIONS_CEL, _generations,
+               "needs checks to count: add spec.evaluation.generations"),
+    _gate_rule("maxForgettingPercent", "max_forgetting_percent", _HAS_RETAIN_CEL, _retain,
+               "needs a retain set to measure forgetting on: set spec.evaluation.retain"),
+    Rule(
+        "spec.output.interpolate",
+        f"!{_INTERPOLATES_CEL} || (self.objective == 'sft' && (self.method == 'full' || "
+        "(self.method in ['lora', 'dora', 'ia3'] && (!has(self.output.mergeAdapter) || self.output.mergeAdapter))))",
+        "mixes full weights: it needs objective sft and method full, or lora, dora or ia3 with the adapter merged "
+        "(leave spec.output.mergeAdapter unset or true); or remove it",
+        lambda s: bool(s.output.interpolate) and not (s.objective == "sft" and _full_weights(s)),
+    ),
+    Rule(
+        "spec.output.select",
+        f"!has(self.output.select) || self.output.select != 'best' || {_INTERPOLATES_CEL}",
+        "best picks among weight mixes: list them in spec.output.interpolate (e.g. [0.25, 0.5, 0.75]) or set select: fineTuned",
+        lambda s: s.output.select == "best" and not s.output.interpolate,
+    ),
+    _select_rule(("evalLoss", "perplexity"), f"({_EVAL_DATA_CEL})", _has_eval_data,
+                 "evalLoss and perplexity need evaluation data: set spec.dataset.eval or evalSplit, or pick another metric"),
+    _select_rule(("retainLoss", "forgetting"), _HAS_RETAIN_CEL, _retain,
+                 "retainLoss and forgetting need spec.evaluation.retain: set it or pick another metric"),
+    _select_rule(("exactMatch",), "self.training.evalGenerationSamples > 0", lambda s: s.training.eval_generation_samples > 0,
+                 "exactMatch needs spec.training.evalGenerationSamples > 0: set it or pick another metric"),
+    _select_rule(("generationPass",), _HAS_GENERATIONS_CEL, _generations,
+                 "generationPass needs spec.evaluation.generations: add checks or pick another metric"),
+)  # fmt: skip
+
+
 def cel_validations(rules: tuple[Rule, ...]) -> dict[str, Any]:
     """`x-kubernetes-validations` for a model's json_schema_extra."""
     return {"x-kubernetes-validations": [{"rule": r.cel, "message": f"{r.field}: {r.message}"} for r in rules]}

@@ -37,7 +37,7 @@ from kubetune.api.models import (
     FineTuneJob,
     FineTuneJobSpec,
 )
-from kubetune.api.rules import SPEC_RULES
+from kubetune.api.rules import EVALUATION_RULES, SPEC_RULES
 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -169,8 +169,14 @@ def _message(error: Any) -> str:
 def problems_from_pydantic(exc: ValidationError, prefix: str = "") -> list[Problem]:
     out = []
     for error in exc.errors():
-        field = _loc(tuple(error["loc"]))
-        out.append(Problem(f"{prefix}{field}" if prefix else field, _message(error)))
+        field, message = _loc(tuple(error["loc"])), _message(error)
+        if error["type"] == "value_error":
+            # A model's own check says what to fix; one that names its field (spec.x.y: ...) is taken at its word.
+            message = message.removeprefix("Value error, ")
+            named, sep, rest = message.partition(": ")
+            if sep and named.startswith("spec.") and " " not in named:
+                field, message = named, rest
+        out.append(Problem(f"{prefix}{field}" if prefix else field, message))
     return out
 
 
@@ -201,7 +207,7 @@ def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
 
 def _cel_twins(spec: FineTuneJobSpec) -> list[Problem]:
     """The CRD's CEL rules (kubetune.api.rules), so that a check without a cluster finds the same."""
-    return [Problem(rule.field, rule.describe(spec)) for rule in SPEC_RULES if rule.broken(spec)]
+    return [Problem(rule.field, rule.describe(spec)) for rule in SPEC_RULES + EVALUATION_RULES if rule.broken(spec)]
 
 
 def _storage(spec: FineTuneJobSpec) -> list[Problem]:

@@ -14,7 +14,8 @@ SUSPENDED: Final = "Suspended"
 SUCCEEDED: Final = "Succeeded"
 FAILED: Final = "Failed"
 SERVING: Final = "Serving"
-ORDER: Final = (SPEC_VALID, RUNNING, SUSPENDED, SUCCEEDED, FAILED, SERVING)
+EVALUATED: Final = "Evaluated"  # spec.evaluation: the final model's figures and its gate
+ORDER: Final = (SPEC_VALID, RUNNING, SUSPENDED, EVALUATED, SUCCEEDED, FAILED, SERVING)
 """The order conditions are listed in."""
 
 # Reason -> message template (formatted with the keyword arguments given to `reason_message`).
@@ -34,6 +35,9 @@ MESSAGES: Final[dict[str, str]] = {
     "ServingCreated": "{kind} {name} created; it serves {uri}.",
     "ServingAPIMissing": "The cluster has no {kind} API ({api}): install KServe's CRDs, or set spec.serving.kind: Deployment. The model stays at {uri}.",
     "ServingRefused": "The API server refused {kind} {name}: {error}",
+    "Evaluated": "Evaluated: {figures}.",
+    "EvaluationPassed": "Evaluation gate passed: {figures}.",
+    "EvaluationGateFailed": "Evaluation gate failed; nothing published, artifacts kept for inspection: {figures}.",
 }
 
 

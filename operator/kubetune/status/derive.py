@@ -15,6 +15,7 @@ from kubetune.api import contract, methods
 from kubetune.api.models import (
     Artifacts,
     Condition,
+    EvaluationResult,
     FailureInfo,
     FineTuneJobSpec,
     FineTuneJobStatus,
@@ -169,6 +170,7 @@ def artifacts(spec: FineTuneJobSpec) -> Artifacts:
         merged_model=f"{base}/{contract.MERGED_DIR}/" if methods.writes_full_model(spec) else None,
         metrics=f"{base}/{contract.METRICS_FILE}",
         manifest=f"{base}/{contract.MANIFEST_FILE}",
+        interpolation=f"{base}/{contract.INTERPOLATION_DIR}/" if spec.output.interpolate and spec.output.keep_mixes else None,
     )
 
 
@@ -223,6 +225,19 @@ def _final_message(pods: list[dict[str, Any]]) -> contract.TerminationMessage | 
     return None
 
 
+def final_evaluation(pods: list[dict[str, Any]]) -> EvaluationResult | None:
+    """Rank 0's evaluation of the final model (spec.evaluation), from its termination message, passed or failed."""
+    parsed = _final_message(pods)
+    return parsed.evaluation if parsed is not None else None
+
+
+def _evaluated(conds: list[Condition], evaluation: EvaluationResult, now: str, generation: int | None) -> list[Condition]:
+    """The Evaluated condition: True with the figures, or False (EvaluationGateFailed) naming each missed threshold."""
+    ok = evaluation.gate_passed is not False
+    reason = "EvaluationGateFailed" if not ok else ("EvaluationPassed" if evaluation.gate_passed else "Evaluated")
+    return c.set_condition(conds, c.EVALUATED, ok, reason, c.reason_message(reason, figures=evaluation.summary()), now, generation)
+
+
 def final_progress(pods: list[dict[str, Any]], now: datetime) -> Progress | None:
     """The progress rank 0 left in its termination message when it finished (the last poll may be a step behind)."""
     parsed = _final_message(pods)
@@ -274,6 +289,7 @@ def derive(
     phase: Phase = "Pending"
     reason, message = "PodsPending", c.reason_message("PodsPending", nodes=nodes, pending=nodes)
     failure: Failure | None = None
+    evaluation: EvaluationResult | None = None
     if deadline_exceeded(spec, status.start_time, now):
         phase, reason = "Failed", "DeadlineExceeded"
         message = c.reason_message(reason, seconds=spec.run_policy.active_deadline_seconds)
@@ -290,6 +306,7 @@ def derive(
         status = _set(status, artifacts=final_artifacts(spec, observed.pods))
         if (final := final_progress(observed.pods, now)) is not None:
             status = _set(status, progress=final)
+        evaluation = final_evaluation(observed.pods)
     elif (job.get("spec") or {}).get("suspend"):
         phase, reason, message = "Suspended", "JobSuspended", c.reason_message("JobSuspended")
     elif (failure := decisive_failure(observed.pods)) is not None or _job_condition(job, "Failed"):
@@ -297,6 +314,7 @@ def derive(
             cond = _job_condition(job, "Failed") or {}
             failure = Failure(job["metadata"]["name"], None, cond.get("reason") or "JobFailed", cond.get("message") or "")
         status = _set(status, last_failure=failure.to_status())
+        evaluation = final_evaluation(observed.pods)  # a failed gate: the figures it failed on
         if not failure.retryable:
             phase, reason, message = "Failed", failure.reason, failure.describe()
             action = "stop"
@@ -318,6 +336,8 @@ def derive(
         status = _set(status, completion_time=ts)
     conditions = _conditions(status.conditions, phase, reason, message, ts, generation)
     status = _set(status, phase=phase, message=message, conditions=conditions)
+    if evaluation is not None:
+        status = _set(status, evaluation=evaluation, conditions=_evaluated(conditions, evaluation, ts, generation))
     event = None
     if phase != old.phase:
         kind = "Warning" if phase in ("Failed", "Restarting") else "Normal"
