@@ -34,6 +34,12 @@ def test_an_edit_of_any_trained_field_starts_a_new_run():
     assert needs_new_run(spec(method="prefix_tuning", prefixTuning={"numVirtualTokens": 4}), finished(prefix))
 
 
+def test_an_edit_of_a_later_output_field_starts_a_new_run():
+    old = spec(dataset={"train": "s3://data/train.jsonl", "evalSplit": 0.1})
+    mixed = spec(dataset={"train": "s3://data/train.jsonl", "evalSplit": 0.1}, output={"uri": "s3://out/demo", "interpolate": [0.5]})
+    assert needs_new_run(mixed, finished(old))
+
+
 def test_edits_that_train_nothing_new_start_no_run():
     old = spec(training={"maxSteps": 60})
     assert not needs_new_run(spec(training={"maxSteps": 60}, runPolicy={"ttlSecondsAfterFinished": 60}), finished(old))

@@ -134,3 +134,8 @@ def test_every_scenario_is_recorded() -> None:
     if os.environ.get("KUBETUNE_RECORD_WIRE"):
         GOLDEN.write_text(json.dumps(record(), indent=1) + "\n")
     assert sorted(json.loads(GOLDEN.read_text())) == sorted(scenarios())
+
+
+def test_a_status_key_the_model_does_not_know_is_kept() -> None:
+    patch = wire(_derive(RUNNING | {"addedLater": {"a": 1}}, Observed(job=job(), pods=[pod()], progress=PROGRESS)))
+    assert patch["addedLater"] == {"a": 1} and "kopf" not in patch

@@ -957,8 +957,8 @@ class FineTuneJobStatus(ApiModel):
         """The one serialisation of a status the operator writes (a JSON merge patch): each field that was
         set, camelCase; a field set to None removes the key; None inside objects is left out."""
         full = self.model_dump(by_alias=True, exclude_none=True, mode="json")
-        keys = [info.alias or name for name, info in type(self).model_fields.items() if name in self.model_fields_set]
-        return {key: full.get(key) for key in [*keys, *(self.model_extra or {})]}
+        fields_set = self.model_dump(by_alias=True, include=self.model_fields_set, mode="json")
+        return {key: full.get(key) for key in fields_set}
 
 
 class ObjectMeta(BaseModel):
