@@ -660,7 +660,8 @@ TRAINED_FIELDS: Final[tuple[str, ...]] = (
 """The spec fields that say what a run trains, as written in YAML. The API server keeps them frozen while
 a gang is active (changing them would mix two trainings in one set of checkpoints: the CEL transition rule
 kubetune.api.crd.immutability_rule); once the job finished, an edit to one of them starts a new run
-(kubetune.status.runs fingerprints them, all but spec.output.resumeFrom, which only says how a run starts)."""
+(kubetune.status.runs fingerprints them, all but spec.output.resumeFrom and spec.output.publish, which say
+only how a run starts and where its result also goes)."""
 
 
 class FineTuneJobSpec(ApiModel):
