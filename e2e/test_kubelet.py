@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from harness.cluster import Cluster
 from harness.images import chart_images
 from harness.s3 import S3Server
 from harness.waiting import wait_for
+from kubetune.client import Client
 
 pytestmark = [
     pytest.mark.e2e, pytest.mark.slow,
@@ -31,6 +33,7 @@ pytestmark = [
                        reason="the real-kubelet node runs with KUBETUNE_E2E_NODE=kubelet"),
 ]
 ROOT = Path(__file__).resolve().parents[1]
+KUBETUNE = Path(sys.executable).parent / "kubetune"
 OPERATOR_IMAGE, TRAINER_IMAGE = chart_images()
 WATCHED = "ktk-jobs"  # the namespace the helm-installed operator watches
 RELEASE_NS = "kubetune-system"
@@ -117,11 +120,13 @@ def test_helm_install_runs_operator_pod_and_helm_test_passes(cluster: Cluster, h
     assert re.search(r"TEST SUITE:\s+kubetune-test\n.*\n.*\n\s*Phase:\s+Succeeded", r.stdout), r.stdout
 
 
-def test_lora_job_on_two_pods_through_the_installed_operator(
+def test_lora_job_on_two_pods_through_the_installed_operator_and_its_logs(
     cluster: Cluster, kubelet_node: Any, helm_release: dict[str, Any], s3: S3Server
 ) -> None:
     """torchrun's rendezvous resolves `<job>-0.<service>` through CoreDNS, the operator pod reads
-    rank 0's /progress over the pod network, and `kubectl logs` of a rank shows progress lines."""
+    rank 0's /progress over the pod network, and `kubectl logs` of a rank shows progress lines.
+    The SDK's `logs()` and `kubetune logs NAME --rank N [-f]` read the same kubelet log stream:
+    followers started while the job runs end by themselves when their pod ends."""
     ns, name = WATCHED, "kubelet-lora"
     data = ROOT / "examples" / "data"
     client = s3.client()
@@ -146,11 +151,29 @@ def test_lora_job_on_two_pods_through_the_installed_operator(
     cluster.apply(json.dumps(doc))
     path = f"/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs/{name}"
     steps: list[int] = []
+    sdk = Client(namespace=ns, kubeconfig=str(cluster.kubeconfig))
+    cli_env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    followed: list[str] = []  # SDK logs(rank 0, follow=True), started while the job runs
+    follow_error: list[BaseException] = []
+
+    def follow_rank0() -> None:
+        try:
+            followed.extend(sdk.logs(name, rank=0, follow=True))
+        except Exception as exc:  # reported by the assertions below
+            follow_error.append(exc)
+
+    follower = threading.Thread(target=follow_rank0, daemon=True)
+    cli_follow: subprocess.Popen[str] | None = None  # `kubetune logs NAME --rank 1 -f`
 
     def done() -> bool:
+        nonlocal cli_follow
         st = (cluster.admin.get_or_none(path) or {}).get("status") or {}
         if st.get("phase") == "Running" and (st.get("progress") or {}).get("step"):
             steps.append(st["progress"]["step"])
+        if st.get("phase") in ("Initializing", "Running") and cli_follow is None:
+            follower.start()
+            cli_follow = subprocess.Popen([str(KUBETUNE), "logs", name, "--rank", "1", "-f", "-n", ns], env=cli_env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
         return st.get("phase") in ("Succeeded", "Failed")
 
     try:
@@ -170,3 +193,23 @@ def test_lora_job_on_two_pods_through_the_installed_operator(
     rank0 = next(v for k, v in logs.items() if "-0-" in k)
     assert "world size 2" in rank0, rank0[-2000:]
     assert re.search(r"step \d+/30 loss \d", rank0), rank0[-2000:]
+
+    # The SDK and the CLI read the kubelet's log of the right rank; the followers ended with their pods.
+    rank1 = next(v for k, v in logs.items() if "-1-" in k)
+    follower.join(60)
+    assert not follower.is_alive(), "logs(follow=True) did not end when rank 0's pod ended"
+    assert not follow_error, follow_error
+    assert cli_follow is not None
+    out, err = cli_follow.communicate(timeout=60)  # raises TimeoutExpired if -f never ended
+    assert cli_follow.returncode == 0, err
+    assert re.search(r"step \d+/30 loss \d", "\n".join(followed)) and "world size 2" in "\n".join(followed), followed[-20:]
+    assert any("step 30/30 loss" in line for line in followed), followed[-20:]
+    assert "world size 2" not in rank1 and rank1.strip(), rank1[-2000:]  # rank 1 prints no progress lines
+    assert out.strip() == rank1.strip(), (out[-1500:], rank1[-1500:])
+    got = subprocess.run([str(KUBETUNE), "logs", name, "--rank", "1", "-n", ns], env=cli_env, capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert got.returncode == 0 and got.stdout.strip() == rank1.strip(), got.stderr
+    got = subprocess.run([str(KUBETUNE), "logs", name, "--tail", "3", "-n", ns], env=cli_env, capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert got.stdout.splitlines() == rank0.strip().splitlines()[-3:], got.stdout + got.stderr
+    assert "\n".join(sdk.logs(name, rank=0, follow=False)).strip() == rank0.strip()

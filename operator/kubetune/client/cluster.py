@@ -189,10 +189,25 @@ class ClusterBackend:
                 raise NotFound("pod", f"{name} rank {rank}", self.namespace)
             time.sleep(1.0)
 
+    def _wait_started(self, pod: str, container: str, wait: float) -> None:
+        """Until the container has started (or ended): the kubelet refuses the log of a container still
+        being created (400 "waiting to start"), which a follow right after submit would otherwise meet."""
+        deadline = time.monotonic() + wait
+        while True:
+            got = self._call("get", "pods", pod, lambda: self.core.read_namespaced_pod(pod, self.namespace))
+            states = [s.state for s in got.status.container_statuses or [] if s.name == container]
+            if got.status.phase in ("Succeeded", "Failed") or (states and (states[0].running or states[0].terminated)):
+                return
+            if time.monotonic() >= deadline:
+                return  # let the log request say why
+            time.sleep(1.0)
+
     def logs(self, name: str, rank: int = 0, follow: bool = True, tail: int | None = None) -> Iterator[str]:
         from kubetune.render.objects import CONTAINER
 
         pod = self.rank_pod(name, rank, wait=60.0 if follow else 0.0)
+        if follow:
+            self._wait_started(pod, CONTAINER, 120.0)
         kw: dict[str, Any] = {"container": CONTAINER, "follow": follow, "_preload_content": False}
         if tail is not None:
             kw["tail_lines"] = tail
