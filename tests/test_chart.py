@@ -188,6 +188,20 @@ def test_monitors_and_rules_render_only_where_their_crds_exist():
     assert not by_kind(template_with_api(MONITORING), "ServiceMonitor")  # off by default even with the CRDs
 
 
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="no promtool (apt-get install prometheus; .ci/run installs it)")
+def test_the_prometheus_rules_pass_promtool_and_query_only_exported_metrics(tmp_path: Path):
+    import re
+
+    from test_metrics import exposed_names, promtool_check
+
+    docs = template_with_api(MONITORING, "metrics.prometheusRule.enabled=true")
+    rules = by_kind(docs, "PrometheusRule")[0]["spec"]["groups"][0]["rules"]
+    r = promtool_check(rules, tmp_path / "rules.yaml")
+    assert r.returncode == 0 and f"SUCCESS: {len(rules)} rules found" in r.stdout, r.stdout + r.stderr
+    used = {n for rule in rules for n in re.findall(r"\bkubetune_[a-z_]+", rule["expr"])}
+    assert len(used) >= 3 and used <= exposed_names(), sorted(used - exposed_names())
+
+
 def test_metrics_can_be_turned_off():
     docs = template("metrics.enabled=false", "metrics.dashboard.enabled=false")
     assert not [d for d in by_kind(docs, "Service") if d["metadata"]["name"].endswith("-metrics")]

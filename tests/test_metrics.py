@@ -3,13 +3,17 @@ docs/operator.md name exactly what a scrape exposes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune.handlers.metrics import Metrics, api_call
+import yaml
+from kubetune.handlers.metrics import METRICS, Metrics, api_call, counted_session
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -124,6 +128,51 @@ def test_api_requests_are_named_as_rbac_names_them(method: str, url: str, expect
     assert api_call(method, url) == expected
 
 
+def test_kopfs_session_counts_its_watch_streams_and_refused_connections() -> None:
+    """Kopf's lists and watches go through its own aiohttp session, not our kubernetes client: the
+    session our login hands Kopf counts them, one per stream opened, into the same counter."""
+    import kopf
+    from aiohttp import web
+
+    def count(verb: str, resource: str, code: str) -> float:
+        return METRICS.api_requests.labels(verb, resource, code)._value.get()  # type: ignore[no-any-return]
+
+    async def pods(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        if request.query.get("watch") == "true":  # a watch: events until the server closes the stream
+            for i in range(3):
+                await resp.write(json.dumps({"type": "ADDED", "object": {"metadata": {"name": f"p{i}"}}}).encode() + b"\n")
+        return resp
+
+    async def scenario() -> tuple[float, float, float]:
+        app = web.Application()
+        app.router.add_get("/api/v1/namespaces/ml/pods", pods)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        before = count("watch", "pods", "200"), count("list", "pods", "200"), count("list", "pods", "0")
+        ctx = counted_session(kopf.ConnectionInfo(server=f"http://127.0.0.1:{port}"))
+        session = ctx.aiohttp_session
+        try:
+            async with session.get(f"http://127.0.0.1:{port}/api/v1/namespaces/ml/pods?watch=true") as r:
+                lines = [line async for line in r.content]
+            assert len(lines) == 3
+            async with session.get(f"http://127.0.0.1:{port}/api/v1/namespaces/ml/pods") as r:
+                await r.read()
+        finally:
+            await runner.cleanup()
+        with pytest.raises(OSError):  # the server is gone: no answer, code 0
+            await session.get(f"http://127.0.0.1:{port}/api/v1/namespaces/ml/pods")
+        await session.close()
+        after = count("watch", "pods", "200"), count("list", "pods", "200"), count("list", "pods", "0")
+        return tuple(a - b for a, b in zip(after, before, strict=True))  # type: ignore[return-value]
+
+    assert asyncio.run(scenario()) == (1, 1, 1)
+
+
 def exposed_names() -> set[str]:
     """Every series name a scrape returns once a job has run, restarted and been reconciled."""
     registry = CollectorRegistry()
@@ -137,10 +186,15 @@ def exposed_names() -> set[str]:
     return {s.name for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
 
 
-def test_the_dashboard_is_valid_json_and_uses_only_exported_metrics() -> None:
+def dashboard_exprs() -> list[str]:
     dash = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
-    exprs += [v["definition"] for v in dash["templating"]["list"] if v.get("definition")]
+    return exprs + [v["query"]["query"] for v in dash["templating"]["list"] if isinstance(v.get("query"), dict)]
+
+
+def test_the_dashboard_is_valid_json_and_uses_only_exported_metrics() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = dashboard_exprs()
     used = {name for e in exprs for name in re.findall(r"\bkubetune_[a-z_]+", e)}
     assert len(dash["panels"]) >= 10 and len(used) >= 15
     assert used <= exposed_names(), f"not exported: {sorted(used - exposed_names())}"
@@ -154,3 +208,89 @@ def test_every_metric_is_documented() -> None:
     kubetune = {n for n in families if n.startswith("kubetune_")}
     assert len(kubetune) >= 18
     assert not [n for n in sorted(kubetune) if f"`{n}`" not in docs]
+    # And every name the source spells out, whether or not the scrape above produced a sample of it.
+    source = (ROOT / "operator" / "kubetune" / "handlers" / "metrics.py").read_text()
+    named = set(re.findall(r'"(kubetune_[a-z_]+)"', source))
+    # (a counter is exposed with _total, given or not)
+    exposed = {f"{n.removesuffix('_total')}_total" if re.search(rf'Counter(?:MetricFamily)?\(\s*"{n}"', source) else n
+               for n in named}  # fmt: skip
+    assert len(exposed) >= 18
+    assert not [n for n in sorted(exposed) if f"`{n}`" not in docs]
+
+
+def differences(sent: Any, kept: Any, path: str = "") -> list[str]:
+    """Where `kept` lost or changed something of `sent` (keys it added, schema defaults, are fine)."""
+    if isinstance(sent, dict) and isinstance(kept, dict):
+        return [d for k, v in sent.items() for d in
+                (differences(v, kept[k], f"{path}/{k}") if k in kept else [f"{path}/{k}: not in the schema"])]
+    if isinstance(sent, list) and isinstance(kept, list) and len(sent) == len(kept):
+        return [d for i, (a, b) in enumerate(zip(sent, kept, strict=True)) for d in differences(a, b, f"{path}[{i}]")]
+    return [] if sent == kept else [f"{path}: {sent!r} became {kept!r}"]
+
+
+def grafana_schema() -> None:
+    """Register every panel type's options and every datasource's query schema (else they stay raw)."""
+    from grafana_foundation_sdk.cog.plugins import register_default_plugins
+
+    register_default_plugins()
+
+
+def test_the_dashboard_matches_grafanas_dashboard_schema() -> None:
+    """Decoded with Grafana's own schema types (grafana-foundation-sdk, generated from Grafana's
+    dashboard, panel and Prometheus-query schemas) and encoded again: a key the schema does not know
+    (a typo, a field of another panel type) is dropped on the way and shows up here."""
+    from grafana_foundation_sdk.cog import runtime
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+    from grafana_foundation_sdk.models.prometheus import Dataquery as PrometheusQuery
+
+    grafana_schema()
+    sent = json.loads(DASHBOARD.read_text())
+    decoded = Dashboard.from_json(sent)
+    kept = json.loads(json.dumps(decoded, cls=JSONEncoder))
+    assert differences(sent, kept) == []
+    assert not [p["type"] for p in sent["panels"] if runtime.panelcfg_config(p["type"]) is None]  # known panel types
+    targets = [t for p in (decoded.panels or []) for t in getattr(p, "targets", None) or []]
+    assert len(targets) == sum(len(p["targets"]) for p in sent["panels"])
+    assert all(isinstance(t, PrometheusQuery) for t in targets)  # every query decoded as a Prometheus query
+
+
+def test_the_schema_check_catches_a_misspelt_key(tmp_path: Path) -> None:
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    grafana_schema()
+    sent = json.loads(DASHBOARD.read_text())
+    sent["panels"][0]["gridpos"] = sent["panels"][0].pop("gridPos")
+    sent["panels"][2]["targets"][0]["legend"] = "{{finetunejob}}"
+    kept = json.loads(json.dumps(Dashboard.from_json(sent), cls=JSONEncoder))
+    assert differences(sent, kept) == ["/panels[0]/gridpos: not in the schema", "/panels[2]/targets[0]/legend: not in the schema"]
+
+
+PROMTOOL = shutil.which("promtool")
+
+
+def promtool_check(rules: list[dict[str, Any]], path: Path) -> subprocess.CompletedProcess[str]:
+    path.write_text(yaml.safe_dump({"groups": [{"name": "check", "rules": rules}]}))
+    return subprocess.run([PROMTOOL or "promtool", "check", "rules", str(path)], capture_output=True, text=True)
+
+
+# Grafana's variables, as Grafana substitutes them before a query reaches Prometheus.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$namespace": ".*", "$finetunejob": ".*"}
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="no promtool (apt-get install prometheus; .ci/run installs it)")
+def test_every_dashboard_query_parses_as_promql(tmp_path: Path) -> None:
+    exprs = []
+    for expr in dashboard_exprs():
+        expr = re.sub(r"^label_values\((.*), *\w+\)$", r"\1", expr)  # Grafana's variable query around PromQL
+        for var, value in GRAFANA_VARIABLES.items():
+            expr = expr.replace(var, value)
+        assert "$" not in expr, f"a Grafana variable this test does not know: {expr}"
+        exprs.append(expr)
+    rules = [{"record": f"kubetune:dashboard_query_{i}", "expr": e} for i, e in enumerate(exprs)]
+    r = promtool_check(rules, tmp_path / "dashboard.rules.yaml")
+    assert r.returncode == 0 and f"SUCCESS: {len(rules)} rules found" in r.stdout, r.stdout + r.stderr
+    broken = promtool_check([{"record": "kubetune:broken", "expr": "sum by (phase (kubetune_finetunejobs)"}], tmp_path / "b.yaml")
+    assert broken.returncode != 0  # promtool really parses
+

@@ -16,7 +16,7 @@ import kopf
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.handlers import kube
 from kubetune.handlers.controller import Controller
-from kubetune.handlers.metrics import METRICS, serve
+from kubetune.handlers.metrics import METRICS, counted_session, serve
 from kubetune.handlers.settings import Settings
 from kubetune.render.objects import LABEL_JOB
 
@@ -45,6 +45,14 @@ def controller() -> Controller:
     if "controller" not in _state:
         use(Settings())
     return _state["controller"]  # type: ignore[no-any-return]
+
+
+@kopf.on.login()
+async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
+    """Kopf's own login (in-cluster, else kubeconfig) with a session whose requests, watch streams
+    included, are counted in kubetune_api_requests_total like the operator's own."""
+    info = kopf.login_via_client(**kwargs)
+    return counted_session(info) if info is not None else None
 
 
 @kopf.on.startup()

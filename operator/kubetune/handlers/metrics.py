@@ -1,7 +1,8 @@
 """The operator's Prometheus metrics (prometheus-client), served on the metrics port.
 
 The handlers call the small functions at the bottom (`observe_event`, `reconciling`,
-`workload_created`); `counting_client()` counts the Kubernetes API calls the operator makes.
+`workload_created`); `counting_client()` (the operator's kubernetes client) and `counted_session()`
+(Kopf's aiohttp session: its lists and watch streams) count every Kubernetes API call the process makes.
 Per-job training metrics are re-exported from the status the operator writes from rank 0's
 progress, so training pods need no scrape rules. Every name here is listed in docs/operator.md
 and the Grafana dashboard uses only these (tests/test_metrics.py checks both).
@@ -251,6 +252,41 @@ def counting_client() -> Any:
             return resp
 
     return CountingApiClient()
+
+
+def counting_trace() -> Any:
+    """An aiohttp TraceConfig that counts every request of a session, as `counting_client` does for ours.
+    A watch is counted once, when its stream opens (the response headers arrive)."""
+    import aiohttp
+
+    async def answered(session: Any, ctx: Any, params: aiohttp.TraceRequestEndParams) -> None:
+        METRICS.api_request(params.method, str(params.url), params.response.status)
+
+    async def unanswered(session: Any, ctx: Any, params: aiohttp.TraceRequestExceptionParams) -> None:
+        METRICS.api_request(params.method, str(params.url), 0)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(answered)
+    trace.on_request_exception.append(unanswered)
+    return trace
+
+
+def counted_session(info: Any) -> Any:
+    """Kopf's connection (a `kopf.ConnectionInfo` from its login) as a `kopf.AiohttpSession` built the way
+    Kopf builds its own, plus `counting_trace()`: Kopf's lists, watch streams and patches are counted too.
+    Call it inside the event loop (aiohttp binds the session to it)."""
+    import aiohttp
+    import kopf
+
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ssl=info.as_ssl_context()),
+        headers=info.as_http_headers(),
+        proxy=info.proxy_url,
+        trust_env=info.trust_env,
+        trace_configs=[counting_trace()],
+    )
+    return kopf.AiohttpSession(server=info.server, default_namespace=info.default_namespace, priority=info.priority,
+                               expiration=info.expiration, aiohttp_session=session)  # fmt: skip
 
 
 def serve(port: int, address: str = "0.0.0.0") -> bool:
