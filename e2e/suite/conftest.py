@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -298,3 +299,15 @@ def job_doc(name: str, s3: Any, data: dict[str, str], *, example: str = "lora", 
         else:
             node[keys[-1]] = value
     return doc
+
+
+def checkpoints(s3: Any, name: str) -> list[int]:
+    """The steps of the job's complete checkpoints in S3, oldest first."""
+    prefix = f"runs/{name}/checkpoints/"
+    resp = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=prefix)
+    steps = []
+    for o in resp.get("Contents") or []:
+        m = re.match(r"step-(\d+)/COMPLETE$", o["Key"][len(prefix):])
+        if m:
+            steps.append(int(m.group(1)))
+    return sorted(steps)

@@ -7,28 +7,20 @@ cascades to its children. (e2e/test_operator.py covers the objects' shape, CEL a
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 import time
 from typing import Any
 
 import pytest
-from conftest import job_doc, wait_for
+from conftest import VENV_BIN, checkpoints, job_doc, wait_for
+from kubetune.client import Client
 from sampler import Sampler
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 NS_KEY = "faults"
-
-
-def checkpoints(s3: Any, name: str) -> list[int]:
-    prefix = f"runs/{name}/checkpoints/"
-    resp = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=prefix)
-    steps = []
-    for o in resp.get("Contents") or []:
-        m = re.match(r"step-(\d+)/COMPLETE$", o["Key"][len(prefix):])
-        if m:
-            steps.append(int(m.group(1)))
-    return sorted(steps)
 
 
 def pods(kctl: Any, ns: str, name: str, restart: int | None = None) -> list[dict[str, Any]]:
@@ -155,14 +147,17 @@ def test_suspend_resume_continues_from_checkpoint_then_delete_cascades(cluster, 
     with Sampler(cluster, suite_ns, name) as sampler:
         wait_for("training progress", lambda: (kctl.status(suite_ns, name).get("progress") or {}).get("step", 0) >= 5,
                  180, 0.5)
-        kctl("-n", suite_ns, "patch", "ftj", name, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+        # `kubetune suspend` here, the SDK's resume() below (test_sdk.py does the reverse, to Succeeded).
+        out = subprocess.run([str(VENV_BIN / "kubetune"), "suspend", name, "-n", suite_ns], capture_output=True, text=True,
+                             env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)})  # fmt: skip
+        assert out.returncode == 0 and out.stdout.strip() == f"finetunejob.kubetune.io/{name} suspended", out.stderr
         wait_for("pods gone", lambda: not pods(kctl, suite_ns, name), 120, 1)
         wait_for("phase Suspended", lambda: kctl.phase(suite_ns, name) == "Suspended", 60)
         ckpt = (checkpoints(s3, name) or [0])[-1]
         n_before = len(sampler.steps)
         time.sleep(2)
         assert not pods(kctl, suite_ns, name) and kctl.phase(suite_ns, name) == "Suspended"
-        kctl("-n", suite_ns, "patch", "ftj", name, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+        assert Client(namespace=suite_ns, kubeconfig=str(cluster.kubeconfig)).resume(name).spec.run_policy.suspend is False
         wait_for("running again", lambda: [p for p in pods(kctl, suite_ns, name) if p["status"].get("phase") == "Running"], 120)
         wait_for("progress after resume", lambda: len(sampler.steps) > n_before, 120, 0.5)
         # Delete while running: owner references cascade through the garbage collector.

@@ -2,8 +2,10 @@
 real Prometheus.
 
 One 2-rank CPU job, driven from Python: `Client.submit` -> `wait` (progress callbacks) and
-`stream_progress` (both on a watch) -> `artifacts().download()` from MinIO with the job's own
-Secret, checked against its manifest. Meanwhile `kubetune get -w` runs in a real terminal (tmux),
+`stream_progress` (both on a watch), suspended mid-run with `Client.suspend` (the gang's pods go,
+phase Suspended) and resumed with `kubetune resume` (from the checkpoint written on SIGTERM, to
+Succeeded) -> `artifacts().download()` from MinIO with the job's own Secret, checked against its
+manifest. Meanwhile `kubetune get -w` runs in a real terminal (tmux),
 whose screen is read while the job runs and after it succeeds, and Prometheus scrapes the
 operator's /metrics: a PromQL query returns the job's loss. Plus the typed errors a user meets
 first: Forbidden naming the RBAC verb, NotFound.
@@ -26,12 +28,13 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import VENV_BIN, job_doc, wait_for
+from conftest import VENV_BIN, checkpoints, job_doc, wait_for
 from harness.procs import free_port
 from kubetune.client import Client, Forbidden, NotFound
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 NS_KEY = "happy"
+STEPS = 40
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 TMUX = shutil.which("tmux")
 
@@ -115,35 +118,57 @@ def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node_agent
         # Typed errors first: a ServiceAccount with no Role, and a name that does not exist.
         nobody = Client(namespace=suite_ns, kubeconfig=str(cluster.kubeconfig_for_serviceaccount(suite_ns, "default")))
         with pytest.raises(Forbidden) as refused:
-            nobody.submit(job_doc(name, s3, s3_data, steps=30))
+            nobody.submit(job_doc(name, s3, s3_data, steps=STEPS))
         assert (refused.value.verb, refused.value.resource) == ("create", "finetunejobs.kubetune.io"), str(refused.value)
         with pytest.raises(NotFound):
             client.get("no-such-job")
 
         t0 = time.monotonic()
-        job = client.submit(job_doc(name, s3, s3_data, steps=30, checkpoint_steps=30))
+        job = client.submit(job_doc(name, s3, s3_data, steps=STEPS, checkpoint_steps=STEPS))
         assert job.metadata.namespace == suite_ns and job.metadata.uid
         streamed: list[Any] = []
         streamer = threading.Thread(target=lambda: streamed.extend(client.stream_progress(name, timeout=300)), daemon=True)
         streamer.start()
         seen: list[Any] = []
         screens: list[str] = []
+        kt = str(VENV_BIN / "kubetune")
+        cli_env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+        suspended: dict[str, Any] = {}  # at: the step when suspend was asked; checkpoint; readings: len(seen) at resume
 
         def on_progress(p: Any) -> None:
             seen.append(p)
-            if p.step and p.step < 30:
+            if p.step and p.step < STEPS:
                 screens.append(terminal.screen())  # the live table while it trains
+            if p.step and 3 <= p.step < STEPS - 10 and not suspended:  # suspend from Python, mid-run
+                suspended["at"] = p.step
+                assert client.suspend(name).spec.run_policy.suspend is True
 
-        done = client.wait(name, timeout=300, on_progress=on_progress)
+        def on_phase(phase: str) -> None:
+            if phase != "Suspended" or "readings" in suspended:
+                return
+            gang = f"-l=kubetune.io/job-name={name}"
+            wait_for("the gang's pods gone", lambda: not kctl.get(suite_ns, "pods", None, gang), 90, 1)
+            suspended["checkpoint"] = max(checkpoints(s3, name), default=0)
+            suspended["readings"] = len(seen)
+            out = subprocess.run([kt, "resume", name, "-n", suite_ns], env=cli_env, capture_output=True, text=True)
+            assert out.returncode == 0 and out.stdout.strip() == f"finetunejob.kubetune.io/{name} resumed", out.stderr
+
+        done = client.wait(name, timeout=420, on_progress=on_progress, on_phase=on_phase)
         streamer.join(30)
         took = time.monotonic() - t0
-        print(f"\n[suite] {name}: submit -> Succeeded via the SDK in {took:.1f}s; {len(seen)} progress callbacks, "
-              f"{len(streamed)} streamed", file=sys.stderr)  # fmt: skip
+        print(f"\n[suite] {name}: submit -> Succeeded via the SDK in {took:.1f}s (suspended at step {suspended.get('at')}, "
+              f"checkpoint {suspended.get('checkpoint')}); {len(seen)} progress callbacks, {len(streamed)} streamed",
+              file=sys.stderr)  # fmt: skip
         assert done.status is not None and done.status.phase == "Succeeded"
-        assert done.status.progress is not None and done.status.progress.step == 30
+        assert done.status.progress is not None and done.status.progress.step == STEPS
+        # Suspended, then resumed from the checkpoint written on SIGTERM: no step below it afterwards.
+        assert "readings" in suspended, f"never Suspended (asked at step {suspended.get('at')})"
+        assert suspended["checkpoint"] >= suspended["at"], suspended
+        after = [p.step for p in seen[suspended["readings"]:] if p.step is not None]
+        assert after and min(after) >= suspended["checkpoint"] and after[-1] == STEPS, (suspended, after)
         for readings in (seen, streamed):
             steps = [p.step for p in readings if p.step is not None]
-            assert len(set(steps)) >= 2 and steps == sorted(steps) and steps[-1] == 30, steps
+            assert len(set(steps)) >= 2 and steps == sorted(steps) and steps[-1] == STEPS, steps
         assert [j.metadata.name for j in client.list(phase="Succeeded")] == [name]
         assert client.list(phase="Running") == []
 
@@ -174,7 +199,10 @@ def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node_agent
         latency = prometheus.query("kubetune_time_to_workload_seconds_count")
         assert latency and float(latency[0]["value"][1]) >= 1
         created = prometheus.query('sum(kubetune_api_requests_total{verb="create", resource="jobs"})')
-        assert created and float(created[0]["value"][1]) >= 1
+        assert created and float(created[0]["value"][1]) >= 2  # the gang before the suspension and after it
+        # Kopf's own watch streams are counted too (the operator's client never watches).
+        watches = prometheus.query('sum by (resource) (kubetune_api_requests_total{verb="watch", code="200"})')
+        assert {w["metric"]["resource"] for w in watches} >= {"finetunejobs", "jobs", "pods"}, watches
 
         # The terminal: the live table showed the job training, then its end.
         final = wait_for("Succeeded on the tmux screen", lambda: (lambda s: s if "Succeeded" in s else None)(terminal.screen()), 15)
@@ -185,11 +213,9 @@ def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node_agent
         header = next(line for line in final.splitlines() if "PHASE" in line)
         assert all(col in header for col in ("NAME", "PROGRESS", "LOSS", "TOKENS/S", "ETA"))
         row = next(line for line in final.splitlines() if name in line)
-        assert "Succeeded" in row and "100.0%" in row and f"{loss:.4f}" in row and "30/30" in row
+        assert "Succeeded" in row and "100.0%" in row and f"{loss:.4f}" in row and f"{STEPS}/{STEPS}" in row
 
         # The other commands, as a user types them.
-        cli_env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-        kt = str(VENV_BIN / "kubetune")
         out = subprocess.run([kt, "get", name, "-n", suite_ns, "-o", "json"], env=cli_env, capture_output=True, text=True, check=True)
         assert json.loads(out.stdout)["status"]["phase"] == "Succeeded"
         out = subprocess.run([kt, "describe", name, "-n", suite_ns], env=cli_env, capture_output=True, text=True, check=True)
