@@ -214,4 +214,5 @@ def test_lora_job_on_two_pods_through_the_installed_operator_and_its_logs(
     # (the kubelet counts --tail in its CRI log entries, where tqdm's unterminated bars are entries of their own)
     pod0 = next(k for k in logs if "-0-" in k)
     assert got.stdout == cluster.kubectl("-n", ns, "logs", pod0, "--tail", "3").stdout and got.stdout, got.stderr
-    assert "\n".join(sdk.logs(name, rank=0, follow=False)).strip() == rank0.strip()
+    sdk_text = "\n".join(sdk.logs(name, rank=0, follow=False))  # raw; subprocess text mode turned kubectl's \r into \n
+    assert sdk_text.replace("\r\n", "\n").replace("\r", "\n").strip() == rank0.strip()
