@@ -164,12 +164,15 @@ def test_lora_job_on_two_pods_through_the_installed_operator_and_its_logs(
 
     follower = threading.Thread(target=follow_rank0, daemon=True)
     cli_follow: subprocess.Popen[str] | None = None  # `kubetune logs NAME --rank 1 -f`
+    following_while_running: list[bool] = []
 
     def done() -> bool:
         nonlocal cli_follow
         st = (cluster.admin.get_or_none(path) or {}).get("status") or {}
         if st.get("phase") == "Running" and (st.get("progress") or {}).get("step"):
             steps.append(st["progress"]["step"])
+        if cli_follow is not None and st.get("phase") == "Running":
+            following_while_running.append(cli_follow.poll() is None)
         if st.get("phase") in ("Initializing", "Running") and cli_follow is None:
             follower.start()
             cli_follow = subprocess.Popen([str(KUBETUNE), "logs", name, "--rank", "1", "-f", "-n", ns], env=cli_env,
@@ -202,6 +205,7 @@ def test_lora_job_on_two_pods_through_the_installed_operator_and_its_logs(
     assert cli_follow is not None
     out, err = cli_follow.communicate(timeout=60)  # raises TimeoutExpired if -f never ended
     assert cli_follow.returncode == 0, err
+    assert any(following_while_running), "kubetune logs -f was never seen following a running job"
     assert re.search(r"step \d+/30 loss \d", "\n".join(followed)) and "world size 2" in "\n".join(followed), followed[-20:]
     assert any("step 30/30 loss" in line for line in followed), followed[-20:]
     assert "world size 2" not in rank1 and rank1.strip(), rank1[-2000:]  # rank 1 prints no progress lines
