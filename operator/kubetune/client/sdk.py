@@ -144,7 +144,9 @@ class Client:
                            f"(phase {phase})")
 
     def logs(self, name: str, rank: int = 0, follow: bool = True, tail: int | None = None) -> Iterator[str]:
-        """Lines of the trainer container of node rank `rank` in the current gang."""
+        """Lines of the trainer container of node rank `rank` in the current gang (the kubelet's log, as
+        `kubectl logs` reads it). `follow`: waits for the pod and its container to start, then yields
+        lines as they are written, and ends when the container ends."""
         return self.backend.logs(name, rank=rank, follow=follow, tail=tail)
 
     def suspend(self, name: str) -> FineTuneJob:
