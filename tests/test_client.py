@@ -219,6 +219,22 @@ def test_download_refuses_a_file_that_differs_from_the_manifest(tmp_path: Path) 
         storage.download(_arts(out), StorageSpec(), tmp_path / "dl")
 
 
+def test_report_fetches_the_card_and_whichever_plots_exist_checked_against_the_manifest(tmp_path: Path) -> None:
+    out = _output(tmp_path)
+    with pytest.raises(DownloadError, match="no README.md"):
+        storage.fetch_report(_arts(out), StorageSpec(), tmp_path / "none")
+    (out / "README.md").write_text("# demo\n")
+    (out / "loss.png").write_bytes(b"png")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["README.md"] = {"sha256": hashlib.sha256(b"# demo\n").hexdigest(), "size": 7}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    got = storage.fetch_report(_arts(out), StorageSpec(), tmp_path / "rep")
+    assert [p.name for p in got.files] == ["README.md", "loss.png"] and got.verified == 1
+    (out / "README.md").write_text("# edited\n")
+    with pytest.raises(DownloadError, match="README.md: content differs"):
+        storage.fetch_report(_arts(out), StorageSpec(), tmp_path / "rep2")
+
+
 def test_download_before_success_says_so(tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="has the job succeeded"):
         storage.download(_arts(tmp_path / "nothing"), StorageSpec(), tmp_path / "dl")

@@ -35,5 +35,8 @@ def test_local_backend_trains_reports_progress_and_downloads_the_model(tmp_path:
     got = client.artifacts("quickstart").download(tmp_path / "dl")
     assert got.path == tmp_path / "dl" / "model" and (got.path / "config.json").exists()
     assert got.verified >= 2  # weights and config checked against the output's manifest
+    card = client.report("quickstart", tmp_path / "report")
+    assert sorted(p.name for p in card.files) == ["README.md", "eval.png", "loss.png"] and card.verified == 3
+    assert (card.path / "README.md").read_text().startswith("# quickstart\n")
     assert [j.metadata.name for j in client.list(phase="Succeeded")] == ["quickstart"]
     assert any("step" in line for line in client.logs("quickstart", follow=False))

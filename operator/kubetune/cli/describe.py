@@ -55,6 +55,8 @@ def describe(job: FineTuneJob, events: list[dict[str, Any]]) -> str:
                              ("Metrics", arts.metrics), ("Manifest", arts.manifest)):  # fmt: skip
             if value:
                 lines.append(f"  {label + ':':<15}{value}")
+    if st and st.serving:
+        lines.append(f"Serving:      {st.serving.kind} {st.serving.name} ({st.serving.uri or '-'})")
     lines.append("Events:" + ("" if events else " <none>"))
     for e in events[-15:]:
         when = e.get("lastTimestamp") or e.get("eventTime") or ""

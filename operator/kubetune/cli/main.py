@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "resume": ("kubetune.cli.lifecycle", "resume suspended FineTuneJobs from their last checkpoint"),
     "delete": ("kubetune.cli.lifecycle", "delete FineTuneJobs and everything they own"),
     "download": ("kubetune.cli.download", "download a job's merged model or adapter to a directory"),
+    "report": ("kubetune.cli.report", "show a job's model card (metrics, evaluation, plots); -o DIR saves it"),
 }
 
 

@@ -44,6 +44,11 @@ class JobArtifacts:
         against the output's manifest.json. Returns the local directory and files."""
         return storage.download(self.uris, self.storage, dest, which, self.credentials)
 
+    def report(self, dest: str | Path) -> Downloaded:
+        """Copy the model card (README.md) and its plots (loss.png, eval.png) into `dest`, verified
+        against the output's manifest.json."""
+        return storage.fetch_report(self.uris, self.storage, dest, self.credentials)
+
 
 class Client:
     """The FineTuneJob SDK.
@@ -184,3 +189,7 @@ class Client:
 
     def download(self, name: str, dest: str | Path, which: Which = "auto") -> Downloaded:
         return self.artifacts(name).download(dest, which)
+
+    def report(self, name: str, dest: str | Path) -> Downloaded:
+        """The job's model card and plots, saved under `dest` (`Downloaded.path / "README.md"`)."""
+        return self.artifacts(name).report(dest)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from kubetune.api.contract import MANIFEST_FILE
+from kubetune.api.contract import CARD_FILE, EVAL_PLOT, LOSS_PLOT, MANIFEST_FILE
 from kubetune.api.models import Artifacts, StorageSpec
 
 Which = Literal["auto", "model", "adapter", "all"]
@@ -97,6 +97,40 @@ def download(arts: Artifacts, storage: StorageSpec, dest: str | Path, which: Whi
         raise DownloadError(f"nothing under {uri}: has the job succeeded?")
     verified = verify(files, manifest)
     return Downloaded(uri=uri, path=dest / rel_dir if rel_dir else dest, files=sorted(files.values()), verified=verified)
+
+
+REPORT_FILES = (CARD_FILE, LOSS_PLOT, EVAL_PLOT)
+"""The model card and its plots, at the top of the output."""
+
+
+def fetch_report(arts: Artifacts, storage: StorageSpec, dest: str | Path, credentials: dict[str, str] | None = None) -> Downloaded:
+    """Copy the model card (README.md) and its plots into `dest`, checked against the manifest."""
+    root = output_root(arts)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    if root.startswith("s3://"):
+        from botocore.exceptions import ClientError
+
+        bucket, base = split_s3(root)
+        client = s3_client(storage, credentials)
+        for name in REPORT_FILES:
+            try:
+                client.download_file(bucket, "/".join(p for p in (base.strip("/"), name) if p), str(dest / name))
+            except ClientError:
+                continue  # a card without plots (nothing to draw) is still a card
+            files[name] = dest / name
+        manifest = _read_s3_json(root + "/" + MANIFEST_FILE, storage, credentials)
+    else:
+        src = Path(root.removeprefix("file://"))
+        for name in REPORT_FILES:
+            if (src / name).is_file():
+                files[name] = Path(shutil.copy2(src / name, dest / name))
+        mpath = src / MANIFEST_FILE
+        manifest = json.loads(mpath.read_text()) if mpath.exists() else {}
+    if CARD_FILE not in files:
+        raise DownloadError(f"no {CARD_FILE} under {root}/: has the job succeeded (jobs trained before model cards have none)?")
+    return Downloaded(uri=root + "/" + CARD_FILE, path=dest, files=sorted(files.values()), verified=verify(files, manifest))
 
 
 def s3_client(storage: StorageSpec, credentials: dict[str, str] | None = None) -> Any:
