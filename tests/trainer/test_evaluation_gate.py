@@ -1,5 +1,6 @@
 """spec.evaluation and WiSE-FT through the real entry point (torchrun -> kubetune_trainer), tiny model on CPU:
-a gate that passes, a gate that fails (exit code, termination message, artifacts still written), and the
+a gate that passes, a gate that fails (exit code, termination message, artifacts still written, a rerun
+fails again), and the
 interpolation table (alpha 1 is the fine-tuned model, alpha 0 the base)."""
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def test_a_failed_gate_exits_not_retryable_with_the_figures_and_keeps_the_artifa
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["evaluation"]["gatePassed"] is False and metrics["evaluation"]["evalLoss"] == pytest.approx(metrics["evalLossAfter"])
     assert [g["prompt"] for g in metrics["evaluation"]["generations"]] == ["one one"]
+    # Finished and failed: running it again fails again at once (a failed model never turns into a success).
+    code, out = run_trainer(tmp_path, spec, nproc=1)
+    again = termination(tmp_path)
+    assert code != 0 and again["exitCode"] == ExitCode.EVALUATION_GATE_FAILED and "failed its evaluation gate" in again["message"], out[-2000:]
 
 
 def test_interpolation_table_runs_from_base_to_fine_tuned_and_best_is_saved(tmp_path: Path) -> None:

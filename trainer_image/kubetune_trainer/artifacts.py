@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 from kubetune.api import methods
-from kubetune.api.contract import ADAPTER_DIR, CONFIG_FILE, ENV_REGISTRY_AUTH, MERGED_DIR, METRICS_FILE
+from kubetune.api.contract import (
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    ENV_REGISTRY_AUTH,
+    GATE_FAILED_MARKER,
+    MERGED_DIR,
+    METRICS_FILE,
+)
 from kubetune.api.trainer_config import TrainerConfig
 
 from kubetune_trainer import checkpoint as ckpt
@@ -50,6 +57,8 @@ class ArtifactWriter:
             (out / METRICS_FILE).write_text(json.dumps(self.metrics(), indent=2))
             (out / CONFIG_FILE).write_text(self.config.dump_yaml())
             write_card(out, self.config)
+            if not gate.passed(self.facts.evaluation):
+                (out / GATE_FAILED_MARKER).write_text(f"{self.facts.evaluation.summary() if self.facts.evaluation else ''}\n")
             files = ckpt.file_table(out)
             ckpt.upload_files(self.rt.store, out, "", files)
             if self.config.spec.output.publish is not None:

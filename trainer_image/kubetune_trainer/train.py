@@ -10,7 +10,7 @@ import time
 from http.server import ThreadingHTTPServer
 
 import torch
-from kubetune.api.contract import COMPLETE_MARKER, ExitCode, TrainerPhase
+from kubetune.api.contract import COMPLETE_MARKER, GATE_FAILED_MARKER, ExitCode, TrainerPhase
 from kubetune.api.models import Artifacts
 from kubetune.api.trainer_config import TrainerConfig
 
@@ -18,6 +18,7 @@ from kubetune_trainer import gate, publish, signals
 from kubetune_trainer.artifacts import ArtifactWriter, registry_auth
 from kubetune_trainer.checkpoint import Checkpointer
 from kubetune_trainer.debug import DebugHooks
+from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.evaluation import Evaluator
 from kubetune_trainer.gate import GateFailed
 from kubetune_trainer.log import log
@@ -72,6 +73,9 @@ class Trainer:
         set_seed(self.spec.training.seed)
         self.done = rt.store.exists(COMPLETE_MARKER)
         if self.done:
+            if rt.store.exists(GATE_FAILED_MARKER):  # finished, and failed its gate: it stays failed
+                raise TrainerError(ExitCode.EVALUATION_GATE_FAILED, f"{rt.store.uri} already holds a model that failed its "
+                                   "evaluation gate (see metrics.json evaluation); change the spec or delete the output to train again")  # fmt: skip
             if rt.is_main:
                 log(f"{rt.store.uri} already holds complete artifacts; nothing to do")
             return

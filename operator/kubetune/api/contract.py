@@ -78,6 +78,7 @@ EVAL_PLOT = "eval.png"  # eval loss by step, before training at step 0 (and the 
 CONFIG_FILE = "trainer-config.yaml"
 MANIFEST_FILE = "manifest.json"  # {"files": {relpath: {"sha256", "size"}}, ...}
 COMPLETE_MARKER = "COMPLETE"  # written last: its presence means everything above is complete
+GATE_FAILED_MARKER = "GATE_FAILED"  # beside COMPLETE when the model missed spec.evaluation.gate: a rerun fails again
 
 
 def checkpoint_dir_name(step: int) -> str:

@@ -407,6 +407,10 @@ class PublishSpec(ApiModel):
     """What to push: `model` (the merged or fully fine-tuned weights, with the tokenizer) or `adapter` (the PEFT adapter alone). Unset: the model where the job writes one, else the adapter."""
 
 
+SelectMetric = Literal["evalLoss", "perplexity", "retainLoss", "forgetting", "exactMatch", "generationPass"]
+"""Figures a model is compared by (losses, perplexity and forgetting: lower is better; the rest: higher)."""
+
+
 class OutputSpec(ApiModel):
     """Where artifacts go."""
 
@@ -436,10 +440,6 @@ class OutputSpec(ApiModel):
         if len(set(self.interpolate)) != len(self.interpolate):
             raise ValueError(f"spec.output.interpolate: list each alpha once (got {self.interpolate})")
         return self
-
-
-SelectMetric = Literal["evalLoss", "perplexity", "retainLoss", "forgetting", "exactMatch", "generationPass"]
-"""Figures a model is compared by (losses, perplexity and forgetting: lower is better; the rest: higher)."""
 
 
 class SecretKeyNames(ApiModel):
