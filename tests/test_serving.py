@@ -42,10 +42,20 @@ def test_inference_service_serves_the_merged_model_with_the_huggingface_runtime(
     assert "kubetune.io/job-name" not in obj["metadata"]["labels"]  # KServe copies these onto its pods
 
 
-def test_a_published_oci_artifact_is_served_instead_of_s3():
-    arts = {**MERGED, "oci": "registry.local:5000/models/demo@sha256:" + "a" * 64}
-    obj = render_serving(spec_with({"kind": "InferenceService"}), "demo", "ml", arts)
-    assert obj["spec"]["predictor"]["model"]["storageUri"] == "oci://registry.local:5000/models/demo@sha256:" + "a" * 64
+OCI = "registry.local:5000/models/demo@sha256:" + "a" * 64
+
+
+def test_a_published_model_is_served_from_its_digest_pinned_oci_reference():
+    spec = spec_with({"kind": "InferenceService"}, output={"uri": "s3://out/demo", "publish": {"oci": "registry.local:5000/models/demo:v1"}})
+    obj = render_serving(spec, "demo", "ml", {**MERGED, "oci": OCI})
+    assert obj["spec"]["predictor"]["model"]["storageUri"] == "oci://" + OCI
+
+
+def test_a_published_adapter_is_not_mistaken_for_the_model():
+    publish = {"oci": "registry.local:5000/models/demo:v1", "artifact": "adapter"}
+    spec = spec_with({"kind": "InferenceService"}, output={"uri": "s3://out/demo", "publish": publish})
+    obj = render_serving(spec, "demo", "ml", {**MERGED, "oci": OCI})
+    assert obj["spec"]["predictor"]["model"]["storageUri"] == "s3://out/demo/model"
 
 
 def test_a_lora_adapter_is_served_by_vllm_on_its_base_model():

@@ -53,10 +53,12 @@ def oci_uri(artifacts: dict[str, Any]) -> str | None:
     return ref if str(ref).startswith("oci://") else f"oci://{ref}"
 
 
-def _published_artifact(spec: FineTuneJobSpec) -> str:
-    """What output.publish pushed: the merged model unless it says the adapter."""
-    publish = getattr(spec.output, "publish", None)
-    return "adapter" if getattr(publish, "artifact", None) == "adapter" else "merged"
+def _published_model(spec: FineTuneJobSpec) -> bool:
+    """Whether output.publish pushed the full weights (not the adapter alone)."""
+    publish = spec.output.publish
+    if publish is None:
+        return False
+    return (publish.artifact or ("model" if methods.writes_full_model(spec) else "adapter")) == "model"
 
 
 def base_model_uri(spec: FineTuneJobSpec) -> str:
@@ -70,13 +72,10 @@ def base_model_uri(spec: FineTuneJobSpec) -> str:
 def model_uris(spec: FineTuneJobSpec, artifacts: dict[str, Any]) -> dict[str, str]:
     """{"model": ...} for merged weights; {"base": ..., "adapter": ...} for an adapter. `artifacts` is
     status.artifacts as written (camelCase)."""
+    if methods.served_artifact(spec) == "adapter":  # from S3: KServe mounts oci:// only as the one storageUri
+        return {"base": base_model_uri(spec), "adapter": str(artifacts.get("adapter") or "").rstrip("/")}
     oci = oci_uri(artifacts)
-    if methods.served_artifact(spec) == "adapter":
-        adapter = str(artifacts.get("adapter") or "").rstrip("/")
-        if oci and _published_artifact(spec) == "adapter":
-            adapter = oci
-        return {"base": base_model_uri(spec), "adapter": adapter}
-    if oci and _published_artifact(spec) == "merged":
+    if oci and _published_model(spec):
         return {"model": oci}
     return {"model": str(artifacts.get("mergedModel") or "").rstrip("/")}
 
