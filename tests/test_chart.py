@@ -68,7 +68,11 @@ NAMESPACED = (
         ("", "pods", "watch"),
         ("", "events", "create"),
         ("serving.kserve.io", "inferenceservices", "create"),
+        ("serving.kserve.io", "inferenceservices", "get"),
+        ("serving.kserve.io", "inferenceservices", "update"),
         ("apps", "deployments", "create"),
+        ("apps", "deployments", "get"),
+        ("apps", "deployments", "update"),
     }
 )
 KOPF_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}

@@ -139,3 +139,11 @@ def test_only_a_succeeded_job_is_handed_to_serving(phase):
     body = {"metadata": {"name": "demo", "namespace": "ml", "uid": "u1", "generation": 1}}
     status = FineTuneJobStatus(phase=phase, artifacts={"mergedModel": "s3://out/demo/model/"})
     assert hand_off(body, spec_with({}), status) is None  # returns before any API call
+
+
+def test_a_name_taken_by_an_object_the_job_does_not_own_is_reported_not_taken_over():
+    obj = render_serving(spec_with({}), "demo", "ml", MERGED)
+    new, event = s.record(FineTuneJobStatus(phase="Succeeded"), obj, "taken", NOW, 1)
+    cond = next(c for c in new.conditions if c.type == "Serving")
+    assert (cond.status, cond.reason) == ("False", "ServingNameTaken") and "spec.serving.name" in cond.message
+    assert event is not None and event[0] == "Warning" and new.serving is None

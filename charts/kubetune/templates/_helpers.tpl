@@ -52,13 +52,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
-# spec.serving: once a job succeeds, its KServe InferenceService or Deployment is created (then owned).
+# spec.serving: once a job succeeds, its KServe InferenceService or Deployment is created (then owned);
+# a later run of the job re-points its own one at the new model (get, then update).
 - apiGroups: [serving.kserve.io]
   resources: [inferenceservices]
-  verbs: [create]
+  verbs: [create, get, update]
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [create]
+  verbs: [create, get, update]
 {{- end -}}
 
 {{/* Cluster-scoped rules Kopf needs in any mode: it discovers resources by watching CRDs. */}}

@@ -212,6 +212,49 @@ def create_if_absent(obj: dict[str, Any]) -> dict[str, Any] | None:
         raise _temporary(exc, f"create {kind} {obj['metadata']['name']}") from exc
 
 
+def _serving_calls(obj: dict[str, Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(read, replace) for an InferenceService or a Deployment, each called as fn(name, namespace[, body])."""
+    if obj["kind"] == "Deployment":
+        apps = _api(client.AppsV1Api)
+        return apps.read_namespaced_deployment, apps.replace_namespaced_deployment
+    group, version = obj["apiVersion"].split("/")
+    custom = _api(client.CustomObjectsApi)
+
+    def read(name: str, namespace: str, **kw: Any) -> Any:
+        return custom.get_namespaced_custom_object(group, version, namespace, "inferenceservices", name, **kw)
+
+    def replace(name: str, namespace: str, body: dict[str, Any], **kw: Any) -> Any:
+        return custom.replace_namespaced_custom_object(group, version, namespace, "inferenceservices", name, body, **kw)
+
+    return read, replace
+
+
+def read_serving(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The InferenceService or Deployment named like `obj`, or None when there is none."""
+    meta = obj["metadata"]
+    try:
+        return _data(call(_serving_calls(obj)[0], meta["name"], meta["namespace"], _preload_content=False))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise _temporary(exc, f"read {obj['kind']} {meta['name']}") from exc
+    except urllib3.exceptions.HTTPError as exc:
+        raise _temporary(exc, f"read {obj['kind']} {meta['name']}") from exc
+
+
+def replace_serving(obj: dict[str, Any]) -> dict[str, Any]:
+    """Replace the object (obj carries the resourceVersion read); a refusal is a permanent error."""
+    meta = obj["metadata"]
+    try:
+        return _data(call(_serving_calls(obj)[1], meta["name"], meta["namespace"], obj, _preload_content=False))
+    except ApiException as exc:
+        if exc.status in (400, 422):
+            raise kopf.PermanentError(f"{obj['kind']} {meta['name']} refused by the API server: {exc.body}") from exc
+        raise _temporary(exc, f"replace {obj['kind']} {meta['name']}") from exc
+    except urllib3.exceptions.HTTPError as exc:
+        raise _temporary(exc, f"replace {obj['kind']} {meta['name']}") from exc
+
+
 def delete_job(namespace: str, name: str, propagation: str = "Foreground") -> dict[str, Any] | None:
     """Delete a workload Job and (Foreground) its pods before the Job itself goes; the Job as the
     delete left it (with its deletionTimestamp while the pods go), or None when it is gone."""

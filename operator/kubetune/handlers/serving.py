@@ -13,7 +13,7 @@ import kopf
 from kubetune.api.models import FineTuneJobSpec, FineTuneJobStatus
 from kubetune.handlers import kube
 from kubetune.render.objects import LABEL_QUEUE
-from kubetune.render.serving import render_serving
+from kubetune.render.serving import ANNOTATION_MODEL, render_serving
 from kubetune.status import serving as s
 
 log = logging.getLogger("kubetune.serving")
@@ -44,6 +44,30 @@ def hand_off(
         log.error("%s: %s", where, exc)
         new, event = s.record(status, obj, "refused", now, generation, str(exc))
         return new, event, None
-    log.info("%s: %s %s %s", where, obj["kind"], obj["metadata"]["name"], "created" if created else "already there")
+    if created is None:  # already there: this job's from an earlier run, or someone else's
+        outcome, problem = update_existing(obj, meta.get("uid"))
+        if outcome != "created":
+            new, event = s.record(status, obj, outcome, now, generation, problem)
+            return new, event, None
+    log.info("%s: %s %s %s", where, obj["kind"], obj["metadata"]["name"], "created" if created else "up to date")
     new, event = s.record(status, obj, "created", now, generation)
     return new, event, None
+
+
+def update_existing(obj: dict[str, Any], owner_uid: str | None) -> tuple[s.Outcome, str]:
+    """Point an existing object of this job at the model it should serve now (a later run's); an object
+    this job does not own is left alone. (outcome, what went wrong)."""
+    existing = kube.read_serving(obj)
+    if existing is None:
+        raise kopf.TemporaryError(f"{obj['kind']} {obj['metadata']['name']} was deleted meanwhile", delay=1)
+    meta = existing["metadata"]
+    if not any(ref.get("uid") == owner_uid for ref in meta.get("ownerReferences") or []):
+        return "taken", ""
+    if (meta.get("annotations") or {}).get(ANNOTATION_MODEL) == obj["metadata"]["annotations"][ANNOTATION_MODEL]:
+        return "created", ""
+    obj["metadata"]["resourceVersion"] = meta["resourceVersion"]
+    try:
+        kube.replace_serving(obj)
+    except kopf.PermanentError as exc:
+        return "refused", str(exc)
+    return "created", ""

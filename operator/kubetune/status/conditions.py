@@ -35,6 +35,7 @@ MESSAGES: Final[dict[str, str]] = {
     "ServingCreated": "{kind} {name} created; it serves {uri}.",
     "ServingAPIMissing": "The cluster has no {kind} API ({api}): install KServe's CRDs, or set spec.serving.kind: Deployment. The model stays at {uri}.",
     "ServingRefused": "The API server refused {kind} {name}: {error}",
+    "ServingNameTaken": "{kind} {name} already exists and this FineTuneJob does not own it (left alone): set spec.serving.name to another name.",
     "Evaluated": "Evaluated: {figures}.",
     "EvaluationPassed": "Evaluation gate passed: {figures}.",
     "EvaluationGateFailed": "Evaluation gate failed; nothing published, artifacts kept for inspection: {figures}.",

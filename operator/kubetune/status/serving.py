@@ -14,9 +14,10 @@ from kubetune.render.serving import ANNOTATION_MODEL
 from kubetune.status import conditions as c
 from kubetune.status.derive import iso
 
-Outcome = Literal["created", "missing", "refused"]
-"""created: the object exists now (made by this call or an earlier one); missing: its API (the
-InferenceService CRD) is not installed; refused: the API server rejected it."""
+Outcome = Literal["created", "missing", "refused", "taken"]
+"""created: the object exists now and serves this job's model; missing: its API (the InferenceService
+CRD) is not installed; refused: the API server rejected it; taken: an object of that name exists that
+this job does not own (left alone)."""
 RETRY_MISSING_SECONDS = 300.0
 """How often a job whose serving API is missing looks again (KServe may be installed later)."""
 
@@ -44,6 +45,9 @@ def record(
     elif outcome == "missing":
         reason, ok = "ServingAPIMissing", False
         message = c.reason_message(reason, kind=ref.kind, api=obj["apiVersion"], uri=ref.uri)
+    elif outcome == "taken":
+        reason, ok = "ServingNameTaken", False
+        message = c.reason_message(reason, kind=ref.kind, name=ref.name)
     else:
         reason, ok = "ServingRefused", False
         message = c.reason_message(reason, kind=ref.kind, name=ref.name, error=error[:512])
