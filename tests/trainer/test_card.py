@@ -20,8 +20,9 @@ def config(tmp: Path):
 def test_records_become_rows_and_mappings_become_name_value_pairs():
     rows = any_table([{"alpha": 0.5, "evalLoss": 1.25}, {"alpha": 1.0, "evalLoss": 0.5, "retainLoss": 2.0}])
     assert rows.splitlines() == ["| alpha | evalLoss | retainLoss |", "|---|---|---|", "| 0.5 | 1.25 | - |", "| 1 | 0.5 | 2 |"]
-    pairs = any_table({"passed": True, "evalLoss": 0.75})
+    pairs = any_table({"passed": True, "evalLoss": 0.75, "generations": [{"prompt": "one two", "passed": False}]})
     assert "| passed | yes |" in pairs and "| evalLoss | 0.75 |" in pairs
+    assert "**generations**\n\n| prompt | passed |\n|---|---|\n| one two | no |" in pairs
 
 
 def test_evaluation_and_interpolation_tables_appear_only_when_metrics_has_them(tmp_path):

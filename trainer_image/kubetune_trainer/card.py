@@ -55,8 +55,10 @@ def any_table(data: Any) -> str:
     if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
         cols = list(dict.fromkeys(k for v in data.values() for k in v))
         return table(["", *cols], [[k, *(v.get(c) for c in cols)] for k, v in data.items()])
-    if isinstance(data, dict):
-        return table(["", "value"], [[k, v] for k, v in data.items()])
+    if isinstance(data, dict):  # scalars as name | value; lists of records as their own tables below
+        nested = {k: v for k, v in data.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)}
+        out = table(["", "value"], [[k, v] for k, v in data.items() if k not in nested])
+        return "\n\n".join([out, *(f"**{k}**\n\n{any_table(v)}" for k, v in nested.items())])
     return fmt(data)
 
 
@@ -132,15 +134,15 @@ def render_card(config: TrainerConfig, metrics: dict[str, Any], plots: list[str]
     parts = [
         f"# {job}",
         f"Fine-tuned from `{spec.model.source}`{rev} by kubetune: {_method_line(spec)}.",
-        "## Base model and method\n" + table(["", ""], [["base model", spec.model.source + rev], ["method", _method_line(spec)],
+        "## Base model and method\n" + table(["", "value"], [["base model", spec.model.source + rev], ["method", _method_line(spec)],
                                                         ["dtype", spec.model.dtype]]),  # fmt: skip
         "## Data\n" + table(["split", "path", "format", "examples", "tokens", "truncated", "dropped"], _data_rows(metrics)),
-        "## Hyper-parameters\n" + table(["", ""], _hyper_rows(spec, metrics)),
+        "## Hyper-parameters\n" + table(["", "value"], _hyper_rows(spec, metrics)),
     ]
     results = _result_rows(metrics)
     speed = [["tokens seen", metrics.get("tokensSeen")], ["tokens/s", metrics.get("tokensPerSecond")],
              ["training time (s)", metrics.get("trainSeconds")]]  # fmt: skip
-    parts.append("## Results\n" + (table(["metric", "before", "after"], results) + "\n\n" if results else "") + table(["", ""], speed))
+    parts.append("## Results\n" + (table(["metric", "before", "after"], results) + "\n\n" if results else "") + table(["throughput", "value"], speed))
     if plots:
         parts.append("\n".join(f"![{Path(p).stem}]({p})" for p in plots))
     for key, heading in SECTIONS_FROM_METRICS:
