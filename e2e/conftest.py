@@ -1,4 +1,4 @@
-"""Session fixtures for the end-to-end suite: a real control plane, the node agent, S3.
+"""Session fixtures for the end-to-end suite: a real control plane, the node agent, S3, an OCI registry.
 
     .venv/bin/pytest e2e -m e2e
 
@@ -25,6 +25,7 @@ import pytest
 from harness import binaries
 from harness.cluster import KUBECTL, Cluster
 from harness.node_agent import NodeAgent, for_cluster
+from harness.registry import Registry
 from harness.s3 import S3Server
 
 NODE_MODE = os.environ.get("KUBETUNE_E2E_NODE", "agent")
@@ -127,6 +128,17 @@ def s3(e2e_workdir: Path) -> Iterator[S3Server]:
             kind = "moto"
     server = S3Server(e2e_workdir / "s3", kind=kind)
     server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def registry(e2e_workdir: Path) -> Iterator[Registry]:
+    """The CNCF distribution registry on loopback (plain HTTP, htpasswd auth): `.host`, `.secret()`, `.client()`."""
+    try:
+        server = Registry(e2e_workdir / "registry").start()
+    except binaries.BinariesUnavailable as e:
+        pytest.skip(str(e))
     yield server
     server.stop()
 

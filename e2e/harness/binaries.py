@@ -43,13 +43,14 @@ def _paths() -> dict[str, Path]:
         "kube-scheduler": node / "kube-scheduler",
         "pause": node / "pause",
         "coredns": c / f"coredns-{v['COREDNS_VERSION']}" / "bin" / "coredns",
+        "registry": c / f"registry-{v['REGISTRY_VERSION']}" / "bin" / "registry",
     }
 
 
 COMPONENT = {  # binary -> build.sh component
     "kube-apiserver": "kubernetes", "kube-controller-manager": "kubernetes", "etcd": "etcd",
     "helm": "helm", "minio": "minio", "kubelet": "node", "kube-scheduler": "node", "pause": "node",
-    "coredns": "coredns",
+    "coredns": "coredns", "registry": "registry",
 }
 
 

@@ -38,7 +38,8 @@ RELEASE = "kubetune"
 SA = "kubetune"  # the chart's fullname for release "kubetune"
 # The operator watches exactly these (chart value watchNamespaces -> a Role per namespace), so it
 # never touches the random namespaces of e2e/test_operator.py, whose tests run their own operator.
-NAMESPACES = {"happy": "kts-happy", "bad": "kts-bad", "faults": "kts-faults", "many": "kts-many"}
+NAMESPACES = {"happy": "kts-happy", "bad": "kts-bad", "faults": "kts-faults", "many": "kts-many",
+              "publish": "kts-publish"}
 SECRET = "s3-creds"
 
 

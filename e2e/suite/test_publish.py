@@ -1,0 +1,119 @@
+"""From a finished job to a model in a registry: `spec.output.publish.oci` against the CNCF distribution
+registry on loopback (htpasswd auth). The pushed manifest is pulled back and its layer digests checked
+against the files in S3; a wrong password fails the job naming the Secret, with nothing pushed; pushing the
+same files again gives the same manifest digest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import job_doc, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+NS_KEY = "publish"
+MODELPACK = "application/vnd.cncf.model.manifest.v1+json"
+
+
+def s3_files(s3: Any, prefix: str) -> dict[str, bytes]:
+    client = s3.client()
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix):
+        for obj in page.get("Contents") or []:
+            out[obj["Key"][len(prefix):]] = client.get_object(Bucket=s3.bucket, Key=obj["Key"])["Body"].read()
+    return out
+
+
+def manifest_bytes(registry: Any, repository: str, ref: str) -> bytes:
+    client = registry.client()
+    container = client.get_container(f"{registry.host}/{repository}:latest")
+    url = f"http://{registry.host}/v2/{repository}/manifests/{ref}"
+    response = client.do_request(url, "GET", headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    assert response.status_code == 200, (container, response.status_code, response.text)
+    return response.content
+
+
+def publish_job(name: str, s3: Any, s3_data: dict[str, str], registry: Any, secret: str) -> dict[str, Any]:
+    publish = {"oci": f"{registry.host}/kubetune/{name}:v1", "credentialsSecret": secret, "plainHTTP": True}
+    return job_doc(name, s3, s3_data, example="lora", steps=6, checkpoint_steps=6, **{"output.publish": publish})
+
+
+def finished(kctl: Any, ns: str, name: str) -> dict[str, Any]:
+    wait_for("Succeeded or Failed", lambda: kctl.phase(ns, name) in ("Succeeded", "Failed"), 300, 1)
+    return kctl.status(ns, name)
+
+
+def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(kctl, suite_ns, s3, s3_data, node_agent, registry):
+    name = "publish-lora"
+    kctl.apply(suite_ns, registry.secret("regcred", suite_ns))
+    kctl.apply(suite_ns, publish_job(name, s3, s3_data, registry, "regcred"))
+    status = finished(kctl, suite_ns, name)
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+
+    # status.artifacts.oci: digest-pinned, and the digest is the manifest's, pulled back by tag.
+    pinned = status["artifacts"]["oci"]
+    match = re.fullmatch(rf"{re.escape(registry.host)}/kubetune/{name}@(sha256:[0-9a-f]{{64}})", pinned)
+    assert match, pinned
+    raw = manifest_bytes(registry, f"kubetune/{name}", "v1")
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == match.group(1)
+    manifest = json.loads(raw)
+    assert manifest["artifactType"] == MODELPACK
+    assert manifest["config"]["mediaType"] == "application/vnd.cncf.model.config.v1+json"
+
+    # Each layer is one file of model/ (the merged model), its digest the sha256 of the object in S3.
+    files = s3_files(s3, f"runs/{name}/model/")
+    layers = {layer["annotations"]["org.cncf.model.filepath"]: layer for layer in manifest["layers"]}
+    assert set(layers) == set(files), (sorted(layers), sorted(files))
+    for rel, data in files.items():
+        assert layers[rel]["digest"] == "sha256:" + hashlib.sha256(data).hexdigest(), rel
+        assert layers[rel]["size"] == len(data), rel
+    assert layers["model.safetensors"]["mediaType"] == "application/vnd.cncf.model.weight.v1.raw"
+    # ... and the registry holds those bytes (not only a descriptor).
+    with tempfile.TemporaryDirectory() as tmp:
+        blob = Path(tmp) / "weights"
+        registry.client().download_blob(f"{registry.host}/kubetune/{name}:v1", layers["model.safetensors"]["digest"], str(blob))
+        assert blob.read_bytes() == files["model.safetensors"]
+
+    # metrics.json names the same reference.
+    metrics = json.loads(s3_files(s3, f"runs/{name}/metrics.json")[""])
+    assert metrics["oci"]["reference"] == pinned and metrics["oci"]["directory"] == "model"
+
+    # Pushing the same files again (the trainer's own code, from S3) gives the same manifest digest.
+    from kubetune.api.models import PublishSpec  # noqa: PLC0415
+    from kubetune_trainer import publish  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "auth.json").write_text(registry.dockerconfigjson())
+        table = {}
+        for rel, data in files.items():
+            (out / "model" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / "model" / rel).write_bytes(data)
+            table[f"model/{rel}"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        spec = PublishSpec(oci=f"{registry.host}/kubetune/{name}:v1", credentials_secret="regcred", plain_http=True)
+        assert publish.push(spec, publish.layers(out, table, "model"), out / "auth.json") == pinned
+
+
+def test_a_refused_password_fails_the_job_naming_the_secret_and_pushes_nothing(kctl, suite_ns, s3, s3_data, node_agent,
+                                                                               registry):
+    name = "publish-refused"
+    wrong = "not-the-password"
+    kctl.apply(suite_ns, registry.secret("regcred-wrong", suite_ns, password=wrong))
+    kctl.apply(suite_ns, publish_job(name, s3, s3_data, registry, "regcred-wrong"))
+    status = finished(kctl, suite_ns, name)
+    assert status["phase"] == "Failed", json.dumps(status, indent=1)
+    failure = status["lastFailure"]
+    assert failure["reason"] == "CredentialsInvalid", failure
+    assert "regcred-wrong" in failure["message"] and "401" in failure["message"], failure
+    assert "\n" not in failure["message"] and wrong not in json.dumps(status)
+    assert status.get("restarts", 0) == 0  # a user error: no restart can help
+    # Refused before training (a HEAD with the credentials): no model written, nothing pushed.
+    assert "model/model.safetensors" not in s3_files(s3, f"runs/{name}/")
+    client = registry.client()
+    response = client.do_request(f"http://{registry.host}/v2/kubetune/{name}/tags/list", "GET")
+    assert response.status_code == 404, (response.status_code, response.text)
