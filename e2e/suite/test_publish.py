@@ -65,8 +65,12 @@ def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(kctl, su
     assert manifest["artifactType"] == MODELPACK
     assert manifest["config"]["mediaType"] == "application/vnd.cncf.model.config.v1+json"
 
-    # Each layer is one file of model/ (the merged model), its digest the sha256 of the object in S3.
+    # Each layer is one file of model/ (the merged model) or of the model card, its digest the sha256 of
+    # the object in S3.
     files = s3_files(s3, f"runs/{name}/model/")
+    card = {k: v for k, v in s3_files(s3, f"runs/{name}/").items() if k in ("README.md", "loss.png", "eval.png")}
+    assert "README.md" in card, sorted(card)
+    files.update(card)
     layers = {layer["annotations"]["org.cncf.model.filepath"]: layer for layer in manifest["layers"]}
     assert set(layers) == set(files), (sorted(layers), sorted(files))
     for rel, data in files.items():
@@ -92,11 +96,13 @@ def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(kctl, su
         (out / "auth.json").write_text(registry.dockerconfigjson())
         table = {}
         for rel, data in files.items():
-            (out / "model" / rel).parent.mkdir(parents=True, exist_ok=True)
-            (out / "model" / rel).write_bytes(data)
-            table[f"model/{rel}"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+            at = rel if rel in card else f"model/{rel}"
+            (out / at).parent.mkdir(parents=True, exist_ok=True)
+            (out / at).write_bytes(data)
+            table[at] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
         spec = PublishSpec(oci=f"{registry.host}/kubetune/{name}:v1", credentials_secret="regcred", plain_http=True)
-        assert publish.push(spec, publish.layers(out, table, "model"), out / "auth.json") == pinned
+        parts = publish.with_card(publish.layers(out, table, "model"), out, table, ["README.md", "loss.png", "eval.png"])
+        assert publish.push(spec, parts, out / "auth.json") == pinned
 
 
 def test_a_refused_password_fails_the_job_naming_the_secret_and_pushes_nothing(kctl, suite_ns, s3, s3_data, node_agent,

@@ -82,3 +82,19 @@ def test_a_secret_without_an_entry_for_the_registry_names_the_secret_and_the_fix
 
 def test_the_reference_splits_into_registry_repository_and_tag():
     assert publish.split_reference("127.0.0.1:5000/models/tiny:v1") == ("127.0.0.1:5000", "models/tiny", "v1")
+
+
+def test_the_model_card_joins_as_doc_layers_unless_the_directory_has_a_file_of_that_name(tmp_path):
+    (tmp_path / "README.md").write_text("# card")
+    (tmp_path / "loss.png").write_bytes(b"png")
+    files = file_table(tmp_path)
+    model = [publish.Layer(tmp_path / "w.safetensors", "w.safetensors", "00", 1)]
+    parts = publish.with_card(model, tmp_path, files, ["README.md", "loss.png", "eval.png"])
+    assert [(p.rel, publish.media_type(p.rel)) for p in parts] == [
+        ("w.safetensors", "application/vnd.cncf.model.weight.v1.raw"),
+        ("README.md", "application/vnd.cncf.model.doc.v1.raw"),
+        ("loss.png", "application/vnd.cncf.model.doc.v1.raw"),
+    ]
+    assert parts[1].sha256 == hashlib.sha256(b"# card").hexdigest()
+    peft_readme = [publish.Layer(tmp_path / "a" / "README.md", "README.md", "11", 2)]
+    assert [p.sha256 for p in publish.with_card(peft_readme, tmp_path, files, ["README.md"])] == ["11"]

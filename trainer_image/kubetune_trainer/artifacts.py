@@ -16,9 +16,12 @@ import torch
 from kubetune.api import methods
 from kubetune.api.contract import (
     ADAPTER_DIR,
+    CARD_FILE,
     CONFIG_FILE,
     ENV_REGISTRY_AUTH,
+    EVAL_PLOT,
     GATE_FAILED_MARKER,
+    LOSS_PLOT,
     MERGED_DIR,
     METRICS_FILE,
 )
@@ -77,7 +80,8 @@ class ArtifactWriter:
         spec = self.config.spec
         assert spec.output.publish is not None
         pushed = pushed_dir(self.config)
-        reference = publish.push(spec.output.publish, publish.layers(out, files, pushed), registry_auth())
+        parts = publish.with_card(publish.layers(out, files, pushed), out, files, [CARD_FILE, LOSS_PLOT, EVAL_PLOT])
+        reference = publish.push(spec.output.publish, parts, registry_auth())
         self.facts.oci = {"reference": reference, "tag": spec.output.publish.oci, "directory": pushed}
         log(f"published {pushed}/ as {reference}")
         (out / METRICS_FILE).write_text(json.dumps(self.metrics(), indent=2))
@@ -190,12 +194,8 @@ class ArtifactWriter:
 
 
 def pushed_dir(config: TrainerConfig) -> str:
-    """What spec.output.publish pushes: artifact, or the merged model where the job writes one, else the adapter."""
-    spec = config.spec
-    choice = spec.output.publish.artifact if spec.output.publish is not None else None
-    if choice is None:
-        choice = "model" if methods.writes_full_model(spec) else "adapter"
-    return MERGED_DIR if choice == "model" else ADAPTER_DIR
+    """The directory spec.output.publish pushes (kubetune.api.methods.published_artifact)."""
+    return ADAPTER_DIR if methods.published_artifact(config.spec) == "adapter" else MERGED_DIR
 
 
 def registry_auth() -> Path | None:

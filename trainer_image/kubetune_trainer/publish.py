@@ -35,6 +35,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 DOC_NAMES = ("README.md", "LICENSE", "LICENSE.txt", "NOTICE")
+DOC_SUFFIXES = (".md", ".png")  # the model card and its plots
 CHUNKED_ABOVE = 256 << 20  # bigger files go up in chunks rather than read into memory whole
 CHUNK = 64 << 20
 
@@ -43,7 +44,7 @@ def media_type(rel: str) -> str:
     name = rel.rsplit("/", 1)[-1]
     if name.endswith(WEIGHT_SUFFIXES):
         return WEIGHT_RAW
-    if name in DOC_NAMES:
+    if name in DOC_NAMES or name.endswith(DOC_SUFFIXES):
         return DOC_RAW
     return WEIGHT_CONFIG_RAW  # config.json, tokenizer files, adapter_config.json, chat template
 
@@ -71,6 +72,14 @@ def layers(directory: Path, files: dict[str, dict[str, Any]], prefix: str) -> li
         for rel, entry in sorted(files.items())
         if rel.startswith(prefix + "/")
     ]
+
+
+def with_card(parts: list[Layer], directory: Path, files: dict[str, dict[str, Any]], card: list[str]) -> list[Layer]:
+    """`parts` plus the top-level model card files (README.md, plots) as doc layers, where the pushed
+    directory has no file of that name (peft writes its own README.md into adapter/: that one stays)."""
+    taken = {layer.rel for layer in parts}
+    extra = [Layer(directory / n, n, files[n]["sha256"], files[n]["size"]) for n in card if n in files and n not in taken]
+    return parts + extra
 
 
 def model_config(parts: list[Layer], name: str) -> dict[str, Any]:

@@ -38,3 +38,12 @@ def served_artifact(spec: FineTuneJobSpec) -> str:
     if want != "auto":
         return want
     return "merged" if writes_full_model(spec) else "adapter"
+
+
+def published_artifact(spec: FineTuneJobSpec) -> str | None:
+    """What spec.output.publish pushes: `model` (merged or fully fine-tuned weights) or `adapter`; None without
+    publish. Unset `artifact`: the model where the job writes one, else the adapter."""
+    publish = spec.output.publish
+    if publish is None:
+        return None
+    return publish.artifact or ("model" if writes_full_model(spec) else "adapter")

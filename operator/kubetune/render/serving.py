@@ -55,10 +55,7 @@ def oci_uri(artifacts: dict[str, Any]) -> str | None:
 
 def _published_model(spec: FineTuneJobSpec) -> bool:
     """Whether output.publish pushed the full weights (not the adapter alone)."""
-    publish = spec.output.publish
-    if publish is None:
-        return False
-    return (publish.artifact or ("model" if methods.writes_full_model(spec) else "adapter")) == "model"
+    return methods.published_artifact(spec) == "model"
 
 
 def base_model_uri(spec: FineTuneJobSpec) -> str:
