@@ -1,7 +1,9 @@
 """From a finished job to a model in a registry: `spec.output.publish.oci` against the CNCF distribution
 registry on loopback (htpasswd auth). The pushed manifest is pulled back and its layer digests checked
 against the files in S3; a wrong password fails the job naming the Secret, with nothing pushed; pushing the
-same files again gives the same manifest digest."""
+same files again gives the same manifest digest; with `spec.serving` the InferenceService the operator
+creates (KServe's own CRDs installed) loads the model from that digest-pinned reference. (Serving
+itself, S3 storage URIs, adapters and the missing-API case: e2e/suite/test_serving.py.)"""
 
 from __future__ import annotations
 
@@ -14,10 +16,23 @@ from typing import Any
 
 import pytest
 from conftest import job_doc, wait_for
+from harness import binaries
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 NS_KEY = "publish"
 MODELPACK = "application/vnd.cncf.model.manifest.v1+json"
+ISVC = "inferenceservices.serving.kserve.io"
+
+
+def install_kserve_crds(kctl: Any) -> None:
+    try:
+        crds = binaries.kserve_crds()
+    except binaries.BinariesUnavailable as e:
+        pytest.skip(str(e))
+    for path in sorted(crds.glob("*.yaml")):
+        r = kctl("apply", "--server-side", "--force-conflicts", "-f", str(path), check=False)
+        assert r.returncode == 0, r.stderr
+    kctl("wait", "--for=condition=Established", f"crd/{ISVC}", "--timeout=60s")
 
 
 def s3_files(s3: Any, prefix: str) -> dict[str, bytes]:
@@ -50,8 +65,11 @@ def finished(kctl: Any, ns: str, name: str) -> dict[str, Any]:
 
 def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(kctl, suite_ns, s3, s3_data, node_agent, registry):
     name = "publish-lora"
+    install_kserve_crds(kctl)
     kctl.apply(suite_ns, registry.secret("regcred", suite_ns))
-    kctl.apply(suite_ns, publish_job(name, s3, s3_data, registry, "regcred"))
+    doc = publish_job(name, s3, s3_data, registry, "regcred")
+    doc["spec"]["serving"] = {"kind": "InferenceService"}
+    kctl.apply(suite_ns, doc)
     status = finished(kctl, suite_ns, name)
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
 
@@ -82,6 +100,11 @@ def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(kctl, su
         blob = Path(tmp) / "weights"
         registry.client().download_blob(f"{registry.host}/kubetune/{name}:v1", layers["model.safetensors"]["digest"], str(blob))
         assert blob.read_bytes() == files["model.safetensors"]
+
+    # The InferenceService loads the model from the digest-pinned reference (not from the moving tag).
+    wait_for("InferenceService", lambda: kctl.get(suite_ns, ISVC, name) is not None, 60, 1)
+    isvc = kctl.get(suite_ns, ISVC, name)
+    assert isvc["spec"]["predictor"]["model"]["storageUri"] == f"oci://{pinned}", isvc["spec"]
 
     # metrics.json names the same reference.
     metrics = json.loads(s3_files(s3, f"runs/{name}/metrics.json")[""])
