@@ -1,5 +1,5 @@
 """From a finished job to a model in a registry: `spec.output.publish.oci` against the CNCF distribution
-registry on loopback (htpasswd auth). The pushed manifest is pulled back and its layer digests checked
+registry on loopback (htpasswd auth). A job that passes its evaluation gate is published; the pushed manifest is pulled back and its layer digests checked
 against the files in S3; a wrong password fails the job naming the Secret, with nothing pushed; pushing the
 same files again gives the same manifest digest; with `spec.serving` the InferenceService the operator
 creates (KServe's own CRDs installed) loads the model from that digest-pinned reference. (Serving
@@ -69,9 +69,12 @@ def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(kctl, su
     kctl.apply(suite_ns, registry.secret("regcred", suite_ns))
     doc = publish_job(name, s3, s3_data, registry, "regcred")
     doc["spec"]["serving"] = {"kind": "InferenceService"}
+    # A gate the model passes (eval loss falls from about 3.4 to 2.9 in these 6 steps): published only then.
+    doc["spec"]["evaluation"] = {"gate": {"maxEvalLoss": 3.2}}
     kctl.apply(suite_ns, doc)
     status = finished(kctl, suite_ns, name)
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    assert status["evaluation"]["gatePassed"] is True and status["evaluation"]["evalLoss"] <= 3.2, status["evaluation"]
 
     # status.artifacts.oci: digest-pinned, and the digest is the manifest's, pulled back by tag.
     pinned = status["artifacts"]["oci"]
