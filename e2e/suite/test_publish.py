@@ -149,3 +149,22 @@ def test_a_refused_password_fails_the_job_naming_the_secret_and_pushes_nothing(k
     client = registry.client()
     response = client.do_request(f"http://{registry.host}/v2/kubetune/{name}/tags/list", "GET")
     assert response.status_code == 404, (response.status_code, response.text)
+
+
+def test_a_job_that_fails_its_gate_publishes_nothing(kctl, suite_ns, s3, s3_data, node_agent, registry):
+    name = "publish-gated"
+    kctl.apply(suite_ns, registry.secret("regcred", suite_ns))
+    doc = publish_job(name, s3, s3_data, registry, "regcred")
+    doc["spec"]["training"]["maxSteps"] = 2
+    doc["spec"]["evaluation"] = {"gate": {"maxEvalLoss": 0.01}}  # out of reach in 2 steps
+    kctl.apply(suite_ns, doc)
+    status = finished(kctl, suite_ns, name)
+    assert status["phase"] == "Failed", json.dumps(status, indent=1)
+    assert status["lastFailure"]["reason"] == "EvaluationGateFailed", status["lastFailure"]
+    assert status["evaluation"]["gatePassed"] is False and status["evaluation"]["evalLoss"] > 0.01
+    assert "oci" not in (status.get("artifacts") or {})
+    # The artifacts stay in S3 for inspection, with no reference in metrics.json; the registry has no such repository.
+    files = s3_files(s3, f"runs/{name}/")
+    assert "model/model.safetensors" in files and "oci" not in json.loads(files["metrics.json"])
+    response = registry.client().do_request(f"http://{registry.host}/v2/kubetune/{name}/tags/list", "GET")
+    assert response.status_code == 404, (response.status_code, response.text)
