@@ -159,7 +159,9 @@ def _client(spec: PublishSpec, auth_file: Path | None) -> Any:
             if challenge.lower().startswith("basic"):
                 self.session.headers["Authorization"] = f"Basic {self._basic_auth}"  # every later request too
                 return {**(headers or {}), "Authorization": f"Basic {self._basic_auth}"}, True
-            out, changed = super().authenticate_request(original, headers, refresh)
+            # A token is scoped (pull, then push): a challenge means the one held does not cover this request,
+            # so always ask for a new one for the challenged scope (oras-py would resend the old one).
+            out, changed = super().authenticate_request(original, headers, refresh=True)
             if not changed:  # the token service refused: say so at once rather than retry for minutes
                 raise oras.auth.AuthenticationException(f"the token service refused the credentials ({challenge})")
             return out, changed
