@@ -32,7 +32,12 @@ def install_kserve_crds(kctl: Any) -> None:
     for path in sorted(crds.glob("*.yaml")):
         r = kctl("apply", "--server-side", "--force-conflicts", "-f", str(path), check=False)
         assert r.returncode == 0, r.stderr
-    kctl("wait", "--for=condition=Established", f"crd/{ISVC}", "--timeout=60s")
+    wait_for("the InferenceService CRD established", lambda: established(kctl.get("default", "crd", ISVC)), 60, 0.5)
+
+
+def established(crd: dict[str, Any] | None) -> bool:
+    conditions = ((crd or {}).get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
 
 def s3_files(s3: Any, prefix: str) -> dict[str, bytes]:
