@@ -108,12 +108,20 @@ def kubelet_node(cluster: Cluster, e2e_workdir: Path) -> Iterator[Any]:
         node.stop()
         pytest.skip(str(e))
     except Exception:
-        for name, tail in node.logs().items():
+        for name, tail in node.component_logs().items():
             print(f"--- {name} ---\n{tail}", file=sys.stderr)
         node.stop()
         raise
     yield node
     node.stop()
+
+
+@pytest.fixture(scope="session")
+def node(request: pytest.FixtureRequest) -> Any:
+    """The node pods run on, in either mode (`node_agent` or `kubelet_node`), with the same calls:
+    `.name`, `.kill_container(ns, pod, container=None, sig=SIGKILL)`, `.logs(ns, pod, container=None)`,
+    `.pod_logs(ns, name_prefix)` (deleted pods too), `.pod_endpoint(host_port)` (how pods reach a host port)."""
+    return request.getfixturevalue("kubelet_node" if NODE_MODE == "kubelet" else "node_agent")
 
 
 @pytest.fixture(scope="session")

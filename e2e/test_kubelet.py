@@ -36,7 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 KUBETUNE = Path(sys.executable).parent / "kubetune"
 OPERATOR_IMAGE, TRAINER_IMAGE = chart_images()
 WATCHED = "ktk-jobs"  # the namespace the helm-installed operator watches
-RELEASE_NS = "kubetune-system"
+# release and namespace distinct from e2e/suite's install (kubetune in kubetune-system), which runs
+# in the same session in this mode: fullname ktk-kubetune, its own ClusterRole and ServiceAccount
+RELEASE, RELEASE_NS = "ktk", "ktk-system"
+FULLNAME = f"{RELEASE}-kubetune"
 
 
 def pod_phase(cluster: Cluster, ns: str, name: str) -> str:
@@ -90,14 +93,14 @@ def helm_release(cluster: Cluster, kubelet_node: Any) -> dict[str, Any]:
     helm = binaries.ensure("helm")["helm"]
     cluster.create_namespace(WATCHED)
     t0 = time.monotonic()
-    cmd = [str(helm), "--kubeconfig", str(cluster.kubeconfig), "install", "kubetune", str(ROOT / "charts" / "kubetune"),
+    cmd = [str(helm), "--kubeconfig", str(cluster.kubeconfig), "install", RELEASE, str(ROOT / "charts" / "kubetune"),
            "--namespace", RELEASE_NS, "--create-namespace", "--set", f"watchNamespaces={{{WATCHED}}}",
            "--set", "pollInterval=2", "--wait", "--timeout", "180s"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         print(cluster.kubectl("-n", RELEASE_NS, "describe", "pods", check=False).stdout, file=sys.stderr)
         for flag in ("--previous", "--timestamps"):
-            print(cluster.kubectl("-n", RELEASE_NS, "logs", "deploy/kubetune", flag, check=False).stdout[-5000:],
+            print(cluster.kubectl("-n", RELEASE_NS, "logs", f"deploy/{FULLNAME}", flag, check=False).stdout[-5000:],
                   file=sys.stderr)
     assert r.returncode == 0, r.stdout + r.stderr
     print(f"\nhelm install --wait: {time.monotonic() - t0:.1f}s", file=sys.stderr)
@@ -110,14 +113,14 @@ def test_helm_install_runs_operator_pod_and_helm_test_passes(cluster: Cluster, h
     running = [p for p in pods if p["status"]["phase"] == "Running"]
     assert len(running) == 1, [p["status"]["phase"] for p in pods]
     op = running[0]
-    assert op["spec"]["serviceAccountName"] == "kubetune"
+    assert op["spec"]["serviceAccountName"] == FULLNAME
     assert op["spec"]["containers"][0]["image"] == OPERATOR_IMAGE
     assert all(c["ready"] for c in op["status"]["containerStatuses"])  # readiness probe: Kopf's /healthz
-    r = subprocess.run([str(helm_release["helm"]), "--kubeconfig", str(cluster.kubeconfig), "test", "kubetune",
+    r = subprocess.run([str(helm_release["helm"]), "--kubeconfig", str(cluster.kubeconfig), "test", RELEASE,
                         "--namespace", RELEASE_NS, "--timeout", "120s"], capture_output=True, text=True)
     # (no --logs: the hook's delete policy removes a passing test pod before helm could read it)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert re.search(r"TEST SUITE:\s+kubetune-test\n.*\n.*\n\s*Phase:\s+Succeeded", r.stdout), r.stdout
+    assert re.search(rf"TEST SUITE:\s+{FULLNAME}-test\n.*\n.*\n\s*Phase:\s+Succeeded", r.stdout), r.stdout
 
 
 def test_lora_job_on_two_pods_through_the_installed_operator_and_its_logs(

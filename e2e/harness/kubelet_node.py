@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,7 @@ class KubeletNode:
         self.cgroup_root = f"/kubetune-e2e-{os.getpid()}-{int(time.time())}"
         self._root_lock: Any = None
         self.errors: list[str] = []
+        self._exposed: dict[int, str] = {}
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -270,5 +272,55 @@ state = "{d / 'containerd-state'}"
                                              f"tcp:{HOST_SERVICES_IP}:{host_port}=unix:{sock}"])
         return f"{HOST_SERVICES_IP}:{host_port}"
 
-    def logs(self) -> dict[str, str]:
+    def component_logs(self) -> dict[str, str]:
         return {p.name: p.tail(60) for p in self.procs}
+
+    # -- what the suite does to pods (the same calls as node_agent.NodeAgent) ------------
+    def pod_endpoint(self, host_port: int) -> str:
+        """`host:port` at which pods reach a host TCP port (carried in once per port)."""
+        if host_port not in self._exposed:
+            self._exposed[host_port] = self.expose(host_port)
+        return self._exposed[host_port]
+
+    def _container_id(self, ns: str, pod: str, container: str | None) -> str:
+        got = self.cluster.admin.get(f"/api/v1/namespaces/{ns}/pods/{pod}")
+        for cs in got["status"].get("containerStatuses") or []:
+            if container in (None, cs["name"]) and "running" in cs.get("state", {}) and cs.get("containerID"):
+                return str(cs["containerID"]).split("://", 1)[1]
+        raise KeyError(f"no running container in pod {ns}/{pod} on {self.name}")
+
+    def task_pid(self, ns: str, pod: str, container: str | None = None) -> int:
+        """Host PID of a running container's first process."""
+        cid = self._container_id(ns, pod, container)
+        out = self.ns.run([*self.ctr, "-n", "k8s.io", "tasks", "ls"]).stdout
+        for line in out.splitlines()[1:]:
+            f = line.split()
+            if f and f[0] == cid:
+                return int(f[1])
+        raise KeyError(f"no task for container {cid} of {ns}/{pod}")
+
+    def kill_container(self, ns: str, pod: str, container: str | None = None, sig: int = signal.SIGKILL) -> None:
+        """Fault injection: signal a running container's first process (SIGKILL ~ an OOM kill; with
+        SIGKILL the kernel then kills the rest of the container's PID namespace)."""
+        cid = self._container_id(ns, pod, container)
+        self.ns.run([*self.ctr, "-n", "k8s.io", "tasks", "kill", "-s", signal.Signals(sig).name, cid])
+
+    def logs(self, ns: str, pod: str, container: str | None = None, previous: bool = False) -> str:
+        """`kubectl logs` (through the kubelet's API); for a pod already deleted, its files under
+        /var/log/pods while the kubelet keeps them."""
+        args = ["-n", ns, "logs", pod] + (["-c", container] if container else ["--all-containers"])
+        r = self.cluster.kubectl(*args, *(["--previous"] if previous else []), check=False)
+        if r.returncode == 0:
+            return r.stdout
+        return self.pod_logs(ns, pod)
+
+    def pod_logs(self, ns: str, prefix: str) -> str:
+        """stdout+stderr of every container of every pod whose name starts with `prefix`, from the
+        CRI log files (<workdir>/netns/pod-logs = the namespace's /var/log/pods), oldest first."""
+        out = []
+        for f in sorted(self.ns.pod_logs_dir.glob(f"{ns}_{prefix}*/*/*.log")):
+            for line in f.read_text(errors="replace").splitlines():
+                parts = line.split(" ", 3)  # <time> <stream> <P|F> <text>
+                if len(parts) == 4:
+                    out.append(parts[3] + ("\n" if parts[2] == "F" else ""))
+        return "".join(out)

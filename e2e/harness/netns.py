@@ -46,6 +46,11 @@ class Namespace:
         self.cgroups: list[str] = []  # cgroup paths (relative to each hierarchy) to clean on stop
 
     @property
+    def pod_logs_dir(self) -> Path:
+        """The host directory mounted at the namespace's /var/log/pods (the kubelet's CRI logs)."""
+        return self.dir / "pod-logs"
+
+    @property
     def pid(self) -> int:
         assert self.holder is not None
         return self.holder.pid

@@ -502,6 +502,15 @@ class NodeAgent:
                 out.append(f.read_text(errors="replace"))
         return "".join(out)
 
+    def pod_logs(self, ns: str, prefix: str) -> str:
+        """stdout+stderr of every container of every pod whose name starts with `prefix`, deleted ones too."""
+        return "".join(f.read_text(errors="replace") for d in sorted(self.pods_dir.glob(f"{ns}_{prefix}*"))
+                       for f in sorted((d / "logs").glob("*/*.log")))
+
+    def pod_endpoint(self, host_port: int) -> str:
+        """`host:port` at which pods reach a host TCP port (pods share the host network here)."""
+        return f"127.0.0.1:{host_port}"
+
     def kill_container(self, ns: str, pod: str, container: str | None = None,
                        sig: int = signal.SIGKILL) -> None:
         """Fault injection: signal a running container's process group (SIGKILL ~ OOM kill)."""

@@ -28,6 +28,8 @@ import pytest
 import yaml
 from harness.waiting import wait_for
 
+NODE_MODE = os.environ.get("KUBETUNE_E2E_NODE", "agent")
+
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
 CHART = ROOT / "charts" / "kubetune"
@@ -104,18 +106,22 @@ def installed(cluster: Any, kctl: Kctl) -> dict[str, Any]:
     t0 = time.monotonic()
     r = kctl("apply", "--server-side", "-f", str(CRD), check=False)
     assert r.returncode == 0, r.stderr
-    kctl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+    r = kctl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
     for ns in (RELEASE_NS, *NAMESPACES.values()):
         cluster.create_namespace(ns)
-    docs = render_chart("watchNamespaces={" + ",".join(NAMESPACES.values()) + "}", "pollInterval=1")
+    docs = render_chart("watchNamespaces={" + ",".join(NAMESPACES.values()) + "}", "pollInterval=1",
+                        "logFormat=json")
     runnable = [d for d in docs if d["kind"] != "Deployment"
                 and "helm.sh/hook" not in (d["metadata"].get("annotations") or {})]
     deployment = [d for d in docs if d["kind"] == "Deployment"]
     assert deployment, "the chart renders no Deployment"
     r = kctl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(runnable), check=False)
     assert r.returncode == 0, r.stderr
-    # The operator image cannot run here: the API server still validates and admits the Deployment.
-    r = kctl("apply", "--server-side", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(deployment), check=False)
+    # With the node agent the operator image cannot run: the API server still validates and admits the
+    # Deployment (dry run) and the operator runs as a local process. On the real node it is created.
+    dry = [] if NODE_MODE == "kubelet" else ["--dry-run=server"]
+    r = kctl("apply", "--server-side", *dry, "-f", "-", input=yaml.safe_dump_all(deployment), check=False)
     assert r.returncode == 0, r.stderr
     cluster.wait_for_serviceaccount(RELEASE_NS, SA)
     kubeconfig = cluster.kubeconfig_for_serviceaccount(RELEASE_NS, SA, seconds=6 * 3600)
@@ -186,8 +192,11 @@ class Operator:
         self.stop()
         self.start()
 
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
     def tail(self, n: int = 6000) -> str:
-        return self.log.read_text(errors="replace")[-n:]
+        return self.text()[-n:]
 
     def errors(self) -> list[str]:
         """Tracebacks / unhandled errors in the log (Kopf logs handler crashes at ERROR)."""
@@ -198,9 +207,89 @@ class Operator:
         return bad
 
 
+class DeployedOperator:
+    """The chart's Deployment on the real node (KUBETUNE_E2E_NODE=kubelet): the operator image as a pod
+    under the chart's ServiceAccount. Same calls as Operator: `kill()` force-deletes the pod (its
+    Deployment makes a new one), `stop()` deletes it gracefully, `start()` waits for a Ready pod that
+    was not stopped, `log` holds every operator pod's log seen so far (refreshed by `text()`)."""
+
+    def __init__(self, kctl: Kctl, node: Any, deployment: dict[str, Any], log: Path) -> None:
+        self.kctl, self.node, self.log = kctl, node, log
+        labels = deployment["spec"]["selector"]["matchLabels"]
+        self.selector = "-l=" + ",".join(f"{k}={v}" for k, v in labels.items())
+        self.gone: set[str] = set()  # uids of pods stopped or killed
+        self.starts = 0
+        self._saved: dict[str, str] = {}  # pod name -> last log read
+        log.write_text("")
+
+    def pod(self) -> dict[str, Any] | None:
+        """The current operator pod: Ready, not deleting, not one this object stopped."""
+        for p in self.kctl.get(RELEASE_NS, "pods", None, self.selector) or []:
+            conds = {c["type"]: c["status"] for c in p["status"].get("conditions") or []}
+            if (p["metadata"]["uid"] not in self.gone and not p["metadata"].get("deletionTimestamp")
+                    and conds.get("Ready") == "True"):
+                return p
+        return None
+
+    def start(self) -> None:
+        self.starts += 1
+        wait_for("operator pod Ready", lambda: self.pod() is not None, 180, 1)
+
+    def healthy(self) -> bool:
+        return self.pod() is not None  # Ready = the readiness probe got 200 from /healthz
+
+    def rss_kib(self) -> int:
+        p = self.pod()
+        assert p is not None, "no operator pod"
+        pid = self.node.task_pid(RELEASE_NS, p["metadata"]["name"])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self, grace: int | None = None) -> None:
+        p = self.pod()
+        if p is None:
+            return
+        self.text()
+        self.gone.add(p["metadata"]["uid"])
+        force = ["--grace-period=0", "--force"] if grace == 0 else []
+        self.kctl("-n", RELEASE_NS, "delete", "pod", p["metadata"]["name"], "--wait=false", *force)
+
+    def kill(self) -> None:
+        self.stop(grace=0)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def text(self) -> str:
+        for p in self.kctl.get(RELEASE_NS, "pods", None, self.selector) or []:
+            name = p["metadata"]["name"]
+            r = self.kctl("-n", RELEASE_NS, "logs", name, check=False)
+            if r.returncode == 0 and len(r.stdout) >= len(self._saved.get(name, "")):
+                self._saved[name] = r.stdout
+        text = "".join(f"\n===== pod {k} =====\n{v}" for k, v in self._saved.items())
+        self.log.write_text(text)
+        return text
+
+    def tail(self, n: int = 6000) -> str:
+        return self.text()[-n:]
+
+    def errors(self) -> list[str]:
+        return [line for line in self.text().splitlines()
+                if '"levelname": "ERROR"' in line or "Traceback" in line or '"level": "error"' in line.lower()]
+
+
 @pytest.fixture(scope="session")
-def operator(installed: dict[str, Any], e2e_workdir: Path) -> Iterator[Operator]:
-    op = Operator(installed["kubeconfig"], e2e_workdir / "suite-operator.log")
+def operator(request: pytest.FixtureRequest, installed: dict[str, Any], kctl: Kctl,
+             e2e_workdir: Path) -> Iterator[Operator | DeployedOperator]:
+    op: Operator | DeployedOperator
+    if NODE_MODE == "kubelet":
+        op = DeployedOperator(kctl, request.getfixturevalue("node"), installed["deployment"],
+                              e2e_workdir / "suite-operator.log")
+    else:
+        op = Operator(installed["kubeconfig"], e2e_workdir / "suite-operator.log")
     op.start()
     yield op
     op.stop()
@@ -208,15 +297,18 @@ def operator(installed: dict[str, Any], e2e_workdir: Path) -> Iterator[Operator]
 
 
 @pytest.fixture(scope="session")
-def s3_data(s3: Any) -> dict[str, str]:
-    """The tiny model and data in the bucket; returns URIs."""
+def s3_data(request: pytest.FixtureRequest, s3: Any) -> dict[str, str]:
+    """The tiny model and data in the bucket; returns URIs and `endpoint`, the S3 URL as pods reach it."""
     client = s3.client()
     for p in DATA.rglob("*"):
         if p.is_file() and p.suffix != ".py":
             client.upload_file(str(p), s3.bucket, f"data/{p.relative_to(DATA)}")
     base = f"s3://{s3.bucket}/data"
+    endpoint = s3.endpoint
+    if NODE_MODE == "kubelet":  # MinIO runs on the host; pods are in the node's network namespace
+        endpoint = "http://" + request.getfixturevalue("node").pod_endpoint(int(s3.endpoint.rsplit(":", 1)[1]))
     return {"model": f"{base}/tiny-llama", "train": f"{base}/spell-digits/train.jsonl",
-            "eval": f"{base}/spell-digits/eval.jsonl"}
+            "eval": f"{base}/spell-digits/eval.jsonl", "endpoint": endpoint}
 
 
 def ensure_secret(kctl: Kctl, s3: Any, ns: str) -> None:
@@ -225,17 +317,17 @@ def ensure_secret(kctl: Kctl, s3: Any, ns: str) -> None:
     kctl.apply(ns, doc)
 
 
-def dump(kctl: Kctl, node_agent: Any, ns: str) -> None:
+def dump(kctl: Kctl, node: Any, ns: str) -> None:
     """Failure diagnostics: FineTuneJob statuses, pods, and each pod's log tail."""
     for obj in kctl.get(ns, "ftj") or []:
         print(f"--- ftj {obj['metadata']['name']} status ---\n" + json.dumps(obj.get("status"), indent=1),
               file=sys.stderr)
     print(kctl("-n", ns, "get", "pods,jobs", "-o", "wide", check=False).stdout, file=sys.stderr)
-    if node_agent is None:
+    if node is None:
         return
     for pod in kctl.get(ns, "pods") or []:
         try:
-            print(f"--- pod {pod['metadata']['name']} log ---\n" + node_agent.logs(ns, pod["metadata"]["name"])[-3000:],
+            print(f"--- pod {pod['metadata']['name']} log ---\n" + node.logs(ns, pod["metadata"]["name"])[-3000:],
                   file=sys.stderr)
         except Exception as e:  # noqa: BLE001
             print(f"--- pod {pod['metadata']['name']}: no log ({e})", file=sys.stderr)
@@ -263,7 +355,7 @@ def suite_ns(request: pytest.FixtureRequest, kctl: Kctl, operator: Operator, s3:
     yield ns
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
-        dump(kctl, request.getfixturevalue("node_agent") if "node_agent" in request.fixturenames else None, ns)
+        dump(kctl, request.getfixturevalue("node") if "node" in request.fixturenames else None, ns)
         print("--- operator log tail ---\n" + operator.tail(), file=sys.stderr)
     empty_namespace(kctl, ns)
 
@@ -288,7 +380,7 @@ def job_doc(name: str, s3: Any, data: dict[str, str], *, example: str = "lora", 
                             loggingSteps=1, evalSteps=max(steps, 1))
     spec["training"].pop("evalGenerationSamples", None)
     spec["output"].update(uri=f"s3://{s3.bucket}/runs/{name}", checkpointSteps=checkpoint_steps)
-    spec["storage"] = {"endpoint": s3.endpoint, "secretRef": {"name": SECRET}}
+    spec["storage"] = {"endpoint": data["endpoint"], "secretRef": {"name": SECRET}}
     spec["resources"] = {"requests": {"cpu": "100m", "memory": "256Mi"}}
     for path, value in overrides.items():  # "training.maxSteps": 5 style
         node = spec

@@ -26,7 +26,7 @@ def argocd_health(obj: dict[str, Any]) -> str:
     return str(dict(lua.execute(LUA).items())["status"])
 
 
-def test_edit_after_success_starts_a_resumed_run(cluster, kctl, suite_ns, s3, s3_data, node_agent, operator):
+def test_edit_after_success_starts_a_resumed_run(cluster, kctl, suite_ns, s3, s3_data, node, operator):
     name = "gitops"
     doc = job_doc(name, s3, s3_data, steps=20, checkpoint_steps=10)
     kctl.apply(suite_ns, doc)
@@ -71,7 +71,7 @@ def test_edit_after_success_starts_a_resumed_run(cluster, kctl, suite_ns, s3, s3
     # Run 2 started from run 1's last checkpoint (step 20), so it trained 10 steps, not 30.
     rank0 = next(p for p in kctl.get(suite_ns, "pods", None, f"-l=kubetune.io/job-name={name}")
                  if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0")
-    log = node_agent.logs(suite_ns, rank0["metadata"]["name"])
+    log = node.logs(suite_ns, rank0["metadata"]["name"])
     m = re.search(r"resumed from checkpoint step (\d+) of (\S+)", log)
     assert m and int(m.group(1)) == 20 and m.group(2).rstrip("/") == base, log[-2000:]
     assert all(s >= 20 for s in sampler.steps) and sampler.steps[-1] == 30, sampler.steps
