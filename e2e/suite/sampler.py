@@ -52,3 +52,10 @@ class Sampler:
     def saw_in_order(self, *phases: str) -> bool:
         it = iter(self.phases)
         return all(any(p == q for q in it) for p in phases)
+
+    def saw_restart(self) -> bool:
+        """Restarting, or the gang going from Running back to Pending/Initializing and on to Running:
+        Restarting can last less than one sample (with kube-scheduler the new gang is bound and
+        starting within a second)."""
+        return "Restarting" in self.phases or any(self.saw_in_order("Running", back, "Running")
+                                                  for back in ("Pending", "Initializing"))

@@ -68,7 +68,7 @@ def test_killed_rank_restarts_gang_from_checkpoint(fault, cluster, kctl, suite_n
     assert status["restarts"] == 1, status
     if fault == "kill":  # a deleted pod may be reported through its peer, which lost its rendezvous first
         assert status["lastFailure"]["pod"] == victim["metadata"]["name"], status
-    assert "Restarting" in sampler.phases, sampler.phases
+    assert sampler.saw_restart(), sampler.phases
     # The old generation is gone; the new one resumed from a checkpoint at or after the one seen at the kill.
     assert kctl.get(suite_ns, "job", f"{name}-r0") is None
     new_rank0 = next(p for p in pods(kctl, suite_ns, name, 1) if rank(p) == "0")
