@@ -45,6 +45,11 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
     ("offload-params-with-ddp", {"distributed.offloadParams": True}, "spec.distributed.offloadParams", API),
     ("early-stopping-without-eval", {"dataset.eval": None, "training.evalSteps": None,
                                      "training.earlyStopping": {"patience": 2}}, "spec.training.earlyStopping", API),
+    ("gate-forgetting-without-retain", {"evaluation": {"gate": {"maxForgettingPercent": 5}}},
+     "spec.evaluation.gate.maxForgettingPercent", API),
+    ("select-best-without-mixes", {"output.select": "best"}, "spec.output.select", API),
+    ("retain-with-eval-split", {"evaluation": {"retain": {"train": "/data/r.jsonl", "evalSplit": 0.1}}},
+     "spec.evaluation.retain", API),
     ("too-long-name", {}, "metadata.name", API),
     # What the schema cannot check: the operator refuses it (phase Failed, SpecValid=False).
     ("custom-endpoint-without-secret", {"storage.secretRef": None}, "spec.storage.secretRef", OP),
