@@ -172,6 +172,13 @@ class Watcher:
         self._stop = True
 
 
+def done(resp: Any) -> None:
+    """Read the answer: its connection goes back to the pool (an unread one never does: a new TLS connection
+    for every request, which is what a keep-alive client avoids)."""
+    resp.read()
+    resp.release_conn()
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -202,10 +209,44 @@ def diff(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
     return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
 
 
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of one process so far (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Meter:
+    """Where one phase's work went: CPU seconds per process (control plane, operator, this script), the API
+    requests the apiserver served (its own counters), and the machine's load average (other sessions share it)."""
+
+    def __init__(self, admin: Any, procs: dict[str, int]) -> None:
+        self.admin, self.procs = admin, procs
+
+    def snap(self) -> dict[str, Any]:
+        cpu = {name: cpu_seconds(pid) for name, pid in self.procs.items()}
+        cpu["bench client"] = sum(os.times()[:2])
+        return {"cpu": cpu, "requests": apiserver_requests(self.admin), "t": time.monotonic()}
+
+    def since(self, before: dict[str, Any]) -> dict[str, Any]:
+        after = self.snap()
+        writes = {k: v for k, v in diff(after["requests"], before["requests"]).items()
+                  if k.split()[0] in ("CREATE", "POST", "PATCH", "UPDATE", "DELETE", "APPLY")}  # fmt: skip
+        wall = after["t"] - before["t"]
+        return {
+            "wall_seconds": round(wall, 2), "load_average_1m": round(os.getloadavg()[0], 2),
+            "cpu_seconds": {k: round(v - before["cpu"].get(k, 0.0), 2) for k, v in after["cpu"].items()},
+            "apiserver_writes": {k: int(v) for k, v in sorted(writes.items(), key=lambda kv: -kv[1])},
+            "apiserver_writes_total": int(sum(writes.values())),
+        }  # fmt: skip
+
+
 # ------------------------------------------------------------------ phases
 
 
-def bare_burst(api: Any, n: int, timeout: float) -> dict[str, float]:
+def bare_burst(api: Any, n: int, timeout: float, meter: Meter) -> dict[str, Any]:
     from kubernetes import client
 
     batch = client.BatchV1Api(api)
@@ -213,17 +254,21 @@ def bare_burst(api: Any, n: int, timeout: float) -> dict[str, float]:
     time.sleep(1)
     doc = {"apiVersion": "batch/v1", "kind": "Job", "spec": {"suspend": True, "template": {"spec": {
         "restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox", "command": ["true"]}]}}}}  # fmt: skip
+    m0 = meter.snap()
     start = time.monotonic()
     for i in range(n):
-        batch.create_namespaced_job(BARE_NS, {**doc, "metadata": {"name": f"bare-{i:04d}"}}, _preload_content=False)
+        done(batch.create_namespaced_job(BARE_NS, {**doc, "metadata": {"name": f"bare-{i:04d}"}}, _preload_content=False))
     posts = time.monotonic() - start
     end = wait(lambda: len(jobs.added) >= n, timeout, "bare Jobs")
+    create_meter = meter.since(m0)
+    m0 = meter.snap()
     start_del = time.monotonic()
     for i in range(n):
-        batch.delete_namespaced_job(f"bare-{i:04d}", BARE_NS, propagation_policy="Background", _preload_content=False)
+        done(batch.delete_namespaced_job(f"bare-{i:04d}", BARE_NS, propagation_policy="Background", _preload_content=False))
     end_del = wait(lambda: len(jobs.deleted) >= n, timeout, "bare Jobs deleted")
     jobs.stop()
-    return {"create_seconds": end - start, "post_seconds": posts, "delete_seconds": end_del - start_del}
+    return {"create_seconds": end - start, "post_seconds": posts, "delete_seconds": end_del - start_del,
+            "create_meter": create_meter, "delete_meter": meter.since(m0)}  # fmt: skip
 
 
 def finetunejob_docs(suite: ModuleType, n: int, prefix: str) -> list[dict[str, Any]]:
@@ -245,11 +290,11 @@ def posts_without_operator(api: Any, suite: ModuleType, ns: str, n: int) -> dict
     docs = finetunejob_docs(suite, n, "plain")
     start = time.monotonic()
     for doc in docs:
-        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, doc, _preload_content=False)
+        done(custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, doc, _preload_content=False))
     posts = time.monotonic() - start
     start = time.monotonic()
     for doc in docs:
-        custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, doc["metadata"]["name"], _preload_content=False)
+        done(custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, doc["metadata"]["name"], _preload_content=False))
     return {"post_seconds": posts, "delete_seconds": time.monotonic() - start}
 
 
@@ -269,7 +314,7 @@ def profile_summary(path: Path, top: int = 25) -> list[tuple[str, float]]:
     return [(k, round(v / max(samples, 1), 3)) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:top]]
 
 
-def kubetune_burst(api: Any, suite: ModuleType, ns: str, n: int, timeout: float) -> dict[str, Any]:
+def kubetune_burst(api: Any, suite: ModuleType, ns: str, n: int, timeout: float, meter: Meter) -> dict[str, Any]:
     from kubernetes import client
     from kubetune.render.objects import LABEL_JOB
 
@@ -280,21 +325,30 @@ def kubetune_burst(api: Any, suite: ModuleType, ns: str, n: int, timeout: float)
     docs = finetunejob_docs(suite, n, "scale")
     names = [d["metadata"]["name"] for d in docs]
     posted: dict[str, float] = {}
+    m0 = meter.snap()
     start = time.monotonic()
     for doc in docs:
-        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, doc, _preload_content=False)
+        done(custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, doc, _preload_content=False))
         posted[doc["metadata"]["name"]] = time.monotonic()
     posts = time.monotonic() - start
     try:
         end = wait(lambda: all(nm in jobs.added for nm in names), timeout, "workload Jobs", 0.2)
     except TimeoutError:
         end = time.monotonic()
+    create_meter = meter.since(m0)
     latencies = [jobs.added[nm] - posted[nm] for nm in names if nm in jobs.added]
     missing = [nm for nm in names if nm not in jobs.added]
+    settle = time.monotonic()
+    wait(lambda: all(((o.get("status") or {}).get("phase") == "Suspended") for o in json.loads(
+        custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, _preload_content=False).data)["items"]), timeout, "all Suspended", 1.0)  # fmt: skip
+    settle_seconds = time.monotonic() - settle
+    time.sleep(5)  # the Events trailing the burst
+    m0 = meter.snap()
     start_del = time.monotonic()
     for name in names:
-        custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, _preload_content=False)
+        done(custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, _preload_content=False))
     end_del = wait(lambda: all(nm in ftjs.deleted for nm in names), timeout, "FineTuneJobs deleted", 0.2)
+    delete_meter = meter.since(m0)
     end_children = wait(lambda: all(nm in jobs.deleted for nm in names if nm in jobs.added), timeout, "children deleted", 0.2)
     jobs.stop()
     ftjs.stop()
@@ -303,6 +357,7 @@ def kubetune_burst(api: Any, suite: ModuleType, ns: str, n: int, timeout: float)
         "latency_p50_s": statistics.median(latencies) if latencies else None,
         "latency_p99_s": pct(latencies, 0.99) if latencies else None, "latency_max_s": max(latencies, default=None),
         "delete_seconds": end_del - start_del, "delete_children_seconds": end_children - start_del,
+        "all_suspended_after_last_workload_s": settle_seconds, "create_meter": create_meter, "delete_meter": delete_meter,
     }  # fmt: skip
 
 
@@ -479,7 +534,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         suite.ensure_secret(kctl, FakeS3, ns)
         api = cluster.api_client()
         print(f"control plane up and installed ({time.monotonic() - t0:.0f}s)", flush=True)
-        bare = bare_burst(api, a.jobs, a.timeout)
+        meter = Meter(api, {p.name: p.popen.pid for p in cluster.procs})
+        result["load_average_1m_at_start"] = os.getloadavg()[0]
+        bare = bare_burst(api, a.jobs, a.timeout, meter)
         print(f"bare client: {a.jobs} Jobs created in {bare['create_seconds']:.1f}s, deleted in {bare['delete_seconds']:.1f}s", flush=True)
         plain = posts_without_operator(api, suite, ns, a.jobs)
         result["finetunejobs_without_operator"] = plain
@@ -487,6 +544,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         op = Operator(kubeconfig, work / "operator.log", list(suite.NAMESPACES.values()), a.poll_interval, {})
         try:
             wait(op.healthy, 60, "operator liveness", 0.5)
+            meter.procs["operator"] = op.proc.pid
             result["operator_rss_idle_mib"] = op.rss_mib()
             spy = None
             if a.profile:
@@ -494,7 +552,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 spy = subprocess.Popen([pyspy, "record", "--pid", str(op.proc.pid), "--output", a.profile, "--format", "raw",
                                         "--threads", "--rate", "50", "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
                 time.sleep(2)
-            burst = kubetune_burst(api, suite, ns, a.jobs, a.timeout)
+            burst = kubetune_burst(api, suite, ns, a.jobs, a.timeout, meter)
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(60)

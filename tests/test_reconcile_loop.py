@@ -249,3 +249,76 @@ def test_a_bad_setting_names_the_variable(monkeypatch):
     monkeypatch.setenv("KUBETUNE_POLL_INTERVAL", "soon")
     with pytest.raises(ValidationError, match="poll_interval"):
         Settings()
+
+
+# ------------------------------------------------------------------ Events and connections
+
+
+def test_events_are_queued_and_posted_in_order_by_one_thread_without_waiting():
+    import threading
+
+    gate, started, posted = threading.Event(), threading.Event(), []
+
+    def slow_post(event: dict) -> None:
+        started.set()
+        gate.wait(5)
+        posted.append(event["reason"])
+
+    recorder = kube.EventRecorder(post=slow_post, maxlen=3)
+    body = {"metadata": {"name": "demo", "namespace": "ml", "uid": "u1"}}
+    recorder.record(kube.event_for(body, "Normal", "Created", "m"))
+    assert started.wait(5)
+    for reason in ("Suspended", "Resumed", "Running", "Succeeded"):
+        recorder.record(kube.event_for(body, "Normal", reason, "m"))  # returns while the first post still waits
+    assert posted == [] and not recorder.flush(0.1)
+    gate.set()
+    assert recorder.flush(5)
+    # "Created" was being posted; of the four queued behind it the oldest went when the fifth came (maxlen 3)
+    assert posted == ["Created", "Resumed", "Running", "Succeeded"] and recorder.dropped == 1
+
+
+def test_calls_whose_answer_is_not_read_still_give_their_connection_back(monkeypatch):
+    """One keep-alive connection for many calls: an unread answer used to keep its connection out of the pool,
+    so each Event cost the next call a new connection (a TLS handshake against a real API server)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from kubernetes import client
+
+    peers: set[int] = set()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self) -> None:
+            peers.add(self.client_address[1])
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"kind": "Status", "metadata": {}}).encode()
+            self.send_response(201)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_PATCH = do_DELETE = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cfg = client.Configuration()
+    cfg.host = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(client.Configuration, "_default", cfg)
+    monkeypatch.setattr(kube, "_CLIENT", None)
+    try:
+        body = {"metadata": {"name": "demo", "namespace": "ml", "uid": "u1"}}
+        for i in range(5):
+            kube.create_event(kube.event_for(body, "Normal", "Created", str(i)))
+            kube.patch_config_map("ml", "demo-config", {"data": {"k": str(i)}})
+            kube.delete_finetunejob("ml", "demo")
+        assert len(peers) == 1, peers
+    finally:
+        server.shutdown()
+        monkeypatch.setattr(kube, "_CLIENT", None)

@@ -1,7 +1,8 @@
 """Item 5: 50 FineTuneJobs applied at once (one `kubectl apply`) all reach their expected phase:
-45 valid ones held with `spec.runPolicy.suspend: true` (the Kueue path: the operator creates the
-ConfigMap, Service and a suspended Job; no pods) -> Suspended, 5 the operator refuses -> Failed.
-Prints the operator's RSS and the apply -> workload-created latency (p50/p95)."""
+45 valid ones held with `spec.runPolicy.suspend: true` (the Kueue path: the operator creates only a
+suspended Job; no pods, no ConfigMap or Service yet) -> Suspended, 5 the operator refuses -> Failed.
+Then two are admitted, one by its spec and one as Kueue does (unsuspending the Job): each gets its
+ConfigMap and Service. Prints the operator's RSS and the apply -> workload-created latency (p50/p95)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def test_fifty_jobs_at_once(cluster, kctl, suite_ns, s3, s3_data, operator):
         name = f"many-{i:02d}"
         if i < N_BAD:
             doc = job_doc(name, s3, s3_data, steps=5, **{"dataset.eval": None, "training.evalSteps": 5})
-        else:
-            doc = job_doc(name, s3, s3_data, steps=5, **{"runPolicy.suspend": True})
+        else:  # (pods of an admitted job stay Pending: no node has that label)
+            doc = job_doc(name, s3, s3_data, steps=5, **{"runPolicy.suspend": True, "nodeSelector": {"kubetune.io/e2e": "nowhere"}})
         docs.append(doc)
     rss_before = operator.rss_kib()
 
@@ -88,6 +89,23 @@ def test_fifty_jobs_at_once(cluster, kctl, suite_ns, s3, s3_data, operator):
     assert len(jobs) == N - N_BAD and all(j["spec"]["suspend"] is True for j in jobs)
     assert operator.healthy()
     assert rss_after < 1024 * 1024, rss_after  # < 1 GiB (the chart's limit is 512Mi: report, not gate)
+    managed = ("-l", "app.kubernetes.io/managed-by=kubetune")
+    assert kctl.get(suite_ns, "configmaps", None, *managed) == [] and kctl.get(suite_ns, "services", None, *managed) == []
+    assert all(j["metadata"]["annotations"].get("kubetune.io/deferred") == "ConfigMap,Service" for j in jobs)
+
+    # Admission creates what a queued job was created without: by its spec (the operator resumes the Job
+    # after creating them) and by a queue unsuspending the Job itself (the operator follows).
+    kctl("-n", suite_ns, "patch", "ftj", "many-05", "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+    kctl("-n", suite_ns, "patch", "job", "many-06-r0", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    for name in ("many-05", "many-06"):
+        def admitted(name: str = name) -> bool:
+            job = kctl.get(suite_ns, "job", f"{name}-r0") or {}
+            return (kctl.get(suite_ns, "configmap", f"{name}-config") is not None and kctl.get(suite_ns, "service", name) is not None
+                    and job["spec"]["suspend"] is False and "kubetune.io/deferred" not in job["metadata"]["annotations"])  # fmt: skip
+
+        wait_for(f"{name} admitted with its ConfigMap and Service", admitted, 60, 1)
+    assert kctl.get(suite_ns, "job", "many-06-r0")["metadata"]["annotations"]["kubetune.io/suspend"] == "true"  # not fought
+    assert kctl.phase(suite_ns, "many-07") == "Suspended" and kctl.get(suite_ns, "configmap", "many-07-config") is None
 
     # `kubectl delete ftj --all`: the operator's finalizer (Kopf's, for its status timer) must come off
     # every object, and the garbage collector then removes each Job, Service and ConfigMap.

@@ -58,6 +58,7 @@ class Controller:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        await asyncio.get_running_loop().run_in_executor(None, kube.EVENTS.flush, 5.0)  # the Events still queued
 
     def _enqueue(self, key: Key) -> None:
         if self.queue is not None:

@@ -21,7 +21,13 @@ from kubetune.handlers import kube, serving
 from kubetune.handlers.metrics import METRICS
 from kubetune.handlers.settings import Settings
 from kubetune.handlers.store import Key, Store
-from kubetune.render.objects import LABEL_RESTART, render_all, workload_name
+from kubetune.render.objects import (
+    LABEL_RESTART,
+    render_config_map,
+    render_service,
+    render_workload,
+    workload_name,
+)
 from kubetune.status import runs
 from kubetune.status.derive import (
     PROGRESS_GRACE_SECONDS,
@@ -39,6 +45,11 @@ SUSPEND_APPLIED = "kubetune.io/suspend"
 """Annotation on the workload Job: the spec.runPolicy.suspend the operator last applied to it. The
 operator changes the Job's suspend only when the spec's value differs from it, so a queue (Kueue)
 that suspends or unsuspends the Job itself is never fought."""
+DEFERRED = "kubetune.io/deferred"
+"""Annotation on a workload Job created suspended: the children it names (ConfigMap, Service) are not created
+yet. They are created when the Job is admitted (resumed by the operator or unsuspended by a queue), then the
+annotation is removed. A queued job costs one write (its Job) instead of three, and no endpoint objects."""
+CHILD_KINDS = ("Job", "ConfigMap", "Service")
 
 
 STALE_RECHECK_SECONDS = 30.0
@@ -223,13 +234,22 @@ def publish(body: dict[str, Any], decision: Decision, store: Store) -> None:
         kube.post_event(body, *decision.event)
 
 
-def ensure_children(body: dict[str, Any], spec: FineTuneJobSpec, restarts: int, store: Store, settings: Settings) -> list[str]:
+def ensure_children(
+    body: dict[str, Any], spec: FineTuneJobSpec, restarts: int, store: Store, settings: Settings, kinds: tuple[str, ...] = CHILD_KINDS
+) -> list[str]:
     """Create-if-absent the workload Job first (what a queue admits and a user waits for), then its
-    ConfigMap and Service, all owned by the FineTuneJob."""
+    ConfigMap and Service, all owned by the FineTuneJob. A Job created suspended goes alone: its
+    ConfigMap and Service wait for its admission (`DEFERRED`, `admit`)."""
     meta = body["metadata"]
-    objs = render_all(
-        spec, meta["name"], meta["namespace"], meta.get("uid", ""), restarts, dict(meta.get("labels") or {}), settings.trainer_image
-    )
+    deferred: tuple[str, ...] = ()
+    if "Job" in kinds and spec.run_policy.suspend:
+        deferred, kinds = tuple(k for k in kinds if k != "Job"), ("Job",)
+    render = {
+        "ConfigMap": lambda: render_config_map(spec, meta["name"], meta["namespace"], meta.get("uid", "")),
+        "Service": lambda: render_service(meta["name"], meta["namespace"]),
+        "Job": lambda: render_workload(spec, meta["name"], meta["namespace"], restarts, dict(meta.get("labels") or {}), settings.trainer_image),
+    }  # only what is created now: the trainer config's YAML was a tenth of the operator's time under a burst
+    objs = [render[kind]() for kind in kinds]
     objs.sort(key=lambda o: o["kind"] != "Job")
     status = FineTuneJobStatus.from_stored(body.get("status"))
     later_run = status.run > 1
@@ -237,7 +257,10 @@ def ensure_children(body: dict[str, Any], spec: FineTuneJobSpec, restarts: int, 
     for obj in objs:
         kopf.adopt(obj, owner=cast(kopf.Body, body))  # owner reference, namespace, the owner's labels
         if obj["kind"] == "Job":
-            obj["metadata"].setdefault("annotations", {})[SUSPEND_APPLIED] = str(spec.run_policy.suspend).lower()
+            annotations = obj["metadata"].setdefault("annotations", {})
+            annotations[SUSPEND_APPLIED] = str(spec.run_policy.suspend).lower()
+            if deferred:
+                annotations[DEFERRED] = ",".join(deferred)
         if obj["kind"] == "ConfigMap" and status.resumed_from:
             resumed = status.resumed_from
             obj["data"] = {k: with_resume_from(v, resumed) for k, v in obj["data"].items()}
@@ -281,19 +304,31 @@ def act(body: dict[str, Any], spec: FineTuneJobSpec, decision: Decision, observe
         if job is not None and not conds & {"Failed", "Complete"}:
             kube.delete_job(ns, workload_name(name, restarts), propagation="Background")
     elif observed.job is not None and decision.status.phase not in TERMINAL:
-        sync_suspend(observed.job, spec, store)
+        admit(body, observed.job, spec, restarts, store, settings)
 
 
-def sync_suspend(job: dict[str, Any], spec: FineTuneJobSpec, store: Store) -> None:
-    """spec.runPolicy.suspend changed since the operator last applied it: suspend or resume the Job."""
-    want = str(spec.run_policy.suspend).lower()
-    applied = (job["metadata"].get("annotations") or {}).get(SUSPEND_APPLIED)
-    if applied == want or (applied is None and bool(job["spec"].get("suspend")) == spec.run_policy.suspend):
-        return
+def admit(body: dict[str, Any], job: dict[str, Any], spec: FineTuneJobSpec, restarts: int, store: Store, settings: Settings) -> None:
+    """Keep the Job's suspension as the spec says, and create the children a suspended Job was created
+    without once it is admitted: before the operator resumes it, or right after a queue (Kueue) has."""
     meta = job["metadata"]
-    patched = kube.patch_job(
-        meta["namespace"], meta["name"], {"metadata": {"annotations": {SUSPEND_APPLIED: want}}, "spec": {"suspend": spec.run_policy.suspend}}
-    )
+    annotations = meta.get("annotations") or {}
+    want = str(spec.run_policy.suspend).lower()
+    applied = annotations.get(SUSPEND_APPLIED)
+    resume = not (applied == want or (applied is None and bool(job["spec"].get("suspend")) == spec.run_policy.suspend))
+    deferred = tuple(k for k in (annotations.get(DEFERRED) or "").split(",") if k)
+    admitted = not spec.run_policy.suspend if resume else not job["spec"].get("suspend")
+    patch: dict[str, Any] = {}
+    if deferred and admitted:
+        created = ensure_children(body, spec, restarts, store, settings, kinds=deferred)
+        log.info("%s/%s: admitted: created %s", meta["namespace"], meta["name"], ", ".join(created) or "nothing new")
+        patch = {"metadata": {"annotations": {DEFERRED: None}}}
+    if resume:
+        patch = {"metadata": {"annotations": {**patch.get("metadata", {}).get("annotations", {}), SUSPEND_APPLIED: want}},
+                 "spec": {"suspend": spec.run_policy.suspend}}  # fmt: skip
+    if not patch:
+        return
+    patched = kube.patch_job(meta["namespace"], meta["name"], patch)
     if patched is not None:
         store.put_child("Job", patched)
-        log.info("%s/%s: %s Job %s", meta["namespace"], meta["name"], "suspended" if spec.run_policy.suspend else "resumed", meta["name"])
+        if resume:
+            log.info("%s/%s: %s Job %s", meta["namespace"], meta["name"], "suspended" if spec.run_policy.suspend else "resumed", meta["name"])

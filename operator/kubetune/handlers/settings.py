@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     """KUBETUNE_WORKERS: FineTuneJobs reconciled at once (threads making Kubernetes API calls)."""
     api_qps: float = Field(default=100.0, gt=0)
     """KUBETUNE_API_QPS: sustained Kubernetes API requests per second (Kopf's watches are not counted). A new
-    job costs about five calls (Job, ConfigMap, Service, status, Event); a job at rest none."""
+    job costs about five calls (Job, ConfigMap, Service, status, Event; a suspended one three); a job at rest none."""
     api_burst: int = Field(default=500, ge=1)
     """KUBETUNE_API_BURST: requests allowed at once above api_qps before waiting."""
     log_format: Literal["text", "json"] = "text"
