@@ -468,7 +468,8 @@ def steady_state(api: Any, admin_api: Any, suite: ModuleType, op: Operator, ns: 
     for i in range(m):
         doc = suite.job_doc(f"run-{i:04d}", FakeS3, data, steps=1_000_000, **{"distributed.nodes": 1})
         doc.update(apiVersion=f"{GROUP}/{VERSION}", kind="FineTuneJob")
-        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, doc, _preload_content=False)
+        done(custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, doc, _preload_content=False))
+    print(f"  {m} running FineTuneJobs POSTed in {time.monotonic() - start:.0f}s", flush=True)
 
     def phases() -> dict[str, int]:
         items = json.loads(custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, _preload_content=False).data)["items"]
@@ -483,6 +484,8 @@ def steady_state(api: Any, admin_api: Any, suite: ModuleType, op: Operator, ns: 
     def all_running() -> bool:
         nonlocal last
         last = phases()
+        if int(time.monotonic() - start) % 60 < 10:
+            print(f"  {time.monotonic() - start:.0f}s: {last}, load {os.getloadavg()[0]:.1f}", flush=True)
         return last.get("Running", 0) >= m
 
     try:
