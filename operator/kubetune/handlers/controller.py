@@ -111,8 +111,8 @@ class Controller:
         while True:
             await asyncio.sleep(every)
             log.info(
-                "stats: jobs=%d reconciles=%d api_calls=%d progress_reads=%d progress_targets=%d queued=%d",
-                len(self.store.keys()), self.reconciles, kube.calls, self.progress_reads,
+                "stats: jobs=%d reconciles=%d api_calls=%d throttled_ms=%d progress_reads=%d progress_targets=%d queued=%d",
+                len(self.store.keys()), self.reconciles, kube.calls, kube.throttled_ms, self.progress_reads,
                 len(self.store.progress_targets()), len(self.queue or ()),
             )  # fmt: skip
 

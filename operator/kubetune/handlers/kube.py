@@ -114,6 +114,8 @@ ATTEMPTS = 5
 _COUNT_LOCK = threading.Lock()
 calls = 0
 """API requests made by this process (read by the operator's own log line and the tests)."""
+throttled_ms = 0
+"""Milliseconds calls waited for the QPS limit (the log line: whether the limit, not the server, held them)."""
 
 
 def configure_limits(qps: float, burst: int) -> None:
@@ -123,11 +125,12 @@ def configure_limits(qps: float, burst: int) -> None:
 
 def call(fn: Callable[..., T], *args: Any, attempts: int = ATTEMPTS, sleep: Callable[[float], None] = time.sleep, **kw: Any) -> T:
     """`fn(*args, **kw)` under the QPS limit, retried on 429, 5xx and connection errors with back-off."""
-    global calls  # noqa: PLW0603
+    global calls, throttled_ms  # noqa: PLW0603
     for attempt in range(attempts):
-        _LIMITER.acquire()
+        waited = _LIMITER.acquire()
         with _COUNT_LOCK:
             calls += 1
+            throttled_ms += int(waited * 1000)
         try:
             return fn(*args, **kw)
         except ApiException as exc:
