@@ -51,6 +51,17 @@ def test_store_keeps_our_own_newer_status_write_over_an_older_watch_event():
     assert store.ftj(("ml", "demo"))["status"]["restarts"] == 1
 
 
+def test_the_watch_echoing_our_own_write_is_nothing_new():
+    """A write's response goes into the store; its watch event (same resourceVersion) queues no second pass."""
+    store = Store()
+    assert store.put_ftj(ftj(rv="7", phase="Running")) is True  # our status patch's response
+    assert store.put_ftj(ftj(rv="7", phase="Running")) is False  # its echo
+    assert store.put_ftj(ftj(rv="8", phase="Succeeded")) is True  # someone else's change
+    assert store.put_child("Job", job("demo-r0", rv="3")) == ("ml", "demo")  # our create's response
+    assert store.put_child("Job", job("demo-r0", rv="3")) is None  # its ADDED event
+    assert store.put_child("Job", job("demo-r0", rv="4")) == ("ml", "demo")  # the Job controller's status update
+
+
 def test_store_files_children_under_their_owner_label_and_forgets_deleted_ones():
     store = Store()
     assert store.put_child("Job", job("demo-r0")) == ("ml", "demo")

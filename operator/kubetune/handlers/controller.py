@@ -73,8 +73,8 @@ class Controller:
             if self.queue is not None:
                 self.queue.forget(key)
             return
-        self.store.put_ftj(obj)
-        self._enqueue(key)
+        if self.store.put_ftj(obj):  # the echo of our own write (already in the store) queues nothing
+            self._enqueue(key)
 
     def on_child(self, kind: str, event_type: str | None, obj: dict[str, Any]) -> None:
         owner = self.store.drop_child(kind, obj) if event_type == "DELETED" else self.store.put_child(kind, obj)

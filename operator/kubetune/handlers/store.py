@@ -70,16 +70,18 @@ class Store:
 
     # ---------------------------------------------------------------- FineTuneJobs
 
-    def put_ftj(self, obj: dict[str, Any]) -> None:
-        """Keep the newest version: our own status write (its response) may be ahead of the watch."""
+    def put_ftj(self, obj: dict[str, Any]) -> bool:
+        """Keep the newest version: our own status write (its response) may be ahead of the watch. False when
+        the store already had this version or a newer one (the watch echoing our own write): nothing new."""
         obj = slim(obj)
         key = key_of(obj)
         with self._lock:
             old = self.ftjs.get(key)
             same_object = old is not None and old["metadata"].get("uid") == obj["metadata"].get("uid")
-            if same_object and _rv(old or {}) > _rv(obj):
-                return
+            if same_object and _rv(old or {}) >= _rv(obj) > 0:
+                return False
             self.ftjs[key] = obj
+        return True
 
     def drop_ftj(self, key: Key) -> None:
         with self._lock:
@@ -100,7 +102,8 @@ class Store:
         return self.jobs if kind == "Job" else self.pods
 
     def put_child(self, kind: str, obj: dict[str, Any]) -> Key | None:
-        """A Job or Pod as the watch (or our own create) saw it; returns its FineTuneJob's key."""
+        """A Job or Pod as the watch (or our own create) saw it; returns its FineTuneJob's key, or None when it
+        has none or the store already had this version or a newer one (nothing new to reconcile)."""
         owner = owner_key(obj)
         if owner is None:
             return None
@@ -109,8 +112,8 @@ class Store:
         with self._lock:
             table = self._table(kind).setdefault(owner, {})
             old = table.get(name)
-            if old is not None and old["metadata"].get("uid") == obj["metadata"].get("uid") and _rv(old) > _rv(obj):
-                return owner
+            if old is not None and old["metadata"].get("uid") == obj["metadata"].get("uid") and _rv(old) >= _rv(obj) > 0:
+                return None
             table[name] = obj
         return owner
 
