@@ -90,9 +90,42 @@ def test_default_install_renders_crd_deployment_and_cluster_rbac():
         "finetunejobs.kubetune.io"
     ]
     [deploy] = by_kind(docs, "Deployment")
-    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
     assert "--all-namespaces" in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert by_kind(docs, "Role") == []
+    assert [r["metadata"]["name"] for r in by_kind(docs, "Role")] == ["kt-kubetune-leader-election"]
+
+
+def test_two_replicas_elect_a_leader_and_roll_one_at_a_time():
+    docs = template()
+    [deploy] = by_kind(docs, "Deployment")
+    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBETUNE_LEADER_ELECT"] == "true" and env["KUBETUNE_LEADER_ELECT_LEASE_NAME"] == "kt-kubetune"
+    assert env["KUBETUNE_LEADER_ELECT_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert [env[f"KUBETUNE_LEADER_ELECT_{k}"] for k in ("LEASE_DURATION", "RENEW_DEADLINE", "RETRY_PERIOD")] == ["15", "10", "2"]
+    [pdb] = by_kind(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
+
+
+def test_leader_election_role_reads_and_renews_only_this_releases_lease():
+    [role] = [r for r in by_kind(template(), "Role") if r["metadata"]["name"].endswith("-leader-election")]
+    assert role["metadata"]["namespace"] == "kubetune-system"
+    assert grants(role["rules"]) == {("coordination.k8s.io", "leases", v) for v in ("create", "get", "update")}
+    assert [r.get("resourceNames") for r in role["rules"]] == [None, ["kt-kubetune"]]
+
+
+def test_without_leader_election_one_replica_is_recreated():
+    docs = template("leaderElection.enabled=false", "replicas=1")
+    [deploy] = by_kind(docs, "Deployment")
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"] == {"type": "Recreate"}
+    assert not [e for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"] if "LEADER" in e["name"]]
+    assert by_kind(docs, "Role") == [] and by_kind(docs, "PodDisruptionBudget") == []
+
+
+def test_several_replicas_without_leader_election_are_refused():
+    result = helm("template", "kt", str(CHART), "--set", "leaderElection.enabled=false", check=False)
+    assert result.returncode != 0 and "replicas > 1 needs leaderElection.enabled=true" in result.stderr
 
 
 def test_operator_pod_is_non_root_with_liveness_probe():
@@ -111,12 +144,13 @@ def test_cluster_rbac_grants_exactly_what_the_operator_uses():
 
 def test_watch_namespaces_gives_namespaced_roles_and_only_crd_access_cluster_wide():
     docs = template("watchNamespaces={team-a,team-b}")
-    roles = by_kind(docs, "Role")
+    roles = [r for r in by_kind(docs, "Role") if not r["metadata"]["name"].endswith("-leader-election")]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert all(grants(r["rules"]) == NAMESPACED for r in roles)
     [cluster] = by_kind(docs, "ClusterRole")
     assert grants(cluster["rules"]) == KOPF_CLUSTER
-    assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == ["team-a", "team-b"]
+    bindings = [b for b in by_kind(docs, "RoleBinding") if not b["metadata"]["name"].endswith("-leader-election")]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     args = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
 
@@ -129,7 +163,7 @@ def test_helm_test_hook_pod_is_rendered():
 
 
 def test_values_schema_rejects_unknown_keys():
-    result = helm("template", "kt", str(CHART), "--set", "replicas=2", check=False)
+    result = helm("template", "kt", str(CHART), "--set", "replica=2", check=False)
     assert result.returncode != 0 and "additional properties" in (result.stderr + result.stdout).lower()
 
 

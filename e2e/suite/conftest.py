@@ -42,6 +42,12 @@ SA = "kubetune"  # the chart's fullname for release "kubetune"
 # never touches the random namespaces of e2e/test_operator.py, whose tests run their own operator.
 NAMESPACES = {"happy": "kts-happy", "bad": "kts-bad", "faults": "kts-faults", "many": "kts-many",
               "publish": "kts-publish"}
+# Covered by the chart's RBAC but not watched by the session operator: test_ha.py runs its own replicas there.
+HA_NAMESPACE = "kts-ha"
+# With the node agent the chart renders as by default (two replicas electing a leader; test_ha.py runs them as
+# local processes). On the real node the suite's operator is the chart's Deployment: one pod, no election, so
+# that killing it restarts the one operator (test_kubelet.py installs the default, two replicas).
+LEADER_ELECTION = NODE_MODE != "kubelet"
 SECRET = "s3-creds"
 
 
@@ -108,10 +114,11 @@ def installed(cluster: Any, kctl: Kctl) -> dict[str, Any]:
     assert r.returncode == 0, r.stderr
     r = kctl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s", check=False)
     assert r.returncode == 0, r.stdout + r.stderr
-    for ns in (RELEASE_NS, *NAMESPACES.values()):
+    for ns in (RELEASE_NS, *NAMESPACES.values(), HA_NAMESPACE):
         cluster.create_namespace(ns)
-    docs = render_chart("watchNamespaces={" + ",".join(NAMESPACES.values()) + "}", "pollInterval=1",
-                        "logFormat=json")
+    single = [] if LEADER_ELECTION else ["replicas=1", "leaderElection.enabled=false"]
+    docs = render_chart("watchNamespaces={" + ",".join([*NAMESPACES.values(), HA_NAMESPACE]) + "}", "pollInterval=1",
+                        "logFormat=json", *single)
     runnable = [d for d in docs if d["kind"] != "Deployment"
                 and "helm.sh/hook" not in (d["metadata"].get("annotations") or {})]
     deployment = [d for d in docs if d["kind"] == "Deployment"]
@@ -132,9 +139,11 @@ def installed(cluster: Any, kctl: Kctl) -> dict[str, Any]:
 class Operator:
     """`kubetune operator` as a local process under the chart ServiceAccount's token."""
 
-    def __init__(self, kubeconfig: Path, log: Path) -> None:
+    def __init__(self, kubeconfig: Path, log: Path, namespaces: tuple[str, ...] = tuple(NAMESPACES.values()),
+                 args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.kubeconfig = kubeconfig
         self.log = log
+        self.namespaces, self.args, self.env = namespaces, args, env or {}
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -145,9 +154,10 @@ class Operator:
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "AWS_"))}
         env["KUBECONFIG"] = str(self.kubeconfig)
+        env.update(self.env)
         cmd = [str(VENV_BIN / "kubetune"), "operator", "--poll-interval", "1", "--log-format", "json",
-               "--liveness", f"http://127.0.0.1:{self.port}/healthz"]
-        for ns in NAMESPACES.values():
+               "--liveness", f"http://127.0.0.1:{self.port}/healthz", *self.args]
+        for ns in self.namespaces:
             cmd += ["-n", ns]
         self.starts += 1
         out = self.log.open("a")

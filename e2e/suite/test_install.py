@@ -87,6 +87,23 @@ def test_rbac_denies_outside_watched_scope(installed, kctl, args):
     assert not can_i(kctl, installed["kubeconfig"], *args)
 
 
+# Leader election: in the release namespace only, and only this release's Lease (named after the release's
+# full name) can be read or renewed.
+LEASE = "kubetune"
+LEASES = [
+    (True, "create", "leases.coordination.k8s.io"), (True, "get", f"leases.coordination.k8s.io/{LEASE}"),
+    (True, "update", f"leases.coordination.k8s.io/{LEASE}"), (False, "get", "leases.coordination.k8s.io/other"),
+    (False, "delete", f"leases.coordination.k8s.io/{LEASE}"), (False, "list", "leases.coordination.k8s.io"),
+]
+
+
+@pytest.mark.skipif(not LEADER_ELECTION, reason="the real node's suite installs one replica without leader election")
+@pytest.mark.parametrize(("allowed", "verb", "what"), LEASES, ids=lambda v: str(v))
+def test_rbac_for_the_leader_lease(installed, kctl, allowed, verb, what):
+    assert can_i(kctl, installed["kubeconfig"], verb, what, "-n", RELEASE_NS) is allowed
+    assert not can_i(kctl, installed["kubeconfig"], verb, what, "-n", WATCHED)
+
+
 def test_cluster_rules_are_only_crd_discovery(installed, kctl):
     assert can_i(kctl, installed["kubeconfig"], "list", "customresourcedefinitions.apiextensions.k8s.io")
     assert can_i(kctl, installed["kubeconfig"], "watch", "customresourcedefinitions.apiextensions.k8s.io")

@@ -68,6 +68,8 @@ async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: A
     settings.watching.label_selectors["batch", "v1", "jobs"] = LABEL_JOB
     settings.watching.label_selectors["", "v1", "pods"] = LABEL_JOB
     settings.peering.standalone = not ours.peering
+    if not ours.leader_elect:
+        METRICS.leader.set(1)  # with leader election, kubetune.handlers.leader sets it
     if ours.namespaces and not any(c in ns for ns in ours.namespaces for c in "*?!["):
         # Exact namespaces (the chart's watchNamespaces: a Role per namespace, no namespaces
         # list/watch): without this Kopf first tries to list namespaces, retries the 403 with

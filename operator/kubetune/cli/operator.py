@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trainer-image", help="default trainer image (KUBETUNE_TRAINER_IMAGE)")
     parser.add_argument("--poll-interval", type=float, help="seconds between progress reads of a running job (KUBETUNE_POLL_INTERVAL)")
     parser.add_argument("--log-format", choices=["text", "json"], help="log format (KUBETUNE_LOG_FORMAT)")
-    parser.add_argument("--peering", action="store_true", help="enable Kopf peering (several replicas)")
+    parser.add_argument("--peering", action="store_true", help="enable Kopf peering (KUBETUNE_PEERING; not for replicas: see --leader-elect)")
+    parser.add_argument("--leader-elect", action="store_true",
+                        help="one of several replicas: reconcile only while holding the Lease (KUBETUNE_LEADER_ELECT)")
     parser.add_argument("--liveness", help="liveness endpoint URL (KUBETUNE_LIVENESS), e.g. http://0.0.0.0:8080/healthz")
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (KUBETUNE_METRICS_PORT, default 8000; 0: off)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -34,6 +36,7 @@ def settings_from(args: argparse.Namespace) -> Any:
         "poll_interval": args.poll_interval,
         "log_format": args.log_format,
         "peering": True if args.peering else None,
+        "leader_elect": True if args.leader_elect else None,
         "liveness": args.liveness,
         "metrics_port": args.metrics_port,
     }
@@ -60,12 +63,28 @@ def run(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL,
     )
-    asyncio.run(
-        kopf.operator(
-            clusterwide=not settings.namespaces,
-            namespaces=settings.namespaces,
-            standalone=not settings.peering,
-            liveness_endpoint=settings.liveness or None,
+    elector = stand_by(settings) if settings.leader_elect else None
+    try:
+        asyncio.run(
+            kopf.operator(
+                clusterwide=not settings.namespaces,
+                namespaces=settings.namespaces,
+                standalone=not settings.peering,
+                liveness_endpoint=settings.liveness or None,
+            )
         )
-    )
+    finally:
+        if elector is not None:
+            elector.release()  # after Kopf has stopped reconciling: a standby takes over at once
     return 0
+
+
+def stand_by(settings: Any) -> Any:
+    """Block until this replica holds the leader Lease (kubetune.handlers.leader); metrics are served meanwhile."""
+    from kubetune.handlers import kube, leader
+    from kubetune.handlers.metrics import serve
+
+    kube.load_config()
+    if settings.metrics_port:
+        serve(settings.metrics_port)
+    return leader.lead(settings)

@@ -57,7 +57,9 @@ class Controller:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        # Let passes already running finish their writes: a replica that releases the leader Lease after this
+        # must have stopped writing before a standby starts.
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         await asyncio.get_running_loop().run_in_executor(None, kube.EVENTS.flush, 5.0)  # the Events still queued
 
     def _enqueue(self, key: Key) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -83,6 +83,8 @@ class Metrics(Collector):
         self.api_requests = Counter("kubetune_api_requests_total",
                                     "Kubernetes API requests the operator made, by verb, resource and HTTP code (0: no answer).",
                                     ["verb", "resource", "code"], registry=registry)  # fmt: skip
+        self.leader = Gauge("kubetune_leader", "1 while this replica reconciles (holds the leader Lease, or runs without "
+                            "leader election); 0 while it stands by.", registry=registry)  # fmt: skip
         if registry is not None:
             registry.register(self)
 
@@ -289,12 +291,19 @@ def counted_session(info: Any) -> Any:
                                expiration=info.expiration, aiohttp_session=session)  # fmt: skip
 
 
+_SERVING: set[int] = set()
+
+
 def serve(port: int, address: str = "0.0.0.0") -> bool:
-    """Serve /metrics; False (and the operator carries on) when the port is taken."""
+    """Serve /metrics (once per port: a standby starts it before Kopf does); False (and the operator carries
+    on) when the port is taken."""
     from prometheus_client import start_http_server
 
+    if port in _SERVING:
+        return True
     try:
         start_http_server(port, addr=address)
     except OSError:
         return False
+    _SERVING.add(port)
     return True

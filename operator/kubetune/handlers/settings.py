@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kubetune.render.objects import DEFAULT_IMAGE
+
+JITTER = 1.2
+"""client-go's leader election JitterFactor: the retry period times this must fit in the renew deadline."""
 
 
 class Settings(BaseSettings):
@@ -38,7 +41,24 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     """KUBETUNE_LOG_FORMAT: text or json."""
     peering: bool = False
-    """KUBETUNE_PEERING: Kopf peering (only for more than one replica); off by default (standalone)."""
+    """KUBETUNE_PEERING: Kopf peering; off by default (standalone). Not a way to run two replicas: Kopf
+    peers of equal priority all freeze. Use leader_elect for that."""
+    leader_elect: bool = False
+    """KUBETUNE_LEADER_ELECT: run as one of several replicas; only the holder of a coordination.k8s.io
+    Lease reconciles, the others stand by (kubetune.handlers.leader). Off: this process always reconciles."""
+    leader_elect_namespace: str = ""
+    """KUBETUNE_LEADER_ELECT_NAMESPACE: namespace of the Lease; empty: the pod's own (its service account's),
+    or "default" outside a cluster."""
+    leader_elect_lease_name: str = Field(default="kubetune-operator", pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+    """KUBETUNE_LEADER_ELECT_LEASE_NAME: the Lease's name; replicas that share it elect one leader."""
+    leader_elect_lease_duration: float = Field(default=15.0, ge=1, le=3600)
+    """KUBETUNE_LEADER_ELECT_LEASE_DURATION: seconds a standby waits after the lease last changed before it
+    takes over from a leader that stopped renewing (a crashed or partitioned one)."""
+    leader_elect_renew_deadline: float = Field(default=10.0, ge=1, le=3600)
+    """KUBETUNE_LEADER_ELECT_RENEW_DEADLINE: seconds a leader keeps trying to renew before it gives up and
+    exits; shorter than the lease duration, so it has stopped before anyone else may start."""
+    leader_elect_retry_period: float = Field(default=2.0, ge=0.2, le=600)
+    """KUBETUNE_LEADER_ELECT_RETRY_PERIOD: seconds between renewals by the leader and attempts by a standby."""
     liveness: str = "http://0.0.0.0:8080/healthz"
     """KUBETUNE_LIVENESS: Kopf's liveness endpoint, probed by the Deployment."""
     metrics_port: int = Field(default=8000, ge=0, le=65535)
@@ -49,6 +69,29 @@ class Settings(BaseSettings):
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("leader_elect_renew_deadline")
+    @classmethod
+    def _renew_within_lease(cls, value: float, info: ValidationInfo) -> float:
+        lease = info.data.get("leader_elect_lease_duration")
+        if lease is not None and value >= lease:
+            raise ValueError(f"must be shorter than the lease duration ({lease:g} s), or two replicas could both lead")
+        return value
+
+    @field_validator("leader_elect_retry_period")
+    @classmethod
+    def _retry_within_renew(cls, value: float, info: ValidationInfo) -> float:
+        renew = info.data.get("leader_elect_renew_deadline")
+        if renew is not None and value * JITTER >= renew:
+            raise ValueError(f"must be under the renew deadline / {JITTER} ({renew / JITTER:.3g} s), to retry before giving up")
+        return value
+
+    @field_validator("leader_elect")
+    @classmethod
+    def _not_with_peering(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("peering"):
+            raise ValueError("cannot be combined with Kopf peering (KUBETUNE_PEERING); turn peering off")
         return value
 
     @field_validator("log_format", mode="before")
