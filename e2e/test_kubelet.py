@@ -111,11 +111,15 @@ def test_helm_install_runs_operator_pod_and_helm_test_passes(cluster: Cluster, h
     pods = cluster.admin.get(f"/api/v1/namespaces/{RELEASE_NS}/pods",
                              query={"labelSelector": "app.kubernetes.io/name=kubetune"})["items"]
     running = [p for p in pods if p["status"]["phase"] == "Running"]
-    assert len(running) == 1, [p["status"]["phase"] for p in pods]
-    op = running[0]
-    assert op["spec"]["serviceAccountName"] == FULLNAME
-    assert op["spec"]["containers"][0]["image"] == OPERATOR_IMAGE
-    assert all(c["ready"] for c in op["status"]["containerStatuses"])  # readiness probe: Kopf's /healthz
+    assert len(running) == 2, [p["status"]["phase"] for p in pods]  # the chart's default: two replicas
+    for op in running:
+        assert op["spec"]["serviceAccountName"] == FULLNAME
+        assert op["spec"]["containers"][0]["image"] == OPERATOR_IMAGE
+        assert all(c["ready"] for c in op["status"]["containerStatuses"])  # readiness: Kopf's /healthz, or the standby's
+    # Exactly one of them leads: the Lease (named after the release) names it (pod name + a random suffix).
+    lease = f"/apis/coordination.k8s.io/v1/namespaces/{RELEASE_NS}/leases/{FULLNAME}"
+    holder = cluster.admin.wait_for(lease, lambda o: bool(o["spec"].get("holderIdentity")))["spec"]["holderIdentity"]
+    assert [p["metadata"]["name"] for p in running if holder.startswith(p["metadata"]["name"] + "_")], holder
     r = subprocess.run([str(helm_release["helm"]), "--kubeconfig", str(cluster.kubeconfig), "test", RELEASE,
                         "--namespace", RELEASE_NS, "--timeout", "120s"], capture_output=True, text=True)
     # (no --logs: the hook's delete policy removes a passing test pod before helm could read it)

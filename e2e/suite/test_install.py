@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import NAMESPACES, NODE_MODE, RELEASE_NS, SA
+from conftest import LEADER_ELECTION, NAMESPACES, NODE_MODE, RELEASE_NS, SA
 
 pytestmark = pytest.mark.e2e
 WATCHED = NAMESPACES["happy"]
