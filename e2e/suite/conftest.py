@@ -112,8 +112,9 @@ def installed(cluster: Any, kctl: Kctl) -> dict[str, Any]:
     t0 = time.monotonic()
     r = kctl("apply", "--server-side", "-f", str(CRD), check=False)
     assert r.returncode == 0, r.stderr
-    r = kctl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s", check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
+    # kubectl wait fails at once ("accessor error") while the new CRD has no status.conditions yet: ask again.
+    wait_for("CRD Established", lambda: kctl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io",
+                                             "--timeout=60s", check=False).returncode == 0, 90, 1)  # fmt: skip
     for ns in (RELEASE_NS, *NAMESPACES.values(), HA_NAMESPACE):
         cluster.create_namespace(ns)
     single = [] if LEADER_ELECTION else ["replicas=1", "leaderElection.enabled=false"]
