@@ -8,7 +8,9 @@ Every image is an OCI image with uncompressed layers:
 
 * base: a Debian minbase root filesystem with python3, made by `mmdebstrap` (the same
   Debian release as the CI machine, so its Python 3.11 runs the wheels of the test venv);
-* deps: a virtualenv at /opt/kubetune holding exactly the installed distributions that
+* deps (one layer, or two for the trainer: torch + nvidia-* alone, ~4.6 GB and stable, then the
+  rest, which changes whenever a dependency is added): a virtualenv at /opt/kubetune holding
+  exactly the installed distributions that
   `kubetune[operator]` (operator image) or `kubetune[trainer]` + pyarrow (trainer image)
   require, copied from the running venv (so torch is not downloaded a second time; the
   versions are the ones .ci/constraints.txt pins), with their console scripts;
@@ -196,16 +198,42 @@ def _owned_by_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-def deps_layer(requirements: Sequence[str]) -> Path:
-    """/opt/kubetune: a venv with the installed closure of `requirements` and its console scripts."""
+def _heavy(dist: metadata.Distribution) -> bool:
+    """torch and the CUDA wheels it pulls (nvidia-*): gigabytes, and they change only with the torch pin."""
+    name = re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
+    return name == "torch" or name.startswith("nvidia-")
+
+
+def deps_layers(requirements: Sequence[str]) -> list[Path]:
+    """/opt/kubetune: a venv with the installed closure of `requirements` and its console scripts, as
+    up to two layers: torch + nvidia-* (~4.6 GB, stable) and everything else (changes whenever a
+    dependency is added or bumped; re-imported alone then)."""
     site = Path(sysconfig.get_paths()["purelib"])
     dists = _closure(requirements)
-    ident = [f"{d.metadata['Name']}=={d.version}" for d in dists]
-    key = "deps-" + _sha(json.dumps([PY, sys.version, str(site), ident]).encode())[:16]
+    heavy = [d for d in dists if _heavy(d)]
+    rest = [d for d in dists if not _heavy(d)]
+    heavy_tops = {t for d in heavy for t in _top_levels(d)}
 
-    def write(tar: tarfile.TarFile) -> None:
+    def key(kind: str, ds: Sequence[metadata.Distribution]) -> str:
+        ident = [f"{d.metadata['Name']}=={d.version}" for d in ds]
+        return f"{kind}-" + _sha(json.dumps([PY, sys.version, str(site), ident]).encode())[:16]
+
+    def add_tops(tar: tarfile.TarFile, tops: Iterable[str]) -> None:
+        # once each: namespace packages (nvidia/) are shared by many distributions
+        for top in sorted(tops):
+            if (site / top).exists():
+                tar.add(site / top, arcname=f"{SITE}/{top}", filter=_owned_by_root)
+
+    def skeleton(tar: tarfile.TarFile) -> None:
         for d in ("opt", VENV, f"{VENV}/bin", f"{VENV}/lib", f"{VENV}/lib/{PY}", SITE):
             _add_dir(tar, d)
+
+    def write_heavy(tar: tarfile.TarFile) -> None:
+        skeleton(tar)
+        add_tops(tar, heavy_tops)
+
+    def write_rest(tar: tarfile.TarFile) -> None:
+        skeleton(tar)
         pyver = ".".join(map(str, sys.version_info[:3]))
         _add_bytes(tar, f"{VENV}/pyvenv.cfg",
                    f"home = /usr/bin\ninclude-system-site-packages = false\nversion = {pyver}\n".encode())
@@ -215,12 +243,10 @@ def deps_layer(requirements: Sequence[str]) -> Path:
             tar.addfile(info)
         for name, text in _scripts(dists).items():
             _add_bytes(tar, f"{VENV}/bin/{name}", text.encode(), 0o755)
-        # once each: namespace packages (nvidia/) are shared by many distributions
-        for top in sorted({t for dist in dists for t in _top_levels(dist)}):
-            if (site / top).exists():
-                tar.add(site / top, arcname=f"{SITE}/{top}", filter=_owned_by_root)
+        add_tops(tar, {t for d in rest for t in _top_levels(d)} - heavy_tops)
 
-    return _cached_layer(key, write)
+    layers = [_cached_layer(key("torch", heavy), write_heavy)] if heavy else []
+    return [*layers, _cached_layer(key("venv", dists), write_rest)]
 
 
 def app_layer(base: Path, scripts: dict[str, str]) -> Path:
@@ -336,11 +362,11 @@ def build_all() -> list[Image]:
     env = [f"PATH={PATH}", f"VIRTUAL_ENV=/{VENV}", "PYTHONUNBUFFERED=1", "PYTHONDONTWRITEBYTECODE=1"]
     images = [
         Image(PAUSE_IMAGE, [pause_layer()], {"Entrypoint": ["/pause"]}),
-        Image(op_name, [base, deps_layer(["kubetune[operator]"]), app],
+        Image(op_name, [base, *deps_layers(["kubetune[operator]"]), app],
               {"User": "1000:1000", "Env": env, "Entrypoint": ["kubetune"],
                "Cmd": ["operator", "--all-namespaces"], "WorkingDir": "/tmp",
                "ExposedPorts": {"8080/tcp": {}}}),
-        Image(trainer_name, [base, deps_layer(["kubetune[trainer]", "pyarrow"]), app],
+        Image(trainer_name, [base, *deps_layers(["kubetune[trainer]", "pyarrow"]), app],
               {"User": "1000:1000", "Env": [*env, "HF_HOME=/cache/hf", "KUBETUNE_CACHE_DIR=/cache/kubetune"],
                "Entrypoint": ["python", "-m", "kubetune_trainer.launch"], "WorkingDir": "/home/kubetune",
                "ExposedPorts": {"8080/tcp": {}}}),
