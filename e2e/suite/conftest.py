@@ -96,6 +96,16 @@ class Kctl:
     def phase(self, ns: str, name: str) -> str | None:
         return self.status(ns, name).get("phase")
 
+    def wait_established(self, crd: str, timeout: float = 60) -> None:
+        """Polled: `kubectl wait --for=condition=Established` right after the apply fails at once while the
+        new CRD has no status yet (".status.conditions accessor error: <nil>")."""
+        def established() -> bool:
+            r = self.cluster.kubectl("get", "crd", crd, "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}",
+                                     check=False)  # fmt: skip
+            return r.returncode == 0 and r.stdout.strip() == "True"
+
+        wait_for(f"{crd} Established", established, timeout)
+
     def apply(self, ns: str, doc: dict[str, Any] | str, check: bool = True) -> subprocess.CompletedProcess[str]:
         text = doc if isinstance(doc, str) else yaml.safe_dump(doc)
         return self.cluster.kubectl("-n", ns, "apply", "-f", "-", input=text, check=check)

@@ -49,7 +49,7 @@ def hand_off(
         if outcome != "created":
             new, event = s.record(status, obj, outcome, now, generation, problem)
             return new, event, None
-    log.info("%s: %s %s %s", where, obj["kind"], obj["metadata"]["name"], "created" if created else "up to date")
+    log.info("%s: %s %s %s", where, obj["kind"], obj["metadata"]["name"], "created" if created else "there, serving this model")
     new, event = s.record(status, obj, "created", now, generation)
     return new, event, None
 
