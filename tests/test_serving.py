@@ -147,3 +147,16 @@ def test_a_name_taken_by_an_object_the_job_does_not_own_is_reported_not_taken_ov
     cond = next(c for c in new.conditions if c.type == "Serving")
     assert (cond.status, cond.reason) == ("False", "ServingNameTaken") and "spec.serving.name" in cond.message
     assert event is not None and event[0] == "Warning" and new.serving is None
+
+
+def test_kubetune_render_shows_what_serves_the_job_once_it_succeeds(tmp_path, capsys):
+    import yaml
+    from kubetune.cli.main import main
+
+    doc = {**BASE, "spec": {**BASE["spec"], "serving": {"kind": "InferenceService"}}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["render", str(path)]) == 0
+    objs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "Job", "InferenceService"]
+    assert objs[-1]["spec"]["predictor"]["model"]["storageUri"] == "s3://out/demo/model"

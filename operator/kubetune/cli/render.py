@@ -1,4 +1,5 @@
-"""`kubetune render FILE`: print the objects the operator would create for a manifest.
+"""`kubetune render FILE`: print the objects the operator would create for a manifest (with spec.serving,
+also the InferenceService or Deployment it creates once the job succeeds, at the artifacts' expected URIs).
 
 Every FineTuneJob in the file is checked first (exit 64 and every problem when any is refused).
 """
@@ -23,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kubetune.render.objects import DEFAULT_IMAGE, render_all
+    from kubetune.render.serving import render_serving
+    from kubetune.status.derive import artifacts
 
     try:
         docs = read_jobs(args.file)
@@ -47,5 +50,8 @@ def run(args: argparse.Namespace) -> int:
         namespace = meta.namespace or args.namespace or "default"
         labels = doc["metadata"].get("labels") or {}
         out += render_all(job.spec, meta.name or "", namespace, meta.uid or "", args.restart, labels, args.image or DEFAULT_IMAGE)
+        if job.spec.serving is not None:
+            expected = artifacts(job.spec).model_dump(by_alias=True, exclude_none=True)
+            out.append(render_serving(job.spec, meta.name or "", namespace, expected))
     sys.stdout.write(yaml.safe_dump_all(out, sort_keys=False))
     return 0
