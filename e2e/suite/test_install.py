@@ -50,10 +50,12 @@ NEEDED = [
     ("create", "jobs.batch"), ("list", "jobs.batch"), ("watch", "jobs.batch"), ("patch", "jobs.batch"), ("delete", "jobs.batch"),
     ("create", "configmaps"), ("patch", "configmaps"), ("create", "services"), ("list", "pods"), ("watch", "pods"),
     ("create", "events"),
+    ("create", "deployments.apps"), ("get", "deployments.apps"), ("update", "deployments.apps"),  # spec.serving
 ]
 # ... and what it must not be able to do there.
 DENIED = [
-    ("delete", "pods"), ("create", "pods"), ("get", "secrets"), ("list", "secrets"), ("create", "deployments.apps"),
+    ("delete", "pods"), ("create", "pods"), ("get", "secrets"), ("list", "secrets"), ("delete", "deployments.apps"),
+    ("list", "deployments.apps"), ("patch", "deployments.apps"),
     ("update", "finetunejobs.kubetune.io"), ("create", "finetunejobs.kubetune.io"),
     ("delete", "configmaps"), ("get", "configmaps"), ("create", "pods/exec"), ("create", "roles.rbac.authorization.k8s.io"),
     ("create", "leases.coordination.k8s.io"), ("update", "jobs.batch"),
@@ -123,7 +125,8 @@ def test_all_namespaces_mode_renders_clusterrole_without_secrets(installed, kctl
                  for g in rule["apiGroups"] for res in rule["resources"]}
     assert ("", "secrets") not in resources
     assert "delete" not in resources.get(("", "pods"), set())
-    assert ("apps", "deployments") not in resources
+    # spec.serving creates a job's Deployment and re-points it (get, update): nothing else on deployments
+    assert resources.get(("apps", "deployments"), set()) <= {"create", "get", "update"}
     assert resources[("", "namespaces")] == {"list", "watch"}
 
 
