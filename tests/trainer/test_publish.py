@@ -1,6 +1,6 @@
 """The OCI artifact the trainer pushes (kubetune_trainer.publish): ModelPack media types, digests, credentials.
 
-Pushing to a real registry is tested end to end in e2e/suite/test_publish.py.
+Pushing to a real registry is tested end to end in e2e/suite/test_oci_publish.py.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ registry on loopback (htpasswd auth). A job that passes its evaluation gate is p
 against the files in S3; a wrong password fails the job naming the Secret, with nothing pushed; pushing the
 same files again gives the same manifest digest; with `spec.serving` the InferenceService the operator
 creates (KServe's own CRDs installed) loads the model from that digest-pinned reference. (Serving
-itself, S3 storage URIs, adapters and the missing-API case: e2e/suite/test_serving.py.)"""
+itself, S3 storage URIs, adapters and the missing-API case: e2e/suite/test_serving_handoff.py.)"""
 
 from __future__ import annotations
 
