@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 NS_KEY = "faults"
 
 
-def test_a_job_that_fails_its_gate_ends_failed_with_the_figures_and_is_not_retried(kctl, suite_ns, s3, s3_data, node_agent, operator):
+def test_a_job_that_fails_its_gate_ends_failed_with_the_figures_and_is_not_retried(kctl, suite_ns, s3, s3_data, node, operator):
     name = "gate-fail"
     doc = job_doc(name, s3, s3_data, steps=2, checkpoint_steps=2, **{
         "runPolicy.backoffLimit": 2,
