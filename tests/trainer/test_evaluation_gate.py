@@ -90,3 +90,8 @@ def test_interpolation_table_runs_from_base_to_fine_tuned_and_best_is_saved(tmp_
                  if chosen["alpha"] != 1.0 else model)  # fmt: skip
     assert all(model[k].allclose(reference[k].to(model[k].dtype), atol=1e-6) for k in model)
     assert (tmp_path / "out" / "interpolation" / "alpha-0.50" / "model.safetensors").exists()
+    # the run's model card carries the same table (one row per mix, alpha 0 included)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Weight interpolation (WiSE-FT)" in card
+    table = card.split("## Weight interpolation (WiSE-FT)", 1)[1]
+    assert all(f"| {a} |" in table for a in ("0", "0.5", "1")), table[:600]
