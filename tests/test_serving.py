@@ -8,6 +8,7 @@ import pytest
 from kubetune.api.models import FineTuneJobStatus, ServingStatus
 from kubetune.api.validation import SpecInvalid, parse_spec
 from kubetune.handlers.serving import hand_off
+from kubetune.render.objects import render_pod_template
 from kubetune.render.serving import (
     ADAPTER_DIR,
     BASE_DIR,
@@ -92,6 +93,16 @@ def test_deployment_runs_the_users_image_with_the_model_location_and_s3_settings
     assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}}
     assert c["image"] == "vllm/vllm-openai:v0.11.0" and c["args"] == ["--model", "$(KUBETUNE_MODEL_URI)"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_deployment_reads_s3_with_the_same_settings_as_the_trainer_session_token_included():
+    storage = {**BASE["spec"]["storage"], "secretRef": {**BASE["spec"]["storage"]["secretRef"], "sessionTokenKey": "TOKEN"}}
+    spec = spec_with({"kind": "Deployment", "image": "srv:1"}, storage=storage)
+    env = render_serving(spec, "demo", "ml", MERGED)["spec"]["template"]["spec"]["containers"][0]["env"]
+    trainer = [e for e in render_pod_template(spec, "demo", 0)["spec"]["containers"][0]["env"]
+               if e["name"].startswith("AWS_")]  # fmt: skip
+    assert trainer and trainer == [e for e in env if e["name"].startswith("AWS_")]
+    assert {"name": "AWS_SESSION_TOKEN", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "TOKEN"}}} in env
 
 
 @pytest.mark.parametrize(

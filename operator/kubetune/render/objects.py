@@ -16,6 +16,7 @@ DNS records apart from the new one's).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Final
 
 from kubetune.api.contract import (
@@ -34,7 +35,7 @@ from kubetune.api.contract import (
     REGISTRY_AUTH_PATH,
     TERMINATION_LOG,
 )
-from kubetune.api.models import FineTuneJobSpec
+from kubetune.api.models import EnvVar, FineTuneJobSpec
 from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT, DEFAULT_RDZV_PORT, TrainerConfig
 from kubetune.api.validation import pvc_claims
 from kubetune.render.trainer_config import render_trainer_config
@@ -152,8 +153,13 @@ def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
         env += [
             {"name": "OMP_NUM_THREADS", "value": str(_cpu_threads(spec))},
         ]
+    return env + storage_env(spec) + user_env(spec.env)
+
+
+def storage_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """The job's S3 settings (region, endpoint, keys from its Secret): for the trainer and a serving Deployment."""
     s = spec.storage
-    env.append({"name": "AWS_DEFAULT_REGION", "value": s.region})
+    env: list[dict[str, Any]] = [{"name": "AWS_DEFAULT_REGION", "value": s.region}]
     if s.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": s.endpoint})
     if s.secret_ref is not None:
@@ -166,14 +172,15 @@ def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
         env += [
             {"name": var, "valueFrom": {"secretKeyRef": {"name": s.secret_ref.name, "key": key}}} for var, key in keys
         ]
-    for var in spec.env:
-        entry: dict[str, Any] = {"name": var.name}
-        if var.value_from is not None:
-            entry["valueFrom"] = var.value_from
-        else:
-            entry["value"] = var.value or ""
-        env.append(entry)
     return env
+
+
+def user_env(variables: Iterable[EnvVar]) -> list[dict[str, Any]]:
+    """The user's env entries as a container's env: `valueFrom` as given, else `value` ("" when unset)."""
+    return [
+        {"name": v.name, "valueFrom": v.value_from} if v.value_from is not None else {"name": v.name, "value": v.value or ""}
+        for v in variables
+    ]
 
 
 def _cpu_threads(spec: FineTuneJobSpec) -> int:

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from kubetune.api import methods
 from kubetune.api.models import FineTuneJobSpec, ServingSpec
-from kubetune.render.objects import LABEL_ROLE, MANAGED_BY
+from kubetune.render.objects import LABEL_ROLE, MANAGED_BY, storage_env, user_env
 
 KSERVE_GROUP: Final = "serving.kserve.io"
 KSERVE_VERSION: Final = "v1beta1"
@@ -93,18 +93,6 @@ def _resources(serving: ServingSpec) -> dict[str, Any]:
     return out
 
 
-def _env(serving: ServingSpec) -> list[dict[str, Any]]:
-    out = []
-    for var in serving.env:
-        entry: dict[str, Any] = {"name": var.name}
-        if var.value_from is not None:
-            entry["valueFrom"] = var.value_from
-        else:
-            entry["value"] = var.value or ""
-        out.append(entry)
-    return out
-
-
 def _metadata(name: str, namespace: str, job: str, uri: str) -> dict[str, Any]:
     return {"name": name, "namespace": namespace, "labels": serving_labels(job), "annotations": {ANNOTATION_MODEL: uri}}
 
@@ -126,7 +114,7 @@ def render_inference_service(spec: FineTuneJobSpec, job: str, namespace: str, ar
         ]
         args = [f"--model_dir={BASE_DIR}", "--enable-lora", "--lora-modules", f"{job}={ADAPTER_DIR}"]
     args += list(serving.args)
-    optional = {"runtime": serving.runtime, "image": serving.image, "args": args, "env": _env(serving),
+    optional = {"runtime": serving.runtime, "image": serving.image, "args": args, "env": user_env(serving.env),
                 "resources": _resources(serving)}  # fmt: skip
     model.update({k: v for k, v in optional.items() if v})
     if serving.service_account_name:
@@ -137,18 +125,6 @@ def render_inference_service(spec: FineTuneJobSpec, job: str, namespace: str, ar
         "metadata": _metadata(name, namespace, job, served_uri(uris)),
         "spec": {"predictor": predictor},
     }
-
-
-def _storage_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
-    """The job's S3 settings, so a server in the Deployment reads the artifacts as the trainer wrote them."""
-    s = spec.storage
-    env: list[dict[str, Any]] = [{"name": "AWS_DEFAULT_REGION", "value": s.region}]
-    if s.endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": s.endpoint})
-    if s.secret_ref is not None:
-        for var, key in (("AWS_ACCESS_KEY_ID", s.secret_ref.access_key_id_key), ("AWS_SECRET_ACCESS_KEY", s.secret_ref.secret_access_key_key)):
-            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": s.secret_ref.name, "key": key}}})
-    return env
 
 
 def render_deployment(spec: FineTuneJobSpec, job: str, namespace: str, artifacts: dict[str, Any]) -> dict[str, Any]:
@@ -163,7 +139,7 @@ def render_deployment(spec: FineTuneJobSpec, job: str, namespace: str, artifacts
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": serving.image,
-        "env": env + _storage_env(spec) + _env(serving),  # the user's last: theirs win
+        "env": env + storage_env(spec) + user_env(serving.env),  # the user's last: theirs win
         "ports": [{"name": "http", "containerPort": serving.port}],
         "securityContext": {"allowPrivilegeEscalation": False},
     }
