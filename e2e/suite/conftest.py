@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import yaml
+from harness import binaries
 from harness.waiting import wait_for
 
 NODE_MODE = os.environ.get("KUBETUNE_E2E_NODE", "agent")
@@ -425,3 +426,19 @@ def checkpoints(s3: Any, name: str) -> list[int]:
         if m:
             steps.append(int(m.group(1)))
     return sorted(steps)
+
+
+KSERVE_CRDS = ("inferenceservices.serving.kserve.io", "servingruntimes.serving.kserve.io")
+
+
+def install_kserve_crds(kctl: Kctl) -> None:
+    """KServe's real CRDs (from its Go module, built by build.sh), applied and Established; skips when absent."""
+    try:
+        crds = binaries.kserve_crds()
+    except binaries.BinariesUnavailable as e:
+        pytest.skip(str(e))
+    for path in sorted(crds.glob("*.yaml")):  # 1 MB for InferenceService: server-side apply (no annotation copy)
+        r = kctl("apply", "--server-side", "--force-conflicts", "-f", str(path), check=False)
+        assert r.returncode == 0, r.stderr
+    for crd in KSERVE_CRDS:
+        kctl.wait_established(crd)

@@ -15,29 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import job_doc, wait_for
-from harness import binaries
+from conftest import install_kserve_crds, job_doc, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 NS_KEY = "publish"
 MODELPACK = "application/vnd.cncf.model.manifest.v1+json"
 ISVC = "inferenceservices.serving.kserve.io"
-
-
-def install_kserve_crds(kctl: Any) -> None:
-    try:
-        crds = binaries.kserve_crds()
-    except binaries.BinariesUnavailable as e:
-        pytest.skip(str(e))
-    for path in sorted(crds.glob("*.yaml")):
-        r = kctl("apply", "--server-side", "--force-conflicts", "-f", str(path), check=False)
-        assert r.returncode == 0, r.stderr
-    wait_for("the InferenceService CRD established", lambda: established(kctl.get("default", "crd", ISVC)), 60, 0.5)
-
-
-def established(crd: dict[str, Any] | None) -> bool:
-    conditions = ((crd or {}).get("status") or {}).get("conditions") or []
-    return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
 
 def s3_files(s3: Any, prefix: str) -> dict[str, bytes]:

@@ -21,26 +21,13 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import VENV_BIN, job_doc, wait_for
-from harness import binaries
+from conftest import VENV_BIN, install_kserve_crds, job_doc, wait_for
 from kubetune.api.models import FineTuneJobSpec
 from kubetune.render.serving import render_serving
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 NS_KEY = "happy"
 ISVC = "inferenceservices.serving.kserve.io"
-
-
-def install_kserve_crds(kctl: Any) -> None:
-    try:
-        crds = binaries.kserve_crds()
-    except binaries.BinariesUnavailable as e:
-        pytest.skip(str(e))
-    for path in sorted(crds.glob("*.yaml")):  # 1 MB for InferenceService: server-side apply (no annotation copy)
-        r = kctl("apply", "--server-side", "-f", str(path), check=False)
-        assert r.returncode == 0, r.stderr
-    for crd in (ISVC, "servingruntimes.serving.kserve.io"):
-        kctl.wait_established(crd)
 
 
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
