@@ -16,7 +16,7 @@ DNS records apart from the new one's).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 from kubetune.api.contract import (
@@ -220,12 +220,14 @@ def _volumes(spec: FineTuneJobSpec, name: str) -> tuple[list[dict[str, Any]], li
 
 
 def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
-    requests = dict(spec.resources.requests)
-    limits = dict(spec.resources.limits)
-    if spec.distributed.gpus_per_node > 0:
-        gpus = str(spec.distributed.gpus_per_node)
-        requests["nvidia.com/gpu"] = gpus
-        limits["nvidia.com/gpu"] = gpus
+    return container_resources(spec.resources.requests, spec.resources.limits, spec.distributed.gpus_per_node)
+
+
+def container_resources(requests: Mapping[str, Any], limits: Mapping[str, Any], gpus: int) -> dict[str, Any]:
+    """A container's resources: the user's requests and limits, plus `gpus` nvidia.com/gpu in both (when > 0)."""
+    requests, limits = dict(requests), dict(limits)
+    if gpus > 0:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(gpus)
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests

@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import Any, Final
 
 from kubetune.api import methods
-from kubetune.api.models import FineTuneJobSpec, ServingSpec
-from kubetune.render.objects import LABEL_ROLE, MANAGED_BY, storage_env, user_env
+from kubetune.api.models import FineTuneJobSpec
+from kubetune.render.objects import LABEL_ROLE, MANAGED_BY, container_resources, storage_env, user_env
 
 KSERVE_GROUP: Final = "serving.kserve.io"
 KSERVE_VERSION: Final = "v1beta1"
@@ -81,18 +81,6 @@ def served_uri(uris: dict[str, str]) -> str:
     return uris.get("model") or uris["adapter"]
 
 
-def _resources(serving: ServingSpec) -> dict[str, Any]:
-    requests, limits = dict(serving.resources.requests), dict(serving.resources.limits)
-    if serving.gpus:
-        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(serving.gpus)
-    out: dict[str, Any] = {}
-    if requests:
-        out["requests"] = requests
-    if limits:
-        out["limits"] = limits
-    return out
-
-
 def _metadata(name: str, namespace: str, job: str, uri: str) -> dict[str, Any]:
     return {"name": name, "namespace": namespace, "labels": serving_labels(job), "annotations": {ANNOTATION_MODEL: uri}}
 
@@ -115,7 +103,7 @@ def render_inference_service(spec: FineTuneJobSpec, job: str, namespace: str, ar
         args = [f"--model_dir={BASE_DIR}", "--enable-lora", "--lora-modules", f"{job}={ADAPTER_DIR}"]
     args += list(serving.args)
     optional = {"runtime": serving.runtime, "image": serving.image, "args": args, "env": user_env(serving.env),
-                "resources": _resources(serving)}  # fmt: skip
+                "resources": container_resources(serving.resources.requests, serving.resources.limits, serving.gpus)}  # fmt: skip
     model.update({k: v for k, v in optional.items() if v})
     if serving.service_account_name:
         predictor["serviceAccountName"] = serving.service_account_name
@@ -145,7 +133,7 @@ def render_deployment(spec: FineTuneJobSpec, job: str, namespace: str, artifacts
     }
     if serving.args:
         container["args"] = list(serving.args)
-    if resources := _resources(serving):
+    if resources := container_resources(serving.resources.requests, serving.resources.limits, serving.gpus):
         container["resources"] = resources
     pod: dict[str, Any] = {"containers": [container]}
     if serving.service_account_name:
