@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
@@ -193,27 +194,26 @@ def wait(pred: Any, timeout: float, what: str, every: float = 0.1) -> float:
     return time.monotonic()
 
 
-def apiserver_requests(admin: Any) -> dict[str, float]:
-    """apiserver_request_total by verb/resource, read from the apiserver's /metrics."""
+def _counter_sums(admin: Any, sample: str, key: Callable[[dict[str, str]], str]) -> dict[str, float]:
+    """The apiserver's /metrics counter `sample`, summed per key(labels)."""
     text = admin.call_api("/metrics", "GET", _preload_content=False, _return_http_data_only=True).data.decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("apiserver_request_total{"):
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-            key = f"{labels.get('verb')} {labels.get('resource')}{'/' + labels['subresource'] if labels.get('subresource') else ''}"
-            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+        if line.startswith(sample + "{"):
+            k = key(dict(re.findall(r'(\w+)="([^"]*)"', line)))
+            out[k] = out.get(k, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
+
+
+def apiserver_requests(admin: Any) -> dict[str, float]:
+    """apiserver_request_total by verb/resource, read from the apiserver's /metrics."""
+    return _counter_sums(admin, "apiserver_request_total", lambda labels: (
+        f"{labels.get('verb')} {labels.get('resource')}{'/' + labels['subresource'] if labels.get('subresource') else ''}"))
 
 
 def flow_requests(admin: Any) -> dict[str, float]:
     """Requests the apiserver dispatched per flow schema (API Priority and Fairness): who asked."""
-    text = admin.call_api("/metrics", "GET", _preload_content=False, _return_http_data_only=True).data.decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("apiserver_flowcontrol_dispatched_requests_total{"):
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-            out[labels.get("flow_schema", "?")] = out.get(labels.get("flow_schema", "?"), 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
+    return _counter_sums(admin, "apiserver_flowcontrol_dispatched_requests_total", lambda labels: labels.get("flow_schema", "?"))
 
 
 def diff(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
