@@ -34,7 +34,7 @@ from kubetune.client import Client, Forbidden, NotFound
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 NS_KEY = "happy"
-STEPS = 40
+STEPS = 120  # long enough that a progress reading lands in the suspend window on an idle machine (40 steps ran in 15 s with 5 readings, none in it)
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 TMUX = shutil.which("tmux")
 
