@@ -7,9 +7,9 @@ Environment:
   KUBETUNE_E2E_CACHE=DIR    binary cache (default ~/.cache/kubetune-e2e)
   KUBETUNE_E2E_WORKDIR=DIR  keep certs, kubeconfigs, logs and pod dirs there (default: pytest tmp)
   KUBETUNE_E2E_S3=moto      use moto instead of MinIO (accepts any credentials)
-  KUBETUNE_E2E_NODE=kubelet the control plane runs in a private network + mount namespace with a
-                            real node (containerd, kubelet, kube-scheduler, CoreDNS: `kubelet_node`);
-                            default `agent`: on the host's loopback with the node agent
+  KUBETUNE_E2E_NODE=kubelet (default) the control plane runs in a private network + mount namespace
+                            with a real node (containerd, kubelet, kube-scheduler, CoreDNS: `kubelet_node`);
+                            `agent`: the fast mode, on the host's loopback with the node agent
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from typing import Any
 import pytest
 from harness import binaries
 from harness.cluster import KUBECTL, Cluster
+from harness.mode import NODE_MODE
 from harness.node_agent import NodeAgent, for_cluster
 from harness.registry import Registry
 from harness.s3 import S3Server
-
-NODE_MODE = os.environ.get("KUBETUNE_E2E_NODE", "agent")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -83,7 +82,7 @@ def cluster(e2e_workdir: Path) -> Iterator[Cluster]:
 def node_agent(cluster: Cluster, e2e_workdir: Path) -> Iterator[NodeAgent]:
     """The fake kubelet/scheduler/DNS for one node; pods run as local processes."""
     if NODE_MODE == "kubelet":
-        pytest.skip("KUBETUNE_E2E_NODE=kubelet: this test needs the node agent")
+        pytest.skip("runs on the node agent only (the fast mode): KUBETUNE_E2E_NODE=agent")
     if not os.access("/etc/hosts", os.W_OK):
         pytest.skip("the node agent publishes pod DNS names in /etc/hosts and needs to write it (run as root)")
     agent = for_cluster(cluster, e2e_workdir / "node")
@@ -98,7 +97,7 @@ def node_agent(cluster: Cluster, e2e_workdir: Path) -> Iterator[NodeAgent]:
 def kubelet_node(cluster: Cluster, e2e_workdir: Path) -> Iterator[Any]:
     """A real node: containerd + kubelet + kube-scheduler + CoreDNS, images built from this repo."""
     if NODE_MODE != "kubelet":
-        pytest.skip("the real-kubelet node runs with KUBETUNE_E2E_NODE=kubelet")
+        pytest.skip("KUBETUNE_E2E_NODE=agent: the real node (kubelet) is not started in the fast mode")
     from harness.kubelet_node import KubeletNode  # noqa: PLC0415
 
     node = KubeletNode(cluster, e2e_workdir / "kubelet-node")

@@ -1,9 +1,9 @@
-"""The real node (KUBETUNE_E2E_NODE=kubelet): containerd + kubelet + kube-scheduler + CoreDNS,
-the operator and trainer images built from this repository, the chart installed with helm.
+"""The real node (the default, KUBETUNE_E2E_NODE=kubelet): containerd + kubelet + kube-scheduler +
+CoreDNS, the operator and trainer images built from this repository, the chart installed with helm.
 
-    KUBETUNE_E2E_NODE=kubelet .venv/bin/pytest e2e/test_kubelet.py
+    .venv/bin/pytest e2e/test_kubelet.py
 
-Skipped in the default (node agent) mode.
+Skipped in the fast node-agent mode (KUBETUNE_E2E_NODE=agent).
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ import yaml
 from harness import binaries
 from harness.cluster import Cluster
 from harness.images import chart_images
+from harness.mode import NODE_MODE
 from harness.s3 import S3Server
 from harness.waiting import wait_for
 from kubetune.client import Client
 
 pytestmark = [
     pytest.mark.e2e, pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("KUBETUNE_E2E_NODE", "agent") != "kubelet",
-                       reason="the real-kubelet node runs with KUBETUNE_E2E_NODE=kubelet"),
+    pytest.mark.skipif(NODE_MODE != "kubelet", reason="KUBETUNE_E2E_NODE=agent: the real node is not started in the fast mode"),
 ]
 ROOT = Path(__file__).resolve().parents[1]
 KUBETUNE = Path(sys.executable).parent / "kubetune"

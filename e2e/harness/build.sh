@@ -15,7 +15,7 @@
 #   registry                                  github.com/distribution/distribution/v3 (OCI registry; custom main:
 #                                             filesystem storage + htpasswd auth only, no cloud SDKs)
 #
-# `node` and `coredns` are only needed by the real-kubelet mode (KUBETUNE_E2E_NODE=kubelet).
+# `node` and `coredns` are only needed by the real-kubelet mode (the default; not by KUBETUNE_E2E_NODE=agent).
 #
 # Versions are chosen so that every module they need is on the Go module proxy
 # (e.g. k8s v1.32.13's staging modules are not all there; v1.32.2's are).
@@ -29,7 +29,6 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/versions.env"
 cache="${KUBETUNE_E2E_CACHE:-$HOME/.cache/kubetune-e2e}"
 mkdir -p "$cache"
-exec 9>"$cache/.build.lock" && flock 9  # concurrent callers (two test sessions) take turns
 export GOFLAGS="${GOFLAGS:-} -trimpath -buildvcs=false -mod=mod"
 export GOTOOLCHAIN=local CGO_ENABLED=0
 ldflags="-s -w"
@@ -191,8 +190,13 @@ GO
   rm -rf "$out"; mv "$out.tmp" "$out"; rm -rf "$w"
 }
 
+# Default: everything the default (real-kubelet) suite needs, helm first (tests/test_chart.py wants it
+# early when .ci/run builds in the background while the unit tests run). One lock per component:
+# a concurrent caller (a test fixture needing one binary) waits only for the component it asks for.
 start=$SECONDS
-for c in ${KUBETUNE_E2E_COMPONENTS:-kubernetes etcd minio helm registry}; do
-  t=$SECONDS; "build_$c"; echo "build.sh: $c done in $((SECONDS - t))s"
+for c in ${KUBETUNE_E2E_COMPONENTS:-helm kubernetes etcd node coredns minio registry kserve}; do
+  t=$SECONDS
+  exec 9>"$cache/.build-$c.lock" && flock 9 && "build_$c" && exec 9>&-
+  echo "build.sh: $c done in $((SECONDS - t))s"
 done
 echo "build.sh: all done in $((SECONDS - start))s (cache: $cache)"

@@ -1,6 +1,6 @@
 """The operator, trainer and pause images for the real-kubelet mode, built with no daemon and no pull.
 
-    layers = build_all()            # cached under <cache>/images, keyed by content
+    layers = build_all()            # cached under <cache>/images, keyed by content (one builder at a time)
     import_all(layers, ctr_argv)    # `ctr -n k8s.io images import -` of each changed image (new
                                     # blobs only), then prune of older versions
 
@@ -25,6 +25,7 @@ of python:3.11-slim / the CUDA base, and the venv copied instead of `pip install
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -35,7 +36,8 @@ import sys
 import sysconfig
 import tarfile
 import time
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -352,16 +354,30 @@ class Image:
         return sent
 
 
-def build_all() -> list[Image]:
-    """The pause, operator and trainer images (layers built or taken from the cache)."""
+@contextmanager
+def _builder_lock() -> Iterator[None]:
+    """One builder at a time per cache (a background prebuild and a test session may overlap)."""
+    with open(images_dir() / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def build_all(pause: bool = True) -> list[Image]:
+    """The pause, operator and trainer images (layers built or taken from the cache). `pause=False`
+    (the prebuild): only the operator and trainer images, which need no Go binary."""
+    with _builder_lock():
+        return _build_all(pause)
+
+
+def _build_all(pause: bool) -> list[Image]:
     t0 = time.monotonic()
     op_name, trainer_name = chart_images()
     base = base_layer()
     scripts = {"kubetune": f"#!/{VENV}/bin/python\nimport sys\nfrom kubetune.cli.main import main\nsys.exit(main())\n"}
     app = app_layer(base, scripts)
     env = [f"PATH={PATH}", f"VIRTUAL_ENV=/{VENV}", "PYTHONUNBUFFERED=1", "PYTHONDONTWRITEBYTECODE=1"]
-    images = [
-        Image(PAUSE_IMAGE, [pause_layer()], {"Entrypoint": ["/pause"]}),
+    images = [Image(PAUSE_IMAGE, [pause_layer()], {"Entrypoint": ["/pause"]})] if pause else []
+    images += [
         Image(op_name, [base, *deps_layers(["kubetune[operator]"]), app],
               {"User": "1000:1000", "Env": env, "Entrypoint": ["kubetune"],
                "Cmd": ["operator", "--all-namespaces"], "WorkingDir": "/tmp",
@@ -371,8 +387,10 @@ def build_all() -> list[Image]:
                "Entrypoint": ["python", "-m", "kubetune_trainer.launch"], "WorkingDir": "/home/kubetune",
                "ExposedPorts": {"8080/tcp": {}}}),
     ]
+    for image in images:
+        image.manifest()  # layer digests memoised beside the layers (seconds per GB)
     used = {p.with_suffix("") for i in images for p in i.layers}
-    for stale in (images_dir() / "layers").iterdir():  # layers of older contents: GBs each
+    for stale in (images_dir() / "layers").iterdir() if pause else ():  # layers of older contents: GBs each
         if stale.with_suffix("") not in used and stale.suffix in (".tar", ".sha256"):
             stale.unlink()
     print(f"images: layers ready in {time.monotonic() - t0:.0f}s", file=sys.stderr)
@@ -443,5 +461,8 @@ def prune(images: Sequence[Image], ctr: Sequence[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    for img in build_all():
+    # `cd e2e && ../.venv/bin/python -m harness.images [--prebuild]`: build (or find) the layers and print them.
+    # --prebuild: the operator and trainer images only, no Go binary needed (.ci/run runs it in the
+    # background while the unit tests run, so the real node's first start finds the layers built).
+    for img in build_all(pause="--prebuild" not in sys.argv[1:]):
         print(img.name, [str(p) for p in img.layers])

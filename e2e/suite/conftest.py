@@ -27,9 +27,8 @@ from typing import Any
 import pytest
 import yaml
 from harness import binaries
+from harness.mode import NODE_MODE
 from harness.waiting import wait_for
-
-NODE_MODE = os.environ.get("KUBETUNE_E2E_NODE", "agent")
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
