@@ -218,7 +218,9 @@ def deps_layers(requirements: Sequence[str]) -> list[Path]:
 
     def key(kind: str, ds: Sequence[metadata.Distribution]) -> str:
         ident = [f"{d.metadata['Name']}=={d.version}" for d in ds]
-        return f"{kind}-" + _sha(json.dumps([PY, sys.version, str(site), ident]).encode())[:16]
+        # not the venv's path: a fresh checkout's venv (a new CI clone) holds the same files, and rebuilding and
+        # re-importing 4.8 GB for it would cost minutes per run
+        return f"{kind}-" + _sha(json.dumps([PY, sys.version, ident]).encode())[:16]
 
     def add_tops(tar: tarfile.TarFile, tops: Iterable[str]) -> None:
         # once each: namespace packages (nvidia/) are shared by many distributions
