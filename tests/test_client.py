@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -233,6 +234,52 @@ def test_report_fetches_the_card_and_whichever_plots_exist_checked_against_the_m
     (out / "README.md").write_text("# edited\n")
     with pytest.raises(DownloadError, match="README.md: content differs"):
         storage.fetch_report(_arts(out), StorageSpec(), tmp_path / "rep2")
+
+
+class OneJob:
+    """A backend holding one finished job whose S3 endpoint is an in-cluster address."""
+
+    namespace = "ml"
+
+    def get(self, name: str) -> FineTuneJob:
+        doc = manifest(storage={"endpoint": "http://minio.minio.svc:9000", "region": "eu-1", "pathStyle": True,
+                                "secretRef": {"name": "s3"}})  # fmt: skip
+        doc["status"] = {"phase": "Succeeded", "artifacts": {"manifest": "s3://b/runs/demo/manifest.json",
+                                                             "mergedModel": "s3://b/runs/demo/model/"}}  # fmt: skip
+        return FineTuneJob.model_validate(doc)
+
+    def secret_data(self, name: str) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+
+
+def test_the_s3_endpoint_can_be_the_one_this_machine_reaches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = Client(OneJob())  # type: ignore[arg-type]
+    assert client.artifacts("demo").storage.endpoint == "http://minio.minio.svc:9000"
+    here = client.artifacts("demo", endpoint="http://127.0.0.1:9000")
+    assert (here.storage.endpoint, here.storage.region, here.storage.path_style) == ("http://127.0.0.1:9000", "eu-1", True)
+    assert here.credentials == {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+    with pytest.raises(DownloadError, match="S3 endpoint 'minio:9000': give a URL"):
+        client.artifacts("demo", endpoint="minio:9000")
+
+    # Nothing listens there: one line naming the endpoint and the flag, not an internal error. (A real boto3
+    # client against a closed port, with one attempt instead of the five a real download makes.)
+    import boto3
+    from botocore.config import Config
+
+    def one_attempt(spec: StorageSpec, credentials: dict[str, str] | None = None) -> Any:
+        return boto3.client("s3", endpoint_url=spec.endpoint, region_name=spec.region, aws_access_key_id="k",
+                            aws_secret_access_key="s", config=Config(retries={"max_attempts": 1}))  # fmt: skip
+
+    monkeypatch.setattr(storage, "s3_client", one_attempt)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    for fetch in (lambda: client.report("demo", tmp_path / "card", endpoint=closed),
+                  lambda: client.download("demo", tmp_path / "dl", endpoint=closed)):  # fmt: skip
+        with pytest.raises(DownloadError) as err:
+            fetch()
+        assert f"cannot connect to S3 at {closed} from this machine" in str(err.value), err.value
+        assert "--s3-endpoint URL" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_download_before_success_says_so(tmp_path: Path) -> None:

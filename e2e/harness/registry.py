@@ -53,16 +53,17 @@ class Registry:
         """registry host:port, as it appears in references (`<host>/<repo>:<tag>`)."""
         return f"127.0.0.1:{self.port}"
 
-    def dockerconfigjson(self, password: str | None = None) -> str:
-        """A kubernetes.io/dockerconfigjson document for this registry (another password to test refusal)."""
+    def dockerconfigjson(self, password: str | None = None, host: str | None = None) -> str:
+        """A kubernetes.io/dockerconfigjson document for this registry (another password to test refusal),
+        keyed by `host` (default `.host`; pods that reach the registry through a forwarder name it there)."""
         auth = base64.b64encode(f"{self.user}:{password or self.password}".encode()).decode()
-        return json.dumps({"auths": {self.host: {"auth": auth}}})
+        return json.dumps({"auths": {host or self.host: {"auth": auth}}})
 
-    def secret(self, name: str, namespace: str, password: str | None = None) -> dict[str, Any]:
+    def secret(self, name: str, namespace: str, password: str | None = None, host: str | None = None) -> dict[str, Any]:
         return {
             "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
             "metadata": {"name": name, "namespace": namespace},
-            "stringData": {".dockerconfigjson": self.dockerconfigjson(password)},
+            "stringData": {".dockerconfigjson": self.dockerconfigjson(password, host)},
         }  # fmt: skip
 
     def client(self) -> Any:

@@ -3,7 +3,11 @@ registry on loopback (htpasswd auth). A job that passes its evaluation gate is p
 against the files in S3; a wrong password fails the job naming the Secret, with nothing pushed; pushing the
 same files again gives the same manifest digest; with `spec.serving` the InferenceService the operator
 creates (KServe's own CRDs installed) loads the model from that digest-pinned reference. (Serving
-itself, S3 storage URIs, adapters and the missing-API case: e2e/suite/test_serving_handoff.py.)"""
+itself, S3 storage URIs, adapters and the missing-API case: e2e/suite/test_serving_handoff.py.)
+
+The registry runs on the host. Pods reach it at `pod_registry` (on the real node through a forwarder at
+10.0.0.20), so the manifests, the pods' dockerconfigjson and the references in status name that host; the
+test's own oras client talks to `registry.host` (loopback)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 NS_KEY = "publish"
 MODELPACK = "application/vnd.cncf.model.manifest.v1+json"
 ISVC = "inferenceservices.serving.kserve.io"
+
+
+@pytest.fixture(scope="module")
+def pod_registry(node: Any, registry: Any) -> str:
+    """The registry's `host:port` as pods reach it (the node agent: loopback, = `registry.host`)."""
+    return str(node.pod_endpoint(registry.port))
 
 
 def s3_files(s3: Any, prefix: str) -> dict[str, bytes]:
@@ -41,8 +51,8 @@ def manifest_bytes(registry: Any, repository: str, ref: str) -> bytes:
     return response.content
 
 
-def publish_job(name: str, s3: Any, s3_data: dict[str, str], registry: Any, secret: str) -> dict[str, Any]:
-    publish = {"oci": f"{registry.host}/kubetune/{name}:v1", "credentialsSecret": secret, "plainHTTP": True}
+def publish_job(name: str, s3: Any, s3_data: dict[str, str], pod_registry: str, secret: str) -> dict[str, Any]:
+    publish = {"oci": f"{pod_registry}/kubetune/{name}:v1", "credentialsSecret": secret, "plainHTTP": True}
     return job_doc(name, s3, s3_data, example="lora", steps=6, checkpoint_steps=6, **{"output.publish": publish})
 
 
@@ -51,11 +61,11 @@ def finished(kctl: Any, ns: str, name: str) -> dict[str, Any]:
     return kctl.status(ns, name)
 
 
-def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(kctl, suite_ns, s3, s3_data, node_agent, registry):
+def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(kctl, suite_ns, s3, s3_data, registry, pod_registry):
     name = "publish-lora"
     install_kserve_crds(kctl)
-    kctl.apply(suite_ns, registry.secret("regcred", suite_ns))
-    doc = publish_job(name, s3, s3_data, registry, "regcred")
+    kctl.apply(suite_ns, registry.secret("regcred", suite_ns, host=pod_registry))
+    doc = publish_job(name, s3, s3_data, pod_registry, "regcred")
     doc["spec"]["serving"] = {"kind": "InferenceService"}
     # A gate the model passes (eval loss falls from about 3.4 to 2.9 in these 6 steps): published only then.
     doc["spec"]["evaluation"] = {"gate": {"maxEvalLoss": 3.2}}
@@ -66,7 +76,7 @@ def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(kctl, su
 
     # status.artifacts.oci: digest-pinned, and the digest is the manifest's, pulled back by tag.
     pinned = status["artifacts"]["oci"]
-    match = re.fullmatch(rf"{re.escape(registry.host)}/kubetune/{name}@(sha256:[0-9a-f]{{64}})", pinned)
+    match = re.fullmatch(rf"{re.escape(pod_registry)}/kubetune/{name}@(sha256:[0-9a-f]{{64}})", pinned)
     assert match, pinned
     raw = manifest_bytes(registry, f"kubetune/{name}", "v1")
     assert "sha256:" + hashlib.sha256(raw).hexdigest() == match.group(1)
@@ -101,7 +111,7 @@ def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(kctl, su
     metrics = json.loads(s3_files(s3, f"runs/{name}/metrics.json")[""])
     assert metrics["oci"]["reference"] == pinned and metrics["oci"]["directory"] == "model"
 
-    # Pushing the same files again (the trainer's own code, from S3) gives the same manifest digest.
+    # Pushing the same files again (the trainer's own code, from S3, from the host) gives the same manifest digest.
     from kubetune.api.models import PublishSpec  # noqa: PLC0415
     from kubetune_trainer import publish  # noqa: PLC0415
 
@@ -116,15 +126,15 @@ def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(kctl, su
             table[at] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
         spec = PublishSpec(oci=f"{registry.host}/kubetune/{name}:v1", credentials_secret="regcred", plain_http=True)
         parts = publish.with_card(publish.layers(out, table, "model"), out, table, ["README.md", "loss.png", "eval.png"])
-        assert publish.push(spec, parts, out / "auth.json") == pinned
+        assert publish.push(spec, parts, out / "auth.json") == f"{registry.host}/kubetune/{name}@{match.group(1)}"
 
 
-def test_a_refused_password_fails_the_job_naming_the_secret_and_pushes_nothing(kctl, suite_ns, s3, s3_data, node_agent,
-                                                                               registry):
+def test_a_refused_password_fails_the_job_naming_the_secret_and_pushes_nothing(kctl, suite_ns, s3, s3_data, registry,
+                                                                               pod_registry):
     name = "publish-refused"
     wrong = "not-the-password"
-    kctl.apply(suite_ns, registry.secret("regcred-wrong", suite_ns, password=wrong))
-    kctl.apply(suite_ns, publish_job(name, s3, s3_data, registry, "regcred-wrong"))
+    kctl.apply(suite_ns, registry.secret("regcred-wrong", suite_ns, password=wrong, host=pod_registry))
+    kctl.apply(suite_ns, publish_job(name, s3, s3_data, pod_registry, "regcred-wrong"))
     status = finished(kctl, suite_ns, name)
     assert status["phase"] == "Failed", json.dumps(status, indent=1)
     failure = status["lastFailure"]
@@ -139,10 +149,10 @@ def test_a_refused_password_fails_the_job_naming_the_secret_and_pushes_nothing(k
     assert response.status_code == 404, (response.status_code, response.text)
 
 
-def test_a_job_that_fails_its_gate_publishes_nothing(kctl, suite_ns, s3, s3_data, node_agent, registry):
+def test_a_job_that_fails_its_gate_publishes_nothing(kctl, suite_ns, s3, s3_data, registry, pod_registry):
     name = "publish-gated"
-    kctl.apply(suite_ns, registry.secret("regcred", suite_ns))
-    doc = publish_job(name, s3, s3_data, registry, "regcred")
+    kctl.apply(suite_ns, registry.secret("regcred", suite_ns, host=pod_registry))
+    doc = publish_job(name, s3, s3_data, pod_registry, "regcred")
     doc["spec"]["training"]["maxSteps"] = 2
     doc["spec"]["evaluation"] = {"gate": {"maxEvalLoss": 0.01}}  # out of reach in 2 steps
     kctl.apply(suite_ns, doc)

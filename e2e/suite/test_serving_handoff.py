@@ -46,7 +46,7 @@ def dry_run(kctl: Any, ns: str, obj: dict[str, Any]) -> subprocess.CompletedProc
     return kctl("-n", ns, "apply", "--server-side", "--dry-run=server", "-f", "-", input=yaml.safe_dump(obj), check=False)
 
 
-def test_a_succeeded_job_is_served_by_an_owned_inference_service(cluster, kctl, suite_ns, s3, s3_data, node_agent, operator, tmp_path):
+def test_a_succeeded_job_is_served_by_an_owned_inference_service(cluster, kctl, suite_ns, s3, s3_data, node, operator, tmp_path):
     kctl("delete", "crd", ISVC, "--ignore-not-found", "--wait=true")  # KServe not installed yet
     name = "serve-lora"
     doc = job_doc(name, s3, s3_data, steps=8, checkpoint_steps=8)
@@ -102,10 +102,11 @@ def test_a_succeeded_job_is_served_by_an_owned_inference_service(cluster, kctl, 
         r = dry_run(kctl, suite_ns, obj)
         assert r.returncode == 0, (serving["kind"], r.stderr)
 
-    # The model card, fetched from MinIO with the job's Secret.
+    # The model card, fetched from MinIO with the job's Secret, from the host: at MinIO's address here
+    # (--s3-endpoint), since the job's endpoint is where pods reach it (on the real node 10.0.0.20, not routable here).
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-    out = subprocess.run([str(VENV_BIN / "kubetune"), "report", name, "-n", suite_ns, "-o", str(tmp_path / "card"), "--raw"],
-                         env=env, capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run([str(VENV_BIN / "kubetune"), "report", name, "-n", suite_ns, "-o", str(tmp_path / "card"), "--raw",
+                          "--s3-endpoint", s3.endpoint], env=env, capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"# {name}\n") and "| eval loss |" in out.stdout and "## Hyper-parameters" in out.stdout
     for png in ("loss.png", "eval.png"):

@@ -13,11 +13,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="local directory to write into (DIR/model/..., DIR/adapter/...)")
     parser.add_argument("--what", choices=["auto", "model", "adapter", "all"], default="auto",
                         help="auto: the merged model if there is one, else the adapter (default)")
+    parser.add_argument("--s3-endpoint", metavar="URL",
+                        help="S3 endpoint as this machine reaches it, when the job's spec.storage.endpoint is an "
+                             "in-cluster address (default: the job's)")
     add_cluster_args(parser)
 
 
 @guarded
 def run(args: argparse.Namespace) -> int:
-    got = client_from(args).download(args.name, args.dir, which=args.what)
+    got = client_from(args).download(args.name, args.dir, which=args.what, endpoint=args.s3_endpoint)
     print(f"{got.uri} -> {got.path} ({len(got.files)} files, {got.verified} checked against the manifest)")
     return 0

@@ -168,10 +168,13 @@ class Client:
     def events(self, name: str) -> Events:
         return self.backend.events(name)
 
-    def artifacts(self, name: str, use_job_secret: bool = True) -> JobArtifacts:
+    def artifacts(self, name: str, use_job_secret: bool = True, endpoint: str | None = None) -> JobArtifacts:
         """The job's artifact URIs; `.download(dest)` fetches the merged model or adapter.
         S3 credentials: the job's spec.storage.secretRef Secret when readable (use_job_secret),
-        else this machine's (AWS_* env, ~/.aws, instance role)."""
+        else this machine's (AWS_* env, ~/.aws, instance role). `endpoint`: the S3 endpoint as this
+        machine reaches it, when the job's spec.storage.endpoint is an in-cluster address."""
+        if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+            raise storage.DownloadError(f"S3 endpoint {endpoint!r}: give a URL, e.g. http://localhost:9000")
         job = self.get(name)
         credentials = None
         ref = job.spec.storage.secret_ref
@@ -185,11 +188,12 @@ class Client:
                                "AWS_SECRET_ACCESS_KEY": data.get(ref.secret_access_key_key, "")}
                 if ref.session_token_key and data.get(ref.session_token_key):
                     credentials["AWS_SESSION_TOKEN"] = data[ref.session_token_key]
-        return JobArtifacts(uris=jobs.artifacts_of(job), storage=job.spec.storage, credentials=credentials)
+        where = job.spec.storage if endpoint is None else job.spec.storage.model_copy(update={"endpoint": endpoint})
+        return JobArtifacts(uris=jobs.artifacts_of(job), storage=where, credentials=credentials)
 
-    def download(self, name: str, dest: str | Path, which: Which = "auto") -> Downloaded:
-        return self.artifacts(name).download(dest, which)
+    def download(self, name: str, dest: str | Path, which: Which = "auto", endpoint: str | None = None) -> Downloaded:
+        return self.artifacts(name, endpoint=endpoint).download(dest, which)
 
-    def report(self, name: str, dest: str | Path) -> Downloaded:
+    def report(self, name: str, dest: str | Path, endpoint: str | None = None) -> Downloaded:
         """The job's model card and plots, saved under `dest` (`Downloaded.path / "README.md"`)."""
-        return self.artifacts(name).report(dest)
+        return self.artifacts(name, endpoint=endpoint).report(dest)

@@ -23,6 +23,18 @@ class DownloadError(Exception):
     pass
 
 
+def _unreachable(where: str, storage: StorageSpec, exc: Exception) -> DownloadError:
+    """A one-line error for S3 that cannot be reached from this machine (often spec.storage.endpoint is an
+    in-cluster address such as http://minio.minio.svc:9000): names it and the way to point elsewhere."""
+    from botocore.exceptions import EndpointConnectionError
+
+    if isinstance(exc, EndpointConnectionError):
+        return DownloadError(f"{where}: cannot connect to S3 at {storage.endpoint or 'the default AWS endpoint'} from "
+                             "this machine; if that is an in-cluster address, pass the one you reach it at with "
+                             "--s3-endpoint URL (SDK: endpoint=)")
+    return DownloadError(f"{where}: {exc}")
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     return bucket, key
@@ -110,7 +122,7 @@ def fetch_report(arts: Artifacts, storage: StorageSpec, dest: str | Path, creden
     dest.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     if root.startswith("s3://"):
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, base = split_s3(root)
         client = s3_client(storage, credentials)
@@ -119,6 +131,8 @@ def fetch_report(arts: Artifacts, storage: StorageSpec, dest: str | Path, creden
                 client.download_file(bucket, "/".join(p for p in (base.strip("/"), name) if p), str(dest / name))
             except ClientError:
                 continue  # a card without plots (nothing to draw) is still a card
+            except BotoCoreError as exc:
+                raise _unreachable(f"{root}/{name}", storage, exc) from exc
             files[name] = dest / name
         manifest = _read_s3_json(root + "/" + MANIFEST_FILE, storage, credentials)
     else:
@@ -163,18 +177,20 @@ def _download_s3(root: str, rel_dir: str, storage: StorageSpec, dest: Path, cred
                 client.download_file(bucket, obj["Key"], str(local))
                 files[rel] = local
     except (BotoCoreError, ClientError) as exc:
-        raise DownloadError(f"s3://{bucket}/{prefix}: {exc}") from exc
+        raise _unreachable(f"s3://{bucket}/{prefix}", storage, exc) from exc
     return files
 
 
 def _read_s3_json(uri: str, storage: StorageSpec, credentials: dict[str, str] | None) -> dict[str, Any]:
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split_s3(uri)
     try:
         body = s3_client(storage, credentials).get_object(Bucket=bucket, Key=key)["Body"].read()
     except ClientError:
         return {}
+    except BotoCoreError as exc:
+        raise _unreachable(uri, storage, exc) from exc
     data = json.loads(body)
     return data if isinstance(data, dict) else {}
 
