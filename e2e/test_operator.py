@@ -122,6 +122,10 @@ def test_operator_refuses_spec_with_condition_and_no_pods(cluster, operator, nam
     assert "SpecInvalid" in events
 
 
+# Node agent only (it skips on the real node): its job reads the model and data from this checkout (file://), which
+# containers cannot see, and its operator runs on the host, outside the pod network (rank 0's /progress unreachable).
+# On the real node the same lifecycle (suspend/resume, a deleted pod -> a gang restart, deletion cascading to the owned
+# children) is checked through the chart's operator pod and S3 by e2e/suite/test_faults.py.
 def test_valid_job_gets_owned_children_suspends_restarts_and_cascades(cluster, operator, node_agent, namespace):
     cluster.kubectl("-n", namespace, "apply", "-f", "-", input=ftj("demo"))
     job = wait_for("workload Job", lambda: get(cluster, namespace, "job", "demo-r0"))
