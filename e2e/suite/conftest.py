@@ -44,10 +44,9 @@ NAMESPACES = {"happy": "kts-happy", "bad": "kts-bad", "faults": "kts-faults", "m
               "publish": "kts-publish"}
 # Covered by the chart's RBAC but not watched by the session operator: test_ha.py runs its own replicas there.
 HA_NAMESPACE = "kts-ha"
-# With the node agent the chart renders as by default (two replicas electing a leader; test_ha.py runs them as
-# local processes). On the real node the suite's operator is the chart's Deployment: one pod, no election, so
-# that killing it restarts the one operator (test_kubelet.py installs the default, two replicas).
-LEADER_ELECTION = NODE_MODE != "kubelet"
+# The chart renders with leader election on (its default). With the node agent the Deployment is only
+# dry-run (test_ha.py runs replicas as local processes); on the real node it is the suite's operator, with one
+# replica so that the other tests see one operator pod (test_ha.py scales it to two and back).
 SECRET = "s3-creds"
 
 
@@ -127,7 +126,7 @@ def installed(cluster: Any, kctl: Kctl) -> dict[str, Any]:
                                              "--timeout=60s", check=False).returncode == 0, 90, 1)  # fmt: skip
     for ns in (RELEASE_NS, *NAMESPACES.values(), HA_NAMESPACE):
         cluster.create_namespace(ns)
-    single = [] if LEADER_ELECTION else ["replicas=1", "leaderElection.enabled=false"]
+    single = ["replicas=1"] if NODE_MODE == "kubelet" else []
     docs = render_chart("watchNamespaces={" + ",".join([*NAMESPACES.values(), HA_NAMESPACE]) + "}", "pollInterval=1",
                         "logFormat=json", *single)
     runnable = [d for d in docs if d["kind"] != "Deployment"
@@ -232,23 +231,32 @@ class DeployedOperator:
     """The chart's Deployment on the real node (KUBETUNE_E2E_NODE=kubelet): the operator image as a pod
     under the chart's ServiceAccount. Same calls as Operator: `kill()` force-deletes the pod (its
     Deployment makes a new one), `stop()` deletes it gracefully, `start()` waits for a Ready pod that
-    was not stopped, `log` holds every operator pod's log seen so far (refreshed by `text()`)."""
+    was not stopped and leads (a standby is Ready too: its pod name is the Lease holder's), `log` holds
+    every operator pod's log seen so far (refreshed by `text()`)."""
 
     def __init__(self, kctl: Kctl, node: Any, deployment: dict[str, Any], log: Path) -> None:
         self.kctl, self.node, self.log = kctl, node, log
         labels = deployment["spec"]["selector"]["matchLabels"]
         self.selector = "-l=" + ",".join(f"{k}={v}" for k, v in labels.items())
+        env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        self.lease = env.get("KUBETUNE_LEADER_ELECT_LEASE_NAME")  # None without leader election
         self.gone: set[str] = set()  # uids of pods stopped or killed
         self.starts = 0
         self._saved: dict[str, str] = {}  # pod name -> last log read
         log.write_text("")
 
+    def leader(self) -> str | None:
+        """The leading pod's name: the Lease's holderIdentity is `<pod name>_<random suffix>`."""
+        holder = ((self.kctl.get(RELEASE_NS, "lease", self.lease) or {}).get("spec") or {}).get("holderIdentity")
+        return holder.rsplit("_", 1)[0] if holder else None
+
     def pod(self) -> dict[str, Any] | None:
-        """The current operator pod: Ready, not deleting, not one this object stopped."""
+        """The current operator pod: Ready, not deleting, not one this object stopped, the leader."""
+        leader = self.leader() if self.lease else None
         for p in self.kctl.get(RELEASE_NS, "pods", None, self.selector) or []:
             conds = {c["type"]: c["status"] for c in p["status"].get("conditions") or []}
             if (p["metadata"]["uid"] not in self.gone and not p["metadata"].get("deletionTimestamp")
-                    and conds.get("Ready") == "True"):
+                    and conds.get("Ready") == "True" and (self.lease is None or p["metadata"]["name"] == leader)):
                 return p
         return None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import LEADER_ELECTION, NAMESPACES, NODE_MODE, RELEASE_NS, SA
+from conftest import NAMESPACES, NODE_MODE, RELEASE_NS, SA
 
 pytestmark = pytest.mark.e2e
 WATCHED = NAMESPACES["happy"]
@@ -99,7 +99,6 @@ LEASES = [
 ]
 
 
-@pytest.mark.skipif(not LEADER_ELECTION, reason="the real node's suite installs one replica without leader election")
 @pytest.mark.parametrize(("allowed", "verb", "what"), LEASES, ids=lambda v: str(v))
 def test_rbac_for_the_leader_lease(installed, kctl, allowed, verb, what):
     assert can_i(kctl, installed["kubeconfig"], verb, what, "-n", RELEASE_NS) is allowed
