@@ -42,7 +42,8 @@ SA = "kubetune"  # the chart's fullname for release "kubetune"
 # never touches the random namespaces of e2e/test_operator.py, whose tests run their own operator.
 NAMESPACES = {"happy": "kts-happy", "bad": "kts-bad", "faults": "kts-faults", "many": "kts-many",
               "publish": "kts-publish"}
-# Covered by the chart's RBAC but not watched by the session operator: test_ha.py runs its own replicas there.
+# In the chart's watchNamespaces: the Deployment (real node) watches it; the agent's session operator does not,
+# test_ha.py runs its own replicas there.
 HA_NAMESPACE = "kts-ha"
 # The chart renders with leader election on (its default). With the node agent the Deployment is only
 # dry-run (test_ha.py runs replicas as local processes); on the real node it is the suite's operator, with one
