@@ -76,6 +76,8 @@ def cluster(e2e_workdir: Path) -> Iterator[Cluster]:
         raise
     yield c
     c.stop()
+    if c.leftovers:  # an error at the session's last teardown, not a line on stderr nobody reads
+        pytest.fail("e2e teardown left behind: " + "; ".join(c.leftovers))
 
 
 @pytest.fixture(scope="session")

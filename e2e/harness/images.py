@@ -371,6 +371,16 @@ def build_all(pause: bool = True) -> list[Image]:
         return _build_all(pause)
 
 
+def build_pause() -> list[Image]:
+    """The pause image alone (a few MB: for a node that runs only pause containers)."""
+    with _builder_lock():
+        return [pause_image()]
+
+
+def pause_image() -> Image:
+    return Image(PAUSE_IMAGE, [pause_layer()], {"Entrypoint": ["/pause"]})
+
+
 def _build_all(pause: bool) -> list[Image]:
     t0 = time.monotonic()
     op_name, trainer_name = chart_images()
@@ -378,7 +388,7 @@ def _build_all(pause: bool) -> list[Image]:
     scripts = {"kubetune": f"#!/{VENV}/bin/python\nimport sys\nfrom kubetune.cli.main import main\nsys.exit(main())\n"}
     app = app_layer(base, scripts)
     env = [f"PATH={PATH}", f"VIRTUAL_ENV=/{VENV}", "PYTHONUNBUFFERED=1", "PYTHONDONTWRITEBYTECODE=1"]
-    images = [Image(PAUSE_IMAGE, [pause_layer()], {"Entrypoint": ["/pause"]})] if pause else []
+    images = [pause_image()] if pause else []
     images += [
         Image(op_name, [base, *deps_layers(["kubetune[operator]"]), app],
               {"User": "1000:1000", "Env": env, "Entrypoint": ["kubetune"],

@@ -1,6 +1,10 @@
 """One real node: containerd + kubelet + kube-scheduler + CoreDNS inside the cluster's namespace.
 
     node = KubeletNode(cluster, workdir); node.start(); ...; node.stop()
+    with KubeletNode(cluster, workdir) as node: ...     # stop() even when the body raises
+
+`pause_only=True`: only the pause image, in a fresh containerd root under the workdir (seconds,
+not the 4.7 GB trainer image; the cached root is never touched, so nothing is pruned from it).
 
 The cluster (etcd, kube-apiserver, kube-controller-manager) runs in the same private
 network + mount namespace (netns.Namespace): the API server must reach the kubelet at
@@ -56,29 +60,42 @@ def _debian_binaries() -> dict[str, str]:
 
 
 class KubeletNode:
-    def __init__(self, cluster: Any, workdir: Path, name: str = "e2e-node") -> None:
+    def __init__(self, cluster: Any, workdir: Path, name: str = "e2e-node", *, pause_only: bool = False) -> None:
         self.cluster = cluster
         self.ns = cluster.ns
         assert self.ns is not None, "the cluster must run in a Namespace (Cluster(..., ns=...))"
         self.dir = workdir
         self.name = name
         self.procs: list[Proc] = []
-        self.cgroup_root = f"/kubetune-e2e-{os.getpid()}-{int(time.time())}"
+        self.pause_only = pause_only
+        # unique per node: two nodes of one pytest process (the session's, test_teardown's) never share it
+        self.cgroup_root = f"/kubetune-e2e-{os.getpid()}-{int(time.time())}-{os.urandom(3).hex()}"
         self._root_lock: Any = None
         self.errors: list[str] = []
         self._exposed: dict[int, str] = {}
 
     # -- lifecycle -------------------------------------------------------------------
+    def __enter__(self) -> KubeletNode:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def start(self) -> None:
         t0 = time.monotonic()
         tools = _debian_binaries()
         bins = binaries.ensure("kubelet", "kube-scheduler", "coredns", "pause")
-        built = images.build_all()
+        built = images.build_pause() if self.pause_only else images.build_all()
         d = self.dir
         d.mkdir(parents=True, exist_ok=True)
         self.ctr_sock = d / "containerd.sock"
         self.ctr = [tools["ctr"], "--address", str(self.ctr_sock)]
-        self._containerd(self._containerd_root())
+        self._containerd(d / "containerd-root" if self.pause_only else self._containerd_root())
         images.import_all(built, self.ns.argv(self.ctr))
         self._kubelet(bins["kubelet"])
         self._scheduler(bins["kube-scheduler"])
@@ -105,6 +122,7 @@ class KubeletNode:
         # containers and shims die with the namespace and its cgroups (cluster.stop())
         if self._root_lock is not None:
             self._root_lock.close()
+            self._root_lock = None
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
         p = Proc(name, self.ns.argv(argv), self.dir / "logs" / f"{name}.log", env=env)
