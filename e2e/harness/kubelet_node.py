@@ -11,7 +11,8 @@ network + mount namespace (netns.Namespace): the API server must reach the kubel
 the node's IP for `kubectl logs`, and the kubelet refuses loopback node IPs. The host
 reaches the API server through forward.py; pods reach it at the `kubernetes` Service's
 ClusterIP (10.0.0.1:443, a forwarder standing in for kube-proxy's one rule) and resolve
-names through CoreDNS at 10.0.0.10. Host services (S3) are carried in by `expose()`.
+names through CoreDNS at 10.0.0.10. Host services (S3) are carried in by `expose()`, and
+namespace services out to the host by `publish()`.
 
 * containerd 1.6 (Debian) with its CRI plugin: runc, overlayfs, the CNI bridge +
   host-local plugins (pod CIDR 10.88.0.0/16), `restrict_oom_score_adj` (the sandbox lacks
@@ -289,6 +290,16 @@ state = "{d / 'containerd-state'}"
         self._spawn(f"expose-{host_port}", [sys.executable, str(HERE / "forward.py"),
                                              f"tcp:{HOST_SERVICES_IP}:{host_port}=unix:{sock}"])
         return f"{HOST_SERVICES_IP}:{host_port}"
+
+    def publish(self, port: int) -> str:
+        """Carry a TCP port of the namespace's loopback (e.g. a Prometheus run in here) out to the same
+        port of the host's loopback, the reverse of `expose()`; returns `127.0.0.1:port` for the host."""
+        sock = self.dir / f"ns-{port}.sock"
+        self._spawn(f"publish-{port}", [sys.executable, str(HERE / "forward.py"), f"unix:{sock}=tcp:127.0.0.1:{port}"])
+        self.procs.append(Proc(f"publish-{port}-host", [
+            sys.executable, str(HERE / "forward.py"), f"tcp:127.0.0.1:{port}=unix:{sock}"],
+            self.dir / "logs" / f"publish-{port}-host.log"))
+        return f"127.0.0.1:{port}"
 
     def component_logs(self) -> dict[str, str]:
         return {p.name: p.tail(60) for p in self.procs}

@@ -9,6 +9,13 @@ manifest. Meanwhile `kubetune get -w` runs in a real terminal (tmux),
 whose screen is read while the job runs and after it succeeds, and Prometheus scrapes the
 operator's /metrics: a PromQL query returns the job's loss. Plus the typed errors a user meets
 first: Forbidden naming the RBAC verb, NotFound.
+
+Both nodes. On the node agent the operator is a host process: restarted with its metrics on a free
+host port, scraped there. On the real node it is the chart's Deployment pod on the pod network:
+Prometheus runs inside the node's network namespace, as in a cluster, and finds the pod through
+Kubernetes service discovery (the endpoints of the chart's `<fullname>-metrics` Service, port
+`metrics`, honorLabels: what the chart's ServiceMonitor asks of a prometheus-operator); its HTTP API
+is published to the host's loopback. The SDK and CLI run on the host in both modes.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import VENV_BIN, checkpoints, job_doc, wait_for
+from conftest import NODE_MODE, RELEASE, RELEASE_NS, VENV_BIN, checkpoints, job_doc, wait_for
 from harness.procs import free_port
 from kubetune.client import Client, Forbidden, NotFound
 
@@ -40,19 +47,23 @@ TMUX = shutil.which("tmux")
 
 
 class Prometheus:
-    """A real Prometheus (Debian's package, or any on PATH) scraping one target every second."""
+    """A real Prometheus (Debian's package, or any on PATH) scraping every second, as `scrape` says
+    (static targets or service discovery). With `node` (the real one) it runs inside the node's network
+    namespace and its HTTP API is published on the same port of the host's loopback."""
 
-    def __init__(self, target: str, workdir: Path):
+    def __init__(self, scrape: dict[str, Any], workdir: Path, node: Any = None):
         self.port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                  "scrape_configs": [{"job_name": "kubetune-operator", "honor_labels": True,
-                                      "static_configs": [{"targets": [target]}]}]}  # fmt: skip
+                  "scrape_configs": [{"job_name": "kubetune-operator", "honor_labels": True, **scrape}]}
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log = (workdir / "prometheus.log").open("w")
-        self.proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
+        argv = [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}"]  # fmt: skip
+        if node is not None:
+            argv = node.ns.argv(argv)  # nsenter execs prometheus: terminate() reaches it
+            node.publish(self.port)
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
         wait_for("prometheus ready", self.ready, 60)
 
     def ready(self) -> bool:
@@ -100,15 +111,27 @@ def _quote(s: str) -> str:
     return "'" + s.replace("'", "'\\''") + "'"
 
 
-def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node_agent, operator, tmp_path, monkeypatch):
+def operator_scrape(cluster: Any, node: Any, operator: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], Any]:
+    """Where Prometheus finds the operator's /metrics: (its scrape config, the node it runs in or None)."""
+    if NODE_MODE == "kubelet":  # the chart's Deployment pod, already serving on the metrics port the chart sets
+        return {"kubernetes_sd_configs": [{"role": "endpointslice", "kubeconfig_file": str(cluster.kubeconfig),
+                                           "namespaces": {"names": [RELEASE_NS]}}],
+                "relabel_configs": [
+                    {"source_labels": ["__meta_kubernetes_service_name", "__meta_kubernetes_endpointslice_port_name"],
+                     "regex": f"{RELEASE}-metrics;metrics", "action": "keep"}]}, node  # fmt: skip
+    # The suite's operator process again, now with its metrics port on a free port of this machine.
+    monkeypatch.setenv("KUBETUNE_METRICS_PORT", str(free_port()))
+    operator.restart()
+    return {"static_configs": [{"targets": [f"127.0.0.1:{os.environ['KUBETUNE_METRICS_PORT']}"]}]}, None
+
+
+def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node, operator, tmp_path, monkeypatch):
     if not os.access(PROMETHEUS, os.X_OK):
         pytest.skip("no prometheus binary (apt-get install prometheus; .ci/run installs it)")
     if TMUX is None:
         pytest.skip("no tmux (apt-get install tmux; .ci/run installs it)")
-    # The suite's operator again, now with its metrics port on a free port of this machine.
-    monkeypatch.setenv("KUBETUNE_METRICS_PORT", str(free_port()))
-    operator.restart()
-    prometheus = Prometheus(f"127.0.0.1:{os.environ['KUBETUNE_METRICS_PORT']}", tmp_path / "prometheus")
+    scrape, in_node = operator_scrape(cluster, node, operator, monkeypatch)
+    prometheus = Prometheus(scrape, tmp_path / "prometheus", in_node)
     name = "sdk-lora"
     client = Client(namespace=suite_ns, kubeconfig=str(cluster.kubeconfig))
     env = {"KUBECONFIG": str(cluster.kubeconfig), "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "TERM": "xterm-256color",
@@ -229,7 +252,7 @@ def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node_agent
         assert out.returncode == 0, out.stderr
         assert (tmp_path / "cli" / "adapter" / "adapter_config.json").exists()
 
-        if os.environ.get("KUBETUNE_E2E_NODE") == "kubelet":  # the node agent has no kubelet API to read logs from
+        if NODE_MODE == "kubelet":  # the node agent has no kubelet API to read logs from
             lines = list(client.logs(name, rank=0, follow=False))
             assert any("[kubetune]" in line for line in lines), lines[-20:]
 
