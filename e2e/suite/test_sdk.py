@@ -13,9 +13,9 @@ first: Forbidden naming the RBAC verb, NotFound.
 Both nodes. On the node agent the operator is a host process: restarted with its metrics on a free
 host port, scraped there. On the real node it is the chart's Deployment pod on the pod network:
 Prometheus runs inside the node's network namespace, as in a cluster, and finds the pod through
-Kubernetes service discovery (the endpoints of the chart's `<fullname>-metrics` Service, port
-`metrics`, honorLabels: what the chart's ServiceMonitor asks of a prometheus-operator); its HTTP API
-is published to the host's loopback. The SDK and CLI run on the host in both modes.
+the ready endpoint of the chart's `<fullname>-metrics` Service, port `metrics` (what the chart's
+ServiceMonitor has a prometheus-operator scrape), at the pod's IP; its HTTP API is published to the
+host's loopback. The SDK and CLI run on the host in both modes.
 """
 
 from __future__ import annotations
@@ -47,15 +47,16 @@ TMUX = shutil.which("tmux")
 
 
 class Prometheus:
-    """A real Prometheus (Debian's package, or any on PATH) scraping every second, as `scrape` says
-    (static targets or service discovery). With `node` (the real one) it runs inside the node's network
-    namespace and its HTTP API is published on the same port of the host's loopback."""
+    """A real Prometheus (Debian's package, or any on PATH) scraping one target every second. With `node`
+    (the real one) it runs inside the node's network namespace, where pod IPs route, and its HTTP API is
+    published on the same port of the host's loopback."""
 
-    def __init__(self, scrape: dict[str, Any], workdir: Path, node: Any = None):
+    def __init__(self, target: str, workdir: Path, node: Any = None):
         self.port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                  "scrape_configs": [{"job_name": "kubetune-operator", "honor_labels": True, **scrape}]}
+                  "scrape_configs": [{"job_name": "kubetune-operator", "honor_labels": True,
+                                      "static_configs": [{"targets": [target]}]}]}  # fmt: skip
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log = (workdir / "prometheus.log").open("w")
         argv = [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
@@ -67,6 +68,8 @@ class Prometheus:
         wait_for("prometheus ready", self.ready, 60)
 
     def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"prometheus exited with {self.proc.returncode}: {self.log.name}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as r:
                 return r.status == 200
@@ -111,18 +114,25 @@ def _quote(s: str) -> str:
     return "'" + s.replace("'", "'\\''") + "'"
 
 
-def operator_scrape(cluster: Any, node: Any, operator: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], Any]:
-    """Where Prometheus finds the operator's /metrics: (its scrape config, the node it runs in or None)."""
-    if NODE_MODE == "kubelet":  # the chart's Deployment pod, already serving on the metrics port the chart sets
-        return {"kubernetes_sd_configs": [{"role": "endpointslice", "kubeconfig_file": str(cluster.kubeconfig),
-                                           "namespaces": {"names": [RELEASE_NS]}}],
-                "relabel_configs": [
-                    {"source_labels": ["__meta_kubernetes_service_name", "__meta_kubernetes_endpointslice_port_name"],
-                     "regex": f"{RELEASE}-metrics;metrics", "action": "keep"}]}, node  # fmt: skip
+def operator_target(kctl: Any, operator: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`host:port` of the operator's /metrics, as Prometheus reaches it."""
+    if NODE_MODE == "kubelet":
+        # The chart's Deployment pod, already serving on the port the chart sets, found as Prometheus' Kubernetes
+        # discovery finds it: the ready endpoint of the chart's metrics Service, port `metrics` (Debian's Prometheus
+        # is built without kubernetes_sd_configs, so the test reads the EndpointSlice itself).
+        def endpoint() -> str | None:
+            for es in kctl.get(RELEASE_NS, "endpointslices", None, f"-l=kubernetes.io/service-name={RELEASE}-metrics") or []:
+                port = next((p["port"] for p in es.get("ports") or [] if p.get("name") == "metrics"), None)
+                for ep in es.get("endpoints") or []:
+                    if port and (ep.get("conditions") or {}).get("ready"):
+                        return f"{ep['addresses'][0]}:{port}"
+            return None
+
+        return str(wait_for("a ready endpoint of the operator's metrics Service", endpoint, 60, 1))
     # The suite's operator process again, now with its metrics port on a free port of this machine.
     monkeypatch.setenv("KUBETUNE_METRICS_PORT", str(free_port()))
     operator.restart()
-    return {"static_configs": [{"targets": [f"127.0.0.1:{os.environ['KUBETUNE_METRICS_PORT']}"]}]}, None
+    return f"127.0.0.1:{os.environ['KUBETUNE_METRICS_PORT']}"
 
 
 def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node, operator, tmp_path, monkeypatch):
@@ -130,8 +140,8 @@ def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node, oper
         pytest.skip("no prometheus binary (apt-get install prometheus; .ci/run installs it)")
     if TMUX is None:
         pytest.skip("no tmux (apt-get install tmux; .ci/run installs it)")
-    scrape, in_node = operator_scrape(cluster, node, operator, monkeypatch)
-    prometheus = Prometheus(scrape, tmp_path / "prometheus", in_node)
+    prometheus = Prometheus(operator_target(kctl, operator, monkeypatch), tmp_path / "prometheus",
+                            node if NODE_MODE == "kubelet" else None)  # fmt: skip
     name = "sdk-lora"
     client = Client(namespace=suite_ns, kubeconfig=str(cluster.kubeconfig))
     env = {"KUBECONFIG": str(cluster.kubeconfig), "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "TERM": "xterm-256color",
@@ -198,7 +208,11 @@ def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node, oper
         assert client.list(phase="Running") == []
 
         # Artifacts: the URIs, and the merged model downloaded with the job's Secret, checked against its manifest.
-        arts = client.artifacts(name)
+        # On the real node the job's spec.storage.endpoint (10.0.0.20) is MinIO as pods reach it: from this machine the
+        # SDK and the CLI read through MinIO's host address (`endpoint`, as a user does through a port-forward).
+        here = s3.endpoint if s3_data["endpoint"] != s3.endpoint else None
+        arts = client.artifacts(name, endpoint=here)
+        assert arts.storage.endpoint == s3.endpoint
         assert arts.uris.merged_model == f"s3://{s3.bucket}/runs/{name}/model/"
         assert arts.credentials is not None  # read from spec.storage.secretRef
         got = arts.download(tmp_path / "download")
@@ -247,8 +261,8 @@ def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node, oper
         assert json.loads(out.stdout)["status"]["phase"] == "Succeeded"
         out = subprocess.run([kt, "describe", name, "-n", suite_ns], env=cli_env, capture_output=True, text=True, check=True)
         assert "Phase:        Succeeded" in out.stdout and arts.uris.merged_model in out.stdout
-        out = subprocess.run([kt, "download", name, str(tmp_path / "cli"), "-n", suite_ns, "--what", "adapter"],
-                             env=cli_env, capture_output=True, text=True)  # fmt: skip
+        out = subprocess.run([kt, "download", name, str(tmp_path / "cli"), "-n", suite_ns, "--what", "adapter",
+                              *(["--s3-endpoint", here] if here else [])], env=cli_env, capture_output=True, text=True)  # fmt: skip
         assert out.returncode == 0, out.stderr
         assert (tmp_path / "cli" / "adapter" / "adapter_config.json").exists()
 
