@@ -72,7 +72,8 @@ def sysctls() -> dict[str, str]:
 
 
 def e2e_cgroups() -> set[Path]:
-    return {p for h in hierarchies() for p in h.glob("kubetune-e2e-*")}
+    """The cgroupRoots of this pytest process's nodes (other sessions on the machine have their own)."""
+    return {p for h in hierarchies() for p in h.glob(f"kubetune-e2e-{os.getpid()}-*")}
 
 
 def host_state() -> dict[str, object]:
