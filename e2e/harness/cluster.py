@@ -27,7 +27,7 @@ from . import binaries
 from .kube import ApiError, Credentials, Kube
 from .netns import Namespace
 from .pki import CA, service_account_keypair
-from .procs import Proc, free_port
+from .procs import Proc, StartStop, free_port
 
 KUBECTL = os.environ.get("KUBETUNE_E2E_KUBECTL", "/usr/bin/kubectl")
 SERVICE_CIDR = "10.0.0.0/24"
@@ -49,7 +49,7 @@ def write_kubeconfig(path: Path, server: str, ca: Path, user: str, **auth: str) 
     return path
 
 
-class Cluster:
+class Cluster(StartStop):
     def __init__(self, workdir: Path, *, node_name: str = "e2e-node", ns: Namespace | None = None) -> None:
         self.dir = workdir
         self.node_name = node_name
@@ -60,17 +60,6 @@ class Cluster:
         self.server = ""
 
     # -- lifecycle -------------------------------------------------------------------
-    def __enter__(self) -> Cluster:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def start(self) -> None:
         bins = binaries.ensure("etcd", "kube-apiserver", "kube-controller-manager")
         d = self.dir

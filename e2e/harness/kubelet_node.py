@@ -41,7 +41,7 @@ from typing import Any
 from . import binaries, images
 from .kube import ApiError
 from .netns import DNS_IP, HOST_SERVICES_IP, KUBERNETES_IP, NODE_IP, POD_CIDR, make_cgroup
-from .procs import Proc, free_port
+from .procs import Proc, StartStop, free_port
 
 HERE = Path(__file__).resolve().parent
 GPUS = "8"
@@ -60,7 +60,7 @@ def _debian_binaries() -> dict[str, str]:
     return found
 
 
-class KubeletNode:
+class KubeletNode(StartStop):
     def __init__(self, cluster: Any, workdir: Path, name: str = "e2e-node", *, pause_only: bool = False) -> None:
         self.cluster = cluster
         self.ns = cluster.ns
@@ -76,17 +76,6 @@ class KubeletNode:
         self._exposed: dict[int, str] = {}
 
     # -- lifecycle -------------------------------------------------------------------
-    def __enter__(self) -> KubeletNode:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def start(self) -> None:
         t0 = time.monotonic()
         tools = _debian_binaries()
