@@ -331,7 +331,7 @@ def profile_summary(path: Path, top: int = 25) -> list[tuple[str, float]]:
 
 def kubetune_burst(api: Any, suite: ModuleType, ns: str, n: int, timeout: float, meter: Meter) -> dict[str, Any]:
     from kubernetes import client
-    from kubetune.render.objects import LABEL_JOB
+    from kubetune.api.names import LABEL_JOB
 
     custom, batch = client.CustomObjectsApi(api), client.BatchV1Api(api)
     jobs = Watcher(batch.list_namespaced_job, ns, key=lambda o: (o["metadata"].get("labels") or {}).get(LABEL_JOB))
@@ -422,8 +422,8 @@ def ip_for(i: int) -> str:
 def steady_state(api: Any, admin_api: Any, suite: ModuleType, op: Operator, ns: str, m: int, window: float, poll: float,
                  timeout: float) -> dict[str, Any]:  # fmt: skip
     from kubernetes import client
+    from kubetune.api.names import CONTAINER, LABEL_JOB
     from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT
-    from kubetune.render.objects import CONTAINER, LABEL_JOB
 
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
     stubs = ProgressStubs(DEFAULT_PROGRESS_PORT)

@@ -1,4 +1,4 @@
-"""Leader election (kubetune.handlers.leader) against a real kube-apiserver's coordination.k8s.io Leases:
+"""Leader election (kubetune.controller.leader) against a real kube-apiserver's coordination.k8s.io Leases:
 two candidates racing for a new Lease, a live leader keeping it, a dead leader's Lease taken after its
 duration (and the old leader finding out), and a released Lease taken at once. Short timings (3 s lease) to
 stay lean; the operator processes themselves are in suite/test_ha.py."""
@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from kubernetes import client
-from kubetune.handlers.leader import Elector, Outcome
+from kubetune.controller.leader import Elector, Outcome
 
 LEASE, RENEW, RETRY = 3.0, 2.0, 0.5
 

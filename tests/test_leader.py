@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from kubetune.cli import operator as operator_cli
-from kubetune.handlers.leader import (
+from kubetune.controller.leader import (
     LeaseRecord,
     claim,
     lease_namespace,
@@ -22,7 +22,7 @@ from kubetune.handlers.leader import (
     released,
     serve_standby_health,
 )
-from kubetune.handlers.settings import Settings
+from kubetune.controller.settings import Settings
 from pydantic import ValidationError
 
 AT = datetime(2026, 11, 30, 1, 2, 3, 456789, tzinfo=timezone.utc)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kubetune.handlers.metrics import METRICS, Metrics, api_call, counted_session
+from kubetune.controller.metrics import METRICS, Metrics, api_call, counted_session
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -209,7 +209,7 @@ def test_every_metric_is_documented() -> None:
     assert len(kubetune) >= 18
     assert not [n for n in sorted(kubetune) if f"`{n}`" not in docs]
     # And every name the source spells out, whether or not the scrape above produced a sample of it.
-    source = (ROOT / "operator" / "kubetune" / "handlers" / "metrics.py").read_text()
+    source = (ROOT / "operator" / "kubetune" / "controller" / "metrics.py").read_text()
     named = set(re.findall(r'"(kubetune_[a-z_]+)"', source))
     # (a counter is exposed with _total, given or not)
     exposed = {f"{n.removesuffix('_total')}_total" if re.search(rf'Counter(?:MetricFamily)?\(\s*"{n}"', source) else n

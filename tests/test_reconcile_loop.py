@@ -9,11 +9,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from kubernetes.client.rest import ApiException
 from kubetune.api.models import FineTuneJobStatus, Progress
-from kubetune.handlers import kube
-from kubetune.handlers.controller import progress_interval
-from kubetune.handlers.reconcile import observe, status_changed, wake_after
-from kubetune.handlers.settings import Settings
-from kubetune.handlers.store import Store, WorkQueue
+from kubetune.controller import kube
+from kubetune.controller.loop import progress_interval
+from kubetune.controller.reconcile import observe, status_changed, wake_after
+from kubetune.controller.settings import Settings
+from kubetune.controller.store import Store, WorkQueue
 from kubetune.status.derive import Observed
 from operator_samples import spec as sample_spec
 from pydantic import ValidationError

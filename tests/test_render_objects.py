@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import yaml
+from kubetune.api.names import LABEL_JOB, LABEL_QUEUE, LABEL_RESTART
 from kubetune.api.trainer_config import TrainerConfig
 from kubetune.render.objects import (
-    LABEL_JOB,
-    LABEL_QUEUE,
-    LABEL_RESTART,
     render_all,
     render_config_map,
     render_service,

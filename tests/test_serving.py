@@ -6,15 +6,11 @@ from datetime import datetime, timezone
 
 import pytest
 from kubetune.api.models import FineTuneJobStatus, ServingStatus
+from kubetune.api.names import LABEL_SERVING
 from kubetune.api.validation import SpecInvalid, parse_spec
-from kubetune.handlers.serving import hand_off
+from kubetune.controller.serving import hand_off
 from kubetune.render.objects import render_pod_template
-from kubetune.render.serving import (
-    ADAPTER_DIR,
-    BASE_DIR,
-    LABEL_SERVING,
-    render_serving,
-)
+from kubetune.render.serving import ADAPTER_DIR, BASE_DIR, render_serving
 from kubetune.status import serving as s
 from operator_samples import BASE
 

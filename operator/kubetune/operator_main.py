@@ -1,4 +1,4 @@
-"""The Kopf handlers: the only module with @kopf decorators. Each is a thin call into kubetune.handlers.
+"""The Kopf handlers: the only module with @kopf decorators. Each is a thin call into kubetune.controller.
 
 Nothing here runs on a clock per object. Kopf watches FineTuneJobs and the Jobs and Pods that carry the
 kubetune.io/job-name label (filtered by the API server); each event updates the controller's Store and
@@ -14,11 +14,11 @@ from typing import Any
 import kopf
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
-from kubetune.handlers import kube
-from kubetune.handlers.controller import Controller
-from kubetune.handlers.metrics import METRICS, counted_session, serve
-from kubetune.handlers.settings import Settings
-from kubetune.render.objects import LABEL_JOB
+from kubetune.api.names import LABEL_JOB
+from kubetune.controller import kube
+from kubetune.controller.loop import Controller
+from kubetune.controller.metrics import METRICS, counted_session, serve
+from kubetune.controller.settings import Settings
 
 RESOURCE = (GROUP, VERSION, PLURAL)
 CHILD = {LABEL_JOB: kopf.PRESENT}
@@ -69,7 +69,7 @@ async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: A
     settings.watching.label_selectors["", "v1", "pods"] = LABEL_JOB
     settings.peering.standalone = not ours.peering
     if not ours.leader_elect:
-        METRICS.leader.set(1)  # with leader election, kubetune.handlers.leader sets it
+        METRICS.leader.set(1)  # with leader election, kubetune.controller.leader sets it
     if ours.namespaces and not any(c in ns for ns in ours.namespaces for c in "*?!["):
         # Exact namespaces (the chart's watchNamespaces: a Role per namespace, no namespaces
         # list/watch): without this Kopf first tries to list namespaces, retries the 403 with

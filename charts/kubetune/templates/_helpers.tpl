@@ -23,7 +23,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (include "kubetune.fullname" .) .Values.serviceAccount.name -}}
 {{- end -}}
 
-{{/* Rules in each watched namespace: exactly the calls the operator makes (kubetune/handlers/kube.py + Kopf). */}}
+{{/* Rules in each watched namespace: exactly the calls the operator makes (kubetune/controller/kube.py + Kopf). */}}
 {{- define "kubetune.namespacedRules" -}}
 # FineTuneJobs: Kopf lists/watches them (no annotations, no finalizer); TTL clean-up deletes them.
 - apiGroups: [kubetune.io]

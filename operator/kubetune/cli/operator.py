@@ -1,6 +1,6 @@
 """`kubetune operator`: run the operator (Kopf) against the current cluster.
 
-Flags override the KUBETUNE_* environment (see kubetune.handlers.settings); they are handed to the
+Flags override the KUBETUNE_* environment (see kubetune.controller.settings); they are handed to the
 operator as a Settings object, not through the environment.
 """
 
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace) -> Any:
     """Settings: the environment, overridden by the flags that were given."""
-    from kubetune.handlers.settings import Settings
+    from kubetune.controller.settings import Settings
 
     given: dict[str, Any] = {
         "namespaces": args.namespace or None,
@@ -80,9 +80,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def stand_by(settings: Any) -> Any:
-    """Block until this replica holds the leader Lease (kubetune.handlers.leader); metrics are served meanwhile."""
-    from kubetune.handlers import kube, leader
-    from kubetune.handlers.metrics import serve
+    """Block until this replica holds the leader Lease (kubetune.controller.leader); metrics are served meanwhile."""
+    from kubetune.controller import kube, leader
+    from kubetune.controller.metrics import serve
 
     kube.load_config()
     if settings.metrics_port:

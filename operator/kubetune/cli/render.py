@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kubetune.render.objects import DEFAULT_IMAGE, render_all
+    from kubetune.api.names import DEFAULT_IMAGE
+    from kubetune.render.objects import render_all
     from kubetune.render.serving import render_serving
     from kubetune.status.derive import artifacts
 

@@ -173,7 +173,7 @@ class ClusterBackend:
 
     def rank_pod(self, name: str, rank: int, wait: float = 0.0) -> str:
         """The current gang's pod of node rank `rank` (its completion index)."""
-        from kubetune.render.objects import COMPLETION_INDEX, LABEL_JOB, LABEL_RESTART
+        from kubetune.api.names import COMPLETION_INDEX, LABEL_JOB, LABEL_RESTART
 
         deadline = time.monotonic() + wait
         while True:
@@ -203,7 +203,7 @@ class ClusterBackend:
             time.sleep(1.0)
 
     def logs(self, name: str, rank: int = 0, follow: bool = True, tail: int | None = None) -> Iterator[str]:
-        from kubetune.render.objects import CONTAINER
+        from kubetune.api.names import CONTAINER
 
         pod = self.rank_pod(name, rank, wait=60.0 if follow else 0.0)
         if follow:

@@ -36,46 +36,29 @@ from kubetune.api.contract import (
     TERMINATION_LOG,
 )
 from kubetune.api.models import EnvVar, FineTuneJobSpec
+from kubetune.api.names import (
+    CONTAINER,
+    DEFAULT_IMAGE,
+    LABEL_QUEUE,
+    LABEL_RESTART,
+    LABEL_ROLE,
+    MANAGED_BY,
+    config_map_name,
+    master_addr,
+    selector_labels,
+    service_name,
+    workload_name,
+)
 from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT, DEFAULT_RDZV_PORT, TrainerConfig
 from kubetune.api.validation import pvc_claims
 from kubetune.render.trainer_config import render_trainer_config
 
-LABEL_JOB: Final = "kubetune.io/job-name"
-LABEL_RESTART: Final = "kubetune.io/restart"
-LABEL_ROLE: Final = "kubetune.io/role"
-LABEL_QUEUE: Final = "kueue.x-k8s.io/queue-name"
-MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes.io/part-of": "kubetune"}
-
-COMPLETION_INDEX: Final = "batch.kubernetes.io/job-completion-index"
-"""The Job controller's annotation on each pod: its index, i.e. the node rank."""
-CONTAINER: Final = "trainer"
 CONFIG_DIR: Final = CONFIG_MOUNT_DIR
 CONFIG_KEY: Final = CONFIG_FILE
 CACHE_DIR: Final = CACHE_MOUNT_DIR
 UID: Final = 1000
 # Long enough for rank 0 to write a checkpoint to S3 after SIGTERM.
 TERMINATION_GRACE_SECONDS: Final = 300
-DEFAULT_IMAGE: Final = "ghcr.io/kubetune/trainer:0.1.0"
-
-
-def config_map_name(name: str) -> str:
-    return f"{name}-config"
-
-
-def service_name(name: str) -> str:
-    return name
-
-
-def workload_name(name: str, restart: int) -> str:
-    return f"{name}-r{restart}"
-
-
-def master_addr(name: str, restart: int) -> str:
-    return f"{workload_name(name, restart)}-0.{service_name(name)}"
-
-
-def selector_labels(name: str) -> dict[str, str]:
-    return {LABEL_JOB: name}
 
 
 def trainer_config(spec: FineTuneJobSpec, name: str, namespace: str, uid: str) -> TrainerConfig:

@@ -18,13 +18,12 @@ from typing import Any, Final
 
 from kubetune.api import methods
 from kubetune.api.models import FineTuneJobSpec
-from kubetune.render.objects import LABEL_ROLE, MANAGED_BY, container_resources, storage_env, user_env
+from kubetune.api.names import ANNOTATION_MODEL, LABEL_ROLE, LABEL_SERVING, MANAGED_BY
+from kubetune.render.objects import container_resources, storage_env, user_env
 
 KSERVE_GROUP: Final = "serving.kserve.io"
 KSERVE_VERSION: Final = "v1beta1"
 KSERVE_PLURAL: Final = "inferenceservices"
-LABEL_SERVING: Final = "kubetune.io/serving"
-ANNOTATION_MODEL: Final = "kubetune.io/model-uri"
 MODELS_DIR: Final = "/mnt/models"  # where KServe's storage initializer puts what it downloads
 BASE_DIR: Final = f"{MODELS_DIR}/base"
 ADAPTER_DIR: Final = f"{MODELS_DIR}/adapter"

@@ -22,7 +22,7 @@ from kubetune.api.models import (
     Phase,
     Progress,
 )
-from kubetune.render.objects import COMPLETION_INDEX, CONTAINER, workload_name
+from kubetune.api.names import COMPLETION_INDEX, CONTAINER, workload_name
 from kubetune.status import conditions as c
 from kubetune.status.progress import to_progress
 

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from kubetune.api.models import FineTuneJobStatus, ServingStatus
-from kubetune.render.serving import ANNOTATION_MODEL
+from kubetune.api.names import ANNOTATION_MODEL
 from kubetune.status import conditions as c
 from kubetune.status.derive import iso
 

@@ -15,19 +15,20 @@ import kopf
 import yaml
 
 from kubetune.api.models import FineTuneJobSpec, FineTuneJobStatus, Progress
-from kubetune.api.trainer_config import TrainerConfig
-from kubetune.api.validation import SpecInvalid, parse_spec
-from kubetune.handlers import kube, serving
-from kubetune.handlers.metrics import METRICS
-from kubetune.handlers.settings import Settings
-from kubetune.handlers.store import Key, Store
-from kubetune.render.objects import (
+from kubetune.api.names import (
+    ANNOTATION_DEFERRED,
+    ANNOTATION_SUSPEND_APPLIED,
+    JOB_UID_LABEL,
     LABEL_RESTART,
-    render_config_map,
-    render_service,
-    render_workload,
     workload_name,
 )
+from kubetune.api.trainer_config import TrainerConfig
+from kubetune.api.validation import SpecInvalid, parse_spec
+from kubetune.controller import kube, serving
+from kubetune.controller.metrics import METRICS
+from kubetune.controller.settings import Settings
+from kubetune.controller.store import Key, Store
+from kubetune.render.objects import render_config_map, render_service, render_workload
 from kubetune.status import runs
 from kubetune.status.derive import (
     PROGRESS_GRACE_SECONDS,
@@ -41,19 +42,10 @@ from kubetune.status.derive import (
 )
 
 log = logging.getLogger("kubetune.reconcile")
-SUSPEND_APPLIED = "kubetune.io/suspend"
-"""Annotation on the workload Job: the spec.runPolicy.suspend the operator last applied to it. The
-operator changes the Job's suspend only when the spec's value differs from it, so a queue (Kueue)
-that suspends or unsuspends the Job itself is never fought."""
-DEFERRED = "kubetune.io/deferred"
-"""Annotation on a workload Job created suspended: the children it names (ConfigMap, Service) are not created
-yet. They are created when the Job is admitted (resumed by the operator or unsuspended by a queue), then the
-annotation is removed. A queued job costs one write (its Job) instead of three, and no endpoint objects."""
 CHILD_KINDS = ("Job", "ConfigMap", "Service")
 
 
 STALE_RECHECK_SECONDS = 30.0
-JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
 
 
 def now() -> datetime:
@@ -239,7 +231,7 @@ def ensure_children(
 ) -> list[str]:
     """Create-if-absent the workload Job first (what a queue admits and a user waits for), then its
     ConfigMap and Service, all owned by the FineTuneJob. A Job created suspended goes alone: its
-    ConfigMap and Service wait for its admission (`DEFERRED`, `admit`)."""
+    ConfigMap and Service wait for its admission (`ANNOTATION_DEFERRED`, `admit`)."""
     meta = body["metadata"]
     deferred: tuple[str, ...] = ()
     if "Job" in kinds and spec.run_policy.suspend:
@@ -258,9 +250,9 @@ def ensure_children(
         kopf.adopt(obj, owner=cast(kopf.Body, body))  # owner reference, namespace, the owner's labels
         if obj["kind"] == "Job":
             annotations = obj["metadata"].setdefault("annotations", {})
-            annotations[SUSPEND_APPLIED] = str(spec.run_policy.suspend).lower()
+            annotations[ANNOTATION_SUSPEND_APPLIED] = str(spec.run_policy.suspend).lower()
             if deferred:
-                annotations[DEFERRED] = ",".join(deferred)
+                annotations[ANNOTATION_DEFERRED] = ",".join(deferred)
         if obj["kind"] == "ConfigMap" and status.resumed_from:
             resumed = status.resumed_from
             obj["data"] = {k: with_resume_from(v, resumed) for k, v in obj["data"].items()}
@@ -313,17 +305,17 @@ def admit(body: dict[str, Any], job: dict[str, Any], spec: FineTuneJobSpec, rest
     meta = job["metadata"]
     annotations = meta.get("annotations") or {}
     want = str(spec.run_policy.suspend).lower()
-    applied = annotations.get(SUSPEND_APPLIED)
+    applied = annotations.get(ANNOTATION_SUSPEND_APPLIED)
     resume = not (applied == want or (applied is None and bool(job["spec"].get("suspend")) == spec.run_policy.suspend))
-    deferred = tuple(k for k in (annotations.get(DEFERRED) or "").split(",") if k)
+    deferred = tuple(k for k in (annotations.get(ANNOTATION_DEFERRED) or "").split(",") if k)
     admitted = not spec.run_policy.suspend if resume else not job["spec"].get("suspend")
     patch: dict[str, Any] = {}
     if deferred and admitted:
         created = ensure_children(body, spec, restarts, store, settings, kinds=deferred)
         log.info("%s/%s: admitted: created %s", meta["namespace"], meta["name"], ", ".join(created) or "nothing new")
-        patch = {"metadata": {"annotations": {DEFERRED: None}}}
+        patch = {"metadata": {"annotations": {ANNOTATION_DEFERRED: None}}}
     if resume:
-        patch = {"metadata": {"annotations": {**patch.get("metadata", {}).get("annotations", {}), SUSPEND_APPLIED: want}},
+        patch = {"metadata": {"annotations": {**patch.get("metadata", {}).get("annotations", {}), ANNOTATION_SUSPEND_APPLIED: want}},
                  "spec": {"suspend": spec.run_policy.suspend}}  # fmt: skip
     if not patch:
         return

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from kubetune.render.objects import DEFAULT_IMAGE
+from kubetune.api.names import DEFAULT_IMAGE
 
 JITTER = 1.2
 """client-go's leader election JitterFactor: the retry period times this must fit in the renew deadline."""
@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     peers of equal priority all freeze. Use leader_elect for that."""
     leader_elect: bool = False
     """KUBETUNE_LEADER_ELECT: run as one of several replicas; only the holder of a coordination.k8s.io
-    Lease reconciles, the others stand by (kubetune.handlers.leader). Off: this process always reconciles."""
+    Lease reconciles, the others stand by (kubetune.controller.leader). Off: this process always reconciles."""
     leader_elect_namespace: str = ""
     """KUBETUNE_LEADER_ELECT_NAMESPACE: namespace of the Lease; empty: the pod's own (its service account's),
     or "default" outside a cluster."""
@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     liveness: str = "http://0.0.0.0:8080/healthz"
     """KUBETUNE_LIVENESS: Kopf's liveness endpoint, probed by the Deployment."""
     metrics_port: int = Field(default=8000, ge=0, le=65535)
-    """KUBETUNE_METRICS_PORT: Prometheus /metrics port (kubetune.handlers.metrics); 0 turns it off."""
+    """KUBETUNE_METRICS_PORT: Prometheus /metrics port (kubetune.controller.metrics); 0 turns it off."""
 
     @field_validator("namespaces", mode="before")
     @classmethod

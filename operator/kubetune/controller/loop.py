@@ -17,10 +17,10 @@ import aiohttp
 import kopf
 
 from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT
-from kubetune.handlers import kube, reconcile
-from kubetune.handlers.metrics import METRICS
-from kubetune.handlers.settings import Settings
-from kubetune.handlers.store import Key, Store, WorkQueue, key_of
+from kubetune.controller import kube, reconcile
+from kubetune.controller.metrics import METRICS
+from kubetune.controller.settings import Settings
+from kubetune.controller.store import Key, Store, WorkQueue, key_of
 from kubetune.status.derive import iso
 from kubetune.status.progress import progress_url, to_progress
 

@@ -46,8 +46,8 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kubetune.handlers.metrics import METRICS, counting_client
-from kubetune.handlers.settings import Settings
+from kubetune.controller.metrics import METRICS, counting_client
+from kubetune.controller.settings import Settings
 
 log = logging.getLogger("kubetune.leader")
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")

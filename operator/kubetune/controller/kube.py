@@ -4,7 +4,7 @@ Thin wrappers over the official client that speak plain dicts, treat 404 as "abs
 create as "already there" (so a restarted operator never duplicates a workload). Every call goes
 through one shared connection pool, a token bucket (bounded QPS, like client-go's) and a retry
 with exponential back-off on 429 and 5xx (honouring Retry-After). Reads of Jobs and Pods come from
-the watch cache (`kubetune.handlers.store`), not from here.
+the watch cache (`kubetune.controller.store`), not from here.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
-from kubetune.handlers.metrics import counting_client
+from kubetune.controller.metrics import counting_client
 
 T = TypeVar("T")
 log = logging.getLogger("kubetune.kube")

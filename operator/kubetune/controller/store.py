@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.api.models import Progress
-from kubetune.render.objects import COMPLETION_INDEX, LABEL_JOB, LABEL_RESTART
+from kubetune.api.names import COMPLETION_INDEX, LABEL_JOB, LABEL_RESTART
 
 Key = tuple[str, str]
 """(namespace, FineTuneJob name)."""

@@ -11,9 +11,9 @@ from typing import Any, cast
 import kopf
 
 from kubetune.api.models import FineTuneJobSpec, FineTuneJobStatus
-from kubetune.handlers import kube
-from kubetune.render.objects import LABEL_QUEUE
-from kubetune.render.serving import ANNOTATION_MODEL, render_serving
+from kubetune.api.names import ANNOTATION_MODEL, LABEL_QUEUE
+from kubetune.controller import kube
+from kubetune.render.serving import render_serving
 from kubetune.status import serving as s
 
 log = logging.getLogger("kubetune.serving")

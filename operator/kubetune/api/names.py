@@ -1,0 +1,63 @@
+"""Names and labels shared by the operator, the CLI/SDK and the e2e suite: what render writes on the
+objects a FineTuneJob owns and what status, the controller and the clients read back. Pure constants and
+name functions; kubetune.render builds objects with them, nothing here depends on render.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+LABEL_JOB: Final = "kubetune.io/job-name"
+"""On every object and pod a FineTuneJob owns (not on what serves it): the FineTuneJob's name."""
+LABEL_RESTART: Final = "kubetune.io/restart"
+"""On the workload Job and its pods: the gang generation (status.restarts when it was created)."""
+LABEL_ROLE: Final = "kubetune.io/role"
+"""worker (a trainer pod) or serving (the served model's object and pods)."""
+LABEL_SERVING: Final = "kubetune.io/serving"
+"""On the served object and its pods instead of LABEL_JOB: KServe copies an InferenceService's labels onto
+its pods, and pods with LABEL_JOB are counted as the job's gang."""
+LABEL_QUEUE: Final = "kueue.x-k8s.io/queue-name"
+"""Kueue's queue label: copied from the FineTuneJob to its workload Job (Kueue admits the Job)."""
+MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes.io/part-of": "kubetune"}
+
+COMPLETION_INDEX: Final = "batch.kubernetes.io/job-completion-index"
+"""The Job controller's annotation on each pod: its index, i.e. the node rank."""
+JOB_UID_LABEL: Final = "batch.kubernetes.io/controller-uid"
+"""The Job controller's label on each pod: its Job's uid (tells two Jobs of the same name apart)."""
+ANNOTATION_MODEL: Final = "kubetune.io/model-uri"
+"""On the served object: the model URI it serves (a later run's model replaces it)."""
+ANNOTATION_SUSPEND_APPLIED: Final = "kubetune.io/suspend"
+"""On the workload Job: the spec.runPolicy.suspend the operator last applied to it. The operator changes the
+Job's suspend only when the spec's value differs from it, so a queue (Kueue) that suspends or unsuspends the
+Job itself is never fought."""
+ANNOTATION_DEFERRED: Final = "kubetune.io/deferred"
+"""On a workload Job created suspended: the children it names (ConfigMap, Service) are not created yet. They
+are created when the Job is admitted (resumed by the operator or unsuspended by a queue), then the annotation
+is removed. A queued job costs one write (its Job) instead of three, and no endpoint objects."""
+
+CONTAINER: Final = "trainer"
+"""The trainer container's name in every worker pod."""
+DEFAULT_IMAGE: Final = "ghcr.io/kubetune/trainer:0.1.0"
+"""The trainer image for FineTuneJobs that set no spec.image (KUBETUNE_TRAINER_IMAGE overrides it)."""
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def service_name(name: str) -> str:
+    return name
+
+
+def workload_name(name: str, restart: int) -> str:
+    """The workload Job of gang generation `restart`: fresh names keep a dying gang apart from the next."""
+    return f"{name}-r{restart}"
+
+
+def master_addr(name: str, restart: int) -> str:
+    """Rank 0's DNS name: the Indexed Job's pod hostname under the headless Service."""
+    return f"{workload_name(name, restart)}-0.{service_name(name)}"
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {LABEL_JOB: name}

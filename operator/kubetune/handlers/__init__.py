@@ -1,1 +1,0 @@
-"""kubetune.handlers."""
