@@ -7,6 +7,7 @@ import ast
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from kubetune.api import contract
 from kubetune.api.contract import ProgressReport, TerminationMessage, TrainerPhase
 from kubetune.api.models import Progress, TrainerReport, TrainingMetrics
@@ -67,3 +68,40 @@ def test_termination_message_round_trips_and_refuses_other_text() -> None:
     assert TerminationMessage.build(66, "x" * 5000).message == "x" * contract.MESSAGE_LIMIT
     assert TerminationMessage.parse("Traceback (most recent call last): ...") is None
     assert TerminationMessage.parse('{"exitCode": "not a number"}') is None
+
+
+def _published(root: Path) -> contract.ArtifactManifest:
+    (root / "model").mkdir(parents=True)
+    (root / "model" / "model.safetensors").write_bytes(b"weights")
+    (root / "metrics.json").write_text("{}")
+    (root / contract.COMPLETE_MARKER).write_text("now\n")
+    return contract.ArtifactManifest.of(root, job="demo", step=30)
+
+
+def test_the_manifest_lists_every_file_but_its_markers_and_round_trips(tmp_path: Path) -> None:
+    manifest = _published(tmp_path)
+    assert sorted(manifest.files) == ["metrics.json", "model/model.safetensors"]
+    assert manifest.files["model/model.safetensors"].size == 7
+    text = manifest.to_text()
+    assert '"createdAt"' in text and '"sha256"' in text  # the wire format readers (and older ones) know
+    assert contract.ArtifactManifest.parse(text) == manifest
+    assert contract.ArtifactManifest.parse('{"files": {}, "writtenBy": "a newer trainer"}').files == {}
+
+
+def test_the_manifest_verifies_the_bytes_it_lists(tmp_path: Path) -> None:
+    manifest = _published(tmp_path)
+    assert manifest.verify(tmp_path) == 2
+    assert manifest.verify(tmp_path, only=["metrics.json", "unlisted.txt"]) == 1
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"weightz")  # same size, other bytes
+    with pytest.raises(contract.ManifestMismatch, match=r"^model/model.safetensors: content differs"):
+        manifest.verify(tmp_path)
+    assert manifest.verify(tmp_path, only=["metrics.json"]) == 1
+    (tmp_path / "metrics.json").unlink()
+    with pytest.raises(contract.ManifestMismatch, match=r"^metrics.json: listed in manifest.json but missing"):
+        manifest.verify(tmp_path, only=["metrics.json"])
+
+
+def test_a_manifest_that_is_not_one_is_refused(tmp_path: Path) -> None:
+    for text in ("", "[]", '{"files": {"a": {"sha256": "abc", "size": 1}}}', '{"files": {"a": {"size": -1}}}'):
+        with pytest.raises(contract.ManifestMismatch, match="manifest.json is not a valid manifest"):
+            contract.ArtifactManifest.parse(text)

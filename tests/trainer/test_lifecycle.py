@@ -25,7 +25,7 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_artifacts_layout_and_manifest(lora_run: Path) -> None:
-    from kubetune_trainer.checkpoint import sha256_file
+    from kubetune.api.storage import sha256_file
 
     for name in ("adapter/adapter_config.json", "model/model.safetensors", "model/tokenizer.json", "model/chat_template.jinja",
                  "metrics.json", "trainer-config.yaml", "manifest.json", "COMPLETE"):  # fmt: skip

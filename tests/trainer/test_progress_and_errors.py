@@ -16,6 +16,7 @@ from kubetune.api.contract import (
     is_retryable,
 )
 from kubetune.api.models import Progress, StorageSpec
+from kubetune.api.storage import sha256_file
 from kubetune_trainer import checkpoint as ckpt
 from kubetune_trainer import storage
 from kubetune_trainer.errors import TrainerError, write_termination_message
@@ -109,12 +110,12 @@ def test_checkpoints_sealed_listed_and_pruned(tmp_path: Path) -> None:
     for step in (10, 20, 30):
         files = ckpt.file_table(src)
         ckpt.upload_files(store, src, ckpt.checkpoint_rel(step), files)
-        ckpt.seal(store, ckpt.checkpoint_rel(step), files, {"step": step})
+        ckpt.seal(store, ckpt.checkpoint_rel(step), files, step=step)
     ckpt.upload_files(store, src, ckpt.checkpoint_rel(40), ckpt.file_table(src))  # crashed before COMPLETE
     assert ckpt.complete_checkpoints(store) == [10, 20, 30]
     ckpt.prune_checkpoints(store, keep=2)
     assert ckpt.complete_checkpoints(store) == [20, 30]
     assert (tmp_path / "out/checkpoints/step-00000040").exists()  # newer than the newest complete: may be in flight
     manifest = json.loads((tmp_path / "out/checkpoints/step-00000030/manifest.json").read_text())
-    assert manifest["files"]["sub/w.bin"]["sha256"] == ckpt.sha256_file(src / "sub" / "w.bin")
+    assert manifest["files"]["sub/w.bin"]["sha256"] == sha256_file(src / "sub" / "w.bin")
     assert (tmp_path / "out/checkpoints/step-00000030" / COMPLETE_MARKER).exists()

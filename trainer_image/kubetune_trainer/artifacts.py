@@ -24,6 +24,7 @@ from kubetune.api.contract import (
     LOSS_PLOT,
     MERGED_DIR,
     METRICS_FILE,
+    FileEntry,
 )
 from kubetune.api.trainer_config import TrainerConfig
 
@@ -69,12 +70,12 @@ class ArtifactWriter:
                     self._publish(out, files)
                 else:  # the artifacts stay in the output for inspection; the job ends EvaluationGateFailed
                     log("evaluation gate failed: nothing published")
-            ckpt.seal(self.rt.store, "", files, {"job": self.config.job.name, "step": self.state.step})
+            ckpt.seal(self.rt.store, "", files, job=self.config.job.name, step=self.state.step)
             shutil.rmtree(out, ignore_errors=True)
             log(f"artifacts -> {self.rt.store.uri} ({len(files)} files)")
         acc.wait_for_everyone()
 
-    def _publish(self, out: Path, files: dict[str, Any]) -> None:
+    def _publish(self, out: Path, files: dict[str, FileEntry]) -> None:
         """Push the model (or the adapter) as an OCI artifact, then record its digest-pinned reference in
         metrics.json: after the upload, before COMPLETE, so a failed push leaves the output unsealed."""
         spec = self.config.spec

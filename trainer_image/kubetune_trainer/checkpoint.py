@@ -6,7 +6,6 @@ leaves something ignored, never something half-read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -20,6 +19,8 @@ from kubetune.api.contract import (
     CHECKPOINTS_DIR,
     COMPLETE_MARKER,
     MANIFEST_FILE,
+    ArtifactManifest,
+    FileEntry,
     checkpoint_dir_name,
 )
 
@@ -30,34 +31,21 @@ from kubetune_trainer.storage import OutputStore, cache_root
 TRAINER_STATE_FILE = "trainer_state.json"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_table(local_dir: Path, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """{relative path: {sha256, size}} for every file under local_dir (markers excluded), or the `only` ones."""
-    paths = [local_dir / rel for rel in only] if only is not None else sorted(local_dir.rglob("*"))
-    return {
-        str(p.relative_to(local_dir)): {"sha256": sha256_file(p), "size": p.stat().st_size}
-        for p in paths
-        if p.is_file() and not (p.parent == local_dir and p.name in (COMPLETE_MARKER, MANIFEST_FILE))
-    }
+def file_table(local_dir: Path, only: list[str] | None = None) -> dict[str, FileEntry]:
+    """{relative path: FileEntry(sha256, size)} for every file under local_dir (markers excluded), or the `only` ones."""
+    return dict(ArtifactManifest.of(local_dir, only).files)
 
 
 def upload_files(store: OutputStore, local_dir: Path, rel: str, files: dict[str, Any]) -> None:
     store.put_files([(local_dir / name, f"{rel}/{name}" if rel else name) for name in files])
 
 
-def seal(store: OutputStore, rel: str, files: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+def seal(store: OutputStore, rel: str, files: dict[str, FileEntry], job: str | None = None, step: int | None = None) -> None:
     """Write the manifest, then the COMPLETE marker: the last two writes of any published directory."""
-    manifest = {"files": files, "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
+    manifest = ArtifactManifest(files=files, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), job=job, step=step)
     prefix = f"{rel}/" if rel else ""
-    store.put_text(prefix + MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True))
-    store.put_text(prefix + COMPLETE_MARKER, manifest["createdAt"] + "\n")
+    store.put_text(prefix + MANIFEST_FILE, manifest.to_text())
+    store.put_text(prefix + COMPLETE_MARKER, f"{manifest.created_at}\n")
 
 
 def checkpoint_rel(step: int) -> str:
@@ -125,7 +113,7 @@ class Checkpointer:
         parts = self._gather(files)
         if acc.is_main_process:
             merged = {k: v for part in parts for k, v in (part or {}).items()}
-            seal(self.store, checkpoint_rel(step), merged, {"step": step})
+            seal(self.store, checkpoint_rel(step), merged, step=step)
             prune_checkpoints(self.store, self.keep)
             log(f"checkpoint step {step} -> {self.store.url(checkpoint_rel(step))}")
         acc.wait_for_everyone()

@@ -12,13 +12,13 @@ import base64
 import hashlib
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.contract import ExitCode
+from kubetune.api.contract import ExitCode, FileEntry
 from kubetune.api.models import PublishSpec
 
 from kubetune_trainer.errors import TrainerError
@@ -65,20 +65,20 @@ class Layer:
         }
 
 
-def layers(directory: Path, files: dict[str, dict[str, Any]], prefix: str) -> list[Layer]:
-    """The files under `prefix/` of a manifest.json file table ({rel: {sha256, size}}), in path order."""
+def layers(directory: Path, files: Mapping[str, FileEntry], prefix: str) -> list[Layer]:
+    """The files under `prefix/` of a manifest.json file table (ArtifactManifest.files), in path order."""
     return [
-        Layer(directory / rel, rel[len(prefix) + 1 :], entry["sha256"], entry["size"])
+        Layer(directory / rel, rel[len(prefix) + 1 :], entry.sha256, entry.size)
         for rel, entry in sorted(files.items())
         if rel.startswith(prefix + "/")
     ]
 
 
-def with_card(parts: list[Layer], directory: Path, files: dict[str, dict[str, Any]], card: list[str]) -> list[Layer]:
+def with_card(parts: list[Layer], directory: Path, files: Mapping[str, FileEntry], card: list[str]) -> list[Layer]:
     """`parts` plus the top-level model card files (README.md, plots) as doc layers, where the pushed
     directory has no file of that name (peft writes its own README.md into adapter/: that one stays)."""
     taken = {layer.rel for layer in parts}
-    extra = [Layer(directory / n, n, files[n]["sha256"], files[n]["size"]) for n in card if n in files and n not in taken]
+    extra = [Layer(directory / n, n, files[n].sha256, files[n].size) for n in card if n in files and n not in taken]
     return parts + extra
 
 

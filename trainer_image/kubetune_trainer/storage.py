@@ -14,11 +14,11 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from filelock import FileLock
 from kubetune.api.contract import ENV_CACHE_DIR, ENV_PVC_ROOT, PVC_ROOT, ExitCode
 from kubetune.api.models import StorageSpec
+from kubetune.api.storage import s3_client, split_s3
 
 from kubetune_trainer.errors import TrainerError
 
@@ -41,30 +41,9 @@ def local_path(uri: str) -> Path | None:
     return Path(uri)
 
 
-def split_s3(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    return parsed.netloc, parsed.path.lstrip("/")
-
-
 # ---------------------------------------------------------------------- S3
-
-
-def s3_client(storage: StorageSpec):  # type: ignore[no-untyped-def]
-    """Credentials come from the environment (the operator maps the Secret to AWS_* env vars) or IRSA."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "s3",
-        endpoint_url=storage.endpoint or os.environ.get("AWS_ENDPOINT_URL"),
-        region_name=storage.region,
-        config=Config(
-            s3={"addressing_style": "path" if storage.path_style else "auto"},
-            retries={"max_attempts": 5, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=60,
-        ),
-    )
+# split_s3 and s3_client (credentials from the environment, which the operator fills from the job's Secret,
+# or IRSA) are kubetune.api.storage's, shared with the SDK.
 
 
 def transfer_config() -> Any:

@@ -9,13 +9,16 @@ container status to decide whether restarting the gang can help.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterable
 from enum import Enum, IntEnum
 from pathlib import Path
 from typing import Any, Final
 
-from pydantic import ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from kubetune.api.models import ApiModel, Artifacts, EvaluationResult, TrainerReport
+from kubetune.api.storage import sha256_file
 
 
 class ExitCode(IntEnum):
@@ -76,13 +79,75 @@ CARD_FILE = "README.md"  # the model card, drawn from metrics.json (kubetune rep
 LOSS_PLOT = "loss.png"  # training (and eval) loss by step
 EVAL_PLOT = "eval.png"  # eval loss by step, before training at step 0 (and the interpolation sweep)
 CONFIG_FILE = "trainer-config.yaml"
-MANIFEST_FILE = "manifest.json"  # {"files": {relpath: {"sha256", "size"}}, ...}
+MANIFEST_FILE = "manifest.json"  # an ArtifactManifest (below)
 COMPLETE_MARKER = "COMPLETE"  # written last: its presence means everything above is complete
 GATE_FAILED_MARKER = "GATE_FAILED"  # beside COMPLETE when the model missed spec.evaluation.gate: a rerun fails again
 
 
 def checkpoint_dir_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+class FileEntry(ApiModel):
+    """One file of a published directory: its sha256 (hex) and size in bytes."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class ManifestMismatch(ValueError):
+    """A file is missing or its bytes differ from the manifest; the message names the file."""
+
+
+class ArtifactManifest(ApiModel):
+    """manifest.json: every file of a published directory (the output, or one checkpoint) with its sha256 and
+    size, written after the files and before COMPLETE. Readers check what they load against it."""
+
+    model_config = ConfigDict(extra="ignore")  # a newer trainer's extra fields do not make a reader refuse it
+
+    files: dict[str, FileEntry]
+    """Path relative to the directory -> its digest and size (the COMPLETE marker and manifest.json excluded)."""
+    created_at: str | None = None
+    """UTC, RFC 3339 (seconds)."""
+    job: str | None = None
+    """The FineTuneJob that wrote it (the output's manifest)."""
+    step: int | None = None
+    """The optimizer step it was written at."""
+
+    @classmethod
+    def of(cls, directory: Path, only: Iterable[str] | None = None, **fields: Any) -> ArtifactManifest:
+        """The manifest of the files under `directory` (or of the `only` ones), stamped now."""
+        paths = [directory / rel for rel in only] if only is not None else sorted(directory.rglob("*"))
+        files = {
+            p.relative_to(directory).as_posix(): FileEntry(sha256=sha256_file(p), size=p.stat().st_size)
+            for p in paths
+            if p.is_file() and not (p.parent == directory and p.name in (COMPLETE_MARKER, MANIFEST_FILE))
+        }
+        return cls(files=files, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields)
+
+    def to_text(self) -> str:
+        return json.dumps(self.model_dump(by_alias=True, mode="json", exclude_none=True), indent=2, sort_keys=True)
+
+    @classmethod
+    def parse(cls, text: str | bytes) -> ArtifactManifest:
+        """The manifest in `text`; ManifestMismatch when it is not one (a reader must not trust such a directory)."""
+        try:
+            return cls.model_validate(json.loads(text))
+        except (ValueError, ValidationError) as exc:
+            raise ManifestMismatch(f"{MANIFEST_FILE} is not a valid manifest: {str(exc).splitlines()[0]}") from exc
+
+    def verify(self, root: Path, only: Iterable[str] | None = None) -> int:
+        """Check the files under `root` against the manifest: every listed file (or, given `only`, those of them
+        that are listed) must exist with its size and sha256. The number checked; ManifestMismatch naming the
+        first file that is missing or differs."""
+        names = sorted(self.files) if only is None else sorted(n for n in only if n in self.files)
+        for rel in names:
+            want, path = self.files[rel], root / rel
+            if not path.is_file():
+                raise ManifestMismatch(f"{rel}: listed in {MANIFEST_FILE} but missing")
+            if path.stat().st_size != want.size or sha256_file(path) != want.sha256:
+                raise ManifestMismatch(f"{rel}: content differs from {MANIFEST_FILE} (sha256 or size)")
+        return len(names)
 
 
 # --- paths and environment the pods get (besides torchrun's) ------------------

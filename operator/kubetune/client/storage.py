@@ -6,15 +6,21 @@ download, so a partial or corrupted copy is an error, not a model that loads wro
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from kubetune.api.contract import CARD_FILE, EVAL_PLOT, LOSS_PLOT, MANIFEST_FILE
+from kubetune.api.contract import (
+    CARD_FILE,
+    EVAL_PLOT,
+    LOSS_PLOT,
+    MANIFEST_FILE,
+    ArtifactManifest,
+    ManifestMismatch,
+)
 from kubetune.api.models import Artifacts, StorageSpec
+from kubetune.api.storage import s3_client, split_s3
 
 Which = Literal["auto", "model", "adapter", "all"]
 
@@ -33,11 +39,6 @@ def _unreachable(where: str, storage: StorageSpec, exc: Exception) -> DownloadEr
                              "this machine; if that is an in-cluster address, pass the one you reach it at with "
                              "--s3-endpoint URL (SDK: endpoint=)")
     return DownloadError(f"{where}: {exc}")
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return bucket, key
 
 
 def output_root(arts: Artifacts) -> str:
@@ -60,26 +61,15 @@ def pick(arts: Artifacts, which: Which) -> str:
     return arts.adapter
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def verify(files: dict[str, Path], manifest: dict[str, Any]) -> int:
-    """Check downloaded files (relative path under the output root -> local path) against the manifest."""
-    table = manifest.get("files") or {}
-    checked = 0
-    for rel, local in files.items():
-        want = table.get(rel)
-        if want is None:
-            continue
-        if local.stat().st_size != want.get("size") or sha256(local) != want.get("sha256"):
-            raise DownloadError(f"{rel}: content differs from the manifest (sha256 or size); download again")
-        checked += 1
-    return checked
+def verify(dest: Path, files: dict[str, Path], manifest: ArtifactManifest | None) -> int:
+    """Check downloaded files (relative path under the output root -> dest/relative path) against the manifest;
+    the files it lists, how many. No manifest (an output written before manifests): nothing to check."""
+    if manifest is None:
+        return 0
+    try:
+        return manifest.verify(dest, only=files)
+    except ManifestMismatch as exc:
+        raise DownloadError(f"{exc}; download again") from exc
 
 
 @dataclass
@@ -99,15 +89,14 @@ def download(arts: Artifacts, storage: StorageSpec, dest: str | Path, which: Whi
     rel_dir = uri[len(root):].strip("/")
     if root.startswith("s3://"):
         files = _download_s3(root, rel_dir, storage, dest, credentials)
-        manifest = _read_s3_json(root + "/" + MANIFEST_FILE, storage, credentials)
+        manifest = _read_s3_manifest(root + "/" + MANIFEST_FILE, storage, credentials)
     else:
         src_root = Path(root.removeprefix("file://"))
         files = _copy_local(src_root, rel_dir, dest)
-        mpath = src_root / MANIFEST_FILE
-        manifest = json.loads(mpath.read_text()) if mpath.exists() else {}
+        manifest = _read_local_manifest(src_root)
     if not files:
         raise DownloadError(f"nothing under {uri}: has the job succeeded?")
-    verified = verify(files, manifest)
+    verified = verify(dest, files, manifest)
     return Downloaded(uri=uri, path=dest / rel_dir if rel_dir else dest, files=sorted(files.values()), verified=verified)
 
 
@@ -134,30 +123,16 @@ def fetch_report(arts: Artifacts, storage: StorageSpec, dest: str | Path, creden
             except BotoCoreError as exc:
                 raise _unreachable(f"{root}/{name}", storage, exc) from exc
             files[name] = dest / name
-        manifest = _read_s3_json(root + "/" + MANIFEST_FILE, storage, credentials)
+        manifest = _read_s3_manifest(root + "/" + MANIFEST_FILE, storage, credentials)
     else:
         src = Path(root.removeprefix("file://"))
         for name in REPORT_FILES:
             if (src / name).is_file():
                 files[name] = Path(shutil.copy2(src / name, dest / name))
-        mpath = src / MANIFEST_FILE
-        manifest = json.loads(mpath.read_text()) if mpath.exists() else {}
+        manifest = _read_local_manifest(src)
     if CARD_FILE not in files:
         raise DownloadError(f"no {CARD_FILE} under {root}/: has the job succeeded (jobs trained before model cards have none)?")
-    return Downloaded(uri=root + "/" + CARD_FILE, path=dest, files=sorted(files.values()), verified=verify(files, manifest))
-
-
-def s3_client(storage: StorageSpec, credentials: dict[str, str] | None = None) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    creds = credentials or {}
-    return boto3.client(
-        "s3", endpoint_url=storage.endpoint, region_name=storage.region,
-        aws_access_key_id=creds.get("AWS_ACCESS_KEY_ID"), aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
-        aws_session_token=creds.get("AWS_SESSION_TOKEN"),
-        config=Config(s3={"addressing_style": "path" if storage.path_style else "auto"}, retries={"max_attempts": 5, "mode": "standard"}),
-    )  # fmt: skip
+    return Downloaded(uri=root + "/" + CARD_FILE, path=dest, files=sorted(files.values()), verified=verify(dest, files, manifest))
 
 
 def _download_s3(root: str, rel_dir: str, storage: StorageSpec, dest: Path, credentials: dict[str, str] | None) -> dict[str, Path]:
@@ -181,18 +156,29 @@ def _download_s3(root: str, rel_dir: str, storage: StorageSpec, dest: Path, cred
     return files
 
 
-def _read_s3_json(uri: str, storage: StorageSpec, credentials: dict[str, str] | None) -> dict[str, Any]:
+def _read_s3_manifest(uri: str, storage: StorageSpec, credentials: dict[str, str] | None) -> ArtifactManifest | None:
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split_s3(uri)
     try:
         body = s3_client(storage, credentials).get_object(Bucket=bucket, Key=key)["Body"].read()
     except ClientError:
-        return {}
+        return None
     except BotoCoreError as exc:
         raise _unreachable(uri, storage, exc) from exc
-    data = json.loads(body)
-    return data if isinstance(data, dict) else {}
+    return _parse_manifest(body, uri)
+
+
+def _read_local_manifest(root: Path) -> ArtifactManifest | None:
+    path = root / MANIFEST_FILE
+    return _parse_manifest(path.read_bytes(), str(path)) if path.exists() else None
+
+
+def _parse_manifest(text: bytes, where: str) -> ArtifactManifest:
+    try:
+        return ArtifactManifest.parse(text)
+    except ManifestMismatch as exc:
+        raise DownloadError(f"{where}: {exc}") from exc
 
 
 def _copy_local(src_root: Path, rel_dir: str, dest: Path) -> dict[str, Path]:
