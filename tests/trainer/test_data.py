@@ -103,11 +103,11 @@ def test_text_learns_every_token(tokenizer: Any) -> None:
 
 
 def test_preference_pairs_share_the_prompt_and_learn_each_response(tokenizer: Any) -> None:
-    record = {"prompt": "one two", "chosen": "1 2", "rejected": "2 1"}
+    record = {"prompt": "one two", "chosen": " 1 2", "rejected": " 2 1"}  # text pairs join as written (TRL's standard format)
     sample = formats.parse(record, HERE, formats.resolve(record, HERE, "auto", _spec().fields))
     (chosen, chosen_labels), (rejected, rejected_labels) = masking.tokenize_preference(sample, tokenizer)
     assert _learned(tokenizer, chosen, chosen_labels) == "1 2 <|end|>" and _learned(tokenizer, rejected, rejected_labels) == "2 1 <|end|>"
-    assert chosen[:5] == rejected[:5]  # the same rendered prompt
+    assert chosen[:2] == rejected[:2] == tokenizer("one two")["input_ids"]  # the same prompt
     assert masking.tokenize(sample, tokenizer) == (chosen, chosen_labels)  # supervised tuning learns the chosen one
 
 
@@ -360,7 +360,7 @@ def test_reads_a_directory_of_shards_and_a_saved_dataset(tmp_path: Path) -> None
 
 
 def test_unsupported_and_empty_directories_list_what_is_supported(tmp_path: Path) -> None:
-    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "README.md").write_text("x")
     message = _refusal(lambda: list(records.iter_records(tmp_path, 1024)))
     assert "no dataset files under" in message and "JSON arrays (.json)" in message
 

@@ -51,7 +51,7 @@ def _learned(ids: list[int], labels: list[int]) -> list[int]:
 
 def test_text_and_conversation_prompts_become_two_sequences_with_one_prompt(tmp_path: Path, tokenizer: Any) -> None:
     chat = {"prompt": [{"role": "user", "content": "one one"}], "chosen": "1 1", "rejected": "3"}
-    text, conversation = _pairs(tmp_path, [RECORDS[0], chat], tokenizer)
+    text, conversation = _pairs(tmp_path, [TRL_RECORDS[0], chat], tokenizer)
     for pair, chosen, rejected in ((text, "7 0 2 9", "7 0 2 8"), (conversation, "1 1", "3")):
         assert chosen in tokenizer.decode(_learned(pair.chosen_ids, pair.chosen_labels))
         assert rejected in tokenizer.decode(_learned(pair.rejected_ids, pair.rejected_labels))

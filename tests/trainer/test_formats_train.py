@@ -47,7 +47,7 @@ def write_formats(tmp: Path) -> dict[str, Path]:
     out["text"] = tmp / "text.tsv"
     out["text"].write_text("text\n" + "".join(f"{q} {a}\n" for q, a in pairs(48, 192)))
     out["preference"] = tmp / "pref.jsonl"
-    out["preference"].write_text("".join(json.dumps({"prompt": q, "chosen": a, "rejected": " ".join(reversed(a.split()))}) + "\n"
+    out["preference"].write_text("".join(json.dumps({"prompt": q, "chosen": " " + a, "rejected": " " + " ".join(reversed(a.split()))}) + "\n"
                                          for q, a in pairs(16, 240)))  # fmt: skip
     return out
 

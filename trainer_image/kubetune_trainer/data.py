@@ -32,8 +32,9 @@ from kubetune.api.contract import ExitCode
 from kubetune.api.models import DatasetSpec, FieldMapping, StorageSpec, TrainingSpec
 
 from kubetune_trainer.formats import Invalid, Mapping, parse, resolve
+from kubetune_trainer.log import log
 from kubetune_trainer.masking import IGNORE, tokenize, upto_eos
-from kubetune_trainer.records import iter_records, refuse
+from kubetune_trainer.records import dict_splits, iter_records, locate, refuse, split_fragment, with_split
 from kubetune_trainer.storage import cached, fetch
 
 __all__ = ["IGNORE", "upto_eos"]
@@ -217,7 +218,8 @@ def collate(batch: list[Example], pad_id: int, packed: bool) -> dict[str, torch.
 
 
 def _fingerprint(path: Path) -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(str(path).encode())
+    path, _ = locate(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         st = f.stat()
@@ -269,11 +271,35 @@ class Built:
         }
 
 
+def fetch_data(uri: str, storage: StorageSpec, what: str) -> Path:
+    """The local path of a dataset URI; a `#split` fragment (a DatasetDict's split) is kept for the reader."""
+    base, split = split_fragment(uri)
+    return with_split(fetch(base, storage, what, ExitCode.DATASET_INVALID, repo_type="dataset"), split)
+
+
+def eval_path(spec: DatasetSpec, storage: StorageSpec) -> Path:
+    """spec.dataset.eval, local. A DatasetDict root needs its split named (it would evaluate on `train`, the
+    training data); naming `train` is allowed, with a warning."""
+    assert spec.eval
+    path = fetch_data(spec.eval, storage, "spec.dataset.eval")
+    root, split = locate(path)
+    splits = dict_splits(root) if root.is_dir() else None
+    if splits is not None and split is None:
+        held = [s for s in splits if s != "train"]
+        raise refuse(
+            f"spec.dataset.eval: {spec.eval} is a DatasetDict with splits {splits}; without a split it would evaluate on `train`, "
+            f"the training data: name the split, eval: {spec.eval}#{held[0] if held else '<split>'}"
+        )
+    if split == "train":
+        log(f"WARNING: spec.dataset.eval names the `train` split of {spec.eval}: evaluation measures data the model may train on, not held-out data")
+    return path
+
+
 def _sources(spec: DatasetSpec, storage: StorageSpec) -> list[tuple[Path, str, str, FieldMapping, float]]:
     out: list[tuple[Path, str, str, FieldMapping, float]] = []
     for i, source in enumerate(spec.train_sources()):
         what = f"spec.dataset.sources[{i}].path" if spec.sources else "spec.dataset.train"
-        path = fetch(source.path, storage, what, ExitCode.DATASET_INVALID, repo_type="dataset")
+        path = fetch_data(source.path, storage, what)
         out.append((path, source.path, source.format or spec.format, source.fields or spec.fields, source.weight))
     return out
 
@@ -294,8 +320,7 @@ def build(spec: DatasetSpec, storage: StorageSpec, tokenizer: Any, seed: int) ->
         train += weighted(examples, weight, seed) if weight != 1 else examples
     eval_report = None
     if spec.eval:
-        eval_path = fetch(spec.eval, storage, "spec.dataset.eval", ExitCode.DATASET_INVALID, repo_type="dataset")
-        evals, eval_report = tokenize_source(eval_path, spec.eval, spec.format, spec.fields, spec, tokenizer)
+        evals, eval_report = tokenize_source(eval_path(spec, storage), spec.eval, spec.format, spec.fields, spec, tokenizer)
     pairs = generation_pairs(evals)
     if spec.packing:
         train, evals = pack(train, spec.max_seq_length), pack(evals, spec.max_seq_length)
@@ -308,11 +333,11 @@ def load_examples(
     """Train and eval examples, eval (prompt, reference) pairs and the data report, built once per node
     (first process under the cache lock; others load)."""
     paths = [p for p, *_ in _sources(spec, storage)]
-    eval_path = fetch(spec.eval, storage, "spec.dataset.eval", ExitCode.DATASET_INVALID, repo_type="dataset") if spec.eval else None
+    eval_file = eval_path(spec, storage) if spec.eval else None
     key = json.dumps(
         {
             "train": [_fingerprint(p) for p in paths],
-            "eval": _fingerprint(eval_path) if eval_path else None,
+            "eval": _fingerprint(eval_file) if eval_file else None,
             "spec": spec.model_dump(mode="json"),
             "tokenizer": [tokenizer.name_or_path, len(tokenizer), getattr(tokenizer, "chat_template", None)],
             "seed": seed,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from kubetune.api.contract import ExitCode
 from kubetune.api.models import DatasetSpec, DpoSpec, FieldMapping
 
+from kubetune_trainer.data import SourceReport
 from kubetune_trainer.errors import TrainerError
 
 IGNORE = -100
@@ -50,35 +51,71 @@ def truncate(pair: PairExample, max_len: int) -> PairExample | None:
 
 
 def tokenize_source_pairs(path: Any, label: str, fmt: str, fields: FieldMapping, spec: DatasetSpec, tokenizer: Any) -> list[PairExample]:
-    """Every record of one dataset in the `preference` shape (prompt as text or a conversation, chosen,
-    rejected), parsed by the same code as SFT data and tokenized as two sequences."""
+    return source_pairs(path, label, fmt, fields, spec, tokenizer)[0]
+
+
+def source_pairs(path: Any, label: str, fmt: str, fields: FieldMapping, spec: DatasetSpec, tokenizer: Any) -> tuple[list[PairExample], SourceReport]:
+    """Every preference record of one dataset (explicit or implicit prompt, text or conversational: formats.py),
+    tokenized as TRL does, overflow applied; refuses with the reason and the first records' places."""
     from kubetune_trainer.formats import Invalid, parse, resolve
     from kubetune_trainer.masking import tokenize_preference
     from kubetune_trainer.records import iter_records, refuse
 
+    report = SourceReport(label)
     mapping = None
     pairs: list[PairExample] = []
-    records = invalid = 0
     for where, record in iter_records(path, spec.max_record_bytes):
         if mapping is None:
-            mapping = resolve(record, where, "preference" if fmt == "auto" else fmt, fields)
-            if mapping.format != "preference":
-                raise refuse(f"objective dpo reads format preference (prompt, chosen, rejected), not {mapping.format}: set spec.dataset.format: preference")
-        records += 1
+            mapping = resolve(record, where, fmt, fields, objective="dpo")
+            report.format, report.mapping = mapping.format, mapping.describe()
+        report.records += 1
         try:
             sample = parse(record, where, mapping)
-        except Invalid:
-            invalid += 1
+        except Invalid as bad:
+            report.invalid[bad.reason] += 1
+            if len(report.invalid_detail) < 3:
+                report.invalid_detail.append(bad.detail)
             continue
         (c_ids, c_labels), (r_ids, r_labels) = tokenize_preference(sample, tokenizer, where)
-        pair = truncate(PairExample(c_ids, c_labels, r_ids, r_labels), spec.max_seq_length)
+        pair = _fit_pair(PairExample(c_ids, c_labels, r_ids, r_labels), spec, where, report)
         if pair is not None:
             pairs.append(pair)
-    if invalid > spec.max_invalid_fraction * max(records, 1):
-        raise refuse(f"{invalid} of {records} records in {label} are invalid preference records; fix the data or raise spec.dataset.maxInvalidFraction")
+            report.tokens += len(pair.chosen_ids) + len(pair.rejected_ids)
+    if mapping is None:
+        raise refuse(f"dataset {label} has no records")
+    report.examples = len(pairs)
+    if sum(report.invalid.values()) > spec.max_invalid_fraction * report.records:
+        from kubetune_trainer.data import _check_source
+
+        _check_source(report, [], label, spec)  # the reasons, counts and first places
     if not pairs:
-        raise TrainerError(ExitCode.DATASET_INVALID, f"no preference pair in {label} fits maxSeqLength {spec.max_seq_length}")
-    return pairs
+        longest = max(report.lengths, default=0)
+        raise refuse(
+            f"no preference pair in {label} keeps a reply within spec.dataset.maxSeqLength {spec.max_seq_length}: {report.dropped} of "
+            f"{report.records} pairs lost every reply token (overflow {spec.overflow}; longest pair {longest} tokens); raise maxSeqLength"
+        )
+    return pairs, report
+
+
+def _fit_pair(pair: PairExample, spec: DatasetSpec, where: object, report: SourceReport) -> PairExample | None:
+    """spec.dataset.overflow applied to a pair by its longer sequence (counted in `report`); None when dropped."""
+    from kubetune_trainer.records import refuse
+
+    limit = spec.max_seq_length
+    longest = max(len(pair.chosen_ids), len(pair.rejected_ids))
+    report.lengths.append(longest)
+    if longest <= limit:
+        return pair
+    if spec.overflow == "error":
+        raise refuse(f"{where}: the pair is {longest} tokens (prompt + longer reply), more than spec.dataset.maxSeqLength {limit}; "
+                     "raise maxSeqLength, or set spec.dataset.overflow: truncate (or drop)")  # fmt: skip
+    if spec.overflow == "truncate" and (cut := truncate(pair, limit)) is not None:
+        report.truncated += 1
+        report.truncated_tokens += len(pair.chosen_ids) + len(pair.rejected_ids) - len(cut.chosen_ids) - len(cut.rejected_ids)
+        return cut
+    report.dropped += 1
+    report.dropped_tokens += len(pair.chosen_ids) + len(pair.rejected_ids)
+    return None
 
 
 def collate_pairs(batch: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -197,17 +234,26 @@ def dpo_forward(model: Any, reference: Callable[..., Any] | None, batch: dict[st
     return DpoOutput(loss.mean(), chosen, rejected)
 
 
-def load_pairs(spec: DatasetSpec, storage: Any, tokenizer: Any, seed: int) -> tuple[list[PairExample], list[PairExample]]:
-    """Train and eval preference pairs (eval from `dataset.eval`, else `evalSplit` of each source)."""
+@dataclass
+class BuiltPairs:
+    train: list[PairExample]
+    evals: list[PairExample]
+    sources: list[SourceReport]
+    eval_source: SourceReport | None
+
+
+def build_pairs(spec: DatasetSpec, storage: Any, tokenizer: Any, seed: int) -> BuiltPairs:
+    """Train and eval preference pairs (eval from `dataset.eval`, else `evalSplit` of each source) and what each dataset gave."""
     import random
 
-    from kubetune_trainer.data import _sources
-    from kubetune_trainer.storage import fetch
+    from kubetune_trainer.data import _sources, eval_path
 
     train: list[PairExample] = []
     evals: list[PairExample] = []
+    reports = []
     for path, label, fmt, fields, _weight in _sources(spec, storage):
-        pairs = tokenize_source_pairs(path, label, fmt, fields, spec, tokenizer)
+        pairs, report = source_pairs(path, label, fmt, fields, spec, tokenizer)
+        reports.append(report)
         if not spec.eval and spec.eval_split > 0:
             order = list(range(len(pairs)))
             random.Random(seed).shuffle(order)
@@ -215,7 +261,13 @@ def load_pairs(spec: DatasetSpec, storage: Any, tokenizer: Any, seed: int) -> tu
             evals += [p for i, p in enumerate(pairs) if i in held]
             pairs = [p for i, p in enumerate(pairs) if i not in held]
         train += pairs
+    eval_report = None
     if spec.eval:
-        path = fetch(spec.eval, storage, "spec.dataset.eval", ExitCode.DATASET_INVALID, repo_type="dataset")
-        evals = tokenize_source_pairs(path, spec.eval, spec.format, spec.fields, spec, tokenizer)
-    return train, evals
+        evals, eval_report = source_pairs(eval_path(spec, storage), spec.eval, spec.format, spec.fields, spec, tokenizer)
+    return BuiltPairs(train, evals, reports, eval_report)
+
+
+def load_pairs(spec: DatasetSpec, storage: Any, tokenizer: Any, seed: int) -> tuple[list[PairExample], list[PairExample]]:
+    """Train and eval preference pairs (eval from `dataset.eval`, else `evalSplit` of each source)."""
+    built = build_pairs(spec, storage, tokenizer, seed)
+    return built.train, built.evals

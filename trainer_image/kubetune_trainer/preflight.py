@@ -219,7 +219,8 @@ def summarize(spec: FineTuneJobSpec, built: Built, tokenizer: Any, accum: int, m
 
 def text_lines(summary: dict[str, Any]) -> list[str]:
     """The summary as plain log lines (the trainer's log; the CLI draws it with rich)."""
-    lines = [f"data {s['path']}: {s['mapping']}; {s['records']} records -> {s['examples']} examples (weight {s['weight']:g})" for s in summary["sources"]]
+    unit = "preference pairs" if summary.get("objective") == "dpo" else "examples"
+    lines = [f"data {s['path']}: {s['mapping']}; {s['records']} records -> {s['examples']} {unit} (weight {s['weight']:g})" for s in summary["sources"]]
     ln, o = summary["lengths"], summary["overflow"]
     lines.append(
         f"tokens per example: p50 {ln['p50']}, p90 {ln['p90']}, p99 {ln['p99']}, max {ln['max']} against maxSeqLength {ln['maxSeqLength']}: "
@@ -264,6 +265,8 @@ def run_preflight(spec: FineTuneJobSpec, n_examples: int = 3, gpu_memory: int | 
 
     model_dir = model_mod.model_path(spec)
     tokenizer = model_mod.load_tokenizer(model_dir, spec.model.trust_remote_code)
+    if spec.objective == "dpo":
+        return preflight_pairs(spec, model_dir, tokenizer, n_examples, gpu_memory)
     built = data.build(spec.dataset, spec.storage, tokenizer, spec.training.seed)
     accum = accumulation(spec)
     data.check_batch(len(built.train), spec.training, spec.distributed.nodes * spec.distributed.procs_per_node, accum)
@@ -272,6 +275,60 @@ def run_preflight(spec: FineTuneJobSpec, n_examples: int = 3, gpu_memory: int | 
     longest = max((n for s in built.sources for n in s.lengths), default=spec.dataset.max_seq_length)
     memory = job_memory(spec, model_dir, longest, on_gpu, backend, gpu_memory)
     return summarize(spec, built, tokenizer, accum, memory, n_examples)
+
+
+def preflight_pairs(spec: FineTuneJobSpec, model_dir: Path, tokenizer: Any, n_examples: int, gpu_memory: int | None) -> dict[str, Any]:
+    """The pre-flight of objective dpo: preference pairs as the trainer reads them (prompt, and both replies with the
+    scored tokens marked), their lengths against maxSeqLength, how many overflow, steps and memory."""
+    from kubetune_trainer import data, dpo
+
+    built = dpo.build_pairs(spec.dataset, spec.storage, tokenizer, spec.training.seed)
+    accum = accumulation(spec)
+    data.check_batch(len(built.train), spec.training, spec.distributed.nodes * spec.distributed.procs_per_node, accum)
+    lengths = [n for s in built.sources for n in s.lengths]
+    on_gpu = spec.distributed.gpus_per_node > 0
+    backend = {"ddp": False, "deepspeed": True}.get(spec.distributed.backend)
+    memory = job_memory(spec, model_dir, max(lengths, default=spec.dataset.max_seq_length), on_gpu, backend, gpu_memory)
+    parts = built.sources + ([built.eval_source] if built.eval_source else [])
+    truncated, dropped = sum(p.truncated for p in parts), sum(p.dropped for p in parts)
+    per_epoch = steps_per_epoch(len(built.train), spec, accum)
+    t = spec.training
+    return {
+        "objective": "dpo",
+        "sources": [s.summary() for s in built.sources],
+        "eval": built.eval_source.summary() if built.eval_source else None,
+        "lengths": length_stats(lengths, spec.dataset.max_seq_length),
+        "overflow": {"truncated": truncated, "truncatedTokens": sum(p.truncated_tokens for p in parts), "dropped": dropped,
+                     "droppedTokens": sum(p.dropped_tokens for p in parts), "overflowShare": (truncated + dropped) / max(sum(p.records for p in parts), 1),
+                     "policy": spec.dataset.overflow},
+        "trainSequences": len(built.train),
+        "evalSequences": len(built.evals),
+        "tokensPerEpoch": sum(len(p.chosen_ids) + len(p.rejected_ids) for p in built.train),
+        "learnedTokensPerEpoch": sum(sum(1 for x in p.chosen_labels + p.rejected_labels if x != IGNORE) for p in built.train),
+        "stepsPerEpoch": per_epoch,
+        "totalSteps": t.max_steps or max(1, math.ceil(t.epochs * per_epoch)),
+        "globalBatchSize": t.global_batch_size or t.per_device_batch_size * spec.distributed.nodes * spec.distributed.procs_per_node,
+        "examples": [],
+        "pairs": [rendered_pair(p, tokenizer) for p in built.train[:n_examples]],
+        "memory": None if memory is None else {
+            "per": memory.per, "totalBytes": memory.total, "parts": memory.parts, "availableBytes": memory.available, "fits": memory.fits,
+        },
+    }  # fmt: skip
+
+
+def rendered_pair(pair: Any, tokenizer: Any) -> dict[str, Any]:
+    """A preference pair for people: the prompt's text, each reply as (token text, scored) pieces, and the lengths."""
+    from kubetune_trainer.data import Example
+
+    prompt_len = next((i for i, x in enumerate(pair.chosen_labels) if x != IGNORE), len(pair.chosen_labels))
+    chosen = _pieces(Example(pair.chosen_ids, pair.chosen_labels, []), tokenizer)
+    rejected = _pieces(Example(pair.rejected_ids, pair.rejected_labels, []), tokenizer)
+    return {
+        "prompt": tokenizer.decode(pair.chosen_ids[:prompt_len]),
+        "chosen": [{"text": text, "learned": learned} for text, learned in chosen[prompt_len:]],
+        "rejected": [{"text": text, "learned": learned} for text, learned in rejected[prompt_len:]],
+        "promptTokens": prompt_len, "chosenTokens": len(pair.chosen_ids) - prompt_len, "rejectedTokens": len(pair.rejected_ids) - prompt_len,
+    }  # fmt: skip
 
 
 def memory_line(spec: FineTuneJobSpec, model_dir: Path, longest: int, on_gpu: bool, deepspeed: bool) -> str:

@@ -110,7 +110,18 @@ def show(summary: dict[str, Any]) -> None:
         for token in example:
             text.append(token["text"], style="bold green" if token["learned"] else "dim")
         console.print(text)
-    console.print(Text("learned tokens in green; the rest is context the loss ignores", style="italic"))
+    for i, pair in enumerate(summary.get("pairs") or [], start=1):
+        console.print(Text(f"pair {i} ({pair['promptTokens']} prompt tokens, chosen {pair['chosenTokens']}, rejected {pair['rejectedTokens']}):", style="bold"))
+        console.print(Text("  prompt:   ", style="bold").append(pair["prompt"], style="dim"))
+        for name, style in (("chosen", "bold green"), ("rejected", "bold red")):
+            text = Text(f"  {name}: ".ljust(12), style="bold")
+            for token in pair[name]:
+                text.append(token["text"], style=style if token["learned"] else "dim")
+            console.print(text)
+    if summary.get("pairs"):
+        console.print(Text("scored reply tokens in green (chosen) and red (rejected); the prompt is context", style="italic"))
+    else:
+        console.print(Text("learned tokens in green; the rest is context the loss ignores", style="italic"))
     ln = summary["lengths"]
     hist = Table(title=f"Tokens per example (maxSeqLength {ln['maxSeqLength']})", title_justify="left")
     hist.add_column("tokens")
