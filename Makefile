@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	DS_BUILD_OPS=0 $(PY) -m pip install $(PIP_FLAGS) -c .ci/constraints.txt -e ".[operator,trainer,client,dev]"
 	touch $@
 
-.PHONY: install quickstart test test-agent test-fast lint crd e2e-build
+.PHONY: install quickstart test test-agent test-fast lint docs docs-gen crd e2e-build
 
 install: $(VENV)/.installed
 
@@ -17,11 +17,12 @@ install: $(VENV)/.installed
 quickstart: install
 	$(VENV)/bin/kubetune run examples/quickstart.yaml
 
-## Everything CI runs: lint, types, unit + integration + e2e tests (e2e on the real kubelet node; the
-## e2e binaries and images are built on first use and cached, see e2e/README.md)
+## Everything CI runs: lint, types, the docs site, unit + integration + e2e tests (e2e on the real kubelet
+## node; the e2e binaries and images are built on first use and cached, see e2e/README.md)
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(MAKE) docs
 	$(VENV)/bin/pytest tests e2e
 
 ## The same with the e2e pods run by the fast node agent instead of the real kubelet
@@ -35,6 +36,17 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(MAKE) docs
+
+## The manual (docs/, mkdocs.yml) built into site/ with --strict: a broken link or anchor fails it, and so
+## does a generated reference page (API from the CRD, CLI from the parser) that is older than the code
+docs: install
+	$(PY) docs/gen_reference.py --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+## Regenerate docs/reference/finetunejob.md and docs/reference/cli.md (after `make crd` or a CLI change)
+docs-gen: install
+	$(PY) docs/gen_reference.py
 
 ## Regenerate the CRD (and the chart's copy) from the API models
 crd: install

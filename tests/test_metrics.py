@@ -1,5 +1,5 @@
 """The operator's Prometheus metrics: what each watch event does to them, and that the dashboard and
-docs/operator.md name exactly what a scrape exposes."""
+docs/operations/metrics.md name exactly what a scrape exposes."""
 
 from __future__ import annotations
 
@@ -203,7 +203,7 @@ def test_the_dashboard_is_valid_json_and_uses_only_exported_metrics() -> None:
 
 
 def test_every_metric_is_documented() -> None:
-    docs = (ROOT / "docs" / "operator.md").read_text()
+    docs = (ROOT / "docs" / "operations" / "metrics.md").read_text()
     families = {re.sub(r"_(bucket|sum|count)$", "", n) if "seconds_" in n else n for n in exposed_names()}
     kubetune = {n for n in families if n.startswith("kubetune_")}
     assert len(kubetune) >= 18

@@ -1,5 +1,5 @@
 -- Argo CD resource health for kubetune.io/FineTuneJob.
--- Install under argocd-cm: resource.customizations.health.kubetune.io_FineTuneJob (see docs/operator.md).
+-- Install under argocd-cm: resource.customizations.health.kubetune.io_FineTuneJob (see docs/operations/gitops.md).
 hs = {}
 local phase = nil
 local message = nil

@@ -43,7 +43,7 @@ def test_operator_runs_under_chart_serviceaccount(installed, operator, kctl):
     assert operator.healthy()
 
 
-# What the operator needs (docs/operator.md "RBAC") in a watched namespace ...
+# What the operator needs (docs/operations/install.md "RBAC") in a watched namespace ...
 NEEDED = [
     ("list", "finetunejobs.kubetune.io"), ("watch", "finetunejobs.kubetune.io"), ("delete", "finetunejobs.kubetune.io"),
     ("patch", "finetunejobs.kubetune.io", "--subresource=status"),

@@ -4,7 +4,7 @@ The handlers call the small functions at the bottom (`observe_event`, `reconcili
 `workload_created`); `counting_client()` (the operator's kubernetes client) and `counted_session()`
 (Kopf's aiohttp session: its lists and watch streams) count every Kubernetes API call the process makes.
 Per-job training metrics are re-exported from the status the operator writes from rank 0's
-progress, so training pods need no scrape rules. Every name here is listed in docs/operator.md
+progress, so training pods need no scrape rules. Every name here is listed in docs/operations/metrics.md
 and the Grafana dashboard uses only these (tests/test_metrics.py checks both).
 """
 
