@@ -486,6 +486,38 @@ class RunPolicy(ApiModel):
     """Suspend: no pods run (set by you or by a queue such as Kueue); unsuspending resumes from the last checkpoint."""
 
 
+# ----------------------------------------------------------------- scheduling
+
+
+GangScheduler = Literal["coscheduling", "volcano", "kai"]
+
+
+class GangSpec(ApiModel):
+    """Gang scheduling: no pod of the job is bound until `minMember` of them can be, so a half-started gang never
+    holds GPUs. kubetune creates the scheduler's PodGroup (owned by the job, one per job, kept across gang
+    restarts) and points the pods at it."""
+
+    scheduler: GangScheduler
+    """`coscheduling` (kubernetes-sigs/scheduler-plugins: a scheduling.x-k8s.io/v1alpha1 PodGroup), `volcano`
+    (a scheduling.volcano.sh/v1beta1 PodGroup) or `kai` (NVIDIA KAI Scheduler: a scheduling.run.ai/v2alpha2
+    PodGroup). Its PodGroup CRD must be installed; the scheduler's own name goes to the pods' schedulerName
+    unless spec.schedulerName says otherwise."""
+    min_member: int | None = Field(default=None, ge=1, le=10000)
+    """Pods that must be placeable together before any is bound; unset: every pod of the gang (distributed.nodes)."""
+    schedule_timeout_seconds: int | None = Field(default=None, ge=0, le=86400)
+    """How long a partly placed gang may wait for the rest before the scheduler gives its pods up and retries
+    (coscheduling's scheduleTimeoutSeconds; Volcano and KAI have no per-group timeout and ignore it)."""
+    queue: str | None = Field(default=None, min_length=1, max_length=253)
+    """The scheduler's queue (Volcano: a Queue; KAI: required, its queue name). Unset: Volcano's `default`."""
+
+
+class SchedulingSpec(ApiModel):
+    """How the gang is placed: a gang scheduler's PodGroup."""
+
+    gang: GangSpec | None = None
+    """Gang scheduling through a PodGroup (coscheduling, Volcano or KAI)."""
+
+
 # -------------------------------------------------------------- pod settings
 
 
@@ -720,6 +752,8 @@ class FineTuneJobSpec(ApiModel):
     """PriorityClass for the pods."""
     scheduler_name: str | None = None
     """Scheduler for the pods (e.g. a gang scheduler such as Volcano)."""
+    scheduling: SchedulingSpec | None = None
+    """Gang scheduling (spec.scheduling.gang): the PodGroup a gang scheduler needs, rendered and owned by the job."""
     service_account_name: str | None = None
     """ServiceAccount the pods run as."""
     env: list[EnvVar] = Field(default_factory=list)

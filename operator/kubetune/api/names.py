@@ -18,6 +18,9 @@ LABEL_SERVING: Final = "kubetune.io/serving"
 its pods, and pods with LABEL_JOB are counted as the job's gang."""
 LABEL_QUEUE: Final = "kueue.x-k8s.io/queue-name"
 """Kueue's queue label: copied from the FineTuneJob to its workload Job (Kueue admits the Job)."""
+LABEL_PRIORITY: Final = "kueue.x-k8s.io/priority-class"
+"""Kueue's WorkloadPriorityClass label: copied from the FineTuneJob to its workload Job like LABEL_QUEUE."""
+KUEUE_LABELS: Final = (LABEL_QUEUE, LABEL_PRIORITY)
 MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes.io/part-of": "kubetune"}
 
 COMPLETION_INDEX: Final = "batch.kubernetes.io/job-completion-index"

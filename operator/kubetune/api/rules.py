@@ -45,6 +45,11 @@ def _batch_hint(spec: FineTuneJobSpec) -> str:
     )
 
 
+def _gang_min(spec: FineTuneJobSpec) -> int | None:
+    gang = spec.scheduling.gang if spec.scheduling is not None else None
+    return gang.min_member if gang is not None else None
+
+
 def _only_with_method(block: str, attr: str, method: str) -> Rule:
     return Rule(
         f"spec.{block}",
@@ -103,6 +108,23 @@ SPEC_RULES: tuple[Rule, ...] = (
         "!has(self.training.earlyStopping) || has(self.dataset.eval) || self.dataset.evalSplit > 0.0",
         "needs evaluation data: set spec.dataset.eval or spec.dataset.evalSplit",
         lambda s: s.training.early_stopping is not None and not s.dataset.eval and s.dataset.eval_split == 0,
+    ),
+    Rule(
+        "spec.scheduling.gang.minMember",
+        "!has(self.scheduling) || !has(self.scheduling.gang) || !has(self.scheduling.gang.minMember) || "
+        "self.scheduling.gang.minMember <= self.distributed.nodes",
+        "cannot exceed the gang's pods (distributed.nodes): lower it, or leave it unset for the whole gang",
+        lambda s: _gang_min(s) is not None and (_gang_min(s) or 0) > s.distributed.nodes,
+        lambda s: f"cannot exceed the gang's {s.distributed.nodes} pods (distributed.nodes; got {_gang_min(s)}): "
+        f"set it to at most {s.distributed.nodes}, or leave it unset for the whole gang",
+    ),
+    Rule(
+        "spec.scheduling.gang.queue",
+        "!has(self.scheduling) || !has(self.scheduling.gang) || self.scheduling.gang.scheduler != 'kai' || "
+        "has(self.scheduling.gang.queue)",
+        "is required with scheduler: kai (KAI schedules only pods of a queue): name the KAI queue",
+        lambda s: s.scheduling is not None and s.scheduling.gang is not None
+        and s.scheduling.gang.scheduler == "kai" and not s.scheduling.gang.queue,
     ),
     Rule(
         "spec.serving.image",

@@ -5,7 +5,8 @@ One FineTuneJob owns:
 - a headless Service `<name>` (publishNotReadyAddresses, so rank 0's DNS name
   resolves before any pod is Ready: torchrun needs it to rendezvous);
 - an Indexed batch/v1 Job `<name>-r<restart>` with completions = parallelism =
-  nodes. Its pods are `<name>-r<restart>-<index>.<name>`; index 0 is rank 0.
+  nodes. Its pods are `<name>-r<restart>-<index>.<name>`; index 0 is rank 0;
+- with spec.scheduling.gang, the gang scheduler's PodGroup `<name>` (render/gang.py).
 
 The Job's own backoffLimit is 0: the Job controller replaces a failed *index*,
 but torchrun's static rendezvous needs every rank to restart together from the
@@ -39,7 +40,7 @@ from kubetune.api.models import EnvVar, FineTuneJobSpec
 from kubetune.api.names import (
     CONTAINER,
     DEFAULT_IMAGE,
-    LABEL_QUEUE,
+    KUEUE_LABELS,
     LABEL_RESTART,
     LABEL_ROLE,
     MANAGED_BY,
@@ -51,6 +52,7 @@ from kubetune.api.names import (
 )
 from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT, DEFAULT_RDZV_PORT, TrainerConfig
 from kubetune.api.validation import pvc_claims
+from kubetune.render.gang import pod_membership, render_pod_group
 from kubetune.render.trainer_config import render_trainer_config
 
 CONFIG_DIR: Final = CONFIG_MOUNT_DIR
@@ -266,20 +268,21 @@ def render_pod_template(
         "containers": [container],
         "volumes": volumes,
     }
+    gang = pod_membership(spec, name)
     optional = {
         "nodeSelector": dict(spec.node_selector),
         "tolerations": list(spec.tolerations),
         "affinity": spec.affinity,
         "priorityClassName": spec.priority_class_name,
-        "schedulerName": spec.scheduler_name,
+        "schedulerName": gang.scheduler_name or spec.scheduler_name,
         "serviceAccountName": spec.service_account_name,
         "imagePullSecrets": [{"name": s.name} for s in spec.image_pull_secrets],
     }
     pod.update({k: v for k, v in optional.items() if v})
-    labels = {**spec.labels, **MANAGED_BY, **selector_labels(name), LABEL_RESTART: str(restart), LABEL_ROLE: "worker"}
+    labels = {**spec.labels, **gang.labels, **MANAGED_BY, **selector_labels(name), LABEL_RESTART: str(restart), LABEL_ROLE: "worker"}
     metadata: dict[str, Any] = {"labels": labels}
-    if spec.annotations:
-        metadata["annotations"] = dict(spec.annotations)
+    if spec.annotations or gang.annotations:
+        metadata["annotations"] = {**spec.annotations, **gang.annotations}
     return {"metadata": metadata, "spec": pod}
 
 
@@ -293,8 +296,9 @@ def render_workload(
 ) -> dict[str, Any]:
     """The Indexed batch/v1 Job for gang generation `restart`. `labels` are the FineTuneJob's own."""
     job_labels = {**MANAGED_BY, **selector_labels(name), LABEL_RESTART: str(restart)}
-    if labels and LABEL_QUEUE in labels:
-        job_labels[LABEL_QUEUE] = labels[LABEL_QUEUE]  # Kueue admits the Job by unsuspending it
+    for key in KUEUE_LABELS:  # Kueue admits the Job by unsuspending it, at the priority its label names
+        if labels and key in labels:
+            job_labels[key] = labels[key]
     nodes = spec.distributed.nodes
     return {
         "apiVersion": "batch/v1",
@@ -320,9 +324,18 @@ def render_all(
     labels: dict[str, str] | None = None,
     default_image: str = DEFAULT_IMAGE,
 ) -> list[dict[str, Any]]:
-    """ConfigMap, Service and workload Job, in creation order (config and DNS before pods)."""
+    """ConfigMap, Service, the PodGroup (with spec.scheduling.gang) and workload Job, in creation order (config,
+    DNS and the gang's group before pods)."""
+    group = render_pod_group_for(spec, name, namespace)
     return [
         render_config_map(spec, name, namespace, uid),
         render_service(name, namespace),
+        *([group] if group is not None else []),
         render_workload(spec, name, namespace, restart, labels, default_image),
     ]
+
+
+def render_pod_group_for(spec: FineTuneJobSpec, name: str, namespace: str) -> dict[str, Any] | None:
+    """The gang scheduler's PodGroup, sized from the trainer container's requests (None without a gang)."""
+    requests = dict(_resources(spec).get("requests") or {})
+    return render_pod_group(spec, name, namespace, requests)
