@@ -245,3 +245,11 @@ def test_every_page_in_the_nav_exists() -> None:
     listed = pages(nav)
     assert len(listed) >= 20
     assert not [p for p in listed if not (DOCS / p).is_file()]
+
+
+def test_the_sdk_reference_renders_every_public_name() -> None:
+    import kubetune.client
+
+    page = (DOCS / "reference" / "sdk.md").read_text()
+    missing = [n for n in kubetune.client.__all__ if f"::: kubetune.client.{n}\n" not in page]
+    assert not missing, f"add `::: kubetune.client.NAME` to docs/reference/sdk.md for {missing}"

@@ -127,7 +127,7 @@ DEFAULT_ROLES: Final[dict[str, str]] = {
 }
 
 class FieldMapping(ApiModel):
-    """Column and key names in the dataset. Unset entries try their common names (see docs/trainer.md)."""
+    """Column and key names in the dataset. Unset entries try their common names (see the manual's Datasets page)."""
 
     messages: str | None = Field(default=None, max_length=256)
     """Column with the list of chat messages (format `chat`); unset tries `messages`, then `conversations` (ShareGPT)."""
