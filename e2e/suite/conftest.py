@@ -66,7 +66,9 @@ def helm_binary() -> Path:
 
 
 def render_chart(*sets: str) -> list[dict[str, Any]]:
-    args = [str(helm_binary()), "template", RELEASE, str(CHART), "--namespace", RELEASE_NS]
+    # The chart's kubeVersion is checked against the e2e cluster's version (helm's offline default is older).
+    args = [str(helm_binary()), "template", RELEASE, str(CHART), "--namespace", RELEASE_NS,
+            "--kube-version", binaries.versions()["KUBERNETES_VERSION"]]
     for s in sets:
         args += ["--set", s]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout

@@ -11,12 +11,26 @@ app.kubernetes.io/name: kubetune
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubetune
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
 {{- define "kubetune.selectorLabels" -}}
 app.kubernetes.io/name: kubetune
 app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Leader-election timings client-go would refuse, refused when the chart renders rather than at run time. */}}
+{{- define "kubetune.checkLeaderElection" -}}
+{{- $le := .Values.leaderElection }}
+{{- if $le.enabled }}
+{{- if not (lt (float64 $le.renewDeadline) (float64 $le.leaseDuration)) }}
+{{- fail (printf "leaderElection.renewDeadline (%v) must be below leaderElection.leaseDuration (%v): a leader must give up before a standby may take over" $le.renewDeadline $le.leaseDuration) }}
+{{- end }}
+{{- if not (lt (mulf $le.retryPeriod 1.2) (float64 $le.renewDeadline)) }}
+{{- fail (printf "leaderElection.retryPeriod (%v) must be below leaderElection.renewDeadline / 1.2 (%.3g s): the leader retries a renewal before its deadline" $le.retryPeriod (divf $le.renewDeadline 1.2)) }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{- define "kubetune.serviceAccountName" -}}
