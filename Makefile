@@ -50,7 +50,7 @@ docs-gen: install
 
 ## Regenerate the CRD (and the chart's copy) from the API models
 crd: install
-	$(VENV)/bin/kubetune crd -o crds/kubetune.io_finetunejobs.yaml
+	$(VENV)/bin/kubetune crd --output-file crds/kubetune.io_finetunejobs.yaml
 	cp crds/kubetune.io_finetunejobs.yaml charts/kubetune/crds/
 
 e2e-build:

@@ -105,7 +105,7 @@ def test_a_succeeded_job_is_served_by_an_owned_inference_service(cluster, kctl, 
     # The model card, fetched from MinIO with the job's Secret, from the host: at MinIO's address here
     # (--s3-endpoint), since the job's endpoint is where pods reach it (on the real node 10.0.0.20, not routable here).
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-    out = subprocess.run([str(VENV_BIN / "kubetune"), "report", name, "-n", suite_ns, "-o", str(tmp_path / "card"), "--raw",
+    out = subprocess.run([str(VENV_BIN / "kubetune"), "report", name, "-n", suite_ns, "--output-dir", str(tmp_path / "card"), "--raw",
                           "--s3-endpoint", s3.endpoint], env=env, capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"# {name}\n") and "| eval loss |" in out.stdout and "## Hyper-parameters" in out.stdout

@@ -44,11 +44,34 @@ def test_json_shows_mapping_learned_tokens_lengths_and_steps(tmp_path: Path, cap
     assert summary["memory"]["per"] == "process" and summary["memory"]["totalBytes"] > 0
 
 
-def test_rich_output_highlights_learned_tokens(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rich_output_marks_learned_tokens_without_colour(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["preflight", str(manifest(tmp_path, [SHAREGPT] * 8))]) == 0
+    out = capsys.readouterr().out  # not a terminal: no colour, so the learned runs are marked
+    assert "example 1: <|user|> one two <|end|> <|assistant|>[[ 1 2 <|end|>]] <|user|> three" in out
+    assert "learned tokens between [[ ]]" in out
+    assert "steps per epoch" in out and "estimated peak memory per process" in out
+
+
+def test_a_terminal_shows_learned_tokens_in_colour_without_markers(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich: a colour terminal
+    monkeypatch.delenv("NO_COLOR", raising=False)
     assert main(["preflight", str(manifest(tmp_path, [SHAREGPT] * 8))]) == 0
     out = capsys.readouterr().out
-    assert "example 1: <|user|> one two <|end|> <|assistant|> 1 2 <|end|>" in out
-    assert "steps per epoch" in out and "estimated peak memory per process" in out
+    assert "[[" not in out and "\x1b[1;32m 1" in out and "learned tokens in green" in out
+
+
+def test_preflight_prints_no_library_warnings(tmp_path: Path) -> None:
+    """A fresh process as a user runs it (the warnings fire once per process): nothing on stderr."""
+    import subprocess
+    import sys
+
+    path = manifest(tmp_path, [SHAREGPT] * 8)
+    kubetune = Path(sys.executable).parent / "kubetune"
+    quiet = subprocess.run([str(kubetune), "preflight", str(path)], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    loud = subprocess.run([str(kubetune), "preflight", str(path), "--verbose"], capture_output=True, text=True, timeout=300)
+    assert loud.returncode == 0 and "FutureWarning" in loud.stderr  # what --verbose shows, and the default hides
 
 
 def test_data_refusal_exits_66_with_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

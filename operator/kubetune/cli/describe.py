@@ -1,4 +1,5 @@
-"""`kubetune describe NAME`: phase, progress, conditions, the last failure, artifacts and Events."""
+"""`kubetune describe NAME [-o yaml|json|wide|name]`: phase, progress, conditions, the last failure, artifacts
+and the last Events (-o wide: every Event; yaml/json/name: the object, as `kubetune get -o`)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,19 @@ import argparse
 from typing import Any
 
 from kubetune.api.models import FineTuneJob
-from kubetune.cli.cluster_args import add_cluster_args, client_from, guarded
+from kubetune.cli.cluster_args import add_cluster_args, client_from, guarded, print_objects
 from kubetune.client.jobs import artifacts_of, phase_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="FineTuneJob name")
-    add_cluster_args(parser)
+    add_cluster_args(parser, output="the description; wide: with every Event")
+
+# Events the description shows (the newest); -o wide shows them all.
+RECENT_EVENTS = 15
 
 
-def describe(job: FineTuneJob, events: list[dict[str, Any]]) -> str:
+def describe(job: FineTuneJob, events: list[dict[str, Any]], recent: int | None = RECENT_EVENTS) -> str:
     """The text `kubetune describe` prints (pure)."""
     st = job.status
     spec = job.spec
@@ -58,7 +62,7 @@ def describe(job: FineTuneJob, events: list[dict[str, Any]]) -> str:
     if st and st.serving:
         lines.append(f"Serving:      {st.serving.kind} {st.serving.name} ({st.serving.uri or '-'})")
     lines.append("Events:" + ("" if events else " <none>"))
-    for e in events[-15:]:
+    for e in events[-recent:] if recent else events:
         when = e.get("lastTimestamp") or e.get("eventTime") or ""
         lines.append(f"  {when:<22}{e.get('type', ''):<9}{e.get('reason', ''):<20}{e.get('message', '')}")
     return "\n".join(lines)
@@ -68,5 +72,8 @@ def describe(job: FineTuneJob, events: list[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> int:
     client = client_from(args)
     job = client.get(args.name)
-    print(describe(job, client.events(args.name)))
+    if args.output in ("yaml", "json", "name"):
+        print_objects([job], args.output, single=True)
+    else:
+        print(describe(job, client.events(args.name), recent=None if args.output == "wide" else RECENT_EVENTS))
     return 0

@@ -15,7 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("kubetune.cli.validate", "check FineTuneJob manifests against the API without a cluster"),
     "render": ("kubetune.cli.render", "print the objects the operator would create for a manifest"),
     "operator": ("kubetune.cli.operator", "run the operator (Kopf) against the current cluster"),
-    # On a cluster, through the SDK (kubetune.client); kubectl's -n/--context/KUBECONFIG and -o yaml|json.
+    # On a cluster, through the SDK (kubetune.client); kubectl's -n/--context/KUBECONFIG and -o yaml|json|wide|name.
     "submit": ("kubetune.cli.submit", "create a FineTuneJob from a manifest (--wait to follow it)"),
     "get": ("kubetune.cli.get", "list FineTuneJobs with phase, progress, loss, tokens/s and ETA (-w: live)"),
     "describe": ("kubetune.cli.describe", "show a FineTuneJob's conditions, last failure, artifacts and events"),
@@ -24,7 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "resume": ("kubetune.cli.lifecycle", "resume suspended FineTuneJobs from their last checkpoint"),
     "delete": ("kubetune.cli.lifecycle", "delete FineTuneJobs and everything they own"),
     "download": ("kubetune.cli.download", "download a job's merged model or adapter to a directory"),
-    "report": ("kubetune.cli.report", "show a job's model card (metrics, evaluation, plots); -o DIR saves it"),
+    "report": ("kubetune.cli.report", "show a job's model card (metrics, evaluation, plots); --output-dir DIR saves it"),
 }
 
 

@@ -10,19 +10,31 @@ dataset; three examples with the learned tokens highlighted; the token-length
 distribution against maxSeqLength; tokens and steps per epoch; and an estimate of peak
 memory per GPU from the model's config.json. A data error exits 66 with the trainer's
 message. Relative paths in the manifest resolve against the manifest's directory.
+
+Learned tokens are green on a terminal and between [[ and ]] where there is no colour (a pipe,
+a file, NO_COLOR). The libraries' own warnings (deprecations, optional kernels) are not the
+user's to act on and stay silent unless --verbose.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from kubetune.api.contract import REASONS, ExitCode
 
 GIB = 1 << 30
+# Around the learned tokens when the output has no colour.
+LEARNED_OPEN, LEARNED_CLOSE = "[[", "]]"
+# Libraries whose warnings preflight keeps quiet (logger names).
+QUIET_LOGGERS = ("bitsandbytes", "transformers", "accelerate", "peft", "torch", "datasets")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +43,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--examples", type=int, default=3, help="rendered examples to show (default 3)")
     parser.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory per GPU to size against (default 80)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. dataset.maxSeqLength=512")
+    parser.add_argument("--verbose", action="store_true", help="also show the libraries' own warnings")
+
+
+@contextlib.contextmanager
+def quiet_libraries(enabled: bool = True) -> Iterator[None]:
+    """Library warnings off (Python warnings and the libraries' loggers below ERROR), restored after."""
+    if not enabled:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
 
 
 def _job(path: Path, overrides: list[str]) -> Any:
@@ -77,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     from kubetune_trainer.preflight import run_preflight
 
     try:
-        summary = run_preflight(job.spec, args.examples, int(args.gpu_memory * GIB))
+        with quiet_libraries(not args.verbose):
+            summary = run_preflight(job.spec, args.examples, int(args.gpu_memory * GIB))
     except TrainerError as exc:
         print(f"{REASONS.get(exc.exit_code, 'Error')}: {exc.message}", file=sys.stderr)
         return int(exc.exit_code)
@@ -89,8 +122,24 @@ def run(args: argparse.Namespace) -> int:
     return 0 if memory is None or memory["fits"] is not False else 1
 
 
+def example_text(example: list[dict[str, Any]], marked: bool, style: str = "bold green") -> Any:
+    """One rendered example: learned tokens in `style`, context dim; `marked` also wraps each run of
+    learned tokens in [[ ]], for output without colour."""
+    from rich.text import Text
+
+    text = Text()
+    for i, token in enumerate(example):
+        learned = token["learned"]
+        if marked and learned and (i == 0 or not example[i - 1]["learned"]):
+            text.append(LEARNED_OPEN)
+        text.append(token["text"], style=style if learned else "dim")
+        if marked and learned and (i + 1 == len(example) or not example[i + 1]["learned"]):
+            text.append(LEARNED_CLOSE)
+    return text
+
+
 def show(summary: dict[str, Any]) -> None:
-    """The summary for people: tables, learned tokens in green, the memory verdict last."""
+    """The summary for people: tables, learned tokens in green (or marked), the memory verdict last."""
     from kubetune_trainer.preflight import text_lines
     from rich.console import Console
     from rich.table import Table
@@ -105,23 +154,20 @@ def show(summary: dict[str, Any]) -> None:
         path = s["path"].removeprefix("file://")
         table.add_row(path if len(path) <= 40 else "..." + path[-37:], s["mapping"], str(s["records"]), str(s["examples"]), f"{s['weight']:g}", invalid)
     console.print(table)
+    marked = console.color_system is None  # not a terminal, or NO_COLOR
     for i, example in enumerate(summary["examples"], start=1):
-        text = Text(f"example {i}: ", style="bold")
-        for token in example:
-            text.append(token["text"], style="bold green" if token["learned"] else "dim")
-        console.print(text)
+        console.print(Text(f"example {i}: ", style="bold") + example_text(example, marked))
     for i, pair in enumerate(summary.get("pairs") or [], start=1):
         console.print(Text(f"pair {i} ({pair['promptTokens']} prompt tokens, chosen {pair['chosenTokens']}, rejected {pair['rejectedTokens']}):", style="bold"))
         console.print(Text("  prompt:   ", style="bold").append(pair["prompt"], style="dim"))
         for name, style in (("chosen", "bold green"), ("rejected", "bold red")):
-            text = Text(f"  {name}: ".ljust(12), style="bold")
-            for token in pair[name]:
-                text.append(token["text"], style=style if token["learned"] else "dim")
-            console.print(text)
+            console.print(Text(f"  {name}: ".ljust(12), style="bold") + example_text(pair[name], marked, style))
+    where = f"between {LEARNED_OPEN} {LEARNED_CLOSE}" if marked else "in green"
     if summary.get("pairs"):
-        console.print(Text("scored reply tokens in green (chosen) and red (rejected); the prompt is context", style="italic"))
+        where = f"between {LEARNED_OPEN} {LEARNED_CLOSE}" if marked else "in green (chosen) and red (rejected)"
+        console.print(Text(f"scored reply tokens {where}; the prompt is context", style="italic"))
     else:
-        console.print(Text("learned tokens in green; the rest is context the loss ignores", style="italic"))
+        console.print(Text(f"learned tokens {where}; the rest is context the loss ignores", style="italic"))
     ln = summary["lengths"]
     hist = Table(title=f"Tokens per example (maxSeqLength {ln['maxSeqLength']})", title_justify="left")
     hist.add_column("tokens")

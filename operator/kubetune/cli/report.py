@@ -1,5 +1,5 @@
 """`kubetune report NAME`: the job's model card (README.md in its artifacts: base model, data, method,
-hyper-parameters, results, evaluation tables), shown in the terminal; `-o DIR` keeps it with its plots
+hyper-parameters, results, evaluation tables), shown in the terminal; `--output-dir DIR` keeps it with its plots
 (loss.png, eval.png), `--open` opens it in the browser or viewer."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from kubetune.cli.cluster_args import add_cluster_args, client_from, guarded
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="FineTuneJob name")
-    parser.add_argument("-o", "--output-dir", metavar="DIR", help="save README.md, loss.png and eval.png here")
+    parser.add_argument("--output-dir", metavar="DIR", help="save README.md, loss.png and eval.png here")
     parser.add_argument("--open", action="store_true", help="open the card (README.md) in the browser or viewer")
     parser.add_argument("--raw", action="store_true", help="print the Markdown as it is, not rendered")
     parser.add_argument("--s3-endpoint", metavar="URL",

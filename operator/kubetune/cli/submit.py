@@ -1,4 +1,5 @@
-"""`kubetune submit FILE [--wait]`: create a FineTuneJob from a manifest (validated first, as `kubetune validate`)."""
+"""`kubetune submit FILE [--wait] [-o yaml|json|wide|name]`: create a FineTuneJob from a manifest (validated
+first, as `kubetune validate`); prints `finetunejob.kubetune.io/NAME created` as kubectl does, or the object."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import sys
 
 from kubetune.api.models import Progress
-from kubetune.cli.cluster_args import add_cluster_args, client_from, guarded, print_objects
+from kubetune.cli.cluster_args import RESOURCE, add_cluster_args, client_from, guarded, print_objects
 from kubetune.cli.run import progress_fields
 from kubetune.client.jobs import checked
 
@@ -15,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="FineTuneJob YAML")
     parser.add_argument("--wait", action="store_true", help="follow its progress; exit 0 when it succeeds, 1 when it fails")
     parser.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
-    add_cluster_args(parser, output=True)
+    add_cluster_args(parser, output="NAME created")
 
 
 @guarded
@@ -24,10 +25,15 @@ def run(args: argparse.Namespace) -> int:
     client = client_from(args)
     job = client.submit(args.file)
     name = job.metadata.name
-    if args.output:
+    if args.output in ("yaml", "json", "name"):
         print_objects([job], args.output, single=True)
+    elif args.output == "wide":
+        from kubetune.cli.get import _console
+        from kubetune.cli.table import render
+
+        _console().print(render([job], wide=True))
     else:
-        print(f"finetunejob.kubetune.io/{name} created")
+        print(f"{RESOURCE}/{name} created")
     if not args.wait:
         return 0
 

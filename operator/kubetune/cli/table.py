@@ -10,6 +10,7 @@ from kubetune.client.jobs import phase_of, progress_of
 from kubetune.status.progress import format_eta
 
 COLUMNS = ("NAME", "PHASE", "PROGRESS", "STEP", "LOSS", "TOKENS/S", "ETA", "RESTARTS", "AGE")
+WIDE = ("METHOD", "NODES", "GPUS/NODE", "MODEL")  # -o wide, after the columns above
 
 
 def age(created: str | None, now: datetime) -> str:
@@ -38,7 +39,19 @@ def row(job: FineTuneJob, now: datetime) -> dict[str, Any]:
         "ETA": (p.eta or "") if p and phase not in ("Succeeded", "Failed") else "",
         "RESTARTS": str(job.status.restarts if job.status else 0),
         "AGE": age(meta.get("creationTimestamp"), now),
+        "NAMESPACE": job.metadata.namespace or "",
+        **wide_cells(job),
     }
+
+
+def wide_cells(job: FineTuneJob) -> dict[str, str]:
+    """The -o wide columns (empty for a job whose spec the API models could not read)."""
+    spec = job.spec
+    if not hasattr(spec, "distributed"):
+        return dict.fromkeys(WIDE, "")
+    d = spec.distributed
+    return {"METHOD": spec.method, "NODES": f"{d.nodes}x{d.procs_per_node}", "GPUS/NODE": str(d.gpus_per_node),
+            "MODEL": spec.model.source}  # fmt: skip
 
 
 def bar(percent: float | None, width: int = 20) -> str:
@@ -51,16 +64,23 @@ def bar(percent: float | None, width: int = 20) -> str:
 PHASE_STYLE = {"Succeeded": "green", "Failed": "bold red", "Running": "cyan", "Restarting": "yellow", "Suspended": "magenta"}
 
 
-def render(jobs: list[FineTuneJob], now: datetime | None = None) -> Any:
+def columns(wide: bool = False, namespaces: bool = False) -> tuple[str, ...]:
+    """The table's columns: NAMESPACE first with -A (as kubectl), the WIDE ones last with -o wide."""
+    return (("NAMESPACE",) if namespaces else ()) + COLUMNS + (WIDE if wide else ())
+
+
+def render(jobs: list[FineTuneJob], now: datetime | None = None, wide: bool = False, namespaces: bool = False) -> Any:
+    from rich.markup import escape
     from rich.table import Table
 
     now = now or datetime.now(timezone.utc)
+    cols = columns(wide, namespaces)
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in COLUMNS:
+    for col in cols:
         table.add_column(col, no_wrap=True, justify="right" if col in ("LOSS", "TOKENS/S", "RESTARTS") else "left")
-    for job in sorted(jobs, key=lambda j: j.metadata.name or ""):
+    for job in sorted(jobs, key=lambda j: (j.metadata.namespace or "", j.metadata.name or "")):
         r = row(job, now)
-        cells = [str(r[c]) if c != "PROGRESS" else bar(r[c]) for c in COLUMNS]
-        cells[1] = f"[{PHASE_STYLE.get(r['PHASE'], 'white')}]{r['PHASE']}[/]"
+        cells = [bar(r[c]) if c == "PROGRESS" else escape(str(r[c])) for c in cols]
+        cells[cols.index("PHASE")] = f"[{PHASE_STYLE.get(r['PHASE'], 'white')}]{r['PHASE']}[/]"
         table.add_row(*cells)
     return table

@@ -16,6 +16,8 @@ from kubetune.client.errors import (
     JobFailed,
     NotFound,
     SpecInvalid,
+    Unauthorized,
+    Unreachable,
 )
 from kubetune.client.sdk import Client, JobArtifacts
 from kubetune.client.storage import Downloaded, DownloadError
@@ -32,4 +34,6 @@ __all__ = [
     "JobFailed",
     "NotFound",
     "SpecInvalid",
+    "Unauthorized",
+    "Unreachable",
 ]

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from kubetune.api.models import GROUP, PLURAL, VERSION, FineTuneJob
 from kubetune.client import jobs
-from kubetune.client.errors import ClientError, NotFound, from_api
+from kubetune.client.errors import ClientError, NotFound, Unreachable, from_api
 from kubetune.client.jobs import Events, JobList
 
 RESOURCE = f"{PLURAL}.{GROUP}"
@@ -43,6 +43,13 @@ def connect(kubeconfig: str | None = None, context: str | None = None) -> tuple[
 def _connect(client: Any, config: Any, kubeconfig: str | None, context: str | None) -> tuple[Any, str]:
     path = kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
     if path or context or not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        shown = path or "~/.kube/config"
+        if not Path(os.path.expanduser(shown)).is_file():
+            raise ClientError(f"no kubeconfig at {shown}: set KUBECONFIG or --kubeconfig (kubectl reads the same file)")
+        if context:
+            contexts, _ = config.list_kube_config_contexts(config_file=path)
+            if context not in [c["name"] for c in contexts]:
+                raise ClientError(f'context "{context}" does not exist in {shown}')
         cfg = client.Configuration()
         config.load_kube_config(config_file=path, context=context, client_configuration=cfg)
         _, active = config.list_kube_config_contexts(config_file=path)
@@ -76,11 +83,21 @@ class ClusterBackend:
 
     def _call(self, verb: str, resource: str, name: str | None, fn: Callable[[], T]) -> T:
         from kubernetes.client.rest import ApiException
+        from urllib3.exceptions import HTTPError
 
         try:
             return fn()
         except ApiException as exc:
             raise from_api(exc.status or 0, exc.body, verb=verb, resource=resource, name=name, namespace=self.namespace) from None
+        except HTTPError as exc:  # refused, reset, TLS, DNS: the API server was never reached
+            raise Unreachable(self.api_client.configuration.host, exc) from None
+
+    def _list_call(self, label_selector: str | None, all_namespaces: bool) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+        """The list function and its arguments: one namespace, or every one (kubectl's -A)."""
+        kw = {"label_selector": label_selector} if label_selector else {}
+        if all_namespaces:
+            return self.custom.list_cluster_custom_object, (GROUP, VERSION, PLURAL), kw
+        return self.custom.list_namespaced_custom_object, (GROUP, VERSION, self.namespace, PLURAL), kw
 
     def _get_raw(self, name: str) -> dict[str, Any]:
         return self._call("get", RESOURCE, name, lambda: self.custom.get_namespaced_custom_object(
@@ -98,27 +115,29 @@ class ClusterBackend:
     def get(self, name: str) -> FineTuneJob:
         return jobs.from_object(self._get_raw(name))
 
-    def list(self, label_selector: str | None = None) -> JobList:
-        kw = {"label_selector": label_selector} if label_selector else {}
-        resp = self._call("list", RESOURCE, None, lambda: self.custom.list_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, **kw))
+    def list(self, label_selector: str | None = None, all_namespaces: bool = False) -> JobList:
+        fn, pos, kw = self._list_call(label_selector, all_namespaces)
+        resp = self._call("list", RESOURCE, None, lambda: fn(*pos, **kw))
         return [jobs.from_object(o) for o in resp.get("items") or []]
 
-    def watch(self, name: str | None = None, timeout: float | None = None) -> Iterator[tuple[str, FineTuneJob]]:
+    def watch(self, name: str | None = None, timeout: float | None = None, label_selector: str | None = None,
+              all_namespaces: bool = False) -> Iterator[tuple[str, FineTuneJob]]:
         """(event type, job) for the current state, then every change, from a watch (no polling).
         Re-opens the watch when the server closes it; re-lists when the resourceVersion is too old."""
         from kubernetes import watch
         from kubernetes.client.rest import ApiException
+        from urllib3.exceptions import HTTPError
 
         deadline = None if timeout is None else time.monotonic() + timeout
-        selector = {"field_selector": f"metadata.name={name}"} if name else {}
+        list_fn, pos, selector = self._list_call(label_selector, all_namespaces and not name)
+        if name:
+            selector["field_selector"] = f"metadata.name={name}"
         while True:
             if name:
                 first = self._get_raw(name)
                 items, rv = [first], first["metadata"]["resourceVersion"]
             else:
-                resp = self._call("list", RESOURCE, None, lambda: self.custom.list_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL))
+                resp = self._call("list", RESOURCE, None, lambda: list_fn(*pos, **selector))
                 items, rv = resp.get("items") or [], resp["metadata"]["resourceVersion"]
             for obj in items:
                 yield "ADDED", jobs.from_object(obj)
@@ -129,8 +148,7 @@ class ClusterBackend:
                     return
                 w = watch.Watch()
                 try:
-                    for event in w.stream(self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace,
-                                          PLURAL, resource_version=rv, allow_watch_bookmarks=True,
+                    for event in w.stream(list_fn, *pos, resource_version=rv, allow_watch_bookmarks=True,
                                           timeout_seconds=int(min(left or 300, 300)) or 1, **selector):
                         obj = event["object"]
                         if event["type"] == "ERROR":
@@ -145,6 +163,8 @@ class ClusterBackend:
                     else:
                         raise from_api(exc.status or 0, exc.body, verb="watch", resource=RESOURCE, name=name,
                                        namespace=self.namespace) from None
+                except HTTPError as exc:
+                    raise Unreachable(self.api_client.configuration.host, exc) from None
                 finally:
                     w.stop()
 

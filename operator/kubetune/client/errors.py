@@ -12,7 +12,8 @@ from typing import Any
 
 from kubetune.api.validation import Problem, SpecInvalid
 
-__all__ = ["AlreadyExists", "ApiError", "ClientError", "Forbidden", "JobFailed", "NotFound", "SpecInvalid", "from_api"]
+__all__ = ["AlreadyExists", "ApiError", "ClientError", "Forbidden", "JobFailed", "NotFound", "SpecInvalid", "Unauthorized",
+           "Unreachable", "from_api"]
 
 
 class ClientError(Exception):
@@ -43,6 +44,25 @@ class Forbidden(ClientError):
             f"forbidden: {who}cannot {verb} {resource}{where}; "
             f"ask for a Role granting verb {verb!r} on {resource}"
         )
+
+
+class Unreachable(ClientError):
+    """The API server was never reached (refused, reset, TLS or DNS failure), as kubectl reports it."""
+
+    def __init__(self, host: str, cause: BaseException):
+        self.host = host
+        reason = getattr(cause, "reason", None) or cause
+        detail = str(reason).split(": ", 1)[-1] if ": " in str(reason) else str(reason)
+        super().__init__(f"cannot connect to the API server at {host} ({detail}): is the cluster up, and the "
+                         "kubeconfig's server and context the right ones?")
+
+
+class Unauthorized(ClientError):
+    """401: the server does not accept the kubeconfig's credentials."""
+
+    def __init__(self, message: str):
+        super().__init__(f"you must be logged in to the API server (Unauthorized: {message or 'no valid credentials'}); "
+                         "renew the kubeconfig's credentials or pick another --context")
 
 
 class ApiError(ClientError):
@@ -85,6 +105,8 @@ def from_api(status: int, body: Any, *, verb: str, resource: str, name: str | No
     kind = resource.split(".")[0].removesuffix("s") if resource else "object"
     if status == 404:
         return NotFound(kind, name or "", namespace)
+    if status == 401:
+        return Unauthorized(message)
     if status == 409 and verb == "create":
         return AlreadyExists(kind, name or "", namespace)
     if status == 403:

@@ -166,10 +166,12 @@ class LocalBackend:
     def get(self, name: str) -> FineTuneJob:
         return self._job(self._run(name))
 
-    def list(self, label_selector: str | None = None) -> JobList:
+    def list(self, label_selector: str | None = None, all_namespaces: bool = False) -> JobList:
+        # One machine, one namespace; label selectors are the cluster backend's.
         return [self.get(n) for n in self.runs]
 
-    def watch(self, name: str | None = None, timeout: float | None = None) -> Iterator[tuple[str, FineTuneJob]]:
+    def watch(self, name: str | None = None, timeout: float | None = None, label_selector: str | None = None,
+              all_namespaces: bool = False) -> Iterator[tuple[str, FineTuneJob]]:
         """Local processes have no API server to watch: the state is looked at twice a second."""
         deadline = None if timeout is None else time.monotonic() + timeout
         seen: dict[str, str] = {}

@@ -22,8 +22,9 @@ class Backend(Protocol):
 
     def submit(self, doc: dict[str, Any]) -> FineTuneJob: ...
     def get(self, name: str) -> FineTuneJob: ...
-    def list(self, label_selector: str | None = None) -> JobList: ...
-    def watch(self, name: str | None = None, timeout: float | None = None) -> Iterator[tuple[str, FineTuneJob]]: ...
+    def list(self, label_selector: str | None = None, all_namespaces: bool = False) -> JobList: ...
+    def watch(self, name: str | None = None, timeout: float | None = None, label_selector: str | None = None,
+              all_namespaces: bool = False) -> Iterator[tuple[str, FineTuneJob]]: ...
     def set_suspend(self, name: str, suspend: bool) -> FineTuneJob: ...
     def delete(self, name: str) -> None: ...
     def events(self, name: str) -> Events: ...
@@ -94,16 +95,21 @@ class Client:
     def get(self, name: str) -> FineTuneJob:
         return self.backend.get(name)
 
-    def list(self, phase: str | Iterable[str] | None = None, label_selector: str | None = None) -> JobList:
-        """Jobs in the namespace; `phase` keeps only those in that phase (or phases)."""
-        items = self.backend.list(label_selector)
+    def list(self, phase: str | Iterable[str] | None = None, label_selector: str | None = None,
+             all_namespaces: bool = False) -> JobList:
+        """Jobs in the namespace (every namespace with `all_namespaces`); `label_selector` as kubectl's -l;
+        `phase` keeps only those in that phase (or phases)."""
+        items = self.backend.list(label_selector, all_namespaces)
         if phase is None:
             return items
         wanted = jobs.phases(phase)
         return [j for j in items if jobs.phase_of(j) in wanted]
 
-    def watch(self, name: str | None = None, timeout: float | None = None) -> Iterator[tuple[str, FineTuneJob]]:
+    def watch(self, name: str | None = None, timeout: float | None = None, label_selector: str | None = None,
+              all_namespaces: bool = False) -> Iterator[tuple[str, FineTuneJob]]:
         """(event, job) now and on every change (a Kubernetes watch on the cluster backend)."""
+        if label_selector or all_namespaces:
+            return self.backend.watch(name, timeout, label_selector, all_namespaces)
         return self.backend.watch(name, timeout)
 
     def stream_progress(self, name: str, timeout: float | None = None) -> Iterator[Progress]:
