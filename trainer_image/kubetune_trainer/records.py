@@ -44,7 +44,14 @@ from kubetune.api.contract import ExitCode
 
 from kubetune_trainer.errors import TrainerError
 
-TEXT_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".txt": "txt"}
+TEXT_TYPES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".txt": "txt",
+}
 BINARY_TYPES = {".parquet": "parquet", ".arrow": "arrow"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 SUPPORTED = (
@@ -86,7 +93,11 @@ class Where:
     line: int | None = None
 
     def __str__(self) -> str:
-        return f"{self.file} line {self.line} (record {self.index})" if self.line is not None else f"{self.file} record {self.index}"
+        return (
+            f"{self.file} line {self.line} (record {self.index})"
+            if self.line is not None
+            else f"{self.file} record {self.index}"
+        )
 
 
 def refuse(message: str) -> TrainerError:
@@ -124,9 +135,13 @@ def dict_splits(path: Path) -> list[str] | None:
     try:
         splits = json.loads(meta.read_text(encoding="utf-8")).get("splits")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-        raise refuse(f"{meta} is not a valid `datasets` dataset_dict.json ({exc}); save the dataset again or point at one split's directory") from exc
+        raise refuse(
+            f"{meta} is not a valid `datasets` dataset_dict.json ({exc}); save the dataset again or point at one split's directory"
+        ) from exc
     if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
-        raise refuse(f"{meta} has no list of splits; save the dataset again or point at one split's directory")
+        raise refuse(
+            f"{meta} has no list of splits; save the dataset again or point at one split's directory"
+        )
     return splits
 
 
@@ -134,7 +149,9 @@ def dataset_files(path: Path) -> list[Path]:
     """The files a dataset path stands for, in a stable order."""
     path, split = locate(path)
     if split is not None and not path.is_dir():
-        raise refuse(f"{path}#{split}: a split can only be chosen in a `datasets` DatasetDict directory, and {path} is not one")
+        raise refuse(
+            f"{path}#{split}: a split can only be chosen in a `datasets` DatasetDict directory, and {path} is not one"
+        )
     if path.is_file():
         return [path]
     splits = dict_splits(path)
@@ -142,12 +159,18 @@ def dataset_files(path: Path) -> list[Path]:
         if split is None:
             split = "train" if "train" in splits else (splits[0] if len(splits) == 1 else None)
             if split is None:
-                raise refuse(f"{path} is a DatasetDict with splits {splits} and none is `train`; choose one with {path}#<split>")
+                raise refuse(
+                    f"{path} is a DatasetDict with splits {splits} and none is `train`; choose one with {path}#<split>"
+                )
         elif split not in splits:
-            raise refuse(f"{path} is a DatasetDict with splits {splits}, not {split!r}; choose one with {path}#<split>")
+            raise refuse(
+                f"{path} is a DatasetDict with splits {splits}, not {split!r}; choose one with {path}#<split>"
+            )
         path = path / split
     elif split is not None:
-        raise refuse(f"{path}#{split}: a split can only be chosen in a `datasets` DatasetDict directory (dataset_dict.json), and {path} is not one")
+        raise refuse(
+            f"{path}#{split}: a split can only be chosen in a `datasets` DatasetDict directory (dataset_dict.json), and {path} is not one"
+        )
     if (path / "state.json").is_file():
         return _saved_files(path)
     files: list[Path] = []
@@ -177,11 +200,15 @@ def _saved_files(path: Path) -> list[Path]:
         names = [entry["filename"] for entry in state["_data_files"]]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         detail = f"{type(exc).__name__}: {exc}"
-        raise refuse(f"{meta} is not a valid `datasets` state.json ({detail}); save the dataset again with save_to_disk") from exc
+        raise refuse(
+            f"{meta} is not a valid `datasets` state.json ({detail}); save the dataset again with save_to_disk"
+        ) from exc
     files = [path / str(name) for name in names]
     for f in files:
         if not f.is_file() or f.resolve().parent != path.resolve():
-            raise refuse(f"{meta} names {f.name}, which is not a file in {path}; save the dataset again with save_to_disk")
+            raise refuse(
+                f"{meta} names {f.name}, which is not a file in {path}; save the dataset again with save_to_disk"
+            )
     if not files:
         raise refuse(f"{meta} names no data files; save the dataset again with save_to_disk")
     return files
@@ -207,7 +234,9 @@ def _conversion(path: Path) -> str:
     if compression and inner == ".tar":
         return "a compressed tar archive: extract it (tar xf) and point at the extracted folder"
     suffix = inner or "(no suffix)"
-    return f"{suffix} is not a type kubetune reads: " + CONVERSIONS.get(inner, f"convert it to JSONL (one JSON object per line); supported: {SUPPORTED}")
+    return f"{suffix} is not a type kubetune reads: " + CONVERSIONS.get(
+        inner, f"convert it to JSONL (one JSON object per line); supported: {SUPPORTED}"
+    )
 
 
 # ------------------------------------------------------------------- reading
@@ -236,7 +265,9 @@ def iter_file(path: Path, max_record_bytes: int) -> Iterator[tuple[Where, Any]]:
     except (EOFError, OSError, zlib.error, lzma.LZMAError, ValueError) as exc:
         after = f" after {where[0]}" if where else " before its first record"
         if compression:
-            raise refuse(f"dataset file {path.name} is damaged{after}: {type(exc).__name__}: {exc}; check the download (e.g. {_test_command(compression)})") from exc
+            raise refuse(
+                f"dataset file {path.name} is damaged{after}: {type(exc).__name__}: {exc}; check the download (e.g. {_test_command(compression)})"
+            ) from exc
         raise refuse(f"dataset file {path.name} cannot be read{after}: {type(exc).__name__}: {exc}") from exc
     except Exception as exc:
         raise refuse(f"dataset file {path.name} cannot be read: {type(exc).__name__}: {exc}") from exc
@@ -349,7 +380,9 @@ def _jsonl(stream: IO[bytes], name: str, limit: int) -> Iterator[tuple[Where, An
         except json.JSONDecodeError as exc:
             raise refuse(f"{where} column {exc.colno}: not valid JSON: {exc.msg}") from exc
         except UnicodeDecodeError as exc:
-            raise refuse(f"{where} is not UTF-8 text (byte {exc.start} of the line); save the file as UTF-8") from exc
+            raise refuse(
+                f"{where} is not UTF-8 text (byte {exc.start} of the line); save the file as UTF-8"
+            ) from exc
         check_text(record, where)
         yield where, record
         index += 1
@@ -366,7 +399,7 @@ class _Metered:
 
     def read(self, n: int = -1) -> bytes:
         data = self.stream.read(n)
-        if self.first:
+        if self.first and data:  # (ijson reads 0 bytes first, to tell bytes from text)
             data, self.first = data.removeprefix(BOM), False
         self.total += len(data)
         if self.total - self.mark > self.limit + CHUNK:
@@ -393,27 +426,50 @@ def _json_array(stream: IO[bytes], name: str, limit: int) -> Iterator[tuple[Wher
             return
         except ijson.JSONError as exc:
             raise refuse(f"{name}: not a valid JSON array at or after record {meter.index}: {exc}") from exc
-        except UnicodeDecodeError as exc:
-            raise refuse(f"{name}: not UTF-8 text at or after record {meter.index}; save the file as UTF-8") from exc
+        except (
+            UnicodeError
+        ) as exc:  # bytes that are not UTF-8, or an escaped lone surrogate (ijson cannot hold it)
+            raise refuse(
+                f"{name} record {meter.index}: not valid UTF-8 text (bytes that are not UTF-8, or a lone UTF-16 surrogate such as \\ud800); "
+                "fix or remove the record, and save the file as UTF-8"
+            ) from exc
         check_text(record, where)
         yield where, record
         meter.index += 1
         meter.mark = meter.total
 
 
-class _Lines:
-    """The lines of a text stream, numbered, remembering the first non-blank one since `restart()`."""
+class _BadLine(Exception):
+    def __init__(self, number: int, why: str):
+        super().__init__(why)
+        self.number, self.why = number, why
 
-    def __init__(self, stream: IO[str]):
-        self.stream, self.number = stream, 0
+
+class _Lines:
+    """The lines of a byte stream decoded one at a time (so an error names its line), numbered, with the
+    first non-blank one since `restart()` remembered (where a record that spans lines starts)."""
+
+    def __init__(self, stream: IO[bytes], limit: int):
+        self.stream, self.limit, self.number = stream, limit, 0
         self.first: int | None = None
 
     def __iter__(self) -> _Lines:
         return self
 
     def __next__(self) -> str:
-        line = next(self.stream)
+        raw = self.stream.readline(self.limit + 1)
+        if not raw:
+            raise StopIteration
         self.number += 1
+        if len(raw) > self.limit and not raw.endswith(b"\n"):
+            raise _BadLine(
+                self.number,
+                f"is larger than spec.dataset.maxRecordBytes ({self.limit} bytes); split the record or raise maxRecordBytes",
+            )
+        try:
+            line = (raw.removeprefix(BOM) if self.number == 1 else raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _BadLine(self.number, "is not UTF-8 text; save the file as UTF-8") from exc
         if self.first is None and line.strip("\r\n"):
             self.first = self.number
         return line
@@ -422,32 +478,34 @@ class _Lines:
         self.first = None
 
 
-def _decode_error(name: str, lines: _Lines, index: int, exc: UnicodeDecodeError) -> TrainerError:
-    return refuse(f"{name} line {lines.number + 1} (record {index}) is not UTF-8 text; save the file as UTF-8")
-
-
 def _csv(stream: IO[bytes], name: str, limit: int, delimiter: str) -> Iterator[tuple[Where, Any]]:
     csv.field_size_limit(limit)
-    lines = _Lines(io.TextIOWrapper(stream, encoding="utf-8-sig", newline=""))
+    lines = _Lines(stream, limit)
     index = 0
     try:
         reader = csv.DictReader(lines, delimiter=delimiter)
         header = reader.fieldnames or []
-    except UnicodeDecodeError as exc:
-        raise _decode_error(name, lines, index, exc) from exc
+    except _BadLine as bad:
+        raise refuse(f"{name} line {bad.number} (the header) {bad.why}") from bad
     while True:
         lines.restart()
         try:
             row = next(reader)
         except StopIteration:
             return
-        except UnicodeDecodeError as exc:
-            raise _decode_error(name, lines, index, exc) from exc
+        except _BadLine as bad:
+            raise refuse(f"{name} line {bad.number} (record {index}) {bad.why}") from bad
         except csv.Error as exc:
-            raise refuse(f"{name} line {lines.first or lines.number} (record {index}): {exc} (the limit is spec.dataset.maxRecordBytes)") from exc
-        where = Where(name, index, lines.first or lines.number)  # a record spanning lines is placed at its first
+            raise refuse(
+                f"{name} line {lines.first or lines.number} (record {index}): {exc} (the limit is spec.dataset.maxRecordBytes)"
+            ) from exc
+        where = Where(
+            name, index, lines.first or lines.number
+        )  # a record spanning lines is placed at its first
         if None in row:
-            raise refuse(f"{where} has {len(header) + len(row[None])} cells but the header has {len(header)}; quote cells that contain '{delimiter}'")
+            raise refuse(
+                f"{where} has {len(header) + len(row[None])} cells but the header has {len(header)}; quote cells that contain '{delimiter}'"
+            )
         yield where, row  # missing cells are None, counted as invalid by the format
         index += 1
 
@@ -462,7 +520,9 @@ def _txt(stream: IO[bytes], name: str, limit: int) -> Iterator[tuple[Where, Any]
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise refuse(f"{name} line {line_no} (record {index}) is not UTF-8 text; save the file as UTF-8") from exc
+            raise refuse(
+                f"{name} line {line_no} (record {index}) is not UTF-8 text; save the file as UTF-8"
+            ) from exc
         if line.strip():
             if not parts:
                 start = line_no
