@@ -517,8 +517,11 @@ def test_preflight_follows_objective_dpo(tmp_path: Path, capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert (
         "pair 1 (5 prompt tokens, chosen 3, rejected 3):" in out
-        and "scored reply tokens in green (chosen) and red (rejected)" in out
+        and "scored reply tokens between [[ ]]; the prompt is context" in out
     )
+    assert (
+        "  chosen:   [[ 1 2 <|end|>]]" in out and "  rejected: [[ 2 1 <|end|>]]" in out
+    )  # not a terminal: marked, not coloured
 
 
 def test_preflight_refuses_a_bad_record_as_data_not_a_bug(
