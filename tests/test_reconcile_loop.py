@@ -4,12 +4,15 @@ observes, when it looks again, the progress budget, the client's QPS limit and r
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import datetime, timedelta, timezone
 
+import kopf
 import pytest
 from kubernetes.client.rest import ApiException
 from kubetune.api.models import FineTuneJobStatus, Progress
 from kubetune.controller import kube
+from kubetune.controller.cluster import ApiMissing
 from kubetune.controller.loop import progress_interval
 from kubetune.controller.reconcile import observe, status_changed, wake_after
 from kubetune.controller.settings import Settings
@@ -217,7 +220,7 @@ def test_call_retries_429_and_5xx_with_backoff_then_succeeds():
             raise a
         return a
 
-    assert kube.call(flaky, sleep=waits.append) == "ok"
+    assert kube.KubeClient().call(flaky, sleep=waits.append) == "ok"
     assert len(waits) == 2 and all(0 <= w <= 8 for w in waits)
 
 
@@ -226,7 +229,7 @@ def test_call_does_not_retry_a_refusal_and_gives_up_after_its_attempts():
         raise ApiException(status=422)
 
     with pytest.raises(ApiException):
-        kube.call(refused, sleep=lambda s: None)
+        kube.KubeClient().call(refused, sleep=lambda s: None)
     tries = []
 
     def down() -> None:
@@ -234,7 +237,7 @@ def test_call_does_not_retry_a_refusal_and_gives_up_after_its_attempts():
         raise ApiException(status=500)
 
     with pytest.raises(ApiException):
-        kube.call(down, attempts=3, sleep=lambda s: None)
+        kube.KubeClient().call(down, attempts=3, sleep=lambda s: None)
     assert len(tries) == 3
 
 
@@ -288,48 +291,102 @@ def test_events_are_queued_and_posted_in_order_by_one_thread_without_waiting():
     assert posted == ["Created", "Resumed", "Running", "Succeeded"] and recorder.dropped == 1
 
 
-def test_calls_whose_answer_is_not_read_still_give_their_connection_back(monkeypatch):
+class ApiServer:
+    """A local HTTP server answering every request with one status and a JSON body: enough of an API server to
+    see what KubeClient makes of each answer and how many connections it opens."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.peers: set[int] = set()
+        self.status = 201
+        self.body: dict = {"kind": "Status", "metadata": {}}
+        self.requests: list[tuple[str, str]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                outer.peers.add(self.client_address[1])
+                outer.requests.append((self.command, self.path))
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = json.dumps(outer.body).encode()
+                self.send_response(outer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def client(self) -> kube.KubeClient:
+        from kubernetes import client
+
+        cfg = client.Configuration()
+        cfg.host = f"http://127.0.0.1:{self.server.server_address[1]}"
+        return kube.KubeClient(api=client.ApiClient(cfg))
+
+
+@pytest.fixture
+def api_server():
+    server = ApiServer()
+    yield server
+    server.server.shutdown()
+
+
+def test_calls_whose_answer_is_not_read_still_give_their_connection_back(api_server):
     """One keep-alive connection for many calls: an unread answer used to keep its connection out of the pool,
     so each Event cost the next call a new connection (a TLS handshake against a real API server)."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    cluster = api_server.client()
+    body = {"metadata": {"name": "demo", "namespace": "ml", "uid": "u1"}}
+    for i in range(5):
+        cluster.create_event(kube.event_for(body, "Normal", "Created", str(i)))
+        cluster.patch_config_map("ml", "demo-config", {"data": {"k": str(i)}})
+        cluster.delete_finetunejob("ml", "demo")
+    assert len(api_server.peers) == 1, api_server.peers
+    assert cluster.calls == 15
 
-    from kubernetes import client
 
-    peers: set[int] = set()
+JOB = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "demo-r0", "namespace": "ml"}, "spec": {}}
+ISVC = {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": {"name": "demo", "namespace": "ml"}}
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
 
-        def _answer(self) -> None:
-            peers.add(self.client_address[1])
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            body = json.dumps({"kind": "Status", "metadata": {}}).encode()
-            self.send_response(201)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_POST = do_PATCH = do_DELETE = _answer
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    cfg = client.Configuration()
-    cfg.host = f"http://127.0.0.1:{server.server_address[1]}"
-    monkeypatch.setattr(client.Configuration, "_default", cfg)
-    monkeypatch.setattr(kube, "_CLIENT", None)
-    try:
-        body = {"metadata": {"name": "demo", "namespace": "ml", "uid": "u1"}}
-        for i in range(5):
-            kube.create_event(kube.event_for(body, "Normal", "Created", str(i)))
-            kube.patch_config_map("ml", "demo-config", {"data": {"k": str(i)}})
-            kube.delete_finetunejob("ml", "demo")
-        assert len(peers) == 1, peers
-    finally:
-        server.shutdown()
-        monkeypatch.setattr(kube, "_CLIENT", None)
+@pytest.mark.parametrize(
+    ("status", "call", "outcome"),
+    [
+        (201, lambda c: c.create_if_absent(JOB), {"kind": "Job"}),
+        (409, lambda c: c.create_if_absent(JOB), None),  # already there: a restarted operator duplicates nothing
+        (422, lambda c: c.create_if_absent(JOB), kopf.PermanentError("create Job demo-r0 refused by the API server")),
+        (404, lambda c: c.create_if_absent(JOB), kopf.TemporaryError("create Job demo-r0: 404")),
+        (404, lambda c: c.create_if_absent(ISVC), ApiMissing("serving.kserve.io/v1beta1")),
+        (404, lambda c: c.patch_status("ml", "demo", {}), None),  # deleted meanwhile
+        (404, lambda c: c.patch_job("ml", "demo-r0", {}), None),
+        (404, lambda c: c.delete_job("ml", "demo-r0"), None),
+        (404, lambda c: c.read_serving(ISVC), None),
+        (404, lambda c: c.patch_config_map("ml", "demo-config", {}), kopf.TemporaryError("patch ConfigMap demo-config: 404")),
+        (403, lambda c: c.patch_status("ml", "demo", {}), kopf.TemporaryError("patch status of demo: 403")),
+        (422, lambda c: c.replace_serving(ISVC), kopf.PermanentError("replace InferenceService demo refused")),
+        (500, lambda c: c.create_event({"metadata": {"namespace": "ml"}}), None),  # best effort: never raises
+    ],
+    ids=lambda v: str(v) if isinstance(v, int) else None,
+)
+def test_each_api_answer_becomes_one_outcome_of_the_interface(api_server, status, call, outcome, monkeypatch):
+    monkeypatch.setattr(kube, "backoff", lambda attempt: 0.0)  # a 500 is retried: no waiting here
+    api_server.status = status
+    api_server.body = {"kind": "Job", "metadata": {"name": "demo-r0"}} if status == 201 else {"kind": "Status", "code": status}
+    cluster = api_server.client()
+    if isinstance(outcome, Exception):
+        with pytest.raises(type(outcome), match=str(outcome)):
+            call(cluster)
+    elif outcome is None:
+        assert call(cluster) is None
+    else:
+        assert call(cluster)["kind"] == outcome["kind"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import pytest
+from fake_cluster import FakeCluster
 from kubetune.api.models import FineTuneJobStatus, ServingStatus
 from kubetune.api.names import LABEL_SERVING
 from kubetune.api.validation import SpecInvalid, parse_spec
@@ -145,7 +146,9 @@ def test_a_missing_inferenceservice_api_is_a_condition_not_a_crash():
 def test_only_a_succeeded_job_is_handed_to_serving(phase):
     body = {"metadata": {"name": "demo", "namespace": "ml", "uid": "u1", "generation": 1}}
     status = FineTuneJobStatus(phase=phase, artifacts={"mergedModel": "s3://out/demo/model/"})
-    assert hand_off(body, spec_with({}), status) is None  # returns before any API call
+    kube = FakeCluster()
+    assert hand_off(body, spec_with({}), status, kube) is None
+    assert kube.requests == []  # returns before any API call
 
 
 def test_a_name_taken_by_an_object_the_job_does_not_own_is_reported_not_taken_over():

@@ -35,8 +35,9 @@ class NoDiffBase(kopf.AnnotationsDiffBaseStorage):
 
 
 def use(settings: Settings) -> Controller:
-    """Set what the handlers below run with (before `kopf.operator()` starts)."""
-    controller = Controller(settings)
+    """Set what the handlers below run with (before `kopf.operator()` starts). The client connects on its first
+    call, after `configure` has loaded the kube config."""
+    controller = Controller(settings, kube.KubeClient(qps=settings.api_qps, burst=settings.api_burst))
     _state["settings"], _state["controller"] = settings, controller
     return controller
 
@@ -59,9 +60,8 @@ async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
 async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
     ours: Settings = controller().settings
     kube.load_config()
-    kube.configure_limits(ours.api_qps, ours.api_burst)
     settings.persistence.diffbase_storage = NoDiffBase()
-    settings.posting.enabled = False  # Events are ours (kube.post_event); Kopf would post one per handler log line
+    settings.posting.enabled = False  # Events are ours (Cluster.post_event); Kopf would post one per handler log line
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # no "Handler 'pod_event' succeeded" per event
     settings.watching.server_timeout = 300
     # Only our children come down the Job and Pod watches (a server-side label selector).

@@ -1,10 +1,12 @@
-"""The operator's only writes (and few reads) to the Kubernetes API.
+"""The operator's only writes (and few reads) to the Kubernetes API: `KubeClient`, the `Cluster`
+(kubetune.controller.cluster) of a real API server.
 
 Thin wrappers over the official client that speak plain dicts, treat 404 as "absent" and 409 on
 create as "already there" (so a restarted operator never duplicates a workload). Every call goes
-through one shared connection pool, a token bucket (bounded QPS, like client-go's) and a retry
-with exponential back-off on 429 and 5xx (honouring Retry-After). Reads of Jobs and Pods come from
-the watch cache (`kubetune.controller.store`), not from here.
+through one connection pool, a token bucket (bounded QPS, like client-go's) and a retry with
+exponential back-off on 429 and 5xx (honouring Retry-After); `KubeClient.request` is the one place
+the client's errors become the interface's. Reads of Jobs and Pods come from the watch cache
+(`kubetune.controller.store`), not from here.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -25,6 +27,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
+from kubetune.controller.cluster import ApiMissing
 from kubetune.controller.metrics import counting_client
 
 T = TypeVar("T")
@@ -38,9 +41,6 @@ def load_config() -> None:
     except config.ConfigException:
         config.load_kube_config()
     _bearer_token_compat()
-    global _CLIENT  # noqa: PLW0603 - one pool for the process, rebuilt when the config is reloaded
-    with _CLIENT_LOCK:
-        _CLIENT = None
 
 
 def _bearer_token_compat() -> None:
@@ -109,60 +109,7 @@ def retry_after(exc: ApiException) -> float | None:
         return None
 
 
-_LIMITER = TokenBucket(qps=100.0, burst=500)
 ATTEMPTS = 5
-_COUNT_LOCK = threading.Lock()
-calls = 0
-"""API requests made by this process (read by the operator's own log line and the tests)."""
-throttled_ms = 0
-"""Milliseconds calls waited for the QPS limit (the log line: whether the limit, not the server, held them)."""
-
-
-def configure_limits(qps: float, burst: int) -> None:
-    global _LIMITER  # noqa: PLW0603
-    _LIMITER = TokenBucket(qps=qps, burst=burst)
-
-
-def call(fn: Callable[..., T], *args: Any, attempts: int = ATTEMPTS, sleep: Callable[[float], None] = time.sleep, **kw: Any) -> T:
-    """`fn(*args, **kw)` under the QPS limit, retried on 429, 5xx and connection errors with back-off."""
-    global calls, throttled_ms  # noqa: PLW0603
-    for attempt in range(attempts):
-        waited = _LIMITER.acquire()
-        with _COUNT_LOCK:
-            calls += 1
-            throttled_ms += int(waited * 1000)
-        try:
-            return fn(*args, **kw)
-        except ApiException as exc:
-            if exc.status not in RETRY_STATUSES or attempt == attempts - 1:
-                raise
-            sleep(retry_after(exc) or backoff(attempt))
-        except urllib3.exceptions.HTTPError:
-            if attempt == attempts - 1:
-                raise
-            sleep(backoff(attempt))
-    raise AssertionError("unreachable")
-
-
-_CLIENT: client.ApiClient | None = None
-_CLIENT_LOCK = threading.Lock()
-
-
-def api_client() -> client.ApiClient:
-    """One ApiClient (one connection pool) for every call: a new client per call opened a new TLS connection."""
-    global _CLIENT  # noqa: PLW0603
-    with _CLIENT_LOCK:
-        if _CLIENT is None:
-            _bearer_token_compat()
-            cfg = client.Configuration.get_default_copy()
-            cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, 64)
-            client.Configuration.set_default(cfg)
-            _CLIENT = counting_client()  # every request counted in kubetune_api_requests_total
-        return _CLIENT
-
-
-def _api(cls: Any) -> Any:
-    return cls(api_client())
 
 
 def _data(resp: Any) -> dict[str, Any]:
@@ -176,166 +123,191 @@ def _drain(resp: Any) -> None:
     resp.data  # noqa: B018 - reading the body releases the connection
 
 
-def _temporary(exc: Exception, what: str) -> kopf.TemporaryError:
-    if isinstance(exc, ApiException):
-        return kopf.TemporaryError(f"{what}: {exc.status} {exc.reason}", delay=10)
-    return kopf.TemporaryError(f"{what}: {exc}", delay=10)
+ABSENT = None
+"""In `KubeClient.request(on=...)`: answer None for this HTTP status instead of raising."""
 
 
-# ------------------------------------------------------------------ calls
+class KubeClient:
+    """The `Cluster` of a real API server. One instance per operator process holds what was process-global:
+    one ApiClient (one connection pool), the token bucket, the request counters and the Event recorder."""
 
+    def __init__(self, qps: float = 100.0, burst: int = 500, api: client.ApiClient | None = None) -> None:
+        self.limiter = TokenBucket(qps=qps, burst=burst)
+        self.calls = 0
+        self.throttled_ms = 0
+        self.events = EventRecorder(post=self.create_event)
+        self._api_client = api
+        self._lock = threading.Lock()
 
-class ApiMissing(Exception):
-    """The API server does not serve the object's kind (e.g. KServe's CRDs are not installed)."""
+    # ------------------------------------------------------------ transport
 
+    def api_client(self) -> client.ApiClient:
+        """One ApiClient (one connection pool) for every call, made on first use (after `load_config()`): a new
+        client per call opened a new TLS connection."""
+        with self._lock:
+            if self._api_client is None:
+                _bearer_token_compat()
+                cfg = client.Configuration.get_default_copy()
+                cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, 64)
+                client.Configuration.set_default(cfg)
+                self._api_client = counting_client()  # every request counted in kubetune_api_requests_total
+            return self._api_client
 
-def create_if_absent(obj: dict[str, Any]) -> dict[str, Any] | None:
-    """Create `obj`; the created object, or None when it already existed. Refused objects are permanent
-    errors; a kind the API server does not serve raises ApiMissing."""
-    ns = obj["metadata"]["namespace"]
-    kind = obj["kind"]
-    fn: Callable[..., Any]
-    if kind == "InferenceService":
-        group, version = obj["apiVersion"].split("/")
-        custom = _api(client.CustomObjectsApi).create_namespaced_custom_object
+    def _api(self, cls: Any) -> Any:
+        return cls(self.api_client())
 
-        def fn(namespace: str, body: dict[str, Any], **kw: Any) -> Any:
-            return custom(group, version, namespace, "inferenceservices", body, **kw)
-    elif kind == "Deployment":
-        fn = _api(client.AppsV1Api).create_namespaced_deployment
-    elif kind == "ConfigMap":
-        fn = _api(client.CoreV1Api).create_namespaced_config_map
-    elif kind == "Service":
-        fn = _api(client.CoreV1Api).create_namespaced_service
-    elif kind == "Job":
-        fn = _api(client.BatchV1Api).create_namespaced_job
-    else:
-        raise ValueError(kind)
-    try:
-        return _data(call(fn, ns, obj, _preload_content=False))
-    except ApiException as exc:
-        if exc.status == 409:
-            return None
-        if exc.status == 404 and kind == "InferenceService":
-            raise ApiMissing(obj["apiVersion"]) from exc
-        if exc.status in (400, 422):
-            raise kopf.PermanentError(f"{kind} {obj['metadata']['name']} refused by the API server: {exc.body}") from exc
-        raise _temporary(exc, f"create {kind} {obj['metadata']['name']}") from exc
-    except urllib3.exceptions.HTTPError as exc:
-        raise _temporary(exc, f"create {kind} {obj['metadata']['name']}") from exc
+    def call(self, fn: Callable[..., T], *args: Any, attempts: int = ATTEMPTS, sleep: Callable[[float], None] = time.sleep,
+             **kw: Any) -> T:  # fmt: skip
+        """`fn(*args, **kw)` under the QPS limit, retried on 429, 5xx and connection errors with back-off."""
+        for attempt in range(attempts):
+            waited = self.limiter.acquire()
+            with self._lock:
+                self.calls += 1
+                self.throttled_ms += int(waited * 1000)
+            try:
+                return fn(*args, **kw)
+            except ApiException as exc:
+                if exc.status not in RETRY_STATUSES or attempt == attempts - 1:
+                    raise
+                sleep(retry_after(exc) or backoff(attempt))
+            except urllib3.exceptions.HTTPError:
+                if attempt == attempts - 1:
+                    raise
+                sleep(backoff(attempt))
+        raise AssertionError("unreachable")
 
-
-def _serving_calls(obj: dict[str, Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """(read, replace) for an InferenceService or a Deployment, each called as fn(name, namespace[, body])."""
-    if obj["kind"] == "Deployment":
-        apps = _api(client.AppsV1Api)
-        return apps.read_namespaced_deployment, apps.replace_namespaced_deployment
-    group, version = obj["apiVersion"].split("/")
-    custom = _api(client.CustomObjectsApi)
-
-    def read(name: str, namespace: str, **kw: Any) -> Any:
-        return custom.get_namespaced_custom_object(group, version, namespace, "inferenceservices", name, **kw)
-
-    def replace(name: str, namespace: str, body: dict[str, Any], **kw: Any) -> Any:
-        return custom.replace_namespaced_custom_object(group, version, namespace, "inferenceservices", name, body, **kw)
-
-    return read, replace
-
-
-def read_serving(obj: dict[str, Any]) -> dict[str, Any] | None:
-    """The InferenceService or Deployment named like `obj`, or None when there is none."""
-    meta = obj["metadata"]
-    try:
-        return _data(call(_serving_calls(obj)[0], meta["name"], meta["namespace"], _preload_content=False))
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise _temporary(exc, f"read {obj['kind']} {meta['name']}") from exc
-    except urllib3.exceptions.HTTPError as exc:
-        raise _temporary(exc, f"read {obj['kind']} {meta['name']}") from exc
-
-
-def replace_serving(obj: dict[str, Any]) -> dict[str, Any]:
-    """Replace the object (obj carries the resourceVersion read); a refusal is a permanent error."""
-    meta = obj["metadata"]
-    try:
-        return _data(call(_serving_calls(obj)[1], meta["name"], meta["namespace"], obj, _preload_content=False))
-    except ApiException as exc:
-        if exc.status in (400, 422):
-            raise kopf.PermanentError(f"{obj['kind']} {meta['name']} refused by the API server: {exc.body}") from exc
-        raise _temporary(exc, f"replace {obj['kind']} {meta['name']}") from exc
-    except urllib3.exceptions.HTTPError as exc:
-        raise _temporary(exc, f"replace {obj['kind']} {meta['name']}") from exc
-
-
-def delete_job(namespace: str, name: str, propagation: str = "Foreground") -> dict[str, Any] | None:
-    """Delete a workload Job and (Foreground) its pods before the Job itself goes; the Job as the
-    delete left it (with its deletionTimestamp while the pods go), or None when it is gone."""
-    try:
-        resp = call(
-            _api(client.BatchV1Api).delete_namespaced_job,
-            name,
-            namespace,
-            body=client.V1DeleteOptions(propagation_policy=propagation),
-            _preload_content=False,
-        )
-    except ApiException as exc:
-        if exc.status != 404:
-            raise _temporary(exc, f"delete Job {name}") from exc
+    def request(
+        self,
+        what: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        on: Mapping[int, Exception | None] | None = None,
+        refusal: bool = False,
+        read: bool = True,
+        attempts: int = ATTEMPTS,
+        **kw: Any,
+    ) -> dict[str, Any] | None:
+        """The one translation of the client's errors into the `Cluster` interface's: `fn(*args, **kw)` through
+        `call()`; the answer's JSON (`read`), or None. An HTTP status in `on` answers None (ABSENT) or raises
+        the exception given; a 400 or 422 is a PermanentError when `refusal` (the object will never be
+        accepted); any other failure is a TemporaryError naming `what`."""
+        try:
+            resp = self.call(fn, *args, _preload_content=False, attempts=attempts, **kw)
+        except ApiException as exc:
+            if on is not None and exc.status in on:
+                outcome = on[exc.status]
+                if outcome is None:
+                    return None
+                raise outcome from exc
+            if refusal and exc.status in (400, 422):
+                raise kopf.PermanentError(f"{what} refused by the API server: {exc.body}") from exc
+            raise kopf.TemporaryError(f"{what}: {exc.status} {exc.reason}", delay=10) from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise kopf.TemporaryError(f"{what}: {exc}", delay=10) from exc
+        if read:
+            return _data(resp)
+        _drain(resp)
         return None
-    except urllib3.exceptions.HTTPError as exc:
-        raise _temporary(exc, f"delete Job {name}") from exc
-    obj = _data(resp)
-    return obj if obj.get("kind") == "Job" and (obj.get("metadata") or {}).get("deletionTimestamp") else None
 
+    # ------------------------------------------------------------ the Cluster interface
 
-def patch_config_map(namespace: str, name: str, patch: dict[str, Any]) -> None:
-    try:
-        _drain(call(_api(client.CoreV1Api).patch_namespaced_config_map, name, namespace, patch, _preload_content=False))
-    except (ApiException, urllib3.exceptions.HTTPError) as exc:
-        raise _temporary(exc, f"patch ConfigMap {name}") from exc
+    def create_if_absent(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """Create `obj`; the created object, or None when it already existed. Refused objects are permanent
+        errors; a kind the API server does not serve raises ApiMissing."""
+        ns, kind = obj["metadata"]["namespace"], obj["kind"]
+        on: dict[int, Exception | None] = {409: ABSENT}
+        fn: Callable[..., Any]
+        if kind == "InferenceService":
+            group, version = obj["apiVersion"].split("/")
+            custom = self._api(client.CustomObjectsApi).create_namespaced_custom_object
+            on[404] = ApiMissing(obj["apiVersion"])
 
+            def fn(namespace: str, body: dict[str, Any], **kw: Any) -> Any:
+                return custom(group, version, namespace, "inferenceservices", body, **kw)
+        elif kind == "Deployment":
+            fn = self._api(client.AppsV1Api).create_namespaced_deployment
+        elif kind == "ConfigMap":
+            fn = self._api(client.CoreV1Api).create_namespaced_config_map
+        elif kind == "Service":
+            fn = self._api(client.CoreV1Api).create_namespaced_service
+        elif kind == "Job":
+            fn = self._api(client.BatchV1Api).create_namespaced_job
+        else:
+            raise ValueError(kind)
+        return self.request(f"create {kind} {obj['metadata']['name']}", fn, ns, obj, on=on, refusal=True)
 
-def patch_job(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
-    """Merge-patch the workload Job; the patched Job, or None when there is no such Job."""
-    try:
-        return _data(call(_api(client.BatchV1Api).patch_namespaced_job, name, namespace, patch, _preload_content=False))
-    except ApiException as exc:
-        if exc.status == 404:
+    def _serving_calls(self, obj: dict[str, Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        """(read, replace) for an InferenceService or a Deployment, each called as fn(name, namespace[, body])."""
+        if obj["kind"] == "Deployment":
+            apps = self._api(client.AppsV1Api)
+            return apps.read_namespaced_deployment, apps.replace_namespaced_deployment
+        group, version = obj["apiVersion"].split("/")
+        custom = self._api(client.CustomObjectsApi)
+
+        def read(name: str, namespace: str, **kw: Any) -> Any:
+            return custom.get_namespaced_custom_object(group, version, namespace, "inferenceservices", name, **kw)
+
+        def replace(name: str, namespace: str, body: dict[str, Any], **kw: Any) -> Any:
+            return custom.replace_namespaced_custom_object(group, version, namespace, "inferenceservices", name, body, **kw)
+
+        return read, replace
+
+    def read_serving(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        meta = obj["metadata"]
+        read = self._serving_calls(obj)[0]
+        return self.request(f"read {obj['kind']} {meta['name']}", read, meta["name"], meta["namespace"], on={404: ABSENT})
+
+    def replace_serving(self, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        replace = self._serving_calls(obj)[1]
+        done = self.request(f"replace {obj['kind']} {meta['name']}", replace, meta["name"], meta["namespace"], obj, refusal=True)
+        assert done is not None
+        return done
+
+    def delete_job(self, namespace: str, name: str, propagation: str = "Foreground") -> dict[str, Any] | None:
+        """Delete a workload Job and (Foreground) its pods before the Job itself goes; the Job as the
+        delete left it (with its deletionTimestamp while the pods go), or None when it is gone."""
+        options = client.V1DeleteOptions(propagation_policy=propagation)
+        delete = self._api(client.BatchV1Api).delete_namespaced_job
+        obj = self.request(f"delete Job {name}", delete, name, namespace, body=options, on={404: ABSENT})
+        if obj is None:
             return None
-        raise _temporary(exc, f"patch Job {name}") from exc
-    except urllib3.exceptions.HTTPError as exc:
-        raise _temporary(exc, f"patch Job {name}") from exc
+        return obj if obj.get("kind") == "Job" and (obj.get("metadata") or {}).get("deletionTimestamp") else None
 
+    def patch_config_map(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        patch_cm = self._api(client.CoreV1Api).patch_namespaced_config_map
+        self.request(f"patch ConfigMap {name}", patch_cm, name, namespace, patch, read=False)
 
-def patch_status(namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
-    """Merge-patch the FineTuneJob's status; the object as written, or None when it is gone."""
-    try:
-        resp = call(
-            _api(client.CustomObjectsApi).patch_namespaced_custom_object_status,
-            GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _preload_content=False,
-        )  # fmt: skip
-        return _data(resp)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None  # deleted meanwhile
-        raise _temporary(exc, f"patch status of {name}") from exc
-    except urllib3.exceptions.HTTPError as exc:
-        raise _temporary(exc, f"patch status of {name}") from exc
+    def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        patch_job = self._api(client.BatchV1Api).patch_namespaced_job
+        return self.request(f"patch Job {name}", patch_job, name, namespace, patch, on={404: ABSENT})
 
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+        patch = self._api(client.CustomObjectsApi).patch_namespaced_custom_object_status
+        return self.request(f"patch status of {name}", patch, GROUP, VERSION, namespace, PLURAL, name, {"status": status},
+                            on={404: ABSENT})  # fmt: skip
 
-def delete_finetunejob(namespace: str, name: str) -> None:
-    try:
-        _drain(call(
-            _api(client.CustomObjectsApi).delete_namespaced_custom_object,
-            GROUP, VERSION, namespace, PLURAL, name,
-            body=client.V1DeleteOptions(propagation_policy="Background"), _preload_content=False,
-        ))  # fmt: skip
-    except ApiException as exc:
-        if exc.status != 404:
-            raise _temporary(exc, f"delete FineTuneJob {name}") from exc
-    except urllib3.exceptions.HTTPError as exc:
-        raise _temporary(exc, f"delete FineTuneJob {name}") from exc
+    def delete_finetunejob(self, namespace: str, name: str) -> None:
+        delete = self._api(client.CustomObjectsApi).delete_namespaced_custom_object
+        options = client.V1DeleteOptions(propagation_policy="Background")
+        self.request(f"delete FineTuneJob {name}", delete, GROUP, VERSION, namespace, PLURAL, name, body=options,
+                     on={404: ABSENT}, read=False)  # fmt: skip
+
+    def create_event(self, event: dict[str, Any]) -> None:
+        """POST one Event now. Best effort: never raises."""
+        create = self._api(client.CoreV1Api).create_namespaced_event
+        try:
+            self.request(f"create Event {event['metadata'].get('generateName', '')}", create, event["metadata"]["namespace"],
+                         event, read=False, attempts=3)  # fmt: skip
+        except kopf.TemporaryError:
+            pass
+
+    def post_event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """Queue an Event on the FineTuneJob (posted by the recorder's thread). Never raises, never waits."""
+        self.events.record(event_for(body, type_, reason, message))
+
+    def flush_events(self, timeout: float) -> bool:
+        return self.events.flush(timeout)
 
 
 def event_for(body: dict[str, Any], type_: str, reason: str, message: str) -> dict[str, Any]:
@@ -365,22 +337,13 @@ def event_for(body: dict[str, Any], type_: str, reason: str, message: str) -> di
     }
 
 
-def create_event(event: dict[str, Any]) -> None:
-    """POST one Event now. Best effort: never raises."""
-    try:
-        _drain(call(_api(client.CoreV1Api).create_namespaced_event, event["metadata"]["namespace"], event,
-                    _preload_content=False, attempts=3))  # fmt: skip
-    except (ApiException, urllib3.exceptions.HTTPError):
-        pass
-
-
 class EventRecorder:
     """Events leave the reconcile path, as with client-go's event broadcaster: `record` queues one and returns;
     one background thread posts them in order, one at a time. Under a burst of new jobs the workers' writes
     (Jobs, status) go first and the Events trail them, instead of each job waiting for its Event. At most
     `maxlen` wait; beyond that the oldest is dropped (Events are best effort, like the broadcaster's)."""
 
-    def __init__(self, post: Callable[[dict[str, Any]], None] = create_event, maxlen: int = 1000) -> None:
+    def __init__(self, post: Callable[[dict[str, Any]], None], maxlen: int = 1000) -> None:
         self._post = post
         self._queue: collections.deque[dict[str, Any]] = collections.deque(maxlen=maxlen)
         self._cond = threading.Condition()
@@ -417,10 +380,3 @@ class EventRecorder:
         with self._cond:
             return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
 
-
-EVENTS = EventRecorder()
-
-
-def post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    """Queue an Event on the FineTuneJob (posted by EVENTS' thread). Never raises, never waits."""
-    EVENTS.record(event_for(body, type_, reason, message))

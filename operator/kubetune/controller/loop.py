@@ -17,7 +17,8 @@ import aiohttp
 import kopf
 
 from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT
-from kubetune.controller import kube, reconcile
+from kubetune.controller import reconcile
+from kubetune.controller.cluster import Cluster
 from kubetune.controller.metrics import METRICS
 from kubetune.controller.settings import Settings
 from kubetune.controller.store import Key, Store, WorkQueue, key_of
@@ -34,8 +35,12 @@ def progress_interval(running: int, poll_interval: float, budget: float) -> floa
 
 
 class Controller:
-    def __init__(self, settings: Settings) -> None:
+    """The loop over one `Store`, one `Settings` and one `Cluster` (a KubeClient in the operator; a fake in
+    tests): nothing it uses is process-global."""
+
+    def __init__(self, settings: Settings, kube: Cluster) -> None:
         self.settings = settings
+        self.kube = kube
         self.store = Store()
         self.queue: WorkQueue | None = None
         self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="reconcile")
@@ -60,7 +65,7 @@ class Controller:
         # Let passes already running finish their writes: a replica that releases the leader Lease after this
         # must have stopped writing before a standby starts.
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
-        await asyncio.get_running_loop().run_in_executor(None, kube.EVENTS.flush, 5.0)  # the Events still queued
+        await asyncio.get_running_loop().run_in_executor(None, self.kube.flush_events, 5.0)  # the Events still queued
 
     def _enqueue(self, key: Key) -> None:
         if self.queue is not None:
@@ -114,13 +119,13 @@ class Controller:
             await asyncio.sleep(every)
             log.info(
                 "stats: jobs=%d reconciles=%d api_calls=%d throttled_ms=%d progress_reads=%d progress_targets=%d queued=%d",
-                len(self.store.keys()), self.reconciles, kube.calls, kube.throttled_ms, self.progress_reads,
+                len(self.store.keys()), self.reconciles, self.kube.calls, self.kube.throttled_ms, self.progress_reads,
                 len(self.store.progress_targets()), len(self.queue or ()),
             )  # fmt: skip
 
     def _reconcile(self, key: Key) -> float | None:
         with METRICS.reconciling("reconcile"):
-            return reconcile.reconcile(key, self.store, self.settings)
+            return reconcile.reconcile(key, self.store, self.settings, self.kube)
 
     # ---------------------------------------------------------------- progress
 

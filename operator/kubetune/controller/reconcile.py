@@ -24,7 +24,8 @@ from kubetune.api.names import (
 )
 from kubetune.api.trainer_config import TrainerConfig
 from kubetune.api.validation import SpecInvalid, parse_spec
-from kubetune.controller import kube, serving
+from kubetune.controller import serving
+from kubetune.controller.cluster import Cluster
 from kubetune.controller.metrics import METRICS
 from kubetune.controller.settings import Settings
 from kubetune.controller.store import Key, Store
@@ -107,7 +108,7 @@ def status_changed(old: dict[str, Any], patch: dict[str, Any]) -> bool:
 # ------------------------------------------------------------------ the loop body
 
 
-def reconcile(key: Key, store: Store, settings: Settings) -> float | None:
+def reconcile(key: Key, store: Store, settings: Settings, kube: Cluster) -> float | None:
     body = store.ftj(key)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
@@ -115,8 +116,8 @@ def reconcile(key: Key, store: Store, settings: Settings) -> float | None:
     ns, name = key
     status = FineTuneJobStatus.from_stored(body.get("status"))
     if status.phase in TERMINAL:
-        return finished(key, body, status, store, settings)
-    spec = accept(body, status, store)
+        return finished(key, body, status, store, kube)
+    spec = accept(body, status, store, kube)
     if spec is None:
         return None
     if not status.trained_spec_hash:  # the first pass of a run: remember what it trains
@@ -132,30 +133,30 @@ def reconcile(key: Key, store: Store, settings: Settings) -> float | None:
     if decision.action == "create":
         # Creating is idempotent, so it goes first here: the status then describes the Job just created
         # (one status write and one Event for a new job instead of Pending, then Suspended or Initializing).
-        act(body, spec, decision, observed, store, settings)
+        act(body, spec, decision, observed, store, settings, kube)
         jobs, pods = store.children(key)
         observed = observe(name, restarts, jobs, pods, None)
         decision = derive(spec, name, meta.get("generation"), status, observed, at)
         decision = Decision(status=decision.status, event=decision.event)  # created already
-    publish(body, decision, store)  # status and Event first, then the action
-    act(body, spec, decision, observed, store, settings)
+    publish(body, decision, store, kube)  # status and Event first, then the action
+    act(body, spec, decision, observed, store, settings, kube)
     wake = wake_after(spec, decision.status, observed, at, settings.poll_interval)
-    return sooner(wake, serve(body, spec, decision.status, store))
+    return sooner(wake, serve(body, spec, decision.status, store, kube))
 
 
-def finished(key: Key, body: dict[str, Any], status: FineTuneJobStatus, store: Store, settings: Settings) -> float | None:
+def finished(key: Key, body: dict[str, Any], status: FineTuneJobStatus, store: Store, kube: Cluster) -> float | None:
     """A finished job: start a new run when its trained fields were edited, keep observedGeneration
     truthful, and delete it when its TTL has passed."""
     meta = body["metadata"]
     generation = meta.get("generation")
     if status.observed_generation != generation:
-        spec = accept(body, status, store)
+        spec = accept(body, status, store, kube)
         if spec is None:
             return None
         if runs.needs_new_run(spec, status):
-            return new_run(key, body, spec, status, store)
+            return new_run(key, body, spec, status, store, kube)
         if status.trained_spec_hash:  # the edit changed nothing trained: the status still describes it
-            publish(body, Decision(status=status.model_copy(update={"observed_generation": generation})), store)
+            publish(body, Decision(status=status.model_copy(update={"observed_generation": generation})), store, kube)
             status = status.model_copy(update={"observed_generation": generation})
     try:
         spec = FineTuneJobSpec.model_validate(dict(body["spec"]))
@@ -166,16 +167,16 @@ def finished(key: Key, body: dict[str, Any], status: FineTuneJobStatus, store: S
         log.info("%s/%s: ttlSecondsAfterFinished passed: deleting", meta["namespace"], meta["name"])
         kube.delete_finetunejob(meta["namespace"], meta["name"])
         return None
-    return sooner(wake_after(spec, status, Observed(job=None), at, 0), serve(body, spec, status, store))
+    return sooner(wake_after(spec, status, Observed(job=None), at, 0), serve(body, spec, status, store, kube))
 
 
-def serve(body: dict[str, Any], spec: FineTuneJobSpec, status: FineTuneJobStatus, store: Store) -> float | None:
+def serve(body: dict[str, Any], spec: FineTuneJobSpec, status: FineTuneJobStatus, store: Store, kube: Cluster) -> float | None:
     """A succeeded job with spec.serving: create what serves it once, then record it (status, Event)."""
-    done = serving.hand_off(body, spec, status)
+    done = serving.hand_off(body, spec, status, kube)
     if done is None:
         return None
     new_status, event, wake = done
-    publish(body, Decision(status=new_status, event=event), store)
+    publish(body, Decision(status=new_status, event=event), store, kube)
     return wake
 
 
@@ -183,7 +184,9 @@ def sooner(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else min(a, b)
 
 
-def new_run(key: Key, body: dict[str, Any], spec: FineTuneJobSpec, status: FineTuneJobStatus, store: Store) -> float | None:
+def new_run(
+    key: Key, body: dict[str, Any], spec: FineTuneJobSpec, status: FineTuneJobStatus, store: Store, kube: Cluster
+) -> float | None:
     """Close the finished run, remove its gang (the next run reuses the workload names), start run n+1."""
     meta = body["metadata"]
     new_status, event = runs.start_new_run(spec, meta.get("generation"), status, now())
@@ -195,12 +198,12 @@ def new_run(key: Key, body: dict[str, Any], spec: FineTuneJobSpec, status: FineT
         else:
             store.drop_child("Job", job)
     store.progress.pop(key, None)
-    publish(body, Decision(status=new_status, event=event), store)
+    publish(body, Decision(status=new_status, event=event), store, kube)
     log.info("%s/%s: %s", meta["namespace"], meta["name"], event[2])
     return None
 
 
-def accept(body: dict[str, Any], status: FineTuneJobStatus, store: Store) -> FineTuneJobSpec | None:
+def accept(body: dict[str, Any], status: FineTuneJobStatus, store: Store, kube: Cluster) -> FineTuneJobSpec | None:
     """The typed spec, or None after marking a refused spec Failed (status, then an Event)."""
     meta = body["metadata"]
     try:
@@ -209,12 +212,12 @@ def accept(body: dict[str, Any], status: FineTuneJobStatus, store: Store) -> Fin
         if status.phase != "Failed":
             problems = "; ".join(str(p) for p in exc.problems)
             refused = refused_status(status, [str(p) for p in exc.problems], meta.get("generation"), now())
-            publish(body, Decision(status=refused, event=("Warning", "SpecInvalid", problems)), store)
+            publish(body, Decision(status=refused, event=("Warning", "SpecInvalid", problems)), store, kube)
             log.warning("%s/%s refused: %s", meta["namespace"], meta["name"], problems)
         return None
 
 
-def publish(body: dict[str, Any], decision: Decision, store: Store) -> None:
+def publish(body: dict[str, Any], decision: Decision, store: Store, kube: Cluster) -> None:
     """Write the decided status if it differs from the stored one (body's), then record its Event."""
     meta = body["metadata"]
     patch = decision.status.to_patch()  # the one place a status is serialised
@@ -227,7 +230,13 @@ def publish(body: dict[str, Any], decision: Decision, store: Store) -> None:
 
 
 def ensure_children(
-    body: dict[str, Any], spec: FineTuneJobSpec, restarts: int, store: Store, settings: Settings, kinds: tuple[str, ...] = CHILD_KINDS
+    body: dict[str, Any],
+    spec: FineTuneJobSpec,
+    restarts: int,
+    store: Store,
+    settings: Settings,
+    kube: Cluster,
+    kinds: tuple[str, ...] = CHILD_KINDS,
 ) -> list[str]:
     """Create-if-absent the workload Job first (what a queue admits and a user waits for), then its
     ConfigMap and Service, all owned by the FineTuneJob. A Job created suspended goes alone: its
@@ -273,12 +282,14 @@ def with_resume_from(config_yaml: str, uri: str) -> str:
     return config.model_copy(update={"resume_from": uri}).dump_yaml()
 
 
-def act(body: dict[str, Any], spec: FineTuneJobSpec, decision: Decision, observed: Observed, store: Store, settings: Settings) -> None:
+def act(
+    body: dict[str, Any], spec: FineTuneJobSpec, decision: Decision, observed: Observed, store: Store, settings: Settings, kube: Cluster
+) -> None:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     restarts = decision.status.restarts
     if decision.action == "create":
-        created = ensure_children(body, spec, restarts, store, settings)
+        created = ensure_children(body, spec, restarts, store, settings, kube)
         if created:
             log.info("%s/%s: created %s", ns, name, ", ".join(created))
     elif decision.action == "restart":
@@ -296,10 +307,12 @@ def act(body: dict[str, Any], spec: FineTuneJobSpec, decision: Decision, observe
         if job is not None and not conds & {"Failed", "Complete"}:
             kube.delete_job(ns, workload_name(name, restarts), propagation="Background")
     elif observed.job is not None and decision.status.phase not in TERMINAL:
-        admit(body, observed.job, spec, restarts, store, settings)
+        admit(body, observed.job, spec, restarts, store, settings, kube)
 
 
-def admit(body: dict[str, Any], job: dict[str, Any], spec: FineTuneJobSpec, restarts: int, store: Store, settings: Settings) -> None:
+def admit(
+    body: dict[str, Any], job: dict[str, Any], spec: FineTuneJobSpec, restarts: int, store: Store, settings: Settings, kube: Cluster
+) -> None:
     """Keep the Job's suspension as the spec says, and create the children a suspended Job was created
     without once it is admitted: before the operator resumes it, or right after a queue (Kueue) has."""
     meta = job["metadata"]
@@ -311,7 +324,7 @@ def admit(body: dict[str, Any], job: dict[str, Any], spec: FineTuneJobSpec, rest
     admitted = not spec.run_policy.suspend if resume else not job["spec"].get("suspend")
     patch: dict[str, Any] = {}
     if deferred and admitted:
-        created = ensure_children(body, spec, restarts, store, settings, kinds=deferred)
+        created = ensure_children(body, spec, restarts, store, settings, kube, kinds=deferred)
         log.info("%s/%s: admitted: created %s", meta["namespace"], meta["name"], ", ".join(created) or "nothing new")
         patch = {"metadata": {"annotations": {ANNOTATION_DEFERRED: None}}}
     if resume:

@@ -12,7 +12,7 @@ import kopf
 
 from kubetune.api.models import FineTuneJobSpec, FineTuneJobStatus
 from kubetune.api.names import ANNOTATION_MODEL, LABEL_QUEUE
-from kubetune.controller import kube
+from kubetune.controller.cluster import ApiMissing, Cluster
 from kubetune.render.serving import render_serving
 from kubetune.status import serving as s
 
@@ -20,7 +20,7 @@ log = logging.getLogger("kubetune.serving")
 
 
 def hand_off(
-    body: dict[str, Any], spec: FineTuneJobSpec, status: FineTuneJobStatus
+    body: dict[str, Any], spec: FineTuneJobSpec, status: FineTuneJobStatus, kube: Cluster
 ) -> tuple[FineTuneJobStatus, tuple[str, str, str] | None, float | None] | None:
     """(new status, Event, when to look again), or None when there is nothing to do."""
     if spec.serving is None or status.phase != "Succeeded":
@@ -36,7 +36,7 @@ def hand_off(
     where = f"{meta['namespace']}/{meta['name']}"
     try:
         created = kube.create_if_absent(obj)
-    except kube.ApiMissing:
+    except ApiMissing:
         log.warning("%s: no %s API; serving not created (looking again in %.0fs)", where, obj["apiVersion"], s.RETRY_MISSING_SECONDS)
         new, event = s.record(status, obj, "missing", now, generation)
         return new, event, s.RETRY_MISSING_SECONDS
@@ -45,7 +45,7 @@ def hand_off(
         new, event = s.record(status, obj, "refused", now, generation, str(exc))
         return new, event, None
     if created is None:  # already there: this job's from an earlier run, or someone else's
-        outcome, problem = update_existing(obj, meta.get("uid"))
+        outcome, problem = update_existing(obj, meta.get("uid"), kube)
         if outcome != "created":
             new, event = s.record(status, obj, outcome, now, generation, problem)
             return new, event, None
@@ -54,7 +54,7 @@ def hand_off(
     return new, event, None
 
 
-def update_existing(obj: dict[str, Any], owner_uid: str | None) -> tuple[s.Outcome, str]:
+def update_existing(obj: dict[str, Any], owner_uid: str | None, kube: Cluster) -> tuple[s.Outcome, str]:
     """Point an existing object of this job at the model it should serve now (a later run's); an object
     this job does not own is left alone. (outcome, what went wrong)."""
     existing = kube.read_serving(obj)

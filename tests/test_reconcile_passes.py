@@ -1,0 +1,458 @@
+"""The reconcile passes against an in-memory cluster (tests/fake_cluster.py), in the manner of
+controller-runtime's fake-client tests: each case sets up what the watches would show (the FineTuneJob, its
+Job and pods), runs passes of `reconcile()`, and asserts the exact writes it made, in order, and the status
+it left. No API server: the real one is the e2e suite's; here each write the controller owes is pinned, so
+removing one fails a test in seconds."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from fake_cluster import FakeCluster
+from kubetune.api import names
+from kubetune.api.contract import ExitCode, TerminationMessage
+from kubetune.controller import reconcile as rec
+from kubetune.controller.settings import Settings
+from kubetune.controller.store import Store
+from kubetune.status import runs
+from operator_samples import manifest
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+CREATE_GANG = [("create", "Job", "demo-r0"), ("create", "ConfigMap", "demo-config"), ("create", "Service", "demo")]
+STATUS_AND_EVENT = [("patch-status", "FineTuneJob", "demo"), ("event", "FineTuneJob", "demo")]
+
+
+@pytest.fixture(autouse=True)
+def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rec, "now", lambda: NOW)
+
+
+def iso(at: datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class World:
+    """The fake cluster, and a Store filled from it as the watches would fill it."""
+
+    def __init__(self, ftj: dict[str, Any], unserved: tuple[str, ...] = ()) -> None:
+        self.kube = FakeCluster(ftj, unserved=unserved)
+        self.store = Store()
+        self.settings = Settings(trainer_image="trainer:test")
+        self.key = (ftj["metadata"]["namespace"], ftj["metadata"]["name"])
+        self.watch()
+
+    def watch(self) -> None:
+        """Deliver what the cluster holds now: every FineTuneJob, Job and Pod (what is gone is gone)."""
+        progress = self.store.progress
+        self.store = Store(progress=progress)
+        for obj in self.kube.of_kind("FineTuneJob"):
+            self.store.put_ftj(obj)
+        for kind in ("Job", "Pod"):
+            for obj in self.kube.of_kind(kind):
+                self.store.put_child(kind, obj)
+
+    def reconcile(self) -> float | None:
+        """One pass, then the watch events its writes cause."""
+        wake = rec.reconcile(self.key, self.store, self.settings, self.kube)
+        self.watch()
+        return wake
+
+    # ------------------------------------------------------------ what others do in a real cluster
+
+    @property
+    def ftj(self) -> dict[str, Any]:
+        got = self.kube.get("FineTuneJob", *self.key)
+        assert got is not None
+        return got
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return dict(self.ftj.get("status") or {})
+
+    def job(self, name: str = "demo-r0") -> dict[str, Any]:
+        got = self.kube.get("Job", "ml", name)
+        assert got is not None, f"no Job {name}"
+        return got
+
+    def edit_spec(self, **changes: Any) -> None:
+        """A user's edit: the spec changes and the generation moves."""
+        ftj = self.ftj
+        ftj["spec"].update(changes)
+        ftj["metadata"]["generation"] += 1
+        self.kube.put(ftj)
+        self.watch()
+
+    def set_job(self, name: str = "demo-r0", **spec: Any) -> None:
+        """Another controller (Kueue, the Job controller) changes the Job."""
+        job = self.job(name)
+        job["spec"].update(spec)
+        self.kube.put(job)
+        self.watch()
+
+    def job_condition(self, type_: str, name: str = "demo-r0") -> None:
+        job = self.job(name)
+        job.setdefault("status", {})["conditions"] = [{"type": type_, "status": "True", "reason": type_, "message": ""}]
+        self.kube.put(job)
+        self.watch()
+
+    def pods(self, phase: str = "Running", terminated: TerminationMessage | None = None, job: str = "demo-r0") -> None:
+        """The Job controller and the kubelet: one pod per node of `job`, in `phase` (rank 0 left `terminated`)."""
+        owner = self.job(job)
+        restart = owner["metadata"]["labels"][names.LABEL_RESTART]
+        for index in range(owner["spec"]["parallelism"]):
+            state: dict[str, Any] = {"running": {"startedAt": iso(NOW)}}
+            if terminated is not None:
+                code = terminated.exit_code
+                state = {"terminated": {"exitCode": code, "message": terminated.to_text(), "finishedAt": iso(NOW)}}
+            self.kube.put({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": f"{job}-{index}", "namespace": "ml",
+                             "labels": {names.LABEL_JOB: "demo", names.LABEL_RESTART: restart,
+                                        names.JOB_UID_LABEL: owner["metadata"]["uid"]},
+                             "annotations": {names.COMPLETION_INDEX: str(index)}},
+                "spec": {"nodeName": "node-1"},
+                "status": {"phase": phase, "podIP": f"10.0.0.{index + 1}",
+                           "containerStatuses": [{"name": names.CONTAINER, "state": state}]},
+            })  # fmt: skip
+        self.watch()
+
+    def collect_garbage(self) -> None:
+        """The garbage collector: pods whose Job is gone go too."""
+        jobs = {j["metadata"]["uid"] for j in self.kube.of_kind("Job")}
+        for pod in self.kube.of_kind("Pod"):
+            if pod["metadata"]["labels"].get(names.JOB_UID_LABEL) not in jobs:
+                del self.kube.objects[("Pod", "ml", pod["metadata"]["name"])]
+        self.watch()
+
+
+def new_job(**spec: Any) -> dict[str, Any]:
+    doc = manifest(**spec)
+    doc["metadata"]["generation"] = 1
+    return doc
+
+
+def created(**spec: Any) -> World:
+    """A job whose first pass has created its gang."""
+    world = World(new_job(**spec))
+    world.reconcile()
+    world.kube.forget_calls()
+    return world
+
+
+def running(**spec: Any) -> World:
+    world = created(**spec)
+    world.pods("Running")
+    world.reconcile()
+    world.kube.forget_calls()
+    return world
+
+
+def finished(exit_code: int, message: str = "", **spec: Any) -> World:
+    """A running gang whose trainers have all exited with `exit_code`."""
+    world = running(**spec)
+    for name in [p["metadata"]["name"] for p in world.kube.of_kind("Pod")]:
+        del world.kube.objects[("Pod", "ml", name)]
+    world.pods("Succeeded" if exit_code == 0 else "Failed", TerminationMessage.build(exit_code, message or "done"))
+    return world
+
+
+def succeeded(**spec: Any) -> World:
+    world = finished(0, **spec)
+    world.job_condition("Complete")
+    world.reconcile()
+    world.kube.forget_calls()
+    return world
+
+
+# ------------------------------------------------------------------ the table
+
+
+@dataclass(frozen=True)
+class Case:
+    given: Callable[[], World]
+    """The world before the pass under test (its earlier passes' calls forgotten)."""
+    writes: list[tuple[str, str, str]]
+    """(verb, kind, name) of every write of the pass, in order."""
+    phase: str
+    event: tuple[str, str] | None = None
+    """(type, reason) of the Event the pass recorded, if one."""
+    then: Callable[[World], None] | None = None
+    """Further checks of what was written."""
+
+
+def suspended_world() -> World:
+    world = created(runPolicy={"suspend": True})
+    return world
+
+
+def queue_admits() -> World:
+    world = suspended_world()
+    world.set_job(suspend=False)  # Kueue unsuspends the Job it admitted
+    return world
+
+
+def user_resumes() -> World:
+    world = suspended_world()
+    world.edit_spec(runPolicy={"suspend": False})
+    return world
+
+
+def user_suspends() -> World:
+    world = running()
+    world.edit_spec(runPolicy={"suspend": True})
+    return world
+
+
+def old_gang_gone() -> World:
+    world = finished(ExitCode.INFRASTRUCTURE, "NCCL timeout")
+    world.reconcile()  # Restarting: the old Job is deleted
+    world.collect_garbage()
+    world.kube.forget_calls()
+    return world
+
+
+def trained_fields_edited() -> World:
+    world = succeeded()
+    world.edit_spec(training={"maxSteps": 7})
+    return world
+
+
+def new_run_gang_gone() -> World:
+    world = trained_fields_edited()
+    world.reconcile()
+    world.collect_garbage()
+    world.kube.forget_calls()
+    return world
+
+
+def serving_without_kserve() -> World:
+    world = World(new_job(serving={}), unserved=("InferenceService",))
+    world.reconcile()
+    world.pods("Running")
+    world.reconcile()
+    for name in [p["metadata"]["name"] for p in world.kube.of_kind("Pod")]:
+        del world.kube.objects[("Pod", "ml", name)]
+    world.pods("Succeeded", TerminationMessage.build(0, "done"))
+    world.job_condition("Complete")
+    world.kube.forget_calls()
+    return world
+
+
+def ttl_passed() -> World:
+    world = succeeded(runPolicy={"ttlSecondsAfterFinished": 60})
+    ftj = world.ftj
+    ftj["status"]["completionTime"] = iso(NOW - timedelta(hours=1))
+    world.kube.put(ftj)
+    world.watch()
+    return world
+
+
+def deadline_passed() -> World:
+    world = running(runPolicy={"activeDeadlineSeconds": 600})
+    ftj = world.ftj
+    ftj["status"]["startTime"] = iso(NOW - timedelta(hours=1))
+    world.kube.put(ftj)
+    world.watch()
+    return world
+
+
+def check_new_job(world: World) -> None:
+    job = world.job()
+    assert job["spec"]["suspend"] is False and job["metadata"]["annotations"] == {names.ANNOTATION_SUSPEND_APPLIED: "false"}
+    owner = job["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == ("FineTuneJob", "demo", True)
+    assert world.kube.get("ConfigMap", "ml", "demo-config") is not None and world.kube.get("Service", "ml", "demo") is not None
+    status = world.status
+    assert status["workload"] == "demo-r0" and status["observedGeneration"] == 1 and status["trainedSpecHash"]
+
+
+def check_deferred(world: World) -> None:
+    job = world.job()
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["annotations"][names.ANNOTATION_DEFERRED] == "ConfigMap,Service"
+    assert world.kube.get("ConfigMap", "ml", "demo-config") is None  # a queued job costs one object
+
+
+def check_admitted(world: World) -> None:
+    annotations = world.job()["metadata"]["annotations"]
+    assert names.ANNOTATION_DEFERRED not in annotations and annotations[names.ANNOTATION_SUSPEND_APPLIED] == "true"
+    assert world.job()["spec"]["suspend"] is False  # the queue's decision, not fought
+
+
+def check_resumed(world: World) -> None:
+    job = world.job()
+    assert job["spec"]["suspend"] is False and job["metadata"]["annotations"] == {names.ANNOTATION_SUSPEND_APPLIED: "false"}
+    assert world.kube.get("ConfigMap", "ml", "demo-config") is not None
+
+
+def check_suspended(world: World) -> None:
+    patch = world.kube.requests[-1].body
+    assert patch == {"metadata": {"annotations": {names.ANNOTATION_SUSPEND_APPLIED: "true"}}, "spec": {"suspend": True}}
+
+
+def check_restarting(world: World) -> None:
+    status = world.status
+    assert status["restarts"] == 1 and status["workload"] == "demo-r1"
+    assert status["lastFailure"]["exitCode"] == ExitCode.INFRASTRUCTURE and "NCCL timeout" in status["message"]
+    assert world.kube.requests[-1].body == "Background"  # the Job goes at once; the GC takes its pods
+
+
+def check_next_gang(world: World) -> None:
+    assert world.job("demo-r1")["metadata"]["labels"][names.LABEL_RESTART] == "1"
+    assert [c.outcome for c in world.kube.requests[:3]] == ["ok", "409", "409"]  # the config and DNS stay
+
+
+def check_failed_for_the_user(world: World) -> None:
+    status = world.status
+    assert status["lastFailure"]["reason"] == "DatasetInvalid" and status["restarts"] == 0
+    assert "bad record 3" in status["message"]
+
+
+def check_succeeded(world: World) -> None:
+    status = world.status
+    assert status["artifacts"]["manifest"] == "s3://out/demo/manifest.json" and status["completionTime"]
+
+
+def check_new_run(world: World) -> None:
+    status = world.status
+    assert status["run"] == 2 and status["runUri"] == "s3://out/demo/run-2" and len(status["runs"]) == 1
+    assert "startTime" not in status and "artifacts" not in status  # cleared by the merge patch
+
+
+def check_new_run_gang(world: World) -> None:
+    config = world.kube.requests[2].body  # this run's config replaces the finished run's
+    assert "s3://out/demo/run-2" in config["data"]["trainer-config.yaml"]
+
+
+def check_serving(world: World) -> None:
+    status = world.status
+    isvc = world.kube.get("InferenceService", "ml", "demo")
+    assert isvc is not None and status["serving"]["name"] == "demo"
+    assert isvc["metadata"]["ownerReferences"][0]["name"] == "demo"
+    assert names.LABEL_JOB not in isvc["metadata"]["labels"]  # its pods are not the training gang
+
+
+def check_serving_missing(world: World) -> None:
+    serving = next(c for c in world.status["conditions"] if c["type"] == "Serving")
+    assert (serving["status"], serving["reason"]) == ("False", "ServingAPIMissing")
+
+
+def check_deleted(world: World) -> None:
+    assert world.kube.get("FineTuneJob", "ml", "demo") is None
+
+
+CASES = {
+    "create: the gang's Job first, then its config and DNS, then the status and its Event": Case(
+        lambda: World(new_job()), [*CREATE_GANG, *STATUS_AND_EVENT], "Pending", ("Normal", "PodsPending"), check_new_job
+    ),
+    "create suspended: the Job alone, its config and DNS deferred": Case(
+        lambda: World(new_job(runPolicy={"suspend": True})),
+        [("create", "Job", "demo-r0"), *STATUS_AND_EVENT], "Suspended", ("Normal", "JobSuspended"), check_deferred,
+    ),
+    "at rest: a pass that finds nothing new writes nothing": Case(running, [], "Initializing"),
+    "pods up: status only": Case(lambda: (w := created(), w.pods("Running"))[0], STATUS_AND_EVENT, "Initializing",
+                                 ("Normal", "PodsStarting")),  # fmt: skip
+    "admit: a queue unsuspended the Job, its config and DNS follow": Case(
+        queue_admits,
+        [*STATUS_AND_EVENT, ("create", "ConfigMap", "demo-config"), ("create", "Service", "demo"), ("patch", "Job", "demo-r0")],
+        "Pending", ("Normal", "PodsPending"), check_admitted,
+    ),
+    "resume: the user's suspend: false reaches the Job": Case(
+        user_resumes,
+        [("patch-status", "FineTuneJob", "demo"), ("create", "ConfigMap", "demo-config"), ("create", "Service", "demo"),
+         ("patch", "Job", "demo-r0")],
+        "Suspended", None, check_resumed,
+    ),
+    "suspend: the user's suspend: true reaches the Job": Case(
+        user_suspends, [("patch-status", "FineTuneJob", "demo"), ("patch", "Job", "demo-r0")], "Initializing", None,
+        check_suspended,
+    ),
+    "restart: a retryable failure deletes the gang": Case(
+        lambda: finished(ExitCode.INFRASTRUCTURE, "NCCL timeout"),
+        [*STATUS_AND_EVENT, ("delete", "Job", "demo-r0")], "Restarting", ("Warning", "GangRestarting"), check_restarting,
+    ),
+    "restart: the next gang once the old one is gone": Case(
+        old_gang_gone,
+        [("create", "Job", "demo-r1"), ("create", "ConfigMap", "demo-config"), ("create", "Service", "demo"),
+         *STATUS_AND_EVENT],
+        "Pending", ("Normal", "PodsPending"), check_next_gang,
+    ),
+    "failure: a user error fails the job at once and stops the gang": Case(
+        lambda: finished(ExitCode.DATASET_INVALID, "bad record 3"),
+        [*STATUS_AND_EVENT, ("delete", "Job", "demo-r0")], "Failed", ("Warning", "DatasetInvalid"), check_failed_for_the_user,
+    ),
+    "failure: retries used up": Case(
+        lambda: finished(ExitCode.STORAGE_UNAVAILABLE, runPolicy={"backoffLimit": 0}),
+        [*STATUS_AND_EVENT, ("delete", "Job", "demo-r0")], "Failed", ("Warning", "BackoffLimitExceeded"),
+    ),
+    "failure: the active deadline passed": Case(
+        deadline_passed, [*STATUS_AND_EVENT, ("delete", "Job", "demo-r0")], "Failed", ("Warning", "DeadlineExceeded"),
+    ),
+    "success: status and Event, the finished gang left for its logs": Case(
+        lambda: (w := finished(0), w.job_condition("Complete"))[0], STATUS_AND_EVENT, "Succeeded",
+        ("Normal", "TrainingSucceeded"), check_succeeded,
+    ),
+    "serving hand-off: a succeeded job's model is served in the pass that sees it succeed": Case(
+        lambda: (w := finished(0, serving={}), w.job_condition("Complete"))[0],
+        [*STATUS_AND_EVENT, ("create", "InferenceService", "demo"), *STATUS_AND_EVENT], "Succeeded",
+        ("Normal", "ServingCreated"), check_serving,
+    ),
+    "serving hand-off: once": Case(
+        lambda: (w := finished(0, serving={}), w.job_condition("Complete"), w.reconcile(), w.kube.forget_calls())[0],
+        [], "Succeeded",
+    ),
+    "serving hand-off: no KServe is a condition, not a crash": Case(
+        serving_without_kserve,
+        [*STATUS_AND_EVENT, ("create", "InferenceService", "demo"), *STATUS_AND_EVENT], "Succeeded",
+        ("Warning", "ServingAPIMissing"), check_serving_missing,
+    ),
+    "new run: trained fields edited after success close the run and remove its gang": Case(
+        trained_fields_edited, [("delete", "Job", "demo-r0"), *STATUS_AND_EVENT], "Pending", ("Normal", runs.NEW_RUN_REASON),
+        check_new_run,
+    ),
+    "new run: its gang, with this run's config": Case(
+        new_run_gang_gone,
+        [("create", "Job", "demo-r0"), ("create", "ConfigMap", "demo-config"), ("patch", "ConfigMap", "demo-config"),
+         ("create", "Service", "demo"), ("patch-status", "FineTuneJob", "demo")],
+        "Pending", None, check_new_run_gang,
+    ),
+    "refused spec: Failed naming the field, nothing created": Case(
+        lambda: World(new_job(training={"learningRate": -1})), STATUS_AND_EVENT, "Failed", ("Warning", "SpecInvalid"),
+    ),
+    "TTL: a finished job past ttlSecondsAfterFinished is deleted": Case(
+        ttl_passed, [("delete", "FineTuneJob", "demo")], "", None, check_deleted
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_reconcile_pass(case: Case) -> None:
+    world = case.given()
+    before = copy.deepcopy(world.kube.objects)
+    world.reconcile()
+    assert world.kube.writes() == case.writes
+    if case.phase:
+        assert world.status.get("phase") == case.phase
+    events = world.kube.events()
+    assert [e[:2] for e in events][-1:] == ([case.event] if case.event else [])
+    if case.then is not None:
+        case.then(world)
+    if not case.writes:
+        assert world.kube.objects == before
+
+
+def test_every_write_of_a_pass_is_needed_again_only_when_something_changes() -> None:
+    """Level-triggered: after any pass of the table, a second pass over the same world writes nothing new
+    (beyond the finished gang a restart or a new run waits for)."""
+    world = World(new_job())
+    for step in (world.reconcile, lambda: world.pods("Running"), world.reconcile):
+        step()
+    world.kube.forget_calls()
+    world.reconcile()
+    world.reconcile()
+    assert world.kube.writes() == []
