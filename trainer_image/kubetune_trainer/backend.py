@@ -52,7 +52,7 @@ def choose_backend(
         return BackendChoice(dist.backend == "deepspeed", f"spec.distributed.backend is {dist.backend}")
     if spec.model.quantization is not None:
         return BackendChoice(False, "QLoRA: DDP (each GPU holds the quantized base; ZeRO does not partition bitsandbytes weights)")
-    if not on_gpu or dist.nodes * dist.procs_per_node == 1:
+    if not on_gpu or dist.world_size == 1:
         return BackendChoice(False, "one GPU or CPU processes: DDP")
     if dist.offload_optimizer or dist.offload_params:
         return BackendChoice(True, "offload asked: DeepSpeed ZeRO")

@@ -106,7 +106,7 @@ def estimate_memory(
 ) -> MemoryEstimate:  # fmt: skip
     """Peak bytes one rank holds while training `tokens` tokens per micro-batch (see the module docstring)."""
     d = spec.distributed
-    world = d.nodes * d.procs_per_node
+    world = d.world_size
     half = on_gpu and spec.training.precision != "fp32"
     auto_fp32 = spec.model.dtype == "auto" and spec.method == "full" and not deepspeed
     weight_bytes = 4 if (not half or auto_fp32 or spec.model.dtype == "float32") else 2
@@ -169,7 +169,7 @@ def length_stats(lengths: list[int], max_len: int) -> dict[str, Any]:
 
 def steps_per_epoch(n_train: int, spec: FineTuneJobSpec, accum: int) -> int:
     """As the trainer counts: each rank's share of micro-batches, over gradient accumulation."""
-    world = spec.distributed.nodes * spec.distributed.procs_per_node
+    world = spec.distributed.world_size
     return max(1, math.ceil(n_train / world / spec.training.per_device_batch_size) // accum)
 
 
@@ -209,7 +209,7 @@ def summarize(spec: FineTuneJobSpec, built: Built, tokenizer: Any, accum: int, m
         "learnedTokensPerEpoch": sum(sum(1 for x in e.labels if x != IGNORE) for e in built.train),
         "stepsPerEpoch": per_epoch,
         "totalSteps": t.max_steps or max(1, math.ceil(t.epochs * per_epoch)),
-        "globalBatchSize": t.global_batch_size or t.per_device_batch_size * spec.distributed.nodes * spec.distributed.procs_per_node,
+        "globalBatchSize": t.global_batch_size or t.per_device_batch_size * spec.distributed.world_size,
         "examples": [[{"text": text, "learned": learned} for text, learned in ex] for ex in rendered_examples(built, tokenizer, n_examples)],
         "memory": None if memory is None else {
             "per": memory.per, "totalBytes": memory.total, "parts": memory.parts, "availableBytes": memory.available, "fits": memory.fits,
@@ -238,7 +238,7 @@ def text_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def accumulation(spec: FineTuneJobSpec) -> int:
-    world = spec.distributed.nodes * spec.distributed.procs_per_node
+    world = spec.distributed.world_size
     gbs = spec.training.global_batch_size
     return max(1, gbs // (spec.training.per_device_batch_size * world)) if gbs else 1
 
@@ -269,7 +269,7 @@ def run_preflight(spec: FineTuneJobSpec, n_examples: int = 3, gpu_memory: int | 
         return preflight_pairs(spec, model_dir, tokenizer, n_examples, gpu_memory)
     built = data.build(spec.dataset, spec.storage, tokenizer, spec.training.seed)
     accum = accumulation(spec)
-    data.check_batch(len(built.train), spec.training, spec.distributed.nodes * spec.distributed.procs_per_node, accum)
+    data.check_batch(len(built.train), spec.training, spec.distributed.world_size, accum)
     on_gpu = spec.distributed.gpus_per_node > 0
     backend = {"ddp": False, "deepspeed": True}.get(spec.distributed.backend)
     longest = max((n for s in built.sources for n in s.lengths), default=spec.dataset.max_seq_length)
@@ -284,7 +284,7 @@ def preflight_pairs(spec: FineTuneJobSpec, model_dir: Path, tokenizer: Any, n_ex
 
     built = dpo.build_pairs(spec.dataset, spec.storage, tokenizer, spec.training.seed)
     accum = accumulation(spec)
-    data.check_batch(len(built.train), spec.training, spec.distributed.nodes * spec.distributed.procs_per_node, accum)
+    data.check_batch(len(built.train), spec.training, spec.distributed.world_size, accum)
     lengths = [n for s in built.sources for n in s.lengths]
     on_gpu = spec.distributed.gpus_per_node > 0
     backend = {"ddp": False, "deepspeed": True}.get(spec.distributed.backend)
@@ -307,7 +307,7 @@ def preflight_pairs(spec: FineTuneJobSpec, model_dir: Path, tokenizer: Any, n_ex
         "learnedTokensPerEpoch": sum(sum(1 for x in p.chosen_labels + p.rejected_labels if x != IGNORE) for p in built.train),
         "stepsPerEpoch": per_epoch,
         "totalSteps": t.max_steps or max(1, math.ceil(t.epochs * per_epoch)),
-        "globalBatchSize": t.global_batch_size or t.per_device_batch_size * spec.distributed.nodes * spec.distributed.procs_per_node,
+        "globalBatchSize": t.global_batch_size or t.per_device_batch_size * spec.distributed.world_size,
         "examples": [],
         "pairs": [rendered_pair(p, tokenizer) for p in built.train[:n_examples]],
         "memory": None if memory is None else {

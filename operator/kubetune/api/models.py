@@ -384,6 +384,11 @@ class DistributedSpec(ApiModel):
     offload_params: bool = False
     """DeepSpeed ZeRO-3: keep parameters in CPU memory."""
 
+    @property
+    def world_size(self) -> int:
+        """Processes that train together: nodes x procsPerNode (torchrun's WORLD_SIZE)."""
+        return self.nodes * self.procs_per_node
+
 
 # -------------------------------------------------------------- output/storage
 

@@ -34,7 +34,7 @@ class Rule:
 
 
 def _micro(spec: FineTuneJobSpec) -> int:
-    return spec.training.per_device_batch_size * spec.distributed.nodes * spec.distributed.procs_per_node
+    return spec.training.per_device_batch_size * spec.distributed.world_size
 
 
 def _batch_hint(spec: FineTuneJobSpec) -> str:

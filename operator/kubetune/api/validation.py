@@ -38,6 +38,7 @@ from kubetune.api.models import (
     FineTuneJobSpec,
 )
 from kubetune.api.rules import EVALUATION_RULES, SPEC_RULES
+from kubetune.api.uris import spec_uris
 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -183,21 +184,10 @@ def problems_from_pydantic(exc: ValidationError, prefix: str = "") -> list[Probl
 # ---------------------------------------------------------- semantic checks
 
 
-def _uris(spec: FineTuneJobSpec) -> dict[str, str]:
-    uris = {"spec.model.source": spec.model.source, "spec.output.uri": spec.output.uri}
-    if spec.dataset.train:
-        uris["spec.dataset.train"] = spec.dataset.train
-    for i, source in enumerate(spec.dataset.sources):
-        uris[f"spec.dataset.sources[{i}].path"] = source.path
-    if spec.dataset.eval:
-        uris["spec.dataset.eval"] = spec.dataset.eval
-    return uris
-
-
 def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
     """PersistentVolumeClaims named by pvc:// URIs, in a stable order (the operator mounts them)."""
     claims: list[str] = []
-    for uri in _uris(spec).values():
+    for uri in spec_uris(spec).values():
         if uri.startswith("pvc://"):
             claim = uri[len("pvc://") :].split("/", 1)[0]
             if claim not in claims:
@@ -212,7 +202,7 @@ def _cel_twins(spec: FineTuneJobSpec) -> list[Problem]:
 
 def _storage(spec: FineTuneJobSpec) -> list[Problem]:
     out = []
-    s3 = [f for f, uri in _uris(spec).items() if uri.startswith("s3://")]
+    s3 = [f for f, uri in spec_uris(spec).items() if uri.startswith("s3://")]
     if s3 and spec.storage.endpoint and spec.storage.secret_ref is None:
         out.append(
             Problem(
@@ -377,7 +367,7 @@ def _output(spec: FineTuneJobSpec) -> list[Problem]:
     if out is None:
         return []
     problems = []
-    for field, uri in _uris(spec).items():
+    for field, uri in spec_uris(spec).items():
         if field == "spec.output.uri":
             continue
         loc = _location(uri)

@@ -67,8 +67,9 @@ def quiet_libraries(enabled: bool = True) -> Iterator[None]:
 
 def _job(path: Path, overrides: list[str]) -> Any:
     """The manifest with its paths resolved, through the one validation (SpecInvalid lists every problem)."""
+    from kubetune.api.uris import map_uris, resolve_uri
     from kubetune.api.validation import SpecInvalid, validate_manifest
-    from kubetune.cli.run import load_manifest, resolve_uri, set_path
+    from kubetune.cli.run import load_manifest, set_path
 
     manifest = load_manifest(path)
     spec = manifest.setdefault("spec", {})
@@ -76,15 +77,7 @@ def _job(path: Path, overrides: list[str]) -> Any:
         set_path(spec, item)
     base = path.parent
     spec.setdefault("output", {}).setdefault("uri", "file:///tmp/kubetune-preflight")  # not written to
-    model, dataset = spec.get("model") or {}, spec.get("dataset") or {}
-    if model.get("source"):
-        model["source"] = resolve_uri(model["source"], base)
-    for key in ("train", "eval"):
-        if dataset.get(key):
-            dataset[key] = resolve_uri(dataset[key], base)
-    for source in dataset.get("sources") or []:
-        if isinstance(source, dict) and source.get("path"):
-            source["path"] = resolve_uri(source["path"], base)
+    map_uris(spec, lambda uri: resolve_uri(uri, base))
     job, problems = validate_manifest(manifest)
     if job is None:
         raise SpecInvalid(problems)

@@ -45,6 +45,7 @@ from kubetune.api.contract import (
 )
 from kubetune.api.manifest_yaml import ManifestError, load_documents
 from kubetune.api.models import FineTuneJob
+from kubetune.api.uris import map_uris, resolve_uri, spec_uris
 from kubetune.api.validation import Problem, SpecInvalid, validate_manifest
 from kubetune.cli.manifests import REFUSED, Refusal, print_problems, read_jobs
 
@@ -88,14 +89,6 @@ def set_path(spec: dict[str, Any], item: str) -> None:
     node[parts[-1]] = docs[0] if docs else None
 
 
-def resolve_uri(uri: str, base: Path) -> str:
-    """Relative local paths (plain or file://) -> absolute file:// URIs; remote URIs unchanged."""
-    if uri.startswith(("s3://", "hf://", "pvc://")):
-        return uri
-    path = uri.removeprefix("file://")
-    return "file://" + os.path.normpath(base / path)
-
-
 def localized_document(
     manifest: dict[str, Any], base: Path, output: str | None, nproc: int | None, overrides: list[str], gpus: int
 ) -> tuple[dict[str, Any], list[Problem]]:
@@ -119,17 +112,7 @@ def localized_document(
             out["uri"] = output if output.startswith("s3://") else "file://" + str(Path(output).resolve())
         elif "uri" not in out:
             out["uri"] = "file://" + str(Path("runs", name if isinstance(name, str) and name else "job").resolve())
-    dataset = spec.get("dataset")
-    sources = dataset.get("sources") if isinstance(dataset, dict) else None
-    holders = [(spec.get(block), key) for block, key in (("model", "source"), ("dataset", "train"), ("dataset", "eval"), ("output", "uri"))]
-    holders += [(source, "path") for source in sources] if isinstance(sources, list) else []
-    for holder, key in holders:
-        if isinstance(holder, dict) and isinstance(holder.get(key), str) and holder[key]:
-            holder[key] = resolve_uri(holder[key], base)
-    sources = spec.get("dataset", {}).get("sources") if isinstance(spec.get("dataset"), dict) else None
-    for source in sources if isinstance(sources, list) else []:
-        if isinstance(source, dict) and isinstance(source.get("path"), str) and source["path"]:
-            source["path"] = resolve_uri(source["path"], base)
+    map_uris(spec, lambda uri: resolve_uri(uri, base))
     dist = spec.setdefault("distributed", {})
     if isinstance(dist, dict):
         nodes, per_node = dist.get("nodes", 1), dist.get("procsPerNode", 1)
@@ -201,10 +184,9 @@ def preflight(job: FineTuneJob) -> Failure | None:
     model = local_path(spec.model.source)
     if model is not None and not model.exists():
         return Failure(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {model} does not exist; point it at a model directory")
-    inputs = [("spec.dataset.train", spec.dataset.train), ("spec.dataset.eval", spec.dataset.eval)]
-    inputs += [(f"spec.dataset.sources[{i}].path", s.path) for i, s in enumerate(spec.dataset.sources)]
-    for field, uri in inputs:
-        path = local_path(uri) if uri else None
+    data = {f: uri for f, uri in spec_uris(spec).items() if f not in ("spec.model.source", "spec.output.uri")}
+    for field, uri in data.items():
+        path = local_path(uri)
         if path is not None and not path.exists():
             return Failure(ExitCode.DATASET_INVALID, f"{field}: {path} does not exist")
     out = local_path(spec.output.uri)

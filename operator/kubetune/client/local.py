@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from kubetune.api.models import FineTuneJob, FineTuneJobStatus, Progress
+from kubetune.api.uris import map_uris, resolve_uri
 from kubetune.client import jobs
 from kubetune.client.errors import AlreadyExists, NotFound
 from kubetune.client.jobs import Events, JobList
@@ -41,15 +42,8 @@ def now_iso() -> str:
 
 def resolve_paths(doc: dict[str, Any], base: Path) -> dict[str, Any]:
     """Relative paths made absolute against `base` (the YAML file's directory, or the working directory)."""
-    from kubetune.cli.run import resolve_uri
-
     doc = copy.deepcopy(doc)
-    spec = doc["spec"]
-    spec["model"]["source"] = resolve_uri(spec["model"]["source"], base)
-    for key in ("train", "eval"):
-        if spec["dataset"].get(key):
-            spec["dataset"][key] = resolve_uri(spec["dataset"][key], base)
-    spec["output"]["uri"] = resolve_uri(spec["output"]["uri"], base)
+    map_uris(doc["spec"], lambda uri: resolve_uri(uri, base))
     return doc
 
 

@@ -10,12 +10,8 @@ from kubetune.api.models import FineTuneJobSpec
 from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT, JobRef, TrainerConfig
 
 
-def world_size(spec: FineTuneJobSpec) -> int:
-    return spec.distributed.nodes * spec.distributed.procs_per_node
-
-
 def gradient_accumulation_steps(spec: FineTuneJobSpec) -> int:
-    micro = spec.training.per_device_batch_size * world_size(spec)
+    micro = spec.training.per_device_batch_size * spec.distributed.world_size
     if spec.training.global_batch_size is None:
         return 1
     if spec.training.global_batch_size % micro:
@@ -32,7 +28,7 @@ def render_trainer_config(
     return TrainerConfig(
         job=JobRef(name=name, namespace=namespace, uid=uid),
         spec=spec,
-        world_size=world_size(spec),
+        world_size=spec.distributed.world_size,
         gradient_accumulation_steps=gradient_accumulation_steps(spec),
         progress_port=progress_port,
     )
