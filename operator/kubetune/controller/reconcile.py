@@ -31,6 +31,7 @@ from kubetune.controller.settings import Settings
 from kubetune.controller.store import Key, Store
 from kubetune.render.objects import render_config_map, render_service, render_workload
 from kubetune.status import runs
+from kubetune.status.conditions import Reason
 from kubetune.status.derive import (
     PROGRESS_GRACE_SECONDS,
     TERMINAL,
@@ -212,7 +213,7 @@ def accept(body: dict[str, Any], status: FineTuneJobStatus, store: Store, kube: 
         if status.phase != "Failed":
             problems = "; ".join(str(p) for p in exc.problems)
             refused = refused_status(status, [str(p) for p in exc.problems], meta.get("generation"), now())
-            publish(body, Decision(status=refused, event=("Warning", "SpecInvalid", problems)), store, kube)
+            publish(body, Decision(status=refused, event=("Warning", Reason.SPEC_INVALID, problems)), store, kube)
             log.warning("%s/%s refused: %s", meta["namespace"], meta["name"], problems)
         return None
 

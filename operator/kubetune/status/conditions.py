@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import Enum
 from typing import Any, Final, Literal
 
+from kubetune.api.contract import REASONS, ExitCode
 from kubetune.api.models import Condition
 
 # Condition types
@@ -18,36 +20,68 @@ EVALUATED: Final = "Evaluated"  # spec.evaluation: the final model's figures and
 ORDER: Final = (SPEC_VALID, RUNNING, SUSPENDED, EVALUATED, SUCCEEDED, FAILED, SERVING)
 """The order conditions are listed in."""
 
-# Reason -> message template (formatted with the keyword arguments given to `reason_message`).
-MESSAGES: Final[dict[str, str]] = {
-    "SpecAccepted": "The spec is valid.",
-    "SpecInvalid": "The spec was refused: {problems}",
-    "PodsPending": "Waiting for {nodes} pod(s) to be scheduled ({pending} pending).",
-    "PodsStarting": "Pods are starting; the trainer is loading the model and data.",
-    "TrainingRunning": "Training: step {step} of {total} ({percent}%).",
-    "TrainingStarted": "All {nodes} pod(s) are running.",
-    "GangRestarting": "Rank failed ({cause}); restarting the whole gang from the last checkpoint (restart {restart} of {limit}).",
-    "JobSuspended": "Suspended: no pods run until spec.runPolicy.suspend is false (or a queue admits the job).",
-    "JobResumed": "Resumed.",
-    "TrainingSucceeded": "Training finished; artifacts are under {uri}.",
-    "BackoffLimitExceeded": "Failed after {restarts} restart(s); last failure: {cause}.",
-    "DeadlineExceeded": "Ran longer than spec.runPolicy.activeDeadlineSeconds ({seconds}s).",
-    "ServingCreated": "{kind} {name} created; it serves {uri}.",
-    "ServingAPIMissing": "The cluster has no {kind} API ({api}): install KServe's CRDs, or set spec.serving.kind: Deployment. The model stays at {uri}.",
-    "ServingRefused": "The API server refused {kind} {name}: {error}",
-    "ServingNameTaken": "{kind} {name} already exists and this FineTuneJob does not own it (left alone): set spec.serving.name to another name.",
-    "Evaluated": "Evaluated: {figures}.",
-    "EvaluationPassed": "Evaluation gate passed: {figures}.",
-    "EvaluationGateFailed": "Evaluation gate failed; nothing published, artifacts kept for inspection: {figures}.",
+class Reason(str, Enum):
+    """The reasons the operator itself gives in conditions and Events: CamelCase, each with one message template
+    in MESSAGES. (A failed rank's reason is the trainer's (kubetune.api.contract.REASONS) or Kubernetes', with the
+    rank's own message.)"""
+
+    SPEC_ACCEPTED = "SpecAccepted"
+    SPEC_INVALID = "SpecInvalid"
+    PODS_PENDING = "PodsPending"
+    PODS_STARTING = "PodsStarting"
+    TRAINING_RUNNING = "TrainingRunning"
+    TRAINING_STARTED = "TrainingStarted"
+    GANG_RESTARTING = "GangRestarting"
+    JOB_SUSPENDED = "JobSuspended"
+    JOB_RESUMED = "JobResumed"
+    TRAINING_SUCCEEDED = "TrainingSucceeded"
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    NEW_RUN = "NewRun"
+    SERVING_CREATED = "ServingCreated"
+    SERVING_API_MISSING = "ServingAPIMissing"
+    SERVING_REFUSED = "ServingRefused"
+    SERVING_NAME_TAKEN = "ServingNameTaken"
+    EVALUATED = "Evaluated"
+    EVALUATION_PASSED = "EvaluationPassed"
+    EVALUATION_GATE_FAILED = REASONS[ExitCode.EVALUATION_GATE_FAILED]  # the condition names the trainer's exit reason
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:  # f"{reason}" is its value on every Python, as str(reason) is
+        return str(self.value).__format__(spec)
+
+
+MESSAGES: Final[dict[Reason, str]] = {
+    Reason.SPEC_ACCEPTED: "The spec is valid.",
+    Reason.SPEC_INVALID: "The spec was refused: {problems}",
+    Reason.PODS_PENDING: "Waiting for {nodes} pod(s) to be scheduled ({pending} pending).",
+    Reason.PODS_STARTING: "Pods are starting; the trainer is loading the model and data.",
+    Reason.TRAINING_RUNNING: "Training: step {step} of {total} ({percent}%).",
+    Reason.TRAINING_STARTED: "All {nodes} pod(s) are running.",
+    Reason.GANG_RESTARTING: "Rank failed ({cause}); restarting the whole gang from the last checkpoint (restart {restart} of {limit}).",
+    Reason.JOB_SUSPENDED: "Suspended: no pods run until spec.runPolicy.suspend is false (or a queue admits the job).",
+    Reason.JOB_RESUMED: "Resumed.",
+    Reason.TRAINING_SUCCEEDED: "Training finished; artifacts are under {uri}.",
+    Reason.BACKOFF_LIMIT_EXCEEDED: "Failed after {restarts} restart(s); last failure: {cause}.",
+    Reason.DEADLINE_EXCEEDED: "Ran longer than spec.runPolicy.activeDeadlineSeconds ({seconds}s).",
+    Reason.NEW_RUN: "Run {run} for spec generation {generation}: {start}; writing to {uri}",
+    Reason.SERVING_CREATED: "{kind} {name} created; it serves {uri}.",
+    Reason.SERVING_API_MISSING: "The cluster has no {kind} API ({api}): install KServe's CRDs, or set spec.serving.kind: Deployment. The model stays at {uri}.",
+    Reason.SERVING_REFUSED: "The API server refused {kind} {name}: {error}",
+    Reason.SERVING_NAME_TAKEN: "{kind} {name} already exists and this FineTuneJob does not own it (left alone): set spec.serving.name to another name.",
+    Reason.EVALUATED: "Evaluated: {figures}.",
+    Reason.EVALUATION_PASSED: "Evaluation gate passed: {figures}.",
+    Reason.EVALUATION_GATE_FAILED: "Evaluation gate failed; nothing published, artifacts kept for inspection: {figures}.",
 }
+"""Reason -> message template, formatted with the keyword arguments given to `reason_message`."""
 
 
-def reason_message(reason: str, **kwargs: Any) -> str:
-    template = MESSAGES.get(reason, "{cause}")
-    try:
-        return template.format(**kwargs)
-    except (KeyError, IndexError):
-        return template
+def reason_message(reason: Reason, **kwargs: Any) -> str:
+    """The reason's message. A reason without a template is a ValueError, a missing argument a KeyError: both
+    are bugs, which the tests find (tests/test_conditions.py)."""
+    return MESSAGES[Reason(reason)].format(**kwargs)
 
 
 def set_condition(

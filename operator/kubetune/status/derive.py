@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from kubetune.api import contract, methods
 from kubetune.api.models import (
@@ -31,6 +31,10 @@ TERMINAL = ("Succeeded", "Failed")
 # Pods up this long with rank 0's progress never read: call it Running anyway (e.g. a NetworkPolicy
 # keeps the operator from the progress port), and say so in the message.
 PROGRESS_GRACE_SECONDS = 120
+POD_FAILED: Final = "PodFailed"
+"""A failed pod's reason when neither the trainer nor the kubelet gave one."""
+JOB_FAILED: Final = "JobFailed"
+"""A failed Job's reason when the Job controller gave none (no pod to ask)."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ def pod_failure(pod: dict[str, Any]) -> Failure | None:
     name = (pod.get("metadata") or {}).get("name", "?")
     term = _terminated(pod)
     if term is None:
-        return Failure(name, None, status.get("reason") or "PodFailed", status.get("message") or "")
+        return Failure(name, None, status.get("reason") or POD_FAILED, status.get("message") or "")
     code: int | None = term.get("exitCode")
     reason, message = "", (term.get("message") or "").strip()
     if (parsed := _message(term)) is not None:
@@ -197,22 +201,22 @@ def _pod_phase(
     scheduled = sum(1 for p in pods if (p.get("spec") or {}).get("nodeName"))
     if up >= nodes:
         if progress is not None and progress.trainer_phase == contract.TrainerPhase.INITIALIZING:
-            return "Initializing", "PodsStarting", c.reason_message("PodsStarting")
+            return "Initializing", c.Reason.PODS_STARTING, c.reason_message(c.Reason.PODS_STARTING)
         if progress is not None and progress.step is not None:
             msg = c.reason_message(
-                "TrainingRunning", step=progress.step, total=progress.total_steps or "?", percent=progress.percent or 0
+                c.Reason.TRAINING_RUNNING, step=progress.step, total=progress.total_steps or "?", percent=progress.percent or 0
             )
-            return "Running", "TrainingRunning", msg
+            return "Running", c.Reason.TRAINING_RUNNING, msg
         if progress is None and old_phase != "Running":
             # The trainer serves progress once it is up; until then it is still starting. Never step back
             # from Running because one read failed.
             since = _running_since(pods)
             if since is None or (now - since).total_seconds() < PROGRESS_GRACE_SECONDS:
-                return "Initializing", "PodsStarting", c.reason_message("PodsStarting")
-        return "Running", "TrainingStarted", c.reason_message("TrainingStarted", nodes=nodes)
+                return "Initializing", c.Reason.PODS_STARTING, c.reason_message(c.Reason.PODS_STARTING)
+        return "Running", c.Reason.TRAINING_STARTED, c.reason_message(c.Reason.TRAINING_STARTED, nodes=nodes)
     if scheduled or up:
-        return "Initializing", "PodsStarting", c.reason_message("PodsStarting")
-    return "Pending", "PodsPending", c.reason_message("PodsPending", nodes=nodes, pending=nodes - up)
+        return "Initializing", c.Reason.PODS_STARTING, c.reason_message(c.Reason.PODS_STARTING)
+    return "Pending", c.Reason.PODS_PENDING, c.reason_message(c.Reason.PODS_PENDING, nodes=nodes, pending=nodes - up)
 
 
 def _final_message(pods: list[dict[str, Any]]) -> contract.TerminationMessage | None:
@@ -234,7 +238,7 @@ def final_evaluation(pods: list[dict[str, Any]]) -> EvaluationResult | None:
 def _evaluated(conds: list[Condition], evaluation: EvaluationResult, now: str, generation: int | None) -> list[Condition]:
     """The Evaluated condition: True with the figures, or False (EvaluationGateFailed) naming each missed threshold."""
     ok = evaluation.gate_passed is not False
-    reason = "EvaluationGateFailed" if not ok else ("EvaluationPassed" if evaluation.gate_passed else "Evaluated")
+    reason = c.Reason.EVALUATION_GATE_FAILED if not ok else (c.Reason.EVALUATION_PASSED if evaluation.gate_passed else c.Reason.EVALUATED)
     return c.set_condition(conds, c.EVALUATED, ok, reason, c.reason_message(reason, figures=evaluation.summary()), now, generation)
 
 
@@ -287,32 +291,33 @@ def derive(
 
     nodes = spec.distributed.nodes
     phase: Phase = "Pending"
-    reason, message = "PodsPending", c.reason_message("PodsPending", nodes=nodes, pending=nodes)
+    reason: str = c.Reason.PODS_PENDING  # or a failed rank's own reason (the trainer's, or Kubernetes')
+    message = c.reason_message(c.Reason.PODS_PENDING, nodes=nodes, pending=nodes)
     failure: Failure | None = None
     evaluation: EvaluationResult | None = None
     if deadline_exceeded(spec, status.start_time, now):
-        phase, reason = "Failed", "DeadlineExceeded"
+        phase, reason = "Failed", c.Reason.DEADLINE_EXCEEDED
         message = c.reason_message(reason, seconds=spec.run_policy.active_deadline_seconds)
         action = "stop" if job is not None else "none"
     elif job is None:
         if restarts and old.phase == "Restarting":
-            phase, reason, message = "Restarting", "GangRestarting", old.message or ""
+            phase, reason, message = "Restarting", c.Reason.GANG_RESTARTING, old.message or ""
         elif spec.run_policy.suspend:
-            phase, reason, message = "Suspended", "JobSuspended", c.reason_message("JobSuspended")
+            phase, reason, message = "Suspended", c.Reason.JOB_SUSPENDED, c.reason_message(c.Reason.JOB_SUSPENDED)
         action = "none" if observed.stale else "create"
     elif _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
-        phase, reason = "Succeeded", "TrainingSucceeded"
+        phase, reason = "Succeeded", c.Reason.TRAINING_SUCCEEDED
         message = c.reason_message(reason, uri=spec.output.uri)
         status = _set(status, artifacts=final_artifacts(spec, observed.pods))
         if (final := final_progress(observed.pods, now)) is not None:
             status = _set(status, progress=final)
         evaluation = final_evaluation(observed.pods)
     elif (job.get("spec") or {}).get("suspend"):
-        phase, reason, message = "Suspended", "JobSuspended", c.reason_message("JobSuspended")
+        phase, reason, message = "Suspended", c.Reason.JOB_SUSPENDED, c.reason_message(c.Reason.JOB_SUSPENDED)
     elif (failure := decisive_failure(observed.pods)) is not None or _job_condition(job, "Failed"):
         if failure is None:
             cond = _job_condition(job, "Failed") or {}
-            failure = Failure(job["metadata"]["name"], None, cond.get("reason") or "JobFailed", cond.get("message") or "")
+            failure = Failure(job["metadata"]["name"], None, cond.get("reason") or JOB_FAILED, cond.get("message") or "")
         status = _set(status, last_failure=failure.to_status())
         evaluation = final_evaluation(observed.pods)  # a failed gate: the figures it failed on
         if not failure.retryable:
@@ -320,13 +325,13 @@ def derive(
             action = "stop"
         elif restarts < spec.run_policy.backoff_limit:
             status = _set(status, restarts=restarts + 1, workload=workload_name(name, restarts + 1))
-            phase, reason = "Restarting", "GangRestarting"
+            phase, reason = "Restarting", c.Reason.GANG_RESTARTING
             message = c.reason_message(
                 reason, cause=failure.describe(), restart=restarts + 1, limit=spec.run_policy.backoff_limit
             )
             action = "restart"
         else:
-            phase, reason = "Failed", "BackoffLimitExceeded"
+            phase, reason = "Failed", c.Reason.BACKOFF_LIMIT_EXCEEDED
             message = c.reason_message(reason, restarts=restarts, cause=failure.describe())
             action = "stop"
     else:
@@ -350,14 +355,14 @@ def _conditions(
 ) -> list[Condition]:
     out = list(old)
     if c.get_condition(out, c.SPEC_VALID) is None:
-        out = c.set_condition(out, c.SPEC_VALID, True, "SpecAccepted", c.reason_message("SpecAccepted"), now, generation)
+        out = c.set_condition(out, c.SPEC_VALID, True, c.Reason.SPEC_ACCEPTED, c.reason_message(c.Reason.SPEC_ACCEPTED), now, generation)
     out = c.set_condition(out, c.RUNNING, phase == "Running", reason, message, now, generation)
     suspended = phase == "Suspended"
     prev = c.get_condition(out, c.SUSPENDED)
     if suspended:
-        out = c.set_condition(out, c.SUSPENDED, True, "JobSuspended", message, now, generation)
+        out = c.set_condition(out, c.SUSPENDED, True, c.Reason.JOB_SUSPENDED, message, now, generation)
     elif prev is not None and prev.status == "True":
-        out = c.set_condition(out, c.SUSPENDED, False, "JobResumed", c.reason_message("JobResumed"), now, generation)
+        out = c.set_condition(out, c.SUSPENDED, False, c.Reason.JOB_RESUMED, c.reason_message(c.Reason.JOB_RESUMED), now, generation)
     if phase == "Succeeded":
         out = c.set_condition(out, c.SUCCEEDED, True, reason, message, now, generation)
     if phase == "Failed":
@@ -369,9 +374,9 @@ def refused_status(old: FineTuneJobStatus | None, problems: list[str], generatio
     """The status of a spec the operator refuses: Failed, SpecValid=False naming each field and fix."""
     ts = iso(now)
     old = old or FineTuneJobStatus()
-    message = c.reason_message("SpecInvalid", problems="; ".join(problems))
-    conds = c.set_condition(old.conditions, c.SPEC_VALID, False, "SpecInvalid", message, ts, generation)
-    conds = c.set_condition(conds, c.FAILED, True, "SpecInvalid", message, ts, generation)
+    message = c.reason_message(c.Reason.SPEC_INVALID, problems="; ".join(problems))
+    conds = c.set_condition(old.conditions, c.SPEC_VALID, False, c.Reason.SPEC_INVALID, message, ts, generation)
+    conds = c.set_condition(conds, c.FAILED, True, c.Reason.SPEC_INVALID, message, ts, generation)
     return FineTuneJobStatus(
         phase="Failed",
         message=message,

@@ -20,7 +20,7 @@ from kubetune.api.models import TRAINED_FIELDS, FineTuneJobSpec, FineTuneJobStat
 from kubetune.status import conditions as c
 from kubetune.status.derive import TERMINAL, iso
 
-NEW_RUN_REASON = "NewRun"
+NEW_RUN_REASON = c.Reason.NEW_RUN
 
 
 _TRAINED = {name for name, info in FineTuneJobSpec.model_fields.items() if (info.alias or name) in TRAINED_FIELDS}
@@ -94,11 +94,8 @@ def start_new_run(
     )
     nxt = run + 1
     resumed = (old.run_uri or run_uri(spec.output.uri, run)) if spec.output.resume_from == "previous" else None
-    message = (
-        f"Run {nxt} for spec generation {generation}: "
-        + (f"resuming from run {run}'s last checkpoint" if resumed else "training from the start")
-        + f"; writing to {run_uri(spec.output.uri, nxt)}"
-    )
+    start = f"resuming from run {run}'s last checkpoint" if resumed else "training from the start"
+    message = c.reason_message(NEW_RUN_REASON, run=nxt, generation=generation, start=start, uri=run_uri(spec.output.uri, nxt))
     conds = list(old.conditions)
     for type_ in (c.SUCCEEDED, c.FAILED):
         if c.get_condition(conds, type_) is not None:

@@ -40,16 +40,16 @@ def record(
     """The status after a hand-off attempt, and its Event (None when the condition did not change)."""
     ref = serving_ref(obj)
     if outcome == "created":
-        reason, ok = "ServingCreated", True
+        reason, ok = c.Reason.SERVING_CREATED, True
         message = c.reason_message(reason, kind=ref.kind, name=ref.name, uri=ref.uri)
     elif outcome == "missing":
-        reason, ok = "ServingAPIMissing", False
+        reason, ok = c.Reason.SERVING_API_MISSING, False
         message = c.reason_message(reason, kind=ref.kind, api=obj["apiVersion"], uri=ref.uri)
     elif outcome == "taken":
-        reason, ok = "ServingNameTaken", False
+        reason, ok = c.Reason.SERVING_NAME_TAKEN, False
         message = c.reason_message(reason, kind=ref.kind, name=ref.name)
     else:
-        reason, ok = "ServingRefused", False
+        reason, ok = c.Reason.SERVING_REFUSED, False
         message = c.reason_message(reason, kind=ref.kind, name=ref.name, error=error[:512])
     old = c.get_condition(status.conditions, c.SERVING)
     update: dict[str, Any] = {"conditions": c.set_condition(status.conditions, c.SERVING, ok, reason, message, iso(now), generation)}
