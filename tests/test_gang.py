@@ -94,8 +94,9 @@ def test_pod_group_matches_the_projects_crd(scheduler: str) -> None:
 
 def test_coscheduling_pod_group_sizes_the_whole_gang_and_its_timeout() -> None:
     objs = rendered(spec_doc(scheduler="coscheduling", scheduleTimeoutSeconds=90))
-    assert objs["PodGroup"]["spec"] == {"minMember": 2, "minResources": {"cpu": "1000m", "memory": "2Gi"},
-                                        "scheduleTimeoutSeconds": 90}  # fmt: skip
+    # ephemeral-storage: each pod's scratch emptyDir (spec.scratch.size, 20Gi by default)
+    assert objs["PodGroup"]["spec"] == {"minMember": 2, "minResources": {"cpu": "1000m", "ephemeral-storage": "40Gi",
+                                        "memory": "2Gi"}, "scheduleTimeoutSeconds": 90}  # fmt: skip
     pod = objs["Job"]["spec"]["template"]
     assert pod["metadata"]["labels"][COSCHEDULING_LABEL] == "ft"
     assert pod["spec"]["schedulerName"] == "scheduler-plugins-scheduler"
@@ -103,7 +104,8 @@ def test_coscheduling_pod_group_sizes_the_whole_gang_and_its_timeout() -> None:
 
 def test_min_member_sizes_min_resources() -> None:
     doc = spec_doc(scheduler="volcano", minMember=1)
-    assert rendered(doc)["PodGroup"]["spec"] == {"minMember": 1, "minResources": {"cpu": "500m", "memory": "1Gi"}}
+    assert rendered(doc)["PodGroup"]["spec"] == {"minMember": 1, "minResources": {"cpu": "500m", "ephemeral-storage": "20Gi",
+                                                                                  "memory": "1Gi"}}  # fmt: skip
 
 
 def test_volcano_pods_carry_the_group_annotation_and_scheduler() -> None:

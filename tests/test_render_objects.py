@@ -80,10 +80,62 @@ def test_storage_credentials_come_from_the_secret():
     assert e["AWS_DEFAULT_REGION"] == "us-east-1"
 
 
-def test_shm_is_memory_backed():
-    pod = render_workload(spec(), "demo", "ml")["spec"]["template"]["spec"]
-    shm = next(v for v in pod["volumes"] if v["name"] == "kubetune-shm")
-    assert shm["emptyDir"] == {"medium": "Memory"}
+def volume(job, name):
+    return next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == name)
+
+
+def test_shm_is_memory_backed_and_sized():
+    assert volume(render_workload(spec(), "demo", "ml"), "kubetune-shm")["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert volume(render_workload(spec(shmSize="64Gi"), "demo", "ml"), "kubetune-shm")["emptyDir"]["sizeLimit"] == "64Gi"
+
+
+def test_scratch_is_a_sized_emptydir_and_its_disk_is_requested():
+    job = render_workload(spec(scratch={"size": "200Gi"}, resources={"requests": {"cpu": "4"}}), "demo", "ml")
+    assert volume(job, "kubetune-cache") == {"name": "kubetune-cache", "emptyDir": {"sizeLimit": "200Gi"}}
+    assert container(job)["resources"]["requests"] == {"cpu": "4", "ephemeral-storage": "200Gi"}
+    mine = render_workload(spec(resources={"requests": {"ephemeral-storage": "300Gi"}}), "demo", "ml")
+    assert container(mine)["resources"]["requests"] == {"ephemeral-storage": "300Gi"}  # the user's own request wins
+
+
+def test_scratch_on_a_storage_class_is_a_generic_ephemeral_volume():
+    job = render_workload(spec(scratch={"size": "500Gi", "storageClassName": "local-nvme"}), "demo", "ml")
+    claim = volume(job, "kubetune-cache")["ephemeral"]["volumeClaimTemplate"]
+    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "storageClassName": "local-nvme",
+                             "resources": {"requests": {"storage": "500Gi"}}}  # fmt: skip
+    assert claim["metadata"]["labels"]["app.kubernetes.io/component"] == "scratch"
+    assert "ephemeral-storage" not in container(job).get("resources", {}).get("requests", {})  # not node disk
+    mount = next(m for m in container(job)["volumeMounts"] if m["name"] == "kubetune-cache")
+    assert mount["mountPath"] == "/var/cache/kubetune"
+
+
+def test_every_object_carries_the_recommended_labels():
+    from kubetune.render.serving import render_serving
+
+    objs = render_all(spec(scheduling={"gang": {"scheduler": "volcano"}}), "demo", "ml")
+    pod = next(o for o in objs if o["kind"] == "Job")["spec"]["template"]
+    serving_spec = spec(serving={"kind": "Deployment", "image": "vllm"})
+    deploy = render_serving(serving_spec, "demo", "ml", {"mergedModel": "s3://b/m/"})
+    components = {}
+    for obj in [*objs, {"kind": "Pod", **pod}, deploy, {"kind": "ServingPod", **deploy["spec"]["template"]}]:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == "demo", obj["kind"]
+        assert labels["app.kubernetes.io/managed-by"] == "kubetune" and labels["app.kubernetes.io/part-of"] == "kubetune"
+        components[obj["kind"]] = (labels["app.kubernetes.io/name"], labels["app.kubernetes.io/component"])
+    assert components == {"ConfigMap": ("kubetune-trainer", "config"), "Service": ("kubetune-trainer", "rendezvous"),
+                          "Job": ("kubetune-trainer", "workload"), "PodGroup": ("kubetune-trainer", "gang"),
+                          "Pod": ("kubetune-trainer", "worker"), "Deployment": ("kubetune-serving", "serving"),
+                          "ServingPod": ("kubetune-serving", "serving")}  # fmt: skip
+    assert deploy["spec"]["selector"]["matchLabels"] == {"kubetune.io/serving": "demo"}  # unchanged: selectors are immutable
+
+
+def test_serving_deployment_pods_meet_pod_security_restricted():
+    from kubetune.render.serving import render_serving
+
+    deploy = render_serving(spec(serving={"kind": "Deployment", "image": "vllm", "runAsUser": 2000}), "demo", "ml", {"mergedModel": "s3://b/m/"})
+    pod = deploy["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 2000, "runAsGroup": 2000, "fsGroup": 2000,
+                                      "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+    assert pod["containers"][0]["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
 def test_pods_run_as_non_root_without_privileges():
@@ -97,7 +149,9 @@ def test_pods_run_as_non_root_without_privileges():
 
 def test_grace_period_and_termination_message():
     job = render_workload(spec(), "demo", "ml")
-    assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 120
+    assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 300
+    longer = render_workload(spec(terminationGracePeriodSeconds=1800), "demo", "ml")
+    assert longer["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 1800
     assert container(job)["terminationMessagePath"] == "/dev/termination-log"
     assert container(job)["terminationMessagePolicy"] == "FallbackToLogsOnError"
 

@@ -103,6 +103,46 @@ def test_volume_on_reserved_path_is_refused():
     assert problems(manifest(volumes=[vol])) == ["spec.volumes[0].mountPath: /dev/shm is used by kubetune; mount elsewhere"]
 
 
+@pytest.mark.parametrize(
+    ("source", "field"),
+    [({"hostPath": {"path": "/data"}}, "spec.volumes[0].source.hostPath"), ({"nfs": {"server": "n", "path": "/"}}, "spec.volumes[0].source.nfs")],
+)
+def test_a_volume_pod_security_restricted_refuses_is_refused_naming_it(source, field):
+    vol = {"name": "data", "mountPath": "/data", "source": source}
+    [problem] = problems(manifest(volumes=[vol]))
+    assert problem.startswith(f"{field}: a {field.rsplit('.', 1)[1]} volume breaks Pod Security \"restricted\"")
+
+
+@pytest.mark.parametrize("key", ["securityContext", "hostNetwork", "privileged", "capabilities", "hostPath"])
+def test_privileged_pod_fields_are_refused_with_the_reason(key):
+    doc = manifest()
+    doc["spec"][key] = {"privileged": True} if key == "securityContext" else True
+    assert problems(doc) == [f'spec.{key}: is not a known field: kubetune pods run under Pod Security "restricted" '
+                             "(non-root, no privilege or added capabilities, no host namespaces or paths), so the spec has no such field"]  # fmt: skip
+
+
+def test_a_privileged_serving_context_is_refused_too():
+    doc = manifest(serving={"kind": "Deployment", "image": "vllm", "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}})
+    assert problems(doc)[0].startswith('spec.serving.securityContext: is not a known field: kubetune pods run under Pod Security "restricted"')
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [({"shmSize": "32Mi"}, "spec.shmSize: must be between 64Mi and 1Ti (got '32Mi')"),
+     ({"shmSize": "2Ti"}, "spec.shmSize: must be between 64Mi and 1Ti (got '2Ti')"),
+     ({"scratch": {"size": "500Mi"}}, "spec.scratch.size: must be between 1Gi and 64Ti (got '500Mi')"),
+     ({"scratch": {"size": "lots"}}, "spec.scratch.size: has an unsupported form (got 'lots'); expected a Kubernetes quantity such as 8, 500m or 64Gi"),
+     ({"terminationGracePeriodSeconds": 5}, "spec.terminationGracePeriodSeconds: must be >= 30 (got 5)"),
+     ({"serving": {"kind": "Deployment", "image": "vllm", "runAsUser": 0}}, "spec.serving.runAsUser: must be >= 1 (got 0)")],
+)  # fmt: skip
+def test_pod_sizes_are_bounded(spec, problem):
+    assert problems(manifest(**spec)) == [problem]
+
+
+def test_pod_sizes_within_bounds_are_fine():
+    assert problems(manifest(shmSize="64Gi", scratch={"size": "2Ti", "storageClassName": "nvme"}, terminationGracePeriodSeconds=3600)) == []
+
+
 def test_long_name_is_refused():
     doc = manifest()
     doc["metadata"]["name"] = "x" * 51

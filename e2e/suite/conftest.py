@@ -414,6 +414,9 @@ def job_doc(name: str, s3: Any, data: dict[str, str], *, example: str = "lora", 
     spec["output"].update(uri=f"s3://{s3.bucket}/runs/{name}", checkpointSteps=checkpoint_steps)
     spec["storage"] = {"endpoint": data["endpoint"], "secretRef": {"name": SECRET}}
     spec["resources"] = {"requests": {"cpu": "100m", "memory": "256Mi"}}
+    # A small scratch emptyDir (its sizeLimit and ephemeral-storage request), as a tiny model needs; 1 GiB of shm.
+    spec["scratch"] = {"size": "2Gi"}
+    spec["shmSize"] = "1Gi"
     for path, value in overrides.items():  # "training.maxSteps": 5 style
         node = spec
         keys = path.split(".")

@@ -557,6 +557,19 @@ class CacheVolume(ApiModel):
     """The volume source as in a Pod's `volumes[]` without `name` (e.g. `persistentVolumeClaim: {claimName: data}`)."""
 
 
+class ScratchSpec(ApiModel):
+    """The trainer's scratch space at $KUBETUNE_CACHE_DIR: model and dataset downloads, tokenized data, and
+    checkpoints staged before their upload. An emptyDir on the node's disk unless `storageClassName` is set."""
+
+    size: Quantity = "20Gi"
+    """As an emptyDir: its sizeLimit and the pod's ephemeral-storage request (the scheduler places the pod where the
+    disk fits; the kubelet evicts a pod that writes more). With storageClassName: each pod's claim. 1Gi to 64Ti;
+    full fine-tuning stages whole checkpoints (weights and optimizer state) here, so size it for them."""
+    storage_class_name: str | None = Field(default=None, min_length=1, max_length=253)
+    """A StorageClass (e.g. local NVMe): the scratch space becomes a generic ephemeral volume, one
+    PersistentVolumeClaim of `size` per pod, created and deleted with it. Unset: an emptyDir."""
+
+
 class ResourcesSpec(ApiModel):
     """Compute resources for each training pod (GPU requests come from `distributed.gpusPerNode`)."""
 
@@ -599,6 +612,8 @@ class ServingSpec(ApiModel):
     """CPU and memory requests and limits per replica (GPUs: `gpus`)."""
     service_account_name: str | None = Field(default=None, min_length=1, max_length=253)
     """ServiceAccount of the serving pods; for an InferenceService reading s3://, the one KServe takes S3 credentials from."""
+    run_as_user: int = Field(default=1000, ge=1, le=2147483647)
+    """Deployment: the user (and group) the server runs as. Never root: the pods meet Pod Security "restricted"."""
 
 
 # ---------------------------------------------------------------- evaluation
@@ -765,6 +780,14 @@ class FineTuneJobSpec(ApiModel):
     """Extra environment variables for the trainer."""
     volumes: list[CacheVolume] = Field(default_factory=list)
     """Extra volumes (caches, data PVCs) mounted in every pod."""
+    scratch: ScratchSpec = Field(default_factory=ScratchSpec)
+    """The trainer's scratch and checkpoint-staging space: its size, and a StorageClass to put it on."""
+    shm_size: Quantity = "16Gi"
+    """Size of /dev/shm (a memory-backed emptyDir, counted in the pod's memory): NCCL and DataLoader workers
+    need more than the runtime's 64Mi. 64Mi to 1Ti."""
+    termination_grace_period_seconds: int = Field(default=300, ge=30, le=86400)
+    """Seconds a stopping pod (suspend, preemption, drain, gang restart) has to write its checkpoint to storage
+    before it is killed. Large models on slow storage need more."""
     labels: dict[str, str] = Field(default_factory=dict)
     """Extra labels for the pods (e.g. for Kueue or cost allocation)."""
     annotations: dict[str, str] = Field(default_factory=dict)

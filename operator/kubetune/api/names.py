@@ -22,6 +22,11 @@ LABEL_PRIORITY: Final = "kueue.x-k8s.io/priority-class"
 """Kueue's WorkloadPriorityClass label: copied from the FineTuneJob to its workload Job like LABEL_QUEUE."""
 KUEUE_LABELS: Final = (LABEL_QUEUE, LABEL_PRIORITY)
 MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes.io/part-of": "kubetune"}
+APP_TRAINER: Final = "kubetune-trainer"
+"""app.kubernetes.io/name of what a FineTuneJob owns for training (not `kubetune`: the chart's operator pods
+select on name=kubetune and instance=<release>, which a job named like the release would otherwise match)."""
+APP_SERVING: Final = "kubetune-serving"
+"""app.kubernetes.io/name of the object that serves a job's model, and its pods."""
 
 COMPLETION_INDEX: Final = "batch.kubernetes.io/job-completion-index"
 """The Job controller's annotation on each pod: its index, i.e. the node rank."""
@@ -64,3 +69,11 @@ def master_addr(name: str, restart: int) -> str:
 
 def selector_labels(name: str) -> dict[str, str]:
     return {LABEL_JOB: name}
+
+
+def standard_labels(instance: str, component: str, app: str = APP_TRAINER) -> dict[str, str]:
+    """Kubernetes' recommended labels (app.kubernetes.io/name, instance, component, part-of, managed-by), on
+    every object the operator creates: `instance` is the FineTuneJob's name, `component` what the object is
+    (config, rendezvous, workload, worker, gang, serving)."""
+    return {"app.kubernetes.io/name": app, "app.kubernetes.io/instance": instance,
+            "app.kubernetes.io/component": component, **MANAGED_BY}  # fmt: skip

@@ -12,6 +12,7 @@ import math
 import posixpath
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, cast
 
 from pydantic import ValidationError
@@ -77,6 +78,32 @@ LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 # Mount paths the operator uses itself.
 RESERVED_MOUNTS = ("/dev/shm", CONFIG_MOUNT_DIR, PVC_ROOT, CACHE_MOUNT_DIR, REGISTRY_AUTH_DIR)
+# The volume types Pod Security "restricted" admits: the pods must run in namespaces that enforce it.
+RESTRICTED_VOLUMES = ("configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret")
+# Pod fields the API has no place for because Pod Security "restricted" refuses them; a user who writes one
+# is told why, not only that the field is unknown.
+PRIVILEGED_FIELDS = frozenset({"securityContext", "containerSecurityContext", "privileged", "capabilities", "hostNetwork",
+                               "hostPID", "hostIPC", "hostPath", "hostPort", "hostUsers", "runAsUser", "procMount"})  # fmt: skip
+RESTRICTED_HINT = ('kubetune pods run under Pod Security "restricted" (non-root, no privilege or added capabilities, '
+                   "no host namespaces or paths), so the spec has no such field")  # fmt: skip
+# Bounds on the pod's sizes (bytes).
+GI = 1 << 30
+SIZE_BOUNDS = {"spec.shmSize": (64 << 20, 1 << 40, "64Mi", "1Ti"), "spec.scratch.size": (GI, 64 << 40, "1Gi", "64Ti")}
+_SUFFIX: dict[str, int | Decimal] = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50, "Ei": 1 << 60, "n": Decimal("1e-9"),
+           "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+           "P": 10**15, "E": 10**18}  # fmt: skip
+_QUANTITY = re.compile(r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$")
+
+
+def quantity(text: str) -> Decimal:
+    """A Kubernetes quantity's value (`64Gi` -> 68719476736, `500m` -> 0.5), as the API server reads it."""
+    m = _QUANTITY.match(text.strip())
+    if m is None:
+        raise ValueError(f"not a quantity: {text!r}")
+    number, suffix = Decimal(m.group(1)), m.group(2) or ""
+    if suffix[:1] in ("e", "E"):
+        return number * Decimal(10) ** int(suffix[1:])
+    return number * Decimal(_SUFFIX[suffix])
 
 
 @dataclass(frozen=True)
@@ -171,6 +198,8 @@ def problems_from_pydantic(exc: ValidationError, prefix: str = "") -> list[Probl
     out = []
     for error in exc.errors():
         field, message = _loc(tuple(error["loc"])), _message(error)
+        if error["type"] == "extra_forbidden" and str(error["loc"][-1]) in PRIVILEGED_FIELDS:
+            message = f"is not a known field: {RESTRICTED_HINT}"
         if error["type"] == "value_error":
             # A model's own check says what to fix; one that names its field (spec.x.y: ...) is taken at its word.
             message = message.removeprefix("Value error, ")
@@ -327,6 +356,10 @@ def _pod(spec: FineTuneJobSpec) -> list[Problem]:
             out.append(Problem(f"spec.env[{i}].name", f"{env.name} is set by kubetune; remove it"))
         if env.value is not None and env.value_from is not None:
             out.append(Problem(f"spec.env[{i}]", "set value or valueFrom, not both"))
+    for field, size in (("spec.shmSize", spec.shm_size), ("spec.scratch.size", spec.scratch.size)):
+        low, high, low_text, high_text = SIZE_BOUNDS[field]
+        if not low <= quantity(size) <= high:
+            out.append(Problem(field, f"must be between {low_text} and {high_text} (got {size!r})"))
     names: set[str] = set()
     for i, vol in enumerate(spec.volumes):
         if vol.name in names:
@@ -344,6 +377,10 @@ def _pod(spec: FineTuneJobSpec) -> list[Problem]:
                     "must hold exactly one volume source, e.g. {persistentVolumeClaim: {claimName: cache}}",
                 )
             )
+        for kind in sorted(set(vol.source) - set(RESTRICTED_VOLUMES)):
+            out.append(Problem(f"spec.volumes[{i}].source.{kind}",
+                               f'a {kind} volume breaks Pod Security "restricted", which the pods must meet; use a '
+                               "persistentVolumeClaim (or spec.scratch for node-local space)"))  # fmt: skip
     return out
 
 

@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any, Final
 
 from kubetune.api.models import FineTuneJobSpec, GangScheduler, GangSpec
+from kubetune.api.names import standard_labels
 
 COSCHEDULING_LABEL: Final = "scheduling.x-k8s.io/pod-group"
 VOLCANO_ANNOTATION: Final = "scheduling.k8s.io/group-name"
@@ -109,7 +110,7 @@ def render_pod_group(spec: FineTuneJobSpec, name: str, namespace: str, requests:
     return {
         "apiVersion": flavor.api_version,
         "kind": "PodGroup",
-        "metadata": {"name": pod_group_name(name), "namespace": namespace},
+        "metadata": {"name": pod_group_name(name), "namespace": namespace, "labels": standard_labels(name, "gang")},
         "spec": body,
     }
 

@@ -43,11 +43,11 @@ from kubetune.api.names import (
     KUEUE_LABELS,
     LABEL_RESTART,
     LABEL_ROLE,
-    MANAGED_BY,
     config_map_name,
     master_addr,
     selector_labels,
     service_name,
+    standard_labels,
     workload_name,
 )
 from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT, DEFAULT_RDZV_PORT, TrainerConfig
@@ -59,8 +59,12 @@ CONFIG_DIR: Final = CONFIG_MOUNT_DIR
 CONFIG_KEY: Final = CONFIG_FILE
 CACHE_DIR: Final = CACHE_MOUNT_DIR
 UID: Final = 1000
-# Long enough for rank 0 to write a checkpoint to S3 after SIGTERM.
-TERMINATION_GRACE_SECONDS: Final = 300
+EPHEMERAL_STORAGE: Final = "ephemeral-storage"
+
+
+def owned_labels(name: str, component: str) -> dict[str, str]:
+    """The labels of an object a FineTuneJob owns: the recommended app.kubernetes.io/* ones and its job name."""
+    return {**standard_labels(name, component), **selector_labels(name)}
 
 
 def trainer_config(spec: FineTuneJobSpec, name: str, namespace: str, uid: str) -> TrainerConfig:
@@ -71,7 +75,7 @@ def render_config_map(spec: FineTuneJobSpec, name: str, namespace: str, uid: str
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": config_map_name(name), "namespace": namespace, "labels": {**MANAGED_BY, **selector_labels(name)}},
+        "metadata": {"name": config_map_name(name), "namespace": namespace, "labels": owned_labels(name, "config")},
         "data": {CONFIG_KEY: trainer_config(spec, name, namespace, uid).dump_yaml()},
     }
 
@@ -80,7 +84,7 @@ def render_service(name: str, namespace: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": service_name(name), "namespace": namespace, "labels": {**MANAGED_BY, **selector_labels(name)}},
+        "metadata": {"name": service_name(name), "namespace": namespace, "labels": owned_labels(name, "rendezvous")},
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
@@ -181,8 +185,8 @@ def _cpu_threads(spec: FineTuneJobSpec) -> int:
 def _volumes(spec: FineTuneJobSpec, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     volumes: list[dict[str, Any]] = [
         {"name": "kubetune-config", "configMap": {"name": config_map_name(name)}},
-        {"name": "kubetune-shm", "emptyDir": {"medium": "Memory"}},  # NCCL and DataLoader workers need > 64Mi
-        {"name": "kubetune-cache", "emptyDir": {}},
+        {"name": "kubetune-shm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}},
+        scratch_volume(spec, name),
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "kubetune-config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -204,8 +208,24 @@ def _volumes(spec: FineTuneJobSpec, name: str) -> tuple[list[dict[str, Any]], li
     return volumes, mounts
 
 
+def scratch_volume(spec: FineTuneJobSpec, name: str) -> dict[str, Any]:
+    """$KUBETUNE_CACHE_DIR: an emptyDir limited to spec.scratch.size, or with a StorageClass a generic ephemeral
+    volume (one claim per pod, deleted with the pod)."""
+    scratch = spec.scratch
+    if scratch.storage_class_name is None:
+        return {"name": "kubetune-cache", "emptyDir": {"sizeLimit": scratch.size}}
+    claim = {"accessModes": ["ReadWriteOnce"], "storageClassName": scratch.storage_class_name,
+             "resources": {"requests": {"storage": scratch.size}}}  # fmt: skip
+    template = {"metadata": {"labels": owned_labels(name, "scratch")}, "spec": claim}
+    return {"name": "kubetune-cache", "ephemeral": {"volumeClaimTemplate": template}}
+
+
 def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
-    return container_resources(spec.resources.requests, spec.resources.limits, spec.distributed.gpus_per_node)
+    requests = dict(spec.resources.requests)
+    if spec.scratch.storage_class_name is None:
+        # The emptyDir is node disk: request it, so that the scheduler places the pod where it fits.
+        requests.setdefault(EPHEMERAL_STORAGE, spec.scratch.size)
+    return container_resources(requests, spec.resources.limits, spec.distributed.gpus_per_node)
 
 
 def container_resources(requests: Mapping[str, Any], limits: Mapping[str, Any], gpus: int) -> dict[str, Any]:
@@ -255,7 +275,7 @@ def render_pod_template(
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "subdomain": service_name(name),  # with the Indexed Job's hostname: <job>-<index>.<service>
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,  # to checkpoint after SIGTERM
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,  # pods never talk to the Kubernetes API
         "securityContext": {
@@ -279,7 +299,7 @@ def render_pod_template(
         "imagePullSecrets": [{"name": s.name} for s in spec.image_pull_secrets],
     }
     pod.update({k: v for k, v in optional.items() if v})
-    labels = {**spec.labels, **gang.labels, **MANAGED_BY, **selector_labels(name), LABEL_RESTART: str(restart), LABEL_ROLE: "worker"}
+    labels = {**spec.labels, **gang.labels, **owned_labels(name, "worker"), LABEL_RESTART: str(restart), LABEL_ROLE: "worker"}
     metadata: dict[str, Any] = {"labels": labels}
     if spec.annotations or gang.annotations:
         metadata["annotations"] = {**spec.annotations, **gang.annotations}
@@ -295,7 +315,7 @@ def render_workload(
     default_image: str = DEFAULT_IMAGE,
 ) -> dict[str, Any]:
     """The Indexed batch/v1 Job for gang generation `restart`. `labels` are the FineTuneJob's own."""
-    job_labels = {**MANAGED_BY, **selector_labels(name), LABEL_RESTART: str(restart)}
+    job_labels = {**owned_labels(name, "workload"), LABEL_RESTART: str(restart)}
     for key in KUEUE_LABELS:  # Kueue admits the Job by unsuspending it, at the priority its label names
         if labels and key in labels:
             job_labels[key] = labels[key]

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from kubetune.api import methods
 from kubetune.api.models import FineTuneJobSpec
-from kubetune.api.names import ANNOTATION_MODEL, LABEL_ROLE, LABEL_SERVING, MANAGED_BY
+from kubetune.api.names import ANNOTATION_MODEL, APP_SERVING, LABEL_ROLE, LABEL_SERVING, standard_labels
 from kubetune.render.objects import container_resources, storage_env, user_env
 
 KSERVE_GROUP: Final = "serving.kserve.io"
@@ -41,7 +41,7 @@ def serving_name(spec: FineTuneJobSpec, job: str) -> str:
 
 
 def serving_labels(job: str) -> dict[str, str]:
-    return {**MANAGED_BY, LABEL_SERVING: job, LABEL_ROLE: "serving"}
+    return {**standard_labels(job, "serving", APP_SERVING), LABEL_SERVING: job, LABEL_ROLE: "serving"}
 
 
 def oci_uri(artifacts: dict[str, Any]) -> str | None:
@@ -128,13 +128,17 @@ def render_deployment(spec: FineTuneJobSpec, job: str, namespace: str, artifacts
         "image": serving.image,
         "env": env + storage_env(spec) + user_env(serving.env),  # the user's last: theirs win
         "ports": [{"name": "http", "containerPort": serving.port}],
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
     if serving.args:
         container["args"] = list(serving.args)
     if resources := container_resources(serving.resources.requests, serving.resources.limits, serving.gpus):
         container["resources"] = resources
-    pod: dict[str, Any] = {"containers": [container]}
+    # Pod Security "restricted", as the trainer: the image runs as serving.runAsUser, never root.
+    user = serving.run_as_user
+    security = {"runAsNonRoot": True, "runAsUser": user, "runAsGroup": user, "fsGroup": user,
+                "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+    pod: dict[str, Any] = {"securityContext": security, "containers": [container]}
     if serving.service_account_name:
         pod["serviceAccountName"] = serving.service_account_name
     selector = {LABEL_SERVING: job}
