@@ -287,10 +287,46 @@ def test_download_before_success_says_so(tmp_path: Path) -> None:
         storage.download(_arts(tmp_path / "nothing"), StorageSpec(), tmp_path / "dl")
 
 
-def test_the_local_backend_reads_back_the_failure_line_kubetune_run_prints(tmp_path: Path) -> None:
-    from kubetune.cli.run import failure_line
-    from kubetune.client.local import FAILED_LINE
+def test_the_local_backend_reads_the_trainers_termination_message(tmp_path: Path) -> None:
+    """The failure a notebook sees is the trainer's own TerminationMessage from `kubetune run --work-dir`, not a
+    parse of the log: here a process stands in for `kubetune run` and leaves the message a failing rank leaves."""
+    import subprocess
+    import sys
 
-    _, line = failure_line(66, {"exitCode": 66, "reason": "DatasetInvalid", "message": "train.jsonl line 3: not JSON"},
-                           "", tmp_path / "train.log")  # fmt: skip
-    assert FAILED_LINE.findall("noise\n" + line + "\n") == [("66", "DatasetInvalid", "train.jsonl line 3: not JSON")]
+    from kubetune.api.contract import RUN_TERMINATION_FILE, TerminationMessage
+    from kubetune.client.local import LocalBackend, LocalRun
+
+    run = LocalRun(doc={}, dir=tmp_path)
+    run.work.mkdir(parents=True)
+    told = TerminationMessage.build(66, "train.jsonl line 3: not JSON; fix the record")
+    (run.work / RUN_TERMINATION_FILE).write_text(told.to_text())
+    backend = LocalBackend(workdir=tmp_path)
+    run.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(66)"])
+    run.proc.wait()
+    backend._refresh(run)
+    assert run.phase == "Failed" and run.failure == (66, "DatasetInvalid", "train.jsonl line 3: not JSON; fix the record")
+
+    (run.work / RUN_TERMINATION_FILE).unlink()  # killed before any rank could say why: kubetune run's exit code
+    run.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(75)"])
+    run.proc.wait()
+    backend._refresh(run)
+    assert run.failure == (75, "InfrastructureError", f"see {run.log}")
+
+
+def test_kubetune_run_leaves_its_config_in_the_work_dir_the_sdk_reads(tmp_path: Path) -> None:
+    from kubetune.api.contract import RUN_CONFIG_FILE, RUN_TERMINATION_FILE
+    from kubetune.api.trainer_config import TrainerConfig
+    from kubetune.cli.main import main
+
+    doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "demo"},
+           "spec": {"model": {"source": str(tmp_path / "model")}, "dataset": {"train": str(tmp_path / "t.jsonl")},
+                    "output": {"uri": str(tmp_path / "out")}}}  # fmt: skip
+    (tmp_path / "t.jsonl").write_text("{}\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "job.yaml").write_text(json.dumps(doc))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / RUN_TERMINATION_FILE).write_text("an earlier run's message")
+    assert main(["run", str(tmp_path / "job.yaml"), "--dry-run", "--work-dir", str(work)]) == 0
+    assert TrainerConfig.load(work / RUN_CONFIG_FILE).progress_port > 0
+    assert not (work / RUN_TERMINATION_FILE).exists()

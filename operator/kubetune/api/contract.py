@@ -150,6 +150,12 @@ class ArtifactManifest(ApiModel):
         return len(names)
 
 
+# --- `kubetune run`'s work directory (--work-dir): what the local SDK reads back ------
+RUN_CONFIG_FILE: Final = CONFIG_FILE  # the trainer config it started torchrun with (progressPort: where rank 0 serves)
+RUN_LOG_FILE: Final = "train.log"  # every rank's output
+RUN_TERMINATION_FILE: Final = "termination-log"  # the failing rank's TerminationMessage ($KUBETUNE_TERMINATION_LOG)
+
+
 # --- paths and environment the pods get (besides torchrun's) ------------------
 ENV_CONFIG_PATH: Final = "KUBETUNE_CONFIG"  # path of the mounted trainer-config.yaml
 ENV_TERMINATION_LOG: Final = "KUBETUNE_TERMINATION_LOG"  # where the trainer writes its TerminationMessage

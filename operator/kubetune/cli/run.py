@@ -40,6 +40,9 @@ from kubetune.api.contract import (
     ENV_TERMINATION_LOG,
     METRICS_FILE,
     REASONS,
+    RUN_CONFIG_FILE,
+    RUN_LOG_FILE,
+    RUN_TERMINATION_FILE,
     USER_ERRORS,
     ExitCode,
 )
@@ -57,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. training.maxSteps=20")
     parser.add_argument("--verbose", action="store_true", help="show every line the ranks and torchrun print")
     parser.add_argument("--dry-run", action="store_true", help="check the manifest and the output, print the command, start nothing")
+    parser.add_argument("--work-dir", help="where the trainer config, the log and the termination message go "
+                        "(default: a new temporary directory)")  # fmt: skip
 
 
 # ------------------------------------------------------------------ pure parts
@@ -375,11 +380,13 @@ def launch(job: FineTuneJob, args: argparse.Namespace) -> int:
     name = job.metadata.name or "job"
     port = free_port()
     config = render_trainer_config(job.spec, name=name, namespace=job.metadata.namespace or "default", uid=f"local-{name}", progress_port=port)
-    work = Path(tempfile.mkdtemp(prefix="kubetune-run-"))
-    config_path = work / "trainer-config.yaml"
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="kubetune-run-"))
+    work.mkdir(parents=True, exist_ok=True)
+    (work / RUN_TERMINATION_FILE).unlink(missing_ok=True)  # an earlier run's message is not this one's
+    config_path = work / RUN_CONFIG_FILE
     config_path.write_text(config.dump_yaml())
-    log_path = work / "train.log"
-    env = {**os.environ, ENV_TERMINATION_LOG: str(work / "termination-log")}
+    log_path = work / RUN_LOG_FILE
+    env = {**os.environ, ENV_TERMINATION_LOG: str(work / RUN_TERMINATION_FILE)}
     env.setdefault(ENV_CACHE_DIR, str(Path.home() / ".cache" / "kubetune"))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     cmd = [
@@ -420,7 +427,7 @@ def launch(job: FineTuneJob, args: argparse.Namespace) -> int:
 
 
 def report(code: int, work: Path, uri: str, seconds: float, log_path: Path, signum: int | None, args: argparse.Namespace) -> int:
-    termination = work / "termination-log"
+    termination = work / RUN_TERMINATION_FILE
     try:
         detail = json.loads(termination.read_text()) if termination.exists() else {}
     except ValueError:

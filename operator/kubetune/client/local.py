@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -24,16 +23,15 @@ from typing import Any
 
 import yaml
 
+from kubetune.api.contract import REASONS, RUN_CONFIG_FILE, RUN_TERMINATION_FILE, TerminationMessage
 from kubetune.api.models import FineTuneJob, FineTuneJobStatus, Progress
+from kubetune.api.trainer_config import TrainerConfig
 from kubetune.api.uris import map_uris, resolve_uri
 from kubetune.client import jobs
 from kubetune.client.errors import AlreadyExists, NotFound
 from kubetune.client.jobs import Events, JobList
 from kubetune.status.derive import artifacts
 from kubetune.status.progress import fetch_progress, to_progress
-
-CONFIG_LINE = re.compile(r"kubetune run: config (\S+), log")
-FAILED_LINE = re.compile(r"kubetune run: failed: .*?exit code (-?\d+) \((\w+)\): (.*?)(?:; log \S+)?$", re.MULTILINE)
 
 
 def now_iso() -> str:
@@ -65,6 +63,11 @@ class LocalRun:
     def log(self) -> Path:
         return self.dir / "run.log"
 
+    @property
+    def work(self) -> Path:
+        """`kubetune run --work-dir`: its trainer config (the progress port) and the trainer's TerminationMessage."""
+        return self.dir / "work"
+
 
 class LocalBackend:
     def __init__(self, workdir: str | Path | None = None, nproc: int | None = None, namespace: str = "local"):
@@ -80,7 +83,8 @@ class LocalBackend:
         doc = copy.deepcopy(run.doc)
         doc["spec"].setdefault("runPolicy", {})["suspend"] = False
         manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
-        cmd = [sys.executable, "-m", "kubetune.cli.main", "run", str(manifest), "--verbose"]
+        cmd = [sys.executable, "-m", "kubetune.cli.main", "run", str(manifest), "--verbose", "--work-dir", str(run.work)]
+        (run.work / RUN_CONFIG_FILE).unlink(missing_ok=True)  # the last start's config names the last start's port
         if self.nproc:
             cmd += ["--nproc", str(self.nproc)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -92,10 +96,11 @@ class LocalBackend:
     def _refresh(self, run: LocalRun) -> None:
         if run.proc is None:
             return
-        if run.port is None and run.log.exists():
-            m = CONFIG_LINE.search(run.log.read_text(errors="replace"))
-            if m and Path(m[1]).exists():
-                run.port = int(yaml.safe_load(Path(m[1]).read_text()).get("progressPort") or 0) or None
+        if run.port is None and (config := run.work / RUN_CONFIG_FILE).exists():
+            try:
+                run.port = TrainerConfig.load(config).progress_port
+            except (ValueError, OSError):  # being written
+                pass
         code = run.proc.poll()
         if code is None:
             data = fetch_progress("127.0.0.1", run.port, timeout=0.5) if run.port else None
@@ -111,9 +116,11 @@ class LocalBackend:
             run.phase = "Succeeded"
             return
         run.phase = "Failed"
-        found = FAILED_LINE.findall(run.log.read_text(errors="replace"))
-        m = found[-1] if found else None
-        run.failure = (int(m[0]), m[1], m[2]) if m else (code, "Error", f"see {run.log}")
+        told = TerminationMessage.read(run.work / RUN_TERMINATION_FILE)
+        if told is not None:
+            run.failure = (told.exit_code, told.reason, told.message)
+        else:  # no trainer got as far as its message (refused manifest, a rank killed): kubetune run's exit code
+            run.failure = (code, REASONS.get(code, "Error"), f"see {run.log}")
 
     def _run(self, name: str) -> LocalRun:
         run = self.runs.get(name)
