@@ -1,104 +1,197 @@
 #!/usr/bin/env bash
-# The whole GPU verification of the trainer's fast path in one command, for one H200 (or H100), in under 8 minutes.
-# GPU time is short and rare, so it is rehearsed on the CPU first: `--cpu-rehearsal` runs exactly the same stages
-# with only the device changed (fp32, the tiny model, a few steps).
+# The GPU check of the trainer's fast path: two calls on one lent H100/H200, each under 540 s, rehearsed on the CPU.
+# How to run it without reading further: bench/README.md, "Running the GPU check".
 #
-#   bench/gpu_wheels.sh                         # here, with network: .whl/ (git-ignored, < 64 MiB)
-#   bench/gpu_check.sh --cpu-rehearsal          # here: every stage on the CPU
-#   bench/gpu_check.sh                          # on the GPU machine (device tool: carry [".whl"]; $OUT comes back)
-#   bench/gpu_check.sh --cpu-rehearsal --stages preflight   # a subset: preflight,runs,throughput
+#   bench/gpu_wheels.sh                              # here, with network: .whl/ (git-ignored, ~26 MiB)
+#   bench/gpu_check.sh --call a --cpu-rehearsal      # here: call A on the CPU (tiny model, fp32)
+#   bench/gpu_check.sh --call b --cpu-rehearsal      # here: call B on the CPU
+#   bench/gpu_check.sh --call a                      # on the device machine: carry [".whl"], timeout 540
+#   bench/gpu_check.sh --call b                      # right after, on the same warm machine: carry [".whl"], timeout 540
 #
-# Stages (each under its own time limit; the first failure stops the check):
-#   0. install the carried wheels (.whl/*.whl) into /tmp/kubetune-site, ahead of the machine's own packages;
-#   1. preflight  (bench/gpu_preflight.py, ~30 s): varlen attention vs per-example SDPA (output and gradients, GQA,
-#                 causal), a small model flattened vs each example alone, Liger's fused loss vs loss.py;
-#   2. runs       (bench/gpu_runs.py, ~1-2 min): short real runs through the trainer's entry point, LoRA and full
-#                 under DDP, ZeRO-2 and ZeRO-3, DoRA and QLoRA (4-bit NF4) under DDP, in parallel;
-#   3. throughput (bench/trainer_throughput.py, ~5 min): full, lora, ragged_full, ragged_lora vs the HF Trainer
-#                 baseline in the same run.
-# Results: $OUT/{preflight,runs,throughput}.json, and bench/results/<device>-<date>.json (the throughput keys plus a
-# "gpu_check" key with the pre-flight and run verdicts), also copied to $OUT/results/.
-set -euo pipefail
+# Call A: versions, install .whl/, pre-flight (attention, model, loss, each Liger kernel vs the eager module, on-device
+#         skip), throughput of `full`, then `lora`, against the HF Trainer baseline.
+# Call B: versions, install (skipped when call A's install is still there), the trainer runs (DDP, ZeRO-2, ZeRO-3, DoRA,
+#         QLoRA: two first, which compile the Triton kernels once, then at most four at a time), throughput of
+#         `ragged_full` and `ragged_lora`, and the torch.compile check (a compiled decoder layer vs eager).
+# Every stage runs under its own limit, never past the call's deadline (--budget seconds from the start; the limits
+# add up to less), records its exit code in $OUT/stages.jsonl, and the check goes on. After each stage (and inside
+# the throughput stages after each mode) the results file $OUT/results/<device>-<date>.json is rewritten whole, so
+# whatever cuts the call off, what finished is on disk. Exit status: 0 when every stage passed, else the sum of the
+# failed stages' bits (printed at the end, with each stage's exit code).
+#
+# Environment: OUT (what the device tool brings back; default a new temp dir), STATE (kept between the calls on the
+# warm machine: the installed wheels, the benchmark's model directory, call A's results; default
+# /tmp/kubetune-gpu-check, or /tmp/kubetune-gpu-check-cpu for the rehearsal), PYTHON (default python3).
+set -uo pipefail
 cd "$(dirname "$0")/.."
-REHEARSAL=0
-STAGES=preflight,runs,throughput
+# shellcheck source=bench/gpu_env.sh
+source bench/gpu_env.sh
+CALL= REHEARSAL=0 BUDGET= ONLY= PLAN_ONLY=0 SABOTAGE=${GPU_CHECK_SABOTAGE:-}
+usage() { echo "usage: $0 --call a|b [--cpu-rehearsal] [--budget SECONDS] [--stages s1,s2] [--plan]" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
+    --call) CALL=${2:-}; shift ;;
     --cpu-rehearsal) REHEARSAL=1 ;;
-    --stages) STAGES=$2; shift ;;
-    *) echo "usage: $0 [--cpu-rehearsal] [--stages preflight,runs,throughput]" >&2; exit 2 ;;
+    --budget) BUDGET=${2:-}; shift ;;
+    --stages) ONLY=${2:-}; shift ;;
+    --plan) PLAN_ONLY=1 ;;
+    *) usage ;;
   esac
   shift
 done
+case "$CALL" in a|b) ;; *) usage ;; esac
+WHEELS=${WHEELS:-.whl}  # the carried bundle (bench/gpu_wheels.sh)
 PY=${PYTHON:-python3}
-OUT=${OUT:-$(mktemp -d -t kubetune-gpu-check-XXXXXX)}
-RESULTS_DIR=${RESULTS_DIR:-bench/results}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-started=$(date +%s)
-stage() { echo "=== $1 (t+$(( $(date +%s) - started ))s)"; }
-has() { case ",$STAGES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
-
-if compgen -G ".whl/*.whl" >/dev/null; then
-  if [ $REHEARSAL = 1 ]; then  # the wheels are for the GPU machine's python 3.12: check they would install there
-    stage "carried wheels (dry run for python 3.12)"
-    $PY -m pip install -q --dry-run --no-index --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      --target "$OUT/site-dry-run" .whl/*.whl
-  else
-    stage "install carried wheels"
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kubetune-site .whl/*.whl
-    export PYTHONPATH=/tmp/kubetune-site${PYTHONPATH:+:$PYTHONPATH}
-  fi
-elif [ $REHEARSAL = 0 ]; then
-  echo "no .whl/: run bench/gpu_wheels.sh first (the GPU machine lacks pydantic, hjson, deepspeed and liger-kernel)" >&2
-  exit 2
-fi
+[ $REHEARSAL = 1 ] && [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
+OUT=${OUT:-}
+if [ $REHEARSAL = 1 ]; then STATE=${STATE:-${TMPDIR:-/tmp}/kubetune-gpu-check-cpu}; else STATE=${STATE:-/tmp/kubetune-gpu-check}; fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false KUBETUNE_CACHE_DIR=$STATE/cache
 export PYTHONPATH=$PWD/operator:$PWD/trainer_image${PYTHONPATH:+:$PYTHONPATH}
+SITE=$STATE/site
 FLAG=()
 if [ $REHEARSAL = 1 ]; then
   FLAG=(--cpu-rehearsal)
-  export DS_ACCELERATOR=cpu KUBETUNE_CACHE_DIR=${KUBETUNE_CACHE_DIR:-$OUT/cache}
+  export DS_ACCELERATOR=cpu
+  # The tiny model, a few steps: the same code paths as on the GPU, in seconds each.
+  TP=(--tiny --steps 6 --warmup 1 --seq 64 --mb 2 --no-isolate)
+  RUNS=(--steps 4)  # two at a time on the CPU
 else
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  TP=(--steps 20 --warmup 5)  # 15 timed steps (the speed issue's baseline timed 25): bench/README.md says why
+  RUNS=(--steps 8 --parallel 4)
 fi
-$PY -c "import torch, transformers, accelerate, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__)"
+[ -n "${GPU_CHECK_RUNS:-}" ] && RUNS+=(--runs "$GPU_CHECK_RUNS")  # a subset (tests/bench/test_gpu_check.py)
 
-if has preflight; then
-  stage "pre-flight"
-  timeout 180 $PY bench/gpu_preflight.py "${FLAG[@]}" --out "$OUT/preflight.json"
+# name bit limit(GPU) limit(CPU rehearsal): the limits of each call add up to less than its budget.
+if [ "$CALL" = a ]; then
+  PLAN="setup 128 20 60
+install 1 50 120
+preflight 2 100 180
+full 4 150 240
+lora 8 130 240"
+  DEFAULT_BUDGET=510; [ $REHEARSAL = 1 ] && DEFAULT_BUDGET=900
+else
+  PLAN="setup 128 20 60
+install 1 50 120
+runs 2 180 600
+ragged_full 4 80 150
+ragged_lora 8 70 150
+compile 16 60 360"
+  DEFAULT_BUDGET=510; [ $REHEARSAL = 1 ] && DEFAULT_BUDGET=1500
 fi
-if has runs; then
-  stage "trainer runs"
-  if [ $REHEARSAL = 1 ]; then
-    timeout 900 $PY bench/gpu_runs.py "${FLAG[@]}" --steps 4 --timeout 840 --out "$OUT/runs.json"
+BUDGET=${BUDGET:-$DEFAULT_BUDGET}
+MERGE_S=4  # each results rewrite (standard library only: well under a second)
+col=$([ $REHEARSAL = 1 ] && echo 4 || echo 3)
+planned=$(awk -v c="$col" -v m=$MERGE_S '{s += $c + m} END {print s}' <<<"$PLAN")
+started=$(date +%s)
+deadline=$(( started + BUDGET ))
+echo "=== gpu_check call $CALL$([ $REHEARSAL = 1 ] && echo ' (CPU rehearsal)'): stage limits $planned s (with results rewrites) of a $BUDGET s budget"
+[ "$planned" -le "$BUDGET" ] || echo "warning: the stage limits ($planned s) exceed the budget ($BUDGET s): the last stages get what is left"
+if [ $PLAN_ONLY = 1 ]; then
+  awk -v c="$col" '{printf "  %-12s limit %4d s\n", $1, $c}' <<<"$PLAN"
+  [ "$planned" -le "$BUDGET" ]; exit
+fi
+[ -n "$OUT" ] || OUT=$(mktemp -d -t kubetune-gpu-check-XXXXXX)
+mkdir -p "$OUT" "$STATE"
+OUT=$(cd "$OUT" && pwd) STATE=$(cd "$STATE" && pwd)
+: >"$OUT/stages.jsonl"
+echo "OUT=$OUT STATE=$STATE"
+
+FAILED=0
+FAILED_NAMES=()
+
+merge() { timeout "$MERGE_S" "$PY" bench/gpu_results.py merge --out "$OUT" --state "$STATE" --call "$CALL" >/dev/null || echo "results merge failed (exit $?)"; }
+
+# stage NAME CMD...: runs CMD under the stage's limit (cut at the deadline), records its exit code, rewrites the results.
+stage() {
+  local name=$1; shift
+  local bit limit_gpu limit_cpu limit
+  read -r _ bit limit_gpu limit_cpu < <(grep "^$name " <<<"$PLAN")
+  limit=$([ $REHEARSAL = 1 ] && echo "$limit_cpu" || echo "$limit_gpu")
+  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]] && [ "$name" != setup ]; then return 0; fi
+  local now left code t0
+  now=$(date +%s)
+  left=$(( deadline - now - MERGE_S ))
+  [ "$left" -lt "$limit" ] && limit=$left
+  t0=$now
+  if [ "$limit" -lt 5 ]; then
+    echo "=== $name: skipped, ${left} s left of the budget"
+    code=-1
   else
-    timeout 240 $PY bench/gpu_runs.py --steps 8 --timeout 220 --out "$OUT/runs.json"
+    echo "=== $name (t+$(( now - started )) s, limit $limit s)"
+    STAGE_LIMIT=$limit timeout -k 5 "$limit" "$@"
+    code=$?
   fi
-fi
-if has throughput; then
-  stage "throughput vs the HF Trainer"
-  if [ $REHEARSAL = 1 ]; then
-    timeout 900 $PY bench/trainer_throughput.py --tiny --steps 4 --warmup 1 --seq 64 --mb 2 --no-isolate --out "$OUT/throughput.json"
+  local seconds=$(( $(date +%s) - t0 ))
+  printf '{"call": "%s", "stage": "%s", "exit": %d, "seconds": %d, "limit": %d}\n' "$CALL" "$name" "$code" "$seconds" "$limit" >>"$OUT/stages.jsonl"
+  if [ "$code" -ne 0 ]; then
+    FAILED=$(( FAILED | bit ))
+    FAILED_NAMES+=("$name")
+    echo "=== $name: exit $code after $seconds s$([ "$code" = 124 ] && echo ' (its limit)')"
+  fi
+  merge
+  return 0
+}
+
+install_bundle() {  # the carried wheels into $SITE, ahead of the machine's own packages; verified; imports checked
+  set -e
+  if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
+    echo "no $WHEELS/*.whl: run bench/gpu_wheels.sh first and carry .whl (the device lacks pydantic, hjson, deepspeed, liger-kernel, bitsandbytes)" >&2
+    return 2
+  fi
+  local stamp
+  stamp=$(ls -l "$WHEELS"/*.whl | md5sum | cut -c1-16)
+  if [ -f "$SITE/.bundle-$stamp" ]; then
+    echo "installed already (call A on this machine): $SITE"
   else
-    timeout 420 $PY bench/trainer_throughput.py --out "$OUT/throughput.json"
+    rm -rf "$SITE"
+    if [ $REHEARSAL = 1 ]; then
+      # The same install for the device's python $GPU_PY with the same platform tags as gpu_wheels.sh (bench/gpu_env.sh).
+      "$PY" -m pip install -q --no-compile --no-cache-dir --target "$SITE" "${GPU_PIP_TARGET_ARGS[@]}" "$WHEELS"/*.whl
+    else
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl
+    fi
+    "$PY" bench/gpu_bundle.py verify "$WHEELS" "$SITE"
+    touch "$SITE/.bundle-$stamp"
   fi
-  stage "results"
-  $PY - "$OUT" "$RESULTS_DIR" <<'EOF'
-import json, shutil, sys
-from pathlib import Path
-sys.path.insert(0, "bench")
-from trainer_throughput import slug
-out, results = Path(sys.argv[1]), Path(sys.argv[2])
-report = json.loads((out / "throughput.json").read_text())
-report["gpu_check"] = {k: json.loads((out / f"{k}.json").read_text()) for k in ("preflight", "runs") if (out / f"{k}.json").exists()}
-name = f"{slug(report['device'])}-{report['date']}.json"
-results.mkdir(parents=True, exist_ok=True)
-(results / name).write_text(json.dumps(report, indent=2) + "\n")
-(out / "results").mkdir(exist_ok=True)
-if (out / "results" / name).resolve() != (results / name).resolve():
-    shutil.copy(results / name, out / "results" / name)
-print(f"wrote {results / name}")
-EOF
+  if [ $REHEARSAL = 1 ]; then
+    echo "rehearsal: $SITE is for python $GPU_PY; this run imports the venv's own packages (the same versions, CI's pins)"
+    "$PY" bench/gpu_versions.py --imports --out "$OUT/env-installed.json"
+    return
+  fi
+  export PYTHONPATH=$SITE:$PYTHONPATH
+  if ! "$PY" bench/gpu_versions.py --imports --out "$OUT/env-installed.json"; then
+    # transformers 5.23 (CI's) may need a newer huggingface-hub or tokenizers than the image has: fall back to the
+    # image's transformers (5.17) rather than lose the whole check, and say so.
+    echo "imports failed with the carried transformers; retrying with the image's own transformers and huggingface-hub"
+    rm -rf "$SITE"/transformers "$SITE"/transformers-*.dist-info "$SITE"/huggingface_hub "$SITE"/huggingface_hub-*.dist-info
+    touch "$SITE/.fallback-image-transformers"
+    "$PY" bench/gpu_versions.py --imports --out "$OUT/env-installed.json"
+  fi
+}
+export -f install_bundle
+export REHEARSAL SITE PY OUT GPU_PY WHEELS
+export GPU_PIP_TARGET_ARGS_STR="${GPU_PIP_TARGET_ARGS[*]}"
+
+THROUGHPUT=("$PY" bench/trainer_throughput.py --work "$STATE/bench" --out "$OUT/throughput.json" "${TP[@]}" --modes)
+
+stage setup "$PY" bench/gpu_versions.py --out "$OUT/env.json"
+stage install bash -c 'GPU_PIP_TARGET_ARGS=($GPU_PIP_TARGET_ARGS_STR); install_bundle'
+[ $REHEARSAL = 0 ] && [ -d "$SITE" ] && export PYTHONPATH=$SITE:$PYTHONPATH
+if [ "$CALL" = a ]; then
+  stage preflight "$PY" bench/gpu_preflight.py "${FLAG[@]}" --out "$OUT/preflight.json"
+  stage full "${THROUGHPUT[@]}" full
+  stage lora "${THROUGHPUT[@]}" lora
+else
+  stage runs "$PY" bench/gpu_runs.py "${FLAG[@]}" "${RUNS[@]}" --first ddp-lora,ddp-full,zero2-lora --sabotage "$SABOTAGE" \
+    --out "$OUT/runs.json"
+  stage ragged_full "${THROUGHPUT[@]}" ragged_full
+  stage ragged_lora "${THROUGHPUT[@]}" ragged_lora
+  stage compile "$PY" bench/gpu_preflight.py "${FLAG[@]}" --checks compile --out "$OUT/compile.json"
 fi
-stage "done: every stage passed"
+echo "=== call $CALL done after $(( $(date +%s) - started )) s of $BUDGET s"
+"$PY" bench/gpu_results.py summary --out "$OUT" --call "$CALL"
+ls "$OUT"/results/*.json
+if [ "$FAILED" -ne 0 ]; then
+  echo "exit $FAILED: failed ${FAILED_NAMES[*]} (bits: install 1; call A preflight 2, full 4, lora 8; call B runs 2, ragged_full 4, ragged_lora 8, compile 16; setup 128)"
+fi
+exit "$FAILED"

@@ -12,9 +12,11 @@ below its first. Prints one JSON line per run (with the trainer's fastPath metri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,7 +45,7 @@ CASES: dict[str, dict[str, Any]] = {
 def spec_for(case: dict[str, Any], work: Path, out: Path, steps: int, gpu: bool) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "model": {"source": str(work / "model")},
-        "dataset": {"train": str(work / "chains.jsonl"), "format": "text", "maxSeqLength": 128, "packing": case["packing"]},
+        "dataset": {"train": str(work / ("missing.jsonl" if case.get("broken") else "chains.jsonl")), "format": "text", "maxSeqLength": 128, "packing": case["packing"]},
         "method": case["method"],
         "training": {"maxSteps": steps, "learningRate": 3e-3, "warmupSteps": 0,
                      "perDeviceBatchSize": 4, "globalBatchSize": 8, "loggingSteps": 1, "seed": 42},  # 2 micro-batches a step
@@ -123,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-rehearsal", action="store_true", help="run on the CPU (only the device changes)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--runs", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
-    ap.add_argument("--parallel", type=int, help="runs at once (default: all on a GPU, 2 on a CPU)")
-    ap.add_argument("--timeout", type=int, default=240, help="seconds for all runs")
-    ap.add_argument("--out", help="also write the results as one JSON list here")
+    ap.add_argument("--first", default="", help="runs that go alone first (they compile the Triton kernels the others then find in the cache)")
+    ap.add_argument("--parallel", type=int, help="runs at once (default: 4 on a GPU, 2 on a CPU)")
+    ap.add_argument("--timeout", type=int, help="seconds for all runs (default: $STAGE_LIMIT - 15, else 240)")
+    ap.add_argument("--sabotage", default="", help="make this run fail (its dataset does not exist): shows the others still report")
+    ap.add_argument("--out", help="also write the results as one JSON list here (rewritten after each run)")
     a = ap.parse_args(argv)
     import torch
 
@@ -133,24 +137,43 @@ def main(argv: list[str] | None = None) -> int:
     if gpu and not torch.cuda.is_available():
         ap.error("no CUDA device here; use --cpu-rehearsal")
     names = [n for n in a.runs.split(",") if n]
-    unknown = [n for n in names if n not in CASES]
+    first = [n for n in a.first.split(",") if n]
+    unknown = [n for n in [*names, *first, *([a.sabotage] if a.sabotage else [])] if n not in CASES]
     if unknown:
         ap.error(f"unknown runs {unknown}; choose from {list(CASES)}")
+    timeout = a.timeout or (int(os.environ["STAGE_LIMIT"]) - 15 if os.environ.get("STAGE_LIMIT") else 240)
     import trainer_throughput as tt
 
     results: list[dict[str, Any]] = []
-    deadline = time.time() + a.timeout
+    deadline = time.time() + timeout
+    running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
+
+    def stop(signum: int, frame: Any) -> None:  # the stage's timeout: the runs are in their own sessions, end them too
+        for proc, _, _ in running.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
     with tempfile.TemporaryDirectory(prefix="kubetune-gpu-runs-") as tmp:
         work = Path(tmp)
         p = {"tiny": True, "attn": "sdpa", "seq": 128, "mb": 4, "steps": a.steps * 4, "vocab": tt.model_config(True, "sdpa").vocab_size}
         tt.prepare(p, work)
         write_chains(work, p["vocab"])
-        queue, running = list(names), {}
-        parallel = a.parallel or (len(names) if gpu else 2)
+        queue = [n for n in first if n in names] + [n for n in names if n not in first]
+        parallel = a.parallel or (4 if gpu else 2)
+        print(f"{len(queue)} runs, {steps_note(a.steps)}, {len(first)} first, then at most {parallel} at a time; {timeout} s in all", flush=True)
         while queue or running:
-            while queue and len(running) < parallel:
+            gate = [n for n in first if n in running]  # the first runs go alone (together), the rest wait for them
+            while queue and len(running) < parallel and not (gate and queue[0] not in first):
                 name = queue.pop(0)
-                running[name] = (*launch(name, CASES[name], work, a.steps, gpu), time.time())
+                if time.time() > deadline - 10:  # no time left to start it: say so rather than start and kill it
+                    r = {"run": name, "exit": None, "seconds": 0, "ok": False, "error": "not started: the stage's time ran out"}
+                    results.append(r)
+                    print(json.dumps(r), flush=True)
+                    continue
+                case = {**CASES[name], "broken": name == a.sabotage}
+                running[name] = (*launch(name, case, work, a.steps, gpu), time.time())
             for name, (proc, run_dir, started) in list(running.items()):
                 code = proc.poll()
                 if code is None and time.time() > deadline:
@@ -161,12 +184,18 @@ def main(argv: list[str] | None = None) -> int:
                     r = verdict(name, code, run_dir, time.time() - started)
                     results.append(r)
                     print(json.dumps(r), flush=True)
+                    if a.out:
+                        Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
             time.sleep(0.5)
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
     failed = [r["run"] for r in results if not r["ok"]]
     print(f"trainer runs on {'cuda' if gpu else 'cpu'}: " + (f"FAILED {failed}" if failed else f"all {len(results)} passed"), flush=True)
     return 1 if failed else 0
+
+
+def steps_note(steps: int) -> str:
+    return f"{steps} steps of 2 micro-batches each"
 
 
 if __name__ == "__main__":

@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
-# Wheels the GPU device machine lacks, for bench/gpu_check.sh and the trainer benchmark (its image has torch 2.11,
-# transformers 5.17, accelerate, peft, safetensors, tokenizers, pyyaml, psutil; not pydantic, hjson, deepspeed or
-# liger-kernel). transformers and peft travel too, at the versions CI pins, so the GPU runs the code CI tested.
-# Run here (network), then carry .whl/ (git-ignored, about 20 MB; the device tool's limit is 64 MiB) to the device;
-# bench/gpu_check.sh installs it first thing there, as:
-#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-#     && export PYTHONPATH=/tmp/site
-# PY=3.12 is the device image's python3 (KINDS.md). deepspeed is built here with DS_BUILD_OPS=0 (pure Python, ops
-# JIT-built if ever used); a single-GPU run does not import it, multi-GPU ZeRO runs do.
+# Wheels the GPU device machine lacks, for bench/gpu_check.sh (its python3 is a venv with torch 2.11.0+cu130,
+# transformers 5.17, accelerate, peft, triton 3.6, safetensors, tokenizers, pyyaml, psutil; not pydantic, hjson,
+# deepspeed, liger-kernel or bitsandbytes; no network there). transformers, peft and huggingface-hub travel too, at
+# the versions CI tests, so the GPU runs the code CI tested. transformers 5.23 checks at import huggingface-hub >= 1.31
+# (5.17 needed only >= 1.5), so huggingface-hub 1.33.0 travels: the last 1.x, which needs httpx as the image's 1.x does
+# (CI's 2.4.0 needs httpx2, which the image lacks). regex travels because transformers checks its version at import too
+# and the image's is unknown. If the carried transformers still fails to import there, gpu_check.sh falls back to the
+# image's own (and says so).
+# Run here (network): writes .whl/ (git-ignored, about 26 MiB, checked below against GPU_BUNDLE_MAX_MIB of bench/gpu_env.sh,
+# which keeps 16 MiB of margin under the device tool's 64 MiB carry limit). bench/gpu_check.sh installs it first thing
+# on the device; its --cpu-rehearsal installs it here with the same platform tags (bench/gpu_env.sh).
+# bitsandbytes (43 MB as published, mostly kernels for CUDA 11.8-12.8, ROCm and XPU) is repacked with only its CUDA 13.0
+# and CPU libraries (about 4 MB). deepspeed is built here with DS_BUILD_OPS=0 (pure Python; the trainer gives it torch's
+# AdamW, so no op is ever JIT-built).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-3.12}
+# shellcheck source=bench/gpu_env.sh
+source bench/gpu_env.sh
 PIP=${PIP:-.venv/bin/python -m pip}
-mkdir -p .whl
-plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-$PIP download -q --no-deps --only-binary=:all: --python-version "$PY" --implementation cp "${plat[@]}" -d .whl \
-  pydantic==2.13.4 pydantic-core==2.46.4 annotated-types typing-inspection hjson==3.1.0 \
-  liger-kernel==0.8.5 transformers==5.23.0 peft==0.21.2 bitsandbytes==0.50.2   # bitsandbytes (41 MB): the ddp-qlora run
-DS_BUILD_OPS=0 $PIP wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
-ls -la .whl
-du -sh .whl
-total=$(du -sm .whl | cut -f1)
-[ "$total" -le 60 ] || { echo "wheels take ${total} MiB; the device tool carries at most 64 MiB in all" >&2; exit 1; }
+PYTHON=${PYTHON:-.venv/bin/python}
+DEST=${DEST:-.whl}
+rm -rf "$DEST.tmp" && mkdir -p "$DEST.tmp"
+$PIP download -q --no-deps --only-binary=:all: --python-version "$GPU_PY" --implementation cp "${GPU_PLATFORMS[@]}" -d "$DEST.tmp" \
+  pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.8.0 typing-inspection==0.4.5 hjson==3.1.0 \
+  liger-kernel==0.8.5 transformers==5.23.0 peft==0.21.2 huggingface-hub==1.33.0 regex==2026.12.2 bitsandbytes==0.50.2
+DS_BUILD_OPS=0 $PIP wheel -q --no-deps --no-build-isolation -w "$DEST.tmp" deepspeed==0.19.8
+$PYTHON bench/gpu_bundle.py slim "$DEST.tmp"/bitsandbytes-*.whl --keep "${GPU_BNB_KEEP[@]}"
+rm -rf "$DEST" && mv "$DEST.tmp" "$DEST"
+$PYTHON bench/gpu_bundle.py size "$DEST" --max-mib "$GPU_BUNDLE_MAX_MIB" --carry-limit-mib "$GPU_CARRY_LIMIT_MIB"

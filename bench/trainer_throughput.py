@@ -35,12 +35,14 @@ process to keep the smoke test short (--isolate / --no-isolate override).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -229,20 +231,35 @@ def _vocab_cache(vocab_size: int) -> Any:
 
 
 def write_model_dir(p: dict[str, Any], directory: Path) -> None:
-    """Random weights (seed 0, as the baseline) + the word tokenizer above."""
+    """Random weights (seed 0, as the baseline; built on the GPU when there is one: 0.5B parameters take 30-40 s to
+    initialise on the CPU) + the word tokenizer above. Both trainers load this directory."""
     import torch
     from transformers import Qwen2ForCausalLM
     from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
     cfg = model_config(p["tiny"], p["attn"])
     torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).save_pretrained(directory, safe_serialization=True)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen2ForCausalLM(cfg)
+    model.save_pretrained(directory, safe_serialization=True)
+    del model
     vocab, merges = _vocab_cache(cfg.vocab_size)[:2]
     Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token=EOS, pad_token=EOS, unk_token=EOS).save_pretrained(directory)
 
 
+PREPARED_KEYS = ("tiny", "attn", "seq", "mb", "steps", "vocab")
+
+
 def prepare(p: dict[str, Any], work: Path) -> None:
-    """Model dir and one text jsonl per data kind, shared by every run (and every subprocess)."""
+    """Model dir and one text jsonl per data kind, shared by every run (and every subprocess). A directory prepared
+    with the same settings is reused (bench/gpu_check.sh's calls share one: the 0.5B model's 2 GB are written once)."""
+    stamp = work / "prepared.json"
+    wanted = {k: p[k] for k in PREPARED_KEYS}
+    if stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        print(f"reusing {work} (prepared with the same settings)", flush=True)
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.unlink(missing_ok=True)
     write_model_dir(p, work / "model")
     for kind in ("fixed", "ragged"):
         data = make_data(p, kind == "ragged")
@@ -250,6 +267,7 @@ def prepare(p: dict[str, Any], work: Path) -> None:
         with open(work / f"{kind}.jsonl", "w") as handle:
             for ids in data:  # kubetune's `text` format appends EOS itself
                 handle.write(json.dumps({"text": ids_to_text(ids[:-1], p["vocab"])}) + "\n")
+    stamp.write_text(json.dumps(wanted))
 
 
 # ----------------------------------------------------------------------------- baseline
@@ -285,19 +303,26 @@ def run_baseline(p: dict[str, Any], mode: str, work: Path) -> dict[str, Any]:
             ids[k, :n], lab[k, :n], att[k, :n] = e["input_ids"], e["labels"], 1
         return {"input_ids": ids, "labels": lab, "attention_mask": att}
 
-    torch.manual_seed(0)
-    m = Qwen2ForCausalLM(cfg)
+    # The saved model directory (the same seed-0 weights kubetune loads), not a fresh build on the CPU: for the 0.5B
+    # model that build took 30-40 s per baseline process. fp32 weights, as the baseline script's model.
+    m = Qwen2ForCausalLM.from_pretrained(work / "model", dtype=torch.float32, attn_implementation=cfg._attn_implementation)
     n_all = sum(x.numel() for x in m.parameters())
     if mode.endswith("lora"):
         m = peft.get_peft_model(m, peft.LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
 
     class Timer(transformers.TrainerCallback):
         t = 0.0
+        marks: dict[int, float] = {}  # step -> time after it, as kubetune's side records them (a sync each step)
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if state.global_step == warm:
                 sync()
                 self.t = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step > warm:
+                sync()
+                self.marks[state.global_step] = time.perf_counter()
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             sync()
@@ -313,7 +338,8 @@ def run_baseline(p: dict[str, Any], mode: str, work: Path) -> dict[str, Any]:
             return loss
 
     cb = Timer()
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(dir=work), per_device_train_batch_size=mb, max_steps=steps, bf16=on_gpu,
+    (work / "runs").mkdir(exist_ok=True)
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(dir=work / "runs"), per_device_train_batch_size=mb, max_steps=steps, bf16=on_gpu,
                              use_cpu=not on_gpu, logging_steps=1000, save_strategy="no", report_to=[],
                              dataloader_num_workers=p["workers"])  # fmt: skip
     tr = LossTrainer(model=m, args=args, train_dataset=DS(), callbacks=[cb], data_collator=collate)
@@ -322,8 +348,11 @@ def run_baseline(p: dict[str, Any], mode: str, work: Path) -> dict[str, Any]:
     mean_len = sum(len(x) for x in data) / len(data)
     tok = (mean_len if ragged else p["seq"]) * cb.n * mb / cb.dt  # the baseline script's count
     losses = [float(x) for x in tr.losses]
+    per_step = (mean_len if ragged else p["seq"]) * mb
+    step_seconds = {s: cb.marks[s] - cb.t for s in sorted(cb.marks)}  # elapsed from the timed start to the end of step s
     return {"tokens_per_s": tok, "peak_mem_gib": mem.gib, "final_loss": losses[-1], "loss_curve": losses, "params": n_all,
-            "seconds": cb.dt, "timed_steps": cb.n}
+            "seconds": cb.dt, "timed_steps": cb.n, "tokens_through": {s: per_step * (s - warm) for s in step_seconds},
+            "seconds_through": step_seconds}
 
 
 # ----------------------------------------------------------------------------- kubetune
@@ -368,7 +397,8 @@ def run_kubetune(p: dict[str, Any], mode: str, work: Path) -> dict[str, Any]:
     from kubetune_trainer import __main__ as entry
     from kubetune_trainer import loop as loop_mod
 
-    run_dir = Path(tempfile.mkdtemp(prefix=f"kubetune-{mode}-", dir=work))
+    (work / "runs").mkdir(exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix=f"kubetune-{mode}-", dir=work / "runs"))
     spec = FineTuneJobSpec.model_validate(kubetune_spec(p, mode, work, run_dir / "out"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -419,9 +449,12 @@ def run_kubetune(p: dict[str, Any], mode: str, work: Path) -> dict[str, Any]:
     tokens = sum(e["inputTokens"] for e in trainer.state.loss_curve if warm < e["step"] <= steps)
     seconds = marks[steps] - marks[warm]
     curve = [e["loss"] for e in trainer.state.loss_curve]
+    step_tokens = {e["step"]: e["inputTokens"] for e in trainer.state.loss_curve}
+    through = {s: sum(step_tokens.get(t, 0) for t in range(warm + 1, s + 1)) for s in range(warm + 1, steps + 1)}
     del trainer
     return {"tokens_per_s": tokens / seconds, "peak_mem_gib": mem.gib, "final_loss": curve[-1], "loss_curve": curve,
-            "seconds": seconds, "timed_steps": steps - warm, "packing": spec.dataset.packing}
+            "seconds": seconds, "timed_steps": steps - warm, "packing": spec.dataset.packing, "tokens_through": through,
+            "seconds_through": {s: marks[s] - marks[warm] for s in range(warm + 1, steps + 1) if s in marks}}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -466,6 +499,67 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower().split(" (")[0]).strip("-")
 
 
+def speedup_by_timed_steps(b: dict[str, Any], k: dict[str, Any]) -> dict[str, float]:
+    """The tokens/s ratio had only the first n timed steps been timed (n = 1, 2, 4, 8, ...): how soon it settles."""
+    bt, bs = ({int(s): v for s, v in b[key].items()} for key in ("tokens_through", "seconds_through"))
+    kt, ks = ({int(s): v for s, v in k[key].items()} for key in ("tokens_through", "seconds_through"))
+    b0, k0 = min(bs, default=0) - 1, min(ks, default=0) - 1  # the last untimed step of each
+    out: dict[str, float] = {}
+    n = 1
+    while True:
+        n_last = min(n, b["timed_steps"], k["timed_steps"])
+        sb, sk = b0 + n_last, k0 + n_last
+        if sb in bs and sk in ks and bs[sb] > 0 and ks[sk] > 0:
+            out[str(n_last)] = round((kt[sk] / ks[sk]) / (bt[sb] / bs[sb]), 4)
+        if n_last < n or n_last == min(b["timed_steps"], k["timed_steps"]):
+            return out
+        n *= 2
+
+
+def mode_result(b: dict[str, Any], k: dict[str, Any], mode: str, p: dict[str, Any], cfg: Any, device: str, on_gpu: bool) -> dict[str, Any]:
+    return {
+        "tokens_per_s": k["tokens_per_s"],
+        "baseline_tokens_per_s": b["tokens_per_s"],
+        "peak_mem_gib": k["peak_mem_gib"],
+        "baseline_peak_mem_gib": b["peak_mem_gib"],
+        "mfu": mfu(k["tokens_per_s"], mode, b["params"], cfg, p["seq"], device) if on_gpu else None,
+        "baseline_mfu": mfu(b["tokens_per_s"], mode, b["params"], cfg, p["seq"], device) if on_gpu else None,
+        "final_loss": k["final_loss"],
+        "baseline_final_loss": b["final_loss"],
+        "speedup": k["tokens_per_s"] / b["tokens_per_s"],
+        "mem_ratio": k["peak_mem_gib"] / b["peak_mem_gib"] if b["peak_mem_gib"] > 0.01 else None,  # CPU RSS growth of a tiny model is noise
+        "speedup_by_timed_steps": speedup_by_timed_steps(b, k),
+        "loss_curve": k["loss_curve"],
+        "baseline_loss_curve": b["loss_curve"],
+        "timed_steps": k["timed_steps"],
+        "baseline_timed_steps": b["timed_steps"],
+        "seconds": k["seconds"],
+        "baseline_seconds": b["seconds"],
+        "packing": k["packing"],
+    }
+
+
+def write_report(out: Path, device: str, torch_version: str, tiny: bool, p: dict[str, Any], modes: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """Merge `modes` into the report at `out` (other modes, from earlier invocations on this device, are kept) and
+    write it whole, atomically: after each mode the file is complete for the modes done."""
+    report: dict[str, Any] = {}
+    if out.exists():
+        with contextlib.suppress(ValueError):
+            old = json.loads(out.read_text())
+            if old.get("device") == device:
+                report = old
+    report.update({"device": device, "date": dt.date.today().isoformat(), "torch": torch_version, "tiny_model": tiny,
+                   "settings": {k: v for k, v in p.items() if k != "kubetune_set"} | {"kubetune_set": p["kubetune_set"]},
+                   "peak_mem_note": "GPU: torch.cuda.max_memory_allocated; CPU: sampled peak RSS growth during the run"})  # fmt: skip
+    report.setdefault("wall_seconds_by_mode", {}).update({m: round(seconds, 1) for m in modes})
+    report.update(modes)  # per-mode keys at the top level, as the speed issue specifies
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--modes", default=",".join(MODES))
@@ -481,7 +575,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="extra FineTuneJob spec field for kubetune's runs, e.g. training.gradientCheckpointing=true")
     ap.add_argument("--isolate", dest="isolate", action="store_true", default=None, help="a subprocess per run (default on GPU)")
     ap.add_argument("--no-isolate", dest="isolate", action="store_false")
-    ap.add_argument("--out", help="result JSON path (default bench/results/<device>-<date>.json)")
+    ap.add_argument("--out", help="result JSON path (default bench/results/<device>-<date>.json); modes are merged into it, written after each")
+    ap.add_argument("--work", help="model directory and data here, reused when prepared with the same settings (default: a temp dir)")
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge the modes of earlier result files (same device) into --out")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -525,41 +620,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"device {device}; torch {torch.__version__}; settings {json.dumps(p)}; isolate={isolate}", flush=True)
 
     started = time.time()
+    out = Path(a.out) if a.out else REPO / "bench" / "results" / f"{slug(device)}-{dt.date.today().isoformat()}.json"
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        work = Path(a.work) if a.work else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kubetune-bench-")))
         prepare(p, work)
+        stack.callback(shutil.rmtree, work / "runs", True)  # each run's output (2 GB in full mode): not kept with the model
+        report: dict[str, Any] = {}
         for mode in modes:
+            mode_started = time.time()
             row: dict[str, Any] = {}
             for impl in ("baseline", "kubetune"):
                 r = (run_isolated if isolate else run_one)(p, impl, mode, work)
                 row[impl] = r
                 print(f"  {mode:<12} {impl:<9} {r['tokens_per_s']:>12,.0f} tok/s  peak {r['peak_mem_gib']:.3f} GiB  final loss {r['final_loss']:.4f}", flush=True)
-            b, k = row["baseline"], row["kubetune"]
-            cfg = model_config(tiny, a.attn)
-            results[mode] = {
-                "tokens_per_s": k["tokens_per_s"],
-                "baseline_tokens_per_s": b["tokens_per_s"],
-                "peak_mem_gib": k["peak_mem_gib"],
-                "baseline_peak_mem_gib": b["peak_mem_gib"],
-                "mfu": mfu(k["tokens_per_s"], mode, b["params"], cfg, p["seq"], device) if on_gpu else None,
-                "baseline_mfu": mfu(b["tokens_per_s"], mode, b["params"], cfg, p["seq"], device) if on_gpu else None,
-                "final_loss": k["final_loss"],
-                "baseline_final_loss": b["final_loss"],
-                "speedup": k["tokens_per_s"] / b["tokens_per_s"],
-                "mem_ratio": k["peak_mem_gib"] / b["peak_mem_gib"] if b["peak_mem_gib"] > 0.01 else None,  # CPU RSS growth of a tiny model is noise
-                "loss_curve": k["loss_curve"],
-                "baseline_loss_curve": b["loss_curve"],
-                "timed_steps": k["timed_steps"],
-                "baseline_timed_steps": b["timed_steps"],
-                "packing": k["packing"],
-            }
-
-    report = {"device": device, "date": dt.date.today().isoformat(), "torch": torch.__version__, "tiny_model": tiny,
-              "settings": {k: v for k, v in p.items() if k != "kubetune_set"} | {"kubetune_set": p["kubetune_set"]},
-              "peak_mem_note": "GPU: torch.cuda.max_memory_allocated; CPU: sampled peak RSS growth during the run",
-              "wall_seconds": round(time.time() - started, 1)}  # fmt: skip
-    report.update(results)  # per-mode keys at the top level, as the speed issue specifies
+            results[mode] = mode_result(row["baseline"], row["kubetune"], mode, p, model_config(tiny, a.attn), device, on_gpu)
+            r = results[mode]
+            by_steps = ", ".join(f"{n}: {x:.2f}x" for n, x in r["speedup_by_timed_steps"].items())
+            print(f"  {mode:<12} RATIO {r['speedup']:.2f}x tokens/s" + (f", memory {r['mem_ratio']:.2f}x" if r["mem_ratio"] is not None else "")
+                  + (f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else "") + f"; over the first n timed steps {{{by_steps}}}", flush=True)  # fmt: skip
+            report = write_report(out, device, torch.__version__, tiny, p, {mode: results[mode]}, time.time() - mode_started)
 
     print(f"\n{'mode':<12} {'kubetune tok/s':>15} {'baseline tok/s':>15} {'speedup':>8} {'MFU':>6} {'peak GiB':>9} {'base GiB':>9} {'mem ratio':>9} {'loss':>8} {'base loss':>9}")
     for mode, r in results.items():
@@ -567,10 +647,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mr = f"{r['mem_ratio']:.2f}" if r["mem_ratio"] is not None else "-"
         print(f"{mode:<12} {r['tokens_per_s']:>15,.0f} {r['baseline_tokens_per_s']:>15,.0f} {r['speedup']:>7.2f}x {mf:>6} "
               f"{r['peak_mem_gib']:>9.3f} {r['baseline_peak_mem_gib']:>9.3f} {mr:>9} {r['final_loss']:>8.4f} {r['baseline_final_loss']:>9.4f}")  # fmt: skip
-    out = Path(a.out) if a.out else REPO / "bench" / "results" / f"{slug(device)}-{report['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {out} ({report['wall_seconds']} s)")
+    print(f"\nwrote {out} ({round(time.time() - started, 1)} s)")
     return report
 
 
