@@ -86,6 +86,8 @@ NAMESPACED = (
         ("apps", "deployments", "get"),
         ("apps", "deployments", "update"),
     }
+    | {(g, "podgroups", "create") for g in ("scheduling.x-k8s.io", "scheduling.volcano.sh", "scheduling.run.ai")}
+    | {("kueue.x-k8s.io", "workloads", v) for v in ("list", "watch")}
 )
 KOPF_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
 KOPF_ALL_NAMESPACES = {("", "namespaces", "list"), ("", "namespaces", "watch")}

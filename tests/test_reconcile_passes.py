@@ -342,6 +342,27 @@ def check_serving_missing(world: World) -> None:
     assert (serving["status"], serving["reason"]) == ("False", "ServingAPIMissing")
 
 
+def check_pod_group(world: World) -> None:
+    group = world.kube.get("PodGroup", "ml", "demo")
+    assert group is not None and group["spec"]["minMember"] == 1
+    assert group["metadata"]["ownerReferences"][0]["name"] == "demo"
+    ready = next(c for c in world.status["conditions"] if c["type"] == "PodGroupReady")
+    assert (ready["status"], ready["reason"]) == ("True", "PodGroupCreated")
+
+
+def check_pod_group_missing(world: World) -> None:
+    assert world.kube.of_kind("Job") == []
+    ready = next(c for c in world.status["conditions"] if c["type"] == "PodGroupReady")
+    assert (ready["status"], ready["reason"]) == ("False", "PodGroupCRDMissing")
+    assert "podgroups.scheduling.volcano.sh" in ready["message"]
+    world.kube.forget_calls()
+    assert world.reconcile() == 30.0  # looks again later: CRDs are not watched
+    assert world.kube.writes() == [("create", "PodGroup", "demo")]  # no second Warning, no status write
+    world.kube.unserved.clear()  # the scheduler is installed
+    world.reconcile()
+    assert world.kube.get("Job", "ml", "demo-r0") is not None
+
+
 def check_deleted(world: World) -> None:
     assert world.kube.get("FineTuneJob", "ml", "demo") is None
 
@@ -420,6 +441,16 @@ CASES = {
         [("create", "Job", "demo-r0"), ("create", "ConfigMap", "demo-config"), ("patch", "ConfigMap", "demo-config"),
          ("create", "Service", "demo"), ("patch-status", "FineTuneJob", "demo")],
         "Pending", None, check_new_run_gang,
+    ),
+    "gang: the PodGroup before the Job": Case(
+        lambda: World(new_job(scheduling={"gang": {"scheduler": "coscheduling"}})),
+        [("create", "PodGroup", "demo"), *CREATE_GANG, *STATUS_AND_EVENT], "Pending", ("Normal", "PodsPending"),
+        check_pod_group,
+    ),
+    "gang: no PodGroup CRD, no Job: a Warning naming the CRD, looked at again later": Case(
+        lambda: World(new_job(scheduling={"gang": {"scheduler": "volcano"}}), unserved=("PodGroup",)),
+        [("create", "PodGroup", "demo"), *STATUS_AND_EVENT], "Pending", ("Warning", "PodGroupCRDMissing"),
+        check_pod_group_missing,
     ),
     "refused spec: Failed naming the field, nothing created": Case(
         lambda: World(new_job(training={"learningRate": -1})), STATUS_AND_EVENT, "Failed", ("Warning", "SpecInvalid"),

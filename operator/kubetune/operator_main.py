@@ -107,3 +107,10 @@ async def job_event(type: str | None, event: kopf.RawEvent, **_: Any) -> None:
 @kopf.on.event("", "v1", "pods", labels=CHILD)
 async def pod_event(type: str | None, event: kopf.RawEvent, **_: Any) -> None:
     controller().on_child("Pod", type, dict(event["object"]))
+
+
+@kopf.on.event("kueue.x-k8s.io", "v1beta2", "workloads")
+async def workload_event(type: str | None, event: kopf.RawEvent, **_: Any) -> None:
+    """Kueue's Workloads (only where Kueue is installed when the operator starts): why a queued gang waits, and
+    when Kueue admits or evicts it. Those of other owners are dropped by the store (no owning Job of ours)."""
+    controller().on_child("Workload", type, dict(event["object"]))

@@ -74,6 +74,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [create, get, update]
+# spec.scheduling.gang: the gang scheduler's PodGroup, created before the Job (owned: it goes with the job).
+- apiGroups: [scheduling.x-k8s.io, scheduling.volcano.sh, scheduling.run.ai]
+  resources: [podgroups]
+  verbs: [create]
+# Kueue: its Workloads say why a queued job waits and when it is admitted (read only).
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list, watch]
 {{- end -}}
 
 {{/* Cluster-scoped rules Kopf needs in any mode: it discovers resources by watching CRDs. */}}

@@ -123,6 +123,9 @@ def _drain(resp: Any) -> None:
     resp.data  # noqa: B018 - reading the body releases the connection
 
 
+CUSTOM_PLURALS = {"InferenceService": "inferenceservices", "PodGroup": "podgroups"}
+"""Kinds of other projects' CRDs the operator creates (KServe; the gang schedulers' PodGroups)."""
+
 ABSENT = None
 """In `KubeClient.request(on=...)`: answer None for this HTTP status instead of raising."""
 
@@ -217,13 +220,14 @@ class KubeClient:
         ns, kind = obj["metadata"]["namespace"], obj["kind"]
         on: dict[int, Exception | None] = {409: ABSENT}
         fn: Callable[..., Any]
-        if kind == "InferenceService":
+        if kind in CUSTOM_PLURALS:
             group, version = obj["apiVersion"].split("/")
             custom = self._api(client.CustomObjectsApi).create_namespaced_custom_object
-            on[404] = ApiMissing(obj["apiVersion"])
+            on[404] = ApiMissing(obj["apiVersion"])  # the namespace exists (we are in it): the API does not
+            plural = CUSTOM_PLURALS[kind]
 
             def fn(namespace: str, body: dict[str, Any], **kw: Any) -> Any:
-                return custom(group, version, namespace, "inferenceservices", body, **kw)
+                return custom(group, version, namespace, plural, body, **kw)
         elif kind == "Deployment":
             fn = self._api(client.AppsV1Api).create_namespaced_deployment
         elif kind == "ConfigMap":

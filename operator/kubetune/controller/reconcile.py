@@ -8,6 +8,7 @@ a TTL, a trainer that never answers; None when only a change should wake it.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, cast
 
@@ -22,14 +23,16 @@ from kubetune.api.names import (
     LABEL_RESTART,
     workload_name,
 )
+from kubetune.api.schedulers import FLAVORS
 from kubetune.api.trainer_config import TrainerConfig
 from kubetune.api.validation import SpecInvalid, parse_spec
 from kubetune.controller import serving
-from kubetune.controller.cluster import Cluster
+from kubetune.controller.cluster import ApiMissing, Cluster
 from kubetune.controller.metrics import METRICS
 from kubetune.controller.settings import Settings
 from kubetune.controller.store import Key, Store
-from kubetune.render.objects import render_config_map, render_service, render_workload
+from kubetune.render.gang import gang_of
+from kubetune.render.objects import render_config_map, render_pod_group_for, render_service, render_workload
 from kubetune.status import runs
 from kubetune.status.conditions import Reason
 from kubetune.status.derive import (
@@ -39,6 +42,7 @@ from kubetune.status.derive import (
     Observed,
     _parse_time,
     derive,
+    pod_group_missing,
     refused_status,
     ttl_expired,
 )
@@ -48,6 +52,8 @@ CHILD_KINDS = ("Job", "ConfigMap", "Service")
 
 
 STALE_RECHECK_SECONDS = 30.0
+CRD_RECHECK_SECONDS = 30.0
+"""How often a job whose gang scheduler's PodGroup CRD is missing looks again (CRDs are not watched)."""
 
 
 def now() -> datetime:
@@ -129,14 +135,19 @@ def reconcile(key: Key, store: Store, settings: Settings, kube: Cluster) -> floa
     jobs, pods = store.children(key)
     seen = store.seen_progress(key)
     observed = observe(name, restarts, jobs, pods, (seen.pod, seen.progress) if seen else None)
+    observed = replace(observed, workload=store.workload_of(key, observed.job))
     at = now()
     decision = derive(spec, name, meta.get("generation"), status, observed, at)
     if decision.action == "create":
+        if (missing := ensure_pod_group(body, spec, kube)) is not None:  # no Job until its gang's PodGroup can exist
+            publish(body, Decision(**pod_group_missing(status, missing, spec, meta.get("generation"), at)), store, kube)
+            return CRD_RECHECK_SECONDS
         # Creating is idempotent, so it goes first here: the status then describes the Job just created
         # (one status write and one Event for a new job instead of Pending, then Suspended or Initializing).
         act(body, spec, decision, observed, store, settings, kube)
         jobs, pods = store.children(key)
         observed = observe(name, restarts, jobs, pods, None)
+        observed = replace(observed, workload=store.workload_of(key, observed.job))
         decision = derive(spec, name, meta.get("generation"), status, observed, at)
         decision = Decision(status=decision.status, event=decision.event)  # created already
     publish(body, decision, store, kube)  # status and Event first, then the action
@@ -276,6 +287,24 @@ def ensure_children(
         elif obj["kind"] == "ConfigMap" and later_run:  # the previous run's config: this run's replaces it
             kube.patch_config_map(meta["namespace"], obj["metadata"]["name"], {"data": obj["data"]})
     return created
+
+
+def ensure_pod_group(body: dict[str, Any], spec: FineTuneJobSpec, kube: Cluster) -> str | None:
+    """Create-if-absent the gang scheduler's PodGroup (spec.scheduling.gang), owned by the FineTuneJob; the name
+    of its CRD when the cluster does not serve it, else None."""
+    meta = body["metadata"]
+    group = render_pod_group_for(spec, meta["name"], meta["namespace"])
+    if group is None:
+        return None
+    kopf.adopt(group, owner=cast(kopf.Body, body))
+    try:
+        if kube.create_if_absent(group) is not None:
+            log.info("%s/%s: created PodGroup %s (%s)", meta["namespace"], meta["name"], meta["name"], group["apiVersion"])
+    except ApiMissing:
+        gang = gang_of(spec)
+        assert gang is not None
+        return FLAVORS[gang.scheduler].crd
+    return None
 
 
 def with_resume_from(config_yaml: str, uri: str) -> str:

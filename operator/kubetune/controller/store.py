@@ -33,6 +33,14 @@ def owner_key(obj: dict[str, Any]) -> Key | None:
     return (meta.get("namespace") or "", owner) if owner else None
 
 
+def _owning_job_uid(obj: dict[str, Any]) -> str | None:
+    """The uid of the batch/v1 Job a Kueue Workload belongs to (its owner reference)."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("kind") == "Job" and str(ref.get("apiVersion", "")).startswith("batch/"):
+            return str(ref.get("uid") or "") or None
+    return None
+
+
 def slim(obj: dict[str, Any]) -> dict[str, Any]:
     """The object without metadata.managedFields (often half its size; nothing here reads it)."""
     meta = obj.get("metadata") or {}
@@ -65,6 +73,13 @@ class Store:
     ftjs: dict[Key, dict[str, Any]] = field(default_factory=dict)
     jobs: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=dict)
     pods: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    workloads: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """Kueue's Workloads of our Jobs, keyed by the Job's FineTuneJob (through the Job's uid: a Workload carries
+    none of our labels, only an owner reference to the Job it admits)."""
+    _job_owner: dict[str, Key] = field(default_factory=dict)
+    """Job uid -> its FineTuneJob, for Workloads."""
+    _orphans: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Workloads seen before their Job (watch order after a restart), by the Job's uid."""
     progress: dict[Key, Seen] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -99,29 +114,51 @@ class Store:
     # ---------------------------------------------------------------- children
 
     def _table(self, kind: str) -> dict[Key, dict[str, dict[str, Any]]]:
-        return self.jobs if kind == "Job" else self.pods
+        return self.jobs if kind == "Job" else self.workloads if kind == "Workload" else self.pods
+
+    def _owner(self, kind: str, obj: dict[str, Any]) -> Key | None:
+        """The FineTuneJob of a Job or Pod (its label) or of a Workload (its Job's), under the lock."""
+        if kind != "Workload":
+            return owner_key(obj)
+        uid = _owning_job_uid(obj)
+        return self._job_owner.get(uid) if uid else None
 
     def put_child(self, kind: str, obj: dict[str, Any]) -> Key | None:
-        """A Job or Pod as the watch (or our own create) saw it; returns its FineTuneJob's key, or None when it
-        has none or the store already had this version or a newer one (nothing new to reconcile)."""
-        owner = owner_key(obj)
-        if owner is None:
-            return None
+        """A Job, Pod or Workload as the watch (or our own create) saw it; returns its FineTuneJob's key, or None
+        when it has none or the store already had this version or a newer one (nothing new to reconcile)."""
         obj = slim(obj)
         name = obj["metadata"]["name"]
         with self._lock:
+            owner = self._owner(kind, obj)
+            if owner is None:
+                if kind == "Workload" and (uid := _owning_job_uid(obj)):
+                    self._orphans[uid] = obj  # its Job may come down the watch later
+                return None
             table = self._table(kind).setdefault(owner, {})
             old = table.get(name)
             if old is not None and old["metadata"].get("uid") == obj["metadata"].get("uid") and _rv(old) >= _rv(obj) > 0:
                 return None
             table[name] = obj
+            if kind == "Job" and (uid := obj["metadata"].get("uid")):
+                self._job_owner[uid] = owner
+                if (orphan := self._orphans.pop(uid, None)) is not None:
+                    self.workloads.setdefault(owner, {})[orphan["metadata"]["name"]] = orphan
         return owner
 
     def drop_child(self, kind: str, obj: dict[str, Any]) -> Key | None:
-        owner = owner_key(obj)
-        if owner is None:
-            return None
         with self._lock:
+            owner = self._owner(kind, obj)
+            if kind == "Job" and (uid := obj["metadata"].get("uid")):
+                self._job_owner.pop(uid, None)
+                if owner is not None:  # its Workload goes with it (garbage-collected; no owner to find later)
+                    kept = {n: w for n, w in (self.workloads.get(owner) or {}).items() if _owning_job_uid(w) != uid}
+                    self.workloads[owner] = kept
+                    if not kept:
+                        self.workloads.pop(owner, None)
+            if kind == "Workload":
+                self._orphans.pop(_owning_job_uid(obj) or "", None)
+            if owner is None:
+                return None
             table = self._table(kind)
             children = table.get(owner) or {}
             old = children.get(obj["metadata"]["name"])
@@ -135,6 +172,17 @@ class Store:
         """(Jobs, Pods) of one FineTuneJob."""
         with self._lock:
             return list((self.jobs.get(key) or {}).values()), list((self.pods.get(key) or {}).values())
+
+    def workload_of(self, key: Key, job: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Kueue's Workload for `job` (one of this FineTuneJob's Jobs), if the watch has shown one."""
+        uid = ((job or {}).get("metadata") or {}).get("uid")
+        if not uid:
+            return None
+        with self._lock:
+            for wl in (self.workloads.get(key) or {}).values():
+                if _owning_job_uid(wl) == uid:
+                    return wl
+        return None
 
     # ---------------------------------------------------------------- progress
 

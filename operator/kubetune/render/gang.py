@@ -15,43 +15,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Final
+from typing import Any
 
-from kubetune.api.models import FineTuneJobSpec, GangScheduler, GangSpec
+from kubetune.api.models import FineTuneJobSpec, GangSpec
 from kubetune.api.names import standard_labels
+from kubetune.api.schedulers import (
+    COSCHEDULING_LABEL,
+    FLAVORS,
+    KAI_ANNOTATION,
+    KAI_QUEUE_LABEL,
+    VOLCANO_ANNOTATION,
+)
 
-COSCHEDULING_LABEL: Final = "scheduling.x-k8s.io/pod-group"
-VOLCANO_ANNOTATION: Final = "scheduling.k8s.io/group-name"
-KAI_ANNOTATION: Final = "pod-group-name"
-KAI_QUEUE_LABEL: Final = "kai.scheduler/queue"
-
-
-@dataclass(frozen=True)
-class Flavor:
-    """What one gang scheduler needs."""
-
-    api_version: str
-    plural: str
-    scheduler_name: str
-    """The scheduler's default name as its install deploys it (pods' schedulerName unless spec.schedulerName)."""
-
-    @property
-    def group(self) -> str:
-        return self.api_version.split("/", 1)[0]
-
-    @property
-    def crd(self) -> str:
-        """The CRD's name, e.g. podgroups.scheduling.x-k8s.io (what a cluster without it lacks)."""
-        return f"{self.plural}.{self.group}"
-
-
-FLAVORS: Final[dict[GangScheduler, Flavor]] = {
-    # scheduler-plugins installs Coscheduling as a second scheduler under this name (manifests/install/charts).
-    "coscheduling": Flavor("scheduling.x-k8s.io/v1alpha1", "podgroups", "scheduler-plugins-scheduler"),
-    "volcano": Flavor("scheduling.volcano.sh/v1beta1", "podgroups", "volcano"),
-    "kai": Flavor("scheduling.run.ai/v2alpha2", "podgroups", "kai-scheduler"),
-}
-
+__all__ = ["COSCHEDULING_LABEL", "FLAVORS", "KAI_ANNOTATION", "KAI_QUEUE_LABEL", "VOLCANO_ANNOTATION"]
 
 def gang_of(spec: FineTuneJobSpec) -> GangSpec | None:
     return spec.scheduling.gang if spec.scheduling is not None else None

@@ -17,7 +17,9 @@ SUCCEEDED: Final = "Succeeded"
 FAILED: Final = "Failed"
 SERVING: Final = "Serving"
 EVALUATED: Final = "Evaluated"  # spec.evaluation: the final model's figures and its gate
-ORDER: Final = (SPEC_VALID, RUNNING, SUSPENDED, EVALUATED, SUCCEEDED, FAILED, SERVING)
+ADMITTED: Final = "Admitted"  # a job in a Kueue queue: whether Kueue has admitted its gang
+GANG_READY: Final = "PodGroupReady"  # spec.scheduling.gang: the gang scheduler's PodGroup exists
+ORDER: Final = (SPEC_VALID, ADMITTED, GANG_READY, RUNNING, SUSPENDED, EVALUATED, SUCCEEDED, FAILED, SERVING)
 """The order conditions are listed in."""
 
 class Reason(str, Enum):
@@ -34,6 +36,10 @@ class Reason(str, Enum):
     GANG_RESTARTING = "GangRestarting"
     JOB_SUSPENDED = "JobSuspended"
     JOB_RESUMED = "JobResumed"
+    QUEUED_BY_KUEUE = "QueuedByKueue"
+    ADMITTED_BY_KUEUE = "AdmittedByKueue"
+    POD_GROUP_CREATED = "PodGroupCreated"
+    POD_GROUP_CRD_MISSING = "PodGroupCRDMissing"
     TRAINING_SUCCEEDED = "TrainingSucceeded"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
@@ -63,6 +69,10 @@ MESSAGES: Final[dict[Reason, str]] = {
     Reason.GANG_RESTARTING: "Rank failed ({cause}); restarting the whole gang from the last checkpoint (restart {restart} of {limit}).",
     Reason.JOB_SUSPENDED: "Suspended: no pods run until spec.runPolicy.suspend is false (or a queue admits the job).",
     Reason.JOB_RESUMED: "Resumed.",
+    Reason.QUEUED_BY_KUEUE: "Queued by Kueue in LocalQueue {queue}: {kueue}",
+    Reason.ADMITTED_BY_KUEUE: "Admitted by Kueue (LocalQueue {queue}, ClusterQueue {cluster_queue}).",
+    Reason.POD_GROUP_CREATED: "PodGroup {name} ({api}) created: the {scheduler} scheduler binds no pod until {min_member} can start together.",
+    Reason.POD_GROUP_CRD_MISSING: "The cluster has no {crd} (the {scheduler} PodGroup API): install {scheduler}, or remove spec.scheduling.gang. No pods are created until it exists; checked again every {every}s.",
     Reason.TRAINING_SUCCEEDED: "Training finished; artifacts are under {uri}.",
     Reason.BACKOFF_LIMIT_EXCEEDED: "Failed after {restarts} restart(s); last failure: {cause}.",
     Reason.DEADLINE_EXCEEDED: "Ran longer than spec.runPolicy.activeDeadlineSeconds ({seconds}s).",

@@ -23,8 +23,10 @@ from kubetune.api.models import (
     Progress,
 )
 from kubetune.api.names import COMPLETION_INDEX, CONTAINER, workload_name
+from kubetune.api.schedulers import FLAVORS
 from kubetune.status import conditions as c
 from kubetune.status.progress import to_progress
+from kubetune.status.queue import QueueState, queue_state
 
 Action = Literal["none", "create", "restart", "stop"]
 TERMINAL = ("Succeeded", "Failed")
@@ -49,6 +51,8 @@ class Observed:
     """Jobs or pods of earlier generations still present (a restart waits for them to go)."""
     progress: Progress | None = None
     """What rank 0 reported, if it could be read."""
+    workload: dict[str, Any] | None = None
+    """Kueue's Workload for the current Job (a Job with Kueue's queue label), once the watch has shown it."""
 
 
 @dataclass(frozen=True)
@@ -313,7 +317,12 @@ def derive(
             status = _set(status, progress=final)
         evaluation = final_evaluation(observed.pods)
     elif (job.get("spec") or {}).get("suspend"):
-        phase, reason, message = "Suspended", c.Reason.JOB_SUSPENDED, c.reason_message(c.Reason.JOB_SUSPENDED)
+        queued = queue_state(job, observed.workload)
+        if queued is not None and not queued.admitted:  # Kueue holds it: Pending, in Kueue's words
+            phase, reason = "Pending", c.Reason.QUEUED_BY_KUEUE
+            message = c.reason_message(reason, queue=queued.queue, kueue=queued.message)
+        else:
+            phase, reason, message = "Suspended", c.Reason.JOB_SUSPENDED, c.reason_message(c.Reason.JOB_SUSPENDED)
     elif (failure := decisive_failure(observed.pods)) is not None or _job_condition(job, "Failed"):
         if failure is None:
             cond = _job_condition(job, "Failed") or {}
@@ -340,6 +349,13 @@ def derive(
     if phase in TERMINAL:
         status = _set(status, completion_time=ts)
     conditions = _conditions(status.conditions, phase, reason, message, ts, generation)
+    if phase not in TERMINAL and (queued := queue_state(job, observed.workload)) is not None:
+        conditions = _admitted(conditions, queued, ts, generation)
+    if job is not None and spec.scheduling is not None and spec.scheduling.gang is not None:
+        gang = spec.scheduling.gang  # the PodGroup is created before the Job: a Job means it exists
+        msg = c.reason_message(c.Reason.POD_GROUP_CREATED, name=name, api=FLAVORS[gang.scheduler].api_version, scheduler=gang.scheduler,
+                               min_member=gang.min_member or nodes)  # fmt: skip
+        conditions = c.set_condition(conditions, c.GANG_READY, True, c.Reason.POD_GROUP_CREATED, msg, ts, generation)
     status = _set(status, phase=phase, message=message, conditions=conditions)
     if evaluation is not None:
         status = _set(status, evaluation=evaluation, conditions=_evaluated(conditions, evaluation, ts, generation))
@@ -368,6 +384,32 @@ def _conditions(
     if phase == "Failed":
         out = c.set_condition(out, c.FAILED, True, reason, message, now, generation)
     return out
+
+
+def _admitted(conds: list[Condition], queued: QueueState, now: str, generation: int | None) -> list[Condition]:
+    """The Admitted condition of a job in a Kueue queue: False (QueuedByKueue, Kueue's reason) until admitted."""
+    if queued.admitted:
+        msg = c.reason_message(c.Reason.ADMITTED_BY_KUEUE, queue=queued.queue, cluster_queue=queued.cluster_queue or "?")
+        return c.set_condition(conds, c.ADMITTED, True, c.Reason.ADMITTED_BY_KUEUE, msg, now, generation)
+    msg = c.reason_message(c.Reason.QUEUED_BY_KUEUE, queue=queued.queue, kueue=queued.message)
+    return c.set_condition(conds, c.ADMITTED, False, c.Reason.QUEUED_BY_KUEUE, msg, now, generation)
+
+
+def pod_group_missing(
+    old: FineTuneJobStatus, crd: str, spec: FineTuneJobSpec, generation: int | None, now: datetime
+) -> dict[str, Any]:
+    """Decision fields for a job whose gang scheduler's PodGroup CRD is absent: Pending, PodGroupReady=False naming
+    the CRD, and a Warning once (not again while it stays missing)."""
+    ts = iso(now)
+    scheduler = spec.scheduling.gang.scheduler if spec.scheduling and spec.scheduling.gang else "?"
+    reason = c.Reason.POD_GROUP_CRD_MISSING
+    message = c.reason_message(reason, crd=crd, scheduler=scheduler, every=30)
+    conds = _conditions(old.conditions, "Pending", reason, message, ts, generation)
+    conds = c.set_condition(conds, c.GANG_READY, False, reason, message, ts, generation)
+    prev = c.get_condition(old.conditions, c.GANG_READY)
+    event = None if prev is not None and prev.reason == reason else ("Warning", reason, message)
+    status = _set(old, phase="Pending", message=message, observed_generation=generation, conditions=conds)
+    return {"status": status, "event": event}
 
 
 def refused_status(old: FineTuneJobStatus | None, problems: list[str], generation: int | None, now: datetime) -> FineTuneJobStatus:

@@ -1,0 +1,60 @@
+"""Kueue's view of a job's gang: queued or admitted, and Kueue's own words for why. Pure.
+
+Kueue admits the workload Job (its batch/Job integration): it keeps the Job suspended until the ClusterQueue
+has quota for every pod, then unsuspends it. Why it waits is written on its Workload (kueue.x-k8s.io/v1beta2),
+not on the Job: the QuotaReserved condition's message, e.g. "couldn't assign flavors to pod set main:
+insufficient unused quota for cpu in flavor default, 100m more needed". The operator watches Workloads and
+surfaces that message in the FineTuneJob's status and its Admitted condition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune.api.names import LABEL_QUEUE
+
+
+@dataclass(frozen=True)
+class QueueState:
+    queue: str
+    """The LocalQueue (the Job's kueue.x-k8s.io/queue-name)."""
+    workload: str | None
+    """Kueue's Workload for the Job, once Kueue has made one."""
+    admitted: bool
+    cluster_queue: str | None
+    """The ClusterQueue that admitted it."""
+    message: str
+    """Kueue's own words: why it waits, or what admitted it."""
+    evicted: str | None = None
+    """Kueue's eviction message (preempted, deactivated, ...) while the Workload is evicted."""
+
+
+def _condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_:
+            return dict(cond)
+    return None
+
+
+def queue_state(job: dict[str, Any] | None, workload: dict[str, Any] | None) -> QueueState | None:
+    """The queue state of a Job that carries Kueue's queue label; None for a Job no queue manages."""
+    if job is None:
+        return None
+    queue = ((job.get("metadata") or {}).get("labels") or {}).get(LABEL_QUEUE)
+    if not queue:
+        return None
+    if workload is None:
+        return QueueState(queue, None, False, None,
+                          "no Kueue Workload for it yet (is Kueue running, with a LocalQueue of this name?)")  # fmt: skip
+    name = (workload.get("metadata") or {}).get("name")
+    admission = (workload.get("status") or {}).get("admission") or {}
+    admitted = (_condition(workload, "Admitted") or {}).get("status") == "True"
+    reserved = _condition(workload, "QuotaReserved") or {}
+    evicted = _condition(workload, "Evicted") or {}
+    eviction = evicted.get("message") if evicted.get("status") == "True" else None
+    if admitted:
+        cq = admission.get("clusterQueue")
+        return QueueState(queue, name, True, cq, reserved.get("message") or f"Quota reserved in ClusterQueue {cq}", eviction)
+    message = reserved.get("message") or (_condition(workload, "Admitted") or {}).get("message") or "waiting in the queue"
+    return QueueState(queue, name, False, admission.get("clusterQueue"), message, eviction)

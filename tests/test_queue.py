@@ -1,0 +1,125 @@
+"""Kueue in the status: a queued gang is Pending in Kueue's words (Admitted=False, QueuedByKueue), an admitted one
+says which ClusterQueue admitted it; the store finds a Workload's FineTuneJob through its Job; a missing PodGroup
+CRD is named once and creates no Job."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from kubetune.api.models import FineTuneJobStatus
+from kubetune.api.names import LABEL_JOB, LABEL_QUEUE
+from kubetune.controller.store import Store
+from kubetune.status.derive import Observed, derive, pod_group_missing
+from kubetune.status.queue import queue_state
+from operator_samples import spec
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+KUEUE_PENDING = "couldn't assign flavors to pod set main: insufficient unused quota for cpu in flavor default, 100m more needed"
+
+
+def job(suspend: bool = True, queue: str | None = "team-a", uid: str = "job-uid-1") -> dict[str, Any]:
+    labels = {LABEL_JOB: "demo"} | ({LABEL_QUEUE: queue} if queue else {})
+    return {"metadata": {"name": "demo-r0", "namespace": "ml", "uid": uid, "labels": labels},
+            "spec": {"suspend": suspend}, "status": {}}  # fmt: skip
+
+
+def workload(admitted: bool = False, job_uid: str = "job-uid-1", evicted: str | None = None) -> dict[str, Any]:
+    conds = [{"type": "QuotaReserved", "status": "True" if admitted else "False", "reason": "QuotaReserved" if admitted else "Pending",
+              "message": "Quota reserved in ClusterQueue cq" if admitted else KUEUE_PENDING}]  # fmt: skip
+    if admitted:
+        conds.append({"type": "Admitted", "status": "True", "reason": "Admitted", "message": "The workload is admitted"})
+    if evicted:
+        conds.append({"type": "Evicted", "status": "True", "reason": "Preempted", "message": evicted})
+    status: dict[str, Any] = {"conditions": conds}
+    if admitted:
+        status["admission"] = {"clusterQueue": "cq"}
+    refs = [{"apiVersion": "batch/v1", "kind": "Job", "name": "demo-r0", "uid": job_uid, "controller": True}]
+    return {"metadata": {"name": "job-demo-r0-abcde", "namespace": "ml", "uid": "wl-1", "resourceVersion": "5",
+                         "ownerReferences": refs}, "status": status}  # fmt: skip
+
+
+def conditions(status: FineTuneJobStatus) -> dict[str, tuple[str, str, str]]:
+    return {c.type: (c.status, c.reason, c.message) for c in status.conditions}
+
+
+def test_a_queued_gang_is_pending_in_kueues_words() -> None:
+    d = derive(spec(), "demo", 1, FineTuneJobStatus(), Observed(job=job(), workload=workload()), NOW)
+    assert d.status.phase == "Pending"
+    assert KUEUE_PENDING in (d.status.message or "")
+    status, reason, message = conditions(d.status)["Admitted"]
+    assert (status, reason) == ("False", "QueuedByKueue") and KUEUE_PENDING in message and "team-a" in message
+    assert d.event is not None and d.event[1] == "QueuedByKueue"
+
+
+def test_before_kueue_makes_a_workload_the_gang_waits_for_it() -> None:
+    d = derive(spec(), "demo", 1, FineTuneJobStatus(), Observed(job=job(), workload=None), NOW)
+    assert d.status.phase == "Pending"
+    assert conditions(d.status)["Admitted"][:2] == ("False", "QueuedByKueue")
+    assert "no Kueue Workload" in conditions(d.status)["Admitted"][2]
+
+
+def test_an_admitted_gang_says_which_cluster_queue_admitted_it() -> None:
+    observed = Observed(job=job(suspend=False), workload=workload(admitted=True))
+    old = FineTuneJobStatus(phase="Pending")
+    d = derive(spec(), "demo", 1, old, observed, NOW)
+    status, reason, message = conditions(d.status)["Admitted"]
+    assert (status, reason) == ("True", "AdmittedByKueue") and "cq" in message
+
+
+def test_a_suspended_job_outside_any_queue_is_suspended_without_an_admitted_condition() -> None:
+    d = derive(spec(), "demo", 1, FineTuneJobStatus(), Observed(job=job(queue=None)), NOW)
+    assert d.status.phase == "Suspended"
+    assert "Admitted" not in conditions(d.status)
+
+
+def test_queue_state_reads_kueues_eviction() -> None:
+    state = queue_state(job(suspend=False), workload(admitted=True, evicted="Preempted to accommodate a workload"))
+    assert state is not None and state.evicted == "Preempted to accommodate a workload"
+
+
+def test_the_store_finds_a_workloads_finetunejob_through_its_job() -> None:
+    store = Store()
+    assert store.put_child("Job", job()) == ("ml", "demo")
+    assert store.put_child("Workload", workload()) == ("ml", "demo")
+    assert store.workload_of(("ml", "demo"), job()) is not None
+    assert store.workload_of(("ml", "demo"), job(uid="another")) is None
+
+
+def test_a_workload_seen_before_its_job_is_kept_until_the_job_comes() -> None:
+    store = Store()
+    assert store.put_child("Workload", workload()) is None  # no Job of ours known yet
+    store.put_child("Job", job())
+    assert store.workload_of(("ml", "demo"), job()) is not None
+
+
+def test_workloads_of_other_owners_are_not_ours() -> None:
+    store = Store()
+    store.put_child("Job", job())
+    assert store.put_child("Workload", workload(job_uid="someone-elses-job")) is None
+    assert store.workload_of(("ml", "demo"), job()) is None
+
+
+def test_a_deleted_job_takes_its_workload_from_the_store() -> None:
+    store = Store()
+    store.put_child("Job", job())
+    store.put_child("Workload", workload())
+    store.drop_child("Job", job())
+    assert store.workloads == {}
+
+
+def test_a_missing_pod_group_crd_is_named_and_warned_once() -> None:
+    gang_spec = spec(scheduling={"gang": {"scheduler": "volcano"}})
+    first = pod_group_missing(FineTuneJobStatus(), "podgroups.scheduling.volcano.sh", gang_spec, 1, NOW)
+    assert first["status"].phase == "Pending"
+    status, reason, message = conditions(first["status"])["PodGroupReady"]
+    assert (status, reason) == ("False", "PodGroupCRDMissing") and "podgroups.scheduling.volcano.sh" in message
+    assert first["event"] is not None and first["event"][0] == "Warning"
+    again = pod_group_missing(first["status"], "podgroups.scheduling.volcano.sh", gang_spec, 1, NOW)
+    assert again["event"] is None
+
+
+def test_a_job_with_a_gang_reports_its_pod_group() -> None:
+    gang_spec = spec(scheduling={"gang": {"scheduler": "coscheduling"}})
+    d = derive(gang_spec, "demo", 1, FineTuneJobStatus(), Observed(job=job(suspend=False, queue=None)), NOW)
+    assert conditions(d.status)["PodGroupReady"][:2] == ("True", "PodGroupCreated")
