@@ -61,7 +61,8 @@ class Unauthorized(ClientError):
     """401: the server does not accept the kubeconfig's credentials."""
 
     def __init__(self, message: str):
-        super().__init__(f"you must be logged in to the API server (Unauthorized: {message or 'no valid credentials'}); "
+        detail = f": {message}" if message and message.lower() != "unauthorized" else ""
+        super().__init__(f"you must be logged in to the API server (Unauthorized{detail}); "
                          "renew the kubeconfig's credentials or pick another --context")
 
 
