@@ -1,3 +1,3 @@
 """kubetune: a Kubernetes operator for distributed fine-tuning."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from kubetune import __version__
 from kubetune.api import models
 from kubetune.api.models import TRAINED_FIELDS, FineTuneJobSpec, FineTuneJobStatus
 
@@ -198,7 +199,12 @@ def crd() -> dict[str, Any]:
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": f"{models.PLURAL}.{models.GROUP}",
-            "labels": {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/part-of": "kubetune"},
+            "labels": {
+                "app.kubernetes.io/name": "kubetune",
+                "app.kubernetes.io/part-of": "kubetune",
+                # `kubetune version` reads it to warn about a CRD older or newer than the client
+                "app.kubernetes.io/version": __version__,
+            },
         },
         "spec": {
             "group": models.GROUP,

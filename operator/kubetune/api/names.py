@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from kubetune import __version__
+
 LABEL_JOB: Final = "kubetune.io/job-name"
 """On every object and pod a FineTuneJob owns (not on what serves it): the FineTuneJob's name."""
 LABEL_RESTART: Final = "kubetune.io/restart"
@@ -45,7 +47,7 @@ is removed. A queued job costs one write (its Job) instead of three, and no endp
 
 CONTAINER: Final = "trainer"
 """The trainer container's name in every worker pod."""
-DEFAULT_IMAGE: Final = "ghcr.io/kubetune/trainer:0.1.0"
+DEFAULT_IMAGE: Final = f"ghcr.io/kubetune/trainer:{__version__}"  # the release that built this operator
 """The trainer image for FineTuneJobs that set no spec.image (KUBETUNE_TRAINER_IMAGE overrides it)."""
 
 

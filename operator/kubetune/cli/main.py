@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """`kubetune` command line: one entry point, one module per subcommand (imported lazily)."""
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "delete": ("kubetune.cli.lifecycle", "delete FineTuneJobs and everything they own"),
     "download": ("kubetune.cli.download", "download a job's merged model or adapter to a directory"),
     "report": ("kubetune.cli.report", "show a job's model card (metrics, evaluation, plots); --output-dir DIR saves it"),
+    "version": ("kubetune.cli.version", "print the client's version and the cluster's operator and CRD versions"),
+    "completion": ("kubetune.cli.completion", "print a shell completion script (bash, zsh or fish)"),
 }
 
 
@@ -49,7 +52,12 @@ INTERNAL_ERROR = 70
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if argv is None and "_ARGCOMPLETE" in os.environ:  # a shell asking for completions (kubetune completion)
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
+    args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
