@@ -253,3 +253,34 @@ def test_the_sdk_reference_renders_every_public_name() -> None:
     page = (DOCS / "reference" / "sdk.md").read_text()
     missing = [n for n in kubetune.client.__all__ if f"::: kubetune.client.{n}\n" not in page]
     assert not missing, f"add `::: kubetune.client.NAME` to docs/reference/sdk.md for {missing}"
+
+
+def test_the_compatibility_matrix_names_what_the_tests_run() -> None:
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in (DOCS / "operations" / "compatibility.md").read_text().splitlines()
+        if line.startswith("| ") and not line.startswith("| component")
+    }
+    chart = yaml.safe_load((ROOT / "charts" / "kubetune" / "Chart.yaml").read_text())
+    low = re.match(r">=\s*(\d+\.\d+)", chart["kubeVersion"])
+    assert low and f"{low.group(1)} or newer" in rows["Kubernetes"], "the chart's kubeVersion"
+    pinned = dict(
+        line.split("=", 1)
+        for line in (ROOT / "e2e" / "harness" / "versions.env").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    components = {
+        "KUBERNETES_VERSION": "Kubernetes",
+        "HELM_VERSION": "Helm",
+        "KSERVE_VERSION": "KServe",
+        "REGISTRY_VERSION": "OCI registry",
+        "KUEUE_VERSION": "Kueue",
+    }
+    stale = [
+        f"{row}: {pinned[key]}"
+        for key, row in components.items()
+        if key in pinned and pinned[key] not in rows[row]
+    ]
+    assert not stale, (
+        f"docs/operations/compatibility.md does not name the version the e2e suite runs: {stale}"
+    )
