@@ -124,10 +124,7 @@ def test_the_cli_reference_has_every_subcommand_and_option() -> None:
 
 
 def _reasons() -> set[str]:
-    reason_enum = getattr(conditions, "Reason", None)
-    if reason_enum is not None:
-        return {str(r.value) for r in reason_enum}
-    return set(conditions.MESSAGES)
+    return {str(r.value) for r in conditions.Reason}
 
 
 def test_every_exit_code_is_in_the_exit_code_table() -> None:
