@@ -18,4 +18,5 @@ trap 'rm -rf build kubetune.egg-info' EXIT  # setuptools' in-tree scratch
 "$python" -m build --sdist --wheel --outdir "$out" . >"$out/build.log" 2>&1 || { cat "$out/build.log" >&2; exit 1; }
 "$helm" lint --strict charts/kubetune >/dev/null
 "$helm" package charts/kubetune --destination "$out" >/dev/null
+cp crds/kubetune.io_finetunejobs.yaml "$out/"  # a release asset: the CRD for `kubectl apply --server-side -f <url>`
 echo "release-build: kubetune $version -> $(cd "$out" && ls kubetune-"$version"* | tr '\n' ' ')"

@@ -395,7 +395,7 @@ def _build_all(pause: bool) -> list[Image]:
                "Cmd": ["operator", "--all-namespaces"], "WorkingDir": "/tmp",
                "ExposedPorts": {"8080/tcp": {}}}),
         Image(trainer_name, [base, *deps_layers(["kubetune[trainer]", "pyarrow"]), app],
-              {"User": "1000:1000", "Env": [*env, "HF_HOME=/cache/hf", "KUBETUNE_CACHE_DIR=/cache/kubetune"],
+              {"User": "1000:1000", "Env": [*env, "HF_HOME=/var/cache/kubetune/huggingface", "KUBETUNE_CACHE_DIR=/var/cache/kubetune"],
                "Entrypoint": ["python", "-m", "kubetune_trainer.launch"], "WorkingDir": "/home/kubetune",
                "ExposedPorts": {"8080/tcp": {}}}),
     ]
