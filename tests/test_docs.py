@@ -173,9 +173,16 @@ def test_the_readme_is_the_short_path() -> None:
 
 def test_the_readmes_cluster_commands_match_the_examples() -> None:
     text = README.read_text() + (DOCS / "getting-started.md").read_text()
-    assert not re.search(r"apply --server-side -f crds/?\s", text), (
-        "crds/ holds a kustomization.yaml: apply the file"
-    )
+    text += (DOCS / "operations" / "install.md").read_text()
+    applied = re.findall(r"kubectl apply --server-side -f (crds[^\s`]*)", text)
+    assert applied
+    for target in applied:
+        path = ROOT / target
+        files = sorted(path.glob("*")) if path.is_dir() else [path]
+        read = [f for f in files if f.suffix in (".yaml", ".yml", ".json")]  # what kubectl apply -f DIR reads
+        assert read and all(
+            yaml.safe_load(f.read_text())["kind"] == "CustomResourceDefinition" for f in read
+        ), target
     created = set(re.findall(r"kubectl create secret generic ([a-z0-9-]+)", text))
     used: set[str] = set()
     for example in ("lora-1gpu", "cpu-2node-lora", "kueue"):
