@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from typing import Any
+
+# Seconds to wait for the API server's /version before giving up at start.
+REACH_TIMEOUT = 10
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +49,33 @@ def settings_from(args: argparse.Namespace) -> Any:
     return Settings(**{k: v for k, v in given.items() if v is not None})
 
 
+def cannot_start() -> str | None:
+    """Why the operator cannot start, in one line (no kubeconfig, an API server it cannot reach or one that
+    refuses its credentials), or None. Checked once before Kopf starts, as controller-runtime's managers do:
+    exit 1 (a pod restarts with backoff) rather than a retry loop of tracebacks."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+    from urllib3.exceptions import HTTPError
+
+    from kubetune.client.cluster import connect
+    from kubetune.client.errors import ClientError, Unreachable, from_api
+
+    try:
+        api, _ = connect()
+    except ClientError as exc:
+        return str(exc)
+    try:
+        client.VersionApi(api).get_code(_request_timeout=REACH_TIMEOUT)
+    except ApiException as exc:
+        if exc.status == 401:
+            return str(from_api(401, exc.body, verb="get", resource="version", name=None, namespace=None))
+    except HTTPError as exc:
+        return str(Unreachable(api.configuration.host, exc))
+    finally:
+        api.close()
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     import kopf
     from pydantic import ValidationError
@@ -58,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
         field = str(err["loc"][0]) if err["loc"] else "?"
         print(f"kubetune operator: KUBETUNE_{field.upper()} (--{field.replace('_', '-')}): {err['msg']}; fix the flag or variable")
         return 2
+    if (problem := cannot_start()) is not None:
+        print(f"kubetune operator: {problem}", file=sys.stderr)
+        return 1
     operator_main.use(settings)
     kopf.configure(
         verbose=args.verbose,
