@@ -99,6 +99,9 @@ echo "OUT=$OUT STATE=$STATE"
 FAILED=0
 FAILED_NAMES=()
 
+# CPU seconds (user + system) of every finished child so far: a stage's share is what it costs on any machine, load or not.
+# (`times` in this shell, not in a pipe or $(...), whose subshell would count its own children only.)
+children_cpu() { times >"$OUT/.times"; CHILDREN_CPU=$(awk 'NR == 2 {for (i = 1; i <= 2; i++) {split($i, t, "m"); s += t[1] * 60 + t[2]} print s}' "$OUT/.times"); }
 merge() { timeout "$MERGE_S" "$PY" bench/gpu_results.py merge --out "$OUT" --state "$STATE" --call "$CALL" >/dev/null || echo "results merge failed (exit $?)"; }
 
 # stage NAME CMD...: runs CMD under the stage's limit (cut at the deadline), records its exit code, rewrites the results.
@@ -108,11 +111,12 @@ stage() {
   read -r _ bit limit_gpu limit_cpu < <(grep "^$name " <<<"$PLAN")
   limit=$([ $REHEARSAL = 1 ] && echo "$limit_cpu" || echo "$limit_gpu")
   if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]] && [ "$name" != setup ]; then return 0; fi
-  local now left code t0
+  local now left code t0 cpu0
   now=$(date +%s)
   left=$(( deadline - now - MERGE_S ))
   [ "$left" -lt "$limit" ] && limit=$left
   t0=$now
+  children_cpu; cpu0=$CHILDREN_CPU
   if [ "$limit" -lt 5 ]; then
     echo "=== $name: skipped, ${left} s left of the budget"
     code=-1
@@ -121,8 +125,10 @@ stage() {
     STAGE_LIMIT=$limit timeout -k 5 "$limit" "$@"
     code=$?
   fi
-  local seconds=$(( $(date +%s) - t0 ))
-  printf '{"call": "%s", "stage": "%s", "exit": %d, "seconds": %d, "limit": %d}\n' "$CALL" "$name" "$code" "$seconds" "$limit" >>"$OUT/stages.jsonl"
+  local seconds=$(( $(date +%s) - t0 )) cpu
+  children_cpu; cpu=$CHILDREN_CPU
+  printf '{"call": "%s", "stage": "%s", "exit": %d, "seconds": %d, "limit": %d, "cpu_seconds": %s}\n' "$CALL" "$name" "$code" "$seconds" \
+    "$limit" "$(awk -v a="$cpu" -v b="$cpu0" 'BEGIN {printf "%.1f", a - b}')" >>"$OUT/stages.jsonl"
   if [ "$code" -ne 0 ]; then
     FAILED=$(( FAILED | bit ))
     FAILED_NAMES+=("$name")

@@ -243,6 +243,8 @@ def write_model_dir(p: dict[str, Any], directory: Path) -> None:
         model = Qwen2ForCausalLM(cfg)
     model.save_pretrained(directory, safe_serialization=True)
     del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the measured runs are other processes: leave them the memory
     vocab, merges = _vocab_cache(cfg.vocab_size)[:2]
     Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token=EOS, pad_token=EOS, unk_token=EOS).save_pretrained(directory)
 
