@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 from harness import binaries
-from harness.cluster import Cluster
+from harness.cluster import RESTRICTED, Cluster
 from harness.images import chart_images
 from harness.mode import NODE_MODE
 from harness.s3 import S3Server
@@ -91,7 +91,8 @@ def test_trainer_image_pod_runs_as_uid_1000_and_logs(cluster: Cluster, kubelet_n
 def helm_release(cluster: Cluster, kubelet_node: Any) -> dict[str, Any]:
     """`helm install` of charts/kubetune with default images: the operator runs as its Deployment's pod."""
     helm = binaries.ensure("helm")["helm"]
-    cluster.create_namespace(WATCHED)
+    for ns in (RELEASE_NS, WATCHED):  # the operator, the helm-test Pod and the trainers under Pod Security "restricted"
+        cluster.create_namespace(ns, RESTRICTED)
     t0 = time.monotonic()
     cmd = [str(helm), "--kubeconfig", str(cluster.kubeconfig), "install", RELEASE, str(ROOT / "charts" / "kubetune"),
            "--namespace", RELEASE_NS, "--create-namespace", "--set", f"watchNamespaces={{{WATCHED}}}",

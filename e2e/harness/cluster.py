@@ -32,6 +32,9 @@ from .procs import Proc, StartStop, free_port
 KUBECTL = os.environ.get("KUBETUNE_E2E_KUBECTL", "/usr/bin/kubectl")
 SERVICE_CIDR = "10.0.0.0/24"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
+# Namespace labels for the API server's built-in PodSecurity admission: refuse any pod that does not meet the
+# "restricted" profile (what the chart, the trainer and the serving Deployment are built for).
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}
 
 
 def write_kubeconfig(path: Path, server: str, ca: Path, user: str, **auth: str) -> Path:
@@ -199,13 +202,16 @@ class Cluster(StartStop):
     def wait_for_serviceaccount(self, ns: str, name: str, timeout: float = 60.0) -> None:
         self.admin.wait_for(f"/api/v1/namespaces/{ns}/serviceaccounts/{name}", timeout=timeout)
 
-    def create_namespace(self, ns: str) -> None:
-        """Create a namespace and wait for its `default` ServiceAccount (pods need it)."""
+    def create_namespace(self, ns: str, labels: dict[str, str] | None = None) -> None:
+        """Create a namespace (with `labels`, also set on one that exists) and wait for its `default`
+        ServiceAccount (pods need it)."""
         try:
-            self.admin.post("/api/v1/namespaces", {"metadata": {"name": ns}})
+            self.admin.post("/api/v1/namespaces", {"metadata": {"name": ns, "labels": labels or {}}})
         except ApiError as e:
             if e.status != 409:
                 raise
+            if labels:
+                self.admin.patch(f"/api/v1/namespaces/{ns}", {"metadata": {"labels": labels}})
         self.wait_for_serviceaccount(ns, "default")
 
     def token_for_serviceaccount(self, ns: str, name: str, seconds: int = 3600) -> str:

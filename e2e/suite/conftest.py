@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import yaml
 from harness import binaries
+from harness.cluster import RESTRICTED
 from harness.mode import NODE_MODE
 from harness.waiting import wait_for
 
@@ -127,8 +128,10 @@ def installed(cluster: Any, kctl: Kctl) -> dict[str, Any]:
     # kubectl wait fails at once ("accessor error") while the new CRD has no status.conditions yet: ask again.
     wait_for("CRD Established", lambda: kctl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io",
                                              "--timeout=60s", check=False).returncode == 0, 90, 1)  # fmt: skip
+    # Every suite namespace enforces Pod Security "restricted": the operator, the trainers and anything else the
+    # suite runs there must be admitted under it.
     for ns in (RELEASE_NS, *NAMESPACES.values(), HA_NAMESPACE):
-        cluster.create_namespace(ns)
+        cluster.create_namespace(ns, RESTRICTED)
     single = ["replicas=1"] if NODE_MODE == "kubelet" else []
     docs = render_chart("watchNamespaces={" + ",".join([*NAMESPACES.values(), HA_NAMESPACE]) + "}", "pollInterval=1",
                         "logFormat=json", *single)

@@ -1,0 +1,120 @@
+"""Chart-testing's checks on the real node, in namespaces that enforce Pod Security "restricted": install the
+previous chart version from the repository's history, upgrade it to the working tree's chart (the operator
+rolls and keeps reconciling, `helm test` passes), namespace users with the built-in `edit`/`view` roles get
+FineTuneJobs through the aggregated ClusterRoles, and uninstall leaves the CRD and the FineTuneJobs (by design:
+deleting a CRD deletes every FineTuneJob; docs/operations/install.md).
+
+    .venv/bin/pytest e2e/test_chart_lifecycle.py -m e2e
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tarfile
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from harness import binaries
+from harness.cluster import RESTRICTED, Cluster
+from harness.mode import NODE_MODE
+from harness.waiting import wait_for
+
+pytestmark = [
+    pytest.mark.e2e, pytest.mark.slow,
+    pytest.mark.skipif(NODE_MODE != "kubelet", reason="KUBETUNE_E2E_NODE=agent: the chart's pods need the real node"),
+]
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "kubetune"
+# Apart from the suite's release (kubetune) and test_kubelet's (ktk): its own ClusterRoles and namespaces.
+RELEASE, RELEASE_NS, WATCHED = "ct", "ct-system", "ct-jobs"
+FULLNAME = f"{RELEASE}-kubetune"
+
+
+def git(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, check=True)
+
+
+def previous_chart(dest: Path) -> tuple[str, Path]:
+    """The newest chart in the repository's history whose version differs from the working tree's, unpacked."""
+    current = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
+    for commit in git("log", "--format=%H", "--", "charts/kubetune/Chart.yaml").stdout.decode().split():
+        version = yaml.safe_load(git("show", f"{commit}:charts/kubetune/Chart.yaml").stdout)["version"]
+        if version != current:
+            tarfile.open(fileobj=BytesIO(git("archive", commit, "charts/kubetune").stdout)).extractall(dest, filter="data")
+            return str(version), dest / "charts" / "kubetune"
+    pytest.skip(f"no chart version other than {current} in this clone's history (a shallow clone?)")
+
+
+def can_i(cluster: Cluster, verb: str, who: str) -> bool:
+    r = cluster.kubectl("auth", "can-i", verb, "finetunejobs.kubetune.io", "-n", WATCHED, f"--as={who}", check=False)
+    return r.stdout.strip() == "yes"
+
+
+def test_install_previous_version_upgrade_test_and_uninstall(cluster: Cluster, kubelet_node: Any, tmp_path: Path) -> None:
+    helm = [str(binaries.ensure("helm")["helm"]), "--kubeconfig", str(cluster.kubeconfig)]
+    old_version, old_chart = previous_chart(tmp_path)
+    new_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
+    for ns in (RELEASE_NS, WATCHED):
+        cluster.create_namespace(ns, RESTRICTED)
+    # The current CRD, applied as the suite does (and the docs say to on every upgrade: helm installs crds/ once and
+    # never upgrades it), so the old chart's install leaves it alone.
+    r = cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "kubetune.io_finetunejobs.yaml"), check=False)
+    assert r.returncode == 0, r.stderr
+    wait_for("CRD Established", lambda: cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io",
+                                                        "--timeout=60s", check=False).returncode == 0, 90, 1)  # fmt: skip
+    values = ["--namespace", RELEASE_NS, "--set", f"watchNamespaces={{{WATCHED}}}", "--set", "replicas=1",
+              "--set", "pollInterval=1", "--wait", "--timeout", "240s"]  # fmt: skip
+
+    def run(*args: str) -> str:
+        r = subprocess.run([*helm, *args], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            print(cluster.kubectl("-n", RELEASE_NS, "describe", "pods", check=False).stdout[-6000:], file=sys.stderr)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    def chart_of_release() -> str:
+        return str(yaml.safe_load(run("list", "-n", RELEASE_NS, "-o", "yaml"))[0]["chart"])
+
+    # 1. The previous version, as a user installed it.
+    run("install", RELEASE, str(old_chart), *values)
+    assert chart_of_release() == f"kubetune-{old_version}"
+    job = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    job["metadata"] = {"name": "survivor"}
+    job["spec"]["runPolicy"] = {"suspend": True}  # no pods: the operator only records it Suspended
+    cluster.kubectl("-n", WATCHED, "apply", "-f", "-", input=yaml.safe_dump(job))
+    phase = f"/apis/kubetune.io/v1alpha1/namespaces/{WATCHED}/finetunejobs/survivor"
+    cluster.admin.wait_for(phase, lambda o: (o.get("status") or {}).get("phase") == "Suspended", 120)
+
+    # 2. Upgrade to this chart: the Deployment rolls to the new template, the operator still reconciles.
+    run("upgrade", RELEASE, str(CHART), *values)
+    assert chart_of_release() == f"kubetune-{new_version}"
+    deployment = cluster.admin.get(f"/apis/apps/v1/namespaces/{RELEASE_NS}/deployments/{FULLNAME}")
+    assert deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+    assert deployment["status"].get("readyReplicas") == 1 and deployment["status"].get("updatedReplicas") == 1
+    cluster.kubectl("-n", WATCHED, "patch", "ftj", "survivor", "--type=merge", "-p", '{"metadata": {"labels": {"touched": "1"}}}')
+    cluster.admin.wait_for(phase, lambda o: (o.get("status") or {}).get("phase") == "Suspended", 60)
+    out = run("test", RELEASE, "--namespace", RELEASE_NS, "--timeout", "180s")  # its Pod, admitted under restricted
+    assert re.search(rf"TEST SUITE:\s+{FULLNAME}-test\n.*\n.*\n\s*Phase:\s+Succeeded", out), out
+
+    # 3. Namespace users: the built-in edit and view roles now carry FineTuneJobs (aggregated by the controller-manager).
+    editor, viewer = f"system:serviceaccount:{WATCHED}:editor", f"system:serviceaccount:{WATCHED}:viewer"
+    for sa, role in (("editor", "edit"), ("viewer", "view")):
+        cluster.kubectl("-n", WATCHED, "create", "serviceaccount", sa)
+        cluster.kubectl("-n", WATCHED, "create", "rolebinding", sa, f"--clusterrole={role}", f"--serviceaccount={WATCHED}:{sa}")
+    wait_for("edit aggregates finetunejobs", lambda: can_i(cluster, "create", editor), 60, 1)
+    assert can_i(cluster, "delete", editor) and can_i(cluster, "list", viewer) and can_i(cluster, "watch", viewer)
+    assert not can_i(cluster, "create", viewer)
+
+    # 4. Uninstall: the release's objects go; the CRD and the FineTuneJobs stay.
+    run("uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait", "--timeout", "120s")
+    assert cluster.admin.get_or_none(f"/apis/apps/v1/namespaces/{RELEASE_NS}/deployments/{FULLNAME}") is None
+    for role in (FULLNAME, f"{FULLNAME}-edit", f"{FULLNAME}-view"):
+        assert cluster.admin.get_or_none(f"/apis/rbac.authorization.k8s.io/v1/clusterroles/{role}") is None, role
+    assert cluster.admin.get_or_none("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.kubetune.io")
+    assert cluster.admin.get_or_none(phase) is not None
+    cluster.kubectl("-n", WATCHED, "delete", "ftj", "survivor", "--wait=false", check=False)
