@@ -40,12 +40,17 @@ def git(*args: str) -> subprocess.CompletedProcess[bytes]:
 
 
 def previous_chart(dest: Path) -> tuple[str, Path]:
-    """The newest chart in the repository's history whose version differs from the working tree's, unpacked."""
+    """The last state of the previous chart version in the repository's history (the parent of the commit that
+    changed the version to the working tree's), unpacked under `dest`."""
     current = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
     for commit in git("log", "--format=%H", "--", "charts/kubetune/Chart.yaml").stdout.decode().split():
-        version = yaml.safe_load(git("show", f"{commit}:charts/kubetune/Chart.yaml").stdout)["version"]
+        parent = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}^:charts/kubetune/Chart.yaml"], capture_output=True)
+        if parent.returncode != 0:
+            break  # the chart's first commit, or the end of a shallow clone
+        version = yaml.safe_load(parent.stdout)["version"]
         if version != current:
-            tarfile.open(fileobj=BytesIO(git("archive", commit, "charts/kubetune").stdout)).extractall(dest, filter="data")
+            archive = git("archive", f"{commit}^", "charts/kubetune").stdout
+            tarfile.open(fileobj=BytesIO(archive)).extractall(dest, filter="data")
             return str(version), dest / "charts" / "kubetune"
     pytest.skip(f"no chart version other than {current} in this clone's history (a shallow clone?)")
 
@@ -83,9 +88,10 @@ def test_install_previous_version_upgrade_test_and_uninstall(cluster: Cluster, k
     # 1. The previous version, as a user installed it.
     run("install", RELEASE, str(old_chart), *values)
     assert chart_of_release() == f"kubetune-{old_version}"
-    job = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
-    job["metadata"] = {"name": "survivor"}
-    job["spec"]["runPolicy"] = {"suspend": True}  # no pods: the operator only records it Suspended
+    job = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "survivor"},
+           "spec": {"model": {"source": "s3://models/tiny"}, "dataset": {"train": "s3://data/train.jsonl"},
+                    "output": {"uri": "s3://out/survivor"},
+                    "runPolicy": {"suspend": True}}}  # no pods: the operator only records it Suspended  # fmt: skip
     cluster.kubectl("-n", WATCHED, "apply", "-f", "-", input=yaml.safe_dump(job))
     phase = f"/apis/kubetune.io/v1alpha1/namespaces/{WATCHED}/finetunejobs/survivor"
     cluster.admin.wait_for(phase, lambda o: (o.get("status") or {}).get("phase") == "Suspended", 120)
@@ -96,8 +102,9 @@ def test_install_previous_version_upgrade_test_and_uninstall(cluster: Cluster, k
     deployment = cluster.admin.get(f"/apis/apps/v1/namespaces/{RELEASE_NS}/deployments/{FULLNAME}")
     assert deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
     assert deployment["status"].get("readyReplicas") == 1 and deployment["status"].get("updatedReplicas") == 1
-    cluster.kubectl("-n", WATCHED, "patch", "ftj", "survivor", "--type=merge", "-p", '{"metadata": {"labels": {"touched": "1"}}}')
-    cluster.admin.wait_for(phase, lambda o: (o.get("status") or {}).get("phase") == "Suspended", 60)
+    job["metadata"] = {"name": "after-upgrade"}  # the new operator pod reconciles a job it has never seen
+    cluster.kubectl("-n", WATCHED, "apply", "-f", "-", input=yaml.safe_dump(job))
+    cluster.admin.wait_for(phase.replace("survivor", "after-upgrade"), lambda o: (o.get("status") or {}).get("phase") == "Suspended", 120)
     out = run("test", RELEASE, "--namespace", RELEASE_NS, "--timeout", "180s")  # its Pod, admitted under restricted
     assert re.search(rf"TEST SUITE:\s+{FULLNAME}-test\n.*\n.*\n\s*Phase:\s+Succeeded", out), out
 
@@ -117,4 +124,4 @@ def test_install_previous_version_upgrade_test_and_uninstall(cluster: Cluster, k
         assert cluster.admin.get_or_none(f"/apis/rbac.authorization.k8s.io/v1/clusterroles/{role}") is None, role
     assert cluster.admin.get_or_none("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.kubetune.io")
     assert cluster.admin.get_or_none(phase) is not None
-    cluster.kubectl("-n", WATCHED, "delete", "ftj", "survivor", "--wait=false", check=False)
+    cluster.kubectl("-n", WATCHED, "delete", "ftj", "--all", "--wait=false", check=False)
