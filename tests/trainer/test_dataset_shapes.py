@@ -541,3 +541,22 @@ def test_preflight_refuses_a_bad_record_as_data_not_a_bug(
         err.startswith("DatasetInvalid: train.jsonl line 4 (record 3): holds a lone UTF-16 surrogate")
         and "bug" not in err
     )
+
+
+def test_preference_pairs_with_tools_match_trl(tmp_path: Path, tokenizer: Any) -> None:
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from transformers import AutoModelForCausalLM
+
+    tok = qwen25()
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    record = {"prompt": [{"role": "user", "content": "Weather in Paris?"}], "tools": TOOLS,
+              "chosen": [{"role": "assistant", "content": "", "tool_calls": [call]}],
+              "rejected": [{"role": "assistant", "content": "I cannot know.", "tool_calls": []}]}  # fmt: skip
+    args = trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_length=None, dataset_num_proc=None)
+    trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(str(TINY_MODEL)), args=args,
+                             train_dataset=datasets.Dataset.from_list([SHAPES["explicit-text"]]), processing_class=tokenizer)  # fmt: skip
+    (theirs,) = trainer._prepare_dataset(datasets.Dataset.from_list([record]), tok, args, "train")
+    prompt, chosen, rejected = masking.preference_ids(_pair(record), tok, HERE)
+    assert (prompt, chosen, rejected) == (theirs["prompt_ids"], theirs["chosen_ids"], theirs["rejected_ids"])
+    assert "# Tools" in tok.decode(prompt) and '<tool_call>\n{"name": "get_weather"' in tok.decode(chosen)

@@ -267,6 +267,13 @@ def build_pairs(spec: DatasetSpec, storage: Any, tokenizer: Any, seed: int) -> B
     return BuiltPairs(train, evals, reports, eval_report)
 
 
+def source_line(report: SourceReport) -> str:
+    """One dataset's preference pairs for the log: its mapping, counts, what was skipped and what overflowed."""
+    invalid = f", {sum(report.invalid.values())} invalid skipped ({', '.join(f'{n} {r}' for r, n in report.invalid.items())})" if report.invalid else ""
+    overflow = f", {report.truncated} truncated and {report.dropped} dropped at maxSeqLength" if report.truncated or report.dropped else ""
+    return f"data {report.path}: {report.mapping}; {report.records} records -> {report.examples} preference pairs{invalid}{overflow}"
+
+
 def load_pairs(spec: DatasetSpec, storage: Any, tokenizer: Any, seed: int) -> tuple[list[PairExample], list[PairExample]]:
     """Train and eval preference pairs (eval from `dataset.eval`, else `evalSplit` of each source)."""
     built = build_pairs(spec, storage, tokenizer, seed)

@@ -156,7 +156,10 @@ def load_data(
     train: list[Any]
     evals: list[Any]
     if spec.objective == "dpo":
-        train, evals = dpo_mod.load_pairs(spec.dataset, spec.storage, tokenizer, spec.training.seed)
+        pairs = dpo_mod.build_pairs(spec.dataset, spec.storage, tokenizer, spec.training.seed)
+        train, evals = pairs.train, pairs.evals
+        for source in pairs.sources if rt.is_main else []:
+            log(dpo_mod.source_line(source))
     else:
         train, evals, gen_examples, facts.data = data_mod.load_examples(spec.dataset, spec.storage, tokenizer, spec.training.seed)
     data_mod.check_batch(len(train), spec.training, rt.world_size, config.gradient_accumulation_steps)
