@@ -160,3 +160,31 @@ def test_a_standby_answers_the_liveness_path_and_frees_the_port_when_it_leads():
     assert again is not None
     again.shutdown()
     again.server_close()
+
+
+def test_the_lease_the_operator_creates_carries_the_recommended_labels():
+    import json
+    from types import SimpleNamespace
+
+    from kubetune.controller.leader import Elector
+
+    created: list[dict] = []
+
+    class Api:
+        def create_namespaced_lease(self, namespace, body, **_):  # type: ignore[no-untyped-def]
+            created.append(body)
+            return SimpleNamespace(data=json.dumps(body))
+
+    Elector("kubetune-system", "kubetune", "pod-a_1", api=Api())._create()
+    assert created[0]["metadata"]["labels"] == {
+        "app.kubernetes.io/name": "kubetune", "app.kubernetes.io/instance": "kubetune",
+        "app.kubernetes.io/component": "leader-election", "app.kubernetes.io/managed-by": "kubetune",
+        "app.kubernetes.io/part-of": "kubetune"}  # fmt: skip
+
+
+def test_the_events_the_operator_posts_carry_the_recommended_labels():
+    from kubetune.controller.kube import event_for
+
+    body = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "demo", "namespace": "ml", "uid": "u"}}
+    labels = event_for(body, "Normal", "Created", "made")["metadata"]["labels"]
+    assert (labels["app.kubernetes.io/instance"], labels["app.kubernetes.io/component"]) == ("demo", "event")

@@ -27,6 +27,8 @@ MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes
 APP_TRAINER: Final = "kubetune-trainer"
 """app.kubernetes.io/name of what a FineTuneJob owns for training (not `kubetune`: the chart's operator pods
 select on name=kubetune and instance=<release>, which a job named like the release would otherwise match)."""
+APP_OPERATOR: Final = "kubetune"
+"""app.kubernetes.io/name of the operator's own objects (its leader Lease), as the chart names the operator."""
 APP_SERVING: Final = "kubetune-serving"
 """app.kubernetes.io/name of the object that serves a job's model, and its pods."""
 

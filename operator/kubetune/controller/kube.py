@@ -27,6 +27,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
+from kubetune.api.names import standard_labels
 from kubetune.controller.cluster import ApiMissing
 from kubetune.controller.metrics import counting_client
 
@@ -321,7 +322,8 @@ def event_for(body: dict[str, Any], type_: str, reason: str, message: str) -> di
     return {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"],
+                     "labels": standard_labels(meta["name"], "event")},
         "involvedObject": {
             "apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"),
             "kind": body.get("kind", "FineTuneJob"),

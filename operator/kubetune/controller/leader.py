@@ -46,6 +46,7 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from kubetune.api.names import APP_OPERATOR, standard_labels
 from kubetune.controller.metrics import METRICS, counting_client
 from kubetune.controller.settings import Settings
 
@@ -216,7 +217,8 @@ class Elector:
         body = {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
-            "metadata": {"name": self.name, "namespace": self.namespace},
+            "metadata": {"name": self.name, "namespace": self.namespace,
+                         "labels": standard_labels(self.name, "leader-election", APP_OPERATOR)},
             "spec": claim(None, self.identity, self.lease_duration, datetime.now(timezone.utc)),
         }
         resp = self._api.create_namespaced_lease(self.namespace, body, _preload_content=False, _request_timeout=self._timeout)
