@@ -21,6 +21,7 @@ import pytest
 import yaml
 from harness import binaries
 from harness.cluster import RESTRICTED, Cluster
+from harness.images import chart_images
 from harness.mode import NODE_MODE
 from harness.waiting import wait_for
 
@@ -72,8 +73,13 @@ def test_install_previous_version_upgrade_test_and_uninstall(cluster: Cluster, k
     assert r.returncode == 0, r.stderr
     wait_for("CRD Established", lambda: cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io",
                                                         "--timeout=60s", check=False).returncode == 0, 90, 1)  # fmt: skip
+    # Both chart versions run the operator image this repository builds (the node has no other): the test is
+    # about the chart's objects across an upgrade.
+    operator_image, trainer_image = chart_images()
+    repository, _, tag = operator_image.rpartition(":")
     values = ["--namespace", RELEASE_NS, "--set", f"watchNamespaces={{{WATCHED}}}", "--set", "replicas=1",
-              "--set", "pollInterval=1", "--wait", "--timeout", "240s"]  # fmt: skip
+              "--set", "pollInterval=1", "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
+              "--set", f"trainerImage={trainer_image}", "--wait", "--timeout", "240s"]  # fmt: skip
 
     def run(*args: str) -> str:
         r = subprocess.run([*helm, *args], capture_output=True, text=True, timeout=300)
