@@ -65,7 +65,8 @@ def test_termination_message_round_trips_and_refuses_other_text() -> None:
     message = TerminationMessage.build(0, "training finished", report)
     assert TerminationMessage.parse(message.to_text()) == message
     assert message.progress == {"step": 3, "totalSteps": 3, "loss": 0.5, "phase": "Succeeded"}
-    assert TerminationMessage.build(66, "x" * 5000).message == "x" * contract.MESSAGE_LIMIT
+    clipped = TerminationMessage.build(66, "head " + "x" * 5000 + " tail").message
+    assert len(clipped) <= contract.MESSAGE_LIMIT and clipped.startswith("head x") and clipped.endswith("x tail")
     assert TerminationMessage.parse("Traceback (most recent call last): ...") is None
     assert TerminationMessage.parse('{"exitCode": "not a number"}') is None
 

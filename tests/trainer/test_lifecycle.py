@@ -32,7 +32,7 @@ def test_artifacts_layout_and_manifest(lora_run: Path) -> None:
         assert (lora_run / name).exists(), name
     manifest = json.loads((lora_run / "manifest.json").read_text())
     files = {p.relative_to(lora_run).as_posix() for p in lora_run.rglob("*") if p.is_file() and not p.as_posix().startswith(str(lora_run / "checkpoints"))}
-    assert set(manifest["files"]) == files - {"manifest.json", "COMPLETE", ".kubetune-write-check"}
+    assert set(manifest["files"]) == files - {"manifest.json", "COMPLETE", ".kubetune-owner.json", ".kubetune-run.json", ".kubetune.lock"}
     for rel, entry in manifest["files"].items():
         assert sha256_file(lora_run / rel) == entry["sha256"]
     metrics = json.loads((lora_run / "metrics.json").read_text())

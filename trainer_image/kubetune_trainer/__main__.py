@@ -70,7 +70,9 @@ def run(trainer: Trainer) -> ExitCode:
     elif int(os.environ.get("RANK", "0")) == 0:
         # Rank 0 alone: on a node running several ranks the message is one file, and it carries the
         # final progress the operator shows once the job has succeeded.
-        write_termination_message(code, "training finished", trainer.progress.report(), trainer.published(), trainer.facts.evaluation)
+        report = trainer.progress.report()
+        finished = "training finished" + (f"; {report.checkpoint_warning}" if report.checkpoint_warning else "")
+        write_termination_message(code, finished, report, trainer.published(), trainer.facts.evaluation)
     return code
 
 

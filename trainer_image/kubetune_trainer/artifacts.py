@@ -157,7 +157,8 @@ class ArtifactWriter:
         st, facts = self.state, self.facts
         optional = {"exactMatchBefore": facts.exact_match_before, "exactMatchAfter": facts.exact_match_after,
                     "mergedModel": facts.merged_model, "quantizedLayers": facts.quantized_layers,
-                    "oci": facts.oci}  # fmt: skip
+                    "oci": facts.oci, "resumedFrom": facts.resumed,
+                    "setAside": facts.set_aside or None}  # fmt: skip
         return {
             "job": self.config.job.name,
             "steps": st.step,
@@ -178,6 +179,9 @@ class ArtifactWriter:
             "chunkedLoss": facts.chunked_loss,
             "fastPath": facts.fast_path,
             "data": facts.data,
+            "inputs": facts.inputs,
+            "owner": facts.owner,
+            "learningRate": self.config.spec.training.learning_rate,
             **{k: v for k, v in optional.items() if v is not None},
             **self._evaluation(),
         }

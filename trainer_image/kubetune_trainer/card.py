@@ -115,6 +115,19 @@ def _result_rows(metrics: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def _provenance_rows(metrics: dict[str, Any]) -> list[list[Any]]:
+    """The bytes trained on (each input's content identity), the owner, the checkpoint resumed and any set aside."""
+    rows: list[list[Any]] = [[f"input `{uri}`", f"`{identity}`"] for uri, identity in (metrics.get("inputs") or {}).items()]
+    if owner := metrics.get("owner"):
+        rows.append(["output owner", f"{owner.get('namespace')}/{owner.get('job')} (uid {owner.get('uid')}, run {owner.get('run')}, {owner.get('runId')})"])
+    if resumed := metrics.get("resumedFrom"):
+        changes = "; ".join(resumed.get("configChanges") or []) or "same config"
+        rows.append(["resumed from", f"{resumed.get('checkpoint')} ({changes})"])
+    for aside in metrics.get("setAside") or []:
+        rows.append(["set aside", f"{aside.get('checkpoint')}: {aside.get('problem')} (kept as {aside.get('setAsideAs')})"])
+    return rows
+
+
 def _artifacts(spec: FineTuneJobSpec) -> str:
     lines = []
     if methods.writes_full_model(spec):
@@ -148,6 +161,8 @@ def render_card(config: TrainerConfig, metrics: dict[str, Any], plots: list[str]
     for key, heading in SECTIONS_FROM_METRICS:
         if metrics.get(key):
             parts.append(f"## {heading}\n" + any_table(metrics[key]))
+    if provenance := _provenance_rows(metrics):
+        parts.append("## Provenance\n" + table(["", "value"], provenance))
     parts.append("## Files\n" + _artifacts(spec))
     return "\n\n".join(parts) + "\n"
 

@@ -1,7 +1,12 @@
 """Checkpoints, and publishing directories to the output store: files first, then manifest.json, then COMPLETE.
 
 A reader trusts a directory only when COMPLETE is there, so a crash mid-upload
-leaves something ignored, never something half-read.
+leaves something ignored, never something half-read. Before a checkpoint is loaded,
+every file is checked against its manifest (no file missing or unlisted, each size,
+then each sha256, hashed in parallel): one that fails is set aside (renamed
+`step-N.set-aside-<time>`, never deleted) and the next older one is tried. A checkpoint
+records the config that trained it (trained-spec.json); resuming the same output with
+a changed config is refused, naming the fields.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +25,50 @@ from kubetune.api.contract import (
     COMPLETE_MARKER,
     MANIFEST_FILE,
     ArtifactManifest,
+    ExitCode,
     FileEntry,
+    ManifestMismatch,
     checkpoint_dir_name,
 )
+from kubetune.api.models import FineTuneJobSpec
+from kubetune.api.trainer_config import changed_fields, resume_fields
 
+from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.log import log
 from kubetune_trainer.state import TrainState
 from kubetune_trainer.storage import OutputStore, cache_root
 
 TRAINER_STATE_FILE = "trainer_state.json"
+TRAINED_SPEC_FILE = "trained-spec.json"  # resume_fields() of the spec that trained the checkpoint
+SET_ASIDE_MARK = ".set-aside-"  # checkpoints/step-00000010.set-aside-20261206T120000Z: failed verification, kept
+SET_ASIDE_REASON = "SET_ASIDE"  # in a set-aside checkpoint: why it failed verification
+HASH_THREADS = 8  # hashlib releases the GIL: files hash in parallel
 
 
 def file_table(local_dir: Path, only: list[str] | None = None) -> dict[str, FileEntry]:
     """{relative path: FileEntry(sha256, size)} for every file under local_dir (markers excluded), or the `only` ones."""
     return dict(ArtifactManifest.of(local_dir, only).files)
+
+
+def verify_dir(local_dir: Path) -> str | None:
+    """What is wrong with local_dir against its manifest.json, or None when every file is there, listed, of the
+    sealed size and sha256 (ArtifactManifest.verify: sizes first, then sha256 in parallel)."""
+    try:
+        ArtifactManifest.parse((local_dir / MANIFEST_FILE).read_bytes()).verify(local_dir, exact=True, threads=HASH_THREADS)
+    except ManifestMismatch as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{MANIFEST_FILE}: unreadable ({exc.strerror or exc})"
+    return None
+
+
+def file_table_names(local_dir: Path) -> list[str]:
+    """Relative paths of the files under local_dir, the top-level markers excluded."""
+    return [
+        p.relative_to(local_dir).as_posix()
+        for p in sorted(local_dir.rglob("*"))
+        if p.is_file() and not (p.parent == local_dir and p.name in (COMPLETE_MARKER, MANIFEST_FILE))
+    ]
 
 
 def upload_files(store: OutputStore, local_dir: Path, rel: str, files: dict[str, Any]) -> None:
@@ -50,6 +85,23 @@ def seal(store: OutputStore, rel: str, files: dict[str, FileEntry], job: str | N
 
 def checkpoint_rel(step: int) -> str:
     return f"{CHECKPOINTS_DIR}/{checkpoint_dir_name(step)}"
+
+
+def set_aside_name(step: int) -> str:
+    return f"{checkpoint_dir_name(step)}{SET_ASIDE_MARK}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+
+
+def set_aside_earlier(store: OutputStore, now: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Every checkpoint of this output set aside (by this run or an earlier attempt), with its reason, oldest first."""
+    seen = {a["setAsideAs"] for a in now}
+    earlier = []
+    for name in store.list_dirs(CHECKPOINTS_DIR):
+        rel = f"{CHECKPOINTS_DIR}/{name}"
+        if SET_ASIDE_MARK in name and store.url(rel) not in seen:
+            reason = (store.get_text(f"{rel}/{SET_ASIDE_REASON}") or "reason not recorded").strip()
+            original = f"{CHECKPOINTS_DIR}/{name.split(SET_ASIDE_MARK)[0]}"
+            earlier.append({"checkpoint": store.url(original), "setAsideAs": store.url(rel), "problem": reason})
+    return earlier + now
 
 
 def complete_checkpoints(store: OutputStore) -> list[int]:
@@ -93,6 +145,7 @@ class Checkpointer:
     job_key: str  # the job's uid (or name): checkpoints of one job never mix with another's
     world_size: int
     keep: int
+    spec: FineTuneJobSpec | None = None  # what trains: recorded in each checkpoint (TRAINED_SPEC_FILE)
 
     def local_dir(self, step: int) -> Path:
         return cache_root() / "checkpoints" / self.job_key / checkpoint_rel(step)
@@ -106,6 +159,8 @@ class Checkpointer:
         acc.save_state(str(local / "accelerate"))
         if acc.is_main_process:
             (local / TRAINER_STATE_FILE).write_text(json.dumps(vars(state)))
+            if self.spec is not None:
+                (local / TRAINED_SPEC_FILE).write_text(json.dumps(resume_fields(self.spec), indent=1, sort_keys=True))
         acc.wait_for_everyone()
         files = file_table(local) if acc.is_local_main_process else {}
         if acc.is_local_main_process:
@@ -118,29 +173,124 @@ class Checkpointer:
             log(f"checkpoint step {step} -> {self.store.url(checkpoint_rel(step))}")
         acc.wait_for_everyone()
 
-    def _gather(self, files: dict[str, Any]) -> list[Any]:
+    def _gather(self, files: Any) -> list[Any]:
         if self.world_size == 1:
             return [files]
         gathered: list[Any] = [None] * self.world_size
         torch.distributed.all_gather_object(gathered, files)
         return gathered
 
-    def resume(self, previous: OutputStore | None = None) -> TrainState | None:
-        """Load the newest complete checkpoint into the prepared objects; its TrainState, or None.
-        Without one of its own, a run continues `previous` (another run's output, spec.output.resumeFrom)."""
-        store, steps = self.store, complete_checkpoints(self.store)
-        if not steps and previous is not None:
-            store, steps = previous, complete_checkpoints(previous)
-        if not steps:
-            return None
-        step, acc = steps[-1], self.accelerator
-        local = self.local_dir(step)
-        if acc.is_local_main_process:  # the first process on each node fetches; the others wait
+    def resume(self, spec: FineTuneJobSpec, previous: OutputStore | None = None, optimizer: Any = None, scheduler: Any = None) -> Resumed | None:
+        """Load the newest checkpoint that passes verification into the prepared objects; None when there is none.
+
+        Without one of its own, a run continues `previous` (another run's output, spec.output.resumeFrom): a new
+        run, whose config may differ (the new hyper-parameters are applied, the changes recorded). A checkpoint
+        that fails verification is set aside and the next older one tried; when checkpoints exist and none
+        passes, the run fails (CHECKPOINT_INVALID) naming each."""
+        set_aside: list[dict[str, str]] = []
+        for store in (self.store, previous):
+            steps = complete_checkpoints(store) if store is not None else []
+            for step in reversed(steps):
+                assert store is not None
+                problem = self._fetch_and_verify(store, step)
+                if problem is None:
+                    resumed = self._load(store, step, spec, store is not self.store, optimizer, scheduler)
+                    resumed.set_aside = set_aside_earlier(self.store, set_aside)
+                    return resumed
+                set_aside.append(self._set_aside(store, step, problem))
+            if steps and store is not None:
+                found = "; ".join(f"{a['checkpoint']}: {a['problem']}" for a in set_aside)
+                raise TrainerError(
+                    ExitCode.CHECKPOINT_INVALID,
+                    f"no usable checkpoint under {store.url(CHECKPOINTS_DIR)}: {found}; each is set aside (renamed "
+                    f"*{SET_ASIDE_MARK}<time>, kept for inspection); run again to train from the start, or restore a good copy",
+                )
+        return None
+
+    def _fetch_and_verify(self, store: OutputStore, step: int) -> str | None:
+        """Each node's first process fetches the checkpoint and checks it; every rank gets the same verdict."""
+        acc, local, problem = self.accelerator, self.local_dir(step), None
+        if acc.is_local_main_process:
             shutil.rmtree(local, ignore_errors=True)
             store.get_dir(checkpoint_rel(step), local)
-        acc.wait_for_everyone()
-        acc.load_state(str(local / "accelerate"))
+            started = time.perf_counter()
+            problem = verify_dir(local)
+            if problem is None:
+                try:
+                    TrainState(**json.loads((local / TRAINER_STATE_FILE).read_text()))
+                except (OSError, ValueError, TypeError) as exc:
+                    problem = f"{TRAINER_STATE_FILE} is unreadable ({type(exc).__name__}: {exc})"
+            if problem is None:
+                log(f"checkpoint step {step} verified against its manifest in {time.perf_counter() - started:.1f}s")
+        found = [p for p in self._gather(problem) if p]
+        return found[0] if found else None
+
+    def _set_aside(self, store: OutputStore, step: int, problem: str) -> dict[str, str]:
+        """Rank 0 renames the failed checkpoint (kept, never loaded again); everyone learns where it went."""
+        rel, aside = checkpoint_rel(step), f"{CHECKPOINTS_DIR}/{set_aside_name(step)}"
+        if self.accelerator.is_main_process:
+            store.move_dir(rel, aside, first=COMPLETE_MARKER)
+            store.put_text(f"{aside}/{SET_ASIDE_REASON}", problem + "\n")
+            log(f"checkpoint {store.url(rel)} failed verification ({problem}); set aside as {store.url(aside)}")
+        self.accelerator.wait_for_everyone()
+        return {"checkpoint": store.url(rel), "setAsideAs": store.url(aside), "problem": problem}
+
+    def _load(self, store: OutputStore, step: int, spec: FineTuneJobSpec, new_run: bool, optimizer: Any, scheduler: Any) -> Resumed:
+        acc, local = self.accelerator, self.local_dir(step)
+        saved_spec = local / TRAINED_SPEC_FILE
+        changes = changed_fields(json.loads(saved_spec.read_text()), resume_fields(spec)) if saved_spec.exists() else []
+        if changes and not new_run:
+            raise TrainerError(
+                ExitCode.CONFIG_INVALID,
+                f"{store.url(checkpoint_rel(step))} was trained with another config ({'; '.join(changes)}); "
+                "resuming it would mix two trainings. Either write to a new output (spec.output.uri, kubetune run --output) "
+                "or start a new run from this checkpoint with the new config applied (spec.output.resumeFrom: previous "
+                "on a cluster; kubetune run --output NEW --resume-from OLD locally), or restore the old values to continue",
+            )
+        wanted = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if optimizer is not None else []
+        try:
+            acc.load_state(str(local / "accelerate"))
+        except (RuntimeError, KeyError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrainerError(
+                ExitCode.CONFIG_INVALID,
+                f"{store.url(checkpoint_rel(step))} does not fit this job's model or optimizer ({first})"
+                + (f"; changed: {'; '.join(changes)}" if changes else "")
+                + "; train from the start (spec.output.resumeFrom: fresh, or a new output) or restore the old values",
+            ) from exc
         state = TrainState(**json.loads((local / TRAINER_STATE_FILE).read_text()))
+        if changes:
+            apply_hyperparameters(optimizer, scheduler, wanted)
+            if any(c.startswith("spec.dataset.") for c in changes):  # the old data position means nothing in new data
+                state.epoch, state.batches_in_epoch = 0, 0
         origin = "" if store is self.store else f" of {store.uri}"
-        log(f"resumed from checkpoint step {step}{origin} (epoch {state.epoch}, batch {state.batches_in_epoch})")
-        return state
+        log(f"resumed from checkpoint step {step}{origin} (epoch {state.epoch}, batch {state.batches_in_epoch})"
+            + (f"; a new run with the config changes {'; '.join(changes)}" if changes else ""))  # fmt: skip
+        return Resumed(state, store.url(checkpoint_rel(step)), changes)
+
+
+@dataclass
+class Resumed:
+    """What resume() loaded: the TrainState, from where, the config changes a new run applied, what was set aside."""
+
+    state: TrainState
+    checkpoint: str
+    changes: list[str]
+    set_aside: list[dict[str, str]] = field(default_factory=list)
+
+
+def apply_hyperparameters(optimizer: Any, scheduler: Any, wanted: list[dict[str, Any]]) -> None:
+    """After load_state: the new config's optimizer settings (learning rate, weight decay, ...) replace the ones
+    the checkpoint carried, and the schedule is evaluated at the restored step with the new base rates."""
+    if optimizer is None or len(wanted) != len(optimizer.param_groups):
+        return
+    for group, settings in zip(optimizer.param_groups, wanted, strict=True):
+        group.update(settings)
+    if scheduler is None:
+        return
+    inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate's wrapper, when prepared
+    if hasattr(inner, "base_lrs") and hasattr(inner, "lr_lambdas"):
+        inner.base_lrs = [settings.get("initial_lr", settings["lr"]) for settings in wanted]
+        for group, base, fn in zip(optimizer.param_groups, inner.base_lrs, inner.lr_lambdas, strict=True):
+            group["lr"] = base * fn(inner.last_epoch)
+        inner._last_lr = [g["lr"] for g in optimizer.param_groups]

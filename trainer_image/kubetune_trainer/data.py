@@ -18,7 +18,6 @@ packed example gets no label, so no example is ever trained to predict from its 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -35,7 +34,7 @@ from kubetune_trainer.formats import Invalid, Mapping, parse, resolve
 from kubetune_trainer.log import log
 from kubetune_trainer.masking import IGNORE, tokenize, upto_eos
 from kubetune_trainer.records import dict_splits, iter_records, locate, refuse, split_fragment, with_split
-from kubetune_trainer.storage import cached, fetch
+from kubetune_trainer.storage import cached, fetch, local_identity
 
 __all__ = ["IGNORE", "upto_eos"]
 
@@ -218,13 +217,10 @@ def collate(batch: list[Example], pad_id: int, packed: bool) -> dict[str, torch.
 
 
 def _fingerprint(path: Path) -> str:
-    h = hashlib.sha256(str(path).encode())
-    path, _ = locate(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        st = f.stat()
-        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
+    """The tokenized cache's key for a fetched source: where it is (a #split included) and what it holds
+    (storage.local_identity: size, mtime_ns, ctime_ns, inode and a sampled sha256 of each file)."""
+    located, _ = locate(path)
+    return f"{path}:{local_identity(located)}"
 
 
 def generation_pairs(examples: list[Example]) -> list[tuple[list[int], list[int]]]:

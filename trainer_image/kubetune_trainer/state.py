@@ -21,6 +21,7 @@ class TrainState:
     evals: list[dict[str, float]] = field(default_factory=list)
     tokens_seen: int = 0
     train_seconds: float = 0.0
+    before: dict[str, Any] = field(default_factory=dict)  # figures measured before the first step (evalLossBefore, ...): a resume keeps them
 
 
 @dataclass
@@ -40,4 +41,8 @@ class RunFacts:
     evaluation: EvaluationResult | None = None  # the final model's figures and gate verdict (gate.passed asks it)
     generations: list[dict[str, Any]] = field(default_factory=list)  # each generation check: prompt, answer, passed
     interpolation: list[dict[str, Any]] = field(default_factory=list)  # WiSE-FT: one row of figures per alpha
+    resumed: dict[str, Any] | None = None  # the checkpoint the run continued from, and the config changes a new run applied
+    set_aside: list[dict[str, str]] = field(default_factory=list)  # checkpoints that failed verification: where each went, why
+    owner: dict[str, Any] = field(default_factory=dict)  # the output's owner record (owner.py)
+    inputs: dict[str, str] = field(default_factory=dict)  # each input URI -> the content identity trained on (storage.identity)
     quantized_layers: int | None = None  # QLoRA: the k-bit linear layers bitsandbytes built  # how the merged model was made, when not plainly (QLoRA: de-quantized)

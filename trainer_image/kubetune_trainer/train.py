@@ -14,15 +14,16 @@ from kubetune.api.contract import COMPLETE_MARKER, GATE_FAILED_MARKER, ExitCode,
 from kubetune.api.models import Artifacts
 from kubetune.api.trainer_config import TrainerConfig
 
-from kubetune_trainer import gate, publish, signals
+from kubetune_trainer import gate, publish, signals, storage
 from kubetune_trainer.artifacts import ArtifactWriter, registry_auth
-from kubetune_trainer.checkpoint import Checkpointer
+from kubetune_trainer.checkpoint import Checkpointer, set_aside_earlier
 from kubetune_trainer.debug import DebugHooks
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.evaluation import Evaluator
 from kubetune_trainer.gate import GateFailed
 from kubetune_trainer.log import log
 from kubetune_trainer.loop import Outcome, StepLoop, StopFlag
+from kubetune_trainer.owner import OutputClaim
 from kubetune_trainer.progress import ProgressState, serve
 from kubetune_trainer.setup import Parts, Runtime, build_parts, start_runtime
 from kubetune_trainer.state import RunFacts, TrainState
@@ -45,6 +46,7 @@ class Trainer:
         self._parts: Parts | None = None
         self._evaluator: Evaluator | None = None
         self._checkpointer: Checkpointer | None = None
+        self._claim: OutputClaim | None = None
 
     @property
     def runtime(self) -> Runtime:
@@ -67,7 +69,8 @@ class Trainer:
                 f"progress on :{self.server.server_address[1]}/progress; world size {rt.world_size}; {rt.accelerator.distributed_type}"
             )
             log(f"backend {rt.backend.name}: {rt.backend.reason}")
-            rt.store.check_writable()
+            self._claim = OutputClaim(rt.store, self.config)
+            self.facts.owner = self._claim.acquire(self.config)  # the first write: a second owner's run is refused here
             if (publish_spec := self.spec.output.publish) is not None:
                 publish.check_access(publish_spec, registry_auth())  # wrong credentials fail before training
         set_seed(self.spec.training.seed)
@@ -80,23 +83,33 @@ class Trainer:
                 log(f"{rt.store.uri} already holds complete artifacts; nothing to do")
             return
         parts = self._parts = build_parts(self.config, rt, self.facts, self.progress)
+        self.facts.inputs = dict(storage.IDENTITIES)  # the bytes this run trains on, by content identity
         self._checkpointer = Checkpointer(rt.accelerator, rt.store, self.config.job.uid or self.config.job.name,
-                                          rt.world_size, self.spec.output.keep_checkpoints)  # fmt: skip
+                                          rt.world_size, self.spec.output.keep_checkpoints, self.spec)  # fmt: skip
         if parts.eval_loader is not None:
             self._evaluator = Evaluator(rt.accelerator, parts.model, parts.eval_loader, self.progress, self.spec, parts.reference)
         self._resume_or_measure()
         self.progress.update(total_steps=parts.total_steps, step=self.state.step, phase=TrainerPhase.TRAINING)
 
     def _resume_or_measure(self) -> None:
-        """Continue from the newest checkpoint (this run's, else resumeFrom's); a fresh run measures
-        the eval loss before training."""
+        """Continue from the newest verified checkpoint (this run's, else resumeFrom's); a fresh run measures
+        the eval loss before training, and the checkpoints keep it for every resume."""
         previous = OutputStore(self.config.resume_from, self.spec.storage) if self.config.resume_from else None
         assert self._checkpointer is not None
-        self.state = self._checkpointer.resume(previous) or self.state
+        resumed = self._checkpointer.resume(self.spec, previous, self.parts.optimizer, self.parts.scheduler)
+        self.facts.set_aside = resumed.set_aside if resumed is not None else set_aside_earlier(self.runtime.store, [])
+        if self.facts.set_aside:
+            self.progress.update(checkpoint_warning=set_aside_warning(self.facts.set_aside))
+        if resumed is not None:
+            self.state = resumed.state
+            self.facts.resumed = {"checkpoint": resumed.checkpoint, "step": resumed.state.step, "configChanges": resumed.changes}
+            self.facts.eval_loss_before = self.state.before.get("evalLoss")
+            self.facts.eval_rewards_before = dict(self.state.before.get("rewards") or {})
         if self._evaluator is None or self.state.step != 0:
             return
         self.facts.eval_loss_before = self._evaluator.loss()
         self.facts.eval_rewards_before = {f"{k}Before": v for k, v in self._evaluator.rewards.items()}
+        self.state.before = {"evalLoss": self.facts.eval_loss_before, "rewards": self.facts.eval_rewards_before}
         if self.runtime.is_main:
             log(f"eval loss before training: {self.facts.eval_loss_before:.4f}")
 
@@ -147,7 +160,16 @@ class Trainer:
         return self.stop.reason()
 
     def cleanup(self) -> None:
+        if self._claim is not None:
+            self._claim.release()
         if self.server is not None:
             self.server.shutdown()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def set_aside_warning(set_aside: list[dict[str, str]]) -> str:
+    """One line for status.progress (and the termination message): which checkpoints failed verification."""
+    first = set_aside[-1]
+    more = f" (and {len(set_aside) - 1} more)" if len(set_aside) > 1 else ""
+    return f"checkpoint {first['checkpoint']} failed verification ({first['problem']}); set aside as {first['setAsideAs']}{more}"[:500]

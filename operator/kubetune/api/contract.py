@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from enum import Enum, IntEnum
 from pathlib import Path
 from typing import Any, Final
@@ -30,6 +31,7 @@ class ExitCode(IntEnum):
     CREDENTIALS_INVALID = 67
     LOSS_NOT_FINITE = 68
     EVALUATION_GATE_FAILED = 69  # the final model missed a spec.evaluation.gate threshold: training again gives the same model
+    CHECKPOINT_INVALID = 70  # checkpoints exist but none passed verification against its manifest (each is set aside)
     # --- infrastructure errors: a restart from the last checkpoint may help.
     INFRASTRUCTURE = 75
     STORAGE_UNAVAILABLE = 76
@@ -46,6 +48,7 @@ USER_ERRORS = frozenset(
         ExitCode.CREDENTIALS_INVALID,
         ExitCode.LOSS_NOT_FINITE,
         ExitCode.EVALUATION_GATE_FAILED,
+        ExitCode.CHECKPOINT_INVALID,
     }
 )
 
@@ -56,6 +59,7 @@ REASONS: dict[int, str] = {
     ExitCode.CREDENTIALS_INVALID: "CredentialsInvalid",
     ExitCode.LOSS_NOT_FINITE: "LossNotFinite",
     ExitCode.EVALUATION_GATE_FAILED: "EvaluationGateFailed",
+    ExitCode.CHECKPOINT_INVALID: "CheckpointInvalid",
     ExitCode.INFRASTRUCTURE: "InfrastructureError",
     ExitCode.STORAGE_UNAVAILABLE: "StorageUnavailable",
     ExitCode.STALLED: "Stalled",
@@ -82,6 +86,8 @@ CONFIG_FILE = "trainer-config.yaml"
 MANIFEST_FILE = "manifest.json"  # an ArtifactManifest (below)
 COMPLETE_MARKER = "COMPLETE"  # written last: its presence means everything above is complete
 GATE_FAILED_MARKER = "GATE_FAILED"  # beside COMPLETE when the model missed spec.evaluation.gate: a rerun fails again
+OWNER_FILE = ".kubetune-owner.json"  # the first file written: which job (uid, run) or local run owns the output
+OUTPUT_LOCK = ".kubetune.lock"  # a local output's lock, held by rank 0 while it trains (filelock)
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -136,17 +142,28 @@ class ArtifactManifest(ApiModel):
         except (ValueError, ValidationError) as exc:
             raise ManifestMismatch(f"{MANIFEST_FILE} is not a valid manifest: {str(exc).splitlines()[0]}") from exc
 
-    def verify(self, root: Path, only: Iterable[str] | None = None) -> int:
+    def verify(self, root: Path, only: Iterable[str] | None = None, exact: bool = False, threads: int = 8) -> int:
         """Check the files under `root` against the manifest: every listed file (or, given `only`, those of them
-        that are listed) must exist with its size and sha256. The number checked; ManifestMismatch naming the
-        first file that is missing or differs."""
+        that are listed) must exist with its size and sha256; with `exact`, no other file may be there (a
+        checkpoint's loader reads files by pattern). Every size is checked before any file is hashed; files hash
+        in `threads` threads (hashlib releases the GIL), largest first. The number checked; ManifestMismatch
+        naming the first file that is missing, unlisted or differs."""
         names = sorted(self.files) if only is None else sorted(n for n in only if n in self.files)
         for rel in names:
             want, path = self.files[rel], root / rel
             if not path.is_file():
                 raise ManifestMismatch(f"{rel}: listed in {MANIFEST_FILE} but missing")
-            if path.stat().st_size != want.size or sha256_file(path) != want.sha256:
-                raise ManifestMismatch(f"{rel}: content differs from {MANIFEST_FILE} (sha256 or size)")
+            if (size := path.stat().st_size) != want.size:
+                raise ManifestMismatch(f"{rel}: {size} bytes, {MANIFEST_FILE} says {want.size}")
+        if exact:
+            present = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+            if extra := sorted(rel for rel in present if rel not in self.files and rel not in (COMPLETE_MARKER, MANIFEST_FILE)):
+                raise ManifestMismatch(f"{extra[0]}: not listed in {MANIFEST_FILE}")
+        largest_first = sorted(names, key=lambda rel: -self.files[rel].size)
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(names)))) as pool:
+            digests = dict(zip(largest_first, pool.map(lambda rel: sha256_file(root / rel), largest_first), strict=True))
+        if bad := [rel for rel in names if digests[rel] != self.files[rel].sha256]:
+            raise ManifestMismatch(f"{bad[0]}: sha256 differs from {MANIFEST_FILE}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
         return len(names)
 
 
@@ -203,6 +220,14 @@ MESSAGE_LIMIT: Final = 2500
 """Kubernetes keeps at most 4096 bytes of a termination message; the text is cut to leave room."""
 
 
+def clip_message(message: str) -> str:
+    """At most MESSAGE_LIMIT characters: the start (what failed) and the end (the detail), the middle elided."""
+    if len(message) <= MESSAGE_LIMIT:
+        return message
+    half = (MESSAGE_LIMIT - 5) // 2
+    return f"{message[:half]} ... {message[-half:]}"
+
+
 class TerminationMessage(ApiModel):
     """The JSON a rank leaves in TERMINATION_LOG when it exits."""
 
@@ -228,7 +253,7 @@ class TerminationMessage(ApiModel):
         reason = REASONS.get(exit_code, "Succeeded" if exit_code == 0 else "Error")
         final = progress.model_dump(by_alias=True, mode="json", exclude_none=True) if progress else None
         return cls(
-            exit_code=int(exit_code), reason=reason, message=message[-MESSAGE_LIMIT:], progress=final, artifacts=artifacts,
+            exit_code=int(exit_code), reason=reason, message=clip_message(message), progress=final, artifacts=artifacts,
             evaluation=evaluation,
         )  # fmt: skip
 

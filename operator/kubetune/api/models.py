@@ -849,6 +849,8 @@ class TrainerReport(TrainingMetrics):
 
     data_warning: str | None = Field(default=None, max_length=512)
     """What rank 0 found in the data worth a look: more than 1% of examples truncated or dropped at maxSeqLength, or invalid records skipped."""
+    checkpoint_warning: str | None = Field(default=None, max_length=512)
+    """A checkpoint that failed verification against its manifest on resume: which, why, and where it was set aside (the next older one was used)."""
 
 
 class Progress(TrainerReport):

@@ -9,12 +9,12 @@ into the job's ConfigMap; the trainer loads it with `TrainerConfig.load()`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import yaml
 from pydantic import Field
 
-from kubetune.api.models import ApiModel, FineTuneJobSpec
+from kubetune.api.models import TRAINED_FIELDS, ApiModel, FineTuneJobSpec
 
 TRAINER_CONFIG_VERSION: Final = "kubetune.io/trainer-config/v1"
 DEFAULT_PROGRESS_PORT = 8080
@@ -27,6 +27,8 @@ class JobRef(ApiModel):
     name: str
     namespace: str = "default"
     uid: str = ""
+    run: int = Field(default=1, ge=1)
+    """The FineTuneJob's run (status.run): a finished job edited (GitOps) trains again as run n+1."""
 
 
 class TrainerConfig(ApiModel):
@@ -53,3 +55,38 @@ class TrainerConfig(ApiModel):
     @classmethod
     def load(cls, path: str | Path) -> TrainerConfig:
         return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+
+
+RESUME_IGNORED: Final[tuple[str, ...]] = (
+    "output",
+    "training.loggingSteps",
+    "training.evalSteps",
+    "training.evalGenerationSamples",
+    "training.earlyStopping",
+)
+"""Trained fields (TRAINED_FIELDS) a checkpoint does not depend on: where results go and how often the run
+logs or evaluates. Any other change means the checkpoint was trained by a different config."""
+
+
+def resume_fields(spec: FineTuneJobSpec) -> dict[str, Any]:
+    """The fields a checkpoint was trained with, as dotted camelCase paths -> values (a checkpoint keeps them)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        elif not any(prefix == ignored or prefix.startswith(ignored + ".") for ignored in RESUME_IGNORED):
+            flat[prefix] = value
+
+    walk("", {k: v for k, v in spec.model_dump(mode="json", by_alias=True).items() if k in TRAINED_FIELDS})
+    return flat
+
+
+def changed_fields(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`spec.<field>: <saved> -> <current>` for every field that differs, sorted."""
+    return [
+        f"spec.{key}: {saved.get(key, 'unset')!s} -> {current.get(key, 'unset')!s}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]

@@ -531,8 +531,12 @@ def check_spec(spec: FineTuneJobSpec) -> list[Problem]:
     return _cel_twins(spec) + _storage(spec) + _output(spec) + _publish(spec) + _method(spec) + _methods(spec) + _training(spec) + _pod(spec) + _metadata_maps(spec) + _serving(spec)
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the CRD's integers are format int64
+
+
 def check_values(value: Any, where: str = "") -> list[Problem]:
-    """What JSON (and so the API server) cannot carry: non-finite numbers, non-string keys, dates, bytes.
+    """What JSON (and so the API server) cannot carry: non-finite numbers, integers beyond int64, non-string keys,
+    dates, bytes.
     Iterative, so a deep document cannot exhaust the stack."""
     out: list[Problem] = []
     stack: list[tuple[Any, str]] = [(value, where)]
@@ -546,6 +550,8 @@ def check_values(value: Any, where: str = "") -> list[Problem]:
                 stack.append((item, f"{path}.{key}" if path else key))
         elif isinstance(node, list):
             stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node))
+        elif isinstance(node, int) and not isinstance(node, bool) and not INT64_MIN <= node <= INT64_MAX:
+            out.append(Problem(path, f"must fit a 64-bit integer ({INT64_MIN} to {INT64_MAX}; got {node}): the API server stores int64"))
         elif isinstance(node, float) and not math.isfinite(node):
             out.append(Problem(path, f"must be a finite number (got {node}); the API server cannot store .inf or .nan"))
         elif not (node is None or isinstance(node, str | int | float | bool)):

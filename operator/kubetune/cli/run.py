@@ -12,6 +12,11 @@ the same validation as `kubetune validate`, and the output is checked: writable,
 space, not overlapping an input. Ctrl-C (SIGINT), SIGTERM and SIGHUP checkpoint at the next
 step boundary on every rank and exit 130 / 143 / 129; running the command again resumes.
 A second Ctrl-C stops every rank at once; the last complete checkpoint is kept.
+
+An output belongs to the job that first wrote it (.kubetune-owner.json): another job's output is
+refused, and one another run of the same job is training in (its lock is held) too. `--dry-run`
+checks all this and writes nothing. `--resume-from OUTPUT` starts a new run from OUTPUT's newest
+checkpoint with this manifest's config (the local twin of `spec.output.resumeFrom: previous`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +45,8 @@ from kubetune.api.contract import (
     ENV_CACHE_DIR,
     ENV_TERMINATION_LOG,
     METRICS_FILE,
+    OUTPUT_LOCK,
+    OWNER_FILE,
     REASONS,
     RUN_CONFIG_FILE,
     RUN_LOG_FILE,
@@ -59,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, help="processes to start (default: nodes x procsPerNode)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. training.maxSteps=20")
     parser.add_argument("--verbose", action="store_true", help="show every line the ranks and torchrun print")
-    parser.add_argument("--dry-run", action="store_true", help="check the manifest and the output, print the command, start nothing")
+    parser.add_argument("--dry-run", action="store_true", help="check the manifest and the output, print the command, start nothing, write nothing")
+    parser.add_argument("--resume-from", metavar="OUTPUT", help="start a new run from OUTPUT's newest checkpoint with this config (spec.output.resumeFrom: previous)")
     parser.add_argument("--work-dir", help="where the trainer config, the log and the termination message go "
                         "(default: a new temporary directory)")  # fmt: skip
 
@@ -183,14 +192,17 @@ class Failure:
     message: str
 
 
-def preflight(job: FineTuneJob) -> Failure | None:
-    """Cheap checks that save a user the torch start-up: inputs exist, the output is writable and has room."""
+def preflight(job: FineTuneJob, dry_run: bool = False, uid: str | None = None) -> Failure | None:
+    """Cheap checks that save a user the torch start-up: inputs exist, the output is writable, has room, is apart
+    from every input (symlinks resolved) and is not another job's or in use. A dry run creates nothing."""
     spec = job.spec
     model = local_path(spec.model.source)
     if model is not None and not model.exists():
         return Failure(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {model} does not exist; point it at a model directory")
-    data = {f: uri for f, uri in spec_uris(spec).items() if f not in ("spec.model.source", "spec.output.uri")}
-    for field, uri in data.items():
+    inputs = [(f, uri) for f, uri in spec_uris(spec).items() if f != "spec.output.uri"]
+    for field, uri in inputs:
+        if field == "spec.model.source":
+            continue
         path = local_path(uri)
         if path is not None and not path.exists():
             return Failure(ExitCode.DATASET_INVALID, f"{field}: {path} does not exist")
@@ -199,23 +211,70 @@ def preflight(job: FineTuneJob) -> Failure | None:
         return None
     if out.exists() and not out.is_dir():
         return Failure(REFUSED, f"spec.output.uri: {out} is a file; the output must be a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".kubetune-write-check-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        return Failure(REFUSED, f"spec.output.uri: cannot write to {out}: {exc.strerror or exc}; choose a writable directory (--output)")
+    if overlap := overlapping_input(out, inputs):
+        return Failure(REFUSED, overlap)
+    if (taken := output_taken(out, uid)) is not None:
+        return Failure(REFUSED, taken)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if dry_run:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return Failure(REFUSED, f"spec.output.uri: cannot write to {existing}; choose a writable directory (--output)")
+    else:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".kubetune-write-check-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            return Failure(REFUSED, f"spec.output.uri: cannot write to {out}: {exc.strerror or exc}; choose a writable directory (--output)")
     if (out / COMPLETE_MARKER).exists():
         return None
     need = output_bytes_needed(job, _dir_bytes(model) if model is not None and model.exists() else 0)
-    free = shutil.disk_usage(out).free
+    free = shutil.disk_usage(existing).free
     if free < need:
         return Failure(
             REFUSED,
             f"spec.output.uri: {out} has {free / 2**20:,.0f} MiB free; a checkpoint and the final model need about "
             f"{need / 2**20:,.0f} MiB; free some space or choose another --output",
         )
+    return None
+
+
+def overlapping_input(out: Path, inputs: list[tuple[str, str | None]]) -> str | None:
+    """The output and each local input compared as the filesystem resolves them (symlinks followed): validation
+    compares the URIs as written, and a link would let the job write COMPLETE into its own base model."""
+    real_out = Path(os.path.realpath(out))
+    for field, uri in inputs:
+        path = local_path(uri) if uri else None
+        if path is None or not path.exists():
+            continue
+        real = Path(os.path.realpath(path))
+        if real_out == real or real_out.is_relative_to(real) or real.is_relative_to(real_out):
+            return (f"spec.output.uri: {out} resolves to {real_out}, which overlaps {field} ({real}): the job writes its "
+                    "checkpoints, model/ and COMPLETE there; choose an output directory apart from every input")  # fmt: skip
+    return None
+
+
+def output_taken(out: Path, uid: str | None) -> str | None:
+    """Why this job may not write to `out`: it belongs to another job, or a run holds its lock; None when free."""
+    owner_file = out / OWNER_FILE
+    if uid is not None and owner_file.is_file():
+        try:
+            owner = json.loads(owner_file.read_text())
+        except ValueError:
+            owner = {}
+        if isinstance(owner, dict) and owner.get("uid") != uid:
+            return (f"spec.output.uri: {out} belongs to job {owner.get('namespace', '?')}/{owner.get('job', '?')} "
+                    f"(uid {owner.get('uid', '?')}); choose another --output, or delete {out} to reuse it")  # fmt: skip
+    if (out / OUTPUT_LOCK).exists():
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(out / OUTPUT_LOCK))
+        try:
+            lock.acquire(timeout=0)
+            lock.release()
+        except Timeout:
+            return f"spec.output.uri: {out} is in use by another run (its lock is held); wait for it to finish or choose another --output"
     return None
 
 
@@ -367,11 +426,16 @@ def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("kubetune_trainer") is None:
         print("kubetune run: the trainer is not installed; pip install 'kubetune[trainer]'", file=sys.stderr)
         return REFUSED
-    failure = preflight(job)
+    failure = preflight(job, args.dry_run, local_uid(job))
     if failure is not None:
         print(f"kubetune run: {args.manifest}: {REASONS.get(failure.code, 'Error')}: {failure.message}", file=sys.stderr)
         return int(failure.code)
     return launch(job, args)
+
+
+def local_uid(job: FineTuneJob) -> str:
+    """The owner a local run records: runs of one job name resume each other; another name is another owner."""
+    return f"local-{job.metadata.name or 'job'}"
 
 
 def launch(job: FineTuneJob, args: argparse.Namespace) -> int:
@@ -379,31 +443,31 @@ def launch(job: FineTuneJob, args: argparse.Namespace) -> int:
 
     name = job.metadata.name or "job"
     port = free_port()
-    config = render_trainer_config(job.spec, name=name, namespace=job.metadata.namespace or "default", uid=f"local-{name}", progress_port=port)
+    config = render_trainer_config(job.spec, name=name, namespace=job.metadata.namespace or "default", uid=local_uid(job), progress_port=port)
+    if args.resume_from:
+        config = config.model_copy(update={"resume_from": resolve_uri(args.resume_from, Path.cwd())})
+    run_id = uuid.uuid4().hex[:12]
+    if args.dry_run:
+        print(f"kubetune run: {name}: {config.world_size} process(es), {job.spec.method}, output {job.spec.output.uri} (dry run: nothing written)", file=sys.stderr)
+        print(" ".join(trainer_command(config.world_size, "<config>")))
+        return 0
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="kubetune-run-"))
     work.mkdir(parents=True, exist_ok=True)
     (work / RUN_TERMINATION_FILE).unlink(missing_ok=True)  # an earlier run's message is not this one's
     config_path = work / RUN_CONFIG_FILE
     config_path.write_text(config.dump_yaml())
     log_path = work / RUN_LOG_FILE
-    env = {**os.environ, ENV_TERMINATION_LOG: str(work / RUN_TERMINATION_FILE)}
+    env = {**os.environ, ENV_TERMINATION_LOG: str(work / RUN_TERMINATION_FILE), "KUBETUNE_RUN_ID": run_id}
     env.setdefault(ENV_CACHE_DIR, str(Path.home() / ".cache" / "kubetune"))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(config.world_size),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        "-m", "kubetune_trainer", "--config", str(config_path),
-    ]  # fmt: skip
+    cmd = trainer_command(config.world_size, str(config_path))
     uri = job.spec.output.uri
-    print(f"kubetune run: {name}: {config.world_size} process(es), {job.spec.method}, output {uri}", file=sys.stderr)
+    print(f"kubetune run: {name}: {config.world_size} process(es), {job.spec.method}, output {uri}, run {run_id}", file=sys.stderr)
     print(f"kubetune run: config {config_path}, log {log_path}", file=sys.stderr)
     out = local_path(uri)
     if out is not None and (out / COMPLETE_MARKER).exists():
         print(f"kubetune run: {out} already holds finished artifacts; nothing will be trained "
               "(delete it or pass --output to train again)", file=sys.stderr)  # fmt: skip
-    if args.dry_run:
-        print(" ".join(cmd))
-        return 0
     display = Display(sys.stderr.isatty())
     stop = threading.Event()
     threading.Thread(target=_poll_progress, args=(port, stop, display), daemon=True).start()
@@ -426,13 +490,22 @@ def launch(job: FineTuneJob, args: argparse.Namespace) -> int:
     return report(code, work, uri, time.time() - started, log_path, interrupts.first, args)
 
 
+def trainer_command(world_size: int, config_path: str) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(world_size),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        "-m", "kubetune_trainer", "--config", config_path,
+    ]  # fmt: skip
+
+
 def report(code: int, work: Path, uri: str, seconds: float, log_path: Path, signum: int | None, args: argparse.Namespace) -> int:
     termination = work / RUN_TERMINATION_FILE
     try:
         detail = json.loads(termination.read_text()) if termination.exists() else {}
     except ValueError:
         detail = {}
-    if code == 0:
+    finished = int(detail.get("exitCode", -1)) == 0 and (local_path(uri) is None or (Path(uri.removeprefix("file://")) / COMPLETE_MARKER).exists())
+    if code == 0 or (signum is not None and finished):  # a stop that came after rank 0 sealed the output: it finished
         print(f"kubetune run: done in {seconds:.0f}s; artifacts in {uri}", file=sys.stderr)
         metrics_path = Path(uri.removeprefix("file://")) / METRICS_FILE
         if metrics_path.exists():

@@ -23,10 +23,11 @@ def gradient_accumulation_steps(spec: FineTuneJobSpec) -> int:
 
 
 def render_trainer_config(
-    spec: FineTuneJobSpec, name: str, namespace: str = "default", uid: str = "", progress_port: int = DEFAULT_PROGRESS_PORT
+    spec: FineTuneJobSpec, name: str, namespace: str = "default", uid: str = "", progress_port: int = DEFAULT_PROGRESS_PORT,
+    run: int = 1,
 ) -> TrainerConfig:
     return TrainerConfig(
-        job=JobRef(name=name, namespace=namespace, uid=uid),
+        job=JobRef(name=name, namespace=namespace, uid=uid, run=run),
         spec=spec,
         world_size=spec.distributed.world_size,
         gradient_accumulation_steps=gradient_accumulation_steps(spec),

@@ -62,11 +62,13 @@ def to_progress(data: dict[str, Any], now: str) -> Progress:
     step, total, eta = values["step"], values["total_steps"], values["eta_seconds"]
     phase = data.get("phase")
     warning = data.get("dataWarning")
+    checkpoint_warning = data.get("checkpointWarning")
     return Progress(
         **values,
         percent=round(100.0 * step / total, 1) if step is not None and total else None,
         eta=format_eta(eta),
         trainer_phase=phase if isinstance(phase, str) else None,
         data_warning=warning[:512] if isinstance(warning, str) else None,
+        checkpoint_warning=checkpoint_warning[:512] if isinstance(checkpoint_warning, str) else None,
         updated_at=now,
     )
