@@ -127,7 +127,7 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_older_one_loaded(tmp_p
     aside = [p for p in (tmp_path / "out" / "checkpoints").iterdir() if ".set-aside-" in p.name]
     assert len(aside) == 1 and aside[0].name.startswith("step-00000020.set-aside-")
     assert (aside[0] / "COMPLETE").exists() and weights_file(aside[0]).exists()  # renamed, not deleted
-    assert resumed.set_aside[0]["problem"].endswith("sha256 differs from manifest.json")
+    assert resumed.set_aside[0]["problem"].endswith("content differs from manifest.json (sha256)")
     assert not checkpoint_dir(tmp_path, 20).exists()
     assert ckpt.complete_checkpoints(OutputStore(str(tmp_path / "out"), StorageSpec())) == [10]
     assert resumed.checkpoint.endswith("checkpoints/step-00000010")
@@ -157,9 +157,9 @@ def test_no_usable_checkpoint_fails_with_checkpoint_invalid_naming_each(tmp_path
     with pytest.raises(TrainerError) as caught:
         Job(tmp_path, spec_for(tmp_path)).resume()
 
-    assert caught.value.exit_code == ExitCode.CHECKPOINT_INVALID == 70
+    assert caught.value.exit_code == ExitCode.CHECKPOINT_INVALID == 71
     message = caught.value.message
-    assert "step-00000020: manifest.json is not a valid manifest" in message and f"step-00000010: accelerate/{weights.name}: 100 bytes" in message
+    assert "step-00000020: manifest.json is not a valid manifest" in message and f"step-00000010: accelerate/{weights.name}: content differs from manifest.json (size 100" in message
     assert len([p for p in (tmp_path / "out" / "checkpoints").iterdir() if ".set-aside-" in p.name]) == 2
     assert Job(tmp_path, spec_for(tmp_path)).resume() is None  # the next run trains from the start, the damaged ones kept
 

@@ -39,14 +39,14 @@ def test_a_stopped_run_resumes_past_a_damaged_checkpoint_and_keeps_its_before_fi
     assert len(aside) == 1 and aside[0].startswith("step-00000010.set-aside-")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["evalLossBefore"] is not None and metrics["evalLossBefore"] > metrics["evalLossAfter"]
-    assert metrics["setAside"][0]["problem"].startswith("accelerate/model.safetensors: sha256 differs")
+    assert metrics["setAside"][0]["problem"].startswith("accelerate/model.safetensors: content differs from manifest.json (sha256)")
     assert metrics["resumedFrom"]["step"] == 8 and metrics["learningRate"] == 0.005
     assert metrics["owner"]["uid"] == f"uid-{tmp_path.name}"
     final = termination(tmp_path)
     assert final["exitCode"] == 0 and "set aside" in final["message"]
     assert "set aside" in final["progress"]["checkpointWarning"]
     card = (tmp_path / "out" / "README.md").read_text()
-    assert f"{metrics['evalLossBefore']:.4f}" in card
+    assert f"| eval loss | {metrics['evalLossBefore']:.4g} |" in card
 
 
 @pytest.mark.slow

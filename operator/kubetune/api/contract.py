@@ -31,7 +31,7 @@ class ExitCode(IntEnum):
     CREDENTIALS_INVALID = 67
     LOSS_NOT_FINITE = 68
     EVALUATION_GATE_FAILED = 69  # the final model missed a spec.evaluation.gate threshold: training again gives the same model
-    CHECKPOINT_INVALID = 70  # checkpoints exist but none passed verification against its manifest (each is set aside)
+    CHECKPOINT_INVALID = 71  # checkpoints exist but none passed verification against its manifest (each is set aside)
     # --- infrastructure errors: a restart from the last checkpoint may help.
     INFRASTRUCTURE = 75
     STORAGE_UNAVAILABLE = 76
@@ -154,7 +154,7 @@ class ArtifactManifest(ApiModel):
             if not path.is_file():
                 raise ManifestMismatch(f"{rel}: listed in {MANIFEST_FILE} but missing")
             if (size := path.stat().st_size) != want.size:
-                raise ManifestMismatch(f"{rel}: {size} bytes, {MANIFEST_FILE} says {want.size}")
+                raise ManifestMismatch(f"{rel}: content differs from {MANIFEST_FILE} (size {size}, listed {want.size})")
         if exact:
             present = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
             if extra := sorted(rel for rel in present if rel not in self.files and rel not in (COMPLETE_MARKER, MANIFEST_FILE)):
@@ -163,7 +163,7 @@ class ArtifactManifest(ApiModel):
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(names)))) as pool:
             digests = dict(zip(largest_first, pool.map(lambda rel: sha256_file(root / rel), largest_first), strict=True))
         if bad := [rel for rel in names if digests[rel] != self.files[rel].sha256]:
-            raise ManifestMismatch(f"{bad[0]}: sha256 differs from {MANIFEST_FILE}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+            raise ManifestMismatch(f"{bad[0]}: content differs from {MANIFEST_FILE} (sha256)" + (f"; and {len(bad) - 1} more" if len(bad) > 1 else ""))
         return len(names)
 
 
