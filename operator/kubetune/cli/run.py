@@ -240,7 +240,7 @@ def preflight(job: FineTuneJob, dry_run: bool = False, uid: str | None = None) -
     return None
 
 
-def overlapping_input(out: Path, inputs: list[tuple[str, str | None]]) -> str | None:
+def overlapping_input(out: Path, inputs: list[tuple[str, str]]) -> str | None:
     """The output and each local input compared as the filesystem resolves them (symlinks followed): validation
     compares the URIs as written, and a link would let the job write COMPLETE into its own base model."""
     real_out = Path(os.path.realpath(out))
