@@ -283,11 +283,9 @@ def bare_burst(api: Any, n: int, timeout: float, meter: Meter) -> dict[str, Any]
 
 
 def finetunejob_docs(suite: ModuleType, n: int, prefix: str) -> list[dict[str, Any]]:
-    data = {"model": "s3://kubetune-bench/data/tiny-llama", "train": "s3://kubetune-bench/data/train.jsonl",
-            "eval": "s3://kubetune-bench/data/eval.jsonl"}  # fmt: skip
     docs = []
     for i in range(n):
-        doc = suite.job_doc(f"{prefix}-{i:04d}", FakeS3, data, steps=5, **{"runPolicy.suspend": True})
+        doc = suite.job_doc(f"{prefix}-{i:04d}", FakeS3, FakeS3.data, steps=5, **{"runPolicy.suspend": True})
         doc.update(apiVersion=f"{GROUP}/{VERSION}", kind="FineTuneJob")
         docs.append(doc)
     return docs
@@ -377,9 +375,12 @@ def kubetune_burst(api: Any, suite: ModuleType, ns: str, n: int, timeout: float,
 
 
 class FakeS3:
-    """job_doc and ensure_secret want an S3 server; nothing here reaches it."""
+    """job_doc and ensure_secret want an S3 server and the suite's data (the `s3_data` fixture's keys); nothing
+    here reaches them."""
 
     bucket, endpoint, access_key, secret_key = "kubetune-bench", "http://127.0.0.1:9", "bench", "bench-secret"
+    data = {"model": "s3://kubetune-bench/data/tiny-llama", "train": "s3://kubetune-bench/data/train.jsonl",
+            "eval": "s3://kubetune-bench/data/eval.jsonl", "endpoint": endpoint}  # fmt: skip
 
 
 class ProgressStubs:
@@ -461,12 +462,10 @@ def steady_state(api: Any, admin_api: Any, suite: ModuleType, op: Operator, ns: 
                 rv = None
                 time.sleep(0.5)
 
-    data = {"model": "s3://kubetune-bench/data/tiny-llama", "train": "s3://kubetune-bench/data/train.jsonl",
-            "eval": "s3://kubetune-bench/data/eval.jsonl"}  # fmt: skip
     threading.Thread(target=kubelet, daemon=True).start()
     start = time.monotonic()
     for i in range(m):
-        doc = suite.job_doc(f"run-{i:04d}", FakeS3, data, steps=1_000_000, **{"distributed.nodes": 1})
+        doc = suite.job_doc(f"run-{i:04d}", FakeS3, FakeS3.data, steps=1_000_000, **{"distributed.nodes": 1})
         doc.update(apiVersion=f"{GROUP}/{VERSION}", kind="FineTuneJob")
         done(custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, doc, _preload_content=False))
     print(f"  {m} running FineTuneJobs POSTed in {time.monotonic() - start:.0f}s", flush=True)

@@ -28,7 +28,14 @@ CONFIGS: dict[str, dict[str, int]] = {
     "llama-30M": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 6, "num_attention_heads": 8, "vocab_size": 16000},
     "llama-110M": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 12, "vocab_size": 32000},
 }
-CASES = [(c, m, ckpt) for c in CONFIGS for m in ("full", "lora") for ckpt in (False, True)]
+SMOKE: dict[str, dict[str, int]] = {
+    "llama-smoke": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 1000},
+}
+"""--smoke: a model small enough for CI's smoke run (tests/bench/test_bench_smoke.py); its ratio means little."""
+
+
+def cases(configs: dict[str, dict[str, int]]) -> list[tuple[str, str, bool]]:
+    return [(c, m, ckpt) for c in configs for m in ("full", "lora") for ckpt in (False, True)]
 BATCH, SEQ = 4, 256
 
 
@@ -81,7 +88,7 @@ def make_model(name: str, root: Path) -> Path:
     directory = root / name
     if not (directory / "config.json").exists():
         torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(**CONFIGS[name], tie_word_embeddings=False)).save_pretrained(directory)
+        LlamaForCausalLM(LlamaConfig(**{**CONFIGS, **SMOKE}[name], tie_word_embeddings=False)).save_pretrained(directory)
     return directory
 
 
@@ -89,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--only", default="", help="run the cases whose 'config method' contains this, e.g. 'llama-30M lora'")
+    parser.add_argument("--smoke", action="store_true", help="only the smoke-size model (CI)")
     parser.add_argument("--worker", nargs=4, metavar=("CONFIG", "METHOD", "CKPT", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -97,7 +105,7 @@ def main() -> None:
         return
     root = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
     rows = []
-    for config_name, method, ckpt in CASES:
+    for config_name, method, ckpt in cases(SMOKE if args.smoke else CONFIGS):
         if args.only not in f"{config_name} {method}":
             continue
         directory = make_model(config_name, root)

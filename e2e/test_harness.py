@@ -1,9 +1,11 @@
-"""Tests that prove the e2e harness is real: RBAC, controllers, the node agent, DNS, S3."""
+"""Tests that prove the e2e harness is real: RBAC, controllers, the node agent, DNS, S3; and that kubetune's
+children are collected with their FineTuneJob by the real garbage collector."""
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from harness.procs import free_port
 from harness.s3 import S3Server
 
 PY = "python3"
+CRD = Path(__file__).resolve().parents[1] / "crds" / "kubetune.io_finetunejobs.yaml"
 
 
 def pod_phase_in(*phases: str) -> Any:
@@ -285,32 +288,38 @@ spec:
     assert pod["status"]["phase"] == "Succeeded"
 
 
-def test_garbage_collector_cascades_to_owned_objects(cluster: Cluster, namespace: str) -> None:
-    owner = cluster.admin.post(f"/api/v1/namespaces/{namespace}/configmaps",
-                               {"metadata": {"name": "owner"}})
-    cluster.admin.post(f"/api/v1/namespaces/{namespace}/configmaps", {"metadata": {
-        "name": "owned", "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner",
-                                              "uid": owner["metadata"]["uid"]}]}})
-    cluster.kubectl("delete", "configmap", "owner", "-n", namespace)
-    wait_gone(cluster, f"/api/v1/namespaces/{namespace}/configmaps/owned", timeout=60)
+def test_the_children_kubetune_creates_go_with_their_finetunejob(cluster: Cluster, namespace: str) -> None:
+    """kubetune cleans up by owner references alone (no finalizer, no delete handler): the Job, ConfigMap and
+    Service the controller's own code creates for a FineTuneJob must carry an owner reference the API server's
+    garbage collector follows. The controller's `ensure_children` runs here through a KubeClient against the
+    real API server (no operator process, no node: the objects, not their pods, are the point). This replaces a
+    test of the garbage collector on two ConfigMaps, which checked Kubernetes and nothing of kubetune."""
+    from kubetune.api.validation import parse_spec  # noqa: PLC0415
+    from kubetune.controller.kube import KubeClient  # noqa: PLC0415
+    from kubetune.controller.reconcile import ensure_children  # noqa: PLC0415
+    from kubetune.controller.settings import Settings  # noqa: PLC0415
+    from kubetune.controller.store import Store  # noqa: PLC0415
 
-
-def test_ttl_after_finished_deletes_job(cluster: Cluster, node_agent: NodeAgent, namespace: str) -> None:
-    cluster.apply(f"""
-apiVersion: batch/v1
-kind: Job
-metadata: {{name: ttl, namespace: {namespace}}}
-spec:
-  ttlSecondsAfterFinished: 1
-  template:
-    spec:
-      restartPolicy: Never
-      containers:
-      - {{name: main, image: ignored, command: [{PY}, -c, "print('done')"]}}
-""")
-    cluster.admin.wait_for(f"/apis/batch/v1/namespaces/{namespace}/jobs/ttl",
-                           lambda j: job_condition(j, "Complete"), timeout=60)
-    wait_gone(cluster, f"/apis/batch/v1/namespaces/{namespace}/jobs/ttl", timeout=60)
+    cluster.kubectl("apply", "--server-side", "-f", str(CRD))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+    spec = {"model": {"source": "s3://models/tiny"}, "dataset": {"train": "s3://data/train.jsonl"},
+            "output": {"uri": "s3://out/owned"}, "storage": {"secretRef": {"name": "s3"}}}
+    ftj = cluster.admin.post(f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs",
+                             {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+                              "metadata": {"name": "owned"}, "spec": spec})
+    kube = KubeClient(api=cluster.api_client())
+    created = ensure_children(ftj, parse_spec(spec, name="owned"), 0, Store(), Settings(), kube)
+    assert created == ["Job owned-r0", "ConfigMap owned-config", "Service owned"], created
+    children = [f"/apis/batch/v1/namespaces/{namespace}/jobs/owned-r0",
+                f"/api/v1/namespaces/{namespace}/configmaps/owned-config",
+                f"/api/v1/namespaces/{namespace}/services/owned"]
+    for path in children:
+        [owner] = cluster.admin.get(path)["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+            "FineTuneJob", "owned", ftj["metadata"]["uid"], True), path
+    cluster.kubectl("delete", "finetunejob", "owned", "-n", namespace, "--wait=false")
+    for path in children:
+        wait_gone(cluster, path, timeout=60)
 
 
 def test_pods_reach_each_other_by_hostname_and_subdomain(

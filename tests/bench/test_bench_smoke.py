@@ -1,4 +1,6 @@
-"""Smoke tests for bench/: the throughput benchmark end to end on a tiny model, the S3 benchmark on a few MB."""
+"""Smoke tests for bench/: each script runs in a smoke size (slow tier), so a change that breaks one fails CI: the
+throughput benchmark on a tiny model, the S3 benchmark on a few MB, the operator-scale benchmark with 5 jobs, the
+GPU runs and the pre-flight memory estimate rehearsed on the CPU (bench/gpu_check.sh: tests/bench/test_gpu_check.py)."""
 
 from __future__ import annotations
 
@@ -67,3 +69,88 @@ def test_loss_memory_smoke(tmp_path: Path) -> None:
     assert result["loss_rel_diff"] < 1e-5 and result["grad_w_rel_diff"] < 1e-4
     for side in ("model", "chunked"):
         assert _finite(result[side]["peak_mib"]) and result[side]["seconds"] > 0
+
+
+# ------------------------------------------------------------------ operator_scale.py
+
+
+def _bench_module(name: str) -> object:
+    import importlib
+
+    for extra in (REPO / "bench", REPO / "e2e"):
+        if str(extra) not in sys.path:
+            sys.path.insert(0, str(extra))
+    return importlib.import_module(name)
+
+
+def test_operator_scale_posts_valid_finetunejobs() -> None:
+    """Its documents come from the e2e suite's job_doc: a change there (a new key it needs) breaks the bench
+    in seconds here, not at the next measurement (`KeyError: 'endpoint'` went unseen)."""
+    from kubetune.api.validation import validate_manifest
+
+    bench = _bench_module("operator_scale")
+    docs = bench.finetunejob_docs(bench.suite_module(), 3, "smoke")  # type: ignore[attr-defined]
+    for doc in docs:
+        job, problems = validate_manifest(doc)
+        assert job is not None and not problems, problems
+        assert job.spec.run_policy.suspend
+
+
+@pytest.mark.slow  # a control plane and the operator: ~1-2 min on two shared cores
+def test_operator_scale_smoke(tmp_path: Path) -> None:
+    binaries = _bench_module("harness.binaries")
+    try:
+        binaries.ensure("etcd", "kube-apiserver", "kube-controller-manager")  # type: ignore[attr-defined]
+    except binaries.BinariesUnavailable as exc:  # type: ignore[attr-defined]
+        pytest.skip(str(exc))
+    out = tmp_path / "scale.json"
+    cmd = [sys.executable, str(REPO / "bench" / "operator_scale.py"), "--jobs", "5", "--steady", "2", "--window", "5",
+           "--poll-interval", "1", "--timeout", "180", "--workdir", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["kubetune"]["created"] == 5 and result["bare"]["created"] == 5, result
+    for key in ("create_ratio", "delete_ratio", "create_ratio_without_operator"):
+        assert _finite(result[key]) and result[key] > 0, key
+    steady = result["steady"]
+    assert _finite(steady["operator_rss_mib_max"]) and steady["operator_rss_mib_max"] > 0, steady
+    assert result["operator_log_errors"] == 0, (tmp_path / "work" / "operator.log").read_text()[-4000:]
+
+
+# ------------------------------------------------------------------ the GPU scripts, rehearsed on the CPU
+
+
+@pytest.mark.slow  # two real trainer runs (torchrun, the tiny model, 2 steps each)
+def test_gpu_runs_cpu_rehearsal_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "runs.json"
+    cmd = [sys.executable, str(REPO / "bench" / "gpu_runs.py"), "--cpu-rehearsal", "--steps", "2", "--runs", "ddp-lora,ddp-full",
+           "--timeout", "500", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "KUBETUNE_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    runs = json.loads(out.read_text())
+    assert sorted(r["run"] for r in runs) == ["ddp-full", "ddp-lora"] and all(r["ok"] for r in runs), runs
+
+
+@pytest.mark.slow  # two processes, each a 2-layer model trained three steps
+def test_preflight_memory_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "preflight.json"
+    cmd = [sys.executable, str(REPO / "bench" / "preflight_memory.py"), "--smoke", "--only", "lora", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 and all(_finite(r["ratio"]) and r["ratio"] > 0 for r in rows), rows
+
+
+def test_gpu_wheels_pins_what_ci_pins() -> None:
+    """bench/gpu_wheels.sh downloads (network, tens of MB), so CI does not run it; what can rot is checked here:
+    it parses, and the versions it carries to the GPU machine are the ones CI tests."""
+    import re
+
+    script = REPO / "bench" / "gpu_wheels.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (REPO / ".ci" / "constraints.txt").read_text(), re.M))
+    carried = dict(re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s\\]*)", script.read_text()))
+    shared = {name for name in carried if name in pins}
+    assert {"transformers", "peft", "deepspeed", "pydantic", "liger-kernel"} <= shared, carried
+    assert {n: carried[n] for n in shared} == {n: pins[n] for n in shared}
