@@ -33,6 +33,7 @@ from harness.s3 import S3Server
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: end-to-end test against a real API server (slow start)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "core: the suite's core tests, run on both nodes in every CI run (e2e/test_node_parity.py)")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

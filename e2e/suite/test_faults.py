@@ -44,7 +44,7 @@ def log_of(node: Any, ns: str, p: dict[str, Any]) -> str:
         return ""
 
 
-@pytest.mark.parametrize("fault", ["kill", "delete"])
+@pytest.mark.parametrize("fault", [pytest.param("kill", marks=pytest.mark.core), "delete"])
 def test_killed_rank_restarts_gang_from_checkpoint(fault, cluster, kctl, suite_ns, s3, s3_data, node, operator):
     """`kill`: rank 1's container SIGKILLed (like an OOM kill); `delete`: rank 1's pod deleted (graceful:
     SIGTERM, then the pod is gone). Either way the gang restarts from the last checkpoint."""
@@ -148,6 +148,7 @@ def test_missing_model_fails_clearly_and_ttl_removes_it(kctl, suite_ns, s3, s3_d
     print(f"\n[suite] {name}: TTL removed it {took:.1f}s after Failed was seen", file=sys.stderr)
 
 
+@pytest.mark.core
 def test_suspend_resume_continues_from_checkpoint_then_delete_cascades(cluster, kctl, suite_ns, s3, s3_data,
                                                                        node, operator):
     name = "fault-suspend"
