@@ -44,13 +44,15 @@ def _paths() -> dict[str, Path]:
         "pause": node / "pause",
         "coredns": c / f"coredns-{v['COREDNS_VERSION']}" / "bin" / "coredns",
         "registry": c / f"registry-{v['REGISTRY_VERSION']}" / "bin" / "registry",
+        "kueue": c / f"kueue-{v['KUEUE_VERSION']}" / "bin" / "kueue",
+        "coscheduling": c / f"coscheduling-{v['SCHEDULER_PLUGINS_VERSION']}" / "bin" / "kube-scheduler",
     }
 
 
 COMPONENT = {  # binary -> build.sh component
     "kube-apiserver": "kubernetes", "kube-controller-manager": "kubernetes", "etcd": "etcd",
     "helm": "helm", "minio": "minio", "kubelet": "node", "kube-scheduler": "node", "pause": "node",
-    "coredns": "coredns", "registry": "registry",
+    "coredns": "coredns", "registry": "registry", "kueue": "kueue", "coscheduling": "coscheduling",
 }
 
 
@@ -84,3 +86,9 @@ def kserve_crds() -> Path:
             raise BinariesUnavailable(f"KServe CRDs missing under {out} and KUBETUNE_E2E_BUILD=0; run {BUILD_SH} first")
         subprocess.run([str(BUILD_SH)], check=True, env={**os.environ, "KUBETUNE_E2E_COMPONENTS": "kserve"})
     return out
+
+
+def crds(component: str) -> Path:
+    """The CRDs build.sh keeps beside a component's binary (`kueue`, `coscheduling`), building it on demand."""
+    binary = ensure(component)[component]
+    return binary.parent.parent / "crds"

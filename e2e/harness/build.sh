@@ -14,6 +14,11 @@
 #                                             taken from the module zip, for the spec.serving tests
 #   registry                                  github.com/distribution/distribution/v3 (OCI registry; custom main:
 #                                             filesystem storage + htpasswd auth only, no cloud SDKs)
+#   coscheduling                              sigs.k8s.io/scheduler-plugins (kube-scheduler with only the Coscheduling
+#                                             plugin: custom main; k8s staging pinned to KUBERNETES_VERSION's tags)
+#                                             plus its PodGroup CRD (config/crd/bases) from the module zip
+#   kueue                                     sigs.k8s.io/kueue/cmd/kueue (the manager: controllers + webhooks),
+#                                             plus its CRDs, ClusterRole and webhook configurations from the module zip
 #
 # `node` and `coredns` are only needed by the real-kubelet mode (the default; not by KUBETUNE_E2E_NODE=agent).
 #
@@ -190,11 +195,68 @@ GO
   rm -rf "$out"; mv "$out.tmp" "$out"; rm -rf "$w"
 }
 
+build_kueue() { # Kueue's manager and its CRDs, for the shared-cluster (queueing) tests
+  local v=$KUEUE_VERSION out="$cache/kueue-$KUEUE_VERSION" w="$cache/kueue-$KUEUE_VERSION/src" dir
+  have "$out/bin/kueue" && [[ -s $out/crds/kueue.x-k8s.io_workloads.yaml && -s $out/crds/rbac-secrets-role.yaml ]] \
+    && { echo "kueue $v: cached"; return; }
+  # sigs.k8s.io/kueue has no replace directives; a wrapper module keeps the build out of the repo and
+  # lets `go build` use the module's own go.sum-pinned dependencies.
+  wrapper "$w" "require sigs.k8s.io/kueue $v"
+  (cd "$w" && go get "sigs.k8s.io/kueue/cmd/kueue@$v" \
+    && go build -ldflags "$ldflags -X sigs.k8s.io/kueue/pkg/version.GitVersion=$v" -o "$out/bin.tmp/kueue" sigs.k8s.io/kueue/cmd/kueue)
+  dir=$(cd "$cache" && go mod download -json "sigs.k8s.io/kueue@$v" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  rm -rf "$out/crds.tmp"; mkdir -p "$out/crds.tmp"
+  cp "$dir"/config/components/crd/bases/kueue.x-k8s.io_*.yaml "$out/crds.tmp/"
+  # the manager's RBAC and webhook configurations as released (harness/kueue.py installs them)
+  cp "$dir/config/components/rbac/role.yaml" "$out/crds.tmp/rbac-role.yaml"
+  cp "$dir/config/components/rbac/manager_secrets_role.yaml" "$out/crds.tmp/rbac-secrets-role.yaml"
+  cp "$dir/config/components/webhook/manifests.yaml" "$out/crds.tmp/webhook-manifests.yaml"
+  rm -rf "$out/bin" "$out/crds"; mv "$out/bin.tmp" "$out/bin"; mv "$out/crds.tmp" "$out/crds"; rm -rf "$w"
+}
+
+build_coscheduling() { # the scheduler-plugins gang scheduler (Coscheduling) + the PodGroup CRD
+  local v=$SCHEDULER_PLUGINS_VERSION out="$cache/coscheduling-$SCHEDULER_PLUGINS_VERSION" dir
+  local w="$cache/coscheduling-$SCHEDULER_PLUGINS_VERSION/src"
+  have "$out/bin/kube-scheduler" && [[ -s $out/crds/scheduling.x-k8s.io_podgroups.yaml ]] \
+    && { echo "coscheduling $v: cached"; return; }
+  # sigs.k8s.io/scheduler-plugins replaces every k8s.io module with its v0.32.x tag; its replaces do not apply
+  # in a wrapper module, so the wrapper maps them (and k8s.io/kubernetes) to the control plane's own tags: the
+  # same sources the cached kube-scheduler was built from, so most of its packages come from GOCACHE.
+  k8s_wrapper "$w" "$KUBERNETES_VERSION"
+  printf 'require sigs.k8s.io/scheduler-plugins %s\nreplace k8s.io/kubernetes => k8s.io/kubernetes %s\n' \
+    "$v" "$KUBERNETES_VERSION" >>"$w/go.mod"
+  cat >"$w/main.go" <<'GO'
+// kube-scheduler with the Coscheduling (gang) plugin of sigs.k8s.io/scheduler-plugins, and nothing else of it.
+package main
+
+import (
+	"os"
+
+	"k8s.io/component-base/cli"
+	"k8s.io/kubernetes/cmd/kube-scheduler/app"
+	_ "sigs.k8s.io/scheduler-plugins/apis/config/scheme"
+	"sigs.k8s.io/scheduler-plugins/pkg/coscheduling"
+)
+
+func main() {
+	os.Exit(cli.Run(app.NewSchedulerCommand(app.WithPlugin(coscheduling.Name, coscheduling.New))))
+}
+GO
+  local ver="k8s.io/component-base/version" minor="${KUBERNETES_VERSION#v1.}"; minor="${minor%%.*}"
+  local lf="$ldflags -X $ver.gitVersion=$KUBERNETES_VERSION -X $ver.gitMajor=1 -X $ver.gitMinor=$minor -X $ver.gitTreeState=clean"
+  (cd "$w" && go get "sigs.k8s.io/scheduler-plugins@$v" && go mod tidy \
+    && go build -ldflags "$lf" -o "$out/bin.tmp/kube-scheduler" .)
+  dir=$(cd "$cache" && go mod download -json "sigs.k8s.io/scheduler-plugins@$v" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  rm -rf "$out/crds.tmp"; mkdir -p "$out/crds.tmp"
+  cp "$dir/config/crd/bases/scheduling.x-k8s.io_podgroups.yaml" "$out/crds.tmp/"
+  rm -rf "$out/bin" "$out/crds"; mv "$out/bin.tmp" "$out/bin"; mv "$out/crds.tmp" "$out/crds"; rm -rf "$w"
+}
+
 # Default: everything the default (real-kubelet) suite needs, helm first (tests/test_chart.py wants it
 # early when .ci/run builds in the background while the unit tests run). One lock per component:
 # a concurrent caller (a test fixture needing one binary) waits only for the component it asks for.
 start=$SECONDS
-for c in ${KUBETUNE_E2E_COMPONENTS:-helm kubernetes etcd node coredns minio registry kserve}; do
+for c in ${KUBETUNE_E2E_COMPONENTS:-helm kubernetes etcd node coredns minio registry kserve kueue coscheduling}; do
   t=$SECONDS
   exec 9>"$cache/.build-$c.lock" && flock 9 && "build_$c" && exec 9>&-
   echo "build.sh: $c done in $((SECONDS - t))s"
