@@ -182,7 +182,8 @@ def test_user_pod_settings_pass_through():
     tmpl = job["spec"]["template"]
     pod = tmpl["spec"]
     assert pod["nodeSelector"] == {"gpu": "a100"}
-    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert pod["tolerations"][0] == {"key": "gpu", "operator": "Exists"}  # then the node-loss ones
+    assert {t["key"] for t in pod["tolerations"][1:]} == {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"}
     assert (pod["priorityClassName"], pod["schedulerName"], pod["serviceAccountName"]) == ("high", "volcano", "trainer")
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     assert {"name": "cache", "persistentVolumeClaim": {"claimName": "c"}} in pod["volumes"]

@@ -383,6 +383,10 @@ class DistributedSpec(ApiModel):
     """DeepSpeed: keep optimizer state in CPU memory."""
     offload_params: bool = False
     """DeepSpeed ZeRO-3: keep parameters in CPU memory."""
+    node_loss_toleration_seconds: int = Field(default=60, ge=30, le=3600)
+    """How long the gang's pods stay bound to a node that stopped answering (NotReady or unreachable) before Kubernetes evicts them and the operator restarts the gang from its newest complete checkpoint: the pods tolerate `node.kubernetes.io/not-ready` and `node.kubernetes.io/unreachable` (NoExecute) for this long instead of the cluster's default 300 s. 30 to 3600: below 30 s a node that flaps restarts the gang over and over. A toleration for either key in `spec.tolerations` takes precedence."""
+    spread: Literal["nodes", "none"] = "nodes"
+    """`nodes`: a topology spread constraint over `kubernetes.io/hostname` (maxSkew 1, DoNotSchedule, tainted nodes not counted) puts the gang's pods on as many nodes as possible, one per node when there are enough, so one node's loss costs at most its own pods. `none`: placement is left to the scheduler (and to `affinity`)."""
 
     @property
     def world_size(self) -> int:

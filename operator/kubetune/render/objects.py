@@ -291,7 +291,8 @@ def render_pod_template(
     gang = pod_membership(spec, name)
     optional = {
         "nodeSelector": dict(spec.node_selector),
-        "tolerations": list(spec.tolerations),
+        "tolerations": gang_tolerations(spec),
+        "topologySpreadConstraints": spread_constraints(spec, name, restart),
         "affinity": spec.affinity,
         "priorityClassName": spec.priority_class_name,
         "schedulerName": gang.scheduler_name or spec.scheduler_name,
@@ -304,6 +305,45 @@ def render_pod_template(
     if spec.annotations or gang.annotations:
         metadata["annotations"] = {**spec.annotations, **gang.annotations}
     return {"metadata": metadata, "spec": pod}
+
+
+# Taints the node lifecycle controller puts on a node that stops answering; a pod that tolerates them for N
+# seconds is evicted N seconds after the node was lost (the DefaultTolerationSeconds admission plugin adds 300).
+NODE_LOSS_TAINTS: Final = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+HOSTNAME_TOPOLOGY: Final = "kubernetes.io/hostname"
+
+
+def gang_tolerations(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """The user's tolerations, plus node-loss tolerations of distributed.nodeLossTolerationSeconds for each
+    node-loss taint the user does not tolerate already."""
+    tolerations = list(spec.tolerations)
+    # Kubernetes evicts at the shortest tolerationSeconds among the matching tolerations, so one of ours would
+    # cut short a user's own: keys the user tolerates (a keyless Exists tolerates them all) are left alone.
+    if any(not t.get("key") and t.get("operator") == "Exists" and t.get("effect") in (None, "", "NoExecute")
+           for t in tolerations):  # fmt: skip
+        return tolerations
+    own = {t.get("key") for t in tolerations}
+    seconds = spec.distributed.node_loss_toleration_seconds
+    for key in NODE_LOSS_TAINTS:
+        if key not in own:
+            tolerations.append({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": seconds})
+    return tolerations
+
+
+def spread_constraints(spec: FineTuneJobSpec, name: str, restart: int) -> list[dict[str, Any]]:
+    """One pod per node where there are enough nodes (distributed.spread: nodes), counting this gang only."""
+    if spec.distributed.spread != "nodes" or spec.distributed.nodes < 2:
+        return []
+    gang = {**selector_labels(name), LABEL_RESTART: str(restart)}
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": HOSTNAME_TOPOLOGY,
+            "whenUnsatisfiable": "DoNotSchedule",
+            "nodeTaintsPolicy": "Honor",  # a dead (tainted) node is not a domain the gang must spread to
+            "labelSelector": {"matchLabels": gang},
+        }
+    ]
 
 
 def render_workload(

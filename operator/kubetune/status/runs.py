@@ -34,6 +34,10 @@ _ADDED_LATER: dict[str, tuple[str, ...]] = {
 }
 
 
+# distributed.* fields that only place the gang's pods: an edit of them after the job finished is not a new run.
+PLACEMENT_FIELDS: tuple[str, ...] = ("nodeLossTolerationSeconds", "spread")
+
+
 def _alias(model: BaseModel, name: str) -> str:
     return type(model).model_fields[name].alias or to_camel(name)  # no alias yet on fields rebuilt from forward refs
 
@@ -48,6 +52,8 @@ def trained_hash(spec: FineTuneJobSpec) -> str:
     data = spec.model_dump(mode="json", by_alias=True, include=_TRAINED)
     for key in ("resumeFrom", "publish"):
         data.get("output", {}).pop(key, None)
+    for key in PLACEMENT_FIELDS:  # where the pods run, not what they train
+        data.get("distributed", {}).pop(key, None)
     for block, names in _ADDED_LATER.items():
         model: BaseModel = getattr(spec, block) if block else spec
         where = data[_alias(spec, block)] if block else data
