@@ -42,7 +42,7 @@ SA = "kubetune"  # the chart's fullname for release "kubetune"
 # The operator watches exactly these (chart value watchNamespaces -> a Role per namespace), so it
 # never touches the random namespaces of e2e/test_operator.py, whose tests run their own operator.
 NAMESPACES = {"happy": "kts-happy", "bad": "kts-bad", "faults": "kts-faults", "many": "kts-many",
-              "publish": "kts-publish"}
+              "publish": "kts-publish", "queue": "kts-queue"}
 # In the chart's watchNamespaces: the Deployment (real node) watches it; the agent's session operator does not,
 # test_ha.py runs its own replicas there.
 HA_NAMESPACE = "kts-ha"
