@@ -75,7 +75,7 @@ class Hub:
                     kind = "/tree/" if "/tree/" in rest else "/revision/"
                     repo_id, _, rev = rest.partition(kind)
                     repo_id = f"datasets/{repo_id}" if datasets else repo_id
-                    repo = self._repo(repo_id, rev.split("/")[0])
+                    repo = self._repo(repo_id, rev.split("/")[0] or "main")  # /api/<kind>/<repo> alone: the default branch
                     if repo is None:
                         return
                     if kind == "/tree/":
