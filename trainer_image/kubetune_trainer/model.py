@@ -19,9 +19,56 @@ from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.precision import training_dtype
 from kubetune_trainer.storage import fetch
 
+# The dimensions a model's config.json must state (transformers would fill a missing one with its class default,
+# a 7B-sized model for Llama), and the largest value taken as real: anything above is a typo, refused before
+# a model (even a meta one: 1e9 layers are 1e9 modules) is built.
+DIMENSIONS = {"hidden_size": 1 << 17, "num_hidden_layers": 10_000, "num_attention_heads": 4096, "vocab_size": 1 << 24}
+OTHER_DIMENSIONS = {"intermediate_size": 1 << 20, "num_key_value_heads": 4096, "head_dim": 1 << 14, "max_position_embeddings": 1 << 26}
+
 
 def model_path(spec: FineTuneJobSpec) -> Path:
-    return fetch(spec.model.source, spec.storage, "spec.model.source", ExitCode.MODEL_NOT_FOUND, spec.model.revision)
+    path = fetch(spec.model.source, spec.storage, "spec.model.source", ExitCode.MODEL_NOT_FOUND, spec.model.revision)
+    check_dimensions(path)
+    return path
+
+
+def check_dimensions(path: Path) -> None:
+    """Refuse a config.json that leaves out a dimension (naming each) or states one that is not a positive
+    integer below its bound (DIMENSIONS, OTHER_DIMENSIONS); a text model inside a multimodal one is checked too."""
+    import json
+
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        return  # the loader names the missing config.json itself
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {file} is not valid JSON ({exc})") from exc
+    config = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    if not isinstance(config, dict):
+        raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {file} is not a JSON object")
+    aliases = _attribute_map(str(config.get("model_type") or raw.get("model_type") or ""))
+    found = {name: next((config[k] for k in (name, aliases.get(name)) if k and k in config), None) for name in {**DIMENSIONS, **OTHER_DIMENSIONS}}
+    if missing := [n for n in DIMENSIONS if found[n] is None] if aliases is not None else []:
+        raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {file} does not state {', '.join(missing)}; "
+                           "a model's config.json gives its dimensions (transformers would assume its defaults, a different model)")  # fmt: skip
+    for name, limit in {**DIMENSIONS, **OTHER_DIMENSIONS}.items():
+        value = found[name]
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+            raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {file}: {name} is {value!r}; it must be a positive integer up to {limit:,}")
+
+
+def _attribute_map(model_type: str) -> dict[str, str] | None:
+    """transformers' names for the standard dimensions in this model type (GPT-2: n_embd, n_layer...); None for
+    a type transformers does not know (trust_remote_code), whose names cannot be checked."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        return dict(CONFIG_MAPPING[model_type].attribute_map)
+    except KeyError:
+        return None
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool) -> Any:

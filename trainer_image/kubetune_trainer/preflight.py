@@ -70,6 +70,7 @@ def parameter_counts(spec: FineTuneJobSpec, model_dir: Path) -> tuple[int, int, 
 
     from kubetune_trainer import model as model_mod
 
+    model_mod.check_dimensions(model_dir)  # before anything is built: no 7B defaults, no 1e9 meta layers
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=spec.model.trust_remote_code)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.model.trust_remote_code)
