@@ -48,7 +48,7 @@ def check_dimensions(path: Path) -> None:
     if not isinstance(config, dict):
         raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {file} is not a JSON object")
     aliases = _attribute_map(str(config.get("model_type") or raw.get("model_type") or ""))
-    found = {name: next((config[k] for k in (name, aliases.get(name)) if k and k in config), None) for name in {**DIMENSIONS, **OTHER_DIMENSIONS}}
+    found = {name: next((config[k] for k in (name, (aliases or {}).get(name)) if k and k in config), None) for name in {**DIMENSIONS, **OTHER_DIMENSIONS}}
     if missing := [n for n in DIMENSIONS if found[n] is None] if aliases is not None else []:
         raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {file} does not state {', '.join(missing)}; "
                            "a model's config.json gives its dimensions (transformers would assume its defaults, a different model)")  # fmt: skip

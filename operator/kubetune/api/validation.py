@@ -398,6 +398,12 @@ def _inside(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
+def outputs_overlap(a: str, b: str) -> bool:
+    """Whether two output URIs are the same place or one lies inside the other (hf:// is never an output)."""
+    la, lb = _location(a), _location(b)
+    return la is not None and lb is not None and la[0] == lb[0] and (_inside(la[1], lb[1]) or _inside(lb[1], la[1]))
+
+
 def _output(spec: FineTuneJobSpec) -> list[Problem]:
     """The output must not overlap an input: the job writes COMPLETE, model/ and checkpoints/ there."""
     out = _location(spec.output.uri)

@@ -33,7 +33,7 @@ from kubetune.controller.settings import Settings
 from kubetune.controller.store import Key, Store
 from kubetune.render.gang import gang_of
 from kubetune.render.objects import render_config_map, render_pod_group_for, render_service, render_workload
-from kubetune.status import runs
+from kubetune.status import outputs, runs
 from kubetune.status.conditions import Reason
 from kubetune.status.derive import (
     PROGRESS_GRACE_SECONDS,
@@ -139,6 +139,12 @@ def reconcile(key: Key, store: Store, settings: Settings, kube: Cluster) -> floa
     at = now()
     decision = derive(spec, name, meta.get("generation"), status, observed, at)
     if decision.action == "create":
+        others = [other for k in store.keys() if k != key and (other := store.ftj(k)) is not None]
+        if (holding := outputs.holder(body, others)) is not None:  # another live job writes there: wait for it
+            waiting = outputs.waiting_status(status, body, holding, meta.get("generation"), at)
+            told = any(cond.reason == Reason.OUTPUT_IN_USE for cond in status.conditions)
+            publish(body, Decision(status=waiting, event=None if told else ("Warning", str(Reason.OUTPUT_IN_USE), waiting.message or "")), store, kube)
+            return outputs.OUTPUT_RECHECK_SECONDS
         if (missing := ensure_pod_group(body, spec, kube)) is not None:  # no Job until its gang's PodGroup can exist
             publish(body, Decision(**pod_group_missing(status, missing, spec, meta.get("generation"), at)), store, kube)
             return CRD_RECHECK_SECONDS
