@@ -191,3 +191,22 @@ def test_pruned_finds_an_unknown_field() -> None:  # the checker above can fail
     bad = copy.deepcopy(group)
     bad["spec"]["minMembers"] = 2
     assert pruned(bad, crd_schema("coscheduling", group["apiVersion"])) == [".spec.minMembers"]
+
+
+@pytest.mark.parametrize(
+    ("gang", "says"),
+    [
+        ({"scheduler": "coscheduling", "minMember": 5}, "spec.scheduling.gang.minMember: cannot exceed the gang's 2 pods"),
+        ({"scheduler": "volcano", "scheduleTimeoutSeconds": -5}, "spec.scheduling.gang.scheduleTimeoutSeconds: must be >= 0"),
+    ],
+)
+def test_kubetune_validate_refuses_a_gang_that_cannot_be(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         gang: dict[str, Any], says: str) -> None:
+    from kubetune.cli.main import main  # noqa: PLC0415
+
+    doc = yaml.safe_load((ROOT / "examples" / "cpu-2node-lora.yaml").read_text())
+    doc["spec"]["scheduling"] = {"gang": gang}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["validate", str(path)]) == 64
+    assert says in capsys.readouterr().err
