@@ -263,14 +263,14 @@ def ensure_children(
     deferred: tuple[str, ...] = ()
     if "Job" in kinds and spec.run_policy.suspend:
         deferred, kinds = tuple(k for k in kinds if k != "Job"), ("Job",)
+    status = FineTuneJobStatus.from_stored(body.get("status"))
     render = {
-        "ConfigMap": lambda: render_config_map(spec, meta["name"], meta["namespace"], meta.get("uid", "")),
+        "ConfigMap": lambda: render_config_map(spec, meta["name"], meta["namespace"], meta.get("uid", ""), status.run),
         "Service": lambda: render_service(meta["name"], meta["namespace"]),
         "Job": lambda: render_workload(spec, meta["name"], meta["namespace"], restarts, dict(meta.get("labels") or {}), settings.trainer_image),
     }  # only what is created now: the trainer config's YAML was a tenth of the operator's time under a burst
     objs = [render[kind]() for kind in kinds]
     objs.sort(key=lambda o: o["kind"] != "Job")
-    status = FineTuneJobStatus.from_stored(body.get("status"))
     later_run = status.run > 1
     created = []
     for obj in objs:

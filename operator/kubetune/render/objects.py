@@ -67,16 +67,16 @@ def owned_labels(name: str, component: str) -> dict[str, str]:
     return {**standard_labels(name, component), **selector_labels(name)}
 
 
-def trainer_config(spec: FineTuneJobSpec, name: str, namespace: str, uid: str) -> TrainerConfig:
-    return render_trainer_config(spec, name, namespace, uid)
+def trainer_config(spec: FineTuneJobSpec, name: str, namespace: str, uid: str, run: int = 1) -> TrainerConfig:
+    return render_trainer_config(spec, name, namespace, uid, run=run)
 
 
-def render_config_map(spec: FineTuneJobSpec, name: str, namespace: str, uid: str = "") -> dict[str, Any]:
+def render_config_map(spec: FineTuneJobSpec, name: str, namespace: str, uid: str = "", run: int = 1) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": config_map_name(name), "namespace": namespace, "labels": owned_labels(name, "config")},
-        "data": {CONFIG_KEY: trainer_config(spec, name, namespace, uid).dump_yaml()},
+        "data": {CONFIG_KEY: trainer_config(spec, name, namespace, uid, run).dump_yaml()},  # run: the output's owner record
     }
 
 
