@@ -116,3 +116,26 @@ def test_a_hub_branch_that_moved_is_fetched_again(hub: Hub) -> None:
     assert (first / "train.jsonl").read_bytes() == b'{"text": "a"}\n'
     assert (second / "train.jsonl").read_bytes() == b'{"text": "b"}\n'
     assert storage.IDENTITIES["hf://acme/data"] == "commit:" + "b" * 40
+
+
+def test_an_s3_output_belongs_to_the_job_that_wrote_it_first(s3_endpoint: str, tmp_path: Path) -> None:
+    """Owned outputs on S3 (the owner record written with If-None-Match): the same job again is its owner,
+    another job is refused naming it."""
+    from kubetune.api.models import FineTuneJobSpec
+    from kubetune.api.trainer_config import JobRef, TrainerConfig
+    from kubetune_trainer.errors import TrainerError
+    from kubetune_trainer.owner import OutputClaim
+    from trainer_helpers import job_spec
+
+    storage.s3_client(StorageSpec(endpoint=s3_endpoint)).create_bucket(Bucket="owned")
+    spec = FineTuneJobSpec.model_validate(job_spec(tmp_path, **{"output.uri": "s3://owned/run", "storage": {"endpoint": s3_endpoint}}))
+
+    def claim(uid: str) -> dict:
+        config = TrainerConfig(job=JobRef(name=uid, namespace="ml", uid=uid), spec=spec, world_size=1, gradient_accumulation_steps=1)
+        return OutputClaim(storage.OutputStore(spec.output.uri, spec.storage), config).acquire(config)
+
+    assert claim("uid-a")["uid"] == "uid-a"
+    assert claim("uid-a")["uid"] == "uid-a"  # a restart of the same job resumes
+    with pytest.raises(TrainerError) as caught:
+        claim("uid-b")
+    assert caught.value.exit_code == ExitCode.CONFIG_INVALID and "belongs to job ml/uid-a (uid uid-a, run 1)" in caught.value.message

@@ -395,8 +395,14 @@ class OutputStore:
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=text.encode(), IfNoneMatch="*")
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
                 return False
+            if code in {"NotImplemented", "501"}:  # a store without conditional writes: look, then write
+                if self.exists(rel):
+                    return False
+                self.put_text(rel, text)
+                return True
             raise classify_s3_error(exc, f"output {self.uri}: write {rel}", ExitCode.STORAGE_UNAVAILABLE) from exc
         except Exception as exc:
             raise classify_s3_error(exc, f"output {self.uri}: write {rel}", ExitCode.STORAGE_UNAVAILABLE) from exc
