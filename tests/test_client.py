@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import sys
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -313,9 +314,10 @@ def test_the_local_backend_reads_the_trainers_termination_message(tmp_path: Path
     assert run.failure == (75, "InfrastructureError", f"see {run.log}")
 
 
-def test_kubetune_run_leaves_its_config_in_the_work_dir_the_sdk_reads(tmp_path: Path) -> None:
+def test_kubetune_run_leaves_its_config_in_the_work_dir_the_sdk_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kubetune.api.contract import RUN_CONFIG_FILE, RUN_TERMINATION_FILE
     from kubetune.api.trainer_config import TrainerConfig
+    from kubetune.cli import run as run_cli
     from kubetune.cli.main import main
 
     doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "demo"},
@@ -327,6 +329,11 @@ def test_kubetune_run_leaves_its_config_in_the_work_dir_the_sdk_reads(tmp_path: 
     work = tmp_path / "work"
     work.mkdir()
     (work / RUN_TERMINATION_FILE).write_text("an earlier run's message")
+    # --dry-run writes nothing, not even into --work-dir
     assert main(["run", str(tmp_path / "job.yaml"), "--dry-run", "--work-dir", str(work)]) == 0
+    assert sorted(p.name for p in work.iterdir()) == [RUN_TERMINATION_FILE]
+    # a run writes its config there before the trainer starts (the trainer itself is stubbed: no training here)
+    monkeypatch.setattr(run_cli, "trainer_command", lambda world_size, config_path: [sys.executable, "-c", "pass"])
+    main(["run", str(tmp_path / "job.yaml"), "--work-dir", str(work)])
     assert TrainerConfig.load(work / RUN_CONFIG_FILE).progress_port > 0
     assert not (work / RUN_TERMINATION_FILE).exists()
