@@ -24,6 +24,8 @@ from harness.cluster import RESTRICTED, Cluster
 from harness.images import chart_images
 from harness.mode import NODE_MODE
 from harness.waiting import wait_for
+from kubetune.api.validation import parse_spec
+from kubetune.render.serving import render_serving
 
 pytestmark = [
     pytest.mark.e2e, pytest.mark.slow,
@@ -113,6 +115,21 @@ def test_install_previous_version_upgrade_test_and_uninstall(cluster: Cluster, k
     cluster.admin.wait_for(phase.replace("survivor", "after-upgrade"), lambda o: (o.get("status") or {}).get("phase") == "Suspended", 120)
     out = run("test", RELEASE, "--namespace", RELEASE_NS, "--timeout", "180s")  # its Pod, admitted under restricted
     assert re.search(rf"TEST SUITE:\s+{FULLNAME}-test\n.*\n.*\n\s*Phase:\s+Succeeded", out), out
+
+    # The serving Deployment's pod, admitted under restricted and run by the kubelet as a non-root user (the operator
+    # image stands in for a model server: `kubetune crd` prints and exits 0).
+    spec = parse_spec({**job["spec"], "serving": {"kind": "Deployment", "image": operator_image, "args": ["crd"]}})
+    serving = render_serving(spec, "survivor", WATCHED, {"mergedModel": "s3://out/survivor/model/"})
+    cluster.kubectl("-n", WATCHED, "apply", "-f", "-", input=yaml.safe_dump(serving))
+
+    def served_once() -> bool:
+        pods = cluster.admin.get(f"/api/v1/namespaces/{WATCHED}/pods", labelSelector="kubetune.io/serving=survivor")["items"]
+        states = [s.get(k, {}).get("terminated") for p in pods for s in p["status"].get("containerStatuses") or []
+                  for k in ("state", "lastState")]  # fmt: skip
+        return any(t and t.get("exitCode") == 0 for t in states)
+
+    wait_for("the serving pod ran", served_once, 180, 1)
+    cluster.kubectl("-n", WATCHED, "delete", "deployment", serving["metadata"]["name"], "--wait=false")
 
     # 3. Namespace users: the built-in edit and view roles now carry FineTuneJobs (aggregated by the controller-manager).
     editor, viewer = f"system:serviceaccount:{WATCHED}:editor", f"system:serviceaccount:{WATCHED}:viewer"
