@@ -109,10 +109,11 @@ def test_operator_scale_smoke(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
-    assert result["kubetune"]["created"] == 5 and result["bare"]["created"] == 5, result
+    assert result["kubetune"]["created"] == 5 and result["bare"]["create_seconds"] > 0, result
     for key in ("create_ratio", "delete_ratio", "create_ratio_without_operator"):
         assert _finite(result[key]) and result[key] > 0, key
     steady = result["steady"]
+    assert steady["running_at_start_of_window"] == 2 and steady["stub_progress_reads"] > 0, steady
     assert _finite(steady["operator_rss_mib_max"]) and steady["operator_rss_mib_max"] > 0, steady
     assert result["operator_log_errors"] == 0, (tmp_path / "work" / "operator.log").read_text()[-4000:]
 
