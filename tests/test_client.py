@@ -179,6 +179,19 @@ def test_describe_shows_conditions_failure_and_artifacts() -> None:
     assert "s3://out/demo/model/" in text and "(when it succeeds)" in text and "gave up" in text
 
 
+def test_describe_shows_the_tracking_run_and_the_usage_per_run_and_in_total() -> None:
+    usage = {"wallSeconds": 5400.0, "nodeSeconds": 10800.0, "gpuSeconds": 86400.0, "estimatedCost": 236.0, "currency": "USD",
+             "runs": [{"run": 1, "wallSeconds": 1800.0, "nodeSeconds": 3600.0, "gpuSeconds": 28800.0, "estimatedCost": 80.0},
+                      {"run": 2, "wallSeconds": 3600.0, "nodeSeconds": 7200.0, "gpuSeconds": 57600.0, "estimatedCost": 156.0}]}  # fmt: skip
+    job = _job("Succeeded", 10, 0.5, usage=usage, tracking={"mlflowRun": "http://mlflow:5000/#/experiments/1/runs/r1",
+                                                            "mlflowModelVersion": "support-bot/3"})  # fmt: skip
+    lines = describe(job, []).splitlines()
+    assert "MLflow run:   http://mlflow:5000/#/experiments/1/runs/r1" in lines and "Registered:   support-bot/3" in lines
+    table = lines[lines.index("Usage:") + 1 :][:4]
+    assert table[1].split() == ["total", "24.00", "h", "3.00", "h", "1.50", "h", "236.00", "USD"]
+    assert table[3].split() == ["run", "2", "16.00", "h", "2.00", "h", "1.00", "h", "156.00", "USD"]
+
+
 # ---------------------------------------------------------------- downloads
 
 

@@ -37,6 +37,7 @@ def test_local_backend_trains_reports_progress_and_downloads_the_model(tmp_path:
     assert got.verified >= 2  # weights and config checked against the output's manifest
     card = client.report("quickstart", tmp_path / "report")
     assert sorted(p.name for p in card.files) == ["README.md", "eval.png", "loss.png"] and card.verified == 3
-    assert (card.path / "README.md").read_text().startswith("# quickstart\n")
+    text = (card.path / "README.md").read_text()
+    assert text.startswith("---\n") and "\n---\n\n# quickstart\n" in text  # the Hub's front matter, then the card
     assert [j.metadata.name for j in client.list(phase="Succeeded")] == ["quickstart"]
     assert any("step" in line for line in client.logs("quickstart", follow=False))

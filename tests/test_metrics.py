@@ -105,6 +105,20 @@ def test_gpu_seconds_accumulate_while_running(metrics: tuple[Metrics, CollectorR
         "kubetune_gpu_seconds_total": 16 * 100 + 16 * 10}
 
 
+def test_status_usage_is_exported_per_job_as_counters_and_the_cost_as_a_gauge(metrics: tuple[Metrics, CollectorRegistry]) -> None:
+    m, reg = metrics
+    body = ftj("Running", gpus=8)
+    body["status"]["usage"] = {"wallSeconds": 120.0, "nodeSeconds": 240.0, "gpuSeconds": 1920.0, "estimatedCost": 1.33, "currency": "EUR"}
+    m.observe("MODIFIED", body, T0)
+    m.observe("ADDED", ftj("Pending", name="fresh"), T0)  # no usage yet: no series
+    got = scrape(m, reg)
+    job = (("finetunejob", "demo"), ("namespace", "ml"))
+    assert got[("kubetune_job_gpu_seconds_total", job)] == 1920.0 and got[("kubetune_job_node_seconds_total", job)] == 240.0
+    assert got[("kubetune_job_wall_seconds_total", job)] == 120.0
+    assert got[("kubetune_job_estimated_cost", (("currency", "EUR"), *job))] == 1.33
+    assert not [k for k in got if k[0].startswith("kubetune_job_gpu_seconds") and ("finetunejob", "fresh") in k[1]]
+
+
 def test_a_handler_that_raises_is_timed_and_counted(metrics: tuple[Metrics, CollectorRegistry]) -> None:
     m, reg = metrics
     with pytest.raises(RuntimeError), m.reconciling("poll"):

@@ -215,3 +215,24 @@ def test_longest_allowed_name_keeps_pod_hostnames_within_63_chars():
 def test_render_all_orders_config_and_service_before_the_job():
     kinds = [o["kind"] for o in render_all(spec(), "demo", "ml")]
     assert kinds == ["ConfigMap", "Service", "Job"]
+
+
+def test_tracker_and_hub_credentials_reach_the_pods_only_as_env_from_their_secrets():
+    """The operator never holds a credential: the objects it renders name the Secrets and keys, never a value,
+    and the ConfigMap (the trainer's config) names nothing but the Secrets."""
+    tracked = spec(
+        tracking={"mlflow": {"uri": "http://mlflow.mlops:5000", "experiment": "e", "credentialsSecret": "mlflow-creds"},
+                  "wandb": {"project": "p", "apiKeySecret": "wandb-key"}},
+        output={"uri": "s3://bucket/out", "publish": {"huggingface": {"repo": "acme/m", "tokenSecret": "hf-write"}}},
+    )  # fmt: skip
+    objects = render_all(tracked, "demo", "ml", "uid-1", default_image="r.example/trainer@sha256:" + "a" * 64)
+    job = objects[-1]
+    variables = env(job)
+    assert variables["MLFLOW_TRACKING_PASSWORD"] == {"secretKeyRef": {"name": "mlflow-creds", "key": "MLFLOW_TRACKING_PASSWORD", "optional": True}}
+    assert variables["MLFLOW_TRACKING_TOKEN"]["secretKeyRef"]["name"] == "mlflow-creds"
+    assert variables["WANDB_API_KEY"] == {"secretKeyRef": {"name": "wandb-key", "key": "WANDB_API_KEY"}}
+    assert variables["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-write", "key": "HF_TOKEN"}}
+    assert variables["KUBETUNE_TRAINER_IMAGE"] == "r.example/trainer@sha256:" + "a" * 64  # for the model's lineage
+    config_map = yaml.safe_dump(objects[0])
+    for var in ("MLFLOW_TRACKING_PASSWORD", "WANDB_API_KEY", "HF_TOKEN"):
+        assert var not in config_map

@@ -81,3 +81,18 @@ def test_each_run_after_the_first_writes_to_its_own_prefix():
     assert run_uri("s3://out/demo/", 1) == "s3://out/demo/" and run_uri("s3://out/demo/", 3) == "s3://out/demo/run-3"
     assert for_run(s, FineTuneJobStatus(run=1)).output.uri == s.output.uri
     assert for_run(s, FineTuneJobStatus(run=2)).output.uri == "s3://out/demo/run-2"
+
+
+def test_the_model_card_block_is_no_new_training():
+    old = spec(training={"maxSteps": 60})
+    card = {"uri": "s3://out/demo", "card": {"license": "apache-2.0", "tags": ["digits"]}}
+    assert not needs_new_run(spec(training={"maxSteps": 60}, output=card), finished(old))
+
+
+def test_usage_goes_on_into_the_new_run_without_the_idle_time_and_tracking_starts_afresh():
+    old = spec(training={"maxSteps": 60})
+    usage = {"wallSeconds": 3600.0, "gpuSeconds": 100.0, "runningPods": 0, "updatedAt": "2026-01-01T01:00:00Z",
+             "runs": [{"run": 1, "wallSeconds": 3600.0, "gpuSeconds": 100.0}]}  # fmt: skip
+    status, _ = start_new_run(spec(training={"maxSteps": 80}), 2, finished(old, usage=usage, tracking={"mlflowRun": "http://m/#/r"}), NOW)
+    assert status.usage is not None and status.usage.wall_seconds == 3600.0 and status.usage.updated_at == "2026-01-02T00:00:00Z"
+    assert status.to_patch()["tracking"] is None  # removed by the merge patch

@@ -190,3 +190,25 @@ def test_the_operator_refuses_an_output_inside_the_model():
     with pytest.raises(SpecInvalid) as exc:
         parse_spec(spec, name="demo")
     assert str(exc.value).startswith("spec.output.uri: s3://models/tiny/run1 overlaps spec.model.source (s3://models/tiny)")
+
+
+def test_wandb_online_without_an_api_key_secret_names_the_fix():
+    doc = manifest(tracking={"wandb": {"project": "p"}})
+    assert problems(doc) == ["spec.tracking.wandb: mode online needs apiKeySecret (a Secret with the key WANDB_API_KEY); or set mode: offline"]
+    assert problems(manifest(tracking={"wandb": {"project": "p", "mode": "offline"}})) == []
+
+
+def test_tracking_and_hub_secrets_need_valid_names():
+    doc = manifest(tracking={"mlflow": {"uri": "http://mlflow:5000", "experiment": "e", "credentialsSecret": "MLflow_Creds"}})
+    assert problems(doc) == ["spec.tracking.mlflow.credentialsSecret: 'MLflow_Creds' is not a valid Secret name (lowercase DNS subdomain)"]
+
+
+def test_publish_needs_somewhere_to_publish():
+    doc = manifest(output={"uri": "s3://bucket/out", "publish": {}})
+    assert problems(doc) == ["spec.output.publish: set spec.output.publish.oci, spec.output.publish.huggingface or both"]
+
+
+def test_the_mlflow_uri_must_be_http():
+    doc = manifest(tracking={"mlflow": {"uri": "mlflow.mlops:5000", "experiment": "e"}})
+    [problem] = problems(doc)
+    assert problem.startswith("spec.tracking.mlflow.uri:")

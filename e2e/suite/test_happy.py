@@ -44,6 +44,10 @@ def test_happy_path(method, cluster, kctl, suite_ns, s3, s3_data, node, operator
     assert len(set(sampler.steps)) >= 2, sampler.steps
     assert sampler.steps == sorted(sampler.steps), sampler.steps
     assert status["progress"]["step"] == 60 and status["progress"].get("loss") is not None
+    # Usage: the gang's pod time (2 nodes, no GPU) and wall time, accrued by the operator (status.usage).
+    usage = status["usage"]
+    assert usage["wallSeconds"] > 0 and usage["nodeSeconds"] > 0 and usage["gpuSeconds"] == 0, usage
+    assert usage["runs"][0]["run"] == 1 and usage["runs"][0]["nodeSeconds"] == usage["nodeSeconds"], usage
 
     # Artifacts: in S3, sealed (manifest.json, then COMPLETE), and named in status.artifacts.
     prefix = f"runs/{name}/"

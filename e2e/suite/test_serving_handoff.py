@@ -108,7 +108,8 @@ def test_a_succeeded_job_is_served_by_an_owned_inference_service(cluster, kctl, 
     out = subprocess.run([str(VENV_BIN / "kubetune"), "report", name, "-n", suite_ns, "--output-dir", str(tmp_path / "card"), "--raw",
                           "--s3-endpoint", s3.endpoint], env=env, capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(f"# {name}\n") and "| eval loss |" in out.stdout and "## Hyper-parameters" in out.stdout
+    assert out.stdout.startswith("---\n") and "\ntags:\n- kubetune\n" in out.stdout  # the Hub's front matter (--raw: as written)
+    assert f"\n---\n\n# {name}\n" in out.stdout and "| eval loss |" in out.stdout and "## Hyper-parameters" in out.stdout
     for png in ("loss.png", "eval.png"):
         assert (tmp_path / "card" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "saved README.md, eval.png, loss.png" in out.stdout

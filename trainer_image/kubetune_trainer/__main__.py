@@ -9,7 +9,7 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from kubetune.api.contract import CONFIG_PATH, ENV_CONFIG_PATH, ExitCode, TrainerPhase
+from kubetune.api.contract import CONFIG_PATH, ENV_CONFIG_PATH, ExitCode, TrainerPhase, is_retryable
 from kubetune.api.trainer_config import TrainerConfig
 
 if TYPE_CHECKING:
@@ -86,6 +86,8 @@ def failed(caught: Exception, trainer: Trainer | None) -> int:
     print(f"[kubetune] error: {error.message}", file=sys.stderr, flush=True)
     if trainer is not None:
         trainer.progress.update(phase=TrainerPhase.FAILED)
+        if not is_retryable(error.exit_code):  # no gang will continue: the tracker's run ends FAILED
+            trainer.end_tracking(int(error.exit_code))
     write_termination_message(error.exit_code, error.message, evaluation=getattr(error, "result", None))
     return int(error.exit_code)
 

@@ -29,7 +29,7 @@ from kubetune.api.contract import (
 from kubetune.api.trainer_config import TrainerConfig
 
 from kubetune_trainer import checkpoint as ckpt
-from kubetune_trainer import gate, publish
+from kubetune_trainer import gate, hub_publish, lineage, publish
 from kubetune_trainer import model as model_mod
 from kubetune_trainer.assess import Assessment
 from kubetune_trainer.card import write_card
@@ -39,6 +39,7 @@ from kubetune_trainer.precision import resolve_dtype
 from kubetune_trainer.setup import Parts, Runtime
 from kubetune_trainer.state import RunFacts, TrainState
 from kubetune_trainer.storage import cache_root
+from kubetune_trainer.tracking import Tracker
 
 
 @dataclass
@@ -49,6 +50,7 @@ class ArtifactWriter:
     state: TrainState
     facts: RunFacts
     started: float  # time.time() when the run began
+    tracker: Tracker | None = None  # rank 0 with spec.tracking
 
     def save(self) -> None:
         """Every rank takes part (gathering ZeRO-3 shards); rank 0 writes and publishes."""
@@ -58,22 +60,49 @@ class ArtifactWriter:
             out = Path(tempfile.mkdtemp(prefix="kubetune-artifacts-", dir=cache_root()))
             self._write_weights(out, state_dict)
             self._evaluate(out)
+            self.facts.lineage = lineage.collect(self.config.spec, self.rt.model_files.path())
             (out / METRICS_FILE).write_text(json.dumps(self.metrics(), indent=2))
             (out / CONFIG_FILE).write_text(self.config.dump_yaml())
             write_card(out, self.config)
-            if not gate.passed(self.facts.evaluation):
+            passed = gate.passed(self.facts.evaluation)
+            if not passed:
                 (out / GATE_FAILED_MARKER).write_text(f"{self.facts.evaluation.summary() if self.facts.evaluation else ''}\n")
             files = ckpt.file_table(out)
             ckpt.upload_files(self.rt.store, out, "", files)
             if self.config.spec.output.publish is not None:
-                if gate.passed(self.facts.evaluation):
+                if passed:
                     self._publish(out, files)
                 else:  # the artifacts stay in the output for inspection; the job ends EvaluationGateFailed
                     log("evaluation gate failed: nothing published")
             ckpt.seal(self.rt.store, "", files, job=self.config.job.name, step=self.state.step)
+            self._finish_tracking(out, passed)
             shutil.rmtree(out, ignore_errors=True)
             log(f"artifacts -> {self.rt.store.uri} ({len(files)} files)")
         acc.wait_for_everyone()
+
+    def _finish_tracking(self, out: Path, passed: bool) -> None:
+        """After the output is sealed: the trackers get the summary, the card, the links back, and (a model
+        that passed its gate) a registry version; W&B's offline run directory goes to `<uri>/wandb/`."""
+        if self.tracker is None:
+            return
+        from kubetune.api.contract import ExitCode
+
+        store, facts = self.rt.store, self.facts
+        model_uri = store.url(pushed_dir(self.config)) + "/"
+        links = {"kubetune.artifacts": store.uri, "kubetune.model": model_uri, "kubetune.metrics": store.url(METRICS_FILE)}
+        if facts.oci:
+            links["kubetune.oci"] = facts.oci["reference"]
+        if facts.huggingface:
+            links["kubetune.huggingface"] = facts.huggingface
+        source = ("oci://" + facts.oci["reference"]) if facts.oci else model_uri
+        card_files = [out / n for n in (CARD_FILE, LOSS_PLOT, EVAL_PLOT, METRICS_FILE)]
+        code = 0 if passed else int(ExitCode.EVALUATION_GATE_FAILED)
+        self.tracker.finish(out, self.metrics(), card_files, links, source if passed else None, code)
+        for run_dir in self.tracker.offline_dirs:
+            offline = [(p, f"wandb/{run_dir.name}/{p.relative_to(run_dir)}") for p in sorted(run_dir.rglob("*")) if p.is_file()]
+            store.put_files(offline)
+            log(f"W&B offline run -> {store.url('wandb/' + run_dir.name)} (wandb sync it from there)")
+            self.tracker.status = self.tracker.status.model_copy(update={"wandb_run": store.url("wandb/" + run_dir.name) + "/"})
 
     def _publish(self, out: Path, files: dict[str, FileEntry]) -> None:
         """Push the model (or the adapter) as an OCI artifact, then record its digest-pinned reference in
@@ -81,10 +110,16 @@ class ArtifactWriter:
         spec = self.config.spec
         assert spec.output.publish is not None
         pushed = pushed_dir(self.config)
-        parts = publish.with_card(publish.layers(out, files, pushed), out, files, [CARD_FILE, LOSS_PLOT, EVAL_PLOT])
-        reference = publish.push(spec.output.publish, parts, registry_auth())
-        self.facts.oci = {"reference": reference, "tag": spec.output.publish.oci, "directory": pushed}
-        log(f"published {pushed}/ as {reference}")
+        if spec.output.publish.oci:
+            parts = publish.with_card(publish.layers(out, files, pushed), out, files, [CARD_FILE, LOSS_PLOT, EVAL_PLOT])
+            annotations = lineage.oci_annotations(self.facts.lineage) if self.facts.lineage else None
+            reference = publish.push(spec.output.publish, parts, registry_auth(), annotations)
+            self.facts.oci = {"reference": reference, "tag": spec.output.publish.oci, "directory": pushed}
+            log(f"published {pushed}/ as {reference}")
+        if (hub := spec.output.publish.huggingface) is not None:
+            message = f"kubetune: {self.config.job.namespace}/{self.config.job.name} step {self.state.step}"
+            self.facts.huggingface = hub_publish.push(hub, out / pushed, [out / n for n in (CARD_FILE, LOSS_PLOT, EVAL_PLOT)], message)
+            log(f"pushed {pushed}/ and the model card to {self.facts.huggingface}")
         (out / METRICS_FILE).write_text(json.dumps(self.metrics(), indent=2))
         files[METRICS_FILE] = ckpt.file_table(out, [METRICS_FILE])[METRICS_FILE]
         ckpt.upload_files(self.rt.store, out, "", {METRICS_FILE: files[METRICS_FILE]})
@@ -157,8 +192,8 @@ class ArtifactWriter:
         st, facts = self.state, self.facts
         optional = {"exactMatchBefore": facts.exact_match_before, "exactMatchAfter": facts.exact_match_after,
                     "mergedModel": facts.merged_model, "quantizedLayers": facts.quantized_layers,
-                    "oci": facts.oci, "resumedFrom": facts.resumed,
-                    "setAside": facts.set_aside or None}  # fmt: skip
+                    "oci": facts.oci, "resumedFrom": facts.resumed, "setAside": facts.set_aside or None,
+                    "huggingface": facts.huggingface, "lineage": facts.lineage or None, "tracking": self._tracking()}  # fmt: skip
         return {
             "job": self.config.job.name,
             "steps": st.step,
@@ -182,9 +217,24 @@ class ArtifactWriter:
             "inputs": facts.inputs,
             "owner": facts.owner,
             "learningRate": self.config.spec.training.learning_rate,
+            "usage": self._usage(),
             **{k: v for k, v in optional.items() if v is not None},
             **self._evaluation(),
         }
+
+    def _usage(self) -> dict[str, Any]:
+        """What this run's gangs used, as the trainer measures it (from each gang's start to its last
+        checkpoint; status.usage, measured by the operator from the pods, also counts the rest)."""
+        d = self.config.spec.distributed
+        wall = self.state.active_seconds()
+        return {"wallSeconds": round(wall, 1), "nodeSeconds": round(wall * d.nodes, 1), "gpuSeconds": round(wall * d.nodes * d.gpus_per_node, 1),
+                "nodes": d.nodes, "gpusPerNode": d.gpus_per_node}  # fmt: skip
+
+    def _tracking(self) -> dict[str, Any] | None:
+        if self.tracker is None:
+            return None
+        status = self.tracker.status.model_dump(by_alias=True, exclude_none=True)
+        return {**status, "delivery": self.tracker.counts()}
 
     def _evaluation(self) -> dict[str, Any]:
         """metrics.json's `evaluation` (the final model's figures, gate verdict, generation answers) and

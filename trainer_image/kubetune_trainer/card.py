@@ -139,9 +139,84 @@ def _artifacts(spec: FineTuneJobSpec) -> str:
     return "\n".join(lines)
 
 
+def hub_id(uri: str | None) -> str | None:
+    """`hf://org/name` -> `org/name` (a Hub repository id); None for any other source."""
+    if not uri or not uri.startswith("hf://"):
+        return None
+    return "/".join(uri.removeprefix("hf://").split("/")[:2]) or None
+
+
+def library_name(spec: FineTuneJobSpec) -> str:
+    """`peft` when what is published (or, unpublished, all that is written) is an adapter; else `transformers`."""
+    published = methods.published_artifact(spec)
+    if published is not None:
+        return "peft" if published == "adapter" else "transformers"
+    return "transformers" if methods.writes_full_model(spec) else "peft"
+
+
+def front_matter(config: TrainerConfig) -> Any:
+    """The card's Hub metadata (huggingface_hub's ModelCardData): base_model, library_name, pipeline_tag,
+    tags (kubetune, the method, the objective and spec.output.card.tags), datasets, license, language."""
+    from huggingface_hub import ModelCardData
+
+    spec, card = config.spec, config.spec.output.card
+    datasets = [d for d in dict.fromkeys(hub_id(s.path) for s in spec.dataset.train_sources()) if d]
+    tags = list(dict.fromkeys(["kubetune", spec.method.replace("_", "-"), spec.objective, *card.tags]))
+    if library_name(spec) == "peft":
+        tags.insert(1, "peft")
+    data = ModelCardData(
+        model_name=config.job.name,
+        base_model=hub_id(spec.model.source),
+        library_name=library_name(spec),
+        pipeline_tag="text-generation",
+        tags=tags,
+        datasets=datasets or None,
+        license=card.license,
+        language=card.language or None,
+    )
+    return data
+
+
+def _lineage_rows(metrics: dict[str, Any]) -> list[list[Any]]:
+    lineage = metrics.get("lineage") or {}
+    base = lineage.get("baseModel") or {}
+    rows: list[list[Any]] = [["base model", base.get("source")]]
+    if base.get("commit"):
+        rows.append(["base model commit", base["commit"]])
+    if base.get("sha256"):
+        rows.append(["base model sha256 (config and weights)", base["sha256"]])
+    for d in lineage.get("datasets") or []:
+        for name, digest in sorted((d.get("files") or {}).items()):
+            rows.append([f"data {d.get('uri')} {name}", f"sha256:{digest}"])
+    rows.append(["kubetune", lineage.get("kubetuneVersion")])
+    if lineage.get("trainerImage"):
+        rows.append(["trainer image", lineage.get("trainerImageDigest") or lineage["trainerImage"]])
+    return rows
+
+
+def _usage_rows(metrics: dict[str, Any]) -> list[list[Any]]:
+    usage = metrics.get("usage") or {}
+    return [[k, v] for k, v in usage.items()]
+
+
+def _tracking_lines(metrics: dict[str, Any]) -> list[str]:
+    tracking = metrics.get("tracking") or {}
+    lines = []
+    if tracking.get("mlflowRun"):
+        lines.append(f"- MLflow run: {tracking['mlflowRun']}")
+    if tracking.get("wandbRun"):
+        lines.append(f"- Weights & Biases run: {tracking['wandbRun']}")
+    return lines
+
+
 def render_card(config: TrainerConfig, metrics: dict[str, Any], plots: list[str]) -> str:
-    """README.md for the artifacts: base model, data, method, hyper-parameters, results, plots, and the
-    evaluation and interpolation tables when metrics.json has them."""
+    """README.md for the artifacts: the Hub's YAML front matter, then base model, data, method,
+    hyper-parameters, results, plots, the evaluation and interpolation tables when metrics.json has
+    them, the runs in the experiment trackers, the compute used and the lineage."""
+    return f"---\n{front_matter(config).to_yaml()}\n---\n\n" + render_body(config, metrics, plots)
+
+
+def render_body(config: TrainerConfig, metrics: dict[str, Any], plots: list[str]) -> str:
     spec, job = config.spec, config.job.name
     rev = f" (revision {spec.model.revision})" if spec.model.revision else ""
     parts = [
@@ -163,6 +238,12 @@ def render_card(config: TrainerConfig, metrics: dict[str, Any], plots: list[str]
             parts.append(f"## {heading}\n" + any_table(metrics[key]))
     if provenance := _provenance_rows(metrics):
         parts.append("## Provenance\n" + table(["", "value"], provenance))
+    if tracked := _tracking_lines(metrics):
+        parts.append("## Experiment tracking\n" + "\n".join(tracked))
+    if metrics.get("usage"):
+        parts.append("## Compute used\n" + table(["", "value"], _usage_rows(metrics)))
+    if metrics.get("lineage"):
+        parts.append("## Lineage\n" + table(["", "value"], _lineage_rows(metrics)))
     parts.append("## Files\n" + _artifacts(spec))
     return "\n\n".join(parts) + "\n"
 

@@ -35,7 +35,7 @@ from kubetune.api.trainer_config import changed_fields, resume_fields
 
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.log import log
-from kubetune_trainer.state import TrainState
+from kubetune_trainer.state import GANG_STARTED, TrainState
 from kubetune_trainer.storage import OutputStore, cache_root
 
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -158,6 +158,7 @@ class Checkpointer:
         acc.wait_for_everyone()
         acc.save_state(str(local / "accelerate"))
         if acc.is_main_process:
+            state.gang_seconds = time.time() - GANG_STARTED
             (local / TRAINER_STATE_FILE).write_text(json.dumps(vars(state)))
             if self.spec is not None:
                 (local / TRAINED_SPEC_FILE).write_text(json.dumps(resume_fields(self.spec), indent=1, sort_keys=True))
@@ -258,7 +259,7 @@ class Checkpointer:
                 + (f"; changed: {'; '.join(changes)}" if changes else "")
                 + "; train from the start (spec.output.resumeFrom: fresh, or a new output) or restore the old values",
             ) from exc
-        state = TrainState(**json.loads((local / TRAINER_STATE_FILE).read_text()))
+        state = TrainState(**json.loads((local / TRAINER_STATE_FILE).read_text())).resumed(same_run=not new_run)
         if changes:
             apply_hyperparameters(optimizer, scheduler, wanted)
             if any(c.startswith("spec.dataset.") for c in changes):  # the old data position means nothing in new data

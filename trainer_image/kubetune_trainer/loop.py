@@ -26,6 +26,7 @@ from kubetune_trainer.objective import PREF_STATS, objective_loss, reward_fields
 from kubetune_trainer.progress import ProgressState
 from kubetune_trainer.setup import Parts, Runtime
 from kubetune_trainer.state import TrainState
+from kubetune_trainer.tracking import Tracker
 
 
 class Outcome(enum.Enum):
@@ -92,9 +93,11 @@ class LossGuard:
 
 class StepLoop:
     def __init__(self, spec: FineTuneJobSpec, rt: Runtime, parts: Parts, state: TrainState, progress: ProgressState,
-                 stop: StopFlag, hooks: DebugHooks, evaluator: Evaluator | None, checkpointer: Checkpointer):  # fmt: skip
+                 stop: StopFlag, hooks: DebugHooks, evaluator: Evaluator | None, checkpointer: Checkpointer,
+                 tracker: Tracker | None = None):  # fmt: skip
         self.spec, self.rt, self.parts, self.state, self.progress = spec, rt, parts, state, progress
         self.stop, self.hooks, self.evaluator, self.checkpointer = stop, hooks, evaluator, checkpointer
+        self.tracker = tracker  # rank 0 with spec.tracking: handed each logged point (never blocks)
         self.acc = rt.accelerator
         self.model = parts.model
         device = self.acc.device
@@ -136,13 +139,10 @@ class StepLoop:
                 return outcome
         st.epoch += 1
         st.batches_in_epoch = 0
-        if (
-            self.evaluator is not None
-            and not self.spec.training.eval_steps
-            and self.evaluator.evaluate_and_check(st)
-        ):
-            return Outcome.EARLY_STOP
-        return None
+        stop = bool(self.evaluator is not None and not self.spec.training.eval_steps and self.evaluator.evaluate_and_check(st))
+        if self.tracker is not None:
+            self.tracker.observe(st)
+        return Outcome.EARLY_STOP if stop else None
 
     def _forward_backward(self, group: list[dict[str, Any]]) -> None:
         """One optimizer step's micro-batches: losses token-weighted over the step (steps.py), gradients synced after the last."""
@@ -202,6 +202,8 @@ class StepLoop:
         if logging_step:
             self._close_window()
         stopped_early = bool(eval_step and self.evaluator is not None and self.evaluator.evaluate_and_check(st))
+        if self.tracker is not None and (logging_step or eval_step):
+            self.tracker.observe(st)
         preempted = self.stop_agreed or self.hooks.preempt_at(st.step)
         if preempted or checkpoint_step:
             self.save_checkpoint()

@@ -99,8 +99,9 @@ def model_config(parts: list[Layer], name: str) -> dict[str, Any]:
     }
 
 
-def manifest(parts: list[Layer], config_blob: bytes) -> dict[str, Any]:
-    return {
+def manifest(parts: list[Layer], config_blob: bytes, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """The OCI image manifest; `annotations` (the lineage: kubetune_trainer.lineage.oci_annotations) on the manifest."""
+    body: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "artifactType": ARTIFACT_TYPE,
@@ -111,11 +112,14 @@ def manifest(parts: list[Layer], config_blob: bytes) -> dict[str, Any]:
         },
         "layers": [layer.descriptor() for layer in parts],
     }
+    if annotations:
+        body["annotations"] = dict(sorted(annotations.items()))
+    return body
 
 
-def split_reference(reference: str) -> tuple[str, str, str]:
+def split_reference(reference: str | None) -> tuple[str, str, str]:
     """registry/repository:tag -> (registry, repository, tag)."""
-    registry, _, rest = reference.partition("/")
+    registry, _, rest = (reference or "").partition("/")
     repository, _, tag = rest.rpartition(":")
     return registry, repository, tag
 
@@ -231,11 +235,12 @@ def check_access(spec: PublishSpec, auth_file: Path | None) -> None:
             _check(spec, response, f"{repository}")
 
 
-def push(spec: PublishSpec, parts: list[Layer], auth_file: Path | None) -> str:
+def push(spec: PublishSpec, parts: list[Layer], auth_file: Path | None, annotations: dict[str, str] | None = None) -> str:
     """Push the layers and the config, then the manifest under the tag; the digest-pinned reference."""
+    assert spec.oci is not None
     registry, repository, _tag = split_reference(spec.oci)
     config_blob = json.dumps(model_config(parts, repository.rsplit("/", 1)[-1]), sort_keys=True).encode()
-    body = manifest(parts, config_blob)
+    body = manifest(parts, config_blob, annotations)
     with _errors(spec), tempfile.TemporaryDirectory(prefix="kubetune-oci-") as tmp:
         client = _client(spec, auth_file)
         container = client.get_container(spec.oci)

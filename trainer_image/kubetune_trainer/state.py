@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from kubetune.api.models import EvaluationResult
+
+GANG_STARTED: Final = time.time()
+"""When this process started: the clock of this gang's share of the run's usage."""
 
 
 @dataclass
@@ -22,6 +26,19 @@ class TrainState:
     tokens_seen: int = 0
     train_seconds: float = 0.0
     before: dict[str, Any] = field(default_factory=dict)  # figures measured before the first step (evalLossBefore, ...): a resume keeps them
+    earlier_gangs_seconds: float = 0.0  # this run's earlier gangs, each from its start to its last checkpoint
+    gang_seconds: float = 0.0  # the gang that wrote this checkpoint, from its start to the checkpoint
+
+    def active_seconds(self) -> float:
+        """Seconds this run's gangs have run so far (a gang's time after its last checkpoint is not known here)."""
+        return self.earlier_gangs_seconds + (time.time() - GANG_STARTED)
+
+    def resumed(self, same_run: bool) -> TrainState:
+        """This state as a new gang starts from it: the checkpoint's gang becomes an earlier one; a checkpoint
+        of another run (spec.output.resumeFrom: previous) brings none of its seconds."""
+        self.earlier_gangs_seconds = self.earlier_gangs_seconds + self.gang_seconds if same_run else 0.0
+        self.gang_seconds = 0.0
+        return self
 
 
 @dataclass
@@ -36,6 +53,8 @@ class RunFacts:
     eval_rewards_before: dict[str, float] = field(default_factory=dict)  # DPO: evalReward*Before
     merged_model: str | None = None
     oci: dict[str, str] | None = None  # spec.output.publish: the pushed reference, digest-pinned
+    huggingface: str | None = None  # spec.output.publish.huggingface: the repository URL at the pushed commit
+    lineage: dict[str, Any] = field(default_factory=dict)  # what made the model (kubetune_trainer.lineage)
     fast_path: dict[str, Any] = field(default_factory=dict)  # which fast kernels the model runs (model.fast_path)
     retain_loss_before: float | None = None  # spec.evaluation.retain scored by the base model
     evaluation: EvaluationResult | None = None  # the final model's figures and gate verdict (gate.passed asks it)

@@ -14,7 +14,7 @@ from kubetune.api.contract import COMPLETE_MARKER, GATE_FAILED_MARKER, ExitCode,
 from kubetune.api.models import Artifacts
 from kubetune.api.trainer_config import TrainerConfig
 
-from kubetune_trainer import gate, publish, signals, storage
+from kubetune_trainer import gate, hub_publish, publish, signals, storage, tracking
 from kubetune_trainer.artifacts import ArtifactWriter, registry_auth
 from kubetune_trainer.checkpoint import Checkpointer, set_aside_earlier
 from kubetune_trainer.debug import DebugHooks
@@ -27,7 +27,7 @@ from kubetune_trainer.owner import OutputClaim
 from kubetune_trainer.progress import ProgressState, serve
 from kubetune_trainer.setup import Parts, Runtime, build_parts, start_runtime
 from kubetune_trainer.state import RunFacts, TrainState
-from kubetune_trainer.storage import OutputStore
+from kubetune_trainer.storage import OutputStore, cache_root
 
 
 class Trainer:
@@ -47,6 +47,7 @@ class Trainer:
         self._evaluator: Evaluator | None = None
         self._checkpointer: Checkpointer | None = None
         self._claim: OutputClaim | None = None
+        self.tracker: tracking.Tracker | None = None  # rank 0, with spec.tracking
 
     @property
     def runtime(self) -> Runtime:
@@ -71,10 +72,16 @@ class Trainer:
             log(f"backend {rt.backend.name}: {rt.backend.reason}")
             self._claim = OutputClaim(rt.store, self.config)
             self.facts.owner = self._claim.acquire(self.config)  # the first write: a second owner's run is refused here
-            if (publish_spec := self.spec.output.publish) is not None:
+            if (publish_spec := self.spec.output.publish) is not None and publish_spec.oci:
                 publish.check_access(publish_spec, registry_auth())  # wrong credentials fail before training
+            if publish_spec is not None and publish_spec.huggingface is not None:
+                hub_publish.check_access(publish_spec.huggingface)
         set_seed(self.spec.training.seed)
         self.done = rt.store.exists(COMPLETE_MARKER)
+        if rt.is_main and not self.done:  # an unreachable tracker or refused credentials fail before training
+            self.tracker = tracking.start_tracking(self.config, cache_root() / "tracking", rt.backend.name)
+            if self.tracker is not None:
+                self.progress.update(tracking=self.tracker.status)
         if self.done:
             if rt.store.exists(GATE_FAILED_MARKER):  # finished, and failed its gate: it stays failed
                 raise TrainerError(ExitCode.EVALUATION_GATE_FAILED, f"{rt.store.uri} already holds a model that failed its "
@@ -126,12 +133,17 @@ class Trainer:
             self.hooks,
             self._evaluator,
             self._checkpointer,
+            self.tracker,
         )
+        if self.tracker is not None:
+            self.tracker.observe(st, self.facts.eval_loss_before)
         if loop.run() is Outcome.PREEMPTED:
             log(f"{self.stop.reason()}: checkpoint written at step {st.step}; exiting for a restart")
             return ExitCode.PREEMPTED
         if self._evaluator is not None and (not st.evals or st.evals[-1]["step"] != st.step):
             self._evaluator.evaluate_and_check(st)
+        if self.tracker is not None:
+            self.tracker.observe(st)
         zero3 = self.runtime.backend.deepspeed and self.spec.distributed.zero_stage == 3
         self.hooks.dump_rank_state(
             self.runtime.accelerator, self.parts.model, self.runtime.world_size, zero3, st.loss_curve
@@ -142,14 +154,17 @@ class Trainer:
         """Artifacts (with the evaluation and its gate) to the output, then: a failed gate ends the run
         (GateFailed, not retryable) before anything is published; the artifacts stay for inspection."""
         self.progress.update(phase=TrainerPhase.SAVING)
-        ArtifactWriter(self.config, self.runtime, self.parts, self.state, self.facts, self.started).save()
+        ArtifactWriter(self.config, self.runtime, self.parts, self.state, self.facts, self.started, self.tracker).save()
+        if self.tracker is not None:
+            self.progress.update(tracking=self.tracker.status)
         if not self.gate_passed():
             raise GateFailed(self.facts.evaluation, self.runtime.store.uri)  # type: ignore[arg-type]
         self.progress.update(phase=TrainerPhase.SUCCEEDED)
 
     def published(self) -> Artifacts | None:
-        """What the termination message carries beyond the fixed layout: the pushed OCI reference."""
-        return Artifacts(oci=self.facts.oci["reference"]) if self.facts.oci else None
+        """What the termination message carries beyond the fixed layout: the pushed OCI reference and Hub commit."""
+        oci = self.facts.oci["reference"] if self.facts.oci else None
+        return Artifacts(oci=oci, huggingface=self.facts.huggingface) if oci or self.facts.huggingface else None
 
     def gate_passed(self) -> bool:
         """Whether the final model may be published: no gate, or every threshold met (rank 0 knows; other
@@ -159,7 +174,14 @@ class Trainer:
     def stop_reason(self) -> str:
         return self.stop.reason()
 
+    def end_tracking(self, exit_code: int | None) -> None:
+        """Flush what is queued for the trackers (bounded); a final exit code closes the runs, None (a
+        preemption or an infrastructure error: the next gang continues) leaves them open."""
+        if self.tracker is not None:
+            self.tracker.close(exit_code)
+
     def cleanup(self) -> None:
+        self.end_tracking(None)
         if self._claim is not None:
             self._claim.release()
         if self.server is not None:

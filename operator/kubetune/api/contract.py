@@ -178,6 +178,7 @@ ENV_CONFIG_PATH: Final = "KUBETUNE_CONFIG"  # path of the mounted trainer-config
 ENV_TERMINATION_LOG: Final = "KUBETUNE_TERMINATION_LOG"  # where the trainer writes its TerminationMessage
 ENV_CACHE_DIR: Final = "KUBETUNE_CACHE_DIR"  # node-local cache for model downloads and tokenized data
 ENV_PVC_ROOT: Final = "KUBETUNE_PVC_ROOT"  # where pvc://claim/path URIs are mounted: <root>/claim/path
+ENV_TRAINER_IMAGE: Final = "KUBETUNE_TRAINER_IMAGE"  # the image reference the pod runs, for the model's lineage
 TERMINATION_LOG: Final = "/dev/termination-log"  # the container's terminationMessagePath
 PVC_ROOT: Final = "/mnt/pvc"  # the default of $KUBETUNE_PVC_ROOT, and where the operator mounts claims
 CONFIG_MOUNT_DIR: Final = "/etc/kubetune"  # the job's ConfigMap, mounted read-only

@@ -404,9 +404,13 @@ OCI_REFERENCE = (
 
 
 class PublishSpec(ApiModel):
-    """Where the finished model is published besides the output URI."""
+    """Where the finished model is published besides the output URI: an OCI registry, a Hugging Face Hub repository, or both."""
 
-    oci: str = Field(max_length=512, pattern=OCI_REFERENCE)
+    model_config = ConfigDict(
+        json_schema_extra=cel(("has(self.oci) || has(self.huggingface)", "set spec.output.publish.oci, spec.output.publish.huggingface or both"))
+    )
+
+    oci: str | None = Field(default=None, max_length=512, pattern=OCI_REFERENCE)
     """`registry/repository:tag`: rank 0 pushes the merged model (or the adapter) there as an OCI artifact with the CNCF ModelPack media types, after the artifacts are written; status.artifacts.oci gets the digest-pinned reference `registry/repository@sha256:...`."""
     credentials_secret: str | None = Field(default=None, min_length=1, max_length=253)
     """A `kubernetes.io/dockerconfigjson` Secret in the job's namespace with an `auths` entry for the registry; mounted read-only into rank 0's pod, never put in env or logs. Unset: push without credentials."""
@@ -414,10 +418,36 @@ class PublishSpec(ApiModel):
     """Talk to the registry over plain HTTP (a test registry on loopback or inside the cluster); default HTTPS."""
     artifact: Literal["model", "adapter"] | None = None
     """What to push: `model` (the merged or fully fine-tuned weights, with the tokenizer) or `adapter` (the PEFT adapter alone). Unset: the model where the job writes one, else the adapter."""
+    huggingface: HuggingFacePublish | None = None
+    """Also push the model (or adapter) and its model card to a Hugging Face Hub repository."""
+
+
+class HuggingFacePublish(ApiModel):
+    """A Hugging Face Hub model repository the finished model and its card are pushed to."""
+
+    repo: str = Field(min_length=3, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """`org/name` of the model repository; created when it does not exist."""
+    token_secret: str = Field(min_length=1, max_length=253)
+    """A Secret in the job's namespace with the key `HF_TOKEN` (a write token); given to rank 0 as env from the Secret, never in the ConfigMap or logs."""
+    private: bool = True
+    """Create the repository private (an existing repository keeps its visibility)."""
+    endpoint: str | None = Field(default=None, max_length=2048, pattern=r"^https?://.+")
+    """The Hub's address (a self-hosted Hub-compatible server); unset: huggingface.co (or $HF_ENDPOINT)."""
 
 
 SelectMetric = Literal["evalLoss", "perplexity", "retainLoss", "forgetting", "exactMatch", "generationPass"]
 """Figures a model is compared by (losses, perplexity and forgetting: lower is better; the rest: higher)."""
+
+
+class CardSpec(ApiModel):
+    """What the model card says beyond what the job measures (its Hub metadata)."""
+
+    license: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9.+-]*$")
+    """The model's license as a Hub license id (e.g. `apache-2.0`, `llama3.1`, `other`)."""
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=32)
+    """Extra Hub tags (`kubetune` and the method are always there)."""
+    language: list[Annotated[str, Field(min_length=2, max_length=16)]] = Field(default_factory=list, max_length=32)
+    """Languages of the data (ISO 639-1 codes)."""
 
 
 class OutputSpec(ApiModel):
@@ -435,6 +465,8 @@ class OutputSpec(ApiModel):
     """An edit of what is trained after the job finished starts a new run, written under `<uri>/run-<n>/`: `fresh` trains from the model again, `previous` resumes from the previous run's newest checkpoint (weights, optimizer, step)."""
     publish: PublishSpec | None = None
     """Also publish the finished model to an OCI registry (see PublishSpec)."""
+    card: CardSpec = Field(default_factory=CardSpec)
+    """Hub metadata for the model card's YAML front matter (license, tags, languages)."""
     interpolate: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(default_factory=list, max_length=16)
     """WiSE-FT: weight mixes alpha x fine-tuned + (1 - alpha) x base to write under `<uri>/interpolation/alpha-<a>/` and evaluate on the eval and retain sets (e.g. [0.25, 0.5, 0.75]); the table goes to metrics.json. Needs full weights (a full fine-tune or a merged adapter)."""
     select: Literal["fineTuned", "best"] = "fineTuned"
@@ -449,6 +481,49 @@ class OutputSpec(ApiModel):
         if len(set(self.interpolate)) != len(self.interpolate):
             raise ValueError(f"spec.output.interpolate: list each alpha once (got {self.interpolate})")
         return self
+
+
+class MlflowTracking(ApiModel):
+    """An MLflow tracking server rank 0 reports the run to."""
+
+    uri: str = Field(min_length=1, max_length=2048, pattern=r"^https?://.+")
+    """The tracking server's address, e.g. `http://mlflow.mlops:5000`."""
+    experiment: str = Field(min_length=1, max_length=256)
+    """The experiment the run goes to (created when missing)."""
+    run_name: str | None = Field(default=None, min_length=1, max_length=256)
+    """The run's name; unset: `<job>` (`<job>-run-<n>` from the second run on)."""
+    credentials_secret: str | None = Field(default=None, min_length=1, max_length=253)
+    """A Secret with `MLFLOW_TRACKING_USERNAME` and `MLFLOW_TRACKING_PASSWORD`, or `MLFLOW_TRACKING_TOKEN`; given to rank 0 as env from the Secret, never in the ConfigMap or logs."""
+    register_as: str | None = Field(default=None, min_length=1, max_length=256)
+    """Registered model name: when the job succeeds and passes its evaluation gate, a new version of it points at the artifacts (the OCI reference when published, else the model's S3 URI)."""
+
+
+class WandbTracking(ApiModel):
+    """A Weights & Biases project rank 0 reports the run to."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(("self.mode == 'offline' || has(self.apiKeySecret)", "mode online needs apiKeySecret (a Secret with the key WANDB_API_KEY); or set mode: offline"))
+    )
+
+    project: str = Field(min_length=1, max_length=128)
+    """The W&B project."""
+    entity: str | None = Field(default=None, min_length=1, max_length=128)
+    """The W&B team or user; unset: the API key's default entity."""
+    api_key_secret: str | None = Field(default=None, min_length=1, max_length=253)
+    """A Secret with the key `WANDB_API_KEY`; given to rank 0 as env from the Secret, never in the ConfigMap or logs. Needed for `online`."""
+    mode: Literal["online", "offline"] = "online"
+    """`online` streams to W&B; `offline` writes the run directory into the artifacts (`<uri>/wandb/`) for a later `wandb sync`."""
+    base_url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://.+")
+    """A self-hosted W&B server; unset: W&B's cloud."""
+
+
+class TrackingSpec(ApiModel):
+    """Experiment trackers rank 0 reports to: hyper-parameters, every logged metric with its step, the model card."""
+
+    mlflow: MlflowTracking | None = None
+    """An MLflow tracking server (and its model registry)."""
+    wandb: WandbTracking | None = None
+    """Weights & Biases."""
 
 
 class SecretKeyNames(ApiModel):
@@ -798,6 +873,8 @@ class FineTuneJobSpec(ApiModel):
     """Extra annotations for the pods."""
     serving: ServingSpec | None = None
     """Serve the model when the job succeeds: a KServe InferenceService or a Deployment, owned by the job (status.serving)."""
+    tracking: TrackingSpec | None = None
+    """Experiment tracking: MLflow (and its model registry) and Weights & Biases."""
 
 
 # -------------------------------------------------------------------- status
@@ -848,6 +925,19 @@ class TrainingMetrics(ApiModel):
     """Estimated seconds until training ends."""
 
 
+class TrackingStatus(ApiModel):
+    """Where the run is in the experiment trackers (spec.tracking)."""
+
+    mlflow_run: str | None = None
+    """The MLflow run's URL."""
+    mlflow_run_id: str | None = None
+    """The MLflow run's id (a restarted gang continues this run)."""
+    mlflow_model_version: str | None = None
+    """The registered model version, `name/version` (spec.tracking.mlflow.registerAs), once the job succeeded and passed its gate."""
+    wandb_run: str | None = None
+    """The W&B run's URL (online), or where its offline run directory was written (`<uri>/wandb/`)."""
+
+
 class TrainerReport(TrainingMetrics):
     """Everything rank 0 reports besides its phase: the metrics, and what it found worth a look."""
 
@@ -855,6 +945,8 @@ class TrainerReport(TrainingMetrics):
     """What rank 0 found in the data worth a look: more than 1% of examples truncated or dropped at maxSeqLength, or invalid records skipped."""
     checkpoint_warning: str | None = Field(default=None, max_length=512)
     """A checkpoint that failed verification against its manifest on resume: which, why, and where it was set aside (the next older one was used)."""
+    tracking: TrackingStatus | None = None
+    """Where rank 0 reports the run (spec.tracking)."""
 
 
 class Progress(TrainerReport):
@@ -887,6 +979,8 @@ class Artifacts(ApiModel):
     """The published OCI artifact, digest-pinned: `registry/repository@sha256:...` (spec.output.publish)."""
     interpolation: str | None = None
     """The WiSE-FT mixes, one directory per alpha (spec.output.interpolate with keepMixes)."""
+    huggingface: str | None = None
+    """The Hugging Face Hub repository the model was pushed to, at its commit (spec.output.publish.huggingface)."""
 
 
 class EvaluationResult(ApiModel):
@@ -923,6 +1017,39 @@ class EvaluationResult(ApiModel):
         if self.gate_passed is None:
             return text
         return f"{text}; gate {'passed' if self.gate_passed else 'failed: ' + '; '.join(self.failed_checks)}"
+
+
+class UsageFigures(ApiModel):
+    """Resources a job used: seconds of gang time, restarts included, suspended time excluded."""
+
+    wall_seconds: float = Field(default=0.0, ge=0)
+    """Seconds the job was active (Pending, Initializing, Running or Restarting; not Suspended)."""
+    node_seconds: float = Field(default=0.0, ge=0)
+    """Trainer pod-seconds (one pod per node): the sum over pods of the seconds each was Running."""
+    gpu_seconds: float = Field(default=0.0, ge=0)
+    """nodeSeconds x spec.distributed.gpusPerNode."""
+    estimated_cost: float | None = None
+    """From the operator's price table (chart value `prices`), when it has one: GPU-hours x the price of the GPU resource plus node-hours x the price of the node type."""
+
+
+class RunUsage(UsageFigures):
+    """One run's usage (status.run)."""
+
+    run: int = Field(ge=1)
+    """The run number."""
+
+
+class Usage(UsageFigures):
+    """What the job used in all its runs (the totals), and per run."""
+
+    currency: str | None = None
+    """The price table's currency (with estimatedCost)."""
+    runs: list[RunUsage] = Field(default_factory=list)
+    """Per run, oldest first (the current run last)."""
+    running_pods: int = Field(default=0, ge=0)
+    """Trainer pods Running when the operator last looked (what it counts until it looks again)."""
+    updated_at: str | None = None
+    """When the figures were last brought up to date (RFC 3339)."""
 
 
 class ServingStatus(ApiModel):
@@ -1015,6 +1142,10 @@ class FineTuneJobStatus(ApiModel):
     """Earlier runs, oldest first."""
     serving: ServingStatus | None = None
     """The InferenceService or Deployment serving the model (spec.serving), once created."""
+    tracking: TrackingStatus | None = None
+    """Where the run is in MLflow and W&B (spec.tracking): the run URL, and the registered model version."""
+    usage: Usage | None = None
+    """GPU-seconds, node-seconds and wall time, per run and in total (restarts included, suspended time excluded), and the estimated cost."""
 
     @classmethod
     def from_stored(cls, raw: dict[str, Any] | None) -> FineTuneJobStatus:

@@ -461,6 +461,10 @@ def _publish(spec: FineTuneJobSpec) -> list[Problem]:
     if publish is None:
         return []
     out = []
+    if publish.oci is None and publish.huggingface is None:
+        out.append(Problem("spec.output.publish", "set spec.output.publish.oci, spec.output.publish.huggingface or both"))
+    if publish.huggingface is not None and not DNS_1123_SUBDOMAIN.match(publish.huggingface.token_secret):
+        out.append(Problem("spec.output.publish.huggingface.tokenSecret", f"{publish.huggingface.token_secret!r} is not a valid Secret name (lowercase DNS subdomain)"))
     if publish.credentials_secret is not None and not DNS_1123_SUBDOMAIN.match(publish.credentials_secret):
         out.append(
             Problem(
@@ -480,6 +484,22 @@ def _publish(spec: FineTuneJobSpec) -> list[Problem]:
         out.append(
             Problem("spec.output.publish.artifact", "adapter: method full trains no adapter; set artifact: model or remove it")
         )
+    return out
+
+
+def _tracking(spec: FineTuneJobSpec) -> list[Problem]:
+    """spec.tracking: Secrets by valid names; W&B online needs its API key (the CEL rule's twin)."""
+    tracking = spec.tracking
+    if tracking is None:
+        return []
+    secrets = {
+        "spec.tracking.mlflow.credentialsSecret": tracking.mlflow.credentials_secret if tracking.mlflow else None,
+        "spec.tracking.wandb.apiKeySecret": tracking.wandb.api_key_secret if tracking.wandb else None,
+    }
+    out = [Problem(f, f"{name!r} is not a valid Secret name (lowercase DNS subdomain)") for f, name in secrets.items()
+           if name is not None and not DNS_1123_SUBDOMAIN.match(name)]  # fmt: skip
+    if tracking.wandb is not None and tracking.wandb.mode == "online" and not tracking.wandb.api_key_secret:
+        out.append(Problem("spec.tracking.wandb", "mode online needs apiKeySecret (a Secret with the key WANDB_API_KEY); or set mode: offline"))
     return out
 
 
@@ -534,7 +554,7 @@ def check_name(name: str | None, spec: FineTuneJobSpec | None = None) -> list[Pr
 
 def check_spec(spec: FineTuneJobSpec) -> list[Problem]:
     """Every problem with a spec that parsed; empty when the operator can run it."""
-    return _cel_twins(spec) + _storage(spec) + _output(spec) + _publish(spec) + _method(spec) + _methods(spec) + _training(spec) + _pod(spec) + _metadata_maps(spec) + _serving(spec)
+    return _cel_twins(spec) + _storage(spec) + _output(spec) + _publish(spec) + _tracking(spec) + _method(spec) + _methods(spec) + _training(spec) + _pod(spec) + _metadata_maps(spec) + _serving(spec)
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the CRD's integers are format int64

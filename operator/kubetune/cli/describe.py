@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kubetune.api.models import FineTuneJob
+from kubetune.api.models import FineTuneJob, Usage
 from kubetune.cli.cluster_args import add_cluster_args, client_from, guarded, print_objects
 from kubetune.client.jobs import artifacts_of, phase_of
 
@@ -61,11 +61,33 @@ def describe(job: FineTuneJob, events: list[dict[str, Any]], recent: int | None 
                 lines.append(f"  {label + ':':<15}{value}")
     if st and st.serving:
         lines.append(f"Serving:      {st.serving.kind} {st.serving.name} ({st.serving.uri or '-'})")
+    if st and st.tracking:
+        t = st.tracking
+        for label, value in (("MLflow run", t.mlflow_run), ("Registered", t.mlflow_model_version), ("W&B run", t.wandb_run)):
+            if value:
+                lines.append(f"{label + ':':<14}{value}")
+    if st and st.usage:
+        lines += usage_lines(st.usage)
     lines.append("Events:" + ("" if events else " <none>"))
     for e in events[-recent:] if recent else events:
         when = e.get("lastTimestamp") or e.get("eventTime") or ""
         lines.append(f"  {when:<22}{e.get('type', ''):<9}{e.get('reason', ''):<20}{e.get('message', '')}")
     return "\n".join(lines)
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds:.0f} s"
+
+
+def usage_lines(usage: Usage) -> list[str]:
+    """status.usage as a table: the total and each run (GPU and node time, wall time, the estimated cost)."""
+    cost = usage.currency or ""
+    rows = [("total", usage), *((f"run {r.run}", r) for r in usage.runs)] if len(usage.runs) > 1 else [("total", usage)]
+    out = ["Usage:", f"  {'':<8}{'GPU':>10}{'NODE':>10}{'WALL':>10}{'EST. COST':>12}"]
+    for label, f in rows:
+        price = f"{f.estimated_cost:.2f} {cost}".strip() if f.estimated_cost is not None else "-"
+        out.append(f"  {label:<8}{_hours(f.gpu_seconds):>10}{_hours(f.node_seconds):>10}{_hours(f.wall_seconds):>10}{price:>12}")
+    return out
 
 
 @guarded

@@ -31,6 +31,8 @@ def show(markdown: str, raw: bool) -> None:
     from rich.console import Console
     from rich.markdown import Markdown
 
+    if markdown.startswith("---\n"):  # the Hub's YAML front matter: metadata, not for reading
+        markdown = markdown.split("\n---\n", 1)[-1].lstrip("\n")
     Console().print(Markdown(markdown))
 
 

@@ -40,6 +40,14 @@ JOB_GAUGES = (
 )
 
 
+# (metric name, status.usage field, help) of the per-job usage counters.
+USAGE_COUNTERS = (
+    ("kubetune_job_gpu_seconds_total", "gpuSeconds", "GPU-seconds each job used, restarts included, suspended time excluded (status.usage)."),
+    ("kubetune_job_node_seconds_total", "nodeSeconds", "Trainer pod-seconds (one pod per node) each job used (status.usage)."),
+    ("kubetune_job_wall_seconds_total", "wallSeconds", "Seconds each job was active, suspended time excluded (status.usage)."),
+)
+
+
 def _time(value: str | None) -> float | None:
     if not value:
         return None
@@ -58,6 +66,7 @@ class JobState:
     restarts: int = 0
     gpus: int = 0
     running_since: float | None = None  # when this process last saw it start running (for GPU-seconds)
+    usage: dict[str, Any] | None = None  # status.usage: the operator's accrued figures (kubetune.status.usage)
     phase_since: float | None = None
     last_step_at: float | None = None
 
@@ -122,6 +131,7 @@ class Metrics(Collector):
             reason = ((status.get("lastFailure") or {}).get("reason")) or "Unknown"
             self.restarts.labels(state.namespace, reason).inc(restarts - state.restarts)
         state.restarts = max(state.restarts, restarts)
+        state.usage = status.get("usage") or None
         progress = status.get("progress") or None
         had_step = bool(state.progress and state.progress.get("step") is not None)
         if progress and progress.get("step") is not None:
@@ -177,6 +187,7 @@ class Metrics(Collector):
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     gauges[name].add_metric(labels, value / 100.0 if field == "percent" else float(value))
         yield from gauges.values()
+        yield from self._usage()
         yield restarts
         yield phase_age
         yield since_step
@@ -190,6 +201,22 @@ class Metrics(Collector):
         for ns, value in sorted(totals.items()):
             gpu.add_metric([ns], value)
         yield gpu
+
+    def _usage(self) -> Iterator[Any]:
+        """status.usage per job: counters (they only grow while the job exists), and the estimated cost."""
+        labels = ["namespace", "finetunejob"]
+        counters = {field: CounterMetricFamily(name, help_, labels=labels) for name, field, help_ in USAGE_COUNTERS}
+        cost = GaugeMetricFamily("kubetune_job_estimated_cost", "Estimated cost of each job so far (status.usage, from the price table).",
+                                 labels=[*labels, "currency"])  # fmt: skip
+        for s in sorted(self.jobs.values(), key=lambda s: (s.namespace, s.name)):
+            usage = s.usage or {}
+            for _name, field, _ in USAGE_COUNTERS:
+                if isinstance(usage.get(field), int | float):
+                    counters[field].add_metric([s.namespace, s.name], float(usage[field]))
+            if isinstance(usage.get("estimatedCost"), int | float):
+                cost.add_metric([s.namespace, s.name, str(usage.get("currency") or "")], float(usage["estimatedCost"]))
+        yield from counters.values()
+        yield cost
 
     def describe(self) -> Iterator[Any]:
         return iter(())  # names are dynamic per scrape; nothing to check at registration

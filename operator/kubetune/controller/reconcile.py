@@ -137,7 +137,7 @@ def reconcile(key: Key, store: Store, settings: Settings, kube: Cluster) -> floa
     observed = observe(name, restarts, jobs, pods, (seen.pod, seen.progress) if seen else None)
     observed = replace(observed, workload=store.workload_of(key, observed.job))
     at = now()
-    decision = derive(spec, name, meta.get("generation"), status, observed, at)
+    decision = derive(spec, name, meta.get("generation"), status, observed, at, settings.prices)
     if decision.action == "create":
         others = [other for k in store.keys() if k != key and (other := store.ftj(k)) is not None]
         if (holding := outputs.holder(body, others)) is not None:  # another live job writes there: wait for it
@@ -154,7 +154,7 @@ def reconcile(key: Key, store: Store, settings: Settings, kube: Cluster) -> floa
         jobs, pods = store.children(key)
         observed = observe(name, restarts, jobs, pods, None)
         observed = replace(observed, workload=store.workload_of(key, observed.job))
-        decision = derive(spec, name, meta.get("generation"), status, observed, at)
+        decision = derive(spec, name, meta.get("generation"), status, observed, at, settings.prices)
         decision = Decision(status=decision.status, event=decision.event)  # created already
     publish(body, decision, store, kube)  # status and Event first, then the action
     act(body, spec, decision, observed, store, settings, kube)

@@ -9,6 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kubetune.api.names import DEFAULT_IMAGE
+from kubetune.status.usage import PriceTable
 
 JITTER = 1.2
 """client-go's leader election JitterFactor: the retry period times this must fit in the renew deadline."""
@@ -63,6 +64,9 @@ class Settings(BaseSettings):
     """KUBETUNE_LIVENESS: Kopf's liveness endpoint, probed by the Deployment."""
     metrics_port: int = Field(default=8000, ge=0, le=65535)
     """KUBETUNE_METRICS_PORT: Prometheus /metrics port (kubetune.controller.metrics); 0 turns it off."""
+    prices: PriceTable | None = None
+    """KUBETUNE_PRICES: the price table as JSON ({"currency", "gpu": {resource: per GPU-hour}, "nodeLabel",
+    "node": {label value: per node-hour}}; chart value `prices`): status.usage gets an estimated cost."""
 
     @field_validator("namespaces", mode="before")
     @classmethod

@@ -30,6 +30,7 @@ from kubetune.api.contract import (
     ENV_PVC_ROOT,
     ENV_REGISTRY_AUTH,
     ENV_TERMINATION_LOG,
+    ENV_TRAINER_IMAGE,
     PVC_ROOT,
     REGISTRY_AUTH_DIR,
     REGISTRY_AUTH_FILE,
@@ -60,6 +61,7 @@ CONFIG_KEY: Final = CONFIG_FILE
 CACHE_DIR: Final = CACHE_MOUNT_DIR
 UID: Final = 1000
 EPHEMERAL_STORAGE: Final = "ephemeral-storage"
+MLFLOW_CREDENTIAL_KEYS: Final = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
 def owned_labels(name: str, component: str) -> dict[str, str]:
@@ -131,6 +133,7 @@ def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     ]
     if spec.output.publish is not None and spec.output.publish.credentials_secret:
         env.append({"name": ENV_REGISTRY_AUTH, "value": REGISTRY_AUTH_PATH})  # a path; the file holds the secret
+    env += secret_env(spec)
     if spec.distributed.gpus_per_node > 0:
         env += [
             {"name": "NCCL_DEBUG", "value": "WARN"},
@@ -143,6 +146,28 @@ def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
             {"name": "OMP_NUM_THREADS", "value": str(_cpu_threads(spec))},
         ]
     return env + storage_env(spec) + user_env(spec.env)
+
+
+def _from_secret(var: str, secret: str, optional: bool = False) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": secret, "key": var}
+    if optional:
+        ref["optional"] = True
+    return {"name": var, "valueFrom": {"secretKeyRef": ref}}
+
+
+def secret_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """Tracker and Hub credentials, each from the Secret the spec names (env from a secretKeyRef: the values
+    are never in the ConfigMap, the pod spec or a log). MLflow takes a user and password or a token."""
+    env: list[dict[str, Any]] = []
+    tracking = spec.tracking
+    if tracking is not None and tracking.mlflow is not None and (secret := tracking.mlflow.credentials_secret):
+        env += [_from_secret(var, secret, optional=True) for var in MLFLOW_CREDENTIAL_KEYS]
+    if tracking is not None and tracking.wandb is not None and (secret := tracking.wandb.api_key_secret):
+        env.append(_from_secret("WANDB_API_KEY", secret))
+    publish = spec.output.publish
+    if publish is not None and publish.huggingface is not None:
+        env.append(_from_secret("HF_TOKEN", publish.huggingface.token_secret))
+    return env
 
 
 def storage_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
@@ -254,7 +279,7 @@ def render_pod_template(
         # shutdown on suspend).
         "command": ["torchrun"],
         "args": torchrun_args(spec, name, restart),
-        "env": _env(spec),
+        "env": [*_env(spec), {"name": ENV_TRAINER_IMAGE, "value": spec.image or default_image}],
         "ports": [
             {"name": "rendezvous", "containerPort": DEFAULT_RDZV_PORT},
             {"name": "progress", "containerPort": DEFAULT_PROGRESS_PORT},

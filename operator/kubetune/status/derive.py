@@ -27,6 +27,7 @@ from kubetune.api.schedulers import FLAVORS
 from kubetune.status import conditions as c
 from kubetune.status.progress import to_progress
 from kubetune.status.queue import QueueState, queue_state
+from kubetune.status.usage import PriceTable, accrue
 
 Action = Literal["none", "create", "restart", "stop"]
 TERMINAL = ("Succeeded", "Failed")
@@ -255,8 +256,8 @@ def final_progress(pods: list[dict[str, Any]], now: datetime) -> Progress | None
 def final_artifacts(spec: FineTuneJobSpec, pods: list[dict[str, Any]]) -> Artifacts:
     """The layout's artifacts, plus what rank 0 reported publishing (the digest-pinned OCI reference)."""
     parsed = _final_message(pods)
-    oci = parsed.artifacts.oci if parsed is not None and parsed.artifacts is not None else None
-    return artifacts(spec).model_copy(update={"oci": oci})
+    reported = parsed.artifacts if parsed is not None and parsed.artifacts is not None else None
+    return artifacts(spec).model_copy(update={"oci": reported.oci if reported else None, "huggingface": reported.huggingface if reported else None})
 
 
 # ------------------------------------------------------------------ derive
@@ -276,14 +277,18 @@ def derive(
     old: FineTuneJobStatus | None,
     observed: Observed,
     now: datetime,
+    prices: PriceTable | None = None,
 ) -> Decision:
-    """The new status and the next action, from the old status and what was observed."""
+    """The new status and the next action, from the old status and what was observed; `prices` (the
+    operator's price table) turns status.usage into an estimated cost."""
     old = old or FineTuneJobStatus()
     ts = iso(now)
     restarts = old.restarts
     status = _set(old, restarts=restarts, observed_generation=generation, workload=workload_name(name, restarts))
     if observed.progress is not None:
         status = _set(status, progress=observed.progress)
+        if observed.progress.tracking is not None:  # the run's place in MLflow / W&B (spec.tracking)
+            status = _set(status, tracking=observed.progress.tracking)
     action: Action = "none"
 
     if old.phase in TERMINAL:
@@ -315,6 +320,8 @@ def derive(
         status = _set(status, artifacts=final_artifacts(spec, observed.pods))
         if (final := final_progress(observed.pods, now)) is not None:
             status = _set(status, progress=final)
+            if final.tracking is not None:  # with the registered model version
+                status = _set(status, tracking=final.tracking)
         evaluation = final_evaluation(observed.pods)
     elif (job.get("spec") or {}).get("suspend"):
         queued = queue_state(job, observed.workload)
@@ -356,7 +363,8 @@ def derive(
         msg = c.reason_message(c.Reason.POD_GROUP_CREATED, name=name, api=FLAVORS[gang.scheduler].api_version, scheduler=gang.scheduler,
                                min_member=gang.min_member or nodes)  # fmt: skip
         conditions = c.set_condition(conditions, c.GANG_READY, True, c.Reason.POD_GROUP_CREATED, msg, ts, generation)
-    status = _set(status, phase=phase, message=message, conditions=conditions)
+    usage = accrue(old.usage, old.phase, phase, observed.pods, spec, status.run, now, prices)
+    status = _set(status, phase=phase, message=message, conditions=conditions, usage=usage)
     if evaluation is not None:
         status = _set(status, evaluation=evaluation, conditions=_evaluated(conditions, evaluation, ts, generation))
     event = None

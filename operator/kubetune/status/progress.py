@@ -12,7 +12,9 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from kubetune.api.models import Progress, TrainingMetrics
+from pydantic import ValidationError
+
+from kubetune.api.models import Progress, TrackingStatus, TrainingMetrics
 from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT
 
 
@@ -64,6 +66,7 @@ def to_progress(data: dict[str, Any], now: str) -> Progress:
     warning = data.get("dataWarning")
     checkpoint_warning = data.get("checkpointWarning")
     return Progress(
+        tracking=_tracking(data.get("tracking")),
         **values,
         percent=round(100.0 * step / total, 1) if step is not None and total else None,
         eta=format_eta(eta),
@@ -72,3 +75,13 @@ def to_progress(data: dict[str, Any], now: str) -> Progress:
         checkpoint_warning=checkpoint_warning[:512] if isinstance(checkpoint_warning, str) else None,
         updated_at=now,
     )
+
+
+def _tracking(value: Any) -> TrackingStatus | None:
+    """Where rank 0 reports the run (spec.tracking), when it says so in a shape that can be shown."""
+    if not isinstance(value, dict):
+        return None
+    try:
+        return TrackingStatus.model_validate(value)
+    except ValidationError:
+        return None

@@ -48,9 +48,9 @@ def _at_default(model: BaseModel, name: str) -> bool:
 
 def trained_hash(spec: FineTuneJobSpec) -> str:
     """Fingerprint of the fields that decide what is trained (resumeFrom only says how to start, publish
-    where the result goes besides the output)."""
+    where the result goes besides the output, card what the model card says)."""
     data = spec.model_dump(mode="json", by_alias=True, include=_TRAINED)
-    for key in ("resumeFrom", "publish"):
+    for key in ("resumeFrom", "publish", "card"):
         data.get("output", {}).pop(key, None)
     for key in PLACEMENT_FIELDS:  # where the pods run, not what they train
         data.get("distributed", {}).pop(key, None)
@@ -125,6 +125,9 @@ def start_new_run(
         artifacts=None,
         last_failure=None,
         resumed_from=resumed,
+        tracking=None,
+        # Usage goes on across runs (per run and in total); the idle time since the last run ended is not charged.
+        usage=old.usage.model_copy(update={"updated_at": ts, "running_pods": 0}) if old.usage else None,
     )
     return status, ("Normal", NEW_RUN_REASON, message)
 

@@ -1,0 +1,238 @@
+"""spec.tracking.mlflow against a real MLflow tracking server (pip-installed `mlflow server`, SQLite backend,
+artifacts proxied into moto's S3 server), read back through MLflow's own client. Real torchrun training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubetune.api.contract import ExitCode
+from kubetune.api.models import StorageSpec
+from kubetune_trainer import storage
+from mlflow_server import S3_CREDENTIALS, MlflowServer
+from trainer_helpers import free_port, job_spec, launch, run_trainer, termination, write_config
+
+pytestmark = pytest.mark.slow
+EXPERIMENT = "kubetune-tests"
+SECRET_PASSWORD = "pw-5f1e9c2a-never-shown"  # sent to the server as basic auth: must appear in no log or file
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    saved = {k: os.environ.get(k) for k in S3_CREDENTIALS}
+    os.environ.update(S3_CREDENTIALS)
+    endpoint = f"http://127.0.0.1:{port}"
+    storage.s3_client(StorageSpec(endpoint=endpoint)).create_bucket(Bucket="out")
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def mlflow(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    with MlflowServer(tmp_path_factory.mktemp("mlflow"), s3_endpoint) as server:
+        yield server
+
+
+def client(server: MlflowServer) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(server.uri)
+
+
+def tracked_spec(tmp: Path, s3_endpoint: str, uri: str, prefix: str, **tracking: Any) -> dict[str, Any]:
+    return job_spec(tmp, **{"training.maxSteps": 20, "training.loggingSteps": 2, "training.evalSteps": 10,
+                            "output.uri": f"s3://out/{prefix}", "output.checkpointSteps": 10,
+                            "storage.endpoint": s3_endpoint, "tracking.mlflow": {"uri": uri, "experiment": EXPERIMENT, **tracking}})  # fmt: skip
+
+
+def read_json(s3_endpoint: str, key: str) -> dict[str, Any]:
+    body = storage.s3_client(StorageSpec(endpoint=s3_endpoint)).get_object(Bucket="out", Key=key)["Body"].read()
+    return json.loads(body)
+
+
+def runs_of(server: MlflowServer, prefix: str) -> list[Any]:
+    c = client(server)
+    experiment = c.get_experiment_by_name(EXPERIMENT)
+    return c.search_runs([experiment.experiment_id], filter_string=f"tags.`kubetune.output` = 's3://out/{prefix}'")
+
+
+def history(server: MlflowServer, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client(server).get_metric_history(run_id, key))
+
+
+def test_every_metric_goes_with_its_step_and_the_model_is_registered(tmp_path: Path, s3_endpoint: str, mlflow: MlflowServer) -> None:
+    spec = tracked_spec(tmp_path, s3_endpoint, mlflow.uri, "registered", registerAs="tiny-digits", runName="first")
+    code, out = run_trainer(tmp_path, spec, nproc=2, env={"MLFLOW_TRACKING_USERNAME": "ci", "MLFLOW_TRACKING_PASSWORD": SECRET_PASSWORD})
+    assert code == 0, "\n".join(line for line in out.splitlines() if "[kubetune]" in line or "Error" in line)[-4000:]
+    metrics = read_json(s3_endpoint, "registered/metrics.json")
+    assert metrics["worldSize"] == 2  # both ranks trained; rank 0 alone reported
+    [run] = runs_of(mlflow, "registered")
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED" and run.info.run_name == "first"
+    # every logged point, read back through MLflow's client, equals metrics.json
+    for key in ("loss", "learningRate", "tokensPerSecond"):
+        assert history(mlflow, run_id, key) == [(p["step"], p[key]) for p in metrics["lossCurve"]], key
+    assert history(mlflow, run_id, "evalLoss") == [(0, metrics["evalLossBefore"])] + [(e["step"], e["evalLoss"]) for e in metrics["evals"]]
+    assert run.data.metrics["evalLossAfter"] == metrics["evalLossAfter"]
+    assert run.data.params["training.learningRate"] == "0.005" and run.data.params["worldSize"] == "2"
+    tags = run.data.tags
+    assert tags["kubetune.name"] == "t" and tags["kubetune.namespace"] == "default" and tags["kubetune.run"] == "1"
+    assert tags["kubetune.uid"].startswith("uid-") and tags["kubetune.model"] == "s3://out/registered/model/"
+    artifacts = {f.path for f in client(mlflow).list_artifacts(run_id)}
+    assert {"README.md", "loss.png", "metrics.json"} <= artifacts
+    # the registered version points at the model the job wrote, and the run
+    [version] = client(mlflow).search_model_versions("name = 'tiny-digits'")
+    assert version.source == "s3://out/registered/model/" and version.run_id == run_id
+    report = termination(tmp_path)["progress"]["tracking"]
+    assert report["mlflowRunId"] == run_id and report["mlflowModelVersion"] == f"tiny-digits/{version.version}"
+    assert report["mlflowRun"] == f"{mlflow.uri}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    assert metrics["tracking"]["mlflowRun"] == report["mlflowRun"]
+    assert metrics["tracking"]["delivery"]["MLflow"]["failed"] == 0
+    # the card links the run; the password is in no log, no file and not on the server
+    card = storage.s3_client(StorageSpec(endpoint=s3_endpoint)).get_object(Bucket="out", Key="registered/README.md")["Body"].read().decode()
+    assert report["mlflowRun"] in card
+    for text in (out, json.dumps(metrics), card, (tmp_path / "trainer-config.yaml").read_text(), json.dumps(run.data.params), json.dumps(tags)):
+        assert SECRET_PASSWORD not in text
+
+
+def test_a_restarted_gang_continues_the_same_run_without_duplicate_steps(tmp_path: Path, s3_endpoint: str, mlflow: MlflowServer) -> None:
+    spec = tracked_spec(tmp_path, s3_endpoint, mlflow.uri, "restarted")
+    spec["distributed"]["procsPerNode"] = 1
+    config = write_config(tmp_path, spec)
+    # gang 1: logs steps 2..14, checkpoints at 10, then rank 0 stops stepping at 16 and the gang is killed
+    proc = launch(tmp_path, config, 1, {"KUBETUNE_DEBUG_HANG_AT_STEP": "16"}, start_new_session=True)
+    assert proc.stdout is not None
+    seen = ""
+    deadline = time.monotonic() + 300
+    while "step 14/20" not in seen and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen += line
+    assert "step 14/20" in seen, seen[-3000:]
+    [run] = runs_of(mlflow, "restarted")
+    for _ in range(60):  # the worker sends in the background
+        if history(mlflow, run.info.run_id, "loss")[-1:] == [(14, history(mlflow, run.info.run_id, "loss")[-1][1])]:
+            break
+        time.sleep(0.5)
+    before = history(mlflow, run.info.run_id, "loss")
+    assert [s for s, _ in before] == [2, 4, 6, 8, 10, 12, 14]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # gang 2 resumes from step 10 and re-trains 11..14: the run goes on, steps 12 and 14 are not logged again
+    code, out = run_trainer(tmp_path, spec, nproc=1)
+    assert code == 0, out[-4000:]
+    assert "resumed from checkpoint step 10" in out and "(continued; steps up to 14 already logged)" in out
+    [again] = runs_of(mlflow, "restarted")
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    after = history(mlflow, run.info.run_id, "loss")
+    assert [s for s, _ in after] == list(range(2, 21, 2))  # each step once
+    assert after[:7] == before  # the first gang's points kept
+    metrics = read_json(s3_endpoint, "restarted/metrics.json")
+    assert [(p["step"], p["loss"]) for p in metrics["lossCurve"] if p["step"] > 14] == after[7:]
+
+
+class Proxy:
+    """A TCP forwarder in front of the server: closing it is the server going away, as the trainer sees it."""
+
+    def __init__(self, target_port: int):
+        self.target = target_port
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.open = True
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while self.open:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [conn, upstream]
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        """New connections are refused, and the open ones (a client's keep-alive pool) are cut."""
+        self.open = False
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # stops listening and wakes accept() (close alone does neither on Linux)
+        except OSError:
+            pass
+        self.sock.close()
+        for s in self.conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+
+def test_a_server_that_goes_away_mid_run_neither_fails_nor_stalls_training(tmp_path: Path, s3_endpoint: str, mlflow: MlflowServer) -> None:
+    proxy = Proxy(mlflow.port)
+    spec = tracked_spec(tmp_path, s3_endpoint, f"http://127.0.0.1:{proxy.port}", "server-gone", registerAs="never-registered")
+    spec["training"]["maxSteps"] = 40
+    spec["distributed"]["procsPerNode"] = 1
+    proc = launch(tmp_path, write_config(tmp_path, spec), 1, start_new_session=True)
+    assert proc.stdout is not None
+    out = ""
+    for line in proc.stdout:
+        out += line
+        if "step 4/40" in line:
+            proxy.close()  # connections refused from here on
+    code = proc.wait(timeout=600)
+    assert code == 0, out[-4000:]
+    assert out.count("is not taking metrics") == 1, out[-4000:]  # warned once
+    metrics = read_json(s3_endpoint, "server-gone/metrics.json")
+    delivery = metrics["tracking"]["delivery"]["MLflow"]
+    assert delivery["failed"] > 0 and delivery["sent"] > 0, delivery
+    assert "registered MLflow model version" not in out
+    assert termination(tmp_path)["exitCode"] == ExitCode.OK
+
+
+def test_an_unreachable_server_fails_the_job_before_training(tmp_path: Path, s3_endpoint: str) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    spec = tracked_spec(tmp_path, s3_endpoint, uri, "unreachable")
+    started = time.monotonic()
+    code, out = run_trainer(tmp_path, spec, nproc=1)
+    assert code == ExitCode.INFRASTRUCTURE, out[-3000:]
+    message = termination(tmp_path)["message"]
+    assert uri in message and "\n" not in message
+    assert "step 1/" not in out and time.monotonic() - started < 180
+    assert "Contents" not in storage.s3_client(StorageSpec(endpoint=s3_endpoint)).list_objects_v2(Bucket="out", Prefix="unreachable/checkpoints")
