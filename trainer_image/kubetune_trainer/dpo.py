@@ -83,18 +83,25 @@ def source_pairs(path: Any, label: str, fmt: str, fields: FieldMapping, spec: Da
             report.tokens += len(pair.chosen_ids) + len(pair.rejected_ids)
     if mapping is None:
         raise refuse(f"dataset {label} has no records")
+    _check_pairs(pairs, report, label, spec)
+    return pairs, report
+
+
+def _check_pairs(pairs: list[PairExample], report: SourceReport, label: str, spec: DatasetSpec) -> None:
+    """Refuse a source with too many invalid records (the reasons, counts and first places) or no pair left."""
+    from kubetune_trainer.records import refuse
+
     report.examples = len(pairs)
     if sum(report.invalid.values()) > spec.max_invalid_fraction * report.records:
         from kubetune_trainer.data import _check_source
 
-        _check_source(report, [], label, spec)  # the reasons, counts and first places
+        _check_source(report, [], label, spec)
     if not pairs:
         longest = max(report.lengths, default=0)
         raise refuse(
             f"no preference pair in {label} keeps a reply within spec.dataset.maxSeqLength {spec.max_seq_length}: {report.dropped} of "
             f"{report.records} pairs lost every reply token (overflow {spec.overflow}; longest pair {longest} tokens); raise maxSeqLength"
         )
-    return pairs, report
 
 
 def _fit_pair(pair: PairExample, spec: DatasetSpec, where: object, report: SourceReport) -> PairExample | None:

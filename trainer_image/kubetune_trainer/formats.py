@@ -161,23 +161,7 @@ def resolve(record: Any, where: Where, fmt: str, fields: FieldMapping, objective
     if objective == "dpo" and fmt not in ("auto", "preference"):
         raise refuse(f"objective dpo reads preference pairs (format preference: chosen, rejected and an optional prompt), not format {fmt}; set spec.dataset.format: preference (or auto)")
     if fmt == "auto":
-        order = ("preference",) if objective == "dpo" else DETECT_ORDER
-        for candidate in order:
-            if all(_find(record, k, fields, where) for k in REQUIRED[candidate]):
-                fmt = candidate
-                break
-        else:
-            if objective == "dpo":
-                raise refuse(
-                    f"{where}: objective dpo needs preference pairs: {_options('chosen', fields)} and {_options('rejected', fields)} "
-                    f"(strings or message lists), with an optional {_options('prompt', fields)}, but the record has columns {sorted(record)}; "
-                    "map yours with spec.dataset.fields.chosen / rejected / prompt"
-                )
-            expected = "; ".join(f"{f}: " + " + ".join(_options(k, fields) for k in REQUIRED[f]) for f in DETECT_ORDER)
-            raise refuse(
-                f"{where}: cannot detect the dataset format from columns {sorted(record)}; expected one of {expected}. "
-                "Set spec.dataset.format and map your columns with spec.dataset.fields (e.g. fields.response: <column>)"
-            )
+        fmt = _detect(record, where, fields, objective)
     if fmt not in REQUIRED:
         raise refuse(f"unknown dataset format {fmt}; use one of auto, {', '.join(REQUIRED)}")
     columns: dict[str, str] = {}
@@ -203,6 +187,25 @@ def resolve(record: Any, where: Where, fmt: str, fields: FieldMapping, objective
     if fmt == "chat":
         columns.update(_message_keys(_messages(record[columns["messages"]], where, columns["messages"]), where, columns["messages"], fields))
     return Mapping(fmt, columns, roles)
+
+
+def _detect(record: dict[str, Any], where: Where, fields: FieldMapping, objective: str) -> str:
+    """format auto: the first format whose required columns the record has (under objective dpo: preference only)."""
+    order = ("preference",) if objective == "dpo" else DETECT_ORDER
+    for candidate in order:
+        if all(_find(record, k, fields, where) for k in REQUIRED[candidate]):
+            return candidate
+    if objective == "dpo":
+        raise refuse(
+            f"{where}: objective dpo needs preference pairs: {_options('chosen', fields)} and {_options('rejected', fields)} "
+            f"(strings or message lists), with an optional {_options('prompt', fields)}, but the record has columns {sorted(record)}; "
+            "map yours with spec.dataset.fields.chosen / rejected / prompt"
+        )
+    expected = "; ".join(f"{f}: " + " + ".join(_options(k, fields) for k in REQUIRED[f]) for f in DETECT_ORDER)
+    raise refuse(
+        f"{where}: cannot detect the dataset format from columns {sorted(record)}; expected one of {expected}. "
+        "Set spec.dataset.format and map your columns with spec.dataset.fields (e.g. fields.response: <column>)"
+    )
 
 
 def _messages(value: Any, where: Where, column: str) -> list[Any]:

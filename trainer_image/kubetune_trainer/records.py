@@ -154,23 +154,7 @@ def dataset_files(path: Path) -> list[Path]:
         )
     if path.is_file():
         return [path]
-    splits = dict_splits(path)
-    if splits is not None:  # a DatasetDict: train on its `train` split (or its only one), or the one named
-        if split is None:
-            split = "train" if "train" in splits else (splits[0] if len(splits) == 1 else None)
-            if split is None:
-                raise refuse(
-                    f"{path} is a DatasetDict with splits {splits} and none is `train`; choose one with {path}#<split>"
-                )
-        elif split not in splits:
-            raise refuse(
-                f"{path} is a DatasetDict with splits {splits}, not {split!r}; choose one with {path}#<split>"
-            )
-        path = path / split
-    elif split is not None:
-        raise refuse(
-            f"{path}#{split}: a split can only be chosen in a `datasets` DatasetDict directory (dataset_dict.json), and {path} is not one"
-        )
+    path = _split_dir(path, split)
     if (path / "state.json").is_file():
         return _saved_files(path)
     files: list[Path] = []
@@ -190,6 +174,25 @@ def dataset_files(path: Path) -> list[Path]:
     if not files:
         raise refuse(f"no dataset files under {path}; supported: {SUPPORTED}")
     return files
+
+
+def _split_dir(path: Path, split: str | None) -> Path:
+    """A DatasetDict directory: its split's directory (the one named, else `train` or its only one); any other
+    directory as it is (naming a split there is refused)."""
+    splits = dict_splits(path)
+    if splits is None:
+        if split is not None:
+            raise refuse(
+                f"{path}#{split}: a split can only be chosen in a `datasets` DatasetDict directory (dataset_dict.json), and {path} is not one"
+            )
+        return path
+    if split is None:
+        split = "train" if "train" in splits else (splits[0] if len(splits) == 1 else None)
+        if split is None:
+            raise refuse(f"{path} is a DatasetDict with splits {splits} and none is `train`; choose one with {path}#<split>")
+    elif split not in splits:
+        raise refuse(f"{path} is a DatasetDict with splits {splits}, not {split!r}; choose one with {path}#<split>")
+    return path / split
 
 
 def _saved_files(path: Path) -> list[Path]:
