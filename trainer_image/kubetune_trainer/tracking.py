@@ -417,10 +417,28 @@ class WandbSink:
         self.run.summary.update(figures)
 
     def end(self, exit_code: int) -> Path | None:
-        """Close the run; the offline run directory, if any."""
+        """Close the run and stop W&B's service process, which writes the run file (finish() can return
+        before it has); the offline run directory, once its run file stopped growing."""
+        import wandb
+
         run_dir = Path(self.run.dir).parent if self.run is not None and self.spec.mode == "offline" else None
         self.run.finish(exit_code=exit_code)
+        wandb.teardown()
+        if run_dir is not None:
+            wait_until_still(list(run_dir.glob("*.wandb")))
         return run_dir
+
+
+def wait_until_still(files: list[Path], timeout: float = 30.0, quiet: float = 1.0) -> None:
+    """Wait (at most `timeout` s) until the files' sizes have not changed for `quiet` s."""
+    deadline, last, since = time.monotonic() + timeout, None, time.monotonic()
+    while time.monotonic() < deadline:
+        sizes = [f.stat().st_size if f.exists() else -1 for f in files]
+        if sizes != last:
+            last, since = sizes, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.2)
 
 
 # ------------------------------------------------------------------ the tracker the trainer holds
