@@ -21,6 +21,7 @@ quickstart: install
 ## node; the e2e binaries and images are built on first use and cached, see e2e/README.md)
 test: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(MAKE) docs
 	$(VENV)/bin/pytest tests e2e
@@ -35,6 +36,7 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(MAKE) docs
 

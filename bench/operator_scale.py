@@ -67,8 +67,10 @@ def install(suite: ModuleType, cluster: Any, kctl: Any) -> Path:
     r = kctl("apply", "--server-side", "-f", str(suite.CRD), check=False)
     if r.returncode:
         raise RuntimeError(r.stderr)
-    established = lambda crd: any(c["type"] == "Established" and c["status"] == "True"  # noqa: E731
-                                  for c in (crd.get("status") or {}).get("conditions") or [])
+    def established(crd: dict[str, Any]) -> bool:
+        conditions = (crd.get("status") or {}).get("conditions") or []
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
     cluster.admin.wait_for("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.kubetune.io", established)
     for ns in (suite.RELEASE_NS, *suite.NAMESPACES.values(), BARE_NS):
         cluster.create_namespace(ns)

@@ -251,7 +251,10 @@ def job_memory(spec: FineTuneJobSpec, model_dir: Path, max_tokens: int, on_gpu: 
     trainable, total, config = parameter_counts(spec, model_dir)
     if deepspeed is None:
         weight = 4 if (not on_gpu or (spec.model.dtype == "auto" and spec.method == "full")) else 2
-        sizes = lambda: (ddp_state_bytes(total, trainable, weight, 4 if spec.method == "lora" else weight), gpu_memory or 80 * GIB)  # noqa: E731
+
+        def sizes() -> tuple[int, int]:
+            return ddp_state_bytes(total, trainable, weight, 4 if spec.method == "lora" else weight), gpu_memory or 80 * GIB
+
         deepspeed = choose_backend(spec, on_gpu, sizes).deepspeed
     tokens = spec.training.per_device_batch_size * (spec.dataset.max_seq_length if spec.dataset.packing else min(max_tokens, spec.dataset.max_seq_length))
     available = gpu_memory if on_gpu else memory_limit_per_process(spec)
