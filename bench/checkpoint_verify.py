@@ -51,7 +51,12 @@ def measure(directory: Path) -> dict[str, float]:
         with open(directory / f, "rb") as handle:
             while handle.read(1 << 24):
                 pass
-    result = {"files": len(files), "gib": size / 2**30, "read_s": time.perf_counter() - started, "load_average": os.getloadavg()[0]}
+    result = {
+        "files": len(files),
+        "gib": size / 2**30,
+        "read_s": time.perf_counter() - started,
+        "load_average": os.getloadavg()[0],
+    }
     for threads in (1, 2, 8):
         ckpt.HASH_THREADS = threads
         started = time.perf_counter()

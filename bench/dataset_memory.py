@@ -58,13 +58,17 @@ print(json.dumps({{"records": n, "peak": resource.getrusage(resource.RUSAGE_SELF
 
 
 def measure(path: Path, mode: str) -> dict[str, int]:
-    code = CHILD.format(operator=str(REPO / "operator"), trainer=str(REPO / "trainer_image"), path=str(path), mode=mode)
+    code = CHILD.format(
+        operator=str(REPO / "operator"), trainer=str(REPO / "trainer_image"), path=str(path), mode=mode
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mb", type=int, default=300)
     parser.add_argument("--largest-mb", type=int, default=8)
     parser.add_argument("--out", type=Path)
@@ -78,9 +82,13 @@ def main() -> None:
             result[mode] = measure(path, mode)
     mib = 1 << 20
     k, w = result["kubetune"]["peak"], result["whole"]["peak"]
-    print(f"JSON array {size / mib:.0f} MiB, {result['kubetune']['records']} records, largest record {largest / mib:.1f} MiB")
+    print(
+        f"JSON array {size / mib:.0f} MiB, {result['kubetune']['records']} records, largest record {largest / mib:.1f} MiB"
+    )
     print(f"  json.load (whole):       peak RSS growth {w / mib:8.1f} MiB ({w / size:.1f}x the file)")
-    print(f"  kubetune (streamed):     peak RSS growth {k / mib:8.1f} MiB ({k / largest:.2f}x the largest record)")
+    print(
+        f"  kubetune (streamed):     peak RSS growth {k / mib:8.1f} MiB ({k / largest:.2f}x the largest record)"
+    )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 

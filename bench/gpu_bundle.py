@@ -17,7 +17,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-NATIVE = re.compile(r"^(?P<pkg>[^/]+)/lib(?P=pkg)_(?P<variant>[a-z]+[0-9]*)\.so$")  # bitsandbytes/libbitsandbytes_cuda130.so
+NATIVE = re.compile(
+    r"^(?P<pkg>[^/]+)/lib(?P=pkg)_(?P<variant>[a-z]+[0-9]*)\.so$"
+)  # bitsandbytes/libbitsandbytes_cuda130.so
 
 
 def native_variants(names: list[str]) -> dict[str, str]:
@@ -44,11 +46,15 @@ def slim(wheel: Path, keep: list[str]) -> tuple[int, int]:
                     data = src.read(info)
                     if info.filename == record:
                         lines = data.decode().splitlines()
-                        data = ("\n".join(line for line in lines if line.split(",", 1)[0] not in drop) + "\n").encode()
+                        data = (
+                            "\n".join(line for line in lines if line.split(",", 1)[0] not in drop) + "\n"
+                        ).encode()
                     dst.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
     Path(tmp.name).replace(wheel)
     after = wheel.stat().st_size
-    print(f"{wheel.name}: kept {sorted(keep)} of {sorted(variants)}; {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
+    print(
+        f"{wheel.name}: kept {sorted(keep)} of {sorted(variants)}; {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB"
+    )
     return before, after
 
 
@@ -97,7 +103,9 @@ def verify(bundle: Path, site: Path) -> int:
             pkg = next(iter(native_variants(zipfile.ZipFile(wheel).namelist()).values())).split("/")[0]
             present = set(native_variants([f"{pkg}/{p.name}" for p in (site / pkg).glob("*.so")]))
             if present != wanted:
-                problems.append(f"{pkg}: native libraries {sorted(present)} installed, wheel has {sorted(wanted)}")
+                problems.append(
+                    f"{pkg}: native libraries {sorted(present)} installed, wheel has {sorted(wanted)}"
+                )
         problems += [f"{wheel.name}: {p}" for p in check_record(wheel)]
     for p in problems:
         print(p)

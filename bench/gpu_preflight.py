@@ -49,7 +49,9 @@ def check_attention(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     lengths = [300, 17, 1024, 1, 511] if device.type == "cuda" else [40, 3, 65, 1, 22]
     hq, hkv, d = 14, 2, 64
     total = sum(lengths)
-    q, k, v = (torch.randn(1, h, total, d, generator=g).to(device, dtype).requires_grad_() for h in (hq, hkv, hkv))
+    q, k, v = (
+        torch.randn(1, h, total, d, generator=g).to(device, dtype).requires_grad_() for h in (hq, hkv, hkv)
+    )
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
     class Module(torch.nn.Module):
@@ -64,7 +66,11 @@ def check_attention(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
     pieces = []
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
-        pieces.append(F.scaled_dot_product_attention(qr[:, :, a:b], kr[:, :, a:b], vr[:, :, a:b], is_causal=True, scale=d**-0.5, enable_gqa=True))
+        pieces.append(
+            F.scaled_dot_product_attention(
+                qr[:, :, a:b], kr[:, :, a:b], vr[:, :, a:b], is_causal=True, scale=d**-0.5, enable_gqa=True
+            )
+        )
     ref = torch.cat(pieces, dim=2).transpose(1, 2)  # (1, T, H, D)
     rq, rk, rv = torch.autograd.grad(ref, (qr, kr, vr), grad_out.float())
     errs = {"out": rel_err(out, ref), "dq": rel_err(gq, rq), "dk": rel_err(gk, rk), "dv": rel_err(gv, rv)}
@@ -93,15 +99,23 @@ def check_model(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     assert attention.use(model)
     g = torch.Generator().manual_seed(1)
     lengths = [200, 33, 511, 2] if device.type == "cuda" else [20, 7, 31, 2]
-    exs = [Example(ids := torch.randint(0, 512, (n,), generator=g).tolist(), ids, list(range(n))) for n in lengths]
-    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batching.flatten(exs, max(lengths)).items()}
+    exs = [
+        Example(ids := torch.randint(0, 512, (n,), generator=g).tolist(), ids, list(range(n)))
+        for n in lengths
+    ]
+    batch = {
+        k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+        for k, v in batching.flatten(exs, max(lengths)).items()
+    }
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def token_losses(b: dict[str, Any]) -> torch.Tensor:
         with autocast:
             logits = model(**b, use_cache=False).logits.float()
         labels = b["labels"][:, 1:]
-        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp(min=0), reduction="none")
+        ce = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp(min=0), reduction="none"
+        )
         return ce * (labels.reshape(-1) != IGNORE)
 
     model.zero_grad()
@@ -111,14 +125,21 @@ def check_model(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     model.zero_grad()
     alone = []
     for e in exs:
-        loss = token_losses({"input_ids": torch.tensor([e.input_ids], device=device), "labels": torch.tensor([e.labels], device=device)})
+        loss = token_losses(
+            {
+                "input_ids": torch.tensor([e.input_ids], device=device),
+                "labels": torch.tensor([e.labels], device=device),
+            }
+        )
         loss.sum().backward()
         alone.append(loss.detach())
     pieces, start = [], 0
     for n in lengths:
         pieces.append(together.detach()[start : start + n - 1])
         start += n
-    loss_err = max(float((a - b).abs().max()) if a.numel() else 0.0 for a, b in zip(pieces, alone, strict=True))
+    loss_err = max(
+        float((a - b).abs().max()) if a.numel() else 0.0 for a, b in zip(pieces, alone, strict=True)
+    )
     grad_err = max(rel_err(grads[n], p.grad) for n, p in model.named_parameters())
     tol_loss, tol_grad = (5e-2, 5e-2) if dtype != torch.float32 else (1e-4, 1e-4)
     return {"check": "model", "dtype": str(dtype), "lengths": lengths, "max_token_loss_diff": loss_err, "max_grad_rel_err": grad_err,
@@ -144,9 +165,16 @@ def check_loss(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         got = kernels.fused_linear_cross_entropy_sum(h, w, None, labels) / count
     else:
         name = "plain F.linear + F.cross_entropy"
-        got = F.cross_entropy(F.linear(h.float(), w.float()), labels, ignore_index=IGNORE, reduction="sum") / count
+        got = (
+            F.cross_entropy(F.linear(h.float(), w.float()), labels, ignore_index=IGNORE, reduction="sum")
+            / count
+        )
     gh, gw = torch.autograd.grad(got, (h, w))
-    errs = {"loss": abs(float(got) - float(reference)) / abs(float(reference)), "dh": rel_err(gh, rh), "dw": rel_err(gw, rw)}
+    errs = {
+        "loss": abs(float(got) - float(reference)) / abs(float(reference)),
+        "dh": rel_err(gh, rh),
+        "dw": rel_err(gw, rw),
+    }
     tol = 2e-2 if dtype != torch.float32 else 1e-5
     return {"check": "loss", "against_loss_py": name, "dtype": str(dtype), "shape": [tokens, hidden, vocab], "rel_err": errs,
             "tolerance": tol, "ok": all(e < tol for e in errs.values())}  # fmt: skip
@@ -170,7 +198,11 @@ def check_liger(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     saved = {name: getattr(mq, name) for name in ("apply_rotary_pos_emb", "Qwen2RMSNorm", "Qwen2MLP")}
     if any("liger" in getattr(v, "__module__", "") for v in saved.values()):
         return {"check": "liger", "ok": False, "error": f"transformers' Qwen2 is patched already: {saved}"}
-    eager_rope, eager_norm, eager_mlp = saved["apply_rotary_pos_emb"], saved["Qwen2RMSNorm"], saved["Qwen2MLP"]
+    eager_rope, eager_norm, eager_mlp = (
+        saved["apply_rotary_pos_emb"],
+        saved["Qwen2RMSNorm"],
+        saved["Qwen2MLP"],
+    )
     if liger:
         from liger_kernel.transformers.rms_norm import LigerRMSNorm
         from liger_kernel.transformers.rope import liger_rotary_pos_emb
@@ -180,7 +212,13 @@ def check_liger(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     g = torch.Generator().manual_seed(3)
     gpu = device.type == "cuda"
     hidden, inter, heads, kv, d, tokens = (896, 4864, 14, 2, 64, 4096) if gpu else (64, 176, 4, 2, 16, 96)
-    cfg = Qwen2Config(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv, rms_norm_eps=1e-6)
+    cfg = Qwen2Config(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        rms_norm_eps=1e-6,
+    )
     tol = 2e-2 if dtype != torch.float32 else 1e-5
 
     def compare(fn_kernel: Any, fn_eager: Any, inputs: list[torch.Tensor]) -> dict[str, Any]:
@@ -192,7 +230,9 @@ def check_liger(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
             outs, weights = fn(*xs, cast)
             outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
             gen = torch.Generator().manual_seed(9)
-            grads = torch.autograd.grad(outs, xs + weights, [torch.randn(o.shape, generator=gen).to(device, o.dtype) for o in outs])
+            grads = torch.autograd.grad(
+                outs, xs + weights, [torch.randn(o.shape, generator=gen).to(device, o.dtype) for o in outs]
+            )
             return [o.detach().float() for o in outs] + [gr.float() for gr in grads]
 
         kernel, eager, ref = run(fn_kernel, dtype), run(fn_eager, dtype), run(fn_eager, torch.float32)
@@ -208,7 +248,11 @@ def check_liger(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     q = torch.randn(1, heads, tokens, d, generator=g).to(device)
     k = torch.randn(1, kv, tokens, d, generator=g).to(device)
     rotary = mq.Qwen2RotaryEmbedding(cfg).to(device)
-    pos = torch.cat([torch.arange(n) for n in (tokens // 2, tokens // 4, tokens - tokens // 2 - tokens // 4)]).unsqueeze(0).to(device)
+    pos = (
+        torch.cat([torch.arange(n) for n in (tokens // 2, tokens // 4, tokens - tokens // 2 - tokens // 4)])
+        .unsqueeze(0)
+        .to(device)
+    )
 
     def rope(fn: Any) -> Any:
         def call(q_: torch.Tensor, k_: torch.Tensor, cast: torch.dtype) -> Any:
@@ -230,7 +274,9 @@ def check_liger(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
 
         return call
 
-    results["rms_norm"] = compare(norm(LigerRMSNorm), norm(eager_norm), [torch.randn(1, tokens, hidden, generator=g).to(device)])
+    results["rms_norm"] = compare(
+        norm(LigerRMSNorm), norm(eager_norm), [torch.randn(1, tokens, hidden, generator=g).to(device)]
+    )
     # SwiGLU MLP: gate, up and down projections with the same weights; their gradients too.
     torch.manual_seed(4)
     state = {n: t.to(device) for n, t in eager_mlp(cfg).state_dict().items()}
@@ -244,7 +290,11 @@ def check_liger(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
 
         return call
 
-    results["swiglu"] = compare(mlp(LigerSwiGLUMLP), mlp(eager_mlp), [0.5 * torch.randn(1, tokens // 4, hidden, generator=g).to(device)])
+    results["swiglu"] = compare(
+        mlp(LigerSwiGLUMLP),
+        mlp(eager_mlp),
+        [0.5 * torch.randn(1, tokens // 4, hidden, generator=g).to(device)],
+    )
     results["model"] = _liger_model(device, dtype, liger, saved, tol)
     ok = all(r["ok"] for r in results.values())
     return {"check": "liger", "kernels": "liger (Triton)" if liger else "eager stands in (no CUDA)", "dtype": str(dtype),
@@ -252,7 +302,9 @@ def check_liger(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
             "tolerance": tol, "ok": ok}  # fmt: skip
 
 
-def _liger_model(device: torch.device, dtype: torch.dtype, liger: bool, saved: dict[str, Any], tol: float) -> dict[str, Any]:
+def _liger_model(
+    device: torch.device, dtype: torch.dtype, liger: bool, saved: dict[str, Any], tol: float
+) -> dict[str, Any]:
     """A small Qwen2: kernels.apply_liger (what the trainer does) vs the same weights without, loss and gradients."""
     import copy
 
@@ -266,7 +318,9 @@ def _liger_model(device: torch.device, dtype: torch.dtype, liger: bool, saved: d
                       num_key_value_heads=1, max_position_embeddings=2048, use_cache=False, attn_implementation="sdpa")  # fmt: skip
     eager = Qwen2ForCausalLM(cfg).to(device)
     patched = copy.deepcopy(eager)
-    ids = torch.randint(0, 512, (2, 256 if device.type == "cuda" else 32), generator=torch.Generator().manual_seed(6)).to(device)
+    ids = torch.randint(
+        0, 512, (2, 256 if device.type == "cuda" else 32), generator=torch.Generator().manual_seed(6)
+    ).to(device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def loss_grads(model: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -286,7 +340,12 @@ def _liger_model(device: torch.device, dtype: torch.dtype, liger: bool, saved: d
         return {"ok": False, "error": f"kernels.apply_liger patched {applied}"}
     loss_diff = abs(float(got_loss - eager_loss))
     grad_err = max(rel_err(got_grads[n], g) for n, g in eager_grads.items())
-    return {"patched": applied, "loss_diff": loss_diff, "max_grad_rel_err": grad_err, "ok": loss_diff < 5 * tol and grad_err < 5 * tol}
+    return {
+        "patched": applied,
+        "loss_diff": loss_diff,
+        "max_grad_rel_err": grad_err,
+        "ok": loss_diff < 5 * tol and grad_err < 5 * tol,
+    }
 
 
 def check_compile(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -321,8 +380,14 @@ def check_compile(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
             os.environ[kernels.ENV_COMPILE] = old
     g = torch.Generator().manual_seed(8)
     lengths = [200, 33, 511, 2] if gpu else [20, 7, 31, 2]
-    exs = [Example(ids := torch.randint(0, 512, (n,), generator=g).tolist(), ids, list(range(n))) for n in lengths]
-    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batching.flatten(exs, max(lengths)).items()}
+    exs = [
+        Example(ids := torch.randint(0, 512, (n,), generator=g).tolist(), ids, list(range(n)))
+        for n in lengths
+    ]
+    batch = {
+        k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+        for k, v in batching.flatten(exs, max(lengths)).items()
+    }
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def loss_grads(model: Any) -> tuple[float, dict[str, torch.Tensor]]:
@@ -369,14 +434,22 @@ def check_skip(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
             "ok": skipped and updated}  # fmt: skip
 
 
-CHECKS = {"attention": check_attention, "model": check_model, "loss": check_loss, "liger": check_liger, "skip": check_skip,
-          "compile": check_compile}
+CHECKS = {
+    "attention": check_attention,
+    "model": check_model,
+    "loss": check_loss,
+    "liger": check_liger,
+    "skip": check_skip,
+    "compile": check_compile,
+}
 DEFAULT_CHECKS = ("attention", "model", "loss", "liger", "skip")  # compile: call B (bench/gpu_check.sh)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cpu-rehearsal", action="store_true", help="run on the CPU in fp32 (only the device changes)")
+    ap.add_argument(
+        "--cpu-rehearsal", action="store_true", help="run on the CPU in fp32 (only the device changes)"
+    )
     ap.add_argument("--checks", default=",".join(DEFAULT_CHECKS), help=f"comma-separated, of {list(CHECKS)}")
     ap.add_argument("--out", help="also write the results as one JSON list here (rewritten after each check)")
     a = ap.parse_args(argv)
@@ -393,7 +466,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             r = check(device, dtype)
         except Exception as exc:  # a broken kernel is a failed check, reported with the others
-            r = {"check": check.__name__.removeprefix("check_"), "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            r = {
+                "check": check.__name__.removeprefix("check_"),
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}",
+            }
         r["seconds"] = round(time.time() - started, 2)
         results.append(r)
         print(json.dumps(r), flush=True)

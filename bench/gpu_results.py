@@ -74,9 +74,19 @@ def merge(out: Path, state: Path | None, call: str) -> Path:
 def summary(out: Path, call: str) -> int:
     failed = []
     for s in stages(out):
-        verdict = "ok" if s["exit"] == 0 else ("TIMED OUT" if s["exit"] in (124, 137) else ("SKIPPED (no time left)" if s["exit"] == -1 else "FAILED"))
+        verdict = (
+            "ok"
+            if s["exit"] == 0
+            else (
+                "TIMED OUT"
+                if s["exit"] in (124, 137)
+                else ("SKIPPED (no time left)" if s["exit"] == -1 else "FAILED")
+            )
+        )
         cpu = f"  ({s['cpu_seconds']:.0f} s of CPU)" if "cpu_seconds" in s else ""
-        print(f"  {s['stage']:<13} exit {s['exit']:>4}  {s['seconds']:>5} s of {s['limit']:>3} s{cpu}  {verdict}")
+        print(
+            f"  {s['stage']:<13} exit {s['exit']:>4}  {s['seconds']:>5} s of {s['limit']:>3} s{cpu}  {verdict}"
+        )
         if s["exit"] != 0:
             failed.append(s["stage"])
     print(f"call {call}: " + (f"FAILED stages: {', '.join(failed)}" if failed else "every stage passed"))

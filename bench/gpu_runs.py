@@ -38,7 +38,12 @@ CASES: dict[str, dict[str, Any]] = {
     "zero3-full": {"method": "full", "backend": "deepspeed", "zero": 3, "packing": True},
     # The adapter methods that change the GPU path: DoRA's magnitude vectors, QLoRA's 4-bit NF4 base (bitsandbytes).
     "ddp-dora": {"method": "dora", "backend": "ddp", "packing": False},
-    "ddp-qlora": {"method": "lora", "backend": "ddp", "packing": False, "quantization": {"bits": 4, "type": "nf4", "doubleQuant": True}},
+    "ddp-qlora": {
+        "method": "lora",
+        "backend": "ddp",
+        "packing": False,
+        "quantization": {"bits": 4, "type": "nf4", "doubleQuant": True},
+    },
 }
 
 
@@ -79,7 +84,9 @@ def write_chains(work: Path, vocab: int, n: int = 256) -> None:
             handle.write(json.dumps({"text": tt.ids_to_text(ids, vocab)}) + "\n")
 
 
-def launch(name: str, case: dict[str, Any], work: Path, steps: int, gpu: bool) -> tuple[subprocess.Popen, Path]:
+def launch(
+    name: str, case: dict[str, Any], work: Path, steps: int, gpu: bool
+) -> tuple[subprocess.Popen, Path]:
     import socket
 
     from kubetune.api.models import FineTuneJobSpec
@@ -102,7 +109,9 @@ def launch(name: str, case: dict[str, Any], work: Path, steps: int, gpu: bool) -
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
            "--master-port", str(ports[1]), "-m", "kubetune_trainer", "--config", str(run_dir / "trainer-config.yaml")]  # fmt: skip
     log = open(run_dir / "log", "w")
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), run_dir
+    return subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    ), run_dir
 
 
 def verdict(name: str, code: int, run_dir: Path, seconds: float) -> dict[str, Any]:
@@ -125,10 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-rehearsal", action="store_true", help="run on the CPU (only the device changes)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--runs", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
-    ap.add_argument("--first", default="", help="runs that go alone first (they compile the Triton kernels the others then find in the cache)")
+    ap.add_argument(
+        "--first",
+        default="",
+        help="runs that go alone first (they compile the Triton kernels the others then find in the cache)",
+    )
     ap.add_argument("--parallel", type=int, help="runs at once (default: 4 on a GPU, 2 on a CPU)")
     ap.add_argument("--timeout", type=int, help="seconds for all runs (default: $STAGE_LIMIT - 15, else 240)")
-    ap.add_argument("--sabotage", default="", help="make this run fail (its dataset does not exist): shows the others still report")
+    ap.add_argument(
+        "--sabotage",
+        default="",
+        help="make this run fail (its dataset does not exist): shows the others still report",
+    )
     ap.add_argument("--out", help="also write the results as one JSON list here (rewritten after each run)")
     a = ap.parse_args(argv)
     import torch
@@ -148,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.time() + timeout
     running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
 
-    def stop(signum: int, frame: Any) -> None:  # the stage's timeout: the runs are in their own sessions, end them too
+    def stop(
+        signum: int, frame: Any
+    ) -> None:  # the stage's timeout: the runs are in their own sessions, end them too
         for proc, _, _ in running.values():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, 9)
@@ -157,18 +176,38 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     with tempfile.TemporaryDirectory(prefix="kubetune-gpu-runs-") as tmp:
         work = Path(tmp)
-        p = {"tiny": True, "attn": "sdpa", "seq": 128, "mb": 4, "steps": a.steps * 4, "vocab": tt.model_config(True, "sdpa").vocab_size}
+        p = {
+            "tiny": True,
+            "attn": "sdpa",
+            "seq": 128,
+            "mb": 4,
+            "steps": a.steps * 4,
+            "vocab": tt.model_config(True, "sdpa").vocab_size,
+        }
         tt.prepare(p, work)
         write_chains(work, p["vocab"])
         queue = [n for n in first if n in names] + [n for n in names if n not in first]
         parallel = a.parallel or (4 if gpu else 2)
-        print(f"{len(queue)} runs, {steps_note(a.steps)}, {len(first)} first, then at most {parallel} at a time; {timeout} s in all", flush=True)
+        print(
+            f"{len(queue)} runs, {steps_note(a.steps)}, {len(first)} first, then at most {parallel} at a time; {timeout} s in all",
+            flush=True,
+        )
         while queue or running:
-            gate = [n for n in first if n in running]  # the first runs go alone (together), the rest wait for them
+            gate = [
+                n for n in first if n in running
+            ]  # the first runs go alone (together), the rest wait for them
             while queue and len(running) < parallel and not (gate and queue[0] not in first):
                 name = queue.pop(0)
-                if time.time() > deadline - 10:  # no time left to start it: say so rather than start and kill it
-                    r = {"run": name, "exit": None, "seconds": 0, "ok": False, "error": "not started: the stage's time ran out"}
+                if (
+                    time.time() > deadline - 10
+                ):  # no time left to start it: say so rather than start and kill it
+                    r = {
+                        "run": name,
+                        "exit": None,
+                        "seconds": 0,
+                        "ok": False,
+                        "error": "not started: the stage's time ran out",
+                    }
                     results.append(r)
                     print(json.dumps(r), flush=True)
                     continue
@@ -190,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
     failed = [r["run"] for r in results if not r["ok"]]
-    print(f"trainer runs on {'cuda' if gpu else 'cpu'}: " + (f"FAILED {failed}" if failed else f"all {len(results)} passed"), flush=True)
+    print(
+        f"trainer runs on {'cuda' if gpu else 'cpu'}: "
+        + (f"FAILED {failed}" if failed else f"all {len(results)} passed"),
+        flush=True,
+    )
     return 1 if failed else 0
 
 

@@ -75,11 +75,19 @@ def main(argv: list[str] | None = None) -> int:
         report.update(extra, import_errors=errors)
         for module, error in errors.items():
             print(f"  import {module}: {error}")
-        print("imports: " + (f"{len(errors)} failed" if errors else f"all {len(MODULES)} ok") + f"; device {extra.get('device')}")
+        print(
+            "imports: "
+            + (f"{len(errors)} failed" if errors else f"all {len(MODULES)} ok")
+            + f"; device {extra.get('device')}"
+        )
         code = 1 if errors else 0
     import platform
 
-    report["device"] = report.get("device") or (report["gpu"] or "").split(",")[0] or f"cpu ({platform.processor() or platform.machine()})"
+    report["device"] = (
+        report.get("device")
+        or (report["gpu"] or "").split(",")[0]
+        or f"cpu ({platform.processor() or platform.machine()})"
+    )
     if a.out:
         a.out.write_text(json.dumps(report, indent=2) + "\n")
     return code

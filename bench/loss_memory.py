@@ -115,7 +115,13 @@ def main() -> int:
     result = {
         "device": m["device"],
         "date": time.strftime("%Y-%m-%d"),
-        "settings": {"tokens": a.tokens, "hidden": a.hidden, "vocab": a.vocab, "dtype": a.dtype, "reps": a.reps},
+        "settings": {
+            "tokens": a.tokens,
+            "hidden": a.hidden,
+            "vocab": a.vocab,
+            "dtype": a.dtype,
+            "reps": a.reps,
+        },
         "model": m,
         "chunked": c,
         "mem_ratio": c["peak_mib"] / m["peak_mib"] if m["peak_mib"] > 0 else None,

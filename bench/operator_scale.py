@@ -67,11 +67,14 @@ def install(suite: ModuleType, cluster: Any, kctl: Any) -> Path:
     r = kctl("apply", "--server-side", "-f", str(suite.CRD), check=False)
     if r.returncode:
         raise RuntimeError(r.stderr)
+
     def established(crd: dict[str, Any]) -> bool:
         conditions = (crd.get("status") or {}).get("conditions") or []
         return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
-    cluster.admin.wait_for("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.kubetune.io", established)
+    cluster.admin.wait_for(
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.kubetune.io", established
+    )
     for ns in (suite.RELEASE_NS, *suite.NAMESPACES.values(), BARE_NS):
         cluster.create_namespace(ns)
     try:
@@ -79,7 +82,11 @@ def install(suite: ModuleType, cluster: Any, kctl: Any) -> Path:
     except BaseException as exc:  # no helm binary (pytest.skip raises a BaseException): admin credentials
         print(f"no chart RBAC ({exc}); the operator runs with the admin kubeconfig", flush=True)
         return Path(cluster.kubeconfig)
-    runnable = [d for d in docs if d["kind"] != "Deployment" and "helm.sh/hook" not in (d["metadata"].get("annotations") or {})]
+    runnable = [
+        d
+        for d in docs
+        if d["kind"] != "Deployment" and "helm.sh/hook" not in (d["metadata"].get("annotations") or {})
+    ]
     r = kctl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(runnable), check=False)
     if r.returncode:
         raise RuntimeError(r.stderr)
@@ -90,7 +97,9 @@ def install(suite: ModuleType, cluster: Any, kctl: Any) -> Path:
 class Operator:
     """`kubetune operator` as a local process (its flags and KUBETUNE_* settings given here)."""
 
-    def __init__(self, kubeconfig: Path, log: Path, namespaces: list[str], poll_interval: float, env: dict[str, str]) -> None:
+    def __init__(
+        self, kubeconfig: Path, log: Path, namespaces: list[str], poll_interval: float, env: dict[str, str]
+    ) -> None:
         from harness.procs import free_port
 
         self.log, self.port = log, free_port()
@@ -128,7 +137,11 @@ class Operator:
         return out
 
     def errors(self) -> list[str]:
-        return [ln for ln in self.log.read_text(errors="replace").splitlines() if '"levelname": "ERROR"' in ln or "Traceback" in ln]
+        return [
+            ln
+            for ln in self.log.read_text(errors="replace").splitlines()
+            if '"levelname": "ERROR"' in ln or "Traceback" in ln
+        ]
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -198,7 +211,9 @@ def wait(pred: Any, timeout: float, what: str, every: float = 0.1) -> float:
 
 def _counter_sums(admin: Any, sample: str, key: Callable[[dict[str, str]], str]) -> dict[str, float]:
     """The apiserver's /metrics counter `sample`, summed per key(labels)."""
-    text = admin.call_api("/metrics", "GET", _preload_content=False, _return_http_data_only=True).data.decode()
+    text = admin.call_api(
+        "/metrics", "GET", _preload_content=False, _return_http_data_only=True
+    ).data.decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith(sample + "{"):
@@ -209,13 +224,22 @@ def _counter_sums(admin: Any, sample: str, key: Callable[[dict[str, str]], str])
 
 def apiserver_requests(admin: Any) -> dict[str, float]:
     """apiserver_request_total by verb/resource, read from the apiserver's /metrics."""
-    return _counter_sums(admin, "apiserver_request_total", lambda labels: (
-        f"{labels.get('verb')} {labels.get('resource')}{'/' + labels['subresource'] if labels.get('subresource') else ''}"))
+    return _counter_sums(
+        admin,
+        "apiserver_request_total",
+        lambda labels: (
+            f"{labels.get('verb')} {labels.get('resource')}{'/' + labels['subresource'] if labels.get('subresource') else ''}"
+        ),
+    )
 
 
 def flow_requests(admin: Any) -> dict[str, float]:
     """Requests the apiserver dispatched per flow schema (API Priority and Fairness): who asked."""
-    return _counter_sums(admin, "apiserver_flowcontrol_dispatched_requests_total", lambda labels: labels.get("flow_schema", "?"))
+    return _counter_sums(
+        admin,
+        "apiserver_flowcontrol_dispatched_requests_total",
+        lambda labels: labels.get("flow_schema", "?"),
+    )
 
 
 def diff(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
@@ -270,14 +294,22 @@ def bare_burst(api: Any, n: int, timeout: float, meter: Meter) -> dict[str, Any]
     m0 = meter.snap()
     start = time.monotonic()
     for i in range(n):
-        done(batch.create_namespaced_job(BARE_NS, {**doc, "metadata": {"name": f"bare-{i:04d}"}}, _preload_content=False))
+        done(
+            batch.create_namespaced_job(
+                BARE_NS, {**doc, "metadata": {"name": f"bare-{i:04d}"}}, _preload_content=False
+            )
+        )
     posts = time.monotonic() - start
     end = wait(lambda: len(jobs.added) >= n, timeout, "bare Jobs")
     create_meter = meter.since(m0)
     m0 = meter.snap()
     start_del = time.monotonic()
     for i in range(n):
-        done(batch.delete_namespaced_job(f"bare-{i:04d}", BARE_NS, propagation_policy="Background", _preload_content=False))
+        done(
+            batch.delete_namespaced_job(
+                f"bare-{i:04d}", BARE_NS, propagation_policy="Background", _preload_content=False
+            )
+        )
     end_del = wait(lambda: len(jobs.deleted) >= n, timeout, "bare Jobs deleted")
     jobs.stop()
     return {"create_seconds": end - start, "post_seconds": posts, "delete_seconds": end_del - start_del,
@@ -308,7 +340,11 @@ def posts_without_operator(api: Any, suite: ModuleType, ns: str, n: int, meter: 
     m0 = meter.snap()
     start = time.monotonic()
     for doc in docs:
-        done(custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, doc["metadata"]["name"], _preload_content=False))
+        done(
+            custom.delete_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, doc["metadata"]["name"], _preload_content=False
+            )
+        )
     return {"post_seconds": posts, "delete_seconds": time.monotonic() - start, "create_meter": create_meter,
             "delete_meter": meter.since(m0)}  # fmt: skip
 
@@ -326,16 +362,24 @@ def profile_summary(path: Path, top: int = 25) -> list[tuple[str, float]]:
         for frame in set(stack.split(";")):
             name = re.sub(r" \((.*/)?([^/]+):\d+\)$", r" (\2)", frame)
             totals[name] = totals.get(name, 0) + n
-    return [(k, round(v / max(samples, 1), 3)) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:top]]
+    return [
+        (k, round(v / max(samples, 1), 3)) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    ]
 
 
-def kubetune_burst(api: Any, suite: ModuleType, ns: str, n: int, timeout: float, meter: Meter) -> dict[str, Any]:
+def kubetune_burst(
+    api: Any, suite: ModuleType, ns: str, n: int, timeout: float, meter: Meter
+) -> dict[str, Any]:
     from kubernetes import client
     from kubetune.api.names import LABEL_JOB
 
     custom, batch = client.CustomObjectsApi(api), client.BatchV1Api(api)
-    jobs = Watcher(batch.list_namespaced_job, ns, key=lambda o: (o["metadata"].get("labels") or {}).get(LABEL_JOB))
-    ftjs = Watcher(lambda ns_, **kw: custom.list_namespaced_custom_object(GROUP, VERSION, ns_, PLURAL, **kw), ns)
+    jobs = Watcher(
+        batch.list_namespaced_job, ns, key=lambda o: (o["metadata"].get("labels") or {}).get(LABEL_JOB)
+    )
+    ftjs = Watcher(
+        lambda ns_, **kw: custom.list_namespaced_custom_object(GROUP, VERSION, ns_, PLURAL, **kw), ns
+    )
     time.sleep(1)
     docs = finetunejob_docs(suite, n, "scale")
     names = [d["metadata"]["name"] for d in docs]
@@ -364,7 +408,9 @@ def kubetune_burst(api: Any, suite: ModuleType, ns: str, n: int, timeout: float,
         done(custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, _preload_content=False))
     end_del = wait(lambda: all(nm in ftjs.deleted for nm in names), timeout, "FineTuneJobs deleted", 0.2)
     delete_meter = meter.since(m0)
-    end_children = wait(lambda: all(nm in jobs.deleted for nm in names if nm in jobs.added), timeout, "children deleted", 0.2)
+    end_children = wait(
+        lambda: all(nm in jobs.deleted for nm in names if nm in jobs.added), timeout, "children deleted", 0.2
+    )
     jobs.stop()
     ftjs.stop()
     return {
@@ -435,7 +481,11 @@ def steady_state(api: Any, admin_api: Any, suite: ModuleType, op: Operator, ns: 
 
     def run_pod(pod: dict[str, Any]) -> None:
         name = pod["metadata"]["name"]
-        if name in assigned or (pod.get("status") or {}).get("phase") == "Running" or pod["metadata"].get("deletionTimestamp"):
+        if (
+            name in assigned
+            or (pod.get("status") or {}).get("phase") == "Running"
+            or pod["metadata"].get("deletionTimestamp")
+        ):
             return
         ip = assigned[name] = ip_for(len(assigned))
         stubs.serve(ip)
@@ -473,7 +523,9 @@ def steady_state(api: Any, admin_api: Any, suite: ModuleType, op: Operator, ns: 
     print(f"  {m} running FineTuneJobs POSTed in {time.monotonic() - start:.0f}s", flush=True)
 
     def phases() -> dict[str, int]:
-        items = json.loads(custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, _preload_content=False).data)["items"]
+        items = json.loads(
+            custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, _preload_content=False).data
+        )["items"]
         out: dict[str, int] = {}
         for o in items:
             ph = (o.get("status") or {}).get("phase", "-")
@@ -496,7 +548,10 @@ def steady_state(api: Any, admin_api: Any, suite: ModuleType, op: Operator, ns: 
         note = f"not all {m} Running after {timeout:.0f}s; phases then: {last}; measured with those running"
         print(f"  {note}", flush=True)
     ramp = time.monotonic() - start
-    print(f"  {last.get('Running', 0)} FineTuneJobs Running after {ramp:.0f}s; measuring {window:.0f}s", flush=True)
+    print(
+        f"  {last.get('Running', 0)} FineTuneJobs Running after {ramp:.0f}s; measuring {window:.0f}s",
+        flush=True,
+    )
     time.sleep(min(30.0, window / 4))  # settle: the ramp's writes are not steady state
     own_before = op.stats()[-1] if op.stats() else {}
     flows_before = flow_requests(admin_api)
@@ -507,7 +562,9 @@ def steady_state(api: Any, admin_api: Any, suite: ModuleType, op: Operator, ns: 
     bench_requests = 2  # the /metrics reads above
     while time.monotonic() - t0 < window:
         rss.append(op.rss_mib())
-        items = json.loads(custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, _preload_content=False).data)["items"]
+        items = json.loads(
+            custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, _preload_content=False).data
+        )["items"]
         bench_requests += 1
         now = datetime.now(timezone.utc)
         for o in items:
@@ -545,13 +602,22 @@ def steady_state(api: Any, admin_api: Any, suite: ModuleType, op: Operator, ns: 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=500, help="burst size (default 500)")
-    ap.add_argument("--steady", type=int, default=0, help="running FineTuneJobs for the steady state (0: skip)")
+    ap.add_argument(
+        "--steady", type=int, default=0, help="running FineTuneJobs for the steady state (0: skip)"
+    )
     ap.add_argument("--window", type=float, default=120, help="steady-state measuring window, seconds")
-    ap.add_argument("--poll-interval", type=float, default=10, help="the operator's --poll-interval (default 10)")
+    ap.add_argument(
+        "--poll-interval", type=float, default=10, help="the operator's --poll-interval (default 10)"
+    )
     ap.add_argument("--timeout", type=float, default=600, help="give up waiting after this many seconds")
-    ap.add_argument("--workdir", help="keep certificates, logs and the operator log here (default: a temporary dir)")
-    ap.add_argument("--profile", help="py-spy record the operator during the burst into this file (collapsed stacks; "
-                    "needs py-spy in the venv); the share of samples per function goes into the JSON")
+    ap.add_argument(
+        "--workdir", help="keep certificates, logs and the operator log here (default: a temporary dir)"
+    )
+    ap.add_argument(
+        "--profile",
+        help="py-spy record the operator during the burst into this file (collapsed stacks; "
+        "needs py-spy in the venv); the share of samples per function goes into the JSON",
+    )
     ap.add_argument("--out", help="also write the figures as JSON here")
     a = ap.parse_args(argv)
 
@@ -577,10 +643,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         meter = Meter(api, {p.name: p.popen.pid for p in cluster.procs})
         result["load_average_1m_at_start"] = os.getloadavg()[0]
         bare = bare_burst(api, a.jobs, a.timeout, meter)
-        print(f"bare client: {a.jobs} Jobs created in {bare['create_seconds']:.1f}s, deleted in {bare['delete_seconds']:.1f}s", flush=True)
+        print(
+            f"bare client: {a.jobs} Jobs created in {bare['create_seconds']:.1f}s, deleted in {bare['delete_seconds']:.1f}s",
+            flush=True,
+        )
         plain = posts_without_operator(api, suite, ns, a.jobs, meter)
         result["finetunejobs_without_operator"] = plain
-        print(f"no operator: {a.jobs} FineTuneJob POSTs {plain['post_seconds']:.1f}s, DELETEs {plain['delete_seconds']:.1f}s", flush=True)
+        print(
+            f"no operator: {a.jobs} FineTuneJob POSTs {plain['post_seconds']:.1f}s, DELETEs {plain['delete_seconds']:.1f}s",
+            flush=True,
+        )
         op = Operator(kubeconfig, work / "operator.log", list(suite.NAMESPACES.values()), a.poll_interval, {})
         try:
             wait(op.healthy, 60, "operator liveness", 0.5)
@@ -602,8 +674,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["create_ratio"] = burst["create_seconds"] / max(bare["create_seconds"], 1e-9)
             result["delete_ratio"] = burst["delete_seconds"] / max(bare["delete_seconds"], 1e-9)
             # What the custom resource alone costs against a Job, no operator: the floor of both ratios here.
-            result["create_ratio_without_operator"] = plain["post_seconds"] / max(bare["create_seconds"], 1e-9)
-            result["delete_ratio_without_operator"] = plain["delete_seconds"] / max(bare["delete_seconds"], 1e-9)
+            result["create_ratio_without_operator"] = plain["post_seconds"] / max(
+                bare["create_seconds"], 1e-9
+            )
+            result["delete_ratio_without_operator"] = plain["delete_seconds"] / max(
+                bare["delete_seconds"], 1e-9
+            )
             print(f"kubetune: {burst['created']}/{a.jobs} workloads {burst['create_seconds']:.1f}s after the first POST "
                   f"({result['create_ratio']:.2f}x bare); latency p50 {burst['latency_p50_s']:.2f}s p99 {burst['latency_p99_s']:.2f}s; "
                   f"deleted in {burst['delete_seconds']:.1f}s ({result['delete_ratio']:.2f}x bare), children "
@@ -612,7 +688,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 Path(a.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
             if a.steady:
-                result["steady"] = steady_state(api, api, suite, op, ns, a.steady, a.window, a.poll_interval, a.timeout)
+                result["steady"] = steady_state(
+                    api, api, suite, op, ns, a.steady, a.window, a.poll_interval, a.timeout
+                )
                 s = result["steady"]
                 print(f"steady state, {a.steady} running: RSS max {s['operator_rss_mib_max']:.0f} MiB; "
                       f"operator {s['operator_requests_per_min_at_apiserver']:.0f} API requests/min at the apiserver "

@@ -25,17 +25,37 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS: dict[str, dict[str, int]] = {
-    "llama-30M": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 6, "num_attention_heads": 8, "vocab_size": 16000},
-    "llama-110M": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 12, "vocab_size": 32000},
+    "llama-30M": {
+        "hidden_size": 512,
+        "intermediate_size": 1376,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 8,
+        "vocab_size": 16000,
+    },
+    "llama-110M": {
+        "hidden_size": 768,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 12,
+        "vocab_size": 32000,
+    },
 }
 SMOKE: dict[str, dict[str, int]] = {
-    "llama-smoke": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 1000},
+    "llama-smoke": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 1000,
+    },
 }
 """--smoke: a model small enough for CI's smoke run (tests/bench/test_bench_smoke.py); its ratio means little."""
 
 
 def cases(configs: dict[str, dict[str, int]]) -> list[tuple[str, str, bool]]:
     return [(c, m, ckpt) for c in configs for m in ("full", "lora") for ckpt in (False, True)]
+
+
 BATCH, SEQ = 4, 256
 
 
@@ -88,16 +108,24 @@ def make_model(name: str, root: Path) -> Path:
     directory = root / name
     if not (directory / "config.json").exists():
         torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(**{**CONFIGS, **SMOKE}[name], tie_word_embeddings=False)).save_pretrained(directory)
+        LlamaForCausalLM(
+            LlamaConfig(**{**CONFIGS, **SMOKE}[name], tie_word_embeddings=False)
+        ).save_pretrained(directory)
     return directory
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--only", default="", help="run the cases whose 'config method' contains this, e.g. 'llama-30M lora'")
+    parser.add_argument(
+        "--only", default="", help="run the cases whose 'config method' contains this, e.g. 'llama-30M lora'"
+    )
     parser.add_argument("--smoke", action="store_true", help="only the smoke-size model (CI)")
-    parser.add_argument("--worker", nargs=4, metavar=("CONFIG", "METHOD", "CKPT", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", nargs=4, metavar=("CONFIG", "METHOD", "CKPT", "DIR"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
         config_name, method, ckpt, directory = args.worker
@@ -109,7 +137,15 @@ def main() -> None:
         if args.only not in f"{config_name} {method}":
             continue
         directory = make_model(config_name, root)
-        cmd = [sys.executable, __file__, "--worker", config_name, method, "1" if ckpt else "0", str(directory)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            config_name,
+            method,
+            "1" if ckpt else "0",
+            str(directory),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         rows.append(row)

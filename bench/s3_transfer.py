@@ -84,14 +84,20 @@ def start_server(kind: str, workdir: Path, bucket: str) -> Any:
 def single_stream_config(size: int) -> Any:
     from boto3.s3.transfer import TransferConfig
 
-    return TransferConfig(multipart_threshold=size + 1, multipart_chunksize=size + 1, use_threads=False, max_concurrency=1)
+    return TransferConfig(
+        multipart_threshold=size + 1, multipart_chunksize=size + 1, use_threads=False, max_concurrency=1
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=int, default=256, help="total bytes moved each way, in MB (default 256)")
-    ap.add_argument("--files", type=int, default=4, help="split into this many files, like model shards (default 4)")
-    ap.add_argument("--reps", type=int, default=2, help="repetitions; the best of each is reported (default 2)")
+    ap.add_argument(
+        "--files", type=int, default=4, help="split into this many files, like model shards (default 4)"
+    )
+    ap.add_argument(
+        "--reps", type=int, default=2, help="repetitions; the best of each is reported (default 2)"
+    )
     ap.add_argument("--server", default="auto", choices=["auto", "minio", "moto", "threaded-moto"])
     ap.add_argument("--out", help="also write the figures as JSON here")
     a = ap.parse_args(argv)
@@ -119,7 +125,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     handle.write(os.urandom(per_file % 2**20))
             total = per_file * a.files
             single = single_stream_config(per_file)
-            times: dict[str, list[float]] = {k: [] for k in ("kubetune_upload", "baseline_upload", "kubetune_download", "baseline_download")}
+            times: dict[str, list[float]] = {
+                k: []
+                for k in ("kubetune_upload", "baseline_upload", "kubetune_download", "baseline_download")
+            }
             for rep in range(a.reps):
                 # Artifact upload: OutputStore.put_files, as checkpoint.upload_files calls it for a whole directory.
                 store = storage.OutputStore(f"s3://{bucket}/kt-{rep}", spec)
@@ -134,9 +143,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 # Model download: fetch() of the prefix into a fresh node cache, as model.model_path does.
                 os.environ["KUBETUNE_CACHE_DIR"] = str(work / f"cache-{rep}")
                 t = time.perf_counter()
-                got = storage.fetch(f"s3://{bucket}/plain-{rep}/model", spec, "spec.model.source", ExitCode.MODEL_NOT_FOUND)
+                got = storage.fetch(
+                    f"s3://{bucket}/plain-{rep}/model", spec, "spec.model.source", ExitCode.MODEL_NOT_FOUND
+                )
                 times["kubetune_download"].append(time.perf_counter() - t)
-                assert sorted(p.name for p in got.iterdir() if not p.name.startswith(".")) == names, list(got.iterdir())
+                assert sorted(p.name for p in got.iterdir() if not p.name.startswith(".")) == names, list(
+                    got.iterdir()
+                )
                 dest = work / f"plain-dl-{rep}"
                 dest.mkdir()
                 t = time.perf_counter()
@@ -165,7 +178,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"server {result['server']}, {result['total_mb']:.0f} MB in {a.files} files, best of {a.reps}")
     print(f"{'':<10} {'kubetune MB/s':>14} {'single-stream MB/s':>19} {'ratio':>7}")
     for what in ("upload", "download"):
-        print(f"{what:<10} {result[what + '_mb_s']:>14.1f} {result['baseline_' + what + '_mb_s']:>19.1f} {result[what + '_ratio']:>6.2f}x")
+        print(
+            f"{what:<10} {result[what + '_mb_s']:>14.1f} {result['baseline_' + what + '_mb_s']:>19.1f} {result[what + '_ratio']:>6.2f}x"
+        )
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")

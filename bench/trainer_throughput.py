@@ -58,8 +58,24 @@ for extra in (REPO / "operator", REPO / "trainer_image"):
 
 MODES = ("full", "lora", "ragged_full", "ragged_lora")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
-KEYS = ("tokens_per_s", "baseline_tokens_per_s", "peak_mem_gib", "baseline_peak_mem_gib", "mfu", "final_loss", "baseline_final_loss")
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+}
+KEYS = (
+    "tokens_per_s",
+    "baseline_tokens_per_s",
+    "peak_mem_gib",
+    "baseline_peak_mem_gib",
+    "mfu",
+    "final_loss",
+    "baseline_final_loss",
+)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -102,7 +118,10 @@ def make_data(p: dict[str, Any], ragged: bool) -> list[list[int]]:
         lens = [seq] * (mb * steps)
     first_word = _vocab_cache(vocab)[2]
     g = torch.Generator().manual_seed(0)
-    return [(first_word + torch.randint(0, vocab - 1 - first_word, (n - 1,), generator=g)).tolist() + [vocab - 1] for n in lens]
+    return [
+        (first_word + torch.randint(0, vocab - 1 - first_word, (n - 1,), generator=g)).tolist() + [vocab - 1]
+        for n in lens
+    ]
 
 
 def peak_flops(device: str) -> float | None:
@@ -118,7 +137,9 @@ def mfu(tok_s: float, mode: str, n_params: int, cfg: Any, seq: int, device: str)
     if peak is None:
         return None
     span = 350 * seq / 2048 if mode.startswith("ragged") else seq
-    per_tok = (6 if mode.endswith("full") else 4) * n_params + 12 * cfg.num_hidden_layers * cfg.hidden_size * span
+    per_tok = (
+        6 if mode.endswith("full") else 4
+    ) * n_params + 12 * cfg.num_hidden_layers * cfg.hidden_size * span
     return tok_s * per_tok / peak
 
 
@@ -246,7 +267,9 @@ def write_model_dir(p: dict[str, Any], directory: Path) -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the measured runs are other processes: leave them the memory
     vocab, merges = _vocab_cache(cfg.vocab_size)[:2]
-    Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token=EOS, pad_token=EOS, unk_token=EOS).save_pretrained(directory)
+    Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token=EOS, pad_token=EOS, unk_token=EOS).save_pretrained(
+        directory
+    )
 
 
 PREPARED_KEYS = ("tiny", "attn", "seq", "mb", "steps", "vocab")
@@ -307,14 +330,18 @@ def run_baseline(p: dict[str, Any], mode: str, work: Path) -> dict[str, Any]:
 
     # The saved model directory (the same seed-0 weights kubetune loads), not a fresh build on the CPU: for the 0.5B
     # model that build took 30-40 s per baseline process. fp32 weights, as the baseline script's model.
-    m = Qwen2ForCausalLM.from_pretrained(work / "model", dtype=torch.float32, attn_implementation=cfg._attn_implementation)
+    m = Qwen2ForCausalLM.from_pretrained(
+        work / "model", dtype=torch.float32, attn_implementation=cfg._attn_implementation
+    )
     n_all = sum(x.numel() for x in m.parameters())
     if mode.endswith("lora"):
         m = peft.get_peft_model(m, peft.LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
 
     class Timer(transformers.TrainerCallback):
         t = 0.0
-        marks: dict[int, float] = {}  # step -> time after it, as kubetune's side records them (a sync each step)
+        marks: dict[
+            int, float
+        ] = {}  # step -> time after it, as kubetune's side records them (a sync each step)
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if state.global_step == warm:
@@ -351,10 +378,20 @@ def run_baseline(p: dict[str, Any], mode: str, work: Path) -> dict[str, Any]:
     tok = (mean_len if ragged else p["seq"]) * cb.n * mb / cb.dt  # the baseline script's count
     losses = [float(x) for x in tr.losses]
     per_step = (mean_len if ragged else p["seq"]) * mb
-    step_seconds = {s: cb.marks[s] - cb.t for s in sorted(cb.marks)}  # elapsed from the timed start to the end of step s
-    return {"tokens_per_s": tok, "peak_mem_gib": mem.gib, "final_loss": losses[-1], "loss_curve": losses, "params": n_all,
-            "seconds": cb.dt, "timed_steps": cb.n, "tokens_through": {s: per_step * (s - warm) for s in step_seconds},
-            "seconds_through": step_seconds}
+    step_seconds = {
+        s: cb.marks[s] - cb.t for s in sorted(cb.marks)
+    }  # elapsed from the timed start to the end of step s
+    return {
+        "tokens_per_s": tok,
+        "peak_mem_gib": mem.gib,
+        "final_loss": losses[-1],
+        "loss_curve": losses,
+        "params": n_all,
+        "seconds": cb.dt,
+        "timed_steps": cb.n,
+        "tokens_through": {s: per_step * (s - warm) for s in step_seconds},
+        "seconds_through": step_seconds,
+    }
 
 
 # ----------------------------------------------------------------------------- kubetune
@@ -367,11 +404,24 @@ def kubetune_spec(p: dict[str, Any], mode: str, work: Path, out: Path) -> dict[s
     ragged = mode.startswith("ragged")
     spec: dict[str, Any] = {
         "model": {"source": str(work / "model")},
-        "dataset": {"train": str(work / ("ragged.jsonl" if ragged else "fixed.jsonl")), "format": "text", "maxSeqLength": p["seq"],
-                    "packing": ragged and p["pack"]},
+        "dataset": {
+            "train": str(work / ("ragged.jsonl" if ragged else "fixed.jsonl")),
+            "format": "text",
+            "maxSeqLength": p["seq"],
+            "packing": ragged and p["pack"],
+        },
         "method": "lora" if mode.endswith("lora") else "full",
-        "training": {"maxSteps": p["steps"], "learningRate": 5e-5, "scheduler": "linear", "warmupSteps": 0, "weightDecay": 0.0,
-                     "maxGradNorm": 1.0, "perDeviceBatchSize": p["mb"], "loggingSteps": 1, "seed": 42},
+        "training": {
+            "maxSteps": p["steps"],
+            "learningRate": 5e-5,
+            "scheduler": "linear",
+            "warmupSteps": 0,
+            "weightDecay": 0.0,
+            "maxGradNorm": 1.0,
+            "perDeviceBatchSize": p["mb"],
+            "loggingSteps": 1,
+            "seed": 42,
+        },
         "distributed": {"nodes": 1, "procsPerNode": 1, "gpusPerNode": 1 if torch.cuda.is_available() else 0},
         "output": {"uri": str(out), "checkpointSteps": 10**6, "keepCheckpoints": 1, "mergeAdapter": False},
     }
@@ -405,7 +455,9 @@ def run_kubetune(p: dict[str, Any], mode: str, work: Path) -> dict[str, Any]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = render_trainer_config(spec, name=f"bench-{mode.replace('_', '-')}", uid=f"bench-{run_dir.name}", progress_port=port)
+    config = render_trainer_config(
+        spec, name=f"bench-{mode.replace('_', '-')}", uid=f"bench-{run_dir.name}", progress_port=port
+    )
     (run_dir / "trainer-config.yaml").write_text(config.dump_yaml())
     os.environ["KUBETUNE_CACHE_DIR"] = str(run_dir / "cache")
     os.environ["KUBETUNE_TERMINATION_LOG"] = str(run_dir / "termination-log")
@@ -443,20 +495,34 @@ def run_kubetune(p: dict[str, Any], mode: str, work: Path) -> dict[str, Any]:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if code != 0:
-        raise RuntimeError(f"kubetune trainer exited {code}: {(run_dir / 'termination-log').read_text() if (run_dir / 'termination-log').exists() else ''}")
+        raise RuntimeError(
+            f"kubetune trainer exited {code}: {(run_dir / 'termination-log').read_text() if (run_dir / 'termination-log').exists() else ''}"
+        )
     trainer = timed_report.trainer  # type: ignore[attr-defined]
     steps, warm = trainer.state.step, p["warmup"]
     if steps <= warm:
-        raise RuntimeError(f"kubetune ran only {steps} steps (<= warmup {warm}); more data or fewer warmup steps")
+        raise RuntimeError(
+            f"kubetune ran only {steps} steps (<= warmup {warm}); more data or fewer warmup steps"
+        )
     tokens = sum(e["inputTokens"] for e in trainer.state.loss_curve if warm < e["step"] <= steps)
     seconds = marks[steps] - marks[warm]
     curve = [e["loss"] for e in trainer.state.loss_curve]
     step_tokens = {e["step"]: e["inputTokens"] for e in trainer.state.loss_curve}
-    through = {s: sum(step_tokens.get(t, 0) for t in range(warm + 1, s + 1)) for s in range(warm + 1, steps + 1)}
+    through = {
+        s: sum(step_tokens.get(t, 0) for t in range(warm + 1, s + 1)) for s in range(warm + 1, steps + 1)
+    }
     del trainer
-    return {"tokens_per_s": tokens / seconds, "peak_mem_gib": mem.gib, "final_loss": curve[-1], "loss_curve": curve,
-            "seconds": seconds, "timed_steps": steps - warm, "packing": spec.dataset.packing, "tokens_through": through,
-            "seconds_through": {s: marks[s] - marks[warm] for s in range(warm + 1, steps + 1) if s in marks}}
+    return {
+        "tokens_per_s": tokens / seconds,
+        "peak_mem_gib": mem.gib,
+        "final_loss": curve[-1],
+        "loss_curve": curve,
+        "seconds": seconds,
+        "timed_steps": steps - warm,
+        "packing": spec.dataset.packing,
+        "tokens_through": through,
+        "seconds_through": {s: marks[s] - marks[warm] for s in range(warm + 1, steps + 1) if s in marks},
+    }
 
 
 # ----------------------------------------------------------------------------- driver
@@ -478,7 +544,12 @@ def run_one(p: dict[str, Any], impl: str, mode: str, work: Path) -> dict[str, An
 
 
 def run_isolated(p: dict[str, Any], impl: str, mode: str, work: Path) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", json.dumps({"p": p, "impl": impl, "mode": mode, "work": str(work)})]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        json.dumps({"p": p, "impl": impl, "mode": mode, "work": str(work)}),
+    ]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH-RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -518,7 +589,9 @@ def speedup_by_timed_steps(b: dict[str, Any], k: dict[str, Any]) -> dict[str, fl
         n *= 2
 
 
-def mode_result(b: dict[str, Any], k: dict[str, Any], mode: str, p: dict[str, Any], cfg: Any, device: str, on_gpu: bool) -> dict[str, Any]:
+def mode_result(
+    b: dict[str, Any], k: dict[str, Any], mode: str, p: dict[str, Any], cfg: Any, device: str, on_gpu: bool
+) -> dict[str, Any]:
     return {
         "tokens_per_s": k["tokens_per_s"],
         "baseline_tokens_per_s": b["tokens_per_s"],
@@ -529,7 +602,9 @@ def mode_result(b: dict[str, Any], k: dict[str, Any], mode: str, p: dict[str, An
         "final_loss": k["final_loss"],
         "baseline_final_loss": b["final_loss"],
         "speedup": k["tokens_per_s"] / b["tokens_per_s"],
-        "mem_ratio": k["peak_mem_gib"] / b["peak_mem_gib"] if b["peak_mem_gib"] > 0.01 else None,  # CPU RSS growth of a tiny model is noise
+        "mem_ratio": k["peak_mem_gib"] / b["peak_mem_gib"]
+        if b["peak_mem_gib"] > 0.01
+        else None,  # CPU RSS growth of a tiny model is noise
         "speedup_by_timed_steps": speedup_by_timed_steps(b, k),
         "loss_curve": k["loss_curve"],
         "baseline_loss_curve": b["loss_curve"],
@@ -541,7 +616,15 @@ def mode_result(b: dict[str, Any], k: dict[str, Any], mode: str, p: dict[str, An
     }
 
 
-def write_report(out: Path, device: str, torch_version: str, tiny: bool, p: dict[str, Any], modes: dict[str, Any], seconds: float) -> dict[str, Any]:
+def write_report(
+    out: Path,
+    device: str,
+    torch_version: str,
+    tiny: bool,
+    p: dict[str, Any],
+    modes: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
     """Merge `modes` into the report at `out` (other modes, from earlier invocations on this device, are kept) and
     write it whole, atomically: after each mode the file is complete for the modes done."""
     report: dict[str, Any] = {}
@@ -570,16 +653,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--mb", type=int, help="micro-batch (8 GPU, 4 tiny)")
     ap.add_argument("--steps", type=int, help="optimizer steps (30 GPU, 10 tiny)")
     ap.add_argument("--warmup", type=int, help="untimed first steps (5 GPU, 2 tiny)")
-    ap.add_argument("--workers", type=int, default=None, help="baseline dataloader workers (2 as the baseline; 0 tiny)")
-    ap.add_argument("--attn", default="sdpa", help="baseline model attn_implementation (the kubetune model dir gets the same)")
-    ap.add_argument("--no-pack", dest="pack", action="store_false", help="ragged modes: kubetune without packing")
-    ap.add_argument("--set", dest="kubetune_set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra FineTuneJob spec field for kubetune's runs, e.g. training.gradientCheckpointing=true")
-    ap.add_argument("--isolate", dest="isolate", action="store_true", default=None, help="a subprocess per run (default on GPU)")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="baseline dataloader workers (2 as the baseline; 0 tiny)"
+    )
+    ap.add_argument(
+        "--attn",
+        default="sdpa",
+        help="baseline model attn_implementation (the kubetune model dir gets the same)",
+    )
+    ap.add_argument(
+        "--no-pack", dest="pack", action="store_false", help="ragged modes: kubetune without packing"
+    )
+    ap.add_argument(
+        "--set",
+        dest="kubetune_set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra FineTuneJob spec field for kubetune's runs, e.g. training.gradientCheckpointing=true",
+    )
+    ap.add_argument(
+        "--isolate",
+        dest="isolate",
+        action="store_true",
+        default=None,
+        help="a subprocess per run (default on GPU)",
+    )
     ap.add_argument("--no-isolate", dest="isolate", action="store_false")
-    ap.add_argument("--out", help="result JSON path (default bench/results/<device>-<date>.json); modes are merged into it, written after each")
-    ap.add_argument("--work", help="model directory and data here, reused when prepared with the same settings (default: a temp dir)")
-    ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge the modes of earlier result files (same device) into --out")
+    ap.add_argument(
+        "--out",
+        help="result JSON path (default bench/results/<device>-<date>.json); modes are merged into it, written after each",
+    )
+    ap.add_argument(
+        "--work",
+        help="model directory and data here, reused when prepared with the same settings (default: a temp dir)",
+    )
+    ap.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="JSON",
+        help="merge the modes of earlier result files (same device) into --out",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
@@ -592,14 +706,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for part in parts[1:]:
             merged.update({m: part[m] for m in MODES if m in part})
         merged["combined_from"] = [Path(x).name for x in a.combine]
-        out = Path(a.out) if a.out else REPO / "bench" / "results" / f"{slug(merged['device'])}-{merged['date']}.json"
+        out = (
+            Path(a.out)
+            if a.out
+            else REPO / "bench" / "results" / f"{slug(merged['device'])}-{merged['date']}.json"
+        )
         out.write_text(json.dumps(merged, indent=2) + "\n")
         print(f"wrote {out} with modes {[m for m in MODES if m in merged]}")
         return merged
 
     if a.worker:
         job = json.loads(a.worker)
-        print("BENCH-RESULT " + json.dumps(run_one(job["p"], job["impl"], job["mode"], Path(job["work"]))), flush=True)
+        print(
+            "BENCH-RESULT " + json.dumps(run_one(job["p"], job["impl"], job["mode"], Path(job["work"]))),
+            flush=True,
+        )
         return {}
 
     import torch
@@ -619,15 +740,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error("--steps must exceed --warmup")
     isolate = on_gpu if a.isolate is None else a.isolate
     device = device_name()
-    print(f"device {device}; torch {torch.__version__}; settings {json.dumps(p)}; isolate={isolate}", flush=True)
+    print(
+        f"device {device}; torch {torch.__version__}; settings {json.dumps(p)}; isolate={isolate}", flush=True
+    )
 
     started = time.time()
-    out = Path(a.out) if a.out else REPO / "bench" / "results" / f"{slug(device)}-{dt.date.today().isoformat()}.json"
+    out = (
+        Path(a.out)
+        if a.out
+        else REPO / "bench" / "results" / f"{slug(device)}-{dt.date.today().isoformat()}.json"
+    )
     results: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
-        work = Path(a.work) if a.work else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kubetune-bench-")))
+        work = (
+            Path(a.work)
+            if a.work
+            else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kubetune-bench-")))
+        )
         prepare(p, work)
-        stack.callback(shutil.rmtree, work / "runs", True)  # each run's output (2 GB in full mode): not kept with the model
+        stack.callback(
+            shutil.rmtree, work / "runs", True
+        )  # each run's output (2 GB in full mode): not kept with the model
         report: dict[str, Any] = {}
         for mode in modes:
             mode_started = time.time()
@@ -635,15 +768,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for impl in ("baseline", "kubetune"):
                 r = (run_isolated if isolate else run_one)(p, impl, mode, work)
                 row[impl] = r
-                print(f"  {mode:<12} {impl:<9} {r['tokens_per_s']:>12,.0f} tok/s  peak {r['peak_mem_gib']:.3f} GiB  final loss {r['final_loss']:.4f}", flush=True)
-            results[mode] = mode_result(row["baseline"], row["kubetune"], mode, p, model_config(tiny, a.attn), device, on_gpu)
+                print(
+                    f"  {mode:<12} {impl:<9} {r['tokens_per_s']:>12,.0f} tok/s  peak {r['peak_mem_gib']:.3f} GiB  final loss {r['final_loss']:.4f}",
+                    flush=True,
+                )
+            results[mode] = mode_result(
+                row["baseline"], row["kubetune"], mode, p, model_config(tiny, a.attn), device, on_gpu
+            )
             r = results[mode]
             by_steps = ", ".join(f"{n}: {x:.2f}x" for n, x in r["speedup_by_timed_steps"].items())
             print(f"  {mode:<12} RATIO {r['speedup']:.2f}x tokens/s" + (f", memory {r['mem_ratio']:.2f}x" if r["mem_ratio"] is not None else "")
                   + (f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else "") + f"; over the first n timed steps {{{by_steps}}}", flush=True)  # fmt: skip
-            report = write_report(out, device, torch.__version__, tiny, p, {mode: results[mode]}, time.time() - mode_started)
+            report = write_report(
+                out, device, torch.__version__, tiny, p, {mode: results[mode]}, time.time() - mode_started
+            )
 
-    print(f"\n{'mode':<12} {'kubetune tok/s':>15} {'baseline tok/s':>15} {'speedup':>8} {'MFU':>6} {'peak GiB':>9} {'base GiB':>9} {'mem ratio':>9} {'loss':>8} {'base loss':>9}")
+    print(
+        f"\n{'mode':<12} {'kubetune tok/s':>15} {'baseline tok/s':>15} {'speedup':>8} {'MFU':>6} {'peak GiB':>9} {'base GiB':>9} {'mem ratio':>9} {'loss':>8} {'base loss':>9}"
+    )
     for mode, r in results.items():
         mf = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         mr = f"{r['mem_ratio']:.2f}" if r["mem_ratio"] is not None else "-"

@@ -33,7 +33,9 @@ from harness.s3 import S3Server
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: end-to-end test against a real API server (slow start)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
-    config.addinivalue_line("markers", "core: the suite's core tests, run on both nodes in every CI run (e2e/test_node_parity.py)")
+    config.addinivalue_line(
+        "markers", "core: the suite's core tests, run on both nodes in every CI run (e2e/test_node_parity.py)"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -87,7 +89,9 @@ def node_agent(cluster: Cluster, e2e_workdir: Path) -> Iterator[NodeAgent]:
     if NODE_MODE == "kubelet":
         pytest.skip("runs on the node agent only (the fast mode): KUBETUNE_E2E_NODE=agent")
     if not os.access("/etc/hosts", os.W_OK):
-        pytest.skip("the node agent publishes pod DNS names in /etc/hosts and needs to write it (run as root)")
+        pytest.skip(
+            "the node agent publishes pod DNS names in /etc/hosts and needs to write it (run as root)"
+        )
     agent = for_cluster(cluster, e2e_workdir / "node")
     agent.start()
     yield agent

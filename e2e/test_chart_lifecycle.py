@@ -28,8 +28,11 @@ from kubetune.api.validation import parse_spec
 from kubetune.render.serving import render_serving
 
 pytestmark = [
-    pytest.mark.e2e, pytest.mark.slow,
-    pytest.mark.skipif(NODE_MODE != "kubelet", reason="KUBETUNE_E2E_NODE=agent: the chart's pods need the real node"),
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        NODE_MODE != "kubelet", reason="KUBETUNE_E2E_NODE=agent: the chart's pods need the real node"
+    ),
 ]
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "kubetune"
@@ -47,7 +50,9 @@ def previous_chart(dest: Path) -> tuple[str, Path]:
     changed the version to the working tree's), unpacked under `dest`."""
     current = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
     for commit in git("log", "--format=%H", "--", "charts/kubetune/Chart.yaml").stdout.decode().split():
-        parent = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}^:charts/kubetune/Chart.yaml"], capture_output=True)
+        parent = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{commit}^:charts/kubetune/Chart.yaml"], capture_output=True
+        )
         if parent.returncode != 0:
             break  # the chart's first commit, or the end of a shallow clone
         version = yaml.safe_load(parent.stdout)["version"]
@@ -59,11 +64,15 @@ def previous_chart(dest: Path) -> tuple[str, Path]:
 
 
 def can_i(cluster: Cluster, verb: str, who: str) -> bool:
-    r = cluster.kubectl("auth", "can-i", verb, "finetunejobs.kubetune.io", "-n", WATCHED, f"--as={who}", check=False)
+    r = cluster.kubectl(
+        "auth", "can-i", verb, "finetunejobs.kubetune.io", "-n", WATCHED, f"--as={who}", check=False
+    )
     return r.stdout.strip() == "yes"
 
 
-def test_install_previous_version_upgrade_test_and_uninstall(cluster: Cluster, kubelet_node: Any, tmp_path: Path) -> None:
+def test_install_previous_version_upgrade_test_and_uninstall(
+    cluster: Cluster, kubelet_node: Any, tmp_path: Path
+) -> None:
     helm = [str(binaries.ensure("helm")["helm"]), "--kubeconfig", str(cluster.kubeconfig)]
     old_version, old_chart = previous_chart(tmp_path)
     new_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
@@ -71,7 +80,9 @@ def test_install_previous_version_upgrade_test_and_uninstall(cluster: Cluster, k
         cluster.create_namespace(ns, RESTRICTED)
     # The current CRD, applied as the suite does (and the docs say to on every upgrade: helm installs crds/ once and
     # never upgrades it), so the old chart's install leaves it alone.
-    r = cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "kubetune.io_finetunejobs.yaml"), check=False)
+    r = cluster.kubectl(
+        "apply", "--server-side", "-f", str(ROOT / "crds" / "kubetune.io_finetunejobs.yaml"), check=False
+    )
     assert r.returncode == 0, r.stderr
     wait_for("CRD Established", lambda: cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io",
                                                         "--timeout=60s", check=False).returncode == 0, 90, 1)  # fmt: skip
@@ -86,7 +97,10 @@ def test_install_previous_version_upgrade_test_and_uninstall(cluster: Cluster, k
     def run(*args: str) -> str:
         r = subprocess.run([*helm, *args], capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
-            print(cluster.kubectl("-n", RELEASE_NS, "describe", "pods", check=False).stdout[-6000:], file=sys.stderr)
+            print(
+                cluster.kubectl("-n", RELEASE_NS, "describe", "pods", check=False).stdout[-6000:],
+                file=sys.stderr,
+            )
         assert r.returncode == 0, r.stdout + r.stderr
         return r.stdout
 
@@ -112,18 +126,28 @@ def test_install_previous_version_upgrade_test_and_uninstall(cluster: Cluster, k
     assert deployment["status"].get("readyReplicas") == 1 and deployment["status"].get("updatedReplicas") == 1
     job["metadata"] = {"name": "after-upgrade"}  # the new operator pod reconciles a job it has never seen
     cluster.kubectl("-n", WATCHED, "apply", "-f", "-", input=yaml.safe_dump(job))
-    cluster.admin.wait_for(phase.replace("survivor", "after-upgrade"), lambda o: (o.get("status") or {}).get("phase") == "Suspended", 120)
-    out = run("test", RELEASE, "--namespace", RELEASE_NS, "--timeout", "180s")  # its Pod, admitted under restricted
+    cluster.admin.wait_for(
+        phase.replace("survivor", "after-upgrade"),
+        lambda o: (o.get("status") or {}).get("phase") == "Suspended",
+        120,
+    )
+    out = run(
+        "test", RELEASE, "--namespace", RELEASE_NS, "--timeout", "180s"
+    )  # its Pod, admitted under restricted
     assert re.search(rf"TEST SUITE:\s+{FULLNAME}-test\n.*\n.*\n\s*Phase:\s+Succeeded", out), out
 
     # The serving Deployment's pod, admitted under restricted and run by the kubelet as a non-root user (the operator
     # image stands in for a model server: `kubetune crd` prints and exits 0).
-    spec = parse_spec({**job["spec"], "serving": {"kind": "Deployment", "image": operator_image, "args": ["crd"]}})
+    spec = parse_spec(
+        {**job["spec"], "serving": {"kind": "Deployment", "image": operator_image, "args": ["crd"]}}
+    )
     serving = render_serving(spec, "survivor", WATCHED, {"mergedModel": "s3://out/survivor/model/"})
     cluster.kubectl("-n", WATCHED, "apply", "-f", "-", input=yaml.safe_dump(serving))
 
     def served_once() -> bool:
-        pods = cluster.admin.get(f"/api/v1/namespaces/{WATCHED}/pods", labelSelector="kubetune.io/serving=survivor")["items"]
+        pods = cluster.admin.get(
+            f"/api/v1/namespaces/{WATCHED}/pods", labelSelector="kubetune.io/serving=survivor"
+        )["items"]
         states = [s.get(k, {}).get("terminated") for p in pods for s in p["status"].get("containerStatuses") or []
                   for k in ("state", "lastState")]  # fmt: skip
         return any(t and t.get("exitCode") == 0 for t in states)
@@ -135,16 +159,32 @@ def test_install_previous_version_upgrade_test_and_uninstall(cluster: Cluster, k
     editor, viewer = f"system:serviceaccount:{WATCHED}:editor", f"system:serviceaccount:{WATCHED}:viewer"
     for sa, role in (("editor", "edit"), ("viewer", "view")):
         cluster.kubectl("-n", WATCHED, "create", "serviceaccount", sa)
-        cluster.kubectl("-n", WATCHED, "create", "rolebinding", sa, f"--clusterrole={role}", f"--serviceaccount={WATCHED}:{sa}")
+        cluster.kubectl(
+            "-n",
+            WATCHED,
+            "create",
+            "rolebinding",
+            sa,
+            f"--clusterrole={role}",
+            f"--serviceaccount={WATCHED}:{sa}",
+        )
     wait_for("edit aggregates finetunejobs", lambda: can_i(cluster, "create", editor), 60, 1)
-    assert can_i(cluster, "delete", editor) and can_i(cluster, "list", viewer) and can_i(cluster, "watch", viewer)
+    assert (
+        can_i(cluster, "delete", editor)
+        and can_i(cluster, "list", viewer)
+        and can_i(cluster, "watch", viewer)
+    )
     assert not can_i(cluster, "create", viewer)
 
     # 4. Uninstall: the release's objects go; the CRD and the FineTuneJobs stay.
     run("uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait", "--timeout", "120s")
     assert cluster.admin.get_or_none(f"/apis/apps/v1/namespaces/{RELEASE_NS}/deployments/{FULLNAME}") is None
     for role in (FULLNAME, f"{FULLNAME}-edit", f"{FULLNAME}-view"):
-        assert cluster.admin.get_or_none(f"/apis/rbac.authorization.k8s.io/v1/clusterroles/{role}") is None, role
-    assert cluster.admin.get_or_none("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.kubetune.io")
+        assert cluster.admin.get_or_none(f"/apis/rbac.authorization.k8s.io/v1/clusterroles/{role}") is None, (
+            role
+        )
+    assert cluster.admin.get_or_none(
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.kubetune.io"
+    )
     assert cluster.admin.get_or_none(phase) is not None
     cluster.kubectl("-n", WATCHED, "delete", "ftj", "--all", "--wait=false", check=False)

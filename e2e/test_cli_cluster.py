@@ -27,7 +27,9 @@ CRD = ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
 KUBETUNE = Path(sys.executable).parent / "kubetune"
 
 
-def kubetune(cluster: Cluster, *args: str, kubeconfig: Path | None = None) -> subprocess.CompletedProcess[str]:
+def kubetune(
+    cluster: Cluster, *args: str, kubeconfig: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
     env["KUBECONFIG"] = str(kubeconfig or cluster.kubeconfig)
     return subprocess.run([str(KUBETUNE), *args], env=env, capture_output=True, text=True, timeout=120)
@@ -48,7 +50,10 @@ def two_namespaces(cluster: Cluster) -> Iterator[tuple[str, str]]:
                                                         "--timeout=60s", check=False).returncode == 0, 90, 1)  # fmt: skip
     suffix = uuid.uuid4().hex[:6]
     a, b = f"cli-a-{suffix}", f"cli-b-{suffix}"
-    for ns, docs in ((a, [manifest("tagged", {"team": "nlp"}), manifest("plain")]), (b, [manifest("elsewhere", {"team": "nlp"})])):
+    for ns, docs in (
+        (a, [manifest("tagged", {"team": "nlp"}), manifest("plain")]),
+        (b, [manifest("elsewhere", {"team": "nlp"})]),
+    ):
         cluster.create_namespace(ns)
         cluster.kubectl("-n", ns, "apply", "-f", "-", input=yaml.safe_dump_all(docs))
     yield a, b
@@ -61,7 +66,11 @@ def test_get_all_namespaces_and_a_label_selector(cluster: Cluster, two_namespace
     r = kubetune(cluster, "get", "-A", "-o", "name")
     assert r.returncode == 0, r.stderr
     names = set(r.stdout.splitlines())
-    assert {"finetunejob.kubetune.io/tagged", "finetunejob.kubetune.io/plain", "finetunejob.kubetune.io/elsewhere"} <= names
+    assert {
+        "finetunejob.kubetune.io/tagged",
+        "finetunejob.kubetune.io/plain",
+        "finetunejob.kubetune.io/elsewhere",
+    } <= names
     table = kubetune(cluster, "get", "-A").stdout.splitlines()
     assert table[0].split()[:2] == ["NAMESPACE", "NAME"]
     assert {(a, "plain"), (a, "tagged"), (b, "elsewhere")} <= {tuple(line.split()[:2]) for line in table[1:]}
@@ -71,13 +80,22 @@ def test_get_all_namespaces_and_a_label_selector(cluster: Cluster, two_namespace
     assert sorted(everywhere) == ["finetunejob.kubetune.io/elsewhere", "finetunejob.kubetune.io/tagged"]
 
 
-def test_output_formats_of_get_describe_and_submit(cluster: Cluster, two_namespaces: tuple[str, str], tmp_path: Path) -> None:
+def test_output_formats_of_get_describe_and_submit(
+    cluster: Cluster, two_namespaces: tuple[str, str], tmp_path: Path
+) -> None:
     a, _ = two_namespaces
     wide = kubetune(cluster, "get", "-n", a, "-o", "wide").stdout.splitlines()
     assert wide[0].split()[-4:] == ["METHOD", "NODES", "GPUS/NODE", "MODEL"] and len(wide) == 3
     described = yaml.safe_load(kubetune(cluster, "describe", "plain", "-n", a, "-o", "yaml").stdout)
-    assert (described["kind"], described["metadata"]["name"], described["metadata"]["namespace"]) == ("FineTuneJob", "plain", a)
-    assert kubetune(cluster, "describe", "plain", "-n", a, "-o", "name").stdout == "finetunejob.kubetune.io/plain\n"
+    assert (described["kind"], described["metadata"]["name"], described["metadata"]["namespace"]) == (
+        "FineTuneJob",
+        "plain",
+        a,
+    )
+    assert (
+        kubetune(cluster, "describe", "plain", "-n", a, "-o", "name").stdout
+        == "finetunejob.kubetune.io/plain\n"
+    )
     path = tmp_path / "new.yaml"
     path.write_text(yaml.safe_dump(manifest("submitted")))
     r = kubetune(cluster, "submit", str(path), "-n", a, "-o", "name")
@@ -86,8 +104,12 @@ def test_output_formats_of_get_describe_and_submit(cluster: Cluster, two_namespa
 
 def test_a_token_the_server_refuses_is_one_line_and_exit_1(cluster: Cluster, two_namespaces: tuple[str, str],
                                                            tmp_path: Path) -> None:  # fmt: skip
-    bogus = write_kubeconfig(tmp_path / "bogus.kubeconfig", cluster.server, cluster.ca.cert_file, "nobody", token="not-a-token")
+    bogus = write_kubeconfig(
+        tmp_path / "bogus.kubeconfig", cluster.server, cluster.ca.cert_file, "nobody", token="not-a-token"
+    )
     for argv in (["get", "-A"], ["describe", "plain", "-n", two_namespaces[0]]):
         r = kubetune(cluster, *argv, kubeconfig=bogus)
         assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
-        assert r.stderr.startswith(f"kubetune {argv[0]}: you must be logged in to the API server (Unauthorized"), r.stderr
+        assert r.stderr.startswith(
+            f"kubetune {argv[0]}: you must be logged in to the API server (Unauthorized"
+        ), r.stderr

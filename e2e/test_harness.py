@@ -31,8 +31,9 @@ def wait_gone(cluster: Cluster, path: str, timeout: float = 60.0) -> None:
 
 
 def job_condition(job: Obj, type_: str) -> bool:
-    return any(c["type"] == type_ and c["status"] == "True"
-               for c in job.get("status", {}).get("conditions") or [])
+    return any(
+        c["type"] == type_ and c["status"] == "True" for c in job.get("status", {}).get("conditions") or []
+    )
 
 
 def test_rbac_refuses_serviceaccount_without_rights(cluster: Cluster, namespace: str) -> None:
@@ -45,8 +46,15 @@ def test_rbac_refuses_serviceaccount_without_rights(cluster: Cluster, namespace:
     assert f"system:serviceaccount:{namespace}:nobody" in r.stderr
     # granting a Role makes the same request pass: authorization, not a broken token
     cluster.kubectl("create", "role", "reader", "--verb=list", "--resource=pods", "-n", namespace)
-    cluster.kubectl("create", "rolebinding", "reader", "--role=reader",
-                    f"--serviceaccount={namespace}:nobody", "-n", namespace)
+    cluster.kubectl(
+        "create",
+        "rolebinding",
+        "reader",
+        "--role=reader",
+        f"--serviceaccount={namespace}:nobody",
+        "-n",
+        namespace,
+    )
     deadline = time.monotonic() + 10
     while cluster.kubectl("get", "pods", "-n", namespace, kubeconfig=kc, check=False).returncode:
         assert time.monotonic() < deadline
@@ -83,13 +91,16 @@ spec:
         image: ignored
         command: [{PY}, -c, "import os; print('index', os.environ['JOB_COMPLETION_INDEX'])"]
 """)
-    job = cluster.admin.wait_for(f"/apis/batch/v1/namespaces/{namespace}/jobs/indexed",
-                                 lambda j: job_condition(j, "Complete") or job_condition(j, "Failed"),
-                                 timeout=90)
+    job = cluster.admin.wait_for(
+        f"/apis/batch/v1/namespaces/{namespace}/jobs/indexed",
+        lambda j: job_condition(j, "Complete") or job_condition(j, "Failed"),
+        timeout=90,
+    )
     assert job_condition(job, "Complete"), job["status"]
     assert job["status"]["succeeded"] == 2
-    pods = cluster.admin.get(f"/api/v1/namespaces/{namespace}/pods",
-                             labelSelector="batch.kubernetes.io/job-name=indexed")["items"]
+    pods = cluster.admin.get(
+        f"/api/v1/namespaces/{namespace}/pods", labelSelector="batch.kubernetes.io/job-name=indexed"
+    )["items"]
     outputs = set()
     for p in pods:
         assert p["status"]["phase"] == "Succeeded"
@@ -113,8 +124,9 @@ spec:
     image: ignored
     command: [{PY}, -c, "open('/dev/termination-log', 'w').write('model not found'); raise SystemExit(3)"]
 """)
-    pod = cluster.admin.wait_for(f"/api/v1/namespaces/{namespace}/pods/fails",
-                                 pod_phase_in("Succeeded", "Failed"), timeout=60)
+    pod = cluster.admin.wait_for(
+        f"/api/v1/namespaces/{namespace}/pods/fails", pod_phase_in("Succeeded", "Failed"), timeout=60
+    )
     assert pod["status"]["phase"] == "Failed"
     term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
     assert term["exitCode"] == 3
@@ -124,7 +136,9 @@ spec:
     assert conds["PodScheduled"] == "True" and conds["Ready"] == "False"
 
 
-def test_env_volumes_and_mount_path_rewriting(cluster: Cluster, node_agent: NodeAgent, namespace: str) -> None:
+def test_env_volumes_and_mount_path_rewriting(
+    cluster: Cluster, node_agent: NodeAgent, namespace: str
+) -> None:
     cluster.kubectl("create", "secret", "generic", "creds", "--from-literal=token=s3cr3t", "-n", namespace)
     cluster.kubectl("create", "configmap", "cfg", "--from-literal=config.yaml=lr: 0.1", "-n", namespace)
     cluster.apply(f"""
@@ -155,8 +169,9 @@ spec:
   - {{name: cfg, configMap: {{name: cfg}}}}
   - {{name: scratch, emptyDir: {{}}}}
 """)
-    pod = cluster.admin.wait_for(f"/api/v1/namespaces/{namespace}/pods/env",
-                                 pod_phase_in("Succeeded", "Failed"), timeout=60)
+    pod = cluster.admin.wait_for(
+        f"/api/v1/namespaces/{namespace}/pods/env", pod_phase_in("Succeeded", "Failed"), timeout=60
+    )
     out = node_agent.logs(namespace, "env")
     assert pod["status"]["phase"] == "Succeeded", out
     got = json.loads(out)
@@ -189,7 +204,9 @@ spec:
     assert "absent" in pod["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
 
 
-def test_delete_sends_sigterm_then_removes_pod(cluster: Cluster, node_agent: NodeAgent, namespace: str) -> None:
+def test_delete_sends_sigterm_then_removes_pod(
+    cluster: Cluster, node_agent: NodeAgent, namespace: str
+) -> None:
     cluster.apply(f"""
 apiVersion: v1
 kind: Pod
@@ -211,7 +228,9 @@ spec:
       print("running", flush=True)
       time.sleep(600)
 """)
-    cluster.admin.wait_for(f"/api/v1/namespaces/{namespace}/pods/sleeper", pod_phase_in("Running"), timeout=60)
+    cluster.admin.wait_for(
+        f"/api/v1/namespaces/{namespace}/pods/sleeper", pod_phase_in("Running"), timeout=60
+    )
     time.sleep(1)  # let the handler install
     t0 = time.monotonic()
     cluster.kubectl("delete", "pod", "sleeper", "-n", namespace, "--wait=false")
@@ -225,11 +244,22 @@ def test_node_is_registered_ready_with_gpus(cluster: Cluster, node_agent: NodeAg
     assert node["status"]["capacity"]["nvidia.com/gpu"] == "8"
     ready = next(c for c in node["status"]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True"
-    lease = cluster.admin.get(f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{node_agent.name}")
+    lease = cluster.admin.get(
+        f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{node_agent.name}"
+    )
     assert lease["spec"]["holderIdentity"] == node_agent.name
     # NodeRestriction: the node identity may not touch other nodes
-    r = cluster.kubectl("auth", "can-i", "delete", "nodes/other", "--as", f"system:node:{node_agent.name}",
-                        "--as-group", "system:nodes", check=False)
+    r = cluster.kubectl(
+        "auth",
+        "can-i",
+        "delete",
+        "nodes/other",
+        "--as",
+        f"system:node:{node_agent.name}",
+        "--as-group",
+        "system:nodes",
+        check=False,
+    )
     assert r.stdout.strip() == "no"
 
 
@@ -257,8 +287,9 @@ spec:
     volumeMounts: [{{name: data, mountPath: /data}}]
   volumes: [{{name: data, emptyDir: {{}}}}]
 """)
-    pod = cluster.admin.wait_for(f"/api/v1/namespaces/{namespace}/pods/flaky",
-                                 pod_phase_in("Succeeded", "Failed"), timeout=60)
+    pod = cluster.admin.wait_for(
+        f"/api/v1/namespaces/{namespace}/pods/flaky", pod_phase_in("Succeeded", "Failed"), timeout=60
+    )
     assert pod["status"]["phase"] == "Succeeded"
     cs = pod["status"]["containerStatuses"][0]
     assert cs["restartCount"] == 1
@@ -281,10 +312,19 @@ spec:
     time.sleep(3)
     pod = cluster.admin.get(f"/api/v1/namespaces/{namespace}/pods/gated")
     assert not pod["spec"].get("nodeName") and pod["status"]["phase"] == "Pending"
-    cluster.kubectl("patch", "pod", "gated", "-n", namespace, "--type=json",
-                    "-p", '[{"op": "remove", "path": "/spec/schedulingGates"}]')
-    pod = cluster.admin.wait_for(f"/api/v1/namespaces/{namespace}/pods/gated",
-                                 pod_phase_in("Succeeded", "Failed"), timeout=60)
+    cluster.kubectl(
+        "patch",
+        "pod",
+        "gated",
+        "-n",
+        namespace,
+        "--type=json",
+        "-p",
+        '[{"op": "remove", "path": "/spec/schedulingGates"}]',
+    )
+    pod = cluster.admin.wait_for(
+        f"/api/v1/namespaces/{namespace}/pods/gated", pod_phase_in("Succeeded", "Failed"), timeout=60
+    )
     assert pod["status"]["phase"] == "Succeeded"
 
 
@@ -302,21 +342,37 @@ def test_the_children_kubetune_creates_go_with_their_finetunejob(cluster: Cluste
 
     cluster.kubectl("apply", "--server-side", "-f", str(CRD))
     cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
-    spec = {"model": {"source": "s3://models/tiny"}, "dataset": {"train": "s3://data/train.jsonl"},
-            "output": {"uri": "s3://out/owned"}, "storage": {"secretRef": {"name": "s3"}}}
-    ftj = cluster.admin.post(f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs",
-                             {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-                              "metadata": {"name": "owned"}, "spec": spec})
+    spec = {
+        "model": {"source": "s3://models/tiny"},
+        "dataset": {"train": "s3://data/train.jsonl"},
+        "output": {"uri": "s3://out/owned"},
+        "storage": {"secretRef": {"name": "s3"}},
+    }
+    ftj = cluster.admin.post(
+        f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs",
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "owned"},
+            "spec": spec,
+        },
+    )
     kube = KubeClient(api=cluster.api_client())
     created = ensure_children(ftj, parse_spec(spec, name="owned"), 0, Store(), Settings(), kube)
     assert created == ["Job owned-r0", "ConfigMap owned-config", "Service owned"], created
-    children = [f"/apis/batch/v1/namespaces/{namespace}/jobs/owned-r0",
-                f"/api/v1/namespaces/{namespace}/configmaps/owned-config",
-                f"/api/v1/namespaces/{namespace}/services/owned"]
+    children = [
+        f"/apis/batch/v1/namespaces/{namespace}/jobs/owned-r0",
+        f"/api/v1/namespaces/{namespace}/configmaps/owned-config",
+        f"/api/v1/namespaces/{namespace}/services/owned",
+    ]
     for path in children:
         [owner] = cluster.admin.get(path)["metadata"]["ownerReferences"]
         assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
-            "FineTuneJob", "owned", ftj["metadata"]["uid"], True), path
+            "FineTuneJob",
+            "owned",
+            ftj["metadata"]["uid"],
+            True,
+        ), path
     cluster.kubectl("delete", "finetunejob", "owned", "-n", namespace, "--wait=false")
     for path in children:
         wait_gone(cluster, path, timeout=60)
@@ -347,18 +403,46 @@ else:
 c.sendall(b"rank 1")
 print(c.recv(100).decode())
 """
-    cluster.apply(json.dumps({"apiVersion": "v1", "kind": "List", "items": [
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "rdv", "namespace": namespace},
-         "spec": {"clusterIP": "None", "selector": {"app": "rdv"}, "publishNotReadyAddresses": True}},
-        *({"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": name, "namespace": namespace, "labels": {"app": "rdv"}},
-           "spec": {"hostname": name, "subdomain": "rdv", "restartPolicy": "Never",
-                    "containers": [{"name": "main", "image": "ignored", "command": [PY, "-c", code]}]}}
-          for name, code in (("rank-0", server), ("rank-1", client))),
-    ]}))
+    cluster.apply(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "List",
+                "items": [
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Service",
+                        "metadata": {"name": "rdv", "namespace": namespace},
+                        "spec": {
+                            "clusterIP": "None",
+                            "selector": {"app": "rdv"},
+                            "publishNotReadyAddresses": True,
+                        },
+                    },
+                    *(
+                        {
+                            "apiVersion": "v1",
+                            "kind": "Pod",
+                            "metadata": {"name": name, "namespace": namespace, "labels": {"app": "rdv"}},
+                            "spec": {
+                                "hostname": name,
+                                "subdomain": "rdv",
+                                "restartPolicy": "Never",
+                                "containers": [
+                                    {"name": "main", "image": "ignored", "command": [PY, "-c", code]}
+                                ],
+                            },
+                        }
+                        for name, code in (("rank-0", server), ("rank-1", client))
+                    ),
+                ],
+            }
+        )
+    )
     for name in ("rank-0", "rank-1"):
-        pod = cluster.admin.wait_for(f"/api/v1/namespaces/{namespace}/pods/{name}",
-                                     pod_phase_in("Succeeded", "Failed"), timeout=90)
+        pod = cluster.admin.wait_for(
+            f"/api/v1/namespaces/{namespace}/pods/{name}", pod_phase_in("Succeeded", "Failed"), timeout=90
+        )
         assert pod["status"]["phase"] == "Succeeded", node_agent.logs(namespace, name)
     assert node_agent.logs(namespace, "rank-1").strip() == "hello from rank 0 rank 1"
 
@@ -390,11 +474,15 @@ dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_torchrun_gloo_across_indexed_job_pods(cluster: Cluster, node_agent: NodeAgent, namespace: str) -> None:
+def test_torchrun_gloo_across_indexed_job_pods(
+    cluster: Cluster, node_agent: NodeAgent, namespace: str
+) -> None:
     """The operator's shape: Indexed Job + headless Service, torchrun --master-addr <job>-0.<svc>."""
     pytest.importorskip("torch")
     port = free_port()
-    cluster.kubectl("create", "configmap", "script", f"--from-literal=allreduce.py={ALLREDUCE}", "-n", namespace)
+    cluster.kubectl(
+        "create", "configmap", "script", f"--from-literal=allreduce.py={ALLREDUCE}", "-n", namespace
+    )
     cluster.apply(f"""
 apiVersion: v1
 kind: Service
@@ -421,14 +509,18 @@ spec:
         volumeMounts: [{{name: script, mountPath: /opt/script}}]
       volumes: [{{name: script, configMap: {{name: script}}}}]
 """)
-    job = cluster.admin.wait_for(f"/apis/batch/v1/namespaces/{namespace}/jobs/ddp",
-                                 lambda j: job_condition(j, "Complete") or job_condition(j, "Failed"),
-                                 timeout=240)
+    job = cluster.admin.wait_for(
+        f"/apis/batch/v1/namespaces/{namespace}/jobs/ddp",
+        lambda j: job_condition(j, "Complete") or job_condition(j, "Failed"),
+        timeout=240,
+    )
     pods = cluster.admin.get(f"/api/v1/namespaces/{namespace}/pods", labelSelector="job-name=ddp")["items"]
     logs = {p["metadata"]["name"]: node_agent.logs(namespace, p["metadata"]["name"]) for p in pods}
     assert job_condition(job, "Complete"), logs
     assert sorted(line for out in logs.values() for line in out.splitlines() if line.startswith("rank ")) == [
-        "rank 0/2 sum 3", "rank 1/2 sum 3"]
+        "rank 0/2 sum 3",
+        "rank 1/2 sum 3",
+    ]
 
 
 def test_kill_container_fault_injection(cluster: Cluster, node_agent: NodeAgent, namespace: str) -> None:
@@ -443,7 +535,8 @@ spec:
 """)
     cluster.admin.wait_for(f"/api/v1/namespaces/{namespace}/pods/victim", pod_phase_in("Running"), timeout=60)
     node_agent.kill_container(namespace, "victim")
-    pod = cluster.admin.wait_for(f"/api/v1/namespaces/{namespace}/pods/victim",
-                                 pod_phase_in("Succeeded", "Failed"), timeout=30)
+    pod = cluster.admin.wait_for(
+        f"/api/v1/namespaces/{namespace}/pods/victim", pod_phase_in("Succeeded", "Failed"), timeout=30
+    )
     assert pod["status"]["phase"] == "Failed"
     assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137

@@ -17,7 +17,10 @@ LEASE, RENEW, RETRY = 3.0, 2.0, 0.5
 
 def electors(cluster: Any, namespace: str, name: str, *ids: str) -> list[Elector]:
     api = client.CoordinationV1Api(cluster.api_client())
-    return [Elector(namespace, name, i, lease_duration=LEASE, renew_deadline=RENEW, retry_period=RETRY, api=api) for i in ids]
+    return [
+        Elector(namespace, name, i, lease_duration=LEASE, renew_deadline=RENEW, retry_period=RETRY, api=api)
+        for i in ids
+    ]
 
 
 def lease(cluster: Any, namespace: str, name: str) -> dict[str, Any]:

@@ -31,7 +31,9 @@ def test_the_node_agent_passes_the_suites_core_tests(tmp_path: Path) -> None:
     if NODE_MODE != "kubelet":
         pytest.skip("this session runs on the node agent: its core tests ran here already")
     if not os.access("/etc/hosts", os.W_OK):
-        pytest.skip("the node agent publishes pod DNS names in /etc/hosts and needs to write it (run as root)")
+        pytest.skip(
+            "the node agent publishes pod DNS names in /etc/hosts and needs to write it (run as root)"
+        )
     env = {**os.environ, "KUBETUNE_E2E_NODE": "agent", "KUBETUNE_E2E_WORKDIR": str(tmp_path)}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "e2e/suite", "-m", "core", "-rs"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)

@@ -43,8 +43,18 @@ def operator(cluster: Any, crd: None, namespace: str, tmp_path: Path) -> Iterato
     log = tmp_path / "operator.log"
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
     cmd = [
-        sys.executable, "-m", "kubetune.cli.main", "operator", "-n", namespace, "--poll-interval", "1",
-        "--liveness", f"http://127.0.0.1:{free_port()}/healthz", "--log-format", "json",
+        sys.executable,
+        "-m",
+        "kubetune.cli.main",
+        "operator",
+        "-n",
+        namespace,
+        "--poll-interval",
+        "1",
+        "--liveness",
+        f"http://127.0.0.1:{free_port()}/healthz",
+        "--log-format",
+        "json",
     ]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -68,14 +78,25 @@ def get(cluster: Any, ns: str, kind: str, name: str) -> dict[str, Any] | None:
 def ftj(name: str, **spec: Any) -> str:
     base: dict[str, Any] = {
         "model": {"source": f"file://{DATA / 'tiny-llama'}"},
-        "dataset": {"train": f"file://{DATA / 'spell-digits' / 'train.jsonl'}", "format": "chat", "maxSeqLength": 32},
+        "dataset": {
+            "train": f"file://{DATA / 'spell-digits' / 'train.jsonl'}",
+            "format": "chat",
+            "maxSeqLength": 32,
+        },
         "method": "lora",
         "training": {"maxSteps": 100000, "perDeviceBatchSize": 4, "loggingSteps": 1},
         "distributed": {"nodes": 2, "procsPerNode": 1, "backend": "ddp"},
         "output": {"uri": f"file:///tmp/kubetune-e2e-out/{name}", "checkpointSteps": 50},
     }
     base.update(spec)
-    return json.dumps({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": base})
+    return json.dumps(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": name},
+            "spec": base,
+        }
+    )
 
 
 def phase(cluster: Any, ns: str, name: str) -> str | None:
@@ -90,9 +111,13 @@ def test_crd_is_established_with_printer_columns(cluster, crd):
 
 
 def test_api_server_cel_refuses_lora_block_with_full_method(cluster, crd, namespace):
-    r = cluster.kubectl("-n", namespace, "apply", "-f", "-", input=ftj("bad-cel", method="full", lora={"r": 8}), check=False)
+    r = cluster.kubectl(
+        "-n", namespace, "apply", "-f", "-", input=ftj("bad-cel", method="full", lora={"r": 8}), check=False
+    )
     assert r.returncode != 0
-    assert "spec.lora: is only allowed with method: lora" in r.stderr  # the message kubetune validate gives too
+    assert (
+        "spec.lora: is only allowed with method: lora" in r.stderr
+    )  # the message kubetune validate gives too
 
 
 def test_api_server_cel_wants_exactly_one_of_train_and_sources(cluster, crd, namespace):
@@ -100,7 +125,10 @@ def test_api_server_cel_wants_exactly_one_of_train_and_sources(cluster, crd, nam
     both = ftj("bad-sources", dataset={"train": train, "sources": [{"path": train, "weight": 2}]})
     r = cluster.kubectl("-n", namespace, "apply", "--dry-run=server", "-f", "-", input=both, check=False)
     assert r.returncode != 0 and "set exactly one of spec.dataset.train" in r.stderr
-    mixed = ftj("mixed-sources", dataset={"sources": [{"path": train, "weight": 2, "fields": {"roles": {"bot": "assistant"}}}]})
+    mixed = ftj(
+        "mixed-sources",
+        dataset={"sources": [{"path": train, "weight": 2, "fields": {"roles": {"bot": "assistant"}}}]},
+    )
     r = cluster.kubectl("-n", namespace, "apply", "--dry-run=server", "-f", "-", input=mixed, check=False)
     assert r.returncode == 0, r.stderr
 
@@ -126,7 +154,9 @@ def test_operator_refuses_spec_with_condition_and_no_pods(cluster, operator, nam
 # containers cannot see, and its operator runs on the host, outside the pod network (rank 0's /progress unreachable).
 # On the real node the same lifecycle (suspend/resume, a deleted pod -> a gang restart, deletion cascading to the owned
 # children) is checked through the chart's operator pod and S3 by e2e/suite/test_faults.py.
-def test_valid_job_gets_owned_children_suspends_restarts_and_cascades(cluster, operator, node_agent, namespace):
+def test_valid_job_gets_owned_children_suspends_restarts_and_cascades(
+    cluster, operator, node_agent, namespace
+):
     cluster.kubectl("-n", namespace, "apply", "-f", "-", input=ftj("demo"))
     job = wait_for("workload Job", lambda: get(cluster, namespace, "job", "demo-r0"))
     owner = get(cluster, namespace, "ftj", "demo")
@@ -134,25 +164,68 @@ def test_valid_job_gets_owned_children_suspends_restarts_and_cascades(cluster, o
         obj = wait_for(f"{kind} {name}", lambda k=kind, n=name: get(cluster, namespace, k, n))
         assert obj["metadata"]["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["parallelism"] == 2
-    wait_for("Running or Initializing", lambda: phase(cluster, namespace, "demo") in ("Initializing", "Running"), 120)
+    wait_for(
+        "Running or Initializing",
+        lambda: phase(cluster, namespace, "demo") in ("Initializing", "Running"),
+        120,
+    )
 
     # Suspend: the Job is suspended, the phase follows; resume: back to work.
-    cluster.kubectl("-n", namespace, "patch", "ftj", "demo", "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
-    wait_for("Job suspended", lambda: (get(cluster, namespace, "job", "demo-r0") or {})["spec"].get("suspend") is True)
+    cluster.kubectl(
+        "-n",
+        namespace,
+        "patch",
+        "ftj",
+        "demo",
+        "--type=merge",
+        "-p",
+        '{"spec":{"runPolicy":{"suspend":true}}}',
+    )
+    wait_for(
+        "Job suspended",
+        lambda: (get(cluster, namespace, "job", "demo-r0") or {})["spec"].get("suspend") is True,
+    )
     wait_for("phase Suspended", lambda: phase(cluster, namespace, "demo") == "Suspended", 60)
-    cluster.kubectl("-n", namespace, "patch", "ftj", "demo", "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
-    wait_for("Job resumed", lambda: (get(cluster, namespace, "job", "demo-r0") or {})["spec"].get("suspend") is False)
+    cluster.kubectl(
+        "-n",
+        namespace,
+        "patch",
+        "ftj",
+        "demo",
+        "--type=merge",
+        "-p",
+        '{"spec":{"runPolicy":{"suspend":false}}}',
+    )
+    wait_for(
+        "Job resumed",
+        lambda: (get(cluster, namespace, "job", "demo-r0") or {})["spec"].get("suspend") is False,
+    )
 
     # Kill a rank: the whole gang is replaced by the next generation.
-    wait_for("a running pod", lambda: "Running" in cluster.kubectl("-n", namespace, "get", "pods").stdout, 120)
-    pods = json.loads(cluster.kubectl("-n", namespace, "get", "pods", "-l", "kubetune.io/restart=0", "-o", "json").stdout)
+    wait_for(
+        "a running pod", lambda: "Running" in cluster.kubectl("-n", namespace, "get", "pods").stdout, 120
+    )
+    pods = json.loads(
+        cluster.kubectl("-n", namespace, "get", "pods", "-l", "kubetune.io/restart=0", "-o", "json").stdout
+    )
     victim = pods["items"][0]["metadata"]["name"]
     cluster.kubectl("-n", namespace, "delete", "pod", victim, "--wait=false")
-    wait_for("restart 1", lambda: ((get(cluster, namespace, "ftj", "demo") or {}).get("status") or {}).get("restarts") == 1, 120)
+    wait_for(
+        "restart 1",
+        lambda: ((get(cluster, namespace, "ftj", "demo") or {}).get("status") or {}).get("restarts") == 1,
+        120,
+    )
     wait_for("workload demo-r1", lambda: get(cluster, namespace, "job", "demo-r1"), 120)
 
     # Delete: owner references cascade.
     cluster.kubectl("-n", namespace, "delete", "ftj", "demo", "--wait=true", "--timeout=60s")
-    wait_for("children gone", lambda: not any(
-        get(cluster, namespace, k, n) for k, n in (("configmap", "demo-config"), ("service", "demo"), ("job", "demo-r1"))
-    ), 90)
+    wait_for(
+        "children gone",
+        lambda: (
+            not any(
+                get(cluster, namespace, k, n)
+                for k, n in (("configmap", "demo-config"), ("service", "demo"), ("job", "demo-r1"))
+            )
+        ),
+        90,
+    )

@@ -36,7 +36,9 @@ REFUSED = 'violates PodSecurity "restricted:latest"'
 def restricted(cluster: Cluster) -> Iterator[str]:
     ns = f"psa-{uuid.uuid4().hex[:8]}"
     cluster.create_namespace(ns, RESTRICTED)
-    cluster.kubectl("-n", ns, "create", "serviceaccount", "psa-kubetune")  # the chart pods' account (its release's)
+    cluster.kubectl(
+        "-n", ns, "create", "serviceaccount", "psa-kubetune"
+    )  # the chart pods' account (its release's)
     yield ns
     cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
@@ -48,7 +50,9 @@ def as_pod(name: str, template: dict[str, Any]) -> dict[str, Any]:
 
 def dry_run(cluster: Cluster, ns: str, pod: dict[str, Any]) -> subprocess.CompletedProcess[str]:
     """Create the pod with --dry-run=server: admission (PodSecurity included) runs, nothing is stored."""
-    return cluster.kubectl("-n", ns, "create", "--dry-run=server", "-f", "-", input=json.dumps(pod), check=False)
+    return cluster.kubectl(
+        "-n", ns, "create", "--dry-run=server", "-f", "-", input=json.dumps(pod), check=False
+    )
 
 
 def trainer_spec(**extra: Any) -> Any:
@@ -70,7 +74,9 @@ def chart_pods(namespace: str) -> dict[str, dict[str, Any]]:
 
 def test_every_pod_kubetune_makes_is_admitted_under_restricted(cluster: Cluster, restricted: str) -> None:
     trainer = render_workload(trainer_spec(), "psa", restricted)["spec"]["template"]
-    on_a_class = render_workload(trainer_spec(scratch={"size": "100Gi", "storageClassName": "nvme"}), "psa", restricted)
+    on_a_class = render_workload(
+        trainer_spec(scratch={"size": "100Gi", "storageClassName": "nvme"}), "psa", restricted
+    )
     serving = render_serving(trainer_spec(serving={"kind": "Deployment", "image": "registry.example/vllm:v1"}), "psa",
                              restricted, {"mergedModel": "s3://bucket/runs/psa/model/"})  # fmt: skip
     pods = {"trainer": as_pod("trainer", trainer), "trainer-scratch-pvc": as_pod("trainer-pvc", on_a_class["spec"]["template"]),
@@ -91,11 +97,16 @@ def test_what_validation_refuses_the_api_server_refuses_too(cluster: Cluster, re
     r = dry_run(cluster, restricted, host)
     assert r.returncode != 0 and REFUSED in r.stderr and "hostPath" in r.stderr, r.stderr
     privileged = copy.deepcopy(base)
-    privileged["spec"]["containers"][0]["securityContext"] = {"privileged": True, "capabilities": {"add": ["SYS_ADMIN"]}}
+    privileged["spec"]["containers"][0]["securityContext"] = {
+        "privileged": True,
+        "capabilities": {"add": ["SYS_ADMIN"]},
+    }
     r = dry_run(cluster, restricted, privileged)
     assert r.returncode != 0 and REFUSED in r.stderr and "privileged" in r.stderr, r.stderr
 
     doc = yaml.safe_load((ROOT / "examples" / "cpu-2node-lora.yaml").read_text())
-    doc["spec"]["volumes"] = [{"name": "data", "mountPath": "/data", "source": {"hostPath": {"path": "/data"}}}]
+    doc["spec"]["volumes"] = [
+        {"name": "data", "mountPath": "/data", "source": {"hostPath": {"path": "/data"}}}
+    ]
     _, problems = validate_manifest(doc)
     assert [p.field for p in problems] == ["spec.volumes[0].source.hostPath"]

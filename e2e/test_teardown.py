@@ -31,15 +31,28 @@ from harness.mode import NODE_MODE
 from harness.netns import POD_CIDR, Namespace, hierarchies
 
 pytestmark = [
-    pytest.mark.e2e, pytest.mark.slow,
-    pytest.mark.skipif(NODE_MODE != "kubelet", reason="KUBETUNE_E2E_NODE=agent: the real node is not started in the fast mode"),
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        NODE_MODE != "kubelet",
+        reason="KUBETUNE_E2E_NODE=agent: the real node is not started in the fast mode",
+    ),
 ]
 # the kubelet sets these at start (inside the namespace they are bind-mounted plain files)
 KUBELET_SYSCTLS = {"vm/overcommit_memory": "1", "kernel/panic": "10", "kernel/panic_on_oops": "1"}
 NS_KINDS = ("net", "mnt", "pid")
 # every component the run starts; comm is cut at 15 characters (containerd-shim-runc-v2)
-EXPECTED = {"etcd", "kube-apiserver", "kube-controller", "containerd", "containerd-shim", "kubelet",
-            "kube-scheduler", "coredns", "pause"}
+EXPECTED = {
+    "etcd",
+    "kube-apiserver",
+    "kube-controller",
+    "containerd",
+    "containerd-shim",
+    "kubelet",
+    "kube-scheduler",
+    "coredns",
+    "pause",
+}
 
 
 class Boom(Exception):
@@ -77,8 +90,13 @@ def e2e_cgroups() -> set[Path]:
 
 
 def host_state() -> dict[str, object]:
-    return {"mounts": mounts(), "addrs": ip("addr"), "links": links(), "sysctls": sysctls(),
-            "cgroups": e2e_cgroups()}
+    return {
+        "mounts": mounts(),
+        "addrs": ip("addr"),
+        "links": links(),
+        "sysctls": sysctls(),
+        "cgroups": e2e_cgroups(),
+    }
 
 
 def stat(pid: int) -> tuple[str, str, str] | None:
@@ -87,8 +105,8 @@ def stat(pid: int) -> tuple[str, str, str] | None:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    comm = raw[raw.index("(") + 1:raw.rindex(")")]
-    rest = raw[raw.rindex(")") + 2:].split()
+    comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+    rest = raw[raw.rindex(")") + 2 :].split()
     return comm, rest[0], rest[19]
 
 
@@ -134,8 +152,15 @@ def test_teardown_after_a_failing_test_leaves_nothing_behind(tmp_path: Path) -> 
         pytest.skip(f"kubectl not found at {KUBECTL} (set KUBETUNE_E2E_KUBECTL)")
     try:
         _debian_binaries()
-        binaries.ensure("etcd", "kube-apiserver", "kube-controller-manager", "kubelet", "kube-scheduler",
-                        "coredns", "pause")
+        binaries.ensure(
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kubelet",
+            "kube-scheduler",
+            "coredns",
+            "pause",
+        )
     except binaries.BinariesUnavailable as e:
         pytest.skip(str(e))
 
@@ -150,15 +175,27 @@ def test_teardown_after_a_failing_test_leaves_nothing_behind(tmp_path: Path) -> 
     with pytest.raises(Boom, match="on purpose"), cluster, node:
         assert cluster.ns is not None
         timings["up"] = time.monotonic() - t0
-        cluster.admin.post("/api/v1/namespaces/default/pods", {
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sleeper"},
-            "spec": {"terminationGracePeriodSeconds": 30,  # teardown does not wait for it
-                     "containers": [{"name": "pause", "image": PAUSE_IMAGE, "imagePullPolicy": "Never"}]},
-        })
-        pod = cluster.admin.wait_for("/api/v1/namespaces/default/pods/sleeper",
-                                     lambda p: p.get("status", {}).get("phase") == "Running", timeout=90)
+        cluster.admin.post(
+            "/api/v1/namespaces/default/pods",
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "sleeper"},
+                "spec": {
+                    "terminationGracePeriodSeconds": 30,  # teardown does not wait for it
+                    "containers": [{"name": "pause", "image": PAUSE_IMAGE, "imagePullPolicy": "Never"}],
+                },
+            },
+        )
+        pod = cluster.admin.wait_for(
+            "/api/v1/namespaces/default/pods/sleeper",
+            lambda p: p.get("status", {}).get("phase") == "Running",
+            timeout=90,
+        )
         timings["pod Running"] = time.monotonic() - t0
-        assert pod["status"]["podIP"].startswith(POD_CIDR.split(".0.0/")[0] + "."), pod["status"]  # bridge network
+        assert pod["status"]["podIP"].startswith(POD_CIDR.split(".0.0/")[0] + "."), pod[
+            "status"
+        ]  # bridge network
 
         # everything the run started: the namespace's members, its cgroups' processes (the pod's),
         # and the namespaces of all of them (the pod's own net/mnt/pid namespaces)
@@ -188,8 +225,11 @@ def test_teardown_after_a_failing_test_leaves_nothing_behind(tmp_path: Path) -> 
         assert any(mp == "/run/containerd" and fs == "tmpfs" for _, mp, fs, _ in ns_mounts), ns_mounts
         ns_sysctls = {k: cluster.ns.run(["cat", f"/proc/sys/{k}"]).stdout.strip() for k in KUBELET_SYSCTLS}
         assert ns_sysctls == KUBELET_SYSCTLS
-        assert [p for p in (Path(h) / node.cgroup_root.strip("/") / "kubepods" for h in hierarchies())
-                if p.is_dir()], "no kubepods cgroup under the node's cgroupRoot"
+        assert [
+            p
+            for p in (Path(h) / node.cgroup_root.strip("/") / "kubepods" for h in hierarchies())
+            if p.is_dir()
+        ], "no kubepods cgroup under the node's cgroupRoot"
         during = host_state()
         during["cgroups"] = before["cgroups"]  # the node's own cgroupRoot is new, by design
         assert during == before, "the host changed while the node ran"
@@ -199,8 +239,13 @@ def test_teardown_after_a_failing_test_leaves_nothing_behind(tmp_path: Path) -> 
     print("teardown test: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()), file=sys.stderr)
 
     assert cluster.leftovers == []
+
     def left() -> dict[int, tuple[str, str, str]]:
-        return {pid: s for pid, (comm, _, start) in seen.items() if (s := stat(pid)) and (s[0], s[2]) == (comm, start)}
+        return {
+            pid: s
+            for pid, (comm, _, start) in seen.items()
+            if (s := stat(pid)) and (s[0], s[2]) == (comm, start)
+        }
 
     running = {pid: s for pid, s in left().items() if s[1] != "Z"}
     assert not running, f"processes of the run still running (comm, state, start): {running}"
@@ -210,8 +255,9 @@ def test_teardown_after_a_failing_test_leaves_nothing_behind(tmp_path: Path) -> 
         time.sleep(0.2)
     assert not left(), f"processes of the run never reaped: {left()}"
     assert not processes_in(namespaces), "processes still in the run's namespaces"
-    assert not [p for h in hierarchies() if (p := h / node.cgroup_root.strip("/")).exists()], \
+    assert not [p for h in hierarchies() if (p := h / node.cgroup_root.strip("/")).exists()], (
         f"cgroup {node.cgroup_root} left behind"
+    )
     after = host_state()
     assert after["cgroups"] <= before["cgroups"], f"new cgroups: {after['cgroups'] - before['cgroups']}"  # type: ignore[operator]
     for key in ("mounts", "addrs", "links", "sysctls"):

@@ -49,7 +49,9 @@ def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]
 class FakeCluster:
     """Holds objects by (kind, namespace, name); `requests` lists every request in order."""
 
-    def __init__(self, *objects: dict[str, Any], unserved: tuple[str, ...] = (), refuse: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, *objects: dict[str, Any], unserved: tuple[str, ...] = (), refuse: tuple[str, ...] = ()
+    ) -> None:
         self.objects: dict[Ref, dict[str, Any]] = {}
         self.requests: list[Call] = []
         self.unserved = set(unserved)  # kinds whose API is not installed (KServe's InferenceService)
@@ -105,7 +107,9 @@ class FakeCluster:
             raise ApiMissing(obj["apiVersion"])
         if kind in self.refuse:
             self._record("create", kind, meta["name"], obj, "422")
-            raise kopf.PermanentError(f"create {kind} {meta['name']} refused by the API server: refused by the test")
+            raise kopf.PermanentError(
+                f"create {kind} {meta['name']} refused by the API server: refused by the test"
+            )
         if ref in self.objects:
             self._record("create", kind, meta["name"], obj, "409")
             return None
@@ -134,7 +138,9 @@ class FakeCluster:
             self._record("delete", "Job", name, propagation, "404")
             return None
         self._record("delete", "Job", name, propagation)
-        if propagation == "Foreground":  # kept, with a finalizer, until the garbage collector has removed its pods
+        if (
+            propagation == "Foreground"
+        ):  # kept, with a finalizer, until the garbage collector has removed its pods
             job = self.objects[ref]
             job["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
             job["metadata"]["finalizers"] = ["foregroundDeletion"]
@@ -152,7 +158,9 @@ class FakeCluster:
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
         return self._patch("FineTuneJob", namespace, name, {"status": status}, verb="patch-status")
 
-    def _patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any], verb: str = "patch") -> dict[str, Any] | None:
+    def _patch(
+        self, kind: str, namespace: str, name: str, patch: dict[str, Any], verb: str = "patch"
+    ) -> dict[str, Any] | None:
         ref = (kind, namespace, name)
         if ref not in self.objects:
             self._record(verb, kind, name, patch, "404")

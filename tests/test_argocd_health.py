@@ -51,11 +51,18 @@ def test_argocd_cm_patch_carries_the_same_script():
 
 def test_a_finished_job_edited_but_not_yet_acted_on_is_progressing():
     lua = lupa.LuaRuntime(unpack_returned_tuples=True)
-    obj = {"kind": "FineTuneJob", "metadata": {"generation": 3}, "status": {"phase": "Succeeded", "observedGeneration": 2}}
+    obj = {
+        "kind": "FineTuneJob",
+        "metadata": {"generation": 3},
+        "status": {"phase": "Succeeded", "observedGeneration": 2},
+    }
     lua.globals().obj = lua.table_from(obj, recursive=True)
     h = dict(lua.execute(SCRIPT).items())
     assert h["status"] == "Progressing" and "generation 3" in h["message"]
 
 
 def test_a_new_run_after_an_edit_is_progressing():
-    assert health({"phase": "Pending", "run": 2, "runs": [{"run": 1, "outcome": "Succeeded"}]})["status"] == "Progressing"
+    assert (
+        health({"phase": "Pending", "run": 2, "runs": [{"run": 1, "outcome": "Succeeded"}]})["status"]
+        == "Progressing"
+    )

@@ -33,12 +33,18 @@ KUBE_VERSION = next(
 @functools.cache
 def helm_path() -> str:
     cache = os.environ.get("KUBETUNE_E2E_CACHE") or os.path.expanduser("~/.cache/kubetune-e2e")
-    found = [os.environ.get("HELM"), shutil.which("helm"), *sorted(glob.glob(f"{cache}/helm-*/bin/helm"), reverse=True)]
+    found = [
+        os.environ.get("HELM"),
+        shutil.which("helm"),
+        *sorted(glob.glob(f"{cache}/helm-*/bin/helm"), reverse=True),
+    ]
     helm = next((c for c in found if c and os.access(c, os.X_OK)), None)
     if helm is None:
         if os.environ.get("KUBETUNE_E2E_BUILD", "1") == "0":
             pytest.skip("no helm binary and KUBETUNE_E2E_BUILD=0 (run e2e/harness/build.sh to build one)")
-        subprocess.run(["bash", str(BUILD_SH)], env={**os.environ, "KUBETUNE_E2E_COMPONENTS": "helm"}, check=True)
+        subprocess.run(
+            ["bash", str(BUILD_SH)], env={**os.environ, "KUBETUNE_E2E_COMPONENTS": "helm"}, check=True
+        )
         helm = sorted(glob.glob(f"{cache}/helm-*/bin/helm"))[-1]
     return helm
 
@@ -48,7 +54,16 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def template(*sets: str) -> list[dict]:
-    args = ["template", "kt", str(CHART), "--namespace", "kubetune-system", "--include-crds", "--kube-version", KUBE_VERSION]
+    args = [
+        "template",
+        "kt",
+        str(CHART),
+        "--namespace",
+        "kubetune-system",
+        "--include-crds",
+        "--kube-version",
+        KUBE_VERSION,
+    ]
     for s in sets:
         args += ["--set", s]
     return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
@@ -86,7 +101,10 @@ NAMESPACED = (
         ("apps", "deployments", "get"),
         ("apps", "deployments", "update"),
     }
-    | {(g, "podgroups", "create") for g in ("scheduling.x-k8s.io", "scheduling.volcano.sh", "scheduling.run.ai")}
+    | {
+        (g, "podgroups", "create")
+        for g in ("scheduling.x-k8s.io", "scheduling.volcano.sh", "scheduling.run.ai")
+    }
     | {("kueue.x-k8s.io", "workloads", v) for v in ("list", "watch")}
 )
 KOPF_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
@@ -112,11 +130,19 @@ def test_two_replicas_elect_a_leader_and_roll_one_at_a_time():
     docs = template()
     [deploy] = by_kind(docs, "Deployment")
     assert deploy["spec"]["replicas"] == 2
-    assert deploy["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
-    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert deploy["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    env = {
+        e["name"]: e.get("value", e.get("valueFrom"))
+        for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert env["KUBETUNE_LEADER_ELECT"] == "true" and env["KUBETUNE_LEADER_ELECT_LEASE_NAME"] == "kt-kubetune"
     assert env["KUBETUNE_LEADER_ELECT_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
-    assert [env[f"KUBETUNE_LEADER_ELECT_{k}"] for k in ("LEASE_DURATION", "RENEW_DEADLINE", "RETRY_PERIOD")] == ["15", "10", "2"]
+    assert [
+        env[f"KUBETUNE_LEADER_ELECT_{k}"] for k in ("LEASE_DURATION", "RENEW_DEADLINE", "RETRY_PERIOD")
+    ] == ["15", "10", "2"]
     [pdb] = by_kind(docs, "PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] == 1
     assert pdb["spec"]["selector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
@@ -125,7 +151,9 @@ def test_two_replicas_elect_a_leader_and_roll_one_at_a_time():
 def test_leader_election_role_reads_and_renews_only_this_releases_lease():
     [role] = [r for r in by_kind(template(), "Role") if r["metadata"]["name"].endswith("-leader-election")]
     assert role["metadata"]["namespace"] == "kubetune-system"
-    assert grants(role["rules"]) == {("coordination.k8s.io", "leases", v) for v in ("create", "get", "update")}
+    assert grants(role["rules"]) == {
+        ("coordination.k8s.io", "leases", v) for v in ("create", "get", "update")
+    }
     assert [r.get("resourceNames") for r in role["rules"]] == [None, ["kt-kubetune"]]
 
 
@@ -133,12 +161,23 @@ def test_without_leader_election_one_replica_is_recreated():
     docs = template("leaderElection.enabled=false", "replicas=1")
     [deploy] = by_kind(docs, "Deployment")
     assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"] == {"type": "Recreate"}
-    assert not [e for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"] if "LEADER" in e["name"]]
+    assert not [
+        e for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"] if "LEADER" in e["name"]
+    ]
     assert by_kind(docs, "Role") == [] and by_kind(docs, "PodDisruptionBudget") == []
 
 
 def test_several_replicas_without_leader_election_are_refused():
-    result = helm("template", "kt", str(CHART), "--kube-version", KUBE_VERSION, "--set", "leaderElection.enabled=false", check=False)
+    result = helm(
+        "template",
+        "kt",
+        str(CHART),
+        "--kube-version",
+        KUBE_VERSION,
+        "--set",
+        "leaderElection.enabled=false",
+        check=False,
+    )
     assert result.returncode != 0 and "replicas > 1 needs leaderElection.enabled=true" in result.stderr
 
 
@@ -167,7 +206,9 @@ def test_watch_namespaces_gives_namespaced_roles_and_only_crd_access_cluster_wid
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert all(grants(r["rules"]) == NAMESPACED for r in roles)
     assert grants(operator_cluster_role(docs)["rules"]) == KOPF_CLUSTER
-    bindings = [b for b in by_kind(docs, "RoleBinding") if not b["metadata"]["name"].endswith("-leader-election")]
+    bindings = [
+        b for b in by_kind(docs, "RoleBinding") if not b["metadata"]["name"].endswith("-leader-election")
+    ]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     args = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
@@ -189,13 +230,24 @@ def restricted_violations(pod: dict) -> list[str]:
         bad.append("spec.securityContext.seccompProfile")
     for v in pod.get("volumes") or []:
         kinds = set(v) - {"name"}
-        if not kinds <= {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}:
+        if not kinds <= {
+            "configMap",
+            "csi",
+            "downwardAPI",
+            "emptyDir",
+            "ephemeral",
+            "persistentVolumeClaim",
+            "projected",
+            "secret",
+        }:
             bad.append(f"volumes[{v['name']}]")
     for c in pod.get("containers", []) + pod.get("initContainers", []):
         csc = c.get("securityContext") or {}
         if csc.get("allowPrivilegeEscalation") is not False:
             bad.append(f"{c['name']}.allowPrivilegeEscalation")
-        if (csc.get("capabilities") or {}).get("drop") != ["ALL"] or set((csc.get("capabilities") or {}).get("add") or []) - {"NET_BIND_SERVICE"}:
+        if (csc.get("capabilities") or {}).get("drop") != ["ALL"] or set(
+            (csc.get("capabilities") or {}).get("add") or []
+        ) - {"NET_BIND_SERVICE"}:
             bad.append(f"{c['name']}.capabilities")
         if not (csc.get("runAsNonRoot") or sc.get("runAsNonRoot")):
             bad.append(f"{c['name']}.runAsNonRoot")
@@ -210,21 +262,26 @@ def test_operator_and_helm_test_pods_meet_pod_security_restricted_with_resources
     [test_pod] = by_kind(docs, "Pod")
     for pod in (deploy["spec"]["template"]["spec"], test_pod["spec"]):
         assert restricted_violations(pod) == []
-        assert all(c["resources"]["requests"] and c["resources"]["limits"]["memory"] for c in pod["containers"])
+        assert all(
+            c["resources"]["requests"] and c["resources"]["limits"]["memory"] for c in pod["containers"]
+        )
     assert restricted_violations({"containers": [{"name": "c"}]}) != []  # the check itself finds a bare pod
 
 
 def test_operator_replicas_spread_over_nodes_unless_told_otherwise():
     [deploy] = by_kind(template(), "Deployment")
     [spread] = deploy["spec"]["template"]["spec"]["topologySpreadConstraints"]
-    assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert (
+        spread["topologyKey"] == "kubernetes.io/hostname" and spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    )
     assert spread["labelSelector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
     [one] = by_kind(template("leaderElection.enabled=false", "replicas=1"), "Deployment")
     assert "topologySpreadConstraints" not in one["spec"]["template"]["spec"]
     [zone] = by_kind(template("topologySpreadConstraints[0].maxSkew=2", "topologySpreadConstraints[0].topologyKey=zone",
                               "topologySpreadConstraints[0].whenUnsatisfiable=DoNotSchedule"), "Deployment")  # fmt: skip
     assert zone["spec"]["template"]["spec"]["topologySpreadConstraints"] == [
-        {"maxSkew": 2, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}]
+        {"maxSkew": 2, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}
+    ]
 
 
 def test_namespace_users_get_finetunejobs_through_the_aggregated_edit_and_view_roles():
@@ -234,7 +291,9 @@ def test_namespace_users_get_finetunejobs_through_the_aggregated_edit_and_view_r
     assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
     assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
     assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
-    assert {("kubetune.io", "finetunejobs", v) for v in ("create", "delete", "patch", "update")} <= grants(edit["rules"])
+    assert {("kubetune.io", "finetunejobs", v) for v in ("create", "delete", "patch", "update")} <= grants(
+        edit["rules"]
+    )
     assert {v for (_, _, v) in grants(view["rules"])} == {"get", "list", "watch"}
     off = template("rbac.aggregateClusterRoles=false")
     assert [r["metadata"]["name"] for r in by_kind(off, "ClusterRole")] == ["kt-kubetune"]
@@ -245,7 +304,12 @@ def test_every_object_carries_the_standard_labels():
         if d["kind"] == "CustomResourceDefinition":
             continue
         labels = d["metadata"]["labels"]
-        for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by", "app.kubernetes.io/part-of"):
+        for key in (
+            "app.kubernetes.io/name",
+            "app.kubernetes.io/instance",
+            "app.kubernetes.io/managed-by",
+            "app.kubernetes.io/part-of",
+        ):
             assert labels.get(key), (d["kind"], d["metadata"]["name"], key)
     [deploy] = by_kind(template(), "Deployment")
     assert deploy["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
@@ -261,8 +325,14 @@ def test_the_chart_needs_a_supported_kubernetes():
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"leaseDuration": 10, "renewDeadline": 10}, "leaderElection.renewDeadline (10) must be below leaderElection.leaseDuration (10)"),
-        ({"renewDeadline": 6, "retryPeriod": 5}, "leaderElection.retryPeriod (5) must be below leaderElection.renewDeadline / 1.2 (5 s)"),
+        (
+            {"leaseDuration": 10, "renewDeadline": 10},
+            "leaderElection.renewDeadline (10) must be below leaderElection.leaseDuration (10)",
+        ),
+        (
+            {"renewDeadline": 6, "retryPeriod": 5},
+            "leaderElection.retryPeriod (5) must be below leaderElection.renewDeadline / 1.2 (5 s)",
+        ),
     ],
 )
 def test_leader_election_timings_client_go_would_refuse_fail_at_template_time(values: dict, message: str):
@@ -274,7 +344,9 @@ def test_leader_election_timings_client_go_would_refuse_fail_at_template_time(va
 def test_the_schema_accepts_what_a_parent_chart_passes_a_subchart():
     docs = template("global.imageRegistry=registry.example.com", "enabled=true")
     assert by_kind(docs, "Deployment")
-    bad = helm("template", "kt", str(CHART), "--kube-version", KUBE_VERSION, "--set", "enabled=maybe", check=False)
+    bad = helm(
+        "template", "kt", str(CHART), "--kube-version", KUBE_VERSION, "--set", "enabled=maybe", check=False
+    )
     assert bad.returncode != 0
 
 
@@ -335,7 +407,9 @@ def _at(values: object, path: str) -> object:
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=[p.name for p in CI_VALUES])
 def test_lint_strict_and_template_with_each_ci_values_file(values: Path):
-    lint = helm("lint", str(CHART), "--strict", "--kube-version", KUBE_VERSION, "-f", str(values), check=False)
+    lint = helm(
+        "lint", str(CHART), "--strict", "--kube-version", KUBE_VERSION, "-f", str(values), check=False
+    )
     assert lint.returncode == 0, lint.stdout + lint.stderr
     api = [a for m in MONITORING for a in ("--api-versions", m)]
     docs = [d for d in yaml.safe_load_all(helm("template", "kt", str(CHART), "--kube-version", KUBE_VERSION, *api,
@@ -353,18 +427,26 @@ def test_all_values_reach_the_objects():
     assert pod["topologySpreadConstraints"] == values["topologySpreadConstraints"]
     assert pod["serviceAccountName"] == "kubetune-operator" and not by_kind(docs, "ServiceAccount")
     assert pod["containers"][0]["image"] == "registry.example.com/kubetune/operator:0.2.0-rc1"
-    assert deploy["spec"]["replicas"] == 3 and not by_kind(docs, "PodDisruptionBudget") and not by_kind(docs, "Pod")
+    assert (
+        deploy["spec"]["replicas"] == 3
+        and not by_kind(docs, "PodDisruptionBudget")
+        and not by_kind(docs, "Pod")
+    )
     assert {d["kind"] for d in docs} >= {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
     assert not [r for r in by_kind(docs, "ClusterRole") if "aggregate" in str(r["metadata"]["labels"])]
 
 
 def test_values_schema_rejects_unknown_keys():
-    result = helm("template", "kt", str(CHART), "--kube-version", KUBE_VERSION, "--set", "replica=2", check=False)
+    result = helm(
+        "template", "kt", str(CHART), "--kube-version", KUBE_VERSION, "--set", "replica=2", check=False
+    )
     assert result.returncode != 0 and "additional properties" in (result.stderr + result.stdout).lower()
 
 
 def test_values_schema_rejects_bad_log_format():
-    result = helm("template", "kt", str(CHART), "--kube-version", KUBE_VERSION, "--set", "logFormat=xml", check=False)
+    result = helm(
+        "template", "kt", str(CHART), "--kube-version", KUBE_VERSION, "--set", "logFormat=xml", check=False
+    )
     assert result.returncode != 0
 
 
@@ -373,7 +455,9 @@ def test_chart_crd_is_the_generated_one():
     assert crd == (ROOT / "crds" / "kubetune.io_finetunejobs.yaml").read_text()
 
 
-KUSTOMIZE_BASE = f"helm template kubetune charts/kubetune -n kubetune-system --kube-version {KUBE_VERSION} --skip-tests"
+KUSTOMIZE_BASE = (
+    f"helm template kubetune charts/kubetune -n kubetune-system --kube-version {KUBE_VERSION} --skip-tests"
+)
 
 
 def test_kustomize_base_operator_manifest_is_the_rendered_chart_without_test_hooks():
@@ -385,7 +469,11 @@ def test_kustomize_base_operator_manifest_is_the_rendered_chart_without_test_hoo
     assert not [d for d in docs if "helm.sh/hook" in (d["metadata"].get("annotations") or {})]
 
 
-MONITORING = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PodMonitor", "monitoring.coreos.com/v1/PrometheusRule")
+MONITORING = (
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "monitoring.coreos.com/v1/PodMonitor",
+    "monitoring.coreos.com/v1/PrometheusRule",
+)
 
 
 def template_with_api(apis: tuple[str, ...], *sets: str) -> list[dict]:
@@ -404,18 +492,33 @@ def test_metrics_service_port_and_dashboard_by_default():
     container = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "metrics", "containerPort": 8000} in container["ports"]
     assert {"name": "KUBETUNE_METRICS_PORT", "value": "8000"} in container["env"]
-    dashboard = next(d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "kt-kubetune-dashboard")
+    dashboard = next(
+        d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "kt-kubetune-dashboard"
+    )
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(dashboard["data"]["kubetune.json"]) == json.loads((CHART / "dashboards" / "kubetune.json").read_text())
+    assert json.loads(dashboard["data"]["kubetune.json"]) == json.loads(
+        (CHART / "dashboards" / "kubetune.json").read_text()
+    )
     assert not [d for d in docs if d["kind"] in ("ServiceMonitor", "PodMonitor", "PrometheusRule")]
 
 
 def test_monitors_and_rules_render_only_where_their_crds_exist():
-    on = ("metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true", "metrics.prometheusRule.enabled=true")
-    assert not [d for d in template_with_api((), *on) if d["kind"] in ("ServiceMonitor", "PodMonitor", "PrometheusRule")]
+    on = (
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.podMonitor.enabled=true",
+        "metrics.prometheusRule.enabled=true",
+    )
+    assert not [
+        d
+        for d in template_with_api((), *on)
+        if d["kind"] in ("ServiceMonitor", "PodMonitor", "PrometheusRule")
+    ]
     docs = template_with_api(MONITORING, *on, "metrics.serviceMonitor.labels.release=prom")
     monitor = by_kind(docs, "ServiceMonitor")[0]
-    assert monitor["metadata"]["labels"]["release"] == "prom" and monitor["spec"]["endpoints"][0]["honorLabels"] is True
+    assert (
+        monitor["metadata"]["labels"]["release"] == "prom"
+        and monitor["spec"]["endpoints"][0]["honorLabels"] is True
+    )
     assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "metrics"
     pods = by_kind(docs, "PodMonitor")[0]["spec"]
     assert pods["podMetricsEndpoints"][0]["port"] == "progress" and pods["namespaceSelector"] == {"any": True}
@@ -428,7 +531,9 @@ def test_monitors_and_rules_render_only_where_their_crds_exist():
     assert not by_kind(template_with_api(MONITORING), "ServiceMonitor")  # off by default even with the CRDs
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="no promtool (apt-get install prometheus; .ci/run installs it)")
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="no promtool (apt-get install prometheus; .ci/run installs it)"
+)
 def test_the_prometheus_rules_pass_promtool_and_query_only_exported_metrics(tmp_path: Path):
     import re
 

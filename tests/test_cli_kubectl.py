@@ -212,7 +212,12 @@ def test_get_wide_adds_method_gang_and_model(recorder: Recorder, capsys) -> None
     header, first, _ = capsys.readouterr().out.splitlines()
     assert header.split()[-4:] == ["METHOD", "NODES", "GPUS/NODE", "MODEL"]
     spec = recorder.jobs[0].spec  # type: ignore[attr-defined]
-    assert first.split()[-4:] == [spec.method, "1x" + str(spec.distributed.procs_per_node), "0", spec.model.source]
+    assert first.split()[-4:] == [
+        spec.method,
+        "1x" + str(spec.distributed.procs_per_node),
+        "0",
+        spec.model.source,
+    ]
 
 
 def test_get_name_with_all_namespaces_is_refused(recorder: Recorder, capsys) -> None:
@@ -227,13 +232,19 @@ def test_get_yaml_json_is_a_list_and_one_job_is_the_object(fmt: str, recorder: R
     listed = load(capsys.readouterr().out)
     assert listed["kind"] == "List" and [i["metadata"]["name"] for i in listed["items"]] == ["a", "b"]
     assert main(["get", "a", "-o", fmt]) == 0
-    assert load(capsys.readouterr().out)["metadata"] == {"name": "a", "namespace": "ml", "labels": {"team": "nlp"}}
+    assert load(capsys.readouterr().out)["metadata"] == {
+        "name": "a",
+        "namespace": "ml",
+        "labels": {"team": "nlp"},
+    }
 
 
 def test_describe_formats(recorder: Recorder, capsys) -> None:
     assert main(["describe", "a"]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("Name:         a\n") and "event 19" in text and "event 4\n" not in text  # the last 15
+    assert (
+        text.startswith("Name:         a\n") and "event 19" in text and "event 4\n" not in text
+    )  # the last 15
     assert main(["describe", "a", "-o", "wide"]) == 0
     assert "event 0\n" in capsys.readouterr().out  # every Event
     assert main(["describe", "a", "-o", "name"]) == 0

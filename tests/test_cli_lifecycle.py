@@ -22,7 +22,9 @@ class Recorder:
         self.calls.append(("delete", name))
 
 
-@pytest.mark.parametrize(("command", "done"), [("suspend", "suspended"), ("resume", "resumed"), ("delete", "deleted")])
+@pytest.mark.parametrize(
+    ("command", "done"), [("suspend", "suspended"), ("resume", "resumed"), ("delete", "deleted")]
+)
 def test_each_name_gets_one_call_and_one_line(command: str, done: str, monkeypatch, capsys) -> None:
     client = Recorder()
     monkeypatch.setattr(lifecycle, "client_from", lambda args: client)

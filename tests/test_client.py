@@ -41,14 +41,27 @@ FORBIDDEN = {
 
 
 def test_forbidden_names_the_missing_verb_and_resource() -> None:
-    err = from_api(403, json.dumps(FORBIDDEN).encode(), verb="create", resource="finetunejobs.kubetune.io", name="x", namespace="ml")
+    err = from_api(
+        403,
+        json.dumps(FORBIDDEN).encode(),
+        verb="create",
+        resource="finetunejobs.kubetune.io",
+        name="x",
+        namespace="ml",
+    )
     assert isinstance(err, Forbidden)
-    assert (err.verb, err.resource, err.user) == ("create", "finetunejobs.kubetune.io", "system:serviceaccount:ml:nb")
+    assert (err.verb, err.resource, err.user) == (
+        "create",
+        "finetunejobs.kubetune.io",
+        "system:serviceaccount:ml:nb",
+    )
     assert "verb 'create' on finetunejobs.kubetune.io" in str(err)
 
 
 def test_forbidden_for_pod_logs_names_the_subresource() -> None:
-    body = {"message": 'pods "j-r0-0" is forbidden: User "alice" cannot get resource "pods/log" in API group "" in the namespace "ml"'}
+    body = {
+        "message": 'pods "j-r0-0" is forbidden: User "alice" cannot get resource "pods/log" in API group "" in the namespace "ml"'
+    }
     err = from_api(403, body, verb="get", resource="pods/log", name="j-r0-0", namespace="ml")
     assert isinstance(err, Forbidden) and err.verb == "get" and err.resource == "pods/log"
 
@@ -59,7 +72,9 @@ def test_forbidden_without_a_readable_message_falls_back_to_the_attempted_verb()
 
 
 def test_not_found_and_already_exists() -> None:
-    assert isinstance(from_api(404, {}, verb="get", resource="finetunejobs.kubetune.io", name="x", namespace="ml"), NotFound)
+    assert isinstance(
+        from_api(404, {}, verb="get", resource="finetunejobs.kubetune.io", name="x", namespace="ml"), NotFound
+    )
     err = from_api(409, {}, verb="create", resource="finetunejobs.kubetune.io", name="x", namespace="ml")
     assert isinstance(err, AlreadyExists) and "already exists in namespace ml" in str(err)
 
@@ -85,7 +100,12 @@ def test_a_yaml_path_a_dict_and_a_model_submit_the_same_manifest(tmp_path: Path)
     path = ROOT / "examples" / "cpu-2node-lora.yaml"
     from_path = checked(path)
     model = FineTuneJob.model_validate(from_path)
-    assert checked(model)["spec"] == FineTuneJob.model_validate(checked(from_path)).model_dump(by_alias=True, exclude_none=True, mode="json")["spec"]
+    assert (
+        checked(model)["spec"]
+        == FineTuneJob.model_validate(checked(from_path)).model_dump(
+            by_alias=True, exclude_none=True, mode="json"
+        )["spec"]
+    )
     assert checked(dict(from_path))["metadata"]["name"] == from_path["metadata"]["name"]
     empty = tmp_path / "x.yaml"
     empty.write_text("kind: ConfigMap\n")
@@ -117,7 +137,9 @@ class Replay:
     def __init__(self, states: list[FineTuneJob]):
         self.states = states
 
-    def watch(self, name: str | None = None, timeout: float | None = None) -> Iterator[tuple[str, FineTuneJob]]:
+    def watch(
+        self, name: str | None = None, timeout: float | None = None
+    ) -> Iterator[tuple[str, FineTuneJob]]:
         for i, job in enumerate(self.states):
             yield ("ADDED" if i == 0 else "MODIFIED"), job
 
@@ -127,20 +149,32 @@ def test_wait_reports_each_new_progress_once_and_returns_on_success() -> None:
               _job("Running", 5, 1.0), _job("Succeeded", 10, 0.5)]  # fmt: skip
     seen: list[int | None] = []
     phases: list[str] = []
-    done = Client(Replay(states)).wait("demo", on_progress=lambda p: seen.append(p.step), on_phase=phases.append)  # type: ignore[arg-type]
+    done = Client(Replay(states)).wait(
+        "demo", on_progress=lambda p: seen.append(p.step), on_phase=phases.append
+    )  # type: ignore[arg-type]
     assert done.status is not None and done.status.phase == "Succeeded"
     assert seen == [1, 5, 10]
     assert phases == ["Pending", "Running", "Succeeded"]
 
 
 def test_wait_raises_job_failed_with_the_trainers_reason() -> None:
-    failed = _job("Failed", lastFailure={"pod": "demo-r0-0", "exitCode": 66, "reason": "DatasetInvalid", "message": "line 3: not JSON"})
+    failed = _job(
+        "Failed",
+        lastFailure={
+            "pod": "demo-r0-0",
+            "exitCode": 66,
+            "reason": "DatasetInvalid",
+            "message": "line 3: not JSON",
+        },
+    )
     with pytest.raises(JobFailed, match="DatasetInvalid.*line 3"):
         Client(Replay([_job("Running"), failed])).wait("demo")  # type: ignore[arg-type]
 
 
 def test_wait_for_suspended_returns_on_suspended() -> None:
-    job = Client(Replay([_job("Running", 2, 1.0), _job("Suspended", 2, 1.0)])).wait("demo", until={"Suspended", "Failed"})  # type: ignore[arg-type]
+    job = Client(Replay([_job("Running", 2, 1.0), _job("Suspended", 2, 1.0)])).wait(
+        "demo", until={"Suspended", "Failed"}
+    )  # type: ignore[arg-type]
     assert job.status is not None and job.status.phase == "Suspended"
 
 
@@ -152,7 +186,11 @@ def test_wait_times_out_when_the_watch_ends_first() -> None:
 def test_stream_progress_yields_new_readings_until_the_job_ends() -> None:
     states = [_job("Initializing"), _job("Running", 2, 1.5), _job("Running", 2, 1.5), _job("Running", 4, 1.2),
               _job("Succeeded", 10, 0.4), _job("Succeeded", 10, 0.4)]  # fmt: skip
-    assert [(p.step, p.loss) for p in Client(Replay(states)).stream_progress("demo")] == [(2, 1.5), (4, 1.2), (10, 0.4)]  # type: ignore[arg-type]
+    assert [(p.step, p.loss) for p in Client(Replay(states)).stream_progress("demo")] == [
+        (2, 1.5),
+        (4, 1.2),
+        (10, 0.4),
+    ]  # type: ignore[arg-type]
 
 
 def test_new_progress_ignores_a_reread_of_the_same_step() -> None:
@@ -165,7 +203,13 @@ def test_the_get_row_shows_phase_progress_loss_and_age() -> None:
     job = _job("Running", 4, 1.23456)
     job.metadata.__pydantic_extra__["creationTimestamp"] = "2026-01-01T00:00:00Z"  # type: ignore[index]
     r = row(job, datetime(2026, 1, 1, 0, 3, 5, tzinfo=timezone.utc))
-    assert (r["PHASE"], r["PROGRESS"], r["STEP"], r["LOSS"], r["AGE"]) == ("Running", 40.0, "4/10", "1.2346", "3m05s")
+    assert (r["PHASE"], r["PROGRESS"], r["STEP"], r["LOSS"], r["AGE"]) == (
+        "Running",
+        40.0,
+        "4/10",
+        "1.2346",
+        "3m05s",
+    )
     assert bar(40.0, width=10) == "████░░░░░░  40.0%" and bar(None) == ""
 
 
@@ -174,7 +218,17 @@ def test_describe_shows_conditions_failure_and_artifacts() -> None:
                conditions=[{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "1 restart",
                             "lastTransitionTime": "2026-01-01T00:00:00Z"}],
                lastFailure={"pod": "demo-r1-0", "exitCode": 76, "reason": "StorageUnavailable", "message": "S3 down"})  # fmt: skip
-    text = describe(job, [{"type": "Warning", "reason": "Failed", "message": "gave up", "lastTimestamp": "2026-01-01T00:00:01Z"}])
+    text = describe(
+        job,
+        [
+            {
+                "type": "Warning",
+                "reason": "Failed",
+                "message": "gave up",
+                "lastTimestamp": "2026-01-01T00:00:01Z",
+            }
+        ],
+    )
     assert "BackoffLimitExceeded" in text and "exit code 76 (StorageUnavailable): S3 down" in text
     assert "s3://out/demo/model/" in text and "(when it succeeds)" in text and "gave up" in text
 
@@ -186,7 +240,10 @@ def test_describe_shows_the_tracking_run_and_the_usage_per_run_and_in_total() ->
     job = _job("Succeeded", 10, 0.5, usage=usage, tracking={"mlflowRun": "http://mlflow:5000/#/experiments/1/runs/r1",
                                                             "mlflowModelVersion": "support-bot/3"})  # fmt: skip
     lines = describe(job, []).splitlines()
-    assert "MLflow run:   http://mlflow:5000/#/experiments/1/runs/r1" in lines and "Registered:   support-bot/3" in lines
+    assert (
+        "MLflow run:   http://mlflow:5000/#/experiments/1/runs/r1" in lines
+        and "Registered:   support-bot/3" in lines
+    )
     table = lines[lines.index("Usage:") + 1 :][:4]
     assert table[1].split() == ["total", "24.00", "h", "3.00", "h", "1.50", "h", "236.00", "USD"]
     assert table[3].split() == ["run", "2", "16.00", "h", "2.00", "h", "1.00", "h", "156.00", "USD"]
@@ -224,7 +281,9 @@ def test_download_takes_the_adapter_when_nothing_was_merged(tmp_path: Path) -> N
     got = storage.download(_arts(_output(tmp_path), merged=False), StorageSpec(), tmp_path / "dl")
     assert [p.name for p in got.files] == ["adapter_model.safetensors"]
     with pytest.raises(DownloadError, match="mergeAdapter: false"):
-        storage.download(_arts(_output(tmp_path), merged=False), StorageSpec(), tmp_path / "dl2", which="model")
+        storage.download(
+            _arts(_output(tmp_path), merged=False), StorageSpec(), tmp_path / "dl2", which="model"
+        )
 
 
 def test_download_refuses_a_file_that_differs_from_the_manifest(tmp_path: Path) -> None:
@@ -234,7 +293,9 @@ def test_download_refuses_a_file_that_differs_from_the_manifest(tmp_path: Path) 
         storage.download(_arts(out), StorageSpec(), tmp_path / "dl")
 
 
-def test_report_fetches_the_card_and_whichever_plots_exist_checked_against_the_manifest(tmp_path: Path) -> None:
+def test_report_fetches_the_card_and_whichever_plots_exist_checked_against_the_manifest(
+    tmp_path: Path,
+) -> None:
     out = _output(tmp_path)
     with pytest.raises(DownloadError, match="no README.md"):
         storage.fetch_report(_arts(out), StorageSpec(), tmp_path / "none")
@@ -266,11 +327,17 @@ class OneJob:
         return {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
 
 
-def test_the_s3_endpoint_can_be_the_one_this_machine_reaches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_s3_endpoint_can_be_the_one_this_machine_reaches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     client = Client(OneJob())  # type: ignore[arg-type]
     assert client.artifacts("demo").storage.endpoint == "http://minio.minio.svc:9000"
     here = client.artifacts("demo", endpoint="http://127.0.0.1:9000")
-    assert (here.storage.endpoint, here.storage.region, here.storage.path_style) == ("http://127.0.0.1:9000", "eu-1", True)
+    assert (here.storage.endpoint, here.storage.region, here.storage.path_style) == (
+        "http://127.0.0.1:9000",
+        "eu-1",
+        True,
+    )
     assert here.credentials == {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
     with pytest.raises(DownloadError, match="S3 endpoint 'minio:9000': give a URL"):
         client.artifacts("demo", endpoint="minio:9000")
@@ -318,16 +385,24 @@ def test_the_local_backend_reads_the_trainers_termination_message(tmp_path: Path
     run.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(66)"])
     run.proc.wait()
     backend._refresh(run)
-    assert run.phase == "Failed" and run.failure == (66, "DatasetInvalid", "train.jsonl line 3: not JSON; fix the record")
+    assert run.phase == "Failed" and run.failure == (
+        66,
+        "DatasetInvalid",
+        "train.jsonl line 3: not JSON; fix the record",
+    )
 
-    (run.work / RUN_TERMINATION_FILE).unlink()  # killed before any rank could say why: kubetune run's exit code
+    (
+        run.work / RUN_TERMINATION_FILE
+    ).unlink()  # killed before any rank could say why: kubetune run's exit code
     run.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(75)"])
     run.proc.wait()
     backend._refresh(run)
     assert run.failure == (75, "InfrastructureError", f"see {run.log}")
 
 
-def test_kubetune_run_leaves_its_config_in_the_work_dir_the_sdk_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kubetune_run_leaves_its_config_in_the_work_dir_the_sdk_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kubetune.api.contract import RUN_CONFIG_FILE, RUN_TERMINATION_FILE
     from kubetune.api.trainer_config import TrainerConfig
     from kubetune.cli import run as run_cli
@@ -346,7 +421,9 @@ def test_kubetune_run_leaves_its_config_in_the_work_dir_the_sdk_reads(tmp_path: 
     assert main(["run", str(tmp_path / "job.yaml"), "--dry-run", "--work-dir", str(work)]) == 0
     assert sorted(p.name for p in work.iterdir()) == [RUN_TERMINATION_FILE]
     # a run writes its config there before the trainer starts (the trainer itself is stubbed: no training here)
-    monkeypatch.setattr(run_cli, "trainer_command", lambda world_size, config_path: [sys.executable, "-c", "pass"])
+    monkeypatch.setattr(
+        run_cli, "trainer_command", lambda world_size, config_path: [sys.executable, "-c", "pass"]
+    )
     main(["run", str(tmp_path / "job.yaml"), "--work-dir", str(work)])
     assert TrainerConfig.load(work / RUN_CONFIG_FILE).progress_port > 0
     assert not (work / RUN_TERMINATION_FILE).exists()

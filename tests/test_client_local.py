@@ -17,7 +17,9 @@ def test_local_backend_trains_reports_progress_and_downloads_the_model(tmp_path:
     doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     spec = doc["spec"]
     spec["model"]["source"] = f"file://{DATA}/tiny-llama"
-    spec["dataset"].update(train=f"file://{DATA}/spell-digits/train.jsonl", eval=f"file://{DATA}/spell-digits/eval.jsonl")
+    spec["dataset"].update(
+        train=f"file://{DATA}/spell-digits/train.jsonl", eval=f"file://{DATA}/spell-digits/eval.jsonl"
+    )
     spec["training"].update(maxSteps=30, evalSteps=30, loggingSteps=5, evalGenerationSamples=0)
     spec["output"]["uri"] = f"file://{tmp_path}/out"
 
@@ -38,6 +40,8 @@ def test_local_backend_trains_reports_progress_and_downloads_the_model(tmp_path:
     card = client.report("quickstart", tmp_path / "report")
     assert sorted(p.name for p in card.files) == ["README.md", "eval.png", "loss.png"] and card.verified == 3
     text = (card.path / "README.md").read_text()
-    assert text.startswith("---\n") and "\n---\n\n# quickstart\n" in text  # the Hub's front matter, then the card
+    assert (
+        text.startswith("---\n") and "\n---\n\n# quickstart\n" in text
+    )  # the Hub's front matter, then the card
     assert [j.metadata.name for j in client.list(phase="Succeeded")] == ["quickstart"]
     assert any("step" in line for line in client.logs("quickstart", follow=False))

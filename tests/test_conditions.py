@@ -60,7 +60,8 @@ def test_no_reason_is_written_as_a_bare_string():
     found = [
         f"{path.relative_to(PKG)}:{line}: {value!r}"
         for path in sorted(PKG.rglob("*.py"))
-        if path not in (Path(conditions.__file__), Path(contract.__file__))  # the enum; the trainer's exit reasons
+        if path
+        not in (Path(conditions.__file__), Path(contract.__file__))  # the enum; the trainer's exit reasons
         for line, value in _string_literals(path)
         if value in values
     ]

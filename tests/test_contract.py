@@ -41,7 +41,11 @@ def _string_constants() -> Counter[str]:
                 and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
             }  # fmt: skip
             for node in ast.walk(tree):
-                if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                if (
+                    isinstance(node, ast.Constant)
+                    and isinstance(node.value, str)
+                    and id(node) not in docstrings
+                ):
                     counts[node.value] += 1
     return counts
 
@@ -66,7 +70,9 @@ def test_termination_message_round_trips_and_refuses_other_text() -> None:
     assert TerminationMessage.parse(message.to_text()) == message
     assert message.progress == {"step": 3, "totalSteps": 3, "loss": 0.5, "phase": "Succeeded"}
     clipped = TerminationMessage.build(66, "head " + "x" * 5000 + " tail").message
-    assert len(clipped) <= contract.MESSAGE_LIMIT and clipped.startswith("head x") and clipped.endswith("x tail")
+    assert (
+        len(clipped) <= contract.MESSAGE_LIMIT and clipped.startswith("head x") and clipped.endswith("x tail")
+    )
     assert TerminationMessage.parse("Traceback (most recent call last): ...") is None
     assert TerminationMessage.parse('{"exitCode": "not a number"}') is None
 
@@ -98,11 +104,18 @@ def test_the_manifest_verifies_the_bytes_it_lists(tmp_path: Path) -> None:
         manifest.verify(tmp_path)
     assert manifest.verify(tmp_path, only=["metrics.json"]) == 1
     (tmp_path / "metrics.json").unlink()
-    with pytest.raises(contract.ManifestMismatch, match=r"^metrics.json: listed in manifest.json but missing"):
+    with pytest.raises(
+        contract.ManifestMismatch, match=r"^metrics.json: listed in manifest.json but missing"
+    ):
         manifest.verify(tmp_path, only=["metrics.json"])
 
 
 def test_a_manifest_that_is_not_one_is_refused(tmp_path: Path) -> None:
-    for text in ("", "[]", '{"files": {"a": {"sha256": "abc", "size": 1}}}', '{"files": {"a": {"size": -1}}}'):
+    for text in (
+        "",
+        "[]",
+        '{"files": {"a": {"sha256": "abc", "size": 1}}}',
+        '{"files": {"a": {"size": -1}}}',
+    ):
         with pytest.raises(contract.ManifestMismatch, match="manifest.json is not a valid manifest"):
             contract.ArtifactManifest.parse(text)

@@ -31,7 +31,9 @@ def test_checked_in_crd_is_up_to_date():
 
 
 def test_chart_crd_copy_equals_crds_dir():
-    assert CHART_COPY.read_text() == CHECKED_IN.read_text(), "cp crds/kubetune.io_finetunejobs.yaml charts/kubetune/crds/"
+    assert CHART_COPY.read_text() == CHECKED_IN.read_text(), (
+        "cp crds/kubetune.io_finetunejobs.yaml charts/kubetune/crds/"
+    )
 
 
 def test_schema_has_no_refs_or_unions():
@@ -46,7 +48,11 @@ def test_every_node_is_typed():
 
 
 def test_every_field_has_a_description():
-    missing = [p for p, n in walk(schema()) if p not in ("", ".metadata") and not p.endswith("[]") and not n.get("description")]
+    missing = [
+        p
+        for p, n in walk(schema())
+        if p not in ("", ".metadata") and not p.endswith("[]") and not n.get("description")
+    ]
     assert missing == []
 
 

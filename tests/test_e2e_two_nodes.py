@@ -21,7 +21,12 @@ def suite_tests() -> dict[str, ast.FunctionDef]:
 
 
 def test_suite_tests_ask_for_the_node_not_for_one_kind_of_node():
-    bound = [f"{name} asks for {arg.arg}" for name, fn in suite_tests().items() for arg in fn.args.args if arg.arg in ONE_NODE_ONLY]
+    bound = [
+        f"{name} asks for {arg.arg}"
+        for name, fn in suite_tests().items()
+        for arg in fn.args.args
+        if arg.arg in ONE_NODE_ONLY
+    ]
     assert not bound, "; ".join(bound) + ": use the `node` fixture (e2e/conftest.py)"
 
 

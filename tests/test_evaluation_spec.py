@@ -69,11 +69,19 @@ def test_each_misuse_is_one_line_naming_the_field_and_the_fix(overrides: dict, e
 def test_the_crd_carries_each_evaluation_rule_as_cel() -> None:
     schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     messages = [v["message"] for v in schema["x-kubernetes-validations"]]
-    for field in ("maxEvalLoss", "maxPerplexity", "minExactMatch", "minGenerationPass", "maxForgettingPercent"):
+    for field in (
+        "maxEvalLoss",
+        "maxPerplexity",
+        "minExactMatch",
+        "minGenerationPass",
+        "maxForgettingPercent",
+    ):
         assert any(m.startswith(f"spec.evaluation.gate.{field}: ") for m in messages), field
     assert any(m.startswith("spec.output.interpolate: ") for m in messages)
     retain = schema["properties"]["evaluation"]["properties"]["retain"]
-    assert [v["message"] for v in retain["x-kubernetes-validations"]][1].startswith("spec.evaluation.retain: eval and evalSplit")
+    assert [v["message"] for v in retain["x-kubernetes-validations"]][1].startswith(
+        "spec.evaluation.retain: eval and evalSplit"
+    )
 
 
 def test_gate_failure_is_a_user_error_the_operator_never_retries() -> None:
@@ -97,9 +105,16 @@ def test_a_lower_threshold_passes_exactly_when_the_figure_is_at_least_it(value: 
 
 
 def test_a_figure_not_measured_fails_its_threshold_and_no_gate_is_no_verdict() -> None:
-    assert gate.check(EvaluationGate(max_forgetting_percent=5), {}) == (False, ["forgetting not measured (gate maxForgettingPercent 5)"])
+    assert gate.check(EvaluationGate(max_forgetting_percent=5), {}) == (
+        False,
+        ["forgetting not measured (gate maxForgettingPercent 5)"],
+    )
     assert gate.check(None, {"evalLoss": 9.0}) == (None, [])
-    assert gate.passed(None) and gate.passed(EvaluationResult(gate_passed=None)) and not gate.passed(EvaluationResult(gate_passed=False))
+    assert (
+        gate.passed(None)
+        and gate.passed(EvaluationResult(gate_passed=None))
+        and not gate.passed(EvaluationResult(gate_passed=False))
+    )
 
 
 def test_forgetting_is_the_retain_loss_increase_in_percent() -> None:
@@ -110,7 +125,10 @@ def test_forgetting_is_the_retain_loss_increase_in_percent() -> None:
 
 @given(alpha=st.floats(0.0, 1.0), a=st.floats(-10, 10), b=st.floats(-10, 10))
 def test_a_mix_is_the_straight_line_from_base_to_fine_tuned(alpha: float, a: float, b: float) -> None:
-    base, tuned = {"w": torch.tensor([a], dtype=torch.float64), "n": torch.tensor([1])}, {"w": torch.tensor([b], dtype=torch.float64), "n": torch.tensor([7])}
+    base, tuned = (
+        {"w": torch.tensor([a], dtype=torch.float64), "n": torch.tensor([1])},
+        {"w": torch.tensor([b], dtype=torch.float64), "n": torch.tensor([7])},
+    )
     mixed = gate.mix(base, tuned, alpha)
     assert math.isclose(float(mixed["w"]), alpha * b + (1 - alpha) * a, abs_tol=1e-9)
     assert int(mixed["n"]) == 7  # integer buffers are the fine-tuned model's
@@ -129,34 +147,71 @@ NOW = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
 
 
 def rank0(exit_code: int, message: dict) -> dict:
-    term = {"exitCode": 1 if exit_code else 0, "message": json.dumps(message), "finishedAt": "2025-01-01T11:00:00Z"}
+    term = {
+        "exitCode": 1 if exit_code else 0,
+        "message": json.dumps(message),
+        "finishedAt": "2025-01-01T11:00:00Z",
+    }
     return {"metadata": {"name": "demo-r0-0", "annotations": {"batch.kubernetes.io/job-completion-index": "0"}},
             "spec": {"nodeName": "n1"}, "status": {"phase": "Failed" if exit_code else "Succeeded",
                                                    "containerStatuses": [{"name": "trainer", "state": {"terminated": term}}]}}  # fmt: skip
 
 
 def test_a_failed_gate_ends_failed_at_once_with_the_figures_in_status() -> None:
-    verdict = EvaluationResult(eval_loss=3.41, perplexity=30.3, gate_passed=False, failed_checks=["evalLoss 3.41 > maxEvalLoss 0.5"])
-    message = contract.TerminationMessage.build(69, "evaluation gate failed: evalLoss 3.41 > maxEvalLoss 0.5", evaluation=verdict)
-    job = {"metadata": {"name": "demo-r0"}, "spec": {}, "status": {"conditions": [{"type": "Failed", "status": "True"}]}}
-    d = derive(spec(), "demo", 1, FineTuneJobStatus(phase="Running"), Observed(job=job, pods=[rank0(69, json.loads(message.to_text()))]), NOW)
+    verdict = EvaluationResult(
+        eval_loss=3.41, perplexity=30.3, gate_passed=False, failed_checks=["evalLoss 3.41 > maxEvalLoss 0.5"]
+    )
+    message = contract.TerminationMessage.build(
+        69, "evaluation gate failed: evalLoss 3.41 > maxEvalLoss 0.5", evaluation=verdict
+    )
+    job = {
+        "metadata": {"name": "demo-r0"},
+        "spec": {},
+        "status": {"conditions": [{"type": "Failed", "status": "True"}]},
+    }
+    d = derive(
+        spec(),
+        "demo",
+        1,
+        FineTuneJobStatus(phase="Running"),
+        Observed(job=job, pods=[rank0(69, json.loads(message.to_text()))]),
+        NOW,
+    )
     status = d.status.model_dump(by_alias=True, exclude_none=True, mode="json")
     assert (status["phase"], d.action, status["restarts"]) == ("Failed", "stop", 0)
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     evaluated = next(c for c in status["conditions"] if c["type"] == "Evaluated")
-    assert failed["reason"] == "EvaluationGateFailed" and "evalLoss 3.41 > maxEvalLoss 0.5" in failed["message"]
+    assert (
+        failed["reason"] == "EvaluationGateFailed" and "evalLoss 3.41 > maxEvalLoss 0.5" in failed["message"]
+    )
     assert (evaluated["status"], evaluated["reason"]) == ("False", "EvaluationGateFailed")
     assert "evalLoss 3.41" in evaluated["message"] and "perplexity 30.3" in evaluated["message"]
     assert status["evaluation"]["gatePassed"] is False and status["evaluation"]["evalLoss"] == 3.41
-    assert status["lastFailure"]["exitCode"] == 69 and status["lastFailure"]["reason"] == "EvaluationGateFailed"
+    assert (
+        status["lastFailure"]["exitCode"] == 69 and status["lastFailure"]["reason"] == "EvaluationGateFailed"
+    )
 
 
 def test_a_passed_gate_shows_an_evaluated_condition_on_success() -> None:
     verdict = EvaluationResult(eval_loss=0.01, forgetting_percent=2.5, gate_passed=True)
     message = contract.TerminationMessage.build(0, "training finished", evaluation=verdict)
-    job = {"metadata": {"name": "demo-r0"}, "spec": {}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
-    d = derive(spec(), "demo", 1, FineTuneJobStatus(phase="Running"), Observed(job=job, pods=[rank0(0, json.loads(message.to_text()))]), NOW)
+    job = {
+        "metadata": {"name": "demo-r0"},
+        "spec": {},
+        "status": {"conditions": [{"type": "Complete", "status": "True"}]},
+    }
+    d = derive(
+        spec(),
+        "demo",
+        1,
+        FineTuneJobStatus(phase="Running"),
+        Observed(job=job, pods=[rank0(0, json.loads(message.to_text()))]),
+        NOW,
+    )
     status = d.status.model_dump(by_alias=True, exclude_none=True, mode="json")
     evaluated = next(c for c in status["conditions"] if c["type"] == "Evaluated")
-    assert status["phase"] == "Succeeded" and (evaluated["status"], evaluated["reason"]) == ("True", "EvaluationPassed")
+    assert status["phase"] == "Succeeded" and (evaluated["status"], evaluated["reason"]) == (
+        "True",
+        "EvaluationPassed",
+    )
     assert "forgetting 2.5%" in evaluated["message"] and status["evaluation"]["forgettingPercent"] == 2.5

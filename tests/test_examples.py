@@ -17,7 +17,11 @@ MANIFESTS = sorted(ROOT.glob("examples/*.yaml")) + sorted(ROOT.glob("deploy/kust
 
 
 def finetunejobs(path: Path) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict) and d.get("kind") == "FineTuneJob"]
+    return [
+        d
+        for d in yaml.safe_load_all(path.read_text())
+        if isinstance(d, dict) and d.get("kind") == "FineTuneJob"
+    ]
 
 
 def strict(schema: dict[str, Any]) -> dict[str, Any]:

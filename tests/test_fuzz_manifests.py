@@ -27,7 +27,9 @@ from kubetune.api.validation import validate_manifest
 from kubetune.cli.main import main
 
 EXAMPLES = int(os.environ.get("KUBETUNE_FUZZ_EXAMPLES", "40"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 SECONDS = 3.0  # per example, generous for a loaded 2-core CI machine; a refusal takes milliseconds
 PEAK_BYTES = 64 * 1024 * 1024
 
@@ -40,7 +42,14 @@ BASE: dict[str, Any] = {
         "dataset": {"train": "s3://data/train.jsonl", "format": "chat", "maxSeqLength": 64, "evalSplit": 0.1},
         "method": "lora",
         "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "targetModules": ["all-linear"]},
-        "training": {"maxSteps": 10, "learningRate": 0.001, "perDeviceBatchSize": 2, "globalBatchSize": 4, "seed": 7, "evalSteps": 5},
+        "training": {
+            "maxSteps": 10,
+            "learningRate": 0.001,
+            "perDeviceBatchSize": 2,
+            "globalBatchSize": 4,
+            "seed": 7,
+            "evalSteps": 5,
+        },
         "distributed": {"nodes": 1, "procsPerNode": 2, "backend": "ddp"},
         "output": {"uri": "s3://out/fuzz", "mergeAdapter": True, "checkpointSteps": 5},
         "resources": {"requests": {"cpu": "2", "memory": "4Gi"}},
@@ -55,10 +64,14 @@ scalars = (
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=30)
-    | st.sampled_from(["16", "false", "eight", "s3:///x", "file://", "-1", "1e-4", ".inf", "a" * 300, "My_Job", "a/b"])
+    | st.sampled_from(
+        ["16", "false", "eight", "s3:///x", "file://", "-1", "1e-4", ".inf", "a" * 300, "My_Job", "a/b"]
+    )
 )
 values = st.recursive(
-    scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3), max_leaves=8
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
+    max_leaves=8,
 )
 
 
@@ -107,7 +120,9 @@ def encoded(doc: Any, data: st.DataObject) -> bytes:
     for _ in range(data.draw(st.integers(min_value=0, max_value=2))):
         pos = data.draw(st.integers(min_value=0, max_value=len(text)))
         damage = data.draw(
-            st.sampled_from([b"\t", b"\x00", b"\xff", b"&a ", b"*a", b"\n---\n", b": :", b"'", b"{", b"\n  spec: x\n"])
+            st.sampled_from(
+                [b"\t", b"\x00", b"\xff", b"&a ", b"*a", b"\n---\n", b": :", b"'", b"{", b"\n  spec: x\n"]
+            )
             | st.binary(max_size=6)
         )
         cut = data.draw(st.integers(min_value=0, max_value=3))
@@ -151,7 +166,11 @@ def test_cli_entry_points_refuse_damaged_files_without_a_traceback(doc: Any, dat
         path = Path(tmp) / "job.yaml"
         path.write_bytes(encoded(doc, data))
         results = {}
-        for argv in (["validate", str(path)], ["render", str(path)], ["run", str(path), "--dry-run", "--output", "s3://out/x"]):
+        for argv in (
+            ["validate", str(path)],
+            ["render", str(path)],
+            ["run", str(path), "--dry-run", "--output", "s3://out/x"],
+        ):
             rc, err = bounded(lambda argv=argv: cli(argv))
             assert rc in (0, 64), f"{argv[0]} exit {rc}: {err}"
             assert "Traceback" not in err and "internal error" not in err, err

@@ -138,7 +138,9 @@ def test_no_gang_no_pod_group() -> None:
 
 
 def test_pod_group_is_created_before_the_job() -> None:
-    kinds = [o["kind"] for o in render_all(parse_spec(spec_doc(scheduler="coscheduling"), name="ft"), "ft", "team")]
+    kinds = [
+        o["kind"] for o in render_all(parse_spec(spec_doc(scheduler="coscheduling"), name="ft"), "ft", "team")
+    ]
     assert kinds.index("PodGroup") < kinds.index("Job")
 
 
@@ -154,12 +156,18 @@ def test_kueue_queue_and_priority_labels_reach_the_job() -> None:
     ("gang", "field", "says"),
     [
         ({"scheduler": "coscheduling", "minMember": 3}, "spec.scheduling.gang.minMember", "at most 2"),
-        ({"scheduler": "coscheduling", "scheduleTimeoutSeconds": -1}, "spec.scheduling.gang.scheduleTimeoutSeconds", ">= 0"),
+        (
+            {"scheduler": "coscheduling", "scheduleTimeoutSeconds": -1},
+            "spec.scheduling.gang.scheduleTimeoutSeconds",
+            ">= 0",
+        ),
         ({"scheduler": "kai"}, "spec.scheduling.gang.queue", "name the KAI queue"),
         ({"scheduler": "slurm"}, "spec.scheduling.gang.scheduler", "coscheduling"),
     ],
 )
-def test_a_gang_that_cannot_be_is_refused_naming_the_field(gang: dict[str, Any], field: str, says: str) -> None:
+def test_a_gang_that_cannot_be_is_refused_naming_the_field(
+    gang: dict[str, Any], field: str, says: str
+) -> None:
     with pytest.raises(SpecInvalid) as exc:
         parse_spec(spec_doc(**gang), name="ft")
     problems = {p.field: p.message for p in exc.value.problems}
@@ -176,7 +184,11 @@ def test_the_crd_carries_the_min_member_rule() -> None:
     assert timeout["minimum"] == 0
 
 
-@given(st.integers(min_value=0, max_value=10**6), st.sampled_from(["", "m", "Ki", "Mi", "Gi", "k", "M"]), st.integers(1, 64))
+@given(
+    st.integers(min_value=0, max_value=10**6),
+    st.sampled_from(["", "m", "Ki", "Mi", "Gi", "k", "M"]),
+    st.integers(1, 64),
+)
 def test_scale_quantity_multiplies_in_the_same_unit(value: int, unit: str, times: int) -> None:
     assert scale_quantity(f"{value}{unit}", times) == f"{value * times}{unit}"
 
@@ -196,12 +208,19 @@ def test_pruned_finds_an_unknown_field() -> None:  # the checker above can fail
 @pytest.mark.parametrize(
     ("gang", "says"),
     [
-        ({"scheduler": "coscheduling", "minMember": 5}, "spec.scheduling.gang.minMember: cannot exceed the gang's 2 pods"),
-        ({"scheduler": "volcano", "scheduleTimeoutSeconds": -5}, "spec.scheduling.gang.scheduleTimeoutSeconds: must be >= 0"),
+        (
+            {"scheduler": "coscheduling", "minMember": 5},
+            "spec.scheduling.gang.minMember: cannot exceed the gang's 2 pods",
+        ),
+        (
+            {"scheduler": "volcano", "scheduleTimeoutSeconds": -5},
+            "spec.scheduling.gang.scheduleTimeoutSeconds: must be >= 0",
+        ),
     ],
 )
-def test_kubetune_validate_refuses_a_gang_that_cannot_be(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                         gang: dict[str, Any], says: str) -> None:
+def test_kubetune_validate_refuses_a_gang_that_cannot_be(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], gang: dict[str, Any], says: str
+) -> None:
     from kubetune.cli.main import main  # noqa: PLC0415
 
     doc = yaml.safe_load((ROOT / "examples" / "cpu-2node-lora.yaml").read_text())

@@ -16,7 +16,10 @@ FORBIDDEN = {
     "render": ("kubetune.status", "kubetune.controller", "kubetune.cli", "kubetune.client"),
     "status": ("kubetune.render", "kubetune.controller", "kubetune.cli", "kubetune.client"),
     "controller": ("kubetune.cli", "kubetune.client"),
-    "client": ("kubetune.cli", "kubetune.controller"),  # the SDK runs `kubetune run` as a process, never imports it
+    "client": (
+        "kubetune.cli",
+        "kubetune.controller",
+    ),  # the SDK runs `kubetune run` as a process, never imports it
 }
 
 

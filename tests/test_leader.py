@@ -29,7 +29,9 @@ AT = datetime(2026, 11, 30, 1, 2, 3, 456789, tzinfo=timezone.utc)
 
 
 def record(holder: str | None = "a", duration: float | None = 15, transitions: int = 3) -> LeaseRecord:
-    return LeaseRecord(holder, duration, "2026-11-30T00:00:00.000000Z", "2026-11-30T00:59:00.000000Z", transitions, "7")
+    return LeaseRecord(
+        holder, duration, "2026-11-30T00:00:00.000000Z", "2026-11-30T00:59:00.000000Z", transitions, "7"
+    )
 
 
 # ------------------------------------------------------------------ settings
@@ -38,7 +40,11 @@ def record(holder: str | None = "a", duration: float | None = 15, transitions: i
 def test_leader_election_is_off_by_default_with_client_go_timings():
     s = Settings()
     assert s.leader_elect is False
-    assert (s.leader_elect_lease_duration, s.leader_elect_renew_deadline, s.leader_elect_retry_period) == (15, 10, 2)
+    assert (s.leader_elect_lease_duration, s.leader_elect_renew_deadline, s.leader_elect_retry_period) == (
+        15,
+        10,
+        2,
+    )
     assert s.leader_elect_lease_name == "kubetune-operator" and s.leader_elect_namespace == ""
 
 
@@ -50,14 +56,26 @@ def test_leader_election_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("KUBETUNE_LEADER_ELECT_RETRY_PERIOD", "1")
     s = Settings()
     assert s.leader_elect and s.leader_elect_namespace == "kubetune-system"
-    assert (s.leader_elect_lease_duration, s.leader_elect_renew_deadline, s.leader_elect_retry_period) == (8, 5, 1)
+    assert (s.leader_elect_lease_duration, s.leader_elect_renew_deadline, s.leader_elect_retry_period) == (
+        8,
+        5,
+        1,
+    )
 
 
 @pytest.mark.parametrize(
     ("values", "field", "words"),
     [
-        ({"leader_elect_lease_duration": 10, "leader_elect_renew_deadline": 10}, "leader_elect_renew_deadline", "shorter than the lease duration"),
-        ({"leader_elect_renew_deadline": 10, "leader_elect_retry_period": 9}, "leader_elect_retry_period", "under the renew deadline"),
+        (
+            {"leader_elect_lease_duration": 10, "leader_elect_renew_deadline": 10},
+            "leader_elect_renew_deadline",
+            "shorter than the lease duration",
+        ),
+        (
+            {"leader_elect_renew_deadline": 10, "leader_elect_retry_period": 9},
+            "leader_elect_retry_period",
+            "under the renew deadline",
+        ),
         ({"leader_elect_lease_duration": 0.5}, "leader_elect_lease_duration", "greater than or equal to 1"),
         ({"peering": True, "leader_elect": True}, "leader_elect", "turn peering off"),
         ({"leader_elect_lease_name": "Kubetune_Operator"}, "leader_elect_lease_name", "pattern"),
@@ -97,7 +115,9 @@ def test_an_absent_free_or_own_lease_may_be_taken_at_once():
 
 def test_another_holders_lease_is_taken_only_after_it_stood_still_for_its_duration():
     held = record(holder="a", duration=15)
-    assert not may_take(held, "b", observed_at=100, now=114.9, duration=5)  # the holder's duration counts, not ours
+    assert not may_take(
+        held, "b", observed_at=100, now=114.9, duration=5
+    )  # the holder's duration counts, not ours
     assert may_take(held, "b", observed_at=100, now=115, duration=5)
     assert may_take(record(holder="a", duration=None), "b", observed_at=100, now=105, duration=5)
 
@@ -122,7 +142,9 @@ def test_a_new_lease_counts_no_transition_and_taking_a_released_one_counts_one()
 
 def test_a_released_lease_has_no_holder_and_expires_at_once():
     spec = released(record(holder="b", transitions=4), AT)
-    assert spec["holderIdentity"] is None and spec["leaseDurationSeconds"] == 1 and spec["leaseTransitions"] == 4
+    assert (
+        spec["holderIdentity"] is None and spec["leaseDurationSeconds"] == 1 and spec["leaseTransitions"] == 4
+    )
     assert may_take(LeaseRecord.of({"spec": spec}), "c", observed_at=100, now=100, duration=15)
 
 
@@ -185,6 +207,10 @@ def test_the_lease_the_operator_creates_carries_the_recommended_labels():
 def test_the_events_the_operator_posts_carry_the_recommended_labels():
     from kubetune.controller.kube import event_for
 
-    body = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "demo", "namespace": "ml", "uid": "u"}}
+    body = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "demo", "namespace": "ml", "uid": "u"},
+    }
     labels = event_for(body, "Normal", "Created", "made")["metadata"]["labels"]
     assert (labels["app.kubernetes.io/instance"], labels["app.kubernetes.io/component"]) == ("demo", "event")

@@ -22,8 +22,15 @@ DASHBOARD = ROOT / "charts" / "kubetune" / "dashboards" / "kubetune.json"
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 
 
-def ftj(phase: str | None = None, step: int | None = None, loss: float | None = None, restarts: int = 0,
-        reason: str | None = None, name: str = "demo", gpus: int = 0) -> dict[str, Any]:
+def ftj(
+    phase: str | None = None,
+    step: int | None = None,
+    loss: float | None = None,
+    restarts: int = 0,
+    reason: str | None = None,
+    name: str = "demo",
+    gpus: int = 0,
+) -> dict[str, Any]:
     status: dict[str, Any] = {"phase": phase, "restarts": restarts}
     if step is not None:
         status["progress"] = {"step": step, "totalSteps": 100, "percent": float(step), "loss": loss, "evalLoss": 2.5,
@@ -48,7 +55,9 @@ def metrics() -> tuple[Metrics, CollectorRegistry]:
     return Metrics(registry), registry
 
 
-def test_jobs_are_counted_by_phase_and_forgotten_when_deleted(metrics: tuple[Metrics, CollectorRegistry]) -> None:
+def test_jobs_are_counted_by_phase_and_forgotten_when_deleted(
+    metrics: tuple[Metrics, CollectorRegistry],
+) -> None:
     m, reg = metrics
     m.observe("ADDED", ftj("Running", name="a"), T0)
     m.observe("ADDED", ftj("Running", name="b"), T0)
@@ -61,7 +70,9 @@ def test_jobs_are_counted_by_phase_and_forgotten_when_deleted(metrics: tuple[Met
     assert scrape(m, reg)[("kubetune_finetunejobs", (("namespace", "ml"), ("phase", "Running")))] == 1
 
 
-def test_training_metrics_are_reexported_per_job_from_status_progress(metrics: tuple[Metrics, CollectorRegistry]) -> None:
+def test_training_metrics_are_reexported_per_job_from_status_progress(
+    metrics: tuple[Metrics, CollectorRegistry],
+) -> None:
     m, reg = metrics
     m.observe("MODIFIED", ftj("Running", step=40, loss=1.25), T0)
     s = scrape(m, reg)
@@ -74,20 +85,28 @@ def test_training_metrics_are_reexported_per_job_from_status_progress(metrics: t
     assert s[("kubetune_job_eta_seconds", labels)] == 60
 
 
-def test_first_progress_latency_is_measured_once_and_only_when_seen_arriving(metrics: tuple[Metrics, CollectorRegistry]) -> None:
+def test_first_progress_latency_is_measured_once_and_only_when_seen_arriving(
+    metrics: tuple[Metrics, CollectorRegistry],
+) -> None:
     m, reg = metrics
     m.observe("ADDED", ftj("Initializing"), T0 + 5)
     m.observe("MODIFIED", ftj("Running", step=1, loss=3.0), T0 + 12)
     m.observe("MODIFIED", ftj("Running", step=2, loss=2.0), T0 + 14)
-    m.observe("ADDED", ftj("Running", step=50, loss=1.0, name="old"), T0 + 999)  # already running when we started
+    m.observe(
+        "ADDED", ftj("Running", step=50, loss=1.0, name="old"), T0 + 999
+    )  # already running when we started
     s = scrape(m, reg)
     assert s[("kubetune_time_to_first_progress_seconds_count", ())] == 1
     assert s[("kubetune_time_to_first_progress_seconds_sum", ())] == 12
 
 
-def test_gang_restarts_are_counted_by_the_failed_ranks_reason(metrics: tuple[Metrics, CollectorRegistry]) -> None:
+def test_gang_restarts_are_counted_by_the_failed_ranks_reason(
+    metrics: tuple[Metrics, CollectorRegistry],
+) -> None:
     m, reg = metrics
-    m.observe("ADDED", ftj("Running", restarts=1, reason="Preempted"), T0)  # restarts before this process: not counted
+    m.observe(
+        "ADDED", ftj("Running", restarts=1, reason="Preempted"), T0
+    )  # restarts before this process: not counted
     m.observe("MODIFIED", ftj("Restarting", restarts=2, reason="StorageUnavailable"), T0)
     m.observe("MODIFIED", ftj("Running", restarts=2, reason="StorageUnavailable"), T0)
     s = scrape(m, reg)
@@ -101,22 +120,39 @@ def test_gpu_seconds_accumulate_while_running(metrics: tuple[Metrics, CollectorR
     m.observe("ADDED", ftj("Running", gpus=8), T0)
     m.observe("MODIFIED", ftj("Suspended", gpus=8), T0 + 100)  # 2 nodes x 8 GPUs x 100 s
     m.observe("MODIFIED", ftj("Running", gpus=8), T0 + 500)
-    assert {s.name: s.value for f in m.collect(now=T0 + 510) for s in f.samples if f.name == "kubetune_gpu_seconds"} == {
-        "kubetune_gpu_seconds_total": 16 * 100 + 16 * 10}
+    assert {
+        s.name: s.value
+        for f in m.collect(now=T0 + 510)
+        for s in f.samples
+        if f.name == "kubetune_gpu_seconds"
+    } == {"kubetune_gpu_seconds_total": 16 * 100 + 16 * 10}
 
 
-def test_status_usage_is_exported_per_job_as_counters_and_the_cost_as_a_gauge(metrics: tuple[Metrics, CollectorRegistry]) -> None:
+def test_status_usage_is_exported_per_job_as_counters_and_the_cost_as_a_gauge(
+    metrics: tuple[Metrics, CollectorRegistry],
+) -> None:
     m, reg = metrics
     body = ftj("Running", gpus=8)
-    body["status"]["usage"] = {"wallSeconds": 120.0, "nodeSeconds": 240.0, "gpuSeconds": 1920.0, "estimatedCost": 1.33, "currency": "EUR"}
+    body["status"]["usage"] = {
+        "wallSeconds": 120.0,
+        "nodeSeconds": 240.0,
+        "gpuSeconds": 1920.0,
+        "estimatedCost": 1.33,
+        "currency": "EUR",
+    }
     m.observe("MODIFIED", body, T0)
     m.observe("ADDED", ftj("Pending", name="fresh"), T0)  # no usage yet: no series
     got = scrape(m, reg)
     job = (("finetunejob", "demo"), ("namespace", "ml"))
-    assert got[("kubetune_job_gpu_seconds_total", job)] == 1920.0 and got[("kubetune_job_node_seconds_total", job)] == 240.0
+    assert (
+        got[("kubetune_job_gpu_seconds_total", job)] == 1920.0
+        and got[("kubetune_job_node_seconds_total", job)] == 240.0
+    )
     assert got[("kubetune_job_wall_seconds_total", job)] == 120.0
     assert got[("kubetune_job_estimated_cost", (("currency", "EUR"), *job))] == 1.33
-    assert not [k for k in got if k[0].startswith("kubetune_job_gpu_seconds") and ("finetunejob", "fresh") in k[1]]
+    assert not [
+        k for k in got if k[0].startswith("kubetune_job_gpu_seconds") and ("finetunejob", "fresh") in k[1]
+    ]
 
 
 def test_a_handler_that_raises_is_timed_and_counted(metrics: tuple[Metrics, CollectorRegistry]) -> None:
@@ -156,7 +192,9 @@ def test_kopfs_session_counts_its_watch_streams_and_refused_connections() -> Non
         await resp.prepare(request)
         if request.query.get("watch") == "true":  # a watch: events until the server closes the stream
             for i in range(3):
-                await resp.write(json.dumps({"type": "ADDED", "object": {"metadata": {"name": f"p{i}"}}}).encode() + b"\n")
+                await resp.write(
+                    json.dumps({"type": "ADDED", "object": {"metadata": {"name": f"p{i}"}}}).encode() + b"\n"
+                )
         return resp
 
     async def scenario() -> tuple[float, float, float]:
@@ -197,13 +235,17 @@ def exposed_names() -> set[str]:
     with pytest.raises(ValueError), m.reconciling("poll"):
         raise ValueError
     m.api_request("GET", "https://k/api/v1/namespaces/ml/pods", 200)
-    return {s.name for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+    return {
+        s.name for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples
+    }
 
 
 def dashboard_exprs() -> list[str]:
     dash = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
-    return exprs + [v["query"]["query"] for v in dash["templating"]["list"] if isinstance(v.get("query"), dict)]
+    return exprs + [
+        v["query"]["query"] for v in dash["templating"]["list"] if isinstance(v.get("query"), dict)
+    ]
 
 
 def test_the_dashboard_is_valid_json_and_uses_only_exported_metrics() -> None:
@@ -235,10 +277,19 @@ def test_every_metric_is_documented() -> None:
 def differences(sent: Any, kept: Any, path: str = "") -> list[str]:
     """Where `kept` lost or changed something of `sent` (keys it added, schema defaults, are fine)."""
     if isinstance(sent, dict) and isinstance(kept, dict):
-        return [d for k, v in sent.items() for d in
-                (differences(v, kept[k], f"{path}/{k}") if k in kept else [f"{path}/{k}: not in the schema"])]
+        return [
+            d
+            for k, v in sent.items()
+            for d in (
+                differences(v, kept[k], f"{path}/{k}") if k in kept else [f"{path}/{k}: not in the schema"]
+            )
+        ]
     if isinstance(sent, list) and isinstance(kept, list) and len(sent) == len(kept):
-        return [d for i, (a, b) in enumerate(zip(sent, kept, strict=True)) for d in differences(a, b, f"{path}[{i}]")]
+        return [
+            d
+            for i, (a, b) in enumerate(zip(sent, kept, strict=True))
+            for d in differences(a, b, f"{path}[{i}]")
+        ]
     return [] if sent == kept else [f"{path}: {sent!r} became {kept!r}"]
 
 
@@ -263,7 +314,9 @@ def test_the_dashboard_matches_grafanas_dashboard_schema() -> None:
     decoded = Dashboard.from_json(sent)
     kept = json.loads(json.dumps(decoded, cls=JSONEncoder))
     assert differences(sent, kept) == []
-    assert not [p["type"] for p in sent["panels"] if runtime.panelcfg_config(p["type"]) is None]  # known panel types
+    assert not [
+        p["type"] for p in sent["panels"] if runtime.panelcfg_config(p["type"]) is None
+    ]  # known panel types
     targets = [t for p in (decoded.panels or []) for t in getattr(p, "targets", None) or []]
     assert len(targets) == sum(len(p["targets"]) for p in sent["panels"])
     assert all(isinstance(t, PrometheusQuery) for t in targets)  # every query decoded as a Prometheus query
@@ -278,7 +331,10 @@ def test_the_schema_check_catches_a_misspelt_key(tmp_path: Path) -> None:
     sent["panels"][0]["gridpos"] = sent["panels"][0].pop("gridPos")
     sent["panels"][2]["targets"][0]["legend"] = "{{finetunejob}}"
     kept = json.loads(json.dumps(Dashboard.from_json(sent), cls=JSONEncoder))
-    assert differences(sent, kept) == ["/panels[0]/gridpos: not in the schema", "/panels[2]/targets[0]/legend: not in the schema"]
+    assert differences(sent, kept) == [
+        "/panels[0]/gridpos: not in the schema",
+        "/panels[2]/targets[0]/legend: not in the schema",
+    ]
 
 
 PROMTOOL = shutil.which("promtool")
@@ -286,7 +342,9 @@ PROMTOOL = shutil.which("promtool")
 
 def promtool_check(rules: list[dict[str, Any]], path: Path) -> subprocess.CompletedProcess[str]:
     path.write_text(yaml.safe_dump({"groups": [{"name": "check", "rules": rules}]}))
-    return subprocess.run([PROMTOOL or "promtool", "check", "rules", str(path)], capture_output=True, text=True)
+    return subprocess.run(
+        [PROMTOOL or "promtool", "check", "rules", str(path)], capture_output=True, text=True
+    )
 
 
 # Grafana's variables, as Grafana substitutes them before a query reaches Prometheus.
@@ -305,6 +363,7 @@ def test_every_dashboard_query_parses_as_promql(tmp_path: Path) -> None:
     rules = [{"record": f"kubetune:dashboard_query_{i}", "expr": e} for i, e in enumerate(exprs)]
     r = promtool_check(rules, tmp_path / "dashboard.rules.yaml")
     assert r.returncode == 0 and f"SUCCESS: {len(rules)} rules found" in r.stdout, r.stdout + r.stderr
-    broken = promtool_check([{"record": "kubetune:broken", "expr": "sum by (phase (kubetune_finetunejobs)"}], tmp_path / "b.yaml")
+    broken = promtool_check(
+        [{"record": "kubetune:broken", "expr": "sum by (phase (kubetune_finetunejobs)"}], tmp_path / "b.yaml"
+    )
     assert broken.returncode != 0  # promtool really parses
-

@@ -26,7 +26,13 @@ def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def ftj(name: str, uri: str, created: str, phase: str | None = None) -> dict[str, Any]:
     doc = manifest(output={"uri": uri})
-    doc["metadata"] = {"name": name, "namespace": "ml", "uid": f"uid-{name}", "generation": 1, "creationTimestamp": created}
+    doc["metadata"] = {
+        "name": name,
+        "namespace": "ml",
+        "uid": f"uid-{name}",
+        "generation": 1,
+        "creationTimestamp": created,
+    }
     if phase:
         doc["status"] = {"phase": phase}
     return doc
@@ -43,7 +49,10 @@ def reconcile(kube: FakeCluster, name: str) -> float | None:
 
 @pytest.mark.parametrize("second", ["s3://out/demo", "s3://out/demo/", "s3://out/demo/sub", "s3://out"])
 def test_a_second_live_job_on_the_same_output_waits(second: str) -> None:
-    kube = FakeCluster(ftj("first", "s3://out/demo", "2026-03-01T10:00:00Z", "Running"), ftj("second", second, "2026-03-01T11:00:00Z"))
+    kube = FakeCluster(
+        ftj("first", "s3://out/demo", "2026-03-01T10:00:00Z", "Running"),
+        ftj("second", second, "2026-03-01T11:00:00Z"),
+    )
 
     wake = reconcile(kube, "second")
 
@@ -61,7 +70,10 @@ def test_a_second_live_job_on_the_same_output_waits(second: str) -> None:
 
 
 def test_the_waiting_job_starts_once_the_first_has_finished() -> None:
-    kube = FakeCluster(ftj("first", "s3://out/demo", "2026-03-01T10:00:00Z", "Running"), ftj("second", "s3://out/demo", "2026-03-01T11:00:00Z"))
+    kube = FakeCluster(
+        ftj("first", "s3://out/demo", "2026-03-01T10:00:00Z", "Running"),
+        ftj("second", "s3://out/demo", "2026-03-01T11:00:00Z"),
+    )
     reconcile(kube, "second")
     kube.put({**kube.get("FineTuneJob", "ml", "first"), "status": {"phase": "Succeeded"}})  # type: ignore[dict-item]
 

@@ -41,11 +41,15 @@ def test_a_publish_block_parses_with_its_camel_case_names():
 )
 def test_a_reference_without_registry_or_tag_is_refused_with_the_form_expected(reference):
     [problem] = problems(output={"uri": "s3://out/demo", "publish": {"oci": reference}})
-    assert problem.startswith(f"spec.output.publish.oci: has an unsupported form (got {reference!r}); expected registry/")
+    assert problem.startswith(
+        f"spec.output.publish.oci: has an unsupported form (got {reference!r}); expected registry/"
+    )
     assert "\n" not in problem
 
 
-@pytest.mark.parametrize("reference", ["ghcr.io/org/model:v1", "localhost:5000/a/b/c:1.0-rc_1", "registry:5000/m:latest"])
+@pytest.mark.parametrize(
+    "reference", ["ghcr.io/org/model:v1", "localhost:5000/a/b/c:1.0-rc_1", "registry:5000/m:latest"]
+)
 def test_references_with_a_registry_and_a_tag_are_accepted(reference):
     assert problems(output={"uri": "s3://out/demo", "publish": {"oci": reference}}) == []
 
@@ -69,7 +73,9 @@ def test_publishing_an_adapter_of_a_full_fine_tune_is_refused():
 
 
 def test_the_secret_is_a_read_only_file_and_only_its_path_is_in_env():
-    pod_spec = render_workload(spec(output=output(credentialsSecret="regcred")), "demo", "ml")["spec"]["template"]["spec"]
+    pod_spec = render_workload(spec(output=output(credentialsSecret="regcred")), "demo", "ml")["spec"][
+        "template"
+    ]["spec"]
     [volume] = [v for v in pod_spec["volumes"] if v.get("secret", {}).get("secretName") == "regcred"]
     assert volume["secret"]["items"] == [{"key": ".dockerconfigjson", "path": "config.json"}]
     trainer = pod_spec["containers"][0]
@@ -93,9 +99,13 @@ def test_publish_settings_are_not_part_of_what_is_trained():
 
 def test_the_digest_pinned_reference_from_rank_0_goes_into_status_artifacts():
     pinned = "127.0.0.1:5000/models/tiny@sha256:" + "ab" * 32
-    msg = json.dumps({"exitCode": 0, "reason": "Succeeded", "message": "training finished", "artifacts": {"oci": pinned}})
+    msg = json.dumps(
+        {"exitCode": 0, "reason": "Succeeded", "message": "training finished", "artifacts": {"oci": pinned}}
+    )
     rank0 = pod("demo-r0-0", phase="Succeeded", exit_code=0, message=msg)
-    d = run(Observed(job=job(conditions=["Complete"]), pods=[rank0]), old={"phase": "Running"}, output=output())
+    d = run(
+        Observed(job=job(conditions=["Complete"]), pods=[rank0]), old={"phase": "Running"}, output=output()
+    )
     assert d.status.phase == "Succeeded" and d.status.artifacts is not None
     assert d.status.artifacts.oci == pinned
     assert d.status.artifacts.merged_model == "s3://out/demo/model/"

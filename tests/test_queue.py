@@ -24,11 +24,20 @@ def job(suspend: bool = True, queue: str | None = "team-a", uid: str = "job-uid-
             "spec": {"suspend": suspend}, "status": {}}  # fmt: skip
 
 
-def workload(admitted: bool = False, job_uid: str = "job-uid-1", evicted: str | None = None) -> dict[str, Any]:
+def workload(
+    admitted: bool = False, job_uid: str = "job-uid-1", evicted: str | None = None
+) -> dict[str, Any]:
     conds = [{"type": "QuotaReserved", "status": "True" if admitted else "False", "reason": "QuotaReserved" if admitted else "Pending",
               "message": "Quota reserved in ClusterQueue cq" if admitted else KUEUE_PENDING}]  # fmt: skip
     if admitted:
-        conds.append({"type": "Admitted", "status": "True", "reason": "Admitted", "message": "The workload is admitted"})
+        conds.append(
+            {
+                "type": "Admitted",
+                "status": "True",
+                "reason": "Admitted",
+                "message": "The workload is admitted",
+            }
+        )
     if evicted:
         conds.append({"type": "Evicted", "status": "True", "reason": "Preempted", "message": evicted})
     status: dict[str, Any] = {"conditions": conds}
@@ -74,7 +83,9 @@ def test_a_suspended_job_outside_any_queue_is_suspended_without_an_admitted_cond
 
 
 def test_queue_state_reads_kueues_eviction() -> None:
-    state = queue_state(job(suspend=False), workload(admitted=True, evicted="Preempted to accommodate a workload"))
+    state = queue_state(
+        job(suspend=False), workload(admitted=True, evicted="Preempted to accommodate a workload")
+    )
     assert state is not None and state.evicted == "Preempted to accommodate a workload"
 
 
@@ -113,7 +124,10 @@ def test_a_missing_pod_group_crd_is_named_and_warned_once() -> None:
     first = pod_group_missing(FineTuneJobStatus(), "podgroups.scheduling.volcano.sh", gang_spec, 1, NOW)
     assert first["status"].phase == "Pending"
     status, reason, message = conditions(first["status"])["PodGroupReady"]
-    assert (status, reason) == ("False", "PodGroupCRDMissing") and "podgroups.scheduling.volcano.sh" in message
+    assert (status, reason) == (
+        "False",
+        "PodGroupCRDMissing",
+    ) and "podgroups.scheduling.volcano.sh" in message
     assert first["event"] is not None and first["event"][0] == "Warning"
     again = pod_group_missing(first["status"], "podgroups.scheduling.volcano.sh", gang_spec, 1, NOW)
     assert again["event"] is None

@@ -25,10 +25,15 @@ T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
 def ftj(name: str = "demo", rv: str = "1", **status: object) -> dict:
-    return {"metadata": {"name": name, "namespace": "ml", "uid": "u1", "resourceVersion": rv}, "status": dict(status)}
+    return {
+        "metadata": {"name": name, "namespace": "ml", "uid": "u1", "resourceVersion": rv},
+        "status": dict(status),
+    }
 
 
-def pod(name: str, restart: int = 0, index: str = "0", phase: str = "Running", ip: str = "10.0.0.1", rv: str = "1") -> dict:
+def pod(
+    name: str, restart: int = 0, index: str = "0", phase: str = "Running", ip: str = "10.0.0.1", rv: str = "1"
+) -> dict:
     return {
         "metadata": {"name": name, "namespace": "ml", "uid": name, "resourceVersion": rv,
                      "labels": {"kubetune.io/job-name": "demo", "kubetune.io/restart": str(restart)},
@@ -38,7 +43,13 @@ def pod(name: str, restart: int = 0, index: str = "0", phase: str = "Running", i
 
 
 def job(name: str, rv: str = "1", deleting: bool = False) -> dict:
-    meta = {"name": name, "namespace": "ml", "uid": name, "resourceVersion": rv, "labels": {"kubetune.io/job-name": "demo"}}
+    meta = {
+        "name": name,
+        "namespace": "ml",
+        "uid": name,
+        "resourceVersion": rv,
+        "labels": {"kubetune.io/job-name": "demo"},
+    }
     if deleting:
         meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     return {"metadata": meta, "spec": {}, "status": {}}
@@ -62,7 +73,10 @@ def test_the_watch_echoing_our_own_write_is_nothing_new():
     assert store.put_ftj(ftj(rv="8", phase="Succeeded")) is True  # someone else's change
     assert store.put_child("Job", job("demo-r0", rv="3")) == ("ml", "demo")  # our create's response
     assert store.put_child("Job", job("demo-r0", rv="3")) is None  # its ADDED event
-    assert store.put_child("Job", job("demo-r0", rv="4")) == ("ml", "demo")  # the Job controller's status update
+    assert store.put_child("Job", job("demo-r0", rv="4")) == (
+        "ml",
+        "demo",
+    )  # the Job controller's status update
 
 
 def test_store_files_children_under_their_owner_label_and_forgets_deleted_ones():
@@ -138,12 +152,16 @@ def test_observe_shows_only_the_current_gang_and_counts_what_is_left_of_older_on
     jobs = [job("demo-r0", deleting=True), job("demo-r1")]
     pods = [pod("demo-r0-0", restart=0), pod("demo-r1-0", restart=1)]
     seen = observe("demo", 1, jobs, pods, ("demo-r1-0", Progress(step=5)))
-    assert seen.job["metadata"]["name"] == "demo-r1" and [p["metadata"]["name"] for p in seen.pods] == ["demo-r1-0"]
+    assert seen.job["metadata"]["name"] == "demo-r1" and [p["metadata"]["name"] for p in seen.pods] == [
+        "demo-r1-0"
+    ]
     assert seen.stale == 2 and seen.progress.step == 5
 
 
 def test_observe_ignores_progress_read_from_the_previous_gangs_rank0():
-    seen = observe("demo", 1, [job("demo-r1")], [pod("demo-r1-0", restart=1)], ("demo-r0-0", Progress(step=50)))
+    seen = observe(
+        "demo", 1, [job("demo-r1")], [pod("demo-r1-0", restart=1)], ("demo-r0-0", Progress(step=50))
+    )
     assert seen.progress is None
 
 
@@ -157,7 +175,9 @@ def test_pods_of_an_earlier_job_with_the_same_name_are_stale():
     old_pod = pod("demo-r0-0-aaaaa")
     old_pod["metadata"]["labels"]["batch.kubernetes.io/controller-uid"] = "old-uid"
     new_pod = pod("demo-r0-0-bbbbb")
-    new_pod["metadata"]["labels"]["batch.kubernetes.io/controller-uid"] = "demo-r0"  # job() uses the name as uid
+    new_pod["metadata"]["labels"]["batch.kubernetes.io/controller-uid"] = (
+        "demo-r0"  # job() uses the name as uid
+    )
     seen = observe("demo", 0, [job("demo-r0")], [old_pod, new_pod], None)
     assert [p["metadata"]["name"] for p in seen.pods] == ["demo-r0-0-bbbbb"] and seen.stale == 1
 
@@ -170,7 +190,9 @@ def test_without_a_current_job_every_pod_is_stale():
 def test_wake_after_a_running_job_only_for_its_deadline():
     spec = sample_spec(runPolicy={"activeDeadlineSeconds": 100})
     status = FineTuneJobStatus(phase="Running", start_time="2026-01-01T00:00:00Z")
-    assert wake_after(spec, status, Observed(job=None, progress=Progress(step=1)), T0 + timedelta(seconds=40), 10) == pytest.approx(60.5)
+    assert wake_after(
+        spec, status, Observed(job=None, progress=Progress(step=1)), T0 + timedelta(seconds=40), 10
+    ) == pytest.approx(60.5)
     assert wake_after(sample_spec(), status, Observed(job=None, progress=Progress(step=1)), T0, 10) is None
 
 
@@ -283,7 +305,9 @@ def test_events_are_queued_and_posted_in_order_by_one_thread_without_waiting():
     recorder.record(kube.event_for(body, "Normal", "Created", "m"))
     assert started.wait(5)
     for reason in ("Suspended", "Resumed", "Running", "Succeeded"):
-        recorder.record(kube.event_for(body, "Normal", reason, "m"))  # returns while the first post still waits
+        recorder.record(
+            kube.event_for(body, "Normal", reason, "m")
+        )  # returns while the first post still waits
     assert posted == [] and not recorder.flush(0.1)
     gate.set()
     assert recorder.flush(5)
@@ -355,25 +379,50 @@ def test_calls_whose_answer_is_not_read_still_give_their_connection_back(api_ser
     assert cluster.calls == 15
 
 
-JOB = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "demo-r0", "namespace": "ml"}, "spec": {}}
-ISVC = {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": {"name": "demo", "namespace": "ml"}}
+JOB = {
+    "apiVersion": "batch/v1",
+    "kind": "Job",
+    "metadata": {"name": "demo-r0", "namespace": "ml"},
+    "spec": {},
+}
+ISVC = {
+    "apiVersion": "serving.kserve.io/v1beta1",
+    "kind": "InferenceService",
+    "metadata": {"name": "demo", "namespace": "ml"},
+}
 
 
 @pytest.mark.parametrize(
     ("status", "call", "outcome"),
     [
         (201, lambda c: c.create_if_absent(JOB), {"kind": "Job"}),
-        (409, lambda c: c.create_if_absent(JOB), None),  # already there: a restarted operator duplicates nothing
-        (422, lambda c: c.create_if_absent(JOB), kopf.PermanentError("create Job demo-r0 refused by the API server")),
+        (
+            409,
+            lambda c: c.create_if_absent(JOB),
+            None,
+        ),  # already there: a restarted operator duplicates nothing
+        (
+            422,
+            lambda c: c.create_if_absent(JOB),
+            kopf.PermanentError("create Job demo-r0 refused by the API server"),
+        ),
         (404, lambda c: c.create_if_absent(JOB), kopf.TemporaryError("create Job demo-r0: 404")),
         (404, lambda c: c.create_if_absent(ISVC), ApiMissing("serving.kserve.io/v1beta1")),
         (404, lambda c: c.patch_status("ml", "demo", {}), None),  # deleted meanwhile
         (404, lambda c: c.patch_job("ml", "demo-r0", {}), None),
         (404, lambda c: c.delete_job("ml", "demo-r0"), None),
         (404, lambda c: c.read_serving(ISVC), None),
-        (404, lambda c: c.patch_config_map("ml", "demo-config", {}), kopf.TemporaryError("patch ConfigMap demo-config: 404")),
+        (
+            404,
+            lambda c: c.patch_config_map("ml", "demo-config", {}),
+            kopf.TemporaryError("patch ConfigMap demo-config: 404"),
+        ),
         (403, lambda c: c.patch_status("ml", "demo", {}), kopf.TemporaryError("patch status of demo: 403")),
-        (422, lambda c: c.replace_serving(ISVC), kopf.PermanentError("replace InferenceService demo refused")),
+        (
+            422,
+            lambda c: c.replace_serving(ISVC),
+            kopf.PermanentError("replace InferenceService demo refused"),
+        ),
         (500, lambda c: c.create_event({"metadata": {"namespace": "ml"}}), None),  # best effort: never raises
     ],
     ids=lambda v: str(v) if isinstance(v, int) else None,
@@ -381,7 +430,11 @@ ISVC = {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "
 def test_each_api_answer_becomes_one_outcome_of_the_interface(api_server, status, call, outcome, monkeypatch):
     monkeypatch.setattr(kube, "backoff", lambda attempt: 0.0)  # a 500 is retried: no waiting here
     api_server.status = status
-    api_server.body = {"kind": "Job", "metadata": {"name": "demo-r0"}} if status == 201 else {"kind": "Status", "code": status}
+    api_server.body = (
+        {"kind": "Job", "metadata": {"name": "demo-r0"}}
+        if status == 201
+        else {"kind": "Status", "code": status}
+    )
     cluster = api_server.client()
     if isinstance(outcome, Exception):
         with pytest.raises(type(outcome), match=str(outcome)):

@@ -23,7 +23,11 @@ from kubetune.status import runs
 from operator_samples import manifest
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
-CREATE_GANG = [("create", "Job", "demo-r0"), ("create", "ConfigMap", "demo-config"), ("create", "Service", "demo")]
+CREATE_GANG = [
+    ("create", "Job", "demo-r0"),
+    ("create", "ConfigMap", "demo-config"),
+    ("create", "Service", "demo"),
+]
 STATUS_AND_EVENT = [("patch-status", "FineTuneJob", "demo"), ("event", "FineTuneJob", "demo")]
 
 
@@ -96,11 +100,15 @@ class World:
 
     def job_condition(self, type_: str, name: str = "demo-r0") -> None:
         job = self.job(name)
-        job.setdefault("status", {})["conditions"] = [{"type": type_, "status": "True", "reason": type_, "message": ""}]
+        job.setdefault("status", {})["conditions"] = [
+            {"type": type_, "status": "True", "reason": type_, "message": ""}
+        ]
         self.kube.put(job)
         self.watch()
 
-    def pods(self, phase: str = "Running", terminated: TerminationMessage | None = None, job: str = "demo-r0") -> None:
+    def pods(
+        self, phase: str = "Running", terminated: TerminationMessage | None = None, job: str = "demo-r0"
+    ) -> None:
         """The Job controller and the kubelet: one pod per node of `job`, in `phase` (rank 0 left `terminated`)."""
         owner = self.job(job)
         restart = owner["metadata"]["labels"][names.LABEL_RESTART]
@@ -108,7 +116,9 @@ class World:
             state: dict[str, Any] = {"running": {"startedAt": iso(NOW)}}
             if terminated is not None:
                 code = terminated.exit_code
-                state = {"terminated": {"exitCode": code, "message": terminated.to_text(), "finishedAt": iso(NOW)}}
+                state = {
+                    "terminated": {"exitCode": code, "message": terminated.to_text(), "finishedAt": iso(NOW)}
+                }
             self.kube.put({
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": f"{job}-{index}", "namespace": "ml",
@@ -157,7 +167,9 @@ def finished(exit_code: int, message: str = "", **spec: Any) -> World:
     world = running(**spec)
     for name in [p["metadata"]["name"] for p in world.kube.of_kind("Pod")]:
         del world.kube.objects[("Pod", "ml", name)]
-    world.pods("Succeeded" if exit_code == 0 else "Failed", TerminationMessage.build(exit_code, message or "done"))
+    world.pods(
+        "Succeeded" if exit_code == 0 else "Failed", TerminationMessage.build(exit_code, message or "done")
+    )
     return world
 
 
@@ -263,10 +275,15 @@ def deadline_passed() -> World:
 
 def check_new_job(world: World) -> None:
     job = world.job()
-    assert job["spec"]["suspend"] is False and job["metadata"]["annotations"] == {names.ANNOTATION_SUSPEND_APPLIED: "false"}
+    assert job["spec"]["suspend"] is False and job["metadata"]["annotations"] == {
+        names.ANNOTATION_SUSPEND_APPLIED: "false"
+    }
     owner = job["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner["controller"]) == ("FineTuneJob", "demo", True)
-    assert world.kube.get("ConfigMap", "ml", "demo-config") is not None and world.kube.get("Service", "ml", "demo") is not None
+    assert (
+        world.kube.get("ConfigMap", "ml", "demo-config") is not None
+        and world.kube.get("Service", "ml", "demo") is not None
+    )
     status = world.status
     assert status["workload"] == "demo-r0" and status["observedGeneration"] == 1 and status["trainedSpecHash"]
 
@@ -280,25 +297,35 @@ def check_deferred(world: World) -> None:
 
 def check_admitted(world: World) -> None:
     annotations = world.job()["metadata"]["annotations"]
-    assert names.ANNOTATION_DEFERRED not in annotations and annotations[names.ANNOTATION_SUSPEND_APPLIED] == "true"
+    assert (
+        names.ANNOTATION_DEFERRED not in annotations
+        and annotations[names.ANNOTATION_SUSPEND_APPLIED] == "true"
+    )
     assert world.job()["spec"]["suspend"] is False  # the queue's decision, not fought
 
 
 def check_resumed(world: World) -> None:
     job = world.job()
-    assert job["spec"]["suspend"] is False and job["metadata"]["annotations"] == {names.ANNOTATION_SUSPEND_APPLIED: "false"}
+    assert job["spec"]["suspend"] is False and job["metadata"]["annotations"] == {
+        names.ANNOTATION_SUSPEND_APPLIED: "false"
+    }
     assert world.kube.get("ConfigMap", "ml", "demo-config") is not None
 
 
 def check_suspended(world: World) -> None:
     patch = world.kube.requests[-1].body
-    assert patch == {"metadata": {"annotations": {names.ANNOTATION_SUSPEND_APPLIED: "true"}}, "spec": {"suspend": True}}
+    assert patch == {
+        "metadata": {"annotations": {names.ANNOTATION_SUSPEND_APPLIED: "true"}},
+        "spec": {"suspend": True},
+    }
 
 
 def check_restarting(world: World) -> None:
     status = world.status
     assert status["restarts"] == 1 and status["workload"] == "demo-r1"
-    assert status["lastFailure"]["exitCode"] == ExitCode.INFRASTRUCTURE and "NCCL timeout" in status["message"]
+    assert (
+        status["lastFailure"]["exitCode"] == ExitCode.INFRASTRUCTURE and "NCCL timeout" in status["message"]
+    )
     assert world.kube.requests[-1].body == "Background"  # the Job goes at once; the GC takes its pods
 
 
@@ -369,91 +396,165 @@ def check_deleted(world: World) -> None:
 
 CASES = {
     "create: the gang's Job first, then its config and DNS, then the status and its Event": Case(
-        lambda: World(new_job()), [*CREATE_GANG, *STATUS_AND_EVENT], "Pending", ("Normal", "PodsPending"), check_new_job
+        lambda: World(new_job()),
+        [*CREATE_GANG, *STATUS_AND_EVENT],
+        "Pending",
+        ("Normal", "PodsPending"),
+        check_new_job,
     ),
     "create suspended: the Job alone, its config and DNS deferred": Case(
         lambda: World(new_job(runPolicy={"suspend": True})),
-        [("create", "Job", "demo-r0"), *STATUS_AND_EVENT], "Suspended", ("Normal", "JobSuspended"), check_deferred,
+        [("create", "Job", "demo-r0"), *STATUS_AND_EVENT],
+        "Suspended",
+        ("Normal", "JobSuspended"),
+        check_deferred,
     ),
     "at rest: a pass that finds nothing new writes nothing": Case(running, [], "Initializing"),
-    "pods up: status only": Case(lambda: (w := created(), w.pods("Running"))[0], STATUS_AND_EVENT, "Initializing",
-                                 ("Normal", "PodsStarting")),  # fmt: skip
+    "pods up: status only": Case(
+        lambda: (w := created(), w.pods("Running"))[0],
+        STATUS_AND_EVENT,
+        "Initializing",
+        ("Normal", "PodsStarting"),
+    ),  # fmt: skip
     "admit: a queue unsuspended the Job, its config and DNS follow": Case(
         queue_admits,
-        [*STATUS_AND_EVENT, ("create", "ConfigMap", "demo-config"), ("create", "Service", "demo"), ("patch", "Job", "demo-r0")],
-        "Pending", ("Normal", "PodsPending"), check_admitted,
+        [
+            *STATUS_AND_EVENT,
+            ("create", "ConfigMap", "demo-config"),
+            ("create", "Service", "demo"),
+            ("patch", "Job", "demo-r0"),
+        ],
+        "Pending",
+        ("Normal", "PodsPending"),
+        check_admitted,
     ),
     "resume: the user's suspend: false reaches the Job": Case(
         user_resumes,
-        [("patch-status", "FineTuneJob", "demo"), ("create", "ConfigMap", "demo-config"), ("create", "Service", "demo"),
-         ("patch", "Job", "demo-r0")],
-        "Suspended", None, check_resumed,
+        [
+            ("patch-status", "FineTuneJob", "demo"),
+            ("create", "ConfigMap", "demo-config"),
+            ("create", "Service", "demo"),
+            ("patch", "Job", "demo-r0"),
+        ],
+        "Suspended",
+        None,
+        check_resumed,
     ),
     "suspend: the user's suspend: true reaches the Job": Case(
-        user_suspends, [("patch-status", "FineTuneJob", "demo"), ("patch", "Job", "demo-r0")], "Initializing", None,
+        user_suspends,
+        [("patch-status", "FineTuneJob", "demo"), ("patch", "Job", "demo-r0")],
+        "Initializing",
+        None,
         check_suspended,
     ),
     "restart: a retryable failure deletes the gang": Case(
         lambda: finished(ExitCode.INFRASTRUCTURE, "NCCL timeout"),
-        [*STATUS_AND_EVENT, ("delete", "Job", "demo-r0")], "Restarting", ("Warning", "GangRestarting"), check_restarting,
+        [*STATUS_AND_EVENT, ("delete", "Job", "demo-r0")],
+        "Restarting",
+        ("Warning", "GangRestarting"),
+        check_restarting,
     ),
     "restart: the next gang once the old one is gone": Case(
         old_gang_gone,
-        [("create", "Job", "demo-r1"), ("create", "ConfigMap", "demo-config"), ("create", "Service", "demo"),
-         *STATUS_AND_EVENT],
-        "Pending", ("Normal", "PodsPending"), check_next_gang,
+        [
+            ("create", "Job", "demo-r1"),
+            ("create", "ConfigMap", "demo-config"),
+            ("create", "Service", "demo"),
+            *STATUS_AND_EVENT,
+        ],
+        "Pending",
+        ("Normal", "PodsPending"),
+        check_next_gang,
     ),
     "failure: a user error fails the job at once and stops the gang": Case(
         lambda: finished(ExitCode.DATASET_INVALID, "bad record 3"),
-        [*STATUS_AND_EVENT, ("delete", "Job", "demo-r0")], "Failed", ("Warning", "DatasetInvalid"), check_failed_for_the_user,
+        [*STATUS_AND_EVENT, ("delete", "Job", "demo-r0")],
+        "Failed",
+        ("Warning", "DatasetInvalid"),
+        check_failed_for_the_user,
     ),
     "failure: retries used up": Case(
         lambda: finished(ExitCode.STORAGE_UNAVAILABLE, runPolicy={"backoffLimit": 0}),
-        [*STATUS_AND_EVENT, ("delete", "Job", "demo-r0")], "Failed", ("Warning", "BackoffLimitExceeded"),
+        [*STATUS_AND_EVENT, ("delete", "Job", "demo-r0")],
+        "Failed",
+        ("Warning", "BackoffLimitExceeded"),
     ),
     "failure: the active deadline passed": Case(
-        deadline_passed, [*STATUS_AND_EVENT, ("delete", "Job", "demo-r0")], "Failed", ("Warning", "DeadlineExceeded"),
+        deadline_passed,
+        [*STATUS_AND_EVENT, ("delete", "Job", "demo-r0")],
+        "Failed",
+        ("Warning", "DeadlineExceeded"),
     ),
     "success: status and Event, the finished gang left for its logs": Case(
-        lambda: (w := finished(0), w.job_condition("Complete"))[0], STATUS_AND_EVENT, "Succeeded",
-        ("Normal", "TrainingSucceeded"), check_succeeded,
+        lambda: (w := finished(0), w.job_condition("Complete"))[0],
+        STATUS_AND_EVENT,
+        "Succeeded",
+        ("Normal", "TrainingSucceeded"),
+        check_succeeded,
     ),
     "serving hand-off: a succeeded job's model is served in the pass that sees it succeed": Case(
         lambda: (w := finished(0, serving={}), w.job_condition("Complete"))[0],
-        [*STATUS_AND_EVENT, ("create", "InferenceService", "demo"), *STATUS_AND_EVENT], "Succeeded",
-        ("Normal", "ServingCreated"), check_serving,
+        [*STATUS_AND_EVENT, ("create", "InferenceService", "demo"), *STATUS_AND_EVENT],
+        "Succeeded",
+        ("Normal", "ServingCreated"),
+        check_serving,
     ),
     "serving hand-off: once": Case(
-        lambda: (w := finished(0, serving={}), w.job_condition("Complete"), w.reconcile(), w.kube.forget_calls())[0],
-        [], "Succeeded",
+        lambda: (
+            w := finished(0, serving={}),
+            w.job_condition("Complete"),
+            w.reconcile(),
+            w.kube.forget_calls(),
+        )[0],
+        [],
+        "Succeeded",
     ),
     "serving hand-off: no KServe is a condition, not a crash": Case(
         serving_without_kserve,
-        [*STATUS_AND_EVENT, ("create", "InferenceService", "demo"), *STATUS_AND_EVENT], "Succeeded",
-        ("Warning", "ServingAPIMissing"), check_serving_missing,
+        [*STATUS_AND_EVENT, ("create", "InferenceService", "demo"), *STATUS_AND_EVENT],
+        "Succeeded",
+        ("Warning", "ServingAPIMissing"),
+        check_serving_missing,
     ),
     "new run: trained fields edited after success close the run and remove its gang": Case(
-        trained_fields_edited, [("delete", "Job", "demo-r0"), *STATUS_AND_EVENT], "Pending", ("Normal", runs.NEW_RUN_REASON),
+        trained_fields_edited,
+        [("delete", "Job", "demo-r0"), *STATUS_AND_EVENT],
+        "Pending",
+        ("Normal", runs.NEW_RUN_REASON),
         check_new_run,
     ),
     "new run: its gang, with this run's config": Case(
         new_run_gang_gone,
-        [("create", "Job", "demo-r0"), ("create", "ConfigMap", "demo-config"), ("patch", "ConfigMap", "demo-config"),
-         ("create", "Service", "demo"), ("patch-status", "FineTuneJob", "demo")],
-        "Pending", None, check_new_run_gang,
+        [
+            ("create", "Job", "demo-r0"),
+            ("create", "ConfigMap", "demo-config"),
+            ("patch", "ConfigMap", "demo-config"),
+            ("create", "Service", "demo"),
+            ("patch-status", "FineTuneJob", "demo"),
+        ],
+        "Pending",
+        None,
+        check_new_run_gang,
     ),
     "gang: the PodGroup before the Job": Case(
         lambda: World(new_job(scheduling={"gang": {"scheduler": "coscheduling"}})),
-        [("create", "PodGroup", "demo"), *CREATE_GANG, *STATUS_AND_EVENT], "Pending", ("Normal", "PodsPending"),
+        [("create", "PodGroup", "demo"), *CREATE_GANG, *STATUS_AND_EVENT],
+        "Pending",
+        ("Normal", "PodsPending"),
         check_pod_group,
     ),
     "gang: no PodGroup CRD, no Job: a Warning naming the CRD, looked at again later": Case(
         lambda: World(new_job(scheduling={"gang": {"scheduler": "volcano"}}), unserved=("PodGroup",)),
-        [("create", "PodGroup", "demo"), *STATUS_AND_EVENT], "Pending", ("Warning", "PodGroupCRDMissing"),
+        [("create", "PodGroup", "demo"), *STATUS_AND_EVENT],
+        "Pending",
+        ("Warning", "PodGroupCRDMissing"),
         check_pod_group_missing,
     ),
     "refused spec: Failed naming the field, nothing created": Case(
-        lambda: World(new_job(training={"learningRate": -1})), STATUS_AND_EVENT, "Failed", ("Warning", "SpecInvalid"),
+        lambda: World(new_job(training={"learningRate": -1})),
+        STATUS_AND_EVENT,
+        "Failed",
+        ("Warning", "SpecInvalid"),
     ),
     "TTL: a finished job past ttlSecondsAfterFinished is deleted": Case(
         ttl_passed, [("delete", "FineTuneJob", "demo")], "", None, check_deleted

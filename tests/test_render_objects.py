@@ -49,7 +49,9 @@ def test_workload_name_carries_the_gang_generation():
 
 
 def test_torchrun_rendezvous_at_rank_zero_stable_dns_name():
-    job = render_workload(spec(distributed={"nodes": 2, "procsPerNode": 8, "gpusPerNode": 8}), "demo", "ml", restart=1)
+    job = render_workload(
+        spec(distributed={"nodes": 2, "procsPerNode": 8, "gpusPerNode": 8}), "demo", "ml", restart=1
+    )
     c = container(job)
     assert c["command"] == ["torchrun"]
     args = " ".join(c["args"])
@@ -75,7 +77,9 @@ def test_cpu_jobs_use_gloo_and_no_gpu():
 def test_storage_credentials_come_from_the_secret():
     e = env(render_workload(spec(), "demo", "ml"))
     assert e["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}}
-    assert e["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert e["AWS_SECRET_ACCESS_KEY"] == {
+        "secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}
+    }
     assert e["AWS_ENDPOINT_URL"] == "http://minio:9000"
     assert e["AWS_DEFAULT_REGION"] == "us-east-1"
 
@@ -85,8 +89,14 @@ def volume(job, name):
 
 
 def test_shm_is_memory_backed_and_sized():
-    assert volume(render_workload(spec(), "demo", "ml"), "kubetune-shm")["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
-    assert volume(render_workload(spec(shmSize="64Gi"), "demo", "ml"), "kubetune-shm")["emptyDir"]["sizeLimit"] == "64Gi"
+    assert volume(render_workload(spec(), "demo", "ml"), "kubetune-shm")["emptyDir"] == {
+        "medium": "Memory",
+        "sizeLimit": "16Gi",
+    }
+    assert (
+        volume(render_workload(spec(shmSize="64Gi"), "demo", "ml"), "kubetune-shm")["emptyDir"]["sizeLimit"]
+        == "64Gi"
+    )
 
 
 def test_scratch_is_a_sized_emptydir_and_its_disk_is_requested():
@@ -94,7 +104,9 @@ def test_scratch_is_a_sized_emptydir_and_its_disk_is_requested():
     assert volume(job, "kubetune-cache") == {"name": "kubetune-cache", "emptyDir": {"sizeLimit": "200Gi"}}
     assert container(job)["resources"]["requests"] == {"cpu": "4", "ephemeral-storage": "200Gi"}
     mine = render_workload(spec(resources={"requests": {"ephemeral-storage": "300Gi"}}), "demo", "ml")
-    assert container(mine)["resources"]["requests"] == {"ephemeral-storage": "300Gi"}  # the user's own request wins
+    assert container(mine)["resources"]["requests"] == {
+        "ephemeral-storage": "300Gi"
+    }  # the user's own request wins
 
 
 def test_scratch_on_a_storage_class_is_a_generic_ephemeral_volume():
@@ -119,23 +131,36 @@ def test_every_object_carries_the_recommended_labels():
     for obj in [*objs, {"kind": "Pod", **pod}, deploy, {"kind": "ServingPod", **deploy["spec"]["template"]}]:
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/instance"] == "demo", obj["kind"]
-        assert labels["app.kubernetes.io/managed-by"] == "kubetune" and labels["app.kubernetes.io/part-of"] == "kubetune"
+        assert (
+            labels["app.kubernetes.io/managed-by"] == "kubetune"
+            and labels["app.kubernetes.io/part-of"] == "kubetune"
+        )
         components[obj["kind"]] = (labels["app.kubernetes.io/name"], labels["app.kubernetes.io/component"])
     assert components == {"ConfigMap": ("kubetune-trainer", "config"), "Service": ("kubetune-trainer", "rendezvous"),
                           "Job": ("kubetune-trainer", "workload"), "PodGroup": ("kubetune-trainer", "gang"),
                           "Pod": ("kubetune-trainer", "worker"), "Deployment": ("kubetune-serving", "serving"),
                           "ServingPod": ("kubetune-serving", "serving")}  # fmt: skip
-    assert deploy["spec"]["selector"]["matchLabels"] == {"kubetune.io/serving": "demo"}  # unchanged: selectors are immutable
+    assert deploy["spec"]["selector"]["matchLabels"] == {
+        "kubetune.io/serving": "demo"
+    }  # unchanged: selectors are immutable
 
 
 def test_serving_deployment_pods_meet_pod_security_restricted():
     from kubetune.render.serving import render_serving
 
-    deploy = render_serving(spec(serving={"kind": "Deployment", "image": "vllm", "runAsUser": 2000}), "demo", "ml", {"mergedModel": "s3://b/m/"})
+    deploy = render_serving(
+        spec(serving={"kind": "Deployment", "image": "vllm", "runAsUser": 2000}),
+        "demo",
+        "ml",
+        {"mergedModel": "s3://b/m/"},
+    )
     pod = deploy["spec"]["template"]["spec"]
     assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 2000, "runAsGroup": 2000, "fsGroup": 2000,
                                       "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
-    assert pod["containers"][0]["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert pod["containers"][0]["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
 
 
 def test_pods_run_as_non_root_without_privileges():
@@ -173,7 +198,9 @@ def test_user_pod_settings_pass_through():
         serviceAccountName="trainer",
         imagePullSecrets=[{"name": "regcred"}],
         env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
-        volumes=[{"name": "cache", "mountPath": "/cache", "source": {"persistentVolumeClaim": {"claimName": "c"}}}],
+        volumes=[
+            {"name": "cache", "mountPath": "/cache", "source": {"persistentVolumeClaim": {"claimName": "c"}}}
+        ],
         labels={"team": "nlp"},
         annotations={"cost": "x"},
         image="registry/trainer:1",
@@ -183,8 +210,15 @@ def test_user_pod_settings_pass_through():
     pod = tmpl["spec"]
     assert pod["nodeSelector"] == {"gpu": "a100"}
     assert pod["tolerations"][0] == {"key": "gpu", "operator": "Exists"}  # then the node-loss ones
-    assert {t["key"] for t in pod["tolerations"][1:]} == {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"}
-    assert (pod["priorityClassName"], pod["schedulerName"], pod["serviceAccountName"]) == ("high", "volcano", "trainer")
+    assert {t["key"] for t in pod["tolerations"][1:]} == {
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+    }
+    assert (pod["priorityClassName"], pod["schedulerName"], pod["serviceAccountName"]) == (
+        "high",
+        "volcano",
+        "trainer",
+    )
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     assert {"name": "cache", "persistentVolumeClaim": {"claimName": "c"}} in pod["volumes"]
     assert tmpl["metadata"]["labels"]["team"] == "nlp" and tmpl["metadata"]["annotations"] == {"cost": "x"}
@@ -228,11 +262,15 @@ def test_tracker_and_hub_credentials_reach_the_pods_only_as_env_from_their_secre
     objects = render_all(tracked, "demo", "ml", "uid-1", default_image="r.example/trainer@sha256:" + "a" * 64)
     job = objects[-1]
     variables = env(job)
-    assert variables["MLFLOW_TRACKING_PASSWORD"] == {"secretKeyRef": {"name": "mlflow-creds", "key": "MLFLOW_TRACKING_PASSWORD", "optional": True}}
+    assert variables["MLFLOW_TRACKING_PASSWORD"] == {
+        "secretKeyRef": {"name": "mlflow-creds", "key": "MLFLOW_TRACKING_PASSWORD", "optional": True}
+    }
     assert variables["MLFLOW_TRACKING_TOKEN"]["secretKeyRef"]["name"] == "mlflow-creds"
     assert variables["WANDB_API_KEY"] == {"secretKeyRef": {"name": "wandb-key", "key": "WANDB_API_KEY"}}
     assert variables["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-write", "key": "HF_TOKEN"}}
-    assert variables["KUBETUNE_TRAINER_IMAGE"] == "r.example/trainer@sha256:" + "a" * 64  # for the model's lineage
+    assert (
+        variables["KUBETUNE_TRAINER_IMAGE"] == "r.example/trainer@sha256:" + "a" * 64
+    )  # for the model's lineage
     config_map = yaml.safe_dump(objects[0])
     for var in ("MLFLOW_TRACKING_PASSWORD", "WANDB_API_KEY", "HF_TOKEN"):
         assert var not in config_map

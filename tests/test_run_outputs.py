@@ -46,7 +46,9 @@ def test_a_dry_run_writes_nothing(manifest: Path, capsys: pytest.CaptureFixture[
     assert "kubetune_trainer --config" in capsys.readouterr().out
 
 
-def test_an_output_linked_into_the_base_model_is_refused(manifest: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_output_linked_into_the_base_model_is_refused(
+    manifest: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (manifest.parent / "out").mkdir()
     (manifest.parent / "out" / "demo").symlink_to(manifest.parent / "model")
     assert main(["run", str(manifest), "--dry-run"]) == 64
@@ -55,10 +57,14 @@ def test_an_output_linked_into_the_base_model_is_refused(manifest: Path, capsys:
     assert not (manifest.parent / "model" / "COMPLETE").exists()
 
 
-def test_another_jobs_output_is_refused_naming_the_owner(manifest: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_another_jobs_output_is_refused_naming_the_owner(
+    manifest: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = manifest.parent / "out" / "demo"
     out.mkdir(parents=True)
-    (out / ".kubetune-owner.json").write_text(json.dumps({"job": "other", "namespace": "default", "uid": "local-other"}))
+    (out / ".kubetune-owner.json").write_text(
+        json.dumps({"job": "other", "namespace": "default", "uid": "local-other"})
+    )
     assert main(["run", str(manifest), "--dry-run"]) == 64
     err = capsys.readouterr().err
     assert "belongs to job default/other (uid local-other)" in err and "choose another --output" in err
@@ -68,7 +74,9 @@ def test_another_jobs_output_is_refused_naming_the_owner(manifest: Path, capsys:
 def test_the_same_jobs_output_is_its_own_to_resume(manifest: Path) -> None:
     out = manifest.parent / "out" / "demo"
     out.mkdir(parents=True)
-    (out / ".kubetune-owner.json").write_text(json.dumps({"job": "demo", "namespace": "default", "uid": "local-demo"}))
+    (out / ".kubetune-owner.json").write_text(
+        json.dumps({"job": "demo", "namespace": "default", "uid": "local-demo"})
+    )
     assert main(["run", str(manifest), "--dry-run"]) == 0
 
 
@@ -84,29 +92,62 @@ def test_an_output_whose_lock_is_held_is_refused(manifest: Path, capsys: pytest.
 
 
 @pytest.mark.parametrize("value", ["100000000000000000000000", "9223372036854775808", "-9223372036854775809"])
-def test_integers_beyond_int64_are_refused(manifest: Path, capsys: pytest.CaptureFixture[str], value: str) -> None:
-    assert main(["run", str(manifest), "--dry-run", "--set", f"training.seed={value}", "--set", f"training.maxSteps={value}"]) == 64
+def test_integers_beyond_int64_are_refused(
+    manifest: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    assert (
+        main(
+            [
+                "run",
+                str(manifest),
+                "--dry-run",
+                "--set",
+                f"training.seed={value}",
+                "--set",
+                f"training.maxSteps={value}",
+            ]
+        )
+        == 64
+    )
     assert "spec.training.maxSteps: must fit a 64-bit integer" in capsys.readouterr().err
 
 
-def test_a_stop_after_the_output_was_sealed_reports_success(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_stop_after_the_output_was_sealed_reports_success(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "COMPLETE").write_text("done\n")
     (out / "metrics.json").write_text(json.dumps({"evalLossBefore": 2.0, "evalLossAfter": 1.0}))
-    (tmp_path / "termination-log").write_text(json.dumps({"exitCode": 0, "reason": "Succeeded", "message": "training finished"}))
+    (tmp_path / "termination-log").write_text(
+        json.dumps({"exitCode": 0, "reason": "Succeeded", "message": "training finished"})
+    )
     log = tmp_path / "train.log"
     log.write_text("")
     args = argparse.Namespace(manifest="job.yaml")
-    code = run_cli.report(-int(signal.SIGTERM), tmp_path, f"file://{out}", 3.0, log, int(signal.SIGTERM), args)
+    code = run_cli.report(
+        -int(signal.SIGTERM), tmp_path, f"file://{out}", 3.0, log, int(signal.SIGTERM), args
+    )
     err = capsys.readouterr().err
     assert code == 0 and "done in" in err and "evalLossAfter: 1.0000" in err and "resume with" not in err
 
 
-def test_a_stop_before_the_output_was_sealed_still_says_how_to_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_stop_before_the_output_was_sealed_still_says_how_to_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "out").mkdir()
-    (tmp_path / "termination-log").write_text(json.dumps({"exitCode": 143, "reason": "Preempted", "message": "stopped"}))
+    (tmp_path / "termination-log").write_text(
+        json.dumps({"exitCode": 143, "reason": "Preempted", "message": "stopped"})
+    )
     log = tmp_path / "train.log"
     log.write_text("")
-    code = run_cli.report(143, tmp_path, f"file://{tmp_path / 'out'}", 3.0, log, int(signal.SIGTERM), argparse.Namespace(manifest="job.yaml"))
+    code = run_cli.report(
+        143,
+        tmp_path,
+        f"file://{tmp_path / 'out'}",
+        3.0,
+        log,
+        int(signal.SIGTERM),
+        argparse.Namespace(manifest="job.yaml"),
+    )
     assert code == 128 + signal.SIGTERM and "resume with" in capsys.readouterr().err

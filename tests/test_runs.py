@@ -28,7 +28,9 @@ def test_an_edit_of_what_is_trained_after_the_job_finished_starts_a_new_run():
 
 def test_an_edit_of_any_trained_field_starts_a_new_run():
     old = spec(method="prompt_tuning", promptTuning={"numVirtualTokens": 8})
-    assert not needs_new_run(spec(method="prompt_tuning", promptTuning={"numVirtualTokens": 8}), finished(old))
+    assert not needs_new_run(
+        spec(method="prompt_tuning", promptTuning={"numVirtualTokens": 8}), finished(old)
+    )
     assert needs_new_run(spec(method="prompt_tuning", promptTuning={"numVirtualTokens": 16}), finished(old))
     prefix = spec(method="prefix_tuning", prefixTuning={"numVirtualTokens": 8})
     assert needs_new_run(spec(method="prefix_tuning", prefixTuning={"numVirtualTokens": 4}), finished(prefix))
@@ -36,14 +38,22 @@ def test_an_edit_of_any_trained_field_starts_a_new_run():
 
 def test_an_edit_of_a_later_output_field_starts_a_new_run():
     old = spec(dataset={"train": "s3://data/train.jsonl", "evalSplit": 0.1})
-    mixed = spec(dataset={"train": "s3://data/train.jsonl", "evalSplit": 0.1}, output={"uri": "s3://out/demo", "interpolate": [0.5]})
+    mixed = spec(
+        dataset={"train": "s3://data/train.jsonl", "evalSplit": 0.1},
+        output={"uri": "s3://out/demo", "interpolate": [0.5]},
+    )
     assert needs_new_run(mixed, finished(old))
 
 
 def test_edits_that_train_nothing_new_start_no_run():
     old = spec(training={"maxSteps": 60})
-    assert not needs_new_run(spec(training={"maxSteps": 60}, runPolicy={"ttlSecondsAfterFinished": 60}), finished(old))
-    assert not needs_new_run(spec(training={"maxSteps": 60}, output={"uri": "s3://out/demo", "resumeFrom": "previous"}), finished(old))
+    assert not needs_new_run(
+        spec(training={"maxSteps": 60}, runPolicy={"ttlSecondsAfterFinished": 60}), finished(old)
+    )
+    assert not needs_new_run(
+        spec(training={"maxSteps": 60}, output={"uri": "s3://out/demo", "resumeFrom": "previous"}),
+        finished(old),
+    )
 
 
 def test_no_new_run_while_active_or_without_a_recorded_fingerprint():
@@ -78,7 +88,10 @@ def test_a_fresh_new_run_resumes_from_nothing():
 
 def test_each_run_after_the_first_writes_to_its_own_prefix():
     s = spec()
-    assert run_uri("s3://out/demo/", 1) == "s3://out/demo/" and run_uri("s3://out/demo/", 3) == "s3://out/demo/run-3"
+    assert (
+        run_uri("s3://out/demo/", 1) == "s3://out/demo/"
+        and run_uri("s3://out/demo/", 3) == "s3://out/demo/run-3"
+    )
     assert for_run(s, FineTuneJobStatus(run=1)).output.uri == s.output.uri
     assert for_run(s, FineTuneJobStatus(run=2)).output.uri == "s3://out/demo/run-2"
 
@@ -93,6 +106,15 @@ def test_usage_goes_on_into_the_new_run_without_the_idle_time_and_tracking_start
     old = spec(training={"maxSteps": 60})
     usage = {"wallSeconds": 3600.0, "gpuSeconds": 100.0, "runningPods": 0, "updatedAt": "2026-01-01T01:00:00Z",
              "runs": [{"run": 1, "wallSeconds": 3600.0, "gpuSeconds": 100.0}]}  # fmt: skip
-    status, _ = start_new_run(spec(training={"maxSteps": 80}), 2, finished(old, usage=usage, tracking={"mlflowRun": "http://m/#/r"}), NOW)
-    assert status.usage is not None and status.usage.wall_seconds == 3600.0 and status.usage.updated_at == "2026-01-02T00:00:00Z"
+    status, _ = start_new_run(
+        spec(training={"maxSteps": 80}),
+        2,
+        finished(old, usage=usage, tracking={"mlflowRun": "http://m/#/r"}),
+        NOW,
+    )
+    assert (
+        status.usage is not None
+        and status.usage.wall_seconds == 3600.0
+        and status.usage.updated_at == "2026-01-02T00:00:00Z"
+    )
     assert status.to_patch()["tracking"] is None  # removed by the merge patch

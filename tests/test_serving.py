@@ -16,7 +16,11 @@ from kubetune.status import serving as s
 from operator_samples import BASE
 
 NOW = datetime(2026, 11, 30, 2, 0, tzinfo=timezone.utc)
-MERGED = {"mergedModel": "s3://out/demo/model/", "adapter": "s3://out/demo/adapter/", "metrics": "s3://out/demo/metrics.json"}
+MERGED = {
+    "mergedModel": "s3://out/demo/model/",
+    "adapter": "s3://out/demo/adapter/",
+    "metrics": "s3://out/demo/metrics.json",
+}
 
 
 def spec_with(serving: dict, **overrides):
@@ -44,7 +48,10 @@ OCI = "registry.local:5000/models/demo@sha256:" + "a" * 64
 
 
 def test_a_published_model_is_served_from_its_digest_pinned_oci_reference():
-    spec = spec_with({"kind": "InferenceService"}, output={"uri": "s3://out/demo", "publish": {"oci": "registry.local:5000/models/demo:v1"}})
+    spec = spec_with(
+        {"kind": "InferenceService"},
+        output={"uri": "s3://out/demo", "publish": {"oci": "registry.local:5000/models/demo:v1"}},
+    )
     obj = render_serving(spec, "demo", "ml", {**MERGED, "oci": OCI})
     assert obj["spec"]["predictor"]["model"]["storageUri"] == "oci://" + OCI
 
@@ -65,8 +72,13 @@ def test_a_lora_adapter_is_served_by_vllm_on_its_base_model():
         {"uri": "s3://out/demo/adapter", "mountPath": ADAPTER_DIR},
     ]
     assert "storageUri" not in pred["model"]
-    assert pred["model"]["args"] == [f"--model_dir={BASE_DIR}", "--enable-lora", "--lora-modules", f"demo={ADAPTER_DIR}",
-                                     "--max-model-len=512"]
+    assert pred["model"]["args"] == [
+        f"--model_dir={BASE_DIR}",
+        "--enable-lora",
+        "--lora-modules",
+        f"demo={ADAPTER_DIR}",
+        "--max-model-len=512",
+    ]
 
 
 def test_auto_serves_the_adapter_when_the_job_writes_no_merged_weights():
@@ -76,10 +88,20 @@ def test_auto_serves_the_adapter_when_the_job_writes_no_merged_weights():
 
 
 def test_deployment_runs_the_users_image_with_the_model_location_and_s3_settings():
-    spec = spec_with({"kind": "Deployment", "image": "vllm/vllm-openai:v0.11.0", "name": "demo-llm", "gpus": 1,
-                      "args": ["--model", "$(KUBETUNE_MODEL_URI)"], "replicas": 2})
+    spec = spec_with(
+        {
+            "kind": "Deployment",
+            "image": "vllm/vllm-openai:v0.11.0",
+            "name": "demo-llm",
+            "gpus": 1,
+            "args": ["--model", "$(KUBETUNE_MODEL_URI)"],
+            "replicas": 2,
+        }
+    )
     obj = render_serving(spec, "demo", "ml", MERGED)
-    assert obj["kind"] == "Deployment" and obj["metadata"]["name"] == "demo-llm" and obj["spec"]["replicas"] == 2
+    assert (
+        obj["kind"] == "Deployment" and obj["metadata"]["name"] == "demo-llm" and obj["spec"]["replicas"] == 2
+    )
     pod = obj["spec"]["template"]
     assert obj["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert "kubetune.io/job-name" not in pod["metadata"]["labels"]  # not the training gang
@@ -93,23 +115,41 @@ def test_deployment_runs_the_users_image_with_the_model_location_and_s3_settings
 
 
 def test_deployment_reads_s3_with_the_same_settings_as_the_trainer_session_token_included():
-    storage = {**BASE["spec"]["storage"], "secretRef": {**BASE["spec"]["storage"]["secretRef"], "sessionTokenKey": "TOKEN"}}
+    storage = {
+        **BASE["spec"]["storage"],
+        "secretRef": {**BASE["spec"]["storage"]["secretRef"], "sessionTokenKey": "TOKEN"},
+    }
     spec = spec_with({"kind": "Deployment", "image": "srv:1"}, storage=storage)
     env = render_serving(spec, "demo", "ml", MERGED)["spec"]["template"]["spec"]["containers"][0]["env"]
     trainer = [e for e in render_pod_template(spec, "demo", 0)["spec"]["containers"][0]["env"]
                if e["name"].startswith("AWS_")]  # fmt: skip
     assert trainer and trainer == [e for e in env if e["name"].startswith("AWS_")]
-    assert {"name": "AWS_SESSION_TOKEN", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "TOKEN"}}} in env
+    assert {
+        "name": "AWS_SESSION_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "TOKEN"}},
+    } in env
 
 
 @pytest.mark.parametrize(
     ("serving", "overrides", "field"),
     [
         ({"kind": "Deployment"}, {}, "spec.serving.image: is required with kind: Deployment"),
-        ({"model": "adapter"}, {"method": "full"}, "spec.serving.model: adapter is served with vLLM's --enable-lora"),
-        ({"model": "merged"}, {"output": {"uri": "s3://out/demo", "mergeAdapter": False}}, "spec.serving.model: merged, but the job writes no merged weights"),
+        (
+            {"model": "adapter"},
+            {"method": "full"},
+            "spec.serving.model: adapter is served with vLLM's --enable-lora",
+        ),
+        (
+            {"model": "merged"},
+            {"output": {"uri": "s3://out/demo", "mergeAdapter": False}},
+            "spec.serving.model: merged, but the job writes no merged weights",
+        ),
         ({}, {"output": {"uri": "/tmp/out"}}, "spec.output.uri: /tmp/out cannot be read by serving pods"),
-        ({"model": "adapter"}, {"model": {"source": "/models/tiny"}}, "spec.model.source: /models/tiny: the InferenceService loads the base model"),
+        (
+            {"model": "adapter"},
+            {"model": {"source": "/models/tiny"}},
+            "spec.model.source: /models/tiny: the InferenceService loads the base model",
+        ),
         ({}, {"method": "prompt_tuning"}, "spec.serving: a prompt_tuning adapter has no merged weights"),
         ({"name": "Bad_Name"}, {}, "spec.serving.name"),
     ],
@@ -125,7 +165,11 @@ def test_status_records_the_created_object_once_then_nothing_is_left_to_do():
     assert not s.handed_off(status, obj)
     new, event = s.record(status, obj, "created", NOW, 1)
     assert new.serving == ServingStatus(kind="InferenceService", name="demo", uri="s3://out/demo/model")
-    assert new.to_patch()["serving"] == {"kind": "InferenceService", "name": "demo", "uri": "s3://out/demo/model"}
+    assert new.to_patch()["serving"] == {
+        "kind": "InferenceService",
+        "name": "demo",
+        "uri": "s3://out/demo/model",
+    }
     assert event is not None and event[:2] == ("Normal", "ServingCreated")
     assert s.handed_off(new, obj)
     again, event = s.record(new, obj, "created", NOW, 1)

@@ -42,7 +42,11 @@ def pod(
         status["containerStatuses"] = [{"name": "trainer", "state": {"running": running}}]
     index = name.rsplit("-", 1)[-1]
     annotations = {"batch.kubernetes.io/job-completion-index": index}
-    return {"metadata": {"name": name, "annotations": annotations}, "spec": {"nodeName": node}, "status": status}
+    return {
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"nodeName": node},
+        "status": status,
+    }
 
 
 def run(observed, old=None, **spec_overrides):
@@ -75,7 +79,9 @@ def test_scheduled_but_not_all_running_is_initializing():
 
 
 def test_all_pods_running_is_running():
-    d = run(Observed(job=job(), pods=[pod()], progress=Progress(step=0, total_steps=10, trainer_phase="Training")))
+    d = run(
+        Observed(job=job(), pods=[pod()], progress=Progress(step=0, total_steps=10, trainer_phase="Training"))
+    )
     assert d.status.phase == "Running"
     assert condition(d.status, "Running").status == "True"
 
@@ -98,7 +104,9 @@ def test_progress_never_readable_is_running_after_a_grace_period():
 
 def test_trainer_still_initializing_is_initializing():
     """The phase rank 0 reports before its first step (the trainer's own TrainerPhase, not a guess)."""
-    d = run(Observed(job=job(), pods=[pod()], progress=Progress(trainer_phase=TrainerPhase.INITIALIZING.value)))
+    d = run(
+        Observed(job=job(), pods=[pod()], progress=Progress(trainer_phase=TrainerPhase.INITIALIZING.value))
+    )
     assert d.status.phase == "Initializing"
 
 
@@ -120,11 +128,15 @@ def test_complete_job_succeeds_with_artifacts():
 
 def test_success_takes_the_final_progress_from_rank_0s_termination_message():
     final = {"step": 160, "totalSteps": 160, "loss": 0.02, "evalLoss": 0.03, "phase": "Succeeded"}
-    msg = json.dumps({"exitCode": 0, "reason": "Succeeded", "message": "training finished", "progress": final})
+    msg = json.dumps(
+        {"exitCode": 0, "reason": "Succeeded", "message": "training finished", "progress": final}
+    )
     rank0 = pod("demo-r0-0", phase="Succeeded", exit_code=0, message=msg)
     rank1 = pod("demo-r0-1", phase="Succeeded", exit_code=0, message="")
     old = {"phase": "Running", "progress": {"step": 159, "totalSteps": 160, "percent": 99.4}}
-    d = run(Observed(job=job(conditions=["Complete"]), pods=[rank1, rank0]), old=old, distributed={"nodes": 2})
+    d = run(
+        Observed(job=job(conditions=["Complete"]), pods=[rank1, rank0]), old=old, distributed={"nodes": 2}
+    )
     assert d.status.phase == "Succeeded"
     assert d.status.progress.step == 160 and d.status.progress.percent == 100.0
     assert d.status.progress.eval_loss == 0.03 and d.status.progress.trainer_phase == "Succeeded"
@@ -145,7 +157,9 @@ def test_retryable_failure_restarts_the_gang():
     d = run(Observed(job=job(conditions=["Failed"]), pods=[pod(phase="Failed", exit_code=75)]))
     assert d.action == "restart" and d.status.phase == "Restarting"
     assert d.status.restarts == 1 and d.status.workload == "demo-r1"
-    assert d.status.last_failure == FailureInfo(pod="demo-r0-0", exit_code=75, reason="InfrastructureError", message="")
+    assert d.status.last_failure == FailureInfo(
+        pod="demo-r0-0", exit_code=75, reason="InfrastructureError", message=""
+    )
 
 
 def test_user_error_fails_at_once():

@@ -16,7 +16,10 @@ from operator_samples import BASE
 
 SPEC: dict[str, Any] = {
     **BASE["spec"],
-    "dataset": {"sources": [{"path": "pvc://data/a.jsonl"}, {"path": "/data/b.jsonl"}], "eval": "pvc://data/eval.jsonl"},
+    "dataset": {
+        "sources": [{"path": "pvc://data/a.jsonl"}, {"path": "/data/b.jsonl"}],
+        "eval": "pvc://data/eval.jsonl",
+    },
     "evaluation": {"retain": {"train": "pvc://retain/general.jsonl"}},
 }
 
@@ -40,14 +43,18 @@ def test_every_uri_field_of_the_api_is_listed():
 
 def test_a_typed_spec_and_its_manifest_name_the_same_uris():
     typed = parse_spec(SPEC, name="demo")
-    assert spec_uris(typed) == spec_uris(SPEC) == {
-        "spec.model.source": "s3://models/tiny",
-        "spec.dataset.sources[0].path": "pvc://data/a.jsonl",
-        "spec.dataset.sources[1].path": "/data/b.jsonl",
-        "spec.dataset.eval": "pvc://data/eval.jsonl",
-        "spec.evaluation.retain.train": "pvc://retain/general.jsonl",
-        "spec.output.uri": "s3://out/demo",
-    }
+    assert (
+        spec_uris(typed)
+        == spec_uris(SPEC)
+        == {
+            "spec.model.source": "s3://models/tiny",
+            "spec.dataset.sources[0].path": "pvc://data/a.jsonl",
+            "spec.dataset.sources[1].path": "/data/b.jsonl",
+            "spec.dataset.eval": "pvc://data/eval.jsonl",
+            "spec.evaluation.retain.train": "pvc://retain/general.jsonl",
+            "spec.output.uri": "s3://out/demo",
+        }
+    )
 
 
 def test_every_pvc_named_anywhere_is_mounted():
@@ -63,7 +70,10 @@ def test_kubetune_run_preflight_and_the_local_sdk_resolve_every_local_path(tmp_p
     by_sdk = resolve_paths(doc, tmp_path)
     for resolved in (by_run, by_sdk):
         assert resolved["spec"]["dataset"]["sources"][1]["path"] == expected  # the SDK used to skip sources
-        assert resolved["spec"]["evaluation"]["retain"]["sources"][0]["path"] == f"file://{tmp_path}/retain.jsonl"
+        assert (
+            resolved["spec"]["evaluation"]["retain"]["sources"][0]["path"]
+            == f"file://{tmp_path}/retain.jsonl"
+        )
         assert resolved["spec"]["model"]["source"] == "s3://models/tiny"
 
 
@@ -71,4 +81,7 @@ def test_a_field_of_the_wrong_type_is_left_for_validation():
     spec = {"model": {"source": 3}, "dataset": {"sources": "not a list"}, "output": None}
     map_uris(spec, lambda uri: "changed")
     assert spec == {"model": {"source": 3}, "dataset": {"sources": "not a list"}, "output": None}
-    assert resolve_uri("/abs/x", Path("/base")) == "file:///abs/x" and resolve_uri("hf://o/m", Path("/b")) == "hf://o/m"
+    assert (
+        resolve_uri("/abs/x", Path("/base")) == "file:///abs/x"
+        and resolve_uri("hf://o/m", Path("/b")) == "hf://o/m"
+    )

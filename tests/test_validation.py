@@ -22,7 +22,9 @@ def test_pydantic_bound_is_translated_to_field_and_bound():
 
 def test_unknown_field_names_the_field():
     doc = manifest(training={"lernRate": 1})
-    assert problems(doc) == ["spec.training.lernRate: is not a known field (check the spelling and the indentation)"]
+    assert problems(doc) == [
+        "spec.training.lernRate: is not a known field (check the spelling and the indentation)"
+    ]
 
 
 def test_missing_required_field():
@@ -33,7 +35,9 @@ def test_missing_required_field():
 
 def test_enum_error_lists_the_choices():
     [problem] = problems(manifest(method="qlora"))
-    assert problem.startswith("spec.method: must be one of 'lora', 'dora', 'ia3', 'prompt_tuning', 'prefix_tuning' or 'full'")
+    assert problem.startswith(
+        "spec.method: must be one of 'lora', 'dora', 'ia3', 'prompt_tuning', 'prefix_tuning' or 'full'"
+    )
 
 
 def test_lora_block_with_method_full():
@@ -60,7 +64,9 @@ def test_aws_without_secret_uses_ambient_identity():
 
 def test_invalid_secret_name():
     doc = manifest(storage={"secretRef": {"name": "S3_Creds"}})
-    assert problems(doc) == ["spec.storage.secretRef.name: 'S3_Creds' is not a valid Secret name (lowercase DNS subdomain)"]
+    assert problems(doc) == [
+        "spec.storage.secretRef.name: 'S3_Creds' is not a valid Secret name (lowercase DNS subdomain)"
+    ]
 
 
 def test_freeze_with_lora_is_refused():
@@ -79,7 +85,9 @@ def test_eval_steps_without_eval_data():
 
 
 def test_eval_steps_with_eval_split_is_fine():
-    assert problems(manifest(training={"evalSteps": 10}, dataset={"train": "/d.jsonl", "evalSplit": 0.1})) == []
+    assert (
+        problems(manifest(training={"evalSteps": 10}, dataset={"train": "/d.jsonl", "evalSplit": 0.1})) == []
+    )
 
 
 def test_deepspeed_on_cpu_is_refused():
@@ -100,17 +108,22 @@ def test_reserved_env_is_refused():
 
 def test_volume_on_reserved_path_is_refused():
     vol = {"name": "cache", "mountPath": "/dev/shm", "source": {"emptyDir": {}}}
-    assert problems(manifest(volumes=[vol])) == ["spec.volumes[0].mountPath: /dev/shm is used by kubetune; mount elsewhere"]
+    assert problems(manifest(volumes=[vol])) == [
+        "spec.volumes[0].mountPath: /dev/shm is used by kubetune; mount elsewhere"
+    ]
 
 
 @pytest.mark.parametrize(
     ("source", "field"),
-    [({"hostPath": {"path": "/data"}}, "spec.volumes[0].source.hostPath"), ({"nfs": {"server": "n", "path": "/"}}, "spec.volumes[0].source.nfs")],
+    [
+        ({"hostPath": {"path": "/data"}}, "spec.volumes[0].source.hostPath"),
+        ({"nfs": {"server": "n", "path": "/"}}, "spec.volumes[0].source.nfs"),
+    ],
 )
 def test_a_volume_pod_security_restricted_refuses_is_refused_naming_it(source, field):
     vol = {"name": "data", "mountPath": "/data", "source": source}
     [problem] = problems(manifest(volumes=[vol]))
-    assert problem.startswith(f"{field}: a {field.rsplit('.', 1)[1]} volume breaks Pod Security \"restricted\"")
+    assert problem.startswith(f'{field}: a {field.rsplit(".", 1)[1]} volume breaks Pod Security "restricted"')
 
 
 @pytest.mark.parametrize("key", ["securityContext", "hostNetwork", "privileged", "capabilities", "hostPath"])
@@ -122,8 +135,16 @@ def test_privileged_pod_fields_are_refused_with_the_reason(key):
 
 
 def test_a_privileged_serving_context_is_refused_too():
-    doc = manifest(serving={"kind": "Deployment", "image": "vllm", "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}})
-    assert problems(doc)[0].startswith('spec.serving.securityContext: is not a known field: kubetune pods run under Pod Security "restricted"')
+    doc = manifest(
+        serving={
+            "kind": "Deployment",
+            "image": "vllm",
+            "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}},
+        }
+    )
+    assert problems(doc)[0].startswith(
+        'spec.serving.securityContext: is not a known field: kubetune pods run under Pod Security "restricted"'
+    )
 
 
 @pytest.mark.parametrize(
@@ -140,7 +161,16 @@ def test_pod_sizes_are_bounded(spec, problem):
 
 
 def test_pod_sizes_within_bounds_are_fine():
-    assert problems(manifest(shmSize="64Gi", scratch={"size": "2Ti", "storageClassName": "nvme"}, terminationGracePeriodSeconds=3600)) == []
+    assert (
+        problems(
+            manifest(
+                shmSize="64Gi",
+                scratch={"size": "2Ti", "storageClassName": "nvme"},
+                terminationGracePeriodSeconds=3600,
+            )
+        )
+        == []
+    )
 
 
 def test_long_name_is_refused():
@@ -170,7 +200,9 @@ def test_parse_spec_prefixes_pydantic_locations_with_spec():
 
 
 def test_the_operator_checks_types_as_strictly_as_the_api_server():
-    spec = manifest(lora={"r": "16", "alpha": float("inf")}, output={"uri": "s3://out/demo", "mergeAdapter": "false"})["spec"]
+    spec = manifest(
+        lora={"r": "16", "alpha": float("inf")}, output={"uri": "s3://out/demo", "mergeAdapter": "false"}
+    )["spec"]
     with pytest.raises(SpecInvalid) as exc:
         parse_spec(spec, name="demo")
     assert [str(p) for p in exc.value.problems] == [
@@ -189,23 +221,35 @@ def test_the_operator_refuses_an_output_inside_the_model():
     spec = manifest(output={"uri": "s3://models/tiny/run1"})["spec"]
     with pytest.raises(SpecInvalid) as exc:
         parse_spec(spec, name="demo")
-    assert str(exc.value).startswith("spec.output.uri: s3://models/tiny/run1 overlaps spec.model.source (s3://models/tiny)")
+    assert str(exc.value).startswith(
+        "spec.output.uri: s3://models/tiny/run1 overlaps spec.model.source (s3://models/tiny)"
+    )
 
 
 def test_wandb_online_without_an_api_key_secret_names_the_fix():
     doc = manifest(tracking={"wandb": {"project": "p"}})
-    assert problems(doc) == ["spec.tracking.wandb: mode online needs apiKeySecret (a Secret with the key WANDB_API_KEY); or set mode: offline"]
+    assert problems(doc) == [
+        "spec.tracking.wandb: mode online needs apiKeySecret (a Secret with the key WANDB_API_KEY); or set mode: offline"
+    ]
     assert problems(manifest(tracking={"wandb": {"project": "p", "mode": "offline"}})) == []
 
 
 def test_tracking_and_hub_secrets_need_valid_names():
-    doc = manifest(tracking={"mlflow": {"uri": "http://mlflow:5000", "experiment": "e", "credentialsSecret": "MLflow_Creds"}})
-    assert problems(doc) == ["spec.tracking.mlflow.credentialsSecret: 'MLflow_Creds' is not a valid Secret name (lowercase DNS subdomain)"]
+    doc = manifest(
+        tracking={
+            "mlflow": {"uri": "http://mlflow:5000", "experiment": "e", "credentialsSecret": "MLflow_Creds"}
+        }
+    )
+    assert problems(doc) == [
+        "spec.tracking.mlflow.credentialsSecret: 'MLflow_Creds' is not a valid Secret name (lowercase DNS subdomain)"
+    ]
 
 
 def test_publish_needs_somewhere_to_publish():
     doc = manifest(output={"uri": "s3://bucket/out", "publish": {}})
-    assert problems(doc) == ["spec.output.publish: set spec.output.publish.oci, spec.output.publish.huggingface or both"]
+    assert problems(doc) == [
+        "spec.output.publish: set spec.output.publish.oci, spec.output.publish.huggingface or both"
+    ]
 
 
 def test_the_mlflow_uri_must_be_http():

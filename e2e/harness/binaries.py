@@ -50,9 +50,18 @@ def _paths() -> dict[str, Path]:
 
 
 COMPONENT = {  # binary -> build.sh component
-    "kube-apiserver": "kubernetes", "kube-controller-manager": "kubernetes", "etcd": "etcd",
-    "helm": "helm", "minio": "minio", "kubelet": "node", "kube-scheduler": "node", "pause": "node",
-    "coredns": "coredns", "registry": "registry", "kueue": "kueue", "coscheduling": "coscheduling",
+    "kube-apiserver": "kubernetes",
+    "kube-controller-manager": "kubernetes",
+    "etcd": "etcd",
+    "helm": "helm",
+    "minio": "minio",
+    "kubelet": "node",
+    "kube-scheduler": "node",
+    "pause": "node",
+    "coredns": "coredns",
+    "registry": "registry",
+    "kueue": "kueue",
+    "coscheduling": "coscheduling",
 }
 
 
@@ -83,7 +92,9 @@ def kserve_crds() -> Path:
     out = cache_dir() / f"kserve-{versions()['KSERVE_VERSION']}" / "crds"
     if not (out / "serving.kserve.io_inferenceservices.yaml").is_file():
         if os.environ.get("KUBETUNE_E2E_BUILD", "1") == "0":
-            raise BinariesUnavailable(f"KServe CRDs missing under {out} and KUBETUNE_E2E_BUILD=0; run {BUILD_SH} first")
+            raise BinariesUnavailable(
+                f"KServe CRDs missing under {out} and KUBETUNE_E2E_BUILD=0; run {BUILD_SH} first"
+            )
         subprocess.run([str(BUILD_SH)], check=True, env={**os.environ, "KUBETUNE_E2E_COMPONENTS": "kserve"})
     return out
 

@@ -34,7 +34,10 @@ SERVICE_CIDR = "10.0.0.0/24"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Namespace labels for the API server's built-in PodSecurity admission: refuse any pod that does not meet the
 # "restricted" profile (what the chart, the trainer and the serving Deployment are built for).
-RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+}
 
 
 def write_kubeconfig(path: Path, server: str, ca: Path, user: str, **auth: str) -> Path:
@@ -75,78 +78,123 @@ class Cluster(StartStop):
         self.port = free_port()
         self.server = f"https://127.0.0.1:{self.port}"
         serving = ca.issue(
-            "apiserver", "kube-apiserver", server=True,
-            dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                 "kubernetes.default.svc.cluster.local"),
+            "apiserver",
+            "kube-apiserver",
+            server=True,
+            dns=(
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ),
             ips=("127.0.0.1", "10.0.0.1"),
         )
         sa_key, sa_pub = service_account_keypair(pki)
         admin_crt, admin_key = ca.issue("admin", "kubetune-e2e-admin", ("system:masters",))
         kcm_crt, kcm_key = ca.issue("kcm", "system:kube-controller-manager")
-        kubelet_client = ca.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client", ("system:masters",))
+        kubelet_client = ca.issue(
+            "apiserver-kubelet-client", "kube-apiserver-kubelet-client", ("system:masters",)
+        )
         self.kubeconfig = write_kubeconfig(
-            d / "admin.kubeconfig", self.server, ca.cert_file, "admin",
+            d / "admin.kubeconfig",
+            self.server,
+            ca.cert_file,
+            "admin",
             **{"client-certificate": str(admin_crt), "client-key": str(admin_key)},
         )
         kcm_kubeconfig = write_kubeconfig(
-            d / "kcm.kubeconfig", self.server, ca.cert_file, "kcm",
+            d / "kcm.kubeconfig",
+            self.server,
+            ca.cert_file,
+            "kcm",
             **{"client-certificate": str(kcm_crt), "client-key": str(kcm_key)},
         )
         self.admin = Kube(Credentials(self.server, ca.cert_file, admin_crt, admin_key))
 
         etcd_port, peer_port = free_port(), free_port()
-        self._spawn("etcd", [
-            str(bins["etcd"]), "--name=e2e", f"--data-dir={d / 'etcd'}",
-            f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
-            f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
-            f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
-            f"--initial-cluster=e2e=http://127.0.0.1:{peer_port}",
-            "--unsafe-no-fsync", "--log-level=warn",
-        ], logs / "etcd.log")
-        self._spawn("kube-apiserver", [
-            str(bins["kube-apiserver"]),
-            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-            f"--secure-port={self.port}", f"--cert-dir={pki}",
-            f"--tls-cert-file={serving[0]}", f"--tls-private-key-file={serving[1]}",
-            f"--client-ca-file={ca.cert_file}",
-            "--authorization-mode=Node,RBAC",
-            "--enable-admission-plugins=NodeRestriction",  # on top of the default set
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            f"--service-account-issuer={ISSUER}",
-            f"--service-account-key-file={sa_pub}",
-            f"--service-account-signing-key-file={sa_key}",
-            "--api-audiences=https://kubernetes.default.svc.cluster.local",
-            "--allow-privileged=true",
-            # the `kubernetes` Service's endpoints may not be loopback addresses
-            "--endpoint-reconciler-type=none",
-            # `kubectl logs`: the API server reaches the kubelet at the node's InternalIP
-            f"--kubelet-client-certificate={kubelet_client[0]}", f"--kubelet-client-key={kubelet_client[1]}",
-            "--kubelet-preferred-address-types=InternalIP",
-            "--v=1",
-        ], logs / "kube-apiserver.log")
+        self._spawn(
+            "etcd",
+            [
+                str(bins["etcd"]),
+                "--name=e2e",
+                f"--data-dir={d / 'etcd'}",
+                f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
+                f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-cluster=e2e=http://127.0.0.1:{peer_port}",
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+            logs / "etcd.log",
+        )
+        self._spawn(
+            "kube-apiserver",
+            [
+                str(bins["kube-apiserver"]),
+                f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.port}",
+                f"--cert-dir={pki}",
+                f"--tls-cert-file={serving[0]}",
+                f"--tls-private-key-file={serving[1]}",
+                f"--client-ca-file={ca.cert_file}",
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",  # on top of the default set
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--service-account-issuer={ISSUER}",
+                f"--service-account-key-file={sa_pub}",
+                f"--service-account-signing-key-file={sa_key}",
+                "--api-audiences=https://kubernetes.default.svc.cluster.local",
+                "--allow-privileged=true",
+                # the `kubernetes` Service's endpoints may not be loopback addresses
+                "--endpoint-reconciler-type=none",
+                # `kubectl logs`: the API server reaches the kubelet at the node's InternalIP
+                f"--kubelet-client-certificate={kubelet_client[0]}",
+                f"--kubelet-client-key={kubelet_client[1]}",
+                "--kubelet-preferred-address-types=InternalIP",
+                "--v=1",
+            ],
+            logs / "kube-apiserver.log",
+        )
         if self.ns is not None:  # the host's kubectl/clients reach it on the same port of the host's loopback
             sock = d / "apiserver.sock"
             fwd = [sys.executable, str(Path(__file__).with_name("forward.py"))]
-            self._spawn("apiserver-forward-ns", [*fwd, f"unix:{sock}=tcp:127.0.0.1:{self.port}"],
-                        logs / "forward.log")
-            self.procs.append(Proc("apiserver-forward-host", [*fwd, f"tcp:127.0.0.1:{self.port}=unix:{sock}"],
-                                   logs / "forward-host.log"))
+            self._spawn(
+                "apiserver-forward-ns", [*fwd, f"unix:{sock}=tcp:127.0.0.1:{self.port}"], logs / "forward.log"
+            )
+            self.procs.append(
+                Proc(
+                    "apiserver-forward-host",
+                    [*fwd, f"tcp:127.0.0.1:{self.port}=unix:{sock}"],
+                    logs / "forward-host.log",
+                )
+            )
         self._wait_ready()
-        self._spawn("kube-controller-manager", [
-            str(bins["kube-controller-manager"]),
-            f"--kubeconfig={kcm_kubeconfig}",
-            f"--authentication-kubeconfig={kcm_kubeconfig}",
-            f"--authorization-kubeconfig={kcm_kubeconfig}",
-            "--bind-address=127.0.0.1", f"--secure-port={free_port()}", f"--cert-dir={pki / 'kcm'}",
-            "--controllers=*", "--use-service-account-credentials",
-            f"--service-account-private-key-file={sa_key}",
-            f"--root-ca-file={ca.cert_file}",
-            f"--cluster-signing-cert-file={ca.cert_file}", f"--cluster-signing-key-file={ca.key_file}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--leader-elect=false", "--v=1",
-        ], logs / "kube-controller-manager.log")
+        self._spawn(
+            "kube-controller-manager",
+            [
+                str(bins["kube-controller-manager"]),
+                f"--kubeconfig={kcm_kubeconfig}",
+                f"--authentication-kubeconfig={kcm_kubeconfig}",
+                f"--authorization-kubeconfig={kcm_kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                f"--cert-dir={pki / 'kcm'}",
+                "--controllers=*",
+                "--use-service-account-credentials",
+                f"--service-account-private-key-file={sa_key}",
+                f"--root-ca-file={ca.cert_file}",
+                f"--cluster-signing-cert-file={ca.cert_file}",
+                f"--cluster-signing-key-file={ca.key_file}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--leader-elect=false",
+                "--v=1",
+            ],
+            logs / "kube-controller-manager.log",
+        )
         # the serviceaccount controller creating `default` proves the controller manager works
         self.wait_for_serviceaccount("default", "default", timeout=90)
 
@@ -181,8 +229,9 @@ class Cluster(StartStop):
             time.sleep(0.5)
 
     # -- helpers -----------------------------------------------------------------------
-    def kubectl(self, *args: str, kubeconfig: Path | None = None, check: bool = True,
-                input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, kubeconfig: Path | None = None, check: bool = True, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run /usr/bin/kubectl against this cluster (admin unless `kubeconfig` is given)."""
         cmd = [KUBECTL, f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
         r = subprocess.run(cmd, capture_output=True, text=True, input=input, timeout=120)
@@ -217,21 +266,34 @@ class Cluster(StartStop):
     def token_for_serviceaccount(self, ns: str, name: str, seconds: int = 3600) -> str:
         tr = self.admin.post(
             f"/api/v1/namespaces/{ns}/serviceaccounts/{name}/token",
-            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-             "spec": {"expirationSeconds": seconds}},
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {"expirationSeconds": seconds},
+            },
         )
         return str(tr["status"]["token"])
 
     def kubeconfig_for_serviceaccount(self, ns: str, name: str, seconds: int = 3600) -> Path:
         """A kubeconfig that authenticates as system:serviceaccount:<ns>:<name> (TokenRequest)."""
         token = self.token_for_serviceaccount(ns, name, seconds)
-        return write_kubeconfig(self.dir / f"sa-{ns}-{name}.kubeconfig", self.server,
-                                self.ca.cert_file, f"{ns}-{name}", token=token)
+        return write_kubeconfig(
+            self.dir / f"sa-{ns}-{name}.kubeconfig",
+            self.server,
+            self.ca.cert_file,
+            f"{ns}-{name}",
+            token=token,
+        )
 
     def write_kubeconfig(self, path: Path, user: str, crt: Path, key: Path) -> Path:
         """A client-certificate kubeconfig for this cluster."""
-        return write_kubeconfig(path, self.server, self.ca.cert_file, user,
-                                **{"client-certificate": str(crt), "client-key": str(key)})
+        return write_kubeconfig(
+            path,
+            self.server,
+            self.ca.cert_file,
+            user,
+            **{"client-certificate": str(crt), "client-key": str(key)},
+        )
 
     def credentials_for(self, name: str, cn: str, orgs: tuple[str, ...] = ()) -> Credentials:
         """Client-certificate credentials for an arbitrary user/group (e.g. a node)."""

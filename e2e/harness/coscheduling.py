@@ -45,7 +45,13 @@ class Coscheduling(StartStop):
         crds = binaries.crds("coscheduling")
         c, d = self.cluster, self.dir
         d.mkdir(parents=True, exist_ok=True)
-        c.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crds / "scheduling.x-k8s.io_podgroups.yaml"))
+        c.kubectl(
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            str(crds / "scheduling.x-k8s.io_podgroups.yaml"),
+        )
         wait_established(c, CRD)
         role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": ROLE},
                 "rules": [{"apiGroups": ["scheduling.x-k8s.io"], "resources": ["podgroups", "elasticquotas"],
@@ -75,7 +81,9 @@ class Coscheduling(StartStop):
         ns = getattr(c, "ns", None)
         self.proc = Proc("coscheduling", ns.argv(argv) if ns is not None else argv, self.log)
         deadline = time.monotonic() + 60
-        while "Starting Kubernetes Scheduler" not in self.proc.tail(200) and "Attempting to acquire" not in self.proc.tail(200):
+        while "Starting Kubernetes Scheduler" not in self.proc.tail(
+            200
+        ) and "Attempting to acquire" not in self.proc.tail(200):
             self.proc.check()
             if time.monotonic() > deadline:
                 raise TimeoutError("the coscheduling scheduler did not start:\n" + self.proc.tail())

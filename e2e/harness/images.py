@@ -149,8 +149,10 @@ def _closure(requirements: Iterable[str]) -> list[metadata.Distribution]:
         try:
             dist = metadata.distribution(req.name)
         except metadata.PackageNotFoundError:
-            raise RuntimeError(f"{req.name} is required by the images but not installed in {sys.prefix}: "
-                               "pip install -c .ci/constraints.txt -e '.[operator,trainer,dev]'") from None
+            raise RuntimeError(
+                f"{req.name} is required by the images but not installed in {sys.prefix}: "
+                "pip install -c .ci/constraints.txt -e '.[operator,trainer,dev]'"
+            ) from None
         for ex in req.extras or {""}:
             key = f"{name}[{ex}]"
             if key in seen:
@@ -177,8 +179,10 @@ def _scripts(dists: Sequence[metadata.Distribution]) -> dict[str, str]:
     for d in dists:
         for ep in d.entry_points.select(group="console_scripts"):
             mod, _, attr = ep.value.partition(":")
-            out[ep.name] = (f"#!/{VENV}/bin/python\nimport sys\nfrom {mod.strip()} import {attr.strip()}\n"
-                            f"sys.exit({attr.strip()}())\n")
+            out[ep.name] = (
+                f"#!/{VENV}/bin/python\nimport sys\nfrom {mod.strip()} import {attr.strip()}\n"
+                f"sys.exit({attr.strip()}())\n"
+            )
     return out
 
 
@@ -239,8 +243,11 @@ def deps_layers(requirements: Sequence[str]) -> list[Path]:
     def write_rest(tar: tarfile.TarFile) -> None:
         skeleton(tar)
         pyver = ".".join(map(str, sys.version_info[:3]))
-        _add_bytes(tar, f"{VENV}/pyvenv.cfg",
-                   f"home = /usr/bin\ninclude-system-site-packages = false\nversion = {pyver}\n".encode())
+        _add_bytes(
+            tar,
+            f"{VENV}/pyvenv.cfg",
+            f"home = /usr/bin\ninclude-system-site-packages = false\nversion = {pyver}\n".encode(),
+        )
         for link in ("python", "python3", PY):
             info = tarfile.TarInfo(f"{VENV}/bin/{link}")
             info.type, info.linkname, info.mode = tarfile.SYMTYPE, f"/usr/bin/{PY}", 0o777
@@ -256,8 +263,12 @@ def deps_layers(requirements: Sequence[str]) -> list[Path]:
 def app_layer(base: Path, scripts: dict[str, str]) -> Path:
     """This repository's packages into the venv, and the kubetune user (uid/gid 1000)."""
     srcs = [REPO / "operator" / "kubetune", REPO / "trainer_image" / "kubetune_trainer"]
-    files = sorted((p, p.relative_to(s.parent)) for s in srcs for p in s.rglob("*")
-                   if p.is_file() and "__pycache__" not in p.parts)
+    files = sorted(
+        (p, p.relative_to(s.parent))
+        for s in srcs
+        for p in s.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )
     h = hashlib.sha256(base.name.encode() + json.dumps(scripts, sort_keys=True).encode())
     for p, rel in files:
         h.update(str(rel).encode() + b"\0" + p.read_bytes())
@@ -282,7 +293,9 @@ def app_layer(base: Path, scripts: dict[str, str]) -> Path:
         # package metadata, so importlib.metadata finds kubetune and `kubetune` resolves
         version = yaml.safe_load((REPO / "charts" / "kubetune" / "Chart.yaml").read_text())["appVersion"]
         di = f"{SITE}/kubetune-{version}.dist-info"
-        _add_bytes(tar, f"{di}/METADATA", f"Metadata-Version: 2.1\nName: kubetune\nVersion: {version}\n".encode())
+        _add_bytes(
+            tar, f"{di}/METADATA", f"Metadata-Version: 2.1\nName: kubetune\nVersion: {version}\n".encode()
+        )
         _add_bytes(tar, f"{di}/entry_points.txt", b"[console_scripts]\nkubetune = kubetune.cli.main:main\n")
 
     return _cached_layer(key, write)
@@ -313,24 +326,53 @@ class Image:
     def manifest(self) -> tuple[str, bytes]:
         """(manifest digest, index.json); fills self.blobs with every blob of the layout."""
         digests = [self._layer_digest(layer) for layer in self.layers]
-        config = json.dumps({
-            "architecture": "amd64", "os": "linux", "config": self.config,
-            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{d}" for d in digests]},
-        }, sort_keys=True).encode()
-        manifest = json.dumps({
-            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": f"sha256:{_sha(config)}", "size": len(config)},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": f"sha256:{d}",
-                        "size": layer.stat().st_size} for d, layer in zip(digests, self.layers, strict=True)],
-        }, sort_keys=True).encode()
+        config = json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "config": self.config,
+                "rootfs": {"type": "layers", "diff_ids": [f"sha256:{d}" for d in digests]},
+            },
+            sort_keys=True,
+        ).encode()
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": f"sha256:{_sha(config)}",
+                    "size": len(config),
+                },
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": f"sha256:{d}",
+                        "size": layer.stat().st_size,
+                    }
+                    for d, layer in zip(digests, self.layers, strict=True)
+                ],
+            },
+            sort_keys=True,
+        ).encode()
         self.blobs = {_sha(config): config, _sha(manifest): manifest}
         self.blobs.update(zip(digests, self.layers, strict=True))
-        index = json.dumps({"schemaVersion": 2, "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": f"sha256:{_sha(manifest)}", "size": len(manifest),
-            "annotations": {"io.containerd.image.name": self.name, "org.opencontainers.image.ref.name": self.name},
-        }]}).encode()
+        index = json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "digest": f"sha256:{_sha(manifest)}",
+                        "size": len(manifest),
+                        "annotations": {
+                            "io.containerd.image.name": self.name,
+                            "org.opencontainers.image.ref.name": self.name,
+                        },
+                    }
+                ],
+            }
+        ).encode()
         return f"sha256:{_sha(manifest)}", index
 
     def write_archive(self, out: IO[bytes], skip: Container[str] = ()) -> int:
@@ -385,19 +427,40 @@ def _build_all(pause: bool) -> list[Image]:
     t0 = time.monotonic()
     op_name, trainer_name = chart_images()
     base = base_layer()
-    scripts = {"kubetune": f"#!/{VENV}/bin/python\nimport sys\nfrom kubetune.cli.main import main\nsys.exit(main())\n"}
+    scripts = {
+        "kubetune": f"#!/{VENV}/bin/python\nimport sys\nfrom kubetune.cli.main import main\nsys.exit(main())\n"
+    }
     app = app_layer(base, scripts)
     env = [f"PATH={PATH}", f"VIRTUAL_ENV=/{VENV}", "PYTHONUNBUFFERED=1", "PYTHONDONTWRITEBYTECODE=1"]
     images = [pause_image()] if pause else []
     images += [
-        Image(op_name, [base, *deps_layers(["kubetune[operator]"]), app],
-              {"User": "1000:1000", "Env": env, "Entrypoint": ["kubetune"],
-               "Cmd": ["operator", "--all-namespaces"], "WorkingDir": "/tmp",
-               "ExposedPorts": {"8080/tcp": {}}}),
-        Image(trainer_name, [base, *deps_layers(["kubetune[trainer]", "pyarrow"]), app],
-              {"User": "1000:1000", "Env": [*env, "HF_HOME=/var/cache/kubetune/huggingface", "KUBETUNE_CACHE_DIR=/var/cache/kubetune"],
-               "Entrypoint": ["python", "-m", "kubetune_trainer.launch"], "WorkingDir": "/home/kubetune",
-               "ExposedPorts": {"8080/tcp": {}}}),
+        Image(
+            op_name,
+            [base, *deps_layers(["kubetune[operator]"]), app],
+            {
+                "User": "1000:1000",
+                "Env": env,
+                "Entrypoint": ["kubetune"],
+                "Cmd": ["operator", "--all-namespaces"],
+                "WorkingDir": "/tmp",
+                "ExposedPorts": {"8080/tcp": {}},
+            },
+        ),
+        Image(
+            trainer_name,
+            [base, *deps_layers(["kubetune[trainer]", "pyarrow"]), app],
+            {
+                "User": "1000:1000",
+                "Env": [
+                    *env,
+                    "HF_HOME=/var/cache/kubetune/huggingface",
+                    "KUBETUNE_CACHE_DIR=/var/cache/kubetune",
+                ],
+                "Entrypoint": ["python", "-m", "kubetune_trainer.launch"],
+                "WorkingDir": "/home/kubetune",
+                "ExposedPorts": {"8080/tcp": {}},
+            },
+        ),
     ]
     for image in images:
         image.manifest()  # layer digests memoised beside the layers (seconds per GB)
@@ -420,8 +483,12 @@ def _image_refs(ctr: Sequence[str]) -> dict[str, str]:
 
 
 def _import(image: Image, ctr: Sequence[str], skip: Container[str]) -> tuple[int, str]:
-    p = subprocess.Popen([*ctr, "-n", "k8s.io", "images", "import", "-"], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    p = subprocess.Popen(
+        [*ctr, "-n", "k8s.io", "images", "import", "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     assert p.stdin is not None and p.stdout is not None
     try:
         sent = image.write_archive(p.stdin, skip)
@@ -454,8 +521,10 @@ def import_all(images: Sequence[Image], ctr: Sequence[str]) -> None:
             sent, out = _import(image, ctr, ())
         if sent < 0:
             raise RuntimeError(f"ctr images import {image.name} failed:\n{out}")
-        print(f"images: imported {image.name} in {time.monotonic() - t0:.0f}s ({sent / 2**20:.0f} MiB streamed)",
-              file=sys.stderr)
+        print(
+            f"images: imported {image.name} in {time.monotonic() - t0:.0f}s ({sent / 2**20:.0f} MiB streamed)",
+            file=sys.stderr,
+        )
     prune(images, ctr)
 
 

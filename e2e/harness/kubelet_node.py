@@ -56,12 +56,15 @@ def _debian_binaries() -> dict[str, str]:
     if missing:
         raise binaries.BinariesUnavailable(
             f"missing {', '.join(missing)}: apt-get install runc containerd containernetworking-plugins "
-            "mmdebstrap (see e2e/README.md)")
+            "mmdebstrap (see e2e/README.md)"
+        )
     return found
 
 
 class KubeletNode(StartStop):
-    def __init__(self, cluster: Any, workdir: Path, name: str = "e2e-node", *, pause_only: bool = False) -> None:
+    def __init__(
+        self, cluster: Any, workdir: Path, name: str = "e2e-node", *, pause_only: bool = False
+    ) -> None:
         self.cluster = cluster
         self.ns = cluster.ns
         assert self.ns is not None, "the cluster must run in a Namespace (Cluster(..., ns=...))"
@@ -103,8 +106,15 @@ class KubeletNode(StartStop):
             # runs, so the kept containerd root holds images only
             c = " ".join(self.ctr) + " -n k8s.io"
             try:
-                self.ns.run(["sh", "-c", f"for x in $({c} c ls -q); do {c} t kill -s SIGKILL $x; {c} t rm -f $x;"
-                                         f" {c} c rm $x; done >/dev/null 2>&1; true"], timeout=60)
+                self.ns.run(
+                    [
+                        "sh",
+                        "-c",
+                        f"for x in $({c} c ls -q); do {c} t kill -s SIGKILL $x; {c} t rm -f $x;"
+                        f" {c} c rm $x; done >/dev/null 2>&1; true",
+                    ],
+                    timeout=60,
+                )
             except Exception as e:  # noqa: BLE001 - best effort; the namespace teardown kills the rest
                 self.errors.append(f"container cleanup: {e}")
             containerd.stop(grace=10)
@@ -136,16 +146,32 @@ class KubeletNode(StartStop):
         d = self.dir
         cni = d / "cni"
         cni.mkdir(exist_ok=True)
-        (cni / "10-bridge.conflist").write_text(json.dumps({
-            "cniVersion": "1.0.0", "name": "e2e", "plugins": [{
-                "type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False, "hairpinMode": True,
-                "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_CIDR}]], "routes": [{"dst": "0.0.0.0/0"}]},
-            }],
-        }))
+        (cni / "10-bridge.conflist").write_text(
+            json.dumps(
+                {
+                    "cniVersion": "1.0.0",
+                    "name": "e2e",
+                    "plugins": [
+                        {
+                            "type": "bridge",
+                            "bridge": "cni0",
+                            "isGateway": True,
+                            "ipMasq": False,
+                            "hairpinMode": True,
+                            "ipam": {
+                                "type": "host-local",
+                                "ranges": [[{"subnet": POD_CIDR}]],
+                                "routes": [{"dst": "0.0.0.0/0"}],
+                            },
+                        }
+                    ],
+                }
+            )
+        )
         cri = 'plugins."io.containerd.grpc.v1.cri"'
         (d / "containerd.toml").write_text(f"""version = 2
 root = "{root}"
-state = "{d / 'containerd-state'}"
+state = "{d / "containerd-state"}"
 [grpc]
   address = "{self.ctr_sock}"
 [{cri}]
@@ -180,55 +206,116 @@ state = "{d / 'containerd-state'}"
         self.ns.cgroups.append(self.cgroup_root)
         self.kubelet_port = free_port()
         config = {
-            "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
-            "address": NODE_IP, "port": self.kubelet_port, "readOnlyPort": 0, "healthzPort": 0,
-            "authentication": {"x509": {"clientCAFile": str(c.ca.cert_file)}, "webhook": {"enabled": True},
-                               "anonymous": {"enabled": False}},
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "address": NODE_IP,
+            "port": self.kubelet_port,
+            "readOnlyPort": 0,
+            "healthzPort": 0,
+            "authentication": {
+                "x509": {"clientCAFile": str(c.ca.cert_file)},
+                "webhook": {"enabled": True},
+                "anonymous": {"enabled": False},
+            },
             "authorization": {"mode": "Webhook"},
-            "cgroupDriver": "cgroupfs", "cgroupRoot": self.cgroup_root,
-            "failSwapOn": False, "makeIPTablesUtilChains": False, "oomScoreAdj": 0,
-            "clusterDNS": [DNS_IP], "clusterDomain": "cluster.local", "resolvConf": "/etc/resolv.conf",
+            "cgroupDriver": "cgroupfs",
+            "cgroupRoot": self.cgroup_root,
+            "failSwapOn": False,
+            "makeIPTablesUtilChains": False,
+            "oomScoreAdj": 0,
+            "clusterDNS": [DNS_IP],
+            "clusterDomain": "cluster.local",
+            "resolvConf": "/etc/resolv.conf",
             "containerRuntimeEndpoint": f"unix://{self.ctr_sock}",
-            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
-            "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%",
-                             "nodefs.inodesFree": "1%"},
-            "serializeImagePulls": False, "rotateCertificates": False, "protectKernelDefaults": False,
-            "syncFrequency": "10s", "nodeStatusReportFrequency": "10s",
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
+            "evictionHard": {
+                "memory.available": "1Mi",
+                "nodefs.available": "1%",
+                "imagefs.available": "1%",
+                "nodefs.inodesFree": "1%",
+            },
+            "serializeImagePulls": False,
+            "rotateCertificates": False,
+            "protectKernelDefaults": False,
+            "syncFrequency": "10s",
+            "nodeStatusReportFrequency": "10s",
         }
         (d / "kubelet.yaml").write_text(json.dumps(config, indent=1))
-        self._spawn("kubelet", [
-            str(kubelet), f"--config={d / 'kubelet.yaml'}", f"--kubeconfig={kubeconfig}",
-            f"--root-dir={d / 'kubelet'}", f"--hostname-override={self.name}", f"--node-ip={NODE_IP}",
-            "--v=1",
-        ])
+        self._spawn(
+            "kubelet",
+            [
+                str(kubelet),
+                f"--config={d / 'kubelet.yaml'}",
+                f"--kubeconfig={kubeconfig}",
+                f"--root-dir={d / 'kubelet'}",
+                f"--hostname-override={self.name}",
+                f"--node-ip={NODE_IP}",
+                "--v=1",
+            ],
+        )
 
     def _scheduler(self, scheduler: Path) -> None:
         c, d = self.cluster, self.dir
         crt, key = c.ca.issue("scheduler", "system:kube-scheduler")
         kc = c.write_kubeconfig(d / "scheduler.kubeconfig", "scheduler", crt, key)
-        self._spawn("kube-scheduler", [
-            str(scheduler), f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
-            f"--authorization-kubeconfig={kc}", "--leader-elect=false", "--bind-address=127.0.0.1",
-            f"--secure-port={free_port()}", "--v=1",
-        ])
+        self._spawn(
+            "kube-scheduler",
+            [
+                str(scheduler),
+                f"--kubeconfig={kc}",
+                f"--authentication-kubeconfig={kc}",
+                f"--authorization-kubeconfig={kc}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                "--v=1",
+            ],
+        )
 
     def _coredns(self, coredns: Path) -> None:
         c, d = self.cluster, self.dir
         # CoreDNS's own identity, bound to the ClusterRole kubeadm gives it
         crt, key = c.ca.issue("coredns", "system:coredns")
         kc = c.write_kubeconfig(d / "coredns.kubeconfig", "coredns", crt, key)
-        c.apply(json.dumps({"apiVersion": "v1", "kind": "List", "items": [
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-             "metadata": {"name": "system:coredns"},
-             "rules": [{"apiGroups": [""], "resources": ["endpoints", "services", "pods", "namespaces"],
-                        "verbs": ["list", "watch"]},
-                       {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-                        "verbs": ["list", "watch"]}]},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-             "metadata": {"name": "system:coredns"},
-             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:coredns"},
-             "subjects": [{"kind": "User", "name": "system:coredns"}]},
-        ]}))
+        c.apply(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "List",
+                    "items": [
+                        {
+                            "apiVersion": "rbac.authorization.k8s.io/v1",
+                            "kind": "ClusterRole",
+                            "metadata": {"name": "system:coredns"},
+                            "rules": [
+                                {
+                                    "apiGroups": [""],
+                                    "resources": ["endpoints", "services", "pods", "namespaces"],
+                                    "verbs": ["list", "watch"],
+                                },
+                                {
+                                    "apiGroups": ["discovery.k8s.io"],
+                                    "resources": ["endpointslices"],
+                                    "verbs": ["list", "watch"],
+                                },
+                            ],
+                        },
+                        {
+                            "apiVersion": "rbac.authorization.k8s.io/v1",
+                            "kind": "ClusterRoleBinding",
+                            "metadata": {"name": "system:coredns"},
+                            "roleRef": {
+                                "apiGroup": "rbac.authorization.k8s.io",
+                                "kind": "ClusterRole",
+                                "name": "system:coredns",
+                            },
+                            "subjects": [{"kind": "User", "name": "system:coredns"}],
+                        },
+                    ],
+                }
+            )
+        )
         (d / "Corefile").write_text(f""".:53 {{
     errors
     ready 127.0.0.1:{free_port()}
@@ -241,8 +328,10 @@ state = "{d / 'containerd-state'}"
 """)
         self._spawn("coredns", [str(coredns), "-conf", str(d / "Corefile")])
         # the `kubernetes` Service's ClusterIP, as kube-proxy would route it (the only ClusterIP pods use)
-        self._spawn("cluster-ip", [sys.executable, str(HERE / "forward.py"),
-                                   f"tcp:{KUBERNETES_IP}:443=tcp:127.0.0.1:{c.port}"])
+        self._spawn(
+            "cluster-ip",
+            [sys.executable, str(HERE / "forward.py"), f"tcp:{KUBERNETES_IP}:443=tcp:127.0.0.1:{c.port}"],
+        )
 
     def _wait_node_ready(self, timeout: float = 120) -> None:
         api = self.cluster.admin
@@ -257,9 +346,11 @@ state = "{d / 'containerd-state'}"
                 node = None
             if node is not None:
                 if not patched:
-                    api.patch(f"/api/v1/nodes/{self.name}/status",
-                              {"status": {"capacity": {"nvidia.com/gpu": GPUS}}},
-                              content_type="application/merge-patch+json")
+                    api.patch(
+                        f"/api/v1/nodes/{self.name}/status",
+                        {"status": {"capacity": {"nvidia.com/gpu": GPUS}}},
+                        content_type="application/merge-patch+json",
+                    )
                     patched = True
                 conds = {x["type"]: x["status"] for x in node["status"].get("conditions", [])}
                 gpus = node["status"].get("allocatable", {}).get("nvidia.com/gpu")
@@ -273,21 +364,33 @@ state = "{d / 'containerd-state'}"
     def expose(self, host_port: int) -> str:
         """Carry a host TCP port (e.g. MinIO) into the namespace; returns `host:port` for pods."""
         sock = self.dir / f"host-{host_port}.sock"
-        self.procs.append(Proc(f"expose-{host_port}-host", [
-            sys.executable, str(HERE / "forward.py"), f"unix:{sock}=tcp:127.0.0.1:{host_port}"],
-            self.dir / "logs" / f"expose-{host_port}.log"))
-        self._spawn(f"expose-{host_port}", [sys.executable, str(HERE / "forward.py"),
-                                             f"tcp:{HOST_SERVICES_IP}:{host_port}=unix:{sock}"])
+        self.procs.append(
+            Proc(
+                f"expose-{host_port}-host",
+                [sys.executable, str(HERE / "forward.py"), f"unix:{sock}=tcp:127.0.0.1:{host_port}"],
+                self.dir / "logs" / f"expose-{host_port}.log",
+            )
+        )
+        self._spawn(
+            f"expose-{host_port}",
+            [sys.executable, str(HERE / "forward.py"), f"tcp:{HOST_SERVICES_IP}:{host_port}=unix:{sock}"],
+        )
         return f"{HOST_SERVICES_IP}:{host_port}"
 
     def publish(self, port: int) -> str:
         """Carry a TCP port of the namespace's loopback (e.g. a Prometheus run in here) out to the same
         port of the host's loopback, the reverse of `expose()`; returns `127.0.0.1:port` for the host."""
         sock = self.dir / f"ns-{port}.sock"
-        self._spawn(f"publish-{port}", [sys.executable, str(HERE / "forward.py"), f"unix:{sock}=tcp:127.0.0.1:{port}"])
-        self.procs.append(Proc(f"publish-{port}-host", [
-            sys.executable, str(HERE / "forward.py"), f"tcp:127.0.0.1:{port}=unix:{sock}"],
-            self.dir / "logs" / f"publish-{port}-host.log"))
+        self._spawn(
+            f"publish-{port}", [sys.executable, str(HERE / "forward.py"), f"unix:{sock}=tcp:127.0.0.1:{port}"]
+        )
+        self.procs.append(
+            Proc(
+                f"publish-{port}-host",
+                [sys.executable, str(HERE / "forward.py"), f"tcp:127.0.0.1:{port}=unix:{sock}"],
+                self.dir / "logs" / f"publish-{port}-host.log",
+            )
+        )
         return f"127.0.0.1:{port}"
 
     def component_logs(self) -> dict[str, str]:
@@ -317,7 +420,9 @@ state = "{d / 'containerd-state'}"
                 return int(f[1])
         raise KeyError(f"no task for container {cid} of {ns}/{pod}")
 
-    def kill_container(self, ns: str, pod: str, container: str | None = None, sig: int = signal.SIGKILL) -> None:
+    def kill_container(
+        self, ns: str, pod: str, container: str | None = None, sig: int = signal.SIGKILL
+    ) -> None:
         """Fault injection: signal a running container's first process (SIGKILL ~ an OOM kill; with
         SIGKILL the kernel then kills the rest of the container's PID namespace)."""
         cid = self._container_id(ns, pod, container)

@@ -74,7 +74,14 @@ def webhook_configurations(release: str, port: int, ca_bundle: str) -> list[dict
             path = hook["clientConfig"]["service"]["path"]
             hook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca_bundle}
             hooks.append(hook)
-        out.append({"apiVersion": doc["apiVersion"], "kind": kind, "metadata": {"name": WEBHOOKS[kind]}, "webhooks": hooks})
+        out.append(
+            {
+                "apiVersion": doc["apiVersion"],
+                "kind": kind,
+                "metadata": {"name": WEBHOOKS[kind]},
+                "webhooks": hooks,
+            }
+        )
     return out
 
 
@@ -82,7 +89,9 @@ def wait_established(cluster: Any, crd: str, timeout: float = 90.0) -> None:
     """Polled: `kubectl wait --for=condition=Established` fails at once while a new CRD has no status yet."""
     deadline = time.monotonic() + timeout
     while True:
-        obj = cluster.admin.get_or_none(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd}") or {}
+        obj = (
+            cluster.admin.get_or_none(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd}") or {}
+        )
         conds = (obj.get("status") or {}).get("conditions") or []
         if any(x.get("type") == "Established" and x.get("status") == "True" for x in conds):
             return
@@ -109,14 +118,20 @@ class Kueue(StartStop):
         d.mkdir(parents=True, exist_ok=True)
         c = self.cluster
         t0 = time.monotonic()
-        for crd in sorted(release.glob("kueue.x-k8s.io_*.yaml")):  # large: server-side apply (no annotation copy)
+        for crd in sorted(
+            release.glob("kueue.x-k8s.io_*.yaml")
+        ):  # large: server-side apply (no annotation copy)
             c.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
         for p in release.glob("kueue.x-k8s.io_*.yaml"):
             wait_established(c, f"{p.name.split('_', 1)[1].removesuffix('.yaml')}.kueue.x-k8s.io")
         c.create_namespace(NAMESPACE)
         role = yaml.safe_load((release / "rbac-role.yaml").read_text())
         role["metadata"] = {"name": CLUSTER_ROLE}
-        sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": SERVICE_ACCOUNT, "namespace": NAMESPACE}}
+        sa = {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": SERVICE_ACCOUNT, "namespace": NAMESPACE},
+        }
         binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
                    "metadata": {"name": CLUSTER_ROLE},
                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": CLUSTER_ROLE},

@@ -15,7 +15,9 @@ MODES = ("kubelet", "agent")
 def node_mode() -> str:
     mode = os.environ.get("KUBETUNE_E2E_NODE", "kubelet") or "kubelet"
     if mode not in MODES:
-        raise ValueError(f"KUBETUNE_E2E_NODE={mode!r}: use kubelet (the real node, default) or agent (the fast node agent)")
+        raise ValueError(
+            f"KUBETUNE_E2E_NODE={mode!r}: use kubelet (the real node, default) or agent (the fast node agent)"
+        )
     return mode
 
 

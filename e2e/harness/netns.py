@@ -32,8 +32,14 @@ KUBERNETES_IP = "10.0.0.1"  # first address of the Service CIDR: the `kubernetes
 DNS_IP = "10.0.0.10"
 HOST_SERVICES_IP = "10.0.0.20"  # host ports (S3) forwarded into the namespace appear here
 POD_CIDR = "10.88.0.0/16"
-SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
-           "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
+SYSCTLS = (
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+)
 TMPFS = ("/run/netns", "/run/containerd", "/var/lib/cni", "/var/log/containers")
 POD_LOGS = "/var/log/pods"  # bind-mounted from <workdir>/pod-logs: kept for post-mortems
 CGROUP_FS = Path("/sys/fs/cgroup")

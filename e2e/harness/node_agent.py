@@ -87,8 +87,21 @@ def micro_now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-           "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18, "m": 1e-3}
+_SUFFIX = {
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+    "m": 1e-3,
+}
 
 
 def quantity(q: str | int | float) -> float:
@@ -110,8 +123,11 @@ class NotReady(Exception):
 
 def _expand(s: str, env: dict[str, str]) -> str:
     """Kubernetes $(VAR) expansion; $$ escapes, unknown references stay as they are."""
-    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
-                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), s)
+    return re.sub(
+        r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+        s,
+    )
 
 
 def _rewrite(s: str, mounts: list[tuple[str, str]]) -> str:
@@ -170,8 +186,10 @@ class PodRunner(threading.Thread):
             c["lastProbeTime"] = None
         status: Obj = {
             "phase": phase,
-            "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
-            "podIP": self.ip, "podIPs": [{"ip": self.ip}],
+            "hostIP": "127.0.0.1",
+            "hostIPs": [{"ip": "127.0.0.1"}],
+            "podIP": self.ip,
+            "podIPs": [{"ip": self.ip}],
             "startTime": self.start_time,
             "qosClass": self.pod.get("status", {}).get("qosClass", "BestEffort"),
             "conditions": conds,
@@ -196,14 +214,21 @@ class PodRunner(threading.Thread):
         st = self.states.setdefault(c["name"], ContainerState())
         if not st.status:
             st.status = {"state": {"waiting": {"reason": "ContainerCreating"}}}
-        return {"name": c["name"], "image": c.get("image", ""), "imageID": "",
-                "restartCount": st.restarts, "ready": "running" in st.status["state"],
-                "started": "running" in st.status["state"], **st.status}
+        return {
+            "name": c["name"],
+            "image": c.get("image", ""),
+            "imageID": "",
+            "restartCount": st.restarts,
+            "ready": "running" in st.status["state"],
+            "started": "running" in st.status["state"],
+            **st.status,
+        }
 
     def _set_waiting(self, containers: list[Obj], reason: str, message: str) -> None:
         for c in containers:
             self.states.setdefault(c["name"], ContainerState()).status = {
-                "state": {"waiting": {"reason": reason, "message": message}}}
+                "state": {"waiting": {"reason": reason, "message": message}}
+            }
 
     # -- lifecycle ---------------------------------------------------------------------
     def run(self) -> None:
@@ -285,9 +310,11 @@ class PodRunner(threading.Thread):
         self._wait_for_deletion()
 
     def _final_phase(self) -> str:
-        codes = [st.status["state"].get("terminated", {}).get("exitCode", 1)
-                 for n, st in self.states.items()
-                 if n in {c["name"] for c in self.pod["spec"]["containers"]}]
+        codes = [
+            st.status["state"].get("terminated", {}).get("exitCode", 1)
+            for n, st in self.states.items()
+            if n in {c["name"] for c in self.pod["spec"]["containers"]}
+        ]
         return "Succeeded" if all(c == 0 for c in codes) else "Failed"
 
     def _backoff(self, name: str) -> None:
@@ -320,8 +347,8 @@ class PodRunner(threading.Thread):
             return
         try:
             self.agent.node.request(
-                "DELETE", self.path,
-                {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}})
+                "DELETE", self.path, {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}}
+            )
         except ApiError as e:
             if e.status not in (404, 409):
                 raise
@@ -365,14 +392,23 @@ class PodRunner(threading.Thread):
         if not argv:
             raise RuntimeError(f"container {name}: no command/args (images are not run)")
         with open(logf, "wb") as out:
-            popen = subprocess.Popen(argv, env=full_env, cwd=workdir, stdout=out,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+            popen = subprocess.Popen(
+                argv,
+                env=full_env,
+                cwd=workdir,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         started = now()
         self.running[name] = Running(name, popen, started, logf, term_path)
         last = st.status.get("state", {}) if "terminated" in st.status.get("state", {}) else {}
-        st.status = {"state": {"running": {"startedAt": started}}, "lastState": last,
-                     "containerID": f"kubetune-e2e://{self.uid}/{name}/{popen.pid}"}
+        st.status = {
+            "state": {"running": {"startedAt": started}},
+            "lastState": last,
+            "containerID": f"kubetune-e2e://{self.uid}/{name}/{popen.pid}",
+        }
 
     def _record_exit(self, name: str, code: int | None) -> None:
         r = self.running.pop(name, None)
@@ -385,14 +421,21 @@ class PodRunner(threading.Thread):
         if not message and code != 0 and c.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             lines = r.log.read_text(errors="replace").splitlines()[-80:]
             message = "\n".join(lines)[-2048:]
-        term: Obj = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                     "startedAt": r.started, "finishedAt": now(),
-                     "containerID": f"kubetune-e2e://{self.uid}/{name}/{r.popen.pid}"}
+        term: Obj = {
+            "exitCode": code,
+            "reason": "Completed" if code == 0 else "Error",
+            "startedAt": r.started,
+            "finishedAt": now(),
+            "containerID": f"kubetune-e2e://{self.uid}/{name}/{r.popen.pid}",
+        }
         if message:
             term["message"] = message
         st = self.states[name]
-        st.status = {"state": {"terminated": term}, "lastState": st.status.get("lastState", {}),
-                     "containerID": term["containerID"]}
+        st.status = {
+            "state": {"terminated": term},
+            "lastState": st.status.get("lastState", {}),
+            "containerID": term["containerID"],
+        }
         log.info("pod %s/%s container %s exited %s", self.ns, self.name, name, code)
 
     def _all_containers(self) -> list[Obj]:
@@ -441,10 +484,20 @@ class NodeAgent:
         self.workdir = workdir
         self.pods_dir = workdir / "pods"
         self.pods_dir.mkdir(parents=True, exist_ok=True)
-        self.capacity = {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": "8",
-                         "ephemeral-storage": "100Gi", **(capacity or {})}
-        self.labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                       "kubernetes.io/arch": "amd64", **(labels or {})}
+        self.capacity = {
+            "cpu": "16",
+            "memory": "64Gi",
+            "pods": "110",
+            "nvidia.com/gpu": "8",
+            "ephemeral-storage": "100Gi",
+            **(capacity or {}),
+        }
+        self.labels = {
+            "kubernetes.io/hostname": name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+            **(labels or {}),
+        }
         self.hosts_file = hosts_file
         self.path_prefix = path_prefix if path_prefix is not None else [str(Path(sys.executable).parent)]
         self.runners: dict[str, PodRunner] = {}
@@ -504,15 +557,19 @@ class NodeAgent:
 
     def pod_logs(self, ns: str, prefix: str) -> str:
         """stdout+stderr of every container of every pod whose name starts with `prefix`, deleted ones too."""
-        return "".join(f.read_text(errors="replace") for d in sorted(self.pods_dir.glob(f"{ns}_{prefix}*"))
-                       for f in sorted((d / "logs").glob("*/*.log")))
+        return "".join(
+            f.read_text(errors="replace")
+            for d in sorted(self.pods_dir.glob(f"{ns}_{prefix}*"))
+            for f in sorted((d / "logs").glob("*/*.log"))
+        )
 
     def pod_endpoint(self, host_port: int) -> str:
         """`host:port` at which pods reach a host TCP port (pods share the host network here)."""
         return f"127.0.0.1:{host_port}"
 
-    def kill_container(self, ns: str, pod: str, container: str | None = None,
-                       sig: int = signal.SIGKILL) -> None:
+    def kill_container(
+        self, ns: str, pod: str, container: str | None = None, sig: int = signal.SIGKILL
+    ) -> None:
         """Fault injection: signal a running container's process group (SIGKILL ~ OOM kill)."""
         for r in self.runners.values():
             if (r.ns, r.name) == (ns, pod):
@@ -532,43 +589,73 @@ class NodeAgent:
     def _node_status(self) -> Obj:
         t, since = now(), self._ready_since
         return {
-            "capacity": self.capacity, "allocatable": self.capacity,
-            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
-                          {"type": "Hostname", "address": self.name}],
-            "conditions": [
-                {"type": "Ready", "status": "True", "reason": "KubeletReady",
-                 "message": "kubetune e2e node agent is posting ready status",
-                 "lastHeartbeatTime": t, "lastTransitionTime": since},
-                *({"type": ty, "status": "False", "reason": f"KubeletHas{r}",
-                   "lastHeartbeatTime": t, "lastTransitionTime": since}
-                  for ty, r in (("MemoryPressure", "SufficientMemory"),
-                                ("DiskPressure", "NoDiskPressure"),
-                                ("PIDPressure", "SufficientPID"))),
+            "capacity": self.capacity,
+            "allocatable": self.capacity,
+            "addresses": [
+                {"type": "InternalIP", "address": "127.0.0.1"},
+                {"type": "Hostname", "address": self.name},
             ],
-            "nodeInfo": {"kubeletVersion": "v1.32.2-kubetune-e2e", "kubeProxyVersion": "",
-                         "operatingSystem": "linux", "architecture": "amd64",
-                         "containerRuntimeVersion": "kubetune-e2e://local-processes",
-                         "osImage": "local", "kernelVersion": os.uname().release,
-                         "machineID": "", "systemUUID": "", "bootID": ""},
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "KubeletReady",
+                    "message": "kubetune e2e node agent is posting ready status",
+                    "lastHeartbeatTime": t,
+                    "lastTransitionTime": since,
+                },
+                *(
+                    {
+                        "type": ty,
+                        "status": "False",
+                        "reason": f"KubeletHas{r}",
+                        "lastHeartbeatTime": t,
+                        "lastTransitionTime": since,
+                    }
+                    for ty, r in (
+                        ("MemoryPressure", "SufficientMemory"),
+                        ("DiskPressure", "NoDiskPressure"),
+                        ("PIDPressure", "SufficientPID"),
+                    )
+                ),
+            ],
+            "nodeInfo": {
+                "kubeletVersion": "v1.32.2-kubetune-e2e",
+                "kubeProxyVersion": "",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
+                "containerRuntimeVersion": "kubetune-e2e://local-processes",
+                "osImage": "local",
+                "kernelVersion": os.uname().release,
+                "machineID": "",
+                "systemUUID": "",
+                "bootID": "",
+            },
         }
 
     def _register(self) -> None:
         try:
-            node = self.node.post("/api/v1/nodes", {
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": self.name, "labels": self.labels}})
+            node = self.node.post(
+                "/api/v1/nodes",
+                {"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.name, "labels": self.labels}},
+            )
         except ApiError as e:
             if e.status != 409:
                 raise
             node = self.node.get(f"/api/v1/nodes/{self.name}")
         self.node.patch(f"/api/v1/nodes/{self.name}/status", {"status": self._node_status()})
-        lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                 "metadata": {"name": self.name, "namespace": "kube-node-lease",
-                              "ownerReferences": [{"apiVersion": "v1", "kind": "Node",
-                                                   "name": self.name,
-                                                   "uid": node["metadata"]["uid"]}]},
-                 "spec": {"holderIdentity": self.name, "leaseDurationSeconds": 40,
-                          "renewTime": micro_now()}}
+        lease = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": self.name,
+                "namespace": "kube-node-lease",
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "Node", "name": self.name, "uid": node["metadata"]["uid"]}
+                ],
+            },
+            "spec": {"holderIdentity": self.name, "leaseDurationSeconds": 40, "renewTime": micro_now()},
+        }
         try:
             self.node.post("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", lease)
         except ApiError as e:
@@ -579,7 +666,9 @@ class NodeAgent:
     def _heartbeat(self) -> None:
         self.node.patch(
             f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{self.name}",
-            {"spec": {"renewTime": micro_now(), "holderIdentity": self.name}}, MERGE)
+            {"spec": {"renewTime": micro_now(), "holderIdentity": self.name}},
+            MERGE,
+        )
         self.node.patch(f"/api/v1/nodes/{self.name}/status", {"status": self._node_status()})
 
     # -- main loop ---------------------------------------------------------------------
@@ -616,21 +705,32 @@ class NodeAgent:
         used = [p for p in bound["items"] if p["status"].get("phase") not in ("Succeeded", "Failed")]
         for pod in pending["items"]:
             spec, md = pod["spec"], pod["metadata"]
-            if (md.get("deletionTimestamp") or spec.get("schedulingGates")
-                    or spec.get("schedulerName", "default-scheduler") != "default-scheduler"):
+            if (
+                md.get("deletionTimestamp")
+                or spec.get("schedulingGates")
+                or spec.get("schedulerName", "default-scheduler") != "default-scheduler"
+            ):
                 continue
             if any(self.labels.get(k) != v for k, v in (spec.get("nodeSelector") or {}).items()):
                 continue
-            if not all(_tolerated(t, spec.get("tolerations") or []) for t in taints
-                       if t.get("effect") in ("NoSchedule", "NoExecute")):
+            if not all(
+                _tolerated(t, spec.get("tolerations") or [])
+                for t in taints
+                if t.get("effect") in ("NoSchedule", "NoExecute")
+            ):
                 continue
             if not self._fits(pod, used):
                 continue
             try:
-                self.sched.post(f"/api/v1/namespaces/{md['namespace']}/pods/{md['name']}/binding", {
-                    "apiVersion": "v1", "kind": "Binding",
-                    "metadata": {"name": md["name"], "uid": md["uid"]},
-                    "target": {"apiVersion": "v1", "kind": "Node", "name": self.name}})
+                self.sched.post(
+                    f"/api/v1/namespaces/{md['namespace']}/pods/{md['name']}/binding",
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Binding",
+                        "metadata": {"name": md["name"], "uid": md["uid"]},
+                        "target": {"apiVersion": "v1", "kind": "Node", "name": self.name},
+                    },
+                )
                 used.append(pod)
             except ApiError as e:
                 if e.status not in (404, 409):
@@ -665,8 +765,11 @@ class NodeAgent:
             elif md.get("deletionTimestamp") and r.finished and not r.is_alive():
                 self._force_delete(pod)  # the runner is gone (crashed): nobody else will
             elif md.get("deletionTimestamp") and r.delete_grace is None:
-                r.delete_grace = float(md.get("deletionGracePeriodSeconds")
-                                       or pod["spec"].get("terminationGracePeriodSeconds") or 0)
+                r.delete_grace = float(
+                    md.get("deletionGracePeriodSeconds")
+                    or pod["spec"].get("terminationGracePeriodSeconds")
+                    or 0
+                )
         for uid, r in list(self.runners.items()):
             if uid not in seen:
                 r.gone = True
@@ -676,8 +779,11 @@ class NodeAgent:
     def _force_delete(self, pod: Obj) -> None:
         md = pod["metadata"]
         try:
-            self.node.request("DELETE", f"/api/v1/namespaces/{md['namespace']}/pods/{md['name']}",
-                              {"gracePeriodSeconds": 0, "preconditions": {"uid": md["uid"]}})
+            self.node.request(
+                "DELETE",
+                f"/api/v1/namespaces/{md['namespace']}/pods/{md['name']}",
+                {"gracePeriodSeconds": 0, "preconditions": {"uid": md["uid"]}},
+            )
         except ApiError as e:
             if e.status not in (404, 409):
                 raise
@@ -701,11 +807,17 @@ class NodeAgent:
             for pod in pods:
                 md, st = pod["metadata"], pod.get("status", {})
                 labels = md.get("labels") or {}
-                if (md["namespace"] != ns or any(labels.get(k) != v for k, v in selector.items())
-                        or not st.get("podIP") or md.get("deletionTimestamp")
-                        or st.get("phase") in ("Succeeded", "Failed")):
+                if (
+                    md["namespace"] != ns
+                    or any(labels.get(k) != v for k, v in selector.items())
+                    or not st.get("podIP")
+                    or md.get("deletionTimestamp")
+                    or st.get("phase") in ("Succeeded", "Failed")
+                ):
                     continue
-                ready = any(c["type"] == "Ready" and c["status"] == "True" for c in st.get("conditions") or [])
+                ready = any(
+                    c["type"] == "Ready" and c["status"] == "True" for c in st.get("conditions") or []
+                )
                 if not (ready or publish_not_ready):
                     continue
                 base = f"{name}.{ns}"
@@ -779,11 +891,15 @@ class NodeAgent:
             d = md.get(path.split(".")[1]) or {}
             return "".join(f'{k}="{v}"\n' for k, v in sorted(d.items()))
         return {
-            "metadata.name": r.name, "metadata.namespace": r.ns, "metadata.uid": r.uid,
+            "metadata.name": r.name,
+            "metadata.namespace": r.ns,
+            "metadata.uid": r.uid,
             "spec.nodeName": self.name,
             "spec.serviceAccountName": r.pod["spec"].get("serviceAccountName", ""),
-            "status.podIP": r.ip, "status.podIPs": r.ip,
-            "status.hostIP": "127.0.0.1", "status.hostIPs": "127.0.0.1",
+            "status.podIP": r.ip,
+            "status.podIPs": r.ip,
+            "status.hostIP": "127.0.0.1",
+            "status.hostIPs": "127.0.0.1",
         }[path]
 
     def _resource_field(self, r: PodRunner, ref: Obj, c: Obj | None) -> str:
@@ -794,8 +910,9 @@ class NodeAgent:
         v = quantity(val) / divisor
         return str(int(-(-v // 1)))  # ceil, like the kubelet
 
-    def _items(self, data: dict[str, bytes], items: list[Obj] | None, what: str,
-               optional: bool) -> dict[str, bytes]:
+    def _items(
+        self, data: dict[str, bytes], items: list[Obj] | None, what: str, optional: bool
+    ) -> dict[str, bytes]:
         if not items:
             return data
         out = {}
@@ -827,20 +944,27 @@ class NodeAgent:
                 raise NotReady("ContainerCreating", f"MountVolume.SetUp failed: {e}") from None
             return self._items(self._data(obj), ref.get("items"), f"{kind} {name}", optional)
         if "downwardAPI" in src:
-            return {it["path"]: (self._field(r, it["fieldRef"]["fieldPath"]) if "fieldRef" in it
-                                 else self._resource_field(r, it["resourceFieldRef"], None)).encode()
-                    for it in src["downwardAPI"].get("items") or []}
+            return {
+                it["path"]: (
+                    self._field(r, it["fieldRef"]["fieldPath"])
+                    if "fieldRef" in it
+                    else self._resource_field(r, it["resourceFieldRef"], None)
+                ).encode()
+                for it in src["downwardAPI"].get("items") or []
+            }
         if "serviceAccountToken" in src:
             t = src["serviceAccountToken"]
             sa = r.pod["spec"].get("serviceAccountName", "default")
-            spec: Obj = {"expirationSeconds": t.get("expirationSeconds", 3607),
-                         "boundObjectRef": {"apiVersion": "v1", "kind": "Pod",
-                                            "name": r.name, "uid": r.uid}}
+            spec: Obj = {
+                "expirationSeconds": t.get("expirationSeconds", 3607),
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": r.name, "uid": r.uid},
+            }
             if t.get("audience"):
                 spec["audiences"] = [t["audience"]]
-            tr = self.node.post(f"/api/v1/namespaces/{r.ns}/serviceaccounts/{sa}/token",
-                                {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                                 "spec": spec})
+            tr = self.node.post(
+                f"/api/v1/namespaces/{r.ns}/serviceaccounts/{sa}/token",
+                {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec},
+            )
             return {t["path"]: tr["status"]["token"].encode()}
         raise NotImplementedError(f"volume source {sorted(src)}")
 
@@ -872,17 +996,23 @@ class NodeAgent:
     def container_env(self, r: PodRunner, c: Obj) -> dict[str, str]:
         # the "image" environment is this machine's, minus credentials and test plumbing a
         # pod would not have (pods get S3/API credentials only through their spec)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("AWS_", "KUBERNETES_", "PYTEST_", "KUBETUNE_E2E_"))
-               and k != "KUBECONFIG"}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("AWS_", "KUBERNETES_", "PYTEST_", "KUBETUNE_E2E_")) and k != "KUBECONFIG"
+        }
         env["PATH"] = os.pathsep.join([*self.path_prefix, env.get("PATH", "")])
         env["HOSTNAME"] = r.pod["spec"].get("hostname") or r.name
         own: dict[str, str] = {}
         for ef in c.get("envFrom") or []:
             kind = "configMapRef" if "configMapRef" in ef else "secretRef"
             ref = ef[kind]
-            obj = self._get_ref("configmaps" if kind == "configMapRef" else "secrets", r.ns,
-                                ref["name"], bool(ref.get("optional")))
+            obj = self._get_ref(
+                "configmaps" if kind == "configMapRef" else "secrets",
+                r.ns,
+                ref["name"],
+                bool(ref.get("optional")),
+            )
             for k, v in self._data(obj).items():
                 own[ef.get("prefix", "") + k] = v.decode(errors="replace")
         for e in c.get("env") or []:
@@ -897,14 +1027,20 @@ class NodeAgent:
             else:
                 kind = "configMapKeyRef" if "configMapKeyRef" in vf else "secretKeyRef"
                 ref = vf[kind]
-                obj = self._get_ref("configmaps" if kind == "configMapKeyRef" else "secrets", r.ns,
-                                    ref["name"], bool(ref.get("optional")))
+                obj = self._get_ref(
+                    "configmaps" if kind == "configMapKeyRef" else "secrets",
+                    r.ns,
+                    ref["name"],
+                    bool(ref.get("optional")),
+                )
                 data = self._data(obj)
                 if ref["key"] in data:
                     own[e["name"]] = data[ref["key"]].decode(errors="replace")
                 elif not ref.get("optional"):
-                    raise NotReady("CreateContainerConfigError",
-                                   f'couldn\'t find key {ref["key"]} in {kind[:-6]} {r.ns}/{ref["name"]}')
+                    raise NotReady(
+                        "CreateContainerConfigError",
+                        f"couldn't find key {ref['key']} in {kind[:-6]} {r.ns}/{ref['name']}",
+                    )
         env.update(own)
         return env
 
@@ -932,21 +1068,47 @@ def for_cluster(cluster: Any, workdir: Path, name: str | None = None, **kw: Any)
     """A NodeAgent wired to a harness Cluster with node, scheduler and DNS identities."""
     name = name or cluster.node_name
     dns_user = "kubetune-e2e:dns"
-    cluster.admin.request("PUT", "/apis/rbac.authorization.k8s.io/v1/clusterroles/kubetune-e2e-dns", {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-        "metadata": {"name": "kubetune-e2e-dns"},
-        "rules": [{"apiGroups": [""], "resources": ["services", "endpoints", "pods"],
-                   "verbs": ["list", "watch"]},
-                  {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-                   "verbs": ["list", "watch"]}]})
-    cluster.admin.request("PUT", "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/kubetune-e2e-dns", {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-        "metadata": {"name": "kubetune-e2e-dns"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                    "name": "kubetune-e2e-dns"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": dns_user}]})
+    cluster.admin.request(
+        "PUT",
+        "/apis/rbac.authorization.k8s.io/v1/clusterroles/kubetune-e2e-dns",
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": "kubetune-e2e-dns"},
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["services", "endpoints", "pods"],
+                    "verbs": ["list", "watch"],
+                },
+                {
+                    "apiGroups": ["discovery.k8s.io"],
+                    "resources": ["endpointslices"],
+                    "verbs": ["list", "watch"],
+                },
+            ],
+        },
+    )
+    cluster.admin.request(
+        "PUT",
+        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/kubetune-e2e-dns",
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "kubetune-e2e-dns"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "kubetune-e2e-dns",
+            },
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": dns_user}],
+        },
+    )
     return NodeAgent(
         node=cluster.credentials_for(f"node-{name}", f"system:node:{name}", ("system:nodes",)),
         scheduler=cluster.credentials_for("scheduler", "system:kube-scheduler"),
         dns=cluster.credentials_for("dns", dns_user),
-        workdir=workdir, name=name, **kw)
+        workdir=workdir,
+        name=name,
+        **kw,
+    )

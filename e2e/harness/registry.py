@@ -59,7 +59,9 @@ class Registry:
         auth = base64.b64encode(f"{self.user}:{password or self.password}".encode()).decode()
         return json.dumps({"auths": {host or self.host: {"auth": auth}}})
 
-    def secret(self, name: str, namespace: str, password: str | None = None, host: str | None = None) -> dict[str, Any]:
+    def secret(
+        self, name: str, namespace: str, password: str | None = None, host: str | None = None
+    ) -> dict[str, Any]:
         return {
             "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
             "metadata": {"name": name, "namespace": namespace},
@@ -80,10 +82,16 @@ class Registry:
         registry = binaries.ensure("registry")["registry"]
         self.dir.mkdir(parents=True, exist_ok=True)
         htpasswd = self.dir / "htpasswd"
-        htpasswd.write_text(f"{self.user}:{bcrypt.hashpw(self.password.encode(), bcrypt.gensalt(rounds=6)).decode()}\n")
+        htpasswd.write_text(
+            f"{self.user}:{bcrypt.hashpw(self.password.encode(), bcrypt.gensalt(rounds=6)).decode()}\n"
+        )
         self.port = free_port()
         config = self.dir / "config.yml"
-        config.write_text(CONFIG.format(root=self.dir / "data", port=self.port, secret=secrets.token_hex(16), htpasswd=htpasswd))
+        config.write_text(
+            CONFIG.format(
+                root=self.dir / "data", port=self.port, secret=secrets.token_hex(16), htpasswd=htpasswd
+            )
+        )
         self.proc = Proc("registry", [str(registry), "serve", str(config)], self.dir / "registry.log")
         self._wait()
         return self

@@ -43,16 +43,23 @@ class S3Server:
 
     def env(self) -> dict[str, str]:
         """AWS_* variables a client (operator, trainer, tests) needs to reach this server."""
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_ENDPOINT_URL": self.endpoint, "AWS_ENDPOINT_URL_S3": self.endpoint,
-                "AWS_DEFAULT_REGION": self.region, "AWS_REGION": self.region}
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_REGION": self.region,
+        }
 
     def client(self, access_key: str | None = None, secret_key: str | None = None) -> Any:
         import boto3  # noqa: PLC0415
         from botocore.config import Config  # noqa: PLC0415
 
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, region_name=self.region,
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.region,
             aws_access_key_id=access_key or self.access_key,
             aws_secret_access_key=secret_key or self.secret_key,
             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
@@ -63,18 +70,35 @@ class S3Server:
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.kind == "minio":
             minio = binaries.ensure("minio")["minio"]
-            env = {**os.environ, "MINIO_ROOT_USER": self.access_key,
-                   "MINIO_ROOT_PASSWORD": self.secret_key, "MINIO_BROWSER": "off",
-                   "MINIO_UPDATE": "off", "MINIO_REGION": self.region}
-            self.proc = Proc("minio", [str(minio), "server", str(self.dir / "data"),
-                                       "--address", f"127.0.0.1:{self.port}",
-                                       "--console-address", f"127.0.0.1:{free_port()}", "--quiet"],
-                             self.dir / "minio.log", env)
+            env = {
+                **os.environ,
+                "MINIO_ROOT_USER": self.access_key,
+                "MINIO_ROOT_PASSWORD": self.secret_key,
+                "MINIO_BROWSER": "off",
+                "MINIO_UPDATE": "off",
+                "MINIO_REGION": self.region,
+            }
+            self.proc = Proc(
+                "minio",
+                [
+                    str(minio),
+                    "server",
+                    str(self.dir / "data"),
+                    "--address",
+                    f"127.0.0.1:{self.port}",
+                    "--console-address",
+                    f"127.0.0.1:{free_port()}",
+                    "--quiet",
+                ],
+                self.dir / "minio.log",
+                env,
+            )
             self._wait(f"{self.endpoint}/minio/health/ready")
         elif self.kind == "moto":
             moto = Path(sys.executable).parent / "moto_server"
-            self.proc = Proc("moto", [str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
-                             self.dir / "moto.log")
+            self.proc = Proc(
+                "moto", [str(moto), "-H", "127.0.0.1", "-p", str(self.port)], self.dir / "moto.log"
+            )
             self._wait(f"{self.endpoint}/moto-api/")
         else:
             raise ValueError(f"unknown S3 server kind {self.kind!r}")

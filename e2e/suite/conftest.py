@@ -41,8 +41,14 @@ RELEASE = "kubetune"
 SA = "kubetune"  # the chart's fullname for release "kubetune"
 # The operator watches exactly these (chart value watchNamespaces -> a Role per namespace), so it
 # never touches the random namespaces of e2e/test_operator.py, whose tests run their own operator.
-NAMESPACES = {"happy": "kts-happy", "bad": "kts-bad", "faults": "kts-faults", "many": "kts-many",
-              "publish": "kts-publish", "queue": "kts-queue"}
+NAMESPACES = {
+    "happy": "kts-happy",
+    "bad": "kts-bad",
+    "faults": "kts-faults",
+    "many": "kts-many",
+    "publish": "kts-publish",
+    "queue": "kts-queue",
+}
 # In the chart's watchNamespaces: the Deployment (real node) watches it; the agent's session operator does not,
 # test_ha.py runs its own replicas there.
 HA_NAMESPACE = "kts-ha"
@@ -68,8 +74,16 @@ def helm_binary() -> Path:
 
 def render_chart(*sets: str) -> list[dict[str, Any]]:
     # The chart's kubeVersion is checked against the e2e cluster's version (helm's offline default is older).
-    args = [str(helm_binary()), "template", RELEASE, str(CHART), "--namespace", RELEASE_NS,
-            "--kube-version", binaries.versions()["KUBERNETES_VERSION"]]
+    args = [
+        str(helm_binary()),
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        RELEASE_NS,
+        "--kube-version",
+        binaries.versions()["KUBERNETES_VERSION"],
+    ]
     for s in sets:
         args += ["--set", s]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
@@ -102,6 +116,7 @@ class Kctl:
     def wait_established(self, crd: str, timeout: float = 60) -> None:
         """Polled: `kubectl wait --for=condition=Established` right after the apply fails at once while the
         new CRD has no status yet (".status.conditions accessor error: <nil>")."""
+
         def established() -> bool:
             r = self.cluster.kubectl("get", "crd", crd, "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}",
                                      check=False)  # fmt: skip
@@ -109,7 +124,9 @@ class Kctl:
 
         wait_for(f"{crd} Established", established, timeout)
 
-    def apply(self, ns: str, doc: dict[str, Any] | str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def apply(
+        self, ns: str, doc: dict[str, Any] | str, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         text = doc if isinstance(doc, str) else yaml.safe_dump(doc)
         return self.cluster.kubectl("-n", ns, "apply", "-f", "-", input=text, check=check)
 
@@ -133,10 +150,17 @@ def installed(cluster: Any, kctl: Kctl) -> dict[str, Any]:
     for ns in (RELEASE_NS, *NAMESPACES.values(), HA_NAMESPACE):
         cluster.create_namespace(ns, RESTRICTED)
     single = ["replicas=1"] if NODE_MODE == "kubelet" else []
-    docs = render_chart("watchNamespaces={" + ",".join([*NAMESPACES.values(), HA_NAMESPACE]) + "}", "pollInterval=1",
-                        "logFormat=json", *single)
-    runnable = [d for d in docs if d["kind"] != "Deployment"
-                and "helm.sh/hook" not in (d["metadata"].get("annotations") or {})]
+    docs = render_chart(
+        "watchNamespaces={" + ",".join([*NAMESPACES.values(), HA_NAMESPACE]) + "}",
+        "pollInterval=1",
+        "logFormat=json",
+        *single,
+    )
+    runnable = [
+        d
+        for d in docs
+        if d["kind"] != "Deployment" and "helm.sh/hook" not in (d["metadata"].get("annotations") or {})
+    ]
     deployment = [d for d in docs if d["kind"] == "Deployment"]
     assert deployment, "the chart renders no Deployment"
     r = kctl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(runnable), check=False)
@@ -155,8 +179,14 @@ def installed(cluster: Any, kctl: Kctl) -> dict[str, Any]:
 class Operator:
     """`kubetune operator` as a local process under the chart ServiceAccount's token."""
 
-    def __init__(self, kubeconfig: Path, log: Path, namespaces: tuple[str, ...] = tuple(NAMESPACES.values()),
-                 args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        log: Path,
+        namespaces: tuple[str, ...] = tuple(NAMESPACES.values()),
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.kubeconfig = kubeconfig
         self.log = log
         self.namespaces, self.args, self.env = namespaces, args, env or {}
@@ -171,8 +201,17 @@ class Operator:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "AWS_"))}
         env["KUBECONFIG"] = str(self.kubeconfig)
         env.update(self.env)
-        cmd = [str(VENV_BIN / "kubetune"), "operator", "--poll-interval", "1", "--log-format", "json",
-               "--liveness", f"http://127.0.0.1:{self.port}/healthz", *self.args]
+        cmd = [
+            str(VENV_BIN / "kubetune"),
+            "operator",
+            "--poll-interval",
+            "1",
+            "--log-format",
+            "json",
+            "--liveness",
+            f"http://127.0.0.1:{self.port}/healthz",
+            *self.args,
+        ]
         for ns in self.namespaces:
             cmd += ["-n", ns]
         self.starts += 1
@@ -244,7 +283,9 @@ class DeployedOperator:
         self.kctl, self.node, self.log = kctl, node, log
         labels = deployment["spec"]["selector"]["matchLabels"]
         self.selector = "-l=" + ",".join(f"{k}={v}" for k, v in labels.items())
-        env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        env = {
+            e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
         self.lease = env.get("KUBETUNE_LEADER_ELECT_LEASE_NAME")  # None without leader election
         self.gone: set[str] = set()  # uids of pods stopped or killed
         self.starts = 0
@@ -253,7 +294,9 @@ class DeployedOperator:
 
     def leader(self) -> str | None:
         """The leading pod's name: the Lease's holderIdentity is `<pod name>_<random suffix>`."""
-        holder = ((self.kctl.get(RELEASE_NS, "lease", self.lease) or {}).get("spec") or {}).get("holderIdentity")
+        holder = ((self.kctl.get(RELEASE_NS, "lease", self.lease) or {}).get("spec") or {}).get(
+            "holderIdentity"
+        )
         return holder.rsplit("_", 1)[0] if holder else None
 
     def pod(self) -> dict[str, Any] | None:
@@ -261,8 +304,12 @@ class DeployedOperator:
         leader = self.leader() if self.lease else None
         for p in self.kctl.get(RELEASE_NS, "pods", None, self.selector) or []:
             conds = {c["type"]: c["status"] for c in p["status"].get("conditions") or []}
-            if (p["metadata"]["uid"] not in self.gone and not p["metadata"].get("deletionTimestamp")
-                    and conds.get("Ready") == "True" and (self.lease is None or p["metadata"]["name"] == leader)):
+            if (
+                p["metadata"]["uid"] not in self.gone
+                and not p["metadata"].get("deletionTimestamp")
+                and conds.get("Ready") == "True"
+                and (self.lease is None or p["metadata"]["name"] == leader)
+            ):
                 return p
         return None
 
@@ -312,17 +359,22 @@ class DeployedOperator:
         return self.text()[-n:]
 
     def errors(self) -> list[str]:
-        return [line for line in self.text().splitlines()
-                if '"levelname": "ERROR"' in line or "Traceback" in line or '"level": "error"' in line.lower()]
+        return [
+            line
+            for line in self.text().splitlines()
+            if '"levelname": "ERROR"' in line or "Traceback" in line or '"level": "error"' in line.lower()
+        ]
 
 
 @pytest.fixture(scope="session")
-def operator(request: pytest.FixtureRequest, installed: dict[str, Any], kctl: Kctl,
-             e2e_workdir: Path) -> Iterator[Operator | DeployedOperator]:
+def operator(
+    request: pytest.FixtureRequest, installed: dict[str, Any], kctl: Kctl, e2e_workdir: Path
+) -> Iterator[Operator | DeployedOperator]:
     op: Operator | DeployedOperator
     if NODE_MODE == "kubelet":
-        op = DeployedOperator(kctl, request.getfixturevalue("node"), installed["deployment"],
-                              e2e_workdir / "suite-operator.log")
+        op = DeployedOperator(
+            kctl, request.getfixturevalue("node"), installed["deployment"], e2e_workdir / "suite-operator.log"
+        )
     else:
         op = Operator(installed["kubeconfig"], e2e_workdir / "suite-operator.log")
     op.start()
@@ -341,29 +393,44 @@ def s3_data(request: pytest.FixtureRequest, s3: Any) -> dict[str, str]:
     base = f"s3://{s3.bucket}/data"
     endpoint = s3.endpoint
     if NODE_MODE == "kubelet":  # MinIO runs on the host; pods are in the node's network namespace
-        endpoint = "http://" + request.getfixturevalue("node").pod_endpoint(int(s3.endpoint.rsplit(":", 1)[1]))
-    return {"model": f"{base}/tiny-llama", "train": f"{base}/spell-digits/train.jsonl",
-            "eval": f"{base}/spell-digits/eval.jsonl", "endpoint": endpoint}
+        endpoint = "http://" + request.getfixturevalue("node").pod_endpoint(
+            int(s3.endpoint.rsplit(":", 1)[1])
+        )
+    return {
+        "model": f"{base}/tiny-llama",
+        "train": f"{base}/spell-digits/train.jsonl",
+        "eval": f"{base}/spell-digits/eval.jsonl",
+        "endpoint": endpoint,
+    }
 
 
 def ensure_secret(kctl: Kctl, s3: Any, ns: str) -> None:
-    doc = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET, "namespace": ns},
-           "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}}
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": SECRET, "namespace": ns},
+        "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key},
+    }
     kctl.apply(ns, doc)
 
 
 def dump(kctl: Kctl, node: Any, ns: str) -> None:
     """Failure diagnostics: FineTuneJob statuses, pods, and each pod's log tail."""
     for obj in kctl.get(ns, "ftj") or []:
-        print(f"--- ftj {obj['metadata']['name']} status ---\n" + json.dumps(obj.get("status"), indent=1),
-              file=sys.stderr)
+        print(
+            f"--- ftj {obj['metadata']['name']} status ---\n" + json.dumps(obj.get("status"), indent=1),
+            file=sys.stderr,
+        )
     print(kctl("-n", ns, "get", "pods,jobs", "-o", "wide", check=False).stdout, file=sys.stderr)
     if node is None:
         return
     for pod in kctl.get(ns, "pods") or []:
         try:
-            print(f"--- pod {pod['metadata']['name']} log ---\n" + node.logs(ns, pod["metadata"]["name"])[-3000:],
-                  file=sys.stderr)
+            print(
+                f"--- pod {pod['metadata']['name']} log ---\n"
+                + node.logs(ns, pod["metadata"]["name"])[-3000:],
+                file=sys.stderr,
+            )
         except Exception as e:  # noqa: BLE001
             print(f"--- pod {pod['metadata']['name']}: no log ({e})", file=sys.stderr)
 
@@ -374,8 +441,17 @@ def empty_namespace(kctl: Kctl, ns: str, timeout: float = 150) -> None:
         wait_for(f"no FineTuneJobs in {ns}", lambda: kctl.get(ns, "ftj") == [], timeout)
     except AssertionError:  # a stuck finalizer must not cascade into the next test
         for obj in kctl.get(ns, "ftj") or []:
-            kctl("-n", ns, "patch", "ftj", obj["metadata"]["name"], "--type=merge",
-                 "-p", '{"metadata":{"finalizers":null}}', check=False)
+            kctl(
+                "-n",
+                ns,
+                "patch",
+                "ftj",
+                obj["metadata"]["name"],
+                "--type=merge",
+                "-p",
+                '{"metadata":{"finalizers":null}}',
+                check=False,
+            )
         raise
     kctl("-n", ns, "delete", "jobs", "--all", "--cascade=foreground", "--wait=false", check=False)
     wait_for(f"no pods in {ns}", lambda: kctl.get(ns, "pods") == [], timeout)
@@ -402,8 +478,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     return rep
 
 
-def job_doc(name: str, s3: Any, data: dict[str, str], *, example: str = "lora", steps: int = 40,
-            checkpoint_steps: int = 20, **overrides: Any) -> dict[str, Any]:
+def job_doc(
+    name: str,
+    s3: Any,
+    data: dict[str, str],
+    *,
+    example: str = "lora",
+    steps: int = 40,
+    checkpoint_steps: int = 20,
+    **overrides: Any,
+) -> dict[str, Any]:
     """A 2 nodes x 1 process CPU job built from examples/cpu-2node-<method>.yaml, shrunk to a few
     steps and pointed at the harness's S3 server (what a user does with `--set`-style edits)."""
     doc = yaml.safe_load((ROOT / "examples" / f"cpu-2node-{example}.yaml").read_text())
@@ -411,8 +495,14 @@ def job_doc(name: str, s3: Any, data: dict[str, str], *, example: str = "lora", 
     spec = doc["spec"]
     spec["model"]["source"] = data["model"]
     spec["dataset"].update(train=data["train"], eval=data["eval"])
-    spec["training"].update(maxSteps=steps, perDeviceBatchSize=4, globalBatchSize=8, warmupSteps=2,
-                            loggingSteps=1, evalSteps=max(steps, 1))
+    spec["training"].update(
+        maxSteps=steps,
+        perDeviceBatchSize=4,
+        globalBatchSize=8,
+        warmupSteps=2,
+        loggingSteps=1,
+        evalSteps=max(steps, 1),
+    )
     spec["training"].pop("evalGenerationSamples", None)
     spec["output"].update(uri=f"s3://{s3.bucket}/runs/{name}", checkpointSteps=checkpoint_steps)
     spec["storage"] = {"endpoint": data["endpoint"], "secretRef": {"name": SECRET}}
@@ -438,7 +528,7 @@ def checkpoints(s3: Any, name: str) -> list[int]:
     resp = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=prefix)
     steps = []
     for o in resp.get("Contents") or []:
-        m = re.match(r"step-(\d+)/COMPLETE$", o["Key"][len(prefix):])
+        m = re.match(r"step-(\d+)/COMPLETE$", o["Key"][len(prefix) :])
         if m:
             steps.append(int(m.group(1)))
     return sorted(steps)
@@ -453,7 +543,9 @@ def install_kserve_crds(kctl: Kctl) -> None:
         crds = binaries.kserve_crds()
     except binaries.BinariesUnavailable as e:
         pytest.skip(str(e))
-    for path in sorted(crds.glob("*.yaml")):  # 1 MB for InferenceService: server-side apply (no annotation copy)
+    for path in sorted(
+        crds.glob("*.yaml")
+    ):  # 1 MB for InferenceService: server-side apply (no annotation copy)
         r = kctl("apply", "--server-side", "--force-conflicts", "-f", str(path), check=False)
         assert r.returncode == 0, r.stderr
     for crd in KSERVE_CRDS:

@@ -57,5 +57,6 @@ class Sampler:
         """Restarting, or the gang going from Running back to Pending/Initializing and on to Running:
         Restarting can last less than one sample (with kube-scheduler the new gang is bound and
         starting within a second)."""
-        return "Restarting" in self.phases or any(self.saw_in_order("Running", back, "Running")
-                                                  for back in ("Pending", "Initializing"))
+        return "Restarting" in self.phases or any(
+            self.saw_in_order("Running", back, "Running") for back in ("Pending", "Initializing")
+        )

@@ -40,9 +40,13 @@ def millicores(q: str) -> int:
 
 def free_cpu(kctl: Kctl, node: str) -> int:
     """The node's allocatable CPU less what the pods bound to it request (millicores)."""
-    alloc = millicores(json.loads(kctl("get", "node", node, "-o", "json").stdout)["status"]["allocatable"]["cpu"])
+    alloc = millicores(
+        json.loads(kctl("get", "node", node, "-o", "json").stdout)["status"]["allocatable"]["cpu"]
+    )
     used = 0
-    pods = json.loads(kctl("get", "pods", "-A", f"--field-selector=spec.nodeName={node}", "-o", "json").stdout)["items"]
+    pods = json.loads(
+        kctl("get", "pods", "-A", f"--field-selector=spec.nodeName={node}", "-o", "json").stdout
+    )["items"]
     for pod in pods:
         if pod["status"].get("phase") in ("Succeeded", "Failed"):
             continue
@@ -56,8 +60,12 @@ def bound(kctl: Kctl, ns: str, name: str) -> list[str]:
             if p["spec"].get("nodeName")]  # fmt: skip
 
 
-def test_no_pod_of_a_gang_is_bound_until_the_whole_gang_fits(coscheduling, cluster, kctl, suite_ns, s3, s3_data, node):
-    per_pod = free_cpu(kctl, node.name) * 3 // 10  # one gang takes 60% of what is free; a second gang's pod would fit
+def test_no_pod_of_a_gang_is_bound_until_the_whole_gang_fits(
+    coscheduling, cluster, kctl, suite_ns, s3, s3_data, node
+):
+    per_pod = (
+        free_cpu(kctl, node.name) * 3 // 10
+    )  # one gang takes 60% of what is free; a second gang's pod would fit
     assert per_pod >= 100, f"too little free CPU on the node for the test ({per_pod}m per pod)"
     gang = {"scheduler": "coscheduling", "scheduleTimeoutSeconds": 60}
     docs = {}
@@ -74,7 +82,9 @@ def test_no_pod_of_a_gang_is_bound_until_the_whole_gang_fits(coscheduling, clust
              120, 1)  # fmt: skip
     seen_running = False
     while kctl.phase(suite_ns, "gang-first") not in ("Succeeded", "Failed"):
-        assert bound(kctl, suite_ns, "gang-second") == [], "a pod of the second gang was bound while the first held the node"
+        assert bound(kctl, suite_ns, "gang-second") == [], (
+            "a pod of the second gang was bound while the first held the node"
+        )
         seen_running = seen_running or kctl.phase(suite_ns, "gang-first") == "Running"
         time.sleep(1)
     assert kctl.phase(suite_ns, "gang-first") == "Succeeded"

@@ -36,7 +36,9 @@ def example_jobs(s3: Any, s3_data: dict[str, str]) -> dict[str, dict[str, Any]]:
 
 
 def events(kctl: Kctl, ns: str, name: str) -> list[dict[str, Any]]:
-    r = kctl("-n", ns, "get", "events", f"--field-selector=involvedObject.name={name}", "-o", "json", check=False)
+    r = kctl(
+        "-n", ns, "get", "events", f"--field-selector=involvedObject.name={name}", "-o", "json", check=False
+    )
     return json.loads(r.stdout)["items"] if r.returncode == 0 else []
 
 

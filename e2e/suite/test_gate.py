@@ -15,7 +15,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 NS_KEY = "faults"
 
 
-def test_a_job_that_fails_its_gate_ends_failed_with_the_figures_and_is_not_retried(kctl, suite_ns, s3, s3_data, node, operator):
+def test_a_job_that_fails_its_gate_ends_failed_with_the_figures_and_is_not_retried(
+    kctl, suite_ns, s3, s3_data, node, operator
+):
     name = "gate-fail"
     doc = job_doc(name, s3, s3_data, steps=2, checkpoint_steps=2, **{
         "runPolicy.backoffLimit": 2,
@@ -31,14 +33,21 @@ def test_a_job_that_fails_its_gate_ends_failed_with_the_figures_and_is_not_retri
     assert failed["reason"] == "EvaluationGateFailed" and "maxEvalLoss 0.01" in failed["message"], failed
     assert (evaluated["status"], evaluated["reason"]) == ("False", "EvaluationGateFailed"), evaluated
     verdict = status["evaluation"]
-    assert verdict["gatePassed"] is False and verdict["evalLoss"] > 0.01 and verdict["retainLossBefore"] > 0, verdict
+    assert (
+        verdict["gatePassed"] is False and verdict["evalLoss"] > 0.01 and verdict["retainLossBefore"] > 0
+    ), verdict
     assert f"evalLoss {verdict['evalLoss']:.4g}" in evaluated["message"]
-    assert status["lastFailure"]["reason"] == "EvaluationGateFailed" and status["lastFailure"]["exitCode"] == 69
+    assert (
+        status["lastFailure"]["reason"] == "EvaluationGateFailed" and status["lastFailure"]["exitCode"] == 69
+    )
     # Not transient: no restart, no second gang, although backoffLimit is 2.
     assert status.get("restarts", 0) == 0 and kctl.get(suite_ns, "job", f"{name}-r1") is None
     # The artifacts stay in S3 for inspection, with the verdict.
     client = s3.client()
     metrics = json.loads(client.get_object(Bucket=s3.bucket, Key=f"runs/{name}/metrics.json")["Body"].read())
-    assert metrics["evaluation"]["gatePassed"] is False and metrics["evaluation"]["failedChecks"] == verdict["failedChecks"]
+    assert (
+        metrics["evaluation"]["gatePassed"] is False
+        and metrics["evaluation"]["failedChecks"] == verdict["failedChecks"]
+    )
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix=f"runs/{name}/")["Contents"]}
     assert {f"runs/{name}/COMPLETE", f"runs/{name}/model/model.safetensors"} <= keys, sorted(keys)

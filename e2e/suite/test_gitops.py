@@ -38,7 +38,9 @@ def test_edit_after_success_starts_a_resumed_run(cluster, kctl, suite_ns, s3, s3
     # An edit that trains nothing new: no run, but the status now describes generation 2.
     doc["spec"]["runPolicy"] = {"ttlSecondsAfterFinished": 3600}
     kctl.apply(suite_ns, doc)
-    wait_for("observedGeneration 2", lambda: kctl.status(suite_ns, name).get("observedGeneration") == 2, 60, 0.5)
+    wait_for(
+        "observedGeneration 2", lambda: kctl.status(suite_ns, name).get("observedGeneration") == 2, 60, 0.5
+    )
     assert kctl.status(suite_ns, name).get("run", 1) == 1 and kctl.phase(suite_ns, name) == "Succeeded"
 
     # An edit of what is trained: 10 more steps, continuing from run 1.
@@ -49,12 +51,21 @@ def test_edit_after_success_starts_a_resumed_run(cluster, kctl, suite_ns, s3, s3
         # still describes generation 2 (Succeeded), so only the generation check makes it Progressing.
         obj = json.loads(kctl("-n", suite_ns, "apply", "-f", "-", "-o", "json", input=json.dumps(doc)).stdout)
         assert obj["metadata"]["generation"] == 3
-        assert obj["status"]["phase"] == "Succeeded" and obj["status"]["observedGeneration"] == 2, obj["status"]
+        assert obj["status"]["phase"] == "Succeeded" and obj["status"]["observedGeneration"] == 2, obj[
+            "status"
+        ]
         assert argocd_health(obj) == "Progressing"
         wait_for("run 2 started", lambda: kctl.status(suite_ns, name).get("run") == 2, 60, 0.5)
         assert argocd_health(kctl.get(suite_ns, "ftj", name)) == "Progressing"
-        wait_for("run 2 finished", lambda: kctl.status(suite_ns, name).get("run") == 2
-                 and kctl.phase(suite_ns, name) in ("Succeeded", "Failed"), 300, 1)
+        wait_for(
+            "run 2 finished",
+            lambda: (
+                kctl.status(suite_ns, name).get("run") == 2
+                and kctl.phase(suite_ns, name) in ("Succeeded", "Failed")
+            ),
+            300,
+            1,
+        )
     status = kctl.status(suite_ns, name)
     print(f"\n[suite] {name}: phases {sampler.phases} steps {sampler.steps}", file=sys.stderr)
     assert status["phase"] == "Succeeded" and status["observedGeneration"] == 3, status
@@ -68,11 +79,18 @@ def test_edit_after_success_starts_a_resumed_run(cluster, kctl, suite_ns, s3, s3
     assert status["runUri"] == f"{base}/run-2" and status["resumedFrom"] == base, status
     assert all(v.startswith(f"{base}/run-2/") for v in status["artifacts"].values()), status["artifacts"]
     assert status["progress"]["step"] == 30, status["progress"]
-    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=f"runs/{name}/run-2/").get("Contents") or []}
+    keys = {
+        o["Key"]
+        for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=f"runs/{name}/run-2/").get("Contents")
+        or []
+    }
     assert f"runs/{name}/run-2/COMPLETE" in keys, sorted(keys)[:20]
     # Run 2 started from run 1's last checkpoint (step 20), so it trained 10 steps, not 30.
-    rank0 = next(p for p in kctl.get(suite_ns, "pods", None, f"-l=kubetune.io/job-name={name}")
-                 if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0")
+    rank0 = next(
+        p
+        for p in kctl.get(suite_ns, "pods", None, f"-l=kubetune.io/job-name={name}")
+        if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0"
+    )
     log = node.logs(suite_ns, rank0["metadata"]["name"])
     m = re.search(r"resumed from checkpoint step (\d+) of (\S+)", log)
     assert m and int(m.group(1)) == 20 and m.group(2).rstrip("/") == base, log[-2000:]

@@ -105,14 +105,20 @@ def assert_exactly_once(kctl: Any, names: list[str]) -> None:
     assert not twice, f"FineTuneJobs with more than one workload Job: {twice}"
     uids = {f["metadata"]["name"]: f["metadata"]["uid"] for f in kctl.get(NS, "ftj")}
     for name, [job] in got.items():
-        assert job["metadata"]["name"] == f"{name}-r0" and job["metadata"]["ownerReferences"][0]["uid"] == uids[name]
+        assert (
+            job["metadata"]["name"] == f"{name}-r0"
+            and job["metadata"]["ownerReferences"][0]["uid"] == uids[name]
+        )
     wait_for("every job Suspended", lambda: all((f.get("status") or {}).get("phase") == "Suspended"
                                                 for f in kctl.get(NS, "ftj")), 120, 1)  # fmt: skip
 
 
 @pytest.mark.skipif(NODE_MODE == "kubelet", reason="the real node runs test_deployment_replicas_* instead")
 def test_killing_the_leader_mid_burst_loses_no_workload(cluster, kctl, installed, s3, s3_data, e2e_workdir):
-    docs = [job_doc(f"ha-{i:02d}", s3, s3_data, steps=5, **{"runPolicy.suspend": True}) for i in range(FIRST + SECOND)]
+    docs = [
+        job_doc(f"ha-{i:02d}", s3, s3_data, steps=5, **{"runPolicy.suspend": True})
+        for i in range(FIRST + SECOND)
+    ]
     names = [d["metadata"]["name"] for d in docs]
     a, b, c = (Replica(installed, e2e_workdir / f"ha-operator-{x}.log") for x in "abc")
     empty_namespace(kctl, NS)
@@ -135,7 +141,9 @@ def test_killing_the_leader_mid_burst_loses_no_workload(cluster, kctl, installed
         posting.join()
         assert_exactly_once(kctl, names[:FIRST])
         all_after = time.monotonic() - killed_at
-        assert takeover <= LEASE + 4 * RETRY + 10, takeover  # the lease duration, a retry, the API server's latency
+        assert takeover <= LEASE + 4 * RETRY + 10, (
+            takeover
+        )  # the lease duration, a retry, the API server's latency
 
         # 2. A rolling update: a new replica stands by, the leader gets SIGTERM mid-burst and hands over.
         c.start()
@@ -152,7 +160,9 @@ def test_killing_the_leader_mid_burst_loses_no_workload(cluster, kctl, installed
         wait_for("c reports it leads", c.leads, 10, 0.1)
         posting.join()
         assert_exactly_once(kctl, names)
-        assert handover < LEASE, f"a released Lease is taken within a retry period, not a lease duration: {handover:.1f}s"
+        assert handover < LEASE, (
+            f"a released Lease is taken within a retry period, not a lease duration: {handover:.1f}s"
+        )
         assert lease(cluster, a.lease_name)["leaseTransitions"] == 2
 
         log_b, log_c = b.log.read_text(), c.log.read_text()
@@ -181,7 +191,9 @@ class Replicas:
 
     def __init__(self, cluster: Any, kctl: Any, deployment: dict[str, Any]) -> None:
         self.cluster, self.kctl, self.name = cluster, kctl, deployment["metadata"]["name"]
-        env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        env = {
+            e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
         self.lease_name = env["KUBETUNE_LEADER_ELECT_LEASE_NAME"]
         self.duration = float(env["KUBETUNE_LEADER_ELECT_LEASE_DURATION"])
         self.retry = float(env["KUBETUNE_LEADER_ELECT_RETRY_PERIOD"])
@@ -192,8 +204,14 @@ class Replicas:
         return self.kctl.get(RELEASE_NS, "pods", None, self.selector) or []
 
     def ready(self) -> list[str]:
-        return [p["metadata"]["name"] for p in self.pods() if not p["metadata"].get("deletionTimestamp")
-                and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions") or [])]
+        return [
+            p["metadata"]["name"]
+            for p in self.pods()
+            if not p["metadata"].get("deletionTimestamp")
+            and any(
+                c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions") or []
+            )
+        ]
 
     def holder(self) -> str | None:
         return lease(self.cluster, self.lease_name).get("holderIdentity")
@@ -222,8 +240,13 @@ class Replicas:
 
 @pytest.mark.skipif(NODE_MODE != "kubelet", reason="the chart's Deployment runs only on the real node "
                     "(KUBETUNE_E2E_NODE=kubelet); the node agent runs the replicas as processes")  # fmt: skip
-def test_deployment_replicas_hand_over_mid_burst(cluster, kctl, installed, operator, node, s3, s3_data, e2e_workdir):
-    docs = [job_doc(f"ha-{i:02d}", s3, s3_data, steps=5, **{"runPolicy.suspend": True}) for i in range(FIRST + SECOND)]
+def test_deployment_replicas_hand_over_mid_burst(
+    cluster, kctl, installed, operator, node, s3, s3_data, e2e_workdir
+):
+    docs = [
+        job_doc(f"ha-{i:02d}", s3, s3_data, steps=5, **{"runPolicy.suspend": True})
+        for i in range(FIRST + SECOND)
+    ]
     names = [d["metadata"]["name"] for d in docs]
     dep = Replicas(cluster, kctl, installed["deployment"])
     empty_namespace(kctl, NS)
@@ -248,7 +271,9 @@ def test_deployment_replicas_hand_over_mid_burst(cluster, kctl, installed, opera
         posting.join()
         assert_exactly_once(kctl, names[:FIRST])
         all_after = time.monotonic() - killed_at
-        assert takeover >= dep.duration - dep.retry - 1, f"the Lease was taken before it expired: {takeover:.1f}s"
+        assert takeover >= dep.duration - dep.retry - 1, (
+            f"the Lease was taken before it expired: {takeover:.1f}s"
+        )
         assert takeover <= dep.duration + 4 * dep.retry + 10, takeover
         assert took is not None and "acquired lease" in node.logs(RELEASE_NS, took)
 
@@ -270,12 +295,16 @@ def test_deployment_replicas_hand_over_mid_burst(cluster, kctl, installed, opera
         sigterm.set()
         handover = new_holder(cluster, dep.lease_name, second, termed_at)
         posting.join()
-        r = kctl("-n", RELEASE_NS, "rollout", "status", f"deployment/{dep.name}", "--timeout=240s", check=False)
+        r = kctl(
+            "-n", RELEASE_NS, "rollout", "status", f"deployment/{dep.name}", "--timeout=240s", check=False
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         assert_exactly_once(kctl, names)
         assert follow.wait(timeout=60) == 0
         assert "released lease" in old_log.read_text(errors="replace")
-        assert handover < dep.duration, f"a released Lease is taken within a retry period, not a lease duration: {handover:.1f}s"
+        assert handover < dep.duration, (
+            f"a released Lease is taken within a retry period, not a lease duration: {handover:.1f}s"
+        )
         # the killed leader's successor, then the rolling update's (twice when an old standby led in between)
         assert lease(cluster, dep.lease_name)["leaseTransitions"] >= transitions + 2
         print(f"\n[ha] real node: SIGKILL of the leader pod's container with {at_kill[0]}/{FIRST} FineTuneJobs posted and "

@@ -20,7 +20,7 @@ def s3_keys(s3: Any, prefix: str) -> set[str]:
     client = s3.client()
     keys: set[str] = set()
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix):
-        keys.update(o["Key"][len(prefix):] for o in page.get("Contents") or [])
+        keys.update(o["Key"][len(prefix) :] for o in page.get("Contents") or [])
     return keys
 
 
@@ -38,7 +38,10 @@ def test_happy_path(method, cluster, kctl, suite_ns, s3, s3_data, node, operator
     print(f"\n[suite] {name}: {took:.1f}s phases={sampler.phases} steps={sampler.steps}", file=sys.stderr)
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
     # Pending may last less than one sample (the status is written once per change); its Event is checked below.
-    assert sampler.saw_in_order("Running", "Succeeded") and sampler.phases[0] in ("Pending", "Initializing"), sampler.phases
+    assert sampler.saw_in_order("Running", "Succeeded") and sampler.phases[0] in (
+        "Pending",
+        "Initializing",
+    ), sampler.phases
     assert "Failed" not in sampler.phases
     # Progress moved while training, and ends at the last step.
     assert len(set(sampler.steps)) >= 2, sampler.steps
@@ -56,10 +59,16 @@ def test_happy_path(method, cluster, kctl, suite_ns, s3, s3_data, node, operator
     base = f"s3://{s3.bucket}/{prefix}"
     for field, value in arts.items():
         assert value.startswith(base), (field, value)
-        rel = value[len(base):].rstrip("/")
+        rel = value[len(base) :].rstrip("/")
         assert any(k == rel or k.startswith(rel + "/") for k in keys), (field, value, sorted(keys)[:40])
-    expected = {"manifest.json", "COMPLETE", "metrics.json", "model/model.safetensors", "model/config.json",
-                "model/tokenizer.json"}
+    expected = {
+        "manifest.json",
+        "COMPLETE",
+        "metrics.json",
+        "model/model.safetensors",
+        "model/config.json",
+        "model/tokenizer.json",
+    }
     if method == "lora":
         assert "adapter" in arts
         expected |= {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"}
@@ -67,7 +76,9 @@ def test_happy_path(method, cluster, kctl, suite_ns, s3, s3_data, node, operator
     assert expected <= keys, sorted(keys)
     assert "checkpoints/step-00000030/COMPLETE" in keys, sorted(keys)
     assert "checkpoints/step-00000030/manifest.json" in keys, sorted(keys)
-    manifest = json.loads(s3.client().get_object(Bucket=s3.bucket, Key=prefix + "manifest.json")["Body"].read())
+    manifest = json.loads(
+        s3.client().get_object(Bucket=s3.bucket, Key=prefix + "manifest.json")["Body"].read()
+    )
     assert "model/model.safetensors" in manifest["files"], sorted(manifest["files"])
     for rel, meta in manifest["files"].items():
         assert rel in keys, rel
@@ -84,9 +95,13 @@ def test_happy_path(method, cluster, kctl, suite_ns, s3, s3_data, node, operator
     assert len(reasons) >= 2, reasons
     table = kctl("-n", suite_ns, "get", "ftj", name).stdout.splitlines()
     header, row = table[0].split(), table[1].split()
-    assert header[:4] == ["NAME", "PHASE", "PROGRESS", "%"] or header[:3] == ["NAME", "PHASE", "PROGRESS"], header
+    assert header[:4] == ["NAME", "PHASE", "PROGRESS", "%"] or header[:3] == ["NAME", "PHASE", "PROGRESS"], (
+        header
+    )
     assert row[0] == name and row[1] == "Succeeded" and row[2] == "100", table
-    loss = float(row[3])  # the LOSS column: the training loss rank 0 last reported, as status.progress holds it
+    loss = float(
+        row[3]
+    )  # the LOSS column: the training loss rank 0 last reported, as status.progress holds it
     assert loss == pytest.approx(float(status["progress"]["loss"]), abs=1e-3), (table, status["progress"])
     wide = kctl("-n", suite_ns, "get", "finetunejob", name, "-o", "wide").stdout
     assert "MESSAGE" in wide.splitlines()[0]
@@ -94,4 +109,6 @@ def test_happy_path(method, cluster, kctl, suite_ns, s3, s3_data, node, operator
     assert "TrainingSucceeded" in described and "Events:" in described
     # Pods finished; nothing left running.
     pods = kctl.get(suite_ns, "pods", None, f"-l=kubetune.io/job-name={name}")
-    assert pods and all(p["status"]["phase"] == "Succeeded" for p in pods), [p["status"]["phase"] for p in pods]
+    assert pods and all(p["status"]["phase"] == "Succeeded" for p in pods), [
+        p["status"]["phase"] for p in pods
+    ]

@@ -21,7 +21,14 @@ def can_i(kctl: Any, kubeconfig: Any, *args: str) -> bool:
 
 def test_chart_objects_installed_and_deployment_admitted(installed, kctl, operator):
     kinds = {d["kind"] for d in installed["docs"]}
-    assert {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment"} <= kinds
+    assert {
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+    } <= kinds
     assert kctl.get(RELEASE_NS, "serviceaccount", SA)
     for ns in NAMESPACES.values():
         assert kctl.get(ns, "role", "kubetune"), ns
@@ -36,8 +43,14 @@ def test_chart_objects_installed_and_deployment_admitted(installed, kctl, operat
 
 
 def test_operator_runs_under_chart_serviceaccount(installed, operator, kctl):
-    who = kctl("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}",
-               kubeconfig=installed["kubeconfig"], check=False)
+    who = kctl(
+        "auth",
+        "whoami",
+        "-o",
+        "jsonpath={.status.userInfo.username}",
+        kubeconfig=installed["kubeconfig"],
+        check=False,
+    )
     if who.returncode == 0:
         assert who.stdout.strip() == SUBJECT
     assert operator.healthy()
@@ -45,20 +58,42 @@ def test_operator_runs_under_chart_serviceaccount(installed, operator, kctl):
 
 # What the operator needs (docs/operations/install.md "RBAC") in a watched namespace ...
 NEEDED = [
-    ("list", "finetunejobs.kubetune.io"), ("watch", "finetunejobs.kubetune.io"), ("delete", "finetunejobs.kubetune.io"),
+    ("list", "finetunejobs.kubetune.io"),
+    ("watch", "finetunejobs.kubetune.io"),
+    ("delete", "finetunejobs.kubetune.io"),
     ("patch", "finetunejobs.kubetune.io", "--subresource=status"),
-    ("create", "jobs.batch"), ("list", "jobs.batch"), ("watch", "jobs.batch"), ("patch", "jobs.batch"), ("delete", "jobs.batch"),
-    ("create", "configmaps"), ("patch", "configmaps"), ("create", "services"), ("list", "pods"), ("watch", "pods"),
+    ("create", "jobs.batch"),
+    ("list", "jobs.batch"),
+    ("watch", "jobs.batch"),
+    ("patch", "jobs.batch"),
+    ("delete", "jobs.batch"),
+    ("create", "configmaps"),
+    ("patch", "configmaps"),
+    ("create", "services"),
+    ("list", "pods"),
+    ("watch", "pods"),
     ("create", "events"),
-    ("create", "deployments.apps"), ("get", "deployments.apps"), ("update", "deployments.apps"),  # spec.serving
+    ("create", "deployments.apps"),
+    ("get", "deployments.apps"),
+    ("update", "deployments.apps"),  # spec.serving
 ]
 # ... and what it must not be able to do there.
 DENIED = [
-    ("delete", "pods"), ("create", "pods"), ("get", "secrets"), ("list", "secrets"), ("delete", "deployments.apps"),
-    ("list", "deployments.apps"), ("patch", "deployments.apps"),
-    ("update", "finetunejobs.kubetune.io"), ("create", "finetunejobs.kubetune.io"),
-    ("delete", "configmaps"), ("get", "configmaps"), ("create", "pods/exec"), ("create", "roles.rbac.authorization.k8s.io"),
-    ("create", "leases.coordination.k8s.io"), ("update", "jobs.batch"),
+    ("delete", "pods"),
+    ("create", "pods"),
+    ("get", "secrets"),
+    ("list", "secrets"),
+    ("delete", "deployments.apps"),
+    ("list", "deployments.apps"),
+    ("patch", "deployments.apps"),
+    ("update", "finetunejobs.kubetune.io"),
+    ("create", "finetunejobs.kubetune.io"),
+    ("delete", "configmaps"),
+    ("get", "configmaps"),
+    ("create", "pods/exec"),
+    ("create", "roles.rbac.authorization.k8s.io"),
+    ("create", "leases.coordination.k8s.io"),
+    ("update", "jobs.batch"),
     ("patch", "finetunejobs.kubetune.io"),  # no finalizer, no annotations: only the status is written
 ]
 
@@ -73,18 +108,22 @@ def test_rbac_denies_in_watched_namespace(installed, kctl, verb_resource):
     assert not can_i(kctl, installed["kubeconfig"], *verb_resource, "-n", WATCHED)
 
 
-@pytest.mark.parametrize("args", [
-    ("list", "finetunejobs.kubetune.io", "-n", "default"),         # not a watched namespace
-    ("create", "jobs.batch", "-n", "default"),
-    ("list", "secrets", "--all-namespaces"),
-    ("get", "secrets", "-n", "kube-system"),
-    ("list", "pods", "--all-namespaces"),
-    ("list", "namespaces"),                                          # only with watchNamespaces empty
-    ("create", "customresourcedefinitions.apiextensions.k8s.io"),
-    ("patch", "customresourcedefinitions.apiextensions.k8s.io"),
-    ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
-    ("*", "*", "--all-namespaces"),
-], ids=lambda a: " ".join(a))
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("list", "finetunejobs.kubetune.io", "-n", "default"),  # not a watched namespace
+        ("create", "jobs.batch", "-n", "default"),
+        ("list", "secrets", "--all-namespaces"),
+        ("get", "secrets", "-n", "kube-system"),
+        ("list", "pods", "--all-namespaces"),
+        ("list", "namespaces"),  # only with watchNamespaces empty
+        ("create", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("patch", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
+        ("*", "*", "--all-namespaces"),
+    ],
+    ids=lambda a: " ".join(a),
+)
 def test_rbac_denies_outside_watched_scope(installed, kctl, args):
     assert not can_i(kctl, installed["kubeconfig"], *args)
 
@@ -93,9 +132,12 @@ def test_rbac_denies_outside_watched_scope(installed, kctl, args):
 # full name) can be read or renewed.
 LEASE = "kubetune"
 LEASES = [
-    (True, "create", "leases.coordination.k8s.io"), (True, "get", f"leases.coordination.k8s.io/{LEASE}"),
-    (True, "update", f"leases.coordination.k8s.io/{LEASE}"), (False, "get", "leases.coordination.k8s.io/other"),
-    (False, "delete", f"leases.coordination.k8s.io/{LEASE}"), (False, "list", "leases.coordination.k8s.io"),
+    (True, "create", "leases.coordination.k8s.io"),
+    (True, "get", f"leases.coordination.k8s.io/{LEASE}"),
+    (True, "update", f"leases.coordination.k8s.io/{LEASE}"),
+    (False, "get", "leases.coordination.k8s.io/other"),
+    (False, "delete", f"leases.coordination.k8s.io/{LEASE}"),
+    (False, "list", "leases.coordination.k8s.io"),
 ]
 
 
@@ -116,12 +158,24 @@ def test_all_namespaces_mode_renders_clusterrole_without_secrets(installed, kctl
 
     docs = render_chart()
     role = next(d for d in docs if d["kind"] == "ClusterRole")
-    r = kctl("apply", "--server-side", "--dry-run=server", "-f", "-",
-             input=__import__("yaml").safe_dump_all([d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]),
-             check=False)
+    r = kctl(
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "-f",
+        "-",
+        input=__import__("yaml").safe_dump_all(
+            [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+        ),
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
-    resources = {(g, res): set(rule["verbs"]) for rule in role["rules"]
-                 for g in rule["apiGroups"] for res in rule["resources"]}
+    resources = {
+        (g, res): set(rule["verbs"])
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for res in rule["resources"]
+    }
     assert ("", "secrets") not in resources
     assert "delete" not in resources.get(("", "pods"), set())
     # spec.serving creates a job's Deployment and re-points it (get, update): nothing else on deployments

@@ -63,8 +63,9 @@ def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
 
 
-def test_second_job_waits_in_kueues_words_and_starts_when_the_first_finishes(kueue, cluster, kctl, suite_ns, s3, s3_data,
-                                                                            node):
+def test_second_job_waits_in_kueues_words_and_starts_when_the_first_finishes(
+    kueue, cluster, kctl, suite_ns, s3, s3_data, node
+):
     cluster.apply(queues(suite_ns))
     labels = {"kueue.x-k8s.io/queue-name": QUEUE}
     first = job_doc("queued-first", s3, s3_data, steps=30, checkpoint_steps=15)
@@ -72,13 +73,21 @@ def test_second_job_waits_in_kueues_words_and_starts_when_the_first_finishes(kue
     second = job_doc("queued-second", s3, s3_data, steps=10, checkpoint_steps=10)
     second["metadata"]["labels"] = {**labels, "kueue.x-k8s.io/priority-class": "low"}
     kctl.apply(suite_ns, first)
-    wait_for("first admitted", lambda: condition(kctl.status(suite_ns, "queued-first"), "Admitted").get("status") == "True", 120, 1)
+    wait_for(
+        "first admitted",
+        lambda: condition(kctl.status(suite_ns, "queued-first"), "Admitted").get("status") == "True",
+        120,
+        1,
+    )
     kctl.apply(suite_ns, second)
 
     def queued() -> bool:
         status = kctl.status(suite_ns, "queued-second")
-        return status.get("phase") == "Pending" and condition(status, "Admitted").get("reason") == "QueuedByKueue" \
+        return (
+            status.get("phase") == "Pending"
+            and condition(status, "Admitted").get("reason") == "QueuedByKueue"
             and "insufficient unused quota" in condition(status, "Admitted").get("message", "")
+        )
 
     wait_for("second Pending, QueuedByKueue with Kueue's message", queued, 120, 1)
     status = kctl.status(suite_ns, "queued-second")
@@ -86,7 +95,11 @@ def test_second_job_waits_in_kueues_words_and_starts_when_the_first_finishes(kue
     assert "Queued by Kueue in LocalQueue team-a" in status["message"]
     admitted = condition(kctl.status(suite_ns, "queued-first"), "Admitted")
     assert CLUSTER_QUEUE in admitted["message"]
-    [workload] = [w for w in kueue.workloads(suite_ns) if w["metadata"]["ownerReferences"][0]["name"] == "queued-second-r0"]
+    [workload] = [
+        w
+        for w in kueue.workloads(suite_ns)
+        if w["metadata"]["ownerReferences"][0]["name"] == "queued-second-r0"
+    ]
     assert workload["spec"]["priority"] == 10  # the FineTuneJob's kueue.x-k8s.io/priority-class reached Kueue
 
     # The second gang holds nothing while it waits: its Job stays suspended, no pod exists.
@@ -100,11 +113,16 @@ def test_second_job_waits_in_kueues_words_and_starts_when_the_first_finishes(kue
     wait_for("second Succeeded", lambda: kctl.phase(suite_ns, "queued-second") == "Succeeded", 600, 2)
     second_status = kctl.status(suite_ns, "queued-second")
     assert second_status["startTime"] >= done_first, (second_status["startTime"], done_first)
-    print(f"[kueue] first finished {done_first}, second started {second_status['startTime']}", file=sys.stderr)
+    print(
+        f"[kueue] first finished {done_first}, second started {second_status['startTime']}", file=sys.stderr
+    )
 
 
-@pytest.mark.xfail(strict=True, reason="a gang restart creates a new Job, i.e. a new Kueue Workload at the back of the "
-                   "queue (docs/shared-clusters.md, 'A gang restart and the queue'); fixed by restarting in place")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a gang restart creates a new Job, i.e. a new Kueue Workload at the back of the "
+    "queue (docs/shared-clusters.md, 'A gang restart and the queue'); fixed by restarting in place",
+)
 def test_a_gang_restart_keeps_its_place_in_the_queue(kueue, cluster, kctl, suite_ns, s3, s3_data, node):
     """A admitted and training; B arrives and waits for A's quota; a rank of A dies. A's restarted gang must be
     admitted before B (A was first in line and only lost a pod). Today it is not: A's next Job is a new Workload,
@@ -119,7 +137,12 @@ def test_a_gang_restart_keeps_its_place_in_the_queue(kueue, cluster, kctl, suite
     kctl.apply(suite_ns, a)
     wait_for("A training", lambda: kctl.phase(suite_ns, "restart-a") == "Running", 300, 1)
     kctl.apply(suite_ns, b)
-    wait_for("B queued", lambda: condition(kctl.status(suite_ns, "restart-b"), "Admitted").get("reason") == "QueuedByKueue", 120, 1)
+    wait_for(
+        "B queued",
+        lambda: condition(kctl.status(suite_ns, "restart-b"), "Admitted").get("reason") == "QueuedByKueue",
+        120,
+        1,
+    )
     victim = next(p for p in kctl.get(suite_ns, "pods", None, "-l=kubetune.io/job-name=restart-a")
                   if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1")  # fmt: skip
     killed = time.monotonic()
@@ -127,17 +150,34 @@ def test_a_gang_restart_keeps_its_place_in_the_queue(kueue, cluster, kctl, suite
     wait_for("A restarted", lambda: kctl.status(suite_ns, "restart-a").get("restarts") == 1, 180, 1)
 
     def admitted(name: str, job: str) -> bool:
-        return condition(kctl.status(suite_ns, name), "Admitted").get("status") == "True" and \
-            kctl.get(suite_ns, "jobs", job) is not None and not kctl.get(suite_ns, "jobs", job)["spec"].get("suspend")
+        return (
+            condition(kctl.status(suite_ns, name), "Admitted").get("status") == "True"
+            and kctl.get(suite_ns, "jobs", job) is not None
+            and not kctl.get(suite_ns, "jobs", job)["spec"].get("suspend")
+        )
 
     first = wait_for("A's next gang or B admitted",
                      lambda: "A" if admitted("restart-a", "restart-a-r1") else "B" if admitted("restart-b", "restart-b-r0") else "", 300, 1)  # fmt: skip
     if first == "B":
         wait_for("A's next gang admitted", lambda: admitted("restart-a", "restart-a-r1"), 600, 1)
     waited = time.monotonic() - killed
-    print(f"[kueue] gang restart: rank killed -> next gang admitted in {waited:.1f}s; admitted first: {first}", file=sys.stderr)
+    print(
+        f"[kueue] gang restart: rank killed -> next gang admitted in {waited:.1f}s; admitted first: {first}",
+        file=sys.stderr,
+    )
     # A's next gang is still loading the model: deleted now, its trainer honours SIGTERM only once training (seen
     # here: over 150 s Terminating). Its pods go at once, so the namespace clean-up measures nothing of that.
     kctl("-n", suite_ns, "delete", "ftj", "restart-a", "restart-b", "--wait=false")
-    kctl("-n", suite_ns, "delete", "pods", "-l=kubetune.io/job-name=restart-a", "--grace-period=0", "--force", check=False)
-    assert first == "A", f"B, which arrived after A, was admitted before A's restarted gang ({waited:.0f}s lost in the queue)"
+    kctl(
+        "-n",
+        suite_ns,
+        "delete",
+        "pods",
+        "-l=kubetune.io/job-name=restart-a",
+        "--grace-period=0",
+        "--force",
+        check=False,
+    )
+    assert first == "A", (
+        f"B, which arrived after A, was admitted before A's restarted gang ({waited:.0f}s lost in the queue)"
+    )

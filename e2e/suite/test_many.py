@@ -27,12 +27,18 @@ def test_fifty_jobs_at_once(cluster, kctl, suite_ns, s3, s3_data, operator):
         if i < N_BAD:
             doc = job_doc(name, s3, s3_data, steps=5, **{"dataset.eval": None, "training.evalSteps": 5})
         else:  # (pods of an admitted job stay Pending: no node has that label)
-            doc = job_doc(name, s3, s3_data, steps=5, **{"runPolicy.suspend": True, "nodeSelector": {"kubetune.io/e2e": "nowhere"}})
+            doc = job_doc(
+                name,
+                s3,
+                s3_data,
+                steps=5,
+                **{"runPolicy.suspend": True, "nodeSelector": {"kubetune.io/e2e": "nowhere"}},
+            )
         docs.append(doc)
     rss_before = operator.rss_kib()
 
-    seen: dict[str, float] = {}      # FineTuneJob name -> when its Job was first seen
-    created: dict[str, float] = {}   # FineTuneJob name -> when it was first seen itself
+    seen: dict[str, float] = {}  # FineTuneJob name -> when its Job was first seen
+    created: dict[str, float] = {}  # FineTuneJob name -> when it was first seen itself
     stop = threading.Event()
     jobs_path = f"/apis/batch/v1/namespaces/{suite_ns}/jobs"
     ftj_path = f"/apis/kubetune.io/v1alpha1/namespaces/{suite_ns}/finetunejobs"
@@ -72,6 +78,7 @@ def test_fifty_jobs_at_once(cluster, kctl, suite_ns, s3, s3_data, operator):
         stop.set()
         watcher.join(5)
     rss_after = operator.rss_kib()
+
     def pct(xs: list[float]) -> str:
         xs = sorted(xs)
         p95 = xs[min(len(xs) - 1, int(round(0.95 * len(xs))) - 1)]
@@ -79,9 +86,12 @@ def test_fifty_jobs_at_once(cluster, kctl, suite_ns, s3, s3_data, operator):
 
     from_apply = [seen[n] - t0 for n in seen]
     from_object = [seen[n] - created.get(n, t0) for n in seen]  # 0.2 s polling resolution
-    print(f"\n[suite] {N} jobs: kubectl apply took {t_applied:.1f}s; start of apply -> Job created {pct(from_apply)}; "
-          f"FineTuneJob visible -> its Job created {pct(from_object)}; all phases reached {t_all:.1f}s; "
-          f"operator RSS {rss_before / 1024:.0f} MiB -> {rss_after / 1024:.0f} MiB", file=sys.stderr)
+    print(
+        f"\n[suite] {N} jobs: kubectl apply took {t_applied:.1f}s; start of apply -> Job created {pct(from_apply)}; "
+        f"FineTuneJob visible -> its Job created {pct(from_object)}; all phases reached {t_all:.1f}s; "
+        f"operator RSS {rss_before / 1024:.0f} MiB -> {rss_after / 1024:.0f} MiB",
+        file=sys.stderr,
+    )
     # Nothing ran: no pods for suspended or refused jobs; refused ones have no workload at all.
     assert kctl.get(suite_ns, "pods") == []
     assert not any(f"many-{i:02d}" in seen for i in range(N_BAD))
@@ -90,22 +100,40 @@ def test_fifty_jobs_at_once(cluster, kctl, suite_ns, s3, s3_data, operator):
     assert operator.healthy()
     assert rss_after < 1024 * 1024, rss_after  # < 1 GiB (the chart's limit is 512Mi: report, not gate)
     managed = ("-l", "app.kubernetes.io/managed-by=kubetune")
-    assert kctl.get(suite_ns, "configmaps", None, *managed) == [] and kctl.get(suite_ns, "services", None, *managed) == []
+    assert (
+        kctl.get(suite_ns, "configmaps", None, *managed) == []
+        and kctl.get(suite_ns, "services", None, *managed) == []
+    )
     assert all(j["metadata"]["annotations"].get("kubetune.io/deferred") == "ConfigMap,Service" for j in jobs)
 
     # Admission creates what a queued job was created without: by its spec (the operator resumes the Job
     # after creating them) and by a queue unsuspending the Job itself (the operator follows).
-    kctl("-n", suite_ns, "patch", "ftj", "many-05", "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+    kctl(
+        "-n",
+        suite_ns,
+        "patch",
+        "ftj",
+        "many-05",
+        "--type=merge",
+        "-p",
+        '{"spec":{"runPolicy":{"suspend":false}}}',
+    )
     kctl("-n", suite_ns, "patch", "job", "many-06-r0", "--type=merge", "-p", '{"spec":{"suspend":false}}')
     for name in ("many-05", "many-06"):
+
         def admitted(name: str = name) -> bool:
             job = kctl.get(suite_ns, "job", f"{name}-r0") or {}
             return (kctl.get(suite_ns, "configmap", f"{name}-config") is not None and kctl.get(suite_ns, "service", name) is not None
                     and job["spec"]["suspend"] is False and "kubetune.io/deferred" not in job["metadata"]["annotations"])  # fmt: skip
 
         wait_for(f"{name} admitted with its ConfigMap and Service", admitted, 60, 1)
-    assert kctl.get(suite_ns, "job", "many-06-r0")["metadata"]["annotations"]["kubetune.io/suspend"] == "true"  # not fought
-    assert kctl.phase(suite_ns, "many-07") == "Suspended" and kctl.get(suite_ns, "configmap", "many-07-config") is None
+    assert (
+        kctl.get(suite_ns, "job", "many-06-r0")["metadata"]["annotations"]["kubetune.io/suspend"] == "true"
+    )  # not fought
+    assert (
+        kctl.phase(suite_ns, "many-07") == "Suspended"
+        and kctl.get(suite_ns, "configmap", "many-07-config") is None
+    )
 
     # `kubectl delete ftj --all`: the operator's finalizer (Kopf's, for its status timer) must come off
     # every object, and the garbage collector then removes each Job, Service and ConfigMap.
@@ -114,6 +142,17 @@ def test_fifty_jobs_at_once(cluster, kctl, suite_ns, s3, s3_data, operator):
     assert r.returncode == 0, r.stderr
     wait_for("every FineTuneJob gone", lambda: kctl.get(suite_ns, "ftj") == [], 180, 1)
     t_ftj = time.monotonic() - t0
-    wait_for("every child gone", lambda: kctl.get(suite_ns, "jobs") == [] and kctl.get(suite_ns, "configmaps", None, "-l", "app.kubernetes.io/managed-by=kubetune") == [], 180, 1)
-    print(f"[suite] delete {N} jobs: FineTuneJobs gone after {t_ftj:.1f}s, children after {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    wait_for(
+        "every child gone",
+        lambda: (
+            kctl.get(suite_ns, "jobs") == []
+            and kctl.get(suite_ns, "configmaps", None, "-l", "app.kubernetes.io/managed-by=kubetune") == []
+        ),
+        180,
+        1,
+    )
+    print(
+        f"[suite] delete {N} jobs: FineTuneJobs gone after {t_ftj:.1f}s, children after {time.monotonic() - t0:.1f}s",
+        file=sys.stderr,
+    )
     assert operator.healthy()

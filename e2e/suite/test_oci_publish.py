@@ -38,7 +38,9 @@ def s3_files(s3: Any, prefix: str) -> dict[str, bytes]:
     out = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix):
         for obj in page.get("Contents") or []:
-            out[obj["Key"][len(prefix):]] = client.get_object(Bucket=s3.bucket, Key=obj["Key"])["Body"].read()
+            out[obj["Key"][len(prefix) :]] = client.get_object(Bucket=s3.bucket, Key=obj["Key"])[
+                "Body"
+            ].read()
     return out
 
 
@@ -51,9 +53,13 @@ def manifest_bytes(registry: Any, repository: str, ref: str) -> bytes:
     return response.content
 
 
-def publish_job(name: str, s3: Any, s3_data: dict[str, str], pod_registry: str, secret: str) -> dict[str, Any]:
+def publish_job(
+    name: str, s3: Any, s3_data: dict[str, str], pod_registry: str, secret: str
+) -> dict[str, Any]:
     publish = {"oci": f"{pod_registry}/kubetune/{name}:v1", "credentialsSecret": secret, "plainHTTP": True}
-    return job_doc(name, s3, s3_data, example="lora", steps=6, checkpoint_steps=6, **{"output.publish": publish})
+    return job_doc(
+        name, s3, s3_data, example="lora", steps=6, checkpoint_steps=6, **{"output.publish": publish}
+    )
 
 
 def finished(kctl: Any, ns: str, name: str) -> dict[str, Any]:
@@ -61,7 +67,9 @@ def finished(kctl: Any, ns: str, name: str) -> dict[str, Any]:
     return kctl.status(ns, name)
 
 
-def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(kctl, suite_ns, s3, s3_data, registry, pod_registry):
+def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(
+    kctl, suite_ns, s3, s3_data, registry, pod_registry
+):
     name = "publish-lora"
     install_kserve_crds(kctl)
     kctl.apply(suite_ns, registry.secret("regcred", suite_ns, host=pod_registry))
@@ -72,7 +80,9 @@ def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(kctl, su
     kctl.apply(suite_ns, doc)
     status = finished(kctl, suite_ns, name)
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
-    assert status["evaluation"]["gatePassed"] is True and status["evaluation"]["evalLoss"] <= 3.2, status["evaluation"]
+    assert status["evaluation"]["gatePassed"] is True and status["evaluation"]["evalLoss"] <= 3.2, status[
+        "evaluation"
+    ]
 
     # status.artifacts.oci: digest-pinned, and the digest is the manifest's, pulled back by tag.
     pinned = status["artifacts"]["oci"]
@@ -87,7 +97,9 @@ def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(kctl, su
     # Each layer is one file of model/ (the merged model) or of the model card, its digest the sha256 of
     # the object in S3.
     files = s3_files(s3, f"runs/{name}/model/")
-    card = {k: v for k, v in s3_files(s3, f"runs/{name}/").items() if k in ("README.md", "loss.png", "eval.png")}
+    card = {
+        k: v for k, v in s3_files(s3, f"runs/{name}/").items() if k in ("README.md", "loss.png", "eval.png")
+    }
     assert "README.md" in card, sorted(card)
     files.update(card)
     layers = {layer["annotations"]["org.cncf.model.filepath"]: layer for layer in manifest["layers"]}
@@ -99,7 +111,9 @@ def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(kctl, su
     # ... and the registry holds those bytes (not only a descriptor).
     with tempfile.TemporaryDirectory() as tmp:
         blob = Path(tmp) / "weights"
-        registry.client().download_blob(f"{registry.host}/kubetune/{name}:v1", layers["model.safetensors"]["digest"], str(blob))
+        registry.client().download_blob(
+            f"{registry.host}/kubetune/{name}:v1", layers["model.safetensors"]["digest"], str(blob)
+        )
         assert blob.read_bytes() == files["model.safetensors"]
 
     # The InferenceService loads the model from the digest-pinned reference (not from the moving tag).
@@ -124,13 +138,21 @@ def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(kctl, su
             (out / at).parent.mkdir(parents=True, exist_ok=True)
             (out / at).write_bytes(data)
             table[at] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-        spec = PublishSpec(oci=f"{registry.host}/kubetune/{name}:v1", credentials_secret="regcred", plain_http=True)
-        parts = publish.with_card(publish.layers(out, table, "model"), out, table, ["README.md", "loss.png", "eval.png"])
-        assert publish.push(spec, parts, out / "auth.json") == f"{registry.host}/kubetune/{name}@{match.group(1)}"
+        spec = PublishSpec(
+            oci=f"{registry.host}/kubetune/{name}:v1", credentials_secret="regcred", plain_http=True
+        )
+        parts = publish.with_card(
+            publish.layers(out, table, "model"), out, table, ["README.md", "loss.png", "eval.png"]
+        )
+        assert (
+            publish.push(spec, parts, out / "auth.json")
+            == f"{registry.host}/kubetune/{name}@{match.group(1)}"
+        )
 
 
-def test_a_refused_password_fails_the_job_naming_the_secret_and_pushes_nothing(kctl, suite_ns, s3, s3_data, registry,
-                                                                               pod_registry):
+def test_a_refused_password_fails_the_job_naming_the_secret_and_pushes_nothing(
+    kctl, suite_ns, s3, s3_data, registry, pod_registry
+):
     name = "publish-refused"
     wrong = "not-the-password"
     kctl.apply(suite_ns, registry.secret("regcred-wrong", suite_ns, password=wrong, host=pod_registry))

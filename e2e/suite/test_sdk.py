@@ -101,7 +101,9 @@ class Terminal:
 
     def tmux(self, *args: str) -> str:
         assert TMUX is not None
-        return subprocess.run([TMUX, "-L", self.socket, *args], check=True, capture_output=True, text=True).stdout
+        return subprocess.run(
+            [TMUX, "-L", self.socket, *args], check=True, capture_output=True, text=True
+        ).stdout
 
     def screen(self) -> str:
         return self.tmux("capture-pane", "-p", "-t", "t")
@@ -121,7 +123,12 @@ def operator_target(kctl: Any, operator: Any, monkeypatch: pytest.MonkeyPatch) -
         # discovery finds it: the ready endpoint of the chart's metrics Service, port `metrics` (Debian's Prometheus
         # is built without kubernetes_sd_configs, so the test reads the EndpointSlice itself).
         def endpoint() -> str | None:
-            for es in kctl.get(RELEASE_NS, "endpointslices", None, f"-l=kubernetes.io/service-name={RELEASE}-metrics") or []:
+            for es in (
+                kctl.get(
+                    RELEASE_NS, "endpointslices", None, f"-l=kubernetes.io/service-name={RELEASE}-metrics"
+                )
+                or []
+            ):
                 port = next((p["port"] for p in es.get("ports") or [] if p.get("name") == "metrics"), None)
                 for ep in es.get("endpoints") or []:
                     if port and (ep.get("conditions") or {}).get("ready"):
@@ -149,10 +156,14 @@ def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node, oper
     terminal = Terminal([str(VENV_BIN / "kubetune"), "get", "-w", "-n", suite_ns], env)
     try:
         # Typed errors first: a ServiceAccount with no Role, and a name that does not exist.
-        nobody = Client(namespace=suite_ns, kubeconfig=str(cluster.kubeconfig_for_serviceaccount(suite_ns, "default")))
+        nobody = Client(
+            namespace=suite_ns, kubeconfig=str(cluster.kubeconfig_for_serviceaccount(suite_ns, "default"))
+        )
         with pytest.raises(Forbidden) as refused:
             nobody.submit(job_doc(name, s3, s3_data, steps=STEPS))
-        assert (refused.value.verb, refused.value.resource) == ("create", "finetunejobs.kubetune.io"), str(refused.value)
+        assert (refused.value.verb, refused.value.resource) == ("create", "finetunejobs.kubetune.io"), str(
+            refused.value
+        )
         with pytest.raises(NotFound):
             client.get("no-such-job")
 
@@ -160,13 +171,17 @@ def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node, oper
         job = client.submit(job_doc(name, s3, s3_data, steps=STEPS, checkpoint_steps=STEPS))
         assert job.metadata.namespace == suite_ns and job.metadata.uid
         streamed: list[Any] = []
-        streamer = threading.Thread(target=lambda: streamed.extend(client.stream_progress(name, timeout=300)), daemon=True)
+        streamer = threading.Thread(
+            target=lambda: streamed.extend(client.stream_progress(name, timeout=300)), daemon=True
+        )
         streamer.start()
         seen: list[Any] = []
         screens: list[str] = []
         kt = str(VENV_BIN / "kubetune")
         cli_env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-        suspended: dict[str, Any] = {}  # at: the step when suspend was asked; checkpoint; readings: len(seen) at resume
+        suspended: dict[
+            str, Any
+        ] = {}  # at: the step when suspend was asked; checkpoint; readings: len(seen) at resume
 
         def on_progress(p: Any) -> None:
             seen.append(p)
@@ -183,8 +198,12 @@ def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node, oper
             wait_for("the gang's pods gone", lambda: not kctl.get(suite_ns, "pods", None, gang), 90, 1)
             suspended["checkpoint"] = max(checkpoints(s3, name), default=0)
             suspended["readings"] = len(seen)
-            out = subprocess.run([kt, "resume", name, "-n", suite_ns], env=cli_env, capture_output=True, text=True)
-            assert out.returncode == 0 and out.stdout.strip() == f"finetunejob.kubetune.io/{name} resumed", out.stderr
+            out = subprocess.run(
+                [kt, "resume", name, "-n", suite_ns], env=cli_env, capture_output=True, text=True
+            )
+            assert out.returncode == 0 and out.stdout.strip() == f"finetunejob.kubetune.io/{name} resumed", (
+                out.stderr
+            )
 
         done = client.wait(name, timeout=420, on_progress=on_progress, on_phase=on_phase)
         streamer.join(30)
@@ -199,8 +218,12 @@ def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node, oper
         assert suspended["checkpoint"] >= suspended["at"], suspended
         before = [p.step for p in seen[: suspended["readings"]] if p.step is not None]
         # (the status keeps the last reading while Suspended; a phase change re-sends it with the same step)
-        after = [p.step for p in seen[suspended["readings"]:] if p.step is not None and p.step != before[-1]]
-        assert after and min(after) >= suspended["checkpoint"] and after[-1] == STEPS, (suspended, before, after)
+        after = [p.step for p in seen[suspended["readings"] :] if p.step is not None and p.step != before[-1]]
+        assert after and min(after) >= suspended["checkpoint"] and after[-1] == STEPS, (
+            suspended,
+            before,
+            after,
+        )
         for readings in (seen, streamed):
             steps = [p.step for p in readings if p.step is not None]
             assert len(set(steps)) >= 2 and steps == sorted(steps) and steps[-1] == STEPS, steps
@@ -216,7 +239,9 @@ def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node, oper
         assert arts.uris.merged_model == f"s3://{s3.bucket}/runs/{name}/model/"
         assert arts.credentials is not None  # read from spec.storage.secretRef
         got = arts.download(tmp_path / "download")
-        manifest = json.loads(s3.client().get_object(Bucket=s3.bucket, Key=f"runs/{name}/manifest.json")["Body"].read())
+        manifest = json.loads(
+            s3.client().get_object(Bucket=s3.bucket, Key=f"runs/{name}/manifest.json")["Body"].read()
+        )
         in_model = {k for k in manifest["files"] if k.startswith("model/")}
         assert got.verified == len(in_model) >= 3
         assert {str(p.relative_to(tmp_path / "download")) for p in got.files} == in_model
@@ -230,10 +255,19 @@ def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node, oper
             return float(result[0]["value"][1]) if result else None
 
         # Scraped every second: wait for the scrape after the final status (the values are then exact).
-        wait_for("the final loss in Prometheus", lambda: sample(
-            f'kubetune_job_loss{{namespace="{suite_ns}", finetunejob="{name}"}}') == pytest.approx(loss, rel=1e-6), 30)
-        wait_for("one Succeeded job in Prometheus", lambda: sample(
-            f'kubetune_finetunejobs{{namespace="{suite_ns}", phase="Succeeded"}}') == 1, 30)
+        wait_for(
+            "the final loss in Prometheus",
+            lambda: (
+                sample(f'kubetune_job_loss{{namespace="{suite_ns}", finetunejob="{name}"}}')
+                == pytest.approx(loss, rel=1e-6)
+            ),
+            30,
+        )
+        wait_for(
+            "one Succeeded job in Prometheus",
+            lambda: sample(f'kubetune_finetunejobs{{namespace="{suite_ns}", phase="Succeeded"}}') == 1,
+            30,
+        )
         assert sample(f'kubetune_finetunejobs{{namespace="{suite_ns}", phase="Running"}}') == 0
         latency = prometheus.query("kubetune_time_to_workload_seconds_count")
         assert latency and float(latency[0]["value"][1]) >= 1
@@ -242,11 +276,17 @@ def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node, oper
         patched = prometheus.query('sum(kubetune_api_requests_total{verb="patch", resource="jobs"})')
         assert patched and float(patched[0]["value"][1]) >= 2  # the Job suspended, then resumed (same Job)
         # Kopf's own watch streams are counted too (the operator's client never watches).
-        watches = prometheus.query('sum by (resource) (kubetune_api_requests_total{verb="watch", code="200"})')
+        watches = prometheus.query(
+            'sum by (resource) (kubetune_api_requests_total{verb="watch", code="200"})'
+        )
         assert {w["metric"]["resource"] for w in watches} >= {"finetunejobs", "jobs", "pods"}, watches
 
         # The terminal: the live table showed the job training, then its end.
-        final = wait_for("Succeeded on the tmux screen", lambda: (lambda s: s if "Succeeded" in s else None)(terminal.screen()), 15)
+        final = wait_for(
+            "Succeeded on the tmux screen",
+            lambda: (lambda s: s if "Succeeded" in s else None)(terminal.screen()),
+            15,
+        )
         training = [sc for sc in screens if name in sc and "Running" in sc]
         print("[suite] kubetune get -w, while training:\n" + (training[-1] if training else "(none)") +
               "\n[suite] and at the end:\n" + final, file=sys.stderr)  # fmt: skip
@@ -257,9 +297,17 @@ def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node, oper
         assert "Succeeded" in row and "100.0%" in row and f"{loss:.4f}" in row and f"{STEPS}/{STEPS}" in row
 
         # The other commands, as a user types them.
-        out = subprocess.run([kt, "get", name, "-n", suite_ns, "-o", "json"], env=cli_env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [kt, "get", name, "-n", suite_ns, "-o", "json"],
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert json.loads(out.stdout)["status"]["phase"] == "Succeeded"
-        out = subprocess.run([kt, "describe", name, "-n", suite_ns], env=cli_env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [kt, "describe", name, "-n", suite_ns], env=cli_env, capture_output=True, text=True, check=True
+        )
         assert "Phase:        Succeeded" in out.stdout and arts.uris.merged_model in out.stdout
         out = subprocess.run([kt, "download", name, str(tmp_path / "cli"), "-n", suite_ns, "--what", "adapter",
                               *(["--s3-endpoint", here] if here else [])], env=cli_env, capture_output=True, text=True)  # fmt: skip
@@ -272,7 +320,9 @@ def test_sdk_cli_and_prometheus(cluster, kctl, suite_ns, s3, s3_data, node, oper
 
         client.delete(name)
         wait_for("the FineTuneJob gone", lambda: not client.list(), 60)
-        out = subprocess.run([kt, "describe", name, "-n", suite_ns], env=cli_env, capture_output=True, text=True)
+        out = subprocess.run(
+            [kt, "describe", name, "-n", suite_ns], env=cli_env, capture_output=True, text=True
+        )
         assert out.returncode == 1 and f"finetunejob {name!r} not found in namespace {suite_ns}" in out.stderr
     finally:
         terminal.close()

@@ -43,14 +43,30 @@ def owned_by(obj: dict[str, Any], ftj: dict[str, Any]) -> dict[str, Any]:
 
 
 def dry_run(kctl: Any, ns: str, obj: dict[str, Any]) -> subprocess.CompletedProcess[str]:
-    return kctl("-n", ns, "apply", "--server-side", "--dry-run=server", "-f", "-", input=yaml.safe_dump(obj), check=False)
+    return kctl(
+        "-n",
+        ns,
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "-f",
+        "-",
+        input=yaml.safe_dump(obj),
+        check=False,
+    )
 
 
-def test_a_succeeded_job_is_served_by_an_owned_inference_service(cluster, kctl, suite_ns, s3, s3_data, node, operator, tmp_path):
+def test_a_succeeded_job_is_served_by_an_owned_inference_service(
+    cluster, kctl, suite_ns, s3, s3_data, node, operator, tmp_path
+):
     kctl("delete", "crd", ISVC, "--ignore-not-found", "--wait=true")  # KServe not installed yet
     name = "serve-lora"
     doc = job_doc(name, s3, s3_data, steps=8, checkpoint_steps=8)
-    doc["spec"]["serving"] = {"kind": "InferenceService", "serviceAccountName": "kserve-s3", "args": ["--max-model-len=64"]}
+    doc["spec"]["serving"] = {
+        "kind": "InferenceService",
+        "serviceAccountName": "kserve-s3",
+        "args": ["--max-model-len=64"],
+    }
     t0 = time.monotonic()
     kctl.apply(suite_ns, doc)
     wait_for("Succeeded or Failed", lambda: kctl.phase(suite_ns, name) in ("Succeeded", "Failed"), 300, 1)
@@ -59,7 +75,11 @@ def test_a_succeeded_job_is_served_by_an_owned_inference_service(cluster, kctl, 
     print(f"\n[suite] {name}: Succeeded in {time.monotonic() - t0:.1f}s", file=sys.stderr)
 
     # No InferenceService API: a condition and a Warning, the job stays Succeeded, the operator stays up.
-    wait_for("Serving=False", lambda: condition(kctl.status(suite_ns, name), "Serving").get("status") == "False", 30)
+    wait_for(
+        "Serving=False",
+        lambda: condition(kctl.status(suite_ns, name), "Serving").get("status") == "False",
+        30,
+    )
     missing = condition(kctl.status(suite_ns, name), "Serving")
     assert missing["reason"] == "ServingAPIMissing" and "install KServe" in missing["message"], missing
     assert kctl.phase(suite_ns, name) == "Succeeded" and operator.healthy()
@@ -77,14 +97,23 @@ def test_a_succeeded_job_is_served_by_an_owned_inference_service(cluster, kctl, 
     served = condition(status, "Serving")
     assert served["status"] == "True" and served["reason"] == "ServingCreated", served
     owner = isvc["metadata"]["ownerReferences"][0]
-    assert (owner["kind"], owner["uid"], owner.get("controller")) == ("FineTuneJob", ftj["metadata"]["uid"], True)
+    assert (owner["kind"], owner["uid"], owner.get("controller")) == (
+        "FineTuneJob",
+        ftj["metadata"]["uid"],
+        True,
+    )
     labels = isvc["metadata"]["labels"]
     assert labels["kubetune.io/serving"] == name and labels["app.kubernetes.io/managed-by"] == "kubetune"
     model = isvc["spec"]["predictor"]["model"]
     assert model["modelFormat"]["name"] == "huggingface" and model["storageUri"] == merged
     bucket, _, prefix = merged.removeprefix("s3://").partition("/")
-    keys = {o["Key"].removeprefix(prefix + "/") for o in s3.client().list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", [])}
-    assert {"model.safetensors", "config.json", "tokenizer.json"} <= keys, sorted(keys)  # it points at the model
+    keys = {
+        o["Key"].removeprefix(prefix + "/")
+        for o in s3.client().list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", [])
+    }
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= keys, sorted(
+        keys
+    )  # it points at the model
     events = kctl.get(suite_ns, "events", None, f"--field-selector=involvedObject.name={name}")
     assert {"ServingAPIMissing", "ServingCreated"} <= {e["reason"] for e in events}
 
@@ -108,8 +137,14 @@ def test_a_succeeded_job_is_served_by_an_owned_inference_service(cluster, kctl, 
     out = subprocess.run([str(VENV_BIN / "kubetune"), "report", name, "-n", suite_ns, "--output-dir", str(tmp_path / "card"), "--raw",
                           "--s3-endpoint", s3.endpoint], env=env, capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("---\n") and "\ntags:\n- kubetune\n" in out.stdout  # the Hub's front matter (--raw: as written)
-    assert f"\n---\n\n# {name}\n" in out.stdout and "| eval loss |" in out.stdout and "## Hyper-parameters" in out.stdout
+    assert (
+        out.stdout.startswith("---\n") and "\ntags:\n- kubetune\n" in out.stdout
+    )  # the Hub's front matter (--raw: as written)
+    assert (
+        f"\n---\n\n# {name}\n" in out.stdout
+        and "| eval loss |" in out.stdout
+        and "## Hyper-parameters" in out.stdout
+    )
     for png in ("loss.png", "eval.png"):
         assert (tmp_path / "card" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "saved README.md, eval.png, loss.png" in out.stdout
@@ -118,7 +153,11 @@ def test_a_succeeded_job_is_served_by_an_owned_inference_service(cluster, kctl, 
     run2 = merged.replace(f"/runs/{name}/", f"/runs/{name}/run-2/")
     kctl("-n", suite_ns, "patch", "ftj", name, "--subresource=status", "--type=merge",
          "-p", json.dumps({"status": {"artifacts": {"mergedModel": run2 + "/"}}}))  # fmt: skip
-    wait_for("the InferenceService re-pointed", lambda: kctl.get(suite_ns, ISVC, name)["spec"]["predictor"]["model"]["storageUri"] == run2, 60)
+    wait_for(
+        "the InferenceService re-pointed",
+        lambda: kctl.get(suite_ns, ISVC, name)["spec"]["predictor"]["model"]["storageUri"] == run2,
+        60,
+    )
     wait_for("status.serving follows", lambda: kctl.status(suite_ns, name)["serving"]["uri"] == run2, 30)
 
     # A name taken by an object the job does not own: left alone, and the condition says what to do.
@@ -126,10 +165,26 @@ def test_a_succeeded_job_is_served_by_an_owned_inference_service(cluster, kctl, 
     foreign["metadata"]["name"] = "someone-elses"
     foreign["spec"]["predictor"]["minReplicas"] = 1
     kctl.apply(suite_ns, foreign)
-    kctl("-n", suite_ns, "patch", "ftj", name, "--type=merge", "-p", json.dumps({"spec": {"serving": {"name": "someone-elses"}}}))
-    wait_for("ServingNameTaken", lambda: condition(kctl.status(suite_ns, name), "Serving").get("reason") == "ServingNameTaken", 60)
+    kctl(
+        "-n",
+        suite_ns,
+        "patch",
+        "ftj",
+        name,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"serving": {"name": "someone-elses"}}}),
+    )
+    wait_for(
+        "ServingNameTaken",
+        lambda: condition(kctl.status(suite_ns, name), "Serving").get("reason") == "ServingNameTaken",
+        60,
+    )
     untouched = kctl.get(suite_ns, ISVC, "someone-elses")
-    assert not untouched["metadata"].get("ownerReferences") and untouched["spec"]["predictor"]["minReplicas"] == 1
+    assert (
+        not untouched["metadata"].get("ownerReferences")
+        and untouched["spec"]["predictor"]["minReplicas"] == 1
+    )
     kctl("-n", suite_ns, "delete", ISVC, "someone-elses")
 
     # Deleting the job deletes what serves it (garbage collection by owner reference).

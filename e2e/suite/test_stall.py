@@ -16,8 +16,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 NS_KEY = "faults"
 
 
-def test_a_rank_that_stops_stepping_is_stalled_restarted_from_checkpoint_then_failed(cluster, kctl, suite_ns, s3, s3_data,
-                                                                                      node, operator):
+def test_a_rank_that_stops_stepping_is_stalled_restarted_from_checkpoint_then_failed(
+    cluster, kctl, suite_ns, s3, s3_data, node, operator
+):
     name = "fault-stall"
     doc = job_doc(name, s3, s3_data, steps=40, checkpoint_steps=4, **{
         "runPolicy.backoffLimit": 1, "runPolicy.progressDeadlineSeconds": 10,
@@ -27,8 +28,10 @@ def test_a_rank_that_stops_stepping_is_stalled_restarted_from_checkpoint_then_fa
         kctl.apply(suite_ns, doc)
         wait_for("Failed", lambda: kctl.phase(suite_ns, name) in ("Failed", "Succeeded"), 300, 1)
     status = kctl.status(suite_ns, name)
-    print(f"\n[suite] {name}: phases {sampler.phases} steps {sampler.steps}; lastFailure {status.get('lastFailure')}",
-          file=sys.stderr)
+    print(
+        f"\n[suite] {name}: phases {sampler.phases} steps {sampler.steps}; lastFailure {status.get('lastFailure')}",
+        file=sys.stderr,
+    )
     assert status["phase"] == "Failed" and status["restarts"] == 1, status
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "BackoffLimitExceeded", failed

@@ -27,7 +27,12 @@ def build_tokenizer(out: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS + [str(d) for d in range(10)] + ["spell", "the", "digits", ":"])}
+    vocab = {
+        tok: i
+        for i, tok in enumerate(
+            SPECIAL + WORDS + [str(d) for d in range(10)] + ["spell", "the", "digits", ":"]
+        )
+    }
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
@@ -66,12 +71,16 @@ def build_model(out: Path, vocab_size: int) -> None:
 def build_data(out: Path) -> None:
     rng = random.Random(0)
     numbers = rng.sample(range(10_000), 2_400)
+
     def record(n: int) -> dict:
         digits = f"{n:04d}"
-        return {"messages": [
-            {"role": "user", "content": " ".join(WORDS[int(d)] for d in digits)},
-            {"role": "assistant", "content": " ".join(digits)},
-        ]}
+        return {
+            "messages": [
+                {"role": "user", "content": " ".join(WORDS[int(d)] for d in digits)},
+                {"role": "assistant", "content": " ".join(digits)},
+            ]
+        }
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "train.jsonl").write_text("".join(json.dumps(record(n)) + "\n" for n in numbers[:2_000]))
     (out / "eval.jsonl").write_text("".join(json.dumps(record(n)) + "\n" for n in numbers[2_000:]))

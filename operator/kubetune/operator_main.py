@@ -61,8 +61,12 @@ async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: A
     ours: Settings = controller().settings
     kube.load_config()
     settings.persistence.diffbase_storage = NoDiffBase()
-    settings.posting.enabled = False  # Events are ours (Cluster.post_event); Kopf would post one per handler log line
-    logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # no "Handler 'pod_event' succeeded" per event
+    settings.posting.enabled = (
+        False  # Events are ours (Cluster.post_event); Kopf would post one per handler log line
+    )
+    logging.getLogger("kopf.objects").setLevel(
+        logging.WARNING
+    )  # no "Handler 'pod_event' succeeded" per event
     settings.watching.server_timeout = 300
     # Only our children come down the Job and Pod watches (a server-side label selector).
     settings.watching.label_selectors["batch", "v1", "jobs"] = LABEL_JOB

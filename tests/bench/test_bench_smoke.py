@@ -15,7 +15,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 MODES = ("full", "lora", "ragged_full", "ragged_lora")
-KEYS = ("tokens_per_s", "baseline_tokens_per_s", "peak_mem_gib", "baseline_peak_mem_gib", "mfu", "final_loss", "baseline_final_loss")
+KEYS = (
+    "tokens_per_s",
+    "baseline_tokens_per_s",
+    "peak_mem_gib",
+    "baseline_peak_mem_gib",
+    "mfu",
+    "final_loss",
+    "baseline_final_loss",
+)
 
 
 def _finite(value: object) -> bool:
@@ -51,18 +59,51 @@ def test_trainer_throughput_smoke(tmp_path: Path) -> None:
 def test_s3_transfer_smoke(tmp_path: Path) -> None:
     out = tmp_path / "s3.json"
     server = "auto" if (Path(sys.executable).parent / "moto_server").exists() else "threaded-moto"
-    cmd = [sys.executable, str(REPO / "bench" / "s3_transfer.py"), "--mb", "4", "--files", "2", "--reps", "1", "--server", server, "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "s3_transfer.py"),
+        "--mb",
+        "4",
+        "--files",
+        "2",
+        "--reps",
+        "1",
+        "--server",
+        server,
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "KUBETUNE_E2E_BUILD": "0"}  # never build MinIO here; auto falls back to moto
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
-    for key in ("upload_mb_s", "baseline_upload_mb_s", "download_mb_s", "baseline_download_mb_s", "upload_ratio", "download_ratio"):
+    for key in (
+        "upload_mb_s",
+        "baseline_upload_mb_s",
+        "download_mb_s",
+        "baseline_download_mb_s",
+        "upload_ratio",
+        "download_ratio",
+    ):
         assert _finite(result[key]) and result[key] > 0, key
 
 
 def test_loss_memory_smoke(tmp_path: Path) -> None:
     out = tmp_path / "loss.json"
-    cmd = [sys.executable, str(REPO / "bench" / "loss_memory.py"), "--tokens", "96", "--hidden", "32", "--vocab", "3000", "--reps", "1", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "loss_memory.py"),
+        "--tokens",
+        "96",
+        "--hidden",
+        "32",
+        "--vocab",
+        "3000",
+        "--reps",
+        "1",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
@@ -136,7 +177,15 @@ def test_gpu_runs_cpu_rehearsal_smoke(tmp_path: Path) -> None:
 @pytest.mark.slow  # two processes, each a 2-layer model trained three steps
 def test_preflight_memory_smoke(tmp_path: Path) -> None:
     out = tmp_path / "preflight.json"
-    cmd = [sys.executable, str(REPO / "bench" / "preflight_memory.py"), "--smoke", "--only", "lora", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "preflight_memory.py"),
+        "--smoke",
+        "--only",
+        "lora",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = json.loads(out.read_text())
@@ -150,7 +199,9 @@ def test_gpu_wheels_pins_what_ci_pins() -> None:
 
     script = REPO / "bench" / "gpu_wheels.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (REPO / ".ci" / "constraints.txt").read_text(), re.M))
+    pins = dict(
+        re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (REPO / ".ci" / "constraints.txt").read_text(), re.M)
+    )
     carried = dict(re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s\\]*)", script.read_text()))
     shared = {name for name in carried if name in pins}
     assert {"transformers", "peft", "deepspeed", "pydantic", "liger-kernel"} <= shared, carried

@@ -22,7 +22,9 @@ CALL_TIMEOUT_S = 540  # the device tool's timeout for each call (bench/README.md
 
 
 def _git_status() -> str:
-    return subprocess.run(["git", "status", "--porcelain", "--ignored=no"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--ignored=no"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +32,19 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real bundle: the checkout's .whl/ when bench/gpu_wheels.sh has built it, else built now (network)."""
     if list((REPO / ".whl").glob("*.whl")):
         return REPO / ".whl"
-    dest = Path(os.environ.get("KUBETUNE_GPU_WHEELS", Path.home() / ".cache" / "kubetune-gpu-wheels" / ".whl"))
+    dest = Path(
+        os.environ.get("KUBETUNE_GPU_WHEELS", Path.home() / ".cache" / "kubetune-gpu-wheels" / ".whl")
+    )
     if not list(dest.glob("*.whl")):
         env = {**os.environ, "DEST": str(dest), "PYTHON": sys.executable, "PIP": f"{sys.executable} -m pip"}
-        proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_wheels.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            ["bash", str(REPO / "bench" / "gpu_wheels.sh")],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return dest
 
@@ -41,11 +52,20 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 REHEARSAL_BUDGET_S = {"a": 900, "b": 1500}  # gpu_check.sh's rehearsal budgets for two idle cores
 
 
-def _check(call: str, tmp_path: Path, bundle: Path, *extra: str, **env_extra: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+def _check(
+    call: str, tmp_path: Path, bundle: Path, *extra: str, **env_extra: str
+) -> tuple[subprocess.CompletedProcess[str], Path]:
     """One call rehearsed; its limits stretched by the load per core (other jobs share the machine), as the script does."""
     slack = max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
     out = tmp_path / f"out-{call}"
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "STATE": str(tmp_path / "state"), "WHEELS": str(bundle), **env_extra}
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "OUT": str(out),
+        "STATE": str(tmp_path / "state"),
+        "WHEELS": str(bundle),
+        **env_extra,
+    }
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--call", call, "--cpu-rehearsal", "--slack", f"{slack:.2f}", *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=REHEARSAL_BUDGET_S[call] * slack + 120)  # fmt: skip
     return proc, out
@@ -63,7 +83,9 @@ def test_stage_limits_fit_the_call_timeout(call: str) -> None:
         proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--call", call, "--plan", *rehearsal], cwd=REPO,
                               capture_output=True, text=True, timeout=60)  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        planned, budget = map(int, re.search(r"stage limits (\d+) s .* of a (\d+) s budget", proc.stdout).groups())  # type: ignore[union-attr]
+        planned, budget = map(
+            int, re.search(r"stage limits (\d+) s .* of a (\d+) s budget", proc.stdout).groups()
+        )  # type: ignore[union-attr]
         assert planned <= budget
         if not rehearsal:
             assert budget <= CALL_TIMEOUT_S - 30, proc.stdout
@@ -83,11 +105,16 @@ def test_slim_wheel_keeps_only_the_wanted_native_libraries(tmp_path: Path) -> No
     import gpu_bundle
 
     wheel = tmp_path / "pkg-1.0-py3-none-manylinux_2_24_x86_64.whl"
-    files = {f"pkg/libpkg_{v}.so": os.urandom(4096) for v in ("cuda118", "cuda126", "cuda130", "cpu", "rocm64")} | {"pkg/__init__.py": b"x = 1\n"}
+    files = {
+        f"pkg/libpkg_{v}.so": os.urandom(4096) for v in ("cuda118", "cuda126", "cuda130", "cpu", "rocm64")
+    } | {"pkg/__init__.py": b"x = 1\n"}
     import base64
     import hashlib
 
-    record = "".join(f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},{len(d)}\n" for n, d in files.items())
+    record = "".join(
+        f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},{len(d)}\n"
+        for n, d in files.items()
+    )
     with zipfile.ZipFile(wheel, "w") as z:
         for name, data in files.items():
             z.writestr(name, data)
@@ -110,7 +137,9 @@ def test_results_file_is_whole_after_a_stage_is_cut_off(tmp_path: Path) -> None:
     out.mkdir()
     (out / "env.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3"}))
     (out / "preflight.json").write_text(json.dumps([{"check": "attention", "ok": True}]))
-    (out / "throughput.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "date": "2026-12-06", "full": {"speedup": 2.0}}))
+    (out / "throughput.json").write_text(
+        json.dumps({"device": "NVIDIA H100 80GB HBM3", "date": "2026-12-06", "full": {"speedup": 2.0}})
+    )
     (out / "stages.jsonl").write_text("".join(json.dumps(s) + "\n" for s in [{"call": "a", "stage": "preflight", "exit": 0, "seconds": 50, "limit": 100},
                                                                                {"call": "a", "stage": "lora", "exit": 124, "seconds": 130, "limit": 130}]))  # fmt: skip
     (out / "runs.json").write_text('[{"run": "ddp-lora", "ok": tr')  # cut off
@@ -124,7 +153,9 @@ def test_results_file_is_whole_after_a_stage_is_cut_off(tmp_path: Path) -> None:
     # Call B on the same machine starts from call A's file.
     out_b = tmp_path / "out-b"
     out_b.mkdir()
-    (out_b / "throughput.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "date": "2026-12-06", "ragged_full": {"speedup": 5.1}}))
+    (out_b / "throughput.json").write_text(
+        json.dumps({"device": "NVIDIA H100 80GB HBM3", "date": "2026-12-06", "ragged_full": {"speedup": 5.1}})
+    )
     both = json.loads(gpu_results.merge(out_b, state, "b").read_text())
     assert both["full"]["speedup"] == 2.0 and both["ragged_full"]["speedup"] == 5.1
     assert set(both["gpu_check"]["stages"]) == {"a", "b"}
@@ -146,7 +177,9 @@ def test_cpu_rehearsal_call_a(tmp_path: Path, bundle: Path) -> None:
     for mode in ("full", "lora"):
         assert report[mode]["speedup"] > 0 and report[mode]["speedup_by_timed_steps"], report[mode]
         assert re.search(rf"{mode}\s+RATIO \d+\.\d+x", proc.stdout)  # printed the moment it exists
-    assert (tmp_path / "state" / "site" / "bitsandbytes" / "libbitsandbytes_cuda130.so").exists()  # the real bundle, installed
+    assert (
+        tmp_path / "state" / "site" / "bitsandbytes" / "libbitsandbytes_cuda130.so"
+    ).exists()  # the real bundle, installed
     assert _git_status() == status_before  # nothing written into the tree (results go to OUT, state to STATE)
 
 
@@ -158,7 +191,14 @@ def test_cpu_rehearsal_call_b_survives_a_failing_run(tmp_path: Path, bundle: Pat
     assert "FAILED stages: runs" in proc.stdout
     report = _results(out)
     stages = {s["stage"]: s["exit"] for s in report["gpu_check"]["stages"]["b"]}
-    assert stages == {"setup": 0, "install": 0, "runs": 1, "ragged_full": 0, "ragged_lora": 0, "compile": 0}, stages
+    assert stages == {
+        "setup": 0,
+        "install": 0,
+        "runs": 1,
+        "ragged_full": 0,
+        "ragged_lora": 0,
+        "compile": 0,
+    }, stages
     runs = {r["run"]: r for r in report["gpu_check"]["runs"]}
     assert len(runs) == 8 and not runs["ddp-dora"]["ok"]
     assert all(r["ok"] for name, r in runs.items() if name != "ddp-dora"), runs
@@ -177,7 +217,11 @@ def test_preflight_catches_attention_that_is_not_causal(monkeypatch: pytest.Monk
         bounds = cu.tolist()
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             qs, ks, vs = (x[a:b].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-            out[a:b] = F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=True).squeeze(0).transpose(0, 1)
+            out[a:b] = (
+                F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=True)
+                .squeeze(0)
+                .transpose(0, 1)
+            )
         return out
 
     monkeypatch.setattr(attention, "_sdpa_per_segment", full_attention)

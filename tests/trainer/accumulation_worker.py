@@ -21,7 +21,20 @@ from kubetune_trainer import model as model_mod
 from kubetune_trainer.backend import BackendChoice, build_accelerator
 from kubetune_trainer.data import IGNORE, Example
 
-LENGTHS = [23, 5, 17, 30, 9, 12, 26, 7, 14, 19, 11, 3]  # ragged: every micro-batch holds a different token count
+LENGTHS = [
+    23,
+    5,
+    17,
+    30,
+    9,
+    12,
+    26,
+    7,
+    14,
+    19,
+    11,
+    3,
+]  # ragged: every micro-batch holds a different token count
 ACCUM = 2
 
 
@@ -58,14 +71,23 @@ def main() -> None:
     losses = steps.forward_backward(acc, model, mine, steps.lm_loss(model, denominator))
     step_loss = torch.stack(losses).sum()
     steps.all_reduce(step_loss)
-    trained = {n: p.grad.detach().clone() for n, p in acc.unwrap_model(model).named_parameters() if p.grad is not None}
+    trained = {
+        n: p.grad.detach().clone()
+        for n, p in acc.unwrap_model(model).named_parameters()
+        if p.grad is not None
+    }
 
     plain = acc.unwrap_model(model)
     plain.zero_grad()
     total = sum(int((torch.tensor(e.labels[1:]) != IGNORE).sum()) for e in used)
     ref_loss = torch.zeros(())
     for e in used:
-        out = plain(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels]), num_items_in_batch=torch.tensor(float(total)), use_cache=False)
+        out = plain(
+            input_ids=torch.tensor([e.input_ids]),
+            labels=torch.tensor([e.labels]),
+            num_items_in_batch=torch.tensor(float(total)),
+            use_cache=False,
+        )
         out.loss.backward()
         ref_loss += out.loss.detach()
     reference = {n: p.grad.detach().clone() for n, p in plain.named_parameters() if p.grad is not None}
@@ -80,7 +102,10 @@ def main() -> None:
 def split_packed(row: Example) -> list[Example]:
     """The examples inside a packed row (data.pack unlabels each one's first token, which alone is never used)."""
     starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row.input_ids)]
-    return [Example(row.input_ids[a:b], row.labels[a:b], row.position_ids[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    return [
+        Example(row.input_ids[a:b], row.labels[a:b], row.position_ids[a:b])
+        for a, b in zip(starts[:-1], starts[1:], strict=True)
+    ]
 
 
 if __name__ == "__main__":

@@ -65,7 +65,11 @@ class Hub:
                     self.wfile.write(body)
 
             def _error(self, code: str, message: str) -> None:
-                self._send(404, json.dumps({"error": message}).encode(), {"X-Error-Code": code, "Content-Type": "application/json"})
+                self._send(
+                    404,
+                    json.dumps({"error": message}).encode(),
+                    {"X-Error-Code": code, "Content-Type": "application/json"},
+                )
 
             def _repo(self, repo_id: str, rev: str) -> Repo | None:
                 repo = hub.repos.get(repo_id)
@@ -86,7 +90,9 @@ class Hub:
                     kind = "/tree/" if "/tree/" in rest else "/revision/"
                     repo_id, _, rev = rest.partition(kind)
                     repo_id = f"datasets/{repo_id}" if datasets else repo_id
-                    repo = self._repo(repo_id, rev.split("/")[0] or "main")  # /api/<kind>/<repo> alone: the default branch
+                    repo = self._repo(
+                        repo_id, rev.split("/")[0] or "main"
+                    )  # /api/<kind>/<repo> alone: the default branch
                     if repo is None:
                         return
                     if kind == "/tree/":
@@ -95,7 +101,9 @@ class Hub:
                         body = json.dumps(entries).encode()
                     else:
                         siblings = [{"rfilename": name} for name in sorted(repo.files)]
-                        body = json.dumps({"id": repo_id.removeprefix("datasets/"), "sha": repo.sha, "siblings": siblings}).encode()
+                        body = json.dumps(
+                            {"id": repo_id.removeprefix("datasets/"), "sha": repo.sha, "siblings": siblings}
+                        ).encode()
                     self._send(200, body, {"Content-Type": "application/json"})
                     return
                 parts = path.lstrip("/").split("/")
@@ -109,7 +117,9 @@ class Hub:
                         self._error("EntryNotFound", f"{name} does not exist")
                         return
                     data = repo.files[name]
-                    self._send(200, data, {"X-Repo-Commit": repo.sha, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'})
+                    self._send(
+                        200, data, {"X-Repo-Commit": repo.sha, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}
+                    )
                     return
                 self._send(404)
 
@@ -119,7 +129,11 @@ class Hub:
                 given = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
                 if given in hub.tokens:
                     return True
-                self._send(401, json.dumps({"error": "Invalid credentials in Authorization header"}).encode(), {"Content-Type": "application/json"})
+                self._send(
+                    401,
+                    json.dumps({"error": "Invalid credentials in Authorization header"}).encode(),
+                    {"Content-Type": "application/json"},
+                )
                 return False
 
             def _json(self, code: int, value: object) -> None:
@@ -133,11 +147,23 @@ class Hub:
                     return
                 if path == "/api/repos/create":
                     request = json.loads(body)
-                    repo_id = f"{request['organization']}/{request['name']}" if request.get("organization") else request["name"]
+                    repo_id = (
+                        f"{request['organization']}/{request['name']}"
+                        if request.get("organization")
+                        else request["name"]
+                    )
                     if repo_id in hub.repos:
-                        self._json(409, {"error": "You already created this model repo", "url": f"{hub.endpoint}/{repo_id}"})
+                        self._json(
+                            409,
+                            {
+                                "error": "You already created this model repo",
+                                "url": f"{hub.endpoint}/{repo_id}",
+                            },
+                        )
                         return
-                    hub.repos[repo_id] = Repo({}, private=request.get("visibility") == "private" or bool(request.get("private")))
+                    hub.repos[repo_id] = Repo(
+                        {}, private=request.get("visibility") == "private" or bool(request.get("private"))
+                    )
                     self._json(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})
                     return
                 if path == "/api/validate-yaml":
@@ -151,7 +177,10 @@ class Hub:
                         self._error("RepoNotFound", "Repository not found")
                         return
                     if kind == "/preupload/":
-                        files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in json.loads(body)["files"]]
+                        files = [
+                            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                            for f in json.loads(body)["files"]
+                        ]
                         self._json(200, {"files": files, "commitOid": repo.sha})
                         return
                     message = ""
@@ -168,7 +197,10 @@ class Hub:
                     for name, data in sorted(repo.files.items()):
                         digest.update(name.encode() + b"\0" + data)
                     repo.sha = digest.hexdigest()
-                    self._json(200, {"commitOid": repo.sha, "commitUrl": f"{hub.endpoint}/{repo_id}/commit/{repo.sha}"})
+                    self._json(
+                        200,
+                        {"commitOid": repo.sha, "commitUrl": f"{hub.endpoint}/{repo_id}/commit/{repo.sha}"},
+                    )
                     return
                 self._send(404)
 
@@ -176,7 +208,14 @@ class Hub:
                 if urlparse(self.path).path == "/api/whoami-v2":
                     hub.requests.append("GET /api/whoami-v2")
                     if self._authorized():
-                        self._json(200, {"type": "user", "name": "kubetune-test", "auth": {"accessToken": {"role": "write"}}})
+                        self._json(
+                            200,
+                            {
+                                "type": "user",
+                                "name": "kubetune-test",
+                                "auth": {"accessToken": {"role": "write"}},
+                            },
+                        )
                     return
                 self._route()
 
@@ -195,4 +234,10 @@ class Hub:
 
 
 def repo_from_dir(directory: Path) -> Repo:
-    return Repo({p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()})
+    return Repo(
+        {
+            p.relative_to(directory).as_posix(): p.read_bytes()
+            for p in sorted(directory.rglob("*"))
+            if p.is_file()
+        }
+    )

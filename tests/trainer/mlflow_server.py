@@ -26,7 +26,11 @@ from types import TracebackType
 
 REPO = Path(__file__).resolve().parents[2]
 REQUIREMENTS = REPO / ".ci" / "mlflow-server-requirements.txt"
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 def server_venv() -> Path:
@@ -41,7 +45,17 @@ def server_venv() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (venv / ".installed").exists():
             subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-            subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", "-r", str(REQUIREMENTS)], check=True)
+            subprocess.run(
+                [
+                    str(venv / "bin" / "pip"),
+                    "install",
+                    "-q",
+                    "--disable-pip-version-check",
+                    "-r",
+                    str(REQUIREMENTS),
+                ],
+                check=True,
+            )
             (venv / ".installed").touch()
     return venv
 
@@ -74,15 +88,24 @@ class MlflowServer:
             s3.create_bucket(Bucket=self.bucket)
         venv = server_venv()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint, "PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}"}
+        env = {
+            **os.environ,
+            **S3_CREDENTIALS,
+            "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
+            "PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}",
+        }
         cmd = [str(venv / "bin" / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
                "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
                "--artifacts-destination", f"s3://{self.bucket}/artifacts"]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"mlflow server exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
                     if resp.status == 200:

@@ -23,7 +23,13 @@ from trainer_helpers import TINY_MODEL
 GIB = 1024**3
 H100 = 80 * GIB
 
-QWEN2 = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", "rms_norm_eps": 1e-6, "max_position_embeddings": 32768}
+QWEN2 = {
+    "model_type": "qwen2",
+    "architectures": ["Qwen2ForCausalLM"],
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 32768,
+}
 QWEN_05B = {**QWEN2, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
             "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}  # fmt: skip
 QWEN_7B = {**QWEN2, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
@@ -71,7 +77,10 @@ def test_auto_sizes_state_against_the_gpu() -> None:
 
 def test_state_bytes_counts_every_weight_once_and_four_copies_per_trainable() -> None:
     assert ddp_state_bytes(total_params=100, trainable_params=100, weight_bytes=4, trainable_bytes=4) == 2000
-    assert ddp_state_bytes(total_params=100, trainable_params=10, weight_bytes=2, trainable_bytes=4) == 90 * 2 + 10 * 20
+    assert (
+        ddp_state_bytes(total_params=100, trainable_params=10, weight_bytes=2, trainable_bytes=4)
+        == 90 * 2 + 10 * 20
+    )
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -94,15 +103,26 @@ def test_frozen_layers_shrink_the_state() -> None:
 
 @pytest.mark.parametrize(
     ("arch", "method", "expected"),
-    [(QWEN_05B, "full", "ddp"), (QWEN_05B, "lora", "ddp"), (QWEN_7B, "full", "deepspeed"), (QWEN_7B, "lora", "ddp")],
+    [
+        (QWEN_05B, "full", "ddp"),
+        (QWEN_05B, "lora", "ddp"),
+        (QWEN_7B, "full", "deepspeed"),
+        (QWEN_7B, "lora", "ddp"),
+    ],
 )
-def test_real_architectures_on_an_80_gib_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: dict, method: str, expected: str) -> None:
+def test_real_architectures_on_an_80_gib_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: dict, method: str, expected: str
+) -> None:
     """Qwen2.5-0.5B full (~9 GiB of state) and 7B LoRA (~15 GiB) fit DDP; 7B full (~140 GiB) needs ZeRO."""
     path = config_dir(tmp_path, arch)
     # No GPU here: the device's memory is the one thing faked, as an H100 reports it.
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=H100))
     config: TrainerConfig = render_trainer_config(spec(method), "job", "ns", "uid")
-    monkeypatch.setattr(model_mod, "training_dtype", lambda s, on_gpu, deepspeed: torch.float32 if s.method == "full" else torch.bfloat16)
+    monkeypatch.setattr(
+        model_mod,
+        "training_dtype",
+        lambda s, on_gpu, deepspeed: torch.float32 if s.method == "full" else torch.bfloat16,
+    )
     choice = pick_backend(config, True, lambda: path)
     assert choice.name == expected, choice.reason
 

@@ -92,8 +92,14 @@ DAMAGE = st.sampled_from(["truncate", "flip", "append", "delete", "unlisted", "m
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(damage=DAMAGE, which=st.integers(min_value=0, max_value=10_000), where=st.integers(min_value=0, max_value=1 << 30))
-def test_any_truncation_or_flipped_byte_fails_verification(sealed: Path, tmp_path_factory: pytest.TempPathFactory, damage: str, which: int, where: int) -> None:
+@given(
+    damage=DAMAGE,
+    which=st.integers(min_value=0, max_value=10_000),
+    where=st.integers(min_value=0, max_value=1 << 30),
+)
+def test_any_truncation_or_flipped_byte_fails_verification(
+    sealed: Path, tmp_path_factory: pytest.TempPathFactory, damage: str, which: int, where: int
+) -> None:
     copy = tmp_path_factory.mktemp("damaged") / "step"
     shutil.copytree(sealed, copy)
     files = ckpt.file_table_names(copy)
@@ -159,28 +165,41 @@ def test_no_usable_checkpoint_fails_with_checkpoint_invalid_naming_each(tmp_path
 
     assert caught.value.exit_code == ExitCode.CHECKPOINT_INVALID == 71
     message = caught.value.message
-    assert "step-00000020: manifest.json is not a valid manifest" in message and f"step-00000010: accelerate/{weights.name}: content differs from manifest.json (size 100" in message
+    assert (
+        "step-00000020: manifest.json is not a valid manifest" in message
+        and f"step-00000010: accelerate/{weights.name}: content differs from manifest.json (size 100"
+        in message
+    )
     assert len([p for p in (tmp_path / "out" / "checkpoints").iterdir() if ".set-aside-" in p.name]) == 2
-    assert Job(tmp_path, spec_for(tmp_path)).resume() is None  # the next run trains from the start, the damaged ones kept
+    assert (
+        Job(tmp_path, spec_for(tmp_path)).resume() is None
+    )  # the next run trains from the start, the damaged ones kept
 
 
 def test_a_changed_config_is_refused_naming_the_fields_and_the_ways_forward(tmp_path: Path) -> None:
     Job(tmp_path, spec_for(tmp_path)).train_and_save(10)
-    changed = spec_for(tmp_path, **{"training.learningRate": 0.001, "training.maxSteps": 60, "output.keepCheckpoints": 4})
+    changed = spec_for(
+        tmp_path, **{"training.learningRate": 0.001, "training.maxSteps": 60, "output.keepCheckpoints": 4}
+    )
 
     with pytest.raises(TrainerError) as caught:
         Job(tmp_path, changed).resume()
 
     message = caught.value.message
     assert caught.value.exit_code == ExitCode.CONFIG_INVALID
-    assert "spec.training.learningRate: 0.005 -> 0.001" in message and "spec.training.maxSteps: 30 -> 60" in message
+    assert (
+        "spec.training.learningRate: 0.005 -> 0.001" in message
+        and "spec.training.maxSteps: 30 -> 60" in message
+    )
     assert "keepCheckpoints" not in message  # where results go is not what was trained
     assert "new output" in message and "resumeFrom: previous" in message and "--resume-from" in message
 
 
 def test_unchanged_config_resumes(tmp_path: Path) -> None:
     Job(tmp_path, spec_for(tmp_path)).train_and_save(10)
-    resumed = Job(tmp_path, spec_for(tmp_path, **{"training.loggingSteps": 1, "output.checkpointSteps": 3})).resume()
+    resumed = Job(
+        tmp_path, spec_for(tmp_path, **{"training.loggingSteps": 1, "output.checkpointSteps": 3})
+    ).resume()
     assert resumed is not None and resumed.changes == []
 
 
@@ -190,7 +209,10 @@ def test_a_new_run_from_previous_trains_with_the_new_learning_rate(tmp_path: Pat
     Job(first, spec_for(first)).train_and_save(10)
     second = tmp_path / "second"
     second.mkdir()
-    job = Job(second, spec_for(second, **{"training.learningRate": 0.001, "dataset.train": str(first / "train.jsonl")}))
+    job = Job(
+        second,
+        spec_for(second, **{"training.learningRate": 0.001, "dataset.train": str(first / "train.jsonl")}),
+    )
 
     resumed = job.resume(previous=OutputStore(str(first / "out"), StorageSpec()))
 
@@ -208,13 +230,18 @@ def test_a_checkpoint_of_another_shape_is_a_config_error_with_the_whole_message(
     Job(first, spec_for(first)).train_and_save(10)
     second = tmp_path / "second"
     second.mkdir()
-    job = Job(second, spec_for(second, **{"lora.r": 16, "dataset.train": str(first / "train.jsonl")}), width=16)
+    job = Job(
+        second, spec_for(second, **{"lora.r": 16, "dataset.train": str(first / "train.jsonl")}), width=16
+    )
 
     with pytest.raises(TrainerError) as caught:
         job.resume(previous=OutputStore(str(first / "out"), StorageSpec()))
 
     assert caught.value.exit_code == ExitCode.CONFIG_INVALID  # not 75: a restart cannot help
-    assert "does not fit this job's model" in caught.value.message and "spec.lora.r: 8 -> 16" in caught.value.message
+    assert (
+        "does not fit this job's model" in caught.value.message
+        and "spec.lora.r: 8 -> 16" in caught.value.message
+    )
 
 
 def test_a_long_termination_message_keeps_its_start() -> None:
@@ -222,7 +249,11 @@ def test_a_long_termination_message_keeps_its_start() -> None:
 
     long = "checkpoint does not fit: " + "x" * 5000 + " the model is torch.Size([64, 16])"
     text = TerminationMessage.build(64, long).message
-    assert len(text) <= MESSAGE_LIMIT and text.startswith("checkpoint does not fit") and text.endswith("torch.Size([64, 16])")
+    assert (
+        len(text) <= MESSAGE_LIMIT
+        and text.startswith("checkpoint does not fit")
+        and text.endswith("torch.Size([64, 16])")
+    )
 
 
 def test_trained_spec_is_part_of_the_manifest(sealed: Path) -> None:

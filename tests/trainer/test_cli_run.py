@@ -31,7 +31,9 @@ def test_kubetune_run_quickstart_short(tmp_path: Path) -> None:
 def test_kubetune_run_reports_the_trainer_exit_code(tmp_path: Path) -> None:
     manifest = tmp_path / "job.yaml"
     manifest.write_text(
-        (REPO / "examples" / "quickstart.yaml").read_text().replace("file://data/tiny-llama", "file:///nonexistent/model")
+        (REPO / "examples" / "quickstart.yaml")
+        .read_text()
+        .replace("file://data/tiny-llama", "file:///nonexistent/model")
     )
     proc = subprocess.run(
         [sys.executable, "-m", "kubetune.cli.main", "run", str(manifest), "--output", str(tmp_path / "o"), "--nproc", "1"],
@@ -43,6 +45,13 @@ def test_kubetune_run_reports_the_trainer_exit_code(tmp_path: Path) -> None:
 
 def test_kubetune_run_refuses_an_invalid_manifest(tmp_path: Path) -> None:
     manifest = tmp_path / "job.yaml"
-    manifest.write_text("apiVersion: kubetune.io/v1alpha1\nkind: FineTuneJob\nmetadata: {name: x}\nspec: {method: lora}\n")
-    proc = subprocess.run([sys.executable, "-m", "kubetune.cli.main", "run", str(manifest)], capture_output=True, text=True, timeout=60)
+    manifest.write_text(
+        "apiVersion: kubetune.io/v1alpha1\nkind: FineTuneJob\nmetadata: {name: x}\nspec: {method: lora}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli.main", "run", str(manifest)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 64 and "model" in proc.stderr

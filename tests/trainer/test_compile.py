@@ -20,7 +20,9 @@ def test_compiled_decoder_layers_match_eager() -> None:
 
     r = gpu_preflight.check_compile(torch.device("cpu"), torch.float32)
     assert r["layers_compiled"] == 2, r
-    assert r["graphs_compiled"] > 0, r  # dynamo really compiled something (compile_layers is not a silent no-op)
+    assert r["graphs_compiled"] > 0, (
+        r
+    )  # dynamo really compiled something (compile_layers is not a silent no-op)
     assert r["loss_diff"] < 1e-4 and r["second_step_loss_diff"] < 1e-4, r
     assert r["max_grad_rel_err"] < 1e-4, r
     assert r["ok"], r
@@ -34,4 +36,7 @@ def test_compile_is_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                                          num_key_value_heads=1))  # fmt: skip
     assert kernels.compile_layers(model) == 0
-    assert not any(type(layer).__name__ == "OptimizedModule" or getattr(layer, "_compiled_call_impl", None) for layer in model.model.layers)
+    assert not any(
+        type(layer).__name__ == "OptimizedModule" or getattr(layer, "_compiled_call_impl", None)
+        for layer in model.model.layers
+    )

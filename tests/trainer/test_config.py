@@ -20,17 +20,23 @@ BASE = {
 
 
 def _spec(**distributed) -> FineTuneJobSpec:
-    return FineTuneJobSpec.model_validate({**BASE, "distributed": distributed, "training": {"perDeviceBatchSize": 4, "globalBatchSize": 64}})
+    return FineTuneJobSpec.model_validate(
+        {**BASE, "distributed": distributed, "training": {"perDeviceBatchSize": 4, "globalBatchSize": 64}}
+    )
 
 
 def test_operator_rendered_config_is_what_the_trainer_loads(tmp_path: Path) -> None:
-    config = render_trainer_config(_spec(nodes=2, procsPerNode=2, gpusPerNode=2, backend="deepspeed", zeroStage=3), "job", "ns", "uid-1")
+    config = render_trainer_config(
+        _spec(nodes=2, procsPerNode=2, gpusPerNode=2, backend="deepspeed", zeroStage=3), "job", "ns", "uid-1"
+    )
     path = tmp_path / "trainer-config.yaml"
     path.write_text(config.dump_yaml())
     loaded = TrainerConfig.load(path)
     assert loaded == config
     assert loaded.world_size == 4 and loaded.gradient_accumulation_steps == 4
-    assert "deepspeed" not in config.model_dump(by_alias=True)  # the trainer alone renders the DeepSpeed config
+    assert "deepspeed" not in config.model_dump(
+        by_alias=True
+    )  # the trainer alone renders the DeepSpeed config
 
 
 def test_quickstart_manifest_renders(tmp_path: Path) -> None:
@@ -48,7 +54,12 @@ def test_quickstart_manifest_renders(tmp_path: Path) -> None:
 def test_kubetune_run_nproc_and_set_override(tmp_path: Path) -> None:
     from kubetune.cli.run import localize
 
-    manifest = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "x"}, "spec": {**BASE, "model": {"source": "file://m"}, "output": {"uri": "out"}}}
+    manifest = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "x"},
+        "spec": {**BASE, "model": {"source": "file://m"}, "output": {"uri": "out"}},
+    }
     job = localize(manifest, tmp_path, None, 3, ["training.maxSteps=7", "method=full"], gpus=0)
     assert job.spec.distributed.procs_per_node == 3 and job.spec.distributed.nodes == 1
     assert job.spec.training.max_steps == 7 and job.spec.method == "full"
@@ -60,7 +71,9 @@ def test_kubetune_run_nproc_and_set_override(tmp_path: Path) -> None:
 def test_trainer_set_overrides_spec_fields() -> None:
     doc = {"job": {"name": "j"}, "spec": {"training": {"maxSteps": 100}}, "worldSize": 1}
     apply_overrides(doc, ["training.maxSteps=5", "spec.method=full", "worldSize=2"])
-    assert doc["spec"]["training"]["maxSteps"] == 5 and doc["spec"]["method"] == "full" and doc["worldSize"] == 2
+    assert (
+        doc["spec"]["training"]["maxSteps"] == 5 and doc["spec"]["method"] == "full" and doc["worldSize"] == 2
+    )
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -24,10 +24,21 @@ from trainer_helpers import free_port, job_spec, termination, write_config
 
 
 def manifest(tmp: Path) -> Path:
-    spec = job_spec(tmp, **{"training.maxSteps": 400, "training.loggingSteps": 2, "output.checkpointSteps": 1000})
+    spec = job_spec(
+        tmp, **{"training.maxSteps": 400, "training.loggingSteps": 2, "output.checkpointSteps": 1000}
+    )
     spec["dataset"].pop("eval")
     path = tmp / "job.yaml"
-    path.write_text(yaml.safe_dump({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "ctrl-c"}, "spec": spec}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kubetune.io/v1alpha1",
+                "kind": "FineTuneJob",
+                "metadata": {"name": "ctrl-c"},
+                "spec": spec,
+            }
+        )
+    )
     return path
 
 
@@ -93,7 +104,10 @@ def test_ctrl_c_checkpoints_and_the_same_command_resumes(tmp_path: Path) -> None
     rc = first.wait(timeout=120)
     assert rc == 130, first.text[-3000:]
     [kept] = complete_checkpoints(out)
-    assert re.search(rf"stopped by SIGINT; checkpoint in {re.escape(str(out))}/checkpoints/{kept}; resume with: kubetune run ", first.text)
+    assert re.search(
+        rf"stopped by SIGINT; checkpoint in {re.escape(str(out))}/checkpoints/{kept}; resume with: kubetune run ",
+        first.text,
+    )
     assert "Traceback" not in first.text and "KeyboardInterrupt" not in first.text
     step = int(kept.removeprefix("step-"))
     assert step >= 10
@@ -111,7 +125,9 @@ def test_ctrl_c_checkpoints_and_the_same_command_resumes(tmp_path: Path) -> None
     assert "Traceback" not in second.text
 
     newest = int(complete_checkpoints(out)[-1].removeprefix("step-"))
-    done = subprocess.run(argv + ["--set", f"training.maxSteps={newest + 4}"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        argv + ["--set", f"training.maxSteps={newest + 4}"], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from checkpoint step {newest}" in done.stderr
     assert (out / "COMPLETE").exists()
@@ -121,12 +137,23 @@ def test_ctrl_c_checkpoints_and_the_same_command_resumes(tmp_path: Path) -> None
 @pytest.mark.parametrize("how", ["ctrl-c", "hangup"])
 def test_a_rank_checkpoints_on_sigint_and_sighup(tmp_path: Path, how: str) -> None:
     """The trainer itself (as torchrun or a pod runs it) treats SIGINT and SIGHUP like SIGTERM."""
-    spec = job_spec(tmp_path, **{"training.maxSteps": 400, "training.loggingSteps": 2, "output.checkpointSteps": 1000})
+    spec = job_spec(
+        tmp_path, **{"training.maxSteps": 400, "training.loggingSteps": 2, "output.checkpointSteps": 1000}
+    )
     spec["dataset"].pop("eval")
     spec["distributed"]["procsPerNode"] = 1
-    env = {**os.environ, "KUBETUNE_TERMINATION_LOG": str(tmp_path / "termination-log"),  # and what torchrun sets for a rank:
-           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    rank = Terminal([sys.executable, "-m", "kubetune_trainer", "--config", str(write_config(tmp_path, spec))], env)
+    env = {
+        **os.environ,
+        "KUBETUNE_TERMINATION_LOG": str(tmp_path / "termination-log"),  # and what torchrun sets for a rank:
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    rank = Terminal(
+        [sys.executable, "-m", "kubetune_trainer", "--config", str(write_config(tmp_path, spec))], env
+    )
     rank.read_until(r"step \d+/400", timeout=240)
     if how == "ctrl-c":
         rank.ctrl_c()

@@ -51,10 +51,22 @@ def _refusal(fn: Any, *args: Any, **kw: Any) -> str:
         (CHAT, "chat", {"messages": "messages", "role": "role", "content": "content"}),
         (SHAREGPT, "chat", {"messages": "conversations", "role": "from", "content": "value"}),
         (ALPACA, "instruction", {"instruction": "instruction", "response": "output", "input": "input"}),
-        ({"instruction": "spell", "context": "one", "answer": "1"}, "instruction", {"instruction": "instruction", "response": "answer", "input": "context"}),
-        ({"prompt": "one two :", "completion": "1 2"}, "prompt_completion", {"prompt": "prompt", "completion": "completion"}),
+        (
+            {"instruction": "spell", "context": "one", "answer": "1"},
+            "instruction",
+            {"instruction": "instruction", "response": "answer", "input": "context"},
+        ),
+        (
+            {"prompt": "one two :", "completion": "1 2"},
+            "prompt_completion",
+            {"prompt": "prompt", "completion": "completion"},
+        ),
         ({"text": "one two 1 2"}, "text", {"text": "text"}),
-        ({"prompt": "one", "chosen": "1", "rejected": "2"}, "preference", {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}),
+        (
+            {"prompt": "one", "chosen": "1", "rejected": "2"},
+            "preference",
+            {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"},
+        ),
     ],
 )
 def test_auto_detects_format_and_columns(record: dict, fmt: str, columns: dict) -> None:
@@ -81,7 +93,12 @@ def test_sharegpt_multi_turn_learns_every_gpt_turn(tokenizer: Any) -> None:
 
 def test_custom_message_keys_and_role_names(tokenizer: Any) -> None:
     record = {"dialog": [{"speaker": "client", "text": "one two"}, {"speaker": "bot", "text": "1 2"}]}
-    fields = {"messages": "dialog", "role": "speaker", "content": "text", "roles": {"client": "user", "bot": "assistant"}}
+    fields = {
+        "messages": "dialog",
+        "role": "speaker",
+        "content": "text",
+        "roles": {"client": "user", "bot": "assistant"},
+    }
     ids, labels = _tokens(record, tokenizer, format="chat", fields=fields)
     assert _learned(tokenizer, ids, labels) == "1 2 <|end|>"
 
@@ -103,12 +120,22 @@ def test_text_learns_every_token(tokenizer: Any) -> None:
 
 
 def test_preference_pairs_share_the_prompt_and_learn_each_response(tokenizer: Any) -> None:
-    record = {"prompt": "one two", "chosen": " 1 2", "rejected": " 2 1"}  # text pairs join as written (TRL's standard format)
+    record = {
+        "prompt": "one two",
+        "chosen": " 1 2",
+        "rejected": " 2 1",
+    }  # text pairs join as written (TRL's standard format)
     sample = formats.parse(record, HERE, formats.resolve(record, HERE, "auto", _spec().fields))
     (chosen, chosen_labels), (rejected, rejected_labels) = masking.tokenize_preference(sample, tokenizer)
-    assert _learned(tokenizer, chosen, chosen_labels) == "1 2 <|end|>" and _learned(tokenizer, rejected, rejected_labels) == "2 1 <|end|>"
+    assert (
+        _learned(tokenizer, chosen, chosen_labels) == "1 2 <|end|>"
+        and _learned(tokenizer, rejected, rejected_labels) == "2 1 <|end|>"
+    )
     assert chosen[:2] == rejected[:2] == tokenizer("one two")["input_ids"]  # the same prompt
-    assert masking.tokenize(sample, tokenizer) == (chosen, chosen_labels)  # supervised tuning learns the chosen one
+    assert masking.tokenize(sample, tokenizer) == (
+        chosen,
+        chosen_labels,
+    )  # supervised tuning learns the chosen one
 
 
 # ---------------------------------------------------------------- templates
@@ -141,9 +168,14 @@ LLAMA3 = byte_tokenizer(
 )  # fmt: skip
 
 
-@pytest.mark.parametrize(("tok", "eos"), [(CHATML, "<|im_end|>"), (LLAMA3, "<|eot_id|>")], ids=["chatml", "llama3"])
+@pytest.mark.parametrize(
+    ("tok", "eos"), [(CHATML, "<|im_end|>"), (LLAMA3, "<|eot_id|>")], ids=["chatml", "llama3"]
+)
 def test_learned_span_ends_at_eos_and_what_follows_is_not_learned(tok: Any, eos: str) -> None:
-    record = {"messages": CHAT["messages"] + [{"role": "user", "content": "three"}, {"role": "assistant", "content": "3"}]}
+    record = {
+        "messages": CHAT["messages"]
+        + [{"role": "user", "content": "three"}, {"role": "assistant", "content": "3"}]
+    }
     ids, labels = _tokens(record, tok)
     spans, current = [], []
     for i, label in zip(ids + [-1], labels + [data.IGNORE], strict=True):
@@ -152,7 +184,10 @@ def test_learned_span_ends_at_eos_and_what_follows_is_not_learned(tok: Any, eos:
         elif current:
             spans.append(tok.decode(current))
             current = []
-    assert spans == ["1 2" + eos, "3" + eos]  # every turn, through EOS; ChatML's newline after EOS is not learned
+    assert spans == [
+        "1 2" + eos,
+        "3" + eos,
+    ]  # every turn, through EOS; ChatML's newline after EOS is not learned
     rendered = tok.decode(ids)
     assert rendered.endswith(eos + "\n") if tok is CHATML else rendered.endswith(eos)
 
@@ -171,19 +206,26 @@ def test_exact_match_compares_up_to_eos() -> None:
 
 def test_explicit_format_that_does_not_fit_names_columns_and_the_fix() -> None:
     message = _refusal(formats.resolve, {"dialog": [], "id": 1}, HERE, "chat", _spec().fields)
-    assert message.startswith("train.jsonl line 1 (record 0): format chat needs messages ('messages' or 'conversations')")
+    assert message.startswith(
+        "train.jsonl line 1 (record 0): format chat needs messages ('messages' or 'conversations')"
+    )
     assert "['dialog', 'id']" in message and "spec.dataset.fields.messages" in message
 
 
 def test_mismatch_with_one_spare_column_names_the_exact_setting() -> None:
-    message = _refusal(formats.resolve, {"instruction": "a", "reply": "b"}, HERE, "instruction", _spec().fields)
+    message = _refusal(
+        formats.resolve, {"instruction": "a", "reply": "b"}, HERE, "instruction", _spec().fields
+    )
     assert "format instruction needs response ('output' or 'response' or 'answer')" in message
     assert message.endswith("set spec.dataset.fields.response: reply")
 
 
 def test_undetectable_records_list_columns_and_formats() -> None:
     message = _refusal(formats.resolve, {"foo": 1}, HERE, "auto", _spec().fields)
-    assert "cannot detect the dataset format from columns ['foo']" in message and "spec.dataset.fields" in message
+    assert (
+        "cannot detect the dataset format from columns ['foo']" in message
+        and "spec.dataset.fields" in message
+    )
 
 
 def test_message_keys_that_do_not_fit_name_the_keys_found() -> None:
@@ -222,22 +264,34 @@ def test_a_record_that_is_not_an_object_is_refused(tmp_path: Path, tokenizer: An
     assert message.startswith("t.jsonl line 1 (record 0): a record must be an object") and "int 5" in message
 
 
-def test_record_larger_than_max_record_bytes_is_refused_without_reading_it_whole(tmp_path: Path, tokenizer: Any) -> None:
+def test_record_larger_than_max_record_bytes_is_refused_without_reading_it_whole(
+    tmp_path: Path, tokenizer: Any
+) -> None:
     path = _jsonl(tmp_path / "t.jsonl", [CHAT, {"text": "one " * 1000}])
     message = _refusal(_source, path, tokenizer, maxRecordBytes=1024)
-    assert message.startswith("t.jsonl line 2 (record 1) is larger than spec.dataset.maxRecordBytes (1024 bytes)")
+    assert message.startswith(
+        "t.jsonl line 2 (record 1) is larger than spec.dataset.maxRecordBytes (1024 bytes)"
+    )
 
 
-def test_missing_and_empty_responses_are_counted_and_refused_by_default(tmp_path: Path, tokenizer: Any) -> None:
+def test_missing_and_empty_responses_are_counted_and_refused_by_default(
+    tmp_path: Path, tokenizer: Any
+) -> None:
     rows = [ALPACA] * 7 + [{"instruction": "x", "input": "", "output": ""}, {"instruction": "x", "input": ""},
                            {"messages": "ignored", "instruction": "x", "output": None}]  # fmt: skip
     path = _jsonl(tmp_path / "t.jsonl", rows)
     message = _refusal(_source, path, tokenizer)
-    assert message.startswith("3 of 10 records in t.jsonl are invalid (2 missing cell, 1 empty response), more than spec.dataset.maxInvalidFraction 0")
+    assert message.startswith(
+        "3 of 10 records in t.jsonl are invalid (2 missing cell, 1 empty response), more than spec.dataset.maxInvalidFraction 0"
+    )
     assert "t.jsonl line 9 (record 8): no value in column 'output'" in message
     assert message.endswith("spec.dataset.maxInvalidFraction: 0.3")
     examples, report = _source(path, tokenizer, maxInvalidFraction=0.3)
-    assert (len(examples), report.records, dict(report.invalid)) == (7, 10, {"empty response": 1, "missing cell": 2})
+    assert (len(examples), report.records, dict(report.invalid)) == (
+        7,
+        10,
+        {"empty response": 1, "missing cell": 2},
+    )
 
 
 def test_null_assistant_content_is_an_empty_response(tmp_path: Path, tokenizer: Any) -> None:
@@ -255,13 +309,17 @@ def test_missing_csv_cells_are_not_the_string_none(tmp_path: Path, tokenizer: An
 def test_ragged_csv_rows_are_a_dataset_error(tmp_path: Path, tokenizer: Any) -> None:
     path = tmp_path / "t.csv"
     path.write_text("prompt,completion\none,1,extra\n")
-    assert _refusal(_source, path, tokenizer).startswith("t.csv line 2 (record 0) has 3 cells but the header has 2")
+    assert _refusal(_source, path, tokenizer).startswith(
+        "t.csv line 2 (record 0) has 3 cells but the header has 2"
+    )
 
 
 def test_too_little_data_for_one_global_batch_is_refused() -> None:
     training = TrainingSpec(perDeviceBatchSize=4)
     message = _refusal(data.check_batch, 7, training, 2, 1)
-    assert message.startswith("7 training sequences, fewer than one optimizer step needs (8 = perDeviceBatchSize 4 x 2 processes x 1 accumulation)")
+    assert message.startswith(
+        "7 training sequences, fewer than one optimizer step needs (8 = perDeviceBatchSize 4 x 2 processes x 1 accumulation)"
+    )
     data.check_batch(8, training, 2, 1)
 
 
@@ -281,30 +339,52 @@ def test_overflow_truncate_drop_error(tmp_path: Path, tokenizer: Any) -> None:
 
 
 def test_truncation_that_cuts_every_learned_token_drops_the_example(tmp_path: Path, tokenizer: Any) -> None:
-    path = _jsonl(tmp_path / "t.jsonl", [{"prompt": "one " * 20, "completion": "1"}, {"prompt": "one", "completion": "1"}])
+    path = _jsonl(
+        tmp_path / "t.jsonl",
+        [{"prompt": "one " * 20, "completion": "1"}, {"prompt": "one", "completion": "1"}],
+    )
     examples, report = _source(path, tokenizer, maxSeqLength=16)
     assert (len(examples), report.dropped) == (1, 1)
 
 
 def test_overflow_counts_reach_the_report_and_the_log(tmp_path: Path, tokenizer: Any) -> None:
-    path = _jsonl(tmp_path / "t.jsonl", [{"prompt": "one " * 10, "completion": "1 " * 10}] + [{"prompt": "one", "completion": "1"}] * 3)
+    path = _jsonl(
+        tmp_path / "t.jsonl",
+        [{"prompt": "one " * 10, "completion": "1 " * 10}] + [{"prompt": "one", "completion": "1"}] * 3,
+    )
     spec = _spec(train=str(path), maxSeqLength=16)
     built = data.build(spec, StorageSpec(), tokenizer, seed=1)
     report = built.report()
     assert (report["truncated"], report["truncatedTokens"], report["overflowShare"]) == (1, 5, 0.25)
-    assert any(line.startswith("overflow (truncate, maxSeqLength 16): 1 examples truncated (5 tokens cut)") for line in data.report_lines(report, spec))
+    assert any(
+        line.startswith("overflow (truncate, maxSeqLength 16): 1 examples truncated (5 tokens cut)")
+        for line in data.report_lines(report, spec)
+    )
 
 
 def test_overflow_above_one_percent_reaches_status_progress(tmp_path: Path, tokenizer: Any) -> None:
     from kubetune.status.progress import to_progress
 
     short = [{"prompt": "one", "completion": "1"}]
-    spec = _spec(train=str(_jsonl(tmp_path / "t.jsonl", [{"prompt": "one " * 10, "completion": "1 " * 10}] + short * 99)), maxSeqLength=16)
+    spec = _spec(
+        train=str(
+            _jsonl(tmp_path / "t.jsonl", [{"prompt": "one " * 10, "completion": "1 " * 10}] + short * 99)
+        ),
+        maxSeqLength=16,
+    )
     warning = data.data_warning(data.build(spec, StorageSpec(), tokenizer, seed=1).report(), spec)
     assert warning is None  # exactly 1%: not above
-    spec = _spec(train=str(_jsonl(tmp_path / "u.jsonl", [{"prompt": "one " * 10, "completion": "1 " * 10}] * 2 + short * 98)), maxSeqLength=16)
+    spec = _spec(
+        train=str(
+            _jsonl(tmp_path / "u.jsonl", [{"prompt": "one " * 10, "completion": "1 " * 10}] * 2 + short * 98)
+        ),
+        maxSeqLength=16,
+    )
     warning = data.data_warning(data.build(spec, StorageSpec(), tokenizer, seed=1).report(), spec)
-    assert warning == "2.0% of examples longer than maxSeqLength 16 (2 truncated, 0 dropped; overflow: truncate); see metrics.json data"
+    assert (
+        warning
+        == "2.0% of examples longer than maxSeqLength 16 (2 truncated, 0 dropped; overflow: truncate); see metrics.json data"
+    )
     assert to_progress({"step": 1, "dataWarning": warning}, "now").data_warning == warning
 
 
@@ -315,7 +395,13 @@ def _write_all_types(tmp: Path, rows: list[dict]) -> dict[str, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = {"jsonl": _jsonl(tmp / "d.jsonl", rows), "json": tmp / "d.json", "csv": tmp / "d.csv", "tsv": tmp / "d.tsv", "parquet": tmp / "d.parquet"}
+    out = {
+        "jsonl": _jsonl(tmp / "d.jsonl", rows),
+        "json": tmp / "d.json",
+        "csv": tmp / "d.csv",
+        "tsv": tmp / "d.tsv",
+        "parquet": tmp / "d.parquet",
+    }
     out["json"].write_text(json.dumps(rows, indent=1))
     for kind, delimiter in (("csv", ","), ("tsv", "\t")):
         with open(out[kind], "w", newline="") as handle:
@@ -335,14 +421,19 @@ def save_to_disk_layout(directory: Path, rows: list[dict]) -> Path:
     names = []
     for i, part in enumerate((table.slice(0, 1), table.slice(1))):
         names.append(f"data-{i:05d}-of-00002.arrow")
-        with pa.OSFile(str(directory / names[-1]), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        with (
+            pa.OSFile(str(directory / names[-1]), "wb") as sink,
+            pa.ipc.new_stream(sink, table.schema) as writer,
+        ):
             writer.write_table(part)
-    (directory / "state.json").write_text(json.dumps({"_data_files": [{"filename": n} for n in names], "_split": "train"}))
+    (directory / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": n} for n in names], "_split": "train"})
+    )
     (directory / "dataset_info.json").write_text(json.dumps({"features": {}}))
     return directory
 
 
-ROWS = [{"prompt": "one, \"two\"", "completion": "1 2 ü"}, {"prompt": "two", "completion": "2"}]
+ROWS = [{"prompt": 'one, "two"', "completion": "1 2 ü"}, {"prompt": "two", "completion": "2"}]
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "json", "csv", "tsv", "parquet"])
@@ -368,7 +459,9 @@ def test_unsupported_and_empty_directories_list_what_is_supported(tmp_path: Path
 def test_sources_mix_with_weights_and_their_own_formats(tmp_path: Path, tokenizer: Any) -> None:
     alpaca = _jsonl(tmp_path / "a.jsonl", [ALPACA] * 10)
     share = _jsonl(tmp_path / "s.jsonl", [SHAREGPT] * 4)
-    spec = DatasetSpec.model_validate({"sources": [{"path": str(alpaca), "weight": 0.5}, {"path": str(share), "weight": 2}]})
+    spec = DatasetSpec.model_validate(
+        {"sources": [{"path": str(alpaca), "weight": 0.5}, {"path": str(share), "weight": 2}]}
+    )
     built = data.build(spec, StorageSpec(), tokenizer, seed=1)
     learned = [_learned(tokenizer, e.input_ids, e.labels) for e in built.train]
     assert learned.count("1 2 <|end|>") == 5 and learned.count("1 2 <|end|> 3 <|end|>") == 8
@@ -408,13 +501,17 @@ def test_packed_examples_do_not_attend_across_boundaries(tokenizer) -> None:
     batch = data.collate([packed], pad_id=0, packed=True)
     assert "attention_mask" not in batch
     with torch.no_grad():
-        together = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        together = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits[0]
         alone = model(input_ids=torch.tensor([second.input_ids])).logits[0]
     torch.testing.assert_close(together[6:], alone, atol=1e-5, rtol=1e-4)
 
 
 def test_padding_batches_carry_attention_mask() -> None:
-    batch = data.collate([data.Example([1, 2, 3], [1, 2, 3], [0, 1, 2]), data.Example([4], [4], [0])], pad_id=0, packed=False)
+    batch = data.collate(
+        [data.Example([1, 2, 3], [1, 2, 3], [0, 1, 2]), data.Example([4], [4], [0])], pad_id=0, packed=False
+    )
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist()[1] == [4, -100, -100]
 
@@ -426,5 +523,3 @@ def test_eval_split_is_deterministic_and_disjoint() -> None:
     assert len(evals) == 10 and len(train) == 90
     assert [e.input_ids for e in evals] == [e.input_ids for e in evals2]
     assert not {e.input_ids[0] for e in evals} & {e.input_ids[0] for e in train}
-
-

@@ -553,7 +553,9 @@ def test_preference_pairs_with_tools_match_trl(tmp_path: Path, tokenizer: Any) -
     record = {"prompt": [{"role": "user", "content": "Weather in Paris?"}], "tools": TOOLS,
               "chosen": [{"role": "assistant", "content": "", "tool_calls": [call]}],
               "rejected": [{"role": "assistant", "content": "I cannot know.", "tool_calls": []}]}  # fmt: skip
-    args = trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_length=None, dataset_num_proc=None)
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], max_length=None, dataset_num_proc=None
+    )
     trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(str(TINY_MODEL)), args=args,
                              train_dataset=datasets.Dataset.from_list([SHAPES["explicit-text"]]), processing_class=tokenizer)  # fmt: skip
     (theirs,) = trainer._prepare_dataset(datasets.Dataset.from_list([record]), tok, args, "train")

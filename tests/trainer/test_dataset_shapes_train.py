@@ -39,10 +39,16 @@ def sft_shapes(tmp: Path) -> dict[str, Path]:
     corpus (zstd), a JSON array of prompt/completion (bzip2)."""
     out = {}
     out["spreadsheet"] = tmp / "sheet.csv"
-    out["spreadsheet"].write_text("Instruction,Input,Output\n" + "".join(f"Spell the digits,{q},{a}\n" for q, a in pairs(32, 0)))
+    out["spreadsheet"].write_text(
+        "Instruction,Input,Output\n" + "".join(f"Spell the digits,{q},{a}\n" for q, a in pairs(32, 0))
+    )
     chats = []
     for q, a in pairs(32, 48):
-        call = {"id": "c1", "type": "function", "function": {"name": "spell", "arguments": json.dumps({"words": q})}}
+        call = {
+            "id": "c1",
+            "type": "function",
+            "function": {"name": "spell", "arguments": json.dumps({"words": q})},
+        }
         chats.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "let me think", "weight": 0},
                                    {"role": "user", "content": "use the tool"}, {"role": "assistant", "content": None, "tool_calls": [call]},
                                    {"role": "tool", "tool_call_id": "c1", "content": a}, {"role": "assistant", "content": a}],
@@ -52,7 +58,11 @@ def sft_shapes(tmp: Path) -> dict[str, Path]:
     out["text-corpus"] = tmp / "corpus.txt.zst"
     out["text-corpus"].write_bytes(_zst("".join(f"{q} = {a}\n\n" for q, a in pairs(32, 96)).encode()))
     out["json-array"] = tmp / "pc.json.bz2"
-    out["json-array"].write_bytes(bz2.compress(json.dumps([{"prompt": f"{q} =", "completion": f" {a}"} for q, a in pairs(32, 144)]).encode()))
+    out["json-array"].write_bytes(
+        bz2.compress(
+            json.dumps([{"prompt": f"{q} =", "completion": f" {a}"} for q, a in pairs(32, 144)]).encode()
+        )
+    )
     return out
 
 
@@ -62,11 +72,19 @@ def dpo_shapes(tmp: Path) -> dict[str, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    def wrong(a: str) -> str:  # the words echoed back instead of the digits (what a tiny model can tell apart in 30 steps)
+    def wrong(
+        a: str,
+    ) -> str:  # the words echoed back instead of the digits (what a tiny model can tell apart in 30 steps)
         return " ".join(WORDS[int(d)] for d in a.split())
 
     out = {}
-    hh = [{"chosen": f"\n\nHuman: {q}\n\nAssistant: {a}", "rejected": f"\n\nHuman: {q}\n\nAssistant: {wrong(a)}"} for q, a in pairs(48, 0)]
+    hh = [
+        {
+            "chosen": f"\n\nHuman: {q}\n\nAssistant: {a}",
+            "rejected": f"\n\nHuman: {q}\n\nAssistant: {wrong(a)}",
+        }
+        for q, a in pairs(48, 0)
+    ]
     out["hh-rlhf"] = tmp / "hh.jsonl.gz"
     out["hh-rlhf"].write_bytes(gzip.compress(_lines(hh)))
     conv = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": a}],
@@ -94,7 +112,12 @@ def _model(path: Path) -> Any:
 
 
 def _spec(tmp: Path, model: Path, files: dict[str, Path], **overrides: Any) -> dict[str, Any]:
-    settings = {"model.source": str(model), "method": "full", "training.perDeviceBatchSize": 4, "output.checkpointSteps": 1000}
+    settings = {
+        "model.source": str(model),
+        "method": "full",
+        "training.perDeviceBatchSize": 4,
+        "output.checkpointSteps": 1000,
+    }
     spec = job_spec(tmp, **{**settings, **overrides})
     spec.pop("lora")
     spec["dataset"] = {"sources": [{"path": str(p)} for p in files.values()], "maxSeqLength": 320}
@@ -110,8 +133,15 @@ def test_supervised_shapes_train_with_a_falling_loss(tmp_path: Path) -> None:
     code, out = run_trainer(tmp_path, spec, nproc=1, timeout=600)
     assert code == 0, out[-4000:]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert [s["format"] for s in metrics["data"]["sources"]] == ["instruction", "chat", "text", "prompt_completion"]
-    assert "instruction (instruction=Instruction, response=Output, input=Input)" in out  # the matched columns, said
+    assert [s["format"] for s in metrics["data"]["sources"]] == [
+        "instruction",
+        "chat",
+        "text",
+        "prompt_completion",
+    ]
+    assert (
+        "instruction (instruction=Instruction, response=Output, input=Input)" in out
+    )  # the matched columns, said
     before, after = _model(model), _model(tmp_path / "out" / "model")
     for name, path in files.items():
         ds = DatasetSpec.model_validate({"train": str(path), "maxSeqLength": 320})
@@ -126,7 +156,14 @@ def test_preference_shapes_train_with_dpo_and_their_loss_falls(tmp_path: Path) -
     tok = qwen25()
     model = byte_model(tmp_path / "base", tok)
     files = dpo_shapes(tmp_path)
-    spec = _spec(tmp_path, model, files, objective="dpo", dpo={"beta": 0.1}, **{"training.maxSteps": 30, "training.learningRate": 0.003})
+    spec = _spec(
+        tmp_path,
+        model,
+        files,
+        objective="dpo",
+        dpo={"beta": 0.1},
+        **{"training.maxSteps": 30, "training.learningRate": 0.003},
+    )
     code, out = run_trainer(tmp_path, spec, nproc=1, timeout=600)
     assert code == 0, out[-4000:]
     before, after = _model(model), _model(tmp_path / "out" / "model")

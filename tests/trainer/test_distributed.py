@@ -11,12 +11,32 @@ from trainer_helpers import job_spec, rank_dumps, run_trainer
 CASES = {
     "ddp-lora": {"distributed.backend": "ddp", "method": "lora"},
     # perDevice 8 x 2 ranks x 2 accumulation steps
-    "ddp-full": {"distributed.backend": "ddp", "method": "full", "lora": None, "training.globalBatchSize": 32},
+    "ddp-full": {
+        "distributed.backend": "ddp",
+        "method": "full",
+        "lora": None,
+        "training.globalBatchSize": 32,
+    },
     "zero2-lora": {"distributed.backend": "deepspeed", "distributed.zeroStage": 2, "method": "lora"},
-    "zero2-full": {"distributed.backend": "deepspeed", "distributed.zeroStage": 2, "method": "full", "lora": None},
-    "zero3-lora-offload": {"distributed.backend": "deepspeed", "distributed.zeroStage": 3, "method": "lora",
-                           "distributed.offloadOptimizer": True, "distributed.offloadParams": True},
-    "zero3-full": {"distributed.backend": "deepspeed", "distributed.zeroStage": 3, "method": "full", "lora": None},
+    "zero2-full": {
+        "distributed.backend": "deepspeed",
+        "distributed.zeroStage": 2,
+        "method": "full",
+        "lora": None,
+    },
+    "zero3-lora-offload": {
+        "distributed.backend": "deepspeed",
+        "distributed.zeroStage": 3,
+        "method": "lora",
+        "distributed.offloadOptimizer": True,
+        "distributed.offloadParams": True,
+    },
+    "zero3-full": {
+        "distributed.backend": "deepspeed",
+        "distributed.zeroStage": 3,
+        "method": "full",
+        "lora": None,
+    },
 }
 
 
@@ -38,7 +58,9 @@ def test_two_ranks_train_together_and_loss_falls(tmp_path: Path, case: str) -> N
     assert [r["rank"] for r in ranks] == [0, 1]
     assert all(r["worldSize"] == 2 for r in ranks), ranks  # from torch.distributed, not Accelerate's view
     assert all(r["acceleratorProcesses"] == 2 for r in ranks)
-    assert ranks[0]["digest"] == ranks[1]["digest"], "ranks ended with different weights: they did not train together"
+    assert ranks[0]["digest"] == ranks[1]["digest"], (
+        "ranks ended with different weights: they did not train together"
+    )
     if case.startswith("zero"):
         assert all("DEEPSPEED" in r["distributedType"] for r in ranks)
     curve = [point["loss"] for point in ranks[0]["lossCurve"]]

@@ -42,14 +42,18 @@ def _pairs(tmp_path: Path, records: list[dict], tokenizer: Any) -> list[dpo.Pair
 
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return dpo.tokenize_source_pairs(path, str(path), "auto", FieldMapping(), DatasetSpec(train="/d", maxSeqLength=64), tokenizer)
+    return dpo.tokenize_source_pairs(
+        path, str(path), "auto", FieldMapping(), DatasetSpec(train="/d", maxSeqLength=64), tokenizer
+    )
 
 
 def _learned(ids: list[int], labels: list[int]) -> list[int]:
     return [t for t, label in zip(ids, labels, strict=True) if label != dpo.IGNORE]
 
 
-def test_text_and_conversation_prompts_become_two_sequences_with_one_prompt(tmp_path: Path, tokenizer: Any) -> None:
+def test_text_and_conversation_prompts_become_two_sequences_with_one_prompt(
+    tmp_path: Path, tokenizer: Any
+) -> None:
     chat = {"prompt": [{"role": "user", "content": "one one"}], "chosen": "1 1", "rejected": "3"}
     text, conversation = _pairs(tmp_path, [TRL_RECORDS[0], chat], tokenizer)
     for pair, chosen, rejected in ((text, "7 0 2 9", "7 0 2 8"), (conversation, "1 1", "3")):
@@ -82,14 +86,24 @@ def test_truncation_drops_a_pair_whose_reply_is_cut_away() -> None:
     assert dpo.truncate(pair, 2) is None
 
 
-@pytest.mark.parametrize("loss_type, smoothing", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.2)])
-def test_loss_matches_trl_dpo_trainer_on_the_same_batch(tmp_path: Path, tokenizer: Any, loss_type: str, smoothing: float) -> None:
+@pytest.mark.parametrize(
+    "loss_type, smoothing", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.2)]
+)
+def test_loss_matches_trl_dpo_trainer_on_the_same_batch(
+    tmp_path: Path, tokenizer: Any, loss_type: str, smoothing: float
+) -> None:
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
     policy, reference = _model(seed=1), _model()
     args = trl.DPOConfig(output_dir=str(tmp_path), beta=0.3, loss_type=[loss_type], label_smoothing=smoothing, use_cpu=True, bf16=False, fp16=False,
                          report_to=[], per_device_train_batch_size=4, max_length=32, dataloader_drop_last=False)  # fmt: skip
-    trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=datasets.Dataset.from_list(TRL_RECORDS), processing_class=tokenizer)
+    trainer = trl.DPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(TRL_RECORDS),
+        processing_class=tokenizer,
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
         expected = trainer._compute_loss(trainer.model, batch, return_outputs=False)
@@ -97,10 +111,16 @@ def test_loss_matches_trl_dpo_trainer_on_the_same_batch(tmp_path: Path, tokenize
     ours = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
             "labels": batch["input_ids"].masked_fill(batch["completion_mask"] == 0, dpo.IGNORE)}  # fmt: skip
     plain_policy, plain_reference = _model(seed=1), _model()
-    out = dpo.dpo_forward(plain_policy, plain_reference, ours, DpoSpec(beta=0.3, loss_type=loss_type, label_smoothing=smoothing))
+    out = dpo.dpo_forward(
+        plain_policy, plain_reference, ours, DpoSpec(beta=0.3, loss_type=loss_type, label_smoothing=smoothing)
+    )
     assert abs(out.loss.item() - expected.item()) < 1e-5, (out.loss.item(), expected.item())
-    assert not (batch["completion_mask"][:, 0] == 1).any()  # every row has a prompt: TRL tokenized the pairs as meant
-    assert abs(out.loss.item() - float(torch.log(torch.tensor(2.0)))) > 1e-3  # the policy really differs from the reference
+    assert not (
+        batch["completion_mask"][:, 0] == 1
+    ).any()  # every row has a prompt: TRL tokenized the pairs as meant
+    assert (
+        abs(out.loss.item() - float(torch.log(torch.tensor(2.0)))) > 1e-3
+    )  # the policy really differs from the reference
 
 
 def test_with_an_adapter_the_reference_is_the_base_with_adapters_off() -> None:
@@ -165,7 +185,9 @@ def test_dpo_on_two_ranks_learns_the_preferences(tmp_path: Path, case: str) -> N
 
     overrides = {k: v for k, v in DPO_CASES[case].items() if v is not None}
     data = preference_file(tmp_path)
-    spec = job_spec(tmp_path, objective="dpo", dpo={"beta": 0.1}, **{"training.learningRate": 0.005, **overrides})
+    spec = job_spec(
+        tmp_path, objective="dpo", dpo={"beta": 0.1}, **{"training.learningRate": 0.005, **overrides}
+    )
     spec["dataset"] = {"train": str(data), "evalSplit": 0.125, "maxSeqLength": 32}
     if "lora" in DPO_CASES[case] and DPO_CASES[case]["lora"] is None:
         spec.pop("lora")
@@ -187,7 +209,11 @@ def test_dpo_on_two_ranks_learns_the_preferences(tmp_path: Path, case: str) -> N
     assert metrics["objective"] == "dpo" and metrics["rewardAccuracy"] == accuracy[-1]
     assert metrics["evalRewardAccuracyAfter"] > 0.9  # held-out pairs too
     if case != "lora":  # the before-training evaluation runs at step 0 only, not in a resumed run
-        assert metrics["evalRewardAccuracyBefore"] < 0.9 and metrics["evalLossAfter"] < metrics["evalLossBefore"]
+        assert (
+            metrics["evalRewardAccuracyBefore"] < 0.9 and metrics["evalLossAfter"] < metrics["evalLossBefore"]
+        )
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "model"))  # merged (LoRA) or full weights load
+    AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "out" / "model")
+    )  # merged (LoRA) or full weights load

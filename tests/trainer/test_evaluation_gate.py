@@ -27,7 +27,11 @@ def small_eval(tmp: Path, n: int = 48) -> str:
 def retain_set(tmp: Path) -> str:
     """Plain text from the base model's vocabulary: what it should not forget."""
     path = tmp / "retain.jsonl"
-    path.write_text("".join(json.dumps({"text": " ".join(WORDS[(i + k) % 10] for k in range(6))}) + "\n" for i in range(16)))
+    path.write_text(
+        "".join(
+            json.dumps({"text": " ".join(WORDS[(i + k) % 10] for k in range(6))}) + "\n" for i in range(16)
+        )
+    )
     return str(path)
 
 
@@ -47,20 +51,32 @@ def test_a_failed_gate_exits_not_retryable_with_the_figures_and_keeps_the_artifa
     assert code != 0 and message["exitCode"] == ExitCode.EVALUATION_GATE_FAILED, out[-3000:]
     assert message["reason"] == "EvaluationGateFailed" and "maxEvalLoss 0.01" in message["message"]
     verdict = message["evaluation"]
-    assert verdict["gatePassed"] is False and verdict["failedChecks"][0].startswith("evalLoss ") and verdict["evalLoss"] > 0.01
-    assert verdict["retainLossBefore"] > 0 and "forgettingPercent" in verdict  # the passed threshold is reported too
+    assert (
+        verdict["gatePassed"] is False
+        and verdict["failedChecks"][0].startswith("evalLoss ")
+        and verdict["evalLoss"] > 0.01
+    )
+    assert (
+        verdict["retainLossBefore"] > 0 and "forgettingPercent" in verdict
+    )  # the passed threshold is reported too
     # Both ranks trained together; the artifacts are complete in the output, for inspection.
     ranks = rank_dumps(tmp_path)
     assert [r["worldSize"] for r in ranks] == [2, 2] and ranks[0]["digest"] == ranks[1]["digest"]
     output = tmp_path / "out"
     assert (output / "COMPLETE").exists() and (output / "model" / "model.safetensors").exists()
     metrics = json.loads((output / "metrics.json").read_text())
-    assert metrics["evaluation"]["gatePassed"] is False and metrics["evaluation"]["evalLoss"] == pytest.approx(metrics["evalLossAfter"])
+    assert metrics["evaluation"]["gatePassed"] is False and metrics["evaluation"][
+        "evalLoss"
+    ] == pytest.approx(metrics["evalLossAfter"])
     assert [g["prompt"] for g in metrics["evaluation"]["generations"]] == ["one one"]
     # Finished and failed: running it again fails again at once (a failed model never turns into a success).
     code, out = run_trainer(tmp_path, spec, nproc=1)
     again = termination(tmp_path)
-    assert code != 0 and again["exitCode"] == ExitCode.EVALUATION_GATE_FAILED and "failed its evaluation gate" in again["message"], out[-2000:]
+    assert (
+        code != 0
+        and again["exitCode"] == ExitCode.EVALUATION_GATE_FAILED
+        and "failed its evaluation gate" in again["message"]
+    ), out[-2000:]
 
 
 def test_interpolation_table_runs_from_base_to_fine_tuned_and_best_is_saved(tmp_path: Path) -> None:
@@ -77,12 +93,16 @@ def test_interpolation_table_runs_from_base_to_fine_tuned_and_best_is_saved(tmp_
     assert rows[0.0]["evalLoss"] == pytest.approx(metrics["evalLossBefore"], rel=1e-4)
     assert rows[0.0]["retainLoss"] == pytest.approx(metrics["evaluation"]["retainLossBefore"], rel=1e-4)
     assert rows[0.0]["forgetting"] == pytest.approx(0.0, abs=1e-3)
-    assert rows[1.0]["evalLoss"] < rows[0.5]["evalLoss"] < rows[0.0]["evalLoss"]  # training lowered the loss; the mix is between
+    assert (
+        rows[1.0]["evalLoss"] < rows[0.5]["evalLoss"] < rows[0.0]["evalLoss"]
+    )  # training lowered the loss; the mix is between
     assert rows[1.0]["perplexity"] == pytest.approx(2.718281828 ** rows[1.0]["evalLoss"], rel=1e-6)
     # select best by retainLoss: the chosen mix's figures are the final ones, its weights are model/.
     chosen = min(rows.values(), key=lambda r: (r["retainLoss"], -r["alpha"]))
     verdict = metrics["evaluation"]
-    assert verdict["alpha"] == chosen["alpha"] and verdict["retainLossAfter"] == pytest.approx(chosen["retainLoss"])
+    assert verdict["alpha"] == chosen["alpha"] and verdict["retainLossAfter"] == pytest.approx(
+        chosen["retainLoss"]
+    )
     assert verdict["gatePassed"] is True and termination(tmp_path)["evaluation"]["gatePassed"] is True
     model = load_file(tmp_path / "out" / "model" / "model.safetensors")
     reference = (load_file(TINY_MODEL / "model.safetensors") if chosen["alpha"] == 0.0 else

@@ -18,7 +18,10 @@ from trainer_helpers import SPELL, TINY_MODEL, job_spec, run_trainer
 
 
 def pairs(n: int, offset: int = 0) -> list[tuple[str, str]]:
-    rows = [json.loads(line)["messages"] for line in SPELL.joinpath("train.jsonl").read_text().splitlines()[offset : offset + n]]
+    rows = [
+        json.loads(line)["messages"]
+        for line in SPELL.joinpath("train.jsonl").read_text().splitlines()[offset : offset + n]
+    ]
     return [(m[0]["content"], m[1]["content"]) for m in rows]
 
 
@@ -43,7 +46,10 @@ def write_formats(tmp: Path) -> dict[str, Path]:
         writer.writerow(["instruction", "input", "output"])
         writer.writerows([(q, "", a) for q, a in pairs(48, 96)])
     out["prompt_completion"] = tmp / "pc.parquet"
-    pq.write_table(pa.Table.from_pylist([{"prompt": q, "completion": a} for q, a in pairs(48, 144)]), out["prompt_completion"])
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": q, "completion": a} for q, a in pairs(48, 144)]),
+        out["prompt_completion"],
+    )
     out["text"] = tmp / "text.tsv"
     out["text"].write_text("text\n" + "".join(f"{q} {a}\n" for q, a in pairs(48, 192)))
     out["preference"] = tmp / "pref.jsonl"
@@ -75,9 +81,16 @@ def test_every_format_trains_with_a_falling_loss(tmp_path: Path, hub: Hub) -> No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     files = write_formats(tmp_path)
-    hub.repos["datasets/acme/spell-sharegpt"] = Repo({"conversations.json": files["sharegpt"].read_bytes(), "README.md": b"# spell\n"})
-    sources = [{"path": "hf://datasets/acme/spell-sharegpt"}] + [{"path": str(p)} for name, p in files.items() if name != "sharegpt"]
-    spec = job_spec(tmp_path, **{"dataset": {"sources": sources, "maxSeqLength": 32, "evalSplit": 0.1}, "training.maxSteps": 40})
+    hub.repos["datasets/acme/spell-sharegpt"] = Repo(
+        {"conversations.json": files["sharegpt"].read_bytes(), "README.md": b"# spell\n"}
+    )
+    sources = [{"path": "hf://datasets/acme/spell-sharegpt"}] + [
+        {"path": str(p)} for name, p in files.items() if name != "sharegpt"
+    ]
+    spec = job_spec(
+        tmp_path,
+        **{"dataset": {"sources": sources, "maxSeqLength": 32, "evalSplit": 0.1}, "training.maxSteps": 40},
+    )
     env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
     code, out = run_trainer(tmp_path, spec, nproc=1, env=env)
     assert code == 0, out[-4000:]
@@ -86,10 +99,19 @@ def test_every_format_trains_with_a_falling_loss(tmp_path: Path, hub: Hub) -> No
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     formats = [s["format"] for s in metrics["data"]["sources"]]
     assert formats == ["chat", "chat", "instruction", "prompt_completion", "text", "preference"]
-    assert "data hf://datasets/acme/spell-sharegpt: chat (messages=conversations, role=from, content=value" in out
+    assert (
+        "data hf://datasets/acme/spell-sharegpt: chat (messages=conversations, role=from, content=value"
+        in out
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(str(TINY_MODEL))
     before = format_losses(AutoModelForCausalLM.from_pretrained(str(TINY_MODEL)).eval(), tokenizer, files)
-    after = format_losses(AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "model")).eval(), tokenizer, files)
+    after = format_losses(
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "model")).eval(), tokenizer, files
+    )
     for name in files:
-        assert after[name] < 0.85 * before[name], (name, before, after)  # text: the question words stay unpredictable
+        assert after[name] < 0.85 * before[name], (
+            name,
+            before,
+            after,
+        )  # text: the question words stay unpredictable

@@ -10,7 +10,12 @@ import pytest
 from kubetune.api.contract import ExitCode
 from trainer_helpers import job_spec, run_trainer, termination
 
-OVERRIDES = {"training.maxSteps": 12, "output.checkpointSteps": 4, "output.keepCheckpoints": 3, "training.evalSteps": 6}
+OVERRIDES = {
+    "training.maxSteps": 12,
+    "output.checkpointSteps": 4,
+    "output.keepCheckpoints": 3,
+    "training.evalSteps": 6,
+}
 
 
 @pytest.mark.slow
@@ -39,7 +44,9 @@ def test_a_stopped_run_resumes_past_a_damaged_checkpoint_and_keeps_its_before_fi
     assert len(aside) == 1 and aside[0].startswith("step-00000010.set-aside-")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["evalLossBefore"] is not None and metrics["evalLossBefore"] > metrics["evalLossAfter"]
-    assert metrics["setAside"][0]["problem"].startswith("accelerate/model.safetensors: content differs from manifest.json (sha256)")
+    assert metrics["setAside"][0]["problem"].startswith(
+        "accelerate/model.safetensors: content differs from manifest.json (sha256)"
+    )
     assert metrics["resumedFrom"]["step"] == 8 and metrics["learningRate"] == 0.005
     assert metrics["owner"]["uid"] == f"uid-{tmp_path.name}"
     final = termination(tmp_path)
@@ -53,9 +60,14 @@ def test_a_stopped_run_resumes_past_a_damaged_checkpoint_and_keeps_its_before_fi
 def test_another_jobs_output_is_refused_before_training(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    (out / ".kubetune-owner.json").write_text(json.dumps({"job": "other", "namespace": "team-a", "uid": "1234", "run": 1}))
+    (out / ".kubetune-owner.json").write_text(
+        json.dumps({"job": "other", "namespace": "team-a", "uid": "1234", "run": 1})
+    )
     code, log = run_trainer(tmp_path, job_spec(tmp_path, **OVERRIDES), nproc=1)
     assert code == ExitCode.CONFIG_INVALID, log[-3000:]
     message = termination(tmp_path)["message"]
-    assert "belongs to job team-a/other (uid 1234, run 1)" in message and "choose another spec.output.uri" in message
+    assert (
+        "belongs to job team-a/other (uid 1234, run 1)" in message
+        and "choose another spec.output.uri" in message
+    )
     assert not (out / "checkpoints").exists() and not (out / "COMPLETE").exists()

@@ -20,25 +20,41 @@ def hub() -> Iterator[Hub]:
 
 def env(tmp: Path, endpoint: str) -> dict[str, str]:
     # HF_HUB_OFFLINE may be set on machines that must not reach the internet; this hub is loopback.
-    return {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "KUBETUNE_CACHE_DIR": str(tmp / "cache")}
+    return {
+        "HF_ENDPOINT": endpoint,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_XET": "1",
+        "KUBETUNE_CACHE_DIR": str(tmp / "cache"),
+    }
 
 
 @pytest.mark.slow
 def test_trains_from_the_hub_and_fetches_once_per_node(hub: Hub, tmp_path: Path) -> None:
-    spec = job_spec(tmp_path, **{"model.source": "hf://acme/tiny-llama", "model.revision": "main", "training.maxSteps": 4})
+    spec = job_spec(
+        tmp_path, **{"model.source": "hf://acme/tiny-llama", "model.revision": "main", "training.maxSteps": 4}
+    )
     code, out = run_trainer(tmp_path, spec, nproc=2, env=env(tmp_path, hub.endpoint))
     assert code == 0, out[-4000:]
     downloads = [r for r in hub.requests if r.startswith("GET /acme/tiny-llama/resolve/")]
-    assert len(downloads) == len(hub.repos["acme/tiny-llama"].files), hub.requests  # two ranks, one download each file
-    assert (tmp_path / "out" / "COMPLETE").exists() and (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    assert len(downloads) == len(hub.repos["acme/tiny-llama"].files), (
+        hub.requests
+    )  # two ranks, one download each file
+    assert (tmp_path / "out" / "COMPLETE").exists() and (
+        tmp_path / "out" / "adapter" / "adapter_config.json"
+    ).exists()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("source", "revision", "needle"),
-    [("hf://acme/missing", None, "acme/missing"), ("hf://acme/tiny-llama", "v9-does-not-exist", "v9-does-not-exist")],
+    [
+        ("hf://acme/missing", None, "acme/missing"),
+        ("hf://acme/tiny-llama", "v9-does-not-exist", "v9-does-not-exist"),
+    ],
 )
-def test_missing_repo_or_revision_is_model_not_found(hub: Hub, tmp_path: Path, source: str, revision: str | None, needle: str) -> None:
+def test_missing_repo_or_revision_is_model_not_found(
+    hub: Hub, tmp_path: Path, source: str, revision: str | None, needle: str
+) -> None:
     spec = job_spec(tmp_path, **{"model.source": source, "model.revision": revision})
     code, out = run_trainer(tmp_path, spec, nproc=1, env=env(tmp_path, hub.endpoint))
     message = termination(tmp_path)

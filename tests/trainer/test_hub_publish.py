@@ -48,7 +48,9 @@ def test_no_token_at_all_names_the_secret_and_key(hub: Hub, monkeypatch: pytest.
         hub_publish.check_access(spec_for(hub))
 
 
-def test_a_push_commits_the_model_with_the_kubetune_card_on_top(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_push_commits_the_model_with_the_kubetune_card_on_top(
+    hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from huggingface_hub import snapshot_download
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -56,8 +58,16 @@ def test_a_push_commits_the_model_with_the_kubetune_card_on_top(hub: Hub, tmp_pa
     card.write_text("---\nlibrary_name: transformers\ntags:\n- kubetune\n---\n\n# tiny\n")
     url = hub_publish.push(spec_for(hub), TINY_MODEL, [card], "kubetune: ml/tiny step 30")
     repo = hub.repos["acme/tiny-digits"]
-    assert url == f"{hub.endpoint}/acme/tiny-digits/tree/{repo.sha}" and repo.private and repo.commits == ["kubetune: ml/tiny step 30"]
-    back = Path(snapshot_download("acme/tiny-digits", endpoint=hub.endpoint, token=TOKEN, local_dir=str(tmp_path / "back")))
+    assert (
+        url == f"{hub.endpoint}/acme/tiny-digits/tree/{repo.sha}"
+        and repo.private
+        and repo.commits == ["kubetune: ml/tiny step 30"]
+    )
+    back = Path(
+        snapshot_download(
+            "acme/tiny-digits", endpoint=hub.endpoint, token=TOKEN, local_dir=str(tmp_path / "back")
+        )
+    )
     for f in TINY_MODEL.iterdir():
         if f.name != "README.md":
             assert sha256_file(back / f.name) == sha256_file(f), f.name
@@ -68,17 +78,31 @@ def test_a_push_commits_the_model_with_the_kubetune_card_on_top(hub: Hub, tmp_pa
 def test_a_job_pushes_its_model_and_card_and_reports_the_commit(tmp_path: Path) -> None:
     server = Hub({}, tokens={TOKEN}).start()
     try:
-        publish = {"huggingface": {"repo": "acme/spell-digits-lora", "tokenSecret": "hf-write", "endpoint": server.endpoint}}
-        spec = job_spec(tmp_path, **{"training.maxSteps": 6, "output.publish": publish, "output.card": {"license": "apache-2.0"}})
+        publish = {
+            "huggingface": {
+                "repo": "acme/spell-digits-lora",
+                "tokenSecret": "hf-write",
+                "endpoint": server.endpoint,
+            }
+        }
+        spec = job_spec(
+            tmp_path,
+            **{"training.maxSteps": 6, "output.publish": publish, "output.card": {"license": "apache-2.0"}},
+        )
         code, out = run_trainer(tmp_path, spec, nproc=2, env={"HF_TOKEN": TOKEN})
         assert code == 0, out[-4000:]
         repo = server.repos["acme/spell-digits-lora"]
         pushed = termination(tmp_path)["artifacts"]["huggingface"]
         assert pushed == f"{server.endpoint}/acme/spell-digits-lora/tree/{repo.sha}"
         assert {"model.safetensors", "config.json", "README.md", "loss.png"} <= set(repo.files)
-        assert repo.files["README.md"].decode().startswith("---\n") and b"license: apache-2.0" in repo.files["README.md"]
+        assert (
+            repo.files["README.md"].decode().startswith("---\n")
+            and b"license: apache-2.0" in repo.files["README.md"]
+        )
         manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-        assert repo.files["model.safetensors"] == (tmp_path / "out" / "model" / "model.safetensors").read_bytes()
+        assert (
+            repo.files["model.safetensors"] == (tmp_path / "out" / "model" / "model.safetensors").read_bytes()
+        )
         assert "model/model.safetensors" in manifest["files"]
         assert json.loads((tmp_path / "out" / "metrics.json").read_text())["huggingface"] == pushed
         assert TOKEN not in out

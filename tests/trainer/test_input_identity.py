@@ -16,7 +16,11 @@ from kubetune.api.models import StorageSpec
 from kubetune_trainer import data, storage
 from trainer_helpers import free_port
 
-CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+CREDS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +48,14 @@ def test_an_s3_object_replaced_at_the_same_uri_is_fetched_again(s3_endpoint: str
     old_identity = storage.IDENTITIES["s3://replaced/d/train.jsonl"]
     client.put_object(Bucket="replaced", Key="d/train.jsonl", Body=b'{"text": "new tokens"}\n')  # same size
 
-    second = storage.fetch("s3://replaced/d/train.jsonl", spec, "spec.dataset.train", ExitCode.DATASET_INVALID)
+    second = storage.fetch(
+        "s3://replaced/d/train.jsonl", spec, "spec.dataset.train", ExitCode.DATASET_INVALID
+    )
 
-    assert first.read_bytes() == b'{"text": "old tokens"}\n' and second.read_bytes() == b'{"text": "new tokens"}\n'
+    assert (
+        first.read_bytes() == b'{"text": "old tokens"}\n'
+        and second.read_bytes() == b'{"text": "new tokens"}\n'
+    )
     assert storage.IDENTITIES["s3://replaced/d/train.jsonl"] != old_identity
     assert old_identity.startswith("etag:")
     assert data._fingerprint(first) != data._fingerprint(second)  # and tokenized again
@@ -98,8 +107,12 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
     from huggingface_hub import constants
 
     server = Hub({"acme/data": Repo({"train.jsonl": b'{"text": "a"}\n'}, sha="a" * 40)}).start()
-    monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)  # read at import time: HF_ENDPOINT is too late here
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants, "ENDPOINT", server.endpoint
+    )  # read at import time: HF_ENDPOINT is too late here
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     yield server
@@ -107,11 +120,15 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
 
 
 def test_a_hub_branch_that_moved_is_fetched_again(hub: Hub) -> None:
-    first = storage.fetch("hf://acme/data", StorageSpec(), "spec.dataset.train", ExitCode.DATASET_INVALID, "main")
+    first = storage.fetch(
+        "hf://acme/data", StorageSpec(), "spec.dataset.train", ExitCode.DATASET_INVALID, "main"
+    )
     assert storage.IDENTITIES["hf://acme/data"] == "commit:" + "a" * 40
     hub.repos["acme/data"] = Repo({"train.jsonl": b'{"text": "b"}\n'}, sha="b" * 40)  # a new commit on main
 
-    second = storage.fetch("hf://acme/data", StorageSpec(), "spec.dataset.train", ExitCode.DATASET_INVALID, "main")
+    second = storage.fetch(
+        "hf://acme/data", StorageSpec(), "spec.dataset.train", ExitCode.DATASET_INVALID, "main"
+    )
 
     assert (first / "train.jsonl").read_bytes() == b'{"text": "a"}\n'
     assert (second / "train.jsonl").read_bytes() == b'{"text": "b"}\n'
@@ -128,14 +145,24 @@ def test_an_s3_output_belongs_to_the_job_that_wrote_it_first(s3_endpoint: str, t
     from trainer_helpers import job_spec
 
     storage.s3_client(StorageSpec(endpoint=s3_endpoint)).create_bucket(Bucket="owned")
-    spec = FineTuneJobSpec.model_validate(job_spec(tmp_path, **{"output.uri": "s3://owned/run", "storage": {"endpoint": s3_endpoint}}))
+    spec = FineTuneJobSpec.model_validate(
+        job_spec(tmp_path, **{"output.uri": "s3://owned/run", "storage": {"endpoint": s3_endpoint}})
+    )
 
     def claim(uid: str) -> dict:
-        config = TrainerConfig(job=JobRef(name=uid, namespace="ml", uid=uid), spec=spec, world_size=1, gradient_accumulation_steps=1)
+        config = TrainerConfig(
+            job=JobRef(name=uid, namespace="ml", uid=uid),
+            spec=spec,
+            world_size=1,
+            gradient_accumulation_steps=1,
+        )
         return OutputClaim(storage.OutputStore(spec.output.uri, spec.storage), config).acquire(config)
 
     assert claim("uid-a")["uid"] == "uid-a"
     assert claim("uid-a")["uid"] == "uid-a"  # a restart of the same job resumes
     with pytest.raises(TrainerError) as caught:
         claim("uid-b")
-    assert caught.value.exit_code == ExitCode.CONFIG_INVALID and "belongs to job ml/uid-a (uid uid-a, run 1)" in caught.value.message
+    assert (
+        caught.value.exit_code == ExitCode.CONFIG_INVALID
+        and "belongs to job ml/uid-a (uid uid-a, run 1)" in caught.value.message
+    )

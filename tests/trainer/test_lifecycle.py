@@ -31,8 +31,18 @@ def test_artifacts_layout_and_manifest(lora_run: Path) -> None:
                  "metrics.json", "trainer-config.yaml", "manifest.json", "COMPLETE"):  # fmt: skip
         assert (lora_run / name).exists(), name
     manifest = json.loads((lora_run / "manifest.json").read_text())
-    files = {p.relative_to(lora_run).as_posix() for p in lora_run.rglob("*") if p.is_file() and not p.as_posix().startswith(str(lora_run / "checkpoints"))}
-    assert set(manifest["files"]) == files - {"manifest.json", "COMPLETE", ".kubetune-owner.json", ".kubetune-run.json", ".kubetune.lock"}
+    files = {
+        p.relative_to(lora_run).as_posix()
+        for p in lora_run.rglob("*")
+        if p.is_file() and not p.as_posix().startswith(str(lora_run / "checkpoints"))
+    }
+    assert set(manifest["files"]) == files - {
+        "manifest.json",
+        "COMPLETE",
+        ".kubetune-owner.json",
+        ".kubetune-run.json",
+        ".kubetune.lock",
+    }
     for rel, entry in manifest["files"].items():
         assert sha256_file(lora_run / rel) == entry["sha256"]
     metrics = json.loads((lora_run / "metrics.json").read_text())
@@ -79,9 +89,17 @@ def test_merged_model_matches_base_plus_adapter(lora_run: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(str(lora_run / "model"))
     assert tokenizer.chat_template
-    ids = torch.tensor([tokenizer("<|user|> one two three four <|end|> <|assistant|>", add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor(
+        [
+            tokenizer("<|user|> one two three four <|end|> <|assistant|>", add_special_tokens=False)[
+                "input_ids"
+            ]
+        ]
+    )
     merged = AutoModelForCausalLM.from_pretrained(str(lora_run / "model")).eval()
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(TINY_MODEL)), str(lora_run / "adapter")).eval()
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(TINY_MODEL)), str(lora_run / "adapter")
+    ).eval()
     base = AutoModelForCausalLM.from_pretrained(str(TINY_MODEL)).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
@@ -119,13 +137,20 @@ def test_sigterm_checkpoints_then_restart_resumes(tmp_path: Path) -> None:
     assert logged and min(logged) > stopped_at  # no step before the checkpoint was trained again
     curve_steps = [point["step"] for point in rank_dumps(tmp_path)[0]["lossCurve"]]
     assert curve_steps == sorted(set(curve_steps))  # the loss curve carries over, without repeats
-    assert (tmp_path / "out" / "COMPLETE").exists() and (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "out" / "COMPLETE").exists() and (
+        tmp_path / "out" / "adapter" / "adapter_config.json"
+    ).exists()
 
 
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path: Path) -> None:
     """Model, optimizer, scheduler, RNG and data position all come back: resuming changes nothing."""
-    overrides = {"training.maxSteps": 20, "output.checkpointSteps": 1000, "dataset.eval": None, "lora.dropout": 0.1}
+    overrides = {
+        "training.maxSteps": 20,
+        "output.checkpointSteps": 1000,
+        "dataset.eval": None,
+        "lora.dropout": 0.1,
+    }
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir()
     split.mkdir()
@@ -161,13 +186,19 @@ def test_full_fine_tune_with_frozen_layers_saves_loadable_model(tmp_path: Path) 
     assert code == 0, out[-4000:]
     tuned = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "model")).state_dict()
     base = AutoModelForCausalLM.from_pretrained(str(TINY_MODEL)).state_dict()
-    assert torch.equal(tuned["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(
+        tuned["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
+    )
     assert torch.equal(tuned["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
-    assert not torch.equal(tuned["model.layers.1.self_attn.q_proj.weight"], base["model.layers.1.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        tuned["model.layers.1.self_attn.q_proj.weight"], base["model.layers.1.self_attn.q_proj.weight"]
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fused", ["0", "1"])  # 1: fused AdamW skips the bad step on the device, flags read a step late
+@pytest.mark.parametrize(
+    "fused", ["0", "1"]
+)  # 1: fused AdamW skips the bad step on the device, flags read a step late
 def test_non_finite_loss_stops_with_loss_not_finite(tmp_path: Path, fused: str) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -176,7 +207,12 @@ def test_non_finite_loss_stops_with_loss_not_finite(tmp_path: Path, fused: str) 
     weights = load_file(str(model / "model.safetensors"))
     weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
-    code, out = run_trainer(tmp_path, job_spec(tmp_path, **{"model.source": str(model)}), nproc=1, env={"KUBETUNE_FUSED_ADAMW": fused})
+    code, out = run_trainer(
+        tmp_path,
+        job_spec(tmp_path, **{"model.source": str(model)}),
+        nproc=1,
+        env={"KUBETUNE_FUSED_ADAMW": fused},
+    )
     assert code == ExitCode.LOSS_NOT_FINITE, out[-3000:]
     assert "loss became nan" in termination(tmp_path)["message"]
     assert not (tmp_path / "out" / "checkpoints").exists()  # no bad step was ever saved

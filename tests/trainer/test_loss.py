@@ -12,7 +12,12 @@ from trainer_helpers import TINY_MODEL
 
 
 def spec(method: str) -> FineTuneJobSpec:
-    doc: dict = {"model": {"source": str(TINY_MODEL)}, "dataset": {"train": "/tmp/x.jsonl"}, "output": {"uri": "file:///tmp/x"}, "method": method}
+    doc: dict = {
+        "model": {"source": str(TINY_MODEL)},
+        "dataset": {"train": "/tmp/x.jsonl"},
+        "output": {"uri": "file:///tmp/x"},
+        "method": method,
+    }
     if method.startswith("lora"):
         doc["method"] = "lora"
         doc["lora"] = {"dropout": 0.0}  # the two models must see the same activations
@@ -28,7 +33,9 @@ def batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     labels[:, :9] = -100  # a prompt: no loss there
     labels[1, 20:] = -100
     # Two packed examples in row 2: positions restart, the second example's first token unlabelled.
-    position_ids = torch.cat([torch.arange(37).expand(2, 37), torch.cat([torch.arange(17), torch.arange(20)])[None]], 0)
+    position_ids = torch.cat(
+        [torch.arange(37).expand(2, 37), torch.cat([torch.arange(17), torch.arange(20)])[None]], 0
+    )
     labels[2, 17] = -100
     return {"input_ids": ids, "labels": labels, "position_ids": position_ids}
 
@@ -48,7 +55,9 @@ def test_same_loss_and_gradients_as_the_models_own(method: str, monkeypatch: pyt
     assert loss_mod.supported(chunked) is None
     assert loss_mod.install(chunked, chunk=16)  # several chunks, the last one short
     chunked.load_state_dict(reference.state_dict())
-    data = batch(reference.config.vocab_size if method == "full" else reference.get_base_model().config.vocab_size)
+    data = batch(
+        reference.config.vocab_size if method == "full" else reference.get_base_model().config.vocab_size
+    )
     if method == "lora+head":
         names = {n for n, p in chunked.named_parameters() if p.requires_grad}
         assert any("lm_head.modules_to_save" in n for n in names)
@@ -100,7 +109,11 @@ def test_autocast_bf16_matches_the_model_within_bf16_precision() -> None:
         got = loss_mod.linear_cross_entropy(hidden, head.weight, None, labels, chunk=10)
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
     got.backward()
-    assert head.weight.grad is not None and head.weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+    assert (
+        head.weight.grad is not None
+        and head.weight.grad.dtype == torch.float32
+        and hidden.grad.dtype == torch.float32
+    )
 
 
 def test_only_plain_heads_are_patched() -> None:

@@ -28,7 +28,9 @@ def test_lora_all_linear_adapts_every_linear_but_the_head() -> None:
 
 
 def test_lora_named_targets_and_modules_to_save() -> None:
-    names = _trainable(apply_lora(_model(), LoraSpec(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])))
+    names = _trainable(
+        apply_lora(_model(), LoraSpec(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    )
     assert any("q_proj.lora_A" in n for n in names) and not any("o_proj.lora" in n for n in names)
     assert any("lm_head.modules_to_save" in n for n in names)
 
@@ -50,7 +52,9 @@ def test_freeze_first_n_layers() -> None:
 def test_train_only_named_modules() -> None:
     model = _model()
     apply_freeze(model, FreezeSpec(trainable_modules=["lm_head", "layers.1.mlp"]))
-    assert set(_trainable(model)) == {"lm_head.weight"} | {n for n, _ in model.named_parameters() if "layers.1.mlp" in n}
+    assert set(_trainable(model)) == {"lm_head.weight"} | {
+        n for n, _ in model.named_parameters() if "layers.1.mlp" in n
+    }
 
 
 def test_freezing_everything_is_refused() -> None:
@@ -65,13 +69,22 @@ def test_training_dtype() -> None:
 
     def spec(method: str, dtype: str = "auto") -> FineTuneJobSpec:
         return FineTuneJobSpec.model_validate(
-            {"model": {"source": "/m", "dtype": dtype}, "dataset": {"train": "/d"}, "output": {"uri": "/o"}, "method": method}
+            {
+                "model": {"source": "/m", "dtype": dtype},
+                "dataset": {"train": "/d"},
+                "output": {"uri": "/o"},
+                "method": method,
+            }
         )
 
-    assert training_dtype(spec("full"), on_gpu=True, deepspeed=False) == torch.float32  # fp32 master weights under DDP
+    assert (
+        training_dtype(spec("full"), on_gpu=True, deepspeed=False) == torch.float32
+    )  # fp32 master weights under DDP
     assert training_dtype(spec("full"), on_gpu=True, deepspeed=True) == resolve_auto_gpu()
     assert training_dtype(spec("lora"), on_gpu=False, deepspeed=False) == torch.float32  # CPU: always fp32
-    assert training_dtype(spec("full", "float16"), on_gpu=True, deepspeed=False) == torch.float16  # asked for explicitly
+    assert (
+        training_dtype(spec("full", "float16"), on_gpu=True, deepspeed=False) == torch.float16
+    )  # asked for explicitly
 
 
 def resolve_auto_gpu():  # type: ignore[no-untyped-def]

@@ -48,7 +48,11 @@ def test_loraplus_and_the_saved_head() -> None:
     from kubetune.api.models import LoraSpec
     from kubetune_trainer.peft_methods import apply_adapter
 
-    spec = _spec("lora", lora=LoraSpec(r=4, loraplus_lr_ratio=16, modules_to_save=["lm_head"]).to_wire(), headLearningRate=0.003)
+    spec = _spec(
+        "lora",
+        lora=LoraSpec(r=4, loraplus_lr_ratio=16, modules_to_save=["lm_head"]).to_wire(),
+        headLearningRate=0.003,
+    )
     rates = _rates(apply_adapter(_model(), spec, TINY_MODEL), spec)
     a = {r for n, r in rates.items() if "lora_A" in n}
     b = {r for n, r in rates.items() if "lora_B" in n}

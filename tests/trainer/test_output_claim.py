@@ -23,7 +23,9 @@ from trainer_helpers import job_spec, launch, termination, write_config
 
 def config_for(tmp: Path, uid: str) -> TrainerConfig:
     spec = FineTuneJobSpec.model_validate(job_spec(tmp, **{"output.uri": str(tmp / "out")}))
-    return TrainerConfig(job=JobRef(name=uid, namespace="ml", uid=uid), spec=spec, world_size=1, gradient_accumulation_steps=1)
+    return TrainerConfig(
+        job=JobRef(name=uid, namespace="ml", uid=uid), spec=spec, world_size=1, gradient_accumulation_steps=1
+    )
 
 
 def start(tmp: str, uid: str, barrier: Any, results: Any) -> None:
@@ -41,12 +43,19 @@ def start(tmp: str, uid: str, barrier: Any, results: Any) -> None:
 
 @pytest.mark.slow
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(uids=st.lists(st.sampled_from(["uid-a", "uid-b", "uid-c"]), min_size=2, max_size=4), owned_by=st.sampled_from([None, "uid-a"]))
-def test_of_runs_starting_together_exactly_one_trains(tmp_path_factory: pytest.TempPathFactory, uids: list[str], owned_by: str | None) -> None:
+@given(
+    uids=st.lists(st.sampled_from(["uid-a", "uid-b", "uid-c"]), min_size=2, max_size=4),
+    owned_by=st.sampled_from([None, "uid-a"]),
+)
+def test_of_runs_starting_together_exactly_one_trains(
+    tmp_path_factory: pytest.TempPathFactory, uids: list[str], owned_by: str | None
+) -> None:
     tmp = tmp_path_factory.mktemp("claim")
     if owned_by:  # an earlier run of job a wrote the output
         (tmp / "out").mkdir()
-        (tmp / "out" / OWNER_FILE).write_text(json.dumps({"job": "uid-a", "namespace": "ml", "uid": owned_by, "run": 1}))
+        (tmp / "out" / OWNER_FILE).write_text(
+            json.dumps({"job": "uid-a", "namespace": "ml", "uid": owned_by, "run": 1})
+        )
     ctx = multiprocessing.get_context("fork")
     barrier, results = ctx.Barrier(len(uids)), ctx.Queue()
     procs = [ctx.Process(target=start, args=(str(tmp), uid, barrier, results)) for uid in uids]
@@ -77,7 +86,9 @@ def test_two_trainers_started_together_on_one_output_one_trains(tmp_path: Path) 
     for name in ("a", "b"):
         tmp = tmp_path / name
         tmp.mkdir()
-        spec = job_spec(tmp, **{"output.uri": str(shared), "training.maxSteps": 6, "distributed.procsPerNode": 1})
+        spec = job_spec(
+            tmp, **{"output.uri": str(shared), "training.maxSteps": 6, "distributed.procsPerNode": 1}
+        )
         runs.append((tmp, launch(tmp, write_config(tmp, spec), 1, start_new_session=True)))
     codes = {}
     for tmp, proc in runs:

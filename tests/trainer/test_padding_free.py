@@ -39,7 +39,9 @@ def token_losses(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """Cross-entropy of every position t against the label at t+1 (0 where unlabelled), flattened."""
     logits = model(**batch, use_cache=False).logits
     labels = batch["labels"][:, 1:]
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp(min=0), reduction="none")
+    ce = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp(min=0), reduction="none"
+    )
     return ce * (labels.reshape(-1) != IGNORE)
 
 
@@ -48,13 +50,17 @@ def alone(model: Any, exs: list[Example]) -> tuple[list[torch.Tensor], dict[str,
     model.zero_grad()
     losses = []
     for e in exs:
-        loss = token_losses(model, {"input_ids": torch.tensor([e.input_ids]), "labels": torch.tensor([e.labels])})
+        loss = token_losses(
+            model, {"input_ids": torch.tensor([e.input_ids]), "labels": torch.tensor([e.labels])}
+        )
         loss.sum().backward()
         losses.append(loss.detach())
     return losses, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def together(model: Any, batch: dict[str, Any], exs: list[Example]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+def together(
+    model: Any, batch: dict[str, Any], exs: list[Example]
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """One forward over the collated micro-batch, its per-token losses cut back into examples."""
     model.zero_grad()
     loss = token_losses(model, batch)
@@ -104,7 +110,14 @@ def flash_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import modeling_flash_attention_utils as fa
 
     process = fa._lazy_define_process_function(_reference_flash_varlen)
-    monkeypatch.setattr(fa, "lazy_import_flash_attention", lambda *a, **k: ((_reference_flash, _reference_flash_varlen, None, fa._pad_input, fa._unpad_input), (process, dict)))
+    monkeypatch.setattr(
+        fa,
+        "lazy_import_flash_attention",
+        lambda *a, **k: (
+            (_reference_flash, _reference_flash_varlen, None, fa._pad_input, fa._unpad_input),
+            (process, dict),
+        ),
+    )
 
 
 LENGTHS = [9, 14, 5, 12, 7, 11]
@@ -157,7 +170,10 @@ def test_without_varlen_arguments_boundaries_come_from_position_ids_or_the_paddi
     model = tiny_qwen2(attention.register())
     exs = examples(LENGTHS[:4], seed=2)
     rows = data_mod.pack(exs, max_len=32)
-    for batch in (data_mod.collate(rows, pad_id=0, packed=True), data_mod.collate(exs, pad_id=0, packed=False)):
+    for batch in (
+        data_mod.collate(rows, pad_id=0, packed=True),
+        data_mod.collate(exs, pad_id=0, packed=False),
+    ):
         got = together(model, batch, exs) if "position_ids" in batch else None
         if got is None:  # padded rows: compare each row's tokens with the example alone
             model.zero_grad()

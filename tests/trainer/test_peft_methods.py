@@ -16,7 +16,15 @@ from trainer_helpers import TINY_MODEL, job_spec, rank_dumps, run_trainer
 
 
 def _spec(method: str, **blocks: Any) -> FineTuneJobSpec:
-    return FineTuneJobSpec.model_validate({"model": {"source": "/m"}, "dataset": {"train": "/d"}, "output": {"uri": "/o"}, "method": method, **blocks})
+    return FineTuneJobSpec.model_validate(
+        {
+            "model": {"source": "/m"},
+            "dataset": {"train": "/d"},
+            "output": {"uri": "/o"},
+            "method": method,
+            **blocks,
+        }
+    )
 
 
 def _model() -> Any:
@@ -35,7 +43,11 @@ def test_dora_adds_magnitude_vectors_to_lora() -> None:
 
 
 def test_rslora_and_per_module_ranks() -> None:
-    model = apply_adapter(_model(), _spec("lora", lora={"r": 4, "alpha": 8, "useRslora": True, "rankPattern": {"down_proj": 8}}), TINY_MODEL)
+    model = apply_adapter(
+        _model(),
+        _spec("lora", lora={"r": 4, "alpha": 8, "useRslora": True, "rankPattern": {"down_proj": 8}}),
+        TINY_MODEL,
+    )
     down = model.base_model.model.model.layers[0].mlp.down_proj
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     assert down.r["default"] == 8 and q.r["default"] == 4
@@ -49,10 +61,16 @@ def test_ia3_scales_keys_values_and_feed_forward_only() -> None:
 
 
 def test_prompt_tuning_from_text_starts_at_the_texts_embeddings() -> None:
-    model = apply_adapter(_model(), _spec("prompt_tuning", promptTuning={"numVirtualTokens": 3, "initText": "seven zero two"}), TINY_MODEL)
+    model = apply_adapter(
+        _model(),
+        _spec("prompt_tuning", promptTuning={"numVirtualTokens": 3, "initText": "seven zero two"}),
+        TINY_MODEL,
+    )
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(str(TINY_MODEL))("seven zero two", add_special_tokens=False)["input_ids"]
+    ids = AutoTokenizer.from_pretrained(str(TINY_MODEL))("seven zero two", add_special_tokens=False)[
+        "input_ids"
+    ]
     table = model.prompt_encoder["default"].embedding.weight
     assert torch.equal(table, model.get_input_embeddings().weight[ids])
 
@@ -61,14 +79,26 @@ def test_an_unknown_ia3_target_names_the_block() -> None:
     from kubetune_trainer.errors import TrainerError
 
     with pytest.raises(TrainerError, match=r"^spec.ia3: "):
-        apply_adapter(_model(), _spec("ia3", ia3={"targetModules": ["nope"], "feedforwardModules": ["nope"]}), TINY_MODEL)
+        apply_adapter(
+            _model(),
+            _spec("ia3", ia3={"targetModules": ["nope"], "feedforwardModules": ["nope"]}),
+            TINY_MODEL,
+        )
 
 
 def test_lora_config_carries_the_options() -> None:
     from kubetune.api.models import LoraSpec
 
-    config = lora_config(LoraSpec(r=4, use_rslora=True, rank_pattern={"down_proj": 8}, alpha_pattern={"q_proj": 2.0}), dora=True)
-    assert config.use_dora and config.use_rslora and config.rank_pattern == {"down_proj": 8} and config.alpha_pattern == {"q_proj": 2.0}
+    config = lora_config(
+        LoraSpec(r=4, use_rslora=True, rank_pattern={"down_proj": 8}, alpha_pattern={"q_proj": 2.0}),
+        dora=True,
+    )
+    assert (
+        config.use_dora
+        and config.use_rslora
+        and config.rank_pattern == {"down_proj": 8}
+        and config.alpha_pattern == {"q_proj": 2.0}
+    )
 
 
 # ---------------------------------------------------------------- two ranks
@@ -114,10 +144,15 @@ def test_method_trains_on_two_ranks_and_its_adapter_loads_with_peft(tmp_path: Pa
         tuned = adapter(input_ids=ids).logits[:, -ids.shape[1] :]
     merged_dir = tmp_path / "out" / "model"
     if case == "qlora":  # merged into the de-quantized (original) weights, and the metrics say so
-        assert metrics["quantizedLayers"] == 14  # q, k, v, o, gate, up, down in both blocks: 4-bit under the adapter
+        assert (
+            metrics["quantizedLayers"] == 14
+        )  # q, k, v, o, gate, up, down in both blocks: 4-bit under the adapter
         assert metrics["mergedModel"].startswith("de-quantized"), metrics.get("mergedModel")
         merged = AutoModelForCausalLM.from_pretrained(str(merged_dir))
-        assert not any("4bit" in type(m).__name__ for m in merged.modules()) and (merged_dir / "model.safetensors").exists()
+        assert (
+            not any("4bit" in type(m).__name__ for m in merged.modules())
+            and (merged_dir / "model.safetensors").exists()
+        )
     elif case in ("dora", "ia3"):  # merged by default, and the merge computes what the adapter does
         merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
         with torch.no_grad():

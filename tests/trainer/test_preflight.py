@@ -30,7 +30,9 @@ def manifest(tmp: Path, rows: list[dict], **spec: Any) -> Path:
     return path
 
 
-def test_json_shows_mapping_learned_tokens_lengths_and_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_shows_mapping_learned_tokens_lengths_and_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     long = {"conversations": SHAREGPT["conversations"] * 3}
     assert main(["preflight", str(manifest(tmp_path, [SHAREGPT] * 15 + [long])), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -44,7 +46,9 @@ def test_json_shows_mapping_learned_tokens_lengths_and_steps(tmp_path: Path, cap
     assert summary["memory"]["per"] == "process" and summary["memory"]["totalBytes"] > 0
 
 
-def test_rich_output_marks_learned_tokens_without_colour(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rich_output_marks_learned_tokens_without_colour(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["preflight", str(manifest(tmp_path, [SHAREGPT] * 8))]) == 0
     out = capsys.readouterr().out  # not a terminal: no colour, so the learned runs are marked
     assert "example 1: <|user|> one two <|end|> <|assistant|>[[ 1 2 <|end|>]] <|user|> three" in out
@@ -68,17 +72,29 @@ def test_preflight_prints_no_library_warnings(tmp_path: Path) -> None:
 
     path = manifest(tmp_path, [SHAREGPT] * 8)
     kubetune = Path(sys.executable).parent / "kubetune"
-    quiet = subprocess.run([str(kubetune), "preflight", str(path)], capture_output=True, text=True, timeout=300)
+    quiet = subprocess.run(
+        [str(kubetune), "preflight", str(path)], capture_output=True, text=True, timeout=300
+    )
     assert quiet.returncode == 0 and quiet.stderr == ""
-    loud = subprocess.run([str(kubetune), "preflight", str(path), "--verbose"], capture_output=True, text=True, timeout=300)
-    assert loud.returncode == 0 and "FutureWarning" in loud.stderr  # what --verbose shows, and the default hides
+    loud = subprocess.run(
+        [str(kubetune), "preflight", str(path), "--verbose"], capture_output=True, text=True, timeout=300
+    )
+    assert (
+        loud.returncode == 0 and "FutureWarning" in loud.stderr
+    )  # what --verbose shows, and the default hides
 
 
 def test_data_refusal_exits_66_with_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = manifest(tmp_path, [{"question": "one", "reply": "1"}], dataset={"train": "train.jsonl", "format": "prompt_completion"})
+    path = manifest(
+        tmp_path,
+        [{"question": "one", "reply": "1"}],
+        dataset={"train": "train.jsonl", "format": "prompt_completion"},
+    )
     assert main(["preflight", str(path)]) == 66
     err = capsys.readouterr().err
-    assert err.startswith("DatasetInvalid: train.jsonl line 1 (record 0): format prompt_completion needs prompt ('prompt')")
+    assert err.startswith(
+        "DatasetInvalid: train.jsonl line 1 (record 0): format prompt_completion needs prompt ('prompt')"
+    )
     assert "set spec.dataset.fields.prompt to the column that holds it (one of question, reply)" in err
 
 
@@ -111,19 +127,38 @@ def test_memory_estimate_warns_when_full_fine_tuning_of_7b_will_not_fit_one_gpu(
     full = _spec(model, method="full", distributed={"gpusPerNode": 1, "backend": "ddp"})
     trainable, total, _ = preflight.parameter_counts(full, model)
     assert trainable == total and 6.7e9 < total < 6.8e9
-    estimate = preflight.job_memory(full, model, 2048, on_gpu=True, deepspeed=False, gpu_memory=80 * preflight.GIB)
+    estimate = preflight.job_memory(
+        full, model, 2048, on_gpu=True, deepspeed=False, gpu_memory=80 * preflight.GIB
+    )
     assert estimate.fits is False and "WARNING: more than the 80.00 GiB available per GPU" in estimate.line()
-    assert estimate.parts["optimizer"] == 8 * total and estimate.parts["weights"] == 4 * total  # fp32 masters under DDP
+    assert (
+        estimate.parts["optimizer"] == 8 * total and estimate.parts["weights"] == 4 * total
+    )  # fp32 masters under DDP
 
-    lora = _spec(model, method="lora", distributed={"gpusPerNode": 1, "backend": "ddp"}, training={"gradientCheckpointing": True})
-    small = preflight.job_memory(lora, model, 2048, on_gpu=True, deepspeed=False, gpu_memory=80 * preflight.GIB)
+    lora = _spec(
+        model,
+        method="lora",
+        distributed={"gpusPerNode": 1, "backend": "ddp"},
+        training={"gradientCheckpointing": True},
+    )
+    small = preflight.job_memory(
+        lora, model, 2048, on_gpu=True, deepspeed=False, gpu_memory=80 * preflight.GIB
+    )
     assert small.fits is True and small.parts["weights"] < 15 * preflight.GIB
 
 
 def test_zero3_across_eight_gpus_splits_weights_gradients_and_optimizer(tmp_path: Path) -> None:
     model = big_model(tmp_path)
-    one = _spec(model, method="full", distributed={"gpusPerNode": 1, "procsPerNode": 1, "backend": "deepspeed", "zeroStage": 3})
-    eight = _spec(model, method="full", distributed={"gpusPerNode": 8, "procsPerNode": 8, "backend": "deepspeed", "zeroStage": 3})
+    one = _spec(
+        model,
+        method="full",
+        distributed={"gpusPerNode": 1, "procsPerNode": 1, "backend": "deepspeed", "zeroStage": 3},
+    )
+    eight = _spec(
+        model,
+        method="full",
+        distributed={"gpusPerNode": 8, "procsPerNode": 8, "backend": "deepspeed", "zeroStage": 3},
+    )
     a = preflight.job_memory(one, model, 2048, True, True, 80 * preflight.GIB)
     b = preflight.job_memory(eight, model, 2048, True, True, 80 * preflight.GIB)
     for part in ("weights", "gradients", "optimizer"):

@@ -36,7 +36,9 @@ def test_progress_endpoint_serves_camel_case_json_and_prometheus() -> None:
         # The operator's model reads the same names.
         Progress.model_validate({k: v for k, v in body.items() if k != "phase"})
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-        assert "kubetune_trainer_step 5.0" in metrics and "kubetune_trainer_tokens_per_second 100.0" in metrics
+        assert (
+            "kubetune_trainer_step 5.0" in metrics and "kubetune_trainer_tokens_per_second 100.0" in metrics
+        )
         assert 'kubetune_trainer_phase{phase="Training"} 1.0' in metrics
         assert 'kubetune_trainer_phase{phase="Saving"} 0.0' in metrics
     finally:
@@ -55,8 +57,14 @@ def test_prometheus_text_skips_unknown_values() -> None:
 def test_termination_message_goes_to_env_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(tmp_path / "term"))
     write_termination_message(ExitCode.DATASET_INVALID, "bad rows")
-    assert json.loads((tmp_path / "term").read_text()) == {"exitCode": 66, "reason": "DatasetInvalid", "message": "bad rows"}
-    assert TerminationMessage.read(tmp_path / "term") == TerminationMessage(exit_code=66, reason="DatasetInvalid", message="bad rows")
+    assert json.loads((tmp_path / "term").read_text()) == {
+        "exitCode": 66,
+        "reason": "DatasetInvalid",
+        "message": "bad rows",
+    }
+    assert TerminationMessage.read(tmp_path / "term") == TerminationMessage(
+        exit_code=66, reason="DatasetInvalid", message="bad rows"
+    )
     write_termination_message(ExitCode.INFRASTRUCTURE, "peer lost")  # a follow-on error never hides the first
     assert TerminationMessage.read(tmp_path / "term").exit_code == 66  # type: ignore[union-attr]
     assert not is_retryable(66)
@@ -115,7 +123,9 @@ def test_checkpoints_sealed_listed_and_pruned(tmp_path: Path) -> None:
     assert ckpt.complete_checkpoints(store) == [10, 20, 30]
     ckpt.prune_checkpoints(store, keep=2)
     assert ckpt.complete_checkpoints(store) == [20, 30]
-    assert (tmp_path / "out/checkpoints/step-00000040").exists()  # newer than the newest complete: may be in flight
+    assert (
+        tmp_path / "out/checkpoints/step-00000040"
+    ).exists()  # newer than the newest complete: may be in flight
     manifest = json.loads((tmp_path / "out/checkpoints/step-00000030/manifest.json").read_text())
     assert manifest["files"]["sub/w.bin"]["sha256"] == sha256_file(src / "sub" / "w.bin")
     assert (tmp_path / "out/checkpoints/step-00000030" / COMPLETE_MARKER).exists()

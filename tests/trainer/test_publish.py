@@ -21,7 +21,10 @@ TINY = Path(__file__).resolve().parents[2] / "examples" / "data" / "tiny-llama"
 
 def tiny_layers() -> list[publish.Layer]:
     files = {f"model/{rel}": entry for rel, entry in file_table(TINY).items()}
-    return [publish.Layer(TINY / layer.rel, layer.rel, layer.sha256, layer.size) for layer in publish.layers(TINY, files, "model")]
+    return [
+        publish.Layer(TINY / layer.rel, layer.rel, layer.sha256, layer.size)
+        for layer in publish.layers(TINY, files, "model")
+    ]
 
 
 def test_each_file_is_one_raw_layer_whose_digest_is_the_files_sha256():
@@ -43,7 +46,10 @@ def test_the_model_config_names_the_layers_and_reads_the_family_from_config_json
     parts = tiny_layers()
     config = publish.model_config(parts, "tiny")
     assert config["modelfs"] == {"type": "layers", "diffIds": [f"sha256:{p.sha256}" for p in parts]}
-    assert config["descriptor"] == {"name": "tiny", "family": json.loads((TINY / "config.json").read_text())["model_type"]}
+    assert config["descriptor"] == {
+        "name": "tiny",
+        "family": json.loads((TINY / "config.json").read_text())["model_type"],
+    }
     assert config["config"]["format"] == "safetensors"
 
 

@@ -14,7 +14,11 @@ from kubetune_trainer import storage
 from kubetune_trainer.errors import TrainerError
 from trainer_helpers import SPELL, TINY_MODEL, free_port, job_spec, run_trainer, termination
 
-CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+CREDS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,9 @@ def s3(s3_endpoint: str):  # type: ignore[no-untyped-def]
 def test_model_prefix_downloads_into_node_cache_once(s3, s3_endpoint: str) -> None:
     spec = StorageSpec(endpoint=s3_endpoint)
     path = storage.fetch("s3://models/tiny", spec, "spec.model.source", ExitCode.MODEL_NOT_FOUND)
-    assert sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) == sorted(p.name for p in TINY_MODEL.iterdir())
+    assert sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) == sorted(
+        p.name for p in TINY_MODEL.iterdir()
+    )
     assert storage.fetch("s3://models/tiny", spec, "m", ExitCode.MODEL_NOT_FOUND) == path
     single = storage.fetch("s3://data/spell/train.jsonl", spec, "d", ExitCode.DATASET_INVALID)
     assert single.is_file() and single.name == "train.jsonl"
@@ -110,20 +116,31 @@ def authenticating_s3() -> Iterator[str]:
         proc.wait(timeout=10)
 
 
-def test_bad_credentials_are_credentials_invalid(authenticating_s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_credentials_are_credentials_invalid(
+    authenticating_s3: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
     with pytest.raises(TrainerError) as err:
-        storage.fetch("s3://models/tiny", StorageSpec(endpoint=authenticating_s3), "spec.model.source", ExitCode.MODEL_NOT_FOUND)
+        storage.fetch(
+            "s3://models/tiny",
+            StorageSpec(endpoint=authenticating_s3),
+            "spec.model.source",
+            ExitCode.MODEL_NOT_FOUND,
+        )
     assert err.value.exit_code == ExitCode.CREDENTIALS_INVALID
     assert "InvalidAccessKeyId" in err.value.message and "secretRef" in err.value.message
 
 
 @pytest.mark.slow
-def test_trainer_with_bad_credentials_exits_credentials_invalid(authenticating_s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trainer_with_bad_credentials_exits_credentials_invalid(
+    authenticating_s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
-    spec = job_spec(tmp_path, **{"model.source": "s3://models/tiny", "storage": {"endpoint": authenticating_s3}})
+    spec = job_spec(
+        tmp_path, **{"model.source": "s3://models/tiny", "storage": {"endpoint": authenticating_s3}}
+    )
     code, out = run_trainer(tmp_path, spec, nproc=1)
     assert code == ExitCode.CREDENTIALS_INVALID, out[-3000:]
     assert termination(tmp_path)["reason"] == "CredentialsInvalid"
@@ -180,7 +197,9 @@ def test_train_from_s3_to_s3(s3, s3_endpoint: str, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_missing_s3_dataset_exits_dataset_invalid(s3, s3_endpoint: str, tmp_path: Path) -> None:
-    spec = job_spec(tmp_path, **{"dataset.train": "s3://data/absent.jsonl", "storage": {"endpoint": s3_endpoint}})
+    spec = job_spec(
+        tmp_path, **{"dataset.train": "s3://data/absent.jsonl", "storage": {"endpoint": s3_endpoint}}
+    )
     code, out = run_trainer(tmp_path, spec, nproc=1)
     assert code == ExitCode.DATASET_INVALID, out[-3000:]
     assert "spec.dataset.train" in termination(tmp_path)["message"]

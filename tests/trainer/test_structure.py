@@ -30,7 +30,8 @@ def test_trainer_imports_only_kubetune_api_from_the_operator() -> None:
         f"{module}: {name}"
         for module, tree in _modules().items()
         for name in _imported(tree)
-        if (name == "kubetune" or name.startswith("kubetune.")) and not (name == "kubetune.api" or name.startswith("kubetune.api."))
+        if (name == "kubetune" or name.startswith("kubetune."))
+        and not (name == "kubetune.api" or name.startswith("kubetune.api."))
     }
     assert not outside, sorted(outside)
 
@@ -52,12 +53,18 @@ def test_no_trainer_function_is_longer_than_40_lines() -> None:
         f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
         for module, tree in _modules().items()
         for node in ast.walk(tree)
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert not long, long
 
 
 def test_test_hooks_are_read_only_by_the_debug_seam() -> None:
     """Every KUBETUNE_DEBUG_* variable is read in debug.py (DebugHooks) and nowhere else in the trainer."""
-    elsewhere = [p.name for p in sorted(TRAINER.glob("*.py")) if p.name != "debug.py" and "KUBETUNE_DEBUG_" in p.read_text()]
+    elsewhere = [
+        p.name
+        for p in sorted(TRAINER.glob("*.py"))
+        if p.name != "debug.py" and "KUBETUNE_DEBUG_" in p.read_text()
+    ]
     assert not elsewhere, elsewhere

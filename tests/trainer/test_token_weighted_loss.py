@@ -18,7 +18,9 @@ WORKER = Path(__file__).with_name("accumulation_worker.py")
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["packed", "unpacked"])
 def test_two_ranks_with_accumulation_match_each_example_alone(tmp_path: Path, layout: str) -> None:
-    spec = job_spec(tmp_path, method="full", **{"training.globalBatchSize": 32})  # 8 per device x 2 ranks x 2 micro-batches
+    spec = job_spec(
+        tmp_path, method="full", **{"training.globalBatchSize": 32}
+    )  # 8 per device x 2 ranks x 2 micro-batches
     spec.pop("lora")
     config = write_config(tmp_path, spec)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",

@@ -29,7 +29,9 @@ class SlowSink:
         self.got += points
 
 
-def test_a_tracker_that_hangs_never_slows_the_caller_and_drops_what_does_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_tracker_that_hangs_never_slows_the_caller_and_drops_what_does_not_fit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     gate = threading.Event()
     channel = Channel(SlowSink(block=gate), capacity=100, retries=1, backoff=0)
     started = time.perf_counter()
@@ -57,7 +59,10 @@ def test_a_failed_send_is_retried_then_counted_and_later_points_still_go() -> No
 
 def test_steps_the_tracker_already_holds_are_skipped_per_metric() -> None:
     floors = {"loss": 14, "evalLoss": 10}
-    points = [Point("loss", 1.0, s) for s in (10, 12, 14, 16)] + [Point("evalLoss", 2.0, 10), Point("evalLoss", 1.5, 20)]
+    points = [Point("loss", 1.0, s) for s in (10, 12, 14, 16)] + [
+        Point("evalLoss", 2.0, 10),
+        Point("evalLoss", 1.5, 20),
+    ]
     fresh = new_points(points, floors)
     assert [(p.key, p.step) for p in fresh] == [("loss", 16), ("evalLoss", 20)]
     assert new_points(points, floors) == []  # and never twice
@@ -73,7 +78,11 @@ def test_the_summary_carries_before_and_after_the_final_evaluation_and_the_inter
     metrics = {"evalLossBefore": 3.4, "evalLossAfter": 0.5, "tokensSeen": 1000, "evaluation": {"evalLoss": 0.5, "gatePassed": True},
                "interpolation": [{"alpha": 0.5, "evalLoss": 0.9}, {"alpha": 1.0, "evalLoss": 0.5}], "usage": {"gpuSeconds": 12.5}}  # fmt: skip
     got = {(p.key, p.step): p.value for p in summary_points(metrics, 30)}
-    assert got[("evalLossBefore", 30)] == 3.4 and got[("final/evalLoss", 30)] == 0.5 and got[("usage/gpuSeconds", 30)] == 12.5
+    assert (
+        got[("evalLossBefore", 30)] == 3.4
+        and got[("final/evalLoss", 30)] == 0.5
+        and got[("usage/gpuSeconds", 30)] == 12.5
+    )
     assert got[("interpolation/evalLoss", 50)] == 0.9 and got[("interpolation/evalLoss", 100)] == 0.5
 
 
@@ -86,16 +95,26 @@ def test_the_run_number_comes_from_the_output_prefix() -> None:
 def test_hyper_parameters_are_the_resolved_spec_flattened(tmp_path: Path) -> None:
     spec = FineTuneJobSpec.model_validate(job_spec(tmp_path))
     params = tracking.hyper_parameters(render_trainer_config(spec, "j"), backend="ddp")
-    assert params["training.learningRate"] == "0.005" and params["lora.r"] == "8" and params["method"] == "lora"
-    assert params["training.scheduler"] == "cosine"  # defaults included: what was trained, not what was written
-    assert params["worldSize"] == "2" and params["backend"] == "ddp" and params["dataset.maxSeqLength"] == "32"
+    assert (
+        params["training.learningRate"] == "0.005" and params["lora.r"] == "8" and params["method"] == "lora"
+    )
+    assert (
+        params["training.scheduler"] == "cosine"
+    )  # defaults included: what was trained, not what was written
+    assert (
+        params["worldSize"] == "2" and params["backend"] == "ddp" and params["dataset.maxSeqLength"] == "32"
+    )
     assert all(isinstance(v, str) and len(v) <= 500 for v in params.values())
 
 
 def test_the_wandb_run_id_is_the_same_for_every_gang_of_a_run(tmp_path: Path) -> None:
     spec = FineTuneJobSpec.model_validate(job_spec(tmp_path))
     one = render_trainer_config(spec, "j", uid="1f0c-uid")
-    run2 = render_trainer_config(spec.model_copy(update={"output": spec.output.model_copy(update={"uri": "s3://b/x/run-2"})}), "j", uid="1f0c-uid")
+    run2 = render_trainer_config(
+        spec.model_copy(update={"output": spec.output.model_copy(update={"uri": "s3://b/x/run-2"})}),
+        "j",
+        uid="1f0c-uid",
+    )
     assert tracking.wandb_run_id(one) == tracking.wandb_run_id(one) == "1f0c-uid-1"
     assert tracking.wandb_run_id(run2) == "1f0c-uid-2"
 
@@ -106,7 +125,9 @@ def test_an_unreachable_mlflow_server_is_one_line_naming_the_uri_before_anything
     from trainer_helpers import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"
-    spec = FineTuneJobSpec.model_validate(job_spec(tmp_path, **{"tracking.mlflow": {"uri": uri, "experiment": "e"}}))
+    spec = FineTuneJobSpec.model_validate(
+        job_spec(tmp_path, **{"tracking.mlflow": {"uri": uri, "experiment": "e"}})
+    )
     started = time.monotonic()
     with pytest.raises(TrainerError) as err:
         tracking.start_tracking(render_trainer_config(spec, "j"), tmp_path)

@@ -66,24 +66,39 @@ def tracked_spec(tmp: Path, s3_endpoint: str, uri: str, prefix: str, **tracking:
 
 
 def read_json(s3_endpoint: str, key: str) -> dict[str, Any]:
-    body = storage.s3_client(StorageSpec(endpoint=s3_endpoint)).get_object(Bucket="out", Key=key)["Body"].read()
+    body = (
+        storage.s3_client(StorageSpec(endpoint=s3_endpoint)).get_object(Bucket="out", Key=key)["Body"].read()
+    )
     return json.loads(body)
 
 
 def runs_of(server: MlflowServer, prefix: str) -> list[Any]:
     c = client(server)
     experiment = c.get_experiment_by_name(EXPERIMENT)
-    return c.search_runs([experiment.experiment_id], filter_string=f"tags.`kubetune.output` = 's3://out/{prefix}'")
+    return c.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`kubetune.output` = 's3://out/{prefix}'"
+    )
 
 
 def history(server: MlflowServer, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client(server).get_metric_history(run_id, key))
 
 
-def test_every_metric_goes_with_its_step_and_the_model_is_registered(tmp_path: Path, s3_endpoint: str, mlflow: MlflowServer) -> None:
-    spec = tracked_spec(tmp_path, s3_endpoint, mlflow.uri, "registered", registerAs="tiny-digits", runName="first")
-    code, out = run_trainer(tmp_path, spec, nproc=2, env={"MLFLOW_TRACKING_USERNAME": "ci", "MLFLOW_TRACKING_PASSWORD": SECRET_PASSWORD})
-    assert code == 0, "\n".join(line for line in out.splitlines() if "[kubetune]" in line or "Error" in line)[-4000:]
+def test_every_metric_goes_with_its_step_and_the_model_is_registered(
+    tmp_path: Path, s3_endpoint: str, mlflow: MlflowServer
+) -> None:
+    spec = tracked_spec(
+        tmp_path, s3_endpoint, mlflow.uri, "registered", registerAs="tiny-digits", runName="first"
+    )
+    code, out = run_trainer(
+        tmp_path,
+        spec,
+        nproc=2,
+        env={"MLFLOW_TRACKING_USERNAME": "ci", "MLFLOW_TRACKING_PASSWORD": SECRET_PASSWORD},
+    )
+    assert code == 0, "\n".join(line for line in out.splitlines() if "[kubetune]" in line or "Error" in line)[
+        -4000:
+    ]
     metrics = read_json(s3_endpoint, "registered/metrics.json")
     assert metrics["worldSize"] == 2  # both ranks trained; rank 0 alone reported
     [run] = runs_of(mlflow, "registered")
@@ -92,11 +107,17 @@ def test_every_metric_goes_with_its_step_and_the_model_is_registered(tmp_path: P
     # every logged point, read back through MLflow's client, equals metrics.json
     for key in ("loss", "learningRate", "tokensPerSecond"):
         assert history(mlflow, run_id, key) == [(p["step"], p[key]) for p in metrics["lossCurve"]], key
-    assert history(mlflow, run_id, "evalLoss") == [(0, metrics["evalLossBefore"])] + [(e["step"], e["evalLoss"]) for e in metrics["evals"]]
+    assert history(mlflow, run_id, "evalLoss") == [(0, metrics["evalLossBefore"])] + [
+        (e["step"], e["evalLoss"]) for e in metrics["evals"]
+    ]
     assert run.data.metrics["evalLossAfter"] == metrics["evalLossAfter"]
     assert run.data.params["training.learningRate"] == "0.005" and run.data.params["worldSize"] == "2"
     tags = run.data.tags
-    assert tags["kubetune.name"] == "t" and tags["kubetune.namespace"] == "default" and tags["kubetune.run"] == "1"
+    assert (
+        tags["kubetune.name"] == "t"
+        and tags["kubetune.namespace"] == "default"
+        and tags["kubetune.run"] == "1"
+    )
     assert tags["kubetune.uid"].startswith("uid-") and tags["kubetune.model"] == "s3://out/registered/model/"
     artifacts = {f.path for f in client(mlflow).list_artifacts(run_id)}
     assert {"README.md", "loss.png", "metrics.json"} <= artifacts
@@ -104,18 +125,34 @@ def test_every_metric_goes_with_its_step_and_the_model_is_registered(tmp_path: P
     [version] = client(mlflow).search_model_versions("name = 'tiny-digits'")
     assert version.source == "s3://out/registered/model/" and version.run_id == run_id
     report = termination(tmp_path)["progress"]["tracking"]
-    assert report["mlflowRunId"] == run_id and report["mlflowModelVersion"] == f"tiny-digits/{version.version}"
+    assert (
+        report["mlflowRunId"] == run_id and report["mlflowModelVersion"] == f"tiny-digits/{version.version}"
+    )
     assert report["mlflowRun"] == f"{mlflow.uri}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
     assert metrics["tracking"]["mlflowRun"] == report["mlflowRun"]
     assert metrics["tracking"]["delivery"]["MLflow"]["failed"] == 0
     # the card links the run; the password is in no log, no file and not on the server
-    card = storage.s3_client(StorageSpec(endpoint=s3_endpoint)).get_object(Bucket="out", Key="registered/README.md")["Body"].read().decode()
+    card = (
+        storage.s3_client(StorageSpec(endpoint=s3_endpoint))
+        .get_object(Bucket="out", Key="registered/README.md")["Body"]
+        .read()
+        .decode()
+    )
     assert report["mlflowRun"] in card
-    for text in (out, json.dumps(metrics), card, (tmp_path / "trainer-config.yaml").read_text(), json.dumps(run.data.params), json.dumps(tags)):
+    for text in (
+        out,
+        json.dumps(metrics),
+        card,
+        (tmp_path / "trainer-config.yaml").read_text(),
+        json.dumps(run.data.params),
+        json.dumps(tags),
+    ):
         assert SECRET_PASSWORD not in text
 
 
-def test_a_restarted_gang_continues_the_same_run_without_duplicate_steps(tmp_path: Path, s3_endpoint: str, mlflow: MlflowServer) -> None:
+def test_a_restarted_gang_continues_the_same_run_without_duplicate_steps(
+    tmp_path: Path, s3_endpoint: str, mlflow: MlflowServer
+) -> None:
     spec = tracked_spec(tmp_path, s3_endpoint, mlflow.uri, "restarted")
     spec["distributed"]["procsPerNode"] = 1
     config = write_config(tmp_path, spec)
@@ -132,7 +169,9 @@ def test_a_restarted_gang_continues_the_same_run_without_duplicate_steps(tmp_pat
     assert "step 14/20" in seen, seen[-3000:]
     [run] = runs_of(mlflow, "restarted")
     for _ in range(60):  # the worker sends in the background
-        if history(mlflow, run.info.run_id, "loss")[-1:] == [(14, history(mlflow, run.info.run_id, "loss")[-1][1])]:
+        if history(mlflow, run.info.run_id, "loss")[-1:] == [
+            (14, history(mlflow, run.info.run_id, "loss")[-1][1])
+        ]:
             break
         time.sleep(0.5)
     before = history(mlflow, run.info.run_id, "loss")
@@ -192,7 +231,9 @@ class Proxy:
         """New connections are refused, and the open ones (a client's keep-alive pool) are cut."""
         self.open = False
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # stops listening and wakes accept() (close alone does neither on Linux)
+            self.sock.shutdown(
+                socket.SHUT_RDWR
+            )  # stops listening and wakes accept() (close alone does neither on Linux)
         except OSError:
             pass
         self.sock.close()
@@ -204,9 +245,13 @@ class Proxy:
                 pass
 
 
-def test_a_server_that_goes_away_mid_run_neither_fails_nor_stalls_training(tmp_path: Path, s3_endpoint: str, mlflow: MlflowServer) -> None:
+def test_a_server_that_goes_away_mid_run_neither_fails_nor_stalls_training(
+    tmp_path: Path, s3_endpoint: str, mlflow: MlflowServer
+) -> None:
     proxy = Proxy(mlflow.port)
-    spec = tracked_spec(tmp_path, s3_endpoint, f"http://127.0.0.1:{proxy.port}", "server-gone", registerAs="never-registered")
+    spec = tracked_spec(
+        tmp_path, s3_endpoint, f"http://127.0.0.1:{proxy.port}", "server-gone", registerAs="never-registered"
+    )
     spec["training"]["maxSteps"] = 40
     spec["distributed"]["procsPerNode"] = 1
     proc = launch(tmp_path, write_config(tmp_path, spec), 1, start_new_session=True)
@@ -235,4 +280,6 @@ def test_an_unreachable_server_fails_the_job_before_training(tmp_path: Path, s3_
     message = termination(tmp_path)["message"]
     assert uri in message and "\n" not in message
     assert "step 1/" not in out and time.monotonic() - started < 180
-    assert "Contents" not in storage.s3_client(StorageSpec(endpoint=s3_endpoint)).list_objects_v2(Bucket="out", Prefix="unreachable/checkpoints")
+    assert "Contents" not in storage.s3_client(StorageSpec(endpoint=s3_endpoint)).list_objects_v2(
+        Bucket="out", Prefix="unreachable/checkpoints"
+    )

@@ -62,7 +62,9 @@ def test_an_offline_run_is_written_into_the_artifacts_and_reads_back(tmp_path: P
                 if not key.startswith("_"):
                     history.setdefault(key, []).append((r.history.step.num, json.loads(item.value_json)))
     assert history["loss"] == [(p["step"], p["loss"]) for p in metrics["lossCurve"]]
-    assert history["evalLoss"] == [(0, metrics["evalLossBefore"])] + [(e["step"], e["evalLoss"]) for e in metrics["evals"]]
+    assert history["evalLoss"] == [(0, metrics["evalLossBefore"])] + [
+        (e["step"], e["evalLoss"]) for e in metrics["evals"]
+    ]
     assert termination(tmp_path)["progress"]["tracking"]["wandbRun"] == str(run_file.parent) + "/"
     # the API key (given as a Secret would be) is in no log and no file the job wrote
     assert API_KEY not in out

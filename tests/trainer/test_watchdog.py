@@ -77,5 +77,7 @@ def test_a_stuck_process_exits_stalled_with_its_stacks_in_the_termination_messag
     assert "STALLED" in r.stderr and "waiting_for_a_peer" in r.stderr
     msg = json.loads(log.read_text())
     assert msg["reason"] == "Stalled" and "no optimizer step" in msg["message"]
-    assert "main thread, innermost first: <string>:6 waiting_for_a_peer < <string>:7 <module>" in msg["message"]
+    assert (
+        "main thread, innermost first: <string>:6 waiting_for_a_peer < <string>:7 <module>" in msg["message"]
+    )
     assert contract.is_retryable(msg["exitCode"])

@@ -25,10 +25,21 @@ def job_spec(tmp: Path, **overrides: Any) -> dict[str, Any]:
     """A small FineTuneJob spec (camelCase) that trains the tiny model in seconds."""
     spec: dict[str, Any] = {
         "model": {"source": str(TINY_MODEL)},
-        "dataset": {"train": str(small_train_file(tmp)), "eval": str(SPELL / "eval.jsonl"), "maxSeqLength": 32},
+        "dataset": {
+            "train": str(small_train_file(tmp)),
+            "eval": str(SPELL / "eval.jsonl"),
+            "maxSeqLength": 32,
+        },
         "method": "lora",
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "modulesToSave": ["lm_head"]},
-        "training": {"maxSteps": 30, "learningRate": 0.005, "warmupSteps": 2, "perDeviceBatchSize": 8, "loggingSteps": 5, "seed": 1},
+        "training": {
+            "maxSteps": 30,
+            "learningRate": 0.005,
+            "warmupSteps": 2,
+            "perDeviceBatchSize": 8,
+            "loggingSteps": 5,
+            "seed": 1,
+        },
         "distributed": {"nodes": 1, "procsPerNode": 2, "backend": "ddp"},
         "output": {"uri": str(tmp / "out"), "checkpointSteps": 10, "keepCheckpoints": 2},
     }
@@ -45,7 +56,9 @@ def write_config(tmp: Path, spec: dict[str, Any], name: str = "t") -> Path:
     from kubetune.api.models import FineTuneJobSpec
     from kubetune.render.trainer_config import render_trainer_config
 
-    config = render_trainer_config(FineTuneJobSpec.model_validate(spec), name=name, uid=f"uid-{tmp.name}", progress_port=free_port())
+    config = render_trainer_config(
+        FineTuneJobSpec.model_validate(spec), name=name, uid=f"uid-{tmp.name}", progress_port=free_port()
+    )
     path = tmp / "trainer-config.yaml"
     path.write_text(config.dump_yaml())
     return path
@@ -59,15 +72,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(tmp: Path, config: Path, nproc: int, extra_env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
+def launch(
+    tmp: Path, config: Path, nproc: int, extra_env: dict[str, str] | None = None, **popen: Any
+) -> subprocess.Popen:
     port = free_port()
-    env = {**os.environ, "KUBETUNE_DEBUG_DIR": str(tmp / "ranks"), "KUBETUNE_TERMINATION_LOG": str(tmp / "termination-log"), **(extra_env or {})}
+    env = {
+        **os.environ,
+        "KUBETUNE_DEBUG_DIR": str(tmp / "ranks"),
+        "KUBETUNE_TERMINATION_LOG": str(tmp / "termination-log"),
+        **(extra_env or {}),
+    }
     cmd = [sys.executable, "-m", "kubetune_trainer.launch", "--nnodes", "1", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "kubetune_trainer", "--config", str(config)]  # fmt: skip
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
 
 
-def run_trainer(tmp: Path, spec: dict[str, Any], nproc: int = 2, timeout: int = 300, env: dict[str, str] | None = None) -> tuple[int, str]:
+def run_trainer(
+    tmp: Path, spec: dict[str, Any], nproc: int = 2, timeout: int = 300, env: dict[str, str] | None = None
+) -> tuple[int, str]:
     spec["distributed"]["procsPerNode"] = nproc
     proc = launch(tmp, write_config(tmp, spec), nproc, env, start_new_session=True)
     try:

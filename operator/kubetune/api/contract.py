@@ -30,8 +30,12 @@ class ExitCode(IntEnum):
     DATASET_INVALID = 66
     CREDENTIALS_INVALID = 67
     LOSS_NOT_FINITE = 68
-    EVALUATION_GATE_FAILED = 69  # the final model missed a spec.evaluation.gate threshold: training again gives the same model
-    CHECKPOINT_INVALID = 71  # checkpoints exist but none passed verification against its manifest (each is set aside)
+    EVALUATION_GATE_FAILED = (
+        69  # the final model missed a spec.evaluation.gate threshold: training again gives the same model
+    )
+    CHECKPOINT_INVALID = (
+        71  # checkpoints exist but none passed verification against its manifest (each is set aside)
+    )
     # --- infrastructure errors: a restart from the last checkpoint may help.
     INFRASTRUCTURE = 75
     STORAGE_UNAVAILABLE = 76
@@ -85,8 +89,12 @@ EVAL_PLOT = "eval.png"  # eval loss by step, before training at step 0 (and the 
 CONFIG_FILE = "trainer-config.yaml"
 MANIFEST_FILE = "manifest.json"  # an ArtifactManifest (below)
 COMPLETE_MARKER = "COMPLETE"  # written last: its presence means everything above is complete
-GATE_FAILED_MARKER = "GATE_FAILED"  # beside COMPLETE when the model missed spec.evaluation.gate: a rerun fails again
-OWNER_FILE = ".kubetune-owner.json"  # the first file written: which job (uid, run) or local run owns the output
+GATE_FAILED_MARKER = (
+    "GATE_FAILED"  # beside COMPLETE when the model missed spec.evaluation.gate: a rerun fails again
+)
+OWNER_FILE = (
+    ".kubetune-owner.json"  # the first file written: which job (uid, run) or local run owns the output
+)
 OUTPUT_LOCK = ".kubetune.lock"  # a local output's lock, held by rank 0 while it trains (filelock)
 
 
@@ -132,7 +140,9 @@ class ArtifactManifest(ApiModel):
         return cls(files=files, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields)
 
     def to_text(self) -> str:
-        return json.dumps(self.model_dump(by_alias=True, mode="json", exclude_none=True), indent=2, sort_keys=True)
+        return json.dumps(
+            self.model_dump(by_alias=True, mode="json", exclude_none=True), indent=2, sort_keys=True
+        )
 
     @classmethod
     def parse(cls, text: str | bytes) -> ArtifactManifest:
@@ -140,9 +150,13 @@ class ArtifactManifest(ApiModel):
         try:
             return cls.model_validate(json.loads(text))
         except (ValueError, ValidationError) as exc:
-            raise ManifestMismatch(f"{MANIFEST_FILE} is not a valid manifest: {str(exc).splitlines()[0]}") from exc
+            raise ManifestMismatch(
+                f"{MANIFEST_FILE} is not a valid manifest: {str(exc).splitlines()[0]}"
+            ) from exc
 
-    def verify(self, root: Path, only: Iterable[str] | None = None, exact: bool = False, threads: int = 8) -> int:
+    def verify(
+        self, root: Path, only: Iterable[str] | None = None, exact: bool = False, threads: int = 8
+    ) -> int:
         """Check the files under `root` against the manifest: every listed file (or, given `only`, those of them
         that are listed) must exist with its size and sha256; with `exact`, no other file may be there (a
         checkpoint's loader reads files by pattern). Every size is checked before any file is hashed; files hash
@@ -154,23 +168,38 @@ class ArtifactManifest(ApiModel):
             if not path.is_file():
                 raise ManifestMismatch(f"{rel}: listed in {MANIFEST_FILE} but missing")
             if (size := path.stat().st_size) != want.size:
-                raise ManifestMismatch(f"{rel}: content differs from {MANIFEST_FILE} (size {size}, listed {want.size})")
+                raise ManifestMismatch(
+                    f"{rel}: content differs from {MANIFEST_FILE} (size {size}, listed {want.size})"
+                )
         if exact:
             present = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-            if extra := sorted(rel for rel in present if rel not in self.files and rel not in (COMPLETE_MARKER, MANIFEST_FILE)):
+            if extra := sorted(
+                rel
+                for rel in present
+                if rel not in self.files and rel not in (COMPLETE_MARKER, MANIFEST_FILE)
+            ):
                 raise ManifestMismatch(f"{extra[0]}: not listed in {MANIFEST_FILE}")
         largest_first = sorted(names, key=lambda rel: -self.files[rel].size)
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(names)))) as pool:
-            digests = dict(zip(largest_first, pool.map(lambda rel: sha256_file(root / rel), largest_first), strict=True))
+            digests = dict(
+                zip(largest_first, pool.map(lambda rel: sha256_file(root / rel), largest_first), strict=True)
+            )
         if bad := [rel for rel in names if digests[rel] != self.files[rel].sha256]:
-            raise ManifestMismatch(f"{bad[0]}: content differs from {MANIFEST_FILE} (sha256)" + (f"; and {len(bad) - 1} more" if len(bad) > 1 else ""))
+            raise ManifestMismatch(
+                f"{bad[0]}: content differs from {MANIFEST_FILE} (sha256)"
+                + (f"; and {len(bad) - 1} more" if len(bad) > 1 else "")
+            )
         return len(names)
 
 
 # --- `kubetune run`'s work directory (--work-dir): what the local SDK reads back ------
-RUN_CONFIG_FILE: Final = CONFIG_FILE  # the trainer config it started torchrun with (progressPort: where rank 0 serves)
+RUN_CONFIG_FILE: Final = (
+    CONFIG_FILE  # the trainer config it started torchrun with (progressPort: where rank 0 serves)
+)
 RUN_LOG_FILE: Final = "train.log"  # every rank's output
-RUN_TERMINATION_FILE: Final = "termination-log"  # the failing rank's TerminationMessage ($KUBETUNE_TERMINATION_LOG)
+RUN_TERMINATION_FILE: Final = (
+    "termination-log"  # the failing rank's TerminationMessage ($KUBETUNE_TERMINATION_LOG)
+)
 
 
 # --- paths and environment the pods get (besides torchrun's) ------------------
@@ -178,7 +207,9 @@ ENV_CONFIG_PATH: Final = "KUBETUNE_CONFIG"  # path of the mounted trainer-config
 ENV_TERMINATION_LOG: Final = "KUBETUNE_TERMINATION_LOG"  # where the trainer writes its TerminationMessage
 ENV_CACHE_DIR: Final = "KUBETUNE_CACHE_DIR"  # node-local cache for model downloads and tokenized data
 ENV_PVC_ROOT: Final = "KUBETUNE_PVC_ROOT"  # where pvc://claim/path URIs are mounted: <root>/claim/path
-ENV_TRAINER_IMAGE: Final = "KUBETUNE_TRAINER_IMAGE"  # the image reference the pod runs, for the model's lineage
+ENV_TRAINER_IMAGE: Final = (
+    "KUBETUNE_TRAINER_IMAGE"  # the image reference the pod runs, for the model's lineage
+)
 TERMINATION_LOG: Final = "/dev/termination-log"  # the container's terminationMessagePath
 PVC_ROOT: Final = "/mnt/pvc"  # the default of $KUBETUNE_PVC_ROOT, and where the operator mounts claims
 CONFIG_MOUNT_DIR: Final = "/etc/kubetune"  # the job's ConfigMap, mounted read-only

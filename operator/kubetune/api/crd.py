@@ -115,7 +115,9 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             out[key] = {k: _structural(v, defs) for k, v in value.items()}
             continue
         out[key] = _structural(value, defs)
-    if out.get("additionalProperties") is False or (out.get("additionalProperties") is True and "properties" in out):
+    if out.get("additionalProperties") is False or (
+        out.get("additionalProperties") is True and "properties" in out
+    ):
         del out["additionalProperties"]  # the API server prunes unknown fields itself
     if out.get("additionalProperties") is True:
         del out["additionalProperties"]
@@ -171,7 +173,10 @@ def openapi_schema() -> dict[str, Any]:
         "description": "FineTuneJob fine-tunes a Hugging Face model on a gang of torchrun pods.",
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string", "description": "APIVersion of this object: kubetune.io/v1alpha1."},
+            "apiVersion": {
+                "type": "string",
+                "description": "APIVersion of this object: kubetune.io/v1alpha1.",
+            },
             "kind": {"type": "string", "description": "Kind of this object: FineTuneJob."},
             "metadata": {"type": "object"},  # the API server allows nothing else here
             "spec": object_schema(FineTuneJobSpec),
@@ -183,10 +188,30 @@ def openapi_schema() -> dict[str, Any]:
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Current phase"},
-    {"name": "Progress %", "type": "number", "jsonPath": ".status.progress.percent", "description": "Steps done, in percent"},
-    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Latest training loss"},
-    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta", "description": "Estimated time left"},
-    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "description": "Whole-gang restarts"},
+    {
+        "name": "Progress %",
+        "type": "number",
+        "jsonPath": ".status.progress.percent",
+        "description": "Steps done, in percent",
+    },
+    {
+        "name": "Loss",
+        "type": "number",
+        "jsonPath": ".status.progress.loss",
+        "description": "Latest training loss",
+    },
+    {
+        "name": "ETA",
+        "type": "string",
+        "jsonPath": ".status.progress.eta",
+        "description": "Estimated time left",
+    },
+    {
+        "name": "Restarts",
+        "type": "integer",
+        "jsonPath": ".status.restarts",
+        "description": "Whole-gang restarts",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
 ]

@@ -102,7 +102,9 @@ def _yaml_message(exc: yaml.YAMLError) -> str:
 def load_documents(text: str) -> list[Any]:
     """Every document in `text` (None for empty ones), or ManifestError naming the first thing wrong."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_DOCUMENT_BYTES:
-        raise ManifestError(f"is larger than {MAX_DOCUMENT_BYTES // (1024 * 1024)} MiB; a FineTuneJob is a few KB")
+        raise ManifestError(
+            f"is larger than {MAX_DOCUMENT_BYTES // (1024 * 1024)} MiB; a FineTuneJob is a few KB"
+        )
     docs: list[Any] = []
     loader = None
     try:
@@ -140,10 +142,14 @@ def read_text(path: str, stdin: BinaryIO | None = None) -> str:
     except OSError as exc:
         raise ManifestError(f"cannot be read: {exc.strerror or exc}") from None
     if len(data) > MAX_DOCUMENT_BYTES:
-        raise ManifestError(f"is larger than {MAX_DOCUMENT_BYTES // (1024 * 1024)} MiB; a FineTuneJob is a few KB")
+        raise ManifestError(
+            f"is larger than {MAX_DOCUMENT_BYTES // (1024 * 1024)} MiB; a FineTuneJob is a few KB"
+        )
     if b"\x00" in data:
         raise ManifestError("is a binary file, not YAML text")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ManifestError(f"is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})") from None
+        raise ManifestError(
+            f"is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})"
+        ) from None

@@ -126,6 +126,7 @@ DEFAULT_ROLES: Final[dict[str, str]] = {
     "gpt": "assistant",
 }
 
+
 class FieldMapping(ApiModel):
     """Column and key names in the dataset. Unset entries try their common names (see the manual's Datasets page)."""
 
@@ -220,7 +221,9 @@ class DatasetSpec(ApiModel):
     @model_validator(mode="after")
     def _one_training_input(self) -> DatasetSpec:
         if bool(self.train) == bool(self.sources):
-            raise ValueError("set exactly one of spec.dataset.train (one dataset) or spec.dataset.sources (several, mixed with weights)")
+            raise ValueError(
+                "set exactly one of spec.dataset.train (one dataset) or spec.dataset.sources (several, mixed with weights)"
+            )
         return self
 
 
@@ -357,7 +360,9 @@ class DpoSpec(ApiModel):
     """Strength of the pull towards the reference model (higher: stay closer)."""
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     """`sigmoid` (the DPO paper), `ipo`, `hinge` (SLiC) or `robust` (noisy-label robust DPO, with labelSmoothing)."""
-    label_smoothing: float = Field(default=0.0, ge=0.0, le=0.49)  # not lt=0.5: the API server checks the default 0 against an exclusive 0.5 cast to an integer, and refused the CRD
+    label_smoothing: float = Field(
+        default=0.0, ge=0.0, le=0.49
+    )  # not lt=0.5: the API server checks the default 0 against an exclusive 0.5 cast to an integer, and refused the CRD
     """Assumed probability that a preference label is flipped (conservative DPO for `sigmoid`, and `robust`)."""
     reference_model: Literal["frozen-copy", "none"] = "frozen-copy"
     """`frozen-copy`: the starting model is the reference (with an adapter method, the frozen base itself, adapters off: no second copy); `none`: reference-free."""
@@ -407,7 +412,12 @@ class PublishSpec(ApiModel):
     """Where the finished model is published besides the output URI: an OCI registry, a Hugging Face Hub repository, or both."""
 
     model_config = ConfigDict(
-        json_schema_extra=cel(("has(self.oci) || has(self.huggingface)", "set spec.output.publish.oci, spec.output.publish.huggingface or both"))
+        json_schema_extra=cel(
+            (
+                "has(self.oci) || has(self.huggingface)",
+                "set spec.output.publish.oci, spec.output.publish.huggingface or both",
+            )
+        )
     )
 
     oci: str | None = Field(default=None, max_length=512, pattern=OCI_REFERENCE)
@@ -425,7 +435,9 @@ class PublishSpec(ApiModel):
 class HuggingFacePublish(ApiModel):
     """A Hugging Face Hub model repository the finished model and its card are pushed to."""
 
-    repo: str = Field(min_length=3, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    repo: str = Field(
+        min_length=3, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$"
+    )
     """`org/name` of the model repository; created when it does not exist."""
     token_secret: str = Field(min_length=1, max_length=253)
     """A Secret in the job's namespace with the key `HF_TOKEN` (a write token); given to rank 0 as env from the Secret, never in the ConfigMap or logs."""
@@ -444,16 +456,24 @@ class CardSpec(ApiModel):
 
     license: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9.+-]*$")
     """The model's license as a Hub license id (e.g. `apache-2.0`, `llama3.1`, `other`)."""
-    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=32)
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=32
+    )
     """Extra Hub tags (`kubetune` and the method are always there)."""
-    language: list[Annotated[str, Field(min_length=2, max_length=16)]] = Field(default_factory=list, max_length=32)
+    language: list[Annotated[str, Field(min_length=2, max_length=16)]] = Field(
+        default_factory=list, max_length=32
+    )
     """Languages of the data (ISO 639-1 codes)."""
 
 
 class OutputSpec(ApiModel):
     """Where artifacts go."""
 
-    uri: str = Field(min_length=1, max_length=2048, pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|pvc://.+|file://.+|/.+)$")
+    uri: str = Field(
+        min_length=1,
+        max_length=2048,
+        pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|pvc://.+|file://.+|/.+)$",
+    )
     """Artifacts prefix: `s3://bucket/prefix`, `pvc://claim/path` or a local path. The job writes under `<uri>/` checkpoints/, adapter/, merged/, metrics.json and manifest.json."""
     merge_adapter: bool | None = None
     """For adapter methods: also write the adapter merged into the base weights (safetensors). Unset: merge where peft can (lora, dora, ia3; not prompt or prefix tuning)."""
@@ -502,7 +522,12 @@ class WandbTracking(ApiModel):
     """A Weights & Biases project rank 0 reports the run to."""
 
     model_config = ConfigDict(
-        json_schema_extra=cel(("self.mode == 'offline' || has(self.apiKeySecret)", "mode online needs apiKeySecret (a Secret with the key WANDB_API_KEY); or set mode: offline"))
+        json_schema_extra=cel(
+            (
+                "self.mode == 'offline' || has(self.apiKeySecret)",
+                "mode online needs apiKeySecret (a Secret with the key WANDB_API_KEY); or set mode: offline",
+            )
+        )
     )
 
     project: str = Field(min_length=1, max_length=128)
@@ -619,7 +644,9 @@ class EnvVar(ApiModel):
     """Variable name."""
     value: str | None = None
     """Literal value."""
-    value_from: dict[str, Any] | None = Field(default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    value_from: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
     """Source for the value, as in a Pod's `env[].valueFrom`."""
 
 
@@ -669,7 +696,9 @@ class ServingSpec(ApiModel):
 
     kind: Literal["InferenceService", "Deployment"] = "InferenceService"
     """`InferenceService` (KServe, serving.kserve.io/v1beta1: the Hugging Face runtime, vLLM where it can) or `Deployment` (apps/v1, running `image` with the model's location in its environment)."""
-    name: str | None = Field(default=None, min_length=1, max_length=63, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    name: str | None = Field(
+        default=None, min_length=1, max_length=63, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+    )
     """Name of the served object; unset: the FineTuneJob's name."""
     model: Literal["auto", "merged", "adapter"] = "auto"
     """What is served: `merged` (the merged or fully fine-tuned weights, or the published OCI artifact), `adapter` (the base model plus the LoRA adapter: vLLM's --enable-lora), or `auto` (merged when the job writes merged weights, else the adapter)."""
@@ -699,7 +728,9 @@ class ServingSpec(ApiModel):
 
 
 _RETAIN_ONE_INPUT = "spec.evaluation.retain: set exactly one of train (one dataset) or sources (several)"
-_RETAIN_NO_EVAL = "spec.evaluation.retain: eval and evalSplit do not apply (the whole retain set is scored); remove them"
+_RETAIN_NO_EVAL = (
+    "spec.evaluation.retain: eval and evalSplit do not apply (the whole retain set is scored); remove them"
+)
 
 
 class RetainSpec(DatasetSpec):
@@ -741,7 +772,9 @@ class GenerationCheck(ApiModel):
             try:
                 re.compile(self.expect)
             except re.error as exc:
-                raise ValueError(f"expect is not a valid regular expression ({exc}); fix it or set match: substring") from None
+                raise ValueError(
+                    f"expect is not a valid regular expression ({exc}); fix it or set match: substring"
+                ) from None
         return self
 
 
@@ -843,9 +876,13 @@ class FineTuneJobSpec(ApiModel):
     """CPU/memory requests and limits per pod."""
     node_selector: dict[str, str] = Field(default_factory=dict)
     """Node labels the pods must match."""
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, json_schema_extra={"items": dict(PRESERVE)})
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, json_schema_extra={"items": dict(PRESERVE)}
+    )
     """Pod tolerations (as in a Pod)."""
-    affinity: dict[str, Any] | None = Field(default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    affinity: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
     """Pod affinity (as in a Pod)."""
     priority_class_name: str | None = None
     """PriorityClass for the pods."""
@@ -1013,7 +1050,10 @@ class EvaluationResult(ApiModel):
                  ("retainLoss", self.retain_loss_after, "{:.4g}"), ("forgetting", self.forgetting_percent, "{:.1f}%"),
                  ("exactMatch", self.exact_match, "{:.3f}"), ("generationPass", self.generation_pass, "{:.3f}"),
                  ("alpha", None if self.alpha in (None, 1.0) else self.alpha, "{:g}")]  # fmt: skip
-        text = ", ".join(f"{name} {fmt.format(value)}" for name, value, fmt in shown if value is not None) or "no figures"
+        text = (
+            ", ".join(f"{name} {fmt.format(value)}" for name, value, fmt in shown if value is not None)
+            or "no figures"
+        )
         if self.gate_passed is None:
             return text
         return f"{text}; gate {'passed' if self.gate_passed else 'failed: ' + '; '.join(self.failed_checks)}"

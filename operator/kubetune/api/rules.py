@@ -93,7 +93,9 @@ SPEC_RULES: tuple[Rule, ...] = (
         "spec.distributed.procsPerNode",
         "self.distributed.gpusPerNode == 0 || self.distributed.gpusPerNode == self.distributed.procsPerNode",
         "must equal gpusPerNode on GPU nodes (one process per GPU)",
-        lambda s: bool(s.distributed.gpus_per_node) and s.distributed.gpus_per_node != s.distributed.procs_per_node,
+        lambda s: (
+            bool(s.distributed.gpus_per_node) and s.distributed.gpus_per_node != s.distributed.procs_per_node
+        ),
         lambda s: f"must equal gpusPerNode ({s.distributed.gpus_per_node}): one process per GPU",
     ),
     Rule(
@@ -101,7 +103,9 @@ SPEC_RULES: tuple[Rule, ...] = (
         "!has(self.distributed.offloadParams) || !self.distributed.offloadParams || "
         "(self.distributed.backend != 'ddp' && self.distributed.zeroStage == 3)",
         "needs backend deepspeed (or auto) with zeroStage: 3",
-        lambda s: s.distributed.offload_params and (s.distributed.backend == "ddp" or s.distributed.zero_stage != 3),
+        lambda s: (
+            s.distributed.offload_params and (s.distributed.backend == "ddp" or s.distributed.zero_stage != 3)
+        ),
     ),
     Rule(
         "spec.training.earlyStopping",
@@ -115,16 +119,22 @@ SPEC_RULES: tuple[Rule, ...] = (
         "self.scheduling.gang.minMember <= self.distributed.nodes",
         "cannot exceed the gang's pods (distributed.nodes): lower it, or leave it unset for the whole gang",
         lambda s: _gang_min(s) is not None and (_gang_min(s) or 0) > s.distributed.nodes,
-        lambda s: f"cannot exceed the gang's {s.distributed.nodes} pods (distributed.nodes; got {_gang_min(s)}): "
-        f"set it to at most {s.distributed.nodes}, or leave it unset for the whole gang",
+        lambda s: (
+            f"cannot exceed the gang's {s.distributed.nodes} pods (distributed.nodes; got {_gang_min(s)}): "
+            f"set it to at most {s.distributed.nodes}, or leave it unset for the whole gang"
+        ),
     ),
     Rule(
         "spec.scheduling.gang.queue",
         "!has(self.scheduling) || !has(self.scheduling.gang) || self.scheduling.gang.scheduler != 'kai' || "
         "has(self.scheduling.gang.queue)",
         "is required with scheduler: kai (KAI schedules only pods of a queue): name the KAI queue",
-        lambda s: s.scheduling is not None and s.scheduling.gang is not None
-        and s.scheduling.gang.scheduler == "kai" and not s.scheduling.gang.queue,
+        lambda s: (
+            s.scheduling is not None
+            and s.scheduling.gang is not None
+            and s.scheduling.gang.scheduler == "kai"
+            and not s.scheduling.gang.queue
+        ),
     ),
     Rule(
         "spec.serving.image",
@@ -154,7 +164,9 @@ def _gate(s: FineTuneJobSpec, attr: str) -> bool:
     return gate is not None and getattr(gate, attr) is not None
 
 
-def _gate_rule(key: str, attr: str, needs_cel: str, needs: Callable[[FineTuneJobSpec], bool], message: str) -> Rule:
+def _gate_rule(
+    key: str, attr: str, needs_cel: str, needs: Callable[[FineTuneJobSpec], bool], message: str
+) -> Rule:
     """spec.evaluation.gate.<key> is only meaningful when `needs` holds."""
     return Rule(
         f"spec.evaluation.gate.{key}",
@@ -168,7 +180,9 @@ def _select(s: FineTuneJobSpec, *metrics: str) -> bool:
     return s.output.select == "best" and s.output.select_metric in metrics
 
 
-def _select_rule(metrics: tuple[str, ...], needs_cel: str, needs: Callable[[FineTuneJobSpec], bool], message: str) -> Rule:
+def _select_rule(
+    metrics: tuple[str, ...], needs_cel: str, needs: Callable[[FineTuneJobSpec], bool], message: str
+) -> Rule:
     listed = ", ".join(f"'{m}'" for m in metrics)
     return Rule(
         "spec.output.selectMetric",
@@ -178,7 +192,9 @@ def _select_rule(metrics: tuple[str, ...], needs_cel: str, needs: Callable[[Fine
     )
 
 
-_HAS_GENERATIONS_CEL = "(has(self.evaluation) && has(self.evaluation.generations) && size(self.evaluation.generations) > 0)"
+_HAS_GENERATIONS_CEL = (
+    "(has(self.evaluation) && has(self.evaluation.generations) && size(self.evaluation.generations) > 0)"
+)
 _HAS_RETAIN_CEL = "(has(self.evaluation) && has(self.evaluation.retain))"
 _INTERPOLATES_CEL = "(has(self.output.interpolate) && size(self.output.interpolate) > 0)"
 
@@ -236,4 +252,6 @@ EVALUATION_RULES: tuple[Rule, ...] = (
 
 def cel_validations(rules: tuple[Rule, ...]) -> dict[str, Any]:
     """`x-kubernetes-validations` for a model's json_schema_extra."""
-    return {"x-kubernetes-validations": [{"rule": r.cel, "message": f"{r.field}: {r.message}"} for r in rules]}
+    return {
+        "x-kubernetes-validations": [{"rule": r.cel, "message": f"{r.field}: {r.message}"} for r in rules]
+    }

@@ -42,5 +42,3 @@ FLAVORS: Final[dict[GangScheduler, Flavor]] = {
     "volcano": Flavor("scheduling.volcano.sh/v1beta1", "podgroups", "volcano"),
     "kai": Flavor("scheduling.run.ai/v2alpha2", "podgroups", "kai-scheduler"),
 }
-
-

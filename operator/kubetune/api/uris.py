@@ -18,7 +18,11 @@ URI_FIELDS: Final = (
     ("dataset", "eval"),
     ("evaluation", "retain", "train"),
     ("evaluation", "retain", "sources", "*", "path"),
-    ("evaluation", "retain", "eval"),  # refused by validation (the whole retain set is scored), but a URI field
+    (
+        "evaluation",
+        "retain",
+        "eval",
+    ),  # refused by validation (the whole retain set is scored), but a URI field
     ("output", "uri"),
 )
 """Where a spec names a URI; `*` is each item of a list. The output comes last: it is written, the rest read."""

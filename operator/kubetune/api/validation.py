@@ -79,7 +79,16 @@ LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 # Mount paths the operator uses itself.
 RESERVED_MOUNTS = ("/dev/shm", CONFIG_MOUNT_DIR, PVC_ROOT, CACHE_MOUNT_DIR, REGISTRY_AUTH_DIR)
 # The volume types Pod Security "restricted" admits: the pods must run in namespaces that enforce it.
-RESTRICTED_VOLUMES = ("configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret")
+RESTRICTED_VOLUMES = (
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+)
 # Pod fields the API has no place for because Pod Security "restricted" refuses them; a user who writes one
 # is told why, not only that the field is unknown.
 PRIVILEGED_FIELDS = frozenset({"securityContext", "containerSecurityContext", "privileged", "capabilities", "hostNetwork",
@@ -88,7 +97,10 @@ RESTRICTED_HINT = ('kubetune pods run under Pod Security "restricted" (non-root,
                    "no host namespaces or paths), so the spec has no such field")  # fmt: skip
 # Bounds on the pod's sizes (bytes).
 GI = 1 << 30
-SIZE_BOUNDS = {"spec.shmSize": (64 << 20, 1 << 40, "64Mi", "1Ti"), "spec.scratch.size": (GI, 64 << 40, "1Gi", "64Ti")}
+SIZE_BOUNDS = {
+    "spec.shmSize": (64 << 20, 1 << 40, "64Mi", "1Ti"),
+    "spec.scratch.size": (GI, 64 << 40, "1Gi", "64Ti"),
+}
 _SUFFIX: dict[str, int | Decimal] = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50, "Ei": 1 << 60, "n": Decimal("1e-9"),
            "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
            "P": 10**15, "E": 10**18}  # fmt: skip
@@ -179,7 +191,11 @@ def _message(error: Any) -> str:
         words, key = bounds[kind]
         return f"{words} {ctx.get(key)}{got}"
     if kind == "string_too_short":
-        return "must not be empty" if ctx.get("min_length") == 1 else f"must be at least {ctx.get('min_length')} characters"
+        return (
+            "must not be empty"
+            if ctx.get("min_length") == 1
+            else f"must be at least {ctx.get('min_length')} characters"
+        )
     if kind == "string_too_long":
         return f"must be at most {ctx.get('max_length')} characters"
     if kind == "too_short":
@@ -226,7 +242,11 @@ def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
 
 def _cel_twins(spec: FineTuneJobSpec) -> list[Problem]:
     """The CRD's CEL rules (kubetune.api.rules), so that a check without a cluster finds the same."""
-    return [Problem(rule.field, rule.describe(spec)) for rule in SPEC_RULES + EVALUATION_RULES if rule.broken(spec)]
+    return [
+        Problem(rule.field, rule.describe(spec))
+        for rule in SPEC_RULES + EVALUATION_RULES
+        if rule.broken(spec)
+    ]
 
 
 def _storage(spec: FineTuneJobSpec) -> list[Problem]:
@@ -242,10 +262,17 @@ def _storage(spec: FineTuneJobSpec) -> list[Problem]:
         )
     ref = spec.storage.secret_ref
     if ref is not None and not DNS_1123_SUBDOMAIN.match(ref.name):
-        out.append(Problem("spec.storage.secretRef.name", f"{ref.name!r} is not a valid Secret name (lowercase DNS subdomain)"))
+        out.append(
+            Problem(
+                "spec.storage.secretRef.name",
+                f"{ref.name!r} is not a valid Secret name (lowercase DNS subdomain)",
+            )
+        )
     for i, secret in enumerate(spec.image_pull_secrets):
         if not DNS_1123_SUBDOMAIN.match(secret.name):
-            out.append(Problem(f"spec.imagePullSecrets[{i}].name", f"{secret.name!r} is not a valid Secret name"))
+            out.append(
+                Problem(f"spec.imagePullSecrets[{i}].name", f"{secret.name!r} is not a valid Secret name")
+            )
     return out
 
 
@@ -262,7 +289,10 @@ def _method(spec: FineTuneJobSpec) -> list[Problem]:
             )
         if spec.freeze.first_n_layers is not None and spec.freeze.trainable_modules:
             out.append(
-                Problem("spec.freeze", "set either firstNLayers or trainableModules, not both (they contradict each other)")
+                Problem(
+                    "spec.freeze",
+                    "set either firstNLayers or trainableModules, not both (they contradict each other)",
+                )
             )
         if spec.freeze.first_n_layers is None and not spec.freeze.trainable_modules:
             out.append(Problem("spec.freeze", "is empty: set firstNLayers or trainableModules, or remove it"))
@@ -282,15 +312,25 @@ def _methods(spec: FineTuneJobSpec) -> list[Problem]:
         )
     if spec.method in PROMPT_LEARNING_METHODS and spec.dataset.packing:
         out.append(
-            Problem("spec.dataset.packing", f"cannot be used with method {spec.method} (peft drops the position ids packing needs); set packing: false")
+            Problem(
+                "spec.dataset.packing",
+                f"cannot be used with method {spec.method} (peft drops the position ids packing needs); set packing: false",
+            )
         )
     if spec.ia3 is not None and spec.ia3.feedforward_modules:
         extra = [m for m in spec.ia3.feedforward_modules if m not in spec.ia3.target_modules]
         if extra:
-            out.append(Problem("spec.ia3.feedforwardModules", f"{extra} must also be listed in spec.ia3.targetModules"))
+            out.append(
+                Problem(
+                    "spec.ia3.feedforwardModules", f"{extra} must also be listed in spec.ia3.targetModules"
+                )
+            )
     if spec.ia3 is not None and spec.ia3.target_modules and not spec.ia3.feedforward_modules:
         out.append(
-            Problem("spec.ia3.feedforwardModules", "is required with targetModules: name which of them are feed-forward layers (e.g. [down_proj])")
+            Problem(
+                "spec.ia3.feedforwardModules",
+                "is required with targetModules: name which of them are feed-forward layers (e.g. [down_proj])",
+            )
         )
     q, d = spec.model.quantization, spec.distributed
     if q is not None:
@@ -304,22 +344,47 @@ def _methods(spec: FineTuneJobSpec) -> list[Problem]:
             )
     if spec.objective == "dpo":
         if spec.dataset.packing:
-            out.append(Problem("spec.dataset.packing", "cannot be used with objective dpo (each pair is scored as whole sequences); set packing: false"))
+            out.append(
+                Problem(
+                    "spec.dataset.packing",
+                    "cannot be used with objective dpo (each pair is scored as whole sequences); set packing: false",
+                )
+            )
         if spec.dataset.format not in ("auto", "preference"):
             out.append(
-                Problem("spec.dataset.format", f"objective dpo reads prompt/chosen/rejected records; set format: preference (got {spec.dataset.format})")
+                Problem(
+                    "spec.dataset.format",
+                    f"objective dpo reads prompt/chosen/rejected records; set format: preference (got {spec.dataset.format})",
+                )
             )
         dpo = spec.dpo
         if dpo is not None and dpo.label_smoothing and dpo.loss_type not in ("sigmoid", "robust"):
-            out.append(Problem("spec.dpo.labelSmoothing", f"applies to lossType sigmoid or robust, not {dpo.loss_type}; remove it"))
+            out.append(
+                Problem(
+                    "spec.dpo.labelSmoothing",
+                    f"applies to lossType sigmoid or robust, not {dpo.loss_type}; remove it",
+                )
+            )
         if spec.training.eval_generation_samples:
-            out.append(Problem("spec.training.evalGenerationSamples", "is for objective sft; with dpo, reward accuracy is reported instead: remove it"))
+            out.append(
+                Problem(
+                    "spec.training.evalGenerationSamples",
+                    "is for objective sft; with dpo, reward accuracy is reported instead: remove it",
+                )
+            )
     t = spec.training
     if t.layer_lr_decay is not None and spec.method != "full":
         out.append(
-            Problem("spec.training.layerLrDecay", f"applies to method full (every layer trains); with {spec.method} only the adapter trains: remove it")
+            Problem(
+                "spec.training.layerLrDecay",
+                f"applies to method full (every layer trains); with {spec.method} only the adapter trains: remove it",
+            )
         )
-    if t.head_learning_rate is not None and is_adapter(spec) and not (spec.lora and spec.lora.modules_to_save):
+    if (
+        t.head_learning_rate is not None
+        and is_adapter(spec)
+        and not (spec.lora and spec.lora.modules_to_save)
+    ):
         out.append(
             Problem(
                 "spec.training.headLearningRate",
@@ -334,12 +399,18 @@ def _training(spec: FineTuneJobSpec) -> list[Problem]:
     has_eval = bool(spec.dataset.eval) or spec.dataset.eval_split > 0
     if spec.training.eval_steps is not None and not has_eval:
         out.append(
-            Problem("spec.training.evalSteps", "needs evaluation data: set spec.dataset.eval or spec.dataset.evalSplit > 0")
+            Problem(
+                "spec.training.evalSteps",
+                "needs evaluation data: set spec.dataset.eval or spec.dataset.evalSplit > 0",
+            )
         )
     d = spec.distributed
     if d.gpus_per_node == 0 and d.backend == "deepspeed":
         out.append(
-            Problem("spec.distributed.backend", "deepspeed needs GPUs: set gpusPerNode > 0, or use backend ddp on CPU")
+            Problem(
+                "spec.distributed.backend",
+                "deepspeed needs GPUs: set gpusPerNode > 0, or use backend ddp on CPU",
+            )
         )
     return out
 
@@ -349,7 +420,10 @@ def _pod(spec: FineTuneJobSpec) -> list[Problem]:
     for kind in ("requests", "limits"):
         if "nvidia.com/gpu" in getattr(spec.resources, kind):
             out.append(
-                Problem(f"spec.resources.{kind}", "must not name nvidia.com/gpu: set spec.distributed.gpusPerNode instead")
+                Problem(
+                    f"spec.resources.{kind}",
+                    "must not name nvidia.com/gpu: set spec.distributed.gpusPerNode instead",
+                )
             )
     for i, env in enumerate(spec.env):
         if env.name in RESERVED_ENV:
@@ -366,10 +440,16 @@ def _pod(spec: FineTuneJobSpec) -> list[Problem]:
             out.append(Problem(f"spec.volumes[{i}].name", f"{vol.name!r} is used twice"))
         names.add(vol.name)
         if vol.name.startswith("kubetune-"):
-            out.append(Problem(f"spec.volumes[{i}].name", f"{vol.name!r} is reserved by kubetune; pick another name"))
+            out.append(
+                Problem(f"spec.volumes[{i}].name", f"{vol.name!r} is reserved by kubetune; pick another name")
+            )
         for reserved in RESERVED_MOUNTS:
             if vol.mount_path == reserved or vol.mount_path.startswith(reserved + "/"):
-                out.append(Problem(f"spec.volumes[{i}].mountPath", f"{reserved} is used by kubetune; mount elsewhere"))
+                out.append(
+                    Problem(
+                        f"spec.volumes[{i}].mountPath", f"{reserved} is used by kubetune; mount elsewhere"
+                    )
+                )
         if len(vol.source) != 1:
             out.append(
                 Problem(
@@ -401,7 +481,12 @@ def _inside(path: str, parent: str) -> bool:
 def outputs_overlap(a: str, b: str) -> bool:
     """Whether two output URIs are the same place or one lies inside the other (hf:// is never an output)."""
     la, lb = _location(a), _location(b)
-    return la is not None and lb is not None and la[0] == lb[0] and (_inside(la[1], lb[1]) or _inside(lb[1], la[1]))
+    return (
+        la is not None
+        and lb is not None
+        and la[0] == lb[0]
+        and (_inside(la[1], lb[1]) or _inside(lb[1], la[1]))
+    )
 
 
 def _output(spec: FineTuneJobSpec) -> list[Problem]:
@@ -439,19 +524,48 @@ def _serving(spec: FineTuneJobSpec) -> list[Problem]:
     out = []
     served = served_artifact(spec)
     if served == "merged" and not writes_full_model(spec):
-        out.append(Problem("spec.serving.model", "merged, but the job writes no merged weights (spec.output.mergeAdapter: false); set mergeAdapter: true, or serving.model: adapter"))
+        out.append(
+            Problem(
+                "spec.serving.model",
+                "merged, but the job writes no merged weights (spec.output.mergeAdapter: false); set mergeAdapter: true, or serving.model: adapter",
+            )
+        )
     elif served == "adapter" and spec.method not in ("lora", "dora") and serving.model == "auto":
-        out.append(Problem("spec.serving", f"a {spec.method} adapter has no merged weights and vLLM cannot load it; train with method lora, dora or full to serve the result"))
+        out.append(
+            Problem(
+                "spec.serving",
+                f"a {spec.method} adapter has no merged weights and vLLM cannot load it; train with method lora, dora or full to serve the result",
+            )
+        )
     if not spec.output.uri.startswith(SERVABLE):
-        out.append(Problem("spec.output.uri", f"{spec.output.uri} cannot be read by serving pods (spec.serving); write to s3:// or pvc://"))
-    if served == "adapter" and serving.kind == "InferenceService" and not spec.model.source.startswith(BASE_SERVABLE):
-        out.append(Problem("spec.model.source", f"{spec.model.source}: the InferenceService loads the base model of the adapter from here; use s3://, pvc:// or hf://, or serve merged weights"))
+        out.append(
+            Problem(
+                "spec.output.uri",
+                f"{spec.output.uri} cannot be read by serving pods (spec.serving); write to s3:// or pvc://",
+            )
+        )
+    if (
+        served == "adapter"
+        and serving.kind == "InferenceService"
+        and not spec.model.source.startswith(BASE_SERVABLE)
+    ):
+        out.append(
+            Problem(
+                "spec.model.source",
+                f"{spec.model.source}: the InferenceService loads the base model of the adapter from here; use s3://, pvc:// or hf://, or serve merged weights",
+            )
+        )
     for i, env in enumerate(serving.env):
         if env.value is not None and env.value_from is not None:
             out.append(Problem(f"spec.serving.env[{i}]", "set value or valueFrom, not both"))
     for kind in ("requests", "limits"):
         if "nvidia.com/gpu" in getattr(serving.resources, kind):
-            out.append(Problem(f"spec.serving.resources.{kind}", "must not name nvidia.com/gpu: set spec.serving.gpus instead"))
+            out.append(
+                Problem(
+                    f"spec.serving.resources.{kind}",
+                    "must not name nvidia.com/gpu: set spec.serving.gpus instead",
+                )
+            )
     return out
 
 
@@ -462,9 +576,18 @@ def _publish(spec: FineTuneJobSpec) -> list[Problem]:
         return []
     out = []
     if publish.oci is None and publish.huggingface is None:
-        out.append(Problem("spec.output.publish", "set spec.output.publish.oci, spec.output.publish.huggingface or both"))
+        out.append(
+            Problem(
+                "spec.output.publish", "set spec.output.publish.oci, spec.output.publish.huggingface or both"
+            )
+        )
     if publish.huggingface is not None and not DNS_1123_SUBDOMAIN.match(publish.huggingface.token_secret):
-        out.append(Problem("spec.output.publish.huggingface.tokenSecret", f"{publish.huggingface.token_secret!r} is not a valid Secret name (lowercase DNS subdomain)"))
+        out.append(
+            Problem(
+                "spec.output.publish.huggingface.tokenSecret",
+                f"{publish.huggingface.token_secret!r} is not a valid Secret name (lowercase DNS subdomain)",
+            )
+        )
     if publish.credentials_secret is not None and not DNS_1123_SUBDOMAIN.match(publish.credentials_secret):
         out.append(
             Problem(
@@ -482,7 +605,10 @@ def _publish(spec: FineTuneJobSpec) -> list[Problem]:
         )
     if publish.artifact == "adapter" and not is_adapter(spec):
         out.append(
-            Problem("spec.output.publish.artifact", "adapter: method full trains no adapter; set artifact: model or remove it")
+            Problem(
+                "spec.output.publish.artifact",
+                "adapter: method full trains no adapter; set artifact: model or remove it",
+            )
         )
     return out
 
@@ -493,13 +619,20 @@ def _tracking(spec: FineTuneJobSpec) -> list[Problem]:
     if tracking is None:
         return []
     secrets = {
-        "spec.tracking.mlflow.credentialsSecret": tracking.mlflow.credentials_secret if tracking.mlflow else None,
+        "spec.tracking.mlflow.credentialsSecret": tracking.mlflow.credentials_secret
+        if tracking.mlflow
+        else None,
         "spec.tracking.wandb.apiKeySecret": tracking.wandb.api_key_secret if tracking.wandb else None,
     }
     out = [Problem(f, f"{name!r} is not a valid Secret name (lowercase DNS subdomain)") for f, name in secrets.items()
            if name is not None and not DNS_1123_SUBDOMAIN.match(name)]  # fmt: skip
     if tracking.wandb is not None and tracking.wandb.mode == "online" and not tracking.wandb.api_key_secret:
-        out.append(Problem("spec.tracking.wandb", "mode online needs apiKeySecret (a Secret with the key WANDB_API_KEY); or set mode: offline"))
+        out.append(
+            Problem(
+                "spec.tracking.wandb",
+                "mode online needs apiKeySecret (a Secret with the key WANDB_API_KEY); or set mode: offline",
+            )
+        )
     return out
 
 
@@ -507,17 +640,36 @@ def _labels(field: str, labels: dict[str, str]) -> list[Problem]:
     out = []
     for key, value in labels.items():
         prefix, _, label = key.rpartition("/")
-        if (prefix and (len(prefix) > 253 or not DNS_1123_SUBDOMAIN.match(prefix))) or len(label) > 63 or not LABEL_NAME.match(label):
-            out.append(Problem(f"{field}[{key[:80]!r}]", "is not a valid label key: [prefix/]name, name at most 63 of a-z, A-Z, 0-9, '-', '_', '.'"))
+        if (
+            (prefix and (len(prefix) > 253 or not DNS_1123_SUBDOMAIN.match(prefix)))
+            or len(label) > 63
+            or not LABEL_NAME.match(label)
+        ):
+            out.append(
+                Problem(
+                    f"{field}[{key[:80]!r}]",
+                    "is not a valid label key: [prefix/]name, name at most 63 of a-z, A-Z, 0-9, '-', '_', '.'",
+                )
+            )
         if len(value) > MAX_LABEL_VALUE or not LABEL_VALUE.match(value):
-            out.append(Problem(f"{field}[{key[:80]!r}]", f"value must be at most {MAX_LABEL_VALUE} of a-z, A-Z, 0-9, '-', '_', '.', starting and ending alphanumeric"))
+            out.append(
+                Problem(
+                    f"{field}[{key[:80]!r}]",
+                    f"value must be at most {MAX_LABEL_VALUE} of a-z, A-Z, 0-9, '-', '_', '.', starting and ending alphanumeric",
+                )
+            )
     return out
 
 
 def _annotations(field: str, annotations: dict[str, str]) -> list[Problem]:
     size = sum(len(k.encode()) + len(v.encode()) for k, v in annotations.items())
     if size > MAX_ANNOTATIONS_BYTES:
-        return [Problem(field, f"total {size:,} bytes; Kubernetes allows at most {MAX_ANNOTATIONS_BYTES:,} (keep large data in a ConfigMap or S3)")]
+        return [
+            Problem(
+                field,
+                f"total {size:,} bytes; Kubernetes allows at most {MAX_ANNOTATIONS_BYTES:,} (keep large data in a ConfigMap or S3)",
+            )
+        ]
     return []
 
 
@@ -531,7 +683,12 @@ def check_name(name: str | None, spec: FineTuneJobSpec | None = None) -> list[Pr
     if not name:
         return [Problem("metadata.name", "is required")]
     if len(name) > MAX_NAME_LENGTH:
-        return [Problem("metadata.name", f"must be at most {MAX_NAME_LENGTH} characters (got {len(name)}); pods are named after it")]
+        return [
+            Problem(
+                "metadata.name",
+                f"must be at most {MAX_NAME_LENGTH} characters (got {len(name)}); pods are named after it",
+            )
+        ]
     if not DNS_1035.match(name):
         return [
             Problem(
@@ -554,7 +711,19 @@ def check_name(name: str | None, spec: FineTuneJobSpec | None = None) -> list[Pr
 
 def check_spec(spec: FineTuneJobSpec) -> list[Problem]:
     """Every problem with a spec that parsed; empty when the operator can run it."""
-    return _cel_twins(spec) + _storage(spec) + _output(spec) + _publish(spec) + _tracking(spec) + _method(spec) + _methods(spec) + _training(spec) + _pod(spec) + _metadata_maps(spec) + _serving(spec)
+    return (
+        _cel_twins(spec)
+        + _storage(spec)
+        + _output(spec)
+        + _publish(spec)
+        + _tracking(spec)
+        + _method(spec)
+        + _methods(spec)
+        + _training(spec)
+        + _pod(spec)
+        + _metadata_maps(spec)
+        + _serving(spec)
+    )
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the CRD's integers are format int64
@@ -577,11 +746,25 @@ def check_values(value: Any, where: str = "") -> list[Problem]:
         elif isinstance(node, list):
             stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node))
         elif isinstance(node, int) and not isinstance(node, bool) and not INT64_MIN <= node <= INT64_MAX:
-            out.append(Problem(path, f"must fit a 64-bit integer ({INT64_MIN} to {INT64_MAX}; got {node}): the API server stores int64"))
+            out.append(
+                Problem(
+                    path,
+                    f"must fit a 64-bit integer ({INT64_MIN} to {INT64_MAX}; got {node}): the API server stores int64",
+                )
+            )
         elif isinstance(node, float) and not math.isfinite(node):
-            out.append(Problem(path, f"must be a finite number (got {node}); the API server cannot store .inf or .nan"))
+            out.append(
+                Problem(
+                    path, f"must be a finite number (got {node}); the API server cannot store .inf or .nan"
+                )
+            )
         elif not (node is None or isinstance(node, str | int | float | bool)):
-            out.append(Problem(path, f"must be a string, number, true/false, list or mapping (got {type(node).__name__}); quote it"))
+            out.append(
+                Problem(
+                    path,
+                    f"must be a string, number, true/false, list or mapping (got {type(node).__name__}); quote it",
+                )
+            )
     return out
 
 
@@ -607,18 +790,27 @@ def validate_manifest(doc: Any) -> tuple[FineTuneJob | None, list[Problem]]:
         problems.append(Problem("kind", f"must be {KIND}"))
     meta = doc.get("metadata")
     if not isinstance(meta, dict):
-        return None, [*problems, Problem("metadata", "must be a mapping with at least a name, e.g. metadata: {name: my-job}")]
+        return None, [
+            *problems,
+            Problem("metadata", "must be a mapping with at least a name, e.g. metadata: {name: my-job}"),
+        ]
     for key, check in (("labels", _labels), ("annotations", _annotations)):
         value = meta.get(key)
         if value is not None and not isinstance(value, dict):
             problems.append(Problem(f"metadata.{key}", "must be a mapping of strings"))
-        elif isinstance(value, dict) and not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            problems.append(Problem(f"metadata.{key}", "values must be strings (quote numbers and true/false)"))
+        elif isinstance(value, dict) and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            problems.append(
+                Problem(f"metadata.{key}", "values must be strings (quote numbers and true/false)")
+            )
         elif value:
             problems += check(f"metadata.{key}", value)
     name = meta.get("name")
     if not isinstance(name, str):
-        problems.append(Problem("metadata.name", "is required" if name is None else f"must be a string (got {name!r})"))
+        problems.append(
+            Problem("metadata.name", "is required" if name is None else f"must be a string (got {name!r})")
+        )
     job, parse_problems = _strict(FineTuneJob, {k: v for k, v in doc.items() if k != "status"})
     seen = {p.field for p in problems}
     problems += [p for p in parse_problems if p.field not in seen]

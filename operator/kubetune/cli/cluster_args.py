@@ -20,8 +20,13 @@ RESOURCE = "finetunejob.kubetune.io"
 
 
 def add_output_arg(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument("-o", "--output", choices=OUTPUTS, metavar="FORMAT",
-                        help=f"output format: {'|'.join(OUTPUTS)} (default: {default})")
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=OUTPUTS,
+        metavar="FORMAT",
+        help=f"output format: {'|'.join(OUTPUTS)} (default: {default})",
+    )
 
 
 def add_cluster_args(parser: argparse.ArgumentParser, output: str | None = None) -> None:
@@ -50,7 +55,10 @@ def print_docs(docs: list[dict[str, Any]], fmt: str, single: bool) -> None:
             print(kind_name(d))
         return
     out: Any = docs[0] if single else {"apiVersion": "v1", "kind": "List", "items": docs}
-    print(json.dumps(out, indent=2) if fmt == "json" else yaml.safe_dump(out, sort_keys=False), end="" if fmt == "yaml" else "\n")
+    print(
+        json.dumps(out, indent=2) if fmt == "json" else yaml.safe_dump(out, sort_keys=False),
+        end="" if fmt == "yaml" else "\n",
+    )
 
 
 def kind_name(doc: dict[str, Any]) -> str:

@@ -11,10 +11,18 @@ from kubetune.api.crd import crd_yaml
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml", metavar="FORMAT",
-                        help="output format: yaml|json (default: yaml, as checked in under crds/)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=["yaml", "json"],
+        default="yaml",
+        metavar="FORMAT",
+        help="output format: yaml|json (default: yaml, as checked in under crds/)",
+    )
     parser.add_argument("--output-file", metavar="FILE", help="write to this file instead of stdout")
-    parser.add_argument("--check", metavar="FILE", help="exit 1 if FILE differs from the generated CRD (for CI)")
+    parser.add_argument(
+        "--check", metavar="FILE", help="exit 1 if FILE differs from the generated CRD (for CI)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="FineTuneJob name")
     add_cluster_args(parser, output="the description; wide: with every Event")
 
+
 # Events the description shows (the newest); -o wide shows them all.
 RECENT_EVENTS = 15
 
@@ -28,7 +29,9 @@ def describe(job: FineTuneJob, events: list[dict[str, Any]], recent: int | None 
     if st and st.message:
         lines.append(f"Message:      {st.message}")
     if hasattr(spec, "method"):
-        lines.append(f"Method:       {spec.method}, {spec.distributed.nodes} node(s) x {spec.distributed.procs_per_node} process(es)")
+        lines.append(
+            f"Method:       {spec.method}, {spec.distributed.nodes} node(s) x {spec.distributed.procs_per_node} process(es)"
+        )
         lines.append(f"Model:        {spec.model.source}")
         lines.append(f"Output:       {spec.output.uri}")
     if st:
@@ -63,7 +66,11 @@ def describe(job: FineTuneJob, events: list[dict[str, Any]], recent: int | None 
         lines.append(f"Serving:      {st.serving.kind} {st.serving.name} ({st.serving.uri or '-'})")
     if st and st.tracking:
         t = st.tracking
-        for label, value in (("MLflow run", t.mlflow_run), ("Registered", t.mlflow_model_version), ("W&B run", t.wandb_run)):
+        for label, value in (
+            ("MLflow run", t.mlflow_run),
+            ("Registered", t.mlflow_model_version),
+            ("W&B run", t.wandb_run),
+        ):
             if value:
                 lines.append(f"{label + ':':<14}{value}")
     if st and st.usage:
@@ -82,11 +89,17 @@ def _hours(seconds: float) -> str:
 def usage_lines(usage: Usage) -> list[str]:
     """status.usage as a table: the total and each run (GPU and node time, wall time, the estimated cost)."""
     cost = usage.currency or ""
-    rows = [("total", usage), *((f"run {r.run}", r) for r in usage.runs)] if len(usage.runs) > 1 else [("total", usage)]
+    rows = (
+        [("total", usage), *((f"run {r.run}", r) for r in usage.runs)]
+        if len(usage.runs) > 1
+        else [("total", usage)]
+    )
     out = ["Usage:", f"  {'':<8}{'GPU':>10}{'NODE':>10}{'WALL':>10}{'EST. COST':>12}"]
     for label, f in rows:
         price = f"{f.estimated_cost:.2f} {cost}".strip() if f.estimated_cost is not None else "-"
-        out.append(f"  {label:<8}{_hours(f.gpu_seconds):>10}{_hours(f.node_seconds):>10}{_hours(f.wall_seconds):>10}{price:>12}")
+        out.append(
+            f"  {label:<8}{_hours(f.gpu_seconds):>10}{_hours(f.node_seconds):>10}{_hours(f.wall_seconds):>10}{price:>12}"
+        )
     return out
 
 
@@ -97,5 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output in ("yaml", "json", "name"):
         print_objects([job], args.output, single=True)
     else:
-        print(describe(job, client.events(args.name), recent=None if args.output == "wide" else RECENT_EVENTS))
+        print(
+            describe(job, client.events(args.name), recent=None if args.output == "wide" else RECENT_EVENTS)
+        )
     return 0

@@ -11,11 +11,18 @@ from kubetune.cli.cluster_args import add_cluster_args, client_from, guarded
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="FineTuneJob name")
     parser.add_argument("dir", help="local directory to write into (DIR/model/..., DIR/adapter/...)")
-    parser.add_argument("--what", choices=["auto", "model", "adapter", "all"], default="auto",
-                        help="auto: the merged model if there is one, else the adapter (default)")
-    parser.add_argument("--s3-endpoint", metavar="URL",
-                        help="S3 endpoint as this machine reaches it, when the job's spec.storage.endpoint is an "
-                             "in-cluster address (default: the job's)")
+    parser.add_argument(
+        "--what",
+        choices=["auto", "model", "adapter", "all"],
+        default="auto",
+        help="auto: the merged model if there is one, else the adapter (default)",
+    )
+    parser.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="S3 endpoint as this machine reaches it, when the job's spec.storage.endpoint is an "
+        "in-cluster address (default: the job's)",
+    )
     add_cluster_args(parser)
 
 

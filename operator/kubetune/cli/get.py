@@ -21,7 +21,9 @@ from kubetune.client.jobs import is_finished
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", help="one FineTuneJob (default: all in the namespace)")
     parser.add_argument("-w", "--watch", action="store_true", help="keep the table live as the jobs change")
-    parser.add_argument("-A", "--all-namespaces", action="store_true", help="list the jobs of every namespace")
+    parser.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="list the jobs of every namespace"
+    )
     parser.add_argument("-l", "--selector", help="label selector, as kubectl's (e.g. team=nlp,tier!=dev)")
     parser.add_argument("--phase", help="only jobs in this phase")
     add_cluster_args(parser, output="a table")
@@ -49,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
         if args.name:
             jobs = [client.get(args.name)]
         else:
-            jobs = client.list(phase=args.phase, label_selector=args.selector, all_namespaces=args.all_namespaces)
+            jobs = client.list(
+                phase=args.phase, label_selector=args.selector, all_namespaces=args.all_namespaces
+            )
         if args.output in ("yaml", "json", "name"):
             print_objects(jobs, args.output, single=bool(args.name))
         elif not jobs:
@@ -69,7 +73,9 @@ def watch(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
     live = Live(_table([], args), console=console, refresh_per_second=4, auto_refresh=console.is_terminal,
                 redirect_stdout=False, transient=False)  # fmt: skip
     with live:
-        for event, job in client.watch(args.name, label_selector=args.selector, all_namespaces=args.all_namespaces):
+        for event, job in client.watch(
+            args.name, label_selector=args.selector, all_namespaces=args.all_namespaces
+        ):
             key = (job.metadata.namespace or "", job.metadata.name or "")
             if event == "DELETED":
                 jobs.pop(key, None)

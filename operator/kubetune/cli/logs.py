@@ -9,7 +9,9 @@ from kubetune.cli.cluster_args import add_cluster_args, client_from, guarded
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="FineTuneJob name")
-    parser.add_argument("--rank", type=int, default=0, help="node rank (the pod's completion index; default 0)")
+    parser.add_argument(
+        "--rank", type=int, default=0, help="node rank (the pod's completion index; default 0)"
+    )
     parser.add_argument("-f", "--follow", action="store_true", help="keep printing as the trainer writes")
     parser.add_argument("--tail", type=int, help="only the last N lines")
     add_cluster_args(parser)

@@ -11,22 +11,37 @@ import sys
 # subcommand -> (module, help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("kubetune.cli.run", "run a FineTuneJob manifest locally with torchrun (no cluster needed)"),
-    "preflight": ("kubetune.cli.preflight", "show what the model will learn from the data, and whether it fits, before training"),
-    "crd": ("kubetune.cli.crd", "print the FineTuneJob CustomResourceDefinition generated from the API models"),
+    "preflight": (
+        "kubetune.cli.preflight",
+        "show what the model will learn from the data, and whether it fits, before training",
+    ),
+    "crd": (
+        "kubetune.cli.crd",
+        "print the FineTuneJob CustomResourceDefinition generated from the API models",
+    ),
     "validate": ("kubetune.cli.validate", "check FineTuneJob manifests against the API without a cluster"),
     "render": ("kubetune.cli.render", "print the objects the operator would create for a manifest"),
     "operator": ("kubetune.cli.operator", "run the operator (Kopf) against the current cluster"),
     # On a cluster, through the SDK (kubetune.client); kubectl's -n/--context/KUBECONFIG and -o yaml|json|wide|name.
     "submit": ("kubetune.cli.submit", "create a FineTuneJob from a manifest (--wait to follow it)"),
     "get": ("kubetune.cli.get", "list FineTuneJobs with phase, progress, loss, tokens/s and ETA (-w: live)"),
-    "describe": ("kubetune.cli.describe", "show a FineTuneJob's conditions, last failure, artifacts and events"),
+    "describe": (
+        "kubetune.cli.describe",
+        "show a FineTuneJob's conditions, last failure, artifacts and events",
+    ),
     "logs": ("kubetune.cli.logs", "print a rank's trainer log (-f to follow)"),
     "suspend": ("kubetune.cli.lifecycle", "suspend FineTuneJobs (pods checkpoint, then stop)"),
     "resume": ("kubetune.cli.lifecycle", "resume suspended FineTuneJobs from their last checkpoint"),
     "delete": ("kubetune.cli.lifecycle", "delete FineTuneJobs and everything they own"),
     "download": ("kubetune.cli.download", "download a job's merged model or adapter to a directory"),
-    "report": ("kubetune.cli.report", "show a job's model card (metrics, evaluation, plots); --output-dir DIR saves it"),
-    "version": ("kubetune.cli.version", "print the client's version and the cluster's operator and CRD versions"),
+    "report": (
+        "kubetune.cli.report",
+        "show a job's model card (metrics, evaluation, plots); --output-dir DIR saves it",
+    ),
+    "version": (
+        "kubetune.cli.version",
+        "print the client's version and the cluster's operator and CRD versions",
+    ),
     "completion": ("kubetune.cli.completion", "print a shell completion script (bash, zsh or fish)"),
 }
 

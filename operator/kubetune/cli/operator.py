@@ -17,16 +17,37 @@ REACH_TIMEOUT = 10
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("-n", "--namespace", action="append", default=[], help="namespace to watch (repeatable)")
-    where.add_argument("-A", "--all-namespaces", action="store_true", help="watch all namespaces (default without -n)")
+    where.add_argument(
+        "-n", "--namespace", action="append", default=[], help="namespace to watch (repeatable)"
+    )
+    where.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="watch all namespaces (default without -n)"
+    )
     parser.add_argument("--trainer-image", help="default trainer image (KUBETUNE_TRAINER_IMAGE)")
-    parser.add_argument("--poll-interval", type=float, help="seconds between progress reads of a running job (KUBETUNE_POLL_INTERVAL)")
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        help="seconds between progress reads of a running job (KUBETUNE_POLL_INTERVAL)",
+    )
     parser.add_argument("--log-format", choices=["text", "json"], help="log format (KUBETUNE_LOG_FORMAT)")
-    parser.add_argument("--peering", action="store_true", help="enable Kopf peering (KUBETUNE_PEERING; not for replicas: see --leader-elect)")
-    parser.add_argument("--leader-elect", action="store_true",
-                        help="one of several replicas: reconcile only while holding the Lease (KUBETUNE_LEADER_ELECT)")
-    parser.add_argument("--liveness", help="liveness endpoint URL (KUBETUNE_LIVENESS), e.g. http://0.0.0.0:8080/healthz")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (KUBETUNE_METRICS_PORT, default 8000; 0: off)")
+    parser.add_argument(
+        "--peering",
+        action="store_true",
+        help="enable Kopf peering (KUBETUNE_PEERING; not for replicas: see --leader-elect)",
+    )
+    parser.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="one of several replicas: reconcile only while holding the Lease (KUBETUNE_LEADER_ELECT)",
+    )
+    parser.add_argument(
+        "--liveness", help="liveness endpoint URL (KUBETUNE_LIVENESS), e.g. http://0.0.0.0:8080/healthz"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus /metrics port (KUBETUNE_METRICS_PORT, default 8000; 0: off)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -87,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"
-        print(f"kubetune operator: KUBETUNE_{field.upper()} (--{field.replace('_', '-')}): {err['msg']}; fix the flag or variable")
+        print(
+            f"kubetune operator: KUBETUNE_{field.upper()} (--{field.replace('_', '-')}): {err['msg']}; fix the flag or variable"
+        )
         return 2
     if (problem := cannot_start()) is not None:
         print(f"kubetune operator: {problem}", file=sys.stderr)

@@ -41,8 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", help="FineTuneJob YAML (the one you would kubectl apply)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--examples", type=int, default=3, help="rendered examples to show (default 3)")
-    parser.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory per GPU to size against (default 80)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. dataset.maxSeqLength=512")
+    parser.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=80.0,
+        metavar="GIB",
+        help="memory per GPU to size against (default 80)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. dataset.maxSeqLength=512",
+    )
     parser.add_argument("--verbose", action="store_true", help="also show the libraries' own warnings")
 
 
@@ -90,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         job = _job(Path(args.manifest), args.set)
     except SpecInvalid as exc:
-        print(f"{REASONS[ExitCode.CONFIG_INVALID]}: {args.manifest}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        print(
+            f"{REASONS[ExitCode.CONFIG_INVALID]}: {args.manifest}: {len(exc.problems)} problem(s)",
+            file=sys.stderr,
+        )
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return int(ExitCode.CONFIG_INVALID)
@@ -145,19 +160,35 @@ def show(summary: dict[str, Any]) -> None:
     for s in summary["sources"]:
         invalid = ", ".join(f"{n} {r}" for r, n in s["invalid"].items()) or "0"
         path = s["path"].removeprefix("file://")
-        table.add_row(path if len(path) <= 40 else "..." + path[-37:], s["mapping"], str(s["records"]), str(s["examples"]), f"{s['weight']:g}", invalid)
+        table.add_row(
+            path if len(path) <= 40 else "..." + path[-37:],
+            s["mapping"],
+            str(s["records"]),
+            str(s["examples"]),
+            f"{s['weight']:g}",
+            invalid,
+        )
     console.print(table)
     marked = console.color_system is None  # not a terminal, or NO_COLOR
     for i, example in enumerate(summary["examples"], start=1):
         console.print(Text(f"example {i}: ", style="bold") + example_text(example, marked))
     for i, pair in enumerate(summary.get("pairs") or [], start=1):
-        console.print(Text(f"pair {i} ({pair['promptTokens']} prompt tokens, chosen {pair['chosenTokens']}, rejected {pair['rejectedTokens']}):", style="bold"))
+        console.print(
+            Text(
+                f"pair {i} ({pair['promptTokens']} prompt tokens, chosen {pair['chosenTokens']}, rejected {pair['rejectedTokens']}):",
+                style="bold",
+            )
+        )
         console.print(Text("  prompt:   ", style="bold").append(pair["prompt"], style="dim"))
         for name, style in (("chosen", "bold green"), ("rejected", "bold red")):
-            console.print(Text(f"  {name}: ".ljust(12), style="bold") + example_text(pair[name], marked, style))
+            console.print(
+                Text(f"  {name}: ".ljust(12), style="bold") + example_text(pair[name], marked, style)
+            )
     where = f"between {LEARNED_OPEN} {LEARNED_CLOSE}" if marked else "in green"
     if summary.get("pairs"):
-        where = f"between {LEARNED_OPEN} {LEARNED_CLOSE}" if marked else "in green (chosen) and red (rejected)"
+        where = (
+            f"between {LEARNED_OPEN} {LEARNED_CLOSE}" if marked else "in green (chosen) and red (rejected)"
+        )
         console.print(Text(f"scored reply tokens {where}; the prompt is context", style="italic"))
     else:
         console.print(Text(f"learned tokens {where}; the rest is context the loss ignores", style="italic"))
@@ -170,7 +201,12 @@ def show(summary: dict[str, Any]) -> None:
     lower = 0
     for b in ln["histogram"]:
         label = f"{lower + 1}-{b['upTo']}" if b["upTo"] is not None else f"> {ln['maxSeqLength']}"
-        hist.add_row(label, str(b["count"]), "#" * round(30 * b["count"] / top), style="red" if b["upTo"] is None and b["count"] else None)
+        hist.add_row(
+            label,
+            str(b["count"]),
+            "#" * round(30 * b["count"] / top),
+            style="red" if b["upTo"] is None and b["count"] else None,
+        )
         lower = b["upTo"] or lower
     console.print(hist)
     for line in text_lines(summary)[len(summary["sources"]) :]:

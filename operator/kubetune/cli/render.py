@@ -21,7 +21,9 @@ from kubetune.cli.manifests import REFUSED, Refusal, print_problems, read_jobs
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="a YAML file with one or more FineTuneJobs ('-' reads stdin)")
-    parser.add_argument("-n", "--namespace", default=None, help="namespace when the manifest has none (default: default)")
+    parser.add_argument(
+        "-n", "--namespace", default=None, help="namespace when the manifest has none (default: default)"
+    )
     parser.add_argument("--restart", type=int, default=0, help="gang generation to render (default 0)")
     parser.add_argument("--image", default=None, help="default trainer image when spec.image is unset")
     add_output_arg(parser, "yaml")
@@ -39,7 +41,9 @@ def wide_table(docs: list[dict[str, Any]]) -> str:
     rows = [("KIND", "NAME", "NAMESPACE", "IMAGE")]
     rows += [(d["kind"], kind_name(d), d["metadata"].get("namespace", ""), image_of(d)) for d in docs]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join("   ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "   " + r[3] for r in rows)
+    return "\n".join(
+        "   ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "   " + r[3] for r in rows
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +74,15 @@ def run(args: argparse.Namespace) -> int:
         meta = job.metadata
         namespace = meta.namespace or args.namespace or "default"
         labels = doc["metadata"].get("labels") or {}
-        out += render_all(job.spec, meta.name or "", namespace, meta.uid or "", args.restart, labels, args.image or DEFAULT_IMAGE)
+        out += render_all(
+            job.spec,
+            meta.name or "",
+            namespace,
+            meta.uid or "",
+            args.restart,
+            labels,
+            args.image or DEFAULT_IMAGE,
+        )
         if job.spec.serving is not None:
             expected = artifacts(job.spec).model_dump(by_alias=True, exclude_none=True)
             out.append(render_serving(job.spec, meta.name or "", namespace, expected))

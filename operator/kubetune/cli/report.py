@@ -16,11 +16,16 @@ from kubetune.cli.cluster_args import add_cluster_args, client_from, guarded
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="FineTuneJob name")
     parser.add_argument("--output-dir", metavar="DIR", help="save README.md, loss.png and eval.png here")
-    parser.add_argument("--open", action="store_true", help="open the card (README.md) in the browser or viewer")
+    parser.add_argument(
+        "--open", action="store_true", help="open the card (README.md) in the browser or viewer"
+    )
     parser.add_argument("--raw", action="store_true", help="print the Markdown as it is, not rendered")
-    parser.add_argument("--s3-endpoint", metavar="URL",
-                        help="S3 endpoint as this machine reaches it, when the job's spec.storage.endpoint is an "
-                             "in-cluster address (default: the job's)")
+    parser.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="S3 endpoint as this machine reaches it, when the job's spec.storage.endpoint is an "
+        "in-cluster address (default: the job's)",
+    )
     add_cluster_args(parser)
 
 
@@ -38,13 +43,17 @@ def show(markdown: str, raw: bool) -> None:
 
 @guarded
 def run(args: argparse.Namespace) -> int:
-    keep = args.output_dir or (tempfile.mkdtemp(prefix=f"kubetune-report-{args.name}-") if args.open else None)
+    keep = args.output_dir or (
+        tempfile.mkdtemp(prefix=f"kubetune-report-{args.name}-") if args.open else None
+    )
     with tempfile.TemporaryDirectory(prefix="kubetune-report-") as scratch:
         dest = Path(keep or scratch)
         got = client_from(args).report(args.name, dest, endpoint=args.s3_endpoint)
         show((dest / CARD_FILE).read_text(), args.raw)
         if keep:
-            print(f"\nsaved {', '.join(p.name for p in got.files)} to {dest} ({got.verified} checked against the manifest)")
+            print(
+                f"\nsaved {', '.join(p.name for p in got.files)} to {dest} ({got.verified} checked against the manifest)"
+            )
         if args.open:
             webbrowser.open((dest / CARD_FILE).resolve().as_uri())
     return 0

@@ -65,10 +65,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", help="FineTuneJob YAML (the one you would kubectl apply)")
     parser.add_argument("--output", help="artifacts directory or s3:// URI (overrides spec.output.uri)")
     parser.add_argument("--nproc", type=int, help="processes to start (default: nodes x procsPerNode)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. training.maxSteps=20")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. training.maxSteps=20",
+    )
     parser.add_argument("--verbose", action="store_true", help="show every line the ranks and torchrun print")
-    parser.add_argument("--dry-run", action="store_true", help="check the manifest and the output, print the command, start nothing, write nothing")
-    parser.add_argument("--resume-from", metavar="OUTPUT", help="start a new run from OUTPUT's newest checkpoint with this config (spec.output.resumeFrom: previous)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the manifest and the output, print the command, start nothing, write nothing",
+    )
+    parser.add_argument(
+        "--resume-from",
+        metavar="OUTPUT",
+        help="start a new run from OUTPUT's newest checkpoint with this config (spec.output.resumeFrom: previous)",
+    )
     parser.add_argument("--work-dir", help="where the trainer config, the log and the termination message go "
                         "(default: a new temporary directory)")  # fmt: skip
 
@@ -104,7 +118,12 @@ def set_path(spec: dict[str, Any], item: str) -> None:
 
 
 def localized_document(
-    manifest: dict[str, Any], base: Path, output: str | None, nproc: int | None, overrides: list[str], gpus: int
+    manifest: dict[str, Any],
+    base: Path,
+    output: str | None,
+    nproc: int | None,
+    overrides: list[str],
+    gpus: int,
 ) -> tuple[dict[str, Any], list[Problem]]:
     """The manifest as this machine runs it: paths resolved, one node with `nproc` local processes.
 
@@ -125,7 +144,9 @@ def localized_document(
         if output:
             out["uri"] = output if output.startswith("s3://") else "file://" + str(Path(output).resolve())
         elif "uri" not in out:
-            out["uri"] = "file://" + str(Path("runs", name if isinstance(name, str) and name else "job").resolve())
+            out["uri"] = "file://" + str(
+                Path("runs", name if isinstance(name, str) and name else "job").resolve()
+            )
     map_uris(spec, lambda uri: resolve_uri(uri, base))
     dist = spec.setdefault("distributed", {})
     if isinstance(dist, dict):
@@ -133,7 +154,9 @@ def localized_document(
         as_written = [dist.get(k, 0) for k in ("nodes", "procsPerNode", "gpusPerNode")]
         if nproc is not None and nproc < 1:
             problems.append(Problem("--nproc", f"must be >= 1 (got {nproc})"))
-        elif all(isinstance(v, int) and not isinstance(v, bool) for v in as_written):  # else validation says why
+        elif all(
+            isinstance(v, int) and not isinstance(v, bool) for v in as_written
+        ):  # else validation says why
             procs = nproc or nodes * per_node
             if gpus:
                 procs = min(procs, gpus)
@@ -141,7 +164,14 @@ def localized_document(
     return manifest, problems
 
 
-def localize(manifest: dict[str, Any], base: Path, output: str | None, nproc: int | None, overrides: list[str], gpus: int) -> FineTuneJob:
+def localize(
+    manifest: dict[str, Any],
+    base: Path,
+    output: str | None,
+    nproc: int | None,
+    overrides: list[str],
+    gpus: int,
+) -> FineTuneJob:
     """The localized, validated job; SpecInvalid with every problem otherwise."""
     doc, problems = localized_document(manifest, base, output, nproc, overrides, gpus)
     job, more = validate_manifest(doc)
@@ -172,7 +202,11 @@ def local_path(uri: str) -> Path | None:
 def _dir_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    return sum(
+        p.stat().st_size
+        for p in path.rglob("*")
+        if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth")
+    )
 
 
 def output_bytes_needed(job: FineTuneJob, model_bytes: int) -> int:
@@ -198,7 +232,10 @@ def preflight(job: FineTuneJob, dry_run: bool = False, uid: str | None = None) -
     spec = job.spec
     model = local_path(spec.model.source)
     if model is not None and not model.exists():
-        return Failure(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {model} does not exist; point it at a model directory")
+        return Failure(
+            ExitCode.MODEL_NOT_FOUND,
+            f"spec.model.source: {model} does not exist; point it at a model directory",
+        )
     inputs = [(f, uri) for f, uri in spec_uris(spec).items() if f != "spec.output.uri"]
     for field, uri in inputs:
         if field == "spec.model.source":
@@ -218,7 +255,10 @@ def preflight(job: FineTuneJob, dry_run: bool = False, uid: str | None = None) -
     existing = next(p for p in (out, *out.parents) if p.exists())
     if dry_run:
         if not os.access(existing, os.W_OK | os.X_OK):
-            return Failure(REFUSED, f"spec.output.uri: cannot write to {existing}; choose a writable directory (--output)")
+            return Failure(
+                REFUSED,
+                f"spec.output.uri: cannot write to {existing}; choose a writable directory (--output)",
+            )
     else:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -226,7 +266,10 @@ def preflight(job: FineTuneJob, dry_run: bool = False, uid: str | None = None) -
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
-            return Failure(REFUSED, f"spec.output.uri: cannot write to {out}: {exc.strerror or exc}; choose a writable directory (--output)")
+            return Failure(
+                REFUSED,
+                f"spec.output.uri: cannot write to {out}: {exc.strerror or exc}; choose a writable directory (--output)",
+            )
     if (out / COMPLETE_MARKER).exists():
         return None
     need = output_bytes_needed(job, _dir_bytes(model) if model is not None and model.exists() else 0)
@@ -288,7 +331,8 @@ def newest_checkpoint(uri: str) -> str | None:
 
 
 ROOT_CAUSE = re.compile(
-    r"host\s*:\s*(?P<host>\S+)\s+rank\s*:\s*(?P<rank>\d+)[^\n]*\n\s*exitcode\s*:\s*(?P<code>-?\d+)", re.MULTILINE
+    r"host\s*:\s*(?P<host>\S+)\s+rank\s*:\s*(?P<rank>\d+)[^\n]*\n\s*exitcode\s*:\s*(?P<code>-?\d+)",
+    re.MULTILINE,
 )
 
 
@@ -310,7 +354,11 @@ def failure_line(code: int, detail: dict[str, Any], log_text: str, log_path: Pat
 
 def progress_fields(p: dict[str, Any]) -> str:
     parts = []
-    for key, label, fmt in (("loss", "loss", "{:.4f}"), ("evalLoss", "eval", "{:.4f}"), ("tokensPerSecond", "tok/s", "{:.0f}")):
+    for key, label, fmt in (
+        ("loss", "loss", "{:.4f}"),
+        ("evalLoss", "eval", "{:.4f}"),
+        ("tokensPerSecond", "tok/s", "{:.0f}"),
+    ):
         if isinstance(p.get(key), int | float):
             parts.append(f"{label} {fmt.format(p[key])}")
     if p.get("phase"):
@@ -346,7 +394,12 @@ class Display:
 
     def progress(self, p: dict[str, Any]) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=p.get("step") or 0, total=p.get("totalSteps") or None, info=progress_fields(p))
+            self.bar.update(
+                self.task,
+                completed=p.get("step") or 0,
+                total=p.get("totalSteps") or None,
+                info=progress_fields(p),
+            )
 
     def stop(self) -> None:
         if self.bar is not None:
@@ -381,7 +434,9 @@ class Interrupts:
                 f"kubetune run: {signal.Signals(signum).name}: checkpointing at the next step, then stopping "
                 "(Ctrl-C again stops at once, keeping the last complete checkpoint)"
             )
-            _signal_tree(self.proc.pid, signal.SIGTERM, include_children=False)  # torchrun passes it to every rank
+            _signal_tree(
+                self.proc.pid, signal.SIGTERM, include_children=False
+            )  # torchrun passes it to every rank
         else:
             _signal_tree(self.proc.pid, signal.SIGKILL, include_children=True)
 
@@ -415,20 +470,30 @@ def run(args: argparse.Namespace) -> int:
         print(f"kubetune run: {exc}", file=sys.stderr)
         return REFUSED
     gpus = local_gpus()
-    localized, problems = localized_document(doc, manifest_path.parent.resolve(), args.output, args.nproc, args.set, gpus)
+    localized, problems = localized_document(
+        doc, manifest_path.parent.resolve(), args.output, args.nproc, args.set, gpus
+    )
     job, more = validate_manifest(localized)
     if job is None or problems or more:
         print_problems(args.manifest, doc, problems + more)
-        dist = localized.get("spec", {}).get("distributed") if isinstance(localized.get("spec"), dict) else None
+        dist = (
+            localized.get("spec", {}).get("distributed") if isinstance(localized.get("spec"), dict) else None
+        )
         if isinstance(dist, dict) and dist.get("procsPerNode") is not None:
-            print(f"  (run locally as nodes: 1, procsPerNode: {dist['procsPerNode']}; --nproc changes it)", file=sys.stderr)
+            print(
+                f"  (run locally as nodes: 1, procsPerNode: {dist['procsPerNode']}; --nproc changes it)",
+                file=sys.stderr,
+            )
         return REFUSED
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("kubetune_trainer") is None:
         print("kubetune run: the trainer is not installed; pip install 'kubetune[trainer]'", file=sys.stderr)
         return REFUSED
     failure = preflight(job, args.dry_run, local_uid(job))
     if failure is not None:
-        print(f"kubetune run: {args.manifest}: {REASONS.get(failure.code, 'Error')}: {failure.message}", file=sys.stderr)
+        print(
+            f"kubetune run: {args.manifest}: {REASONS.get(failure.code, 'Error')}: {failure.message}",
+            file=sys.stderr,
+        )
         return int(failure.code)
     return launch(job, args)
 
@@ -443,12 +508,21 @@ def launch(job: FineTuneJob, args: argparse.Namespace) -> int:
 
     name = job.metadata.name or "job"
     port = free_port()
-    config = render_trainer_config(job.spec, name=name, namespace=job.metadata.namespace or "default", uid=local_uid(job), progress_port=port)
+    config = render_trainer_config(
+        job.spec,
+        name=name,
+        namespace=job.metadata.namespace or "default",
+        uid=local_uid(job),
+        progress_port=port,
+    )
     if args.resume_from:
         config = config.model_copy(update={"resume_from": resolve_uri(args.resume_from, Path.cwd())})
     run_id = uuid.uuid4().hex[:12]
     if args.dry_run:
-        print(f"kubetune run: {name}: {config.world_size} process(es), {job.spec.method}, output {job.spec.output.uri} (dry run: nothing written)", file=sys.stderr)
+        print(
+            f"kubetune run: {name}: {config.world_size} process(es), {job.spec.method}, output {job.spec.output.uri} (dry run: nothing written)",
+            file=sys.stderr,
+        )
         print(" ".join(trainer_command(config.world_size, "<config>")))
         return 0
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="kubetune-run-"))
@@ -462,7 +536,10 @@ def launch(job: FineTuneJob, args: argparse.Namespace) -> int:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     cmd = trainer_command(config.world_size, str(config_path))
     uri = job.spec.output.uri
-    print(f"kubetune run: {name}: {config.world_size} process(es), {job.spec.method}, output {uri}, run {run_id}", file=sys.stderr)
+    print(
+        f"kubetune run: {name}: {config.world_size} process(es), {job.spec.method}, output {uri}, run {run_id}",
+        file=sys.stderr,
+    )
     print(f"kubetune run: config {config_path}, log {log_path}", file=sys.stderr)
     out = local_path(uri)
     if out is not None and (out / COMPLETE_MARKER).exists():
@@ -473,14 +550,24 @@ def launch(job: FineTuneJob, args: argparse.Namespace) -> int:
     threading.Thread(target=_poll_progress, args=(port, stop, display), daemon=True).start()
     started = time.time()
     # Its own session: a terminal's Ctrl-C reaches kubetune alone, which turns it into one orderly stop.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+    )
     interrupts = Interrupts(proc, display)
     try:
         with open(log_path, "w") as log:
             assert proc.stdout is not None
             for line in proc.stdout:
                 log.write(line)
-                if args.verbose or (line.startswith("[kubetune]") and not line.startswith("[kubetune] error:")):
+                if args.verbose or (
+                    line.startswith("[kubetune]") and not line.startswith("[kubetune] error:")
+                ):
                     display.line(line.rstrip("\n"))
         code = proc.wait()
     finally:
@@ -498,27 +585,58 @@ def trainer_command(world_size: int, config_path: str) -> list[str]:
     ]  # fmt: skip
 
 
-def report(code: int, work: Path, uri: str, seconds: float, log_path: Path, signum: int | None, args: argparse.Namespace) -> int:
+def report(
+    code: int,
+    work: Path,
+    uri: str,
+    seconds: float,
+    log_path: Path,
+    signum: int | None,
+    args: argparse.Namespace,
+) -> int:
     termination = work / RUN_TERMINATION_FILE
     try:
         detail = json.loads(termination.read_text()) if termination.exists() else {}
     except ValueError:
         detail = {}
-    finished = int(detail.get("exitCode", -1)) == 0 and (local_path(uri) is None or (Path(uri.removeprefix("file://")) / COMPLETE_MARKER).exists())
-    if code == 0 or (signum is not None and finished):  # a stop that came after rank 0 sealed the output: it finished
+    finished = int(detail.get("exitCode", -1)) == 0 and (
+        local_path(uri) is None or (Path(uri.removeprefix("file://")) / COMPLETE_MARKER).exists()
+    )
+    if code == 0 or (
+        signum is not None and finished
+    ):  # a stop that came after rank 0 sealed the output: it finished
         print(f"kubetune run: done in {seconds:.0f}s; artifacts in {uri}", file=sys.stderr)
         metrics_path = Path(uri.removeprefix("file://")) / METRICS_FILE
         if metrics_path.exists():
             m = json.loads(metrics_path.read_text())
-            for key in ("evalLossBefore", "evalLossAfter", "exactMatchBefore", "exactMatchAfter", "tokensPerSecond"):
+            for key in (
+                "evalLossBefore",
+                "evalLossAfter",
+                "exactMatchBefore",
+                "exactMatchAfter",
+                "tokensPerSecond",
+            ):
                 if m.get(key) is not None:
                     print(f"  {key}: {m[key]:.4f}", file=sys.stderr)
         return 0
     if signum is not None and int(detail.get("exitCode", 0)) not in USER_ERRORS:
-        where = newest_checkpoint(uri) or (f"{uri}/{CHECKPOINTS_DIR}/" if not uri.startswith("file://") else None)
-        kept = f"checkpoint in {where}" if where else "no checkpoint was written yet (stopped before the first step)"
-        again = " ".join(["kubetune", "run", *sys.argv[2:]]) if sys.argv[1:2] == ["run"] else f"kubetune run {args.manifest}"
-        print(f"kubetune run: stopped by {signal.Signals(signum).name}; {kept}; resume with: {again}", file=sys.stderr)
+        where = newest_checkpoint(uri) or (
+            f"{uri}/{CHECKPOINTS_DIR}/" if not uri.startswith("file://") else None
+        )
+        kept = (
+            f"checkpoint in {where}"
+            if where
+            else "no checkpoint was written yet (stopped before the first step)"
+        )
+        again = (
+            " ".join(["kubetune", "run", *sys.argv[2:]])
+            if sys.argv[1:2] == ["run"]
+            else f"kubetune run {args.manifest}"
+        )
+        print(
+            f"kubetune run: stopped by {signal.Signals(signum).name}; {kept}; resume with: {again}",
+            file=sys.stderr,
+        )
         return 128 + signum
     code, line = failure_line(code, detail, log_path.read_text(errors="replace"), log_path)
     print(line, file=sys.stderr)

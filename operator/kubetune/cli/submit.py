@@ -14,7 +14,9 @@ from kubetune.client.jobs import checked
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="FineTuneJob YAML")
-    parser.add_argument("--wait", action="store_true", help="follow its progress; exit 0 when it succeeds, 1 when it fails")
+    parser.add_argument(
+        "--wait", action="store_true", help="follow its progress; exit 0 when it succeeds, 1 when it fails"
+    )
     parser.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
     add_cluster_args(parser, output="NAME created")
 
@@ -41,8 +43,12 @@ def run(args: argparse.Namespace) -> int:
         eta = f"  eta {p.eta}" if p.eta else ""
         print(f"{name}: step {p.step}/{p.total_steps}  {progress_fields(p.to_wire())}{eta}", file=sys.stderr)
 
-    done = client.wait(name, timeout=args.timeout, on_progress=show,
-                       on_phase=lambda phase: print(f"{name}: {phase}", file=sys.stderr))
+    done = client.wait(
+        name,
+        timeout=args.timeout,
+        on_progress=show,
+        on_phase=lambda phase: print(f"{name}: {phase}", file=sys.stderr),
+    )
     arts = done.status.artifacts if done.status else None
     if arts:
         print(f"{name}: artifacts: {arts.merged_model or arts.adapter}", file=sys.stderr)

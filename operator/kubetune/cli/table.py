@@ -33,7 +33,9 @@ def row(job: FineTuneJob, now: datetime) -> dict[str, Any]:
         "NAME": job.metadata.name or "",
         "PHASE": phase,
         "PROGRESS": percent,
-        "STEP": f"{p.step}/{p.total_steps}" if p and p.step is not None and p.total_steps else (str(p.step) if p and p.step is not None else ""),
+        "STEP": f"{p.step}/{p.total_steps}"
+        if p and p.step is not None and p.total_steps
+        else (str(p.step) if p and p.step is not None else ""),
         "LOSS": f"{p.loss:.4f}" if p and p.loss is not None else "",
         "TOKENS/S": f"{p.tokens_per_second:,.0f}" if p and p.tokens_per_second is not None else "",
         "ETA": (p.eta or "") if p and phase not in ("Succeeded", "Failed") else "",
@@ -61,7 +63,13 @@ def bar(percent: float | None, width: int = 20) -> str:
     return "█" * done + "░" * (width - done) + f" {percent:5.1f}%"
 
 
-PHASE_STYLE = {"Succeeded": "green", "Failed": "bold red", "Running": "cyan", "Restarting": "yellow", "Suspended": "magenta"}
+PHASE_STYLE = {
+    "Succeeded": "green",
+    "Failed": "bold red",
+    "Running": "cyan",
+    "Restarting": "yellow",
+    "Suspended": "magenta",
+}
 
 
 def columns(wide: bool = False, namespaces: bool = False) -> tuple[str, ...]:
@@ -69,7 +77,9 @@ def columns(wide: bool = False, namespaces: bool = False) -> tuple[str, ...]:
     return (("NAMESPACE",) if namespaces else ()) + COLUMNS + (WIDE if wide else ())
 
 
-def render(jobs: list[FineTuneJob], now: datetime | None = None, wide: bool = False, namespaces: bool = False) -> Any:
+def render(
+    jobs: list[FineTuneJob], now: datetime | None = None, wide: bool = False, namespaces: bool = False
+) -> Any:
     from rich.markup import escape
     from rich.table import Table
 
@@ -77,7 +87,9 @@ def render(jobs: list[FineTuneJob], now: datetime | None = None, wide: bool = Fa
     cols = columns(wide, namespaces)
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in cols:
-        table.add_column(col, no_wrap=True, justify="right" if col in ("LOSS", "TOKENS/S", "RESTARTS") else "left")
+        table.add_column(
+            col, no_wrap=True, justify="right" if col in ("LOSS", "TOKENS/S", "RESTARTS") else "left"
+        )
     for job in sorted(jobs, key=lambda j: (j.metadata.namespace or "", j.metadata.name or "")):
         r = row(job, now)
         cells = [bar(r[c]) if c == "PROGRESS" else escape(str(r[c])) for c in cols]

@@ -37,7 +37,9 @@ def connect(kubeconfig: str | None = None, context: str | None = None) -> tuple[
     try:
         return _connect(client, config, kubeconfig, context)
     except (config.ConfigException, OSError) as exc:
-        raise ClientError(f"no cluster to talk to: {exc} (set KUBECONFIG, --kubeconfig or --context)") from None
+        raise ClientError(
+            f"no cluster to talk to: {exc} (set KUBECONFIG, --kubeconfig or --context)"
+        ) from None
 
 
 def _connect(client: Any, config: Any, kubeconfig: str | None, context: str | None) -> tuple[Any, str]:
@@ -45,7 +47,9 @@ def _connect(client: Any, config: Any, kubeconfig: str | None, context: str | No
     if path or context or not os.environ.get("KUBERNETES_SERVICE_HOST"):
         shown = path or "~/.kube/config"
         if not Path(os.path.expanduser(shown)).is_file():
-            raise ClientError(f"no kubeconfig at {shown}: set KUBECONFIG or --kubeconfig (kubectl reads the same file)")
+            raise ClientError(
+                f"no kubeconfig at {shown}: set KUBECONFIG or --kubeconfig (kubectl reads the same file)"
+            )
         if context:
             contexts, _ = config.list_kube_config_contexts(config_file=path)
             if context not in [c["name"] for c in contexts]:
@@ -66,8 +70,13 @@ def _connect(client: Any, config: Any, kubeconfig: str | None, context: str | No
 
 
 class ClusterBackend:
-    def __init__(self, namespace: str | None = None, context: str | None = None, kubeconfig: str | None = None,
-                 api_client: Any = None):
+    def __init__(
+        self,
+        namespace: str | None = None,
+        context: str | None = None,
+        kubeconfig: str | None = None,
+        api_client: Any = None,
+    ):
         from kubernetes import client
 
         if api_client is None:
@@ -88,11 +97,15 @@ class ClusterBackend:
         try:
             return fn()
         except ApiException as exc:
-            raise from_api(exc.status or 0, exc.body, verb=verb, resource=resource, name=name, namespace=self.namespace) from None
+            raise from_api(
+                exc.status or 0, exc.body, verb=verb, resource=resource, name=name, namespace=self.namespace
+            ) from None
         except HTTPError as exc:  # refused, reset, TLS, DNS: the API server was never reached
             raise Unreachable(self.api_client.configuration.host, exc) from None
 
-    def _list_call(self, label_selector: str | None, all_namespaces: bool) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+    def _list_call(
+        self, label_selector: str | None, all_namespaces: bool
+    ) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
         """The list function and its arguments: one namespace, or every one (kubectl's -A)."""
         kw = {"label_selector": label_selector} if label_selector else {}
         if all_namespaces:
@@ -100,16 +113,24 @@ class ClusterBackend:
         return self.custom.list_namespaced_custom_object, (GROUP, VERSION, self.namespace, PLURAL), kw
 
     def _get_raw(self, name: str) -> dict[str, Any]:
-        return self._call("get", RESOURCE, name, lambda: self.custom.get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, name))
+        return self._call(
+            "get",
+            RESOURCE,
+            name,
+            lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name),
+        )
 
     # ---------------------------------------------------------------- the API
 
     def submit(self, doc: dict[str, Any]) -> FineTuneJob:
         doc["metadata"]["namespace"] = self.namespace
         name = doc["metadata"].get("name")
-        obj = self._call("create", RESOURCE, name, lambda: self.custom.create_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, doc))
+        obj = self._call(
+            "create",
+            RESOURCE,
+            name,
+            lambda: self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, doc),
+        )
         return jobs.from_object(obj)
 
     def get(self, name: str) -> FineTuneJob:
@@ -120,8 +141,13 @@ class ClusterBackend:
         resp = self._call("list", RESOURCE, None, lambda: fn(*pos, **kw))
         return [jobs.from_object(o) for o in resp.get("items") or []]
 
-    def watch(self, name: str | None = None, timeout: float | None = None, label_selector: str | None = None,
-              all_namespaces: bool = False) -> Iterator[tuple[str, FineTuneJob]]:
+    def watch(
+        self,
+        name: str | None = None,
+        timeout: float | None = None,
+        label_selector: str | None = None,
+        all_namespaces: bool = False,
+    ) -> Iterator[tuple[str, FineTuneJob]]:
         """(event type, job) for the current state, then every change, from a watch (no polling).
         Re-opens the watch when the server closes it; re-lists when the resourceVersion is too old."""
         from kubernetes import watch
@@ -148,8 +174,14 @@ class ClusterBackend:
                     return
                 w = watch.Watch()
                 try:
-                    for event in w.stream(list_fn, *pos, resource_version=rv, allow_watch_bookmarks=True,
-                                          timeout_seconds=int(min(left or 300, 300)) or 1, **selector):
+                    for event in w.stream(
+                        list_fn,
+                        *pos,
+                        resource_version=rv,
+                        allow_watch_bookmarks=True,
+                        timeout_seconds=int(min(left or 300, 300)) or 1,
+                        **selector,
+                    ):
                         obj = event["object"]
                         if event["type"] == "ERROR":
                             gone = (obj or {}).get("code") == 410
@@ -161,8 +193,14 @@ class ClusterBackend:
                     if exc.status == 410:
                         gone = True
                     else:
-                        raise from_api(exc.status or 0, exc.body, verb="watch", resource=RESOURCE, name=name,
-                                       namespace=self.namespace) from None
+                        raise from_api(
+                            exc.status or 0,
+                            exc.body,
+                            verb="watch",
+                            resource=RESOURCE,
+                            name=name,
+                            namespace=self.namespace,
+                        ) from None
                 except HTTPError as exc:
                     raise Unreachable(self.api_client.configuration.host, exc) from None
                 finally:
@@ -170,20 +208,43 @@ class ClusterBackend:
 
     def set_suspend(self, name: str, suspend: bool) -> FineTuneJob:
         body = {"spec": {"runPolicy": {"suspend": suspend}}}
-        obj = self._call("patch", RESOURCE, name, lambda: self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, name, body))
+        obj = self._call(
+            "patch",
+            RESOURCE,
+            name,
+            lambda: self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, name, body
+            ),
+        )
         return jobs.from_object(obj)
 
     def delete(self, name: str) -> None:
         from kubernetes import client
 
-        self._call("delete", RESOURCE, name, lambda: self.custom.delete_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, name, body=client.V1DeleteOptions(propagation_policy="Background")))
+        self._call(
+            "delete",
+            RESOURCE,
+            name,
+            lambda: self.custom.delete_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                name,
+                body=client.V1DeleteOptions(propagation_policy="Background"),
+            ),
+        )
 
     def events(self, name: str) -> Events:
         sel = f"involvedObject.name={name},involvedObject.kind=FineTuneJob"
-        resp = self._call("list", "events", None, lambda: self.core.list_namespaced_event(
-            self.namespace, field_selector=sel, _preload_content=False))
+        resp = self._call(
+            "list",
+            "events",
+            None,
+            lambda: self.core.list_namespaced_event(
+                self.namespace, field_selector=sel, _preload_content=False
+            ),
+        )
         import json
 
         items = json.loads(resp.data).get("items") or []
@@ -200,8 +261,14 @@ class ClusterBackend:
             job = self.get(name)
             restarts = job.status.restarts if job.status else 0
             selector = f"{LABEL_JOB}={name},{LABEL_RESTART}={restarts}"
-            resp = self._call("list", "pods", None, lambda s=selector: self.core.list_namespaced_pod(  # type: ignore[misc]
-                self.namespace, label_selector=s))
+            resp = self._call(
+                "list",
+                "pods",
+                None,
+                lambda s=selector: self.core.list_namespaced_pod(  # type: ignore[misc]
+                    self.namespace, label_selector=s
+                ),
+            )
             for pod in resp.items:
                 if (pod.metadata.annotations or {}).get(COMPLETION_INDEX) == str(rank):
                     return str(pod.metadata.name)
@@ -216,7 +283,9 @@ class ClusterBackend:
         while True:
             got = self._call("get", "pods", pod, lambda: self.core.read_namespaced_pod(pod, self.namespace))
             states = [s.state for s in got.status.container_statuses or [] if s.name == container]
-            if got.status.phase in ("Succeeded", "Failed") or (states and (states[0].running or states[0].terminated)):
+            if got.status.phase in ("Succeeded", "Failed") or (
+                states and (states[0].running or states[0].terminated)
+            ):
                 return
             if time.monotonic() >= deadline:
                 return  # let the log request say why
@@ -231,7 +300,9 @@ class ClusterBackend:
         kw: dict[str, Any] = {"container": CONTAINER, "follow": follow, "_preload_content": False}
         if tail is not None:
             kw["tail_lines"] = tail
-        resp = self._call("get", "pods/log", pod, lambda: self.core.read_namespaced_pod_log(pod, self.namespace, **kw))
+        resp = self._call(
+            "get", "pods/log", pod, lambda: self.core.read_namespaced_pod_log(pod, self.namespace, **kw)
+        )
         buf = b""
         for chunk in resp.stream(4096):
             buf += chunk
@@ -242,5 +313,7 @@ class ClusterBackend:
             yield buf.decode(errors="replace")
 
     def secret_data(self, name: str) -> dict[str, str]:
-        secret = self._call("get", "secrets", name, lambda: self.core.read_namespaced_secret(name, self.namespace))
+        secret = self._call(
+            "get", "secrets", name, lambda: self.core.read_namespaced_secret(name, self.namespace)
+        )
         return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}

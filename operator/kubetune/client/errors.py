@@ -12,8 +12,18 @@ from typing import Any
 
 from kubetune.api.validation import Problem, SpecInvalid
 
-__all__ = ["AlreadyExists", "ApiError", "ClientError", "Forbidden", "JobFailed", "NotFound", "SpecInvalid", "Unauthorized",
-           "Unreachable", "from_api"]
+__all__ = [
+    "AlreadyExists",
+    "ApiError",
+    "ClientError",
+    "Forbidden",
+    "JobFailed",
+    "NotFound",
+    "SpecInvalid",
+    "Unauthorized",
+    "Unreachable",
+    "from_api",
+]
 
 
 class ClientError(Exception):
@@ -30,7 +40,9 @@ class NotFound(ClientError):
 class AlreadyExists(ClientError):
     def __init__(self, kind: str, name: str, namespace: str | None):
         self.kind, self.name, self.namespace = kind, name, namespace
-        super().__init__(f"{kind} {name!r} already exists in namespace {namespace}; delete it first or pick another name")
+        super().__init__(
+            f"{kind} {name!r} already exists in namespace {namespace}; delete it first or pick another name"
+        )
 
 
 class Forbidden(ClientError):
@@ -53,8 +65,10 @@ class Unreachable(ClientError):
         self.host = host
         reason = getattr(cause, "reason", None) or cause
         detail = str(reason).split(": ", 1)[-1] if ": " in str(reason) else str(reason)
-        super().__init__(f"cannot connect to the API server at {host} ({detail}): is the cluster up, and the "
-                         "kubeconfig's server and context the right ones?")
+        super().__init__(
+            f"cannot connect to the API server at {host} ({detail}): is the cluster up, and the "
+            "kubeconfig's server and context the right ones?"
+        )
 
 
 class Unauthorized(ClientError):
@@ -62,8 +76,10 @@ class Unauthorized(ClientError):
 
     def __init__(self, message: str):
         detail = f": {message}" if message and message.lower() != "unauthorized" else ""
-        super().__init__(f"you must be logged in to the API server (Unauthorized{detail}); "
-                         "renew the kubeconfig's credentials or pick another --context")
+        super().__init__(
+            f"you must be logged in to the API server (Unauthorized{detail}); "
+            "renew the kubeconfig's credentials or pick another --context"
+        )
 
 
 class ApiError(ClientError):
@@ -77,11 +93,17 @@ class JobFailed(ClientError):
 
     def __init__(self, name: str, phase: str, reason: str | None, message: str | None):
         self.name, self.phase, self.reason, self.message = name, phase, reason, message
-        super().__init__(f"FineTuneJob {name} ended {phase}" + (f" ({reason})" if reason else "") + (f": {message}" if message else ""))
+        super().__init__(
+            f"FineTuneJob {name} ended {phase}"
+            + (f" ({reason})" if reason else "")
+            + (f": {message}" if message else "")
+        )
 
 
-_CANNOT = re.compile(r'User "(?P<user>[^"]+)" cannot (?P<verb>[a-z]+) resource "(?P<resource>[^"]+)"'
-                     r'(?: in API group "(?P<group>[^"]*)")?')
+_CANNOT = re.compile(
+    r'User "(?P<user>[^"]+)" cannot (?P<verb>[a-z]+) resource "(?P<resource>[^"]+)"'
+    r'(?: in API group "(?P<group>[^"]*)")?'
+)
 
 
 def _status(body: Any) -> dict[str, Any]:
@@ -95,7 +117,9 @@ def _status(body: Any) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-def from_api(status: int, body: Any, *, verb: str, resource: str, name: str | None, namespace: str | None) -> Exception:
+def from_api(
+    status: int, body: Any, *, verb: str, resource: str, name: str | None, namespace: str | None
+) -> Exception:
     """The typed error for an API server answer (`body` is its metav1.Status, as bytes, text or dict).
 
     Forbidden names the verb from the server's message (`User "u" cannot create resource

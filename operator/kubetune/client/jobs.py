@@ -84,7 +84,9 @@ def new_progress(previous: Progress | None, current: Progress | None) -> bool:
         return False
     if previous is None:
         return True
-    return current.model_dump(exclude={"updated_at", "eta"}) != previous.model_dump(exclude={"updated_at", "eta"})
+    return current.model_dump(exclude={"updated_at", "eta"}) != previous.model_dump(
+        exclude={"updated_at", "eta"}
+    )
 
 
 def phases(until: str | Iterable[str]) -> frozenset[str]:

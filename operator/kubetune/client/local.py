@@ -83,13 +83,26 @@ class LocalBackend:
         doc = copy.deepcopy(run.doc)
         doc["spec"].setdefault("runPolicy", {})["suspend"] = False
         manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
-        cmd = [sys.executable, "-m", "kubetune.cli.main", "run", str(manifest), "--verbose", "--work-dir", str(run.work)]
-        (run.work / RUN_CONFIG_FILE).unlink(missing_ok=True)  # the last start's config names the last start's port
+        cmd = [
+            sys.executable,
+            "-m",
+            "kubetune.cli.main",
+            "run",
+            str(manifest),
+            "--verbose",
+            "--work-dir",
+            str(run.work),
+        ]
+        (run.work / RUN_CONFIG_FILE).unlink(
+            missing_ok=True
+        )  # the last start's config names the last start's port
         if self.nproc:
             cmd += ["--nproc", str(self.nproc)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with run.log.open("ab") as out:
-            run.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            run.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         run.port, run.phase, run.failure = None, "Initializing", None
         run.started = run.started or now_iso()
 
@@ -132,7 +145,9 @@ class LocalBackend:
     def _job(self, run: LocalRun) -> FineTuneJob:
         spec = jobs.from_object({**run.doc, "status": None}).spec
         status: dict[str, Any] = {
-            "phase": run.phase, "startTime": run.started, "restarts": run.restarts,
+            "phase": run.phase,
+            "startTime": run.started,
+            "restarts": run.restarts,
             "progress": run.progress.to_wire() if run.progress else None,
         }
         if run.phase == "Succeeded":
@@ -144,8 +159,15 @@ class LocalBackend:
             status["lastFailure"] = {"pod": "local", "exitCode": code, "reason": reason, "message": message}
             status["message"] = f"{reason}: {message}"
         meta = {**run.doc["metadata"], "namespace": self.namespace, "creationTimestamp": run.created}
-        return FineTuneJob.model_validate({**run.doc, "metadata": meta,
-                                           "status": FineTuneJobStatus.model_validate({k: v for k, v in status.items() if v is not None})})
+        return FineTuneJob.model_validate(
+            {
+                **run.doc,
+                "metadata": meta,
+                "status": FineTuneJobStatus.model_validate(
+                    {k: v for k, v in status.items() if v is not None}
+                ),
+            }
+        )
 
     # ---------------------------------------------------------------- the API
 
@@ -171,8 +193,13 @@ class LocalBackend:
         # One machine, one namespace; label selectors are the cluster backend's.
         return [self.get(n) for n in self.runs]
 
-    def watch(self, name: str | None = None, timeout: float | None = None, label_selector: str | None = None,
-              all_namespaces: bool = False) -> Iterator[tuple[str, FineTuneJob]]:
+    def watch(
+        self,
+        name: str | None = None,
+        timeout: float | None = None,
+        label_selector: str | None = None,
+        all_namespaces: bool = False,
+    ) -> Iterator[tuple[str, FineTuneJob]]:
         """Local processes have no API server to watch: the state is looked at twice a second."""
         deadline = None if timeout is None else time.monotonic() + timeout
         seen: dict[str, str] = {}

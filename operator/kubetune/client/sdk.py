@@ -23,12 +23,19 @@ class Backend(Protocol):
     def submit(self, doc: dict[str, Any]) -> FineTuneJob: ...
     def get(self, name: str) -> FineTuneJob: ...
     def list(self, label_selector: str | None = None, all_namespaces: bool = False) -> JobList: ...
-    def watch(self, name: str | None = None, timeout: float | None = None, label_selector: str | None = None,
-              all_namespaces: bool = False) -> Iterator[tuple[str, FineTuneJob]]: ...
+    def watch(
+        self,
+        name: str | None = None,
+        timeout: float | None = None,
+        label_selector: str | None = None,
+        all_namespaces: bool = False,
+    ) -> Iterator[tuple[str, FineTuneJob]]: ...
     def set_suspend(self, name: str, suspend: bool) -> FineTuneJob: ...
     def delete(self, name: str) -> None: ...
     def events(self, name: str) -> Events: ...
-    def logs(self, name: str, rank: int = 0, follow: bool = True, tail: int | None = None) -> Iterator[str]: ...
+    def logs(
+        self, name: str, rank: int = 0, follow: bool = True, tail: int | None = None
+    ) -> Iterator[str]: ...
     def secret_data(self, name: str) -> dict[str, str]: ...
 
 
@@ -64,13 +71,22 @@ class Client:
     takes them) or "local" (`kubetune run` on this machine; `workdir`, `nproc`).
     """
 
-    def __init__(self, backend: Literal["cluster", "local"] | Backend = "cluster", *, namespace: str | None = None,
-                 context: str | None = None, kubeconfig: str | None = None, workdir: str | Path | None = None,
-                 nproc: int | None = None):
+    def __init__(
+        self,
+        backend: Literal["cluster", "local"] | Backend = "cluster",
+        *,
+        namespace: str | None = None,
+        context: str | None = None,
+        kubeconfig: str | None = None,
+        workdir: str | Path | None = None,
+        nproc: int | None = None,
+    ):
         if backend == "cluster":
             from kubetune.client.cluster import ClusterBackend
 
-            self.backend: Backend = ClusterBackend(namespace=namespace, context=context, kubeconfig=kubeconfig)
+            self.backend: Backend = ClusterBackend(
+                namespace=namespace, context=context, kubeconfig=kubeconfig
+            )
         elif backend == "local":
             from kubetune.client.local import LocalBackend
 
@@ -95,8 +111,12 @@ class Client:
     def get(self, name: str) -> FineTuneJob:
         return self.backend.get(name)
 
-    def list(self, phase: str | Iterable[str] | None = None, label_selector: str | None = None,
-             all_namespaces: bool = False) -> JobList:
+    def list(
+        self,
+        phase: str | Iterable[str] | None = None,
+        label_selector: str | None = None,
+        all_namespaces: bool = False,
+    ) -> JobList:
         """Jobs in the namespace (every namespace with `all_namespaces`); `label_selector` as kubectl's -l;
         `phase` keeps only those in that phase (or phases)."""
         items = self.backend.list(label_selector, all_namespaces)
@@ -105,8 +125,13 @@ class Client:
         wanted = jobs.phases(phase)
         return [j for j in items if jobs.phase_of(j) in wanted]
 
-    def watch(self, name: str | None = None, timeout: float | None = None, label_selector: str | None = None,
-              all_namespaces: bool = False) -> Iterator[tuple[str, FineTuneJob]]:
+    def watch(
+        self,
+        name: str | None = None,
+        timeout: float | None = None,
+        label_selector: str | None = None,
+        all_namespaces: bool = False,
+    ) -> Iterator[tuple[str, FineTuneJob]]:
         """(event, job) now and on every change (a Kubernetes watch on the cluster backend)."""
         if label_selector or all_namespaces:
             return self.backend.watch(name, timeout, label_selector, all_namespaces)
@@ -126,8 +151,14 @@ class Client:
             if jobs.is_finished(job):
                 return
 
-    def wait(self, name: str, until: str | Iterable[str] = "Succeeded", timeout: float | None = None,
-             on_progress: ProgressCallback | None = None, on_phase: Callable[[str], Any] | None = None) -> FineTuneJob:
+    def wait(
+        self,
+        name: str,
+        until: str | Iterable[str] = "Succeeded",
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+        on_phase: Callable[[str], Any] | None = None,
+    ) -> FineTuneJob:
         """Block until the job is in `until`; call `on_progress` with each new progress reading.
         Raises JobFailed when it finishes in another phase, TimeoutError after `timeout` seconds."""
         wanted = jobs.phases(until)
@@ -149,10 +180,16 @@ class Client:
                 return job
             if jobs.is_finished(job):
                 failure = job.status.last_failure if job.status else None
-                raise JobFailed(name, phase, failure.reason if failure else None,
-                                (failure.message if failure else None) or (job.status.message if job.status else None))
-        raise TimeoutError(f"FineTuneJob {name} not {'/'.join(sorted(wanted))} after {time.monotonic() - started:.0f}s "
-                           f"(phase {phase})")
+                raise JobFailed(
+                    name,
+                    phase,
+                    failure.reason if failure else None,
+                    (failure.message if failure else None) or (job.status.message if job.status else None),
+                )
+        raise TimeoutError(
+            f"FineTuneJob {name} not {'/'.join(sorted(wanted))} after {time.monotonic() - started:.0f}s "
+            f"(phase {phase})"
+        )
 
     def logs(self, name: str, rank: int = 0, follow: bool = True, tail: int | None = None) -> Iterator[str]:
         """Lines of the trainer container of node rank `rank` in the current gang (the kubelet's log, as
@@ -190,14 +227,22 @@ class Client:
             except (Forbidden, ClientError):
                 data = {}
             if data.get(ref.access_key_id_key):
-                credentials = {"AWS_ACCESS_KEY_ID": data[ref.access_key_id_key],
-                               "AWS_SECRET_ACCESS_KEY": data.get(ref.secret_access_key_key, "")}
+                credentials = {
+                    "AWS_ACCESS_KEY_ID": data[ref.access_key_id_key],
+                    "AWS_SECRET_ACCESS_KEY": data.get(ref.secret_access_key_key, ""),
+                }
                 if ref.session_token_key and data.get(ref.session_token_key):
                     credentials["AWS_SESSION_TOKEN"] = data[ref.session_token_key]
-        where = job.spec.storage if endpoint is None else job.spec.storage.model_copy(update={"endpoint": endpoint})
+        where = (
+            job.spec.storage
+            if endpoint is None
+            else job.spec.storage.model_copy(update={"endpoint": endpoint})
+        )
         return JobArtifacts(uris=jobs.artifacts_of(job), storage=where, credentials=credentials)
 
-    def download(self, name: str, dest: str | Path, which: Which = "auto", endpoint: str | None = None) -> Downloaded:
+    def download(
+        self, name: str, dest: str | Path, which: Which = "auto", endpoint: str | None = None
+    ) -> Downloaded:
         return self.artifacts(name, endpoint=endpoint).download(dest, which)
 
     def report(self, name: str, dest: str | Path, endpoint: str | None = None) -> Downloaded:

@@ -35,9 +35,11 @@ def _unreachable(where: str, storage: StorageSpec, exc: Exception) -> DownloadEr
     from botocore.exceptions import EndpointConnectionError
 
     if isinstance(exc, EndpointConnectionError):
-        return DownloadError(f"{where}: cannot connect to S3 at {storage.endpoint or 'the default AWS endpoint'} from "
-                             "this machine; if that is an in-cluster address, pass the one you reach it at with "
-                             "--s3-endpoint URL (SDK: endpoint=)")
+        return DownloadError(
+            f"{where}: cannot connect to S3 at {storage.endpoint or 'the default AWS endpoint'} from "
+            "this machine; if that is an in-cluster address, pass the one you reach it at with "
+            "--s3-endpoint URL (SDK: endpoint=)"
+        )
     return DownloadError(f"{where}: {exc}")
 
 
@@ -54,7 +56,9 @@ def pick(arts: Artifacts, which: Which) -> str:
         return output_root(arts) + "/"
     if which == "model" or (which == "auto" and arts.merged_model):
         if not arts.merged_model:
-            raise DownloadError("this job writes no merged model (spec.output.mergeAdapter: false); download the adapter")
+            raise DownloadError(
+                "this job writes no merged model (spec.output.mergeAdapter: false); download the adapter"
+            )
         return arts.merged_model
     if not arts.adapter:
         raise DownloadError("this job has no adapter (spec.method: full); download the model")
@@ -80,13 +84,18 @@ class Downloaded:
     verified: int = 0
 
 
-def download(arts: Artifacts, storage: StorageSpec, dest: str | Path, which: Which = "auto",
-             credentials: dict[str, str] | None = None) -> Downloaded:
+def download(
+    arts: Artifacts,
+    storage: StorageSpec,
+    dest: str | Path,
+    which: Which = "auto",
+    credentials: dict[str, str] | None = None,
+) -> Downloaded:
     """Copy the chosen artifact directory under `dest` (dest/model/..., dest/adapter/...)."""
     root = output_root(arts)
     uri = pick(arts, which)
     dest = Path(dest)
-    rel_dir = uri[len(root):].strip("/")
+    rel_dir = uri[len(root) :].strip("/")
     if root.startswith("s3://"):
         files = _download_s3(root, rel_dir, storage, dest, credentials)
         manifest = _read_s3_manifest(root + "/" + MANIFEST_FILE, storage, credentials)
@@ -97,14 +106,18 @@ def download(arts: Artifacts, storage: StorageSpec, dest: str | Path, which: Whi
     if not files:
         raise DownloadError(f"nothing under {uri}: has the job succeeded?")
     verified = verify(dest, files, manifest)
-    return Downloaded(uri=uri, path=dest / rel_dir if rel_dir else dest, files=sorted(files.values()), verified=verified)
+    return Downloaded(
+        uri=uri, path=dest / rel_dir if rel_dir else dest, files=sorted(files.values()), verified=verified
+    )
 
 
 REPORT_FILES = (CARD_FILE, LOSS_PLOT, EVAL_PLOT)
 """The model card and its plots, at the top of the output."""
 
 
-def fetch_report(arts: Artifacts, storage: StorageSpec, dest: str | Path, credentials: dict[str, str] | None = None) -> Downloaded:
+def fetch_report(
+    arts: Artifacts, storage: StorageSpec, dest: str | Path, credentials: dict[str, str] | None = None
+) -> Downloaded:
     """Copy the model card (README.md) and its plots into `dest`, checked against the manifest."""
     root = output_root(arts)
     dest = Path(dest)
@@ -117,7 +130,9 @@ def fetch_report(arts: Artifacts, storage: StorageSpec, dest: str | Path, creden
         client = s3_client(storage, credentials)
         for name in REPORT_FILES:
             try:
-                client.download_file(bucket, "/".join(p for p in (base.strip("/"), name) if p), str(dest / name))
+                client.download_file(
+                    bucket, "/".join(p for p in (base.strip("/"), name) if p), str(dest / name)
+                )
             except ClientError:
                 continue  # a card without plots (nothing to draw) is still a card
             except BotoCoreError as exc:
@@ -131,11 +146,20 @@ def fetch_report(arts: Artifacts, storage: StorageSpec, dest: str | Path, creden
                 files[name] = Path(shutil.copy2(src / name, dest / name))
         manifest = _read_local_manifest(src)
     if CARD_FILE not in files:
-        raise DownloadError(f"no {CARD_FILE} under {root}/: has the job succeeded (jobs trained before model cards have none)?")
-    return Downloaded(uri=root + "/" + CARD_FILE, path=dest, files=sorted(files.values()), verified=verify(dest, files, manifest))
+        raise DownloadError(
+            f"no {CARD_FILE} under {root}/: has the job succeeded (jobs trained before model cards have none)?"
+        )
+    return Downloaded(
+        uri=root + "/" + CARD_FILE,
+        path=dest,
+        files=sorted(files.values()),
+        verified=verify(dest, files, manifest),
+    )
 
 
-def _download_s3(root: str, rel_dir: str, storage: StorageSpec, dest: Path, credentials: dict[str, str] | None) -> dict[str, Path]:
+def _download_s3(
+    root: str, rel_dir: str, storage: StorageSpec, dest: Path, credentials: dict[str, str] | None
+) -> dict[str, Path]:
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, base = split_s3(root)
@@ -146,7 +170,7 @@ def _download_s3(root: str, rel_dir: str, storage: StorageSpec, dest: Path, cred
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents") or []:
-                rel = obj["Key"][len(base) + 1:] if base else obj["Key"]
+                rel = obj["Key"][len(base) + 1 :] if base else obj["Key"]
                 local = dest / rel
                 local.parent.mkdir(parents=True, exist_ok=True)
                 client.download_file(bucket, obj["Key"], str(local))
@@ -156,7 +180,9 @@ def _download_s3(root: str, rel_dir: str, storage: StorageSpec, dest: Path, cred
     return files
 
 
-def _read_s3_manifest(uri: str, storage: StorageSpec, credentials: dict[str, str] | None) -> ArtifactManifest | None:
+def _read_s3_manifest(
+    uri: str, storage: StorageSpec, credentials: dict[str, str] | None
+) -> ArtifactManifest | None:
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split_s3(uri)

@@ -73,7 +73,11 @@ class TokenBucket:
     """`qps` requests per second on average, `burst` at once; `acquire()` blocks until a token is free."""
 
     def __init__(
-        self, qps: float, burst: int, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep
+        self,
+        qps: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.qps, self.burst = qps, burst
         self._clock, self._sleep = clock, sleep
@@ -250,22 +254,35 @@ class KubeClient:
         custom = self._api(client.CustomObjectsApi)
 
         def read(name: str, namespace: str, **kw: Any) -> Any:
-            return custom.get_namespaced_custom_object(group, version, namespace, "inferenceservices", name, **kw)
+            return custom.get_namespaced_custom_object(
+                group, version, namespace, "inferenceservices", name, **kw
+            )
 
         def replace(name: str, namespace: str, body: dict[str, Any], **kw: Any) -> Any:
-            return custom.replace_namespaced_custom_object(group, version, namespace, "inferenceservices", name, body, **kw)
+            return custom.replace_namespaced_custom_object(
+                group, version, namespace, "inferenceservices", name, body, **kw
+            )
 
         return read, replace
 
     def read_serving(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         meta = obj["metadata"]
         read = self._serving_calls(obj)[0]
-        return self.request(f"read {obj['kind']} {meta['name']}", read, meta["name"], meta["namespace"], on={404: ABSENT})
+        return self.request(
+            f"read {obj['kind']} {meta['name']}", read, meta["name"], meta["namespace"], on={404: ABSENT}
+        )
 
     def replace_serving(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]
         replace = self._serving_calls(obj)[1]
-        done = self.request(f"replace {obj['kind']} {meta['name']}", replace, meta["name"], meta["namespace"], obj, refusal=True)
+        done = self.request(
+            f"replace {obj['kind']} {meta['name']}",
+            replace,
+            meta["name"],
+            meta["namespace"],
+            obj,
+            refusal=True,
+        )
         assert done is not None
         return done
 
@@ -277,7 +294,9 @@ class KubeClient:
         obj = self.request(f"delete Job {name}", delete, name, namespace, body=options, on={404: ABSENT})
         if obj is None:
             return None
-        return obj if obj.get("kind") == "Job" and (obj.get("metadata") or {}).get("deletionTimestamp") else None
+        return (
+            obj if obj.get("kind") == "Job" and (obj.get("metadata") or {}).get("deletionTimestamp") else None
+        )
 
     def patch_config_map(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         patch_cm = self._api(client.CoreV1Api).patch_namespaced_config_map
@@ -322,8 +341,11 @@ def event_for(body: dict[str, Any], type_: str, reason: str, message: str) -> di
     return {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"],
-                     "labels": standard_labels(meta["name"], "event")},
+        "metadata": {
+            "generateName": f"{meta['name']}.",
+            "namespace": meta["namespace"],
+            "labels": standard_labels(meta["name"], "event"),
+        },
         "involvedObject": {
             "apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"),
             "kind": body.get("kind", "FineTuneJob"),
@@ -385,4 +407,3 @@ class EventRecorder:
         """Wait until every queued Event is posted; False if some are still waiting after `timeout` seconds."""
         with self._cond:
             return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
-

@@ -152,7 +152,11 @@ class Elector:
         retry_period: float = 2.0, api: Any = None, clock: Callable[[], float] = time.monotonic,
     ) -> None:  # fmt: skip
         self.namespace, self.name, self.identity = namespace, name, identity
-        self.lease_duration, self.renew_deadline, self.retry_period = lease_duration, renew_deadline, retry_period
+        self.lease_duration, self.renew_deadline, self.retry_period = (
+            lease_duration,
+            renew_deadline,
+            retry_period,
+        )
         # Its own client and pool, outside the operator's QPS limit: a burst of reconciles never delays a renewal.
         self._api = api if api is not None else client.CoordinationV1Api(counting_client())
         self._clock = clock
@@ -187,7 +191,10 @@ class Elector:
                 return Outcome.HELD
             if record.holder != self.identity:
                 self.previous_holder = record.holder
-            lease["spec"] = {**(lease.get("spec") or {}), **claim(record, self.identity, self.lease_duration, datetime.now(timezone.utc))}
+            lease["spec"] = {
+                **(lease.get("spec") or {}),
+                **claim(record, self.identity, self.lease_duration, datetime.now(timezone.utc)),
+            }
             self._observe(LeaseRecord.of(self._write(lease)))
             return Outcome.LEADING
         except ApiException as exc:
@@ -206,7 +213,9 @@ class Elector:
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            resp = self._api.read_namespaced_lease(self.name, self.namespace, _preload_content=False, _request_timeout=self._timeout)
+            resp = self._api.read_namespaced_lease(
+                self.name, self.namespace, _preload_content=False, _request_timeout=self._timeout
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -217,16 +226,23 @@ class Elector:
         body = {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
-            "metadata": {"name": self.name, "namespace": self.namespace,
-                         "labels": standard_labels(self.name, "leader-election", APP_OPERATOR)},
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "labels": standard_labels(self.name, "leader-election", APP_OPERATOR),
+            },
             "spec": claim(None, self.identity, self.lease_duration, datetime.now(timezone.utc)),
         }
-        resp = self._api.create_namespaced_lease(self.namespace, body, _preload_content=False, _request_timeout=self._timeout)
+        resp = self._api.create_namespaced_lease(
+            self.namespace, body, _preload_content=False, _request_timeout=self._timeout
+        )
         self._observe(LeaseRecord.of(json.loads(resp.data)))
         return Outcome.LEADING
 
     def _write(self, lease: dict[str, Any]) -> dict[str, Any]:
-        resp = self._api.replace_namespaced_lease(self.name, self.namespace, lease, _preload_content=False, _request_timeout=self._timeout)
+        resp = self._api.replace_namespaced_lease(
+            self.name, self.namespace, lease, _preload_content=False, _request_timeout=self._timeout
+        )
         return json.loads(resp.data)  # type: ignore[no-any-return]
 
     # -------------------------------------------------------------- the loops
@@ -274,10 +290,17 @@ class Elector:
             lease = self._read()
             if lease is None or LeaseRecord.of(lease).holder != self.identity:
                 return
-            lease["spec"] = {**(lease.get("spec") or {}), **released(LeaseRecord.of(lease), datetime.now(timezone.utc))}
+            lease["spec"] = {
+                **(lease.get("spec") or {}),
+                **released(LeaseRecord.of(lease), datetime.now(timezone.utc)),
+            }
             self._write(lease)
         except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            log.warning("leader election: could not release lease %s (%s); a standby takes over when it expires", self.where, exc)
+            log.warning(
+                "leader election: could not release lease %s (%s); a standby takes over when it expires",
+                self.where,
+                exc,
+            )
             return
         METRICS.leader.set(0)
         log.info("leader election: %s released lease %s", self.identity, self.where)

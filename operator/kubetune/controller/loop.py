@@ -65,7 +65,9 @@ class Controller:
         # Let passes already running finish their writes: a replica that releases the leader Lease after this
         # must have stopped writing before a standby starts.
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
-        await asyncio.get_running_loop().run_in_executor(None, self.kube.flush_events, 5.0)  # the Events still queued
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.kube.flush_events, 5.0
+        )  # the Events still queued
 
     def _enqueue(self, key: Key) -> None:
         if self.queue is not None:
@@ -84,7 +86,9 @@ class Controller:
             self._enqueue(key)
 
     def on_child(self, kind: str, event_type: str | None, obj: dict[str, Any]) -> None:
-        owner = self.store.drop_child(kind, obj) if event_type == "DELETED" else self.store.put_child(kind, obj)
+        owner = (
+            self.store.drop_child(kind, obj) if event_type == "DELETED" else self.store.put_child(kind, obj)
+        )
         if owner is not None:
             self._enqueue(owner)
 
@@ -152,7 +156,9 @@ class Controller:
                     await asyncio.gather(*reads, return_exceptions=True)
                 await asyncio.sleep(max(0.05, started + interval - time.monotonic()))
 
-    async def _read(self, session: aiohttp.ClientSession, sem: asyncio.Semaphore, key: Key, pod: str, ip: str) -> None:
+    async def _read(
+        self, session: aiohttp.ClientSession, sem: asyncio.Semaphore, key: Key, pod: str, ip: str
+    ) -> None:
         try:
             async with session.get(progress_url(ip, DEFAULT_PROGRESS_PORT)) as resp:
                 data = await resp.json(content_type=None) if resp.status == 200 else None

@@ -35,16 +35,32 @@ JOB_GAUGES = (
     ("kubetune_job_loss", "loss", "Training loss rank 0 last reported."),
     ("kubetune_job_eval_loss", "evalLoss", "Last evaluation loss."),
     ("kubetune_job_learning_rate", "learningRate", "Current learning rate."),
-    ("kubetune_job_tokens_per_second", "tokensPerSecond", "Training throughput of the whole gang (tokens/s)."),
+    (
+        "kubetune_job_tokens_per_second",
+        "tokensPerSecond",
+        "Training throughput of the whole gang (tokens/s).",
+    ),
     ("kubetune_job_eta_seconds", "etaSeconds", "Estimated seconds until the last step."),
 )
 
 
 # (metric name, status.usage field, help) of the per-job usage counters.
 USAGE_COUNTERS = (
-    ("kubetune_job_gpu_seconds_total", "gpuSeconds", "GPU-seconds each job used, restarts included, suspended time excluded (status.usage)."),
-    ("kubetune_job_node_seconds_total", "nodeSeconds", "Trainer pod-seconds (one pod per node) each job used (status.usage)."),
-    ("kubetune_job_wall_seconds_total", "wallSeconds", "Seconds each job was active, suspended time excluded (status.usage)."),
+    (
+        "kubetune_job_gpu_seconds_total",
+        "gpuSeconds",
+        "GPU-seconds each job used, restarts included, suspended time excluded (status.usage).",
+    ),
+    (
+        "kubetune_job_node_seconds_total",
+        "nodeSeconds",
+        "Trainer pod-seconds (one pod per node) each job used (status.usage).",
+    ),
+    (
+        "kubetune_job_wall_seconds_total",
+        "wallSeconds",
+        "Seconds each job was active, suspended time excluded (status.usage).",
+    ),
 )
 
 
@@ -66,7 +82,9 @@ class JobState:
     restarts: int = 0
     gpus: int = 0
     running_since: float | None = None  # when this process last saw it start running (for GPU-seconds)
-    usage: dict[str, Any] | None = None  # status.usage: the operator's accrued figures (kubetune.status.usage)
+    usage: dict[str, Any] | None = (
+        None  # status.usage: the operator's accrued figures (kubetune.status.usage)
+    )
     phase_since: float | None = None
     last_step_at: float | None = None
 
@@ -145,7 +163,9 @@ class Metrics(Collector):
 
     def _stop_running(self, state: JobState, now: float) -> None:
         if state.running_since is not None:
-            self.gpu_seconds[state.namespace] = self.gpu_seconds.get(state.namespace, 0.0) + state.gpus * (now - state.running_since)
+            self.gpu_seconds[state.namespace] = self.gpu_seconds.get(state.namespace, 0.0) + state.gpus * (
+                now - state.running_since
+            )
             state.running_since = None
 
     def workload_created(self, meta: dict[str, Any], now: float | None = None) -> None:
@@ -157,7 +177,9 @@ class Metrics(Collector):
 
     def collect(self, now: float | None = None) -> Iterator[Any]:
         now = time.time() if now is None else now
-        by_phase = GaugeMetricFamily("kubetune_finetunejobs", "FineTuneJobs by namespace and phase.", labels=["namespace", "phase"])
+        by_phase = GaugeMetricFamily(
+            "kubetune_finetunejobs", "FineTuneJobs by namespace and phase.", labels=["namespace", "phase"]
+        )
         counts: dict[tuple[str, str], int] = {}
         namespaces = {s.namespace for s in self.jobs.values()}
         for ns in namespaces:
@@ -173,8 +195,15 @@ class Metrics(Collector):
                                       labels=["namespace", "finetunejob", "phase"])  # fmt: skip
         since_step = GaugeMetricFamily("kubetune_job_seconds_since_progress",
                                        "Seconds since a running job's step last advanced.", labels=["namespace", "finetunejob"])  # fmt: skip
-        gauges = {name: GaugeMetricFamily(name, help_, labels=["namespace", "finetunejob"]) for name, _, help_ in JOB_GAUGES}
-        restarts = GaugeMetricFamily("kubetune_job_restarts", "Whole-gang restarts of each job so far.", labels=["namespace", "finetunejob"])
+        gauges = {
+            name: GaugeMetricFamily(name, help_, labels=["namespace", "finetunejob"])
+            for name, _, help_ in JOB_GAUGES
+        }
+        restarts = GaugeMetricFamily(
+            "kubetune_job_restarts",
+            "Whole-gang restarts of each job so far.",
+            labels=["namespace", "finetunejob"],
+        )
         for s in sorted(self.jobs.values(), key=lambda s: (s.namespace, s.name)):
             labels = [s.namespace, s.name]
             restarts.add_metric(labels, s.restarts)
@@ -205,7 +234,9 @@ class Metrics(Collector):
     def _usage(self) -> Iterator[Any]:
         """status.usage per job: counters (they only grow while the job exists), and the estimated cost."""
         labels = ["namespace", "finetunejob"]
-        counters = {field: CounterMetricFamily(name, help_, labels=labels) for name, field, help_ in USAGE_COUNTERS}
+        counters = {
+            field: CounterMetricFamily(name, help_, labels=labels) for name, field, help_ in USAGE_COUNTERS
+        }
         cost = GaugeMetricFamily("kubetune_job_estimated_cost", "Estimated cost of each job so far (status.usage, from the price table).",
                                  labels=[*labels, "currency"])  # fmt: skip
         for s in sorted(self.jobs.values(), key=lambda s: (s.namespace, s.name)):
@@ -214,7 +245,9 @@ class Metrics(Collector):
                 if isinstance(usage.get(field), int | float):
                     counters[field].add_metric([s.namespace, s.name], float(usage[field]))
             if isinstance(usage.get("estimatedCost"), int | float):
-                cost.add_metric([s.namespace, s.name, str(usage.get("currency") or "")], float(usage["estimatedCost"]))
+                cost.add_metric(
+                    [s.namespace, s.name, str(usage.get("currency") or "")], float(usage["estimatedCost"])
+                )
         yield from counters.values()
         yield cost
 
@@ -246,7 +279,7 @@ _VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete
 def api_call(method: str, url: str) -> tuple[str, str]:
     """(verb, resource) as RBAC names them, from a request: GET .../jobs -> list jobs, PATCH .../x/status -> patch x/status."""
     path = url.split("://", 1)[-1]
-    path = path[path.find("/"):] if "/" in path else "/"
+    path = path[path.find("/") :] if "/" in path else "/"
     m = _PATH.match(path)
     parts = (m["rest"] if m else path.strip("/")).strip("/").split("/")
     resource = parts[0] or "unknown"

@@ -64,13 +64,20 @@ def now() -> datetime:
 
 
 def observe(
-    name: str, restarts: int, jobs: list[dict[str, Any]], pods: list[dict[str, Any]], progress: tuple[str, Progress] | None
+    name: str,
+    restarts: int,
+    jobs: list[dict[str, Any]],
+    pods: list[dict[str, Any]],
+    progress: tuple[str, Progress] | None,
 ) -> Observed:
     """The current gang's Job and pods, how many older objects remain, and rank 0's progress if it is
     this gang's (a read from the previous gang's rank 0 is not shown)."""
     current = workload_name(name, restarts)
     gen = str(restarts)
-    job = next((j for j in jobs if j["metadata"]["name"] == current and not j["metadata"].get("deletionTimestamp")), None)
+    job = next(
+        (j for j in jobs if j["metadata"]["name"] == current and not j["metadata"].get("deletionTimestamp")),
+        None,
+    )
     uid = (job or {}).get("metadata", {}).get("uid")
 
     def of_current_job(p: dict[str, Any]) -> bool:
@@ -88,7 +95,9 @@ def observe(
     return Observed(job=job, pods=mine, stale=stale, progress=shown)
 
 
-def wake_after(spec: FineTuneJobSpec, status: FineTuneJobStatus, observed: Observed, at: datetime, poll: float) -> float | None:
+def wake_after(
+    spec: FineTuneJobSpec, status: FineTuneJobStatus, observed: Observed, at: datetime, poll: float
+) -> float | None:
     """Seconds until something changes that no watch event reports; None if nothing will."""
     phase = status.phase
     waits: list[float] = []
@@ -103,7 +112,9 @@ def wake_after(spec: FineTuneJobSpec, status: FineTuneJobStatus, observed: Obser
     if phase == "Initializing" and observed.progress is None:
         waits.append(min(poll, PROGRESS_GRACE_SECONDS))  # the grace for a trainer that never answers
     if observed.stale:
-        waits.append(STALE_RECHECK_SECONDS)  # the watch reports the old gang gone; this only guards a lost event
+        waits.append(
+            STALE_RECHECK_SECONDS
+        )  # the watch reports the old gang gone; this only guards a lost event
     return max(0.5, min(waits)) if waits else None
 
 
@@ -140,13 +151,30 @@ def reconcile(key: Key, store: Store, settings: Settings, kube: Cluster) -> floa
     decision = derive(spec, name, meta.get("generation"), status, observed, at, settings.prices)
     if decision.action == "create":
         others = [other for k in store.keys() if k != key and (other := store.ftj(k)) is not None]
-        if (holding := outputs.holder(body, others)) is not None:  # another live job writes there: wait for it
+        if (
+            holding := outputs.holder(body, others)
+        ) is not None:  # another live job writes there: wait for it
             waiting = outputs.waiting_status(status, body, holding, meta.get("generation"), at)
             told = any(cond.reason == Reason.OUTPUT_IN_USE for cond in status.conditions)
-            publish(body, Decision(status=waiting, event=None if told else ("Warning", str(Reason.OUTPUT_IN_USE), waiting.message or "")), store, kube)
+            publish(
+                body,
+                Decision(
+                    status=waiting,
+                    event=None if told else ("Warning", str(Reason.OUTPUT_IN_USE), waiting.message or ""),
+                ),
+                store,
+                kube,
+            )
             return outputs.OUTPUT_RECHECK_SECONDS
-        if (missing := ensure_pod_group(body, spec, kube)) is not None:  # no Job until its gang's PodGroup can exist
-            publish(body, Decision(**pod_group_missing(status, missing, spec, meta.get("generation"), at)), store, kube)
+        if (
+            missing := ensure_pod_group(body, spec, kube)
+        ) is not None:  # no Job until its gang's PodGroup can exist
+            publish(
+                body,
+                Decision(**pod_group_missing(status, missing, spec, meta.get("generation"), at)),
+                store,
+                kube,
+            )
             return CRD_RECHECK_SECONDS
         # Creating is idempotent, so it goes first here: the status then describes the Job just created
         # (one status write and one Event for a new job instead of Pending, then Suspended or Initializing).
@@ -162,7 +190,9 @@ def reconcile(key: Key, store: Store, settings: Settings, kube: Cluster) -> floa
     return sooner(wake, serve(body, spec, decision.status, store, kube))
 
 
-def finished(key: Key, body: dict[str, Any], status: FineTuneJobStatus, store: Store, kube: Cluster) -> float | None:
+def finished(
+    key: Key, body: dict[str, Any], status: FineTuneJobStatus, store: Store, kube: Cluster
+) -> float | None:
     """A finished job: start a new run when its trained fields were edited, keep observedGeneration
     truthful, and delete it when its TTL has passed."""
     meta = body["metadata"]
@@ -174,7 +204,12 @@ def finished(key: Key, body: dict[str, Any], status: FineTuneJobStatus, store: S
         if runs.needs_new_run(spec, status):
             return new_run(key, body, spec, status, store, kube)
         if status.trained_spec_hash:  # the edit changed nothing trained: the status still describes it
-            publish(body, Decision(status=status.model_copy(update={"observed_generation": generation})), store, kube)
+            publish(
+                body,
+                Decision(status=status.model_copy(update={"observed_generation": generation})),
+                store,
+                kube,
+            )
             status = status.model_copy(update={"observed_generation": generation})
     try:
         spec = FineTuneJobSpec.model_validate(dict(body["spec"]))
@@ -188,7 +223,9 @@ def finished(key: Key, body: dict[str, Any], status: FineTuneJobStatus, store: S
     return sooner(wake_after(spec, status, Observed(job=None), at, 0), serve(body, spec, status, store, kube))
 
 
-def serve(body: dict[str, Any], spec: FineTuneJobSpec, status: FineTuneJobStatus, store: Store, kube: Cluster) -> float | None:
+def serve(
+    body: dict[str, Any], spec: FineTuneJobSpec, status: FineTuneJobStatus, store: Store, kube: Cluster
+) -> float | None:
     """A succeeded job with spec.serving: create what serves it once, then record it (status, Event)."""
     done = serving.hand_off(body, spec, status, kube)
     if done is None:
@@ -203,7 +240,12 @@ def sooner(a: float | None, b: float | None) -> float | None:
 
 
 def new_run(
-    key: Key, body: dict[str, Any], spec: FineTuneJobSpec, status: FineTuneJobStatus, store: Store, kube: Cluster
+    key: Key,
+    body: dict[str, Any],
+    spec: FineTuneJobSpec,
+    status: FineTuneJobStatus,
+    store: Store,
+    kube: Cluster,
 ) -> float | None:
     """Close the finished run, remove its gang (the next run reuses the workload names), start run n+1."""
     meta = body["metadata"]
@@ -221,7 +263,9 @@ def new_run(
     return None
 
 
-def accept(body: dict[str, Any], status: FineTuneJobStatus, store: Store, kube: Cluster) -> FineTuneJobSpec | None:
+def accept(
+    body: dict[str, Any], status: FineTuneJobStatus, store: Store, kube: Cluster
+) -> FineTuneJobSpec | None:
     """The typed spec, or None after marking a refused spec Failed (status, then an Event)."""
     meta = body["metadata"]
     try:
@@ -230,7 +274,9 @@ def accept(body: dict[str, Any], status: FineTuneJobStatus, store: Store, kube: 
         if status.phase != "Failed":
             problems = "; ".join(str(p) for p in exc.problems)
             refused = refused_status(status, [str(p) for p in exc.problems], meta.get("generation"), now())
-            publish(body, Decision(status=refused, event=("Warning", Reason.SPEC_INVALID, problems)), store, kube)
+            publish(
+                body, Decision(status=refused, event=("Warning", Reason.SPEC_INVALID, problems)), store, kube
+            )
             log.warning("%s/%s refused: %s", meta["namespace"], meta["name"], problems)
         return None
 
@@ -265,9 +311,18 @@ def ensure_children(
         deferred, kinds = tuple(k for k in kinds if k != "Job"), ("Job",)
     status = FineTuneJobStatus.from_stored(body.get("status"))
     render = {
-        "ConfigMap": lambda: render_config_map(spec, meta["name"], meta["namespace"], meta.get("uid", ""), status.run),
+        "ConfigMap": lambda: render_config_map(
+            spec, meta["name"], meta["namespace"], meta.get("uid", ""), status.run
+        ),
         "Service": lambda: render_service(meta["name"], meta["namespace"]),
-        "Job": lambda: render_workload(spec, meta["name"], meta["namespace"], restarts, dict(meta.get("labels") or {}), settings.trainer_image),
+        "Job": lambda: render_workload(
+            spec,
+            meta["name"],
+            meta["namespace"],
+            restarts,
+            dict(meta.get("labels") or {}),
+            settings.trainer_image,
+        ),
     }  # only what is created now: the trainer config's YAML was a tenth of the operator's time under a burst
     objs = [render[kind]() for kind in kinds]
     objs.sort(key=lambda o: o["kind"] != "Job")
@@ -305,7 +360,13 @@ def ensure_pod_group(body: dict[str, Any], spec: FineTuneJobSpec, kube: Cluster)
     kopf.adopt(group, owner=cast(kopf.Body, body))
     try:
         if kube.create_if_absent(group) is not None:
-            log.info("%s/%s: created PodGroup %s (%s)", meta["namespace"], meta["name"], meta["name"], group["apiVersion"])
+            log.info(
+                "%s/%s: created PodGroup %s (%s)",
+                meta["namespace"],
+                meta["name"],
+                meta["name"],
+                group["apiVersion"],
+            )
     except ApiMissing:
         gang = gang_of(spec)
         assert gang is not None
@@ -319,7 +380,13 @@ def with_resume_from(config_yaml: str, uri: str) -> str:
 
 
 def act(
-    body: dict[str, Any], spec: FineTuneJobSpec, decision: Decision, observed: Observed, store: Store, settings: Settings, kube: Cluster
+    body: dict[str, Any],
+    spec: FineTuneJobSpec,
+    decision: Decision,
+    observed: Observed,
+    store: Store,
+    settings: Settings,
+    kube: Cluster,
 ) -> None:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
@@ -339,7 +406,11 @@ def act(
             store.put_child("Job", left)
     elif decision.action == "stop":
         job = observed.job
-        conds = {c.get("type") for c in ((job or {}).get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
+        conds = {
+            c.get("type")
+            for c in ((job or {}).get("status") or {}).get("conditions") or []
+            if c.get("status") == "True"
+        }
         if job is not None and not conds & {"Failed", "Complete"}:
             kube.delete_job(ns, workload_name(name, restarts), propagation="Background")
     elif observed.job is not None and decision.status.phase not in TERMINAL:
@@ -347,7 +418,13 @@ def act(
 
 
 def admit(
-    body: dict[str, Any], job: dict[str, Any], spec: FineTuneJobSpec, restarts: int, store: Store, settings: Settings, kube: Cluster
+    body: dict[str, Any],
+    job: dict[str, Any],
+    spec: FineTuneJobSpec,
+    restarts: int,
+    store: Store,
+    settings: Settings,
+    kube: Cluster,
 ) -> None:
     """Keep the Job's suspension as the spec says, and create the children a suspended Job was created
     without once it is admitted: before the operator resumes it, or right after a queue (Kueue) has."""
@@ -355,13 +432,20 @@ def admit(
     annotations = meta.get("annotations") or {}
     want = str(spec.run_policy.suspend).lower()
     applied = annotations.get(ANNOTATION_SUSPEND_APPLIED)
-    resume = not (applied == want or (applied is None and bool(job["spec"].get("suspend")) == spec.run_policy.suspend))
+    resume = not (
+        applied == want or (applied is None and bool(job["spec"].get("suspend")) == spec.run_policy.suspend)
+    )
     deferred = tuple(k for k in (annotations.get(ANNOTATION_DEFERRED) or "").split(",") if k)
     admitted = not spec.run_policy.suspend if resume else not job["spec"].get("suspend")
     patch: dict[str, Any] = {}
     if deferred and admitted:
         created = ensure_children(body, spec, restarts, store, settings, kube, kinds=deferred)
-        log.info("%s/%s: admitted: created %s", meta["namespace"], meta["name"], ", ".join(created) or "nothing new")
+        log.info(
+            "%s/%s: admitted: created %s",
+            meta["namespace"],
+            meta["name"],
+            ", ".join(created) or "nothing new",
+        )
         patch = {"metadata": {"annotations": {ANNOTATION_DEFERRED: None}}}
     if resume:
         patch = {"metadata": {"annotations": {**patch.get("metadata", {}).get("annotations", {}), ANNOTATION_SUSPEND_APPLIED: want}},
@@ -372,4 +456,10 @@ def admit(
     if patched is not None:
         store.put_child("Job", patched)
         if resume:
-            log.info("%s/%s: %s Job %s", meta["namespace"], meta["name"], "suspended" if spec.run_policy.suspend else "resumed", meta["name"])
+            log.info(
+                "%s/%s: %s Job %s",
+                meta["namespace"],
+                meta["name"],
+                "suspended" if spec.run_policy.suspend else "resumed",
+                meta["name"],
+            )

@@ -37,7 +37,12 @@ def hand_off(
     try:
         created = kube.create_if_absent(obj)
     except ApiMissing:
-        log.warning("%s: no %s API; serving not created (looking again in %.0fs)", where, obj["apiVersion"], s.RETRY_MISSING_SECONDS)
+        log.warning(
+            "%s: no %s API; serving not created (looking again in %.0fs)",
+            where,
+            obj["apiVersion"],
+            s.RETRY_MISSING_SECONDS,
+        )
         new, event = s.record(status, obj, "missing", now, generation)
         return new, event, s.RETRY_MISSING_SECONDS
     except kopf.PermanentError as exc:
@@ -49,7 +54,13 @@ def hand_off(
         if outcome != "created":
             new, event = s.record(status, obj, outcome, now, generation, problem)
             return new, event, None
-    log.info("%s: %s %s %s", where, obj["kind"], obj["metadata"]["name"], "created" if created else "there, serving this model")
+    log.info(
+        "%s: %s %s %s",
+        where,
+        obj["kind"],
+        obj["metadata"]["name"],
+        "created" if created else "there, serving this model",
+    )
     new, event = s.record(status, obj, "created", now, generation)
     return new, event, None
 
@@ -63,7 +74,9 @@ def update_existing(obj: dict[str, Any], owner_uid: str | None, kube: Cluster) -
     meta = existing["metadata"]
     if not any(ref.get("uid") == owner_uid for ref in meta.get("ownerReferences") or []):
         return "taken", ""
-    if (meta.get("annotations") or {}).get(ANNOTATION_MODEL) == obj["metadata"]["annotations"][ANNOTATION_MODEL]:
+    if (meta.get("annotations") or {}).get(ANNOTATION_MODEL) == obj["metadata"]["annotations"][
+        ANNOTATION_MODEL
+    ]:
         return "created", ""
     obj["metadata"]["resourceVersion"] = meta["resourceVersion"]
     try:

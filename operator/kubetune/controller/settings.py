@@ -50,7 +50,9 @@ class Settings(BaseSettings):
     leader_elect_namespace: str = ""
     """KUBETUNE_LEADER_ELECT_NAMESPACE: namespace of the Lease; empty: the pod's own (its service account's),
     or "default" outside a cluster."""
-    leader_elect_lease_name: str = Field(default="kubetune-operator", pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+    leader_elect_lease_name: str = Field(
+        default="kubetune-operator", pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+    )
     """KUBETUNE_LEADER_ELECT_LEASE_NAME: the Lease's name; replicas that share it elect one leader."""
     leader_elect_lease_duration: float = Field(default=15.0, ge=1, le=3600)
     """KUBETUNE_LEADER_ELECT_LEASE_DURATION: seconds a standby waits after the lease last changed before it
@@ -80,7 +82,9 @@ class Settings(BaseSettings):
     def _renew_within_lease(cls, value: float, info: ValidationInfo) -> float:
         lease = info.data.get("leader_elect_lease_duration")
         if lease is not None and value >= lease:
-            raise ValueError(f"must be shorter than the lease duration ({lease:g} s), or two replicas could both lead")
+            raise ValueError(
+                f"must be shorter than the lease duration ({lease:g} s), or two replicas could both lead"
+            )
         return value
 
     @field_validator("leader_elect_retry_period")
@@ -88,7 +92,9 @@ class Settings(BaseSettings):
     def _retry_within_renew(cls, value: float, info: ValidationInfo) -> float:
         renew = info.data.get("leader_elect_renew_deadline")
         if renew is not None and value * JITTER >= renew:
-            raise ValueError(f"must be under the renew deadline / {JITTER} ({renew / JITTER:.3g} s), to retry before giving up")
+            raise ValueError(
+                f"must be under the renew deadline / {JITTER} ({renew / JITTER:.3g} s), to retry before giving up"
+            )
         return value
 
     @field_validator("leader_elect")

@@ -136,7 +136,11 @@ class Store:
                 return None
             table = self._table(kind).setdefault(owner, {})
             old = table.get(name)
-            if old is not None and old["metadata"].get("uid") == obj["metadata"].get("uid") and _rv(old) >= _rv(obj) > 0:
+            if (
+                old is not None
+                and old["metadata"].get("uid") == obj["metadata"].get("uid")
+                and _rv(old) >= _rv(obj) > 0
+            ):
                 return None
             table[name] = obj
             if kind == "Job" and (uid := obj["metadata"].get("uid")):
@@ -151,7 +155,11 @@ class Store:
             if kind == "Job" and (uid := obj["metadata"].get("uid")):
                 self._job_owner.pop(uid, None)
                 if owner is not None:  # its Workload goes with it (garbage-collected; no owner to find later)
-                    kept = {n: w for n, w in (self.workloads.get(owner) or {}).items() if _owning_job_uid(w) != uid}
+                    kept = {
+                        n: w
+                        for n, w in (self.workloads.get(owner) or {}).items()
+                        if _owning_job_uid(w) != uid
+                    }
                     self.workloads[owner] = kept
                     if not kept:
                         self.workloads.pop(owner, None)
@@ -218,7 +226,9 @@ class Store:
             self.progress[key] = Seen(pod, progress, now, now if moved else old.step_moved_at)  # type: ignore[union-attr]
             if old is None or old.pod != pod:
                 return True
-            return old.progress.model_copy(update={"updated_at": None}) != progress.model_copy(update={"updated_at": None})
+            return old.progress.model_copy(update={"updated_at": None}) != progress.model_copy(
+                update={"updated_at": None}
+            )
 
     def seen_progress(self, key: Key) -> Seen | None:
         with self._lock:

@@ -29,6 +29,7 @@ from kubetune.api.schedulers import (
 
 __all__ = ["COSCHEDULING_LABEL", "FLAVORS", "KAI_ANNOTATION", "KAI_QUEUE_LABEL", "VOLCANO_ANNOTATION"]
 
+
 def gang_of(spec: FineTuneJobSpec) -> GangSpec | None:
     return spec.scheduling.gang if spec.scheduling is not None else None
 
@@ -62,7 +63,9 @@ def min_resources(spec: FineTuneJobSpec, requests: dict[str, Any]) -> dict[str, 
     return {k: scale_quantity(str(v), n) for k, v in sorted(requests.items())}
 
 
-def render_pod_group(spec: FineTuneJobSpec, name: str, namespace: str, requests: dict[str, Any]) -> dict[str, Any] | None:
+def render_pod_group(
+    spec: FineTuneJobSpec, name: str, namespace: str, requests: dict[str, Any]
+) -> dict[str, Any] | None:
     """The PodGroup for the job's gang, or None without spec.scheduling.gang."""
     gang = gang_of(spec)
     if gang is None:
@@ -86,7 +89,11 @@ def render_pod_group(spec: FineTuneJobSpec, name: str, namespace: str, requests:
     return {
         "apiVersion": flavor.api_version,
         "kind": "PodGroup",
-        "metadata": {"name": pod_group_name(name), "namespace": namespace, "labels": standard_labels(name, "gang")},
+        "metadata": {
+            "name": pod_group_name(name),
+            "namespace": namespace,
+            "labels": standard_labels(name, "gang"),
+        },
         "spec": body,
     }
 
@@ -110,4 +117,8 @@ def pod_membership(spec: FineTuneJobSpec, name: str) -> PodMembership:
         return PodMembership(labels={COSCHEDULING_LABEL: group}, scheduler_name=scheduler)
     if gang.scheduler == "volcano":
         return PodMembership(annotations={VOLCANO_ANNOTATION: group}, scheduler_name=scheduler)
-    return PodMembership(labels={KAI_QUEUE_LABEL: gang.queue or ""}, annotations={KAI_ANNOTATION: group}, scheduler_name=scheduler)
+    return PodMembership(
+        labels={KAI_QUEUE_LABEL: gang.queue or ""},
+        annotations={KAI_ANNOTATION: group},
+        scheduler_name=scheduler,
+    )

@@ -61,7 +61,11 @@ CONFIG_KEY: Final = CONFIG_FILE
 CACHE_DIR: Final = CACHE_MOUNT_DIR
 UID: Final = 1000
 EPHEMERAL_STORAGE: Final = "ephemeral-storage"
-MLFLOW_CREDENTIAL_KEYS: Final = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+MLFLOW_CREDENTIAL_KEYS: Final = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
 
 
 def owned_labels(name: str, component: str) -> dict[str, str]:
@@ -73,12 +77,20 @@ def trainer_config(spec: FineTuneJobSpec, name: str, namespace: str, uid: str, r
     return render_trainer_config(spec, name, namespace, uid, run=run)
 
 
-def render_config_map(spec: FineTuneJobSpec, name: str, namespace: str, uid: str = "", run: int = 1) -> dict[str, Any]:
+def render_config_map(
+    spec: FineTuneJobSpec, name: str, namespace: str, uid: str = "", run: int = 1
+) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": config_map_name(name), "namespace": namespace, "labels": owned_labels(name, "config")},
-        "data": {CONFIG_KEY: trainer_config(spec, name, namespace, uid, run).dump_yaml()},  # run: the output's owner record
+        "metadata": {
+            "name": config_map_name(name),
+            "namespace": namespace,
+            "labels": owned_labels(name, "config"),
+        },
+        "data": {
+            CONFIG_KEY: trainer_config(spec, name, namespace, uid, run).dump_yaml()
+        },  # run: the output's owner record
     }
 
 
@@ -86,7 +98,11 @@ def render_service(name: str, namespace: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": service_name(name), "namespace": namespace, "labels": owned_labels(name, "rendezvous")},
+        "metadata": {
+            "name": service_name(name),
+            "namespace": namespace,
+            "labels": owned_labels(name, "rendezvous"),
+        },
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
@@ -132,7 +148,9 @@ def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     if spec.output.publish is not None and spec.output.publish.credentials_secret:
-        env.append({"name": ENV_REGISTRY_AUTH, "value": REGISTRY_AUTH_PATH})  # a path; the file holds the secret
+        env.append(
+            {"name": ENV_REGISTRY_AUTH, "value": REGISTRY_AUTH_PATH}
+        )  # a path; the file holds the secret
     env += secret_env(spec)
     if spec.distributed.gpus_per_node > 0:
         env += [
@@ -160,7 +178,11 @@ def secret_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     are never in the ConfigMap, the pod spec or a log). MLflow takes a user and password or a token."""
     env: list[dict[str, Any]] = []
     tracking = spec.tracking
-    if tracking is not None and tracking.mlflow is not None and (secret := tracking.mlflow.credentials_secret):
+    if (
+        tracking is not None
+        and tracking.mlflow is not None
+        and (secret := tracking.mlflow.credentials_secret)
+    ):
         env += [_from_secret(var, secret, optional=True) for var in MLFLOW_CREDENTIAL_KEYS]
     if tracking is not None and tracking.wandb is not None and (secret := tracking.wandb.api_key_secret):
         env.append(_from_secret("WANDB_API_KEY", secret))
@@ -184,7 +206,8 @@ def storage_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
         if s.secret_ref.session_token_key:
             keys.append(("AWS_SESSION_TOKEN", s.secret_ref.session_token_key))
         env += [
-            {"name": var, "valueFrom": {"secretKeyRef": {"name": s.secret_ref.name, "key": key}}} for var, key in keys
+            {"name": var, "valueFrom": {"secretKeyRef": {"name": s.secret_ref.name, "key": key}}}
+            for var, key in keys
         ]
     return env
 
@@ -192,7 +215,9 @@ def storage_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
 def user_env(variables: Iterable[EnvVar]) -> list[dict[str, Any]]:
     """The user's env entries as a container's env: `valueFrom` as given, else `value` ("" when unset)."""
     return [
-        {"name": v.name, "valueFrom": v.value_from} if v.value_from is not None else {"name": v.name, "value": v.value or ""}
+        {"name": v.name, "valueFrom": v.value_from}
+        if v.value_from is not None
+        else {"name": v.name, "value": v.value or ""}
         for v in variables
     ]
 
@@ -325,7 +350,13 @@ def render_pod_template(
         "imagePullSecrets": [{"name": s.name} for s in spec.image_pull_secrets],
     }
     pod.update({k: v for k, v in optional.items() if v})
-    labels = {**spec.labels, **gang.labels, **owned_labels(name, "worker"), LABEL_RESTART: str(restart), LABEL_ROLE: "worker"}
+    labels = {
+        **spec.labels,
+        **gang.labels,
+        **owned_labels(name, "worker"),
+        LABEL_RESTART: str(restart),
+        LABEL_ROLE: "worker",
+    }
     metadata: dict[str, Any] = {"labels": labels}
     if spec.annotations or gang.annotations:
         metadata["annotations"] = {**spec.annotations, **gang.annotations}
@@ -351,7 +382,9 @@ def gang_tolerations(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     seconds = spec.distributed.node_loss_toleration_seconds
     for key in NODE_LOSS_TAINTS:
         if key not in own:
-            tolerations.append({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": seconds})
+            tolerations.append(
+                {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": seconds}
+            )
     return tolerations
 
 

@@ -81,10 +81,17 @@ def served_uri(uris: dict[str, str]) -> str:
 
 
 def _metadata(name: str, namespace: str, job: str, uri: str) -> dict[str, Any]:
-    return {"name": name, "namespace": namespace, "labels": serving_labels(job), "annotations": {ANNOTATION_MODEL: uri}}
+    return {
+        "name": name,
+        "namespace": namespace,
+        "labels": serving_labels(job),
+        "annotations": {ANNOTATION_MODEL: uri},
+    }
 
 
-def render_inference_service(spec: FineTuneJobSpec, job: str, namespace: str, artifacts: dict[str, Any]) -> dict[str, Any]:
+def render_inference_service(
+    spec: FineTuneJobSpec, job: str, namespace: str, artifacts: dict[str, Any]
+) -> dict[str, Any]:
     serving = spec.serving
     assert serving is not None
     name = serving_name(spec, job)
@@ -114,7 +121,9 @@ def render_inference_service(spec: FineTuneJobSpec, job: str, namespace: str, ar
     }
 
 
-def render_deployment(spec: FineTuneJobSpec, job: str, namespace: str, artifacts: dict[str, Any]) -> dict[str, Any]:
+def render_deployment(
+    spec: FineTuneJobSpec, job: str, namespace: str, artifacts: dict[str, Any]
+) -> dict[str, Any]:
     serving = spec.serving
     assert serving is not None and serving.image
     name = serving_name(spec, job)
@@ -122,7 +131,10 @@ def render_deployment(spec: FineTuneJobSpec, job: str, namespace: str, artifacts
     env = [{"name": ENV_MODEL_URI, "value": served_uri(uris)}, {"name": ENV_MODEL_NAME, "value": job},
            {"name": ENV_PORT, "value": str(serving.port)}]  # fmt: skip
     if "base" in uris:
-        env += [{"name": ENV_BASE_MODEL_URI, "value": uris["base"]}, {"name": ENV_ADAPTER_URI, "value": uris["adapter"]}]
+        env += [
+            {"name": ENV_BASE_MODEL_URI, "value": uris["base"]},
+            {"name": ENV_ADAPTER_URI, "value": uris["adapter"]},
+        ]
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": serving.image,
@@ -154,7 +166,9 @@ def render_deployment(spec: FineTuneJobSpec, job: str, namespace: str, artifacts
     }
 
 
-def render_serving(spec: FineTuneJobSpec, job: str, namespace: str, artifacts: dict[str, Any]) -> dict[str, Any]:
+def render_serving(
+    spec: FineTuneJobSpec, job: str, namespace: str, artifacts: dict[str, Any]
+) -> dict[str, Any]:
     """The InferenceService or Deployment for a succeeded job (spec.serving must be set)."""
     assert spec.serving is not None
     if spec.serving.kind == "Deployment":

@@ -23,7 +23,11 @@ def gradient_accumulation_steps(spec: FineTuneJobSpec) -> int:
 
 
 def render_trainer_config(
-    spec: FineTuneJobSpec, name: str, namespace: str = "default", uid: str = "", progress_port: int = DEFAULT_PROGRESS_PORT,
+    spec: FineTuneJobSpec,
+    name: str,
+    namespace: str = "default",
+    uid: str = "",
+    progress_port: int = DEFAULT_PROGRESS_PORT,
     run: int = 1,
 ) -> TrainerConfig:
     return TrainerConfig(

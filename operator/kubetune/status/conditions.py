@@ -22,6 +22,7 @@ GANG_READY: Final = "PodGroupReady"  # spec.scheduling.gang: the gang scheduler'
 ORDER: Final = (SPEC_VALID, ADMITTED, GANG_READY, RUNNING, SUSPENDED, EVALUATED, SUCCEEDED, FAILED, SERVING)
 """The order conditions are listed in."""
 
+
 class Reason(str, Enum):
     """The reasons the operator itself gives in conditions and Events: CamelCase, each with one message template
     in MESSAGES. (A failed rank's reason is the trainer's (kubetune.api.contract.REASONS) or Kubernetes', with the
@@ -51,7 +52,9 @@ class Reason(str, Enum):
     SERVING_NAME_TAKEN = "ServingNameTaken"
     EVALUATED = "Evaluated"
     EVALUATION_PASSED = "EvaluationPassed"
-    EVALUATION_GATE_FAILED = REASONS[ExitCode.EVALUATION_GATE_FAILED]  # the condition names the trainer's exit reason
+    EVALUATION_GATE_FAILED = REASONS[
+        ExitCode.EVALUATION_GATE_FAILED
+    ]  # the condition names the trainer's exit reason
 
     def __str__(self) -> str:
         return str(self.value)
@@ -108,9 +111,18 @@ def set_condition(
     """A new list with `type_` set; lastTransitionTime moves only when the status flips."""
     value: Literal["True", "False"] = "True" if status else "False"
     old = get_condition(conditions, type_)
-    since = old.last_transition_time if old is not None and old.status == value and old.last_transition_time else now
+    since = (
+        old.last_transition_time
+        if old is not None and old.status == value and old.last_transition_time
+        else now
+    )
     new = Condition(
-        type=type_, status=value, reason=reason, message=message, last_transition_time=since, observed_generation=generation
+        type=type_,
+        status=value,
+        reason=reason,
+        message=message,
+        last_transition_time=since,
+        observed_generation=generation,
     )
     out = [c for c in conditions if c.type != type_]
     out.append(new)

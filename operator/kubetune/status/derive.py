@@ -179,7 +179,9 @@ def artifacts(spec: FineTuneJobSpec) -> Artifacts:
         merged_model=f"{base}/{contract.MERGED_DIR}/" if methods.writes_full_model(spec) else None,
         metrics=f"{base}/{contract.METRICS_FILE}",
         manifest=f"{base}/{contract.MANIFEST_FILE}",
-        interpolation=f"{base}/{contract.INTERPOLATION_DIR}/" if spec.output.interpolate and spec.output.keep_mixes else None,
+        interpolation=f"{base}/{contract.INTERPOLATION_DIR}/"
+        if spec.output.interpolate and spec.output.keep_mixes
+        else None,
     )
 
 
@@ -191,13 +193,20 @@ def deadline_exceeded(spec: FineTuneJobSpec, start_time: str | None, now: dateti
 
 def _running_since(pods: list[dict[str, Any]]) -> datetime | None:
     """When the last of the trainer containers started running."""
-    starts = [_parse_time(((_trainer_status(p).get("state") or {}).get("running") or {}).get("startedAt")) for p in pods]
+    starts = [
+        _parse_time(((_trainer_status(p).get("state") or {}).get("running") or {}).get("startedAt"))
+        for p in pods
+    ]
     known = [t for t in starts if t is not None]
     return max(known) if known else None
 
 
 def _pod_phase(
-    spec: FineTuneJobSpec, pods: list[dict[str, Any]], progress: Progress | None, old_phase: str | None, now: datetime
+    spec: FineTuneJobSpec,
+    pods: list[dict[str, Any]],
+    progress: Progress | None,
+    old_phase: str | None,
+    now: datetime,
 ) -> tuple[Phase, str, str]:
     """(phase, reason, message) of a live, unsuspended gang."""
     nodes = spec.distributed.nodes
@@ -209,7 +218,10 @@ def _pod_phase(
             return "Initializing", c.Reason.PODS_STARTING, c.reason_message(c.Reason.PODS_STARTING)
         if progress is not None and progress.step is not None:
             msg = c.reason_message(
-                c.Reason.TRAINING_RUNNING, step=progress.step, total=progress.total_steps or "?", percent=progress.percent or 0
+                c.Reason.TRAINING_RUNNING,
+                step=progress.step,
+                total=progress.total_steps or "?",
+                percent=progress.percent or 0,
             )
             return "Running", c.Reason.TRAINING_RUNNING, msg
         if progress is None and old_phase != "Running":
@@ -221,7 +233,11 @@ def _pod_phase(
         return "Running", c.Reason.TRAINING_STARTED, c.reason_message(c.Reason.TRAINING_STARTED, nodes=nodes)
     if scheduled or up:
         return "Initializing", c.Reason.PODS_STARTING, c.reason_message(c.Reason.PODS_STARTING)
-    return "Pending", c.Reason.PODS_PENDING, c.reason_message(c.Reason.PODS_PENDING, nodes=nodes, pending=nodes - up)
+    return (
+        "Pending",
+        c.Reason.PODS_PENDING,
+        c.reason_message(c.Reason.PODS_PENDING, nodes=nodes, pending=nodes - up),
+    )
 
 
 def _final_message(pods: list[dict[str, Any]]) -> contract.TerminationMessage | None:
@@ -240,24 +256,45 @@ def final_evaluation(pods: list[dict[str, Any]]) -> EvaluationResult | None:
     return parsed.evaluation if parsed is not None else None
 
 
-def _evaluated(conds: list[Condition], evaluation: EvaluationResult, now: str, generation: int | None) -> list[Condition]:
+def _evaluated(
+    conds: list[Condition], evaluation: EvaluationResult, now: str, generation: int | None
+) -> list[Condition]:
     """The Evaluated condition: True with the figures, or False (EvaluationGateFailed) naming each missed threshold."""
     ok = evaluation.gate_passed is not False
-    reason = c.Reason.EVALUATION_GATE_FAILED if not ok else (c.Reason.EVALUATION_PASSED if evaluation.gate_passed else c.Reason.EVALUATED)
-    return c.set_condition(conds, c.EVALUATED, ok, reason, c.reason_message(reason, figures=evaluation.summary()), now, generation)
+    reason = (
+        c.Reason.EVALUATION_GATE_FAILED
+        if not ok
+        else (c.Reason.EVALUATION_PASSED if evaluation.gate_passed else c.Reason.EVALUATED)
+    )
+    return c.set_condition(
+        conds,
+        c.EVALUATED,
+        ok,
+        reason,
+        c.reason_message(reason, figures=evaluation.summary()),
+        now,
+        generation,
+    )
 
 
 def final_progress(pods: list[dict[str, Any]], now: datetime) -> Progress | None:
     """The progress rank 0 left in its termination message when it finished (the last poll may be a step behind)."""
     parsed = _final_message(pods)
-    return to_progress(parsed.progress, iso(now)) if parsed is not None and parsed.progress is not None else None
+    return (
+        to_progress(parsed.progress, iso(now)) if parsed is not None and parsed.progress is not None else None
+    )
 
 
 def final_artifacts(spec: FineTuneJobSpec, pods: list[dict[str, Any]]) -> Artifacts:
     """The layout's artifacts, plus what rank 0 reported publishing (the digest-pinned OCI reference)."""
     parsed = _final_message(pods)
     reported = parsed.artifacts if parsed is not None and parsed.artifacts is not None else None
-    return artifacts(spec).model_copy(update={"oci": reported.oci if reported else None, "huggingface": reported.huggingface if reported else None})
+    return artifacts(spec).model_copy(
+        update={
+            "oci": reported.oci if reported else None,
+            "huggingface": reported.huggingface if reported else None,
+        }
+    )
 
 
 # ------------------------------------------------------------------ derive
@@ -266,7 +303,9 @@ def final_artifacts(spec: FineTuneJobSpec, pods: list[dict[str, Any]]) -> Artifa
 def _set(status: FineTuneJobStatus, **changes: Any) -> FineTuneJobStatus:
     """`status` with `changes` (snake_case field names, typed values) set."""
     if unknown := set(changes) - set(FineTuneJobStatus.model_fields):
-        raise TypeError(f"not FineTuneJobStatus fields: {sorted(unknown)}")  # model_copy would keep them as extras
+        raise TypeError(
+            f"not FineTuneJobStatus fields: {sorted(unknown)}"
+        )  # model_copy would keep them as extras
     return status.model_copy(update=changes)
 
 
@@ -284,7 +323,9 @@ def derive(
     old = old or FineTuneJobStatus()
     ts = iso(now)
     restarts = old.restarts
-    status = _set(old, restarts=restarts, observed_generation=generation, workload=workload_name(name, restarts))
+    status = _set(
+        old, restarts=restarts, observed_generation=generation, workload=workload_name(name, restarts)
+    )
     if observed.progress is not None:
         status = _set(status, progress=observed.progress)
         if observed.progress.tracking is not None:  # the run's place in MLflow / W&B (spec.tracking)
@@ -312,7 +353,11 @@ def derive(
         if restarts and old.phase == "Restarting":
             phase, reason, message = "Restarting", c.Reason.GANG_RESTARTING, old.message or ""
         elif spec.run_policy.suspend:
-            phase, reason, message = "Suspended", c.Reason.JOB_SUSPENDED, c.reason_message(c.Reason.JOB_SUSPENDED)
+            phase, reason, message = (
+                "Suspended",
+                c.Reason.JOB_SUSPENDED,
+                c.reason_message(c.Reason.JOB_SUSPENDED),
+            )
         action = "none" if observed.stale else "create"
     elif _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
         phase, reason = "Succeeded", c.Reason.TRAINING_SUCCEEDED
@@ -329,11 +374,17 @@ def derive(
             phase, reason = "Pending", c.Reason.QUEUED_BY_KUEUE
             message = c.reason_message(reason, queue=queued.queue, kueue=queued.message)
         else:
-            phase, reason, message = "Suspended", c.Reason.JOB_SUSPENDED, c.reason_message(c.Reason.JOB_SUSPENDED)
+            phase, reason, message = (
+                "Suspended",
+                c.Reason.JOB_SUSPENDED,
+                c.reason_message(c.Reason.JOB_SUSPENDED),
+            )
     elif (failure := decisive_failure(observed.pods)) is not None or _job_condition(job, "Failed"):
         if failure is None:
             cond = _job_condition(job, "Failed") or {}
-            failure = Failure(job["metadata"]["name"], None, cond.get("reason") or JOB_FAILED, cond.get("message") or "")
+            failure = Failure(
+                job["metadata"]["name"], None, cond.get("reason") or JOB_FAILED, cond.get("message") or ""
+            )
         status = _set(status, last_failure=failure.to_status())
         evaluation = final_evaluation(observed.pods)  # a failed gate: the figures it failed on
         if not failure.retryable:
@@ -362,11 +413,15 @@ def derive(
         gang = spec.scheduling.gang  # the PodGroup is created before the Job: a Job means it exists
         msg = c.reason_message(c.Reason.POD_GROUP_CREATED, name=name, api=FLAVORS[gang.scheduler].api_version, scheduler=gang.scheduler,
                                min_member=gang.min_member or nodes)  # fmt: skip
-        conditions = c.set_condition(conditions, c.GANG_READY, True, c.Reason.POD_GROUP_CREATED, msg, ts, generation)
+        conditions = c.set_condition(
+            conditions, c.GANG_READY, True, c.Reason.POD_GROUP_CREATED, msg, ts, generation
+        )
     usage = accrue(old.usage, old.phase, phase, observed.pods, spec, status.run, now, prices)
     status = _set(status, phase=phase, message=message, conditions=conditions, usage=usage)
     if evaluation is not None:
-        status = _set(status, evaluation=evaluation, conditions=_evaluated(conditions, evaluation, ts, generation))
+        status = _set(
+            status, evaluation=evaluation, conditions=_evaluated(conditions, evaluation, ts, generation)
+        )
     event = None
     if phase != old.phase:
         kind = "Warning" if phase in ("Failed", "Restarting") else "Normal"
@@ -379,14 +434,30 @@ def _conditions(
 ) -> list[Condition]:
     out = list(old)
     if c.get_condition(out, c.SPEC_VALID) is None:
-        out = c.set_condition(out, c.SPEC_VALID, True, c.Reason.SPEC_ACCEPTED, c.reason_message(c.Reason.SPEC_ACCEPTED), now, generation)
+        out = c.set_condition(
+            out,
+            c.SPEC_VALID,
+            True,
+            c.Reason.SPEC_ACCEPTED,
+            c.reason_message(c.Reason.SPEC_ACCEPTED),
+            now,
+            generation,
+        )
     out = c.set_condition(out, c.RUNNING, phase == "Running", reason, message, now, generation)
     suspended = phase == "Suspended"
     prev = c.get_condition(out, c.SUSPENDED)
     if suspended:
         out = c.set_condition(out, c.SUSPENDED, True, c.Reason.JOB_SUSPENDED, message, now, generation)
     elif prev is not None and prev.status == "True":
-        out = c.set_condition(out, c.SUSPENDED, False, c.Reason.JOB_RESUMED, c.reason_message(c.Reason.JOB_RESUMED), now, generation)
+        out = c.set_condition(
+            out,
+            c.SUSPENDED,
+            False,
+            c.Reason.JOB_RESUMED,
+            c.reason_message(c.Reason.JOB_RESUMED),
+            now,
+            generation,
+        )
     if phase == "Succeeded":
         out = c.set_condition(out, c.SUCCEEDED, True, reason, message, now, generation)
     if phase == "Failed":
@@ -394,10 +465,14 @@ def _conditions(
     return out
 
 
-def _admitted(conds: list[Condition], queued: QueueState, now: str, generation: int | None) -> list[Condition]:
+def _admitted(
+    conds: list[Condition], queued: QueueState, now: str, generation: int | None
+) -> list[Condition]:
     """The Admitted condition of a job in a Kueue queue: False (QueuedByKueue, Kueue's reason) until admitted."""
     if queued.admitted:
-        msg = c.reason_message(c.Reason.ADMITTED_BY_KUEUE, queue=queued.queue, cluster_queue=queued.cluster_queue or "?")
+        msg = c.reason_message(
+            c.Reason.ADMITTED_BY_KUEUE, queue=queued.queue, cluster_queue=queued.cluster_queue or "?"
+        )
         return c.set_condition(conds, c.ADMITTED, True, c.Reason.ADMITTED_BY_KUEUE, msg, now, generation)
     msg = c.reason_message(c.Reason.QUEUED_BY_KUEUE, queue=queued.queue, kueue=queued.message)
     return c.set_condition(conds, c.ADMITTED, False, c.Reason.QUEUED_BY_KUEUE, msg, now, generation)
@@ -420,12 +495,16 @@ def pod_group_missing(
     return {"status": status, "event": event}
 
 
-def refused_status(old: FineTuneJobStatus | None, problems: list[str], generation: int | None, now: datetime) -> FineTuneJobStatus:
+def refused_status(
+    old: FineTuneJobStatus | None, problems: list[str], generation: int | None, now: datetime
+) -> FineTuneJobStatus:
     """The status of a spec the operator refuses: Failed, SpecValid=False naming each field and fix."""
     ts = iso(now)
     old = old or FineTuneJobStatus()
     message = c.reason_message(c.Reason.SPEC_INVALID, problems="; ".join(problems))
-    conds = c.set_condition(old.conditions, c.SPEC_VALID, False, c.Reason.SPEC_INVALID, message, ts, generation)
+    conds = c.set_condition(
+        old.conditions, c.SPEC_VALID, False, c.Reason.SPEC_INVALID, message, ts, generation
+    )
     conds = c.set_condition(conds, c.FAILED, True, c.Reason.SPEC_INVALID, message, ts, generation)
     return FineTuneJobStatus(
         phase="Failed",
@@ -442,4 +521,9 @@ def ttl_expired(spec: FineTuneJobSpec, status: FineTuneJobStatus | None, now: da
     ttl = spec.run_policy.ttl_seconds_after_finished
     status = status or FineTuneJobStatus()
     done = _parse_time(status.completion_time)
-    return ttl is not None and status.phase in TERMINAL and done is not None and (now - done).total_seconds() >= ttl
+    return (
+        ttl is not None
+        and status.phase in TERMINAL
+        and done is not None
+        and (now - done).total_seconds() >= ttl
+    )

@@ -25,12 +25,19 @@ def output_of(body: dict[str, Any]) -> str | None:
 
 
 def _live(body: dict[str, Any]) -> bool:
-    return not body["metadata"].get("deletionTimestamp") and (body.get("status") or {}).get("phase") not in TERMINAL
+    return (
+        not body["metadata"].get("deletionTimestamp")
+        and (body.get("status") or {}).get("phase") not in TERMINAL
+    )
 
 
 def _order(body: dict[str, Any]) -> tuple[str, str, str]:
     meta = body["metadata"]
-    return str(meta.get("creationTimestamp") or ""), str(meta.get("namespace") or ""), str(meta.get("name") or "")
+    return (
+        str(meta.get("creationTimestamp") or ""),
+        str(meta.get("namespace") or ""),
+        str(meta.get("name") or ""),
+    )
 
 
 def holder(body: dict[str, Any], others: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -52,7 +59,11 @@ OUTPUT_RECHECK_SECONDS = 30.0
 
 
 def waiting_status(
-    old: FineTuneJobStatus, body: dict[str, Any], holding: dict[str, Any], generation: int | None, now: datetime
+    old: FineTuneJobStatus,
+    body: dict[str, Any],
+    holding: dict[str, Any],
+    generation: int | None,
+    now: datetime,
 ) -> FineTuneJobStatus:
     """Pending, with Running=False (OutputInUse) naming the job that holds the output and the fix."""
     meta = holding["metadata"]
@@ -60,5 +71,14 @@ def waiting_status(
         c.Reason.OUTPUT_IN_USE, uri=output_of(body), holder=f"{meta.get('namespace')}/{meta.get('name')}",
         theirs=output_of(holding), phase=(holding.get("status") or {}).get("phase") or "Pending", every=int(OUTPUT_RECHECK_SECONDS),
     )  # fmt: skip
-    conds = c.set_condition(old.conditions, c.RUNNING, False, c.Reason.OUTPUT_IN_USE, message, iso(now), generation)
-    return old.model_copy(update={"phase": "Pending", "message": message, "observed_generation": generation, "conditions": conds})
+    conds = c.set_condition(
+        old.conditions, c.RUNNING, False, c.Reason.OUTPUT_IN_USE, message, iso(now), generation
+    )
+    return old.model_copy(
+        update={
+            "phase": "Pending",
+            "message": message,
+            "observed_generation": generation,
+            "conditions": conds,
+        }
+    )

@@ -23,7 +23,9 @@ def progress_url(pod_ip: str, port: int = DEFAULT_PROGRESS_PORT) -> str:
     return f"http://{host}:{port}/progress"
 
 
-def fetch_progress(pod_ip: str, port: int = DEFAULT_PROGRESS_PORT, timeout: float = 2.0) -> dict[str, Any] | None:
+def fetch_progress(
+    pod_ip: str, port: int = DEFAULT_PROGRESS_PORT, timeout: float = 2.0
+) -> dict[str, Any] | None:
     """The trainer's JSON, or None when it cannot be read (never raises for network trouble)."""
     try:
         with urllib.request.urlopen(progress_url(pod_ip, port), timeout=timeout) as resp:  # noqa: S310 (pod IP, http)

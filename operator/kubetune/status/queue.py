@@ -55,6 +55,12 @@ def queue_state(job: dict[str, Any] | None, workload: dict[str, Any] | None) -> 
     eviction = evicted.get("message") if evicted.get("status") == "True" else None
     if admitted:
         cq = admission.get("clusterQueue")
-        return QueueState(queue, name, True, cq, reserved.get("message") or f"Quota reserved in ClusterQueue {cq}", eviction)
-    message = reserved.get("message") or (_condition(workload, "Admitted") or {}).get("message") or "waiting in the queue"
+        return QueueState(
+            queue, name, True, cq, reserved.get("message") or f"Quota reserved in ClusterQueue {cq}", eviction
+        )
+    message = (
+        reserved.get("message")
+        or (_condition(workload, "Admitted") or {}).get("message")
+        or "waiting in the queue"
+    )
     return QueueState(queue, name, False, admission.get("clusterQueue"), message, eviction)

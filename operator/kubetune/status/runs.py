@@ -23,7 +23,9 @@ from kubetune.status.derive import TERMINAL, iso
 NEW_RUN_REASON = c.Reason.NEW_RUN
 
 
-_TRAINED = {name for name, info in FineTuneJobSpec.model_fields.items() if (info.alias or name) in TRAINED_FIELDS}
+_TRAINED = {
+    name for name, info in FineTuneJobSpec.model_fields.items() if (info.alias or name) in TRAINED_FIELDS
+}
 # Trained fields added after fingerprints were first recorded, by block (snake_case): left out while at their
 # default, so that a finished job's fingerprint stays what it was and an upgraded operator does not take an
 # edit of its TTL for a new run. A field added to a trained block later goes here (tests/test_status_wire.py
@@ -39,7 +41,9 @@ PLACEMENT_FIELDS: tuple[str, ...] = ("nodeLossTolerationSeconds", "spread")
 
 
 def _alias(model: BaseModel, name: str) -> str:
-    return type(model).model_fields[name].alias or to_camel(name)  # no alias yet on fields rebuilt from forward refs
+    return type(model).model_fields[name].alias or to_camel(
+        name
+    )  # no alias yet on fields rebuilt from forward refs
 
 
 def _at_default(model: BaseModel, name: str) -> bool:
@@ -72,7 +76,9 @@ def for_run(spec: FineTuneJobSpec, status: FineTuneJobStatus) -> FineTuneJobSpec
     """The spec as the current run trains it: its output at the run's own prefix."""
     if status.run <= 1:
         return spec
-    return spec.model_copy(update={"output": spec.output.model_copy(update={"uri": run_uri(spec.output.uri, status.run)})})
+    return spec.model_copy(
+        update={"output": spec.output.model_copy(update={"uri": run_uri(spec.output.uri, status.run)})}
+    )
 
 
 def needs_new_run(spec: FineTuneJobSpec, status: FineTuneJobStatus) -> bool:
@@ -99,9 +105,13 @@ def start_new_run(
         artifacts=old.artifacts,
     )
     nxt = run + 1
-    resumed = (old.run_uri or run_uri(spec.output.uri, run)) if spec.output.resume_from == "previous" else None
+    resumed = (
+        (old.run_uri or run_uri(spec.output.uri, run)) if spec.output.resume_from == "previous" else None
+    )
     start = f"resuming from run {run}'s last checkpoint" if resumed else "training from the start"
-    message = c.reason_message(NEW_RUN_REASON, run=nxt, generation=generation, start=start, uri=run_uri(spec.output.uri, nxt))
+    message = c.reason_message(
+        NEW_RUN_REASON, run=nxt, generation=generation, start=start, uri=run_uri(spec.output.uri, nxt)
+    )
     conds = list(old.conditions)
     for type_ in (c.SUCCEEDED, c.FAILED):
         if c.get_condition(conds, type_) is not None:

@@ -25,7 +25,9 @@ RETRY_MISSING_SECONDS = 300.0
 def serving_ref(obj: dict[str, Any]) -> ServingStatus:
     """status.serving for a rendered object: kind, name and the model URI it serves."""
     meta = obj["metadata"]
-    return ServingStatus(kind=obj["kind"], name=meta["name"], uri=(meta.get("annotations") or {}).get(ANNOTATION_MODEL))
+    return ServingStatus(
+        kind=obj["kind"], name=meta["name"], uri=(meta.get("annotations") or {}).get(ANNOTATION_MODEL)
+    )
 
 
 def handed_off(status: FineTuneJobStatus, obj: dict[str, Any]) -> bool:
@@ -35,7 +37,12 @@ def handed_off(status: FineTuneJobStatus, obj: dict[str, Any]) -> bool:
 
 
 def record(
-    status: FineTuneJobStatus, obj: dict[str, Any], outcome: Outcome, now: datetime, generation: int | None, error: str = ""
+    status: FineTuneJobStatus,
+    obj: dict[str, Any],
+    outcome: Outcome,
+    now: datetime,
+    generation: int | None,
+    error: str = "",
 ) -> tuple[FineTuneJobStatus, tuple[str, str, str] | None]:
     """The status after a hand-off attempt, and its Event (None when the condition did not change)."""
     ref = serving_ref(obj)
@@ -52,8 +59,14 @@ def record(
         reason, ok = c.Reason.SERVING_REFUSED, False
         message = c.reason_message(reason, kind=ref.kind, name=ref.name, error=error[:512])
     old = c.get_condition(status.conditions, c.SERVING)
-    update: dict[str, Any] = {"conditions": c.set_condition(status.conditions, c.SERVING, ok, reason, message, iso(now), generation)}
+    update: dict[str, Any] = {
+        "conditions": c.set_condition(status.conditions, c.SERVING, ok, reason, message, iso(now), generation)
+    }
     if ok:
         update["serving"] = ref
     changed = old is None or old.reason != reason or old.message != message
-    return status.model_copy(update=update), (("Normal" if ok else "Warning"), reason, message) if changed else None
+    return status.model_copy(update=update), (
+        ("Normal" if ok else "Warning"),
+        reason,
+        message,
+    ) if changed else None

@@ -50,7 +50,9 @@ class PriceTable(BaseModel):
         node = self.node.get(node_type) if node_type is not None else None
         if gpu is None and node is None:
             return None
-        return round(figures.gpu_seconds / 3600 * (gpu or 0.0) + figures.node_seconds / 3600 * (node or 0.0), 4)
+        return round(
+            figures.gpu_seconds / 3600 * (gpu or 0.0) + figures.node_seconds / 3600 * (node or 0.0), 4
+        )
 
 
 def _parse(ts: str | None) -> datetime | None:
@@ -66,7 +68,12 @@ def _iso(t: datetime) -> str:
 
 def running_pods(pods: list[dict[str, Any]]) -> int:
     """Trainer pods Running now (each is one node of the gang)."""
-    return sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Running" and not (p.get("metadata") or {}).get("deletionTimestamp"))
+    return sum(
+        1
+        for p in pods
+        if (p.get("status") or {}).get("phase") == "Running"
+        and not (p.get("metadata") or {}).get("deletionTimestamp")
+    )
 
 
 def _add(figures: UsageFigures, wall: float, node: float, gpu: float) -> dict[str, Any]:
@@ -98,5 +105,7 @@ def accrue(old: Usage | None, old_phase: Phase | None, new_phase: Phase, pods: l
     total = Usage(**_add(old, wall, node, gpu), runs=runs, running_pods=pods_now, updated_at=_iso(now))
     if prices is not None:  # each run priced with its own spec; the total is their sum
         costs = [r.estimated_cost for r in runs if r.estimated_cost is not None]
-        total = total.model_copy(update={"estimated_cost": round(sum(costs), 4) if costs else None, "currency": prices.currency})
+        total = total.model_copy(
+            update={"estimated_cost": round(sum(costs), 4) if costs else None, "currency": prices.currency}
+        )
     return total
