@@ -59,7 +59,9 @@ def test_the_model_card_and_its_plots_come_from_the_runs_metrics(lora_run: Path)
     metrics = json.loads((lora_run / "metrics.json").read_text())
     manifest = json.loads((lora_run / "manifest.json").read_text())
     assert {"README.md", "loss.png", "eval.png"} <= set(manifest["files"])  # sealed with the weights
-    assert card.startswith("# t\n") and str(TINY_MODEL) in card and "lora (r=8, alpha=16" in card
+    assert card.startswith("---\n")  # the Hub's YAML front matter, then the Markdown body
+    body = card.split("\n---\n", 1)[1].lstrip()
+    assert body.startswith("# t\n") and str(TINY_MODEL) in body and "lora (r=8, alpha=16" in body
     row = next(line for line in card.splitlines() if line.startswith("| eval loss |"))
     assert row == f"| eval loss | {metrics['evalLossBefore']:.4g} | {metrics['evalLossAfter']:.4g} |"
     assert f"| exact match | {metrics['exactMatchBefore']:.4g} | {metrics['exactMatchAfter']:.4g} |" in card
