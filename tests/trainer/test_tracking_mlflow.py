@@ -266,7 +266,9 @@ def test_a_server_that_goes_away_mid_run_neither_fails_nor_stalls_training(
     assert out.count("is not taking metrics") == 1, out[-4000:]  # warned once
     metrics = read_json(s3_endpoint, "server-gone/metrics.json")
     delivery = metrics["tracking"]["delivery"]["MLflow"]
-    assert delivery["failed"] > 0 and delivery["sent"] > 0, delivery
+    # every point after the cut is counted as undelivered: failed once its retries are spent, queued while a send
+    # is still retrying when the run ends (which of the two depends on timing)
+    assert delivery["sent"] > 0 and delivery["failed"] + delivery["queued"] > 0, delivery
     assert "registered MLflow model version" not in out
     assert termination(tmp_path)["exitCode"] == ExitCode.OK
 

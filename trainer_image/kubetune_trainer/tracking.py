@@ -133,6 +133,7 @@ class Channel:
     dropped: int = 0  # the queue was full
     failed: int = 0  # sent `retries` times in vain
     warned: bool = False
+    in_flight: int = 0  # points of the batch being sent
     _queue: queue.Queue[Point | None] = field(init=False)
     _thread: threading.Thread = field(init=False)
 
@@ -165,7 +166,9 @@ class Channel:
                     break
             stopping = item is None
             if batch:
+                self.in_flight = len(batch)
                 self._deliver(batch)
+                self.in_flight = 0
             for _ in range(len(batch) + stopping):
                 self._queue.task_done()
 
@@ -213,7 +216,10 @@ class Channel:
         self._thread.join(timeout=max(1.0, timeout - (time.monotonic() - started)))
 
     def counts(self) -> dict[str, int]:
-        return {"sent": self.sent, "dropped": self.dropped, "failed": self.failed, "queued": self._queue.qsize()}
+        # queued: not yet delivered nor counted as failed, the batch in flight included (a send still retrying when
+        # the run ends is neither sent nor failed)
+        waiting = sum(1 for item in list(self._queue.queue) if item is not None)
+        return {"sent": self.sent, "dropped": self.dropped, "failed": self.failed, "queued": waiting + self.in_flight}
 
 
 # ------------------------------------------------------------------ MLflow
