@@ -126,6 +126,7 @@ def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(
     assert metrics["oci"]["reference"] == pinned and metrics["oci"]["directory"] == "model"
 
     # Pushing the same files again (the trainer's own code, from S3, from the host) gives the same manifest digest.
+    from kubetune.api.contract import FileEntry  # noqa: PLC0415
     from kubetune.api.models import PublishSpec  # noqa: PLC0415
     from kubetune_trainer import publish  # noqa: PLC0415
 
@@ -137,7 +138,7 @@ def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(
             at = rel if rel in card else f"model/{rel}"
             (out / at).parent.mkdir(parents=True, exist_ok=True)
             (out / at).write_bytes(data)
-            table[at] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+            table[at] = FileEntry(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
         spec = PublishSpec(
             oci=f"{registry.host}/kubetune/{name}:v1", credentials_secret="regcred", plain_http=True
         )
@@ -145,7 +146,9 @@ def test_a_finished_job_is_published_and_its_layers_are_the_files_in_s3(
             publish.layers(out, table, "model"), out, table, ["README.md", "loss.png", "eval.png"]
         )
         assert (
-            publish.push(spec, parts, out / "auth.json")
+            publish.push(
+                spec, parts, out / "auth.json", manifest.get("annotations")
+            )  # the lineage annotations too
             == f"{registry.host}/kubetune/{name}@{match.group(1)}"
         )
 
