@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,6 +165,21 @@ def resolve(record: Any, where: Where, fmt: str, fields: FieldMapping, objective
         fmt = _detect(record, where, fields, objective)
     if fmt not in REQUIRED:
         raise refuse(f"unknown dataset format {fmt}; use one of auto, {', '.join(REQUIRED)}")
+    columns = _columns(record, where, fmt, fields)
+    if fmt not in ("chat", "preference"):
+        return Mapping(fmt, columns)
+    tools = _match(record, TOOLS_COLUMN, where, "tools")
+    if tools is not None:
+        columns["tools"] = tools
+    if fmt == "chat":
+        messages = _messages(record[columns["messages"]], where, columns["messages"])
+        columns.update(_message_keys(messages, where, columns["messages"], fields))
+    return Mapping(fmt, columns, {**DEFAULT_ROLES, **fields.roles})
+
+
+def _columns(record: dict[str, Any], where: Where, fmt: str, fields: FieldMapping) -> dict[str, str]:
+    """The column of each key format `fmt` requires (refused, with the fix, when one is missing) and of
+    each optional key the record has."""
     columns: dict[str, str] = {}
     missing = []
     for key in REQUIRED[fmt]:
@@ -178,15 +194,7 @@ def resolve(record: Any, where: Where, fmt: str, fields: FieldMapping, objective
         name = _find(record, key, fields, where)
         if name is not None:
             columns[key] = name
-    roles: dict[str, str] = {}
-    if fmt in ("chat", "preference"):
-        tools = _match(record, TOOLS_COLUMN, where, "tools")
-        if tools is not None:
-            columns["tools"] = tools
-        roles = {**DEFAULT_ROLES, **fields.roles}
-    if fmt == "chat":
-        columns.update(_message_keys(_messages(record[columns["messages"]], where, columns["messages"]), where, columns["messages"], fields))
-    return Mapping(fmt, columns, roles)
+    return columns
 
 
 def _detect(record: dict[str, Any], where: Where, fields: FieldMapping, objective: str) -> str:
@@ -334,38 +342,47 @@ def _weight(message: dict[str, Any], where: Where, i: int) -> bool:
 
 
 def _turns(messages: list[Any], where: Where, mapping: Mapping, keys: dict[str, str], need_assistant: bool = True) -> tuple[Turn, ...]:
-    role_key, content_key = keys["role"], keys["content"]
-    turns = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or role_key not in message:
-            found = sorted(message) if isinstance(message, dict) else type(message).__name__
-            raise refuse(f"{where}: message {i} has no '{role_key}' key (it has {found}); set spec.dataset.fields.role to the key that holds the role")
-        raw = str(message[role_key])
-        role = mapping.roles.get(raw) or mapping.roles.get(raw.lower()) or TOOL_ROLES.get(raw.lower())
-        if role is None:
-            known = ", ".join(f"{k}->{v}" for k, v in mapping.roles.items())
-            raise refuse(
-                f"{where}: message {i} has role '{raw}', which is not mapped (known: {known}, and tool for tool results); "
-                f"add it to spec.dataset.fields.roles, e.g. roles: {{{raw}: assistant}}"
-            )
-        learn = _weight(message, where, i)
-        content = message.get(content_key)
-        extra: list[tuple[str, Any]] = []
-        if role == "assistant":
-            calls = _tool_calls(message, where, i)
-            if calls:
-                extra.append(("tool_calls", calls))
-            elif learn and (content is None or not _text(content).strip()):
-                raise Invalid("empty response", f"{where}: message {i} ({raw}) has an empty or null '{content_key}' and no tool_calls")
-        elif role == "tool":
-            extra += [(k, message[k]) for k in ("name", "tool_call_id") if message.get(k) is not None]
-        if content is None and not extra and role != "assistant":
-            raise Invalid("missing cell", f"{where}: message {i} ({raw}) has no '{content_key}'")
-        turns.append(Turn(role, "" if content is None else _text(content), learn, tuple(extra)))
+    turns = tuple(_turn(message, i, where, mapping, keys) for i, message in enumerate(messages))
     if need_assistant and not any(t.role == "assistant" and t.learn for t in turns):
         weighted = any(t.role == "assistant" for t in turns)
         raise Invalid("no assistant turn", f"{where}: no assistant message to learn from" + (" (every one has weight 0)" if weighted else ""))
-    return tuple(turns)
+    return turns
+
+
+def _turn(message: Any, i: int, where: Where, mapping: Mapping, keys: dict[str, str]) -> Turn:
+    """Message `i` as a Turn: its mapped role, text and weight, an assistant's tool calls, a tool result's name and id."""
+    content_key = keys["content"]
+    raw, role = _role(message, i, where, mapping, keys["role"])
+    learn = _weight(message, where, i)
+    content = message.get(content_key)
+    extra: list[tuple[str, Any]] = []
+    if role == "assistant":
+        calls = _tool_calls(message, where, i)
+        if calls:
+            extra.append(("tool_calls", calls))
+        elif learn and (content is None or not _text(content).strip()):
+            raise Invalid("empty response", f"{where}: message {i} ({raw}) has an empty or null '{content_key}' and no tool_calls")
+    elif role == "tool":
+        extra += [(k, message[k]) for k in ("name", "tool_call_id") if message.get(k) is not None]
+    if content is None and not extra and role != "assistant":
+        raise Invalid("missing cell", f"{where}: message {i} ({raw}) has no '{content_key}'")
+    return Turn(role, "" if content is None else _text(content), learn, tuple(extra))
+
+
+def _role(message: Any, i: int, where: Where, mapping: Mapping, role_key: str) -> tuple[str, str]:
+    """(the role as written, the role it maps to); a message without one, or with one nobody mapped, is refused."""
+    if not isinstance(message, dict) or role_key not in message:
+        found = sorted(message) if isinstance(message, dict) else type(message).__name__
+        raise refuse(f"{where}: message {i} has no '{role_key}' key (it has {found}); set spec.dataset.fields.role to the key that holds the role")
+    raw = str(message[role_key])
+    role = mapping.roles.get(raw) or mapping.roles.get(raw.lower()) or TOOL_ROLES.get(raw.lower())
+    if role is None:
+        known = ", ".join(f"{k}->{v}" for k, v in mapping.roles.items())
+        raise refuse(
+            f"{where}: message {i} has role '{raw}', which is not mapped (known: {known}, and tool for tool results); "
+            f"add it to spec.dataset.fields.roles, e.g. roles: {{{raw}: assistant}}"
+        )
+    return raw, role
 
 
 # ------------------------------------------------------------------- preference pairs
@@ -412,6 +429,24 @@ def _preference(record: dict[str, Any], where: Where, mapping: Mapping) -> Sampl
     as_lists = {name: _as_messages(v) for name, v in (("prompt", prompt_raw), ("chosen", chosen_raw), ("rejected", rejected_raw))}
     if not any(v is not None for v in as_lists.values()):
         return _text_pair(record, where, c, prompt_raw, chosen_raw, rejected_raw)
+    turns = _cell_reader(as_lists, where, mapping)
+    chosen, rejected = turns("chosen", chosen_raw, "assistant"), turns("rejected", rejected_raw, "assistant")
+    shared = _common(chosen, rejected)
+    given = None if prompt_raw is None or prompt_raw == "" else turns("prompt", prompt_raw, "user")
+    prompt = _pair_prompt(chosen[:shared], given, where)
+    chosen, rejected = chosen[shared:], rejected[shared:]
+    for name, part in (("chosen", chosen), ("rejected", rejected)):
+        if not any(t.role == "assistant" and (t.content.strip() or t.tool_calls) for t in part):
+            raise Invalid("empty response", f"{where}: {name} has no assistant reply after the prompt")
+    if chosen == rejected:
+        raise Invalid("chosen equals rejected", f"{where}: chosen and rejected are the same")
+    return Sample("preference", messages=prompt, chosen_turns=chosen, rejected_turns=rejected, tools=_tools(record, where, mapping))
+
+
+def _cell_reader(as_lists: dict[str, list[dict[str, Any]] | None], where: Where, mapping: Mapping) -> Callable[[str, Any, str], tuple[Turn, ...]]:
+    """How a conversational pair's cells read as turns: a message list by the chat rules (its keys taken from
+    the first message of any cell), a plain text as one turn of the given role."""
+    c = mapping.columns
     first = next(m[0] for m in as_lists.values() if m is not None)
     keys = _message_keys([first], where, next(c[k] for k, m in as_lists.items() if m is not None), FieldMapping())
     mapping_chat = Mapping("chat", c, mapping.roles)
@@ -422,25 +457,19 @@ def _preference(record: dict[str, Any], where: Where, mapping: Mapping) -> Sampl
             return (Turn(role, _text(value)),)
         return _turns(listed, where, mapping_chat, keys, need_assistant=False)
 
-    chosen, rejected = turns("chosen", chosen_raw, "assistant"), turns("rejected", rejected_raw, "assistant")
-    shared = _common(chosen, rejected)
-    common = chosen[:shared]
-    if prompt_raw is None or prompt_raw == "":
+    return turns
+
+
+def _pair_prompt(common: tuple[Turn, ...], given: tuple[Turn, ...] | None, where: Where) -> tuple[Turn, ...]:
+    """The prompt turns of a conversational pair: the prompt column's (`given`) followed by the first turns chosen
+    and rejected share (`common`), or those shared turns alone when there is no prompt column."""
+    if given is None:
         if not common:
             raise Invalid("no shared prompt", f"{where}: chosen and rejected share no first turns (the prompt) and the record has no prompt column")
-        prompt = common
-    else:
-        given = turns("prompt", prompt_raw, "user")
-        # UltraFeedback's shape: chosen and rejected repeat the prompt's turns; they are not scored twice
-        repeated = len(common) >= len(given) and [(t.role, t.content) for t in common[-len(given) :]] == [(t.role, t.content) for t in given]
-        prompt = common if repeated else given + common
-    chosen, rejected = chosen[shared:], rejected[shared:]
-    for name, part in (("chosen", chosen), ("rejected", rejected)):
-        if not any(t.role == "assistant" and (t.content.strip() or t.tool_calls) for t in part):
-            raise Invalid("empty response", f"{where}: {name} has no assistant reply after the prompt")
-    if chosen == rejected:
-        raise Invalid("chosen equals rejected", f"{where}: chosen and rejected are the same")
-    return Sample("preference", messages=prompt, chosen_turns=chosen, rejected_turns=rejected, tools=_tools(record, where, mapping))
+        return common
+    # UltraFeedback's shape: chosen and rejected repeat the prompt's turns; they are not scored twice
+    repeated = len(common) >= len(given) and [(t.role, t.content) for t in common[-len(given) :]] == [(t.role, t.content) for t in given]
+    return common if repeated else given + common
 
 
 def _text_pair(record: dict[str, Any], where: Where, c: dict[str, str], prompt_raw: Any, chosen_raw: Any, rejected_raw: Any) -> Sample:

@@ -135,35 +135,50 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def preference_ids(sample: Sample, tokenizer: Any, where: object = "") -> tuple[list[int], list[int], list[int]]:
     """(prompt, chosen, rejected) token ids of a preference pair, as TRL's DPOTrainer makes them."""
     if sample.conversational:
-        if not has_template(tokenizer):
-            raise TrainerError(ExitCode.DATASET_INVALID, f"{where}: conversational preference pairs need a tokenizer with a chat template (tokenizer_config.json chat_template)")
-        prompt = [t.message() for t in sample.messages]
-        turns = list(sample.messages)
-        for reply in (sample.chosen_turns, sample.rejected_turns):
-            text = _render(tokenizer, prompt + [t.message() for t in reply], False, sample.tools, where)
-            if sample.tools or any(t.role == "tool" or t.tool_calls for t in turns + list(reply)):
-                _check_tools(tokenizer, turns + list(reply), sample.tools, text, where)
-
-        def render(messages: list[dict[str, Any]], generation_prompt: bool) -> list[int]:
-            kwargs = {"tools": list(sample.tools)} if sample.tools else {}
-            try:
-                out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt, **kwargs)
-            except Exception as exc:
-                raise TrainerError(ExitCode.DATASET_INVALID, f"{where}: {_template_name(tokenizer)} refuses this conversation: {type(exc).__name__}: {exc}") from exc
-            return list(out["input_ids"])
-
-        prompt_ids = render(prompt, True)
-        with_chosen = render(prompt + [t.message() for t in sample.chosen_turns], False)
-        with_rejected = render(prompt + [t.message() for t in sample.rejected_turns], False)
+        prompt_ids, with_chosen, with_rejected = _conversation_pair_ids(sample, tokenizer, where)
     else:
-        eos = tokenizer.eos_token or ""
-        chosen = sample.response if sample.response.endswith(eos) else sample.response + eos
-        rejected = sample.rejected if sample.rejected.endswith(eos) else sample.rejected + eos
-        prompt_ids = list(tokenizer(sample.prompt)["input_ids"])
-        with_chosen = list(tokenizer(sample.prompt + chosen)["input_ids"])
-        with_rejected = list(tokenizer(sample.prompt + rejected)["input_ids"])
+        prompt_ids, with_chosen, with_rejected = _text_pair_ids(sample, tokenizer)
     n = min(_common_prefix(prompt_ids, with_chosen), _common_prefix(prompt_ids, with_rejected))
     return prompt_ids[:n], with_chosen[n:], with_rejected[n:]
+
+
+def _text_pair_ids(sample: Sample, tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
+    """The ids of the prompt, and of the prompt followed by each reply (ending in EOS), tokenized as one text."""
+    eos = tokenizer.eos_token or ""
+    chosen = sample.response if sample.response.endswith(eos) else sample.response + eos
+    rejected = sample.rejected if sample.rejected.endswith(eos) else sample.rejected + eos
+    prompt_ids = list(tokenizer(sample.prompt)["input_ids"])
+    with_chosen = list(tokenizer(sample.prompt + chosen)["input_ids"])
+    with_rejected = list(tokenizer(sample.prompt + rejected)["input_ids"])
+    return prompt_ids, with_chosen, with_rejected
+
+
+def _conversation_pair_ids(sample: Sample, tokenizer: Any, where: object) -> tuple[list[int], list[int], list[int]]:
+    """The chat template's ids of the prompt turns (with the generation prompt), and of the prompt turns followed
+    by each reply; the tools and tool turns of both conversations are checked against the template first."""
+    if not has_template(tokenizer):
+        raise TrainerError(ExitCode.DATASET_INVALID, f"{where}: conversational preference pairs need a tokenizer with a chat template (tokenizer_config.json chat_template)")
+    prompt = [t.message() for t in sample.messages]
+    turns = list(sample.messages)
+    for reply in (sample.chosen_turns, sample.rejected_turns):
+        text = _render(tokenizer, prompt + [t.message() for t in reply], False, sample.tools, where)
+        if sample.tools or any(t.role == "tool" or t.tool_calls for t in turns + list(reply)):
+            _check_tools(tokenizer, turns + list(reply), sample.tools, text, where)
+    return (
+        _template_ids(tokenizer, prompt, True, sample.tools, where),
+        _template_ids(tokenizer, prompt + [t.message() for t in sample.chosen_turns], False, sample.tools, where),
+        _template_ids(tokenizer, prompt + [t.message() for t in sample.rejected_turns], False, sample.tools, where),
+    )
+
+
+def _template_ids(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool, tools: Any, where: object) -> list[int]:
+    """The chat template's token ids of `messages` (what _render gives as text)."""
+    kwargs = {"tools": list(tools)} if tools else {}
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt, **kwargs)
+    except Exception as exc:
+        raise TrainerError(ExitCode.DATASET_INVALID, f"{where}: {_template_name(tokenizer)} refuses this conversation: {type(exc).__name__}: {exc}") from exc
+    return list(out["input_ids"])
 
 
 def tokenize_preference(sample: Sample, tokenizer: Any, where: object = "") -> tuple[Tokens, Tokens]:
