@@ -226,26 +226,35 @@ def render_body(config: TrainerConfig, metrics: dict[str, Any], plots: list[str]
                                                         ["dtype", spec.model.dtype]]),  # fmt: skip
         "## Data\n" + table(["split", "path", "format", "examples", "tokens", "truncated", "dropped"], _data_rows(metrics)),
         "## Hyper-parameters\n" + table(["", "value"], _hyper_rows(spec, metrics)),
+        _results_section(metrics),
     ]
+    if plots:
+        parts.append("\n".join(f"![{Path(p).stem}]({p})" for p in plots))
+    parts += _sections_from_metrics(metrics)
+    parts.append("## Files\n" + _artifacts(spec))
+    return "\n\n".join(parts) + "\n"
+
+
+def _results_section(metrics: dict[str, Any]) -> str:
+    """The metrics before and after training (when there are any), then the throughput."""
     results = _result_rows(metrics)
     speed = [["tokens seen", metrics.get("tokensSeen")], ["tokens/s", metrics.get("tokensPerSecond")],
              ["training time (s)", metrics.get("trainSeconds")]]  # fmt: skip
-    parts.append("## Results\n" + (table(["metric", "before", "after"], results) + "\n\n" if results else "") + table(["throughput", "value"], speed))
-    if plots:
-        parts.append("\n".join(f"![{Path(p).stem}]({p})" for p in plots))
-    for key, heading in SECTIONS_FROM_METRICS:
-        if metrics.get(key):
-            parts.append(f"## {heading}\n" + any_table(metrics[key]))
+    return "## Results\n" + (table(["metric", "before", "after"], results) + "\n\n" if results else "") + table(["throughput", "value"], speed)
+
+
+def _sections_from_metrics(metrics: dict[str, Any]) -> list[str]:
+    """The sections metrics.json has something for: evaluation, interpolation, provenance, tracking, usage, lineage."""
+    sections = [f"## {heading}\n" + any_table(metrics[key]) for key, heading in SECTIONS_FROM_METRICS if metrics.get(key)]
     if provenance := _provenance_rows(metrics):
-        parts.append("## Provenance\n" + table(["", "value"], provenance))
+        sections.append("## Provenance\n" + table(["", "value"], provenance))
     if tracked := _tracking_lines(metrics):
-        parts.append("## Experiment tracking\n" + "\n".join(tracked))
+        sections.append("## Experiment tracking\n" + "\n".join(tracked))
     if metrics.get("usage"):
-        parts.append("## Compute used\n" + table(["", "value"], _usage_rows(metrics)))
+        sections.append("## Compute used\n" + table(["", "value"], _usage_rows(metrics)))
     if metrics.get("lineage"):
-        parts.append("## Lineage\n" + table(["", "value"], _lineage_rows(metrics)))
-    parts.append("## Files\n" + _artifacts(spec))
-    return "\n\n".join(parts) + "\n"
+        sections.append("## Lineage\n" + table(["", "value"], _lineage_rows(metrics)))
+    return sections
 
 
 # ------------------------------------------------------------------ plots

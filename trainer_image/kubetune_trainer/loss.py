@@ -169,26 +169,33 @@ def install(model: Any, chunk: int | None = None) -> bool:
     decoder = lm.get_decoder()
 
     def forward(input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None, labels: Any = None, **kwargs: Any) -> Any:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if labels is None:
-            return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        kwargs.pop("use_cache", None)
-        denominator = kwargs.pop("num_items_in_batch", None)
-        if denominator is not None and not isinstance(denominator, torch.Tensor):
-            denominator = torch.tensor(float(denominator), device=hidden_device(lm))
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
-        hidden = out[0]
-        head = _plain_head(lm.get_output_embeddings())
-        if head is None:
-            raise TypeError(f"lm_head became a {type(lm.get_output_embeddings()).__name__}; set {ENV_DISABLE}=0")
-        # Position t predicts the label at t+1, as the model's own loss shifts them.
-        loss = linear_cross_entropy(hidden[:, :-1, :], head.weight, head.bias, labels[:, 1:], chunk, denominator)
-        return CausalLMOutputWithPast(loss=loss, logits=None)
+            return original(**inputs, **kwargs)
+        return _chunked_forward(lm, decoder, inputs, labels, chunk, kwargs)
 
     lm.forward = forward
     lm.kubetune_chunked_loss = True
     return True
+
+
+def _chunked_forward(lm: Any, decoder: Any, inputs: dict[str, Any], labels: Any, chunk: int | None, kwargs: dict[str, Any]) -> Any:
+    """The decoder's hidden states through the chunked loss against the head's weights: the CausalLM output with
+    the loss and no logits. transformers' `num_items_in_batch` is the loss's denominator."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    kwargs.pop("use_cache", None)
+    denominator = kwargs.pop("num_items_in_batch", None)
+    if denominator is not None and not isinstance(denominator, torch.Tensor):
+        denominator = torch.tensor(float(denominator), device=hidden_device(lm))
+    out = decoder(**inputs, use_cache=False, **kwargs)
+    hidden = out[0]
+    head = _plain_head(lm.get_output_embeddings())
+    if head is None:
+        raise TypeError(f"lm_head became a {type(lm.get_output_embeddings()).__name__}; set {ENV_DISABLE}=0")
+    # Position t predicts the label at t+1, as the model's own loss shifts them.
+    loss = linear_cross_entropy(hidden[:, :-1, :], head.weight, head.bias, labels[:, 1:], chunk, denominator)
+    return CausalLMOutputWithPast(loss=loss, logits=None)
 
 
 def hidden_device(lm: Any) -> torch.device:

@@ -197,8 +197,6 @@ def summarize(spec: FineTuneJobSpec, built: Built, tokenizer: Any, accum: int, m
     """Everything the pre-flight shows, as JSON-able data."""
     report = built.report()
     lengths = [n for s in built.sources for n in s.lengths]
-    per_epoch = steps_per_epoch(len(built.train), spec, accum)
-    t = spec.training
     return {
         "sources": report["sources"],
         "eval": report["eval"],
@@ -208,14 +206,27 @@ def summarize(spec: FineTuneJobSpec, built: Built, tokenizer: Any, accum: int, m
         "evalSequences": report["evalSequences"],
         "tokensPerEpoch": report["trainTokens"],
         "learnedTokensPerEpoch": sum(sum(1 for x in e.labels if x != IGNORE) for e in built.train),
+        **_schedule(spec, len(built.train), accum),
+        "examples": [[{"text": text, "learned": learned} for text, learned in ex] for ex in rendered_examples(built, tokenizer, n_examples)],
+        "memory": _memory_summary(memory),
+    }
+
+
+def _schedule(spec: FineTuneJobSpec, n_train: int, accum: int) -> dict[str, int]:
+    """Optimizer steps per epoch and in all, and the global batch size, as the trainer counts them."""
+    per_epoch = steps_per_epoch(n_train, spec, accum)
+    t = spec.training
+    return {
         "stepsPerEpoch": per_epoch,
         "totalSteps": t.max_steps or max(1, math.ceil(t.epochs * per_epoch)),
         "globalBatchSize": t.global_batch_size or t.per_device_batch_size * spec.distributed.world_size,
-        "examples": [[{"text": text, "learned": learned} for text, learned in ex] for ex in rendered_examples(built, tokenizer, n_examples)],
-        "memory": None if memory is None else {
-            "per": memory.per, "totalBytes": memory.total, "parts": memory.parts, "availableBytes": memory.available, "fits": memory.fits,
-        },
-    }  # fmt: skip
+    }
+
+
+def _memory_summary(memory: MemoryEstimate | None) -> dict[str, Any] | None:
+    if memory is None:
+        return None
+    return {"per": memory.per, "totalBytes": memory.total, "parts": memory.parts, "availableBytes": memory.available, "fits": memory.fits}
 
 
 def text_lines(summary: dict[str, Any]) -> list[str]:
@@ -274,11 +285,15 @@ def run_preflight(spec: FineTuneJobSpec, n_examples: int = 3, gpu_memory: int | 
     built = data.build(spec.dataset, spec.storage, tokenizer, spec.training.seed)
     accum = accumulation(spec)
     data.check_batch(len(built.train), spec.training, spec.distributed.world_size, accum)
+    longest = max((n for s in built.sources for n in s.lengths), default=spec.dataset.max_seq_length)
+    return summarize(spec, built, tokenizer, accum, _estimate(spec, model_dir, longest, gpu_memory), n_examples)
+
+
+def _estimate(spec: FineTuneJobSpec, model_dir: Path, longest: int, gpu_memory: int | None) -> MemoryEstimate:
+    """job_memory for the spec's own placement (GPUs or not) and backend (auto decides as the trainer does)."""
     on_gpu = spec.distributed.gpus_per_node > 0
     backend = {"ddp": False, "deepspeed": True}.get(spec.distributed.backend)
-    longest = max((n for s in built.sources for n in s.lengths), default=spec.dataset.max_seq_length)
-    memory = job_memory(spec, model_dir, longest, on_gpu, backend, gpu_memory)
-    return summarize(spec, built, tokenizer, accum, memory, n_examples)
+    return job_memory(spec, model_dir, longest, on_gpu, backend, gpu_memory)
 
 
 def preflight_pairs(spec: FineTuneJobSpec, model_dir: Path, tokenizer: Any, n_examples: int, gpu_memory: int | None) -> dict[str, Any]:
@@ -290,34 +305,35 @@ def preflight_pairs(spec: FineTuneJobSpec, model_dir: Path, tokenizer: Any, n_ex
     accum = accumulation(spec)
     data.check_batch(len(built.train), spec.training, spec.distributed.world_size, accum)
     lengths = [n for s in built.sources for n in s.lengths]
-    on_gpu = spec.distributed.gpus_per_node > 0
-    backend = {"ddp": False, "deepspeed": True}.get(spec.distributed.backend)
-    memory = job_memory(spec, model_dir, max(lengths, default=spec.dataset.max_seq_length), on_gpu, backend, gpu_memory)
-    parts = built.sources + ([built.eval_source] if built.eval_source else [])
-    truncated, dropped = sum(p.truncated for p in parts), sum(p.dropped for p in parts)
-    per_epoch = steps_per_epoch(len(built.train), spec, accum)
-    t = spec.training
+    memory = _estimate(spec, model_dir, max(lengths, default=spec.dataset.max_seq_length), gpu_memory)
     return {
         "objective": "dpo",
         "sources": [s.summary() for s in built.sources],
         "eval": built.eval_source.summary() if built.eval_source else None,
         "lengths": length_stats(lengths, spec.dataset.max_seq_length),
-        "overflow": {"truncated": truncated, "truncatedTokens": sum(p.truncated_tokens for p in parts), "dropped": dropped,
-                     "droppedTokens": sum(p.dropped_tokens for p in parts), "overflowShare": (truncated + dropped) / max(sum(p.records for p in parts), 1),
-                     "policy": spec.dataset.overflow},
+        "overflow": _pair_overflow(built.sources + ([built.eval_source] if built.eval_source else []), spec.dataset.overflow),
         "trainSequences": len(built.train),
         "evalSequences": len(built.evals),
         "tokensPerEpoch": sum(len(p.chosen_ids) + len(p.rejected_ids) for p in built.train),
         "learnedTokensPerEpoch": sum(sum(1 for x in p.chosen_labels + p.rejected_labels if x != IGNORE) for p in built.train),
-        "stepsPerEpoch": per_epoch,
-        "totalSteps": t.max_steps or max(1, math.ceil(t.epochs * per_epoch)),
-        "globalBatchSize": t.global_batch_size or t.per_device_batch_size * spec.distributed.world_size,
+        **_schedule(spec, len(built.train), accum),
         "examples": [],
         "pairs": [rendered_pair(p, tokenizer) for p in built.train[:n_examples]],
-        "memory": None if memory is None else {
-            "per": memory.per, "totalBytes": memory.total, "parts": memory.parts, "availableBytes": memory.available, "fits": memory.fits,
-        },
-    }  # fmt: skip
+        "memory": _memory_summary(memory),
+    }
+
+
+def _pair_overflow(parts: list[Any], policy: str) -> dict[str, Any]:
+    """How many pairs of the sources (and the eval split) were longer than maxSeqLength, and what `policy` did."""
+    truncated, dropped = sum(p.truncated for p in parts), sum(p.dropped for p in parts)
+    return {
+        "truncated": truncated,
+        "truncatedTokens": sum(p.truncated_tokens for p in parts),
+        "dropped": dropped,
+        "droppedTokens": sum(p.dropped_tokens for p in parts),
+        "overflowShare": (truncated + dropped) / max(sum(p.records for p in parts), 1),
+        "policy": policy,
+    }
 
 
 def rendered_pair(pair: Any, tokenizer: Any) -> dict[str, Any]:
