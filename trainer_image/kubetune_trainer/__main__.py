@@ -92,20 +92,30 @@ def failed(caught: Exception, trainer: Trainer | None) -> int:
     return int(error.exit_code)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="kubetune_trainer", description=__doc__)
     parser.add_argument("--config", default=os.environ.get(ENV_CONFIG_PATH, CONFIG_PATH))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. training.maxSteps=5")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    from kubetune_trainer.signals import StoppedBeforeTraining, stop_at_once
 
-    stop_at_once()  # a signal during imports or start-up ends the rank cleanly (nothing to checkpoint yet)
+def start_up() -> None:
+    """Before the heavy imports: a signal during imports or start-up ends the rank cleanly (nothing to checkpoint
+    yet), and DeepSpeed on a node without CUDA is told to use the CPU before anything imports it."""
+    from kubetune_trainer.signals import stop_at_once
+
+    stop_at_once()
     import torch
 
     if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start_up()
     from kubetune_trainer.errors import TrainerError, write_termination_message
+    from kubetune_trainer.signals import StoppedBeforeTraining
 
     trainer = None
     try:

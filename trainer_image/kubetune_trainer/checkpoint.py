@@ -237,28 +237,10 @@ class Checkpointer:
         return {"checkpoint": store.url(rel), "setAsideAs": store.url(aside), "problem": problem}
 
     def _load(self, store: OutputStore, step: int, spec: FineTuneJobSpec, new_run: bool, optimizer: Any, scheduler: Any) -> Resumed:
-        acc, local = self.accelerator, self.local_dir(step)
-        saved_spec = local / TRAINED_SPEC_FILE
-        changes = changed_fields(json.loads(saved_spec.read_text()), resume_fields(spec)) if saved_spec.exists() else []
-        if changes and not new_run:
-            raise TrainerError(
-                ExitCode.CONFIG_INVALID,
-                f"{store.url(checkpoint_rel(step))} was trained with another config ({'; '.join(changes)}); "
-                "resuming it would mix two trainings. Either write to a new output (spec.output.uri, kubetune run --output) "
-                "or start a new run from this checkpoint with the new config applied (spec.output.resumeFrom: previous "
-                "on a cluster; kubetune run --output NEW --resume-from OLD locally), or restore the old values to continue",
-            )
+        local, url = self.local_dir(step), store.url(checkpoint_rel(step))
+        changes = _config_changes(local, spec, url, new_run)
         wanted = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if optimizer is not None else []
-        try:
-            acc.load_state(str(local / "accelerate"))
-        except (RuntimeError, KeyError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TrainerError(
-                ExitCode.CONFIG_INVALID,
-                f"{store.url(checkpoint_rel(step))} does not fit this job's model or optimizer ({first})"
-                + (f"; changed: {'; '.join(changes)}" if changes else "")
-                + "; train from the start (spec.output.resumeFrom: fresh, or a new output) or restore the old values",
-            ) from exc
+        self._load_state(local, url, changes)
         state = TrainState(**json.loads((local / TRAINER_STATE_FILE).read_text())).resumed(same_run=not new_run)
         if changes:
             apply_hyperparameters(optimizer, scheduler, wanted)
@@ -267,7 +249,36 @@ class Checkpointer:
         origin = "" if store is self.store else f" of {store.uri}"
         log(f"resumed from checkpoint step {step}{origin} (epoch {state.epoch}, batch {state.batches_in_epoch})"
             + (f"; a new run with the config changes {'; '.join(changes)}" if changes else ""))  # fmt: skip
-        return Resumed(state, store.url(checkpoint_rel(step)), changes)
+        return Resumed(state, url, changes)
+
+    def _load_state(self, local: Path, url: str, changes: list[str]) -> None:
+        """Accelerate's load_state of the checkpoint at `url`; a model or optimizer it does not fit is refused in one line."""
+        try:
+            self.accelerator.load_state(str(local / "accelerate"))
+        except (RuntimeError, KeyError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrainerError(
+                ExitCode.CONFIG_INVALID,
+                f"{url} does not fit this job's model or optimizer ({first})"
+                + (f"; changed: {'; '.join(changes)}" if changes else "")
+                + "; train from the start (spec.output.resumeFrom: fresh, or a new output) or restore the old values",
+            ) from exc
+
+
+def _config_changes(local: Path, spec: FineTuneJobSpec, url: str, new_run: bool) -> list[str]:
+    """The resume fields whose values differ from those the checkpoint at `url` was trained with; a run that continues
+    (not a new run from it) refuses any, since it would mix two trainings."""
+    saved_spec = local / TRAINED_SPEC_FILE
+    changes = changed_fields(json.loads(saved_spec.read_text()), resume_fields(spec)) if saved_spec.exists() else []
+    if changes and not new_run:
+        raise TrainerError(
+            ExitCode.CONFIG_INVALID,
+            f"{url} was trained with another config ({'; '.join(changes)}); "
+            "resuming it would mix two trainings. Either write to a new output (spec.output.uri, kubetune run --output) "
+            "or start a new run from this checkpoint with the new config applied (spec.output.resumeFrom: previous "
+            "on a cluster; kubetune run --output NEW --resume-from OLD locally), or restore the old values to continue",
+        )
+    return changes
 
 
 @dataclass

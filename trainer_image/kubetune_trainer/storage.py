@@ -254,24 +254,29 @@ def fetch(uri: str, storage: StorageSpec, what: str, not_found: ExitCode, revisi
         single = directory / prefix.rsplit("/", 1)[-1]
         return single if prefix and single.is_file() else directory
     if uri.startswith("hf://"):
-        repo = uri[len("hf://") :]
-        if repo_type == "dataset":
-            repo = repo.removeprefix("datasets/")
-        commit = hub_commit(repo, revision, repo_type, uri, what, not_found)
-
-        def fill(directory: Path) -> None:
-            try:
-                from huggingface_hub import snapshot_download
-
-                snapshot_download(repo, revision=commit, local_dir=str(directory), repo_type=repo_type)
-            except Exception as exc:
-                code, hint = classify_hub_error(exc, not_found)
-                raise TrainerError(code, f"{what}: cannot fetch {uri} (revision {revision or 'main'}) from the Hugging Face hub: {hint}: {type(exc).__name__}: {exc}") from exc
-
-        directory = cached(f"{uri}@{commit}" + (":dataset" if repo_type == "dataset" else ""), fill)
-        IDENTITIES[uri] = f"commit:{commit}"
-        return directory
+        return fetch_hub(uri, what, not_found, revision, repo_type)
     raise TrainerError(ExitCode.CONFIG_INVALID, f"{what}: unsupported URI {uri}")
+
+
+def fetch_hub(uri: str, what: str, not_found: ExitCode, revision: str | None, repo_type: str) -> Path:
+    """The snapshot of an `hf://` repository at the commit `revision` names now, in the node cache under that commit."""
+    repo = uri[len("hf://") :]
+    if repo_type == "dataset":
+        repo = repo.removeprefix("datasets/")
+    commit = hub_commit(repo, revision, repo_type, uri, what, not_found)
+
+    def fill(directory: Path) -> None:
+        try:
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(repo, revision=commit, local_dir=str(directory), repo_type=repo_type)
+        except Exception as exc:
+            code, hint = classify_hub_error(exc, not_found)
+            raise TrainerError(code, f"{what}: cannot fetch {uri} (revision {revision or 'main'}) from the Hugging Face hub: {hint}: {type(exc).__name__}: {exc}") from exc
+
+    directory = cached(f"{uri}@{commit}" + (":dataset" if repo_type == "dataset" else ""), fill)
+    IDENTITIES[uri] = f"commit:{commit}"
+    return directory
 
 
 def hub_commit(repo: str, revision: str | None, repo_type: str, uri: str, what: str, not_found: ExitCode) -> str:

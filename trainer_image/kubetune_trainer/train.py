@@ -65,17 +65,7 @@ class Trainer:
         rt = self._runtime = start_runtime(self.config)
         signals.stop_at_next_step(self.stop.set)  # SIGTERM, SIGINT and SIGHUP: checkpoint at the next step
         if rt.is_main:
-            self.server = serve(self.progress, self.config.progress_port)
-            log(
-                f"progress on :{self.server.server_address[1]}/progress; world size {rt.world_size}; {rt.accelerator.distributed_type}"
-            )
-            log(f"backend {rt.backend.name}: {rt.backend.reason}")
-            self._claim = OutputClaim(rt.store, self.config)
-            self.facts.owner = self._claim.acquire(self.config)  # the first write: a second owner's run is refused here
-            if (publish_spec := self.spec.output.publish) is not None and publish_spec.oci:
-                publish.check_access(publish_spec, registry_auth())  # wrong credentials fail before training
-            if publish_spec is not None and publish_spec.huggingface is not None:
-                hub_publish.check_access(publish_spec.huggingface)
+            self._serve_and_claim(rt)
         set_seed(self.spec.training.seed)
         self.done = rt.store.exists(COMPLETE_MARKER)
         if rt.is_main and not self.done:  # an unreachable tracker or refused credentials fail before training
@@ -83,11 +73,7 @@ class Trainer:
             if self.tracker is not None:
                 self.progress.update(tracking=self.tracker.status)
         if self.done:
-            if rt.store.exists(GATE_FAILED_MARKER):  # finished, and failed its gate: it stays failed
-                raise TrainerError(ExitCode.EVALUATION_GATE_FAILED, f"{rt.store.uri} already holds a model that failed its "
-                                   "evaluation gate (see metrics.json evaluation); change the spec or delete the output to train again")  # fmt: skip
-            if rt.is_main:
-                log(f"{rt.store.uri} already holds complete artifacts; nothing to do")
+            self._already_done(rt)
             return
         parts = self._parts = build_parts(self.config, rt, self.facts, self.progress)
         self.facts.inputs = dict(storage.IDENTITIES)  # the bytes this run trains on, by content identity
@@ -97,6 +83,27 @@ class Trainer:
             self._evaluator = Evaluator(rt.accelerator, parts.model, parts.eval_loader, self.progress, self.spec, parts.reference)
         self._resume_or_measure()
         self.progress.update(total_steps=parts.total_steps, step=self.state.step, phase=TrainerPhase.TRAINING)
+
+    def _serve_and_claim(self, rt: Runtime) -> None:
+        """Rank 0, before training: serve progress, claim the output (the run's first write: a second owner's run is
+        refused here) and check the publishing credentials, so wrong ones fail before any step."""
+        self.server = serve(self.progress, self.config.progress_port)
+        log(f"progress on :{self.server.server_address[1]}/progress; world size {rt.world_size}; {rt.accelerator.distributed_type}")
+        log(f"backend {rt.backend.name}: {rt.backend.reason}")
+        self._claim = OutputClaim(rt.store, self.config)
+        self.facts.owner = self._claim.acquire(self.config)
+        if (publish_spec := self.spec.output.publish) is not None and publish_spec.oci:
+            publish.check_access(publish_spec, registry_auth())
+        if publish_spec is not None and publish_spec.huggingface is not None:
+            hub_publish.check_access(publish_spec.huggingface)
+
+    def _already_done(self, rt: Runtime) -> None:
+        """The output holds complete artifacts: nothing to train, unless they failed their gate (which stays failed)."""
+        if rt.store.exists(GATE_FAILED_MARKER):
+            raise TrainerError(ExitCode.EVALUATION_GATE_FAILED, f"{rt.store.uri} already holds a model that failed its "
+                               "evaluation gate (see metrics.json evaluation); change the spec or delete the output to train again")  # fmt: skip
+        if rt.is_main:
+            log(f"{rt.store.uri} already holds complete artifacts; nothing to do")
 
     def _resume_or_measure(self) -> None:
         """Continue from the newest verified checkpoint (this run's, else resumeFrom's); a fresh run measures
