@@ -76,6 +76,24 @@ def test_an_admitted_gang_says_which_cluster_queue_admitted_it() -> None:
     assert (status, reason) == ("True", "AdmittedByKueue") and "cq" in message
 
 
+def test_admitted_before_kueue_unsuspends_the_job_is_still_pending_not_suspended() -> None:
+    """Kueue admits the Workload, then unsuspends the Job: in between the job is Pending (it was shown Suspended,
+    a phase change there and back, and a status write, for every queued job: bench/kueue_scale.py saw it)."""
+    observed = Observed(job=job(suspend=True), workload=workload(admitted=True))
+    d = derive(spec(), "demo", 1, FineTuneJobStatus(phase="Pending"), observed, NOW)
+    assert d.status.phase == "Pending"
+    assert conditions(d.status)["Admitted"][:2] == ("True", "AdmittedByKueue")
+    assert "cq" in (d.status.message or "")
+
+
+def test_a_job_the_user_suspends_in_a_queue_is_suspended() -> None:
+    observed = Observed(job=job(suspend=True), workload=workload(admitted=True))
+    d = derive(
+        spec(**{"runPolicy": {"suspend": True}}), "demo", 1, FineTuneJobStatus(phase="Running"), observed, NOW
+    )
+    assert d.status.phase == "Suspended"
+
+
 def test_a_suspended_job_outside_any_queue_is_suspended_without_an_admitted_condition() -> None:
     d = derive(spec(), "demo", 1, FineTuneJobStatus(), Observed(job=job(queue=None)), NOW)
     assert d.status.phase == "Suspended"

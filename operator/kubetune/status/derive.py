@@ -373,6 +373,11 @@ def derive(
         if queued is not None and not queued.admitted:  # Kueue holds it: Pending, in Kueue's words
             phase, reason = "Pending", c.Reason.QUEUED_BY_KUEUE
             message = c.reason_message(reason, queue=queued.queue, kueue=queued.message)
+        elif queued is not None and not spec.run_policy.suspend:
+            # Admitted, and Kueue unsuspends the Job next: still Pending (not a Suspended flicker between
+            # "queued" and "starting", which cost every queued job two phase changes and a status write)
+            phase, reason = "Pending", c.Reason.ADMITTED_BY_KUEUE
+            message = c.reason_message(reason, queue=queued.queue, cluster_queue=queued.cluster_queue or "?")
         else:
             phase, reason, message = (
                 "Suspended",
