@@ -118,7 +118,7 @@ class Operator:
             return False
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
-                return r.status == 200
+                return bool(r.status == 200)
         except OSError:
             return False
 
@@ -437,7 +437,9 @@ class ProgressStubs:
     def __init__(self, port: int) -> None:
         self.port = port
         self.t0 = time.time()
+        self.frozen_step: int | None = None  # freeze(): every trainer stays at this step from now on
         self.reads = 0
+        self.served: set[str] = set()
         self.loop = asyncio.new_event_loop()
         self._servers: list[Any] = []
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
@@ -446,7 +448,7 @@ class ProgressStubs:
         try:
             await reader.readuntil(b"\r\n\r\n")
             self.reads += 1
-            step = int(time.time() - self.t0)
+            step = self.frozen_step if self.frozen_step is not None else int(time.time() - self.t0)
             body = json.dumps({"step": step, "totalSteps": 1_000_000, "epoch": 0.1, "loss": 1.0 + 1.0 / (1 + step),
                                "learningRate": 1e-4, "tokensPerSecond": 1000.0, "etaSeconds": 3600, "phase": "Training"}).encode()  # fmt: skip
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: "
@@ -457,7 +459,15 @@ class ProgressStubs:
         finally:
             writer.close()
 
+    def freeze(self) -> None:
+        """Nothing changes any more: every stub answers with the same step (a fleet at rest)."""
+        self.frozen_step = int(time.time() - self.t0)
+
     def serve(self, ip: str) -> None:
+        if ip in self.served:  # the same address again (a new pod there): its stub already answers
+            return
+        self.served.add(ip)
+
         async def start() -> None:
             self._servers.append(await asyncio.start_server(self._handle, ip, self.port, reuse_address=True))
 
