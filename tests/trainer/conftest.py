@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from trainer_helpers import TINY_MODEL
+from trainer_helpers import TINY_MODEL, moto_s3
 
 
 @pytest.fixture(autouse=True)
@@ -19,3 +20,10 @@ def tokenizer() -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(TINY_MODEL))
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on loopback for one test module, with test credentials in the environment."""
+    with moto_s3() as endpoint:
+        yield endpoint

@@ -232,6 +232,12 @@ class Hub:
             self.server.shutdown()
             self.server.server_close()
 
+    def __enter__(self) -> Hub:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 def repo_from_dir(directory: Path) -> Repo:
     return Repo(

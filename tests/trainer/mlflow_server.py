@@ -16,7 +16,6 @@ import fcntl
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,13 +23,9 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-REPO = Path(__file__).resolve().parents[2]
+from trainer_helpers import REPO, S3_CREDENTIALS, free_port
+
 REQUIREMENTS = REPO / ".ci" / "mlflow-server-requirements.txt"
-S3_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 
 
 def server_venv() -> Path:
@@ -58,12 +53,6 @@ def server_venv() -> Path:
             )
             (venv / ".installed").touch()
     return venv
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class MlflowServer:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from chat_templates import byte_tokenizer
 from kubetune.api.contract import ExitCode
 from kubetune.api.models import DatasetSpec, StorageSpec, TrainingSpec
 from kubetune_trainer import data, formats, masking, records
@@ -139,21 +140,6 @@ def test_preference_pairs_share_the_prompt_and_learn_each_response(tokenizer: An
 
 
 # ---------------------------------------------------------------- templates
-
-
-def byte_tokenizer(specials: list[str], eos: str, template: str) -> Any:
-    """A byte-level tokenizer (no merges) with the given special tokens and chat template: no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
-    fast.chat_template = template
-    return fast
 
 
 CHATML = byte_tokenizer(

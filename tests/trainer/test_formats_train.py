@@ -60,9 +60,8 @@ def write_formats(tmp: Path) -> dict[str, Path]:
 
 @pytest.fixture
 def hub(tmp_path: Path) -> Iterator[Hub]:
-    server = Hub({}).start()
-    yield server
-    server.stop()
+    with Hub({}) as server:
+        yield server
 
 
 def format_losses(model: Any, tokenizer: Any, files: dict[str, Path]) -> dict[str, float]:

@@ -13,9 +13,8 @@ from trainer_helpers import TINY_MODEL, free_port, job_spec, run_trainer, termin
 
 @pytest.fixture
 def hub() -> Iterator[Hub]:
-    server = Hub({"acme/tiny-llama": repo_from_dir(TINY_MODEL)}).start()
-    yield server
-    server.stop()
+    with Hub({"acme/tiny-llama": repo_from_dir(TINY_MODEL)}) as server:
+        yield server
 
 
 def env(tmp: Path, endpoint: str) -> dict[str, str]:

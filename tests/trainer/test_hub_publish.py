@@ -21,11 +21,8 @@ TOKEN = "hf_write_4c1d8e-never-shown"
 
 @pytest.fixture
 def hub() -> Iterator[Hub]:
-    server = Hub({}, tokens={TOKEN}).start()
-    try:
+    with Hub({}, tokens={TOKEN}) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def spec_for(hub: Hub, repo: str = "acme/tiny-digits") -> HuggingFacePublish:
@@ -75,36 +72,30 @@ def test_a_push_commits_the_model_with_the_kubetune_card_on_top(
 
 
 @pytest.mark.slow
-def test_a_job_pushes_its_model_and_card_and_reports_the_commit(tmp_path: Path) -> None:
-    server = Hub({}, tokens={TOKEN}).start()
-    try:
-        publish = {
-            "huggingface": {
-                "repo": "acme/spell-digits-lora",
-                "tokenSecret": "hf-write",
-                "endpoint": server.endpoint,
-            }
+def test_a_job_pushes_its_model_and_card_and_reports_the_commit(tmp_path: Path, hub: Hub) -> None:
+    publish = {
+        "huggingface": {
+            "repo": "acme/spell-digits-lora",
+            "tokenSecret": "hf-write",
+            "endpoint": hub.endpoint,
         }
-        spec = job_spec(
-            tmp_path,
-            **{"training.maxSteps": 6, "output.publish": publish, "output.card": {"license": "apache-2.0"}},
-        )
-        code, out = run_trainer(tmp_path, spec, nproc=2, env={"HF_TOKEN": TOKEN})
-        assert code == 0, out[-4000:]
-        repo = server.repos["acme/spell-digits-lora"]
-        pushed = termination(tmp_path)["artifacts"]["huggingface"]
-        assert pushed == f"{server.endpoint}/acme/spell-digits-lora/tree/{repo.sha}"
-        assert {"model.safetensors", "config.json", "README.md", "loss.png"} <= set(repo.files)
-        assert (
-            repo.files["README.md"].decode().startswith("---\n")
-            and b"license: apache-2.0" in repo.files["README.md"]
-        )
-        manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-        assert (
-            repo.files["model.safetensors"] == (tmp_path / "out" / "model" / "model.safetensors").read_bytes()
-        )
-        assert "model/model.safetensors" in manifest["files"]
-        assert json.loads((tmp_path / "out" / "metrics.json").read_text())["huggingface"] == pushed
-        assert TOKEN not in out
-    finally:
-        server.stop()
+    }
+    spec = job_spec(
+        tmp_path,
+        **{"training.maxSteps": 6, "output.publish": publish, "output.card": {"license": "apache-2.0"}},
+    )
+    code, out = run_trainer(tmp_path, spec, nproc=2, env={"HF_TOKEN": TOKEN})
+    assert code == 0, out[-4000:]
+    repo = hub.repos["acme/spell-digits-lora"]
+    pushed = termination(tmp_path)["artifacts"]["huggingface"]
+    assert pushed == f"{hub.endpoint}/acme/spell-digits-lora/tree/{repo.sha}"
+    assert {"model.safetensors", "config.json", "README.md", "loss.png"} <= set(repo.files)
+    assert (
+        repo.files["README.md"].decode().startswith("---\n")
+        and b"license: apache-2.0" in repo.files["README.md"]
+    )
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert repo.files["model.safetensors"] == (tmp_path / "out" / "model" / "model.safetensors").read_bytes()
+    assert "model/model.safetensors" in manifest["files"]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["huggingface"] == pushed
+    assert TOKEN not in out

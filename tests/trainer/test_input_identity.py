@@ -14,29 +14,6 @@ from hub_server import Hub, Repo
 from kubetune.api.contract import ExitCode
 from kubetune.api.models import StorageSpec
 from kubetune_trainer import data, storage
-from trainer_helpers import free_port
-
-CREDS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=(port := free_port()))
-    server.start()
-    saved = {k: os.environ.get(k) for k in CREDS}
-    os.environ.update(CREDS)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def test_an_s3_object_replaced_at_the_same_uri_is_fetched_again(s3_endpoint: str) -> None:
@@ -106,17 +83,14 @@ def test_a_large_local_file_is_sampled_not_read_whole(tmp_path: Path) -> None:
 def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
     from huggingface_hub import constants
 
-    server = Hub({"acme/data": Repo({"train.jsonl": b'{"text": "a"}\n'}, sha="a" * 40)}).start()
-    monkeypatch.setattr(
-        constants, "ENDPOINT", server.endpoint
-    )  # read at import time: HF_ENDPOINT is too late here
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
-    )
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    yield server
-    server.stop()
+    with Hub({"acme/data": Repo({"train.jsonl": b'{"text": "a"}\n'}, sha="a" * 40)}) as server:
+        # read at import time: HF_ENDPOINT is too late here
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        template = server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        yield server
 
 
 def test_a_hub_branch_that_moved_is_fetched_again(hub: Hub) -> None:

@@ -37,15 +37,12 @@ def test_an_hf_model_is_identified_by_the_commit_the_hub_resolved(
 ) -> None:
     from huggingface_hub import snapshot_download
 
-    hub = Hub({"acme/tiny-llama": repo_from_dir(TINY_MODEL)}).start()
-    try:
+    with Hub({"acme/tiny-llama": repo_from_dir(TINY_MODEL)}) as hub:
         local = Path(
             snapshot_download(
                 "acme/tiny-llama", revision="main", endpoint=hub.endpoint, local_dir=str(tmp_path / "dl")
             )
         )
-    finally:
-        hub.stop()
     spec = FineTuneJobSpec.model_validate(
         job_spec(tmp_path, **{"model.source": "hf://acme/tiny-llama", "model.revision": "main"})
     )

@@ -14,32 +14,6 @@ from kubetune_trainer import storage
 from kubetune_trainer.errors import TrainerError
 from trainer_helpers import SPELL, TINY_MODEL, free_port, job_spec, run_trainer, termination
 
-CREDS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    saved = {k: os.environ.get(k) for k in CREDS}
-    os.environ.update(CREDS)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
 
 @pytest.fixture(scope="module")
 def s3(s3_endpoint: str):  # type: ignore[no-untyped-def]

@@ -17,7 +17,7 @@ import pytest
 from kubetune.api.contract import ExitCode
 from kubetune.api.models import StorageSpec
 from kubetune_trainer import storage
-from mlflow_server import S3_CREDENTIALS, MlflowServer
+from mlflow_server import MlflowServer
 from trainer_helpers import free_port, job_spec, launch, run_trainer, termination, write_config
 
 pytestmark = pytest.mark.slow
@@ -26,25 +26,10 @@ SECRET_PASSWORD = "pw-5f1e9c2a-never-shown"  # sent to the server as basic auth:
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    saved = {k: os.environ.get(k) for k in S3_CREDENTIALS}
-    os.environ.update(S3_CREDENTIALS)
-    endpoint = f"http://127.0.0.1:{port}"
-    storage.s3_client(StorageSpec(endpoint=endpoint)).create_bucket(Bucket="out")
-    try:
-        yield endpoint
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def s3_endpoint(s3_endpoint: str) -> str:
+    """conftest's S3 server, with the bucket the jobs write to."""
+    storage.s3_client(StorageSpec(endpoint=s3_endpoint)).create_bucket(Bucket="out")
+    return s3_endpoint
 
 
 @pytest.fixture(scope="module")
