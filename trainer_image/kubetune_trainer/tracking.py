@@ -497,8 +497,8 @@ class Tracker:
             channel.flush(FLUSH_SECONDS)
         if self.mlflow is not None:
             self._finish_mlflow(self.mlflow, files, links, register_source, exit_code)
-        if self.wandb is not None:
-            self._quietly("W&B", "the summary", lambda: self.wandb.summarize({p.key: p.value for p in summary}))  # type: ignore[union-attr]
+        if (wandb := self.wandb) is not None:
+            self._quietly("W&B", "the summary", lambda: wandb.summarize({p.key: p.value for p in summary}))
         self.close(exit_code)
         return self.status
 
