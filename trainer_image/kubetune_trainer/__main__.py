@@ -66,12 +66,17 @@ def run(trainer: Trainer) -> ExitCode:
         if code == ExitCode.OK:
             trainer.save()
     if code != ExitCode.OK:
-        write_termination_message(code, f"stopped by {trainer.stop_reason()} after writing the checkpoint at step {trainer.state.step}")
+        write_termination_message(
+            code,
+            f"stopped by {trainer.stop_reason()} after writing the checkpoint at step {trainer.state.step}",
+        )
     elif int(os.environ.get("RANK", "0")) == 0:
         # Rank 0 alone: on a node running several ranks the message is one file, and it carries the
         # final progress the operator shows once the job has succeeded.
         report = trainer.progress.report()
-        finished = "training finished" + (f"; {report.checkpoint_warning}" if report.checkpoint_warning else "")
+        finished = "training finished" + (
+            f"; {report.checkpoint_warning}" if report.checkpoint_warning else ""
+        )
         write_termination_message(code, finished, report, trainer.published(), trainer.facts.evaluation)
     return code
 
@@ -80,7 +85,13 @@ def failed(caught: Exception, trainer: Trainer | None) -> int:
     """A classified error (or an OSError the user can fix): one line, the termination message, its exit code."""
     from kubetune_trainer.errors import TrainerError, user_os_error, write_termination_message
 
-    error = caught if isinstance(caught, TrainerError) else user_os_error(caught) if isinstance(caught, OSError) else None
+    error = (
+        caught
+        if isinstance(caught, TrainerError)
+        else user_os_error(caught)
+        if isinstance(caught, OSError)
+        else None
+    )
     if error is None:
         return unclassified(caught)
     print(f"[kubetune] error: {error.message}", file=sys.stderr, flush=True)
@@ -95,7 +106,13 @@ def failed(caught: Exception, trainer: Trainer | None) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="kubetune_trainer", description=__doc__)
     parser.add_argument("--config", default=os.environ.get(ENV_CONFIG_PATH, CONFIG_PATH))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. training.maxSteps=5")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. training.maxSteps=5",
+    )
     return parser.parse_args(argv)
 
 

@@ -66,7 +66,9 @@ class ArtifactWriter:
             write_card(out, self.config)
             passed = gate.passed(self.facts.evaluation)
             if not passed:
-                (out / GATE_FAILED_MARKER).write_text(f"{self.facts.evaluation.summary() if self.facts.evaluation else ''}\n")
+                (out / GATE_FAILED_MARKER).write_text(
+                    f"{self.facts.evaluation.summary() if self.facts.evaluation else ''}\n"
+                )
             files = ckpt.file_table(out)
             ckpt.upload_files(self.rt.store, out, "", files)
             if self.config.spec.output.publish is not None:
@@ -89,7 +91,11 @@ class ArtifactWriter:
 
         store, facts = self.rt.store, self.facts
         model_uri = store.url(pushed_dir(self.config)) + "/"
-        links = {"kubetune.artifacts": store.uri, "kubetune.model": model_uri, "kubetune.metrics": store.url(METRICS_FILE)}
+        links = {
+            "kubetune.artifacts": store.uri,
+            "kubetune.model": model_uri,
+            "kubetune.metrics": store.url(METRICS_FILE),
+        }
         if facts.oci:
             links["kubetune.oci"] = facts.oci["reference"]
         if facts.huggingface:
@@ -99,10 +105,16 @@ class ArtifactWriter:
         code = 0 if passed else int(ExitCode.EVALUATION_GATE_FAILED)
         self.tracker.finish(out, self.metrics(), card_files, links, source if passed else None, code)
         for run_dir in self.tracker.offline_dirs:
-            offline = [(p, f"wandb/{run_dir.name}/{p.relative_to(run_dir)}") for p in sorted(run_dir.rglob("*")) if p.is_file()]
+            offline = [
+                (p, f"wandb/{run_dir.name}/{p.relative_to(run_dir)}")
+                for p in sorted(run_dir.rglob("*"))
+                if p.is_file()
+            ]
             store.put_files(offline)
             log(f"W&B offline run -> {store.url('wandb/' + run_dir.name)} (wandb sync it from there)")
-            self.tracker.status = self.tracker.status.model_copy(update={"wandb_run": store.url("wandb/" + run_dir.name) + "/"})
+            self.tracker.status = self.tracker.status.model_copy(
+                update={"wandb_run": store.url("wandb/" + run_dir.name) + "/"}
+            )
 
     def _publish(self, out: Path, files: dict[str, FileEntry]) -> None:
         """Push the model (or the adapter) as an OCI artifact, then record its digest-pinned reference in
@@ -111,14 +123,18 @@ class ArtifactWriter:
         assert spec.output.publish is not None
         pushed = pushed_dir(self.config)
         if spec.output.publish.oci:
-            parts = publish.with_card(publish.layers(out, files, pushed), out, files, [CARD_FILE, LOSS_PLOT, EVAL_PLOT])
+            parts = publish.with_card(
+                publish.layers(out, files, pushed), out, files, [CARD_FILE, LOSS_PLOT, EVAL_PLOT]
+            )
             annotations = lineage.oci_annotations(self.facts.lineage) if self.facts.lineage else None
             reference = publish.push(spec.output.publish, parts, registry_auth(), annotations)
             self.facts.oci = {"reference": reference, "tag": spec.output.publish.oci, "directory": pushed}
             log(f"published {pushed}/ as {reference}")
         if (hub := spec.output.publish.huggingface) is not None:
             message = f"kubetune: {self.config.job.namespace}/{self.config.job.name} step {self.state.step}"
-            self.facts.huggingface = hub_publish.push(hub, out / pushed, [out / n for n in (CARD_FILE, LOSS_PLOT, EVAL_PLOT)], message)
+            self.facts.huggingface = hub_publish.push(
+                hub, out / pushed, [out / n for n in (CARD_FILE, LOSS_PLOT, EVAL_PLOT)], message
+            )
             log(f"pushed {pushed}/ and the model card to {self.facts.huggingface}")
         (out / METRICS_FILE).write_text(json.dumps(self.metrics(), indent=2))
         files[METRICS_FILE] = ckpt.file_table(out, [METRICS_FILE])[METRICS_FILE]
@@ -176,7 +192,9 @@ class ArtifactWriter:
         from peft import PeftModel
 
         with model_mod.no_zero3_init():
-            return PeftModel.from_pretrained(model_mod.plain_model(self.rt.model_files.path(), spec), str(out / ADAPTER_DIR)).eval()
+            return PeftModel.from_pretrained(
+                model_mod.plain_model(self.rt.model_files.path(), spec), str(out / ADAPTER_DIR)
+            ).eval()
 
     def _rewards(self) -> dict[str, Any]:
         """DPO: the last window's reward accuracy and margin, and the eval rewards before and after."""
@@ -242,7 +260,10 @@ class ArtifactWriter:
         facts = self.facts
         out: dict[str, Any] = {}
         if facts.evaluation is not None:
-            out["evaluation"] = {**facts.evaluation.model_dump(by_alias=True, mode="json"), "generations": facts.generations}
+            out["evaluation"] = {
+                **facts.evaluation.model_dump(by_alias=True, mode="json"),
+                "generations": facts.generations,
+            }
         if facts.interpolation:
             out["interpolation"] = facts.interpolation
         return out

@@ -34,7 +34,9 @@ class Assessment:
     parts: Parts
     state: TrainState
     facts: RunFacts
-    _mix_state: tuple[dict[str, Any], dict[str, Any]] = field(default_factory=lambda: ({}, {}), init=False, repr=False)
+    _mix_state: tuple[dict[str, Any], dict[str, Any]] = field(
+        default_factory=lambda: ({}, {}), init=False, repr=False
+    )
     """(base, fine-tuned) weights while mixes are made."""
 
     @property
@@ -46,7 +48,9 @@ class Assessment:
         """Figures of `tuned` (the fine-tuned model as saved in `out`), the mixes, the verdict -> self.facts."""
         spec, facts = self.config.spec, self.facts
         checks = spec.evaluation.generations if spec.evaluation is not None else []
-        figures = self.figures(tuned, eval_loss=self.state.evals[-1]["evalLoss"] if self.state.evals else None)
+        figures = self.figures(
+            tuned, eval_loss=self.state.evals[-1]["evalLoss"] if self.state.evals else None
+        )
         figures["exactMatch"] = facts.exact_match_after
         if checks:
             facts.generations = generation_checks(tuned, self.parts.tokenizer, list(checks))
@@ -71,7 +75,11 @@ class Assessment:
         if eval_loss is None:
             eval_loss = score_loss(model, parts.eval_examples, pad, spec.dataset.packing)
         retain_spec = spec.evaluation.retain if spec.evaluation is not None else None
-        retain = score_loss(model, parts.retain_examples, pad, retain_spec.packing) if retain_spec is not None else None
+        retain = (
+            score_loss(model, parts.retain_examples, pad, retain_spec.packing)
+            if retain_spec is not None
+            else None
+        )
         return {
             "evalLoss": eval_loss,
             "perplexity": gate.perplexity(eval_loss) if spec.objective == "sft" else None,
@@ -83,7 +91,10 @@ class Assessment:
         """One row per alpha (1.0 included): evalLoss, perplexity, retainLoss, forgetting, exactMatch, generationPass.
         The mixes' weights go under interpolation/alpha-<a>/ (output.keepMixes)."""
         spec, tok = self.config.spec, self.parts.tokenizer
-        base = {k: v.detach().clone() for k, v in model_mod.plain_model(self.rt.model_files.path(), spec).state_dict().items()}
+        base = {
+            k: v.detach().clone()
+            for k, v in model_mod.plain_model(self.rt.model_files.path(), spec).state_dict().items()
+        }
         weights = {k: v.detach().clone() for k, v in tuned.state_dict().items()}
         samples = self.parts.gen_examples[: spec.training.eval_generation_samples]
         checks = list(spec.evaluation.generations) if spec.evaluation is not None else []

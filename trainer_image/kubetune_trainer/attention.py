@@ -50,7 +50,9 @@ def use(model: Any) -> bool:
     False when its architecture does not take the varlen keyword arguments."""
     register()
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not getattr(lm, "_supports_attention_backend", False):  # layers that pass **kwargs to a registered attention function
+    if not getattr(
+        lm, "_supports_attention_backend", False
+    ):  # layers that pass **kwargs to a registered attention function
         return False
     lm.set_attn_implementation(ATTN_NAME)
     return True
@@ -67,7 +69,9 @@ def cu_seq_lens_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([idx, total]).to(torch.int32)
 
 
-def _boundaries(query: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+def _boundaries(
+    query: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, int]:
     batch, _, length, _ = query.shape
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:
@@ -86,7 +90,14 @@ def _boundaries(query: torch.Tensor, attention_mask: torch.Tensor | None, kwargs
     return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=query.device), length
 
 
-def _sdpa_per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float | None, window: int | None) -> torch.Tensor:
+def _sdpa_per_segment(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    scale: float | None,
+    window: int | None,
+) -> torch.Tensor:
     """q: (T, Hq, D), k/v: (T, Hkv, D) -> (T, Hq, D); causal attention inside each [cu[i], cu[i+1])."""
     out = torch.empty_like(q)
     bounds = cu.tolist()
@@ -98,7 +109,15 @@ def _sdpa_per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: tor
         if window is not None:
             i = torch.arange(end - start, device=q.device)
             mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=ks.shape[1] != qs.shape[1])
+        o = F.scaled_dot_product_attention(
+            qs,
+            ks,
+            vs,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=ks.shape[1] != qs.shape[1],
+        )
         out[start:end] = o.squeeze(0).transpose(0, 1)
     return out
 
@@ -129,9 +148,13 @@ def varlen_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: query (B, Hq, T, D), key/value (B, Hkv, T, D) -> (B, T, Hq, D)."""
     if softcap is not None or (dropout and module.training):
-        raise NotImplementedError(f"{ATTN_NAME} supports neither logit soft-capping nor attention dropout; set KUBETUNE_VARLEN=0")
+        raise NotImplementedError(
+            f"{ATTN_NAME} supports neither logit soft-capping nor attention dropout; set KUBETUNE_VARLEN=0"
+        )
     if attention_mask is not None and attention_mask.dim() == 4:
-        raise NotImplementedError(f"{ATTN_NAME} got a 4-D mask: the model was built for another attention implementation")
+        raise NotImplementedError(
+            f"{ATTN_NAME} got a 4-D mask: the model was built for another attention implementation"
+        )
     batch, _, length, _ = query.shape
     cu, max_len = _boundaries(query, attention_mask, kwargs)
     q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], x.shape[3]) for x in (query, key, value))
@@ -140,7 +163,9 @@ def varlen_attention_forward(
         from torch.nn.attention.varlen import varlen_attn
 
         window = CAUSAL if sliding_window is None else (sliding_window - 1, 0)
-        out = varlen_attn(q.to(half), k.to(half), v.to(half), cu, cu, max_len, max_len, scale=scaling, window_size=window)
+        out = varlen_attn(
+            q.to(half), k.to(half), v.to(half), cu, cu, max_len, max_len, scale=scaling, window_size=window
+        )
     else:
         out = _sdpa_per_segment(q, k, v, cu, scaling, sliding_window)
     return out.view(batch, length, *out.shape[1:]), None  # type: ignore[union-attr]

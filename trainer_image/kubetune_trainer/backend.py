@@ -51,7 +51,10 @@ def choose_backend(
     if dist.backend != "auto":
         return BackendChoice(dist.backend == "deepspeed", f"spec.distributed.backend is {dist.backend}")
     if spec.model.quantization is not None:
-        return BackendChoice(False, "QLoRA: DDP (each GPU holds the quantized base; ZeRO does not partition bitsandbytes weights)")
+        return BackendChoice(
+            False,
+            "QLoRA: DDP (each GPU holds the quantized base; ZeRO does not partition bitsandbytes weights)",
+        )
     if not on_gpu or dist.world_size == 1:
         return BackendChoice(False, "one GPU or CPU processes: DDP")
     if dist.offload_optimizer or dist.offload_params:
@@ -115,7 +118,9 @@ def build_accelerator(config: TrainerConfig, backend: BackendChoice, on_gpu: boo
     accum = config.gradient_accumulation_steps
     # DDP: gradients live in the all-reduce buckets (no copy), bigger buckets, and a static graph when there is no
     # accumulation (torch's reducer asserts when a static graph meets no_sync).
-    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True, static_graph=accum == 1, bucket_cap_mb=DDP_BUCKET_MB)
+    ddp = DistributedDataParallelKwargs(
+        gradient_as_bucket_view=True, static_graph=accum == 1, bucket_cap_mb=DDP_BUCKET_MB
+    )
     common: dict[str, Any] = {
         "kwargs_handlers": [InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo"), ddp],
         "gradient_accumulation_steps": accum,

@@ -52,7 +52,10 @@ def group_by_tokens(lengths: list[int], budget: int, seed: int | None = None) ->
 
 
 def micro_batches(examples: list[Example], budget: int, seed: int | None = None) -> list[list[Example]]:
-    return [[examples[i] for i in group] for group in group_by_tokens([len(e.input_ids) for e in examples], budget, seed)]
+    return [
+        [examples[i] for i in group]
+        for group in group_by_tokens([len(e.input_ids) for e in examples], budget, seed)
+    ]
 
 
 def flatten(batch: list[Example], max_length: int) -> dict[str, Any]:

@@ -56,7 +56,9 @@ def any_table(data: Any) -> str:
         cols = list(dict.fromkeys(k for v in data.values() for k in v))
         return table(["", *cols], [[k, *(v.get(c) for c in cols)] for k, v in data.items()])
     if isinstance(data, dict):  # scalars as name | value; lists of records as their own tables below
-        nested = {k: v for k, v in data.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)}
+        nested = {
+            k: v for k, v in data.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)
+        }
         out = table(["", "value"], [[k, v] for k, v in data.items() if k not in nested])
         return "\n\n".join([out, *(f"**{k}**\n\n{any_table(v)}" for k, v in nested.items())])
     return fmt(data)
@@ -81,7 +83,17 @@ def _data_rows(metrics: dict[str, Any]) -> list[list[Any]]:
     rows = [["train", s.get("path"), s.get("format"), s.get("examples"), s.get("tokens"), s.get("truncated"), s.get("dropped")]
             for s in data.get("sources") or []]  # fmt: skip
     if ev := data.get("eval"):
-        rows.append(["eval", ev.get("path"), ev.get("format"), ev.get("examples"), ev.get("tokens"), ev.get("truncated"), ev.get("dropped")])
+        rows.append(
+            [
+                "eval",
+                ev.get("path"),
+                ev.get("format"),
+                ev.get("examples"),
+                ev.get("tokens"),
+                ev.get("truncated"),
+                ev.get("dropped"),
+            ]
+        )
     return rows
 
 
@@ -92,12 +104,18 @@ def _hyper_rows(spec: FineTuneJobSpec, metrics: dict[str, Any]) -> list[list[Any
     return [
         ["length", f"{length} ({metrics.get('steps')} done)"],
         ["learning rate", f"{t.learning_rate:g}, {t.scheduler}, warmup {warmup}"],
-        ["batch", f"{t.per_device_batch_size} per process, {t.global_batch_size or 'no accumulation'} global"],
+        [
+            "batch",
+            f"{t.per_device_batch_size} per process, {t.global_batch_size or 'no accumulation'} global",
+        ],
         ["max sequence length", spec.dataset.max_seq_length],
         ["precision", t.precision],
         ["weight decay / grad clip", f"{t.weight_decay:g} / {t.max_grad_norm:g}"],
         ["seed", t.seed],
-        ["processes", f"{metrics.get('worldSize')} ({d.nodes} node(s) x {d.procs_per_node}), backend {metrics.get('backend')}"],
+        [
+            "processes",
+            f"{metrics.get('worldSize')} ({d.nodes} node(s) x {d.procs_per_node}), backend {metrics.get('backend')}",
+        ],
     ]
 
 
@@ -106,7 +124,9 @@ def _result_rows(metrics: dict[str, Any]) -> list[list[Any]]:
     rows: list[list[Any]] = []
     if before is not None or after is not None:
         rows.append(["eval loss", before, after])
-        rows.append(["eval perplexity", *(math.exp(v) if v is not None and v < 50 else None for v in (before, after))])
+        rows.append(
+            ["eval perplexity", *(math.exp(v) if v is not None and v < 50 else None for v in (before, after))]
+        )
     if "exactMatchBefore" in metrics or "exactMatchAfter" in metrics:
         rows.append(["exact match", metrics.get("exactMatchBefore"), metrics.get("exactMatchAfter")])
     for key in sorted(metrics):
@@ -117,14 +137,26 @@ def _result_rows(metrics: dict[str, Any]) -> list[list[Any]]:
 
 def _provenance_rows(metrics: dict[str, Any]) -> list[list[Any]]:
     """The bytes trained on (each input's content identity), the owner, the checkpoint resumed and any set aside."""
-    rows: list[list[Any]] = [[f"input `{uri}`", f"`{identity}`"] for uri, identity in (metrics.get("inputs") or {}).items()]
+    rows: list[list[Any]] = [
+        [f"input `{uri}`", f"`{identity}`"] for uri, identity in (metrics.get("inputs") or {}).items()
+    ]
     if owner := metrics.get("owner"):
-        rows.append(["output owner", f"{owner.get('namespace')}/{owner.get('job')} (uid {owner.get('uid')}, run {owner.get('run')}, {owner.get('runId')})"])
+        rows.append(
+            [
+                "output owner",
+                f"{owner.get('namespace')}/{owner.get('job')} (uid {owner.get('uid')}, run {owner.get('run')}, {owner.get('runId')})",
+            ]
+        )
     if resumed := metrics.get("resumedFrom"):
         changes = "; ".join(resumed.get("configChanges") or []) or "same config"
         rows.append(["resumed from", f"{resumed.get('checkpoint')} ({changes})"])
     for aside in metrics.get("setAside") or []:
-        rows.append(["set aside", f"{aside.get('checkpoint')}: {aside.get('problem')} (kept as {aside.get('setAsideAs')})"])
+        rows.append(
+            [
+                "set aside",
+                f"{aside.get('checkpoint')}: {aside.get('problem')} (kept as {aside.get('setAsideAs')})",
+            ]
+        )
     return rows
 
 
@@ -134,7 +166,9 @@ def _artifacts(spec: FineTuneJobSpec) -> str:
         lines.append(f"- `{MERGED_DIR}/`: full weights (safetensors) and tokenizer: "
                      f'`AutoModelForCausalLM.from_pretrained("{MERGED_DIR}")`')  # fmt: skip
     if methods.is_adapter(spec):
-        lines.append(f'- `{ADAPTER_DIR}/`: the {spec.method} adapter: `PeftModel.from_pretrained(base, "{ADAPTER_DIR}")`')
+        lines.append(
+            f'- `{ADAPTER_DIR}/`: the {spec.method} adapter: `PeftModel.from_pretrained(base, "{ADAPTER_DIR}")`'
+        )
     lines.append(f"- `{METRICS_FILE}`: every figure on this card; `manifest.json`: each file's sha256")
     return "\n".join(lines)
 
@@ -222,9 +256,19 @@ def render_body(config: TrainerConfig, metrics: dict[str, Any], plots: list[str]
     parts = [
         f"# {job}",
         f"Fine-tuned from `{spec.model.source}`{rev} by kubetune: {_method_line(spec)}.",
-        "## Base model and method\n" + table(["", "value"], [["base model", spec.model.source + rev], ["method", _method_line(spec)],
-                                                        ["dtype", spec.model.dtype]]),  # fmt: skip
-        "## Data\n" + table(["split", "path", "format", "examples", "tokens", "truncated", "dropped"], _data_rows(metrics)),
+        "## Base model and method\n"
+        + table(
+            ["", "value"],
+            [
+                ["base model", spec.model.source + rev],
+                ["method", _method_line(spec)],
+                ["dtype", spec.model.dtype],
+            ],
+        ),  # fmt: skip
+        "## Data\n"
+        + table(
+            ["split", "path", "format", "examples", "tokens", "truncated", "dropped"], _data_rows(metrics)
+        ),
         "## Hyper-parameters\n" + table(["", "value"], _hyper_rows(spec, metrics)),
         _results_section(metrics),
     ]
@@ -240,12 +284,20 @@ def _results_section(metrics: dict[str, Any]) -> str:
     results = _result_rows(metrics)
     speed = [["tokens seen", metrics.get("tokensSeen")], ["tokens/s", metrics.get("tokensPerSecond")],
              ["training time (s)", metrics.get("trainSeconds")]]  # fmt: skip
-    return "## Results\n" + (table(["metric", "before", "after"], results) + "\n\n" if results else "") + table(["throughput", "value"], speed)
+    return (
+        "## Results\n"
+        + (table(["metric", "before", "after"], results) + "\n\n" if results else "")
+        + table(["throughput", "value"], speed)
+    )
 
 
 def _sections_from_metrics(metrics: dict[str, Any]) -> list[str]:
     """The sections metrics.json has something for: evaluation, interpolation, provenance, tracking, usage, lineage."""
-    sections = [f"## {heading}\n" + any_table(metrics[key]) for key, heading in SECTIONS_FROM_METRICS if metrics.get(key)]
+    sections = [
+        f"## {heading}\n" + any_table(metrics[key])
+        for key, heading in SECTIONS_FROM_METRICS
+        if metrics.get(key)
+    ]
     if provenance := _provenance_rows(metrics):
         sections.append("## Provenance\n" + table(["", "value"], provenance))
     if tracked := _tracking_lines(metrics):
@@ -298,8 +350,12 @@ def _interpolation_points(metrics: dict[str, Any]) -> list[tuple[float, float]]:
     for row in rows if isinstance(rows, list) else []:
         if not isinstance(row, dict):
             continue
-        mix = next((row[k] for k in ("alpha", "mix", "weight", "ratio") if isinstance(row.get(k), int | float)), None)
-        loss = next((row[k] for k in ("evalLoss", "eval_loss", "loss") if isinstance(row.get(k), int | float)), None)
+        mix = next(
+            (row[k] for k in ("alpha", "mix", "weight", "ratio") if isinstance(row.get(k), int | float)), None
+        )
+        loss = next(
+            (row[k] for k in ("evalLoss", "eval_loss", "loss") if isinstance(row.get(k), int | float)), None
+        )
         if mix is not None and loss is not None:
             points.append((float(mix), float(loss)))
     return sorted(points)
@@ -314,7 +370,9 @@ def plot_eval(metrics: dict[str, Any], path: Path) -> bool:
     if not evals and not sweep:
         return False
     plt = _figure()
-    fig, axes = plt.subplots(1, 2 if evals and sweep else 1, figsize=(9 if evals and sweep else 6, 3.5), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if evals and sweep else 1, figsize=(9 if evals and sweep else 6, 3.5), dpi=100, squeeze=False
+    )
     panels = list(axes[0])
     if evals:
         ax = panels.pop(0)
@@ -335,6 +393,10 @@ def plot_eval(metrics: dict[str, Any], path: Path) -> bool:
 def write_card(out: Path, config: TrainerConfig) -> list[Path]:
     """README.md, loss.png and eval.png in `out`, from `out/metrics.json`; the files written."""
     metrics = json.loads((out / METRICS_FILE).read_text())
-    written = [out / name for name, draw in ((LOSS_PLOT, plot_loss), (EVAL_PLOT, plot_eval)) if draw(metrics, out / name)]
+    written = [
+        out / name
+        for name, draw in ((LOSS_PLOT, plot_loss), (EVAL_PLOT, plot_eval))
+        if draw(metrics, out / name)
+    ]
     (out / CARD_FILE).write_text(render_card(config, metrics, [p.name for p in written]))
     return [*written, out / CARD_FILE]

@@ -40,7 +40,9 @@ from kubetune_trainer.storage import OutputStore, cache_root
 
 TRAINER_STATE_FILE = "trainer_state.json"
 TRAINED_SPEC_FILE = "trained-spec.json"  # resume_fields() of the spec that trained the checkpoint
-SET_ASIDE_MARK = ".set-aside-"  # checkpoints/step-00000010.set-aside-20261206T120000Z: failed verification, kept
+SET_ASIDE_MARK = (
+    ".set-aside-"  # checkpoints/step-00000010.set-aside-20261206T120000Z: failed verification, kept
+)
 SET_ASIDE_REASON = "SET_ASIDE"  # in a set-aside checkpoint: why it failed verification
 HASH_THREADS = 8  # hashlib releases the GIL: files hash in parallel
 
@@ -54,7 +56,9 @@ def verify_dir(local_dir: Path) -> str | None:
     """What is wrong with local_dir against its manifest.json, or None when every file is there, listed, of the
     sealed size and sha256 (ArtifactManifest.verify: sizes first, then sha256 in parallel)."""
     try:
-        ArtifactManifest.parse((local_dir / MANIFEST_FILE).read_bytes()).verify(local_dir, exact=True, threads=HASH_THREADS)
+        ArtifactManifest.parse((local_dir / MANIFEST_FILE).read_bytes()).verify(
+            local_dir, exact=True, threads=HASH_THREADS
+        )
     except ManifestMismatch as exc:
         return str(exc)
     except OSError as exc:
@@ -75,9 +79,13 @@ def upload_files(store: OutputStore, local_dir: Path, rel: str, files: dict[str,
     store.put_files([(local_dir / name, f"{rel}/{name}" if rel else name) for name in files])
 
 
-def seal(store: OutputStore, rel: str, files: dict[str, FileEntry], job: str | None = None, step: int | None = None) -> None:
+def seal(
+    store: OutputStore, rel: str, files: dict[str, FileEntry], job: str | None = None, step: int | None = None
+) -> None:
     """Write the manifest, then the COMPLETE marker: the last two writes of any published directory."""
-    manifest = ArtifactManifest(files=files, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), job=job, step=step)
+    manifest = ArtifactManifest(
+        files=files, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), job=job, step=step
+    )
     prefix = f"{rel}/" if rel else ""
     store.put_text(prefix + MANIFEST_FILE, manifest.to_text())
     store.put_text(prefix + COMPLETE_MARKER, f"{manifest.created_at}\n")
@@ -100,7 +108,9 @@ def set_aside_earlier(store: OutputStore, now: list[dict[str, str]]) -> list[dic
         if SET_ASIDE_MARK in name and store.url(rel) not in seen:
             reason = (store.get_text(f"{rel}/{SET_ASIDE_REASON}") or "reason not recorded").strip()
             original = f"{CHECKPOINTS_DIR}/{name.split(SET_ASIDE_MARK)[0]}"
-            earlier.append({"checkpoint": store.url(original), "setAsideAs": store.url(rel), "problem": reason})
+            earlier.append(
+                {"checkpoint": store.url(original), "setAsideAs": store.url(rel), "problem": reason}
+            )
     return earlier + now
 
 
@@ -161,7 +171,9 @@ class Checkpointer:
             state.gang_seconds = time.time() - GANG_STARTED
             (local / TRAINER_STATE_FILE).write_text(json.dumps(vars(state)))
             if self.spec is not None:
-                (local / TRAINED_SPEC_FILE).write_text(json.dumps(resume_fields(self.spec), indent=1, sort_keys=True))
+                (local / TRAINED_SPEC_FILE).write_text(
+                    json.dumps(resume_fields(self.spec), indent=1, sort_keys=True)
+                )
         acc.wait_for_everyone()
         files = file_table(local) if acc.is_local_main_process else {}
         if acc.is_local_main_process:
@@ -181,7 +193,13 @@ class Checkpointer:
         torch.distributed.all_gather_object(gathered, files)
         return gathered
 
-    def resume(self, spec: FineTuneJobSpec, previous: OutputStore | None = None, optimizer: Any = None, scheduler: Any = None) -> Resumed | None:
+    def resume(
+        self,
+        spec: FineTuneJobSpec,
+        previous: OutputStore | None = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+    ) -> Resumed | None:
         """Load the newest checkpoint that passes verification into the prepared objects; None when there is none.
 
         Without one of its own, a run continues `previous` (another run's output, spec.output.resumeFrom): a new
@@ -222,7 +240,9 @@ class Checkpointer:
                 except (OSError, ValueError, TypeError) as exc:
                     problem = f"{TRAINER_STATE_FILE} is unreadable ({type(exc).__name__}: {exc})"
             if problem is None:
-                log(f"checkpoint step {step} verified against its manifest in {time.perf_counter() - started:.1f}s")
+                log(
+                    f"checkpoint step {step} verified against its manifest in {time.perf_counter() - started:.1f}s"
+                )
         found = [p for p in self._gather(problem) if p]
         return found[0] if found else None
 
@@ -232,19 +252,37 @@ class Checkpointer:
         if self.accelerator.is_main_process:
             store.move_dir(rel, aside, first=COMPLETE_MARKER)
             store.put_text(f"{aside}/{SET_ASIDE_REASON}", problem + "\n")
-            log(f"checkpoint {store.url(rel)} failed verification ({problem}); set aside as {store.url(aside)}")
+            log(
+                f"checkpoint {store.url(rel)} failed verification ({problem}); set aside as {store.url(aside)}"
+            )
         self.accelerator.wait_for_everyone()
         return {"checkpoint": store.url(rel), "setAsideAs": store.url(aside), "problem": problem}
 
-    def _load(self, store: OutputStore, step: int, spec: FineTuneJobSpec, new_run: bool, optimizer: Any, scheduler: Any) -> Resumed:
+    def _load(
+        self,
+        store: OutputStore,
+        step: int,
+        spec: FineTuneJobSpec,
+        new_run: bool,
+        optimizer: Any,
+        scheduler: Any,
+    ) -> Resumed:
         local, url = self.local_dir(step), store.url(checkpoint_rel(step))
         changes = _config_changes(local, spec, url, new_run)
-        wanted = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if optimizer is not None else []
+        wanted = (
+            [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            if optimizer is not None
+            else []
+        )
         self._load_state(local, url, changes)
-        state = TrainState(**json.loads((local / TRAINER_STATE_FILE).read_text())).resumed(same_run=not new_run)
+        state = TrainState(**json.loads((local / TRAINER_STATE_FILE).read_text())).resumed(
+            same_run=not new_run
+        )
         if changes:
             apply_hyperparameters(optimizer, scheduler, wanted)
-            if any(c.startswith("spec.dataset.") for c in changes):  # the old data position means nothing in new data
+            if any(
+                c.startswith("spec.dataset.") for c in changes
+            ):  # the old data position means nothing in new data
                 state.epoch, state.batches_in_epoch = 0, 0
         origin = "" if store is self.store else f" of {store.uri}"
         log(f"resumed from checkpoint step {step}{origin} (epoch {state.epoch}, batch {state.batches_in_epoch})"
@@ -269,7 +307,9 @@ def _config_changes(local: Path, spec: FineTuneJobSpec, url: str, new_run: bool)
     """The resume fields whose values differ from those the checkpoint at `url` was trained with; a run that continues
     (not a new run from it) refuses any, since it would mix two trainings."""
     saved_spec = local / TRAINED_SPEC_FILE
-    changes = changed_fields(json.loads(saved_spec.read_text()), resume_fields(spec)) if saved_spec.exists() else []
+    changes = (
+        changed_fields(json.loads(saved_spec.read_text()), resume_fields(spec)) if saved_spec.exists() else []
+    )
     if changes and not new_run:
         raise TrainerError(
             ExitCode.CONFIG_INVALID,

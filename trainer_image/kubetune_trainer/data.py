@@ -105,7 +105,9 @@ def tokenize_source(
     return examples, report
 
 
-def _fit(ids: list[int], labels: list[int], spec: DatasetSpec, where: object, report: SourceReport) -> tuple[list[int], list[int]] | None:
+def _fit(
+    ids: list[int], labels: list[int], spec: DatasetSpec, where: object, report: SourceReport
+) -> tuple[list[int], list[int]] | None:
     """spec.dataset.overflow applied to one tokenized record (counted in `report`); None when it is dropped."""
     limit = spec.max_seq_length
     report.lengths.append(len(ids))
@@ -191,7 +193,9 @@ def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[lis
     random.Random(seed).shuffle(order)
     n_eval = max(1, int(len(examples) * fraction))
     held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+    return [e for i, e in enumerate(examples) if i not in held], [
+        e for i, e in enumerate(examples) if i in held
+    ]
 
 
 def collate(batch: list[Example], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
@@ -207,7 +211,9 @@ def collate(batch: list[Example], pad_id: int, packed: bool) -> dict[str, torch.
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
         positions[row, :n] = torch.tensor(e.position_ids)
-        positions[row, n:] = torch.arange(width - n)  # padding forms its own block, never attended by real tokens
+        positions[row, n:] = torch.arange(
+            width - n
+        )  # padding forms its own block, never attended by real tokens
     if packed:
         return {"input_ids": ids, "labels": labels, "position_ids": positions}
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
@@ -244,7 +250,9 @@ class Built:
     pairs: list[tuple[list[int], list[int]]]
     sources: list[SourceReport]
     eval_source: SourceReport | None
-    starts: list[int] = field(default_factory=list)  # where each source's examples begin in `train` (unpacked)
+    starts: list[int] = field(
+        default_factory=list
+    )  # where each source's examples begin in `train` (unpacked)
 
     def report(self) -> dict[str, Any]:
         """Data counts for the log and metrics.json."""
@@ -287,7 +295,9 @@ def eval_path(spec: DatasetSpec, storage: StorageSpec) -> Path:
             f"the training data: name the split, eval: {spec.eval}#{held[0] if held else '<split>'}"
         )
     if split == "train":
-        log(f"WARNING: spec.dataset.eval names the `train` split of {spec.eval}: evaluation measures data the model may train on, not held-out data")
+        log(
+            f"WARNING: spec.dataset.eval names the `train` split of {spec.eval}: evaluation measures data the model may train on, not held-out data"
+        )
     return path
 
 
@@ -296,7 +306,9 @@ def _sources(spec: DatasetSpec, storage: StorageSpec) -> list[tuple[Path, str, s
     for i, source in enumerate(spec.train_sources()):
         what = f"spec.dataset.sources[{i}].path" if spec.sources else "spec.dataset.train"
         path = fetch_data(source.path, storage, what)
-        out.append((path, source.path, source.format or spec.format, source.fields or spec.fields, source.weight))
+        out.append(
+            (path, source.path, source.format or spec.format, source.fields or spec.fields, source.weight)
+        )
     return out
 
 
@@ -316,7 +328,9 @@ def build(spec: DatasetSpec, storage: StorageSpec, tokenizer: Any, seed: int) ->
         train += weighted(examples, weight, seed) if weight != 1 else examples
     eval_report = None
     if spec.eval:
-        evals, eval_report = tokenize_source(eval_path(spec, storage), spec.eval, spec.format, spec.fields, spec, tokenizer)
+        evals, eval_report = tokenize_source(
+            eval_path(spec, storage), spec.eval, spec.format, spec.fields, spec, tokenizer
+        )
     pairs = generation_pairs(evals)
     if spec.packing:
         train, evals = pack(train, spec.max_seq_length), pack(evals, spec.max_seq_length)
@@ -348,15 +362,26 @@ def load_examples(
 
     directory = cached("tokenized:" + key, fill)
     data = torch.load(directory / "examples.pt")
-    return [Example(**e) for e in data["train"]], [Example(**e) for e in data["eval"]], [tuple(p) for p in data["pairs"]], data["report"]
+    return (
+        [Example(**e) for e in data["train"]],
+        [Example(**e) for e in data["eval"]],
+        [tuple(p) for p in data["pairs"]],
+        data["report"],
+    )
 
 
 def report_lines(report: dict[str, Any], spec: DatasetSpec) -> list[str]:
     """The data report for the log: each source's format and counts, and overflow when any."""
     lines = []
     for s in report["sources"]:
-        invalid = f", {sum(s['invalid'].values())} invalid skipped ({', '.join(f'{n} {r}' for r, n in s['invalid'].items())})" if s["invalid"] else ""
-        lines.append(f"data {s['path']}: {s['mapping']}; {s['records']} records -> {s['examples']} examples{invalid}")
+        invalid = (
+            f", {sum(s['invalid'].values())} invalid skipped ({', '.join(f'{n} {r}' for r, n in s['invalid'].items())})"
+            if s["invalid"]
+            else ""
+        )
+        lines.append(
+            f"data {s['path']}: {s['mapping']}; {s['records']} records -> {s['examples']} examples{invalid}"
+        )
     if report["truncated"] or report["dropped"]:
         lines.append(
             f"overflow ({spec.overflow}, maxSeqLength {spec.max_seq_length}): {report['truncated']} examples truncated "
@@ -375,5 +400,7 @@ def data_warning(report: dict[str, Any], spec: DatasetSpec) -> str | None:
             f"({report['truncated']} truncated, {report['dropped']} dropped; overflow: {spec.overflow})"
         )
     if report["invalid"]:
-        parts.append(f"{report['invalid']} invalid records skipped (maxInvalidFraction {spec.max_invalid_fraction:g})")
+        parts.append(
+            f"{report['invalid']} invalid records skipped (maxInvalidFraction {spec.max_invalid_fraction:g})"
+        )
     return "; ".join(parts) + "; see metrics.json data" if parts else None

@@ -46,15 +46,24 @@ def _learns(labels: list[int]) -> bool:
 
 def truncate(pair: PairExample, max_len: int) -> PairExample | None:
     """Cut both sequences at max_len; None when either reply lost every token."""
-    out = PairExample(pair.chosen_ids[:max_len], pair.chosen_labels[:max_len], pair.rejected_ids[:max_len], pair.rejected_labels[:max_len])
+    out = PairExample(
+        pair.chosen_ids[:max_len],
+        pair.chosen_labels[:max_len],
+        pair.rejected_ids[:max_len],
+        pair.rejected_labels[:max_len],
+    )
     return out if _learns(out.chosen_labels) and _learns(out.rejected_labels) else None
 
 
-def tokenize_source_pairs(path: Any, label: str, fmt: str, fields: FieldMapping, spec: DatasetSpec, tokenizer: Any) -> list[PairExample]:
+def tokenize_source_pairs(
+    path: Any, label: str, fmt: str, fields: FieldMapping, spec: DatasetSpec, tokenizer: Any
+) -> list[PairExample]:
     return source_pairs(path, label, fmt, fields, spec, tokenizer)[0]
 
 
-def source_pairs(path: Any, label: str, fmt: str, fields: FieldMapping, spec: DatasetSpec, tokenizer: Any) -> tuple[list[PairExample], SourceReport]:
+def source_pairs(
+    path: Any, label: str, fmt: str, fields: FieldMapping, spec: DatasetSpec, tokenizer: Any
+) -> tuple[list[PairExample], SourceReport]:
     """Every preference record of one dataset (explicit or implicit prompt, text or conversational: formats.py),
     tokenized as TRL does, overflow applied; refuses with the reason and the first records' places."""
     from kubetune_trainer.formats import Invalid, parse, resolve
@@ -104,7 +113,9 @@ def _check_pairs(pairs: list[PairExample], report: SourceReport, label: str, spe
         )
 
 
-def _fit_pair(pair: PairExample, spec: DatasetSpec, where: object, report: SourceReport) -> PairExample | None:
+def _fit_pair(
+    pair: PairExample, spec: DatasetSpec, where: object, report: SourceReport
+) -> PairExample | None:
     """spec.dataset.overflow applied to a pair by its longer sequence (counted in `report`); None when dropped."""
     from kubetune_trainer.records import refuse
 
@@ -118,7 +129,9 @@ def _fit_pair(pair: PairExample, spec: DatasetSpec, where: object, report: Sourc
                      "raise maxSeqLength, or set spec.dataset.overflow: truncate (or drop)")  # fmt: skip
     if spec.overflow == "truncate" and (cut := truncate(pair, limit)) is not None:
         report.truncated += 1
-        report.truncated_tokens += len(pair.chosen_ids) + len(pair.rejected_ids) - len(cut.chosen_ids) - len(cut.rejected_ids)
+        report.truncated_tokens += (
+            len(pair.chosen_ids) + len(pair.rejected_ids) - len(cut.chosen_ids) - len(cut.rejected_ids)
+        )
         return cut
     report.dropped += 1
     report.dropped_tokens += len(pair.chosen_ids) + len(pair.rejected_ids)
@@ -127,7 +140,9 @@ def _fit_pair(pair: PairExample, spec: DatasetSpec, where: object, report: Sourc
 
 def collate_pairs(batch: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded [chosen rows; rejected rows]; labels only on the reply tokens."""
-    rows = [(p.chosen_ids, p.chosen_labels) for p in batch] + [(p.rejected_ids, p.rejected_labels) for p in batch]
+    rows = [(p.chosen_ids, p.chosen_labels) for p in batch] + [
+        (p.rejected_ids, p.rejected_labels) for p in batch
+    ]
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -162,7 +177,11 @@ def preference_loss(
     `reference` None is reference-free (the reference log-probs are taken as 0).
     """
     chosen, rejected = policy.chunk(2)
-    ref_chosen, ref_rejected = reference.chunk(2) if reference is not None else (torch.zeros_like(chosen), torch.zeros_like(rejected))
+    ref_chosen, ref_rejected = (
+        reference.chunk(2)
+        if reference is not None
+        else (torch.zeros_like(chosen), torch.zeros_like(rejected))
+    )
     chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
     delta = chosen_ratio - rejected_ratio
     beta, ls = dpo.beta, dpo.label_smoothing
@@ -191,7 +210,9 @@ def adapters_off(model: Any) -> Iterator[None]:
         yield
 
 
-def reference_for(spec_method_is_adapter: bool, dpo: DpoSpec, unwrapped: Any, frozen_copy: Any | None) -> Callable[..., Any] | None:
+def reference_for(
+    spec_method_is_adapter: bool, dpo: DpoSpec, unwrapped: Any, frozen_copy: Any | None
+) -> Callable[..., Any] | None:
     """How to run the reference model on a batch: the adapters-off policy, a frozen copy, or None."""
     if dpo.reference_model == "none":
         return None
@@ -203,7 +224,9 @@ def reference_for(spec_method_is_adapter: bool, dpo: DpoSpec, unwrapped: Any, fr
 
         return base
     if frozen_copy is None:
-        raise TrainerError(ExitCode.CONFIG_INVALID, "spec.dpo.referenceModel: frozen-copy needs the reference model loaded")
+        raise TrainerError(
+            ExitCode.CONFIG_INVALID, "spec.dpo.referenceModel: frozen-copy needs the reference model loaded"
+        )
     return cast(Callable[..., Any], frozen_copy)
 
 
@@ -225,10 +248,17 @@ class DpoOutput:
 def reward_summary(stats: list[float]) -> dict[str, float]:
     """Summed DpoOutput.stats() (over micro-batches and ranks) -> the numbers people read."""
     pairs = max(stats[0], 1.0)
-    return {"rewardAccuracy": stats[1] / pairs, "rewardMargin": stats[2] / pairs, "rewardChosen": stats[3] / pairs, "rewardRejected": stats[4] / pairs}
+    return {
+        "rewardAccuracy": stats[1] / pairs,
+        "rewardMargin": stats[2] / pairs,
+        "rewardChosen": stats[3] / pairs,
+        "rewardRejected": stats[4] / pairs,
+    }
 
 
-def dpo_forward(model: Any, reference: Callable[..., Any] | None, batch: dict[str, torch.Tensor], dpo: DpoSpec) -> DpoOutput:
+def dpo_forward(
+    model: Any, reference: Callable[..., Any] | None, batch: dict[str, torch.Tensor], dpo: DpoSpec
+) -> DpoOutput:
     """The DPO loss of a [chosen; rejected] batch: policy forward with gradients, reference without."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     labels = batch["labels"]
@@ -270,18 +300,30 @@ def build_pairs(spec: DatasetSpec, storage: Any, tokenizer: Any, seed: int) -> B
         train += pairs
     eval_report = None
     if spec.eval:
-        evals, eval_report = source_pairs(eval_path(spec, storage), spec.eval, spec.format, spec.fields, spec, tokenizer)
+        evals, eval_report = source_pairs(
+            eval_path(spec, storage), spec.eval, spec.format, spec.fields, spec, tokenizer
+        )
     return BuiltPairs(train, evals, reports, eval_report)
 
 
 def source_line(report: SourceReport) -> str:
     """One dataset's preference pairs for the log: its mapping, counts, what was skipped and what overflowed."""
-    invalid = f", {sum(report.invalid.values())} invalid skipped ({', '.join(f'{n} {r}' for r, n in report.invalid.items())})" if report.invalid else ""
-    overflow = f", {report.truncated} truncated and {report.dropped} dropped at maxSeqLength" if report.truncated or report.dropped else ""
+    invalid = (
+        f", {sum(report.invalid.values())} invalid skipped ({', '.join(f'{n} {r}' for r, n in report.invalid.items())})"
+        if report.invalid
+        else ""
+    )
+    overflow = (
+        f", {report.truncated} truncated and {report.dropped} dropped at maxSeqLength"
+        if report.truncated or report.dropped
+        else ""
+    )
     return f"data {report.path}: {report.mapping}; {report.records} records -> {report.examples} preference pairs{invalid}{overflow}"
 
 
-def load_pairs(spec: DatasetSpec, storage: Any, tokenizer: Any, seed: int) -> tuple[list[PairExample], list[PairExample]]:
+def load_pairs(
+    spec: DatasetSpec, storage: Any, tokenizer: Any, seed: int
+) -> tuple[list[PairExample], list[PairExample]]:
     """Train and eval preference pairs (eval from `dataset.eval`, else `evalSplit` of each source)."""
     built = build_pairs(spec, storage, tokenizer, seed)
     return built.train, built.evals

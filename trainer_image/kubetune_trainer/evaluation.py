@@ -40,7 +40,9 @@ class Evaluator:
             n = pref[0] - before if self.spec.objective == "dpo" else (batch["labels"][:, 1:] != IGNORE).sum()
             total += torch.stack([loss.detach().float() * n, n.float()])
         total, pref = self.accelerator.reduce(total, "sum"), self.accelerator.reduce(pref, "sum")
-        self.rewards = {f"eval{k[0].upper()}{k[1:]}": v for k, v in reward_fields(pref.tolist(), self.spec).items()}
+        self.rewards = {
+            f"eval{k[0].upper()}{k[1:]}": v for k, v in reward_fields(pref.tolist(), self.spec).items()
+        }
         self.model.train()
         self.progress.update(phase=TrainerPhase.TRAINING)
         return float(total[0] / total[1].clamp(min=1))
@@ -81,7 +83,9 @@ def exact_match(model: Any, samples: list[tuple[list[int], list[int]]], tokenize
 
 
 @torch.no_grad()
-def score_loss(model: Any, examples: list[Example], pad_id: int, packed: bool, batch_size: int = 8) -> float | None:
+def score_loss(
+    model: Any, examples: list[Example], pad_id: int, packed: bool, batch_size: int = 8
+) -> float | None:
     """Mean loss per label token over `examples`, in this process alone (rank 0 scoring a plain model)."""
     if not examples:
         return None
@@ -92,7 +96,11 @@ def score_loss(model: Any, examples: list[Example], pad_id: int, packed: bool, b
         labels = batch.pop("labels")
         logits = model(**batch, use_cache=False).logits[:, :-1].float()
         target = labels[:, 1:]
-        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum"))
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            )
+        )
         count += int((target != IGNORE).sum())
     return total / max(count, 1)
 
@@ -100,7 +108,11 @@ def score_loss(model: Any, examples: list[Example], pad_id: int, packed: bool, b
 def _prompt_ids(tokenizer: Any, check: GenerationCheck) -> list[int]:
     text = check.prompt
     if not check.raw and getattr(tokenizer, "chat_template", None):
-        text = str(tokenizer.apply_chat_template([{"role": "user", "content": check.prompt}], tokenize=False, add_generation_prompt=True))
+        text = str(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": check.prompt}], tokenize=False, add_generation_prompt=True
+            )
+        )
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -116,6 +128,10 @@ def generation_checks(model: Any, tokenizer: Any, checks: list[GenerationCheck])
             max_new_tokens=check.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
         answer = tokenizer.decode(generated[0, len(ids) :], skip_special_tokens=True)
-        hit = check.expect in answer if check.match == "substring" else re.search(check.expect, answer) is not None
+        hit = (
+            check.expect in answer
+            if check.match == "substring"
+            else re.search(check.expect, answer) is not None
+        )
         out.append({"prompt": check.prompt, "expect": check.expect, "answer": answer, "passed": hit})
     return out

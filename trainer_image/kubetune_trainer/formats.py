@@ -43,7 +43,11 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 }
 OPTIONAL: dict[str, tuple[str, ...]] = {"instruction": ("input",), "preference": ("prompt",)}
 DETECT_ORDER = ("chat", "preference", "instruction", "prompt_completion", "text")
-TOOL_ROLES = {"tool": "tool", "ipython": "tool", "function": "tool"}  # results of a tool call: context, never learned
+TOOL_ROLES = {
+    "tool": "tool",
+    "ipython": "tool",
+    "function": "tool",
+}  # results of a tool call: context, never learned
 TOOLS_COLUMN = ("tools",)
 _SEPARATORS = re.compile(r"[\s_\-.]+")
 
@@ -127,7 +131,9 @@ def _match(record: dict[str, Any], names: tuple[str, ...], where: Where, what: s
     wanted = {_norm(n) for n in names}
     hits = [c for c in record if isinstance(c, str) and _norm(c) in wanted]
     if len(hits) > 1:
-        raise refuse(f"{where}: columns {hits} could each be {what} ({' or '.join(repr(n) for n in names)}); set spec.dataset.fields.{what} to the one to use")
+        raise refuse(
+            f"{where}: columns {hits} could each be {what} ({' or '.join(repr(n) for n in names)}); set spec.dataset.fields.{what} to the one to use"
+        )
     return hits[0] if hits else None
 
 
@@ -144,10 +150,19 @@ def _fix(key: str, columns: list[str], used: set[str]) -> str:
     spare = [c for c in columns if c not in used]
     if len(spare) == 1:
         return f"set spec.dataset.fields.{key}: {spare[0]}"
-    return f"set spec.dataset.fields.{key} to the column that holds it" + (f" (one of {', '.join(spare)})" if spare else "")
+    return f"set spec.dataset.fields.{key} to the column that holds it" + (
+        f" (one of {', '.join(spare)})" if spare else ""
+    )
 
 
-def _mismatch(where: Where, fmt: str, record: dict[str, Any], fields: FieldMapping, missing: list[str], found: dict[str, str]) -> Exception:
+def _mismatch(
+    where: Where,
+    fmt: str,
+    record: dict[str, Any],
+    fields: FieldMapping,
+    missing: list[str],
+    found: dict[str, str],
+) -> Exception:
     columns = sorted(record)
     need = ", ".join(f"{k} ({_options(k, fields)})" for k in missing)
     fixes = "; ".join(_fix(k, columns, set(found.values())) for k in missing)
@@ -158,9 +173,13 @@ def resolve(record: Any, where: Where, fmt: str, fields: FieldMapping, objective
     """The mapping for a dataset whose first record is `record` (format `auto` detects it; under objective
     dpo only preference pairs are read)."""
     if not isinstance(record, dict):
-        raise refuse(f"{where}: a record must be an object with named columns, not {type(record).__name__} {str(record)[:60]}")
+        raise refuse(
+            f"{where}: a record must be an object with named columns, not {type(record).__name__} {str(record)[:60]}"
+        )
     if objective == "dpo" and fmt not in ("auto", "preference"):
-        raise refuse(f"objective dpo reads preference pairs (format preference: chosen, rejected and an optional prompt), not format {fmt}; set spec.dataset.format: preference (or auto)")
+        raise refuse(
+            f"objective dpo reads preference pairs (format preference: chosen, rejected and an optional prompt), not format {fmt}; set spec.dataset.format: preference (or auto)"
+        )
     if fmt == "auto":
         fmt = _detect(record, where, fields, objective)
     if fmt not in REQUIRED:
@@ -209,7 +228,9 @@ def _detect(record: dict[str, Any], where: Where, fields: FieldMapping, objectiv
             f"(strings or message lists), with an optional {_options('prompt', fields)}, but the record has columns {sorted(record)}; "
             "map yours with spec.dataset.fields.chosen / rejected / prompt"
         )
-    expected = "; ".join(f"{f}: " + " + ".join(_options(k, fields) for k in REQUIRED[f]) for f in DETECT_ORDER)
+    expected = "; ".join(
+        f"{f}: " + " + ".join(_options(k, fields) for k in REQUIRED[f]) for f in DETECT_ORDER
+    )
     raise refuse(
         f"{where}: cannot detect the dataset format from columns {sorted(record)}; expected one of {expected}. "
         "Set spec.dataset.format and map your columns with spec.dataset.fields (e.g. fields.response: <column>)"
@@ -221,9 +242,13 @@ def _messages(value: Any, where: Where, column: str) -> list[Any]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise refuse(f"{where}: column '{column}' holds text that is not a JSON list of messages: {exc.msg}") from exc
+            raise refuse(
+                f"{where}: column '{column}' holds text that is not a JSON list of messages: {exc.msg}"
+            ) from exc
     if not isinstance(value, list):
-        raise refuse(f"{where}: column '{column}' must be a list of messages, not {type(value).__name__}; set spec.dataset.fields.messages to the column with the conversation")
+        raise refuse(
+            f"{where}: column '{column}' must be a list of messages, not {type(value).__name__}; set spec.dataset.fields.messages to the column with the conversation"
+        )
     return value
 
 
@@ -232,8 +257,14 @@ def _message_keys(messages: list[Any], where: Where, column: str, fields: FieldM
     if first is None:
         raise refuse(f"{where}: the messages in '{column}' are not objects with a role and a text")
     found = {key: _find(first, key, fields, where) for key in ("role", "content")}
-    if found["content"] is None and found["role"] is not None and any(isinstance(m, dict) and m.get("tool_calls") for m in messages):
-        found["content"] = fields.names("content")[0]  # a tool call without text: the key is absent from that message only
+    if (
+        found["content"] is None
+        and found["role"] is not None
+        and any(isinstance(m, dict) and m.get("tool_calls") for m in messages)
+    ):
+        found["content"] = fields.names("content")[
+            0
+        ]  # a tool call without text: the key is absent from that message only
     for key, name in found.items():
         if name is None:
             raise refuse(
@@ -247,7 +278,13 @@ def _text(value: Any) -> str:
     """A cell or message content as text; OpenAI-style content parts are joined."""
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):
         return "".join(str(p.get("text", "")) for p in value)
-    return value if isinstance(value, str) else json.dumps(value) if isinstance(value, dict | list) else str(value)
+    return (
+        value
+        if isinstance(value, str)
+        else json.dumps(value)
+        if isinstance(value, dict | list)
+        else str(value)
+    )
 
 
 def _cell(record: dict[str, Any], column: str, what: str, where: Where, learned: bool = False) -> str:
@@ -262,7 +299,9 @@ def _cell(record: dict[str, Any], column: str, what: str, where: Where, learned:
 def parse(record: Any, where: Where, mapping: Mapping) -> Sample:
     """The sample in `record`; raises Invalid for what may be skipped and TrainerError for what cannot."""
     if not isinstance(record, dict):
-        raise refuse(f"{where}: a record must be an object with named columns, not {type(record).__name__} {str(record)[:60]}")
+        raise refuse(
+            f"{where}: a record must be an object with named columns, not {type(record).__name__} {str(record)[:60]}"
+        )
     c, fmt = mapping.columns, mapping.format
     if fmt == "chat":
         if c["messages"] not in record or record[c["messages"]] is None:
@@ -273,7 +312,11 @@ def parse(record: Any, where: Where, mapping: Mapping) -> Sample:
         instruction = _cell(record, c["instruction"], "instruction", where)
         extra = record.get(c["input"]) if "input" in c else None
         prompt = f"{instruction}\n\n{_text(extra)}" if extra not in (None, "") else instruction
-        return Sample("instruction", prompt=prompt, response=_cell(record, c["response"], "response", where, learned=True))
+        return Sample(
+            "instruction",
+            prompt=prompt,
+            response=_cell(record, c["response"], "response", where, learned=True),
+        )
     if fmt == "prompt_completion":
         return Sample("prompt_completion", prompt=_cell(record, c["prompt"], "prompt", where),
                       response=_cell(record, c["completion"], "completion", where, learned=True))  # fmt: skip
@@ -294,9 +337,13 @@ def _tools(record: dict[str, Any], where: Where, mapping: Mapping) -> tuple[Any,
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise refuse(f"{where}: column '{column}' holds text that is not a JSON list of tool definitions: {exc.msg}") from exc
+            raise refuse(
+                f"{where}: column '{column}' holds text that is not a JSON list of tool definitions: {exc.msg}"
+            ) from exc
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-        raise refuse(f"{where}: column '{column}' must be a list of tool definitions (objects), not {type(value).__name__}")
+        raise refuse(
+            f"{where}: column '{column}' must be a list of tool definitions (objects), not {type(value).__name__}"
+        )
     return tuple(value)
 
 
@@ -341,11 +388,17 @@ def _weight(message: dict[str, Any], where: Where, i: int) -> bool:
     raise refuse(f"{where}: message {i} has weight {weight!r}; weight is 0 (not learned) or 1 (learned)")
 
 
-def _turns(messages: list[Any], where: Where, mapping: Mapping, keys: dict[str, str], need_assistant: bool = True) -> tuple[Turn, ...]:
+def _turns(
+    messages: list[Any], where: Where, mapping: Mapping, keys: dict[str, str], need_assistant: bool = True
+) -> tuple[Turn, ...]:
     turns = tuple(_turn(message, i, where, mapping, keys) for i, message in enumerate(messages))
     if need_assistant and not any(t.role == "assistant" and t.learn for t in turns):
         weighted = any(t.role == "assistant" for t in turns)
-        raise Invalid("no assistant turn", f"{where}: no assistant message to learn from" + (" (every one has weight 0)" if weighted else ""))
+        raise Invalid(
+            "no assistant turn",
+            f"{where}: no assistant message to learn from"
+            + (" (every one has weight 0)" if weighted else ""),
+        )
     return turns
 
 
@@ -361,7 +414,10 @@ def _turn(message: Any, i: int, where: Where, mapping: Mapping, keys: dict[str, 
         if calls:
             extra.append(("tool_calls", calls))
         elif learn and (content is None or not _text(content).strip()):
-            raise Invalid("empty response", f"{where}: message {i} ({raw}) has an empty or null '{content_key}' and no tool_calls")
+            raise Invalid(
+                "empty response",
+                f"{where}: message {i} ({raw}) has an empty or null '{content_key}' and no tool_calls",
+            )
     elif role == "tool":
         extra += [(k, message[k]) for k in ("name", "tool_call_id") if message.get(k) is not None]
     if content is None and not extra and role != "assistant":
@@ -373,7 +429,9 @@ def _role(message: Any, i: int, where: Where, mapping: Mapping, role_key: str) -
     """(the role as written, the role it maps to); a message without one, or with one nobody mapped, is refused."""
     if not isinstance(message, dict) or role_key not in message:
         found = sorted(message) if isinstance(message, dict) else type(message).__name__
-        raise refuse(f"{where}: message {i} has no '{role_key}' key (it has {found}); set spec.dataset.fields.role to the key that holds the role")
+        raise refuse(
+            f"{where}: message {i} has no '{role_key}' key (it has {found}); set spec.dataset.fields.role to the key that holds the role"
+        )
     raw = str(message[role_key])
     role = mapping.roles.get(raw) or mapping.roles.get(raw.lower()) or TOOL_ROLES.get(raw.lower())
     if role is None:
@@ -426,7 +484,10 @@ def _preference(record: dict[str, Any], where: Where, mapping: Mapping) -> Sampl
     for column, value in ((c["chosen"], chosen_raw), (c["rejected"], rejected_raw)):
         if value is None:
             raise Invalid("missing cell", f"{where}: no value in column '{column}'")
-    as_lists = {name: _as_messages(v) for name, v in (("prompt", prompt_raw), ("chosen", chosen_raw), ("rejected", rejected_raw))}
+    as_lists = {
+        name: _as_messages(v)
+        for name, v in (("prompt", prompt_raw), ("chosen", chosen_raw), ("rejected", rejected_raw))
+    }
     if not any(v is not None for v in as_lists.values()):
         return _text_pair(record, where, c, prompt_raw, chosen_raw, rejected_raw)
     turns = _cell_reader(as_lists, where, mapping)
@@ -440,15 +501,25 @@ def _preference(record: dict[str, Any], where: Where, mapping: Mapping) -> Sampl
             raise Invalid("empty response", f"{where}: {name} has no assistant reply after the prompt")
     if chosen == rejected:
         raise Invalid("chosen equals rejected", f"{where}: chosen and rejected are the same")
-    return Sample("preference", messages=prompt, chosen_turns=chosen, rejected_turns=rejected, tools=_tools(record, where, mapping))
+    return Sample(
+        "preference",
+        messages=prompt,
+        chosen_turns=chosen,
+        rejected_turns=rejected,
+        tools=_tools(record, where, mapping),
+    )
 
 
-def _cell_reader(as_lists: dict[str, list[dict[str, Any]] | None], where: Where, mapping: Mapping) -> Callable[[str, Any, str], tuple[Turn, ...]]:
+def _cell_reader(
+    as_lists: dict[str, list[dict[str, Any]] | None], where: Where, mapping: Mapping
+) -> Callable[[str, Any, str], tuple[Turn, ...]]:
     """How a conversational pair's cells read as turns: a message list by the chat rules (its keys taken from
     the first message of any cell), a plain text as one turn of the given role."""
     c = mapping.columns
     first = next(m[0] for m in as_lists.values() if m is not None)
-    keys = _message_keys([first], where, next(c[k] for k, m in as_lists.items() if m is not None), FieldMapping())
+    keys = _message_keys(
+        [first], where, next(c[k] for k, m in as_lists.items() if m is not None), FieldMapping()
+    )
     mapping_chat = Mapping("chat", c, mapping.roles)
 
     def turns(name: str, value: Any, role: str) -> tuple[Turn, ...]:
@@ -465,24 +536,42 @@ def _pair_prompt(common: tuple[Turn, ...], given: tuple[Turn, ...] | None, where
     and rejected share (`common`), or those shared turns alone when there is no prompt column."""
     if given is None:
         if not common:
-            raise Invalid("no shared prompt", f"{where}: chosen and rejected share no first turns (the prompt) and the record has no prompt column")
+            raise Invalid(
+                "no shared prompt",
+                f"{where}: chosen and rejected share no first turns (the prompt) and the record has no prompt column",
+            )
         return common
     # UltraFeedback's shape: chosen and rejected repeat the prompt's turns; they are not scored twice
-    repeated = len(common) >= len(given) and [(t.role, t.content) for t in common[-len(given) :]] == [(t.role, t.content) for t in given]
+    repeated = len(common) >= len(given) and [(t.role, t.content) for t in common[-len(given) :]] == [
+        (t.role, t.content) for t in given
+    ]
     return common if repeated else given + common
 
 
-def _text_pair(record: dict[str, Any], where: Where, c: dict[str, str], prompt_raw: Any, chosen_raw: Any, rejected_raw: Any) -> Sample:
+def _text_pair(
+    record: dict[str, Any],
+    where: Where,
+    c: dict[str, str],
+    prompt_raw: Any,
+    chosen_raw: Any,
+    rejected_raw: Any,
+) -> Sample:
     chosen, rejected = _text(chosen_raw), _text(rejected_raw)
     if "prompt" in c and prompt_raw is not None:
         prompt = _text(prompt_raw)
     else:
         prompt, chosen, rejected = implicit_prompt(chosen, rejected)
         if not prompt:
-            raise Invalid("no shared prompt", f"{where}: chosen and rejected share no beginning (the prompt) and the record has no prompt column")
+            raise Invalid(
+                "no shared prompt",
+                f"{where}: chosen and rejected share no beginning (the prompt) and the record has no prompt column",
+            )
     for name, text in (("chosen", chosen), ("rejected", rejected)):
         if not text.strip():
-            raise Invalid("empty response", f"{where}: {name} is empty" + ("" if "prompt" in c else " after the prompt both share"))
+            raise Invalid(
+                "empty response",
+                f"{where}: {name} is empty" + ("" if "prompt" in c else " after the prompt both share"),
+            )
     if chosen == rejected:
         raise Invalid("chosen equals rejected", f"{where}: chosen and rejected are the same text")
     return Sample("preference", prompt=prompt, response=chosen, rejected=rejected)

@@ -67,7 +67,9 @@ def check(gate: EvaluationGate | None, figures: Figures) -> tuple[bool | None, l
     return not missed, missed
 
 
-def result(figures: Figures, gate: EvaluationGate | None, alpha: float, retain_before: float | None) -> EvaluationResult:
+def result(
+    figures: Figures, gate: EvaluationGate | None, alpha: float, retain_before: float | None
+) -> EvaluationResult:
     passed, missed = check(gate, figures)
     return EvaluationResult(
         eval_loss=figures.get("evalLoss"), perplexity=figures.get("perplexity"), retain_loss_before=retain_before,
@@ -102,6 +104,9 @@ def best(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     """The row with the best `metric` (lower or higher is better by metric); ties go to the larger alpha."""
     scored = [r for r in rows if r.get(metric) is not None]
     if not scored:
-        raise TrainerError(ExitCode.CONFIG_INVALID, f"spec.output.selectMetric: {metric} was not measured for any mix; pick a measured metric")
+        raise TrainerError(
+            ExitCode.CONFIG_INVALID,
+            f"spec.output.selectMetric: {metric} was not measured for any mix; pick a measured metric",
+        )
     sign = 1.0 if metric in LOWER_IS_BETTER else -1.0
     return min(scored, key=lambda r: (sign * r[metric], -r["alpha"]))

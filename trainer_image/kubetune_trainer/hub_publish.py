@@ -35,10 +35,15 @@ def _error(spec: HuggingFacePublish, exc: Exception, doing: str) -> TrainerError
         return TrainerError(ExitCode.CREDENTIALS_INVALID, f"spec.output.publish.huggingface: {where} refused the token in Secret "
                             f"{spec.token_secret!r} (key {ENV_TOKEN}) while {doing}; put a write token for {spec.repo} there")  # fmt: skip
     if status is None:
-        return TrainerError(ExitCode.INFRASTRUCTURE, f"spec.output.publish.huggingface: {where} unreachable while {doing} ({type(exc).__name__})")
+        return TrainerError(
+            ExitCode.INFRASTRUCTURE,
+            f"spec.output.publish.huggingface: {where} unreachable while {doing} ({type(exc).__name__})",
+        )
     first = str(exc).splitlines()[0][:200] if str(exc) else ""
     code = ExitCode.INFRASTRUCTURE if status >= 500 else ExitCode.CONFIG_INVALID
-    return TrainerError(code, f"spec.output.publish.huggingface: {where} answered {status} while {doing} {spec.repo}: {first}")
+    return TrainerError(
+        code, f"spec.output.publish.huggingface: {where} answered {status} while {doing} {spec.repo}: {first}"
+    )
 
 
 def check_access(spec: HuggingFacePublish) -> None:
@@ -80,7 +85,9 @@ def push(spec: HuggingFacePublish, model_dir: Path, card_files: list[Path], mess
     folder = staging(model_dir, card_files)
     try:
         api.create_repo(spec.repo, private=spec.private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(repo_id=spec.repo, folder_path=str(folder), commit_message=message, repo_type="model")
+        info = api.upload_folder(
+            repo_id=spec.repo, folder_path=str(folder), commit_message=message, repo_type="model"
+        )
     except Exception as exc:
         raise _error(spec, exc, "pushing to") from None
     finally:

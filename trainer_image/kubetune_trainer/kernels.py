@@ -42,11 +42,20 @@ def apply_liger(model: Any) -> list[str]:
     import liger_kernel.transformers as lt
 
     # The loss stays loss.py's (which calls Liger's fused kernel itself, with the token-weighted denominator).
-    getattr(lt, name)(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+    getattr(lt, name)(
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+        model=model,
+    )
     return ["rope", "rms_norm", "swiglu"]
 
 
-def fused_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+def fused_linear_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
+) -> torch.Tensor:
     """Sum over labelled rows of cross-entropy(hidden @ weight.T + bias, labels), Liger's Triton kernel (CUDA only)."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 

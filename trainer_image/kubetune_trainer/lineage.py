@@ -19,13 +19,25 @@ from kubetune.api.models import FineTuneJobSpec
 from kubetune.api.storage import sha256_file
 
 MODEL_FILES: Final = ("config.json", "generation_config.json")
-WEIGHT_SUFFIXES: Final = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json", ".bin.index.json")
-HUB_METADATA: Final = Path(".cache") / "huggingface" / "download"  # huggingface_hub's record of each file's commit
+WEIGHT_SUFFIXES: Final = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".gguf",
+    ".safetensors.index.json",
+    ".bin.index.json",
+)
+HUB_METADATA: Final = (
+    Path(".cache") / "huggingface" / "download"
+)  # huggingface_hub's record of each file's commit
 
 
 def _files(directory: Path) -> list[Path]:
     """Every file under `directory` but huggingface_hub's own bookkeeping, in path order."""
-    return sorted(p for p in directory.rglob("*") if p.is_file() and ".cache" not in p.relative_to(directory).parts)
+    return sorted(
+        p for p in directory.rglob("*") if p.is_file() and ".cache" not in p.relative_to(directory).parts
+    )
 
 
 def hub_commit(directory: Path) -> str | None:
@@ -71,7 +83,11 @@ def dataset_files(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     out = []
     for uri in dict.fromkeys(uris):
         path = fetch(uri, spec.storage, "spec.dataset", ExitCode.DATASET_INVALID, repo_type="dataset")
-        files = {p.name: sha256_file(p)} if (p := path).is_file() else {str(f.relative_to(path)): sha256_file(f) for f in _files(path)}
+        files = (
+            {p.name: sha256_file(p)}
+            if (p := path).is_file()
+            else {str(f.relative_to(path)): sha256_file(f) for f in _files(path)}
+        )
         entry: dict[str, Any] = {"uri": uri, "files": files}
         if uri.startswith("hf://") and path.is_dir() and (commit := hub_commit_any(path)):
             entry["commit"] = commit
@@ -81,7 +97,9 @@ def dataset_files(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
 
 def hub_commit_any(directory: Path) -> str | None:
     """The commit of any file huggingface_hub downloaded into `directory`."""
-    for meta in sorted((directory / HUB_METADATA).rglob("*.metadata")) if (directory / HUB_METADATA).is_dir() else []:
+    for meta in (
+        sorted((directory / HUB_METADATA).rglob("*.metadata")) if (directory / HUB_METADATA).is_dir() else []
+    ):
         first = meta.read_text().splitlines()[:1]
         if first and len(first[0]) == 40:
             return first[0]
@@ -111,7 +129,12 @@ def kubetune_version() -> str:
 
 def collect(spec: FineTuneJobSpec, model_dir: Path) -> dict[str, Any]:
     """metrics.json's `lineage`."""
-    return {"baseModel": base_model(spec, model_dir), "datasets": dataset_files(spec), "kubetuneVersion": kubetune_version(), **trainer_image()}
+    return {
+        "baseModel": base_model(spec, model_dir),
+        "datasets": dataset_files(spec),
+        "kubetuneVersion": kubetune_version(),
+        **trainer_image(),
+    }
 
 
 def oci_annotations(lineage: dict[str, Any]) -> dict[str, str]:
@@ -120,7 +143,9 @@ def oci_annotations(lineage: dict[str, Any]) -> dict[str, str]:
     out = {
         "org.opencontainers.image.version": str(lineage.get("kubetuneVersion", "")),
         "io.kubetune.base-model": str(base.get("source", "")),
-        "io.kubetune.base-model.revision": str(base.get("commit") or ("sha256:" + base["sha256"] if base.get("sha256") else "")),
+        "io.kubetune.base-model.revision": str(
+            base.get("commit") or ("sha256:" + base["sha256"] if base.get("sha256") else "")
+        ),
         "io.kubetune.datasets": ",".join(
             f"{d['uri']}@sha256:{hashlib.sha256(''.join(f'{k} {v}' for k, v in sorted(d['files'].items())).encode()).hexdigest()}"
             for d in lineage.get("datasets") or []

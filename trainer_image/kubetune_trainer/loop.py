@@ -64,7 +64,9 @@ class Window:
     @classmethod
     def open(cls, device: Any) -> Window:
         zero = torch.zeros((), device=device)
-        return cls(zero.clone(), zero.clone(), zero.clone(), 0, time.time(), torch.zeros(PREF_STATS, device=device))
+        return cls(
+            zero.clone(), zero.clone(), zero.clone(), 0, time.time(), torch.zeros(PREF_STATS, device=device)
+        )
 
     def add(self, loss: torch.Tensor, batch: dict[str, Any]) -> None:
         self.loss += torch.nan_to_num(loss)
@@ -105,9 +107,13 @@ class StepLoop:
         self.guard = LossGuard.open(device)
         self.stop_agreed = False  # some rank saw SIGTERM, as of the flags read last
         self.accumulation = max(1, int(self.acc.gradient_accumulation_steps))
-        self.deferred = steps.skips_on_device(parts.optimizer)  # flags read one step late; fused AdamW skips a bad step
+        self.deferred = steps.skips_on_device(
+            parts.optimizer
+        )  # flags read one step late; fused AdamW skips a bad step
         self.pending: torch.Tensor | None = None  # the previous step's flags, not yet read
-        self.dog: watchdog.Watchdog | None = None  # the hang watchdog while run() runs (progressDeadlineSeconds)
+        self.dog: watchdog.Watchdog | None = (
+            None  # the hang watchdog while run() runs (progressDeadlineSeconds)
+        )
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
     def run(self) -> Outcome:
@@ -139,7 +145,11 @@ class StepLoop:
                 return outcome
         st.epoch += 1
         st.batches_in_epoch = 0
-        stop = bool(self.evaluator is not None and not self.spec.training.eval_steps and self.evaluator.evaluate_and_check(st))
+        stop = bool(
+            self.evaluator is not None
+            and not self.spec.training.eval_steps
+            and self.evaluator.evaluate_and_check(st)
+        )
         if self.tracker is not None:
             self.tracker.observe(st)
         return Outcome.EARLY_STOP if stop else None
@@ -147,8 +157,19 @@ class StepLoop:
     def _forward_backward(self, group: list[dict[str, Any]]) -> None:
         """One optimizer step's micro-batches: losses token-weighted over the step (steps.py), gradients synced after the last."""
         token_weighted = self.spec.objective != "dpo"  # DPO weighs pairs, each micro-batch's mean
-        denominator = steps.step_denominator(group, self.rt.world_size, self.accumulation, self.acc.device) if token_weighted else None
-        loss_of = functools.partial(objective_loss, self.spec, self.model, self.parts.reference, stats=self.window.pref, denominator=denominator)
+        denominator = (
+            steps.step_denominator(group, self.rt.world_size, self.accumulation, self.acc.device)
+            if token_weighted
+            else None
+        )
+        loss_of = functools.partial(
+            objective_loss,
+            self.spec,
+            self.model,
+            self.parts.reference,
+            stats=self.window.pref,
+            denominator=denominator,
+        )
         losses = steps.forward_backward(self.acc, self.model, group, loss_of)
         for batch, detached in zip(group, losses, strict=True):
             self.guard.observe(detached)
@@ -196,12 +217,16 @@ class StepLoop:
         every = t.eval_steps or 0
         eval_step = self.evaluator is not None and every > 0 and st.step % every == 0
         checkpoint_step = st.step % self.spec.output.checkpoint_steps == 0 or self.hooks.preempt_at(st.step)
-        if self.pending is not None and (logging_step or eval_step or checkpoint_step or st.step >= self.parts.total_steps):
+        if self.pending is not None and (
+            logging_step or eval_step or checkpoint_step or st.step >= self.parts.total_steps
+        ):
             self._check_flags(self.pending, st.step)  # never log, evaluate or save a bad step
             self.pending = None
         if logging_step:
             self._close_window()
-        stopped_early = bool(eval_step and self.evaluator is not None and self.evaluator.evaluate_and_check(st))
+        stopped_early = bool(
+            eval_step and self.evaluator is not None and self.evaluator.evaluate_and_check(st)
+        )
         if self.tracker is not None and (logging_step or eval_step):
             self.tracker.observe(st)
         preempted = self.stop_agreed or self.hooks.preempt_at(st.step)
@@ -214,26 +239,48 @@ class StepLoop:
     def _close_window(self) -> None:
         """Mean loss and tokens/s over the window, all ranks together; then a fresh window."""
         w, st = self.window, self.state
-        sums = torch.cat([torch.stack([w.loss / max(w.batches, 1), w.tokens.float(), w.inputs.float()]), w.pref])
+        sums = torch.cat(
+            [torch.stack([w.loss / max(w.batches, 1), w.tokens.float(), w.inputs.float()]), w.pref]
+        )
         stats = self.acc.reduce(sums, "sum").tolist()
         elapsed = time.time() - w.start
         st.tokens_seen += int(stats[1])
         st.train_seconds += elapsed
-        self.report(stats[0] / self.rt.world_size, stats[1] / max(elapsed, 1e-9), reward_fields(stats[3:], self.spec), int(stats[2]))
+        self.report(
+            stats[0] / self.rt.world_size,
+            stats[1] / max(elapsed, 1e-9),
+            reward_fields(stats[3:], self.spec),
+            int(stats[2]),
+        )
         self.window = Window.open(self.acc.device)
 
-    def report(self, loss: float, tps: float, rewards: dict[str, float] | None = None, input_tokens: int = 0) -> None:
+    def report(
+        self, loss: float, tps: float, rewards: dict[str, float] | None = None, input_tokens: int = 0
+    ) -> None:
         st, total, rewards = self.state, self.parts.total_steps, rewards or {}
-        lr = max(self.parts.scheduler.get_last_lr())  # the base rate (head and LoRA+ groups may be higher, decayed layers lower)
+        lr = max(
+            self.parts.scheduler.get_last_lr()
+        )  # the base rate (head and LoRA+ groups may be higher, decayed layers lower)
         # inputTokens: tokens the model ran on since the last report, all ranks (padding-free batches compute no padding).
-        st.loss_curve.append({"step": st.step, "loss": loss, "learningRate": lr, "tokensPerSecond": tps, "inputTokens": input_tokens, **rewards})
+        st.loss_curve.append(
+            {
+                "step": st.step,
+                "loss": loss,
+                "learningRate": lr,
+                "tokensPerSecond": tps,
+                "inputTokens": input_tokens,
+                **rewards,
+            }
+        )
         eta = st.train_seconds / max(st.step, 1) * (total - st.step)
         epoch = st.epoch + st.batches_in_epoch / max(len(self.parts.train_loader), 1)
         self.progress.update(step=st.step, loss=loss, learning_rate=lr, tokens_per_second=tps, eta_seconds=eta, epoch=round(epoch, 4),
                              reward_accuracy=rewards.get("rewardAccuracy"), reward_margin=rewards.get("rewardMargin"))  # fmt: skip
         if self.rt.is_main:
             extra = "".join(f" {k} {v:.3f}" for k, v in rewards.items())
-            log(f"step {st.step}/{total} loss {loss:.4f}{extra} lr {lr:.2e} tokens/s {tps:.0f} eta {eta:.0f}s")
+            log(
+                f"step {st.step}/{total} loss {loss:.4f}{extra} lr {lr:.2e} tokens/s {tps:.0f} eta {eta:.0f}s"
+            )
 
     def save_checkpoint(self) -> None:
         self.progress.update(phase=TrainerPhase.SAVING)

@@ -61,7 +61,12 @@ def _add_chunk_grads(
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, chunk: int,
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        chunk: int,
         denominator: torch.Tensor | None,
     ) -> torch.Tensor:
         n = hidden.shape[0]
@@ -88,7 +93,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
                 if need_h or need_w or need_b:
                     g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                    _add_chunk_grads(g, target, valid / count, h, w, (grad_h, grad_w, grad_b), slice(start, start + chunk))
+                    _add_chunk_grads(
+                        g, target, valid / count, h, w, (grad_h, grad_w, grad_b), slice(start, start + chunk)
+                    )
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total / count
@@ -125,7 +132,9 @@ def linear_cross_entropy(
         total = kernels.fused_linear_cross_entropy_sum(hidden, weight, bias, labels)
         count = (labels != IGNORE).sum().clamp(min=1).float() if denominator is None else denominator.float()
         return total / count
-    loss: torch.Tensor = _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk or chunk_tokens(weight.shape[0]), denominator)  # type: ignore[no-untyped-call]
+    loss: torch.Tensor = _LinearCrossEntropy.apply(
+        hidden, weight, bias, labels, chunk or chunk_tokens(weight.shape[0]), denominator
+    )  # type: ignore[no-untyped-call]
     return loss
 
 
@@ -168,7 +177,13 @@ def install(model: Any, chunk: int | None = None) -> bool:
     original = lm.forward
     decoder = lm.get_decoder()
 
-    def forward(input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None, labels: Any = None, **kwargs: Any) -> Any:
+    def forward(
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        position_ids: Any = None,
+        labels: Any = None,
+        **kwargs: Any,
+    ) -> Any:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if labels is None:
             return original(**inputs, **kwargs)
@@ -179,7 +194,9 @@ def install(model: Any, chunk: int | None = None) -> bool:
     return True
 
 
-def _chunked_forward(lm: Any, decoder: Any, inputs: dict[str, Any], labels: Any, chunk: int | None, kwargs: dict[str, Any]) -> Any:
+def _chunked_forward(
+    lm: Any, decoder: Any, inputs: dict[str, Any], labels: Any, chunk: int | None, kwargs: dict[str, Any]
+) -> Any:
     """The decoder's hidden states through the chunked loss against the head's weights: the CausalLM output with
     the loss and no logits. transformers' `num_items_in_batch` is the loss's denominator."""
     from transformers.modeling_outputs import CausalLMOutputWithPast

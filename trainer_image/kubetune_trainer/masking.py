@@ -51,19 +51,33 @@ def _template_name(tokenizer: Any) -> str:
     return f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}"
 
 
-def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool, tools: Any, where: object) -> str:
+def _render(
+    tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool, tools: Any, where: object
+) -> str:
     try:
         kwargs = {"tools": list(tools)} if tools else {}
-        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs))
-    except Exception as exc:  # templates raise on what they do not support (role order, system turns, tool roles)
-        raise TrainerError(ExitCode.DATASET_INVALID, f"{where}: {_template_name(tokenizer)} refuses this conversation: {type(exc).__name__}: {exc}") from exc
+        return str(
+            tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
+            )
+        )
+    except (
+        Exception
+    ) as exc:  # templates raise on what they do not support (role order, system turns, tool roles)
+        raise TrainerError(
+            ExitCode.DATASET_INVALID,
+            f"{where}: {_template_name(tokenizer)} refuses this conversation: {type(exc).__name__}: {exc}",
+        ) from exc
 
 
 def _check_tools(tokenizer: Any, turns: list[Turn], tools: Any, text: str, where: object) -> None:
     """Refuse a template that silently drops what a tool-calling conversation holds."""
     fix = "use a model whose chat template renders tools (Qwen2.5, Llama 3.1, Mistral), or drop the tool turns from the data"
     if tools and text == _render(tokenizer, [t.message() for t in turns], False, None, where):
-        raise TrainerError(ExitCode.DATASET_INVALID, f"{where}: {_template_name(tokenizer)} does not render `tools` (the output is the same without them); {fix}")
+        raise TrainerError(
+            ExitCode.DATASET_INVALID,
+            f"{where}: {_template_name(tokenizer)} does not render `tools` (the output is the same without them); {fix}",
+        )
     for i, turn in enumerate(turns):
         for call in turn.tool_calls:
             if call["function"]["name"] not in text:
@@ -73,14 +87,22 @@ def _check_tools(tokenizer: Any, turns: list[Turn], tools: Any, text: str, where
                     f"which is not in the rendered text); {fix}",
                 )
         result = turn.content.strip()
-        if turn.role == "tool" and result and result not in text and json.dumps(result)[1:-1] not in text:  # raw, or as a JSON string
-            raise TrainerError(ExitCode.DATASET_INVALID, f"{where}: {_template_name(tokenizer)} does not render tool results (message {i}); {fix}")
+        if (
+            turn.role == "tool" and result and result not in text and json.dumps(result)[1:-1] not in text
+        ):  # raw, or as a JSON string
+            raise TrainerError(
+                ExitCode.DATASET_INVALID,
+                f"{where}: {_template_name(tokenizer)} does not render tool results (message {i}); {fix}",
+            )
 
 
 def chat_tokens(tokenizer: Any, turns: list[Turn], where: object = "", tools: Any = None) -> Tokens:
     """The rendered conversation; each learned assistant turn labelled from its first token through EOS."""
     if not has_template(tokenizer):
-        raise TrainerError(ExitCode.DATASET_INVALID, "format chat needs a tokenizer with a chat template (tokenizer_config.json chat_template)")
+        raise TrainerError(
+            ExitCode.DATASET_INVALID,
+            "format chat needs a tokenizer with a chat template (tokenizer_config.json chat_template)",
+        )
     messages = [t.message() for t in turns]
     text = _render(tokenizer, messages, False, tools, where)
     if tools or any(t.role == "tool" or t.tool_calls for t in turns):
@@ -99,14 +121,18 @@ def chat_tokens(tokenizer: Any, turns: list[Turn], where: object = "", tools: An
 
 def prompt_response_tokens(tokenizer: Any, prompt: str, response: str) -> Tokens:
     prompt_ids = _ids(tokenizer, prompt)
-    response_ids = _ids(tokenizer, response) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    response_ids = _ids(tokenizer, response) + (
+        [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    )
     return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids
 
 
 def _prompted(sample: Sample, tokenizer: Any, response: str, where: object) -> Tokens:
     if has_template(tokenizer):
         return chat_tokens(tokenizer, [Turn("user", sample.prompt), Turn("assistant", response)], where)
-    return prompt_response_tokens(tokenizer, f"### Instruction:\n{sample.prompt}\n\n### Response:\n", response)
+    return prompt_response_tokens(
+        tokenizer, f"### Instruction:\n{sample.prompt}\n\n### Response:\n", response
+    )
 
 
 def tokenize(sample: Sample, tokenizer: Any, where: object = "") -> Tokens:
@@ -120,7 +146,9 @@ def tokenize(sample: Sample, tokenizer: Any, where: object = "") -> Tokens:
     if sample.kind == "prompt_completion":
         return prompt_response_tokens(tokenizer, sample.prompt, sample.response)
     if sample.kind == "text":
-        ids = _ids(tokenizer, sample.text) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+        ids = _ids(tokenizer, sample.text) + (
+            [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        )
         return ids, list(ids)
     raise TrainerError(ExitCode.CONFIG_INVALID, f"unknown sample kind {sample.kind}")
 
@@ -132,7 +160,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def preference_ids(sample: Sample, tokenizer: Any, where: object = "") -> tuple[list[int], list[int], list[int]]:
+def preference_ids(
+    sample: Sample, tokenizer: Any, where: object = ""
+) -> tuple[list[int], list[int], list[int]]:
     """(prompt, chosen, rejected) token ids of a preference pair, as TRL's DPOTrainer makes them."""
     if sample.conversational:
         prompt_ids, with_chosen, with_rejected = _conversation_pair_ids(sample, tokenizer, where)
@@ -153,11 +183,16 @@ def _text_pair_ids(sample: Sample, tokenizer: Any) -> tuple[list[int], list[int]
     return prompt_ids, with_chosen, with_rejected
 
 
-def _conversation_pair_ids(sample: Sample, tokenizer: Any, where: object) -> tuple[list[int], list[int], list[int]]:
+def _conversation_pair_ids(
+    sample: Sample, tokenizer: Any, where: object
+) -> tuple[list[int], list[int], list[int]]:
     """The chat template's ids of the prompt turns (with the generation prompt), and of the prompt turns followed
     by each reply; the tools and tool turns of both conversations are checked against the template first."""
     if not has_template(tokenizer):
-        raise TrainerError(ExitCode.DATASET_INVALID, f"{where}: conversational preference pairs need a tokenizer with a chat template (tokenizer_config.json chat_template)")
+        raise TrainerError(
+            ExitCode.DATASET_INVALID,
+            f"{where}: conversational preference pairs need a tokenizer with a chat template (tokenizer_config.json chat_template)",
+        )
     prompt = [t.message() for t in sample.messages]
     turns = list(sample.messages)
     for reply in (sample.chosen_turns, sample.rejected_turns):
@@ -166,18 +201,29 @@ def _conversation_pair_ids(sample: Sample, tokenizer: Any, where: object) -> tup
             _check_tools(tokenizer, turns + list(reply), sample.tools, text, where)
     return (
         _template_ids(tokenizer, prompt, True, sample.tools, where),
-        _template_ids(tokenizer, prompt + [t.message() for t in sample.chosen_turns], False, sample.tools, where),
-        _template_ids(tokenizer, prompt + [t.message() for t in sample.rejected_turns], False, sample.tools, where),
+        _template_ids(
+            tokenizer, prompt + [t.message() for t in sample.chosen_turns], False, sample.tools, where
+        ),
+        _template_ids(
+            tokenizer, prompt + [t.message() for t in sample.rejected_turns], False, sample.tools, where
+        ),
     )
 
 
-def _template_ids(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool, tools: Any, where: object) -> list[int]:
+def _template_ids(
+    tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool, tools: Any, where: object
+) -> list[int]:
     """The chat template's token ids of `messages` (what _render gives as text)."""
     kwargs = {"tools": list(tools)} if tools else {}
     try:
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt, **kwargs)
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt, **kwargs
+        )
     except Exception as exc:
-        raise TrainerError(ExitCode.DATASET_INVALID, f"{where}: {_template_name(tokenizer)} refuses this conversation: {type(exc).__name__}: {exc}") from exc
+        raise TrainerError(
+            ExitCode.DATASET_INVALID,
+            f"{where}: {_template_name(tokenizer)} refuses this conversation: {type(exc).__name__}: {exc}",
+        ) from exc
     return list(out["input_ids"])
 
 

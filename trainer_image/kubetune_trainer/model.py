@@ -22,12 +22,24 @@ from kubetune_trainer.storage import fetch
 # The dimensions a model's config.json must state (transformers would fill a missing one with its class default,
 # a 7B-sized model for Llama), and the largest value taken as real: anything above is a typo, refused before
 # a model (even a meta one: 1e9 layers are 1e9 modules) is built.
-DIMENSIONS = {"hidden_size": 1 << 17, "num_hidden_layers": 10_000, "num_attention_heads": 4096, "vocab_size": 1 << 24}
-OTHER_DIMENSIONS = {"intermediate_size": 1 << 20, "num_key_value_heads": 4096, "head_dim": 1 << 14, "max_position_embeddings": 1 << 26}
+DIMENSIONS = {
+    "hidden_size": 1 << 17,
+    "num_hidden_layers": 10_000,
+    "num_attention_heads": 4096,
+    "vocab_size": 1 << 24,
+}
+OTHER_DIMENSIONS = {
+    "intermediate_size": 1 << 20,
+    "num_key_value_heads": 4096,
+    "head_dim": 1 << 14,
+    "max_position_embeddings": 1 << 26,
+}
 
 
 def model_path(spec: FineTuneJobSpec) -> Path:
-    path = fetch(spec.model.source, spec.storage, "spec.model.source", ExitCode.MODEL_NOT_FOUND, spec.model.revision)
+    path = fetch(
+        spec.model.source, spec.storage, "spec.model.source", ExitCode.MODEL_NOT_FOUND, spec.model.revision
+    )
     check_dimensions(path)
     return path
 
@@ -43,12 +55,17 @@ def check_dimensions(path: Path) -> None:
     try:
         raw = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
-        raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {file} is not valid JSON ({exc})") from exc
+        raise TrainerError(
+            ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {file} is not valid JSON ({exc})"
+        ) from exc
     config = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
     if not isinstance(config, dict):
         raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {file} is not a JSON object")
     aliases = _attribute_map(str(config.get("model_type") or raw.get("model_type") or ""))
-    found = {name: next((config[k] for k in (name, (aliases or {}).get(name)) if k and k in config), None) for name in {**DIMENSIONS, **OTHER_DIMENSIONS}}
+    found = {
+        name: next((config[k] for k in (name, (aliases or {}).get(name)) if k and k in config), None)
+        for name in {**DIMENSIONS, **OTHER_DIMENSIONS}
+    }
     if missing := [n for n in DIMENSIONS if found[n] is None] if aliases is not None else []:
         raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {file} does not state {', '.join(missing)}; "
                            "a model's config.json gives its dimensions (transformers would assume its defaults, a different model)")  # fmt: skip
@@ -57,7 +74,10 @@ def check_dimensions(path: Path) -> None:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
-            raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {file}: {name} is {value!r}; it must be a positive integer up to {limit:,}")
+            raise TrainerError(
+                ExitCode.MODEL_NOT_FOUND,
+                f"spec.model.source: {file}: {name} is {value!r}; it must be a positive integer up to {limit:,}",
+            )
 
 
 def _attribute_map(model_type: str) -> dict[str, str] | None:
@@ -77,17 +97,25 @@ def load_tokenizer(path: Path, trust_remote_code: bool) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: no usable tokenizer at {path}: {type(exc).__name__}: {exc}") from exc
+        raise TrainerError(
+            ExitCode.MODEL_NOT_FOUND,
+            f"spec.model.source: no usable tokenizer at {path}: {type(exc).__name__}: {exc}",
+        ) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(path: Path, dtype: torch.dtype, trust_remote_code: bool, quantization: QuantizationSpec | None = None) -> Any:
+def load_model(
+    path: Path, dtype: torch.dtype, trust_remote_code: bool, quantization: QuantizationSpec | None = None
+) -> Any:
     from transformers import AutoModelForCausalLM
 
     if not (path / "config.json").exists():
-        raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: {path} holds no config.json; is it a Hugging Face model directory?")
+        raise TrainerError(
+            ExitCode.MODEL_NOT_FOUND,
+            f"spec.model.source: {path} holds no config.json; is it a Hugging Face model directory?",
+        )
     kwargs: dict[str, Any] = {}
     if quantization is not None:
         missing = peft_methods.bitsandbytes_missing()
@@ -95,12 +123,17 @@ def load_model(path: Path, dtype: torch.dtype, trust_remote_code: bool, quantiza
             raise TrainerError(ExitCode.CONFIG_INVALID, f"spec.model.quantization: {missing}")
         kwargs["quantization_config"] = peft_methods.bitsandbytes_config(quantization, dtype)
         # Quantized where it runs: each DDP rank loads the whole quantized base onto its own GPU (or the CPU).
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"}
+        kwargs["device_map"] = {
+            "": int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"
+        }
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+        )
     except Exception as exc:
         raise TrainerError(
-            ExitCode.MODEL_NOT_FOUND, f"spec.model.source: the model at {path} cannot be loaded (corrupt or incomplete?): {type(exc).__name__}: {exc}"
+            ExitCode.MODEL_NOT_FOUND,
+            f"spec.model.source: the model at {path} cannot be loaded (corrupt or incomplete?): {type(exc).__name__}: {exc}",
         ) from exc
 
 
@@ -147,26 +180,38 @@ def apply_freeze(model: Any, freeze: FreezeSpec) -> None:
             param.requires_grad = any(m in name for m in freeze.trainable_modules)
         if freeze.first_n_layers:
             idx = layer_index(name)
-            if "embed" in name or "wte" in name or "wpe" in name or (idx is not None and idx < freeze.first_n_layers):
+            if (
+                "embed" in name
+                or "wte" in name
+                or "wpe" in name
+                or (idx is not None and idx < freeze.first_n_layers)
+            ):
                 param.requires_grad = False
     if not any(p.requires_grad for p in model.parameters()):
         raise TrainerError(ExitCode.CONFIG_INVALID, "spec.freeze leaves no trainable parameter")
-
-
 
 
 def prepare_model(spec: FineTuneJobSpec, path: Path, on_gpu: bool, deepspeed: bool = False) -> Any:
     """The model ready to train; `fast_path(model)` says which fast-path pieces it got."""
     from kubetune_trainer import attention, kernels
 
-    model = load_model(path, training_dtype(spec, on_gpu, deepspeed), spec.model.trust_remote_code, spec.model.quantization)
+    model = load_model(
+        path, training_dtype(spec, on_gpu, deepspeed), spec.model.trust_remote_code, spec.model.quantization
+    )
     # No KV cache while training: with one, transformers skips the packed-sequence mask built from position_ids.
     model.config.use_cache = False
     # Prompt and prefix tuning put virtual tokens before each sequence, DPO batches chosen/rejected pairs, and
     # NEFTune scales its noise by the row's length: they keep one example per row and the model's own attention.
-    flat = attention.enabled() and spec.method not in ("prompt_tuning", "prefix_tuning") and spec.objective != "dpo" and spec.training.neftune_alpha is None
+    flat = (
+        attention.enabled()
+        and spec.method not in ("prompt_tuning", "prefix_tuning")
+        and spec.objective != "dpo"
+        and spec.training.neftune_alpha is None
+    )
     features: dict[str, Any] = {"varlenAttention": attention.use(model) if flat else False}
-    features["ligerKernels"] = kernels.apply_liger(model) if spec.model.quantization is None else []  # before peft wraps
+    features["ligerKernels"] = (
+        kernels.apply_liger(model) if spec.model.quantization is None else []
+    )  # before peft wraps
     if spec.model.quantization is not None:
         model = peft_methods.prepare_kbit(model, spec.training.gradient_checkpointing)
     elif spec.training.gradient_checkpointing:
@@ -212,11 +257,16 @@ def ddp_state_bytes(spec: FineTuneJobSpec, path: Path, on_gpu: bool) -> int:
     except TrainerError:
         raise
     except Exception as exc:
-        raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"spec.model.source: cannot read the model's config at {path}: {type(exc).__name__}: {exc}") from exc
+        raise TrainerError(
+            ExitCode.MODEL_NOT_FOUND,
+            f"spec.model.source: cannot read the model's config at {path}: {type(exc).__name__}: {exc}",
+        ) from exc
     trainable, total = trainable_parameters(model)
     weight = torch.empty((), dtype=training_dtype(spec, on_gpu, deepspeed=False)).element_size()
     # peft keeps adapter weights in fp32 whatever the base's dtype.
-    if spec.model.quantization is not None:  # the frozen base at 4 or 8 bits (plus constants), not the load dtype
+    if (
+        spec.model.quantization is not None
+    ):  # the frozen base at 4 or 8 bits (plus constants), not the load dtype
         frozen = total - trainable
         return state_bytes(total, trainable, 0, 4) + frozen * spec.model.quantization.bits // 8
     return state_bytes(total, trainable, weight, 4 if is_adapter(spec) else weight)

@@ -24,7 +24,9 @@ from kubetune.api.uris import spec_uris
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.storage import OutputStore, local_path
 
-ENV_RUN_ID = "KUBETUNE_RUN_ID"  # set by `kubetune run` (one id per invocation); a pod uses its job's uid and run
+ENV_RUN_ID = (
+    "KUBETUNE_RUN_ID"  # set by `kubetune run` (one id per invocation); a pod uses its job's uid and run
+)
 RUN_FILE = ".kubetune-run.json"  # beside the lock: which process holds it (for the refusal's message)
 
 
@@ -63,7 +65,11 @@ class OutputClaim:
                 self.lock.acquire(timeout=0)
             except Timeout:
                 holder = _read_json(store.get_text(RUN_FILE))
-                who = f"run {holder.get('runId')} (pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')})" if holder else "another run"
+                who = (
+                    f"run {holder.get('runId')} (pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')})"
+                    if holder
+                    else "another run"
+                )
                 raise TrainerError(
                     ExitCode.CONFIG_INVALID,
                     f"spec.output.uri: {store.uri} is in use by {who}; wait for it to finish or choose another output "

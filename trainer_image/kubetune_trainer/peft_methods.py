@@ -56,7 +56,11 @@ def prompt_tuning_config(pt: PromptTuningSpec, model_dir: Path) -> Any:
     from peft import PromptTuningConfig, PromptTuningInit
 
     if pt.init_text is None:
-        return PromptTuningConfig(num_virtual_tokens=pt.num_virtual_tokens, prompt_tuning_init=PromptTuningInit.RANDOM, task_type="CAUSAL_LM")
+        return PromptTuningConfig(
+            num_virtual_tokens=pt.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.RANDOM,
+            task_type="CAUSAL_LM",
+        )
     return PromptTuningConfig(
         num_virtual_tokens=pt.num_virtual_tokens,
         prompt_tuning_init=PromptTuningInit.TEXT,
@@ -70,7 +74,12 @@ def prefix_tuning_config(pt: PrefixTuningSpec) -> Any:
     from peft import PrefixTuningConfig
 
     kwargs: dict[str, Any] = {"encoder_hidden_size": pt.encoder_hidden_size} if pt.encoder_hidden_size else {}
-    return PrefixTuningConfig(num_virtual_tokens=pt.num_virtual_tokens, prefix_projection=pt.projection, task_type="CAUSAL_LM", **kwargs)
+    return PrefixTuningConfig(
+        num_virtual_tokens=pt.num_virtual_tokens,
+        prefix_projection=pt.projection,
+        task_type="CAUSAL_LM",
+        **kwargs,
+    )
 
 
 def peft_config(spec: FineTuneJobSpec, model_dir: Path) -> Any:
@@ -87,7 +96,13 @@ def peft_config(spec: FineTuneJobSpec, model_dir: Path) -> Any:
     raise TrainerError(ExitCode.CONFIG_INVALID, f"spec.method: {method} is not an adapter method")
 
 
-BLOCK = {"lora": "spec.lora", "dora": "spec.lora", "ia3": "spec.ia3", "prompt_tuning": "spec.promptTuning", "prefix_tuning": "spec.prefixTuning"}
+BLOCK = {
+    "lora": "spec.lora",
+    "dora": "spec.lora",
+    "ia3": "spec.ia3",
+    "prompt_tuning": "spec.promptTuning",
+    "prefix_tuning": "spec.prefixTuning",
+}
 
 
 def apply_adapter(model: Any, spec: FineTuneJobSpec, model_dir: Path) -> Any:

@@ -39,5 +39,7 @@ def training_dtype(spec: FineTuneJobSpec, on_gpu: bool, deepspeed: bool) -> torc
     if spec.model.dtype == "auto" and spec.method == "full" and not deepspeed:
         return torch.float32
     if spec.model.quantization is not None and on_gpu and spec.model.dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # QLoRA computes in half precision
+        return (
+            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        )  # QLoRA computes in half precision
     return resolve_dtype(spec.model.dtype, on_gpu)

@@ -55,7 +55,10 @@ class MemoryEstimate:
         parts = ", ".join(f"{k} {human(v)}" for k, v in self.parts.items())
         head = f"estimated peak memory per {self.per}: {human(self.total)} ({parts})"
         if self.fits is False:
-            return head + f"; WARNING: more than the {human(self.available or 0)} available per {self.per}: use LoRA, gradientCheckpointing, a smaller perDeviceBatchSize or maxSeqLength, or DeepSpeed ZeRO-3"
+            return (
+                head
+                + f"; WARNING: more than the {human(self.available or 0)} available per {self.per}: use LoRA, gradientCheckpointing, a smaller perDeviceBatchSize or maxSeqLength, or DeepSpeed ZeRO-3"
+            )
         return head + (f"; fits {human(self.available)}" if self.available else "")
 
 
@@ -94,9 +97,13 @@ def _activation_bytes(spec: FineTuneJobSpec, config: Any, tokens: int, half: boo
     else:
         activations = tokens * layers * per_layer
     lora = spec.lora or LoraSpec()
-    if spec.method == "lora" and lora.dropout > 0:  # each adapted linear keeps its dropped-out input (q k v o gate up: hidden; down: intermediate)
+    if (
+        spec.method == "lora" and lora.dropout > 0
+    ):  # each adapted linear keeps its dropped-out input (q k v o gate up: hidden; down: intermediate)
         intermediate = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
-        held = 1 if spec.training.gradient_checkpointing else layers  # recomputed layer by layer under checkpointing
+        held = (
+            1 if spec.training.gradient_checkpointing else layers
+        )  # recomputed layer by layer under checkpointing
         activations += tokens * held * (6 * hidden + intermediate) * (2 if half else 4)
     return activations
 
@@ -127,7 +134,13 @@ def estimate_memory(
     activations = _activation_bytes(spec, config, tokens, half)
     chunked = getattr(config, "model_type", "") in CHUNKED_LOSS_TYPES and stage != 3
     logit_tokens = min(tokens, max(16, min(8192, (1 << 26) // max(vocab, 1)))) if chunked else tokens
-    parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations, "logits": logit_tokens * vocab * 4 * 2}
+    parts = {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": optimizer,
+        "activations": activations,
+        "logits": logit_tokens * vocab * 4 * 2,
+    }
     if on_gpu:
         parts["cuda"] = CUDA_OVERHEAD
     return MemoryEstimate(parts, "GPU" if on_gpu else "process", available)
@@ -138,7 +151,16 @@ def memory_limit_per_process(spec: FineTuneJobSpec) -> int | None:
     raw = spec.resources.limits.get("memory") or spec.resources.requests.get("memory")
     if not raw:
         return None
-    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    units = {
+        "Ki": 1 << 10,
+        "Mi": 1 << 20,
+        "Gi": 1 << 30,
+        "Ti": 1 << 40,
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+    }
     for suffix, scale in units.items():
         if raw.endswith(suffix):
             try:
@@ -159,7 +181,9 @@ def _percentile(values: list[int], q: float) -> int:
 def length_stats(lengths: list[int], max_len: int) -> dict[str, Any]:
     over = sum(1 for n in lengths if n > max_len)
     edges = [max_len * f // 4 for f in (1, 2, 3, 4)]
-    bins = [sum(1 for n in lengths if lo < n <= hi) for lo, hi in zip([0] + edges[:-1], edges, strict=True)] + [over]
+    bins = [
+        sum(1 for n in lengths if lo < n <= hi) for lo, hi in zip([0] + edges[:-1], edges, strict=True)
+    ] + [over]
     return {
         "examples": len(lengths), "mean": round(statistics.fmean(lengths), 1) if lengths else 0,
         "p50": _percentile(lengths, 0.5), "p90": _percentile(lengths, 0.9), "p99": _percentile(lengths, 0.99), "max": max(lengths, default=0),
@@ -186,14 +210,28 @@ def _pieces(example: Any, tokenizer: Any, limit: int = 256) -> list[tuple[str, b
     out, previous = [], ""
     for k, label in enumerate(example.labels[:limit]):
         text = tokenizer.decode(example.input_ids[: k + 1])
-        out.append((text[len(previous) :] if text.startswith(previous) else tokenizer.decode([example.input_ids[k]]), label != IGNORE))
+        out.append(
+            (
+                text[len(previous) :]
+                if text.startswith(previous)
+                else tokenizer.decode([example.input_ids[k]]),
+                label != IGNORE,
+            )
+        )
         previous = text
     if len(example.labels) > limit:
         out.append((f" ... ({len(example.labels) - limit} more tokens)", False))
     return out
 
 
-def summarize(spec: FineTuneJobSpec, built: Built, tokenizer: Any, accum: int, memory: MemoryEstimate | None, n_examples: int = 3) -> dict[str, Any]:
+def summarize(
+    spec: FineTuneJobSpec,
+    built: Built,
+    tokenizer: Any,
+    accum: int,
+    memory: MemoryEstimate | None,
+    n_examples: int = 3,
+) -> dict[str, Any]:
     """Everything the pre-flight shows, as JSON-able data."""
     report = built.report()
     lengths = [n for s in built.sources for n in s.lengths]
@@ -201,13 +239,20 @@ def summarize(spec: FineTuneJobSpec, built: Built, tokenizer: Any, accum: int, m
         "sources": report["sources"],
         "eval": report["eval"],
         "lengths": length_stats(lengths, spec.dataset.max_seq_length),
-        "overflow": {k: report[k] for k in ("truncated", "truncatedTokens", "dropped", "droppedTokens", "overflowShare")} | {"policy": spec.dataset.overflow},
+        "overflow": {
+            k: report[k]
+            for k in ("truncated", "truncatedTokens", "dropped", "droppedTokens", "overflowShare")
+        }
+        | {"policy": spec.dataset.overflow},
         "trainSequences": report["trainSequences"],
         "evalSequences": report["evalSequences"],
         "tokensPerEpoch": report["trainTokens"],
         "learnedTokensPerEpoch": sum(sum(1 for x in e.labels if x != IGNORE) for e in built.train),
         **_schedule(spec, len(built.train), accum),
-        "examples": [[{"text": text, "learned": learned} for text, learned in ex] for ex in rendered_examples(built, tokenizer, n_examples)],
+        "examples": [
+            [{"text": text, "learned": learned} for text, learned in ex]
+            for ex in rendered_examples(built, tokenizer, n_examples)
+        ],
         "memory": _memory_summary(memory),
     }
 
@@ -226,13 +271,22 @@ def _schedule(spec: FineTuneJobSpec, n_train: int, accum: int) -> dict[str, int]
 def _memory_summary(memory: MemoryEstimate | None) -> dict[str, Any] | None:
     if memory is None:
         return None
-    return {"per": memory.per, "totalBytes": memory.total, "parts": memory.parts, "availableBytes": memory.available, "fits": memory.fits}
+    return {
+        "per": memory.per,
+        "totalBytes": memory.total,
+        "parts": memory.parts,
+        "availableBytes": memory.available,
+        "fits": memory.fits,
+    }
 
 
 def text_lines(summary: dict[str, Any]) -> list[str]:
     """The summary as plain log lines (the trainer's log; the CLI draws it with rich)."""
     unit = "preference pairs" if summary.get("objective") == "dpo" else "examples"
-    lines = [f"data {s['path']}: {s['mapping']}; {s['records']} records -> {s['examples']} {unit} (weight {s['weight']:g})" for s in summary["sources"]]
+    lines = [
+        f"data {s['path']}: {s['mapping']}; {s['records']} records -> {s['examples']} {unit} (weight {s['weight']:g})"
+        for s in summary["sources"]
+    ]
     ln, o = summary["lengths"], summary["overflow"]
     lines.append(
         f"tokens per example: p50 {ln['p50']}, p90 {ln['p90']}, p99 {ln['p99']}, max {ln['max']} against maxSeqLength {ln['maxSeqLength']}: "
@@ -255,7 +309,14 @@ def accumulation(spec: FineTuneJobSpec) -> int:
     return max(1, gbs // (spec.training.per_device_batch_size * world)) if gbs else 1
 
 
-def job_memory(spec: FineTuneJobSpec, model_dir: Path, max_tokens: int, on_gpu: bool, deepspeed: bool | None, gpu_memory: int | None) -> MemoryEstimate:
+def job_memory(
+    spec: FineTuneJobSpec,
+    model_dir: Path,
+    max_tokens: int,
+    on_gpu: bool,
+    deepspeed: bool | None,
+    gpu_memory: int | None,
+) -> MemoryEstimate:
     """The estimate for this job's model and batch; `deepspeed` None decides as backend `auto` does."""
     from kubetune_trainer.backend import choose_backend, ddp_state_bytes
 
@@ -264,15 +325,21 @@ def job_memory(spec: FineTuneJobSpec, model_dir: Path, max_tokens: int, on_gpu: 
         weight = 4 if (not on_gpu or (spec.model.dtype == "auto" and spec.method == "full")) else 2
 
         def sizes() -> tuple[int, int]:
-            return ddp_state_bytes(total, trainable, weight, 4 if spec.method == "lora" else weight), gpu_memory or 80 * GIB
+            return ddp_state_bytes(
+                total, trainable, weight, 4 if spec.method == "lora" else weight
+            ), gpu_memory or 80 * GIB
 
         deepspeed = choose_backend(spec, on_gpu, sizes).deepspeed
-    tokens = spec.training.per_device_batch_size * (spec.dataset.max_seq_length if spec.dataset.packing else min(max_tokens, spec.dataset.max_seq_length))
+    tokens = spec.training.per_device_batch_size * (
+        spec.dataset.max_seq_length if spec.dataset.packing else min(max_tokens, spec.dataset.max_seq_length)
+    )
     available = gpu_memory if on_gpu else memory_limit_per_process(spec)
     return estimate_memory(spec, trainable, total, config, tokens, on_gpu, deepspeed, available)
 
 
-def run_preflight(spec: FineTuneJobSpec, n_examples: int = 3, gpu_memory: int | None = 80 * GIB) -> dict[str, Any]:
+def run_preflight(
+    spec: FineTuneJobSpec, n_examples: int = 3, gpu_memory: int | None = 80 * GIB
+) -> dict[str, Any]:
     """Fetch the tokenizer and data, build the examples as the trainer would, and size the job. Raises
     TrainerError (exit 66 for data) for what would fail in the pods."""
     from kubetune_trainer import data
@@ -286,7 +353,9 @@ def run_preflight(spec: FineTuneJobSpec, n_examples: int = 3, gpu_memory: int | 
     accum = accumulation(spec)
     data.check_batch(len(built.train), spec.training, spec.distributed.world_size, accum)
     longest = max((n for s in built.sources for n in s.lengths), default=spec.dataset.max_seq_length)
-    return summarize(spec, built, tokenizer, accum, _estimate(spec, model_dir, longest, gpu_memory), n_examples)
+    return summarize(
+        spec, built, tokenizer, accum, _estimate(spec, model_dir, longest, gpu_memory), n_examples
+    )
 
 
 def _estimate(spec: FineTuneJobSpec, model_dir: Path, longest: int, gpu_memory: int | None) -> MemoryEstimate:
@@ -296,7 +365,9 @@ def _estimate(spec: FineTuneJobSpec, model_dir: Path, longest: int, gpu_memory: 
     return job_memory(spec, model_dir, longest, on_gpu, backend, gpu_memory)
 
 
-def preflight_pairs(spec: FineTuneJobSpec, model_dir: Path, tokenizer: Any, n_examples: int, gpu_memory: int | None) -> dict[str, Any]:
+def preflight_pairs(
+    spec: FineTuneJobSpec, model_dir: Path, tokenizer: Any, n_examples: int, gpu_memory: int | None
+) -> dict[str, Any]:
     """The pre-flight of objective dpo: preference pairs as the trainer reads them (prompt, and both replies with the
     scored tokens marked), their lengths against maxSeqLength, how many overflow, steps and memory."""
     from kubetune_trainer import data, dpo
@@ -311,11 +382,15 @@ def preflight_pairs(spec: FineTuneJobSpec, model_dir: Path, tokenizer: Any, n_ex
         "sources": [s.summary() for s in built.sources],
         "eval": built.eval_source.summary() if built.eval_source else None,
         "lengths": length_stats(lengths, spec.dataset.max_seq_length),
-        "overflow": _pair_overflow(built.sources + ([built.eval_source] if built.eval_source else []), spec.dataset.overflow),
+        "overflow": _pair_overflow(
+            built.sources + ([built.eval_source] if built.eval_source else []), spec.dataset.overflow
+        ),
         "trainSequences": len(built.train),
         "evalSequences": len(built.evals),
         "tokensPerEpoch": sum(len(p.chosen_ids) + len(p.rejected_ids) for p in built.train),
-        "learnedTokensPerEpoch": sum(sum(1 for x in p.chosen_labels + p.rejected_labels if x != IGNORE) for p in built.train),
+        "learnedTokensPerEpoch": sum(
+            sum(1 for x in p.chosen_labels + p.rejected_labels if x != IGNORE) for p in built.train
+        ),
         **_schedule(spec, len(built.train), accum),
         "examples": [],
         "pairs": [rendered_pair(p, tokenizer) for p in built.train[:n_examples]],
@@ -359,6 +434,8 @@ def memory_line(spec: FineTuneJobSpec, model_dir: Path, longest: int, on_gpu: bo
             import torch
 
             gpu = torch.cuda.get_device_properties(0).total_memory
-        return job_memory(spec, model_dir, longest or spec.dataset.max_seq_length, on_gpu, deepspeed, gpu).line()
+        return job_memory(
+            spec, model_dir, longest or spec.dataset.max_seq_length, on_gpu, deepspeed, gpu
+        ).line()
     except Exception as exc:  # an estimate must never stop a run
         return f"no memory estimate: {type(exc).__name__}: {exc}"

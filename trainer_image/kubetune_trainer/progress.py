@@ -49,7 +49,9 @@ class ProgressCollector(Collector):
             value = getattr(report, name)
             if value is not None:
                 yield GaugeMetricFamily(METRIC_PREFIX + name, info.description or name, value=float(value))
-        phases = GaugeMetricFamily(METRIC_PREFIX + "phase", "Current trainer phase (1 for the active one)", labels=["phase"])
+        phases = GaugeMetricFamily(
+            METRIC_PREFIX + "phase", "Current trainer phase (1 for the active one)", labels=["phase"]
+        )
         for phase in TrainerPhase:
             phases.add_metric([phase.value], 1.0 if phase == report.phase else 0.0)
         yield phases

@@ -74,11 +74,15 @@ def layers(directory: Path, files: Mapping[str, FileEntry], prefix: str) -> list
     ]
 
 
-def with_card(parts: list[Layer], directory: Path, files: Mapping[str, FileEntry], card: list[str]) -> list[Layer]:
+def with_card(
+    parts: list[Layer], directory: Path, files: Mapping[str, FileEntry], card: list[str]
+) -> list[Layer]:
     """`parts` plus the top-level model card files (README.md, plots) as doc layers, where the pushed
     directory has no file of that name (peft writes its own README.md into adapter/: that one stays)."""
     taken = {layer.rel for layer in parts}
-    extra = [Layer(directory / n, n, files[n].sha256, files[n].size) for n in card if n in files and n not in taken]
+    extra = [
+        Layer(directory / n, n, files[n].sha256, files[n].size) for n in card if n in files and n not in taken
+    ]
     return parts + extra
 
 
@@ -88,7 +92,9 @@ def model_config(parts: list[Layer], name: str) -> dict[str, Any]:
     hf = json.loads(found["config.json"].read_text()) if "config.json" in found else {}
     config: dict[str, Any] = {"architecture": "transformer", "format": "safetensors"}
     if precision := hf.get("dtype") or hf.get("torch_dtype"):
-        config["precision"] = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(precision, precision)
+        config["precision"] = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(
+            precision, precision
+        )
     descriptor: dict[str, Any] = {"name": name}
     if family := hf.get("model_type"):
         descriptor["family"] = family
@@ -99,7 +105,9 @@ def model_config(parts: list[Layer], name: str) -> dict[str, Any]:
     }
 
 
-def manifest(parts: list[Layer], config_blob: bytes, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+def manifest(
+    parts: list[Layer], config_blob: bytes, annotations: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The OCI image manifest; `annotations` (the lineage: kubetune_trainer.lineage.oci_annotations) on the manifest."""
     body: dict[str, Any] = {
         "schemaVersion": 2,
@@ -156,10 +164,14 @@ def _client(spec: PublishSpec, auth_file: Path | None) -> Any:
     class ChallengeAuth(oras.auth.TokenAuth):  # type: ignore[misc]
         """oras-py picks Basic or token auth up front; registries say which in their challenge."""
 
-        def authenticate_request(self, original: requests.Response, headers: dict[str, str], refresh: bool = False) -> Any:
+        def authenticate_request(
+            self, original: requests.Response, headers: dict[str, str], refresh: bool = False
+        ) -> Any:
             challenge = original.headers.get("Www-Authenticate", "")
             if not getattr(self, "_basic_auth", None):
-                raise oras.auth.AuthenticationException(f"the registry asks for credentials ({challenge or original.status_code})")
+                raise oras.auth.AuthenticationException(
+                    f"the registry asks for credentials ({challenge or original.status_code})"
+                )
             if challenge.lower().startswith("basic"):
                 self.session.headers["Authorization"] = f"Basic {self._basic_auth}"  # every later request too
                 return {**(headers or {}), "Authorization": f"Basic {self._basic_auth}"}, True
@@ -167,7 +179,9 @@ def _client(spec: PublishSpec, auth_file: Path | None) -> Any:
             # so always ask for a new one for the challenged scope (oras-py would resend the old one).
             out, changed = super().authenticate_request(original, headers, refresh=True)
             if not changed:  # the token service refused: say so at once rather than retry for minutes
-                raise oras.auth.AuthenticationException(f"the token service refused the credentials ({challenge})")
+                raise oras.auth.AuthenticationException(
+                    f"the token service refused the credentials ({challenge})"
+                )
             return out, changed
 
     client = oras.provider.Registry(insecure=spec.plain_http)
@@ -181,10 +195,17 @@ def _client(spec: PublishSpec, auth_file: Path | None) -> Any:
 
 
 def _refused(spec: PublishSpec, registry: str, detail: str) -> TrainerError:
-    where = f"credentials in Secret {spec.credentials_secret!r}" if spec.credentials_secret else "no credentials"
-    fix = "fix the Secret's auths entry" if spec.credentials_secret else "set spec.output.publish.credentialsSecret"
+    where = (
+        f"credentials in Secret {spec.credentials_secret!r}" if spec.credentials_secret else "no credentials"
+    )
+    fix = (
+        "fix the Secret's auths entry"
+        if spec.credentials_secret
+        else "set spec.output.publish.credentialsSecret"
+    )
     return TrainerError(
-        ExitCode.CREDENTIALS_INVALID, f"spec.output.publish: registry {registry} refused {where} ({detail}); {fix}"
+        ExitCode.CREDENTIALS_INVALID,
+        f"spec.output.publish: registry {registry} refused {where} ({detail}); {fix}",
     )
 
 
@@ -202,7 +223,9 @@ def _check(spec: PublishSpec, response: Any, what: str) -> None:
     detail = f"{code} {response.reason} on {what}{': ' + errors if errors else ''}"
     if code >= 500:
         raise TrainerError(ExitCode.INFRASTRUCTURE, f"spec.output.publish: registry {registry}: {detail}")
-    raise TrainerError(ExitCode.CONFIG_INVALID, f"spec.output.publish.oci {spec.oci}: the registry refused it ({detail})")
+    raise TrainerError(
+        ExitCode.CONFIG_INVALID, f"spec.output.publish.oci {spec.oci}: the registry refused it ({detail})"
+    )
 
 
 @contextmanager
@@ -220,7 +243,10 @@ def _errors(spec: PublishSpec) -> Iterator[None]:
         raise TrainerError(ExitCode.CONFIG_INVALID, f"spec.output.publish: TLS to {registry} failed ({type(exc).__name__}); "
                            "use a certificate the pod trusts, or plainHTTP: true for a plain-HTTP registry") from None  # fmt: skip
     except requests.exceptions.RequestException as exc:
-        raise TrainerError(ExitCode.INFRASTRUCTURE, f"spec.output.publish: registry {registry} unreachable ({type(exc).__name__})") from None
+        raise TrainerError(
+            ExitCode.INFRASTRUCTURE,
+            f"spec.output.publish: registry {registry} unreachable ({type(exc).__name__})",
+        ) from None
 
 
 def check_access(spec: PublishSpec, auth_file: Path | None) -> None:
@@ -235,7 +261,9 @@ def check_access(spec: PublishSpec, auth_file: Path | None) -> None:
             _check(spec, response, f"{repository}")
 
 
-def push(spec: PublishSpec, parts: list[Layer], auth_file: Path | None, annotations: dict[str, str] | None = None) -> str:
+def push(
+    spec: PublishSpec, parts: list[Layer], auth_file: Path | None, annotations: dict[str, str] | None = None
+) -> str:
     """Push the layers and the config, then the manifest under the tag; the digest-pinned reference."""
     assert spec.oci is not None
     registry, repository, _tag = split_reference(spec.oci)
@@ -246,7 +274,9 @@ def push(spec: PublishSpec, parts: list[Layer], auth_file: Path | None, annotati
         container = client.get_container(spec.oci)
         for layer, descriptor in zip(parts, body["layers"], strict=True):
             big = layer.size > CHUNKED_ABOVE
-            response = client.upload_blob(str(layer.path), container, descriptor, do_chunked=big, chunk_size=CHUNK)
+            response = client.upload_blob(
+                str(layer.path), container, descriptor, do_chunked=big, chunk_size=CHUNK
+            )
             _check(spec, response, f"blob {layer.rel}")
         config_file = Path(tmp) / "config.json"
         config_file.write_bytes(config_blob)
@@ -255,5 +285,7 @@ def push(spec: PublishSpec, parts: list[Layer], auth_file: Path | None, annotati
         _check(spec, response, "the manifest")
     digest = response.headers.get("Docker-Content-Digest") or ""
     if not digest.startswith("sha256:"):
-        raise TrainerError(ExitCode.INFRASTRUCTURE, f"spec.output.publish: {registry} returned no manifest digest")
+        raise TrainerError(
+            ExitCode.INFRASTRUCTURE, f"spec.output.publish: {registry} returned no manifest digest"
+        )
     return f"{registry}/{repository}@{digest}"

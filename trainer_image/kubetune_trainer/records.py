@@ -189,9 +189,13 @@ def _split_dir(path: Path, split: str | None) -> Path:
     if split is None:
         split = "train" if "train" in splits else (splits[0] if len(splits) == 1 else None)
         if split is None:
-            raise refuse(f"{path} is a DatasetDict with splits {splits} and none is `train`; choose one with {path}#<split>")
+            raise refuse(
+                f"{path} is a DatasetDict with splits {splits} and none is `train`; choose one with {path}#<split>"
+            )
     elif split not in splits:
-        raise refuse(f"{path} is a DatasetDict with splits {splits}, not {split!r}; choose one with {path}#<split>")
+        raise refuse(
+            f"{path} is a DatasetDict with splits {splits}, not {split!r}; choose one with {path}#<split>"
+        )
     return path / split
 
 

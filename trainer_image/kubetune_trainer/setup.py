@@ -81,8 +81,12 @@ class Parts:
     gen_examples: list[tuple[list[int], list[int]]]
     total_steps: int
     reference: Any = None  # DPO's reference policy (a callable), or None
-    eval_examples: list[Any] = field(default_factory=list)  # the whole eval set (rank 0 scores plain models on it)
-    retain_examples: list[Any] = field(default_factory=list)  # spec.evaluation.retain, tokenized (rank 0 only)
+    eval_examples: list[Any] = field(
+        default_factory=list
+    )  # the whole eval set (rank 0 scores plain models on it)
+    retain_examples: list[Any] = field(
+        default_factory=list
+    )  # spec.evaluation.retain, tokenized (rank 0 only)
 
 
 def pick_backend(config: TrainerConfig, on_gpu: bool, model_dir: Callable[[], Path]) -> BackendChoice:
@@ -135,14 +139,20 @@ def build_parts(config: TrainerConfig, rt: Runtime, facts: RunFacts, progress: P
                  eval_examples=evals if spec.objective == "sft" else [], retain_examples=retain)  # fmt: skip
 
 
-def score_retain_before(spec: FineTuneJobSpec, rt: Runtime, path: Path, tokenizer: Any, facts: RunFacts) -> list[Any]:
+def score_retain_before(
+    spec: FineTuneJobSpec, rt: Runtime, path: Path, tokenizer: Any, facts: RunFacts
+) -> list[Any]:
     """spec.evaluation.retain tokenized, and the base model's loss on it (forgetting is measured against it)."""
     retain_spec = spec.evaluation.retain if spec.evaluation is not None else None
     if retain_spec is None:
         return []
     retain, _, _, report = data_mod.load_examples(retain_spec, spec.storage, tokenizer, spec.training.seed)
-    facts.retain_loss_before = score_loss(model_mod.plain_model(path, spec), retain, tokenizer.pad_token_id, retain_spec.packing)
-    log(f"retain set: {len(retain)} sequences ({report['trainTokens']} tokens); base model's loss {facts.retain_loss_before:.4f}")
+    facts.retain_loss_before = score_loss(
+        model_mod.plain_model(path, spec), retain, tokenizer.pad_token_id, retain_spec.packing
+    )
+    log(
+        f"retain set: {len(retain)} sequences ({report['trainTokens']} tokens); base model's loss {facts.retain_loss_before:.4f}"
+    )
     return retain
 
 
@@ -161,16 +171,24 @@ def load_data(
         for source in pairs.sources if rt.is_main else []:
             log(dpo_mod.source_line(source))
     else:
-        train, evals, gen_examples, facts.data = data_mod.load_examples(spec.dataset, spec.storage, tokenizer, spec.training.seed)
+        train, evals, gen_examples, facts.data = data_mod.load_examples(
+            spec.dataset, spec.storage, tokenizer, spec.training.seed
+        )
     data_mod.check_batch(len(train), spec.training, rt.world_size, config.gradient_accumulation_steps)
     if rt.is_main:
-        log(f"{len(train)} training and {len(evals)} evaluation {'preference pairs' if spec.objective == 'dpo' else 'sequences'}")
+        log(
+            f"{len(train)} training and {len(evals)} evaluation {'preference pairs' if spec.objective == 'dpo' else 'sequences'}"
+        )
     if rt.is_main and facts.data:
         for line in data_mod.report_lines(facts.data, spec.dataset):
             log(line)
         if warning := data_mod.data_warning(facts.data, spec.dataset):
             progress.update(data_warning=warning)
-        log(preflight.memory_line(spec, rt.model_files.path(), facts.data["longest"], rt.on_gpu, rt.backend.deepspeed))
+        log(
+            preflight.memory_line(
+                spec, rt.model_files.path(), facts.data["longest"], rt.on_gpu, rt.backend.deepspeed
+            )
+        )
     return train, evals, gen_examples
 
 
@@ -179,18 +197,26 @@ def build_model(spec: FineTuneJobSpec, rt: Runtime, path: Path, facts: RunFacts)
     if spec.training.neftune_alpha is not None:
         optim_mod.install_neftune(model, spec.training.neftune_alpha)
     trainable, total = model_mod.trainable_parameters(model)
-    if (q := spec.model.quantization) is not None:  # what bitsandbytes really built: its k-bit layers under the adapter
+    if (
+        q := spec.model.quantization
+    ) is not None:  # what bitsandbytes really built: its k-bit layers under the adapter
         facts.quantized_layers = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
         if rt.is_main:
-            log(f"QLoRA: {facts.quantized_layers} linear layers at {q.bits} bits ({q.type if q.bits == 4 else 'int8'})")
+            log(
+                f"QLoRA: {facts.quantized_layers} linear layers at {q.bits} bits ({q.type if q.bits == 4 else 'int8'})"
+            )
     facts.chunked_loss = loss_mod.installed(model)
     facts.fast_path = model_mod.fast_path(model)
     if rt.is_main:
-        log(f"method {spec.method}: {trainable:,} of {total:,} parameters trainable; fast path {facts.fast_path}")
+        log(
+            f"method {spec.method}: {trainable:,} of {total:,} parameters trainable; fast path {facts.fast_path}"
+        )
         if facts.chunked_loss:
             log("loss: chunked linear + cross-entropy (no full logits)")
         else:
-            log(f"loss: the model's own ({loss_mod.supported(model) or 'off under ZeRO-3, or KUBETUNE_CHUNKED_LOSS=0'})")
+            log(
+                f"loss: the model's own ({loss_mod.supported(model) or 'off under ZeRO-3, or KUBETUNE_CHUNKED_LOSS=0'})"
+            )
     return model
 
 
@@ -217,22 +243,40 @@ def build_reference(spec: FineTuneJobSpec, rt: Runtime, path: Path, model: Any) 
             copy = model_mod.load_model(path, dtype, spec.model.trust_remote_code).to(acc.device).eval()
         copy.requires_grad_(False)
     if rt.is_main:
-        kind = "none (reference-free)" if dpo.reference_model == "none" else ("the base with adapters off" if copy is None else "a frozen copy")
+        kind = (
+            "none (reference-free)"
+            if dpo.reference_model == "none"
+            else ("the base with adapters off" if copy is None else "a frozen copy")
+        )
         log(f"objective dpo ({dpo.loss_type}, beta {dpo.beta}); reference: {kind}")
     return dpo_mod.reference_for(methods.is_adapter(spec), dpo, acc.unwrap_model(model), copy)
 
 
-def build_loaders(spec: FineTuneJobSpec, rt: Runtime, train: list[Any], evals: list[Any], pad_id: int, varlen: bool) -> tuple[Any, Any | None]:
+def build_loaders(
+    spec: FineTuneJobSpec, rt: Runtime, train: list[Any], evals: list[Any], pad_id: int, varlen: bool
+) -> tuple[Any, Any | None]:
     """Rows padded to the longest (packed rows carry position_ids), DPO pairs, or with varlen attention,
     micro-batches by token budget (perDeviceBatchSize x maxSeqLength), each one flattened row (batching.py)."""
-    workers = LOADER_WORKERS_GPU if rt.on_gpu else 0  # collate in worker processes on GPU machines; in-process on CPU
-    args: dict[str, Any] = {"num_workers": workers, "pin_memory": rt.on_gpu, "persistent_workers": workers > 0}
+    workers = (
+        LOADER_WORKERS_GPU if rt.on_gpu else 0
+    )  # collate in worker processes on GPU machines; in-process on CPU
+    args: dict[str, Any] = {
+        "num_workers": workers,
+        "pin_memory": rt.on_gpu,
+        "persistent_workers": workers > 0,
+    }
     if varlen:
         budget = spec.training.per_device_batch_size * spec.dataset.max_seq_length
         args.update(batch_size=1, collate_fn=batching.Flatten(spec.dataset.max_seq_length))
-        train, evals = batching.micro_batches(train, budget, spec.training.seed), batching.micro_batches(evals, budget)
+        train, evals = (
+            batching.micro_batches(train, budget, spec.training.seed),
+            batching.micro_batches(evals, budget),
+        )
     elif spec.objective == "dpo":
-        args.update(batch_size=spec.training.per_device_batch_size, collate_fn=functools.partial(dpo_mod.collate_pairs, pad_id=pad_id))
+        args.update(
+            batch_size=spec.training.per_device_batch_size,
+            collate_fn=functools.partial(dpo_mod.collate_pairs, pad_id=pad_id),
+        )
     else:
         collate = functools.partial(data_mod.collate, pad_id=pad_id, packed=spec.dataset.packing)
         args.update(batch_size=spec.training.per_device_batch_size, collate_fn=collate)

@@ -25,7 +25,9 @@ class TrainState:
     evals: list[dict[str, float]] = field(default_factory=list)
     tokens_seen: int = 0
     train_seconds: float = 0.0
-    before: dict[str, Any] = field(default_factory=dict)  # figures measured before the first step (evalLossBefore, ...): a resume keeps them
+    before: dict[str, Any] = field(
+        default_factory=dict
+    )  # figures measured before the first step (evalLossBefore, ...): a resume keeps them
     earlier_gangs_seconds: float = 0.0  # this run's earlier gangs, each from its start to its last checkpoint
     gang_seconds: float = 0.0  # the gang that wrote this checkpoint, from its start to the checkpoint
 
@@ -55,13 +57,27 @@ class RunFacts:
     oci: dict[str, str] | None = None  # spec.output.publish: the pushed reference, digest-pinned
     huggingface: str | None = None  # spec.output.publish.huggingface: the repository URL at the pushed commit
     lineage: dict[str, Any] = field(default_factory=dict)  # what made the model (kubetune_trainer.lineage)
-    fast_path: dict[str, Any] = field(default_factory=dict)  # which fast kernels the model runs (model.fast_path)
+    fast_path: dict[str, Any] = field(
+        default_factory=dict
+    )  # which fast kernels the model runs (model.fast_path)
     retain_loss_before: float | None = None  # spec.evaluation.retain scored by the base model
-    evaluation: EvaluationResult | None = None  # the final model's figures and gate verdict (gate.passed asks it)
-    generations: list[dict[str, Any]] = field(default_factory=list)  # each generation check: prompt, answer, passed
+    evaluation: EvaluationResult | None = (
+        None  # the final model's figures and gate verdict (gate.passed asks it)
+    )
+    generations: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # each generation check: prompt, answer, passed
     interpolation: list[dict[str, Any]] = field(default_factory=list)  # WiSE-FT: one row of figures per alpha
-    resumed: dict[str, Any] | None = None  # the checkpoint the run continued from, and the config changes a new run applied
-    set_aside: list[dict[str, str]] = field(default_factory=list)  # checkpoints that failed verification: where each went, why
+    resumed: dict[str, Any] | None = (
+        None  # the checkpoint the run continued from, and the config changes a new run applied
+    )
+    set_aside: list[dict[str, str]] = field(
+        default_factory=list
+    )  # checkpoints that failed verification: where each went, why
     owner: dict[str, Any] = field(default_factory=dict)  # the output's owner record (owner.py)
-    inputs: dict[str, str] = field(default_factory=dict)  # each input URI -> the content identity trained on (storage.identity)
-    quantized_layers: int | None = None  # QLoRA: the k-bit linear layers bitsandbytes built  # how the merged model was made, when not plainly (QLoRA: de-quantized)
+    inputs: dict[str, str] = field(
+        default_factory=dict
+    )  # each input URI -> the content identity trained on (storage.identity)
+    quantized_layers: int | None = (
+        None  # QLoRA: the k-bit linear layers bitsandbytes built  # how the merged model was made, when not plainly (QLoRA: de-quantized)
+    )

@@ -42,7 +42,9 @@ def all_reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
     return t
 
 
-def step_denominator(group: list[dict[str, Any]], world: int, accumulation: int, device: torch.device) -> torch.Tensor:
+def step_denominator(
+    group: list[dict[str, Any]], world: int, accumulation: int, device: torch.device
+) -> torch.Tensor:
     """num_items_in_batch for each micro-batch of this step (see the module docstring)."""
     tokens = torch.stack([label_count(b).to(device) for b in group]).sum().float()
     total = all_reduce(tokens).clamp(min=1)
@@ -54,7 +56,12 @@ def lm_loss(model: Any, denominator: torch.Tensor) -> Callable[[dict[str, Any]],
     return lambda batch: model(**batch, num_items_in_batch=denominator, use_cache=False).loss
 
 
-def forward_backward(accelerator: Any, model: Any, group: list[dict[str, Any]], loss_of: Callable[[dict[str, Any]], torch.Tensor]) -> list[torch.Tensor]:
+def forward_backward(
+    accelerator: Any,
+    model: Any,
+    group: list[dict[str, Any]],
+    loss_of: Callable[[dict[str, Any]], torch.Tensor],
+) -> list[torch.Tensor]:
     """Forward and backward over one optimizer step's micro-batches; gradients are synchronised after the last
     (we mark the step's boundary ourselves: the epoch's last group may be short). Returns the detached losses."""
     losses = []
@@ -77,7 +84,9 @@ def flags(nonfinite: torch.Tensor, stop: bool) -> torch.Tensor:
 def skips_on_device(optimizer: Any) -> bool:
     """A fused torch optimizer that takes `found_inf` and skips its update on the device."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    return bool(getattr(inner, "defaults", {}).get("fused")) and getattr(inner, "_step_supports_amp_scaling", False)
+    return bool(getattr(inner, "defaults", {}).get("fused")) and getattr(
+        inner, "_step_supports_amp_scaling", False
+    )
 
 
 def set_found_inf(optimizer: Any, step_flags: torch.Tensor | None) -> None:

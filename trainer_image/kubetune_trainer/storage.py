@@ -31,7 +31,10 @@ from kubetune.api.storage import s3_client, split_s3
 from kubetune_trainer.errors import TrainerError
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
-SAMPLES, SAMPLE_BYTES = 16, 64 * 1024  # local_identity: blocks hashed per file, evenly spaced, first and last included
+SAMPLES, SAMPLE_BYTES = (
+    16,
+    64 * 1024,
+)  # local_identity: blocks hashed per file, evenly spaced, first and last included
 
 IDENTITIES: dict[str, str] = {}  # every input fetched by this process -> its identity (RunFacts.inputs)
 
@@ -60,10 +63,14 @@ def local_path(uri: str) -> Path | None:
 def transfer_config() -> Any:
     from boto3.s3.transfer import TransferConfig
 
-    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD, max_concurrency=8)
+    return TransferConfig(
+        multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD, max_concurrency=8
+    )
 
 
-def download_all(client: Any, bucket: str, files: list[tuple[str, Path]], versions: dict[str, str] | None = None) -> None:
+def download_all(
+    client: Any, bucket: str, files: list[tuple[str, Path]], versions: dict[str, str] | None = None
+) -> None:
     """Each (key, path) downloaded by one TransferManager (the version named in `versions`, when given);
     the first failure is raised."""
     from boto3.s3.transfer import create_transfer_manager
@@ -93,14 +100,17 @@ def classify_s3_error(exc: BaseException, what: str, not_found: ExitCode) -> Tra
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     if isinstance(exc, NoCredentialsError):
-        return TrainerError(ExitCode.CREDENTIALS_INVALID, f"{what}: no S3 credentials; set spec.storage.secretRef")
+        return TrainerError(
+            ExitCode.CREDENTIALS_INVALID, f"{what}: no S3 credentials; set spec.storage.secretRef"
+        )
     if isinstance(exc, EndpointConnectionError):
         return TrainerError(ExitCode.STORAGE_UNAVAILABLE, f"{what}: cannot reach the S3 endpoint: {exc}")
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken"}:
             return TrainerError(
-                ExitCode.CREDENTIALS_INVALID, f"{what}: S3 refused the credentials ({code}); check spec.storage.secretRef"
+                ExitCode.CREDENTIALS_INVALID,
+                f"{what}: S3 refused the credentials ({code}); check spec.storage.secretRef",
             )
         if code in {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}:
             return TrainerError(not_found, f"{what}: not found in S3 ({code})")
@@ -144,7 +154,9 @@ def local_identity(path: Path) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         st = f.stat()
-        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}".encode())
+        h.update(
+            f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}".encode()
+        )
         with open(f, "rb") as handle:
             if st.st_size <= SAMPLES * SAMPLE_BYTES:
                 h.update(handle.read())
@@ -204,9 +216,23 @@ def download_s3_prefix(storage: StorageSpec, uri: str, what: str, not_found: Exi
 
         def fill(dest: Path) -> None:
             versions = {o["Key"]: o["VersionId"] for o in objects if o.get("VersionId")}
-            download_all(client, bucket, [(o["Key"], dest / (o["Key"][len(base) :].lstrip("/") if base else o["Key"])) for o in objects], versions)
-            if not versions and s3_identity(s3_selection(s3_objects(client, bucket, prefix), prefix)[0]) != identity:
-                raise TrainerError(ExitCode.STORAGE_UNAVAILABLE, f"{what}: {uri} changed while it was downloading; a restart fetches it again")
+            download_all(
+                client,
+                bucket,
+                [
+                    (o["Key"], dest / (o["Key"][len(base) :].lstrip("/") if base else o["Key"]))
+                    for o in objects
+                ],
+                versions,
+            )
+            if (
+                not versions
+                and s3_identity(s3_selection(s3_objects(client, bucket, prefix), prefix)[0]) != identity
+            ):
+                raise TrainerError(
+                    ExitCode.STORAGE_UNAVAILABLE,
+                    f"{what}: {uri} changed while it was downloading; a restart fetches it again",
+                )
 
         directory = cached(f"{uri}@{storage.endpoint}#{identity}", fill)
     except TrainerError:
@@ -223,13 +249,19 @@ def classify_hub_error(exc: BaseException, not_found: ExitCode) -> tuple[ExitCod
     from huggingface_hub import errors
 
     if isinstance(exc, errors.GatedRepoError):
-        return ExitCode.CREDENTIALS_INVALID, "the repo is gated: accept its terms and give the pods HF_TOKEN (spec.env from a Secret)"
+        return (
+            ExitCode.CREDENTIALS_INVALID,
+            "the repo is gated: accept its terms and give the pods HF_TOKEN (spec.env from a Secret)",
+        )
     if isinstance(exc, errors.RepositoryNotFoundError):
         return not_found, "no such repo, or it is private and HF_TOKEN is missing"
     if isinstance(exc, errors.RevisionNotFoundError):
         return not_found, "no such revision: fix spec.model.revision"
     if isinstance(exc, errors.LocalEntryNotFoundError | errors.OfflineModeIsEnabled):
-        return ExitCode.STORAGE_UNAVAILABLE, "the hub could not be reached (HF_ENDPOINT, proxy, network policy)"
+        return (
+            ExitCode.STORAGE_UNAVAILABLE,
+            "the hub could not be reached (HF_ENDPOINT, proxy, network policy)",
+        )
     if isinstance(exc, errors.EntryNotFoundError):
         return not_found, "a file the repo lists is missing"
     status = getattr(getattr(exc, "response", None), "status_code", None)
@@ -238,7 +270,14 @@ def classify_hub_error(exc: BaseException, not_found: ExitCode) -> tuple[ExitCod
     return ExitCode.STORAGE_UNAVAILABLE, "hub error"
 
 
-def fetch(uri: str, storage: StorageSpec, what: str, not_found: ExitCode, revision: str | None = None, repo_type: str = "model") -> Path:
+def fetch(
+    uri: str,
+    storage: StorageSpec,
+    what: str,
+    not_found: ExitCode,
+    revision: str | None = None,
+    repo_type: str = "model",
+) -> Path:
     """A local path holding what `uri` names (a file or a directory); remote sources are cached per node by
     content identity (module docstring), which IDENTITIES records. `hf://` names a model repository, or a
     dataset repository when `repo_type` is "dataset" (`hf://datasets/org/name` and `hf://org/name` both)."""
@@ -272,14 +311,19 @@ def fetch_hub(uri: str, what: str, not_found: ExitCode, revision: str | None, re
             snapshot_download(repo, revision=commit, local_dir=str(directory), repo_type=repo_type)
         except Exception as exc:
             code, hint = classify_hub_error(exc, not_found)
-            raise TrainerError(code, f"{what}: cannot fetch {uri} (revision {revision or 'main'}) from the Hugging Face hub: {hint}: {type(exc).__name__}: {exc}") from exc
+            raise TrainerError(
+                code,
+                f"{what}: cannot fetch {uri} (revision {revision or 'main'}) from the Hugging Face hub: {hint}: {type(exc).__name__}: {exc}",
+            ) from exc
 
     directory = cached(f"{uri}@{commit}" + (":dataset" if repo_type == "dataset" else ""), fill)
     IDENTITIES[uri] = f"commit:{commit}"
     return directory
 
 
-def hub_commit(repo: str, revision: str | None, repo_type: str, uri: str, what: str, not_found: ExitCode) -> str:
+def hub_commit(
+    repo: str, revision: str | None, repo_type: str, uri: str, what: str, not_found: ExitCode
+) -> str:
     """The commit sha `revision` (a branch, tag or sha; main when unset) names now: the cache key of a hub download."""
     try:
         from huggingface_hub import HfApi
@@ -287,9 +331,15 @@ def hub_commit(repo: str, revision: str | None, repo_type: str, uri: str, what: 
         sha = HfApi().repo_info(repo, revision=revision, repo_type=repo_type).sha
     except Exception as exc:
         code, hint = classify_hub_error(exc, not_found)
-        raise TrainerError(code, f"{what}: cannot resolve {uri} (revision {revision or 'main'}) on the Hugging Face hub: {hint}: {type(exc).__name__}: {exc}") from exc
+        raise TrainerError(
+            code,
+            f"{what}: cannot resolve {uri} (revision {revision or 'main'}) on the Hugging Face hub: {hint}: {type(exc).__name__}: {exc}",
+        ) from exc
     if not sha:
-        raise TrainerError(ExitCode.STORAGE_UNAVAILABLE, f"{what}: the hub named no commit for {uri} (revision {revision or 'main'})")
+        raise TrainerError(
+            ExitCode.STORAGE_UNAVAILABLE,
+            f"{what}: the hub named no commit for {uri} (revision {revision or 'main'})",
+        )
     return str(sha)
 
 
@@ -320,7 +370,9 @@ class OutputStore:
         try:
             return fn()
         except Exception as exc:
-            raise classify_s3_error(exc, f"output {self.uri}: {action}", ExitCode.STORAGE_UNAVAILABLE) from exc
+            raise classify_s3_error(
+                exc, f"output {self.uri}: {action}", ExitCode.STORAGE_UNAVAILABLE
+            ) from exc
 
     def check_writable(self) -> None:
         self.put_text(".kubetune-write-check", "ok")
@@ -334,7 +386,9 @@ class OutputStore:
                 shutil.copyfile(src, out)
             return
         what = f"upload {len(files)} file(s) under {files[0][1].rsplit('/', 1)[0] if files else ''}"
-        self._s3(what, lambda: upload_all(self.client, self.bucket, [(src, self._key(rel)) for src, rel in files]))
+        self._s3(
+            what, lambda: upload_all(self.client, self.bucket, [(src, self._key(rel)) for src, rel in files])
+        )
 
     def put_text(self, rel: str, text: str) -> None:
         if self.local is not None:
@@ -342,7 +396,10 @@ class OutputStore:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(text)
         else:
-            self._s3(f"write {rel}", lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=text.encode()))
+            self._s3(
+                f"write {rel}",
+                lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=text.encode()),
+            )
 
     def exists(self, rel: str) -> bool:
         if self.local is not None:
@@ -378,9 +435,13 @@ class OutputStore:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
                 return None
-            raise classify_s3_error(exc, f"output {self.uri}: read {rel}", ExitCode.STORAGE_UNAVAILABLE) from exc
+            raise classify_s3_error(
+                exc, f"output {self.uri}: read {rel}", ExitCode.STORAGE_UNAVAILABLE
+            ) from exc
         except Exception as exc:
-            raise classify_s3_error(exc, f"output {self.uri}: read {rel}", ExitCode.STORAGE_UNAVAILABLE) from exc
+            raise classify_s3_error(
+                exc, f"output {self.uri}: read {rel}", ExitCode.STORAGE_UNAVAILABLE
+            ) from exc
         return bytes(body).decode(errors="replace")
 
     def put_text_if_absent(self, rel: str, text: str) -> bool:
@@ -398,7 +459,9 @@ class OutputStore:
         from botocore.exceptions import ClientError
 
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=text.encode(), IfNoneMatch="*")
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(rel), Body=text.encode(), IfNoneMatch="*"
+            )
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code")
             if code in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
@@ -408,9 +471,13 @@ class OutputStore:
                     return False
                 self.put_text(rel, text)
                 return True
-            raise classify_s3_error(exc, f"output {self.uri}: write {rel}", ExitCode.STORAGE_UNAVAILABLE) from exc
+            raise classify_s3_error(
+                exc, f"output {self.uri}: write {rel}", ExitCode.STORAGE_UNAVAILABLE
+            ) from exc
         except Exception as exc:
-            raise classify_s3_error(exc, f"output {self.uri}: write {rel}", ExitCode.STORAGE_UNAVAILABLE) from exc
+            raise classify_s3_error(
+                exc, f"output {self.uri}: write {rel}", ExitCode.STORAGE_UNAVAILABLE
+            ) from exc
         return True
 
     def move_dir(self, rel: str, new_rel: str, first: str | None = None) -> None:
@@ -424,7 +491,9 @@ class OutputStore:
         def move() -> None:
             keys = s3_list(self.client, self.bucket, prefix)
             for key in keys:
-                self.client.copy({"Bucket": self.bucket, "Key": key}, self.bucket, new_prefix + key[len(prefix) :])
+                self.client.copy(
+                    {"Bucket": self.bucket, "Key": key}, self.bucket, new_prefix + key[len(prefix) :]
+                )
             ordered = sorted(keys, key=lambda k: k != prefix + (first or ""))
             for key in ordered:
                 self.client.delete_object(Bucket=self.bucket, Key=key)

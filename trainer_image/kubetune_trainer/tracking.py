@@ -40,7 +40,9 @@ QUEUE_POINTS: Final = 10_000  # points waiting per tracker; beyond that new poin
 RETRIES: Final = 3  # sends of one batch before its points count as failed
 BACKOFF_SECONDS: Final = 1.0  # doubled after each failed send
 REQUEST_TIMEOUT_SECONDS: Final = 10  # one HTTP request to a tracker while training
-CONNECT_TIMEOUT_SECONDS: Final = 60  # one request of the start-up check (a cold server answers its first slowly)
+CONNECT_TIMEOUT_SECONDS: Final = (
+    60  # one request of the start-up check (a cold server answers its first slowly)
+)
 CONNECT_TRIES: Final = 3  # start-up checks before the tracker counts as unreachable
 FLUSH_SECONDS: Final = 30.0  # how long the end of the run waits for queued points
 BATCH_POINTS: Final = 500  # points per send (MLflow's log_batch takes up to 1,000 metrics)
@@ -87,7 +89,19 @@ def new_points(points: Iterable[Point], floors: dict[str, int]) -> list[Point]:
 def hyper_parameters(config: TrainerConfig, backend: str | None = None) -> dict[str, str]:
     """The resolved hyper-parameters as flat `block.field` strings (what was trained, and how)."""
     spec = config.spec.model_dump(by_alias=True, mode="json", exclude_none=True)
-    wanted = ("model", "method", "objective", "lora", "promptTuning", "prefixTuning", "ia3", "dpo", "freeze", "training", "distributed")
+    wanted = (
+        "model",
+        "method",
+        "objective",
+        "lora",
+        "promptTuning",
+        "prefixTuning",
+        "ia3",
+        "dpo",
+        "freeze",
+        "training",
+        "distributed",
+    )
     flat: dict[str, str] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -219,7 +233,12 @@ class Channel:
         # queued: not yet delivered nor counted as failed, the batch in flight included (a send still retrying when
         # the run ends is neither sent nor failed)
         waiting = sum(1 for item in list(self._queue.queue) if item is not None)
-        return {"sent": self.sent, "dropped": self.dropped, "failed": self.failed, "queued": waiting + self.in_flight}
+        return {
+            "sent": self.sent,
+            "dropped": self.dropped,
+            "failed": self.failed,
+            "queued": waiting + self.in_flight,
+        }
 
 
 # ------------------------------------------------------------------ MLflow
@@ -236,16 +255,39 @@ def _mlflow_refused(spec: MlflowTracking, exc: Exception) -> TrainerError:
     text = str(exc)
     status = getattr(exc, "get_http_status_code", lambda: None)()
     code = str(getattr(exc, "error_code", ""))
-    if status in (401, 403) or "401" in text[:200] or "403" in text[:200] or code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-        where = f"the credentials in Secret {spec.credentials_secret!r}" if spec.credentials_secret else "no credentials"
-        fix = "fix the Secret's MLFLOW_TRACKING_USERNAME/PASSWORD (or _TOKEN)" if spec.credentials_secret else "set spec.tracking.mlflow.credentialsSecret"
-        return TrainerError(ExitCode.CREDENTIALS_INVALID, f"spec.tracking.mlflow: {spec.uri} refused {where}; {fix}")
+    if (
+        status in (401, 403)
+        or "401" in text[:200]
+        or "403" in text[:200]
+        or code in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+    ):
+        where = (
+            f"the credentials in Secret {spec.credentials_secret!r}"
+            if spec.credentials_secret
+            else "no credentials"
+        )
+        fix = (
+            "fix the Secret's MLFLOW_TRACKING_USERNAME/PASSWORD (or _TOKEN)"
+            if spec.credentials_secret
+            else "set spec.tracking.mlflow.credentialsSecret"
+        )
+        return TrainerError(
+            ExitCode.CREDENTIALS_INVALID, f"spec.tracking.mlflow: {spec.uri} refused {where}; {fix}"
+        )
     first = text.splitlines()[0][:200] if text else ""
     if _unreachable(exc):
-        why = "timed out" if "timed out" in text else "connection refused" if "refused" in text else "no connection"
+        why = (
+            "timed out"
+            if "timed out" in text
+            else "connection refused"
+            if "refused" in text
+            else "no connection"
+        )
         return TrainerError(ExitCode.INFRASTRUCTURE, f"spec.tracking.mlflow.uri {spec.uri}: unreachable ({why}); "
                             "check the address and that the pods can reach it")  # fmt: skip
-    return TrainerError(ExitCode.CONFIG_INVALID, f"spec.tracking.mlflow: {spec.uri} answered {type(exc).__name__}: {first}")
+    return TrainerError(
+        ExitCode.CONFIG_INVALID, f"spec.tracking.mlflow: {spec.uri} answered {type(exc).__name__}: {first}"
+    )
 
 
 def _unreachable(exc: Exception) -> bool:
@@ -291,10 +333,19 @@ class MlflowSink:
         spec = self.spec
         try:
             experiment = self.client.get_experiment_by_name(spec.experiment)
-            self.experiment_id = experiment.experiment_id if experiment is not None else self.client.create_experiment(spec.experiment)
+            self.experiment_id = (
+                experiment.experiment_id
+                if experiment is not None
+                else self.client.create_experiment(spec.experiment)
+            )
             tags = self.tags()
             query = f"tags.`{TAG_UID}` = '{_quote(tags[TAG_UID])}' and tags.`{TAG_OUTPUT}` = '{_quote(tags[TAG_OUTPUT])}'"
-            found = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time ASC"])
+            found = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=query,
+                max_results=1,
+                order_by=["attributes.start_time ASC"],
+            )
             if found:
                 run = found[0]
                 self.resumed = True
@@ -306,7 +357,9 @@ class MlflowSink:
                     self.client.update_run(self.run_id, status="RUNNING")
             else:
                 run_name = spec.run_name or _default_run_name(self.config)
-                self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+                self.run_id = self.client.create_run(
+                    self.experiment_id, run_name=run_name, tags=tags
+                ).info.run_id
         except TrainerError:
             raise
         except Exception as exc:
@@ -349,7 +402,9 @@ class MlflowSink:
         try:
             self.client.create_registered_model(name)
         except MlflowException as exc:
-            if "RESOURCE_ALREADY_EXISTS" not in str(getattr(exc, "error_code", "")) and "already exists" not in str(exc):
+            if "RESOURCE_ALREADY_EXISTS" not in str(
+                getattr(exc, "error_code", "")
+            ) and "already exists" not in str(exc):
                 raise
         version = self.client.create_model_version(name, source, run_id=self.run_id, tags=tags)
         return f"{name}/{version.version}"
@@ -381,7 +436,11 @@ class WandbSink:
 
     def __init__(self, spec: WandbTracking, config: TrainerConfig, directory: Path):
         self.spec, self.config, self.directory = spec, config, directory
-        self.where = f"{spec.base_url or 'wandb'} project {spec.project}" if spec.mode == "online" else f"offline run in {directory}"
+        self.where = (
+            f"{spec.base_url or 'wandb'} project {spec.project}"
+            if spec.mode == "online"
+            else f"offline run in {directory}"
+        )
         self.run: Any = None
         self.floor = -1  # W&B refuses steps below its current one
 
@@ -462,7 +521,9 @@ class Tracker:
     status: TrackingStatus = field(default_factory=TrackingStatus)
     offline_dirs: list[Path] = field(default_factory=list)
     ended: bool = False
-    gone: set[str] = field(default_factory=set)  # trackers that failed at the end: nothing more is sent to them
+    gone: set[str] = field(
+        default_factory=set
+    )  # trackers that failed at the end: nothing more is sent to them
     _seen: dict[str, int] = field(default_factory=dict)  # how much of each TrainState list was handed over
 
     def observe(self, state: TrainState, eval_loss_before: float | None = None) -> None:
@@ -502,7 +563,9 @@ class Tracker:
         self.close(exit_code)
         return self.status
 
-    def _finish_mlflow(self, sink: MlflowSink, files: list[Path], links: dict[str, str], source: str | None, exit_code: int) -> None:
+    def _finish_mlflow(
+        self, sink: MlflowSink, files: list[Path], links: dict[str, str], source: str | None, exit_code: int
+    ) -> None:
         self._quietly("MLflow", "the tags", lambda: sink.set_tags(links))
         self._quietly("MLflow", "the card and plots", lambda: sink.log_artifacts(files))
         name = sink.spec.register_as
@@ -544,9 +607,24 @@ class Tracker:
 def summary_points(metrics: dict[str, Any], step: int) -> list[Point]:
     """The run's summary figures from metrics.json, at the final step: before/after, throughput, the
     final evaluation, and the interpolation table (one step per alpha x 100, under `interpolation/`)."""
-    keys = ("evalLossBefore", "evalLossAfter", "exactMatchBefore", "exactMatchAfter", "tokensSeen", "tokensPerSecond", "trainSeconds", "wallSeconds")
+    keys = (
+        "evalLossBefore",
+        "evalLossAfter",
+        "exactMatchBefore",
+        "exactMatchAfter",
+        "tokensSeen",
+        "tokensPerSecond",
+        "trainSeconds",
+        "wallSeconds",
+    )
     figures = {k: metrics.get(k) for k in keys}
-    figures.update({k: v for k, v in metrics.items() if k.startswith("evalReward") or k in ("rewardAccuracy", "rewardMargin")})
+    figures.update(
+        {
+            k: v
+            for k, v in metrics.items()
+            if k.startswith("evalReward") or k in ("rewardAccuracy", "rewardMargin")
+        }
+    )
     for k, v in (metrics.get("evaluation") or {}).items():
         figures[f"final/{k}"] = v
     for k, v in (metrics.get("usage") or {}).items():
@@ -554,7 +632,11 @@ def summary_points(metrics: dict[str, Any], step: int) -> list[Point]:
     out = points_of({"step": step, **figures})
     for row in metrics.get("interpolation") or []:
         if isinstance(row, dict) and isinstance(row.get("alpha"), int | float):
-            out += [Point(f"interpolation/{p.key}", p.value, p.step) for p in points_of({**row, "step": round(row["alpha"] * 100)}) if p.key != "alpha"]
+            out += [
+                Point(f"interpolation/{p.key}", p.value, p.step)
+                for p in points_of({**row, "step": round(row["alpha"] * 100)})
+                if p.key != "alpha"
+            ]
     return out
 
 
@@ -571,8 +653,17 @@ def start_tracking(config: TrainerConfig, scratch: Path, backend: str | None = N
         sink.connect(params)
         tracker.mlflow = sink
         tracker.floors.update(sink.floors)
-        tracker.status = tracker.status.model_copy(update={"mlflow_run": sink.url, "mlflow_run_id": sink.run_id})
-        log(f"MLflow run {sink.url}" + (f" (continued; steps up to {max(sink.floors.values(), default=0)} already logged)" if sink.resumed else ""))
+        tracker.status = tracker.status.model_copy(
+            update={"mlflow_run": sink.url, "mlflow_run_id": sink.run_id}
+        )
+        log(
+            f"MLflow run {sink.url}"
+            + (
+                f" (continued; steps up to {max(sink.floors.values(), default=0)} already logged)"
+                if sink.resumed
+                else ""
+            )
+        )
         tracker.channels.append(Channel(sink))
     if spec.wandb is not None:
         wb = WandbSink(spec.wandb, config, scratch / "wandb")

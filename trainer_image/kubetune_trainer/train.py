@@ -80,7 +80,9 @@ class Trainer:
         self._checkpointer = Checkpointer(rt.accelerator, rt.store, self.config.job.uid or self.config.job.name,
                                           rt.world_size, self.spec.output.keep_checkpoints, self.spec)  # fmt: skip
         if parts.eval_loader is not None:
-            self._evaluator = Evaluator(rt.accelerator, parts.model, parts.eval_loader, self.progress, self.spec, parts.reference)
+            self._evaluator = Evaluator(
+                rt.accelerator, parts.model, parts.eval_loader, self.progress, self.spec, parts.reference
+            )
         self._resume_or_measure()
         self.progress.update(total_steps=parts.total_steps, step=self.state.step, phase=TrainerPhase.TRAINING)
 
@@ -88,7 +90,9 @@ class Trainer:
         """Rank 0, before training: serve progress, claim the output (the run's first write: a second owner's run is
         refused here) and check the publishing credentials, so wrong ones fail before any step."""
         self.server = serve(self.progress, self.config.progress_port)
-        log(f"progress on :{self.server.server_address[1]}/progress; world size {rt.world_size}; {rt.accelerator.distributed_type}")
+        log(
+            f"progress on :{self.server.server_address[1]}/progress; world size {rt.world_size}; {rt.accelerator.distributed_type}"
+        )
         log(f"backend {rt.backend.name}: {rt.backend.reason}")
         self._claim = OutputClaim(rt.store, self.config)
         self.facts.owner = self._claim.acquire(self.config)
@@ -108,22 +112,33 @@ class Trainer:
     def _resume_or_measure(self) -> None:
         """Continue from the newest verified checkpoint (this run's, else resumeFrom's); a fresh run measures
         the eval loss before training, and the checkpoints keep it for every resume."""
-        previous = OutputStore(self.config.resume_from, self.spec.storage) if self.config.resume_from else None
+        previous = (
+            OutputStore(self.config.resume_from, self.spec.storage) if self.config.resume_from else None
+        )
         assert self._checkpointer is not None
         resumed = self._checkpointer.resume(self.spec, previous, self.parts.optimizer, self.parts.scheduler)
-        self.facts.set_aside = resumed.set_aside if resumed is not None else set_aside_earlier(self.runtime.store, [])
+        self.facts.set_aside = (
+            resumed.set_aside if resumed is not None else set_aside_earlier(self.runtime.store, [])
+        )
         if self.facts.set_aside:
             self.progress.update(checkpoint_warning=set_aside_warning(self.facts.set_aside))
         if resumed is not None:
             self.state = resumed.state
-            self.facts.resumed = {"checkpoint": resumed.checkpoint, "step": resumed.state.step, "configChanges": resumed.changes}
+            self.facts.resumed = {
+                "checkpoint": resumed.checkpoint,
+                "step": resumed.state.step,
+                "configChanges": resumed.changes,
+            }
             self.facts.eval_loss_before = self.state.before.get("evalLoss")
             self.facts.eval_rewards_before = dict(self.state.before.get("rewards") or {})
         if self._evaluator is None or self.state.step != 0:
             return
         self.facts.eval_loss_before = self._evaluator.loss()
         self.facts.eval_rewards_before = {f"{k}Before": v for k, v in self._evaluator.rewards.items()}
-        self.state.before = {"evalLoss": self.facts.eval_loss_before, "rewards": self.facts.eval_rewards_before}
+        self.state.before = {
+            "evalLoss": self.facts.eval_loss_before,
+            "rewards": self.facts.eval_rewards_before,
+        }
         if self.runtime.is_main:
             log(f"eval loss before training: {self.facts.eval_loss_before:.4f}")
 
@@ -161,7 +176,9 @@ class Trainer:
         """Artifacts (with the evaluation and its gate) to the output, then: a failed gate ends the run
         (GateFailed, not retryable) before anything is published; the artifacts stay for inspection."""
         self.progress.update(phase=TrainerPhase.SAVING)
-        ArtifactWriter(self.config, self.runtime, self.parts, self.state, self.facts, self.started, self.tracker).save()
+        ArtifactWriter(
+            self.config, self.runtime, self.parts, self.state, self.facts, self.started, self.tracker
+        ).save()
         if self.tracker is not None:
             self.progress.update(tracking=self.tracker.status)
         if not self.gate_passed():
@@ -171,7 +188,9 @@ class Trainer:
     def published(self) -> Artifacts | None:
         """What the termination message carries beyond the fixed layout: the pushed OCI reference and Hub commit."""
         oci = self.facts.oci["reference"] if self.facts.oci else None
-        return Artifacts(oci=oci, huggingface=self.facts.huggingface) if oci or self.facts.huggingface else None
+        return (
+            Artifacts(oci=oci, huggingface=self.facts.huggingface) if oci or self.facts.huggingface else None
+        )
 
     def gate_passed(self) -> bool:
         """Whether the final model may be published: no gate, or every threshold met (rank 0 knows; other
@@ -201,4 +220,6 @@ def set_aside_warning(set_aside: list[dict[str, str]]) -> str:
     """One line for status.progress (and the termination message): which checkpoints failed verification."""
     first = set_aside[-1]
     more = f" (and {len(set_aside) - 1} more)" if len(set_aside) > 1 else ""
-    return f"checkpoint {first['checkpoint']} failed verification ({first['problem']}); set aside as {first['setAsideAs']}{more}"[:500]
+    return f"checkpoint {first['checkpoint']} failed verification ({first['problem']}); set aside as {first['setAsideAs']}{more}"[
+        :500
+    ]

@@ -38,14 +38,19 @@ def main_stack_brief(limit: int = 12) -> str:
     frame = sys._current_frames().get(threading.main_thread().ident or 0)
     if frame is None:
         return "?"
-    calls = [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(traceback.extract_stack(frame))]
+    calls = [
+        f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
+        for f in reversed(traceback.extract_stack(frame))
+    ]
     return " < ".join(calls[:limit])
 
 
 class Watchdog:
     """`beat()` after each optimizer step; `seconds` without one calls `on_stall(report)` once."""
 
-    def __init__(self, seconds: float, on_stall: Callable[[str], None], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, seconds: float, on_stall: Callable[[str], None], clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.seconds, self.on_stall, self.clock = seconds, on_stall, clock
         self.last = clock()
         self.step = 0
@@ -67,7 +72,9 @@ class Watchdog:
         idle = self.clock() - self.last
         if idle < self.seconds:
             return False
-        self.on_stall(f"no optimizer step for {idle:.0f}s after step {self.step} (progressDeadlineSeconds {self.seconds:g})")
+        self.on_stall(
+            f"no optimizer step for {idle:.0f}s after step {self.step} (progressDeadlineSeconds {self.seconds:g})"
+        )
         return True
 
     def _run(self) -> None:
@@ -82,5 +89,7 @@ def exit_stalled(summary: str) -> None:
     from kubetune_trainer.errors import write_termination_message
 
     print(f"[kubetune] STALLED: {summary}; Python stacks:\n{stacks()}", file=sys.stderr, flush=True)
-    write_termination_message(ExitCode.STALLED, f"{summary}; main thread, innermost first: {main_stack_brief()}")
+    write_termination_message(
+        ExitCode.STALLED, f"{summary}; main thread, innermost first: {main_stack_brief()}"
+    )
     os._exit(int(ExitCode.STALLED))
