@@ -553,3 +553,28 @@ def test_metrics_can_be_turned_off():
     container = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "KUBETUNE_METRICS_PORT", "value": "0"} in container["env"]
     assert not [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+
+
+def test_network_policy_is_off_by_default_and_opens_the_gang_and_the_progress_port():
+    assert not by_kind(template(), "NetworkPolicy")
+    docs = template("networkPolicy.enabled=true", "watchNamespaces={team-a,team-b}")
+    policies = by_kind(docs, "NetworkPolicy")
+    assert [p["metadata"]["namespace"] for p in policies] == ["team-a", "team-b"]
+    spec = policies[0]["spec"]
+    workers = {"app.kubernetes.io/managed-by": "kubetune", "kubetune.io/role": "worker"}
+    assert spec["podSelector"] == {"matchLabels": workers} and spec["policyTypes"] == ["Ingress"]
+    peers, operator = spec["ingress"]
+    assert peers == {
+        "from": [{"podSelector": {"matchLabels": workers}}]
+    }  # every port: gloo and NCCL pick theirs
+    assert operator["ports"] == [{"protocol": "TCP", "port": 8080}]
+    [source] = operator["from"]
+    assert source["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kubetune-system"}
+    [deploy] = by_kind(docs, "Deployment")
+    assert (
+        source["podSelector"]["matchLabels"].items()
+        <= deploy["spec"]["template"]["metadata"]["labels"].items()
+    )
+    # without watched namespaces: the release's own
+    alone = by_kind(template("networkPolicy.enabled=true"), "NetworkPolicy")
+    assert [p["metadata"]["namespace"] for p in alone] == ["kubetune-system"]

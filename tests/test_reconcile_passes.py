@@ -340,6 +340,50 @@ def check_failed_for_the_user(world: World) -> None:
     assert "bad record 3" in status["message"]
 
 
+UNREACHABLE = (
+    "pod demo-r0-1-x7k2p (node rank 1) cannot reach rank 0's pod demo-r0-0 at demo-r0-0.demo port 29500 "
+    "(torchrun's rendezvous) for 20s: connecting to 10.0.0.1:29500 timed out (packets dropped)"
+)
+NETWORK = {
+    "backend": "gloo", "worldSize": 2, "megabytes": 4, "allReduceMs": 3.9, "allReduceBusGbps": 1.03,
+    "minBandwidthGbps": 0.46, "maxLatencyMs": 0.15, "seconds": 0.1, "checkedAt": "2026-03-01T11:59:00Z",
+    "pairs": [{"source": 1, "target": 0, "sourcePod": "demo-r0-1", "targetPod": "demo-r0-0", "latencyMs": 0.15,
+               "bandwidthGbps": 0.56},
+              {"source": 0, "target": 1, "sourcePod": "demo-r0-0", "targetPod": "demo-r0-1", "latencyMs": 0.14,
+               "bandwidthGbps": 0.46}],
+}  # fmt: skip
+
+
+def network_checked() -> World:
+    """Rank 0 has run the network check and says so in its progress report."""
+    from kubetune.status.progress import to_progress
+
+    world = running(distributed={"nodes": 2})
+    report = to_progress({"phase": "Initializing", "network": NETWORK}, iso(NOW))
+    world.store.put_progress(world.key, "demo-r0-0", report, 0.0)
+    return world
+
+
+def check_network_status(world: World) -> None:
+    network = world.status["network"]
+    assert network["backend"] == "gloo" and network["worldSize"] == 2
+    assert [(p["source"], p["target"], p["bandwidthGbps"]) for p in network["pairs"]] == [
+        (1, 0, 0.56),
+        (0, 1, 0.46),
+    ]
+    assert "network" not in world.status["progress"]  # once, in status.network
+
+
+def check_network_unreachable(world: World) -> None:
+    status = world.status
+    assert status["lastFailure"]["reason"] == "NetworkUnreachable" and status["lastFailure"]["exitCode"] == 72
+    assert status["restarts"] == 0  # a restart cannot help: the network must change first
+    [failed] = [c for c in status["conditions"] if c["type"] == "Failed"]
+    assert failed["reason"] == "NetworkUnreachable"
+    for needle in ("demo-r0-1-x7k2p", "demo-r0-0", "port 29500", "gang was stopped"):
+        assert needle in failed["message"], failed["message"]
+
+
 def check_succeeded(world: World) -> None:
     status = world.status
     assert status["artifacts"]["manifest"] == "s3://out/demo/manifest.json" and status["completionTime"]
@@ -472,6 +516,16 @@ CASES = {
         "Failed",
         ("Warning", "DatasetInvalid"),
         check_failed_for_the_user,
+    ),
+    "failure: a rank that cannot reach a peer fails the job at once, naming both pods and the port": Case(
+        lambda: finished(ExitCode.NETWORK_UNREACHABLE, UNREACHABLE, distributed={"nodes": 2}),
+        [*STATUS_AND_EVENT, ("delete", "Job", "demo-r0")],
+        "Failed",
+        ("Warning", "NetworkUnreachable"),
+        check_network_unreachable,
+    ),
+    "network check: rank 0's figures reach status.network": Case(
+        network_checked, [("patch-status", "FineTuneJob", "demo")], "Initializing", None, check_network_status
     ),
     "failure: retries used up": Case(
         lambda: finished(ExitCode.STORAGE_UNAVAILABLE, runPolicy={"backoffLimit": 0}),

@@ -53,7 +53,9 @@ def test_torchrun_rendezvous_at_rank_zero_stable_dns_name():
         spec(distributed={"nodes": 2, "procsPerNode": 8, "gpusPerNode": 8}), "demo", "ml", restart=1
     )
     c = container(job)
-    assert c["command"] == ["torchrun"]
+    # rank 0's rendezvous port is probed first (kubetune_trainer.reach), which then execs torchrun
+    assert c["command"] == ["python", "-m", "kubetune_trainer.reach"]
+    assert c["args"][:4] == ["--timeout-seconds", "20", "--", "torchrun"]
     args = " ".join(c["args"])
     assert "--nnodes 2 --nproc-per-node 8 --node-rank $(JOB_COMPLETION_INDEX)" in args
     assert "--master-addr demo-r1-0.demo --master-port 29500" in args

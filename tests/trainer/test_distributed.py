@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from trainer_helpers import job_spec, rank_dumps, run_trainer
+from trainer_helpers import job_spec, rank_dumps, run_trainer, termination
 
 CASES = {
     "ddp-lora": {"distributed.backend": "ddp", "method": "lora"},
@@ -67,6 +67,14 @@ def test_two_ranks_train_together_and_loss_falls(tmp_path: Path, case: str) -> N
     assert curve[-1] < 0.7 * curve[0], curve
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["worldSize"] == 2
+    network = metrics["network"]  # the check before step 0, over the training backend
+    assert network["backend"] == "gloo" and network["worldSize"] == 2
+    assert [(p["source"], p["target"]) for p in network["pairs"]] == [(1, 0), (0, 1)]
+    assert (
+        all(p["latencyMs"] > 0 and p["bandwidthGbps"] > 0 for p in network["pairs"])
+        and network["allReduceMs"] > 0
+    )
+    assert termination(tmp_path)["progress"]["network"] == network  # what the operator reads (status.network)
     assert metrics["evalLossAfter"] < metrics["evalLossBefore"]
     assert (tmp_path / "out" / "COMPLETE").exists()
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()

@@ -211,7 +211,8 @@ class ArtifactWriter:
         optional = {"exactMatchBefore": facts.exact_match_before, "exactMatchAfter": facts.exact_match_after,
                     "mergedModel": facts.merged_model, "quantizedLayers": facts.quantized_layers,
                     "oci": facts.oci, "resumedFrom": facts.resumed, "setAside": facts.set_aside or None,
-                    "huggingface": facts.huggingface, "lineage": facts.lineage or None, "tracking": self._tracking()}  # fmt: skip
+                    "huggingface": facts.huggingface, "lineage": facts.lineage or None, "tracking": self._tracking(),
+                    "network": self.rt.network.model_dump(by_alias=True, mode="json", exclude_none=True) if self.rt.network else None}  # fmt: skip
         return {
             "job": self.config.job.name,
             "steps": st.step,

@@ -17,10 +17,10 @@ from typing import Any, cast
 import torch
 from kubetune.api import methods
 from kubetune.api.contract import ExitCode
-from kubetune.api.models import DpoSpec, FineTuneJobSpec
+from kubetune.api.models import DpoSpec, FineTuneJobSpec, NetworkReport
 from kubetune.api.trainer_config import TrainerConfig
 
-from kubetune_trainer import batching, preflight
+from kubetune_trainer import batching, netcheck, preflight
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import dpo as dpo_mod
 from kubetune_trainer import loss as loss_mod
@@ -62,6 +62,7 @@ class Runtime:
     on_gpu: bool
     store: OutputStore
     model_files: ModelFiles
+    network: NetworkReport | None = None  # the network check before step 0 (netcheck.py), with several ranks
 
     @property
     def is_main(self) -> bool:
@@ -111,8 +112,9 @@ def start_runtime(config: TrainerConfig) -> Runtime:
             ExitCode.CONFIG_INVALID,
             f"torchrun started {world_size} processes but the config expects worldSize {config.world_size}",
         )
+    network = netcheck.check(config.spec.distributed.network_check, accelerator.device)
     store = OutputStore(config.spec.output.uri, config.spec.storage)
-    return Runtime(accelerator, backend, world_size, on_gpu, store, files)
+    return Runtime(accelerator, backend, world_size, on_gpu, store, files, network)
 
 
 def build_parts(config: TrainerConfig, rt: Runtime, facts: RunFacts, progress: ProgressState) -> Parts:

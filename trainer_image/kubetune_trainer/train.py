@@ -63,6 +63,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         rt = self._runtime = start_runtime(self.config)
+        self.progress.update(network=rt.network)  # status.network: the check before step 0
         signals.stop_at_next_step(self.stop.set)  # SIGTERM, SIGINT and SIGHUP: checkpoint at the next step
         if rt.is_main:
             self._serve_and_claim(rt)

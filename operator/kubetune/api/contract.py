@@ -36,6 +36,9 @@ class ExitCode(IntEnum):
     CHECKPOINT_INVALID = (
         71  # checkpoints exist but none passed verification against its manifest (each is set aside)
     )
+    NETWORK_UNREACHABLE = (
+        72  # a rank cannot reach a peer (rendezvous port or the backend's): the network must change
+    )
     # --- infrastructure errors: a restart from the last checkpoint may help.
     INFRASTRUCTURE = 75
     STORAGE_UNAVAILABLE = 76
@@ -53,6 +56,7 @@ USER_ERRORS = frozenset(
         ExitCode.LOSS_NOT_FINITE,
         ExitCode.EVALUATION_GATE_FAILED,
         ExitCode.CHECKPOINT_INVALID,
+        ExitCode.NETWORK_UNREACHABLE,
     }
 )
 
@@ -64,6 +68,7 @@ REASONS: dict[int, str] = {
     ExitCode.LOSS_NOT_FINITE: "LossNotFinite",
     ExitCode.EVALUATION_GATE_FAILED: "EvaluationGateFailed",
     ExitCode.CHECKPOINT_INVALID: "CheckpointInvalid",
+    ExitCode.NETWORK_UNREACHABLE: "NetworkUnreachable",
     ExitCode.INFRASTRUCTURE: "InfrastructureError",
     ExitCode.STORAGE_UNAVAILABLE: "StorageUnavailable",
     ExitCode.STALLED: "Stalled",
@@ -207,6 +212,9 @@ ENV_CONFIG_PATH: Final = "KUBETUNE_CONFIG"  # path of the mounted trainer-config
 ENV_TERMINATION_LOG: Final = "KUBETUNE_TERMINATION_LOG"  # where the trainer writes its TerminationMessage
 ENV_CACHE_DIR: Final = "KUBETUNE_CACHE_DIR"  # node-local cache for model downloads and tokenized data
 ENV_PVC_ROOT: Final = "KUBETUNE_PVC_ROOT"  # where pvc://claim/path URIs are mounted: <root>/claim/path
+ENV_POD_NAME: Final = (
+    "KUBETUNE_POD_NAME"  # the pod's own name (downward API): network failures name both pods
+)
 ENV_TRAINER_IMAGE: Final = (
     "KUBETUNE_TRAINER_IMAGE"  # the image reference the pod runs, for the model's lineage
 )

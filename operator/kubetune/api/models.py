@@ -371,6 +371,17 @@ class DpoSpec(ApiModel):
 # --------------------------------------------------------------- distributed
 
 
+class NetworkCheckSpec(ApiModel):
+    """The gang's network check: before training starts (and after each restart), every pod first checks that rank 0's rendezvous port answers, then the ranks time a ring of point-to-point messages and one all-reduce over the training backend (NCCL on GPU, gloo on CPU)."""
+
+    enabled: bool = True
+    """Run the check (false: none; a peer that cannot be reached then hangs the rendezvous until torchrun's own timeout)."""
+    megabytes: int = Field(default=4, ge=1, le=1024)
+    """Size of the all-reduce and of each point-to-point message that measure bandwidth (latency is measured with 4-byte messages)."""
+    timeout_seconds: int = Field(default=20, ge=5, le=600)
+    """How long a pod may fail to reach a peer (connections timing out or refused by the route, not a peer still starting) before the gang fails with reason NetworkUnreachable, naming both pods and the port."""
+
+
 class DistributedSpec(ApiModel):
     """How many processes train together and how they share the work."""
 
@@ -392,6 +403,8 @@ class DistributedSpec(ApiModel):
     """How long the gang's pods stay bound to a node that stopped answering (NotReady or unreachable) before Kubernetes evicts them and the operator restarts the gang from its newest complete checkpoint: the pods tolerate `node.kubernetes.io/not-ready` and `node.kubernetes.io/unreachable` (NoExecute) for this long instead of the cluster's default 300 s. 30 to 3600: below 30 s a node that flaps restarts the gang over and over. A toleration for either key in `spec.tolerations` takes precedence."""
     spread: Literal["nodes", "none"] = "nodes"
     """`nodes`: a topology spread constraint over `kubernetes.io/hostname` (maxSkew 1, DoNotSchedule, tainted nodes not counted) puts the gang's pods on as many nodes as possible, one per node when there are enough, so one node's loss costs at most its own pods. `none`: placement is left to the scheduler (and to `affinity`)."""
+    network_check: NetworkCheckSpec = Field(default_factory=NetworkCheckSpec)
+    """The network check before training: reachability of rank 0's rendezvous port, then bandwidth and latency per pair of ranks and of one all-reduce (status.network, metrics.json)."""
 
     @property
     def world_size(self) -> int:
@@ -975,6 +988,48 @@ class TrackingStatus(ApiModel):
     """The W&B run's URL (online), or where its offline run directory was written (`<uri>/wandb/`)."""
 
 
+class NetworkPair(ApiModel):
+    """One pair of neighbouring ranks in the ring: what the receiver measured."""
+
+    source: int = Field(ge=0)
+    """The sending rank."""
+    target: int = Field(ge=0)
+    """The receiving rank."""
+    source_pod: str | None = None
+    """The sender's pod."""
+    target_pod: str | None = None
+    """The receiver's pod."""
+    latency_ms: float
+    """Median time of a 4-byte message, milliseconds."""
+    bandwidth_gbps: float
+    """spec.distributed.networkCheck.megabytes per median transfer time, GB/s (10^9 bytes)."""
+
+
+class NetworkReport(ApiModel):
+    """The network check before training (spec.distributed.networkCheck): the ring of point-to-point messages and one all-reduce, timed over the training backend."""
+
+    backend: str
+    """The process group's backend: nccl or gloo."""
+    world_size: int = Field(ge=1)
+    """Ranks that took part."""
+    megabytes: int = Field(ge=1)
+    """Size of the all-reduce and of each bandwidth message."""
+    all_reduce_ms: float | None = None
+    """Median time of the all-reduce, milliseconds (none with one rank)."""
+    all_reduce_bus_gbps: float | None = None
+    """The all-reduce's bus bandwidth, GB/s: 2 x (worldSize - 1) / worldSize x bytes / time (NCCL-tests' convention)."""
+    min_bandwidth_gbps: float | None = None
+    """The slowest pair's bandwidth."""
+    max_latency_ms: float | None = None
+    """The slowest pair's latency."""
+    seconds: float
+    """Wall time of the whole check on rank 0."""
+    checked_at: str | None = None
+    """When it ran (RFC 3339): after each gang restart it runs again."""
+    pairs: list[NetworkPair] = Field(default_factory=list)
+    """Per pair of neighbouring ranks (rank r sends to r+1): the slowest 16 in status.network, all in metrics.json."""
+
+
 class TrainerReport(TrainingMetrics):
     """Everything rank 0 reports besides its phase: the metrics, and what it found worth a look."""
 
@@ -984,6 +1039,8 @@ class TrainerReport(TrainingMetrics):
     """A checkpoint that failed verification against its manifest on resume: which, why, and where it was set aside (the next older one was used)."""
     tracking: TrackingStatus | None = None
     """Where rank 0 reports the run (spec.tracking)."""
+    network: NetworkReport | None = None
+    """The network check before training (spec.distributed.networkCheck); the operator copies it to status.network."""
 
 
 class Progress(TrainerReport):
@@ -1186,6 +1243,8 @@ class FineTuneJobStatus(ApiModel):
     """Where the run is in MLflow and W&B (spec.tracking): the run URL, and the registered model version."""
     usage: Usage | None = None
     """GPU-seconds, node-seconds and wall time, per run and in total (restarts included, suspended time excluded), and the estimated cost."""
+    network: NetworkReport | None = None
+    """The current gang's network check before training (spec.distributed.networkCheck): bandwidth and latency per pair of ranks and of one all-reduce."""
 
     @classmethod
     def from_stored(cls, raw: dict[str, Any] | None) -> FineTuneJobStatus:

@@ -63,6 +63,7 @@ RESUME_IGNORED: Final[tuple[str, ...]] = (
     "training.evalSteps",
     "training.evalGenerationSamples",
     "training.earlyStopping",
+    "distributed.networkCheck",
 )
 """Trained fields (TRAINED_FIELDS) a checkpoint does not depend on: where results go and how often the run
 logs or evaluates. Any other change means the checkpoint was trained by a different config."""

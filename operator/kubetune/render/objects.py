@@ -27,6 +27,7 @@ from kubetune.api.contract import (
     CONFIG_PATH,
     ENV_CACHE_DIR,
     ENV_CONFIG_PATH,
+    ENV_POD_NAME,
     ENV_PVC_ROOT,
     ENV_REGISTRY_AUTH,
     ENV_TERMINATION_LOG,
@@ -137,6 +138,16 @@ def torchrun_args(spec: FineTuneJobSpec, name: str, restart: int) -> list[str]:
     ]
 
 
+def trainer_command(spec: FineTuneJobSpec, name: str, restart: int) -> tuple[list[str], list[str]]:
+    """The container's command and args: torchrun, behind the reachability probe of rank 0's rendezvous port
+    (kubetune_trainer.reach, which then execs torchrun) when several pods rendezvous and the check is on."""
+    check = spec.distributed.network_check
+    if check.enabled and spec.distributed.nodes > 1:
+        probe = ["--timeout-seconds", str(check.timeout_seconds), "--", "torchrun"]
+        return ["python", "-m", "kubetune_trainer.reach"], probe + torchrun_args(spec, name, restart)
+    return ["torchrun"], torchrun_args(spec, name, restart)
+
+
 def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": ENV_CONFIG_PATH, "value": CONFIG_PATH},
@@ -146,6 +157,7 @@ def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "HOME", "value": CACHE_DIR},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
     ]
     if spec.output.publish is not None and spec.output.publish.credentials_secret:
         env.append(
@@ -295,15 +307,15 @@ def render_pod_template(
     spec: FineTuneJobSpec, name: str, restart: int, default_image: str = DEFAULT_IMAGE
 ) -> dict[str, Any]:
     volumes, mounts = _volumes(spec, name)
+    command, args = trainer_command(spec, name, restart)
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image or default_image,
-        # Plain torchrun: the failing rank's ExitCode reaches the operator through the
-        # termination message (kubetune_trainer.launch, the image's default entrypoint for
-        # `docker run`, is not used here: forwarding SIGTERM a second time raced torchrun's
-        # shutdown on suspend).
-        "command": ["torchrun"],
-        "args": torchrun_args(spec, name, restart),
+        # torchrun itself (the probe execs it): the failing rank's ExitCode reaches the operator through
+        # the termination message (kubetune_trainer.launch, the image's default entrypoint for `docker
+        # run`, is not used here: forwarding SIGTERM a second time raced torchrun's shutdown on suspend).
+        "command": command,
+        "args": args,
         "env": [*_env(spec), {"name": ENV_TRAINER_IMAGE, "value": spec.image or default_image}],
         "ports": [
             {"name": "rendezvous", "containerPort": DEFAULT_RDZV_PORT},

@@ -55,6 +55,7 @@ class Reason(str, Enum):
     EVALUATION_GATE_FAILED = REASONS[
         ExitCode.EVALUATION_GATE_FAILED
     ]  # the condition names the trainer's exit reason
+    NETWORK_UNREACHABLE = REASONS[ExitCode.NETWORK_UNREACHABLE]  # a rank's network check: the gang is stopped
 
     def __str__(self) -> str:
         return str(self.value)
@@ -89,6 +90,7 @@ MESSAGES: Final[dict[Reason, str]] = {
     Reason.EVALUATED: "Evaluated: {figures}.",
     Reason.EVALUATION_PASSED: "Evaluation gate passed: {figures}.",
     Reason.EVALUATION_GATE_FAILED: "Evaluation gate failed; nothing published, artifacts kept for inspection: {figures}.",
+    Reason.NETWORK_UNREACHABLE: "Pod {pod} could not reach a peer, so the gang was stopped (no restart: the network must change first): {detail}",
 }
 """Reason -> message template, formatted with the keyword arguments given to `reason_message`."""
 

@@ -277,6 +277,17 @@ def _evaluated(
     )
 
 
+def with_progress(status: FineTuneJobStatus, progress: Progress) -> FineTuneJobStatus:
+    """status.progress from rank 0's report; its place in MLflow / W&B (spec.tracking) to status.tracking and
+    its network check to status.network (kept there, not repeated in status.progress)."""
+    status = _set(status, progress=progress.model_copy(update={"network": None}))
+    if progress.tracking is not None:
+        status = _set(status, tracking=progress.tracking)
+    if progress.network is not None:
+        status = _set(status, network=progress.network)
+    return status
+
+
 def final_progress(pods: list[dict[str, Any]], now: datetime) -> Progress | None:
     """The progress rank 0 left in its termination message when it finished (the last poll may be a step behind)."""
     parsed = _final_message(pods)
@@ -327,9 +338,7 @@ def derive(
         old, restarts=restarts, observed_generation=generation, workload=workload_name(name, restarts)
     )
     if observed.progress is not None:
-        status = _set(status, progress=observed.progress)
-        if observed.progress.tracking is not None:  # the run's place in MLflow / W&B (spec.tracking)
-            status = _set(status, tracking=observed.progress.tracking)
+        status = with_progress(status, observed.progress)
     action: Action = "none"
 
     if old.phase in TERMINAL:
@@ -364,9 +373,7 @@ def derive(
         message = c.reason_message(reason, uri=spec.output.uri)
         status = _set(status, artifacts=final_artifacts(spec, observed.pods))
         if (final := final_progress(observed.pods, now)) is not None:
-            status = _set(status, progress=final)
-            if final.tracking is not None:  # with the registered model version
-                status = _set(status, tracking=final.tracking)
+            status = with_progress(status, final)  # with the registered model version
         evaluation = final_evaluation(observed.pods)
     elif (job.get("spec") or {}).get("suspend"):
         queued = queue_state(job, observed.workload)
@@ -394,6 +401,10 @@ def derive(
         evaluation = final_evaluation(observed.pods)  # a failed gate: the figures it failed on
         if not failure.retryable:
             phase, reason, message = "Failed", failure.reason, failure.describe()
+            if reason == c.Reason.NETWORK_UNREACHABLE:
+                message = c.reason_message(
+                    c.Reason.NETWORK_UNREACHABLE, pod=failure.pod, detail=failure.message
+                )
             action = "stop"
         elif restarts < spec.run_policy.backoff_limit:
             status = _set(status, restarts=restarts + 1, workload=workload_name(name, restarts + 1))

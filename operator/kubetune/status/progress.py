@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune.api.models import Progress, TrackingStatus, TrainingMetrics
+from kubetune.api.models import NetworkReport, Progress, TrackingStatus, TrainingMetrics
 from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT
 
 
@@ -69,6 +69,7 @@ def to_progress(data: dict[str, Any], now: str) -> Progress:
     checkpoint_warning = data.get("checkpointWarning")
     return Progress(
         tracking=_tracking(data.get("tracking")),
+        network=_network(data.get("network")),
         **values,
         percent=round(100.0 * step / total, 1) if step is not None and total else None,
         eta=format_eta(eta),
@@ -87,3 +88,19 @@ def _tracking(value: Any) -> TrackingStatus | None:
         return TrackingStatus.model_validate(value)
     except ValidationError:
         return None
+
+
+STATUS_PAIRS = 16
+"""status.network keeps the slowest pairs (by bandwidth); metrics.json has them all."""
+
+
+def _network(value: Any) -> NetworkReport | None:
+    """Rank 0's network check, its pairs cut to the STATUS_PAIRS slowest; None when it is not one."""
+    if not isinstance(value, dict):
+        return None
+    try:
+        report = NetworkReport.model_validate(value)
+    except ValidationError:
+        return None
+    slowest = sorted(report.pairs, key=lambda p: (p.bandwidth_gbps, -p.latency_ms))[:STATUS_PAIRS]
+    return report.model_copy(update={"pairs": sorted(slowest, key=lambda p: p.target)})

@@ -37,7 +37,7 @@ _ADDED_LATER: dict[str, tuple[str, ...]] = {
 
 
 # distributed.* fields that only place the gang's pods: an edit of them after the job finished is not a new run.
-PLACEMENT_FIELDS: tuple[str, ...] = ("nodeLossTolerationSeconds", "spread")
+PLACEMENT_FIELDS: tuple[str, ...] = ("nodeLossTolerationSeconds", "spread", "networkCheck")
 
 
 def _alias(model: BaseModel, name: str) -> str:
