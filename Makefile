@@ -24,7 +24,7 @@ test: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(MAKE) docs
-	$(VENV)/bin/pytest tests e2e
+	$(VENV)/bin/pytest --durations=40 tests e2e
 
 ## The same with the e2e pods run by the fast node agent instead of the real kubelet
 test-agent: install
