@@ -159,6 +159,32 @@ def test_operator_scale_smoke(tmp_path: Path) -> None:
     assert result["operator_log_errors"] == 0, (tmp_path / "work" / "operator.log").read_text()[-4000:]
 
 
+@pytest.mark.slow  # a control plane, Kueue and the operator: ~2-3 min on two shared cores
+def test_kueue_scale_smoke(tmp_path: Path) -> None:
+    binaries = _bench_module("harness.binaries")
+    try:
+        binaries.ensure("etcd", "kube-apiserver", "kube-controller-manager", "kueue")  # type: ignore[attr-defined]
+    except binaries.BinariesUnavailable as exc:  # type: ignore[attr-defined]
+        pytest.skip(str(exc))
+    out = tmp_path / "kueue.json"
+    cmd = [sys.executable, str(REPO / "bench" / "kueue_scale.py"), "--jobs", "4", "--quota", "2", "--run-seconds", "1",
+           "--steady", "8", "--running", "2", "--window", "5", "--poll-interval", "2", "--timeout", "300",
+           "--workdir", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    kt = result["kubetune"]
+    assert kt["outcomes"] == {"Succeeded": 4}, kt
+    assert _finite(result["all_started_ratio"]) and _finite(result["all_finished_ratio"]), result
+    # a queued job goes Pending -> Initializing -> (Running) -> Succeeded: no Suspended flicker while Kueue starts it
+    assert not any("Suspended" in path for path in kt["phase_paths"]), kt["phase_paths"]
+    assert kt["apiserver_writes_per_job"].get("POST podgroups") == 1.0, kt["apiserver_writes_per_job"]
+    steady = result["steady"]
+    assert steady["phases"].get("Running") == 2 and steady["phases"].get("Pending") == 2, steady
+    assert steady["operator_requests_at_rest"] == 0, steady  # nothing changes: the operator asks nothing
+    assert result["operator_log_errors"] == 0 and not result["kueue_errors"], result
+
+
 # ------------------------------------------------------------------ the GPU scripts, rehearsed on the CPU
 
 
