@@ -190,3 +190,24 @@ def test_a_peer_that_never_answers_over_the_backend_ends_the_rank_at_the_deadlin
     text = message["message"]
     assert "pod nc-r0-0-pod (rank 0) could not complete the ring exchange with" in text, text
     assert "(rank 1)" in text and "over gloo within 5s" in text, text
+
+
+def test_a_probe_stopped_by_sigterm_exits_at_once() -> None:
+    """The probe is the container's PID 1 until it execs torchrun, and PID 1 ignores a signal it has no
+    handler for: a pod deleted while rank 0 is still starting must not wait out its grace period."""
+    code = "import sys; from kubetune_trainer import reach; sys.exit(reach.main())"
+    args = [
+        "--",
+        "torchrun",
+        "--node-rank",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+    ]
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    assert "waiting:" in proc.stderr.readline()  # probing: refused, rank 0 not listening yet
+    proc.terminate()
+    assert proc.wait(timeout=5) == 143

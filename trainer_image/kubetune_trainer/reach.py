@@ -20,6 +20,7 @@ import argparse
 import errno
 import ipaddress
 import os
+import signal
 import socket
 import sys
 import time
@@ -94,6 +95,7 @@ def probe(
     answer). After `wait` seconds of rank 0 not yet listening, None: torchrun takes over."""
     start = time.monotonic()
     blocked_since: float | None = None
+    said = False  # the first wait is logged, once
     while True:
         answer = connect(target)
         now = time.monotonic()
@@ -104,6 +106,9 @@ def probe(
             if now - blocked_since >= timeout:
                 return answer.removeprefix("blocked: ")
         else:
+            if not said:
+                print(f"[kubetune] {answer}", file=sys.stderr, flush=True)
+                said = True
             blocked_since = None
             if now - start >= wait:
                 return None
@@ -135,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         parser.error("no command after --")
     target = target_of(command[1:])
+    for sig in (signal.SIGTERM, signal.SIGINT):  # as PID 1 a signal without a handler is ignored
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))  # exec restores the default
     if target is not None and target.node_rank not in ("0", ""):
         why = probe(target, args.timeout_seconds, args.wait_seconds)
         if why is not None:
