@@ -169,6 +169,7 @@ class Checkpointer:
         acc.save_state(str(local / "accelerate"))
         if acc.is_main_process:
             state.gang_seconds = time.time() - GANG_STARTED
+            state.world_size = self.world_size
             (local / TRAINER_STATE_FILE).write_text(json.dumps(vars(state)))
             if self.spec is not None:
                 (local / TRAINED_SPEC_FILE).write_text(
@@ -275,9 +276,7 @@ class Checkpointer:
             else []
         )
         self._load_state(local, url, changes)
-        state = TrainState(**json.loads((local / TRAINER_STATE_FILE).read_text())).resumed(
-            same_run=not new_run
-        )
+        state = self._state(store, step, spec, new_run)
         if changes:
             apply_hyperparameters(optimizer, scheduler, wanted)
             if any(
@@ -288,6 +287,30 @@ class Checkpointer:
         log(f"resumed from checkpoint step {step}{origin} (epoch {state.epoch}, batch {state.batches_in_epoch})"
             + (f"; a new run with the config changes {'; '.join(changes)}" if changes else ""))  # fmt: skip
         return Resumed(state, url, changes)
+
+    def _state(self, store: OutputStore, step: int, spec: FineTuneJobSpec, new_run: bool) -> TrainState:
+        """The checkpoint's TrainState for this gang: a gang of another world size continues it only in an elastic
+        job (spec.distributed.minNodes), whose global batch and data order do not depend on it (order.py)."""
+        state = TrainState(**json.loads((self.local_dir(step) / TRAINER_STATE_FILE).read_text())).resumed(
+            same_run=not new_run
+        )
+        if (
+            state.world_size
+            and state.world_size != self.world_size
+            and not new_run
+            and not spec.distributed.elastic
+        ):
+            raise TrainerError(
+                ExitCode.CONFIG_INVALID,
+                f"{store.url(checkpoint_rel(step))} was trained by {state.world_size} processes and this gang has "
+                f"{self.world_size}; only an elastic job (spec.distributed.minNodes) continues at another world size "
+                "(its global batch and data order do not depend on it): restore the old size, or set minNodes on a new output",
+            )
+        if state.world_size and state.world_size != self.world_size and self.accelerator.is_main_process:
+            log(
+                f"checkpoint step {step} was trained by {state.world_size} processes; continuing with {self.world_size}"
+            )
+        return state.at_world_size(self.world_size)
 
     def _load_state(self, local: Path, url: str, changes: list[str]) -> None:
         """Accelerate's load_state of the checkpoint at `url`; a model or optimizer it does not fit is refused in one line."""

@@ -174,6 +174,7 @@ class StepLoop:
         for batch, detached in zip(group, losses, strict=True):
             self.guard.observe(detached)
             self.window.add(detached, batch)
+        self.hooks.record_seen(self.rank, self.state.epoch, self.state.step + 1, group)
         self.state.batches_in_epoch += len(group)
 
     def _check_flags(self, step_flags: torch.Tensor, step: int) -> None:

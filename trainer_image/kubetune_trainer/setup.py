@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from kubetune.api import methods
+from kubetune.api import elastic, methods
 from kubetune.api.contract import ExitCode
 from kubetune.api.models import DpoSpec, FineTuneJobSpec, NetworkReport
 from kubetune.api.trainer_config import TrainerConfig
 
-from kubetune_trainer import batching, netcheck, preflight
+from kubetune_trainer import batching, netcheck, order, preflight
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import dpo as dpo_mod
 from kubetune_trainer import loss as loss_mod
@@ -282,10 +282,22 @@ def build_loaders(
     else:
         collate = functools.partial(data_mod.collate, pad_id=pad_id, packed=spec.dataset.packing)
         args.update(batch_size=spec.training.per_device_batch_size, collate_fn=collate)
-    generator = torch.Generator().manual_seed(spec.training.seed)
-    train_loader = torch.utils.data.DataLoader(cast(Any, train), shuffle=True, generator=generator, **args)
+    train_loader = torch.utils.data.DataLoader(
+        cast(Any, train), **train_order(spec, len(train), args["batch_size"]), **args
+    )
     eval_loader = torch.utils.data.DataLoader(cast(Any, evals), **args) if evals else None
     return train_loader, eval_loader
+
+
+def train_order(spec: FineTuneJobSpec, size: int, loader_batch: int) -> dict[str, Any]:
+    """The DataLoader's order: shuffled with the seed; in an elastic run (minNodes) the world-size-free
+    GlobalOrder, cut to whole global batches (order.py)."""
+    if not spec.distributed.elastic:
+        return {"shuffle": True, "generator": torch.Generator().manual_seed(spec.training.seed)}
+    step_items = order.items_per_step(
+        elastic.global_batch(spec), spec.training.per_device_batch_size, loader_batch
+    )
+    return {"sampler": order.GlobalOrder(size, spec.training.seed, step_items)}
 
 
 def plan_steps(spec: FineTuneJobSpec, batches_per_epoch: int, accumulation: int) -> int:

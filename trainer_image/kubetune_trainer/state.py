@@ -30,10 +30,21 @@ class TrainState:
     )  # figures measured before the first step (evalLossBefore, ...): a resume keeps them
     earlier_gangs_seconds: float = 0.0  # this run's earlier gangs, each from its start to its last checkpoint
     gang_seconds: float = 0.0  # the gang that wrote this checkpoint, from its start to the checkpoint
+    world_size: int = (
+        0  # processes of the gang that wrote this checkpoint (0: not recorded, before elastic resume)
+    )
 
     def active_seconds(self) -> float:
         """Seconds this run's gangs have run so far (a gang's time after its last checkpoint is not known here)."""
         return self.earlier_gangs_seconds + (time.time() - GANG_STARTED)
+
+    def at_world_size(self, world_size: int) -> TrainState:
+        """The data position for a gang of `world_size` processes: batches_in_epoch counts one rank's micro-batches,
+        and the ranks take them in turn, so the same examples consumed are batches x old world / new world."""
+        if self.world_size and self.world_size != world_size:
+            self.batches_in_epoch = self.batches_in_epoch * self.world_size // world_size
+        self.world_size = world_size
+        return self
 
     def resumed(self, same_run: bool) -> TrainState:
         """This state as a new gang starts from it: the checkpoint's gang becomes an earlier one; a checkpoint

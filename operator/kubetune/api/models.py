@@ -401,6 +401,10 @@ class DistributedSpec(ApiModel):
     """DeepSpeed ZeRO-3: keep parameters in CPU memory."""
     node_loss_toleration_seconds: int = Field(default=60, ge=30, le=3600)
     """How long the gang's pods stay bound to a node that stopped answering (NotReady or unreachable) before Kubernetes evicts them and the operator restarts the gang from its newest complete checkpoint: the pods tolerate `node.kubernetes.io/not-ready` and `node.kubernetes.io/unreachable` (NoExecute) for this long instead of the cluster's default 300 s. 30 to 3600: below 30 s a node that flaps restarts the gang over and over. A toleration for either key in `spec.tolerations` takes precedence."""
+    min_nodes: int | None = Field(default=None, ge=1, le=1024)
+    """Elastic resume: the fewest nodes the gang may train on. When some of the gang's pods stay unschedulable for `elasticWaitSeconds` (a node lost, or not enough nodes free), the operator restarts the gang from its newest complete checkpoint on as many nodes as it could place (at least `minNodes`), with the same global batch (gradient accumulation raised to match) and the same data order; each later restart tries all `nodes` again. Between 1 and `nodes`. The global batch (`training.globalBatchSize`, or perDeviceBatchSize x nodes x procsPerNode when unset) must divide evenly at every node count the gang may shrink to that is used: a count at which it does not is skipped. Unset: the gang always trains on `nodes` nodes."""
+    elastic_wait_seconds: int = Field(default=180, ge=30, le=3600)
+    """With `minNodes`: how long pods of the gang may stay unschedulable before it restarts on fewer nodes. 30 to 3600."""
     spread: Literal["nodes", "none"] = "nodes"
     """`nodes`: a topology spread constraint over `kubernetes.io/hostname` (maxSkew 1, DoNotSchedule, tainted nodes not counted) puts the gang's pods on as many nodes as possible, one per node when there are enough, so one node's loss costs at most its own pods. `none`: placement is left to the scheduler (and to `affinity`)."""
     network_check: NetworkCheckSpec = Field(default_factory=NetworkCheckSpec)
@@ -408,8 +412,13 @@ class DistributedSpec(ApiModel):
 
     @property
     def world_size(self) -> int:
-        """Processes that train together: nodes x procsPerNode (torchrun's WORLD_SIZE)."""
+        """Processes that train together on all `nodes`: nodes x procsPerNode (torchrun's WORLD_SIZE)."""
         return self.nodes * self.procs_per_node
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the gang may train on fewer than `nodes` nodes (minNodes below nodes)."""
+        return self.min_nodes is not None and self.min_nodes < self.nodes
 
 
 # -------------------------------------------------------------- output/storage
@@ -1215,6 +1224,10 @@ class FineTuneJobStatus(ApiModel):
     """When the job succeeded or failed (RFC 3339)."""
     restarts: int = 0
     """Whole-gang restarts so far."""
+    gang_nodes: int | None = None
+    """Elastic jobs (spec.distributed.minNodes): the nodes the current gang trains on, spec.distributed.nodes or fewer after a shrink."""
+    world_size: int | None = None
+    """Elastic jobs: the current gang's processes (gangNodes x procsPerNode), which its trainer config carries."""
     progress: Progress | None = None
     """Training progress from rank 0."""
     artifacts: Artifacts | None = None

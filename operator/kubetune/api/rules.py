@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kubetune.api.elastic import RESHARDABLE_ZERO_STAGES
+
 if TYPE_CHECKING:
     from kubetune.api.models import FineTuneJobSpec
 
@@ -48,6 +50,25 @@ def _batch_hint(spec: FineTuneJobSpec) -> str:
 def _gang_min(spec: FineTuneJobSpec) -> int | None:
     gang = spec.scheduling.gang if spec.scheduling is not None else None
     return gang.min_member if gang is not None else None
+
+
+def _reshardable_cel() -> str:
+    stages = ", ".join(str(s) for s in RESHARDABLE_ZERO_STAGES)
+    return "self.distributed.backend == 'ddp'" + (
+        f" || self.distributed.zeroStage in [{stages}]" if stages else ""
+    )
+
+
+def _reshard_message() -> str:
+    stages = " or ".join(str(s) for s in RESHARDABLE_ZERO_STAGES)
+    zero = f"DDP or DeepSpeed ZeRO stage {stages}" if stages else "DDP only"
+    fix = (
+        f"set distributed.backend: ddp, or zeroStage: {stages}" if stages else "set distributed.backend: ddp"
+    )
+    return (
+        f"elastic resume loads checkpoints at another world size, which works for {zero} "
+        f"(backend auto may pick DeepSpeed ZeRO): {fix}, or remove minNodes"
+    )
 
 
 def _only_with_method(block: str, attr: str, method: str) -> Rule:
@@ -97,6 +118,26 @@ SPEC_RULES: tuple[Rule, ...] = (
             bool(s.distributed.gpus_per_node) and s.distributed.gpus_per_node != s.distributed.procs_per_node
         ),
         lambda s: f"must equal gpusPerNode ({s.distributed.gpus_per_node}): one process per GPU",
+    ),
+    Rule(
+        "spec.distributed.minNodes",
+        "!has(self.distributed.minNodes) || self.distributed.minNodes <= self.distributed.nodes",
+        "cannot exceed distributed.nodes (the gang's full size): lower it, or leave it unset for a fixed-size gang",
+        lambda s: s.distributed.min_nodes is not None and s.distributed.min_nodes > s.distributed.nodes,
+        lambda s: (
+            f"cannot exceed distributed.nodes ({s.distributed.nodes}; got {s.distributed.min_nodes}): set it to at "
+            f"most {s.distributed.nodes}, or leave it unset for a fixed-size gang"
+        ),
+    ),
+    Rule(
+        "spec.distributed.minNodes",
+        f"!has(self.distributed.minNodes) || {_reshardable_cel()}",
+        _reshard_message(),
+        lambda s: (
+            s.distributed.min_nodes is not None
+            and s.distributed.backend != "ddp"
+            and s.distributed.zero_stage not in RESHARDABLE_ZERO_STAGES
+        ),
     ),
     Rule(
         "spec.distributed.offloadParams",

@@ -38,9 +38,9 @@ class TrainerConfig(ApiModel):
     job: JobRef
     spec: FineTuneJobSpec
     world_size: int = Field(ge=1)
-    """nodes x procsPerNode."""
+    """This gang's nodes x procsPerNode: spec.distributed.nodes, or fewer (at least minNodes) after an elastic shrink."""
     gradient_accumulation_steps: int = Field(ge=1)
-    """globalBatchSize / (perDeviceBatchSize x worldSize); 1 when no global batch is set."""
+    """globalBatchSize / (perDeviceBatchSize x worldSize); 1 when no global batch is set and the gang is whole."""
     progress_port: int = Field(default=DEFAULT_PROGRESS_PORT, ge=1, le=65535)
     """Rank 0 serves /progress and /metrics here."""
     rdzv_port: int = Field(default=DEFAULT_RDZV_PORT, ge=1, le=65535)
@@ -64,6 +64,7 @@ RESUME_IGNORED: Final[tuple[str, ...]] = (
     "training.evalGenerationSamples",
     "training.earlyStopping",
     "distributed.networkCheck",
+    "distributed.elasticWaitSeconds",
 )
 """Trained fields (TRAINED_FIELDS) a checkpoint does not depend on: where results go and how often the run
 logs or evaluates. Any other change means the checkpoint was trained by a different config."""

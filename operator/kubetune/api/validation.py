@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from pydantic import ValidationError
 
+from kubetune.api import elastic
 from kubetune.api.contract import (
     CACHE_MOUNT_DIR,
     CONFIG_MOUNT_DIR,
@@ -405,6 +406,17 @@ def _training(spec: FineTuneJobSpec) -> list[Problem]:
             )
         )
     d = spec.distributed
+    if d.elastic and elastic.node_counts(spec) == [d.nodes]:
+        micro = spec.training.per_device_batch_size * d.procs_per_node
+        out.append(
+            Problem(
+                "spec.distributed.minNodes",
+                f"the gang can never shrink: the global batch of {elastic.global_batch(spec)} sequences is not a multiple "
+                f"of perDeviceBatchSize x procsPerNode x n ({micro} x n) for any n from {d.min_nodes} to {d.nodes - 1}; "
+                f"set training.globalBatchSize to a multiple of {micro} x each node count to allow "
+                f"(e.g. {micro * d.nodes * (d.nodes - 1)} also trains on {d.nodes - 1}), or remove minNodes",
+            )
+        )
     if d.gpus_per_node == 0 and d.backend == "deepspeed":
         out.append(
             Problem(

@@ -33,7 +33,7 @@ from kubetune.controller.settings import Settings
 from kubetune.controller.store import Key, Store
 from kubetune.render.gang import gang_of
 from kubetune.render.objects import render_config_map, render_pod_group_for, render_service, render_workload
-from kubetune.status import outputs, runs
+from kubetune.status import elastic, outputs, runs
 from kubetune.status.conditions import Reason
 from kubetune.status.derive import (
     PROGRESS_GRACE_SECONDS,
@@ -111,6 +111,8 @@ def wake_after(
         waits.append(deadline - (at - start).total_seconds() + 0.5)
     if phase == "Initializing" and observed.progress is None:
         waits.append(min(poll, PROGRESS_GRACE_SECONDS))  # the grace for a trainer that never answers
+    if (elastic_wait := elastic.wake_in(spec, observed.pods, at)) is not None:
+        waits.append(elastic_wait)  # an unplaced pod's wait ends: the gang may restart on fewer nodes
     if observed.stale:
         waits.append(
             STALE_RECHECK_SECONDS
@@ -310,13 +312,16 @@ def ensure_children(
     if "Job" in kinds and spec.run_policy.suspend:
         deferred, kinds = tuple(k for k in kinds if k != "Job"), ("Job",)
     status = FineTuneJobStatus.from_stored(body.get("status"))
+    nodes = elastic.gang_nodes(
+        spec, status.gang_nodes
+    )  # fewer than spec.distributed.nodes after an elastic shrink
     render = {
         "ConfigMap": lambda: render_config_map(
-            spec, meta["name"], meta["namespace"], meta.get("uid", ""), status.run
+            spec, meta["name"], meta["namespace"], meta.get("uid", ""), status.run, nodes
         ),
         "Service": lambda: render_service(meta["name"], meta["namespace"]),
         "Job": lambda: render_workload(
-            spec,
+            gang_spec(spec, nodes),
             meta["name"],
             meta["namespace"],
             restarts,
@@ -345,9 +350,18 @@ def ensure_children(
                 store.put_child("Job", done)
                 if restarts == 0:
                     METRICS.workload_created(dict(meta))
-        elif obj["kind"] == "ConfigMap" and later_run:  # the previous run's config: this run's replaces it
+        elif obj["kind"] == "ConfigMap" and (later_run or spec.distributed.elastic):
+            # the previous run's config, or an elastic gang's of another size: this gang's replaces it
             kube.patch_config_map(meta["namespace"], obj["metadata"]["name"], {"data": obj["data"]})
     return created
+
+
+def gang_spec(spec: FineTuneJobSpec, nodes: int) -> FineTuneJobSpec:
+    """The spec the workload Job of a gang of `nodes` nodes is rendered from (its pods, torchrun's --nnodes, the
+    spread); the trainer config keeps the job's own spec (what a checkpoint records as trained)."""
+    if nodes == spec.distributed.nodes:
+        return spec
+    return spec.model_copy(update={"distributed": spec.distributed.model_copy(update={"nodes": nodes})})
 
 
 def ensure_pod_group(body: dict[str, Any], spec: FineTuneJobSpec, kube: Cluster) -> str | None:

@@ -74,13 +74,16 @@ def owned_labels(name: str, component: str) -> dict[str, str]:
     return {**standard_labels(name, component), **selector_labels(name)}
 
 
-def trainer_config(spec: FineTuneJobSpec, name: str, namespace: str, uid: str, run: int = 1) -> TrainerConfig:
-    return render_trainer_config(spec, name, namespace, uid, run=run)
+def trainer_config(
+    spec: FineTuneJobSpec, name: str, namespace: str, uid: str, run: int = 1, nodes: int | None = None
+) -> TrainerConfig:
+    return render_trainer_config(spec, name, namespace, uid, run=run, nodes=nodes)
 
 
 def render_config_map(
-    spec: FineTuneJobSpec, name: str, namespace: str, uid: str = "", run: int = 1
+    spec: FineTuneJobSpec, name: str, namespace: str, uid: str = "", run: int = 1, nodes: int | None = None
 ) -> dict[str, Any]:
+    """The trainer config; `nodes`: an elastic gang's size when it trains on fewer than spec.distributed.nodes."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -90,7 +93,7 @@ def render_config_map(
             "labels": owned_labels(name, "config"),
         },
         "data": {
-            CONFIG_KEY: trainer_config(spec, name, namespace, uid, run).dump_yaml()
+            CONFIG_KEY: trainer_config(spec, name, namespace, uid, run, nodes).dump_yaml()
         },  # run: the output's owner record
     }
 

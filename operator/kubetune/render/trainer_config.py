@@ -6,20 +6,16 @@ alone decides, at start, when it knows the model and the GPU (kubetune_trainer.b
 
 from __future__ import annotations
 
+from kubetune.api import elastic
 from kubetune.api.models import FineTuneJobSpec
 from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT, JobRef, TrainerConfig
 
 
-def gradient_accumulation_steps(spec: FineTuneJobSpec) -> int:
-    micro = spec.training.per_device_batch_size * spec.distributed.world_size
-    if spec.training.global_batch_size is None:
+def gradient_accumulation_steps(spec: FineTuneJobSpec, nodes: int | None = None) -> int:
+    """globalBatchSize / (perDeviceBatchSize x world size) at `nodes` nodes (default all); 1 without a global batch."""
+    if spec.training.global_batch_size is None and (nodes is None or nodes == spec.distributed.nodes):
         return 1
-    if spec.training.global_batch_size % micro:
-        raise ValueError(
-            f"spec.training.globalBatchSize ({spec.training.global_batch_size}) must be a multiple of "
-            f"perDeviceBatchSize x world size ({micro})"
-        )
-    return spec.training.global_batch_size // micro
+    return elastic.accumulation(spec, nodes)
 
 
 def render_trainer_config(
@@ -29,11 +25,15 @@ def render_trainer_config(
     uid: str = "",
     progress_port: int = DEFAULT_PROGRESS_PORT,
     run: int = 1,
+    nodes: int | None = None,
 ) -> TrainerConfig:
+    """The config of one gang; `nodes`: how many nodes it trains on (elastic resume: fewer than
+    spec.distributed.nodes), default all of them."""
+    n = spec.distributed.nodes if nodes is None else nodes
     return TrainerConfig(
         job=JobRef(name=name, namespace=namespace, uid=uid, run=run),
         spec=spec,
-        world_size=spec.distributed.world_size,
-        gradient_accumulation_steps=gradient_accumulation_steps(spec),
+        world_size=n * spec.distributed.procs_per_node,
+        gradient_accumulation_steps=gradient_accumulation_steps(spec, n),
         progress_port=progress_port,
     )

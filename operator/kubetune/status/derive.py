@@ -25,6 +25,7 @@ from kubetune.api.models import (
 from kubetune.api.names import COMPLETION_INDEX, CONTAINER, workload_name
 from kubetune.api.schedulers import FLAVORS
 from kubetune.status import conditions as c
+from kubetune.status import elastic
 from kubetune.status.progress import to_progress
 from kubetune.status.queue import QueueState, queue_state
 from kubetune.status.usage import PriceTable, accrue
@@ -207,9 +208,10 @@ def _pod_phase(
     progress: Progress | None,
     old_phase: str | None,
     now: datetime,
+    gang: int | None = None,
 ) -> tuple[Phase, str, str]:
-    """(phase, reason, message) of a live, unsuspended gang."""
-    nodes = spec.distributed.nodes
+    """(phase, reason, message) of a live, unsuspended gang of `gang` nodes (default spec.distributed.nodes)."""
+    nodes = gang or spec.distributed.nodes
     phases = [(p.get("status") or {}).get("phase") for p in pods]
     up = sum(1 for ph in phases if ph in ("Running", "Succeeded"))
     scheduled = sum(1 for p in pods if (p.get("spec") or {}).get("nodeName"))
@@ -348,7 +350,9 @@ def derive(
     if job is not None and not (job.get("spec") or {}).get("suspend") and not status.start_time:
         status = _set(status, start_time=ts)
 
-    nodes = spec.distributed.nodes
+    nodes = elastic.gang_nodes(spec, old.gang_nodes)
+    if spec.distributed.elastic:
+        status = _set(status, gang_nodes=nodes, world_size=nodes * spec.distributed.procs_per_node)
     phase: Phase = "Pending"
     reason: str = c.Reason.PODS_PENDING  # or a failed rank's own reason (the trainer's, or Kubernetes')
     message = c.reason_message(c.Reason.PODS_PENDING, nodes=nodes, pending=nodes)
@@ -408,6 +412,12 @@ def derive(
             action = "stop"
         elif restarts < spec.run_policy.backoff_limit:
             status = _set(status, restarts=restarts + 1, workload=workload_name(name, restarts + 1))
+            if (
+                spec.distributed.elastic
+            ):  # each restart tries the whole gang again: it grows back when nodes returned
+                status = _set(
+                    status, gang_nodes=spec.distributed.nodes, world_size=spec.distributed.world_size
+                )
             phase, reason = "Restarting", c.Reason.GANG_RESTARTING
             message = c.reason_message(
                 reason, cause=failure.describe(), restart=restarts + 1, limit=spec.run_policy.backoff_limit
@@ -417,8 +427,18 @@ def derive(
             phase, reason = "Failed", c.Reason.BACKOFF_LIMIT_EXCEEDED
             message = c.reason_message(reason, restarts=restarts, cause=failure.describe())
             action = "stop"
+    elif (
+        smaller := elastic.shrink_to(spec, nodes, observed.pods, now)
+    ) is not None and restarts < spec.run_policy.backoff_limit:
+        status = _set(status, restarts=restarts + 1, workload=workload_name(name, restarts + 1), gang_nodes=smaller,
+                      world_size=smaller * spec.distributed.procs_per_node)  # fmt: skip
+        phase, reason, action = "Restarting", c.Reason.GANG_SHRINKING, "restart"
+        message = c.reason_message(reason, pending=len(elastic.waiting(observed.pods)), nodes=nodes,
+                                   seconds=spec.distributed.elastic_wait_seconds, smaller=smaller,
+                                   minimum=spec.distributed.min_nodes, restart=restarts + 1,
+                                   limit=spec.run_policy.backoff_limit)  # fmt: skip
     else:
-        phase, reason, message = _pod_phase(spec, observed.pods, observed.progress, old.phase, now)
+        phase, reason, message = _pod_phase(spec, observed.pods, observed.progress, old.phase, now, nodes)
 
     if phase in TERMINAL:
         status = _set(status, completion_time=ts)

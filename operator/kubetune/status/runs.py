@@ -33,11 +33,12 @@ _TRAINED = {
 _ADDED_LATER: dict[str, tuple[str, ...]] = {
     "": ("prompt_tuning", "prefix_tuning"),
     "output": ("interpolate", "select", "select_metric", "keep_mixes"),
+    "distributed": ("min_nodes",),
 }
 
 
 # distributed.* fields that only place the gang's pods: an edit of them after the job finished is not a new run.
-PLACEMENT_FIELDS: tuple[str, ...] = ("nodeLossTolerationSeconds", "spread", "networkCheck")
+PLACEMENT_FIELDS: tuple[str, ...] = ("nodeLossTolerationSeconds", "spread", "networkCheck", "elasticWaitSeconds")
 
 
 def _alias(model: BaseModel, name: str) -> str:

@@ -1,0 +1,66 @@
+"""The elastic data order (order.GlobalOrder) through Accelerate's own sharding: which examples each optimizer step
+trains on does not depend on the world size, and a data position converts exactly between world sizes."""
+
+from __future__ import annotations
+
+import torch
+from accelerate.data_loader import BatchSamplerShard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kubetune_trainer.order import GlobalOrder, items_per_step
+from kubetune_trainer.state import TrainState
+
+
+def steps_at(world: int, size: int, per_device: int, global_batch: int, epoch: int) -> list[set[int]]:
+    """The examples of each optimizer step of an epoch, ranks together, as Accelerate shards the loader."""
+    accumulation = global_batch // (per_device * world)
+    order = GlobalOrder(size, seed=7, step_items=items_per_step(global_batch, per_device, per_device))
+    order.set_epoch(epoch)
+    batches = torch.utils.data.BatchSampler(order, per_device, drop_last=False)
+    ranks = [list(BatchSamplerShard(batches, num_processes=world, process_index=r)) for r in range(world)]
+    assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == order.steps() * accumulation
+    return [
+        {i for rank in ranks for batch in rank[s * accumulation : (s + 1) * accumulation] for i in batch}
+        for s in range(order.steps())
+    ]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    size=st.integers(12, 200),
+    per_device=st.sampled_from([1, 2, 3]),
+    steps_worth=st.sampled_from([1, 2]),
+    epoch=st.integers(0, 3),
+)
+def test_each_step_trains_the_same_examples_at_three_two_and_one_ranks(
+    size: int, per_device: int, steps_worth: int, epoch: int
+) -> None:
+    global_batch = per_device * 6 * steps_worth  # divides at 1, 2, 3 and 6 ranks
+    if size < global_batch:
+        return
+    at = {world: steps_at(world, size, per_device, global_batch, epoch) for world in (1, 2, 3, 6)}
+    assert at[3] == at[2] == at[1] == at[6]
+    seen = [i for step in at[3] for i in step]
+    assert (
+        len(seen) == len(set(seen)) == size // global_batch * global_batch
+    )  # none twice; only the tail left out
+
+
+def test_each_epoch_is_another_permutation_and_the_left_out_tail_changes() -> None:
+    order = GlobalOrder(40, seed=1, step_items=12)
+    epochs = []
+    for epoch in range(3):
+        order.set_epoch(epoch)
+        epochs.append(list(order))
+    assert all(len(e) == 36 for e in epochs)
+    assert epochs[0] != epochs[1] and set(epochs[0]) != set(epochs[1])
+
+
+def test_a_data_position_converts_exactly_between_world_sizes() -> None:
+    # 2 steps at 3 ranks x 2 micro-batches = 12 micro-batches consumed = 6 per rank at 2 ranks (3 micro-batches a step)
+    state = TrainState(step=2, batches_in_epoch=4, world_size=3)
+    assert state.at_world_size(2).batches_in_epoch == 6 and state.world_size == 2
+    assert state.at_world_size(3).batches_in_epoch == 4
+    assert (
+        TrainState(batches_in_epoch=5).at_world_size(2).batches_in_epoch == 5
+    )  # not recorded: an older checkpoint
