@@ -24,7 +24,10 @@ def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def unplaced(world: World, count: int, waited: float, job: str = "demo-r0") -> None:
     """The scheduler found no node for the last `count` pods of `job` `waited` seconds ago."""
-    pods = sorted((p for p in world.kube.of_kind("Pod") if p["metadata"]["name"].startswith(job)), key=lambda p: p["metadata"]["name"])
+    pods = sorted(
+        (p for p in world.kube.of_kind("Pod") if p["metadata"]["name"].startswith(job)),
+        key=lambda p: p["metadata"]["name"],
+    )
     for pod in pods[len(pods) - count :]:
         pod["spec"].pop("nodeName", None)
         pod["status"] = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
@@ -65,7 +68,10 @@ def test_past_the_wait_the_gang_restarts_on_the_nodes_it_placed_with_the_same_gl
     world = starting(1, waited=121)
     world.reconcile()
     assert world.kube.writes() == [*STATUS_AND_EVENT, ("delete", "Job", "demo-r0")]
-    assert world.status["phase"] == "Restarting" and (world.status["gangNodes"], world.status["worldSize"]) == (2, 2)
+    assert world.status["phase"] == "Restarting" and (
+        world.status["gangNodes"],
+        world.status["worldSize"],
+    ) == (2, 2)
     assert [e[:2] for e in world.kube.events()][-1] == ("Warning", "GangShrinking")
     assert "1 of 3 pods unschedulable for 120s" in world.status["message"], world.status["message"]
 
@@ -74,8 +80,14 @@ def test_past_the_wait_the_gang_restarts_on_the_nodes_it_placed_with_the_same_gl
     world.reconcile()
     job = world.job("demo-r1")
     assert job["spec"]["parallelism"] == job["spec"]["completions"] == 2
-    assert "--nnodes" in (args := job["spec"]["template"]["spec"]["containers"][0]["args"]) and args[args.index("--nnodes") + 1] == "2"
-    assert (config(world)["worldSize"], config(world)["gradientAccumulationSteps"]) == (2, 3)  # 2 x 2 x 3 = 12
+    assert (
+        "--nnodes" in (args := job["spec"]["template"]["spec"]["containers"][0]["args"])
+        and args[args.index("--nnodes") + 1] == "2"
+    )
+    assert (config(world)["worldSize"], config(world)["gradientAccumulationSteps"]) == (
+        2,
+        3,
+    )  # 2 x 2 x 3 = 12
     assert config(world)["spec"]["distributed"]["nodes"] == 3  # the job's own spec: what checkpoints record
 
     # a later failure restarts the whole gang: it grows back when the nodes have returned
@@ -85,7 +97,11 @@ def test_past_the_wait_the_gang_restarts_on_the_nodes_it_placed_with_the_same_gl
         del world.kube.objects[("Pod", "ml", name)]
     world.pods("Failed", TerminationMessage.build(ExitCode.INFRASTRUCTURE, "NCCL timeout"), job="demo-r1")
     world.reconcile()
-    assert (world.status["phase"], world.status["gangNodes"], world.status["worldSize"]) == ("Restarting", 3, 3)
+    assert (world.status["phase"], world.status["gangNodes"], world.status["worldSize"]) == (
+        "Restarting",
+        3,
+        3,
+    )
     world.collect_garbage()
     world.reconcile()
     assert world.job("demo-r2")["spec"]["parallelism"] == 3

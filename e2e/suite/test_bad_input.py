@@ -43,6 +43,14 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
     ("bad-enum-format", {"dataset.format": "csv"}, "spec.dataset.format", API),
     ("zero-stage-4", {"distributed.zeroStage": 4}, "spec.distributed.zeroStage", API),
     ("offload-params-with-ddp", {"distributed.offloadParams": True}, "spec.distributed.offloadParams", API),
+    ("min-nodes-above-nodes", {"distributed.minNodes": 3}, "spec.distributed.minNodes", API),
+    ("min-nodes-zero", {"distributed.minNodes": 0}, "spec.distributed.minNodes", API),
+    (
+        "min-nodes-with-zero3",
+        {"distributed.minNodes": 1, "distributed.backend": "deepspeed", "distributed.zeroStage": 3},
+        "spec.distributed.minNodes",
+        API,
+    ),
     (
         "early-stopping-without-eval",
         {"dataset.eval": None, "training.evalSteps": None, "training.earlyStopping": {"patience": 2}},

@@ -1,6 +1,8 @@
 """Elastic resume for real (torchrun, gloo, DDP): a run of 3 ranks stopped at step 2, continued by 2 ranks to step 5,
 then by 3 again to the end, trains the same examples in the same steps and has the same loss curve as a run of
-3 ranks that never stopped. Each rank records the examples of each of its steps (KUBETUNE_DEBUG_DIR)."""
+3 ranks that never stopped. Each rank records the examples of each of its steps (KUBETUNE_DEBUG_DIR). (That a
+fixed-size job refuses a checkpoint of another size: test_order.py; that a changed trained field is refused:
+test_honest_resume.py; a shrunk gang's config changes no trained field: test_elastic_spec.py.)"""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import pytest
 from kubetune.api.contract import ExitCode
 from kubetune.api.models import FineTuneJobSpec
 from kubetune.render.trainer_config import render_trainer_config
-from trainer_helpers import free_port, job_spec, launch, rank_dumps, small_train_file, termination
+from trainer_helpers import free_port, job_spec, launch, rank_dumps, small_train_file
 
 EXAMPLES = 100  # about 20 token-budget micro-batches (varlen): 3 steps of 6 an epoch, the rest left out of it
 STEPS = 7  # epochs 0 and 1 whole, one step of epoch 2
@@ -82,9 +84,6 @@ def test_a_run_shrunk_to_two_ranks_and_grown_back_matches_one_that_never_stopped
     assert code == 0, out[-4000:]
     code, out = _gang(elastic, _spec(elastic, train), 3, stop_at=2)
     assert code == ExitCode.PREEMPTED, out[-4000:]
-    code, out = _gang(elastic, _spec(elastic, train, **{"training.learningRate": 0.001}), 2)
-    assert code == ExitCode.CONFIG_INVALID, out[-4000:]  # a real change is still refused at the smaller size
-    assert "spec.training.learningRate: 0.005 -> 0.001" in termination(elastic)["message"]
     code, out = _gang(elastic, _spec(elastic, train), 2, stop_at=5)
     assert code == ExitCode.PREEMPTED, out[-4000:]
     assert "resumed from checkpoint step 2 (epoch 0, batch 6)" in out, out[
@@ -109,7 +108,9 @@ def test_a_run_shrunk_to_two_ranks_and_grown_back_matches_one_that_never_stopped
     assert epochs == _by_epoch(seen[whole])
     assert sorted(epochs) == [0, 1, 2]
     assert all(max(c.values()) == 1 for c in epochs.values()), "an example seen twice in an epoch"
-    assert sum(epochs[0].values()) > EXAMPLES * 0.75  # only the tail short of a whole global batch is left out
+    assert (
+        sum(epochs[0].values()) > EXAMPLES * 0.75
+    )  # only the tail short of a whole global batch is left out
 
     curves = {run: [(p["step"], p["loss"]) for p in ranks[run][0]["lossCurve"]] for run in (whole, elastic)}
     assert [s for s, _ in curves[elastic]] == list(range(1, STEPS + 1))

@@ -3,12 +3,24 @@ trains on does not depend on the world size, and a data position converts exactl
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kubetune.api.contract import ExitCode
+from kubetune.api.models import FineTuneJobSpec
+from kubetune_trainer.checkpoint import TRAINER_STATE_FILE, Checkpointer
+from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.order import GlobalOrder, items_per_step
 from kubetune_trainer.state import TrainState
+from kubetune_trainer.storage import ENV_CACHE_DIR, OutputStore
+from trainer_helpers import job_spec
 
 
 def steps_at(world: int, size: int, per_device: int, global_batch: int, epoch: int) -> list[set[int]]:
@@ -64,3 +76,39 @@ def test_a_data_position_converts_exactly_between_world_sizes() -> None:
     assert (
         TrainState(batches_in_epoch=5).at_world_size(2).batches_in_epoch == 5
     )  # not recorded: an older checkpoint
+
+
+def _checkpointer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, world_size: int, **distributed: Any
+) -> Checkpointer:
+    monkeypatch.setenv(ENV_CACHE_DIR, str(tmp_path / "cache"))
+    doc = job_spec(tmp_path, **{f"distributed.{k}": v for k, v in distributed.items()})
+    spec = FineTuneJobSpec.model_validate(doc)
+    acc = SimpleNamespace(is_main_process=True)
+    checkpointer = Checkpointer(acc, OutputStore(spec.output.uri, spec.storage), "uid", world_size, 1, spec)
+    local = checkpointer.local_dir(2)
+    local.mkdir(parents=True)
+    state = TrainState(step=2, batches_in_epoch=4, world_size=3)
+    (local / TRAINER_STATE_FILE).write_text(json.dumps(vars(state)))
+    return checkpointer
+
+
+def test_an_elastic_job_continues_at_another_world_size_from_the_same_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpointer = _checkpointer(tmp_path, monkeypatch, 2, nodes=3, minNodes=2, procsPerNode=1)
+    state = checkpointer._state(checkpointer.store, 2, checkpointer.spec, new_run=False)  # type: ignore[arg-type]
+    assert (state.batches_in_epoch, state.world_size) == (6, 2)
+
+
+def test_a_fixed_size_job_refuses_a_checkpoint_of_another_world_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpointer = _checkpointer(tmp_path, monkeypatch, 2, nodes=2, procsPerNode=1)
+    with pytest.raises(TrainerError) as refused:
+        checkpointer._state(checkpointer.store, 2, checkpointer.spec, new_run=False)  # type: ignore[arg-type]
+    assert refused.value.exit_code == ExitCode.CONFIG_INVALID
+    assert (
+        "was trained by 3 processes and this gang has 2; only an elastic job (spec.distributed.minNodes)"
+        in str(refused.value)
+    )
