@@ -38,7 +38,12 @@ _ADDED_LATER: dict[str, tuple[str, ...]] = {
 
 
 # distributed.* fields that only place the gang's pods: an edit of them after the job finished is not a new run.
-PLACEMENT_FIELDS: tuple[str, ...] = ("nodeLossTolerationSeconds", "spread", "networkCheck", "elasticWaitSeconds")
+PLACEMENT_FIELDS: tuple[str, ...] = (
+    "nodeLossTolerationSeconds",
+    "spread",
+    "networkCheck",
+    "elasticWaitSeconds",
+)
 
 
 def _alias(model: BaseModel, name: str) -> str:
