@@ -100,3 +100,16 @@ def test_status_keeps_the_slowest_pairs_of_a_large_gang() -> None:
     assert network is not None and network.world_size == 64
     assert [p.target for p in network.pairs] == list(range(STATUS_PAIRS))  # the slowest, in ring order
     assert to_progress({"network": {"backend": 3}}, "now").network is None  # not a report: dropped
+
+
+def test_describe_shows_the_network_check_on_one_line() -> None:
+    from kubetune.cli.describe import describe
+
+    network = {"backend": "nccl", "worldSize": 16, "megabytes": 4, "allReduceMs": 0.41, "allReduceBusGbps": 18.3,
+               "minBandwidthGbps": 11.2, "maxLatencyMs": 0.03, "seconds": 0.2, "checkedAt": "2026-03-01T12:00:00Z"}  # fmt: skip
+    doc = {**job(), "status": {"phase": "Running", "network": network}}
+    lines = describe(FineTuneJob.model_validate(doc), []).splitlines()
+    assert (
+        "Network:      nccl, 16 ranks: all-reduce of 4 MB 0.41 ms (18.3 GB/s bus), slowest pair 11.2 GB/s, "
+        "highest latency 0.03 ms (checked 2026-03-01T12:00:00Z)"
+    ) in lines

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kubetune.api.models import FineTuneJob, Usage
+from kubetune.api.models import FineTuneJob, NetworkReport, Usage
 from kubetune.cli.cluster_args import add_cluster_args, client_from, guarded, print_objects
 from kubetune.client.jobs import artifacts_of, phase_of
 
@@ -75,11 +75,22 @@ def describe(job: FineTuneJob, events: list[dict[str, Any]], recent: int | None 
                 lines.append(f"{label + ':':<14}{value}")
     if st and st.usage:
         lines += usage_lines(st.usage)
+    if st and st.network:
+        lines.append(f"Network:      {network_line(st.network)}")
     lines.append("Events:" + ("" if events else " <none>"))
     for e in events[-recent:] if recent else events:
         when = e.get("lastTimestamp") or e.get("eventTime") or ""
         lines.append(f"  {when:<22}{e.get('type', ''):<9}{e.get('reason', ''):<20}{e.get('message', '')}")
     return "\n".join(lines)
+
+
+def network_line(n: NetworkReport) -> str:
+    """status.network on one line: the all-reduce, the slowest pair and the highest latency."""
+    reduce = f"all-reduce of {n.megabytes} MB {n.all_reduce_ms} ms ({n.all_reduce_bus_gbps} GB/s bus)"
+    return (
+        f"{n.backend}, {n.world_size} ranks: {reduce}, slowest pair {n.min_bandwidth_gbps} GB/s, "
+        f"highest latency {n.max_latency_ms} ms (checked {n.checked_at or '-'})"
+    )
 
 
 def _hours(seconds: float) -> str:
