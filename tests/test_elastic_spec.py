@@ -105,3 +105,13 @@ def test_the_crd_refuses_min_nodes_above_nodes_and_an_unreshardable_backend_in_c
     )
     assert reshard.startswith("spec.distributed.minNodes: elastic resume")
     assert schema["properties"]["distributed"]["properties"]["minNodes"]["minimum"] == 1
+
+
+def test_the_pod_group_of_an_elastic_gang_admits_its_smallest_size() -> None:
+    from kubetune.render.gang import min_member
+
+    gang = {"gang": {"scheduler": "coscheduling"}}
+    assert min_member(spec(distributed={"nodes": 3, "minNodes": 2, **DDP}, scheduling=gang)) == 2
+    assert min_member(spec(distributed={"nodes": 3, **DDP}, scheduling=gang)) == 3
+    pinned = {"gang": {"scheduler": "coscheduling", "minMember": 3}}
+    assert min_member(spec(distributed={"nodes": 3, "minNodes": 2, **DDP}, scheduling=pinned)) == 3

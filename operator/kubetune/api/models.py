@@ -634,7 +634,7 @@ class GangSpec(ApiModel):
     PodGroup). Its PodGroup CRD must be installed; the scheduler's own name goes to the pods' schedulerName
     unless spec.schedulerName says otherwise."""
     min_member: int | None = Field(default=None, ge=1, le=10000)
-    """Pods that must be placeable together before any is bound; unset: every pod of the gang (distributed.nodes)."""
+    """Pods that must be placeable together before any is bound; unset: every pod of the gang (distributed.nodes), or distributed.minNodes for an elastic job (so a gang that shrank can be placed)."""
     schedule_timeout_seconds: int | None = Field(default=None, ge=0, le=86400)
     """How long a partly placed gang may wait for the rest before the scheduler gives its pods up and retries
     (coscheduling's scheduleTimeoutSeconds; Volcano and KAI have no per-group timeout and ignore it)."""

@@ -39,9 +39,12 @@ def pod_group_name(name: str) -> str:
 
 
 def min_member(spec: FineTuneJobSpec) -> int:
-    """Pods that must be placeable together: spec.scheduling.gang.minMember, else the whole gang."""
-    gang = gang_of(spec)
-    return gang.min_member if gang is not None and gang.min_member is not None else spec.distributed.nodes
+    """Pods that must be placeable together: spec.scheduling.gang.minMember, else the whole gang, or the smallest
+    an elastic gang may shrink to (distributed.minNodes): the PodGroup is the job's, for every gang size."""
+    gang, d = gang_of(spec), spec.distributed
+    if gang is not None and gang.min_member is not None:
+        return gang.min_member
+    return d.min_nodes if d.elastic and d.min_nodes is not None else d.nodes
 
 
 _QUANTITY = re.compile(r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(.*)$")

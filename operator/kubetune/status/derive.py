@@ -448,7 +448,7 @@ def derive(
     if job is not None and spec.scheduling is not None and spec.scheduling.gang is not None:
         gang = spec.scheduling.gang  # the PodGroup is created before the Job: a Job means it exists
         msg = c.reason_message(c.Reason.POD_GROUP_CREATED, name=name, api=FLAVORS[gang.scheduler].api_version, scheduler=gang.scheduler,
-                               min_member=gang.min_member or nodes)  # fmt: skip
+                               min_member=gang.min_member or (spec.distributed.min_nodes if spec.distributed.elastic else nodes))  # fmt: skip
         conditions = c.set_condition(
             conditions, c.GANG_READY, True, c.Reason.POD_GROUP_CREATED, msg, ts, generation
         )
