@@ -42,6 +42,7 @@ from kubetune.status.derive import (
     Observed,
     _parse_time,
     derive,
+    lost_node,
     pod_group_missing,
     refused_status,
     ttl_expired,
@@ -86,7 +87,9 @@ def observe(
         return job is not None and (owner == uid if owner else labels.get(LABEL_RESTART) == gen)
 
     mine = [p for p in pods if of_current_job(p)]
-    stale = sum(1 for j in jobs if j["metadata"]["name"] != current) + len(pods) - len(mine)
+    # an older gang's pod lost with its node is never finished by its kubelet: the next gang does not wait for it
+    others = [p for p in pods if not of_current_job(p) and lost_node(p) is None]
+    stale = sum(1 for j in jobs if j["metadata"]["name"] != current) + len(others)
     if job is None and any(j["metadata"]["name"] == current for j in jobs):
         stale += 1  # the current one is being deleted
     shown = None

@@ -36,6 +36,7 @@ class Reason(str, Enum):
     TRAINING_STARTED = "TrainingStarted"
     GANG_RESTARTING = "GangRestarting"
     GANG_SHRINKING = "GangShrinking"
+    NODE_LOST = "NodeLost"
     JOB_SUSPENDED = "JobSuspended"
     JOB_RESUMED = "JobResumed"
     QUEUED_BY_KUEUE = "QueuedByKueue"
@@ -74,6 +75,7 @@ MESSAGES: Final[dict[Reason, str]] = {
     Reason.TRAINING_STARTED: "All {nodes} pod(s) are running.",
     Reason.GANG_RESTARTING: "Rank failed ({cause}); restarting the whole gang from the last checkpoint (restart {restart} of {limit}).",
     Reason.GANG_SHRINKING: "{pending} of {nodes} pods unschedulable for {seconds}s; restarting the gang from the last checkpoint on {smaller} nodes (minNodes {minimum}; the global batch is kept; restart {restart} of {limit}).",
+    Reason.NODE_LOST: "node {node} lost: Kubernetes evicted rank pod {pod} from it ({why}); the node stopped answering (powered off, crashed or cut off) and its pod's work since the last checkpoint is gone.",
     Reason.JOB_SUSPENDED: "Suspended: no pods run until spec.runPolicy.suspend is false (or a queue admits the job).",
     Reason.JOB_RESUMED: "Resumed.",
     Reason.QUEUED_BY_KUEUE: "Queued by Kueue in LocalQueue {queue}: {kueue}",

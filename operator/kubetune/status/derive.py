@@ -38,6 +38,10 @@ PROGRESS_GRACE_SECONDS = 120
 POD_FAILED: Final = "PodFailed"
 """A failed pod's reason when neither the trainer nor the kubelet gave one."""
 JOB_FAILED: Final = "JobFailed"
+NODE_EVICTIONS: Final = frozenset({"DeletionByTaintManager", "DeletionByPodGC"})
+"""DisruptionTarget reasons of a pod Kubernetes deleted because of its node: the taint manager's eviction for a
+NoExecute taint (node.kubernetes.io/unreachable or not-ready once nodeLossTolerationSeconds ran out), or the pod
+garbage collector's for a node that is gone or out of service."""
 """A failed Job's reason when the Job controller gave none (no pod to ask)."""
 
 
@@ -149,15 +153,46 @@ def pod_failure(pod: dict[str, Any]) -> Failure | None:
     return Failure(name, code, reason, message, term.get("finishedAt") or "")
 
 
+def lost_node(pod: dict[str, Any]) -> str | None:
+    """The node a pod was lost with, if Kubernetes deleted the pod because of its node (NODE_EVICTIONS): a
+    node that stopped answering, whose kubelet will never finish the pod's deletion."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    if not meta.get("deletionTimestamp"):
+        return None
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            if cond.get("reason") in NODE_EVICTIONS:
+                return str((pod.get("spec") or {}).get("nodeName") or "?")
+    return None
+
+
+def node_lost_failure(pod: dict[str, Any]) -> Failure | None:
+    """A rank lost with its node, as a retryable failure whose reason is NodeLost and whose message names the node."""
+    node = lost_node(pod)
+    if node is None:
+        return None
+    meta = pod.get("metadata") or {}
+    why = next(
+        (x.get("message") or x.get("reason") for x in (pod.get("status") or {}).get("conditions") or []
+         if x.get("type") == "DisruptionTarget"),
+        "",
+    )  # fmt: skip
+    name = meta.get("name", "?")
+    message = c.reason_message(c.Reason.NODE_LOST, node=node, pod=name, why=why)
+    return Failure(name, None, c.Reason.NODE_LOST.value, message, meta.get("deletionTimestamp") or "")
+
+
 def decisive_failure(pods: list[dict[str, Any]]) -> Failure | None:
-    """The failure that decides: a user error if any rank had one, else the first rank to fail."""
-    # Pods being deleted (suspend, restart) are not failures; a real eviction shows in the Job's Failed condition.
+    """The failure that decides: a user error if any rank had one, else a rank lost with its node (the cause of
+    its peers' errors), else the first rank to fail."""
+    # Pods being deleted (suspend, restart) are not failures, except those Kubernetes deleted for their node.
     live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
     failures = [f for f in (pod_failure(p) for p in live) if f is not None]
-    if not failures:
+    lost = [f for f in (node_lost_failure(p) for p in pods) if f is not None]
+    if not failures and not lost:
         return None
     user = [f for f in failures if not f.retryable]
-    pool = user or failures
+    pool = user or lost or failures
     return sorted(pool, key=lambda f: (f.finished_at or "~", f.pod))[0]
 
 
@@ -461,7 +496,11 @@ def derive(
     event = None
     if phase != old.phase:
         kind = "Warning" if phase in ("Failed", "Restarting") else "Normal"
-        event = (kind, reason, message)
+        # a gang restarted (or failed) for a lost node: the Event's reason says so, its message names the node
+        lost = (
+            failure is not None and failure.reason == c.Reason.NODE_LOST and phase in ("Failed", "Restarting")
+        )
+        event = (kind, c.Reason.NODE_LOST.value if lost else reason, message)
     return Decision(status=status, action=action, event=event)
 
 
