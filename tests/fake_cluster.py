@@ -59,6 +59,8 @@ class FakeCluster:
         self._rv = itertools.count(100)
         self._uid = itertools.count(1)
         self.throttled_ms = 0
+        self.trainer_requests = 0  # POST /checkpoint answered by rank 0; None answers: unreachable
+        self.trainer_reachable = True
         for obj in objects:
             self.put(obj)
 
@@ -174,6 +176,16 @@ class FakeCluster:
 
     def post_event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
         self._record("event", "FineTuneJob", body["metadata"]["name"], (type_, reason, message))
+
+    def request_checkpoint(self, pod: dict[str, Any]) -> dict[str, Any] | None:
+        """Rank 0's answer to POST /checkpoint (a new request number each time, or None when unreachable)."""
+        name = pod["metadata"]["name"]
+        if not self.trainer_reachable:
+            self._record("checkpoint", "Pod", name, None, "unreachable")
+            return None
+        self.trainer_requests += 1
+        self._record("checkpoint", "Pod", name)
+        return {"requested": self.trainer_requests, "step": 0}
 
     def flush_events(self, timeout: float) -> bool:
         return True

@@ -217,7 +217,8 @@ def test_describe_shows_conditions_failure_and_artifacts() -> None:
     job = _job("Failed", 3, 2.0, restarts=1,
                conditions=[{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "1 restart",
                             "lastTransitionTime": "2026-01-01T00:00:00Z"}],
-               lastFailure={"pod": "demo-r1-0", "exitCode": 76, "reason": "StorageUnavailable", "message": "S3 down"})  # fmt: skip
+               lastFailure={"pod": "demo-r1-0", "exitCode": 76, "reason": "StorageUnavailable", "message": "S3 down"},
+               lastCheckpoint={"step": 3, "uri": "s3://out/demo/checkpoints/step-00000003/", "time": "2026-01-01T00:00:00Z"})  # fmt: skip
     text = describe(
         job,
         [
@@ -230,6 +231,7 @@ def test_describe_shows_conditions_failure_and_artifacts() -> None:
         ],
     )
     assert "BackoffLimitExceeded" in text and "exit code 76 (StorageUnavailable): S3 down" in text
+    assert "Last checkpoint: step 3 at 2026-01-01T00:00:00Z: s3://out/demo/checkpoints/step-00000003/" in text
     assert "s3://out/demo/model/" in text and "(when it succeeds)" in text and "gave up" in text
 
 

@@ -57,10 +57,11 @@ def test_each_shared_string_is_written_once() -> None:
 
 def test_progress_fields_are_listed_once() -> None:
     """The trainer's report and the status share TrainerReport (TrainingMetrics and the data warning);
-    neither adds a field of its own besides the phase and what the operator computes."""
+    neither adds a field of its own besides the phase, the checkpoint fields (status.lastCheckpoint, not
+    status.progress) and what the operator computes."""
     reported = set(TrainerReport.model_fields)
     assert set(TrainingMetrics.model_fields) < reported
-    assert set(ProgressReport.model_fields) == reported | {"phase"}
+    assert set(ProgressReport.model_fields) == reported | {"phase", "last_checkpoint", "checkpoint_requests"}
     assert set(Progress.model_fields) == reported | {"percent", "eta", "trainer_phase", "updated_at"}
 
 

@@ -52,11 +52,10 @@ class World:
 
     def watch(self) -> None:
         """Deliver what the cluster holds now: every FineTuneJob, Job and Pod (what is gone is gone)."""
-        progress = self.store.progress
-        self.store = Store(progress=progress)
+        self.store = Store(progress=self.store.progress, asks=self.store.asks)  # the operator's memory stays
         for obj in self.kube.of_kind("FineTuneJob"):
             self.store.put_ftj(obj)
-        for kind in ("Job", "Pod"):
+        for kind in ("Job", "Pod", "Workload"):
             for obj in self.kube.of_kind(kind):
                 self.store.put_child(kind, obj)
 

@@ -66,9 +66,11 @@ def run(trainer: Trainer) -> ExitCode:
         if code == ExitCode.OK:
             trainer.save()
     if code != ExitCode.OK:
+        # With the progress: its lastCheckpoint is the step a restart resumes from (status.lastCheckpoint).
         write_termination_message(
             code,
             f"stopped by {trainer.stop_reason()} after writing the checkpoint at step {trainer.state.step}",
+            trainer.progress.report(),
         )
     elif int(os.environ.get("RANK", "0")) == 0:
         # Rank 0 alone: on a node running several ranks the message is one file, and it carries the

@@ -1,6 +1,7 @@
 """The step loop: micro-batches -> optimizer steps, with logging, evaluation, checkpoints and stops.
 
-One host sync per optimizer step (the ranks agree on a non-finite loss and on SIGTERM);
+One host sync per optimizer step (the ranks agree on a non-finite loss, on SIGTERM and on a checkpoint
+request that reached rank 0's progress server: every rank acts at the same step);
 losses and token counts stay on the device until a logging step.
 """
 
@@ -14,10 +15,10 @@ from typing import Any
 
 import torch
 from kubetune.api.contract import ExitCode, TrainerPhase
-from kubetune.api.models import FineTuneJobSpec
+from kubetune.api.models import CheckpointRecord, FineTuneJobSpec
 
 from kubetune_trainer import batching, signals, steps, watchdog
-from kubetune_trainer.checkpoint import Checkpointer
+from kubetune_trainer.checkpoint import Checkpointer, checkpoint_rel
 from kubetune_trainer.debug import DebugHooks
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.evaluation import Evaluator
@@ -106,6 +107,10 @@ class StepLoop:
         self.window = Window.open(device)
         self.guard = LossGuard.open(device)
         self.stop_agreed = False  # some rank saw SIGTERM, as of the flags read last
+        self.checkpoint_agreed = (
+            False  # rank 0 was asked for a checkpoint (POST /checkpoint), as of the flags read last
+        )
+        self.saved_step = -1  # the step of the checkpoint written last: a step is never written twice
         self.accumulation = max(1, int(self.acc.gradient_accumulation_steps))
         self.deferred = steps.skips_on_device(
             parts.optimizer
@@ -179,7 +184,7 @@ class StepLoop:
 
     def _check_flags(self, step_flags: torch.Tensor, step: int) -> None:
         """Read the flags back (a host sync); raise on a non-finite loss; remember a SIGTERM."""
-        bad, stop = (v > 0 for v in step_flags.tolist())
+        bad, stop, checkpoint = (v > 0 for v in step_flags.tolist())
         if bad:
             raise TrainerError(
                 ExitCode.LOSS_NOT_FINITE,
@@ -187,11 +192,15 @@ class StepLoop:
                 "or check the data. The last good checkpoint is kept.",
             )
         self.stop_agreed = self.stop_agreed or stop
+        self.checkpoint_agreed = self.checkpoint_agreed or checkpoint
 
     def _update(self) -> None:
         """Flags, then the update. Where fused AdamW skips a bad step on the device, the flags are read one
         step late; elsewhere before the update, so a non-finite loss never reaches the weights."""
-        step_flags = steps.flags(self.guard.nonfinite, self.stop.requested)
+        asked = self.rt.is_main and self.progress.checkpoint_asked() > (
+            self.progress.report().checkpoint_requests or 0
+        )
+        step_flags = steps.flags(self.guard.nonfinite, self.stop.requested, asked)
         if self.pending is not None:  # the previous step's flags: long done on the device by now
             self._check_flags(self.pending, self.state.step)
             self.pending = None
@@ -231,7 +240,7 @@ class StepLoop:
         if self.tracker is not None and (logging_step or eval_step):
             self.tracker.observe(st)
         preempted = self.stop_agreed or self.hooks.preempt_at(st.step)
-        if preempted or checkpoint_step:
+        if preempted or checkpoint_step or self.checkpoint_agreed:
             self.save_checkpoint()
         if preempted:
             return Outcome.PREEMPTED
@@ -284,6 +293,17 @@ class StepLoop:
             )
 
     def save_checkpoint(self) -> None:
+        """All ranks write the checkpoint of this step, once: a SIGTERM, a schedule and a request that agree on
+        one step write it once. Rank 0 then counts the requests received so far as served."""
+        step = self.state.step
+        self.checkpoint_agreed = False
+        if step == self.saved_step:
+            return
+        asked = self.progress.checkpoint_asked()  # received before this checkpoint began: it serves them
         self.progress.update(phase=TrainerPhase.SAVING)
         self.checkpointer.save(self.state)
-        self.progress.update(phase=TrainerPhase.TRAINING)
+        self.saved_step = step
+        record = CheckpointRecord(step=step, uri=self.checkpointer.store.url(checkpoint_rel(step)) + "/",
+                                  time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
+        self.progress.update(phase=TrainerPhase.TRAINING, step=step, last_checkpoint=record)
+        self.progress.checkpoint_served(asked)

@@ -1,14 +1,16 @@
-"""Rank 0's progress endpoint: GET /progress (the contract's ProgressReport as camelCase JSON) and
-GET /metrics (the same values as Prometheus gauges, exposed by prometheus-client)."""
+"""Rank 0's progress endpoint: GET /progress (the contract's ProgressReport as camelCase JSON),
+GET /metrics (the same values as Prometheus gauges, exposed by prometheus-client), and
+POST /checkpoint (the contract's CHECKPOINT_PATH: the operator asks for a checkpoint at the next step)."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from kubetune.api.contract import ProgressReport, TrainerPhase
+from kubetune.api.contract import CHECKPOINT_PATH, ProgressReport, TrainerPhase
 from kubetune.api.models import TrainingMetrics
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -23,6 +25,26 @@ class ProgressState:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._report = ProgressReport()
+        self._asked = 0  # checkpoint requests received (POST /checkpoint); the report counts those served
+
+    def ask_checkpoint(self) -> dict[str, int]:
+        """A checkpoint request: counted once until served (asking again before then asks for nothing more)."""
+        with self._lock:
+            served = self._report.checkpoint_requests or 0
+            if self._asked <= served:  # none pending: this one is new
+                self._asked = served + 1
+            return {"requested": self._asked, "step": self._report.step or 0}
+
+    def checkpoint_asked(self) -> int:
+        """The newest request received (0: none); more than `report().checkpoint_requests` means one is pending."""
+        with self._lock:
+            return self._asked
+
+    def checkpoint_served(self, upto: int) -> None:
+        """Requests up to `upto` are served by the checkpoint just written."""
+        with self._lock:
+            if upto > (self._report.checkpoint_requests or 0):
+                self._report = self._report.model_copy(update={"checkpoint_requests": upto})
 
     def update(self, **values: Any) -> None:
         """Set fields by their Python names (step=..., total_steps=..., phase=TrainerPhase.TRAINING)."""
@@ -80,6 +102,17 @@ def serve(state: ProgressState, port: int, host: str = "0.0.0.0") -> ThreadingHT
                 return
             self.send_response(200)
             self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            if self.path.split("?", 1)[0] != CHECKPOINT_PATH:
+                self.send_error(404)
+                return
+            body = json.dumps(state.ask_checkpoint()).encode()
+            self.send_response(202)
+            self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

@@ -7,7 +7,7 @@ over ranks and Accelerate divides each micro-batch's loss by the accumulation st
 `num_items_in_batch = N / (world x accumulation)` and the gradients are d(sum of all token losses)/N,
 the same as one big batch. The count is all-reduced on the device; nothing is read back.
 
-Flags (a non-finite loss, a SIGTERM) are all-reduced on the device every step. Where the optimizer
+Flags (a non-finite loss, a SIGTERM, a checkpoint request to rank 0) are all-reduced on the device every step. Where the optimizer
 can skip a step on the device (fused AdamW's `found_inf`), they are read back one step late, so the
 host never waits for the GPU inside a step: a bad step is skipped by the kernel, and the trainer
 stops at the next one. Elsewhere (CPU, DeepSpeed) they are read before the update, as before.
@@ -75,9 +75,11 @@ def forward_backward(
     return losses
 
 
-def flags(nonfinite: torch.Tensor, stop: bool) -> torch.Tensor:
-    """[any rank saw a non-finite loss, any rank got SIGTERM], as 0/1 floats on the device (not read back)."""
-    t = torch.stack([(nonfinite > 0).float(), torch.tensor(float(stop), device=nonfinite.device)])
+def flags(nonfinite: torch.Tensor, stop: bool, checkpoint: bool = False) -> torch.Tensor:
+    """[any rank saw a non-finite loss, any rank got SIGTERM, rank 0 was asked for a checkpoint], as 0/1 floats on
+    the device (not read back): one all-reduce tells every rank, so all act at the same step."""
+    asked = [float(stop), float(checkpoint)]
+    t = torch.cat([(nonfinite > 0).float().reshape(1), torch.tensor(asked, device=nonfinite.device)])
     return all_reduce(t, torch.distributed.ReduceOp.MAX) if torch.distributed.is_initialized() else t
 
 

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from pydantic import ConfigDict, Field, ValidationError
 
-from kubetune.api.models import ApiModel, Artifacts, EvaluationResult, TrainerReport
+from kubetune.api.models import ApiModel, Artifacts, CheckpointRecord, EvaluationResult, TrainerReport
 from kubetune.api.storage import sha256_file
 
 
@@ -249,9 +249,22 @@ class ProgressReport(TrainerReport):
     """Rank 0's GET /progress body (camelCase JSON), and the final one in its TerminationMessage."""
 
     phase: TrainerPhase = TrainerPhase.INITIALIZING
+    last_checkpoint: CheckpointRecord | None = None
+    """The newest checkpoint this gang sealed (status.lastCheckpoint)."""
+    checkpoint_requests: int | None = None
+    """Checkpoint requests (POST CHECKPOINT_PATH) served so far: each one served is a checkpoint all ranks wrote."""
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, mode="json")
+
+
+# --- asking rank 0 for a checkpoint ------------------------------------------------
+
+CHECKPOINT_PATH: Final = "/checkpoint"
+"""POST on rank 0's progress port: checkpoint at the next optimizer step boundary. Rank 0 answers 202 with
+{"requested": n, "step": s} at once; all ranks learn of it in the step's flags all-reduce and write the checkpoint
+together; /progress then shows `checkpointRequests` >= n and `lastCheckpoint.step` > s. Repeating a request
+before it is served asks for nothing more (one checkpoint)."""
 
 
 # --- the termination message: the trainer writes it, the operator reads it --------

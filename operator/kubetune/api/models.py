@@ -1065,6 +1065,17 @@ class Progress(TrainerReport):
     """When the operator last read progress from rank 0 (RFC 3339)."""
 
 
+class CheckpointRecord(ApiModel):
+    """A complete checkpoint (its manifest and COMPLETE marker written): which step, where, when."""
+
+    step: int = Field(ge=0)
+    """The optimizer step it holds."""
+    uri: str
+    """Its directory under the run's output (`<uri>/checkpoints/step-<n>/`)."""
+    time: str
+    """When it was sealed (RFC 3339, the trainer's clock)."""
+
+
 class Artifacts(ApiModel):
     """Where the results are."""
 
@@ -1236,6 +1247,8 @@ class FineTuneJobStatus(ApiModel):
     """The final model's evaluation figures and gate verdict (spec.evaluation), from the trainer."""
     last_failure: FailureInfo | None = None
     """The last failed rank: exit code, reason and message (from its termination message)."""
+    last_checkpoint: CheckpointRecord | None = None
+    """The newest checkpoint the current run wrote (from rank 0's progress, or a rank's termination message): the step a restart resumes from."""
     workload: str | None = None
     """Name of the current batch/v1 Job."""
     run: int = 1

@@ -51,6 +51,9 @@ def describe(job: FineTuneJob, events: list[dict[str, Any]], recent: int | None 
         lines.append(f"  {'TYPE':<12}{'STATUS':<8}{'REASON':<24}MESSAGE")
         for c in st.conditions:
             lines.append(f"  {c.type:<12}{c.status:<8}{c.reason:<24}{c.message}")
+    if st and st.last_checkpoint:
+        ck = st.last_checkpoint
+        lines.append(f"Last checkpoint: step {ck.step} at {ck.time}: {ck.uri}")
     if st and st.last_failure:
         f = st.last_failure
         lines.append("Last failure:")

@@ -65,6 +65,12 @@ class Cluster(Protocol):
         """Record an Event on the FineTuneJob `body`. Never raises, never waits for the API server."""
         ...
 
+    def request_checkpoint(self, pod: dict[str, Any]) -> dict[str, Any] | None:
+        """POST rank 0's checkpoint endpoint (kubetune.api.contract.CHECKPOINT_PATH, on the pod's progress port: the
+        pod itself, not the API server); the trainer's answer ({"requested": n, "step": s}), or None when it cannot
+        be reached. Never raises, waits at most a few seconds."""
+        ...
+
     def flush_events(self, timeout: float) -> bool:
         """Wait until the Events recorded so far are posted; False if some still wait after `timeout` seconds."""
         ...

@@ -30,6 +30,7 @@ from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.api.names import standard_labels
 from kubetune.controller.cluster import ApiMissing
 from kubetune.controller.metrics import counting_client
+from kubetune.status.progress import request_checkpoint
 
 T = TypeVar("T")
 log = logging.getLogger("kubetune.kube")
@@ -329,6 +330,9 @@ class KubeClient:
     def post_event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """Queue an Event on the FineTuneJob (posted by the recorder's thread). Never raises, never waits."""
         self.events.record(event_for(body, type_, reason, message))
+
+    def request_checkpoint(self, pod: dict[str, Any]) -> dict[str, Any] | None:
+        return request_checkpoint(pod)
 
     def flush_events(self, timeout: float) -> bool:
         return self.events.flush(timeout)

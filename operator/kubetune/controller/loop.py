@@ -23,6 +23,7 @@ from kubetune.controller.metrics import METRICS
 from kubetune.controller.settings import Settings
 from kubetune.controller.store import Key, Store, WorkQueue, key_of
 from kubetune.status.derive import iso
+from kubetune.status.disruption import reported_checkpoint
 from kubetune.status.progress import progress_url, to_progress
 
 log = logging.getLogger("kubetune.controller")
@@ -170,5 +171,7 @@ class Controller:
         if not isinstance(data, dict):
             return
         progress = to_progress(data, iso(reconcile.now()))
-        if self.store.put_progress(key, pod, progress, time.monotonic()):
+        served = data.get("checkpointRequests")
+        served = served if isinstance(served, int) and not isinstance(served, bool) else 0
+        if self.store.put_progress(key, pod, progress, time.monotonic(), reported_checkpoint(data), served):
             self._enqueue(key)

@@ -26,7 +26,7 @@ from kubetune.api.names import (
 from kubetune.api.schedulers import FLAVORS
 from kubetune.api.trainer_config import TrainerConfig
 from kubetune.api.validation import SpecInvalid, parse_spec
-from kubetune.controller import serving
+from kubetune.controller import checkpoints, serving
 from kubetune.controller.cluster import ApiMissing, Cluster
 from kubetune.controller.metrics import METRICS
 from kubetune.controller.settings import Settings
@@ -189,9 +189,14 @@ def reconcile(key: Key, store: Store, settings: Settings, kube: Cluster) -> floa
         observed = replace(observed, workload=store.workload_of(key, observed.job))
         decision = derive(spec, name, meta.get("generation"), status, observed, at, settings.prices)
         decision = Decision(status=decision.status, event=decision.event)  # created already
+    # Before any eviction: ask rank 0 for a checkpoint, keep status.lastCheckpoint current, and hold the
+    # operator's own suspend until the checkpoint is written (controller/checkpoints.py).
+    plan = checkpoints.plan(key, spec, decision.status, observed, store, kube)
+    decision = replace(decision, status=plan.status)
     publish(body, decision, store, kube)  # status and Event first, then the action
-    act(body, spec, decision, observed, store, settings, kube)
-    wake = wake_after(spec, decision.status, observed, at, settings.poll_interval)
+    if not (plan.hold and decision.action == "none"):
+        act(body, spec, decision, observed, store, settings, kube)
+    wake = sooner(wake_after(spec, decision.status, observed, at, settings.poll_interval), plan.wake)
     return sooner(wake, serve(body, spec, decision.status, store, kube))
 
 

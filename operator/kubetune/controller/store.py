@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.api.models import Progress
+from kubetune.api.models import CheckpointRecord, Progress
 from kubetune.api.names import COMPLETION_INDEX, LABEL_JOB, LABEL_RESTART
 
 Key = tuple[str, str]
@@ -64,6 +64,27 @@ class Seen:
     progress: Progress
     read_at: float
     step_moved_at: float
+    checkpoint: CheckpointRecord | None = None
+    """The newest checkpoint rank 0 reported (lastCheckpoint)."""
+    served: int = 0
+    """Checkpoint requests rank 0 has served (checkpointRequests)."""
+
+
+@dataclass
+class Ask:
+    """A checkpoint the operator asked of a gang's rank 0 before a disruption (kubetune.controller.checkpoints)."""
+
+    gang: str
+    """The Job uid and rank 0 pod it was asked of: a new gang is asked again."""
+    cause: str
+    asked_at: float
+    """time.time() when asked."""
+    requested: int | None
+    """The trainer's number for the request (None: rank 0 could not be reached)."""
+    written: bool = False
+    """The checkpoint is written (its Event recorded)."""
+    expired: bool = False
+    """The wait ran out (its Event recorded)."""
 
 
 @dataclass
@@ -81,6 +102,8 @@ class Store:
     _orphans: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Workloads seen before their Job (watch order after a restart), by the Job's uid."""
     progress: dict[Key, Seen] = field(default_factory=dict)
+    asks: dict[Key, Ask] = field(default_factory=dict)
+    """Checkpoint requests outstanding, per FineTuneJob (memory only: an operator restart asks again)."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ---------------------------------------------------------------- FineTuneJobs
@@ -102,6 +125,7 @@ class Store:
         with self._lock:
             self.ftjs.pop(key, None)
             self.progress.pop(key, None)
+            self.asks.pop(key, None)
 
     def ftj(self, key: Key) -> dict[str, Any] | None:
         with self._lock:
@@ -218,13 +242,17 @@ class Store:
                         out.append((key, meta["name"], st["podIP"]))
         return out
 
-    def put_progress(self, key: Key, pod: str, progress: Progress, now: float) -> bool:
+    def put_progress(
+        self, key: Key, pod: str, progress: Progress, now: float, checkpoint: CheckpointRecord | None = None,
+        served: int = 0,
+    ) -> bool:  # fmt: skip
         """Record a read; True when it says something new (anything but the read time changed)."""
         with self._lock:
             old = self.progress.get(key)
             moved = old is None or old.pod != pod or old.progress.step != progress.step
-            self.progress[key] = Seen(pod, progress, now, now if moved else old.step_moved_at)  # type: ignore[union-attr]
-            if old is None or old.pod != pod:
+            since = now if old is None or moved else old.step_moved_at
+            self.progress[key] = Seen(pod, progress, now, since, checkpoint, served)
+            if old is None or old.pod != pod or (old.checkpoint, old.served) != (checkpoint, served):
                 return True
             return old.progress.model_copy(update={"updated_at": None}) != progress.model_copy(
                 update={"updated_at": None}

@@ -52,6 +52,9 @@ class Reason(str, Enum):
     SERVING_API_MISSING = "ServingAPIMissing"
     SERVING_REFUSED = "ServingRefused"
     SERVING_NAME_TAKEN = "ServingNameTaken"
+    CHECKPOINT_REQUESTED = "CheckpointRequested"
+    CHECKPOINT_WRITTEN = "CheckpointWritten"
+    CHECKPOINT_NOT_CONFIRMED = "CheckpointNotConfirmed"
     EVALUATED = "Evaluated"
     EVALUATION_PASSED = "EvaluationPassed"
     EVALUATION_GATE_FAILED = REASONS[
@@ -91,6 +94,9 @@ MESSAGES: Final[dict[Reason, str]] = {
     Reason.SERVING_API_MISSING: "The cluster has no {kind} API ({api}): install KServe's CRDs, or set spec.serving.kind: Deployment. The model stays at {uri}.",
     Reason.SERVING_REFUSED: "The API server refused {kind} {name}: {error}",
     Reason.SERVING_NAME_TAKEN: "{kind} {name} already exists and this FineTuneJob does not own it (left alone): set spec.serving.name to another name.",
+    Reason.CHECKPOINT_REQUESTED: "{cause}: asked rank 0 ({pod}) to checkpoint at the next step boundary (every rank writes the same step){hold}.",
+    Reason.CHECKPOINT_WRITTEN: "Checkpoint at step {step} written after {cause}: {uri}",
+    Reason.CHECKPOINT_NOT_CONFIRMED: "{cause}: rank 0 did not confirm a checkpoint within {seconds}s (terminationGracePeriodSeconds); suspending anyway: the pods still checkpoint on SIGTERM, and a restart resumes from the newest complete checkpoint ({last}).",
     Reason.EVALUATED: "Evaluated: {figures}.",
     Reason.EVALUATION_PASSED: "Evaluation gate passed: {figures}.",
     Reason.EVALUATION_GATE_FAILED: "Evaluation gate failed; nothing published, artifacts kept for inspection: {figures}.",

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kubetune.api.contract import CHECKPOINT_PATH
 from kubetune.api.models import NetworkReport, Progress, TrackingStatus, TrainingMetrics
 from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT
 
@@ -30,6 +31,23 @@ def fetch_progress(
     try:
         with urllib.request.urlopen(progress_url(pod_ip, port), timeout=timeout) as resp:  # noqa: S310 (pod IP, http)
             data = json.loads(resp.read(1 << 20))
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def request_checkpoint(
+    pod: dict[str, Any], port: int = DEFAULT_PROGRESS_PORT, timeout: float = 3.0
+) -> dict[str, Any] | None:
+    """POST rank 0's checkpoint endpoint (contract.CHECKPOINT_PATH); its JSON answer, or None when it cannot be reached."""
+    ip = (pod.get("status") or {}).get("podIP")
+    if not ip:
+        return None
+    url = progress_url(ip, port).rsplit("/", 1)[0] + CHECKPOINT_PATH
+    try:
+        request = urllib.request.Request(url, data=b"", method="POST")
+        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 (pod IP, http)
+            data = json.loads(resp.read(1 << 16))
     except (OSError, urllib.error.URLError, ValueError):
         return None
     return data if isinstance(data, dict) else None

@@ -140,6 +140,7 @@ def start_new_run(
         progress=None,
         artifacts=None,
         last_failure=None,
+        last_checkpoint=None,
         resumed_from=resumed,
         tracking=None,
         # Usage goes on across runs (per run and in total); the idle time since the last run ended is not charged.
