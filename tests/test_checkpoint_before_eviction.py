@@ -199,3 +199,13 @@ def test_no_disruption_for_a_gang_that_is_simply_running_or_already_gone() -> No
         "true"  # the operator's own suspend
     )
     assert disruption(spec, applied, pods, None) is None
+
+
+def test_a_rank_lost_with_its_node_restarts_the_gang_without_asking() -> None:
+    """The taint manager's eviction of a pod on an unreachable node: its peers cannot checkpoint with it (NodeLost)."""
+    world = training()
+    lost = {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager", "message": "Taint manager: deleting due to NoExecute taint"}  # fmt: skip
+    change_pod(world, "demo-r0-1", conditions=[lost], deletionTimestamp="2026-03-01T12:00:00Z")
+    world.reconcile()
+    assert asked(world) == [] and world.status["phase"] == "Restarting"
+    assert not [e for e in events(world) if e[1].startswith("Checkpoint")]

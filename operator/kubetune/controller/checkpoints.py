@@ -83,12 +83,15 @@ def plan(
     observed: Observed,
     store: Store,
     kube: Cluster,
+    steady: bool = True,
 ) -> Plan:
+    """`steady`: the reconcile keeps the gang as it is this pass (no restart, stop or create): only then is a
+    checkpoint asked for."""
     served, reported = _served(observed, store, key)
     last = d.newest_checkpoint(status.last_checkpoint, reported)
     if last != status.last_checkpoint:
         status = status.model_copy(update={"last_checkpoint": last})
-    found = d.disruption(spec, observed.job, observed.pods, observed.workload)
+    found = d.disruption(spec, observed.job, observed.pods, observed.workload) if steady else None
     ask = store.asks.get(key)
     if found is None:
         if ask is not None and (ask.written or ask.expired or ask.requested is None):

@@ -191,7 +191,7 @@ def reconcile(key: Key, store: Store, settings: Settings, kube: Cluster) -> floa
         decision = Decision(status=decision.status, event=decision.event)  # created already
     # Before any eviction: ask rank 0 for a checkpoint, keep status.lastCheckpoint current, and hold the
     # operator's own suspend until the checkpoint is written (controller/checkpoints.py).
-    plan = checkpoints.plan(key, spec, decision.status, observed, store, kube)
+    plan = checkpoints.plan(key, spec, decision.status, observed, store, kube, decision.action == "none")
     decision = replace(decision, status=plan.status)
     publish(body, decision, store, kube)  # status and Event first, then the action
     if not (plan.hold and decision.action == "none"):

@@ -21,6 +21,7 @@ from typing import Any
 from kubetune.api import contract
 from kubetune.api.models import CheckpointRecord, FineTuneJobSpec
 from kubetune.api.names import ANNOTATION_SUSPEND_APPLIED
+from kubetune.status.derive import lost_node
 
 DISRUPTION_TARGET = "DisruptionTarget"
 """The pod condition Kubernetes sets before it deletes a pod for a disruption (k8s.io/api/core/v1)."""
@@ -62,6 +63,10 @@ def disruption(
         name = pod["metadata"]["name"]
         if not _live(pod):
             continue
+        if lost_node(pod) is not None:
+            return (
+                None  # lost with its node: its peers cannot checkpoint with it; the gang restarts (NodeLost)
+            )
         if (cond := _true(pod, DISRUPTION_TARGET)) is not None:
             detail = f" ({cond['message']})" if cond.get("message") else ""
             return Disruption(f"pod {name}: {DISRUPTION_TARGET} {cond.get('reason') or 'Unknown'}{detail}")
