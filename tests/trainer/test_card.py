@@ -107,14 +107,15 @@ def test_an_adapter_alone_is_a_peft_card_without_hub_ids_for_other_sources(tmp_p
 def test_tracking_usage_and_lineage_sections_come_from_metrics(tmp_path):
     metrics = {"job": "card", "steps": 3, "tracking": {"mlflowRun": "http://mlflow/#/experiments/1/runs/abc"},
                "usage": {"wallSeconds": 60.0, "gpuSeconds": 480.0},
-               "lineage": {"baseModel": {"source": "hf://acme/tiny-llama", "commit": "c" * 40},
-                           "datasets": [{"uri": "s3://d/train.jsonl", "files": {"train.jsonl": "ab" * 32}}],
+               "lineage": {"baseModel": {"source": "hf://acme/tiny-llama", "identity": "commit:" + "c" * 40},
+                           "datasets": [{"uri": "s3://d/train.jsonl", "identity": "etag:e1", "files": {"train.jsonl": "ab" * 32}}],
                            "kubetuneVersion": "0.1.0", "trainerImage": "r/t@sha256:" + "e" * 64, "trainerImageDigest": "sha256:" + "e" * 64}}  # fmt: skip
     card = render_card(config(tmp_path), metrics, [])
     assert "- MLflow run: http://mlflow/#/experiments/1/runs/abc" in card
     assert "| gpuSeconds | 480 |" in card
     assert (
-        f"| base model commit | {'c' * 40} |" in card
+        f"| base model as fetched | `commit:{'c' * 40}` |" in card
+        and "| data s3://d/train.jsonl as fetched | `etag:e1` |" in card
         and f"| data s3://d/train.jsonl train.jsonl | sha256:{'ab' * 32} |" in card
     )
     assert f"| trainer image | sha256:{'e' * 64} |" in card

@@ -60,7 +60,7 @@ class ArtifactWriter:
             out = Path(tempfile.mkdtemp(prefix="kubetune-artifacts-", dir=cache_root()))
             self._write_weights(out, state_dict)
             self._evaluate(out)
-            self.facts.lineage = lineage.collect(self.config.spec, self.rt.model_files.path())
+            self.facts.lineage = lineage.collect(self.config.spec)
             (out / METRICS_FILE).write_text(json.dumps(self.metrics(), indent=2))
             (out / CONFIG_FILE).write_text(self.config.dump_yaml())
             write_card(out, self.config)
@@ -233,7 +233,6 @@ class ArtifactWriter:
             "chunkedLoss": facts.chunked_loss,
             "fastPath": facts.fast_path,
             "data": facts.data,
-            "inputs": facts.inputs,
             "owner": facts.owner,
             "learningRate": self.config.spec.training.learning_rate,
             "usage": self._usage(),

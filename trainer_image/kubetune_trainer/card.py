@@ -136,10 +136,8 @@ def _result_rows(metrics: dict[str, Any]) -> list[list[Any]]:
 
 
 def _provenance_rows(metrics: dict[str, Any]) -> list[list[Any]]:
-    """The bytes trained on (each input's content identity), the owner, the checkpoint resumed and any set aside."""
-    rows: list[list[Any]] = [
-        [f"input `{uri}`", f"`{identity}`"] for uri, identity in (metrics.get("inputs") or {}).items()
-    ]
+    """The output's owner, the checkpoint resumed and any set aside (the inputs trained on: the Lineage section)."""
+    rows: list[list[Any]] = []
     if owner := metrics.get("owner"):
         rows.append(
             [
@@ -215,11 +213,13 @@ def _lineage_rows(metrics: dict[str, Any]) -> list[list[Any]]:
     lineage = metrics.get("lineage") or {}
     base = lineage.get("baseModel") or {}
     rows: list[list[Any]] = [["base model", base.get("source")]]
-    if base.get("commit"):
-        rows.append(["base model commit", base["commit"]])
+    if base.get("identity"):
+        rows.append(["base model as fetched", f"`{base['identity']}`"])
     if base.get("sha256"):
         rows.append(["base model sha256 (config and weights)", base["sha256"]])
     for d in lineage.get("datasets") or []:
+        if d.get("identity"):
+            rows.append([f"data {d.get('uri')} as fetched", f"`{d['identity']}`"])
         for name, digest in sorted((d.get("files") or {}).items()):
             rows.append([f"data {d.get('uri')} {name}", f"sha256:{digest}"])
     rows.append(["kubetune", lineage.get("kubetuneVersion")])

@@ -1,8 +1,12 @@
-"""Lineage: what exactly made a model, for the model card, metrics.json and the OCI annotations.
+"""Lineage: what exactly made a model, in one place (metrics.json `lineage`), shown on the model card and in
+the OCI annotations.
 
-- the base model's resolved revision: the commit the Hugging Face hub resolved `hf://` (and
-  spec.model.revision) to; for any other source, one sha256 over its config and weight files;
-- each dataset file's sha256 (train sources and eval, as fetched);
+- every input as this run fetched it (kubetune_trainer.storage records each URI's identity and local path):
+  the base model and each dataset file (train sources, eval, retain);
+  - `identity`: what the node cache keyed the bytes by when they were fetched: `commit:<sha>` for `hf://`
+    (the commit the hub resolved spec.model.revision to), `etag:`/`etags:` for S3, `local:` for a path;
+  - the sha256 of the bytes trained on, hashed from the fetched copy (never fetched again): each dataset
+    file's; for a base model not from the hub, one digest over its config and weight files (and each file's);
 - the kubetune version, and the trainer image ($KUBETUNE_TRAINER_IMAGE, set by the operator: its digest
   when the reference is digest-pinned).
 """
@@ -28,9 +32,6 @@ WEIGHT_SUFFIXES: Final = (
     ".safetensors.index.json",
     ".bin.index.json",
 )
-HUB_METADATA: Final = (
-    Path(".cache") / "huggingface" / "download"
-)  # huggingface_hub's record of each file's commit
 
 
 def _files(directory: Path) -> list[Path]:
@@ -38,17 +39,6 @@ def _files(directory: Path) -> list[Path]:
     return sorted(
         p for p in directory.rglob("*") if p.is_file() and ".cache" not in p.relative_to(directory).parts
     )
-
-
-def hub_commit(directory: Path) -> str | None:
-    """The commit huggingface_hub downloaded `directory` at (its metadata file's first line), if it did."""
-    for name in ("config.json", "adapter_config.json"):
-        meta = directory / HUB_METADATA / f"{name}.metadata"
-        if meta.is_file():
-            first = meta.read_text().splitlines()[:1]
-            if first and len(first[0]) == 40:
-                return first[0]
-    return None
 
 
 def content_digest(directory: Path) -> tuple[str, dict[str, str]]:
@@ -59,51 +49,62 @@ def content_digest(directory: Path) -> tuple[str, dict[str, str]]:
     return hashlib.sha256(joined.encode()).hexdigest(), each
 
 
-def base_model(spec: FineTuneJobSpec, directory: Path) -> dict[str, Any]:
-    """{source, revision, commit} for an `hf://` model; {source, sha256, files} for any other."""
+def fetched(
+    uri: str, spec: FineTuneJobSpec, what: str, not_found: ExitCode, **kw: Any
+) -> tuple[str | None, Path]:
+    """The identity and local path this process fetched `uri` under; fetched now only if it never was."""
+    from kubetune_trainer import storage
+
+    if uri not in storage.FETCHED or not storage.FETCHED[uri].exists():
+        storage.fetch(uri, spec.storage, what, not_found, **kw)
+    return storage.IDENTITIES.get(uri), storage.FETCHED[uri]
+
+
+def rewritten(identity: str | None, path: Path) -> dict[str, bool]:
+    """{"changedSinceFetched": True} for a local or PVC input rewritten while the run trained (its sha256 is of
+    the new bytes, not of those trained on); remote inputs are hashed from the node cache's copy, which never changes."""
+    from kubetune_trainer.log import log
+    from kubetune_trainer.storage import local_identity
+
+    if not (identity or "").startswith("local:") or local_identity(path) == identity:
+        return {}
+    log(f"warning: {path} changed while the run trained; the lineage's sha256 is of its bytes now")
+    return {"changedSinceFetched": True}
+
+
+def base_model(spec: FineTuneJobSpec) -> dict[str, Any]:
+    """{source, revision?, identity}, and for a model not from the hub {sha256, files} over its config and weights."""
+    identity, directory = fetched(
+        spec.model.source, spec, "spec.model.source", ExitCode.MODEL_NOT_FOUND, revision=spec.model.revision
+    )
     out: dict[str, Any] = {"source": spec.model.source}
     if spec.model.revision:
         out["revision"] = spec.model.revision
-    commit = hub_commit(directory) if spec.model.source.startswith("hf://") else None
-    if commit:
-        out["commit"] = commit
-    else:
+    out["identity"] = identity
+    if not (identity or "").startswith("commit:"):
         out["sha256"], out["files"] = content_digest(directory)
-    return out
+    return {**out, **rewritten(identity, directory)}
 
 
 def dataset_files(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
-    """Each dataset (train sources, eval, retain) with every file's sha256, read from the node cache."""
-    from kubetune_trainer.storage import fetch
+    """Each dataset (train sources, eval, retain; a `#split` names its file's or directory's split) with its
+    identity and every file's sha256, hashed from the copy this run read."""
+    from kubetune_trainer.records import split_fragment
 
     uris = [s.path for s in spec.dataset.train_sources()] + ([spec.dataset.eval] if spec.dataset.eval else [])
     if spec.evaluation is not None and spec.evaluation.retain is not None:
         retain = spec.evaluation.retain
         uris += [s.path for s in retain.train_sources()] + ([retain.eval] if retain.eval else [])
     out = []
-    for uri in dict.fromkeys(uris):
-        path = fetch(uri, spec.storage, "spec.dataset", ExitCode.DATASET_INVALID, repo_type="dataset")
+    for uri in dict.fromkeys(split_fragment(u)[0] for u in uris):
+        identity, path = fetched(uri, spec, "spec.dataset", ExitCode.DATASET_INVALID, repo_type="dataset")
         files = (
-            {p.name: sha256_file(p)}
-            if (p := path).is_file()
+            {path.name: sha256_file(path)}
+            if path.is_file()
             else {str(f.relative_to(path)): sha256_file(f) for f in _files(path)}
         )
-        entry: dict[str, Any] = {"uri": uri, "files": files}
-        if uri.startswith("hf://") and path.is_dir() and (commit := hub_commit_any(path)):
-            entry["commit"] = commit
-        out.append(entry)
+        out.append({"uri": uri, "identity": identity, "files": files, **rewritten(identity, path)})
     return out
-
-
-def hub_commit_any(directory: Path) -> str | None:
-    """The commit of any file huggingface_hub downloaded into `directory`."""
-    for meta in (
-        sorted((directory / HUB_METADATA).rglob("*.metadata")) if (directory / HUB_METADATA).is_dir() else []
-    ):
-        first = meta.read_text().splitlines()[:1]
-        if first and len(first[0]) == 40:
-            return first[0]
-    return None
 
 
 def trainer_image() -> dict[str, str]:
@@ -127,14 +128,22 @@ def kubetune_version() -> str:
         return "unknown"
 
 
-def collect(spec: FineTuneJobSpec, model_dir: Path) -> dict[str, Any]:
+def collect(spec: FineTuneJobSpec) -> dict[str, Any]:
     """metrics.json's `lineage`."""
     return {
-        "baseModel": base_model(spec, model_dir),
+        "baseModel": base_model(spec),
         "datasets": dataset_files(spec),
         "kubetuneVersion": kubetune_version(),
         **trainer_image(),
     }
+
+
+def revision(base: dict[str, Any]) -> str:
+    """The base model's resolved revision: the hub commit, else `sha256:` of its config and weights."""
+    identity = str(base.get("identity") or "")
+    if identity.startswith("commit:"):
+        return identity.removeprefix("commit:")
+    return "sha256:" + base["sha256"] if base.get("sha256") else ""
 
 
 def oci_annotations(lineage: dict[str, Any]) -> dict[str, str]:
@@ -143,9 +152,7 @@ def oci_annotations(lineage: dict[str, Any]) -> dict[str, str]:
     out = {
         "org.opencontainers.image.version": str(lineage.get("kubetuneVersion", "")),
         "io.kubetune.base-model": str(base.get("source", "")),
-        "io.kubetune.base-model.revision": str(
-            base.get("commit") or ("sha256:" + base["sha256"] if base.get("sha256") else "")
-        ),
+        "io.kubetune.base-model.revision": revision(base),
         "io.kubetune.datasets": ",".join(
             f"{d['uri']}@sha256:{hashlib.sha256(''.join(f'{k} {v}' for k, v in sorted(d['files'].items())).encode()).hexdigest()}"
             for d in lineage.get("datasets") or []

@@ -86,9 +86,6 @@ class RunFacts:
         default_factory=list
     )  # checkpoints that failed verification: where each went, why
     owner: dict[str, Any] = field(default_factory=dict)  # the output's owner record (owner.py)
-    inputs: dict[str, str] = field(
-        default_factory=dict
-    )  # each input URI -> the content identity trained on (storage.identity)
     quantized_layers: int | None = (
         None  # QLoRA: the k-bit linear layers bitsandbytes built  # how the merged model was made, when not plainly (QLoRA: de-quantized)
     )

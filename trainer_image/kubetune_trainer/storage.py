@@ -6,7 +6,7 @@ where they were: S3 by each object's ETag (and version id where the bucket keeps
 again. Local files are identified by size, mtime_ns, ctime_ns, inode and a sampled sha256
 (`local_identity`: ~1 ms a file, where a full sha256 costs 2.6 s per GiB on this project's CI
 machine; any rewrite moves ctime, which no user call can set back). Each identity is recorded
-(RunFacts.inputs -> metrics.json and the model card).
+(with the local path it was fetched to: metrics.json `lineage`, kubetune_trainer.lineage).
 
 A file lock (filelock) makes the first process on a node download while the others wait, then
 every process reads the same files; a `.complete` marker makes an interrupted download start
@@ -36,7 +36,8 @@ SAMPLES, SAMPLE_BYTES = (
     64 * 1024,
 )  # local_identity: blocks hashed per file, evenly spaced, first and last included
 
-IDENTITIES: dict[str, str] = {}  # every input fetched by this process -> its identity (RunFacts.inputs)
+IDENTITIES: dict[str, str] = {}  # every input fetched by this process -> its identity (metrics.json lineage)
+FETCHED: dict[str, Path] = {}  # every input fetched by this process -> the local path of those bytes
 
 
 def cache_root() -> Path:
@@ -285,13 +286,14 @@ def fetch(
     if path is not None:
         if not path.exists():
             raise TrainerError(not_found, f"{what}: {uri} does not exist (looked at {path})")
-        IDENTITIES[uri] = local_identity(path)
+        IDENTITIES[uri], FETCHED[uri] = local_identity(path), path
         return path
     if uri.startswith("s3://"):
         directory = download_s3_prefix(storage, uri, what, not_found)
         bucket, prefix = split_s3(uri)
         single = directory / prefix.rsplit("/", 1)[-1]
-        return single if prefix and single.is_file() else directory
+        FETCHED[uri] = single if prefix and single.is_file() else directory
+        return FETCHED[uri]
     if uri.startswith("hf://"):
         return fetch_hub(uri, what, not_found, revision, repo_type)
     raise TrainerError(ExitCode.CONFIG_INVALID, f"{what}: unsupported URI {uri}")
@@ -317,7 +319,7 @@ def fetch_hub(uri: str, what: str, not_found: ExitCode, revision: str | None, re
             ) from exc
 
     directory = cached(f"{uri}@{commit}" + (":dataset" if repo_type == "dataset" else ""), fill)
-    IDENTITIES[uri] = f"commit:{commit}"
+    IDENTITIES[uri], FETCHED[uri] = f"commit:{commit}", directory
     return directory
 
 

@@ -14,7 +14,7 @@ from kubetune.api.contract import COMPLETE_MARKER, GATE_FAILED_MARKER, ExitCode,
 from kubetune.api.models import Artifacts
 from kubetune.api.trainer_config import TrainerConfig
 
-from kubetune_trainer import gate, hub_publish, publish, signals, storage, tracking
+from kubetune_trainer import gate, hub_publish, publish, signals, tracking
 from kubetune_trainer.artifacts import ArtifactWriter, registry_auth
 from kubetune_trainer.checkpoint import Checkpointer, set_aside_earlier
 from kubetune_trainer.debug import DebugHooks
@@ -77,7 +77,6 @@ class Trainer:
             self._already_done(rt)
             return
         parts = self._parts = build_parts(self.config, rt, self.facts, self.progress)
-        self.facts.inputs = dict(storage.IDENTITIES)  # the bytes this run trains on, by content identity
         self._checkpointer = Checkpointer(rt.accelerator, rt.store, self.config.job.uid or self.config.job.name,
                                           rt.world_size, self.spec.output.keep_checkpoints, self.spec)  # fmt: skip
         if parts.eval_loader is not None:
