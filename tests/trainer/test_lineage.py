@@ -14,7 +14,7 @@ from kubetune.api.contract import ExitCode
 from kubetune.api.models import FineTuneJobSpec, StorageSpec
 from kubetune.api.storage import s3_client
 from kubetune_trainer import lineage, publish, storage
-from trainer_helpers import TINY_MODEL, free_port, job_spec
+from trainer_helpers import TINY_MODEL, job_spec
 
 
 def test_a_local_model_is_identified_by_the_sha256_of_its_config_and_weights(tmp_path: Path) -> None:
@@ -40,7 +40,7 @@ def test_a_local_model_is_identified_by_the_sha256_of_its_config_and_weights(tmp
 
 
 @pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Hub]:
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
     from huggingface_hub import constants
 
     server = Hub({"acme/tiny-llama": repo_from_dir(TINY_MODEL)}).start()
@@ -52,7 +52,6 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Hub]:
     )
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("KUBETUNE_CACHE_DIR", str(tmp_path / "cache"))
     yield server
     server.stop()
 
@@ -79,35 +78,21 @@ def test_every_dataset_file_is_hashed_from_the_copy_the_run_read(tmp_path: Path)
     assert data[1]["uri"].endswith("eval.jsonl") and len(next(iter(data[1]["files"].values()))) == 64
 
 
-def test_a_dataset_replaced_in_s3_after_the_run_fetched_it_is_recorded_as_read(tmp_path: Path) -> None:
+def test_a_dataset_replaced_in_s3_after_the_run_fetched_it_is_recorded_as_read(
+    tmp_path: Path, s3_endpoint: str
+) -> None:
     """The lineage hashes the copy the run trained on, never a new fetch: an object replaced at the same URI
     while the job trained is not what the model was made from."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=(port := free_port()))
-    server.start()
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in {
-                "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1",
-            }.items():
-                mp.setenv(k, v)
-            mp.setenv("KUBETUNE_CACHE_DIR", str(tmp_path / "cache"))
-            endpoint = f"http://127.0.0.1:{port}"
-            client = s3_client(StorageSpec(endpoint=endpoint))
-            client.create_bucket(Bucket="lineage")
-            client.put_object(Bucket="lineage", Key="d/train.jsonl", Body=b'{"text": "trained on"}\n')
-            spec = FineTuneJobSpec.model_validate(job_spec(tmp_path, **{"dataset.train": "s3://lineage/d/train.jsonl", "dataset.eval": None,
-                                                                        "storage.endpoint": endpoint}))  # fmt: skip
-            storage.fetch(
-                "s3://lineage/d/train.jsonl", spec.storage, "spec.dataset.train", ExitCode.DATASET_INVALID
-            )
-            client.put_object(Bucket="lineage", Key="d/train.jsonl", Body=b'{"text": "replaced"}\n')
-            [entry] = lineage.dataset_files(spec)
-    finally:
-        server.stop()
+    client = s3_client(StorageSpec(endpoint=s3_endpoint))
+    client.create_bucket(Bucket="lineage")
+    client.put_object(Bucket="lineage", Key="d/train.jsonl", Body=b'{"text": "trained on"}\n')
+    uri = "s3://lineage/d/train.jsonl"
+    spec = FineTuneJobSpec.model_validate(
+        job_spec(tmp_path, **{"dataset.train": uri, "dataset.eval": None, "storage.endpoint": s3_endpoint})
+    )
+    storage.fetch(uri, spec.storage, "spec.dataset.train", ExitCode.DATASET_INVALID)
+    client.put_object(Bucket="lineage", Key="d/train.jsonl", Body=b'{"text": "replaced"}\n')
+    [entry] = lineage.dataset_files(spec)
     assert entry["identity"].startswith("etag:")
     assert entry["files"] == {"train.jsonl": hashlib.sha256(b'{"text": "trained on"}\n').hexdigest()}
 
