@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	DS_BUILD_OPS=0 $(PY) -m pip install $(PIP_FLAGS) -c .ci/constraints.txt -e ".[operator,trainer,client,dev]"
 	touch $@
 
-.PHONY: install quickstart test test-agent test-fast lint docs docs-gen crd e2e-build
+.PHONY: install quickstart test test-agent test-fast lint docs docs-gen crd e2e-build cluster cluster-env cluster-down
 
 install: $(VENV)/.installed
 
@@ -57,3 +57,16 @@ crd: install
 
 e2e-build:
 	bash e2e/harness/build.sh
+
+## A local cluster that stays up (docs/local-cluster.md): the e2e harness's real control plane and node, MinIO, a
+## registry, and the operator installed by Helm from the images the Dockerfiles build. As root; prints the exports
+cluster: install
+	cd e2e && $(abspath $(PY)) -m harness.local_cluster up
+
+## The exports of the running cluster again: eval "$$(make -s cluster-env)"
+cluster-env:
+	@cd e2e && $(abspath $(PY)) -m harness.local_cluster env
+
+## Stop the local cluster and remove everything it made
+cluster-down:
+	cd e2e && $(abspath $(PY)) -m harness.local_cluster down

@@ -43,6 +43,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.e2e)
+    # test_local_cluster.py first among the e2e tests: its `make cluster` takes the cached containerd root (images
+    # imported), which the session's node holds from its start to the session's end
+    e2e = [i for i, item in enumerate(items) if here in Path(str(item.fspath)).parents]
+    if e2e:
+        first = [item for item in items if Path(str(item.fspath)).name == "test_local_cluster.py"]
+        rest = [item for item in items[e2e[0] :] if item not in first]
+        items[e2e[0] :] = first + rest
 
 
 @pytest.fixture(scope="session")

@@ -185,3 +185,37 @@ def test_license_file_is_apache_2() -> None:
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"] == "Apache-2.0"
+
+
+def test_trainer_dockerfile_torch_pin_is_the_constraints_pin() -> None:
+    """trainer_image/Dockerfile installs torch alone first (its own layer, GBs), from its TORCH build argument;
+    the constraints then hold it. A bump in one place and not the other would install two versions."""
+    arg = next(
+        line.split("=", 1)[1]
+        for line in (ROOT / "trainer_image/Dockerfile").read_text().splitlines()
+        if line.startswith("ARG TORCH=")
+    )
+    pins = [
+        line.strip()
+        for line in (ROOT / ".ci/constraints.txt").read_text().splitlines()
+        if line.startswith("torch==")
+    ]
+    assert pins == [arg], f"trainer_image/Dockerfile ARG TORCH={arg}; .ci/constraints.txt pins {pins}"
+
+
+def test_dockerfiles_install_what_pyproject_declares() -> None:
+    """The images install their dependencies from .ci/requirements.py (pyproject.toml's lists) before the
+    source, and the package itself without dependencies after it."""
+    sys.path.insert(0, str(ROOT / ".ci"))
+    try:
+        from requirements import requirements  # noqa: PLC0415
+    finally:
+        sys.path.pop(0)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert set(requirements("trainer")) == set(
+        pyproject["dependencies"] + pyproject["optional-dependencies"]["trainer"]
+    )
+    for name, extra in (("operator_image", "operator"), ("trainer_image", "trainer")):
+        text = (ROOT / name / "Dockerfile").read_text()
+        assert f"python .ci/requirements.py {extra} >/tmp/requirements.txt" in text
+        assert text.index("requirements.py") < text.index("COPY operator/kubetune") < text.index("--no-deps")

@@ -21,6 +21,13 @@ Every image is an OCI image with uncompressed layers:
 The names are the chart's defaults (charts/kubetune/values.yaml), so `helm install` with
 default values runs these images. What differs from the Dockerfiles: a Debian base instead
 of python:3.11-slim / the CUDA base, and the venv copied instead of `pip install`ed.
+
+`KUBETUNE_E2E_IMAGES=dockerfiles`: instead, operator_image/Dockerfile and trainer_image/Dockerfile themselves,
+built by buildah (chroot isolation, the host's network: nothing on the host's network changes) on a Debian base
+made by mmdebstrap and given as their base build argument, their pip steps reading a wheelhouse that `pip wheel`
+fills from pip's cache (--no-index --find-links), each image pushed uncompressed into an OCI layout under the
+cache and imported from there (new blobs only, like the assembled images). Not the default yet: building the
+trainer's torch layer (4.6 GB) needs about 20 GB of free disk at its peak (see e2e/README.md).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import fcntl
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -103,11 +111,11 @@ def _cached_layer(key: str, write: Callable[[tarfile.TarFile], None]) -> Path:
     return out
 
 
-def base_layer() -> Path:
+def base_layer(packages: Sequence[str] = BASE_PACKAGES, where: Path | None = None) -> Path:
     """Debian minbase + python3 from mmdebstrap (about 100 s cold)."""
-    args = ["--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", "--format=tar", DEBIAN_SUITE]
+    args = ["--variant=minbase", f"--include={','.join(packages)}", "--format=tar", DEBIAN_SUITE]
     key = "base-" + _sha(json.dumps(args).encode())[:16]
-    out = images_dir() / "layers" / f"{key}.tar"
+    out = (where or images_dir() / "layers") / f"{key}.tar"
     if not out.exists():
         if not shutil.which("mmdebstrap"):
             raise RuntimeError("mmdebstrap not found: apt-get install mmdebstrap (see e2e/README.md)")
@@ -398,6 +406,231 @@ class Image:
         return sent
 
 
+DOCKERFILE_BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
+# (Dockerfile, the build argument naming its base)
+DOCKERFILES = {
+    "operator": ("operator_image/Dockerfile", "PYTHON_IMAGE"),
+    "trainer": ("trainer_image/Dockerfile", "CUDA_IMAGE"),
+}
+
+
+def _log(msg: str) -> None:
+    print(f"images: {msg}", file=sys.stderr, flush=True)
+
+
+# -- buildah ------------------------------------------------------------------------------------
+
+
+def dockerfiles_dir() -> Path:
+    d = images_dir() / "dockerfiles"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def buildah_argv() -> list[str]:
+    """buildah with its storage in the cache (so CI keeps its layer cache with the rest of the cache)."""
+    if not shutil.which("buildah"):
+        raise RuntimeError("buildah not found: apt-get install buildah (see e2e/README.md)")
+    d = dockerfiles_dir() / "buildah"
+    return [
+        "buildah",
+        "--root",
+        str(d / "storage"),
+        "--runroot",
+        str(d / "run"),
+        "--storage-driver",
+        "overlay",
+    ]
+
+
+class BuildFailed(RuntimeError):
+    def __init__(self, kind: str, msg: str) -> None:
+        super().__init__(msg)
+        self.kind = kind
+
+
+def _buildah(*args: str, quiet: bool = False) -> str:
+    r = subprocess.run(
+        [*buildah_argv(), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if not quiet else subprocess.PIPE,
+        text=True,
+        env={**os.environ, "BUILDAH_ISOLATION": "chroot"},
+    )
+    if r.returncode != 0:
+        tail = "\n".join((r.stdout + (r.stderr or "")).splitlines()[-30:])
+        raise RuntimeError(f"buildah {' '.join(args[:2])} failed (exit {r.returncode}):\n{tail}")
+    return r.stdout
+
+
+def _has_image(name: str) -> bool:
+    r = subprocess.run([*buildah_argv(), "inspect", "--type", "image", name], capture_output=True)
+    return r.returncode == 0
+
+
+def base_image() -> str:
+    """The Debian base as a buildah image, named by the content key of its rootfs tar."""
+    tar = base_layer(DOCKERFILE_BASE_PACKAGES, dockerfiles_dir())
+    name = f"kubetune.local/debian-base:{tar.stem.removeprefix('base-')}"
+    if not _has_image(name):
+        c = _buildah("from", "--pull=never", "scratch", quiet=True).strip()
+        try:
+            _buildah("add", c, str(tar), "/", quiet=True)
+            _buildah(
+                "config", "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", c
+            )
+            _buildah("commit", "--quiet", c, name, quiet=True)
+        finally:
+            subprocess.run([*buildah_argv(), "rm", c], capture_output=True)
+    return name
+
+
+def wheelhouse(kinds: Sequence[str] = ("operator", "trainer")) -> Path:
+    """Wheels of every requirement of both images (the constraints' versions), made by `pip wheel` from pip's
+    cache (what `make install` downloaded; an sdist such as DeepSpeed's is built once). The Dockerfiles' pip
+    steps read it offline (--no-index --find-links); it is needed only when a dependency layer is not in
+    buildah's layer cache, and removed after the build (GBs)."""
+    reqs = subprocess.run(
+        [sys.executable, str(REPO / ".ci" / "requirements.py"), *kinds],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    reqs += [_dockerfile_arg(DOCKERFILES["trainer"][0], "TORCH")] if "trainer" in kinds else []
+    reqs.append("setuptools>=77")
+    out = dockerfiles_dir() / "wheels"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    t0 = time.monotonic()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "-w",
+            str(out),
+            "-c",
+            str(REPO / ".ci" / "constraints.txt"),
+            *reqs,
+        ],
+        check=True,
+        env={**os.environ, "DS_BUILD_OPS": "0"},
+    )
+    _log(f"wheelhouse of {len(list(out.glob('*.whl')))} wheels filled in {time.monotonic() - t0:.0f}s")
+    return out
+
+
+def _dockerfile_arg(dockerfile: str, name: str) -> str:
+    for line in (REPO / dockerfile).read_text().splitlines():
+        if line.startswith(f"ARG {name}="):
+            return line.split("=", 1)[1].strip()
+    raise KeyError(f"{dockerfile} has no ARG {name}=...")
+
+
+def build_dockerfile(kind: str, name: str, base: str, wheels: Path) -> LayoutImage:
+    """`buildah build` of one Dockerfile on `base`, pushed uncompressed into the cache's OCI layout."""
+    dockerfile, base_arg = DOCKERFILES[kind]
+    t0 = time.monotonic()
+    try:
+        _buildah(
+            "build",
+            "--layers",
+            "--force-rm",
+            "--pull=never",
+            "--isolation=chroot",
+            "--network=host",
+            "--quiet",
+            f"--file={REPO / dockerfile}",
+            f"--tag={name}",
+            f"--build-arg={base_arg}={base}",
+            "--build-arg=WHEELS=/wheels",
+            f"--volume={wheels}:/wheels:ro",
+            str(REPO),
+        )
+    except RuntimeError as e:
+        raise BuildFailed(kind, f"{dockerfile}: {e}") from None
+    layout = dockerfiles_dir() / "oci"
+    _buildah("push", "--quiet", "--disable-compression", name, f"oci:{layout}:{kind}")
+    _log(f"{kind} image built from {dockerfile} in {time.monotonic() - t0:.0f}s")
+    return LayoutImage(name, layout, kind)
+
+
+class LayoutImage(Image):
+    """The image an OCI layout holds under `ref` (what `buildah push oci:<layout>:<ref>` wrote)."""
+
+    def __init__(self, name: str, layout: Path, ref: str) -> None:
+        super().__init__(name, [], {})
+        self.layout, self.ref = layout, ref
+
+    def manifest(self) -> tuple[str, bytes]:
+        index = json.loads((self.layout / "index.json").read_text())
+        entry = next(
+            m
+            for m in index["manifests"]
+            if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == self.ref
+        )
+        blob = self.layout / "blobs" / "sha256"
+        digest = entry["digest"].removeprefix("sha256:")
+        manifest = json.loads((blob / digest).read_text())
+        config = manifest["config"]["digest"].removeprefix("sha256:")
+        layers = [m["digest"].removeprefix("sha256:") for m in manifest["layers"]]
+        self.blobs = {d: blob / d for d in (digest, config, *layers)}
+        named = {
+            **entry,
+            "annotations": {
+                "io.containerd.image.name": self.name,
+                "org.opencontainers.image.ref.name": self.name,
+            },
+        }
+        return f"sha256:{digest}", json.dumps({"schemaVersion": 2, "manifests": [named]}).encode()
+
+
+def build_dockerfiles(kinds: Sequence[str] = ("operator", "trainer")) -> list[Image]:
+    """operator_image/Dockerfile and trainer_image/Dockerfile (or those of `kinds`) built by buildah (all of
+    KUBETUNE_E2E_IMAGES=dockerfiles; the operator's alone: e2e/test_dockerfiles.py)."""
+    with open(dockerfiles_dir() / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one buildah builder per cache (the background prebuild, a test)
+        return _build_dockerfiles(kinds)
+
+
+def _build_dockerfiles(kinds: Sequence[str]) -> list[Image]:
+    t0 = time.monotonic()
+    names = dict(zip(("operator", "trainer"), chart_images(), strict=True))
+    base = base_image()
+    # First with no wheels: every dependency layer found in buildah's layer cache (a warm run) needs none.
+    # A pip step that has to run fails at once (--no-index), and the build is retried with the wheelhouse.
+    empty = dockerfiles_dir() / "no-wheels"
+    empty.mkdir(exist_ok=True)
+    try:
+        built = [build_dockerfile(kind, names[kind], base, empty) for kind in kinds]
+    except BuildFailed as e:
+        _log(f"{e.kind}: a dependency layer is not cached, building it from the wheelhouse")
+        wheels = wheelhouse(kinds)
+        try:
+            built = [build_dockerfile(kind, names[kind], base, wheels) for kind in kinds]
+        finally:
+            shutil.rmtree(wheels, ignore_errors=True)
+    used = set()
+    for image in built:
+        image.manifest()  # fills image.blobs from the layout
+        used |= set(image.blobs)
+    for ref in set(DOCKERFILES) - set(kinds):  # the other image's blobs stay
+        if _has_image(names[ref]):
+            other = LayoutImage(names[ref], dockerfiles_dir() / "oci", ref)
+            try:
+                other.manifest()
+                used |= set(other.blobs)
+            except (StopIteration, OSError):
+                pass
+    for blob in (dockerfiles_dir() / "oci" / "blobs" / "sha256").iterdir():  # older builds' blobs: GBs each
+        if blob.name not in used:
+            blob.unlink()
+    _log(f"{' and '.join(kinds)} image built from the Dockerfile in {time.monotonic() - t0:.0f}s")
+    return list(built)
+
+
 @contextmanager
 def _builder_lock() -> Iterator[None]:
     """One builder at a time per cache (a background prebuild and a test session may overlap)."""
@@ -424,6 +657,8 @@ def pause_image() -> Image:
 
 
 def _build_all(pause: bool) -> list[Image]:
+    if os.environ.get("KUBETUNE_E2E_IMAGES", "assembled") == "dockerfiles":
+        return ([pause_image()] if pause else []) + build_dockerfiles()
     t0 = time.monotonic()
     op_name, trainer_name = chart_images()
     base = base_layer()
@@ -544,6 +779,12 @@ def prune(images: Sequence[Image], ctr: Sequence[str]) -> list[str]:
 if __name__ == "__main__":
     # `cd e2e && ../.venv/bin/python -m harness.images [--prebuild]`: build (or find) the layers and print them.
     # --prebuild: the operator and trainer images only, no Go binary needed (.ci/run runs it in the
-    # background while the unit tests run, so the real node's first start finds the layers built).
-    for img in build_all(pause="--prebuild" not in sys.argv[1:]):
+    # background while the unit tests run, so the real node's first start finds the layers built), then the
+    # operator's Dockerfile built by buildah.
+    prebuild = "--prebuild" in sys.argv[1:]
+    for img in build_all(pause=not prebuild):
         print(img.name, [str(p) for p in img.layers])
+    if prebuild and os.environ.get("KUBETUNE_E2E_IMAGES") != "dockerfiles" and shutil.which("buildah"):
+        # and operator_image/Dockerfile, built by buildah, which e2e/test_dockerfiles.py runs
+        for img in build_dockerfiles(("operator",)):
+            print(img.name, img.manifest()[0])

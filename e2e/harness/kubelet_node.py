@@ -361,8 +361,10 @@ state = "{d / "containerd-state"}"
             time.sleep(0.5)
 
     # -- helpers -----------------------------------------------------------------------
-    def expose(self, host_port: int) -> str:
-        """Carry a host TCP port (e.g. MinIO) into the namespace; returns `host:port` for pods."""
+    def expose(self, host_port: int, ns_port: int | None = None) -> str:
+        """Carry a host TCP port (e.g. MinIO) into the namespace, at 10.0.0.20 and `ns_port` (default: the
+        same port); returns `host:port` for pods."""
+        ns_port = ns_port or host_port
         sock = self.dir / f"host-{host_port}.sock"
         self.procs.append(
             Proc(
@@ -373,9 +375,9 @@ state = "{d / "containerd-state"}"
         )
         self._spawn(
             f"expose-{host_port}",
-            [sys.executable, str(HERE / "forward.py"), f"tcp:{HOST_SERVICES_IP}:{host_port}=unix:{sock}"],
+            [sys.executable, str(HERE / "forward.py"), f"tcp:{HOST_SERVICES_IP}:{ns_port}=unix:{sock}"],
         )
-        return f"{HOST_SERVICES_IP}:{host_port}"
+        return f"{HOST_SERVICES_IP}:{ns_port}"
 
     def publish(self, port: int) -> str:
         """Carry a TCP port of the namespace's loopback (e.g. a Prometheus run in here) out to the same
