@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,6 +128,73 @@ def kubelet_node(cluster: Cluster, e2e_workdir: Path) -> Iterator[Any]:
         raise
     yield node
     node.stop()
+
+
+class MultiNode:
+    """The session's cluster with more real nodes: `nodes[0]` is the session's `kubelet_node` (node 1,
+    which also runs kube-scheduler and CoreDNS for the cluster), `nodes[1:]` the extra ones, each in a
+    network namespace of its own with its own pod CIDR (netns.NodeNet, kubelet_node.KubeletNode(first=)).
+    `started_s`: seconds it took to add the extra nodes (Ready)."""
+
+    def __init__(self, cluster: Cluster, nodes: list[Any], started_s: float) -> None:
+        self.cluster, self.nodes, self.started_s = cluster, nodes, started_s
+
+    @property
+    def names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+    def node(self, name: str) -> Any:
+        return next(n for n in self.nodes if n.name == name)
+
+    def ready(self) -> dict[str, bool]:
+        """Each node's Ready condition, as the node lifecycle controller keeps it."""
+        out = {}
+        for n in self.nodes:
+            got = self.cluster.admin.get_or_none(f"/api/v1/nodes/{n.name}") or {}
+            conds = {c["type"]: c["status"] for c in (got.get("status") or {}).get("conditions") or []}
+            out[n.name] = conds.get("Ready") == "True"
+        return out
+
+
+@pytest.fixture(scope="module")
+def multinode_cluster(
+    request: pytest.FixtureRequest, cluster: Cluster, kubelet_node: Any, e2e_workdir: Path
+) -> Iterator[MultiNode]:
+    """The session's cluster with `NODES` real nodes (a module-level constant of the test module, default
+    2): the session's node plus NODES-1 extra ones, added for the module and removed after it (their
+    processes, mounts, cgroups, network namespaces, copies of the containerd root and Node objects; the
+    teardown fails if anything is left). Real node only (KUBETUNE_E2E_NODE=kubelet). Request session fixtures
+    that start pods (the suite's `operator`) before it, or those pods may land on an extra node."""
+    from harness.kubelet_node import KubeletNode  # noqa: PLC0415
+
+    count = int(getattr(request.module, "NODES", 2))
+    t0 = time.monotonic()
+    extra: list[Any] = []
+    try:
+        for i in range(2, count + 1):
+            n = KubeletNode(cluster, e2e_workdir / f"node{i}-{uuid.uuid4().hex[:6]}", f"e2e-node-{i}",
+                            first=kubelet_node, index=i, peers=tuple(extra))  # fmt: skip
+            extra.append(n)
+            n.start()
+    except Exception:
+        for n in extra:
+            for name, tail in n.component_logs().items():
+                print(f"--- {n.name} {name} ---\n{tail}", file=sys.stderr)
+        for n in reversed(extra):
+            n.stop()
+        raise
+    mn = MultiNode(cluster, [kubelet_node, *extra], time.monotonic() - t0)
+    print(f"\n[multinode] {len(extra)} extra node(s) Ready in {mn.started_s:.1f}s", file=sys.stderr)
+    yield mn
+    t1 = time.monotonic()
+    left: list[str] = []
+    for n in reversed(extra):
+        n.stop()
+        left += n.leftovers
+        cluster.admin.delete(f"/api/v1/nodes/{n.name}")
+    print(f"[multinode] extra nodes removed in {time.monotonic() - t1:.1f}s", file=sys.stderr)
+    if left:
+        pytest.fail("multinode teardown left behind: " + "; ".join(left))
 
 
 @pytest.fixture(scope="session")

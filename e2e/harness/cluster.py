@@ -191,6 +191,11 @@ class Cluster(StartStop):
                 f"--cluster-signing-key-file={ca.key_file}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--leader-elect=false",
+                # node loss noticed in ~20 s, not the default 50 s: the kubelets renew their Lease every 5 s
+                # (kubelet_node.py), so 20 s is four missed renewals; the gang's pods then tolerate the
+                # unreachable/not-ready taints for spec.distributed.nodeLossTolerationSeconds
+                "--node-monitor-grace-period=20s",
+                "--node-monitor-period=2s",
                 "--v=1",
             ],
             logs / "kube-controller-manager.log",
@@ -285,11 +290,14 @@ class Cluster(StartStop):
             token=token,
         )
 
-    def write_kubeconfig(self, path: Path, user: str, crt: Path, key: Path) -> Path:
-        """A client-certificate kubeconfig for this cluster."""
+    def write_kubeconfig(
+        self, path: Path, user: str, crt: Path, key: Path, server: str | None = None
+    ) -> Path:
+        """A client-certificate kubeconfig for this cluster (`server`: another address of the API server,
+        e.g. the `kubernetes` Service's ClusterIP for a node in a network namespace of its own)."""
         return write_kubeconfig(
             path,
-            self.server,
+            server or self.server,
             self.ca.cert_file,
             user,
             **{"client-certificate": str(crt), "client-key": str(key)},

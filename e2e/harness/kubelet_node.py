@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +41,17 @@ from typing import Any
 
 from . import binaries, images
 from .kube import ApiError
-from .netns import DNS_IP, HOST_SERVICES_IP, KUBERNETES_IP, NODE_IP, POD_CIDR, make_cgroup
+from .netns import (
+    DNS_IP,
+    HOST_SERVICES_IP,
+    KUBERNETES_IP,
+    NodeNet,
+    cgroup_pids,
+    make_cgroup,
+    node_ip,
+    pod_cidr,
+    remove_cgroups,
+)
 from .procs import Proc, StartStop, free_port
 
 HERE = Path(__file__).resolve().parent
@@ -63,13 +74,36 @@ def _debian_binaries() -> dict[str, str]:
 
 class KubeletNode(StartStop):
     def __init__(
-        self, cluster: Any, workdir: Path, name: str = "e2e-node", *, pause_only: bool = False
+        self,
+        cluster: Any,
+        workdir: Path,
+        name: str = "e2e-node",
+        *,
+        pause_only: bool = False,
+        first: KubeletNode | None = None,
+        index: int = 1,
+        peers: tuple[KubeletNode, ...] = (),
     ) -> None:
+        """`first` given: an extra node (number `index` >= 2) of the cluster whose first node it is: a
+        network namespace of its own (netns.NodeNet; `peers`: the other extra nodes, for the routes
+        between them), no scheduler or CoreDNS of its own (the first node's serve the cluster), and the
+        first node's images without an import (a hard-linked copy of its containerd root: seconds)."""
         self.cluster = cluster
         self.ns = cluster.ns
         assert self.ns is not None, "the cluster must run in a Namespace (Cluster(..., ns=...))"
         self.dir = workdir
         self.name = name
+        self.first, self.index = first, index if first is not None else 1
+        self.ip, self.pod_cidr = node_ip(self.index), pod_cidr(self.index)
+        self.net: NodeNet | Any = (
+            NodeNet(self.ns, self.index, [p.net for p in peers]) if first is not None else self.ns
+        )
+        self.root: Path | None = None  # containerd's root
+        self.clone: Path | None = None  # an extra node's copy of the first node's root (removed on stop)
+        self.built: list[Any] = []
+        self.leftovers: list[str] = []  # an extra node's: what stop() could not remove
+        # the kubelet's CRI logs (node 1: the namespace's /var/log/pods, kept after the run)
+        self.pod_logs_dir = self.ns.pod_logs_dir if first is None else workdir / "pod-logs"
         self.procs: list[Proc] = []
         self.pause_only = pause_only
         # unique per node: two nodes of one pytest process (the session's, test_teardown's) never share it
@@ -83,16 +117,26 @@ class KubeletNode(StartStop):
         t0 = time.monotonic()
         tools = _debian_binaries()
         bins = binaries.ensure("kubelet", "kube-scheduler", "coredns", "pause")
-        built = images.build_pause() if self.pause_only else images.build_all()
         d = self.dir
         d.mkdir(parents=True, exist_ok=True)
+        self.pod_logs_dir.mkdir(parents=True, exist_ok=True)
         self.ctr_sock = d / "containerd.sock"
         self.ctr = [tools["ctr"], "--address", str(self.ctr_sock)]
-        self._containerd(d / "containerd-root" if self.pause_only else self._containerd_root())
-        images.import_all(built, self.ns.argv(self.ctr))
+        if self.first is not None:
+            self.net.start()
+            self.root = self._clone_root(self.first)
+            self._purge_containers(self.root)
+            self._containerd(self.root)
+            self.built = self.first.built  # the same images: checked (refs and manifests), nothing sent
+        else:
+            self.built = images.build_pause() if self.pause_only else images.build_all()
+            self.root = d / "containerd-root" if self.pause_only else self._containerd_root()
+            self._containerd(self.root)
+        images.import_all(self.built, self.ns.argv(self.ctr))
         self._kubelet(bins["kubelet"])
-        self._scheduler(bins["kube-scheduler"])
-        self._coredns(bins["coredns"])
+        if self.first is None:
+            self._scheduler(bins["kube-scheduler"])
+            self._coredns(bins["coredns"])
         self._wait_node_ready()
         print(f"kubelet node ready in {time.monotonic() - t0:.0f}s", file=sys.stderr)
 
@@ -123,9 +167,93 @@ class KubeletNode(StartStop):
         if self._root_lock is not None:
             self._root_lock.close()
             self._root_lock = None
+        if self.first is not None:  # an extra node goes now, not with the namespace: leave nothing behind
+            self.leftovers = self._remove()
+
+    # -- an extra node's power-off and removal ------------------------------------------
+    def _shims(self) -> list[int]:
+        """This node's containerd-shim processes (daemons: they outlive containerd), by their -address."""
+        out = []
+        for p in Path("/proc").iterdir():
+            try:
+                cmd = (p / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if (
+                p.name.isdigit()
+                and cmd
+                and b"containerd-shim" in cmd[0]
+                and str(self.ctr_sock).encode() in cmd
+            ):
+                out.append(int(p.name))
+        return out
+
+    def power_off(self) -> None:
+        """Fault injection: the node loses power. Its link goes down first (peers get no FIN or RST, as
+        from a machine that is switched off), then the kubelet, containerd, the shims and every container
+        process get SIGKILL: no drain, no graceful termination, nothing reported to the API server."""
+        assert self.first is not None, (
+            "power_off() is for extra nodes (node 1 runs the control plane's helpers)"
+        )
+        self.net.unplug()
+        pids = (
+            [p.popen.pid for p in self.procs if p.alive()] + self._shims() + cgroup_pids([self.cgroup_root])
+        )
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            p.popen.wait()
+
+    def _mounts(self) -> list[str]:
+        """Mount points of the cluster's mount namespace under this node's directories (kubelet volumes,
+        sandbox shm, container rootfs, pod network namespaces)."""
+        under = [str(self.dir)] + ([str(self.clone)] if self.clone else [])
+        out = []
+        for line in Path(f"/proc/{self.ns.pid}/mountinfo").read_text().splitlines():
+            mp = line.split()[4].encode().decode("unicode_escape")
+            if any(mp == u or mp.startswith(u + "/") for u in under):
+                out.append(mp)
+        return out
+
+    def _remove(self) -> list[str]:
+        """Kill what is left of this node, unmount, end its network namespace, delete its copy of the
+        containerd root and its cgroups. Returns what could not be removed."""
+        problems: list[str] = []
+        for _ in range(50):
+            pids = self._shims() + cgroup_pids([self.cgroup_root])
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        else:
+            problems.append(
+                f"{self.name}: processes still alive: {self._shims() + cgroup_pids([self.cgroup_root])}"
+            )
+        for mp in sorted(self._mounts(), key=len, reverse=True):
+            subprocess.run(self.ns.argv(["umount", "-l", mp]), capture_output=True)
+        if left := self._mounts():
+            problems.append(f"{self.name}: mounts left: {left[:5]}")
+        if self.ns.holder is not None:
+            problems += remove_cgroups([self.cgroup_root])
+        if self.cgroup_root in self.ns.cgroups:
+            self.ns.cgroups.remove(self.cgroup_root)
+        self.net.stop()
+        if self.clone is not None:
+            subprocess.run(["rm", "-rf", str(self.clone)], capture_output=True)  # C: 3x faster than rmtree
+            if self.clone.exists():
+                problems.append(f"{self.name}: {self.clone} not removed")
+            self.clone = None
+        return problems
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
-        p = Proc(name, self.ns.argv(argv), self.dir / "logs" / f"{name}.log", env=env)
+        p = Proc(name, self.net.argv(argv), self.dir / "logs" / f"{name}.log", env=env)
         self.procs.append(p)
         return p
 
@@ -142,7 +270,61 @@ class KubeletNode(StartStop):
         self._root_lock = lock
         return root / "root"
 
-    def _containerd(self, root: Path) -> None:
+    def _clone_root(self, first: KubeletNode) -> Path:
+        """A copy of the first node's containerd root with its images (content and unpacked snapshots):
+        files hard-linked (the layers are never written in place), the two bolt databases copied while
+        the first node's containerd is stopped (SIGSTOP), so the copy is a consistent snapshot. Under
+        the cache (hard links need the same file system); removed by stop()."""
+        assert first.root is not None
+        dst = (
+            binaries.cache_dir()
+            / "containerd"
+            / "clones"
+            / f"{self.name}-{self.cgroup_root.rsplit('-', 1)[-1]}"
+        )
+        dst.mkdir(parents=True)
+        parts = ("io.containerd.content.v1.content", "io.containerd.metadata.v1.bolt",
+                 "io.containerd.snapshotter.v1.overlayfs")  # fmt: skip
+        for part in parts:
+            if (first.root / part).exists():
+                subprocess.run(["cp", "-a", "--link", str(first.root / part), str(dst / part)], check=True)
+        self.clone = dst
+        dbs = [p.relative_to(first.root) for part in parts for p in (first.root / part).rglob("*.db")]
+        containerd = next(p for p in first.procs if p.name == "containerd")
+        os.kill(containerd.popen.pid, signal.SIGSTOP)
+        try:
+            for db in dbs:
+                (dst / db).unlink()
+                shutil.copy2(first.root / db, dst / db)
+        finally:
+            os.kill(containerd.popen.pid, signal.SIGCONT)
+        return dst
+
+    def _purge_containers(self, root: Path) -> None:
+        """Drop the first node's containers and pod sandboxes from the copy before the CRI plugin sees
+        them: otherwise this node's kubelet would stop those foreign sandboxes, and CNI would tear down
+        the network of pods that run on the first node. A containerd without CRI removes them."""
+        conf = self._containerd_config(root, cri=False)
+        p = Proc("containerd-purge", self.net.argv(["containerd", "--config", str(conf)]),
+                 self.dir / "logs" / "containerd-purge.log")  # fmt: skip
+        try:
+            self._wait_socket(p)
+            c = " ".join(self.ctr) + " -n k8s.io"
+            self.ns.run(["sh", "-c", f"for x in $({c} c ls -q); do {c} c rm $x; done >/dev/null 2>&1; true"],
+                        timeout=120)  # fmt: skip
+        finally:
+            p.stop(grace=10)
+        self.ctr_sock.unlink(missing_ok=True)
+
+    def _wait_socket(self, p: Proc) -> None:
+        deadline = time.monotonic() + 30
+        while not self.ctr_sock.exists():
+            p.check()
+            if time.monotonic() > deadline:
+                raise TimeoutError("containerd did not start:\n" + p.tail())
+            time.sleep(0.1)
+
+    def _containerd_config(self, root: Path, cri: bool = True) -> Path:
         d = self.dir
         cni = d / "cni"
         cni.mkdir(exist_ok=True)
@@ -150,7 +332,7 @@ class KubeletNode(StartStop):
             json.dumps(
                 {
                     "cniVersion": "1.0.0",
-                    "name": "e2e",
+                    "name": "e2e" if self.index == 1 else f"e2e-node{self.index}",
                     "plugins": [
                         {
                             "type": "bridge",
@@ -160,7 +342,7 @@ class KubeletNode(StartStop):
                             "hairpinMode": True,
                             "ipam": {
                                 "type": "host-local",
-                                "ranges": [[{"subnet": POD_CIDR}]],
+                                "ranges": [[{"subnet": self.pod_cidr}]],
                                 "routes": [{"dst": "0.0.0.0/0"}],
                             },
                         }
@@ -169,8 +351,13 @@ class KubeletNode(StartStop):
             )
         )
         cri = 'plugins."io.containerd.grpc.v1.cri"'
-        (d / "containerd.toml").write_text(f"""version = 2
-root = "{root}"
+        # an extra node's pod network namespaces under its own state dir (not the shared /run/netns), so
+        # its teardown finds them even after a power-off
+        netns = "\n  netns_mounts_under_state_dir = true" if self.index > 1 else ""
+        disabled = "" if cri else 'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        conf = d / ("containerd.toml" if cri else "containerd-purge.toml")
+        conf.write_text(f"""version = 2
+{disabled}root = "{root}"
 state = "{d / "containerd-state"}"
 [grpc]
   address = "{self.ctr_sock}"
@@ -178,7 +365,7 @@ state = "{d / "containerd-state"}"
   sandbox_image = "{images.PAUSE_IMAGE}"
   restrict_oom_score_adj = true
   enable_selinux = false
-  disable_apparmor = true
+  disable_apparmor = true{netns}
 [{cri}.containerd]
   snapshotter = "overlayfs"
   default_runtime_name = "runc"
@@ -190,25 +377,28 @@ state = "{d / "containerd-state"}"
   bin_dir = "{CNI_BIN}"
   conf_dir = "{cni}"
 """)
-        p = self._spawn("containerd", ["containerd", "--config", str(d / "containerd.toml")])
-        deadline = time.monotonic() + 30
-        while not self.ctr_sock.exists():
-            p.check()
-            if time.monotonic() > deadline:
-                raise TimeoutError("containerd did not start:\n" + p.tail())
-            time.sleep(0.1)
+        return conf
+
+    def _containerd(self, root: Path) -> None:
+        p = self._spawn("containerd", ["containerd", "--config", str(self._containerd_config(root))])
+        self._wait_socket(p)
 
     def _kubelet(self, kubelet: Path) -> None:
         c, d = self.cluster, self.dir
-        crt, key = c.ca.issue("kubelet", f"system:node:{self.name}", ("system:nodes",))
-        kubeconfig = c.write_kubeconfig(d / "kubelet.kubeconfig", "kubelet", crt, key)
+        # a file name per node: the CA writes <name>.crt, and a kubelet re-reads its client certificate (one
+        # file shared by two nodes made the first authenticate as the second, which the Node authorizer refused)
+        crt_name = "kubelet" if self.index == 1 else f"kubelet-{self.name}"
+        crt, key = c.ca.issue(crt_name, f"system:node:{self.name}", ("system:nodes",))
+        # an extra node reaches the API server where its pods do: the `kubernetes` ClusterIP's forwarder
+        server = f"https://{KUBERNETES_IP}:443" if self.index > 1 else None
+        kubeconfig = c.write_kubeconfig(d / "kubelet.kubeconfig", crt_name, crt, key, server=server)
         make_cgroup(self.cgroup_root)
         self.ns.cgroups.append(self.cgroup_root)
         self.kubelet_port = free_port()
         config = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
-            "address": NODE_IP,
+            "address": self.ip,
             "port": self.kubelet_port,
             "readOnlyPort": 0,
             "healthzPort": 0,
@@ -240,6 +430,11 @@ state = "{d / "containerd-state"}"
             "protectKernelDefaults": False,
             "syncFrequency": "10s",
             "nodeStatusReportFrequency": "10s",
+            # an extra node's pod logs in a directory of its own: a kubelet deletes every pod log directory
+            # of /var/log/pods whose pod it does not run, so two kubelets there delete each other's logs
+            **({"podLogsDir": str(self.pod_logs_dir)} if self.index > 1 else {}),
+            # Lease renewed every 5 s (a quarter of this): the controller manager's 20 s grace is four renewals
+            "nodeLeaseDurationSeconds": 20,
         }
         (d / "kubelet.yaml").write_text(json.dumps(config, indent=1))
         self._spawn(
@@ -250,7 +445,8 @@ state = "{d / "containerd-state"}"
                 f"--kubeconfig={kubeconfig}",
                 f"--root-dir={d / 'kubelet'}",
                 f"--hostname-override={self.name}",
-                f"--node-ip={NODE_IP}",
+                f"--node-ip={self.ip}",
+                f"--cert-dir={d / 'kubelet-pki'}",
                 "--v=1",
             ],
         )
@@ -440,10 +636,11 @@ state = "{d / "containerd-state"}"
         return self.pod_logs(ns, pod)
 
     def pod_logs(self, ns: str, prefix: str) -> str:
-        """stdout+stderr of every container of every pod whose name starts with `prefix`, from the
-        CRI log files (<workdir>/netns/pod-logs = the namespace's /var/log/pods), oldest first."""
+        """stdout+stderr of every container of every pod on this node whose name starts with `prefix`, from
+        the CRI log files (<workdir>/netns/pod-logs = the namespace's /var/log/pods; an extra node's
+        <its workdir>/pod-logs), oldest first."""
         out = []
-        for f in sorted(self.ns.pod_logs_dir.glob(f"{ns}_{prefix}*/*/*.log")):
+        for f in sorted(self.pod_logs_dir.glob(f"{ns}_{prefix}*/*/*.log")):
             for line in f.read_text(errors="replace").splitlines():
                 parts = line.split(" ", 3)  # <time> <stream> <P|F> <text>
                 if len(parts) == 4:

@@ -193,3 +193,110 @@ def make_cgroup(root: str) -> None:
             for f in ("cpuset.cpus", "cpuset.mems"):
                 if not (d / f).read_text().strip():
                     (d / f).write_text((h / f).read_text())
+
+
+# -- more nodes: one network namespace each, wired to the cluster's namespace ------------------------
+NODES_BRIDGE = "kt-nodes"  # in the cluster's namespace: the nodes' shared link (a switch)
+NODES_GATEWAY = "10.2.0.1"  # the cluster namespace's address on it (control plane, node 1, CoreDNS)
+
+
+def node_ip(index: int) -> str:
+    """Node `index`'s InternalIP: node 1 is the cluster namespace's own NODE_IP, node N >= 2 is 10.2.0.N."""
+    return NODE_IP if index == 1 else f"10.2.0.{index}"
+
+
+def pod_cidr(index: int) -> str:
+    """Node `index`'s pod CIDR: node 1 keeps 10.88.0.0/16, node N >= 2 gets 10.(87+N).0.0/16."""
+    return POD_CIDR if index == 1 else f"10.{87 + index}.0.0/16"
+
+
+class NodeNet:
+    """A network namespace of its own for node `index` (>= 2), inside the cluster's mount namespace.
+
+    Wired like a flat L2 cluster with host routes (flannel's host-gw): a veth from the node's `eth0`
+    (node_ip(index)/24) to the bridge `kt-nodes` in the cluster namespace (10.2.0.1); the default
+    route goes to the cluster namespace (API server at the `kubernetes` ClusterIP 10.0.0.1, CoreDNS at
+    10.0.0.10, host services at 10.0.0.20, node 1's pods); every other node's pod CIDR is routed
+    straight to that node. No NAT: pods see each other's pod IPs. IP forwarding is switched on in
+    these namespaces only (net.* sysctls are per network namespace). Everything goes with the
+    namespace: `stop()` kills the holder, Namespace.stop() the rest."""
+
+    def __init__(self, ns: Namespace, index: int, peers: Sequence[NodeNet] = ()) -> None:
+        assert index >= 2, "node 1 is the cluster namespace itself"
+        self.ns, self.index, self.peers = ns, index, list(peers)
+        self.ip, self.cidr = node_ip(index), pod_cidr(index)
+        self.veth = f"kt-n{index}"
+        self.holder: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.holder is not None
+        return self.holder.pid
+
+    def start(self) -> None:
+        self.holder = subprocess.Popen(
+            self.ns.argv(["unshare", "--net", "--", "sleep", "infinity"]), start_new_session=True
+        )
+        theirs = os.readlink(f"/proc/{self.ns.pid}/ns/net")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if os.readlink(f"/proc/{self.pid}/ns/net") != theirs:
+                    break
+            except OSError:
+                pass
+            if self.holder.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"unshare --net for node {self.index} failed")
+            time.sleep(0.02)
+        bridge = (
+            f"ip link show {NODES_BRIDGE} >/dev/null 2>&1 || {{ ip link add {NODES_BRIDGE} type bridge &&"
+            f" ip addr add {NODES_GATEWAY}/24 dev {NODES_BRIDGE} && ip link set {NODES_BRIDGE} up; }}"
+        )
+        self.ns.run(["sh", "-c", "\n".join([
+            "set -e",
+            bridge,
+            "echo 1 > /proc/sys/net/ipv4/ip_forward",  # this network namespace's value, not the host's
+            f"ip link add {self.veth} type veth peer name eth0 netns {self.pid}",
+            f"ip link set {self.veth} master {NODES_BRIDGE} up",
+            f"ip route add {self.cidr} via {self.ip}",
+        ])])  # fmt: skip
+        lines = [
+            "set -e",
+            "ip link set lo up",
+            f"ip addr add {self.ip}/24 dev eth0",
+            "ip link set eth0 up",
+            f"ip route add default via {NODES_GATEWAY}",
+            "echo 1 > /proc/sys/net/ipv4/ip_forward",
+        ]
+        lines += [f"ip route add {p.cidr} via {p.ip}" for p in self.peers]
+        self.run(["sh", "-c", "\n".join(lines)])
+        for p in self.peers:
+            p.run(["ip", "route", "add", self.cidr, "via", self.ip])
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        """`argv` run in this node's network namespace (and the cluster's mount namespace)."""
+        return ["nsenter", f"--target={self.pid}", "--net", "--mount", "--", *argv]
+
+    def run(self, argv: Sequence[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(self.argv(argv), capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+        if r.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(argv)} (in node {self.index}'s namespace) failed: {r.stdout}{r.stderr}"
+            )
+        return r  # type: ignore[no-any-return]
+
+    def unplug(self) -> None:
+        """Pull the cable: the node's link goes down, no packet leaves or reaches it (no FIN, no RST)."""
+        self.run(["ip", "link", "set", "eth0", "down"])
+
+    def stop(self) -> None:
+        """End the namespace (its veth goes with it; the routes through it with the veth)."""
+        if self.holder is None:
+            return
+        subprocess.run(self.ns.argv(["ip", "link", "del", self.veth]), capture_output=True)
+        for p in self.peers:
+            if p.holder is not None:
+                subprocess.run(p.argv(["ip", "route", "del", self.cidr]), capture_output=True)
+        self.holder.kill()
+        self.holder.wait()
+        self.holder = None

@@ -1,0 +1,175 @@
+"""Many nodes for real (issue 24): the session's cluster with a second real node (kubelet + containerd
+in a network namespace of its own, its own pod CIDR, routed to the first; `multinode_cluster` in
+e2e/conftest.py). A 2 nodes x 1 process LoRA job places one pod per node (the operator's topology
+spread), rendezvouses across the nodes through the headless Service and CoreDNS, and succeeds; then a
+node is powered off mid-run and the gang comes back from its newest checkpoint on the node that is left.
+
+Real node only. The node-loss test runs last: it leaves the second node dead (the fixture removes it)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from typing import Any
+
+import pytest
+from conftest import checkpoints, job_doc, wait_for
+from harness.mode import NODE_MODE
+from sampler import Sampler
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.skipif(NODE_MODE != "kubelet", reason="needs the real node (KUBETUNE_E2E_NODE=kubelet)"),
+]
+NS_KEY = "faults"
+NODES = 2  # the session's node + one extra: the least that shows a gang across nodes and a node loss
+
+
+def gang(kctl: Any, ns: str, name: str, restart: int) -> dict[str, dict[str, Any]]:
+    """rank -> pod of one gang generation."""
+    sel = f"-l=kubetune.io/job-name={name},kubetune.io/restart={restart}"
+    return {
+        p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p
+        for p in kctl.get(ns, "pods", None, sel) or []
+    }
+
+
+def logs(cluster: Any, ns: str, pod: str) -> str:
+    return str(cluster.kubectl("-n", ns, "logs", pod, check=False).stdout)
+
+
+def test_nodes_ready_each_with_its_own_address_and_pod_cidr(operator, multinode_cluster):
+    """(`operator` first: the session's operator pod starts on node 1 before the extra node exists, so the
+    power-off below never takes the operator with it.)"""
+    mn = multinode_cluster
+    assert all(mn.ready().values()), mn.ready()
+    ips = {n.name: n.ip for n in mn.nodes}
+    cidrs = {n.name: n.pod_cidr for n in mn.nodes}
+    assert len(set(ips.values())) == len(mn.nodes) and len(set(cidrs.values())) == len(mn.nodes), (ips, cidrs)
+    for n in mn.nodes:
+        got = mn.cluster.admin.get(f"/api/v1/nodes/{n.name}")
+        addrs = {a["type"]: a["address"] for a in got["status"]["addresses"]}
+        assert addrs["InternalIP"] == n.ip, addrs
+        assert got["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+    print(
+        f"\n[multinode] {mn.names}: ips {ips} pod CIDRs {cidrs}, added in {mn.started_s:.1f}s",
+        file=sys.stderr,
+    )
+
+
+def test_lora_job_one_pod_per_node_rendezvous_across_nodes(
+    multinode_cluster, cluster, kctl, suite_ns, s3, s3_data, operator
+):
+    name = "mn-lora"
+    t0 = time.monotonic()
+    kctl.apply(suite_ns, job_doc(name, s3, s3_data, steps=8, checkpoint_steps=8))
+    wait_for("Succeeded or Failed", lambda: kctl.phase(suite_ns, name) in ("Succeeded", "Failed"), 300, 1)
+    took = time.monotonic() - t0
+    status = kctl.status(suite_ns, name)
+    pods = gang(kctl, suite_ns, name, 0)
+    text = {r: logs(cluster, suite_ns, p["metadata"]["name"]) for r, p in pods.items()}
+    placed = {r: p["spec"]["nodeName"] for r, p in pods.items()}
+    print(f"\n[multinode] {name}: {took:.1f}s, placed {placed}", file=sys.stderr)
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1) + "\n" + json.dumps(text)[-4000:]
+    # One pod per node (the operator's topology spread over kubernetes.io/hostname), on both nodes.
+    assert sorted(placed.values()) == sorted(multinode_cluster.names), placed
+    # Rank 1 found rank 0 by its DNS name through CoreDNS (the headless Service), from another node, and
+    # the two trained together: rank 0 saw world size 2, and DDP's all-reduce of every step's gradients
+    # needs both ranks, so 8 steps done at world size 2 are 8 steps of each rank.
+    assert "world size 2" in text["0"], text["0"][-2000:]
+    assert re.search(r"step 8/8 loss \d", text["0"]), text["0"][-2000:]
+    assert status["progress"]["step"] == 8, status
+    assert text["1"].strip(), "rank 1 left no log"
+    assert status.get("restarts", 0) == 0, status
+
+
+def test_node_power_off_mid_run_gang_resumes_on_the_node_left(
+    multinode_cluster, cluster, kctl, suite_ns, s3, s3_data, operator
+):
+    """The extra node loses power mid-run (link down, then SIGKILL to its kubelet, containerd, shims and
+    containers: no drain, no FIN). The node lifecycle controller marks it unreachable (20 s grace in the
+    harness), the rank pod there is evicted once its toleration (nodeLossTolerationSeconds: 30, the floor)
+    runs out, the operator names the node (lastFailure, an Event NodeLost) and restarts the gang from the
+    newest complete checkpoint on the node that is left."""
+    mn = multinode_cluster
+    name = "mn-node-loss"
+    steps = 60
+    doc = job_doc(name, s3, s3_data, steps=steps, checkpoint_steps=10,
+                  **{"runPolicy.backoffLimit": 2, "distributed.nodeLossTolerationSeconds": 30,
+                     "terminationGracePeriodSeconds": 30})  # fmt: skip
+    kctl.apply(suite_ns, doc)
+    lost = None
+    try:
+        with Sampler(cluster, suite_ns, name) as sampler:
+            wait_for("first checkpoint in S3", lambda: checkpoints(s3, name), 240, 0.5)
+            before = gang(kctl, suite_ns, name, 0)
+            placed = {r: p["spec"]["nodeName"] for r, p in before.items()}
+            assert sorted(placed.values()) == sorted(mn.names), placed
+            lost = next(n for n in mn.nodes[1:] if n.name in placed.values())
+            ckpt = checkpoints(s3, name)[-1]
+            assert kctl.phase(suite_ns, name) == "Running", (
+                "finished before the power-off: give it more steps"
+            )
+            t_off = time.monotonic()
+            lost.power_off()
+            newest_at_cut = checkpoints(s3, name)[-1]
+            n_before = len(sampler.samples)
+            wait_for("NotReady", lambda: not mn.ready()[lost.name], 120, 1)
+            t_notready = time.monotonic()
+            wait_for(
+                "Succeeded or Failed", lambda: kctl.phase(suite_ns, name) in ("Succeeded", "Failed"), 420, 1
+            )
+            time.sleep(0.5)
+    finally:
+        if (
+            lost is not None
+        ):  # what an admin does for a dead node's pods: their kubelet will never finish them
+            for p in kctl.get(suite_ns, "pods", None, f"-l=kubetune.io/job-name={name}") or []:
+                if p["spec"].get("nodeName") == lost.name:
+                    kctl("-n", suite_ns, "delete", "pod", p["metadata"]["name"], "--force", "--grace-period=0",
+                         check=False)  # fmt: skip
+    status = kctl.status(suite_ns, name)
+    after = sampler.samples[n_before:]
+    restarted = next(t for t, s in after if s.get("restarts", 0) >= 1)
+    # the old gang's last step stays shown until the new rank 0 reports: the first other step is the new gang's
+    last_old = next(
+        (int(s["progress"]["step"]) for _, s in reversed(sampler.samples[:n_before]) if s.get("progress")), -1
+    )
+    resumed = next(
+        t for t, s in after
+        if s.get("restarts", 0) >= 1 and (s.get("progress") or {}).get("step") not in (None, last_old)
+    )  # fmt: skip
+    timing = (f"node Unknown after {t_notready - t_off:.0f}s, gang restart after {restarted - t_off:.0f}s, "
+              f"steps resumed after {resumed - t_off:.0f}s")  # fmt: skip
+    print(
+        f"\n[multinode] {name}: power-off at checkpoint {ckpt}; {timing}; phases={sampler.phases}",
+        file=sys.stderr,
+    )
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    assert status["restarts"] == 1, status
+    # The status and an Event name the lost node.
+    lf = status["lastFailure"]
+    assert lf["reason"] == "NodeLost" and lost.name in lf["message"], lf
+    assert lf["pod"] == before[next(r for r, n in placed.items() if n == lost.name)]["metadata"]["name"], lf
+    events = json.loads(
+        kctl("-n", suite_ns, "get", "events", "--field-selector", "reason=NodeLost", "-o", "json").stdout
+    )
+    assert any(lost.name in e["message"] and e["involvedObject"]["name"] == name for e in events["items"]), (
+        events
+    )
+    # The new gang runs on the node that is left, resumed from the newest complete checkpoint at the power-off.
+    again = gang(kctl, suite_ns, name, 1)
+    assert {p["spec"]["nodeName"] for p in again.values()} == {mn.nodes[0].name}, again
+    m = re.search(
+        r"resumed from checkpoint step (\d+)", logs(cluster, suite_ns, again["0"]["metadata"]["name"])
+    )
+    assert m, "the new rank 0 did not resume from a checkpoint"
+    assert int(m.group(1)) >= newest_at_cut, (m.group(1), newest_at_cut)
+    # Nothing duplicated: one Job, the new gang's; the step shown never went back past that checkpoint.
+    assert [j["metadata"]["name"] for j in kctl.get(suite_ns, "jobs")] == [f"{name}-r1"]
+    shown = [int(s["progress"]["step"]) for t, s in after if t >= resumed and s.get("progress")]
+    assert shown and min(shown) >= newest_at_cut, (newest_at_cut, shown)
+    assert status["progress"]["step"] == steps
