@@ -273,22 +273,18 @@ class KubeletNode(StartStop):
     def _clone_root(self, first: KubeletNode) -> Path:
         """A copy of the first node's containerd root with its images (content and unpacked snapshots):
         files hard-linked (the layers are never written in place), the two bolt databases copied while
-        the first node's containerd is stopped (SIGSTOP), so the copy is a consistent snapshot. Under
-        the cache (hard links need the same file system); removed by stop()."""
+        the first node's containerd is stopped (SIGSTOP), so the copy is a consistent snapshot. It lies
+        beside the source root (hard links need the same file system); removed by stop()."""
         assert first.root is not None
-        dst = (
-            binaries.cache_dir()
-            / "containerd"
-            / "clones"
-            / f"{self.name}-{self.cgroup_root.rsplit('-', 1)[-1]}"
-        )
+        # beside the source root (the cache's, or node 1's own fresh one): hard links need one file system
+        dst = first.root.parent / "clones" / f"{self.name}-{self.cgroup_root.rsplit('-', 1)[-1]}"
         dst.mkdir(parents=True)
+        self.clone = dst  # removed by stop(), also after a failed copy
         parts = ("io.containerd.content.v1.content", "io.containerd.metadata.v1.bolt",
                  "io.containerd.snapshotter.v1.overlayfs")  # fmt: skip
         for part in parts:
             if (first.root / part).exists():
                 subprocess.run(["cp", "-a", "--link", str(first.root / part), str(dst / part)], check=True)
-        self.clone = dst
         dbs = [p.relative_to(first.root) for part in parts for p in (first.root / part).rglob("*.db")]
         containerd = next(p for p in first.procs if p.name == "containerd")
         os.kill(containerd.popen.pid, signal.SIGSTOP)
