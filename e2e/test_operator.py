@@ -201,7 +201,7 @@ def test_valid_job_gets_owned_children_suspends_restarts_and_cascades(
         lambda: (get(cluster, namespace, "job", "demo-r0") or {})["spec"].get("suspend") is False,
     )
 
-    # Kill a rank: the whole gang is replaced by the next generation.
+    # Kill a rank: the whole gang is replaced by the next generation, in the same Job.
     wait_for(
         "a running pod", lambda: "Running" in cluster.kubectl("-n", namespace, "get", "pods").stdout, 120
     )
@@ -215,7 +215,15 @@ def test_valid_job_gets_owned_children_suspends_restarts_and_cascades(
         lambda: ((get(cluster, namespace, "ftj", "demo") or {}).get("status") or {}).get("restarts") == 1,
         120,
     )
-    wait_for("workload demo-r1", lambda: get(cluster, namespace, "job", "demo-r1"), 120)
+
+    def generation_1() -> bool:
+        out = cluster.kubectl(
+            "-n", namespace, "get", "pods", "-l", "kubetune.io/restart=1", "-o", "json"
+        ).stdout
+        return len(json.loads(out)["items"]) == 2
+
+    wait_for("gang generation 1, in the same Job", generation_1, 120)
+    assert get(cluster, namespace, "job", "demo-r1") is None
 
     # Delete: owner references cascade.
     cluster.kubectl("-n", namespace, "delete", "ftj", "demo", "--wait=true", "--timeout=60s")
@@ -224,7 +232,7 @@ def test_valid_job_gets_owned_children_suspends_restarts_and_cascades(
         lambda: (
             not any(
                 get(cluster, namespace, k, n)
-                for k, n in (("configmap", "demo-config"), ("service", "demo"), ("job", "demo-r1"))
+                for k, n in (("configmap", "demo-config"), ("service", "demo"), ("job", "demo-r0"))
             )
         ),
         90,

@@ -150,6 +150,46 @@ class FakeCluster:
         del self.objects[ref]  # Background: a Job has no finalizer of its own; it is gone at once
         return None
 
+    def delete_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """Graceful: the pod stays, terminating, until the kubelet has stopped it (`World.kubelet_stops`)."""
+        ref = ("Pod", namespace, name)
+        if ref not in self.objects:
+            self._record("delete", "Pod", name, None, "404")
+            return None
+        self._record("delete", "Pod", name)
+        pod = self.objects[ref]
+        pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        return self.put(pod)
+
+    def fail_pod(self, namespace: str, name: str, reason: str, message: str) -> dict[str, Any] | None:
+        ref = ("Pod", namespace, name)
+        if ref not in self.objects:
+            self._record("fail", "Pod", name, message, "404")
+            return None
+        self._record("fail", "Pod", name, message)
+        pod = copy.deepcopy(self.objects[ref])
+        pod.setdefault("status", {}).update({"phase": "Failed", "reason": reason, "message": message})
+        return self.put(pod)
+
+    def release_pod(
+        self, namespace: str, name: str, gate: str, labels: dict[str, str], annotations: dict[str, str]
+    ) -> dict[str, Any] | None:
+        ref = ("Pod", namespace, name)
+        body = {"gate": gate, "labels": labels, "annotations": annotations}
+        if ref not in self.objects:
+            self._record("release", "Pod", name, body, "404")
+            return None
+        self._record("release", "Pod", name, body)
+        pod = copy.deepcopy(self.objects[ref])
+        meta = pod["metadata"]
+        meta["labels"] = {**(meta.get("labels") or {}), **labels}
+        meta["annotations"] = {**(meta.get("annotations") or {}), **annotations}
+        gates = [g for g in pod["spec"].get("schedulingGates") or [] if g["name"] != gate]
+        pod["spec"]["schedulingGates"] = gates
+        if not gates:
+            del pod["spec"]["schedulingGates"]
+        return self.put(pod)
+
     def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
         return self._patch("Job", namespace, name, patch)
 

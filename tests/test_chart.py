@@ -93,6 +93,9 @@ NAMESPACED = (
         ("", "services", "create"),
         ("", "pods", "list"),
         ("", "pods", "watch"),
+        ("", "pods", "patch"),  # a gang generation's release: its gate lifted, its generation label set
+        ("", "pods", "delete"),  # a gang restart in place: the failed generation's pods
+        ("", "pods/status", "patch"),  # ... and one lost with its node marked Failed
         ("", "events", "create"),
         ("serving.kserve.io", "inferenceservices", "create"),
         ("serving.kserve.io", "inferenceservices", "get"),

@@ -78,7 +78,9 @@ def test_past_the_wait_the_gang_restarts_on_the_nodes_it_placed_with_the_same_gl
     world.collect_garbage()
     world.kube.forget_calls()
     world.reconcile()
-    job = world.job("demo-r1")
+    job = world.job(
+        "demo-r0"
+    )  # a new Job of the gang's size (a Job's pod template and completions are fixed)
     assert job["spec"]["parallelism"] == job["spec"]["completions"] == 2
     assert (
         "--nnodes" in (args := job["spec"]["template"]["spec"]["containers"][0]["args"])
@@ -91,20 +93,21 @@ def test_past_the_wait_the_gang_restarts_on_the_nodes_it_placed_with_the_same_gl
     assert config(world)["spec"]["distributed"]["nodes"] == 3  # the job's own spec: what checkpoints record
 
     # a later failure restarts the whole gang: it grows back when the nodes have returned
-    world.pods("Running", job="demo-r1")
+    world.pods("Running")
     world.reconcile()
     for name in [p["metadata"]["name"] for p in world.kube.of_kind("Pod")]:
         del world.kube.objects[("Pod", "ml", name)]
-    world.pods("Failed", TerminationMessage.build(ExitCode.INFRASTRUCTURE, "NCCL timeout"), job="demo-r1")
+    world.pods("Failed", TerminationMessage.build(ExitCode.INFRASTRUCTURE, "NCCL timeout"))
     world.reconcile()
     assert (world.status["phase"], world.status["gangNodes"], world.status["worldSize"]) == (
         "Restarting",
         3,
         3,
     )
+    assert ("delete", "Job", "demo-r0") in world.kube.writes()  # the 2-node Job cannot run 3 nodes
     world.collect_garbage()
     world.reconcile()
-    assert world.job("demo-r2")["spec"]["parallelism"] == 3
+    assert world.job("demo-r0")["spec"]["parallelism"] == 3
     assert config(world)["worldSize"] == 3
 
 

@@ -33,7 +33,7 @@ def job(nodes: int = 2, **check: Any) -> dict[str, Any]:
 
 
 def container(doc: dict[str, Any]) -> dict[str, Any]:
-    objects = render_all(FineTuneJob.model_validate(doc).spec, "nc", "ml", uid="u", restart=1)
+    objects = render_all(FineTuneJob.model_validate(doc).spec, "nc", "ml", uid="u")
     [workload] = [o for o in objects if o["kind"] == "Job"]
     return dict(workload["spec"]["template"]["spec"]["containers"][0])
 
@@ -42,7 +42,7 @@ def test_several_pods_probe_rank_zeros_rendezvous_port_before_torchrun() -> None
     c = container(job(timeoutSeconds=45))
     assert c["command"] == ["python", "-m", "kubetune_trainer.reach"]
     assert c["args"][:4] == ["--timeout-seconds", "45", "--", "torchrun"]
-    assert "--master-addr nc-r1-0.nc --master-port 29500" in " ".join(c["args"])
+    assert "--master-addr nc-r0-0.nc --master-port 29500" in " ".join(c["args"])
     assert {"name": ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in c["env"]
 
 
@@ -53,7 +53,7 @@ def test_one_pod_or_the_check_off_runs_plain_torchrun() -> None:
 
 
 def test_the_pods_carry_the_labels_the_charts_network_policy_selects() -> None:
-    objects = render_all(FineTuneJob.model_validate(job()).spec, "nc", "ml", uid="u", restart=1)
+    objects = render_all(FineTuneJob.model_validate(job()).spec, "nc", "ml", uid="u")
     [workload] = [o for o in objects if o["kind"] == "Job"]
     labels = workload["spec"]["template"]["metadata"]["labels"]
     assert {

@@ -26,9 +26,9 @@ def job(**distributed: Any) -> dict[str, Any]:
     }
 
 
-def pod_spec(doc: dict[str, Any], restart: int = 0) -> dict[str, Any]:
+def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
     spec = FineTuneJob.model_validate(doc).spec
-    workload = next(o for o in render_all(spec, "mn", "ns", "uid", restart) if o["kind"] == "Job")
+    workload = next(o for o in render_all(spec, "mn", "ns", "uid") if o["kind"] == "Job")
     return workload["spec"]["template"]["spec"]
 
 
@@ -70,14 +70,16 @@ def test_a_tolerate_everything_toleration_is_not_cut_short() -> None:
     assert pod_spec(doc)["tolerations"] == [{"operator": "Exists"}]
 
 
-def test_gang_spreads_one_pod_per_node_counting_only_this_generation() -> None:
-    (constraint,) = pod_spec(job(), restart=2)["topologySpreadConstraints"]
+def test_gang_spreads_one_pod_per_node_counting_only_this_job() -> None:
+    """The job's pods only: the scheduler counts no terminating or finished pod, and a restarted gang is released
+    once the earlier generation is gone (the template, shared by every generation, cannot name one)."""
+    (constraint,) = pod_spec(job())["topologySpreadConstraints"]
     assert constraint == {
         "maxSkew": 1,
         "topologyKey": "kubernetes.io/hostname",
         "whenUnsatisfiable": "DoNotSchedule",
         "nodeTaintsPolicy": "Honor",
-        "labelSelector": {"matchLabels": {"kubetune.io/job-name": "mn", "kubetune.io/restart": "2"}},
+        "labelSelector": {"matchLabels": {"kubetune.io/job-name": "mn"}},
     }
     assert "topologySpreadConstraints" not in pod_spec(job(spread="none"))
     assert "topologySpreadConstraints" not in pod_spec(job(nodes=1))

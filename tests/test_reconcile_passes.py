@@ -106,12 +106,18 @@ class World:
         self.watch()
 
     def pods(
-        self, phase: str = "Running", terminated: TerminationMessage | None = None, job: str = "demo-r0"
+        self,
+        phase: str = "Running",
+        terminated: TerminationMessage | None = None,
+        job: str = "demo-r0",
+        suffix: str = "",
+        ranks: tuple[int, ...] | None = None,
     ) -> None:
-        """The Job controller and the kubelet: one pod per node of `job`, in `phase` (rank 0 left `terminated`)."""
+        """The Job controller, the operator's release and the kubelet: one pod per node of `job` (or the `ranks`
+        given), of the current gang generation, in `phase` (rank 0 left `terminated`)."""
         owner = self.job(job)
-        restart = owner["metadata"]["labels"][names.LABEL_RESTART]
-        for index in range(owner["spec"]["parallelism"]):
+        restart = str(self.status.get("restarts") or 0)
+        for index in range(owner["spec"]["parallelism"]) if ranks is None else ranks:
             state: dict[str, Any] = {"running": {"startedAt": iso(NOW)}}
             if terminated is not None:
                 code = terminated.exit_code
@@ -120,7 +126,7 @@ class World:
                 }
             self.kube.put({
                 "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": f"{job}-{index}", "namespace": "ml",
+                "metadata": {"name": f"{job}-{index}{suffix}", "namespace": "ml",
                              "labels": {names.LABEL_JOB: "demo", names.LABEL_RESTART: restart,
                                         names.JOB_UID_LABEL: owner["metadata"]["uid"]},
                              "annotations": {names.COMPLETION_INDEX: str(index)}},
@@ -128,6 +134,32 @@ class World:
                 "status": {"phase": phase, "podIP": f"10.0.0.{index + 1}",
                            "containerStatuses": [{"name": names.CONTAINER, "state": state}]},
             })  # fmt: skip
+        self.watch()
+
+    def gated_pods(
+        self, suffix: str = "-b", job: str = "demo-r0", ranks: tuple[int, ...] | None = None
+    ) -> None:
+        """The Job controller: a pod for each rank (or the `ranks` given) from the Job's template, behind the
+        gang gate, with no generation yet."""
+        owner = self.job(job)
+        template = owner["spec"]["template"]
+        for index in range(owner["spec"]["parallelism"]) if ranks is None else ranks:
+            self.kube.put({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": f"{job}-{index}{suffix}", "namespace": "ml",
+                             "labels": {**template["metadata"]["labels"], names.JOB_UID_LABEL: owner["metadata"]["uid"]},
+                             "annotations": {names.COMPLETION_INDEX: str(index)}},
+                "spec": {"schedulingGates": copy.deepcopy(template["spec"]["schedulingGates"])},
+                "status": {"phase": "Pending", "conditions": [
+                    {"type": "PodScheduled", "status": "False", "reason": "SchedulingGated"}]},
+            })  # fmt: skip
+        self.watch()
+
+    def kubelet_stops(self) -> None:
+        """The kubelet has stopped every pod being deleted (and the Job controller let it go)."""
+        for pod in self.kube.of_kind("Pod"):
+            if pod["metadata"].get("deletionTimestamp"):
+                del self.kube.objects[("Pod", "ml", pod["metadata"]["name"])]
         self.watch()
 
     def collect_garbage(self) -> None:
@@ -219,10 +251,88 @@ def user_suspends() -> World:
     return world
 
 
+GANG = {"distributed": {"nodes": 2}}
+
+
+def rank_failed() -> World:
+    """A 2-pod gang training; rank 1 exits with a retryable error, rank 0 still runs."""
+    world = running(**GANG)
+    del world.kube.objects[("Pod", "ml", "demo-r0-1")]
+    world.pods("Failed", TerminationMessage.build(ExitCode.INFRASTRUCTURE, "NCCL timeout"), ranks=(1,))
+    return world
+
+
+def node_lost() -> World:
+    """A 2-pod gang training; rank 1's node stopped answering and the taint manager deleted its pod, which its
+    kubelet will never finish."""
+    world = running(**GANG)
+    pod = world.kube.get("Pod", "ml", "demo-r0-1")
+    assert pod is not None
+    pod["metadata"]["deletionTimestamp"] = iso(NOW)
+    pod["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager",
+                                    "message": "Taint manager: deleting due to NoExecute taint"}]  # fmt: skip
+    world.kube.put(pod)
+    world.watch()
+    return world
+
+
+def check_node_lost(world: World) -> None:
+    lost = world.kube.get("Pod", "ml", "demo-r0-1")
+    assert lost is not None and lost["status"]["phase"] == "Failed"  # the Job controller replaces it now
+    assert world.job()["metadata"]["uid"] == "uid-job-2"
+    world.gated_pods()  # replacements for both ranks; the lost pod stays Terminating on its node
+    world.kubelet_stops()  # rank 0 stopped (the fake's kubelet_stops takes the lost pod too: put it back)
+    world.kube.put(lost)
+    world.watch()
+    world.kube.forget_calls()
+    world.reconcile()
+    assert ("release", "Pod", "demo-r0-0-b") in world.kube.writes()  # nothing waits for the lost pod
+
+
+def restarting() -> World:
+    """After the restart pass: rank 0 terminating (SIGTERM: it checkpoints), and the Job controller has replaced
+    the failed rank 1 behind the gang gate."""
+    world = rank_failed()
+    world.reconcile()
+    world.gated_pods(ranks=(1,))
+    world.kube.forget_calls()
+    return world
+
+
 def old_gang_gone() -> World:
-    world = finished(ExitCode.INFRASTRUCTURE, "NCCL timeout")
-    world.reconcile()  # Restarting: the old Job is deleted
+    """Rank 0 has stopped; the Job controller has replaced it too."""
+    world = restarting()
+    world.kubelet_stops()
+    world.gated_pods(ranks=(0,))
+    return world
+
+
+def job_failed() -> World:
+    """The Job itself failed (a pod failure no rule of its podFailurePolicy matches): it cannot run a gang again."""
+    world = running()
+    world.job_condition("Failed")
+    return world
+
+
+def job_failed_gang_gone() -> World:
+    world = job_failed()
+    world.reconcile()
     world.collect_garbage()
+    world.kube.forget_calls()
+    return world
+
+
+def unschedulable(after: float) -> World:
+    """A 2-pod coscheduling gang released `after` seconds ago; the scheduler placed none of it."""
+    world = created(scheduling={"gang": {"scheduler": "coscheduling", "scheduleTimeoutSeconds": 60}}, **GANG)
+    world.gated_pods(suffix="")
+    world.reconcile()  # released
+    for pod in world.kube.of_kind("Pod"):
+        pod["metadata"]["annotations"][names.ANNOTATION_RELEASED] = iso(NOW - timedelta(seconds=after))
+        pod["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                        "message": "0/1 nodes are available: 1 Insufficient cpu."}]  # fmt: skip
+        world.kube.put(pod)
+    world.watch()
     world.kube.forget_calls()
     return world
 
@@ -321,16 +431,51 @@ def check_suspended(world: World) -> None:
 
 def check_restarting(world: World) -> None:
     status = world.status
-    assert status["restarts"] == 1 and status["workload"] == "demo-r1"
+    assert status["restarts"] == 1 and status["workload"] == "demo-r0"
     assert (
         status["lastFailure"]["exitCode"] == ExitCode.INFRASTRUCTURE and "NCCL timeout" in status["message"]
     )
-    assert world.kube.requests[-1].body == "Background"  # the Job goes at once; the GC takes its pods
+    assert world.job()["metadata"]["uid"] == "uid-job-2"  # the Job created first: the same Kueue Workload
+    assert world.kube.get("Pod", "ml", "demo-r0-1") is not None  # the failed rank is kept (its logs)
 
 
 def check_next_gang(world: World) -> None:
-    assert world.job("demo-r1")["metadata"]["labels"][names.LABEL_RESTART] == "1"
-    assert [c.outcome for c in world.kube.requests[:3]] == ["ok", "409", "409"]  # the config and DNS stay
+    pods = {p["metadata"]["name"]: p for p in world.kube.of_kind("Pod")}
+    assert set(pods) == {"demo-r0-0-b", "demo-r0-1-b", "demo-r0-1"}
+    for name in ("demo-r0-0-b", "demo-r0-1-b"):
+        assert pods[name]["metadata"]["labels"][names.LABEL_RESTART] == "1"
+        assert "schedulingGates" not in pods[name]["spec"]
+    released = [c.body["annotations"] for c in world.kube.requests if c.verb == "release"]
+    assert released == [{names.ANNOTATION_RELEASED: iso(NOW)}] * 2
+    world.kube.forget_calls()
+    world.pods("Running", suffix="-b")
+    world.reconcile()
+    assert world.kube.writes() == STATUS_AND_EVENT and world.status["phase"] == "Initializing"
+
+
+def check_first_gang(world: World) -> None:
+    for pod in world.kube.of_kind("Pod"):
+        assert pod["metadata"]["labels"][names.LABEL_RESTART] == "0" and "schedulingGates" not in pod["spec"]
+
+
+def check_new_job_after_a_failed_one(world: World) -> None:
+    job = world.job()
+    assert job["metadata"]["uid"] != "uid-job-2" and world.status["restarts"] == 1
+
+
+def check_unschedulable(world: World) -> None:
+    status = world.status
+    assert "0/1 nodes are available: 1 Insufficient cpu." in status["message"]
+    assert "scheduleTimeoutSeconds (60s)" in status["message"]
+    running_cond = next(c for c in status["conditions"] if c["type"] == "Running")
+    assert (running_cond["status"], running_cond["reason"]) == ("False", "Unschedulable")
+    world.kube.forget_calls()
+    assert world.reconcile() is None  # nothing more to wait for: the scheduler's answer wakes it
+    assert world.kube.writes() == []  # no second Event, no new Job, no pod touched
+
+
+def check_not_yet_unschedulable(world: World) -> None:
+    assert world.reconcile() == pytest.approx(20.5)  # looks again when the timeout has passed
 
 
 def check_failed_for_the_user(world: World) -> None:
@@ -490,24 +635,79 @@ CASES = {
         None,
         check_suspended,
     ),
-    "restart: a retryable failure deletes the gang": Case(
-        lambda: finished(ExitCode.INFRASTRUCTURE, "NCCL timeout"),
-        [*STATUS_AND_EVENT, ("delete", "Job", "demo-r0")],
+    "release: the first gang starts once every rank has its pod": Case(
+        lambda: (w := created(**GANG), w.gated_pods(suffix=""))[0],
+        [("release", "Pod", "demo-r0-0"), ("release", "Pod", "demo-r0-1")],
+        "Pending",
+        None,
+        check_first_gang,
+    ),
+    "release: not while a rank has no pod yet": Case(
+        lambda: (w := created(**GANG), w.gated_pods(suffix="", ranks=(1,)))[0], [], "Pending"
+    ),
+    "restart in place: a retryable failure deletes the gang's pods, not its Job (writes no new Job)": Case(
+        rank_failed,
+        [*STATUS_AND_EVENT, ("delete", "Pod", "demo-r0-0")],
         "Restarting",
         ("Warning", "GangRestarting"),
         check_restarting,
     ),
-    "restart: the next gang once the old one is gone": Case(
+    "restart in place: every rank failed: nothing to delete, the Job controller replaces them": Case(
+        lambda: finished(ExitCode.INFRASTRUCTURE, "NCCL timeout"),
+        STATUS_AND_EVENT,
+        "Restarting",
+        ("Warning", "GangRestarting"),
+    ),
+    "restart in place: a rank lost with its node is marked Failed (the Job controller replaces it), its peer deleted": Case(
+        node_lost,
+        [*STATUS_AND_EVENT, ("fail", "Pod", "demo-r0-1"), ("delete", "Pod", "demo-r0-0")],
+        "Restarting",
+        ("Warning", "NodeLost"),
+        check_node_lost,
+    ),
+    "restart in place: the next generation waits while the old one stops": Case(
+        restarting,
+        [("patch-status", "FineTuneJob", "demo")],
+        "Restarting",  # usage: the old gang's pods stopped counting
+    ),
+    "restart in place: the next generation is released once the old one is gone": Case(
         old_gang_gone,
         [
-            ("create", "Job", "demo-r1"),
+            ("patch-status", "FineTuneJob", "demo"),
+            ("release", "Pod", "demo-r0-0-b"),
+            ("release", "Pod", "demo-r0-1-b"),
+        ],
+        "Restarting",
+        None,
+        check_next_gang,
+    ),
+    "restart: a failed Job cannot run the gang again: it is deleted": Case(
+        job_failed,
+        [*STATUS_AND_EVENT, ("delete", "Job", "demo-r0")],
+        "Restarting",
+        ("Warning", "GangRestarting"),
+    ),
+    "restart: ... and a new Job is created once its pods are gone": Case(
+        job_failed_gang_gone,
+        [
+            ("create", "Job", "demo-r0"),
             ("create", "ConfigMap", "demo-config"),
             ("create", "Service", "demo"),
-            *STATUS_AND_EVENT,
+            ("patch-status", "FineTuneJob", "demo"),
         ],
+        "Restarting",  # until its pods are released
+        None,
+        check_new_job_after_a_failed_one,
+    ),
+    "unschedulable: a gang not placed within scheduleTimeoutSeconds says why, once": Case(
+        lambda: unschedulable(after=61),
+        STATUS_AND_EVENT,
         "Pending",
-        ("Normal", "PodsPending"),
-        check_next_gang,
+        ("Warning", "Unschedulable"),
+        check_unschedulable,
+    ),
+    "unschedulable: not before the timeout": Case(
+        lambda: unschedulable(after=40), [], "Pending", None, check_not_yet_unschedulable
     ),
     "failure: a user error fails the job at once and stops the gang": Case(
         lambda: finished(ExitCode.DATASET_INVALID, "bad record 3"),

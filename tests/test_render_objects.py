@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import yaml
-from kubetune.api.names import LABEL_JOB, LABEL_QUEUE, LABEL_RESTART
+from kubetune.api.names import GANG_GATE, LABEL_JOB, LABEL_QUEUE, LABEL_RESTART
 from kubetune.api.trainer_config import TrainerConfig
 from kubetune.render.objects import (
     render_all,
@@ -42,23 +42,32 @@ def test_workload_is_an_indexed_job_with_one_pod_per_node():
     assert job["spec"]["backoffLimit"] == 0
 
 
-def test_workload_name_carries_the_gang_generation():
-    job = render_workload(spec(), "demo", "ml", restart=3)
-    assert job["metadata"]["name"] == "demo-r3"
-    assert job["spec"]["template"]["metadata"]["labels"][LABEL_RESTART] == "3"
+def test_one_job_serves_every_gang_generation_behind_the_gang_gate():
+    """The template of a running Job cannot change: it carries no generation; each pod starts gated, and the
+    operator labels it with its generation when it lifts the gate. The Job ignores pod failures (the operator
+    counts restarts) and so replaces a pod only once it has stopped."""
+    job = render_workload(spec(), "demo", "ml")
+    assert job["metadata"]["name"] == "demo-r0"
+    template = job["spec"]["template"]
+    assert (
+        LABEL_RESTART not in template["metadata"]["labels"] and LABEL_RESTART not in job["metadata"]["labels"]
+    )
+    assert template["spec"]["schedulingGates"] == [{"name": GANG_GATE}]
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert [r["action"] for r in rules] == ["Ignore", "Ignore"]
+    assert rules[0]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+    assert rules[1]["onExitCodes"] == {"containerName": "trainer", "operator": "NotIn", "values": [0]}
 
 
 def test_torchrun_rendezvous_at_rank_zero_stable_dns_name():
-    job = render_workload(
-        spec(distributed={"nodes": 2, "procsPerNode": 8, "gpusPerNode": 8}), "demo", "ml", restart=1
-    )
+    job = render_workload(spec(distributed={"nodes": 2, "procsPerNode": 8, "gpusPerNode": 8}), "demo", "ml")
     c = container(job)
     # rank 0's rendezvous port is probed first (kubetune_trainer.reach), which then execs torchrun
     assert c["command"] == ["python", "-m", "kubetune_trainer.reach"]
     assert c["args"][:4] == ["--timeout-seconds", "20", "--", "torchrun"]
     args = " ".join(c["args"])
     assert "--nnodes 2 --nproc-per-node 8 --node-rank $(JOB_COMPLETION_INDEX)" in args
-    assert "--master-addr demo-r1-0.demo --master-port 29500" in args
+    assert "--master-addr demo-r0-0.demo --master-port 29500" in args
     assert args.endswith("-m kubetune_trainer --config /etc/kubetune/trainer-config.yaml")
     assert job["spec"]["template"]["spec"]["subdomain"] == "demo"
 
@@ -244,7 +253,7 @@ def test_kueue_queue_label_is_copied_to_the_job():
 
 def test_longest_allowed_name_keeps_pod_hostnames_within_63_chars():
     name = "a" * 50
-    job = render_workload(spec(distributed={"nodes": 1024}), name, "ml", restart=100)
+    job = render_workload(spec(distributed={"nodes": 1024}), name, "ml")
     assert len(f"{job['metadata']['name']}-1023") <= 63
 
 

@@ -156,7 +156,8 @@ def test_full_fine_tune_has_no_adapter_artifact():
 def test_retryable_failure_restarts_the_gang():
     d = run(Observed(job=job(conditions=["Failed"]), pods=[pod(phase="Failed", exit_code=75)]))
     assert d.action == "restart" and d.status.phase == "Restarting"
-    assert d.status.restarts == 1 and d.status.workload == "demo-r1"
+    # the same Job: the gang restarts in place
+    assert d.status.restarts == 1 and d.status.workload == "demo-r0"
     assert d.status.last_failure == FailureInfo(
         pod="demo-r0-0", exit_code=75, reason="InfrastructureError", message=""
     )
@@ -278,3 +279,18 @@ def test_ttl_expires_after_finish():
     assert ttl_expired(spec(runPolicy={"ttlSecondsAfterFinished": 60}), finished, NOW)
     assert not ttl_expired(spec(runPolicy={"ttlSecondsAfterFinished": 120}), finished, NOW)
     assert not ttl_expired(spec(), finished, NOW)
+
+
+def test_a_gang_restarts_in_place_only_in_a_job_that_can_run_it_again():
+    """In place: a Job of this operator (it ignores pod failures), not failed, no index finished. Otherwise the
+    operator deletes the Job and creates a new one (a Job an older operator made has no podFailurePolicy: its
+    failed pod has already failed it)."""
+    from kubetune.status.derive import in_place
+
+    ours = {**job(), "spec": {"podFailurePolicy": {"rules": []}, "parallelism": 2}}
+    assert in_place(ours, [pod(phase="Failed", exit_code=75)], 2)
+    assert not in_place(job(), [], 2)  # an older operator's Job
+    assert not in_place({**ours, "status": {"conditions": [{"type": "Failed", "status": "True"}]}}, [], 2)
+    assert not in_place({**ours, "status": {"completedIndexes": "0"}}, [], 2)
+    assert not in_place(ours, [pod(phase="Succeeded", exit_code=0)], 2)
+    assert not in_place(ours, [], 1)  # an elastic gang shrinking to one node

@@ -41,7 +41,8 @@ def test_a_job_that_fails_its_gate_ends_failed_with_the_figures_and_is_not_retri
         status["lastFailure"]["reason"] == "EvaluationGateFailed" and status["lastFailure"]["exitCode"] == 69
     )
     # Not transient: no restart, no second gang, although backoffLimit is 2.
-    assert status.get("restarts", 0) == 0 and kctl.get(suite_ns, "job", f"{name}-r1") is None
+    second = kctl.get(suite_ns, "pods", None, f"-l=kubetune.io/job-name={name},kubetune.io/restart=1")
+    assert status.get("restarts", 0) == 0 and not second
     # The artifacts stay in S3 for inspection, with the verdict.
     client = s3.client()
     metrics = json.loads(client.get_object(Bucket=s3.bucket, Key=f"runs/{name}/metrics.json")["Body"].read())

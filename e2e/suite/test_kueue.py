@@ -118,16 +118,12 @@ def test_second_job_waits_in_kueues_words_and_starts_when_the_first_finishes(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a gang restart creates a new Job, i.e. a new Kueue Workload at the back of the "
-    "queue (docs/shared-clusters.md, 'A gang restart and the queue'); fixed by restarting in place",
-)
 def test_a_gang_restart_keeps_its_place_in_the_queue(kueue, cluster, kctl, suite_ns, s3, s3_data, node):
-    """A admitted and training; B arrives and waits for A's quota; a rank of A dies. A's restarted gang must be
-    admitted before B (A was first in line and only lost a pod). Today it is not: A's next Job is a new Workload,
-    younger than B's, so B takes the quota and A waits for all of B. The time A waits is printed (the restart's
-    queue time) either way."""
+    """A admitted and training; B arrives and waits for A's quota; a rank of A dies. A's restarted gang must run
+    before B (A was first in line and only lost a pod): the gang restarts in place, in the same Job, so Kueue's
+    Workload stays the same one and stays admitted. (Before, each restart was a new Job, i.e. a new Workload,
+    younger than B's: B took the quota and A waited for all of B.) The restart's time, from the kill to the next
+    generation released, is printed."""
     cluster.apply(queues(suite_ns))
     labels = {"kueue.x-k8s.io/queue-name": QUEUE}
     a = job_doc("restart-a", s3, s3_data, steps=400, checkpoint_steps=5, **{"runPolicy.backoffLimit": 2})
@@ -143,29 +139,44 @@ def test_a_gang_restart_keeps_its_place_in_the_queue(kueue, cluster, kctl, suite
         120,
         1,
     )
-    victim = next(p for p in kctl.get(suite_ns, "pods", None, "-l=kubetune.io/job-name=restart-a")
+
+    def workload_of(job: str) -> dict[str, Any] | None:
+        return next(
+            (w for w in kueue.workloads(suite_ns) if w["metadata"]["ownerReferences"][0]["name"] == job), None
+        )
+
+    before = workload_of("restart-a-r0")
+    assert before is not None
+    victim = next(p for p in kctl.get(suite_ns, "pods", None, "-l=kubetune.io/job-name=restart-a,kubetune.io/restart=0")
                   if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1")  # fmt: skip
     killed = time.monotonic()
     node.kill_container(suite_ns, victim["metadata"]["name"])
     wait_for("A restarted", lambda: kctl.status(suite_ns, "restart-a").get("restarts") == 1, 180, 1)
 
-    def admitted(name: str, job: str) -> bool:
-        return (
-            condition(kctl.status(suite_ns, name), "Admitted").get("status") == "True"
-            and kctl.get(suite_ns, "jobs", job) is not None
-            and not kctl.get(suite_ns, "jobs", job)["spec"].get("suspend")
-        )
+    def a_released() -> bool:  # A's next gang: both ranks' pods released (its gang gate lifted)
+        ps = kctl.get(suite_ns, "pods", None, "-l=kubetune.io/job-name=restart-a,kubetune.io/restart=1") or []
+        return len(ps) == 2 and not any(p["spec"].get("schedulingGates") for p in ps)
 
-    first = wait_for("A's next gang or B admitted",
-                     lambda: "A" if admitted("restart-a", "restart-a-r1") else "B" if admitted("restart-b", "restart-b-r0") else "", 300, 1)  # fmt: skip
+    def b_admitted() -> bool:
+        return condition(kctl.status(suite_ns, "restart-b"), "Admitted").get("status") == "True" and not (
+            kctl.get(suite_ns, "jobs", "restart-b-r0") or {"spec": {"suspend": True}}
+        )["spec"].get("suspend")
+
+    first = wait_for(
+        "A's next gang or B admitted", lambda: "A" if a_released() else "B" if b_admitted() else "", 300, 1
+    )
     if first == "B":
-        wait_for("A's next gang admitted", lambda: admitted("restart-a", "restart-a-r1"), 600, 1)
+        wait_for("A's next gang", a_released, 600, 1)
     waited = time.monotonic() - killed
+    after = workload_of("restart-a-r0")
+    b_state = condition(kctl.status(suite_ns, "restart-b"), "Admitted")
     print(
-        f"[kueue] gang restart: rank killed -> next gang admitted in {waited:.1f}s; admitted first: {first}",
+        f"[kueue] gang restart: rank killed -> next gang released in {waited:.1f}s; first: {first}; A's Workload "
+        f"{(after or {}).get('metadata', {}).get('name')} (before: {before['metadata']['name']}); B: "
+        f"{b_state.get('reason')}",
         file=sys.stderr,
     )
-    # A's next gang is still loading the model: deleted now, its trainer honours SIGTERM only once training (seen
+    # A's next gang may still be loading the model: deleted now, its trainer honours SIGTERM only once training (seen
     # here: over 150 s Terminating). Its pods go at once, so the namespace clean-up measures nothing of that.
     kctl("-n", suite_ns, "delete", "ftj", "restart-a", "restart-b", "--wait=false")
     kctl(
@@ -181,3 +192,9 @@ def test_a_gang_restart_keeps_its_place_in_the_queue(kueue, cluster, kctl, suite
     assert first == "A", (
         f"B, which arrived after A, was admitted before A's restarted gang ({waited:.0f}s lost in the queue)"
     )
+    # The same Workload, admitted all along (Kueue never saw the gang leave); B still waits behind A.
+    assert after is not None and after["metadata"]["uid"] == before["metadata"]["uid"], (before, after)
+    assert any(c["type"] == "Admitted" and c["status"] == "True" for c in after["status"]["conditions"]), (
+        after
+    )
+    assert b_state.get("reason") == "QueuedByKueue", b_state

@@ -44,8 +44,8 @@ def test_a_rank_that_stops_stepping_is_stalled_restarted_from_checkpoint_then_fa
     assert restarted and max(sampler.steps) <= 6, (sampler.phases, sampler.steps)
     # The second gang started from the checkpoint written before the hang (step 4). Every rank logs where it
     # resumed. The pods themselves may be gone (once the job has failed, its Job and pods are deleted), so read
-    # the logs the node keeps for the restarted gang's pods.
-    logs = node.pod_logs(suite_ns, f"{name}-r1-")
+    # the logs the node keeps for the job's pods (both generations: the first one does not resume).
+    logs = node.pod_logs(suite_ns, f"{name}-r0-")
     assert logs, "the restarted gang never ran a pod"
     m = re.search(r"resumed from checkpoint step (\d+)", logs)
     assert m and int(m.group(1)) == 4, "the restarted gang did not resume from the step-4 checkpoint"

@@ -46,7 +46,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/status]
   verbs: [patch]
-# The workload: created, watched (reconcile is driven by its changes), suspended/resumed, deleted on gang restart.
+# The workload: created, watched (reconcile is driven by its changes), suspended/resumed, deleted when the job
+# stops (or when a Job that has failed cannot run a restarted gang).
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [create, list, watch, patch, delete]
@@ -58,10 +59,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [services]
   verbs: [create]
-# Pods: watched for status, exit codes and rank 0's IP.
+# Pods: watched for status, exit codes and rank 0's IP; a gang restart deletes the failed generation's pods (the
+# Job controller replaces them), and each new generation is released: its gang scheduling gate lifted and its
+# generation label set (patch).
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list, watch]
+  verbs: [list, watch, patch, delete]
+# A pod lost with its node is marked Failed (as the pod garbage collector does for a node that is gone), so that
+# the Job controller replaces it in a gang restart.
+- apiGroups: [""]
+  resources: [pods/status]
+  verbs: [patch]
 # Events on FineTuneJobs (the operator posts core/v1 Events).
 - apiGroups: [""]
   resources: [events]

@@ -12,7 +12,16 @@ from kubetune import __version__
 LABEL_JOB: Final = "kubetune.io/job-name"
 """On every object and pod a FineTuneJob owns (not on what serves it): the FineTuneJob's name."""
 LABEL_RESTART: Final = "kubetune.io/restart"
-"""On the workload Job and its pods: the gang generation (status.restarts when it was created)."""
+"""On the gang's pods: their gang generation (status.restarts when the operator released them). The Job's pod
+template cannot carry it (the template of a running Job is immutable, and one Job serves every generation): the
+operator sets it when it lifts GANG_GATE."""
+GANG_GATE: Final = "kubetune.io/gang"
+"""The scheduling gate on every pod of the workload Job. The operator lifts it (and labels the pod with its
+generation) once a pod exists for every rank and no pod of an earlier generation is left, so that a restarted
+gang never starts beside the end of the last one."""
+ANNOTATION_RELEASED: Final = "kubetune.io/released-at"
+"""On a gang's pod: when the operator lifted GANG_GATE (spec.scheduling.gang.scheduleTimeoutSeconds counts from
+it)."""
 LABEL_ROLE: Final = "kubetune.io/role"
 """worker (a trainer pod) or serving (the served model's object and pods)."""
 LABEL_SERVING: Final = "kubetune.io/serving"
@@ -61,14 +70,15 @@ def service_name(name: str) -> str:
     return name
 
 
-def workload_name(name: str, restart: int) -> str:
-    """The workload Job of gang generation `restart`: fresh names keep a dying gang apart from the next."""
-    return f"{name}-r{restart}"
+def workload_name(name: str) -> str:
+    """The workload Job: one per run, restarted in place (its pods are replaced, the Job and so its Kueue Workload
+    stay). The `-r0` suffix is from when each gang restart had a Job of its own (`-r<n>`)."""
+    return f"{name}-r0"
 
 
-def master_addr(name: str, restart: int) -> str:
+def master_addr(name: str) -> str:
     """Rank 0's DNS name: the Indexed Job's pod hostname under the headless Service."""
-    return f"{workload_name(name, restart)}-0.{service_name(name)}"
+    return f"{workload_name(name)}-0.{service_name(name)}"
 
 
 def selector_labels(name: str) -> dict[str, str]:

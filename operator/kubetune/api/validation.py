@@ -39,6 +39,7 @@ from kubetune.api.models import (
     FineTuneJob,
     FineTuneJobSpec,
 )
+from kubetune.api.names import workload_name
 from kubetune.api.rules import EVALUATION_RULES, SPEC_RULES
 from kubetune.api.uris import spec_uris
 
@@ -709,7 +710,7 @@ def check_name(name: str | None, spec: FineTuneJobSpec | None = None) -> list[Pr
             )
         ]
     if spec is not None:
-        hostname = f"{name}-r{spec.run_policy.backoff_limit}-{spec.distributed.nodes - 1}"
+        hostname = f"{workload_name(name)}-{spec.distributed.nodes - 1}"
         if len(hostname) > DNS_LABEL_MAX:
             return [
                 Problem(

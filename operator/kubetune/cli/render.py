@@ -24,7 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-n", "--namespace", default=None, help="namespace when the manifest has none (default: default)"
     )
-    parser.add_argument("--restart", type=int, default=0, help="gang generation to render (default 0)")
     parser.add_argument("--image", default=None, help="default trainer image when spec.image is unset")
     add_output_arg(parser, "yaml")
 
@@ -57,9 +56,6 @@ def run(args: argparse.Namespace) -> int:
     except Refusal as exc:
         print(exc, file=sys.stderr)
         return REFUSED
-    if args.restart < 0:
-        print(f"--restart {args.restart}: must be >= 0", file=sys.stderr)
-        return REFUSED
     jobs = []
     for doc in docs:
         job, problems = validate_manifest(doc)
@@ -79,7 +75,6 @@ def run(args: argparse.Namespace) -> int:
             meta.name or "",
             namespace,
             meta.uid or "",
-            args.restart,
             labels,
             args.image or DEFAULT_IMAGE,
         )

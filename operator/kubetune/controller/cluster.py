@@ -49,6 +49,24 @@ class Cluster(Protocol):
         """Merge-patch the workload Job; the patched Job, or None when there is none."""
         ...
 
+    def delete_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """Delete a pod of the gang (with its grace period: the trainer checkpoints on SIGTERM); the pod as the
+        delete left it (terminating), or None when it is gone."""
+        ...
+
+    def fail_pod(self, namespace: str, name: str, reason: str, message: str) -> dict[str, Any] | None:
+        """Mark a pod lost with its node Failed (its status), as the pod garbage collector does for a node that is
+        gone: its kubelet will never finish it, and the Job controller replaces a pod only once it has stopped.
+        The pod as written, or None when it is gone."""
+        ...
+
+    def release_pod(
+        self, namespace: str, name: str, gate: str, labels: dict[str, str], annotations: dict[str, str]
+    ) -> dict[str, Any] | None:
+        """Lift the scheduling gate `gate` from a pod (other gates stay) and set `labels` and `annotations` on it,
+        in one request; the pod as written, or None when it is gone."""
+        ...
+
     def patch_config_map(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         """Merge-patch a ConfigMap."""
         ...

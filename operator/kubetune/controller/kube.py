@@ -299,6 +299,32 @@ class KubeClient:
             obj if obj.get("kind") == "Job" and (obj.get("metadata") or {}).get("deletionTimestamp") else None
         )
 
+    def delete_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        delete = self._api(client.CoreV1Api).delete_namespaced_pod
+        obj = self.request(f"delete Pod {name}", delete, name, namespace, on={404: ABSENT})
+        if obj is None:
+            return None
+        return (
+            obj if obj.get("kind") == "Pod" and (obj.get("metadata") or {}).get("deletionTimestamp") else None
+        )
+
+    def fail_pod(self, namespace: str, name: str, reason: str, message: str) -> dict[str, Any] | None:
+        patch = {"status": {"phase": "Failed", "reason": reason, "message": message}}
+        patch_status = self._api(client.CoreV1Api).patch_namespaced_pod_status
+        return self.request(f"fail Pod {name}", patch_status, name, namespace, patch, on={404: ABSENT},
+                            _content_type="application/merge-patch+json")  # fmt: skip
+
+    def release_pod(
+        self, namespace: str, name: str, gate: str, labels: dict[str, str], annotations: dict[str, str]
+    ) -> dict[str, Any] | None:
+        # A strategic merge patch: schedulingGates merge by name, so `$patch: delete` removes this gate alone (a
+        # merge patch would replace the list, dropping another controller's gate).
+        patch = {"metadata": {"labels": labels, "annotations": annotations},
+                 "spec": {"schedulingGates": [{"name": gate, "$patch": "delete"}]}}  # fmt: skip
+        patch_pod = self._api(client.CoreV1Api).patch_namespaced_pod
+        return self.request(f"release Pod {name}", patch_pod, name, namespace, patch, on={404: ABSENT},
+                            _content_type="application/strategic-merge-patch+json")  # fmt: skip
+
     def patch_config_map(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         patch_cm = self._api(client.CoreV1Api).patch_namespaced_config_map
         self.request(f"patch ConfigMap {name}", patch_cm, name, namespace, patch, read=False)

@@ -18,7 +18,10 @@ import yaml
 from kubetune.api.models import FineTuneJobSpec, FineTuneJobStatus, Progress
 from kubetune.api.names import (
     ANNOTATION_DEFERRED,
+    ANNOTATION_RELEASED,
     ANNOTATION_SUSPEND_APPLIED,
+    COMPLETION_INDEX,
+    GANG_GATE,
     JOB_UID_LABEL,
     LABEL_RESTART,
     workload_name,
@@ -42,7 +45,10 @@ from kubetune.status.derive import (
     Observed,
     _parse_time,
     derive,
+    in_place,
+    iso,
     lost_node,
+    placement_deadline,
     pod_group_missing,
     refused_status,
     ttl_expired,
@@ -71,31 +77,44 @@ def observe(
     pods: list[dict[str, Any]],
     progress: tuple[str, Progress] | None,
 ) -> Observed:
-    """The current gang's Job and pods, how many older objects remain, and rank 0's progress if it is
-    this gang's (a read from the previous gang's rank 0 is not shown)."""
-    current = workload_name(name, restarts)
+    """The run's Job; the pods of the current gang generation (labelled with it when the operator released
+    them); the Job's pods still behind the gang gate (the next generation, waiting to be released); how many
+    objects that hold up a release remain (pods of earlier generations still running or terminating, pods being
+    deleted, other Jobs); and rank 0's progress if it is this gang's (a read from an earlier gang is not shown)."""
     gen = str(restarts)
-    job = next(
-        (j for j in jobs if j["metadata"]["name"] == current and not j["metadata"].get("deletionTimestamp")),
-        None,
-    )
+    live = [j for j in jobs if not j["metadata"].get("deletionTimestamp")]
+    live.sort(
+        key=lambda j: j["metadata"]["name"] != workload_name(name)
+    )  # an older operator's `-r<n>` Job too
+    job = live[0] if live else None
     uid = (job or {}).get("metadata", {}).get("uid")
-
-    def of_current_job(p: dict[str, Any]) -> bool:
-        labels = p["metadata"].get("labels") or {}
+    stale = len(jobs) - (1 if job is not None else 0)
+    mine: list[dict[str, Any]] = []
+    waiting: list[dict[str, Any]] = []
+    for p in pods:
+        meta = p["metadata"]
+        labels = meta.get("labels") or {}
         owner = labels.get(JOB_UID_LABEL)  # the Job controller's label: tells two Jobs of the same name apart
-        return job is not None and (owner == uid if owner else labels.get(LABEL_RESTART) == gen)
-
-    mine = [p for p in pods if of_current_job(p)]
-    # an older gang's pod lost with its node is never finished by its kubelet: the next gang does not wait for it
-    others = [p for p in pods if not of_current_job(p) and lost_node(p) is None]
-    stale = sum(1 for j in jobs if j["metadata"]["name"] != current) + len(others)
-    if job is None and any(j["metadata"]["name"] == current for j in jobs):
-        stale += 1  # the current one is being deleted
+        label = labels.get(LABEL_RESTART)
+        of_job = job is not None and (owner == uid if owner else label == gen)
+        deleting = bool(meta.get("deletionTimestamp"))
+        done = (p.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+        if of_job and label == gen:
+            mine.append(p)
+            stale += (
+                deleting and lost_node(p) is None
+            )  # e.g. suspended: the next pods wait until these are gone
+        elif of_job and label is None and not deleting and not done:
+            waiting.append(p)
+        elif (deleting or not done) and lost_node(
+            p
+        ) is None:  # an earlier generation's pod still running, or going
+            stale += 1  # (a pod lost with its node is never finished by its kubelet: nothing waits for it)
+        # else: a finished pod of an earlier generation, kept (its logs) until the Job goes
     shown = None
     if progress is not None and any(p["metadata"]["name"] == progress[0] for p in mine):
         shown = progress[1]
-    return Observed(job=job, pods=mine, stale=stale, progress=shown)
+    return Observed(job=job, pods=mine, stale=stale, progress=shown, waiting=waiting)
 
 
 def wake_after(
@@ -116,6 +135,11 @@ def wake_after(
         waits.append(min(poll, PROGRESS_GRACE_SECONDS))  # the grace for a trainer that never answers
     if (elastic_wait := elastic.wake_in(spec, observed.pods, at)) is not None:
         waits.append(elastic_wait)  # an unplaced pod's wait ends: the gang may restart on fewer nodes
+    placed_by = placement_deadline(spec, observed.pods) if phase in ("Pending", "Initializing") else None
+    if (
+        placed_by is not None and placed_by > at
+    ):  # spec.scheduling.gang.scheduleTimeoutSeconds: Unschedulable then
+        waits.append((placed_by - at).total_seconds() + 0.5)
     if observed.stale:
         waits.append(
             STALE_RECHECK_SECONDS
@@ -332,7 +356,6 @@ def ensure_children(
             gang_spec(spec, nodes),
             meta["name"],
             meta["namespace"],
-            restarts,
             dict(meta.get("labels") or {}),
             settings.trainer_image,
         ),
@@ -413,30 +436,82 @@ def act(
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     restarts = decision.status.restarts
+    job = observed.job
+    gang_nodes = elastic.gang_nodes(spec, decision.status.gang_nodes)  # an elastic gang's next size
     if decision.action == "create":
         created = ensure_children(body, spec, restarts, store, settings, kube)
         if created:
             log.info("%s/%s: created %s", ns, name, ", ".join(created))
-    elif decision.action == "restart":
-        old = workload_name(name, restarts - 1)
-        log.warning("%s/%s: gang restart %d: deleting %s", ns, name, restarts, old)
-        # Background: the Job goes at once and the garbage collector removes its pods; the next gang is
-        # created when the watch shows the last old pod gone. (Foreground kept the Job until its pods were
-        # gone, and a Job controller stuck on its status update could hold it there for good.)
-        left = kube.delete_job(ns, old, propagation="Background")
+    elif decision.action == "restart" and job is not None and in_place(job, observed.pods, gang_nodes):
+        restart_in_place(ns, name, restarts, observed, store, kube)
+    elif decision.action == "restart" and job is not None:
+        # The Job has failed, finished an index, or has another size than the next gang (elastic): it cannot run
+        # the gang again. A new Job (a new Kueue Workload, queued again) is created once this one's pods are gone.
+        log.warning("%s/%s: gang restart %d: Job %s cannot run it again: deleting it", ns, name, restarts,
+                    job["metadata"]["name"])  # fmt: skip
+        # Background: the Job goes at once and the garbage collector removes its pods.
+        left = kube.delete_job(ns, job["metadata"]["name"], propagation="Background")
         if left is not None:
             store.put_child("Job", left)
     elif decision.action == "stop":
-        job = observed.job
         conds = {
             c.get("type")
             for c in ((job or {}).get("status") or {}).get("conditions") or []
             if c.get("status") == "True"
         }
         if job is not None and not conds & {"Failed", "Complete"}:
-            kube.delete_job(ns, workload_name(name, restarts), propagation="Background")
-    elif observed.job is not None and decision.status.phase not in TERMINAL:
-        admit(body, observed.job, spec, restarts, store, settings, kube)
+            kube.delete_job(ns, job["metadata"]["name"], propagation="Background")
+    elif job is not None and decision.status.phase not in TERMINAL:
+        admit(
+            body, job, spec, restarts, store, settings, kube
+        )  # the config and DNS before any pod is released
+        if decision.action == "release":
+            release(ns, name, restarts, observed, store, kube)
+
+
+def restart_in_place(
+    ns: str, name: str, restarts: int, observed: Observed, store: Store, kube: Cluster
+) -> None:
+    """Delete the failed generation's pods that still run (gracefully: they checkpoint on SIGTERM), and mark those
+    lost with their node Failed (their kubelet will never finish them; the Job controller replaces a pod only
+    once it has stopped). The Job stays, and with it the queue's admission; the Job controller replaces every pod
+    behind the gang gate, and the operator releases the new generation once the old one is gone."""
+    lost = [
+        p
+        for p in observed.pods
+        if lost_node(p) is not None and (p.get("status") or {}).get("phase") != "Failed"
+    ]
+    going = [
+        p for p in observed.pods
+        if not p["metadata"].get("deletionTimestamp") and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+    ]  # fmt: skip
+    log.warning("%s/%s: gang restart %d in place: deleting %d running pod(s) of generation %d%s", ns, name, restarts,
+                len(going), restarts - 1, f", {len(lost)} lost with their node marked Failed" if lost else "")  # fmt: skip
+    for pod in lost:
+        done = kube.fail_pod(
+            ns, pod["metadata"]["name"], Reason.NODE_LOST, f"lost with node {lost_node(pod)}"
+        )
+        if done is not None:
+            store.put_child("Pod", done)
+    for pod in going:
+        left = kube.delete_pod(ns, pod["metadata"]["name"])
+        if left is not None:
+            store.put_child("Pod", left)
+
+
+def release(ns: str, name: str, restarts: int, observed: Observed, store: Store, kube: Cluster) -> None:
+    """Start gang generation `restarts`: label each waiting pod with it and lift its gang gate."""
+    at = iso(now())
+    pods = sorted(
+        observed.waiting,
+        key=lambda p: int((p["metadata"].get("annotations") or {}).get(COMPLETION_INDEX) or 0),
+    )
+    for pod in pods:
+        done = kube.release_pod(ns, pod["metadata"]["name"], GANG_GATE, {LABEL_RESTART: str(restarts)},
+                                {ANNOTATION_RELEASED: at})  # fmt: skip
+        if done is not None:
+            store.put_child("Pod", done)
+    log.info("%s/%s: released gang generation %d (%d pod(s))", ns, name, restarts, len(pods))
 
 
 def admit(

@@ -4,15 +4,18 @@ One FineTuneJob owns:
 - a ConfigMap `<name>-config` with the trainer's resolved config;
 - a headless Service `<name>` (publishNotReadyAddresses, so rank 0's DNS name
   resolves before any pod is Ready: torchrun needs it to rendezvous);
-- an Indexed batch/v1 Job `<name>-r<restart>` with completions = parallelism =
-  nodes. Its pods are `<name>-r<restart>-<index>.<name>`; index 0 is rank 0;
+- an Indexed batch/v1 Job `<name>-r0` with completions = parallelism = nodes. Its
+  pods' hostnames are `<name>-r0-<index>.<name>`; index 0 is rank 0;
 - with spec.scheduling.gang, the gang scheduler's PodGroup `<name>` (render/gang.py).
 
-The Job's own backoffLimit is 0: the Job controller replaces a failed *index*,
-but torchrun's static rendezvous needs every rank to restart together from the
-same checkpoint, so the operator restarts the whole gang itself by deleting the
-Job and creating the next `-r<n>` (fresh names also keep a dying gang's pods and
-DNS records apart from the new one's).
+One Job serves every gang restart of a run, so that a queue (Kueue) that admitted
+it keeps it admitted. torchrun's static rendezvous needs every rank to restart
+together from the same checkpoint: the operator restarts the whole gang by
+deleting the pods of the failed generation; the Job controller replaces them.
+The Job's podFailurePolicy ignores every pod failure (the restart budget is the
+operator's, spec.runPolicy.backoffLimit), and every pod starts behind the
+scheduling gate GANG_GATE, which the operator lifts once a pod exists for every
+rank and no pod of the earlier generation is left.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ from kubetune.api.models import EnvVar, FineTuneJobSpec
 from kubetune.api.names import (
     CONTAINER,
     DEFAULT_IMAGE,
+    GANG_GATE,
     KUEUE_LABELS,
-    LABEL_RESTART,
     LABEL_ROLE,
     config_map_name,
     master_addr,
@@ -119,7 +122,7 @@ def render_service(name: str, namespace: str) -> dict[str, Any]:
     }
 
 
-def torchrun_args(spec: FineTuneJobSpec, name: str, restart: int) -> list[str]:
+def torchrun_args(spec: FineTuneJobSpec, name: str) -> list[str]:
     d = spec.distributed
     return [
         "--nnodes",
@@ -129,7 +132,7 @@ def torchrun_args(spec: FineTuneJobSpec, name: str, restart: int) -> list[str]:
         "--node-rank",
         "$(JOB_COMPLETION_INDEX)",  # expanded by the kubelet from the Job controller's env
         "--master-addr",
-        master_addr(name, restart),
+        master_addr(name),
         "--master-port",
         str(DEFAULT_RDZV_PORT),
         "--max-restarts",
@@ -141,14 +144,14 @@ def torchrun_args(spec: FineTuneJobSpec, name: str, restart: int) -> list[str]:
     ]
 
 
-def trainer_command(spec: FineTuneJobSpec, name: str, restart: int) -> tuple[list[str], list[str]]:
+def trainer_command(spec: FineTuneJobSpec, name: str) -> tuple[list[str], list[str]]:
     """The container's command and args: torchrun, behind the reachability probe of rank 0's rendezvous port
     (kubetune_trainer.reach, which then execs torchrun) when several pods rendezvous and the check is on."""
     check = spec.distributed.network_check
     if check.enabled and spec.distributed.nodes > 1:
         probe = ["--timeout-seconds", str(check.timeout_seconds), "--", "torchrun"]
-        return ["python", "-m", "kubetune_trainer.reach"], probe + torchrun_args(spec, name, restart)
-    return ["torchrun"], torchrun_args(spec, name, restart)
+        return ["python", "-m", "kubetune_trainer.reach"], probe + torchrun_args(spec, name)
+    return ["torchrun"], torchrun_args(spec, name)
 
 
 def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
@@ -307,10 +310,10 @@ def container_resources(requests: Mapping[str, Any], limits: Mapping[str, Any], 
 
 
 def render_pod_template(
-    spec: FineTuneJobSpec, name: str, restart: int, default_image: str = DEFAULT_IMAGE
+    spec: FineTuneJobSpec, name: str, default_image: str = DEFAULT_IMAGE
 ) -> dict[str, Any]:
     volumes, mounts = _volumes(spec, name)
-    command, args = trainer_command(spec, name, restart)
+    command, args = trainer_command(spec, name)
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image or default_image,
@@ -352,12 +355,15 @@ def render_pod_template(
         },
         "containers": [container],
         "volumes": volumes,
+        "schedulingGates": [
+            {"name": GANG_GATE}
+        ],  # lifted by the operator: a gang starts whole (module docstring)
     }
     gang = pod_membership(spec, name)
     optional = {
         "nodeSelector": dict(spec.node_selector),
         "tolerations": gang_tolerations(spec),
-        "topologySpreadConstraints": spread_constraints(spec, name, restart),
+        "topologySpreadConstraints": spread_constraints(spec, name),
         "affinity": spec.affinity,
         "priorityClassName": spec.priority_class_name,
         "schedulerName": gang.scheduler_name or spec.scheduler_name,
@@ -369,7 +375,6 @@ def render_pod_template(
         **spec.labels,
         **gang.labels,
         **owned_labels(name, "worker"),
-        LABEL_RESTART: str(restart),
         LABEL_ROLE: "worker",
     }
     metadata: dict[str, Any] = {"labels": labels}
@@ -403,11 +408,13 @@ def gang_tolerations(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     return tolerations
 
 
-def spread_constraints(spec: FineTuneJobSpec, name: str, restart: int) -> list[dict[str, Any]]:
-    """One pod per node where there are enough nodes (distributed.spread: nodes), counting this gang only."""
+def spread_constraints(spec: FineTuneJobSpec, name: str) -> list[dict[str, Any]]:
+    """One pod per node where there are enough nodes (distributed.spread: nodes). It counts the job's pods: the
+    scheduler counts neither terminating pods nor finished ones, and a restarted gang is released only once the
+    earlier generation's pods are gone, so only this gang's pods are counted."""
     if spec.distributed.spread != "nodes" or spec.distributed.nodes < 2:
         return []
-    gang = {**selector_labels(name), LABEL_RESTART: str(restart)}
+    gang = selector_labels(name)
     return [
         {
             "maxSkew": 1,
@@ -423,12 +430,11 @@ def render_workload(
     spec: FineTuneJobSpec,
     name: str,
     namespace: str,
-    restart: int = 0,
     labels: dict[str, str] | None = None,
     default_image: str = DEFAULT_IMAGE,
 ) -> dict[str, Any]:
-    """The Indexed batch/v1 Job for gang generation `restart`. `labels` are the FineTuneJob's own."""
-    job_labels = {**owned_labels(name, "workload"), LABEL_RESTART: str(restart)}
+    """The Indexed batch/v1 Job that runs every gang generation of a run. `labels` are the FineTuneJob's own."""
+    job_labels = owned_labels(name, "workload")
     for key in KUEUE_LABELS:  # Kueue admits the Job by unsuspending it, at the priority its label names
         if labels and key in labels:
             job_labels[key] = labels[key]
@@ -436,16 +442,30 @@ def render_workload(
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": workload_name(name, restart), "namespace": namespace, "labels": job_labels},
+        "metadata": {"name": workload_name(name), "namespace": namespace, "labels": job_labels},
         "spec": {
             "completionMode": "Indexed",
             "completions": nodes,
             "parallelism": nodes,
-            "backoffLimit": 0,  # whole-gang restarts are the operator's (see the module docstring)
+            # The operator counts restarts (spec.runPolicy.backoffLimit) and restarts the whole gang; the Job
+            # controller only replaces the pods the operator removed. podFailurePolicy makes it ignore every
+            # pod failure (a trainer's exit code, an eviction or a lost node) and implies podReplacementPolicy
+            # Failed: a pod is replaced only once it has stopped. backoffLimit 0 then only fails the Job on a
+            # failure no rule matches; the operator starts a new Job then (the fallback, see reconcile.act).
+            "backoffLimit": 0,
+            "podFailurePolicy": POD_FAILURE_POLICY,
             "suspend": spec.run_policy.suspend,
-            "template": render_pod_template(spec, name, restart, default_image),
+            "template": render_pod_template(spec, name, default_image),
         },
     }
+
+
+POD_FAILURE_POLICY: Final = {
+    "rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "NotIn", "values": [0]}},
+    ]
+}
 
 
 def render_all(
@@ -453,7 +473,6 @@ def render_all(
     name: str,
     namespace: str,
     uid: str = "",
-    restart: int = 0,
     labels: dict[str, str] | None = None,
     default_image: str = DEFAULT_IMAGE,
 ) -> list[dict[str, Any]]:
@@ -464,7 +483,7 @@ def render_all(
         render_config_map(spec, name, namespace, uid),
         render_service(name, namespace),
         *([group] if group is not None else []),
-        render_workload(spec, name, namespace, restart, labels, default_image),
+        render_workload(spec, name, namespace, labels, default_image),
     ]
 
 

@@ -32,6 +32,7 @@ class Reason(str, Enum):
     SPEC_INVALID = "SpecInvalid"
     PODS_PENDING = "PodsPending"
     PODS_STARTING = "PodsStarting"
+    UNSCHEDULABLE = "Unschedulable"
     TRAINING_RUNNING = "TrainingRunning"
     TRAINING_STARTED = "TrainingStarted"
     GANG_RESTARTING = "GangRestarting"
@@ -74,6 +75,7 @@ MESSAGES: Final[dict[Reason, str]] = {
     Reason.SPEC_INVALID: "The spec was refused: {problems}",
     Reason.PODS_PENDING: "Waiting for {nodes} pod(s) to be scheduled ({pending} pending).",
     Reason.PODS_STARTING: "Pods are starting; the trainer is loading the model and data.",
+    Reason.UNSCHEDULABLE: "{pending} of {nodes} pod(s) could not be placed within spec.scheduling.gang.scheduleTimeoutSeconds ({seconds}s); the scheduler says: {scheduler}",
     Reason.TRAINING_RUNNING: "Training: step {step} of {total} ({percent}%).",
     Reason.TRAINING_STARTED: "All {nodes} pod(s) are running.",
     Reason.GANG_RESTARTING: "Rank failed ({cause}); restarting the whole gang from the last checkpoint (restart {restart} of {limit}).",

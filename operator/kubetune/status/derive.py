@@ -8,7 +8,7 @@ calls `derive()`, writes the status, then performs the action.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final, Literal
 
 from kubetune.api import contract, methods
@@ -22,7 +22,7 @@ from kubetune.api.models import (
     Phase,
     Progress,
 )
-from kubetune.api.names import COMPLETION_INDEX, CONTAINER, workload_name
+from kubetune.api.names import ANNOTATION_RELEASED, COMPLETION_INDEX, CONTAINER, workload_name
 from kubetune.api.schedulers import FLAVORS
 from kubetune.status import conditions as c
 from kubetune.status import elastic
@@ -30,7 +30,7 @@ from kubetune.status.progress import to_progress
 from kubetune.status.queue import QueueState, queue_state
 from kubetune.status.usage import PriceTable, accrue
 
-Action = Literal["none", "create", "restart", "stop"]
+Action = Literal["none", "create", "release", "restart", "stop"]
 TERMINAL = ("Succeeded", "Failed")
 # Pods up this long with rank 0's progress never read: call it Running anyway (e.g. a NetworkPolicy
 # keeps the operator from the progress port), and say so in the message.
@@ -50,11 +50,14 @@ class Observed:
     """What the operator saw on one tick."""
 
     job: dict[str, Any] | None
-    """The current generation's batch/v1 Job (`<name>-r<restarts>`), if it exists."""
+    """The run's batch/v1 Job (`<name>-r0`), if it exists: every gang generation runs in it."""
     pods: list[dict[str, Any]] = field(default_factory=list)
-    """Pods of the current generation."""
+    """Pods of the current gang generation (released by the operator, labelled with it)."""
     stale: int = 0
-    """Jobs or pods of earlier generations still present (a restart waits for them to go)."""
+    """Pods of earlier generations still running or terminating, pods being deleted, other Jobs: the next
+    generation is released (or a new Job created) once they are gone."""
+    waiting: list[dict[str, Any]] = field(default_factory=list)
+    """Pods of the Job still behind the gang gate: the next generation, until the operator releases it."""
     progress: Progress | None = None
     """What rank 0 reported, if it could be read."""
     workload: dict[str, Any] | None = None
@@ -89,8 +92,9 @@ class Decision:
     status: FineTuneJobStatus
     """The new status; the fields set are what is written (FineTuneJobStatus.to_patch)."""
     action: Action = "none"
-    """create: create the current generation's Job; restart: delete it (the next tick creates the next);
-    stop: delete it because the job is over."""
+    """create: create the run's Job; release: start the waiting pods as the current generation; restart: delete
+    the failed generation's pods (the Job controller replaces them; a Job that cannot run again is deleted and
+    the next tick creates a new one); stop: delete the Job because the job is over."""
     event: tuple[str, str, str] | None = None
     """(type, reason, message) to record when the phase changed."""
 
@@ -345,6 +349,73 @@ def final_artifacts(spec: FineTuneJobSpec, pods: list[dict[str, Any]]) -> Artifa
     )
 
 
+# ------------------------------------------------------------------ gang generations
+
+
+def _index(pod: dict[str, Any]) -> str | None:
+    return ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX)
+
+
+def _live(pod: dict[str, Any]) -> bool:
+    return not (pod.get("metadata") or {}).get("deletionTimestamp") and (pod.get("status") or {}).get(
+        "phase"
+    ) not in ("Succeeded", "Failed")
+
+
+def releasable(observed: Observed, nodes: int) -> bool:
+    """The waiting pods can start as the gang: nothing of an earlier generation is left, and every rank has a pod."""
+    ranks = {_index(p) for p in observed.waiting} | {_index(p) for p in observed.pods if _live(p)}
+    return bool(observed.waiting) and not observed.stale and {str(i) for i in range(nodes)} <= ranks
+
+
+def in_place(job: dict[str, Any], pods: list[dict[str, Any]], nodes: int) -> bool:
+    """Whether the Job can run the next gang generation: it ignores pod failures and gates its pods (a Job an older
+    operator created does neither), it has not failed, and no index of it has completed (the Job controller would
+    not run a completed index again), and it has the next gang's size `nodes` (an elastic gang that shrinks or
+    grows back gets a Job of its size)."""
+    if (
+        not (job.get("spec") or {}).get("podFailurePolicy")
+        or (job.get("spec") or {}).get("parallelism") != nodes
+    ):
+        return False
+    if _job_condition(job, "Failed") or _job_condition(job, "FailureTarget"):
+        return False
+    if (job.get("status") or {}).get("completedIndexes"):
+        return False
+    return not any((p.get("status") or {}).get("phase") == "Succeeded" for p in pods)
+
+
+def _released_at(pod: dict[str, Any]) -> datetime | None:
+    meta = pod.get("metadata") or {}
+    return _parse_time((meta.get("annotations") or {}).get(ANNOTATION_RELEASED)) or _parse_time(
+        meta.get("creationTimestamp")
+    )
+
+
+def _unscheduled(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Live pods the scheduler has not bound."""
+    return [p for p in pods if _live(p) and not (p.get("spec") or {}).get("nodeName")]
+
+
+def placement_deadline(spec: FineTuneJobSpec, pods: list[dict[str, Any]]) -> datetime | None:
+    """When a gang not yet placed is Unschedulable: its release plus spec.scheduling.gang.scheduleTimeoutSeconds
+    (None without that timeout, or when every pod is bound)."""
+    gang = spec.scheduling.gang if spec.scheduling is not None else None
+    if gang is None or gang.schedule_timeout_seconds is None or not (waiting := _unscheduled(pods)):
+        return None
+    times = [t for t in (_released_at(p) for p in waiting) if t is not None]
+    return max(times) + timedelta(seconds=gang.schedule_timeout_seconds) if times else None
+
+
+def scheduler_message(pods: list[dict[str, Any]]) -> str:
+    """Why the scheduler left a pod unbound: its PodScheduled=False condition's message."""
+    for pod in _unscheduled(pods):
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("message"):
+                return str(cond["message"])
+    return "no reason given yet"
+
+
 # ------------------------------------------------------------------ derive
 
 
@@ -371,9 +442,9 @@ def derive(
     old = old or FineTuneJobStatus()
     ts = iso(now)
     restarts = old.restarts
-    status = _set(
-        old, restarts=restarts, observed_generation=generation, workload=workload_name(name, restarts)
-    )
+    job = observed.job
+    workload = job["metadata"]["name"] if job is not None else (old.workload or workload_name(name))
+    status = _set(old, restarts=restarts, observed_generation=generation, workload=workload)
     if observed.progress is not None:
         status = with_progress(status, observed.progress)
     action: Action = "none"
@@ -381,7 +452,6 @@ def derive(
     if old.phase in TERMINAL:
         return Decision(status=status)
 
-    job = observed.job
     if job is not None and not (job.get("spec") or {}).get("suspend") and not status.start_time:
         status = _set(status, start_time=ts)
 
@@ -446,7 +516,7 @@ def derive(
                 )
             action = "stop"
         elif restarts < spec.run_policy.backoff_limit:
-            status = _set(status, restarts=restarts + 1, workload=workload_name(name, restarts + 1))
+            status = _set(status, restarts=restarts + 1)
             if (
                 spec.distributed.elastic
             ):  # each restart tries the whole gang again: it grows back when nodes returned
@@ -465,15 +535,30 @@ def derive(
     elif (
         smaller := elastic.shrink_to(spec, nodes, observed.pods, now)
     ) is not None and restarts < spec.run_policy.backoff_limit:
-        status = _set(status, restarts=restarts + 1, workload=workload_name(name, restarts + 1), gang_nodes=smaller,
+        status = _set(status, restarts=restarts + 1, gang_nodes=smaller,
                       world_size=smaller * spec.distributed.procs_per_node)  # fmt: skip
         phase, reason, action = "Restarting", c.Reason.GANG_SHRINKING, "restart"
         message = c.reason_message(reason, pending=len(elastic.waiting(observed.pods)), nodes=nodes,
                                    seconds=spec.distributed.elastic_wait_seconds, smaller=smaller,
                                    minimum=spec.distributed.min_nodes, restart=restarts + 1,
                                    limit=spec.run_policy.backoff_limit)  # fmt: skip
+    elif not observed.pods and restarts and old.phase == "Restarting":
+        phase, reason, message = "Restarting", c.Reason.GANG_RESTARTING, old.message or ""
     else:
         phase, reason, message = _pod_phase(spec, observed.pods, observed.progress, old.phase, now, nodes)
+        if phase != "Running" and (due := placement_deadline(spec, observed.pods)) is not None and now >= due:
+            phase, reason = "Pending", c.Reason.UNSCHEDULABLE
+            message = c.reason_message(reason, pending=len(_unscheduled(observed.pods)), nodes=nodes,
+                                       seconds=spec.scheduling.gang.schedule_timeout_seconds,  # type: ignore[union-attr]
+                                       scheduler=scheduler_message(observed.pods))  # fmt: skip
+    if (
+        action == "none"
+        and job is not None
+        and not (job.get("spec") or {}).get("suspend")
+        and phase not in TERMINAL
+        and releasable(observed, nodes)
+    ):
+        action = "release"
 
     if phase in TERMINAL:
         status = _set(status, completion_time=ts)
@@ -494,8 +579,11 @@ def derive(
             status, evaluation=evaluation, conditions=_evaluated(conditions, evaluation, ts, generation)
         )
     event = None
-    if phase != old.phase:
-        kind = "Warning" if phase in ("Failed", "Restarting") else "Normal"
+    was = c.get_condition(old.conditions, c.RUNNING)
+    if phase != old.phase or (reason == c.Reason.UNSCHEDULABLE and (was is None or was.reason != reason)):
+        kind = (
+            "Warning" if phase in ("Failed", "Restarting") or reason == c.Reason.UNSCHEDULABLE else "Normal"
+        )
         # a gang restarted (or failed) for a lost node: the Event's reason says so, its message names the node
         lost = (
             failure is not None and failure.reason == c.Reason.NODE_LOST and phase in ("Failed", "Restarting")

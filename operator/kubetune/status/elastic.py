@@ -14,6 +14,7 @@ from typing import Any
 
 from kubetune.api import elastic
 from kubetune.api.models import FineTuneJobSpec
+from kubetune.api.names import ANNOTATION_RELEASED
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -33,7 +34,12 @@ def gang_nodes(spec: FineTuneJobSpec, recorded: int | None) -> int:
 
 
 def unplaced_since(pod: dict[str, Any]) -> datetime | None:
-    """Since when a pod without a node has waited: its PodScheduled=False condition, else its creation."""
+    """Since when a pod without a node has waited: since the operator released it (ANNOTATION_RELEASED: a pod
+    waits behind the gang gate, PodScheduled=False SchedulingGated, until the earlier generation is gone), else
+    its PodScheduled=False condition, else its creation."""
+    released = parse_time((pod["metadata"].get("annotations") or {}).get(ANNOTATION_RELEASED))
+    if released is not None:
+        return released
     for cond in (pod.get("status") or {}).get("conditions") or []:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
             return parse_time(cond.get("lastTransitionTime")) or parse_time(
