@@ -77,9 +77,10 @@ def test_every_allowed_count_keeps_the_global_batch_exactly(
     [
         ({"nodes": 3, "minNodes": 4, **DDP}, {"globalBatchSize": 6}, "spec.distributed.minNodes: cannot exceed distributed.nodes (3; got 4)"),
         ({"nodes": 3, "minNodes": 0, **DDP}, {}, "spec.distributed.minNodes: must be >= 1 (got 0)"),
-        ({"nodes": 3, "minNodes": 2, "backend": "deepspeed", "zeroStage": 3, "gpusPerNode": 1}, {"globalBatchSize": 6},
-         "spec.distributed.minNodes: elastic resume loads checkpoints at another world size"),
-        ({"nodes": 3, "minNodes": 2}, {"globalBatchSize": 6}, "spec.distributed.minNodes: elastic resume loads checkpoints"),
+        ({"nodes": 3, "minNodes": 2, "backend": "deepspeed", "zeroStage": 3, "offloadParams": True, "gpusPerNode": 1},
+         {"globalBatchSize": 6}, "spec.distributed.minNodes: elastic resume loads checkpoints at another world size"),
+        ({"nodes": 3, "minNodes": 2, "offloadOptimizer": True}, {"globalBatchSize": 6},
+         "spec.distributed.minNodes: elastic resume loads checkpoints"),
         ({"nodes": 3, "minNodes": 2, **DDP}, {}, "spec.distributed.minNodes: the gang can never shrink: the global batch of 3"),
     ],
 )  # fmt: skip
@@ -90,6 +91,10 @@ def test_bad_min_nodes_is_refused_naming_the_field(distributed: dict, training: 
 
 def test_a_good_elastic_spec_has_no_problems() -> None:
     assert problems(distributed={"nodes": 3, "minNodes": 2, **DDP}, training={"globalBatchSize": 6}) == []
+    for stage in (1, 2, 3):  # ZeRO checkpoints reshard through DeepSpeed's universal checkpoint
+        gpu = {"nodes": 3, "minNodes": 2, "gpusPerNode": 1, "zeroStage": stage}
+        assert problems(distributed={**gpu, "backend": "deepspeed"}, training={"globalBatchSize": 6}) == []
+        assert problems(distributed={**gpu, "backend": "auto"}, training={"globalBatchSize": 6}) == []
 
 
 def test_the_crd_refuses_min_nodes_above_nodes_and_an_unreshardable_backend_in_cel() -> None:

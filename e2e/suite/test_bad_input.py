@@ -46,8 +46,8 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
     ("min-nodes-above-nodes", {"distributed.minNodes": 3}, "spec.distributed.minNodes", API),
     ("min-nodes-zero", {"distributed.minNodes": 0}, "spec.distributed.minNodes", API),
     (
-        "min-nodes-with-zero3",
-        {"distributed.minNodes": 1, "distributed.backend": "deepspeed", "distributed.zeroStage": 3},
+        "min-nodes-with-offload",
+        {"distributed.minNodes": 1, "distributed.backend": "deepspeed", "distributed.offloadOptimizer": True},
         "spec.distributed.minNodes",
         API,
     ),

@@ -275,6 +275,7 @@ class Checkpointer:
             if optimizer is not None
             else []
         )
+        self._reshard_zero(local)
         self._load_state(local, url, changes)
         state = self._state(store, step, spec, new_run)
         if changes:
@@ -312,6 +313,23 @@ class Checkpointer:
             )
         return state.at_world_size(self.world_size)
 
+    def _reshard_zero(self, local: Path) -> None:
+        """A DeepSpeed ZeRO checkpoint of another world size (elastic resume): each node's first process converts its
+        copy to DeepSpeed's universal checkpoint (ds_to_universal: every parameter's weights and optimizer state
+        whole), and the engine loads that at this world size."""
+        saved = int(json.loads((local / TRAINER_STATE_FILE).read_text()).get("world_size") or 0)
+        engine = getattr(getattr(self.accelerator, "deepspeed_engine_wrapped", None), "engine", None)
+        if engine is None or not saved or saved == self.world_size:
+            return
+        sharded = local / "accelerate" / DEEPSPEED_TAG
+        if self.accelerator.is_local_main_process:
+            universal_checkpoint(sharded, sharded.with_name(DEEPSPEED_TAG + ".universal"))
+            sharded.rename(sharded.with_name(DEEPSPEED_TAG + ".sharded"))
+            sharded.with_name(DEEPSPEED_TAG + ".universal").rename(sharded)
+        self.accelerator.wait_for_everyone()
+        engine._config.load_universal_checkpoint = True
+        log(f"ZeRO checkpoint of {saved} ranks converted to a universal checkpoint for {self.world_size}")
+
     def _load_state(self, local: Path, url: str, changes: list[str]) -> None:
         """Accelerate's load_state of the checkpoint at `url`; a model or optimizer it does not fit is refused in one line."""
         try:
@@ -342,6 +360,21 @@ def _config_changes(local: Path, spec: FineTuneJobSpec, url: str, new_run: bool)
             "on a cluster; kubetune run --output NEW --resume-from OLD locally), or restore the old values to continue",
         )
     return changes
+
+
+DEEPSPEED_TAG = "pytorch_model"  # the directory Accelerate's save_state gives DeepSpeed's checkpoint
+
+
+def universal_checkpoint(sharded: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal over one ZeRO checkpoint directory (in this process: one worker each)."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    shutil.rmtree(out, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(sharded), output_folder=str(out), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)  # fmt: skip
+    ds_to_universal(args)
 
 
 @dataclass

@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Final
 if TYPE_CHECKING:
     from kubetune.api.models import FineTuneJobSpec
 
-RESHARDABLE_ZERO_STAGES: Final[tuple[int, ...]] = ()
-"""DeepSpeed ZeRO stages whose checkpoints load at another world size (DDP's always do: the model state is whole)."""
+RESHARDABLE_ZERO_STAGES: Final[tuple[int, ...]] = (1, 2, 3)
+"""DeepSpeed ZeRO stages whose checkpoints load at another world size, through DeepSpeed's universal checkpoint
+(tests/trainer/test_elastic.py); DDP's always do: the model and optimizer state are whole on every rank. With
+optimizer or parameter offload the conversion is not proven: minNodes is refused with either."""
 
 
 def global_batch(spec: FineTuneJobSpec) -> int:

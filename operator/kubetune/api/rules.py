@@ -54,20 +54,26 @@ def _gang_min(spec: FineTuneJobSpec) -> int | None:
 
 def _reshardable_cel() -> str:
     stages = ", ".join(str(s) for s in RESHARDABLE_ZERO_STAGES)
-    return "self.distributed.backend == 'ddp'" + (
-        f" || self.distributed.zeroStage in [{stages}]" if stages else ""
+    offload = (
+        "!(has(self.distributed.offloadOptimizer) && self.distributed.offloadOptimizer) && "
+        "!(has(self.distributed.offloadParams) && self.distributed.offloadParams)"
     )
+    return f"self.distributed.backend == 'ddp' || (self.distributed.zeroStage in [{stages}] && {offload})"
 
 
 def _reshard_message() -> str:
-    stages = " or ".join(str(s) for s in RESHARDABLE_ZERO_STAGES)
-    zero = f"DDP or DeepSpeed ZeRO stage {stages}" if stages else "DDP only"
-    fix = (
-        f"set distributed.backend: ddp, or zeroStage: {stages}" if stages else "set distributed.backend: ddp"
-    )
+    stages = ", ".join(str(s) for s in RESHARDABLE_ZERO_STAGES)
     return (
-        f"elastic resume loads checkpoints at another world size, which works for {zero} "
-        f"(backend auto may pick DeepSpeed ZeRO): {fix}, or remove minNodes"
+        "elastic resume loads checkpoints at another world size: DDP's, and DeepSpeed ZeRO stage "
+        f"{stages} without offload (converted to DeepSpeed's universal checkpoint); with offloadOptimizer or "
+        "offloadParams that is not supported: turn offload off, set distributed.backend: ddp, or remove minNodes"
+    )
+
+
+def _reshardable(s: FineTuneJobSpec) -> bool:
+    d = s.distributed
+    return d.backend == "ddp" or (
+        d.zero_stage in RESHARDABLE_ZERO_STAGES and not d.offload_optimizer and not d.offload_params
     )
 
 
@@ -133,11 +139,7 @@ SPEC_RULES: tuple[Rule, ...] = (
         "spec.distributed.minNodes",
         f"!has(self.distributed.minNodes) || {_reshardable_cel()}",
         _reshard_message(),
-        lambda s: (
-            s.distributed.min_nodes is not None
-            and s.distributed.backend != "ddp"
-            and s.distributed.zero_stage not in RESHARDABLE_ZERO_STAGES
-        ),
+        lambda s: s.distributed.min_nodes is not None and not _reshardable(s),
     ),
     Rule(
         "spec.distributed.offloadParams",
