@@ -196,6 +196,7 @@ class PhaseWatch:
         self.running_at: dict[str, float] = {}
         self.finished_at: dict[str, float] = {}
         self.sample, self.sample_writes = sample, list[str]()
+        self.write_kinds: dict[str, int] = {}
         self._stop = False
         threading.Thread(target=self._watch, daemon=True).start()
 
@@ -223,9 +224,11 @@ class PhaseWatch:
         name, status = obj["metadata"]["name"], obj.get("status") or {}
         if status and status != self._last_status.get(name):
             self.status_writes[name] = self.status_writes.get(name, 0) + 1
-            if name == self.sample:  # what each status write of one job changed (the others look alike)
-                prev = self._last_status.get(name) or {}
-                changed = sorted(k for k in set(status) | set(prev) if status.get(k) != prev.get(k))
+            prev = self._last_status.get(name) or {}
+            changed = sorted(k for k in set(status) | set(prev) if status.get(k) != prev.get(k))
+            kind = f"{status.get('phase')}: {','.join(changed)}"
+            self.write_kinds[kind] = self.write_kinds.get(kind, 0) + 1  # what the writes changed, all jobs
+            if name == self.sample:  # each write of one job, in full
                 reasons = ",".join(
                     f"{c.get('type')}={c.get('reason')}" for c in status.get("conditions") or []
                 )
@@ -237,7 +240,7 @@ class PhaseWatch:
         seen = self.phases.setdefault(name, [])
         if phase and (not seen or seen[-1] != phase):
             seen.append(phase)
-            if phase == "Running":
+            if phase in ("Initializing", "Running", "Succeeded"):  # its pods ran (bare: a pod Running)
                 self.running_at.setdefault(name, time.monotonic())
             if phase in ("Succeeded", "Failed"):
                 self.finished_at.setdefault(name, time.monotonic())
@@ -326,7 +329,8 @@ def kubetune_queue(api: Any, suite: ModuleType, ns: str, n: int, pod_group: bool
         "all_finished_seconds": end - start, "outcomes": outcomes, "note": note,
         "phase_paths": dict(sorted(paths.items(), key=lambda kv: -kv[1])),
         "phases_per_job_mean": statistics.mean(changes), "status_writes_seen_per_job_mean": statistics.mean(writes),
-        "status_writes_seen_per_job_max": max(writes), "status_writes_of_one_job": watch.sample_writes, "meter": m,
+        "status_writes_seen_per_job_max": max(writes), "status_writes_of_one_job": watch.sample_writes,
+        "status_writes_by_change": dict(sorted(watch.write_kinds.items(), key=lambda kv: -kv[1])), "meter": m,
         "apiserver_writes_per_job": {k: round(v / n, 2) for k, v in m["apiserver_writes"].items()},
     }  # fmt: skip
 
