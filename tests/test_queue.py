@@ -76,6 +76,25 @@ def test_an_admitted_gang_says_which_cluster_queue_admitted_it() -> None:
     assert (status, reason) == ("True", "AdmittedByKueue") and "cq" in message
 
 
+def test_kueue_rewording_a_wait_that_goes_on_writes_no_status() -> None:
+    """Kueue rewrites its QuotaReserved message as the queue moves; the status keeps the words it first showed for
+    the same wait (each rewrite was a status write per queued job), and takes new words when the wait changes."""
+    first = derive(spec(), "demo", 1, FineTuneJobStatus(), Observed(job=job(), workload=None), NOW)
+    queued = derive(spec(), "demo", 1, first.status, Observed(job=job(), workload=workload()), NOW)
+    assert KUEUE_PENDING in (queued.status.message or "")  # no Workload -> Kueue's reason: new words
+    reworded = workload()
+    reworded["status"]["conditions"][0]["message"] = KUEUE_PENDING.replace("100m", "300m")
+    again = derive(spec(), "demo", 1, queued.status, Observed(job=job(), workload=reworded), NOW)
+    assert again.status == queued.status and again.event is None  # nothing to write
+    admitted = derive(
+        spec(), "demo", 1, queued.status, Observed(job=job(), workload=workload(admitted=True)), NOW
+    )
+    assert conditions(admitted.status)["Admitted"][:2] == (
+        "True",
+        "AdmittedByKueue",
+    )  # the wait ended: new words
+
+
 def test_admitted_before_kueue_unsuspends_the_job_is_still_pending_not_suspended() -> None:
     """Kueue admits the Workload, then unsuspends the Job: in between the job is Pending (it was shown Suspended,
     a phase change there and back, and a status write, for every queued job: bench/kueue_scale.py saw it)."""

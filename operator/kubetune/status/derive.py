@@ -27,7 +27,7 @@ from kubetune.api.schedulers import FLAVORS
 from kubetune.status import conditions as c
 from kubetune.status import elastic
 from kubetune.status.progress import to_progress
-from kubetune.status.queue import QueueState, queue_state
+from kubetune.status.queue import QueueState, held_words, queue_state
 from kubetune.status.usage import PriceTable, accrue
 
 Action = Literal["none", "create", "release", "restart", "stop"]
@@ -485,7 +485,7 @@ def derive(
             status = with_progress(status, final)  # with the registered model version
         evaluation = final_evaluation(observed.pods)
     elif (job.get("spec") or {}).get("suspend"):
-        queued = queue_state(job, observed.workload)
+        queued = _queued(old, job, observed.workload)
         if queued is not None and not queued.admitted:  # Kueue holds it: Pending, in Kueue's words
             phase, reason = "Pending", c.Reason.QUEUED_BY_KUEUE
             message = c.reason_message(reason, queue=queued.queue, kueue=queued.message)
@@ -563,7 +563,7 @@ def derive(
     if phase in TERMINAL:
         status = _set(status, completion_time=ts)
     conditions = _conditions(status.conditions, phase, reason, message, ts, generation)
-    if phase not in TERMINAL and (queued := queue_state(job, observed.workload)) is not None:
+    if phase not in TERMINAL and (queued := _queued(old, job, observed.workload)) is not None:
         conditions = _admitted(conditions, queued, ts, generation)
     if job is not None and spec.scheduling is not None and spec.scheduling.gang is not None:
         gang = spec.scheduling.gang  # the PodGroup is created before the Job: a Job means it exists
@@ -626,6 +626,19 @@ def _conditions(
     if phase == "Failed":
         out = c.set_condition(out, c.FAILED, True, reason, message, now, generation)
     return out
+
+
+def _queued(
+    old: FineTuneJobStatus, job: dict[str, Any] | None, workload: dict[str, Any] | None
+) -> QueueState | None:
+    """Kueue's view of the gang, in the words the status already shows while the same wait goes on."""
+    state = queue_state(job, workload)
+    if state is None:
+        return None
+    shown = c.get_condition(old.conditions, c.ADMITTED)
+    template = c.reason_message(c.Reason.QUEUED_BY_KUEUE, queue=state.queue, kueue="")
+    held = shown is not None and shown.reason == c.Reason.QUEUED_BY_KUEUE
+    return held_words(state, shown.message if held and shown else None, template)
 
 
 def _admitted(

@@ -9,10 +9,12 @@ surfaces that message in the FineTuneJob's status and its Admitted condition.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kubetune.api.names import LABEL_QUEUE
+
+NO_WORKLOAD = "no Kueue Workload for it yet (is Kueue running, with a LocalQueue of this name?)"
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,26 @@ def _condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
     return None
 
 
+def held_words(state: QueueState, shown: str | None, template: str) -> QueueState:
+    """Kueue's words for a wait that goes on, as first shown: Kueue rewrites its QuotaReserved message as the queue
+    moves (the quota it is short by, the podsets it considered), and following every rewrite cost each queued job a
+    status write per change (bench/kueue_scale.py: two or three while it waited). The words change when the wait
+    changes: no Workload -> Kueue's reason, admitted, evicted. `shown` is the Admitted condition's message as
+    written, `template` its form with an empty reason."""
+    if (
+        state.admitted
+        or state.workload is None
+        or state.evicted
+        or not shown
+        or not shown.startswith(template)
+    ):
+        return state
+    words = shown[len(template) :]
+    if not words or words == NO_WORKLOAD:
+        return state
+    return replace(state, message=words)
+
+
 def queue_state(job: dict[str, Any] | None, workload: dict[str, Any] | None) -> QueueState | None:
     """The queue state of a Job that carries Kueue's queue label; None for a Job no queue manages."""
     if job is None:
@@ -45,8 +67,7 @@ def queue_state(job: dict[str, Any] | None, workload: dict[str, Any] | None) -> 
     if not queue:
         return None
     if workload is None:
-        return QueueState(queue, None, False, None,
-                          "no Kueue Workload for it yet (is Kueue running, with a LocalQueue of this name?)")  # fmt: skip
+        return QueueState(queue, None, False, None, NO_WORKLOAD)
     name = (workload.get("metadata") or {}).get("name")
     admission = (workload.get("status") or {}).get("admission") or {}
     admitted = (_condition(workload, "Admitted") or {}).get("status") == "True"
