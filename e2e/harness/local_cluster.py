@@ -37,7 +37,7 @@ CHART = REPO / "charts" / "kubetune"
 RELEASE, RELEASE_NS = "kubetune", "kubetune-system"
 BUCKET = "kubetune"
 S3_PORT, REGISTRY_PORT = 9000, 5000  # where pods reach MinIO and the registry (at 10.0.0.20)
-START_TIMEOUT = 1800  # a cold start builds the Go binaries and the images first
+START_TIMEOUT = 3600  # a cold start builds the Go binaries (about 25 minutes on 2 cores) and the images first
 
 
 def state_dir() -> Path:
