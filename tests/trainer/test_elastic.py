@@ -81,17 +81,17 @@ def test_a_run_shrunk_to_two_ranks_and_grown_back_matches_one_that_never_stopped
     whole.mkdir(), elastic.mkdir()
 
     code, out = _gang(whole, _spec(whole, train), 3)
-    assert code == 0, out[-4000:]
+    assert code == 0, (code, out[-4000:])
     code, out = _gang(elastic, _spec(elastic, train), 3, stop_at=2)
-    assert code == ExitCode.PREEMPTED, out[-4000:]
+    assert code == ExitCode.PREEMPTED, (code, out[-4000:])
     code, out = _gang(elastic, _spec(elastic, train), 2, stop_at=5)
-    assert code == ExitCode.PREEMPTED, out[-4000:]
+    assert code == ExitCode.PREEMPTED, (code, out[-4000:])
     assert "resumed from checkpoint step 2 (epoch 0, batch 6)" in out, out[
         -4000:
     ]  # 2 steps x 2 micro-batches x 3 ranks = 6 x 2
     assert "trained by 3 processes; continuing with 2" in out
     code, out = _gang(elastic, _spec(elastic, train), 3)
-    assert code == 0, out[-4000:]
+    assert code == 0, (code, out[-4000:])
     assert "resumed from checkpoint step 5 (epoch 1, batch 4)" in out, out[-4000:]
 
     ranks = {run: rank_dumps(run) for run in (whole, elastic)}
@@ -143,11 +143,11 @@ def test_a_zero_checkpoint_of_two_ranks_continues_on_one(tmp_path: Path, stage: 
         return s
 
     code, out = _gang(whole, spec(whole), 2)
-    assert code == 0, out[-4000:]
+    assert code == 0, (code, out[-4000:])
     code, out = _gang(elastic, spec(elastic), 2, stop_at=2)
-    assert code == ExitCode.PREEMPTED, out[-4000:]
+    assert code == ExitCode.PREEMPTED, (code, out[-4000:])
     code, out = _gang(elastic, spec(elastic), 1)
-    assert code == 0, out[-4000:]
+    assert code == 0, (code, out[-4000:])
     assert "converted to a universal checkpoint for 1" in out, out[-4000:]
     dumps = {run: rank_dumps(run) for run in (whole, elastic)}
     assert [r["worldSize"] for r in dumps[elastic]] == [1] and "DEEPSPEED" in dumps[elastic][0][

@@ -65,8 +65,10 @@ def run(trainer: Trainer) -> ExitCode:
         code = trainer.train()
         if code == ExitCode.OK:
             trainer.save()
-    if code != ExitCode.OK:
-        # With the progress: its lastCheckpoint is the step a restart resumes from (status.lastCheckpoint).
+    if code != ExitCode.OK and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        # With the progress: its lastCheckpoint is the step a restart resumes from (status.lastCheckpoint). One
+        # process per pod: the ranks of a pod share the file, and two truncating writers of different lengths
+        # could leave it unreadable (the launcher then reported 75 instead of 143).
         write_termination_message(
             code,
             f"stopped by {trainer.stop_reason()} after writing the checkpoint at step {trainer.state.step}",
