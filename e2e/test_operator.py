@@ -202,12 +202,16 @@ def test_valid_job_gets_owned_children_suspends_restarts_and_cascades(
     )
 
     # Kill a rank: the whole gang is replaced by the next generation, in the same Job.
-    wait_for(
-        "a running pod", lambda: "Running" in cluster.kubectl("-n", namespace, "get", "pods").stdout, 120
-    )
-    pods = json.loads(
-        cluster.kubectl("-n", namespace, "get", "pods", "-l", "kubetune.io/restart=0", "-o", "json").stdout
-    )
+    def released_running() -> list[
+        dict[str, Any]
+    ]:  # the resumed gang's pods, once the operator released them
+        out = cluster.kubectl(
+            "-n", namespace, "get", "pods", "-l", "kubetune.io/restart=0", "-o", "json"
+        ).stdout
+        return [p for p in json.loads(out)["items"] if p["status"].get("phase") == "Running"]
+
+    wait_for("a running pod of the released gang", released_running, 120)
+    pods = {"items": released_running()}
     victim = pods["items"][0]["metadata"]["name"]
     cluster.kubectl("-n", namespace, "delete", "pod", victim, "--wait=false")
     wait_for(

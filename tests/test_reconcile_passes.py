@@ -289,6 +289,35 @@ def check_node_lost(world: World) -> None:
     assert ("release", "Pod", "demo-r0-0-b") in world.kube.writes()  # nothing waits for the lost pod
 
 
+def rank_deleted() -> World:
+    """A 2-pod gang training; someone deleted rank 1's pod (kubectl delete pod), and it has stopped (SIGTERM: it
+    checkpointed on the way out)."""
+    world = running(**GANG)
+    pod = world.kube.get("Pod", "ml", "demo-r0-1")
+    assert pod is not None
+    pod["metadata"]["deletionTimestamp"] = iso(NOW)
+    pod["status"]["phase"] = "Failed"
+    world.kube.put(pod)
+    world.watch()
+    return world
+
+
+def job_controller_stuck() -> World:
+    """Restarting; rank 0 stopped two minutes ago but the Job controller never took its finalizer off (it cannot
+    update the Job's status): the pod never goes and is never replaced."""
+    world = restarting()
+    pod = world.kube.get("Pod", "ml", "demo-r0-0")
+    assert pod is not None
+    pod["metadata"]["finalizers"] = ["batch.kubernetes.io/job-tracking"]
+    pod["status"]["phase"] = "Failed"
+    pod["status"]["containerStatuses"][0]["state"] = {
+        "terminated": {"exitCode": 143, "finishedAt": iso(NOW - timedelta(seconds=120))}
+    }
+    world.kube.put(pod)
+    world.watch()
+    return world
+
+
 def restarting() -> World:
     """After the restart pass: rank 0 terminating (SIGTERM: it checkpoints), and the Job controller has replaced
     the failed rank 1 behind the gang gate."""
@@ -664,6 +693,28 @@ CASES = {
         "Restarting",
         ("Warning", "NodeLost"),
         check_node_lost,
+    ),
+    "restart in place: a rank's pod deleted by someone else restarts the gang (torchrun takes no new rank)": Case(
+        rank_deleted,
+        [*STATUS_AND_EVENT, ("delete", "Pod", "demo-r0-0")],
+        "Restarting",
+        ("Warning", "GangRestarting"),
+        lambda w: None if w.status["lastFailure"]["pod"] == "demo-r0-1" else pytest.fail(str(w.status)),
+    ),
+    "restart in place: ... also when only the Job controller's replacement shows it": Case(
+        lambda: (
+            w := running(**GANG),
+            w.kube.objects.pop(("Pod", "ml", "demo-r0-1")),
+            w.gated_pods(ranks=(1,)),
+        )[0],
+        [*STATUS_AND_EVENT, ("delete", "Pod", "demo-r0-0")],
+        "Restarting",
+        ("Warning", "GangRestarting"),
+    ),
+    "restart: a Job whose controller does not let its stopped pods go is replaced": Case(
+        job_controller_stuck,
+        [("patch-status", "FineTuneJob", "demo"), ("delete", "Job", "demo-r0")],
+        "Restarting",
     ),
     "restart in place: the next generation waits while the old one stops": Case(
         restarting,

@@ -47,6 +47,7 @@ from kubetune.status.derive import (
     derive,
     in_place,
     iso,
+    job_stuck,
     lost_node,
     placement_deadline,
     pod_group_missing,
@@ -114,7 +115,7 @@ def observe(
     shown = None
     if progress is not None and any(p["metadata"]["name"] == progress[0] for p in mine):
         shown = progress[1]
-    return Observed(job=job, pods=mine, stale=stale, progress=shown, waiting=waiting)
+    return Observed(job=job, pods=mine, stale=stale, progress=shown, waiting=waiting, all_pods=pods)
 
 
 def wake_after(
@@ -444,6 +445,12 @@ def act(
             log.info("%s/%s: created %s", ns, name, ", ".join(created))
     elif decision.action == "restart" and job is not None and in_place(job, observed.pods, gang_nodes):
         restart_in_place(ns, name, restarts, observed, store, kube)
+    elif decision.action == "recreate" and job is not None:
+        log.warning("%s/%s: the Job controller does not let Job %s's stopped pods go (pod %s): replacing the Job",
+                    ns, name, job["metadata"]["name"], job_stuck(observed.all_pods, now()))  # fmt: skip
+        left = kube.delete_job(ns, job["metadata"]["name"], propagation="Background")
+        if left is not None:
+            store.put_child("Job", left)
     elif decision.action == "restart" and job is not None:
         # The Job has failed, finished an index, or has another size than the next gang (elastic): it cannot run
         # the gang again. A new Job (a new Kueue Workload, queued again) is created once this one's pods are gone.

@@ -30,7 +30,7 @@ from kubetune.status.progress import to_progress
 from kubetune.status.queue import QueueState, held_words, queue_state
 from kubetune.status.usage import PriceTable, accrue
 
-Action = Literal["none", "create", "release", "restart", "stop"]
+Action = Literal["none", "create", "release", "restart", "recreate", "stop"]
 TERMINAL = ("Succeeded", "Failed")
 # Pods up this long with rank 0's progress never read: call it Running anyway (e.g. a NetworkPolicy
 # keeps the operator from the progress port), and say so in the message.
@@ -58,6 +58,8 @@ class Observed:
     generation is released (or a new Job created) once they are gone."""
     waiting: list[dict[str, Any]] = field(default_factory=list)
     """Pods of the Job still behind the gang gate: the next generation, until the operator releases it."""
+    all_pods: list[dict[str, Any]] = field(default_factory=list)
+    """Every pod of the job, of any generation."""
     progress: Progress | None = None
     """What rank 0 reported, if it could be read."""
     workload: dict[str, Any] | None = None
@@ -362,6 +364,54 @@ def _live(pod: dict[str, Any]) -> bool:
     ) not in ("Succeeded", "Failed")
 
 
+def rank_taken(observed: Observed) -> Failure | None:
+    """A rank of the running generation that someone else deleted (kubectl delete, an eviction): the Job controller
+    replaces its pod, but torchrun's static rendezvous takes no new rank into a running gang, so the gang restarts.
+    Seen once the deleted pod has stopped (while it stops, rank 0 is asked for a checkpoint: controller/checkpoints),
+    or (that missed) as its replacement waiting behind the gang gate."""
+    if not observed.pods:
+        return None
+    for pod in observed.pods:
+        meta = pod.get("metadata") or {}
+        if meta.get("deletionTimestamp") and (pod.get("status") or {}).get("phase") == "Failed":
+            return pod_failure(pod) or Failure(
+                meta.get("name", "?"),
+                None,
+                POD_FAILED,
+                "deleted while the gang ran",
+                meta["deletionTimestamp"],
+            )
+    if observed.waiting:
+        index = _index(observed.waiting[0])
+        return Failure(observed.waiting[0]["metadata"].get("name", "?"), None, POD_FAILED,
+                       f"rank {index}'s pod was deleted while the gang ran (the Job controller replaced it)")  # fmt: skip
+    return None
+
+
+JOB_STUCK_SECONDS: Final = 60
+"""A pod stopped this long ago that still carries the Job controller's tracking finalizer: the Job controller
+cannot update the Job (seen on Kubernetes 1.32 after a quick suspend and resume: "startTime cannot be removed for
+unsuspended job", for good), so it will neither let the pod go nor replace it."""
+JOB_TRACKING_FINALIZER: Final = "batch.kubernetes.io/job-tracking"
+
+
+def job_stuck(pods: list[dict[str, Any]], now: datetime) -> str | None:
+    """The name of a stopped, deleted pod the Job controller has not let go of for JOB_STUCK_SECONDS, if any."""
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        term = _terminated(pod) or {}
+        done = _parse_time(term.get("finishedAt"))
+        if (
+            meta.get("deletionTimestamp")
+            and JOB_TRACKING_FINALIZER in (meta.get("finalizers") or [])
+            and (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+            and done is not None
+            and (now - done).total_seconds() > JOB_STUCK_SECONDS
+        ):
+            return str(meta.get("name", "?"))
+    return None
+
+
 def releasable(observed: Observed, nodes: int) -> bool:
     """The waiting pods can start as the gang: nothing of an earlier generation is left, and every rank has a pod."""
     ranks = {_index(p) for p in observed.waiting} | {_index(p) for p in observed.pods if _live(p)}
@@ -500,7 +550,9 @@ def derive(
                 c.Reason.JOB_SUSPENDED,
                 c.reason_message(c.Reason.JOB_SUSPENDED),
             )
-    elif (failure := decisive_failure(observed.pods)) is not None or _job_condition(job, "Failed"):
+    elif (failure := decisive_failure(observed.pods) or rank_taken(observed)) is not None or _job_condition(
+        job, "Failed"
+    ):
         if failure is None:
             cond = _job_condition(job, "Failed") or {}
             failure = Failure(
@@ -559,6 +611,8 @@ def derive(
         and releasable(observed, nodes)
     ):
         action = "release"
+    elif action == "none" and job is not None and phase not in TERMINAL and job_stuck(observed.all_pods, now):
+        action = "recreate"  # the Job cannot go on: a new one (the next pass creates it once the old pods are gone)
 
     if phase in TERMINAL:
         status = _set(status, completion_time=ts)
