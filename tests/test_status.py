@@ -294,3 +294,27 @@ def test_a_gang_restarts_in_place_only_in_a_job_that_can_run_it_again():
     assert not in_place({**ours, "status": {"completedIndexes": "0"}}, [], 2)
     assert not in_place(ours, [pod(phase="Succeeded", exit_code=0)], 2)
     assert not in_place(ours, [], 1)  # an elastic gang shrinking to one node
+
+
+def test_a_job_its_controller_no_longer_updates_is_seen():
+    """Kubernetes 1.32's Job controller, after a quick suspend and resume, fails every status update ("startTime
+    cannot be removed for unsuspended job"): the Job stays Suspended in its status, its stopped pods keep their
+    tracking finalizer. Past a minute of either, the operator replaces the Job."""
+    from kubetune.status.derive import job_stuck
+
+    resumed = {"metadata": {"name": "demo-r0"}, "spec": {"suspend": False}, "status": {"conditions": [
+        {"type": "Suspended", "status": "True", "lastTransitionTime": "2025-01-01T11:58:30Z"}]}}  # fmt: skip
+    assert job_stuck(resumed, [], NOW) == "Job demo-r0 resumed but still Suspended"
+    assert job_stuck({**resumed, "spec": {"suspend": True}}, [], NOW) is None  # suspended: as it should be
+    recent = {**resumed, "status": {"conditions": [
+        {"type": "Suspended", "status": "True", "lastTransitionTime": "2025-01-01T11:59:30Z"}]}}  # fmt: skip
+    assert job_stuck(recent, [], NOW) is None  # the controller may just not have caught up yet
+    stopped = pod(phase="Failed", exit_code=143, finished="2025-01-01T11:58:00Z")
+    stopped["metadata"] |= {
+        "deletionTimestamp": "2025-01-01T11:58:00Z",
+        "finalizers": ["batch.kubernetes.io/job-tracking"],
+    }
+    assert job_stuck(job(), [stopped], NOW) == "pod demo-r0-0 stopped but not let go"
+    assert (
+        job_stuck(job(), [pod(phase="Failed", exit_code=143, finished="2025-01-01T11:58:00Z")], NOW) is None
+    )

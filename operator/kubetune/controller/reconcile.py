@@ -446,8 +446,8 @@ def act(
     elif decision.action == "restart" and job is not None and in_place(job, observed.pods, gang_nodes):
         restart_in_place(ns, name, restarts, observed, store, kube)
     elif decision.action == "recreate" and job is not None:
-        log.warning("%s/%s: the Job controller does not let Job %s's stopped pods go (pod %s): replacing the Job",
-                    ns, name, job["metadata"]["name"], job_stuck(observed.all_pods, now()))  # fmt: skip
+        log.warning("%s/%s: the Job controller does not update Job %s (%s): replacing the Job", ns, name,
+                    job["metadata"]["name"], job_stuck(job, observed.all_pods, now()))  # fmt: skip
         left = kube.delete_job(ns, job["metadata"]["name"], propagation="Background")
         if left is not None:
             store.put_child("Job", left)

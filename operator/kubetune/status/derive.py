@@ -395,8 +395,18 @@ unsuspended job", for good), so it will neither let the pod go nor replace it.""
 JOB_TRACKING_FINALIZER: Final = "batch.kubernetes.io/job-tracking"
 
 
-def job_stuck(pods: list[dict[str, Any]], now: datetime) -> str | None:
-    """The name of a stopped, deleted pod the Job controller has not let go of for JOB_STUCK_SECONDS, if any."""
+def job_stuck(job: dict[str, Any], pods: list[dict[str, Any]], now: datetime) -> str | None:
+    """What shows that the Job controller cannot update the Job, if anything: a stopped, deleted pod it has not let
+    go of for JOB_STUCK_SECONDS, or a Job resumed that long ago whose status still says Suspended."""
+    suspended = _job_condition(job, "Suspended")
+    since = _parse_time((suspended or {}).get("lastTransitionTime"))
+    if (
+        suspended is not None
+        and not (job.get("spec") or {}).get("suspend")
+        and since is not None
+        and (now - since).total_seconds() > JOB_STUCK_SECONDS
+    ):
+        return f"Job {job['metadata'].get('name')} resumed but still Suspended"
     for pod in pods:
         meta = pod.get("metadata") or {}
         term = _terminated(pod) or {}
@@ -408,7 +418,7 @@ def job_stuck(pods: list[dict[str, Any]], now: datetime) -> str | None:
             and done is not None
             and (now - done).total_seconds() > JOB_STUCK_SECONDS
         ):
-            return str(meta.get("name", "?"))
+            return f"pod {meta.get('name', '?')} stopped but not let go"
     return None
 
 
@@ -611,7 +621,12 @@ def derive(
         and releasable(observed, nodes)
     ):
         action = "release"
-    elif action == "none" and job is not None and phase not in TERMINAL and job_stuck(observed.all_pods, now):
+    elif (
+        action == "none"
+        and job is not None
+        and phase not in TERMINAL
+        and job_stuck(job, observed.all_pods, now)
+    ):
         action = "recreate"  # the Job cannot go on: a new one (the next pass creates it once the old pods are gone)
 
     if phase in TERMINAL:
