@@ -716,6 +716,22 @@ CASES = {
         [("patch-status", "FineTuneJob", "demo"), ("delete", "Job", "demo-r0")],
         "Restarting",
     ),
+    "resume: the gang that went whole with the suspend starts again as the same generation, no restart": Case(
+        lambda: (
+            w := running(**GANG),
+            w.set_job(suspend=False),
+            [w.kube.objects.pop(("Pod", "ml", f"demo-r0-{i}")) for i in (0, 1)],
+            w.gated_pods(),
+        )[0],  # fmt: skip
+        [
+            *STATUS_AND_EVENT,
+            ("release", "Pod", "demo-r0-0-b"),
+            ("release", "Pod", "demo-r0-1-b"),
+        ],
+        "Pending",
+        ("Normal", "PodsPending"),
+        lambda w: None if w.status["restarts"] == 0 else pytest.fail(str(w.status)),
+    ),
     "restart in place: the next generation waits while the old one stops": Case(
         restarting,
         [("patch-status", "FineTuneJob", "demo")],

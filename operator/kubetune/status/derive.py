@@ -368,8 +368,9 @@ def rank_taken(observed: Observed) -> Failure | None:
     """A rank of the running generation that someone else deleted (kubectl delete, an eviction): the Job controller
     replaces its pod, but torchrun's static rendezvous takes no new rank into a running gang, so the gang restarts.
     Seen once the deleted pod has stopped (while it stops, rank 0 is asked for a checkpoint: controller/checkpoints),
-    or (that missed) as its replacement waiting behind the gang gate."""
-    if not observed.pods:
+    or (that missed) as its replacement waiting behind the gang gate. Only while a peer still runs: a gang that went
+    whole (a suspend, a queue's eviction) starts again as the same generation once its pods are back."""
+    if not any(_live(p) for p in observed.pods):
         return None
     for pod in observed.pods:
         meta = pod.get("metadata") or {}
