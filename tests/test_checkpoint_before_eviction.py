@@ -209,3 +209,18 @@ def test_a_rank_lost_with_its_node_restarts_the_gang_without_asking() -> None:
     world.reconcile()
     assert asked(world) == [] and world.status["phase"] == "Restarting"
     assert not [e for e in events(world) if e[1].startswith("Checkpoint")]
+
+
+def test_the_operators_own_suspend_deleting_the_pods_is_not_asked_again() -> None:
+    world = training()
+    spec = rec.parse_spec(world.ftj["spec"], name="demo")
+    job = world.job()
+    job["spec"]["suspend"] = True
+    job["metadata"]["annotations"][names.ANNOTATION_SUSPEND_APPLIED] = "true"
+    pods = world.kube.of_kind("Pod")
+    for pod in pods:  # the Job controller deletes the suspended Job's pods
+        pod["metadata"]["deletionTimestamp"] = "2026-03-01T12:00:00Z"
+    assert disruption(spec, job, pods, None) is None
+    job["metadata"]["annotations"][names.ANNOTATION_SUSPEND_APPLIED] = "false"  # a queue suspended it instead
+    found = disruption(spec, job, pods, None)
+    assert found is not None and "being deleted" in found.cause

@@ -59,6 +59,10 @@ def disruption(
         return None
     if any((p.get("status") or {}).get("phase") == "Failed" for p in pods):
         return None  # a rank already failed: the gang cannot checkpoint together; the restart's decision is the reconcile's
+    suspended = bool((job.get("spec") or {}).get("suspend"))
+    applied = ((job["metadata"].get("annotations") or {}).get(ANNOTATION_SUSPEND_APPLIED)) == "true"
+    if suspended and applied:
+        return None  # the operator's own suspend: its pods going is what it asked for (after the checkpoint)
     for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
         name = pod["metadata"]["name"]
         if not _live(pod):
@@ -75,9 +79,7 @@ def disruption(
     if workload is not None and (cond := _true(workload, "Evicted")) is not None:
         detail = f" ({cond['message']})" if cond.get("message") else ""
         return Disruption(f"Kueue evicted the workload: {cond.get('reason') or 'Evicted'}{detail}")
-    suspended = bool((job.get("spec") or {}).get("suspend"))
-    applied = ((job["metadata"].get("annotations") or {}).get(ANNOTATION_SUSPEND_APPLIED)) == "true"
-    if suspended and not applied:
+    if suspended:
         return Disruption("the Job was suspended (by a queue such as Kueue)")
     if spec.run_policy.suspend and not suspended:
         return Disruption("spec.runPolicy.suspend is true", held=True)
