@@ -96,7 +96,7 @@ def test_node_power_off_mid_run_gang_resumes_on_the_node_left(
     newest complete checkpoint on the node that is left."""
     mn = multinode_cluster
     name = "mn-node-loss"
-    steps = 60
+    steps = 100  # on an idle machine 10 steps take ~2 s: the power-off must land mid-run
     doc = job_doc(name, s3, s3_data, steps=steps, checkpoint_steps=10,
                   **{"runPolicy.backoffLimit": 2, "distributed.nodeLossTolerationSeconds": 30,
                      "terminationGracePeriodSeconds": 30})  # fmt: skip
@@ -110,9 +110,8 @@ def test_node_power_off_mid_run_gang_resumes_on_the_node_left(
             assert sorted(placed.values()) == sorted(mn.names), placed
             lost = next(n for n in mn.nodes[1:] if n.name in placed.values())
             ckpt = checkpoints(s3, name)[-1]
-            assert kctl.phase(suite_ns, name) == "Running", (
-                "finished before the power-off: give it more steps"
-            )
+            # still training (the phase may still read Initializing: only a finished run would spoil the test)
+            assert kctl.phase(suite_ns, name) not in ("Succeeded", "Failed"), "finished before the power-off"
             t_off = time.monotonic()
             lost.power_off()
             newest_at_cut = checkpoints(s3, name)[-1]
