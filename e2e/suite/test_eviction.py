@@ -101,7 +101,8 @@ def test_an_evicted_rank_resumes_from_a_checkpoint_taken_after_the_eviction_bega
     said = [(e["reason"], e["message"]) for e in events if e["reason"].startswith("Checkpoint")]
     print(f"\n[suite] {name}: eviction at step {at_eviction} -> resumed {first['resumed']} ({first['took']:.0f}s); "
           f"checkpoints {checkpoints(s3, name)}; whole test {time.monotonic() - started:.0f}s; events {said}", file=sys.stderr)  # fmt: skip
-    assert status["restarts"] == 1 and checkpoints(s3, name) == [first["resumed"]], (
+    # the restart resumed from the newest checkpoint (a request and a SIGTERM reaching the ranks at two steps write two)
+    assert status["restarts"] == 1 and first["resumed"] == max(checkpoints(s3, name)), (
         status,
         checkpoints(s3, name),
     )
