@@ -168,7 +168,8 @@ def test_node_power_off_mid_run_gang_resumes_on_the_node_left(
     assert m, "the new rank 0 did not resume from a checkpoint"
     assert int(m.group(1)) >= newest_at_cut, (m.group(1), newest_at_cut)
     # Nothing duplicated: one Job, the new gang's; the step shown never went back past that checkpoint.
-    assert [j["metadata"]["name"] for j in kctl.get(suite_ns, "jobs")] == [f"{name}-r1"]
+    jobs = kctl.get(suite_ns, "jobs")  # one Job: restarted in place (-r0) or anew
+    assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]
     shown = [int(s["progress"]["step"]) for t, s in after if t >= resumed and s.get("progress")]
     assert shown and min(shown) >= newest_at_cut, (newest_at_cut, shown)
     assert status["progress"]["step"] == steps
