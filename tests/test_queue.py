@@ -80,7 +80,11 @@ def test_kueue_rewording_a_wait_that_goes_on_writes_no_status() -> None:
     """Kueue rewrites its QuotaReserved message as the queue moves; the status keeps the words it first showed for
     the same wait (each rewrite was a status write per queued job), and takes new words when the wait changes."""
     first = derive(spec(), "demo", 1, FineTuneJobStatus(), Observed(job=job(), workload=None), NOW)
-    queued = derive(spec(), "demo", 1, first.status, Observed(job=job(), workload=workload()), NOW)
+    untried = workload()  # a Workload Kueue has not tried to admit yet: no QuotaReserved condition
+    untried["status"]["conditions"] = []
+    waiting = derive(spec(), "demo", 1, first.status, Observed(job=job(), workload=untried), NOW)
+    assert "waiting in the queue" in (waiting.status.message or "")
+    queued = derive(spec(), "demo", 1, waiting.status, Observed(job=job(), workload=workload()), NOW)
     assert KUEUE_PENDING in (queued.status.message or "")  # no Workload -> Kueue's reason: new words
     reworded = workload()
     reworded["status"]["conditions"][0]["message"] = KUEUE_PENDING.replace("100m", "300m")

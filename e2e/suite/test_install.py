@@ -72,6 +72,9 @@ NEEDED = [
     ("create", "services"),
     ("list", "pods"),
     ("watch", "pods"),
+    ("patch", "pods"),  # a gang generation released: its scheduling gate lifted, its label set
+    ("delete", "pods"),  # a gang restart in place deletes the failed generation's pods
+    ("patch", "pods", "--subresource=status"),  # a pod lost with its node marked Failed
     ("create", "events"),
     ("create", "deployments.apps"),
     ("get", "deployments.apps"),
@@ -79,7 +82,6 @@ NEEDED = [
 ]
 # ... and what it must not be able to do there.
 DENIED = [
-    ("delete", "pods"),
     ("create", "pods"),
     ("get", "secrets"),
     ("list", "secrets"),

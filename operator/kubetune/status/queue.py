@@ -15,6 +15,8 @@ from typing import Any
 from kubetune.api.names import LABEL_QUEUE
 
 NO_WORKLOAD = "no Kueue Workload for it yet (is Kueue running, with a LocalQueue of this name?)"
+WAITING = "waiting in the queue"
+"""A Workload Kueue has not yet tried to admit (no QuotaReserved message yet)."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ def held_words(state: QueueState, shown: str | None, template: str) -> QueueStat
     ):
         return state
     words = shown[len(template) :]
-    if not words or words == NO_WORKLOAD:
+    if not words or words in (NO_WORKLOAD, WAITING):  # not yet Kueue's own reason: take the new words
         return state
     return replace(state, message=words)
 
@@ -79,9 +81,5 @@ def queue_state(job: dict[str, Any] | None, workload: dict[str, Any] | None) -> 
         return QueueState(
             queue, name, True, cq, reserved.get("message") or f"Quota reserved in ClusterQueue {cq}", eviction
         )
-    message = (
-        reserved.get("message")
-        or (_condition(workload, "Admitted") or {}).get("message")
-        or "waiting in the queue"
-    )
+    message = reserved.get("message") or (_condition(workload, "Admitted") or {}).get("message") or WAITING
     return QueueState(queue, name, False, admission.get("clusterQueue"), message, eviction)
