@@ -179,7 +179,8 @@ def test_all_namespaces_mode_renders_clusterrole_without_secrets(installed, kctl
         for res in rule["resources"]
     }
     assert ("", "secrets") not in resources
-    assert "delete" not in resources.get(("", "pods"), set())
+    # pods: watched, released (patch), a failed generation deleted (the gang restart in place); never created
+    assert resources.get(("", "pods"), set()) <= {"list", "watch", "patch", "delete"}
     # spec.serving creates a job's Deployment and re-points it (get, update): nothing else on deployments
     assert resources.get(("apps", "deployments"), set()) <= {"create", "get", "update"}
     # (inferenceservices are checked on the rendered rules only: kubectl auth can-i cannot map a resource whose CRD
