@@ -174,17 +174,6 @@ class Kubelet:
         self._stop.set()
 
 
-def job_phases(custom: Any, ns: str) -> dict[str, int]:
-    items = json.loads(
-        custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, _preload_content=False).data
-    )["items"]
-    out: dict[str, int] = {}
-    for o in items:
-        ph = (o.get("status") or {}).get("phase", "-")
-        out[ph] = out.get(ph, 0) + 1
-    return out
-
-
 class PhaseWatch:
     """Every FineTuneJob's phase changes as a watch sees them (name -> [phase, ...]) and when each first ran."""
 
@@ -310,7 +299,7 @@ def kubetune_queue(api: Any, suite: ModuleType, ns: str, n: int, pod_group: bool
         )
         note = None
     except TimeoutError as e:
-        end, note = time.monotonic(), f"{e}: {job_phases(custom, ns)}"
+        end, note = time.monotonic(), f"{e}: {ops.job_phases(custom, ns)}"
     m = meter.since(m0)
     watch.stop()
     outcomes: dict[str, int] = {}
@@ -372,7 +361,7 @@ def steady(api: Any, suite: ModuleType, op: ops.Operator, ns: str, total: int, r
 
     def reached(pred: Any) -> bool:
         nonlocal last
-        last = job_phases(custom, ns)
+        last = ops.job_phases(custom, ns)
         if int(time.monotonic() - t0) % 60 < 10:
             print(f"  {time.monotonic() - t0:.0f}s: {last}, load {os.getloadavg()[0]:.1f}", flush=True)
         return bool(pred(last))

@@ -474,6 +474,18 @@ class ProgressStubs:
         asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
 
 
+def job_phases(custom: Any, ns: str) -> dict[str, int]:
+    """How many FineTuneJobs of `ns` are in each phase ("-": no status yet)."""
+    items = json.loads(
+        custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, _preload_content=False).data
+    )["items"]
+    out: dict[str, int] = {}
+    for o in items:
+        ph = (o.get("status") or {}).get("phase", "-")
+        out[ph] = out.get(ph, 0) + 1
+    return out
+
+
 def ip_for(i: int) -> str:
     return f"127.1.{i // 250}.{i % 250 + 1}"
 
@@ -532,21 +544,11 @@ def steady_state(api: Any, admin_api: Any, suite: ModuleType, op: Operator, ns: 
         done(custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, doc, _preload_content=False))
     print(f"  {m} running FineTuneJobs POSTed in {time.monotonic() - start:.0f}s", flush=True)
 
-    def phases() -> dict[str, int]:
-        items = json.loads(
-            custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, _preload_content=False).data
-        )["items"]
-        out: dict[str, int] = {}
-        for o in items:
-            ph = (o.get("status") or {}).get("phase", "-")
-            out[ph] = out.get(ph, 0) + 1
-        return out
-
     last: dict[str, int] = {}
 
     def all_running() -> bool:
         nonlocal last
-        last = phases()
+        last = job_phases(custom, ns)
         if int(time.monotonic() - start) % 60 < 10:
             print(f"  {time.monotonic() - start:.0f}s: {last}, load {os.getloadavg()[0]:.1f}", flush=True)
         return last.get("Running", 0) >= m

@@ -43,7 +43,6 @@ from kubetune.status.derive import (
     TERMINAL,
     Decision,
     Observed,
-    _parse_time,
     derive,
     in_place,
     iso,
@@ -125,11 +124,11 @@ def wake_after(
     phase = status.phase
     waits: list[float] = []
     if phase in TERMINAL:
-        ttl, done = spec.run_policy.ttl_seconds_after_finished, _parse_time(status.completion_time)
+        ttl, done = spec.run_policy.ttl_seconds_after_finished, elastic.parse_time(status.completion_time)
         if ttl is not None and done is not None:
             waits.append(ttl - (at - done).total_seconds())
         return max(0.5, min(waits)) if waits else None
-    deadline, start = spec.run_policy.active_deadline_seconds, _parse_time(status.start_time)
+    deadline, start = spec.run_policy.active_deadline_seconds, elastic.parse_time(status.start_time)
     if deadline and start is not None:
         waits.append(deadline - (at - start).total_seconds() + 0.5)
     if phase == "Initializing" and observed.progress is None:

@@ -105,15 +105,6 @@ def iso(now: datetime) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
 # ------------------------------------------------------------------ failures
 
 
@@ -229,14 +220,14 @@ def artifacts(spec: FineTuneJobSpec) -> Artifacts:
 
 def deadline_exceeded(spec: FineTuneJobSpec, start_time: str | None, now: datetime) -> bool:
     limit = spec.run_policy.active_deadline_seconds
-    start = _parse_time(start_time)
+    start = elastic.parse_time(start_time)
     return bool(limit and start and (now - start).total_seconds() > limit)
 
 
 def _running_since(pods: list[dict[str, Any]]) -> datetime | None:
     """When the last of the trainer containers started running."""
     starts = [
-        _parse_time(((_trainer_status(p).get("state") or {}).get("running") or {}).get("startedAt"))
+        elastic.parse_time(((_trainer_status(p).get("state") or {}).get("running") or {}).get("startedAt"))
         for p in pods
     ]
     known = [t for t in starts if t is not None]
@@ -400,7 +391,7 @@ def job_stuck(job: dict[str, Any], pods: list[dict[str, Any]], now: datetime) ->
     """What shows that the Job controller cannot update the Job, if anything: a stopped, deleted pod it has not let
     go of for JOB_STUCK_SECONDS, or a Job resumed that long ago whose status still says Suspended."""
     suspended = _job_condition(job, "Suspended")
-    since = _parse_time((suspended or {}).get("lastTransitionTime"))
+    since = elastic.parse_time((suspended or {}).get("lastTransitionTime"))
     if (
         suspended is not None
         and not (job.get("spec") or {}).get("suspend")
@@ -411,7 +402,7 @@ def job_stuck(job: dict[str, Any], pods: list[dict[str, Any]], now: datetime) ->
     for pod in pods:
         meta = pod.get("metadata") or {}
         term = _terminated(pod) or {}
-        done = _parse_time(term.get("finishedAt"))
+        done = elastic.parse_time(term.get("finishedAt"))
         if (
             meta.get("deletionTimestamp")
             and JOB_TRACKING_FINALIZER in (meta.get("finalizers") or [])
@@ -448,7 +439,7 @@ def in_place(job: dict[str, Any], pods: list[dict[str, Any]], nodes: int) -> boo
 
 def _released_at(pod: dict[str, Any]) -> datetime | None:
     meta = pod.get("metadata") or {}
-    return _parse_time((meta.get("annotations") or {}).get(ANNOTATION_RELEASED)) or _parse_time(
+    return elastic.parse_time((meta.get("annotations") or {}).get(ANNOTATION_RELEASED)) or elastic.parse_time(
         meta.get("creationTimestamp")
     )
 
@@ -766,7 +757,7 @@ def ttl_expired(spec: FineTuneJobSpec, status: FineTuneJobStatus | None, now: da
     """A finished job whose ttlSecondsAfterFinished has passed (the operator deletes it)."""
     ttl = spec.run_policy.ttl_seconds_after_finished
     status = status or FineTuneJobStatus()
-    done = _parse_time(status.completion_time)
+    done = elastic.parse_time(status.completion_time)
     return (
         ttl is not None
         and status.phase in TERMINAL
