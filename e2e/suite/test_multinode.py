@@ -37,6 +37,11 @@ def gang(kctl: Any, ns: str, name: str, restart: int) -> dict[str, dict[str, Any
     }
 
 
+def _step(sample: dict[str, Any]) -> Any:
+    """The step a status sample shows, or None (no progress yet, or progress before the first step)."""
+    return (sample.get("progress") or {}).get("step")
+
+
 def logs(cluster: Any, ns: str, pod: str) -> str:
     return str(cluster.kubectl("-n", ns, "logs", pod, check=False).stdout)
 
@@ -135,11 +140,11 @@ def test_node_power_off_mid_run_gang_resumes_on_the_node_left(
     restarted = next(t for t, s in after if s.get("restarts", 0) >= 1)
     # the old gang's last step stays shown until the new rank 0 reports: the first other step is the new gang's
     last_old = next(
-        (int(s["progress"]["step"]) for _, s in reversed(sampler.samples[:n_before]) if s.get("progress")), -1
+        (int(step) for _, s in reversed(sampler.samples[:n_before]) if (step := _step(s)) is not None), -1
     )
     resumed = next(
         t for t, s in after
-        if s.get("restarts", 0) >= 1 and (s.get("progress") or {}).get("step") not in (None, last_old)
+        if s.get("restarts", 0) >= 1 and _step(s) not in (None, last_old)
     )  # fmt: skip
     timing = (f"node Unknown after {t_notready - t_off:.0f}s, gang restart after {restarted - t_off:.0f}s, "
               f"steps resumed after {resumed - t_off:.0f}s")  # fmt: skip
@@ -170,6 +175,6 @@ def test_node_power_off_mid_run_gang_resumes_on_the_node_left(
     # Nothing duplicated: one Job, the new gang's; the step shown never went back past that checkpoint.
     jobs = kctl.get(suite_ns, "jobs")  # one Job: restarted in place (-r0) or anew
     assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]
-    shown = [int(s["progress"]["step"]) for t, s in after if t >= resumed and s.get("progress")]
+    shown = [int(step) for t, s in after if t >= resumed and (step := _step(s)) is not None]
     assert shown and min(shown) >= newest_at_cut, (newest_at_cut, shown)
     assert status["progress"]["step"] == steps
