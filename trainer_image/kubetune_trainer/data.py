@@ -22,6 +22,7 @@ import json
 import math
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,11 +81,32 @@ def tokenize_source(
 ) -> tuple[list[Example], SourceReport]:
     """Every record of one dataset, streamed: parsed, tokenized, overflow applied. Refuses what cannot train."""
     report = SourceReport(label)
-    mapping: Mapping | None = None
     examples: list[Example] = []
+    for where, sample in valid_samples(path, fmt, fields, spec, report):
+        fitted = _fit(*tokenize(sample, tokenizer, where), spec, where, report)
+        if fitted is not None:
+            examples.append(Example(fitted[0], fitted[1], list(range(len(fitted[0])))))
+            report.tokens += len(fitted[0])
+    report.examples = len(examples)
+    _check_source(report, examples, label, spec)
+    return examples, report
+
+
+def valid_samples(
+    path: Path,
+    fmt: str,
+    fields: FieldMapping,
+    spec: DatasetSpec,
+    report: SourceReport,
+    objective: str = "sft",
+) -> Iterator[tuple[object, Any]]:
+    """(place, parsed sample) for every valid record of one source, streamed; the format is resolved from the
+    first record. Counts records and invalid ones (reason, first three places) in `report`; refuses a source
+    with no records at all."""
+    mapping: Mapping | None = None
     for where, record in iter_records(path, spec.max_record_bytes):
         if mapping is None:
-            mapping = resolve(record, where, fmt, fields)
+            mapping = resolve(record, where, fmt, fields, objective=objective)
             report.format, report.mapping = mapping.format, mapping.describe()
         report.records += 1
         try:
@@ -94,15 +116,9 @@ def tokenize_source(
             if len(report.invalid_detail) < 3:
                 report.invalid_detail.append(bad.detail)
             continue
-        fitted = _fit(*tokenize(sample, tokenizer, where), spec, where, report)
-        if fitted is not None:
-            examples.append(Example(fitted[0], fitted[1], list(range(len(fitted[0])))))
-            report.tokens += len(fitted[0])
+        yield where, sample
     if mapping is None:
-        raise refuse(f"dataset {label} has no records")
-    report.examples = len(examples)
-    _check_source(report, examples, label, spec)
-    return examples, report
+        raise refuse(f"dataset {report.path} has no records")
 
 
 def _fit(

@@ -66,32 +66,17 @@ def source_pairs(
 ) -> tuple[list[PairExample], SourceReport]:
     """Every preference record of one dataset (explicit or implicit prompt, text or conversational: formats.py),
     tokenized as TRL does, overflow applied; refuses with the reason and the first records' places."""
-    from kubetune_trainer.formats import Invalid, parse, resolve
+    from kubetune_trainer.data import valid_samples
     from kubetune_trainer.masking import tokenize_preference
-    from kubetune_trainer.records import iter_records, refuse
 
     report = SourceReport(label)
-    mapping = None
     pairs: list[PairExample] = []
-    for where, record in iter_records(path, spec.max_record_bytes):
-        if mapping is None:
-            mapping = resolve(record, where, fmt, fields, objective="dpo")
-            report.format, report.mapping = mapping.format, mapping.describe()
-        report.records += 1
-        try:
-            sample = parse(record, where, mapping)
-        except Invalid as bad:
-            report.invalid[bad.reason] += 1
-            if len(report.invalid_detail) < 3:
-                report.invalid_detail.append(bad.detail)
-            continue
+    for where, sample in valid_samples(path, fmt, fields, spec, report, objective="dpo"):
         (c_ids, c_labels), (r_ids, r_labels) = tokenize_preference(sample, tokenizer, where)
         pair = _fit_pair(PairExample(c_ids, c_labels, r_ids, r_labels), spec, where, report)
         if pair is not None:
             pairs.append(pair)
             report.tokens += len(pair.chosen_ids) + len(pair.rejected_ids)
-    if mapping is None:
-        raise refuse(f"dataset {label} has no records")
     _check_pairs(pairs, report, label, spec)
     return pairs, report
 
