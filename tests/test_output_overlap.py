@@ -111,3 +111,44 @@ def test_the_examples_write_to_distinct_outputs() -> None:
     clashes = [(a, b) for a in uris for b in uris if a < b and outputs_overlap(uris[a], uris[b])]
     assert not clashes, clashes
     assert uris["lora-1gpu.yaml:lora-1gpu"] != uris["lora-serve-kserve.yaml:lora-serve"]
+
+
+def test_a_suspended_job_on_a_held_output_shows_suspended_and_why_it_could_not_start() -> None:
+    """What the user asked for (Suspended) and the wait it meets once resumed (OutputInUse), not a Pending job
+    that will never start on its own; resumed, it is Pending on the same wait; suspended again and the output
+    free, its suspended Job is created."""
+    second = ftj("second", "s3://out/demo", "2026-03-01T11:00:00Z")
+    second["spec"]["runPolicy"] = {"suspend": True}
+    kube = FakeCluster(ftj("first", "s3://out/demo", "2026-03-01T10:00:00Z", "Suspended"), second)
+
+    assert reconcile(kube, "second") == outputs.OUTPUT_RECHECK_SECONDS
+
+    assert not kube.of_kind("Job")
+    status = kube.get("FineTuneJob", "ml", "second")["status"]  # type: ignore[index]
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert status["phase"] == "Suspended"
+    assert (conds["Suspended"]["status"], conds["Suspended"]["reason"]) == ("True", "JobSuspended")
+    assert (conds["Running"]["status"], conds["Running"]["reason"]) == ("False", "OutputInUse")
+    assert "FineTuneJob ml/first (s3://out/demo), which is still Suspended" in status["message"]
+    assert "cannot start before that one finishes" in status["message"]
+    assert [e[1] for e in kube.events()] == ["OutputInUse"]
+
+    resumed = kube.get("FineTuneJob", "ml", "second")
+    resumed["spec"]["runPolicy"] = {"suspend": False}  # type: ignore[index]
+    kube.put(resumed)  # type: ignore[arg-type]
+    reconcile(kube, "second")
+    status = kube.get("FineTuneJob", "ml", "second")["status"]  # type: ignore[index]
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert status["phase"] == "Pending" and not kube.of_kind("Job")
+    assert (conds["Suspended"]["status"], conds["Suspended"]["reason"]) == ("False", "JobResumed")
+    assert conds["Running"]["reason"] == "OutputInUse"
+
+    again = kube.get("FineTuneJob", "ml", "second")
+    again["spec"]["runPolicy"] = {"suspend": True}  # type: ignore[index]
+    kube.put(again)  # type: ignore[arg-type]
+    kube.put({**kube.get("FineTuneJob", "ml", "first"), "status": {"phase": "Succeeded"}})  # type: ignore[dict-item]
+    reconcile(kube, "second")
+    [job] = kube.of_kind("Job")
+    assert job["spec"]["suspend"] is True
+    status = kube.get("FineTuneJob", "ml", "second")["status"]  # type: ignore[index]
+    assert status["phase"] == "Suspended" and "overlaps" not in status["message"]

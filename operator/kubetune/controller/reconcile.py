@@ -183,7 +183,9 @@ def reconcile(key: Key, store: Store, settings: Settings, kube: Cluster) -> floa
         if (
             holding := outputs.holder(body, others)
         ) is not None:  # another live job writes there: wait for it
-            waiting = outputs.waiting_status(status, body, holding, meta.get("generation"), at)
+            waiting = outputs.waiting_status(
+                status, body, holding, meta.get("generation"), at, spec.run_policy.suspend
+            )
             told = any(cond.reason == Reason.OUTPUT_IN_USE for cond in status.conditions)
             publish(
                 body,

@@ -85,7 +85,7 @@ MESSAGES: Final[dict[Reason, str]] = {
     Reason.JOB_RESUMED: "Resumed.",
     Reason.QUEUED_BY_KUEUE: "Queued by Kueue in LocalQueue {queue}: {kueue}",
     Reason.ADMITTED_BY_KUEUE: "Admitted by Kueue (LocalQueue {queue}, ClusterQueue {cluster_queue}).",
-    Reason.OUTPUT_IN_USE: "Waiting: spec.output.uri {uri} overlaps the output of FineTuneJob {holder} ({theirs}), which is still {phase}; this job starts when that one finishes, or set another spec.output.uri. Checked again every {every}s.",
+    Reason.OUTPUT_IN_USE: "Waiting: spec.output.uri {uri} overlaps the output of FineTuneJob {holder} ({theirs}), which is still {phase}; this job cannot start before that one finishes, or set another spec.output.uri. Checked again every {every}s.",
     Reason.POD_GROUP_CREATED: "PodGroup {name} ({api}) created: the {scheduler} scheduler binds no pod until {min_member} can start together.",
     Reason.POD_GROUP_CRD_MISSING: "The cluster has no {crd} (the {scheduler} PodGroup API): install {scheduler}, or remove spec.scheduling.gang. No pods are created until it exists; checked again every {every}s.",
     Reason.TRAINING_SUCCEEDED: "Training finished; artifacts are under {uri}.",

@@ -623,7 +623,7 @@ def derive(
 
     if phase in TERMINAL:
         status = _set(status, completion_time=ts)
-    conditions = _conditions(status.conditions, phase, reason, message, ts, generation)
+    conditions = phase_conditions(status.conditions, phase, reason, message, ts, generation)
     if phase not in TERMINAL and (queued := _queued(old, job, observed.workload)) is not None:
         conditions = _admitted(conditions, queued, ts, generation)
     if job is not None and spec.scheduling is not None and spec.scheduling.gang is not None:
@@ -653,7 +653,7 @@ def derive(
     return Decision(status=status, action=action, event=event)
 
 
-def _conditions(
+def phase_conditions(
     old: list[Condition], phase: str, reason: str, message: str, now: str, generation: int | None
 ) -> list[Condition]:
     out = list(old)
@@ -724,7 +724,7 @@ def pod_group_missing(
     scheduler = spec.scheduling.gang.scheduler if spec.scheduling and spec.scheduling.gang else "?"
     reason = c.Reason.POD_GROUP_CRD_MISSING
     message = c.reason_message(reason, crd=crd, scheduler=scheduler, every=30)
-    conds = _conditions(old.conditions, "Pending", reason, message, ts, generation)
+    conds = phase_conditions(old.conditions, "Pending", reason, message, ts, generation)
     conds = c.set_condition(conds, c.GANG_READY, False, reason, message, ts, generation)
     prev = c.get_condition(old.conditions, c.GANG_READY)
     event = None if prev is not None and prev.reason == reason else ("Warning", reason, message)

@@ -2,8 +2,9 @@
 
 A job whose output (its current run's URI) is the same as, inside, or around the output of another live job
 that came first (creationTimestamp, then namespace/name) waits with the condition Running=False, reason
-OutputInUse, and starts once that job has finished. The trainer refuses, from the owner record the first run
-wrote, an output that a finished job of another uid owns.
+OutputInUse, and starts once that job has finished. A job its spec suspends (runPolicy.suspend) shows Suspended
+while it waits, with the same condition: what the user asked for, and why it could not start if resumed now. The
+trainer refuses, from the owner record the first run wrote, an output that a finished job of another uid owns.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from kubetune.api.models import FineTuneJobStatus
 from kubetune.api.validation import outputs_overlap
 from kubetune.status import conditions as c
-from kubetune.status.derive import TERMINAL, iso
+from kubetune.status.derive import TERMINAL, iso, phase_conditions
 
 
 def output_of(body: dict[str, Any]) -> str | None:
@@ -64,19 +65,20 @@ def waiting_status(
     holding: dict[str, Any],
     generation: int | None,
     now: datetime,
+    suspended: bool = False,
 ) -> FineTuneJobStatus:
-    """Pending, with Running=False (OutputInUse) naming the job that holds the output and the fix."""
+    """Pending (Suspended when its spec suspends it), with Running=False (OutputInUse) naming the job that holds
+    the output and the fix."""
     meta = holding["metadata"]
     message = c.reason_message(
         c.Reason.OUTPUT_IN_USE, uri=output_of(body), holder=f"{meta.get('namespace')}/{meta.get('name')}",
         theirs=output_of(holding), phase=(holding.get("status") or {}).get("phase") or "Pending", every=int(OUTPUT_RECHECK_SECONDS),
     )  # fmt: skip
-    conds = c.set_condition(
-        old.conditions, c.RUNNING, False, c.Reason.OUTPUT_IN_USE, message, iso(now), generation
-    )
+    phase = "Suspended" if suspended else "Pending"
+    conds = phase_conditions(old.conditions, phase, c.Reason.OUTPUT_IN_USE, message, iso(now), generation)
     return old.model_copy(
         update={
-            "phase": "Pending",
+            "phase": phase,
             "message": message,
             "observed_generation": generation,
             "conditions": conds,
