@@ -114,6 +114,28 @@ def test_kueue_evicting_the_workload_asks() -> None:
     assert "Kueue evicted the workload: Preempted (Preempted to accommodate" in world.kube.events()[0][2]
 
 
+def test_kueues_eviction_is_named_as_the_cause_when_the_pods_are_already_going() -> None:
+    """Kueue preempts: Evicted on the Workload, the Job suspended, its pods deleted, all seen in one pass. The
+    Event names the preemption (the cause), not a pod being deleted (its consequence)."""
+    world = training(labels={"kueue.x-k8s.io/queue-name": "team-a"})
+    job = world.job()
+    world.kube.put({
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
+        "metadata": {"name": "job-demo-r0-abcde", "namespace": "ml",
+                     "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "demo-r0", "uid": job["metadata"]["uid"]}]},
+        "status": {"conditions": [
+            {"type": "QuotaReserved", "status": "True", "reason": "QuotaReserved", "message": "Quota reserved in ClusterQueue cq"},
+            {"type": "Admitted", "status": "True", "reason": "Admitted", "message": ""},
+            {"type": "Evicted", "status": "True", "reason": "Preempted", "message": "Preempted to accommodate a workload"}]},
+    })  # fmt: skip
+    change_pod(world, "demo-r0-1", deletionTimestamp="2026-03-01T12:00:00Z")
+    change_pod(world, RANK0, deletionTimestamp="2026-03-01T12:00:00Z")
+    world.reconcile()
+    assert asked(world) == [RANK0]
+    requested = [e for e in world.kube.events() if e[1] == "CheckpointRequested"]
+    assert len(requested) == 1 and "Kueue evicted the workload: Preempted" in requested[0][2], requested
+
+
 def test_a_queue_suspending_the_job_asks_and_is_not_fought() -> None:
     world = training()
     world.set_job(suspend=True)  # Kueue suspends the Job it had admitted (the pods are still up)

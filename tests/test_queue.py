@@ -130,6 +130,57 @@ def test_queue_state_reads_kueues_eviction() -> None:
     assert state is not None and state.evicted == "Preempted to accommodate a workload"
 
 
+PREEMPTED = ("Preempted to accommodate a workload (UID: wl-2, JobUID: job-uid-2) due to prioritization in the "
+             "ClusterQueue; preemptor path: /cq; preemptee path: /cq")  # fmt: skip
+
+
+def test_a_gang_kueue_preempts_is_pending_evicted_in_kueues_words_until_admitted_again() -> None:
+    """A higher-priority Workload preempted this one: Kueue sets Evicted=True (Preempted) and suspends the Job; the
+    job is Pending with Kueue's reason and words (a Warning Event), through the whole wait (Kueue's queue messages
+    change, the status does not), and Admitted again once Kueue readmits it (Evicted=False)."""
+    running = FineTuneJobStatus(phase="Running")
+    stopping = Observed(job=job(suspend=True), workload=workload(admitted=True, evicted=PREEMPTED))
+    d = derive(spec(), "demo", 1, running, stopping, NOW)
+    assert d.status.phase == "Pending"
+    assert d.status.message is not None and d.status.message.startswith(
+        f"Evicted by Kueue (Preempted): {PREEMPTED}."
+    )
+    assert "team-a" in d.status.message and "resumes from its newest checkpoint" in d.status.message
+    assert conditions(d.status)["Admitted"] == ("False", "EvictedByKueue", d.status.message)
+    assert d.event == ("Warning", "EvictedByKueue", d.status.message)
+    # its pods gone, Kueue released the quota (QuotaReserved False with the eviction's words, then its queue's)
+    requeued = workload(evicted=PREEMPTED)
+    again = derive(spec(), "demo", 1, d.status, Observed(job=job(suspend=True), workload=requeued), NOW)
+    assert again.status == d.status and again.event is None
+    readmitted = workload(admitted=True)
+    readmitted["status"]["conditions"].append({"type": "Evicted", "status": "False", "reason": "QuotaReserved",
+                                               "message": f"Previously: {PREEMPTED}"})  # fmt: skip
+    back = derive(spec(), "demo", 1, again.status, Observed(job=job(suspend=False), workload=readmitted), NOW)
+    assert conditions(back.status)["Admitted"][:2] == ("True", "AdmittedByKueue")
+    assert "Evicted" not in (back.status.message or "")
+
+
+def test_while_kueue_evicts_a_running_gang_its_admitted_condition_says_so() -> None:
+    """Evicted, the Job not suspended yet: still Running (its pods are), Admitted=False in Kueue's words."""
+    observed = Observed(job=job(suspend=False), workload=workload(admitted=True, evicted=PREEMPTED))
+    d = derive(spec(), "demo", 1, FineTuneJobStatus(phase="Running"), observed, NOW)
+    assert conditions(d.status)["Admitted"][:2] == ("False", "EvictedByKueue")
+
+
+def test_the_users_suspend_of_an_evicted_job_is_a_suspend() -> None:
+    observed = Observed(job=job(suspend=True), workload=workload(admitted=True, evicted=PREEMPTED))
+    d = derive(
+        spec(**{"runPolicy": {"suspend": True}}), "demo", 1, FineTuneJobStatus(phase="Running"), observed, NOW
+    )
+    assert d.status.phase == "Suspended"
+
+
+def test_queue_state_reads_the_reason_of_kueues_eviction() -> None:
+    state = queue_state(job(), workload(admitted=True, evicted=PREEMPTED))
+    assert state is not None and (state.evicted_reason, state.evicted) == ("Preempted", PREEMPTED)
+    assert queue_state(job(), workload(admitted=True)).evicted_reason is None  # type: ignore[union-attr]
+
+
 def test_the_store_finds_a_workloads_finetunejob_through_its_job() -> None:
     store = Store()
     assert store.put_child("Job", job()) == ("ml", "demo")

@@ -42,6 +42,7 @@ class Reason(str, Enum):
     JOB_RESUMED = "JobResumed"
     QUEUED_BY_KUEUE = "QueuedByKueue"
     ADMITTED_BY_KUEUE = "AdmittedByKueue"
+    EVICTED_BY_KUEUE = "EvictedByKueue"
     POD_GROUP_CREATED = "PodGroupCreated"
     POD_GROUP_CRD_MISSING = "PodGroupCRDMissing"
     TRAINING_SUCCEEDED = "TrainingSucceeded"
@@ -85,6 +86,7 @@ MESSAGES: Final[dict[Reason, str]] = {
     Reason.JOB_RESUMED: "Resumed.",
     Reason.QUEUED_BY_KUEUE: "Queued by Kueue in LocalQueue {queue}: {kueue}",
     Reason.ADMITTED_BY_KUEUE: "Admitted by Kueue (LocalQueue {queue}, ClusterQueue {cluster_queue}).",
+    Reason.EVICTED_BY_KUEUE: "Evicted by Kueue ({why}): {kueue}. The gang checkpoints as it stops, waits in LocalQueue {queue} to be admitted again, then resumes from its newest checkpoint.",
     Reason.OUTPUT_IN_USE: "Waiting: spec.output.uri {uri} overlaps the output of FineTuneJob {holder} ({theirs}), which is still {phase}; this job cannot start before that one finishes, or set another spec.output.uri. Checked again every {every}s.",
     Reason.POD_GROUP_CREATED: "PodGroup {name} ({api}) created: the {scheduler} scheduler binds no pod until {min_member} can start together.",
     Reason.POD_GROUP_CRD_MISSING: "The cluster has no {crd} (the {scheduler} PodGroup API): install {scheduler}, or remove spec.scheduling.gang. No pods are created until it exists; checked again every {every}s.",

@@ -538,7 +538,12 @@ def derive(
         evaluation = final_evaluation(observed.pods)
     elif (job.get("spec") or {}).get("suspend"):
         queued = _queued(old, job, observed.workload)
-        if queued is not None and not queued.admitted:  # Kueue holds it: Pending, in Kueue's words
+        if queued is not None and queued.evicted is not None and not spec.run_policy.suspend:
+            # Kueue evicted it (a higher priority preempted it): Pending again, in Kueue's words for why, until
+            # Kueue admits it again (its Evicted condition stays True until then: one status write, not one per
+            # rewording of its queue message)
+            phase, reason, message = "Pending", c.Reason.EVICTED_BY_KUEUE, _eviction_message(queued)
+        elif queued is not None and not queued.admitted:  # Kueue holds it: Pending, in Kueue's words
             phase, reason = "Pending", c.Reason.QUEUED_BY_KUEUE
             message = c.reason_message(reason, queue=queued.queue, kueue=queued.message)
         elif queued is not None and not spec.run_policy.suspend:
@@ -642,9 +647,11 @@ def derive(
     event = None
     was = c.get_condition(old.conditions, c.RUNNING)
     if phase != old.phase or (reason == c.Reason.UNSCHEDULABLE and (was is None or was.reason != reason)):
-        kind = (
-            "Warning" if phase in ("Failed", "Restarting") or reason == c.Reason.UNSCHEDULABLE else "Normal"
+        warn = phase in ("Failed", "Restarting") or reason in (
+            c.Reason.UNSCHEDULABLE,
+            c.Reason.EVICTED_BY_KUEUE,
         )
+        kind = "Warning" if warn else "Normal"
         # a gang restarted (or failed) for a lost node: the Event's reason says so, its message names the node
         lost = (
             failure is not None and failure.reason == c.Reason.NODE_LOST and phase in ("Failed", "Restarting")
@@ -702,10 +709,19 @@ def _queued(
     return held_words(state, shown.message if held and shown else None, template)
 
 
+def _eviction_message(queued: QueueState) -> str:
+    return c.reason_message(c.Reason.EVICTED_BY_KUEUE, why=queued.evicted_reason or "Evicted",
+                            kueue=(queued.evicted or "").rstrip("."), queue=queued.queue)  # fmt: skip
+
+
 def _admitted(
     conds: list[Condition], queued: QueueState, now: str, generation: int | None
 ) -> list[Condition]:
-    """The Admitted condition of a job in a Kueue queue: False (QueuedByKueue, Kueue's reason) until admitted."""
+    """The Admitted condition of a job in a Kueue queue: False (QueuedByKueue, Kueue's reason) until admitted,
+    False (EvictedByKueue, Kueue's words) from an eviction until admitted again."""
+    if queued.evicted is not None:
+        msg = _eviction_message(queued)
+        return c.set_condition(conds, c.ADMITTED, False, c.Reason.EVICTED_BY_KUEUE, msg, now, generation)
     if queued.admitted:
         msg = c.reason_message(
             c.Reason.ADMITTED_BY_KUEUE, queue=queued.queue, cluster_queue=queued.cluster_queue or "?"

@@ -63,6 +63,8 @@ def disruption(
     applied = ((job["metadata"].get("annotations") or {}).get(ANNOTATION_SUSPEND_APPLIED)) == "true"
     if suspended and applied:
         return None  # the operator's own suspend: its pods going is what it asked for (after the checkpoint)
+    # Kueue's eviction is the cause of what follows it (the Job suspended, its pods deleted): named first
+    kueue = _true(workload, "Evicted") if workload is not None else None
     for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
         name = pod["metadata"]["name"]
         if not _live(pod):
@@ -71,14 +73,16 @@ def disruption(
             return (
                 None  # lost with its node: its peers cannot checkpoint with it; the gang restarts (NodeLost)
             )
+        if kueue is not None:
+            continue
         if (cond := _true(pod, DISRUPTION_TARGET)) is not None:
             detail = f" ({cond['message']})" if cond.get("message") else ""
             return Disruption(f"pod {name}: {DISRUPTION_TARGET} {cond.get('reason') or 'Unknown'}{detail}")
         if pod["metadata"].get("deletionTimestamp"):
             return Disruption(f"pod {name} is being deleted")
-    if workload is not None and (cond := _true(workload, "Evicted")) is not None:
-        detail = f" ({cond['message']})" if cond.get("message") else ""
-        return Disruption(f"Kueue evicted the workload: {cond.get('reason') or 'Evicted'}{detail}")
+    if kueue is not None:
+        detail = f" ({kueue['message']})" if kueue.get("message") else ""
+        return Disruption(f"Kueue evicted the workload: {kueue.get('reason') or 'Evicted'}{detail}")
     if suspended:
         return Disruption("the Job was suspended (by a queue such as Kueue)")
     if spec.run_policy.suspend and not suspended:

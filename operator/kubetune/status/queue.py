@@ -5,6 +5,10 @@ has quota for every pod, then unsuspends it. Why it waits is written on its Work
 not on the Job: the QuotaReserved condition's message, e.g. "couldn't assign flavors to pod set main:
 insufficient unused quota for cpu in flavor default, 100m more needed". The operator watches Workloads and
 surfaces that message in the FineTuneJob's status and its Admitted condition.
+
+A Workload Kueue evicts (a higher-priority Workload preempted it: reason `Preempted`) keeps `Evicted=True` from
+the eviction until Kueue admits it again; meanwhile Kueue suspends the Job (its pods checkpoint and stop), and the
+job is Pending with reason EvictedByKueue in Kueue's words (status/derive.py).
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ class QueueState:
     """Kueue's own words: why it waits, or what admitted it."""
     evicted: str | None = None
     """Kueue's eviction message (preempted, deactivated, ...) while the Workload is evicted."""
+    evicted_reason: str | None = None
+    """Kueue's reason for that eviction: `Preempted`, `PodsReadyTimeout`, `InactiveWorkload`, ... (Kueue keeps the
+    Workload's Evicted condition True from the eviction until it admits the Workload again)."""
 
 
 def _condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -50,7 +57,7 @@ def held_words(state: QueueState, shown: str | None, template: str) -> QueueStat
     if (
         state.admitted
         or state.workload is None
-        or state.evicted
+        or state.evicted is not None
         or not shown
         or not shown.startswith(template)
     ):
@@ -75,11 +82,12 @@ def queue_state(job: dict[str, Any] | None, workload: dict[str, Any] | None) -> 
     admitted = (_condition(workload, "Admitted") or {}).get("status") == "True"
     reserved = _condition(workload, "QuotaReserved") or {}
     evicted = _condition(workload, "Evicted") or {}
-    eviction = evicted.get("message") if evicted.get("status") == "True" else None
+    active = evicted.get("status") == "True"
+    eviction = (evicted.get("message") or "") if active else None
+    why = (evicted.get("reason") or "Evicted") if active else None
     if admitted:
         cq = admission.get("clusterQueue")
-        return QueueState(
-            queue, name, True, cq, reserved.get("message") or f"Quota reserved in ClusterQueue {cq}", eviction
-        )
+        words = reserved.get("message") or f"Quota reserved in ClusterQueue {cq}"
+        return QueueState(queue, name, True, cq, words, eviction, why)
     message = reserved.get("message") or (_condition(workload, "Admitted") or {}).get("message") or WAITING
-    return QueueState(queue, name, False, admission.get("clusterQueue"), message, eviction)
+    return QueueState(queue, name, False, admission.get("clusterQueue"), message, eviction, why)
