@@ -318,6 +318,21 @@ def job_controller_stuck() -> World:
     return world
 
 
+def resumed_after_a_long_hold() -> World:
+    """Kueue admitted the gang again a moment ago, five minutes after it preempted it: the Job is resumed, its status
+    (the Job controller has not caught up yet) still says Suspended since then, and it has made no pods yet."""
+    world = running(**GANG)
+    job = world.job()
+    job["spec"]["suspend"] = False
+    job.setdefault("status", {})["conditions"] = [{"type": "Suspended", "status": "True", "reason": "JobSuspended",
+                                                   "lastTransitionTime": iso(NOW - timedelta(seconds=300))}]  # fmt: skip
+    world.kube.put(job)
+    for i in (0, 1):
+        world.kube.objects.pop(("Pod", "ml", f"demo-r0-{i}"))
+    world.watch()
+    return world
+
+
 def restarting() -> World:
     """After the restart pass: rank 0 terminating (SIGTERM: it checkpoints), and the Job controller has replaced
     the failed rank 1 behind the gang gate."""
@@ -731,6 +746,12 @@ CASES = {
         "Pending",
         ("Normal", "PodsPending"),
         lambda w: None if w.status["restarts"] == 0 else pytest.fail(str(w.status)),
+    ),
+    "resume after a queue held the Job for minutes: its old Suspended condition is not a stuck Job controller": Case(
+        resumed_after_a_long_hold,
+        STATUS_AND_EVENT,  # no ("delete", "Job", "demo-r0"): that would queue the gang again
+        "Pending",
+        ("Normal", "PodsPending"),
     ),
     "restart in place: the next generation waits while the old one stops": Case(
         restarting,

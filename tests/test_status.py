@@ -309,6 +309,9 @@ def test_a_job_its_controller_no_longer_updates_is_seen():
     recent = {**resumed, "status": {"conditions": [
         {"type": "Suspended", "status": "True", "lastTransitionTime": "2025-01-01T11:59:30Z"}]}}  # fmt: skip
     assert job_stuck(recent, [], NOW) is None  # the controller may just not have caught up yet
+    # a queue held the Job for minutes and resumed it a moment ago (Kueue after a preemption): not stuck yet
+    assert job_stuck(resumed, [], NOW, resumed_seen=NOW - timedelta(seconds=5)) is None
+    assert job_stuck(resumed, [], NOW, resumed_seen=NOW - timedelta(seconds=61)) is not None
     stopped = pod(phase="Failed", exit_code=143, finished="2025-01-01T11:58:00Z")
     stopped["metadata"] |= {
         "deletionTimestamp": "2025-01-01T11:58:00Z",

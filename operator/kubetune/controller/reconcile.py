@@ -175,8 +175,9 @@ def reconcile(key: Key, store: Store, settings: Settings, kube: Cluster) -> floa
     jobs, pods = store.children(key)
     seen = store.seen_progress(key)
     observed = observe(name, restarts, jobs, pods, (seen.pod, seen.progress) if seen else None)
-    observed = replace(observed, workload=store.workload_of(key, observed.job))
     at = now()
+    observed = replace(observed, workload=store.workload_of(key, observed.job),
+                       resumed_seen=store.resume_seen(observed.job, at))  # fmt: skip
     decision = derive(spec, name, meta.get("generation"), status, observed, at, settings.prices)
     if decision.action == "create":
         others = [other for k in store.keys() if k != key and (other := store.ftj(k)) is not None]
@@ -212,7 +213,8 @@ def reconcile(key: Key, store: Store, settings: Settings, kube: Cluster) -> floa
         act(body, spec, decision, observed, store, settings, kube)
         jobs, pods = store.children(key)
         observed = observe(name, restarts, jobs, pods, None)
-        observed = replace(observed, workload=store.workload_of(key, observed.job))
+        observed = replace(observed, workload=store.workload_of(key, observed.job),
+                           resumed_seen=store.resume_seen(observed.job, at))  # fmt: skip
         decision = derive(spec, name, meta.get("generation"), status, observed, at, settings.prices)
         decision = Decision(status=decision.status, event=decision.event)  # created already
     # Before any eviction: ask rank 0 for a checkpoint, keep status.lastCheckpoint current, and hold the
@@ -448,7 +450,7 @@ def act(
         restart_in_place(ns, name, restarts, observed, store, kube)
     elif decision.action == "recreate" and job is not None:
         log.warning("%s/%s: the Job controller does not update Job %s (%s): replacing the Job", ns, name,
-                    job["metadata"]["name"], job_stuck(job, observed.all_pods, now()))  # fmt: skip
+                    job["metadata"]["name"], job_stuck(job, observed.all_pods, now(), observed.resumed_seen))  # fmt: skip
         left = kube.delete_job(ns, job["metadata"]["name"], propagation="Background")
         if left is not None:
             store.put_child("Job", left)

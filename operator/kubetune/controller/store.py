@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from kubetune.api.models import CheckpointRecord, Progress
 from kubetune.api.names import COMPLETION_INDEX, LABEL_JOB, LABEL_RESTART
+from kubetune.status.derive import resumed_unseen
 
 Key = tuple[str, str]
 """(namespace, FineTuneJob name)."""
@@ -104,6 +106,8 @@ class Store:
     progress: dict[Key, Seen] = field(default_factory=dict)
     asks: dict[Key, Ask] = field(default_factory=dict)
     """Checkpoint requests outstanding, per FineTuneJob (memory only: an operator restart asks again)."""
+    _resumed: dict[str, datetime] = field(default_factory=dict)
+    """Job uid -> when this operator first saw it resumed while its status still said Suspended."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ---------------------------------------------------------------- FineTuneJobs
@@ -120,6 +124,17 @@ class Store:
                 return False
             self.ftjs[key] = obj
         return True
+
+    def resume_seen(self, job: dict[str, Any] | None, at: datetime) -> datetime | None:
+        """When the Job was first seen resumed with its status still Suspended (`at` the first time); None, and
+        forgotten, once its status has caught up (memory only: after a restart, dated from the first pass)."""
+        uid = (job or {}).get("metadata", {}).get("uid")
+        with self._lock:
+            if not uid or not resumed_unseen(job):
+                if uid:
+                    self._resumed.pop(uid, None)
+                return None
+            return self._resumed.setdefault(uid, at)
 
     def drop_ftj(self, key: Key) -> None:
         with self._lock:

@@ -64,6 +64,8 @@ class Observed:
     """What rank 0 reported, if it could be read."""
     workload: dict[str, Any] | None = None
     """Kueue's Workload for the current Job (a Job with Kueue's queue label), once the watch has shown it."""
+    resumed_seen: datetime | None = None
+    """When the operator first saw the Job resumed while its status still said Suspended (`resumed_unseen`)."""
 
 
 @dataclass(frozen=True)
@@ -387,17 +389,29 @@ unsuspended job", for good), so it will neither let the pod go nor replace it.""
 JOB_TRACKING_FINALIZER: Final = "batch.kubernetes.io/job-tracking"
 
 
-def job_stuck(job: dict[str, Any], pods: list[dict[str, Any]], now: datetime) -> str | None:
+def resumed_unseen(job: dict[str, Any] | None) -> bool:
+    """The Job is resumed (spec.suspend false) but its status still says Suspended: the Job controller has not
+    caught up yet, or (Kubernetes 1.32, `job_stuck`) never will."""
+    return (
+        job is not None
+        and not (job.get("spec") or {}).get("suspend")
+        and _job_condition(job, "Suspended") is not None
+    )
+
+
+def job_stuck(
+    job: dict[str, Any], pods: list[dict[str, Any]], now: datetime, resumed_seen: datetime | None = None
+) -> str | None:
     """What shows that the Job controller cannot update the Job, if anything: a stopped, deleted pod it has not let
-    go of for JOB_STUCK_SECONDS, or a Job resumed that long ago whose status still says Suspended."""
+    go of for JOB_STUCK_SECONDS, or a Job resumed that long ago whose status still says Suspended. The resume is
+    dated by the later of the Suspended condition's transition and `resumed_seen` (when the operator first saw the
+    Job resumed): a queue that held the Job for minutes and resumed it a moment ago (Kueue, after a preemption)
+    left a Suspended condition minutes old that the Job controller is about to turn over."""
     suspended = _job_condition(job, "Suspended")
     since = elastic.parse_time((suspended or {}).get("lastTransitionTime"))
-    if (
-        suspended is not None
-        and not (job.get("spec") or {}).get("suspend")
-        and since is not None
-        and (now - since).total_seconds() > JOB_STUCK_SECONDS
-    ):
+    if since is not None and resumed_seen is not None:
+        since = max(since, resumed_seen)
+    if resumed_unseen(job) and since is not None and (now - since).total_seconds() > JOB_STUCK_SECONDS:
         return f"Job {job['metadata'].get('name')} resumed but still Suspended"
     for pod in pods:
         meta = pod.get("metadata") or {}
@@ -622,7 +636,7 @@ def derive(
         action == "none"
         and job is not None
         and phase not in TERMINAL
-        and job_stuck(job, observed.all_pods, now)
+        and job_stuck(job, observed.all_pods, now, observed.resumed_seen)
     ):
         action = "recreate"  # the Job cannot go on: a new one (the next pass creates it once the old pods are gone)
 
