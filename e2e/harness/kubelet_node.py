@@ -47,6 +47,7 @@ from .netns import (
     KUBERNETES_IP,
     NodeNet,
     cgroup_pids,
+    kill_all,
     make_cgroup,
     node_ip,
     pod_cidr,
@@ -222,20 +223,9 @@ class KubeletNode(StartStop):
         """Kill what is left of this node, unmount, end its network namespace, delete its copy of the
         containerd root and its cgroups. Returns what could not be removed."""
         problems: list[str] = []
-        for _ in range(50):
-            pids = self._shims() + cgroup_pids([self.cgroup_root])
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
-        else:
-            problems.append(
-                f"{self.name}: processes still alive: {self._shims() + cgroup_pids([self.cgroup_root])}"
-            )
+        left = kill_all(lambda: self._shims() + cgroup_pids([self.cgroup_root]))
+        if left:
+            problems.append(f"{self.name}: processes still alive: {left}")
         for mp in sorted(self._mounts(), key=len, reverse=True):
             subprocess.run(self.ns.argv(["umount", "-l", mp]), capture_output=True)
         if left := self._mounts():

@@ -24,7 +24,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 NODE_IP = "10.1.0.1"
@@ -120,18 +120,9 @@ class Namespace:
         problems: list[str] = []
         if self.holder is None:
             return problems
-        for _ in range(50):
-            pids = self._members() + cgroup_pids(self.cgroups)
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
-        else:
-            problems.append(f"processes still alive: {self._members() + cgroup_pids(self.cgroups)}")
+        left = kill_all(lambda: self._members() + cgroup_pids(self.cgroups))
+        if left:
+            problems.append(f"processes still alive: {left}")
         problems += remove_cgroups(self.cgroups)
         self.holder.kill()
         self.holder.wait()
@@ -154,6 +145,21 @@ def _tree(roots: Iterable[str]) -> list[Path]:
             if top.is_dir():
                 out += [Path(d) for d, _, _ in os.walk(top)]
     return out
+
+
+def kill_all(pids: Callable[[], list[int]], tries: int = 50) -> list[int]:
+    """SIGKILL what `pids()` lists until it lists nothing (every 0.1 s, `tries` times): what is still alive."""
+    for _ in range(tries):
+        alive = pids()
+        if not alive:
+            return []
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    return pids()
 
 
 def cgroup_pids(roots: Iterable[str]) -> list[int]:
