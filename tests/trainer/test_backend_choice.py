@@ -132,3 +132,27 @@ def test_sizes_of_real_architectures(tmp_path: Path) -> None:
     big = model_mod.ddp_state_bytes(spec("full"), config_dir(tmp_path / "b", QWEN_7B), on_gpu=False)
     assert 0.49e9 * 20 < small < 0.50e9 * 20  # 494 M parameters, fp32 weights + 4 fp32 copies each
     assert 7.6e9 * 20 < big < 7.7e9 * 20
+
+
+def test_deepspeed_on_a_cpu_without_a_build_tool_runs_its_collectives_over_torch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The trainer image has no ninja: DeepSpeed's CPU accelerator would fail its process group's start trying to
+    compile its shared-memory collectives; the op is marked unavailable and DeepSpeed goes without it."""
+    import deepspeed.ops
+    import torch.utils.cpp_extension as cpp
+    from deepspeed.comm.torch import build_shm_op
+    from kubetune_trainer.backend import skip_unbuildable_shm_op
+
+    def no_ninja() -> None:
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(deepspeed.ops, "__compatible_ops__", {"deepspeed_shm_comm": True}, raising=False)
+    monkeypatch.setattr(cpp, "verify_ninja_availability", no_ninja)
+    assert skip_unbuildable_shm_op() is True
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    assert build_shm_op() is None  # DeepSpeed's own check: no op, so its TorchBackend uses torch.distributed
+    monkeypatch.undo()
+    monkeypatch.setattr(deepspeed.ops, "__compatible_ops__", {"deepspeed_shm_comm": True}, raising=False)
+    assert skip_unbuildable_shm_op() is False  # ninja here: left for DeepSpeed to build
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is True

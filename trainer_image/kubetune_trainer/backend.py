@@ -107,6 +107,23 @@ def deepspeed_config(
     }
 
 
+def skip_unbuildable_shm_op() -> bool:
+    """DeepSpeed on CPU compiles its shared-memory collectives (deepspeed_shm_comm) when it starts its process
+    group, and fails when it cannot (the trainer image has no ninja or C++ compiler): without a build tool the
+    op is marked unavailable, and DeepSpeed runs its collectives over torch.distributed (gloo) instead. True when
+    it was skipped."""
+    from torch.utils.cpp_extension import verify_ninja_availability
+
+    try:
+        verify_ninja_availability()
+        return False
+    except RuntimeError:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        return True
+
+
 def build_accelerator(config: TrainerConfig, backend: BackendChoice, on_gpu: bool) -> Any:
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import (
@@ -129,6 +146,8 @@ def build_accelerator(config: TrainerConfig, backend: BackendChoice, on_gpu: boo
         "dataloader_config": DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=on_gpu),
     }
     if backend.deepspeed:
+        if not on_gpu:
+            skip_unbuildable_shm_op()
         ds = deepspeed_config(config.spec, config.world_size, accum, on_gpu)
         # Passing the process-group backend explicitly matters on CPU: without it Accelerate initialises
         # DeepSpeed's process group but records a single process, and every rank trains alone.
