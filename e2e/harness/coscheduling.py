@@ -10,6 +10,15 @@ The binary is kube-scheduler v1.32 with only the Coscheduling plugin registered,
 pods of the default scheduler) under the identity system:kube-scheduler plus a ClusterRole for PodGroups (what
 the release's RBAC grants its scheduler). Only the scheduler runs: scheduler-plugins' PodGroup controller (which
 writes PodGroup status phases) is not needed for the gang decision, which is the plugin's (PreFilter/Permit).
+
+It is what wakes a waiting gang, though. A pod the plugin turns away (PreFilter: the PodGroup's minResources do
+not fit) goes back to the scheduling queue only on the events the plugin registers (a pod added, a PodGroup added
+or updated; the controller updates the running gang's PodGroup when its pods finish), or when the scheduler's
+leftover flush (every 30 s) finds it unschedulable for longer than --pod-max-in-unschedulable-pods-duration
+(default 5 min). Without the controller, a gang waiting for another to finish was bound 5 min 26 s after the
+pods were rejected (test_gang_scheduler, one run). The harness sets that duration to `retry_unschedulable_s`
+(10 s): a waiting gang is tried again at each flush, so within 30 s of room appearing, and more often while it
+must still be refused.
 """
 
 from __future__ import annotations
@@ -30,10 +39,13 @@ ROLE = "kubetune-e2e-coscheduling"
 
 
 class Coscheduling(StartStop):
-    def __init__(self, cluster: Any, workdir: Path, permit_waiting_seconds: int = 10) -> None:
+    def __init__(
+        self, cluster: Any, workdir: Path, permit_waiting_seconds: int = 10, retry_unschedulable_s: int = 10
+    ) -> None:
         self.cluster = cluster
         self.dir = workdir
         self.permit_waiting_seconds = permit_waiting_seconds
+        self.retry_unschedulable_s = retry_unschedulable_s
         self.proc: Proc | None = None
 
     @property
@@ -77,7 +89,7 @@ class Coscheduling(StartStop):
         (d / "config.yaml").write_text(yaml.safe_dump(config))
         argv = [str(binary), f"--config={d / 'config.yaml'}", f"--authentication-kubeconfig={kubeconfig}",
                 f"--authorization-kubeconfig={kubeconfig}", "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
-                "--v=2"]  # fmt: skip
+                f"--pod-max-in-unschedulable-pods-duration={self.retry_unschedulable_s}s", "--v=2"]  # fmt: skip
         ns = getattr(c, "ns", None)
         self.proc = Proc("coscheduling", ns.argv(argv) if ns is not None else argv, self.log)
         deadline = time.monotonic() + 60
