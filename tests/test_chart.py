@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.e2e_build  # helm: after the other tests under tests/ (tests/conftest.py)
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "kubetune"
 BUILD_SH = ROOT / "e2e" / "harness" / "build.sh"

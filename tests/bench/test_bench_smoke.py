@@ -137,6 +137,7 @@ def test_operator_scale_posts_valid_finetunejobs() -> None:
         assert job.spec.run_policy.suspend
 
 
+@pytest.mark.e2e_build
 @pytest.mark.slow  # a control plane and the operator: ~1-2 min on two shared cores
 def test_operator_scale_smoke(tmp_path: Path) -> None:
     binaries = _bench_module("harness.binaries")
@@ -159,6 +160,7 @@ def test_operator_scale_smoke(tmp_path: Path) -> None:
     assert result["operator_log_errors"] == 0, (tmp_path / "work" / "operator.log").read_text()[-4000:]
 
 
+@pytest.mark.e2e_build
 @pytest.mark.slow  # a control plane, Kueue and the operator: ~2-3 min on two shared cores
 def test_kueue_scale_smoke(tmp_path: Path) -> None:
     binaries = _bench_module("harness.binaries")
