@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
@@ -343,17 +344,18 @@ def steady(api: Any, suite: ModuleType, op: ops.Operator, ns: str, total: int, r
     t0 = time.monotonic()
 
     def post(prefix: str, count: int) -> None:
-        for i in range(count):
-            doc = suite.job_doc(
-                f"{prefix}-{i:04d}", ops.FakeS3, ops.FakeS3.data, steps=1_000_000, **{"distributed.nodes": 1}
-            )
-            doc.update(apiVersion=f"{GROUP}/{VERSION}", kind="FineTuneJob")
-            doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": QUEUE}
-            ops.done(
-                custom.create_namespaced_custom_object(
-                    GROUP, VERSION, ns, PLURAL, doc, _preload_content=False
-                )
-            )
+        with ThreadPoolExecutor(8) as pool:  # one client at a time took most of the ramp on a busy machine
+            list(pool.map(lambda i: post_one(prefix, i), range(count)))
+
+    def post_one(prefix: str, i: int) -> None:
+        doc = suite.job_doc(
+            f"{prefix}-{i:04d}", ops.FakeS3, ops.FakeS3.data, steps=1_000_000, **{"distributed.nodes": 1}
+        )
+        doc.update(apiVersion=f"{GROUP}/{VERSION}", kind="FineTuneJob")
+        doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": QUEUE}
+        ops.done(
+            custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, doc, _preload_content=False)
+        )
 
     post("run", running)
     print(f"  {running} running FineTuneJobs POSTed in {time.monotonic() - t0:.0f}s", flush=True)
@@ -437,6 +439,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--steady", type=int, default=0, help="FineTuneJobs in the steady state, all told (0: skip)"
     )
+    ap.add_argument(
+        "--steady-only",
+        action="store_true",
+        help="skip the queue phases: the steady state alone (none finished)",
+    )
     ap.add_argument("--running", type=int, default=1000, help="of those, running (default 1000)")
     ap.add_argument("--window", type=float, default=120, help="measuring windows, seconds")
     ap.add_argument(
@@ -487,12 +494,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from kubetune.api.trainer_config import DEFAULT_PROGRESS_PORT
 
         stubs = ops.ProgressStubs(DEFAULT_PROGRESS_PORT)
-        bare_kubelet = Kubelet(api, bare_ns, stubs, a.run_seconds)
-        result["bare"] = bare = bare_queue(api, bare_ns, a.jobs, bare_kubelet, a.timeout, meter)
-        bare_kubelet.stop()
-        print(f"bare: {a.jobs} Jobs through Kueue ({a.quota} at a time): all started {bare['all_started_seconds']:.1f}s, "
-              f"all Complete {bare['all_complete_seconds']:.1f}s", flush=True)  # fmt: skip
-        save()
+        if not a.steady_only:
+            bare_kubelet = Kubelet(api, bare_ns, stubs, a.run_seconds)
+            result["bare"] = bare = bare_queue(api, bare_ns, a.jobs, bare_kubelet, a.timeout, meter)
+            bare_kubelet.stop()
+            print(f"bare: {a.jobs} Jobs through Kueue ({a.quota} at a time): all started {bare['all_started_seconds']:.1f}s, "
+                  f"all Complete {bare['all_complete_seconds']:.1f}s", flush=True)  # fmt: skip
+            save()
         op = ops.Operator(
             kubeconfig, work / "operator.log", list(suite.NAMESPACES.values()), a.poll_interval, {}
         )
@@ -500,27 +508,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ops.wait(op.healthy, 60, "operator liveness", 0.5)
             meter.procs["operator"] = op.proc.pid
             result["operator_rss_idle_mib"] = op.rss_mib()
-            kubelet = Kubelet(api, ns, stubs, a.run_seconds)
-            flow0 = operator_requests(api)
-            result["kubetune"] = kt = kubetune_queue(
-                api, suite, ns, a.jobs, not a.no_pod_group, a.timeout, meter
-            )
-            kt["operator_requests"] = operator_requests(api) - flow0
-            kt["operator_requests_per_job"] = kt["operator_requests"] / a.jobs
-            result["operator_rss_after_queue_mib"] = op.rss_mib()
-            for k in ("all_started_seconds", "all_finished_seconds"):
-                b = bare["all_started_seconds" if k == "all_started_seconds" else "all_complete_seconds"]
-                result[k.replace("_seconds", "_ratio")] = (kt[k] / b) if kt[k] and b else None
-            print(f"kubetune: {a.jobs} FineTuneJobs through Kueue: all started {kt['all_started_seconds'] or float('nan'):.1f}s "
-                  f"({result['all_started_ratio'] or float('nan'):.2f}x bare), all finished {kt['all_finished_seconds']:.1f}s "
-                  f"({result['all_finished_ratio'] or float('nan'):.2f}x bare); outcomes {kt['outcomes']}; "
-                  f"{kt['operator_requests_per_job']:.1f} operator requests/job; phases/job {kt['phases_per_job_mean']:.1f}, "
-                  f"status writes seen/job {kt['status_writes_seen_per_job_mean']:.1f}", flush=True)  # fmt: skip
-            save()
-            kubelet.stop()
+            if not a.steady_only:
+                kubelet = Kubelet(api, ns, stubs, a.run_seconds)
+                flow0 = operator_requests(api)
+                result["kubetune"] = kt = kubetune_queue(
+                    api, suite, ns, a.jobs, not a.no_pod_group, a.timeout, meter
+                )
+                kt["operator_requests"] = operator_requests(api) - flow0
+                kt["operator_requests_per_job"] = kt["operator_requests"] / a.jobs
+                result["operator_rss_after_queue_mib"] = op.rss_mib()
+                for k in ("all_started_seconds", "all_finished_seconds"):
+                    b = bare["all_started_seconds" if k == "all_started_seconds" else "all_complete_seconds"]
+                    result[k.replace("_seconds", "_ratio")] = (kt[k] / b) if kt[k] and b else None
+                print(f"kubetune: {a.jobs} FineTuneJobs through Kueue: all started {kt['all_started_seconds'] or float('nan'):.1f}s "
+                      f"({result['all_started_ratio'] or float('nan'):.2f}x bare), all finished {kt['all_finished_seconds']:.1f}s "
+                      f"({result['all_finished_ratio'] or float('nan'):.2f}x bare); outcomes {kt['outcomes']}; "
+                      f"{kt['operator_requests_per_job']:.1f} operator requests/job; phases/job {kt['phases_per_job_mean']:.1f}, "
+                      f"status writes seen/job {kt['status_writes_seen_per_job_mean']:.1f}", flush=True)  # fmt: skip
+                save()
+                kubelet.stop()
             if a.steady:
+                finished = 0 if a.steady_only else a.jobs
                 kubelet = Kubelet(api, ns, stubs, 0)
-                result["steady"] = s = steady(api, suite, op, ns, a.steady, a.running, a.jobs, stubs, a.window,
+                result["steady"] = s = steady(api, suite, op, ns, a.steady, a.running, finished, stubs, a.window,
                                               a.poll_interval, a.timeout, kctl)  # fmt: skip
                 kubelet.stop()
                 print(f"steady {a.steady}: RSS max {s['operator_rss_mib_max']:.0f} MiB; operator {s['operator_requests_per_min']:.0f} "
