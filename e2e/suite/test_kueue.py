@@ -5,6 +5,8 @@ the FineTuneJob's kueue.x-k8s.io/priority-class label."""
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -13,8 +15,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import Kctl, job_doc, wait_for
+from conftest import ROOT, Kctl, checkpoints, job_doc, wait_for
 from harness import binaries
+from harness.cluster import KUBECTL
 from harness.kueue import Kueue
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -198,3 +201,146 @@ def test_a_gang_restart_keeps_its_place_in_the_queue(kueue, cluster, kctl, suite
         after
     )
     assert b_state.get("reason") == "QueuedByKueue", b_state
+
+
+PREEMPTION = ROOT / "examples" / "kueue-preemption.yaml"
+LOW_STEPS = 150
+
+
+def preemption_example() -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """examples/kueue-preemption.yaml: its Kueue objects as written (priorities, ClusterQueue with its preemption
+    policy, LocalQueue), the ClusterQueue's quota sized for the harness (cpu 300m: room for one of the two 2-pod
+    jobs of 2 x 100m; CPU binds here, the jobs ask no GPUs); and its FineTuneJobs, for their labels."""
+    docs = list(yaml.safe_load_all(PREEMPTION.read_text()))
+    queue_docs = [d for d in docs if d["apiVersion"].startswith("kueue.x-k8s.io/")]
+    for d in queue_docs:
+        if d["kind"] == "ClusterQueue":
+            for flavor in d["spec"]["resourceGroups"][0]["flavors"]:
+                for r in flavor["resources"]:
+                    r["nominalQuota"] = {"cpu": "300m", "memory": "8Gi"}.get(r["name"], r["nominalQuota"])
+    return queue_docs, {d["metadata"]["name"]: d for d in docs if d["kind"] == "FineTuneJob"}
+
+
+def workload_of(kueue: Kueue, ns: str, job: str) -> dict[str, Any] | None:
+    return next((w for w in kueue.workloads(ns) if w["metadata"]["ownerReferences"][0]["name"] == job), None)
+
+
+def rank0(kctl: Kctl, ns: str, name: str) -> str | None:
+    """The name of the job's running rank 0 (not being deleted)."""
+    for p in kctl.get(ns, "pods", None, f"-l=kubetune.io/job-name={name}") or []:
+        meta = p["metadata"]
+        if (
+            meta["annotations"].get("batch.kubernetes.io/job-completion-index") == "0"
+            and not meta.get("deletionTimestamp")
+            and p["status"].get("phase") == "Running"
+        ):
+            return str(meta["name"])
+    return None
+
+
+def test_a_higher_priority_job_preempts_a_lower_one_which_resumes_from_a_checkpoint_taken_then(
+    kueue, cluster, kctl, suite_ns, s3, s3_data, node, tmp_path
+):
+    """research-lora (priority 100) trains, with no scheduled checkpoint (checkpointSteps past maxSteps: every
+    checkpoint in S3 was written because its pods were stopped); production-lora (10000) arrives and does not fit.
+    Kueue preempts research-lora (Evicted, Preempted); its status and Events say so; its ranks write a checkpoint at
+    or after the step shown when production-lora was applied, at most one step behind the last step the preempted
+    gang logged; production-lora runs and succeeds; Kueue admits research-lora again, which resumes from that
+    checkpoint and succeeds."""
+    started = time.monotonic()
+    low_name, high_name = "research-lora", "production-lora"
+    queue_docs, examples = preemption_example()
+    kctl.apply(suite_ns, yaml.safe_dump_all(queue_docs))
+    # 30 s grace: an evicted pod that lingers after its checkpoint (seen once in test_eviction) is not waited on
+    # 150 steps: the status's step lags rank 0 by up to a poll interval; the job must still be training when preempted
+    low = job_doc(
+        low_name, s3, s3_data, steps=LOW_STEPS, checkpoint_steps=1_000_000, terminationGracePeriodSeconds=30
+    )
+    low["metadata"]["labels"] = examples[low_name]["metadata"]["labels"]
+    high = job_doc(high_name, s3, s3_data, steps=6, checkpoint_steps=6)
+    high["metadata"]["labels"] = examples[high_name]["metadata"]["labels"]
+    kctl.apply(suite_ns, low)
+
+    def step() -> int:
+        return int((kctl.status(suite_ns, low_name).get("progress") or {}).get("step") or 0)
+
+    wait_for("research-lora training", lambda: step() >= 4 and rank0(kctl, suite_ns, low_name), 300, 0.5)
+    pod0 = rank0(kctl, suite_ns, low_name)
+    preempted_log = tmp_path / "preempted-rank0.log"
+    # the preempted rank 0's whole log, to its exit (its pod is deleted then)
+    with preempted_log.open("w") as out:
+        follow = subprocess.Popen([KUBECTL, f"--kubeconfig={cluster.kubeconfig}", "-n", suite_ns, "logs", "-f",
+                                   "-c", "trainer", str(pod0)], stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        assert not checkpoints(s3, low_name)
+        at_apply, t_apply = step(), time.monotonic()
+        kctl.apply(suite_ns, high)
+
+        def evicted() -> dict[str, Any] | None:
+            wl = workload_of(kueue, suite_ns, f"{low_name}-r0") or {}
+            conds = wl.get("status", {}).get("conditions") or []
+            return next((c for c in conds if c["type"] == "Evicted" and c["status"] == "True"), None)
+
+        eviction = wait_for("Kueue to preempt research-lora", evicted, 120, 0.5)
+        t_evicted = time.monotonic()
+        assert eviction["reason"] == "Preempted", eviction
+        assert "prioritization in the ClusterQueue" in eviction["message"], eviction
+
+        def shown() -> dict[str, Any] | None:
+            status = kctl.status(suite_ns, low_name)
+            admitted = condition(status, "Admitted")
+            return (
+                status
+                if status.get("phase") == "Pending" and admitted.get("reason") == "EvictedByKueue"
+                else None
+            )
+
+        status = wait_for("research-lora Pending, EvictedByKueue", shown, 60, 0.5)
+        assert status["message"].startswith(
+            "Evicted by Kueue (Preempted): Preempted to accommodate a workload"
+        )
+        assert condition(status, "Admitted")["status"] == "False"
+        follow.wait(timeout=120)
+    finally:
+        follow.kill()
+    trained = [int(m) for m in re.findall(rf"step (\d+)/{LOW_STEPS} loss", preempted_log.read_text())]
+    assert trained, preempted_log.read_text()[-2000:]
+    written = checkpoints(s3, low_name)  # its pods are gone: all it wrote on the way out
+    assert written and min(written) >= at_apply, (written, at_apply)  # taken after the preemption began
+
+    wait_for("production-lora Succeeded", lambda: kctl.phase(suite_ns, high_name) == "Succeeded", 600, 1)
+    wait_for("research-lora admitted again",
+             lambda: condition(kctl.status(suite_ns, low_name), "Admitted").get("status") == "True", 120, 1)  # fmt: skip
+
+    def resumed() -> int | None:
+        pod = rank0(kctl, suite_ns, low_name)
+        found = re.search(r"resumed from checkpoint step (\d+)", node.logs(suite_ns, pod)) if pod else None
+        return int(found.group(1)) if found else None
+
+    resumed_at = wait_for("research-lora resumed", resumed, 300, 1)
+    t_resumed = time.monotonic()
+    assert resumed_at == max(written), (resumed_at, written)  # the newest checkpoint, the preemption's
+    assert resumed_at >= max(trained) - 1, (resumed_at, max(trained))  # at most one optimizer step lost
+
+    events = kctl.get(suite_ns, "events", None, f"--field-selector=involvedObject.name={low_name}") or []
+    said = {e["reason"]: (e["type"], e["message"]) for e in events}
+    assert (
+        said["EvictedByKueue"][0] == "Warning" and "Preempted to accommodate" in said["EvictedByKueue"][1]
+    ), said
+    assert "Kueue evicted the workload: Preempted" in said["CheckpointRequested"][1], said
+    written_event = said["CheckpointWritten"][1]
+    assert "Kueue evicted the workload: Preempted" in written_event, said
+    event_step = re.search(r"Checkpoint at step (\d+)", written_event)
+    assert event_step is not None and int(event_step.group(1)) in written, (written_event, written)
+
+    wait_for("research-lora Succeeded", lambda: kctl.phase(suite_ns, low_name) == "Succeeded", 600, 1)
+    final = kctl.status(suite_ns, low_name)
+    assert not final.get("restarts"), final  # a preemption is not a gang restart
+    priorities = {
+        w["metadata"]["ownerReferences"][0]["name"]: w["spec"]["priority"] for w in kueue.workloads(suite_ns)
+    }
+    assert priorities[f"{low_name}-r0"] == 100 and priorities[f"{high_name}-r0"] == 10000, priorities
+    print(f"\n[kueue] preemption: {high_name} applied at step {at_apply}, Evicted {t_evicted - t_apply:.1f}s later; "
+          f"preempted gang's last step {max(trained)}, checkpoints {written}; resumed from {resumed_at} "
+          f"{t_resumed - t_apply:.0f}s after; lastCheckpoint {final.get('lastCheckpoint')}, restarts {final.get('restarts')}; events "
+          f"{sorted(said)}; whole test {time.monotonic() - started:.0f}s", file=sys.stderr)  # fmt: skip
