@@ -243,11 +243,13 @@ class NodeNet:
         self.holder = subprocess.Popen(
             self.ns.argv(["unshare", "--net", "--", "sleep", "infinity"]), start_new_session=True
         )
-        theirs = os.readlink(f"/proc/{self.ns.pid}/ns/net")
+        # the holder's own namespace: neither ours (nsenter has not entered the cluster's yet) nor the cluster's
+        # (unshare has not run yet); moving eth0 into either would leave the node without it
+        before = {os.readlink(f"/proc/{self.ns.pid}/ns/net"), os.readlink("/proc/self/ns/net")}
         deadline = time.monotonic() + 10
         while True:
             try:
-                if os.readlink(f"/proc/{self.pid}/ns/net") != theirs:
+                if os.readlink(f"/proc/{self.pid}/ns/net") not in before:
                     break
             except OSError:
                 pass
