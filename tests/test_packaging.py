@@ -188,8 +188,8 @@ def test_license_file_is_apache_2() -> None:
 
 
 def test_trainer_dockerfile_torch_pin_is_the_constraints_pin() -> None:
-    """trainer_image/Dockerfile installs torch alone first (its own layer, GBs), from its TORCH build argument;
-    the constraints then hold it. A bump in one place and not the other would install two versions."""
+    """trainer_image/Dockerfile takes torch from its base and refuses a base whose torch is not its TORCH build
+    argument; the constraints pin the same torch. A bump in one place and not the other would fail every build."""
     arg = next(
         line.split("=", 1)[1]
         for line in (ROOT / "trainer_image/Dockerfile").read_text().splitlines()
