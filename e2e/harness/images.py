@@ -510,6 +510,7 @@ def standin_base() -> str:
     try:
         image_id = _buildah("pull", "--quiet", f"oci:{link}:standin", quiet=True).strip().splitlines()[-1]
         _buildah("tag", image_id, image.name, quiet=True)
+        _buildah("rmi", f"localhost{link}:latest", quiet=True)  # the name the pull gave it (untagged only)
     finally:
         link.unlink(missing_ok=True)
         shutil.rmtree(layout, ignore_errors=True)
@@ -574,15 +575,19 @@ def context_key(kind: str, base: str) -> str:
 
 
 def _built(kind: str, name: str, key: str) -> LayoutImage | None:
-    """The layout's image of `kind` if it was built from this context (its key stamp) and is whole."""
+    """The layout's image of `kind` if it was built from this context: its stamp holds the context key and the
+    manifest digest pushed then, and the layout still holds that manifest whole (another checkout sharing the
+    cache may have pushed its own build since)."""
     layout = dockerfiles_dir() / "oci"
     stamp = layout / f"{kind}.key"
-    if not stamp.exists() or stamp.read_text() != key or not _has_image(name):
+    if not stamp.exists() or stamp.read_text().split()[:1] != [key]:
         return None
     image = LayoutImage(name, layout, kind)
     try:
-        image.manifest()
+        digest = image.manifest()[0]
     except (StopIteration, OSError, ValueError):
+        return None
+    if stamp.read_text().split()[1:] != [digest]:
         return None
     return image if all(isinstance(b, bytes) or b.exists() for b in image.blobs.values()) else None
 
@@ -619,9 +624,10 @@ def build_dockerfile(kind: str, name: str, base: str, wheels: Path) -> LayoutIma
         _seed_layout(standin_image(), layout)
     (layout / f"{kind}.key").unlink(missing_ok=True)
     _buildah("push", "--quiet", "--disable-compression", name, f"oci:{layout}:{kind}")
-    (layout / f"{kind}.key").write_text(context_key(kind, base))
+    image = LayoutImage(name, layout, kind)
+    (layout / f"{kind}.key").write_text(f"{context_key(kind, base)} {image.manifest()[0]}")
     _log(f"{kind} image built from {dockerfile} in {time.monotonic() - t0:.0f}s")
-    return LayoutImage(name, layout, kind)
+    return image
 
 
 class LayoutImage(Image):
