@@ -329,6 +329,17 @@ def operator_requests(admin: Any) -> float:
     return ops.flow_requests(admin).get(OPERATOR_FLOW, 0.0)
 
 
+def queued_by_kueue(custom: Any, ns: str) -> int:
+    """FineTuneJobs of `ns` whose status gives Kueue's reason for their wait (QueuedByKueue)."""
+    items = json.loads(
+        custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, _preload_content=False).data
+    )["items"]
+    reasons = [{c.get("reason") for c in (o.get("status") or {}).get("conditions") or []} for o in items]
+    n = sum(1 for r in reasons if "QueuedByKueue" in r)
+    print(f"  {n} of {len(items)} FineTuneJobs queued in Kueue's words", flush=True)
+    return n
+
+
 def steady(api: Any, suite: ModuleType, op: ops.Operator, ns: str, total: int, running: int, finished: int,
            stubs: ops.ProgressStubs, window: float, poll: float, timeout: float, kctl: Any) -> dict[str, Any]:  # fmt: skip
     """`finished` jobs are already there; `running` more run, the rest (total - finished - running) queue."""
@@ -373,6 +384,11 @@ def steady(api: Any, suite: ModuleType, op: ops.Operator, ns: str, total: int, r
     t1 = time.monotonic()
     post("wait", queued)
     ops.wait(lambda: reached(lambda p: p.get("Pending", 0) >= queued), timeout, f"{queued} queued", 10.0)
+    # Pending is the operator's first word, before Kueue has a Workload for the Job: the steady state begins
+    # when Kueue has looked at every queued job (its words in the status), not while it works through them.
+    ops.wait(
+        lambda: queued_by_kueue(custom, ns) >= queued, timeout, f"{queued} queued in Kueue's words", 10.0
+    )
     queue_ramp = time.monotonic() - t1
     print(
         f"  steady: {last} ({ramp:.0f}s to run, {queue_ramp:.0f}s to queue); measuring {window:.0f}s",

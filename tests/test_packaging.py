@@ -188,8 +188,8 @@ def test_license_file_is_apache_2() -> None:
 
 
 def test_trainer_dockerfile_torch_pin_is_the_constraints_pin() -> None:
-    """trainer_image/Dockerfile installs torch alone first (its own layer, GBs), from its TORCH build argument;
-    the constraints then hold it. A bump in one place and not the other would install two versions."""
+    """trainer_image/Dockerfile takes torch from its base and refuses a base whose torch is not its TORCH build
+    argument; the constraints pin the same torch. A bump in one place and not the other would fail every build."""
     arg = next(
         line.split("=", 1)[1]
         for line in (ROOT / "trainer_image/Dockerfile").read_text().splitlines()
@@ -201,6 +201,28 @@ def test_trainer_dockerfile_torch_pin_is_the_constraints_pin() -> None:
         if line.startswith("torch==")
     ]
     assert pins == [arg], f"trainer_image/Dockerfile ARG TORCH={arg}; .ci/constraints.txt pins {pins}"
+
+
+def test_trainer_dockerfile_refuses_a_base_without_the_pinned_torch() -> None:
+    """The Dockerfile's check of its BASE's torch (run as written, by this venv's Python, which has the pinned
+    torch): passes for the pin, and for another pin or no torch fails with one line naming the base and the fix."""
+    text = (ROOT / "trainer_image/Dockerfile").read_text()
+    start = text.index("python -c 'import sys, importlib.metadata") + len("python -c '")
+    code = text[start : text.index("' \\\n", start)].replace("\\\n", "")
+    pin = next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ARG TORCH="))
+
+    def check(want: str, *flags: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, *flags, "-c", code, want, "example/base:1"]
+        return subprocess.run(argv, capture_output=True, text=True)
+
+    assert check(pin).returncode == 0
+    bad = check("torch==2.10.0")
+    assert bad.returncode == 1
+    assert bad.stderr == (
+        "BASE example/base:1 has torch 2.11.0; kubetune pins 2.10.0: use a BASE whose python3 has torch 2.10.0\n"
+    )
+    none = check(pin, "-S")  # no site-packages: a base without torch
+    assert none.returncode == 1 and none.stderr.startswith("BASE example/base:1 has torch none;"), none.stderr
 
 
 def test_dockerfiles_install_what_pyproject_declares() -> None:

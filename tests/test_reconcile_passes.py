@@ -929,3 +929,42 @@ def test_every_write_of_a_pass_is_needed_again_only_when_something_changes() -> 
     world.reconcile()
     world.reconcile()
     assert world.kube.writes() == []
+
+
+def test_the_store_keeps_no_copy_of_the_pod_template() -> None:
+    """Every job's Job and Workload stay in memory: the pod template they carry (twice) is not kept, what the
+    operator reads of them is."""
+    from kubetune.controller.store import Store
+
+    store = Store()
+    template = {
+        "metadata": {"labels": {"a": "b"}},
+        "spec": {"containers": [{"name": "trainer", "image": "x"}]},
+    }
+    owner = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "name": "j",
+        "uid": "u1",
+        "controller": True,
+    }
+    job = {"apiVersion": "batch/v1", "kind": "Job",
+           "metadata": {"name": "j-r0", "namespace": "ns", "uid": "job-uid", "resourceVersion": "5",
+                        "ownerReferences": [owner], "managedFields": [{"manager": "x"}],
+                        "labels": {"kubetune.io/job-name": "j"}},
+           "spec": {"suspend": True, "parallelism": 2, "podFailurePolicy": {"rules": []}, "template": template},
+           "status": {"active": 0}}  # fmt: skip
+    workload = {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload",
+                "metadata": {"name": "job-j-r0-abc", "namespace": "ns", "uid": "w", "resourceVersion": "6",
+                             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "j-r0", "uid": "job-uid"}]},
+                "spec": {"podSets": [{"name": "main", "count": 2, "template": template}]},
+                "status": {"conditions": [{"type": "QuotaReserved", "status": "False", "message": "waiting"}]}}  # fmt: skip
+    key = store.put_child("Job", job)
+    assert key is not None
+    assert store.put_child("Workload", workload) == key
+    (kept,), _ = store.children(key)
+    assert "template" not in kept["spec"] and "managedFields" not in kept["metadata"]
+    assert kept["spec"] == {"suspend": True, "parallelism": 2, "podFailurePolicy": {"rules": []}}
+    assert job["spec"]["template"] == template  # the caller's object is untouched
+    wl = store.workload_of(key, kept)
+    assert wl is not None and "spec" not in wl and wl["status"] == workload["status"]

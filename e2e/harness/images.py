@@ -1,33 +1,25 @@
-"""The operator, trainer and pause images for the real-kubelet mode, built with no daemon and no pull.
+"""The operator, trainer and pause images for the real-kubelet mode: the Dockerfiles, built with no daemon and no pull.
 
-    layers = build_all()            # cached under <cache>/images, keyed by content (one builder at a time)
-    import_all(layers, ctr_argv)    # `ctr -n k8s.io images import -` of each changed image (new
-                                    # blobs only), then prune of older versions
+    images = build_all()             # pause + operator_image/Dockerfile + trainer_image/Dockerfile (buildah, cached)
+    import_all(images, ctr_argv)     # `ctr -n k8s.io images import -` of each changed image (new
+                                     # blobs only), then prune of older versions
 
-Every image is an OCI image with uncompressed layers:
+operator_image/Dockerfile and trainer_image/Dockerfile are built by buildah (chroot isolation, the host's
+network: nothing on the host's network changes; layer cache in <cache>/images/dockerfiles/buildah), each on a
+base given as its base build argument, since no image registry is reachable here:
 
-* base: a Debian minbase root filesystem with python3, made by `mmdebstrap` (the same
-  Debian release as the CI machine, so its Python 3.11 runs the wheels of the test venv);
-* deps (one layer, or two for the trainer: torch + nvidia-* alone, ~4.6 GB and stable, then the
-  rest, which changes whenever a dependency is added): a virtualenv at /opt/kubetune holding
-  exactly the installed distributions that
-  `kubetune[operator]` (operator image) or `kubetune[trainer]` + pyarrow (trainer image)
-  require, copied from the running venv (so torch is not downloaded a second time; the
-  versions are the ones .ci/constraints.txt pins), with their console scripts;
-* app: this repository's `kubetune` and `kubetune_trainer` packages, a `kubetune` user
-  (uid 1000) and the image config of operator_image/Dockerfile / trainer_image/Dockerfile
-  (user 1000, entrypoint, PATH).
+* operator (`PYTHON_IMAGE`, python:3.11-slim by default): a Debian bookworm minbase + python3 + python3-venv
+  root filesystem made by `mmdebstrap`;
+* trainer (`BASE`, the public PyTorch image by default, which carries torch): a stand-in for it,
+  `kubetune.local/trainer-base-standin:<key>`, made of the Debian minbase + python3 (mmdebstrap), torch and its
+  CUDA wheels and Triton copied from the running venv (the versions .ci/constraints.txt pins; torch is not
+  downloaded again) and a .pth that puts them on python3's path. The Dockerfile adds the compiler, headers and
+  venv module the stand-in lacks, a venv that sees the base's torch, and kubetune's other dependencies.
 
-The names are the chart's defaults (charts/kubetune/values.yaml), so `helm install` with
-default values runs these images. What differs from the Dockerfiles: a Debian base instead
-of python:3.11-slim / the CUDA base, and the venv copied instead of `pip install`ed.
-
-`KUBETUNE_E2E_IMAGES=dockerfiles`: instead, operator_image/Dockerfile and trainer_image/Dockerfile themselves,
-built by buildah (chroot isolation, the host's network: nothing on the host's network changes) on a Debian base
-made by mmdebstrap and given as their base build argument, their pip steps reading a wheelhouse that `pip wheel`
-fills from pip's cache (--no-index --find-links), each image pushed uncompressed into an OCI layout under the
-cache and imported from there (new blobs only, like the assembled images). Not the default yet: building the
-trainer's torch layer (4.6 GB) needs about 20 GB of free disk at its peak (see e2e/README.md).
+Their pip steps read a wheelhouse that `pip wheel` fills from pip's cache (--no-index --find-links) when a
+dependency layer is not in buildah's layer cache. Each image is pushed uncompressed into an OCI layout under the
+cache and imported from there (new blobs only). The names are the chart's defaults (charts/kubetune/values.yaml),
+so `helm install` with default values runs these images.
 """
 
 from __future__ import annotations
@@ -49,7 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import tomllib
 import yaml
@@ -63,7 +55,6 @@ BASE_PACKAGES = ("python3", "ca-certificates")
 PY = f"python{sys.version_info.major}.{sys.version_info.minor}"
 VENV = "opt/kubetune"
 SITE = f"{VENV}/lib/{PY}/site-packages"
-PATH = "/opt/kubetune/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PAUSE_IMAGE = "kubetune.local/pause:e2e"
 # not needed on CPU and 640 MB: torch imports it only for torch.compile on GPUs
 SKIP_DISTS = {"triton"}
@@ -99,9 +90,10 @@ def images_dir() -> Path:
 # -- layers ------------------------------------------------------------------------------
 
 
-def _cached_layer(key: str, write: Callable[[tarfile.TarFile], None]) -> Path:
-    """<images>/layers/<key>.tar, written once by `write` (an uncompressed layer tar)."""
-    out = images_dir() / "layers" / f"{key}.tar"
+def _cached_layer(key: str, write: Callable[[tarfile.TarFile], None], where: Path | None = None) -> Path:
+    """<where, default <images>/layers>/<key>.tar, written once by `write` (an uncompressed layer tar)."""
+    out = (where or images_dir() / "layers") / f"{key}.tar"
+    out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         return out
     tmp = out.with_suffix(".tmp")
@@ -182,18 +174,6 @@ def _top_levels(dist: metadata.Distribution) -> set[str]:
     return tops
 
 
-def _scripts(dists: Sequence[metadata.Distribution]) -> dict[str, str]:
-    out = {}
-    for d in dists:
-        for ep in d.entry_points.select(group="console_scripts"):
-            mod, _, attr = ep.value.partition(":")
-            out[ep.name] = (
-                f"#!/{VENV}/bin/python\nimport sys\nfrom {mod.strip()} import {attr.strip()}\n"
-                f"sys.exit({attr.strip()}())\n"
-            )
-    return out
-
-
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = len(data), mode, 0
@@ -218,20 +198,23 @@ def _heavy(dist: metadata.Distribution) -> bool:
     return name == "torch" or name.startswith("nvidia-")
 
 
-def deps_layers(requirements: Sequence[str]) -> list[Path]:
-    """/opt/kubetune: a venv with the installed closure of `requirements` and its console scripts, as
-    up to two layers: torch + nvidia-* (~4.6 GB, stable) and everything else (changes whenever a
-    dependency is added or bumped; re-imported alone then)."""
+def standin_layers() -> list[Path]:
+    """The trainer base's stand-in layers over the Debian base: torch + nvidia-* (~4 GB, the versions the
+    constraints pin, copied from the running venv, so torch is not downloaded again), Triton, and a .pth that
+    puts them on the base python3's path (as the public PyTorch image's python has torch). The torch layer's
+    key and contents are those of the harness's earlier assembled trainer image, so a cache that holds it
+    (layer tar, containerd blob and snapshot) is reused as it is."""
     site = Path(sysconfig.get_paths()["purelib"])
-    dists = _closure(requirements)
+    dists = _closure(["kubetune[trainer]", "pyarrow"])
     heavy = [d for d in dists if _heavy(d)]
-    rest = [d for d in dists if not _heavy(d)]
     heavy_tops = {t for d in heavy for t in _top_levels(d)}
+    triton = metadata.distribution("triton")
+    # what `import torch` needs besides (typing-extensions, sympy, filelock, ...): the public image has it too
+    torch_deps = [d for d in _closure(["torch"]) if not _heavy(d)]
 
     def key(kind: str, ds: Sequence[metadata.Distribution]) -> str:
         ident = [f"{d.metadata['Name']}=={d.version}" for d in ds]
-        # not the venv's path: a fresh checkout's venv (a new CI clone) holds the same files, and rebuilding and
-        # re-importing 4.8 GB for it would cost minutes per run
+        # not the venv's path: a fresh checkout's venv (a new CI clone) holds the same files
         return f"{kind}-" + _sha(json.dumps([PY, sys.version, ident]).encode())[:16]
 
     def add_tops(tar: tarfile.TarFile, tops: Iterable[str]) -> None:
@@ -248,65 +231,28 @@ def deps_layers(requirements: Sequence[str]) -> list[Path]:
         skeleton(tar)
         add_tops(tar, heavy_tops)
 
-    def write_rest(tar: tarfile.TarFile) -> None:
+    def write_triton(tar: tarfile.TarFile) -> None:
         skeleton(tar)
-        pyver = ".".join(map(str, sys.version_info[:3]))
-        _add_bytes(
-            tar,
-            f"{VENV}/pyvenv.cfg",
-            f"home = /usr/bin\ninclude-system-site-packages = false\nversion = {pyver}\n".encode(),
-        )
-        for link in ("python", "python3", PY):
-            info = tarfile.TarInfo(f"{VENV}/bin/{link}")
-            info.type, info.linkname, info.mode = tarfile.SYMTYPE, f"/usr/bin/{PY}", 0o777
-            tar.addfile(info)
-        for name, text in _scripts(dists).items():
-            _add_bytes(tar, f"{VENV}/bin/{name}", text.encode(), 0o755)
-        add_tops(tar, {t for d in rest for t in _top_levels(d)} - heavy_tops)
+        add_tops(tar, _top_levels(triton))
 
-    layers = [_cached_layer(key("torch", heavy), write_heavy)] if heavy else []
-    return [*layers, _cached_layer(key("venv", dists), write_rest)]
+    def write_torch_deps(tar: tarfile.TarFile) -> None:
+        skeleton(tar)
+        add_tops(tar, {t for d in torch_deps for t in _top_levels(d)} - heavy_tops)
 
+    def write_pth(tar: tarfile.TarFile) -> None:
+        for d in ("usr", "usr/lib", "usr/lib/python3", "usr/lib/python3/dist-packages"):
+            _add_dir(tar, d)
+        _add_bytes(tar, "usr/lib/python3/dist-packages/kubetune-standin-torch.pth", f"/{SITE}\n".encode())
 
-def app_layer(base: Path, scripts: dict[str, str]) -> Path:
-    """This repository's packages into the venv, and the kubetune user (uid/gid 1000)."""
-    srcs = [REPO / "operator" / "kubetune", REPO / "trainer_image" / "kubetune_trainer"]
-    files = sorted(
-        (p, p.relative_to(s.parent))
-        for s in srcs
-        for p in s.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts
-    )
-    h = hashlib.sha256(base.name.encode() + json.dumps(scripts, sort_keys=True).encode())
-    for p, rel in files:
-        h.update(str(rel).encode() + b"\0" + p.read_bytes())
-    key = "app-" + h.hexdigest()[:16]
-
-    def etc(name: str) -> bytes:
-        with tarfile.open(base) as t:
-            f = t.extractfile(f"./etc/{name}") or t.extractfile(f"etc/{name}")
-            assert f is not None
-            return f.read()
-
-    def write(tar: tarfile.TarFile) -> None:
-        _add_bytes(tar, "etc/passwd", etc("passwd") + b"kubetune:x:1000:1000::/home/kubetune:/bin/sh\n")
-        _add_bytes(tar, "etc/group", etc("group") + b"kubetune:x:1000:\n")
-        home = tarfile.TarInfo("home/kubetune")
-        home.type, home.mode, home.uid, home.gid = tarfile.DIRTYPE, 0o755, 1000, 1000
-        tar.addfile(home)
-        for name, text in scripts.items():
-            _add_bytes(tar, f"{VENV}/bin/{name}", text.encode(), 0o755)
-        for p, rel in files:
-            tar.add(p, arcname=f"{SITE}/{rel}", filter=_owned_by_root, recursive=False)
-        # package metadata, so importlib.metadata finds kubetune and `kubetune` resolves
-        version = yaml.safe_load((REPO / "charts" / "kubetune" / "Chart.yaml").read_text())["appVersion"]
-        di = f"{SITE}/kubetune-{version}.dist-info"
-        _add_bytes(
-            tar, f"{di}/METADATA", f"Metadata-Version: 2.1\nName: kubetune\nVersion: {version}\n".encode()
-        )
-        _add_bytes(tar, f"{di}/entry_points.txt", b"[console_scripts]\nkubetune = kubetune.cli.main:main\n")
-
-    return _cached_layer(key, write)
+    # the torch layer where the harness's earlier assembled images kept it (a cache that has it keeps it); the
+    # others beside the Dockerfile builds
+    mine = dockerfiles_dir() / "layers"
+    return [
+        _cached_layer(key("torch", heavy), write_heavy),
+        _cached_layer(key("triton", [triton]), write_triton, mine),
+        _cached_layer(key("torchdeps", torch_deps), write_torch_deps, mine),
+        _cached_layer("standin-pth-" + _sha(SITE.encode())[:16], write_pth, mine),
+    ]
 
 
 def pause_layer() -> Path:
@@ -324,6 +270,9 @@ class Image:
     layers: list[Path]
     config: dict[str, object]
     blobs: dict[str, Path | bytes] = field(default_factory=dict)
+    history: list[dict[str, str]] = field(
+        default_factory=list
+    )  # one entry per layer (buildah needs it of a base)
 
     def _layer_digest(self, layer: Path) -> str:
         memo = layer.with_suffix(".sha256")
@@ -340,6 +289,7 @@ class Image:
                 "os": "linux",
                 "config": self.config,
                 "rootfs": {"type": "layers", "diff_ids": [f"sha256:{d}" for d in digests]},
+                **({"history": self.history} if self.history else {}),
             },
             sort_keys=True,
         ).encode()
@@ -410,7 +360,7 @@ DOCKERFILE_BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 # (Dockerfile, the build argument naming its base)
 DOCKERFILES = {
     "operator": ("operator_image/Dockerfile", "PYTHON_IMAGE"),
-    "trainer": ("trainer_image/Dockerfile", "CUDA_IMAGE"),
+    "trainer": ("trainer_image/Dockerfile", "BASE"),
 }
 
 
@@ -449,13 +399,21 @@ class BuildFailed(RuntimeError):
         self.kind = kind
 
 
+def _buildah_env() -> dict[str, str]:
+    # buildah's temporary copies (a pulled layer is staged before it is applied: GBs) stay in the cache's
+    # file system, not /var/tmp
+    tmp = dockerfiles_dir() / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return {**os.environ, "BUILDAH_ISOLATION": "chroot", "TMPDIR": str(tmp)}
+
+
 def _buildah(*args: str, quiet: bool = False) -> str:
     r = subprocess.run(
         [*buildah_argv(), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT if not quiet else subprocess.PIPE,
         text=True,
-        env={**os.environ, "BUILDAH_ISOLATION": "chroot"},
+        env=_buildah_env(),
     )
     if r.returncode != 0:
         tail = "\n".join((r.stdout + (r.stderr or "")).splitlines()[-30:])
@@ -469,7 +427,7 @@ def _has_image(name: str) -> bool:
 
 
 def base_image() -> str:
-    """The Debian base as a buildah image, named by the content key of its rootfs tar."""
+    """The operator's base: Debian + python3 + python3-venv as a buildah image, named by its rootfs tar's key."""
     tar = base_layer(DOCKERFILE_BASE_PACKAGES, dockerfiles_dir())
     name = f"kubetune.local/debian-base:{tar.stem.removeprefix('base-')}"
     if not _has_image(name):
@@ -485,36 +443,98 @@ def base_image() -> str:
     return name
 
 
+TRAINER_PUBLIC_BASE = "pytorch/pytorch:2.11.0-cuda13.0-cudnn9-runtime"
+
+
+def standin_image() -> Image:
+    """The stand-in for trainer_image/Dockerfile's public base (a PyTorch image: a python3 that imports torch),
+    which no registry here can serve: the Debian base (python3) + torch and its CUDA wheels + Triton from the
+    running venv + a .pth putting them on python3's path. Only its layers are the harness's; what the e2e node
+    runs is the Dockerfile built on it."""
+    layers = [base_layer(), *standin_layers()]
+    history = [
+        {"created_by": f"mmdebstrap --variant=minbase --include={','.join(BASE_PACKAGES)} {DEBIAN_SUITE}"},
+        {"created_by": "torch and its CUDA wheels (nvidia-*) from the test venv"},
+        {"created_by": "triton from the test venv"},
+        {"created_by": "torch's other requirements (sympy, typing-extensions, ...) from the test venv"},
+        {"created_by": f"/usr/lib/python3/dist-packages/kubetune-standin-torch.pth: /{SITE}"},
+    ]
+    key = _sha(json.dumps([[p.name for p in layers], history]).encode())[:16]
+    return Image(
+        f"kubetune.local/trainer-base-standin:{key}",
+        layers,
+        {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Labels": {"io.kubetune.stands-in-for": TRAINER_PUBLIC_BASE},
+        },
+        history=history,
+    )
+
+
+def _seed_layout(image: Image, layout: Path) -> None:
+    """Hard links to the image's layer tars in an OCI layout's blobs (no copy: the same file system), so a
+    push or pull of a layer with that digest finds it there instead of writing gigabytes again."""
+    image.manifest()
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    for digest, blob in image.blobs.items():
+        dest = blobs / digest
+        if dest.exists():
+            continue
+        if isinstance(blob, bytes):
+            dest.write_bytes(blob)
+        else:
+            os.link(blob, dest)
+    if not (layout / "oci-layout").exists():
+        (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+
+def standin_base() -> str:
+    """The stand-in, pulled into buildah's storage from an OCI layout of hard links (once per content)."""
+    image = standin_image()
+    if _has_image(image.name):
+        return image.name
+    t0 = time.monotonic()
+    layout = dockerfiles_dir() / "standin-oci"
+    shutil.rmtree(layout, ignore_errors=True)
+    _seed_layout(image, layout)
+    _, index = image.manifest()
+    entry = json.loads(index)["manifests"][0]
+    entry["annotations"] = {"org.opencontainers.image.ref.name": "standin"}
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+    # buildah names an image pulled from a layout after the layout's path, which must then be a valid image
+    # name (the cache's `.cache` is not): pulled through a symbolic link with a plain name
+    link = Path("/tmp") / f"kubetune-standin-oci-{os.getpid()}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(layout)
+    try:
+        image_id = _buildah("pull", "--quiet", f"oci:{link}:standin", quiet=True).strip().splitlines()[-1]
+        _buildah("tag", image_id, image.name, quiet=True)
+        _buildah("rmi", f"localhost{link}:latest", quiet=True)  # the name the pull gave it (untagged only)
+    finally:
+        link.unlink(missing_ok=True)
+        shutil.rmtree(layout, ignore_errors=True)
+    _log(f"trainer base stand-in {image.name} pulled into buildah in {time.monotonic() - t0:.0f}s")
+    return image.name
+
+
 def wheelhouse(kinds: Sequence[str] = ("operator", "trainer")) -> Path:
-    """Wheels of every requirement of both images (the constraints' versions), made by `pip wheel` from pip's
-    cache (what `make install` downloaded; an sdist such as DeepSpeed's is built once). The Dockerfiles' pip
+    """Wheels of what the images' pip steps install: the installed closure of kubetune[<kind>] (the constraints'
+    versions), without torch, its CUDA wheels and Triton (the trainer's base carries them), made by
+    `pip wheel --no-deps` from pip's cache (an sdist such as DeepSpeed's is built once). The Dockerfiles' pip
     steps read it offline (--no-index --find-links); it is needed only when a dependency layer is not in
-    buildah's layer cache, and removed after the build (GBs)."""
-    reqs = subprocess.run(
-        [sys.executable, str(REPO / ".ci" / "requirements.py"), *kinds],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.splitlines()
-    reqs += [_dockerfile_arg(DOCKERFILES["trainer"][0], "TORCH")] if "trainer" in kinds else []
-    reqs.append("setuptools>=77")
+    buildah's layer cache, and removed after the build."""
+    dists = {d.metadata["Name"]: d.version for kind in kinds for d in _closure([f"kubetune[{kind}]"])}
+    dists = {n: v for n, v in dists.items() if n.lower() != "triton" and not _heavy(metadata.distribution(n))}
+    dists.pop("setuptools", None)  # the venv's is older than what the Dockerfiles build the package with
     out = dockerfiles_dir() / "wheels"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     t0 = time.monotonic()
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "-w",
-            str(out),
-            "-c",
-            str(REPO / ".ci" / "constraints.txt"),
-            *reqs,
-        ],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out)]
+        + [f"{n}=={v}" for n, v in sorted(dists.items())]
+        + [_setuptools()],
         check=True,
         env={**os.environ, "DS_BUILD_OPS": "0"},
     )
@@ -522,16 +542,64 @@ def wheelhouse(kinds: Sequence[str] = ("operator", "trainer")) -> Path:
     return out
 
 
-def _dockerfile_arg(dockerfile: str, name: str) -> str:
-    for line in (REPO / dockerfile).read_text().splitlines():
-        if line.startswith(f"ARG {name}="):
-            return line.split("=", 1)[1].strip()
-    raise KeyError(f"{dockerfile} has no ARG {name}=...")
+def _setuptools() -> str:
+    """The setuptools the Dockerfiles build kubetune with (pyproject.toml's build requirement, >= 77) within what
+    torch accepts (torch 2.11 requires setuptools < 82)."""
+    spec = [
+        str(Requirement(r).specifier)
+        for r in metadata.requires("torch") or []
+        if Requirement(r).name == "setuptools"
+    ]
+    return ",".join(["setuptools>=77", *filter(None, spec)])
+
+
+def context_key(kind: str, base: str) -> str:
+    """What a build of `kind` depends on: its Dockerfile, the base's name (content-keyed), and every file of the
+    build context that .dockerignore lets in."""
+    dockerfile, _ = DOCKERFILES[kind]
+    allowed = [
+        line[1:].strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.startswith("!") and line[1:].strip()
+    ]
+    files = sorted(
+        p
+        for a in allowed
+        for p in ([REPO / a] if (REPO / a).is_file() else (REPO / a).rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+    )
+    h = hashlib.sha256(json.dumps([kind, base, (REPO / dockerfile).read_text()]).encode())
+    for p in files:
+        h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def _built(kind: str, name: str, key: str) -> LayoutImage | None:
+    """The layout's image of `kind` if it was built from this context: its stamp holds the context key and the
+    manifest digest pushed then, and the layout still holds that manifest whole (another checkout sharing the
+    cache may have pushed its own build since)."""
+    layout = dockerfiles_dir() / "oci"
+    stamp = layout / f"{kind}.key"
+    if not stamp.exists() or stamp.read_text().split()[:1] != [key]:
+        return None
+    image = LayoutImage(name, layout, kind)
+    try:
+        digest = image.manifest()[0]
+    except (StopIteration, OSError, ValueError):
+        return None
+    if stamp.read_text().split()[1:] != [digest]:
+        return None
+    return image if all(isinstance(b, bytes) or b.exists() for b in image.blobs.values()) else None
 
 
 def build_dockerfile(kind: str, name: str, base: str, wheels: Path) -> LayoutImage:
-    """`buildah build` of one Dockerfile on `base`, pushed uncompressed into the cache's OCI layout."""
+    """`buildah build` of one Dockerfile on `base`, pushed uncompressed into the cache's OCI layout; skipped when
+    the layout holds the build of the same context (a warm run: no buildah build at all)."""
     dockerfile, base_arg = DOCKERFILES[kind]
+    key = context_key(kind, base)
+    done = _built(kind, name, key)
+    if done is not None:
+        return done
     t0 = time.monotonic()
     try:
         _buildah(
@@ -552,9 +620,14 @@ def build_dockerfile(kind: str, name: str, base: str, wheels: Path) -> LayoutIma
     except RuntimeError as e:
         raise BuildFailed(kind, f"{dockerfile}: {e}") from None
     layout = dockerfiles_dir() / "oci"
+    if kind == "trainer":  # the stand-in's layers (GBs) are hard links, not copies, in the layout
+        _seed_layout(standin_image(), layout)
+    (layout / f"{kind}.key").unlink(missing_ok=True)
     _buildah("push", "--quiet", "--disable-compression", name, f"oci:{layout}:{kind}")
+    image = LayoutImage(name, layout, kind)
+    (layout / f"{kind}.key").write_text(f"{context_key(kind, base)} {image.manifest()[0]}")
     _log(f"{kind} image built from {dockerfile} in {time.monotonic() - t0:.0f}s")
-    return LayoutImage(name, layout, kind)
+    return image
 
 
 class LayoutImage(Image):
@@ -563,6 +636,7 @@ class LayoutImage(Image):
     def __init__(self, name: str, layout: Path, ref: str) -> None:
         super().__init__(name, [], {})
         self.layout, self.ref = layout, ref
+        self.config_digest = ""
 
     def manifest(self) -> tuple[str, bytes]:
         index = json.loads((self.layout / "index.json").read_text())
@@ -574,7 +648,7 @@ class LayoutImage(Image):
         blob = self.layout / "blobs" / "sha256"
         digest = entry["digest"].removeprefix("sha256:")
         manifest = json.loads((blob / digest).read_text())
-        config = manifest["config"]["digest"].removeprefix("sha256:")
+        config = self.config_digest = manifest["config"]["digest"].removeprefix("sha256:")
         layers = [m["digest"].removeprefix("sha256:") for m in manifest["layers"]]
         self.blobs = {d: blob / d for d in (digest, config, *layers)}
         named = {
@@ -586,10 +660,15 @@ class LayoutImage(Image):
         }
         return f"sha256:{digest}", json.dumps({"schemaVersion": 2, "manifests": [named]}).encode()
 
+    def image_config(self) -> dict[str, Any]:
+        """The image's OCI config: its config, labels and history (what buildah recorded from the Dockerfile)."""
+        self.manifest()
+        return dict(json.loads((self.layout / "blobs" / "sha256" / self.config_digest).read_text()))
+
 
 def build_dockerfiles(kinds: Sequence[str] = ("operator", "trainer")) -> list[Image]:
-    """operator_image/Dockerfile and trainer_image/Dockerfile (or those of `kinds`) built by buildah (all of
-    KUBETUNE_E2E_IMAGES=dockerfiles; the operator's alone: e2e/test_dockerfiles.py)."""
+    """operator_image/Dockerfile and trainer_image/Dockerfile (or those of `kinds`) built by buildah: the
+    images the e2e node runs (build_all)."""
     with open(dockerfiles_dir() / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one buildah builder per cache (the background prebuild, a test)
         return _build_dockerfiles(kinds)
@@ -598,18 +677,19 @@ def build_dockerfiles(kinds: Sequence[str] = ("operator", "trainer")) -> list[Im
 def _build_dockerfiles(kinds: Sequence[str]) -> list[Image]:
     t0 = time.monotonic()
     names = dict(zip(("operator", "trainer"), chart_images(), strict=True))
-    base = base_image()
+    bases = {"operator": base_image, "trainer": standin_base}
+    base = {kind: bases[kind]() for kind in kinds}
     # First with no wheels: every dependency layer found in buildah's layer cache (a warm run) needs none.
     # A pip step that has to run fails at once (--no-index), and the build is retried with the wheelhouse.
     empty = dockerfiles_dir() / "no-wheels"
     empty.mkdir(exist_ok=True)
     try:
-        built = [build_dockerfile(kind, names[kind], base, empty) for kind in kinds]
+        built = [build_dockerfile(kind, names[kind], base[kind], empty) for kind in kinds]
     except BuildFailed as e:
         _log(f"{e.kind}: a dependency layer is not cached, building it from the wheelhouse")
         wheels = wheelhouse(kinds)
         try:
-            built = [build_dockerfile(kind, names[kind], base, wheels) for kind in kinds]
+            built = [build_dockerfile(kind, names[kind], base[kind], wheels) for kind in kinds]
         finally:
             shutil.rmtree(wheels, ignore_errors=True)
     used = set()
@@ -640,10 +720,14 @@ def _builder_lock() -> Iterator[None]:
 
 
 def build_all(pause: bool = True) -> list[Image]:
-    """The pause, operator and trainer images (layers built or taken from the cache). `pause=False`
-    (the prebuild): only the operator and trainer images, which need no Go binary."""
+    """The images the e2e node runs: the pause image and operator_image/Dockerfile's and
+    trainer_image/Dockerfile's builds (buildah, layer cache). `pause=False` (the prebuild): no Go binary needed."""
     with _builder_lock():
-        return _build_all(pause)
+        images = [pause_image()] if pause else []
+        t0 = time.monotonic()
+        images += build_dockerfiles()
+        _log(f"images ready in {time.monotonic() - t0:.0f}s")
+        return images
 
 
 def build_pause() -> list[Image]:
@@ -654,57 +738,6 @@ def build_pause() -> list[Image]:
 
 def pause_image() -> Image:
     return Image(PAUSE_IMAGE, [pause_layer()], {"Entrypoint": ["/pause"]})
-
-
-def _build_all(pause: bool) -> list[Image]:
-    if os.environ.get("KUBETUNE_E2E_IMAGES", "assembled") == "dockerfiles":
-        return ([pause_image()] if pause else []) + build_dockerfiles()
-    t0 = time.monotonic()
-    op_name, trainer_name = chart_images()
-    base = base_layer()
-    scripts = {
-        "kubetune": f"#!/{VENV}/bin/python\nimport sys\nfrom kubetune.cli.main import main\nsys.exit(main())\n"
-    }
-    app = app_layer(base, scripts)
-    env = [f"PATH={PATH}", f"VIRTUAL_ENV=/{VENV}", "PYTHONUNBUFFERED=1", "PYTHONDONTWRITEBYTECODE=1"]
-    images = [pause_image()] if pause else []
-    images += [
-        Image(
-            op_name,
-            [base, *deps_layers(["kubetune[operator]"]), app],
-            {
-                "User": "1000:1000",
-                "Env": env,
-                "Entrypoint": ["kubetune"],
-                "Cmd": ["operator", "--all-namespaces"],
-                "WorkingDir": "/tmp",
-                "ExposedPorts": {"8080/tcp": {}},
-            },
-        ),
-        Image(
-            trainer_name,
-            [base, *deps_layers(["kubetune[trainer]", "pyarrow"]), app],
-            {
-                "User": "1000:1000",
-                "Env": [
-                    *env,
-                    "HF_HOME=/var/cache/kubetune/huggingface",
-                    "KUBETUNE_CACHE_DIR=/var/cache/kubetune",
-                ],
-                "Entrypoint": ["python", "-m", "kubetune_trainer.launch"],
-                "WorkingDir": "/home/kubetune",
-                "ExposedPorts": {"8080/tcp": {}},
-            },
-        ),
-    ]
-    for image in images:
-        image.manifest()  # layer digests memoised beside the layers (seconds per GB)
-    used = {p.with_suffix("") for i in images for p in i.layers}
-    for stale in (images_dir() / "layers").iterdir() if pause else ():  # layers of older contents: GBs each
-        if stale.with_suffix("") not in used and stale.suffix in (".tar", ".sha256"):
-            stale.unlink()
-    print(f"images: layers ready in {time.monotonic() - t0:.0f}s", file=sys.stderr)
-    return images
 
 
 def _ctr(ctr: Sequence[str], *args: str) -> str:
@@ -777,14 +810,8 @@ def prune(images: Sequence[Image], ctr: Sequence[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    # `cd e2e && ../.venv/bin/python -m harness.images [--prebuild]`: build (or find) the layers and print them.
+    # `cd e2e && ../.venv/bin/python -m harness.images [--prebuild]`: build (or find) the images and print them.
     # --prebuild: the operator and trainer images only, no Go binary needed (.ci/run runs it in the
-    # background while the unit tests run, so the real node's first start finds the layers built), then the
-    # operator's Dockerfile built by buildah.
-    prebuild = "--prebuild" in sys.argv[1:]
-    for img in build_all(pause=not prebuild):
-        print(img.name, [str(p) for p in img.layers])
-    if prebuild and os.environ.get("KUBETUNE_E2E_IMAGES") != "dockerfiles" and shutil.which("buildah"):
-        # and operator_image/Dockerfile, built by buildah, which e2e/test_dockerfiles.py runs
-        for img in build_dockerfiles(("operator",)):
-            print(img.name, img.manifest()[0])
+    # background while the unit tests run, so the real node's first start finds them built).
+    for img in build_all(pause="--prebuild" not in sys.argv[1:]):
+        print(img.name, img.manifest()[0])

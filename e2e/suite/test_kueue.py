@@ -204,7 +204,7 @@ def test_a_gang_restart_keeps_its_place_in_the_queue(kueue, cluster, kctl, suite
 
 
 PREEMPTION = ROOT / "examples" / "kueue-preemption.yaml"
-LOW_STEPS = 150
+LOW_STEPS = 80
 
 
 def preemption_example() -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
@@ -252,7 +252,7 @@ def test_a_higher_priority_job_preempts_a_lower_one_which_resumes_from_a_checkpo
     queue_docs, examples = preemption_example()
     kctl.apply(suite_ns, yaml.safe_dump_all(queue_docs))
     # 30 s grace: an evicted pod that lingers after its checkpoint (seen once in test_eviction) is not waited on
-    # 150 steps: the status's step lags rank 0 by up to a poll interval; the job must still be training when preempted
+    # 80 steps: the status's step lags rank 0 by up to a poll interval; the job must still be training when preempted
     low = job_doc(
         low_name, s3, s3_data, steps=LOW_STEPS, checkpoint_steps=1_000_000, terminationGracePeriodSeconds=30
     )

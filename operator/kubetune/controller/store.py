@@ -43,12 +43,18 @@ def _owning_job_uid(obj: dict[str, Any]) -> str | None:
     return None
 
 
-def slim(obj: dict[str, Any]) -> dict[str, Any]:
-    """The object without metadata.managedFields (often half its size; nothing here reads it)."""
+def slim(obj: dict[str, Any], kind: str = "") -> dict[str, Any]:
+    """What the operator reads of an object, kept in memory for every job: no metadata.managedFields (often
+    half its size), and no copy of the pod template: a Job without spec.template, a Kueue Workload without
+    its spec (its podSets repeat the template). Status, owners and the Job's other spec fields stay."""
     meta = obj.get("metadata") or {}
-    if "managedFields" not in meta:
-        return obj
-    return {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+    if "managedFields" in meta:
+        obj = {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+    if kind == "Workload" and "spec" in obj:
+        obj = {k: v for k, v in obj.items() if k != "spec"}
+    elif kind == "Job" and "template" in (obj.get("spec") or {}):
+        obj = {**obj, "spec": {k: v for k, v in obj["spec"].items() if k != "template"}}
+    return obj
 
 
 def _rv(obj: dict[str, Any]) -> int:
@@ -165,7 +171,7 @@ class Store:
     def put_child(self, kind: str, obj: dict[str, Any]) -> Key | None:
         """A Job, Pod or Workload as the watch (or our own create) saw it; returns its FineTuneJob's key, or None
         when it has none or the store already had this version or a newer one (nothing new to reconcile)."""
-        obj = slim(obj)
+        obj = slim(obj, kind)
         name = obj["metadata"]["name"]
         with self._lock:
             owner = self._owner(kind, obj)
