@@ -25,6 +25,7 @@ from typing import Any, Final
 from pydantic import BaseModel, ConfigDict, Field
 
 from kubetune.api.models import FineTuneJobSpec, Phase, RunUsage, Usage, UsageFigures
+from kubetune.status.elastic import parse_time
 
 ACTIVE: Final = frozenset({"Pending", "Initializing", "Running", "Restarting"})
 GPU_RESOURCE: Final = "nvidia.com/gpu"  # what render asks for per node (spec.distributed.gpusPerNode)
@@ -55,13 +56,6 @@ class PriceTable(BaseModel):
         )
 
 
-def _parse(ts: str | None) -> datetime | None:
-    try:
-        return datetime.fromisoformat(ts.replace("Z", "+00:00")) if ts else None
-    except ValueError:
-        return None
-
-
 def _iso(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -88,7 +82,7 @@ def accrue(old: Usage | None, old_phase: Phase | None, new_phase: Phase, pods: l
     pods_now = 0 if new_phase not in ACTIVE else running_pods(pods)
     if old.updated_at and old_phase == new_phase != "Running" and pods_now == old.running_pods:
         return old  # same rates: charged at the next change, so a look that changes nothing writes nothing
-    since = _parse(old.updated_at)
+    since = parse_time(old.updated_at)
     seconds = max(0.0, (now - since).total_seconds()) if since is not None else 0.0
     wall = seconds if old_phase in ACTIVE else 0.0
     node = old.running_pods * seconds
