@@ -38,6 +38,16 @@ def add_cluster_args(parser: argparse.ArgumentParser, output: str | None = None)
         add_output_arg(parser, output)
 
 
+def add_s3_endpoint_arg(parser: argparse.ArgumentParser) -> None:
+    """--s3-endpoint, for the commands that read a job's artifacts from this machine (download, report)."""
+    parser.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="S3 endpoint as this machine reaches it, when the job's spec.storage.endpoint is an "
+        "in-cluster address (default: the job's)",
+    )
+
+
 def client_from(args: argparse.Namespace) -> Any:
     from kubetune.client import Client
 

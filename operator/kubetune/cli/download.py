@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from kubetune.cli.cluster_args import add_cluster_args, client_from, guarded
+from kubetune.cli.cluster_args import add_cluster_args, add_s3_endpoint_arg, client_from, guarded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,12 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: the merged model if there is one, else the adapter (default)",
     )
-    parser.add_argument(
-        "--s3-endpoint",
-        metavar="URL",
-        help="S3 endpoint as this machine reaches it, when the job's spec.storage.endpoint is an "
-        "in-cluster address (default: the job's)",
-    )
+    add_s3_endpoint_arg(parser)
     add_cluster_args(parser)
 
 

@@ -10,7 +10,7 @@ import webbrowser
 from pathlib import Path
 
 from kubetune.api.contract import CARD_FILE
-from kubetune.cli.cluster_args import add_cluster_args, client_from, guarded
+from kubetune.cli.cluster_args import add_cluster_args, add_s3_endpoint_arg, client_from, guarded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,12 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--open", action="store_true", help="open the card (README.md) in the browser or viewer"
     )
     parser.add_argument("--raw", action="store_true", help="print the Markdown as it is, not rendered")
-    parser.add_argument(
-        "--s3-endpoint",
-        metavar="URL",
-        help="S3 endpoint as this machine reaches it, when the job's spec.storage.endpoint is an "
-        "in-cluster address (default: the job's)",
-    )
+    add_s3_endpoint_arg(parser)
     add_cluster_args(parser)
 
 
