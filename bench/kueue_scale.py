@@ -329,6 +329,21 @@ def operator_requests(admin: Any) -> float:
     return ops.flow_requests(admin).get(OPERATOR_FLOW, 0.0)
 
 
+def kueue_tried(custom: Any, ns: str) -> int:
+    """Workloads of `ns` that Kueue has tried to admit (a QuotaReserved condition, either way)."""
+    group, version = KUEUE_API.split("/")
+    items = json.loads(
+        custom.list_namespaced_custom_object(group, version, ns, "workloads", _preload_content=False).data
+    )["items"]
+    n = sum(
+        1
+        for w in items
+        if any(c.get("type") == "QuotaReserved" for c in (w.get("status") or {}).get("conditions") or [])
+    )
+    print(f"  {n} of {len(items)} Workloads tried by Kueue", flush=True)
+    return n
+
+
 def queued_by_kueue(custom: Any, ns: str) -> int:
     """FineTuneJobs of `ns` whose status gives Kueue's reason for their wait (QueuedByKueue)."""
     items = json.loads(
@@ -385,7 +400,9 @@ def steady(api: Any, suite: ModuleType, op: ops.Operator, ns: str, total: int, r
     post("wait", queued)
     ops.wait(lambda: reached(lambda p: p.get("Pending", 0) >= queued), timeout, f"{queued} queued", 10.0)
     # Pending is the operator's first word, before Kueue has a Workload for the Job: the steady state begins
-    # when Kueue has looked at every queued job (its words in the status), not while it works through them.
+    # when Kueue has made and tried a Workload for every job (on 2 busy cores it makes ~4 a second) and the
+    # status of each queued job gives Kueue's words, not while Kueue works through them.
+    ops.wait(lambda: kueue_tried(custom, ns) >= running + queued, timeout, "a tried Workload per job", 10.0)
     ops.wait(
         lambda: queued_by_kueue(custom, ns) >= queued, timeout, f"{queued} queued in Kueue's words", 10.0
     )

@@ -968,3 +968,20 @@ def test_the_store_keeps_no_copy_of_the_pod_template() -> None:
     assert job["spec"]["template"] == template  # the caller's object is untouched
     wl = store.workload_of(key, kept)
     assert wl is not None and "spec" not in wl and wl["status"] == workload["status"]
+
+
+def test_stored_objects_share_their_repeated_strings() -> None:
+    """Thousands of stored jobs repeat the same keys and short values: the store keeps one copy of each."""
+    import json
+
+    from kubetune.controller.store import Store
+
+    store = Store()
+    raw = '{"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "%s", "namespace": "ns", "uid": "%s"}, "spec": {"method": "lora"}, "status": {"phase": "Pending"}}'  # fmt: skip
+    for name in ("a", "b"):
+        assert store.put_ftj(json.loads(raw % (name, name + "-uid")))
+    a, b = store.ftj(("ns", "a")), store.ftj(("ns", "b"))
+    assert a is not None and b is not None and a["spec"] == b["spec"] == {"method": "lora"}
+    key_a = next(k for k in a if k == "status")
+    key_b = next(k for k in b if k == "status")
+    assert key_a is key_b and a["status"]["phase"] is b["status"]["phase"]
