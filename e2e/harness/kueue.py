@@ -85,6 +85,15 @@ def webhook_configurations(release: str, port: int, ca_bundle: str) -> list[dict
     return out
 
 
+def install_crds(cluster: Any) -> None:
+    """The release's CRDs, Established (idempotent; they stay when the manager stops)."""
+    release = binaries.crds("kueue")
+    for crd in sorted(release.glob("kueue.x-k8s.io_*.yaml")):  # large: server-side apply (no annotation copy)
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+    for p in release.glob("kueue.x-k8s.io_*.yaml"):
+        wait_established(cluster, f"{p.name.split('_', 1)[1].removesuffix('.yaml')}.kueue.x-k8s.io")
+
+
 def wait_established(cluster: Any, crd: str, timeout: float = 90.0) -> None:
     """Polled: `kubectl wait --for=condition=Established` fails at once while a new CRD has no status yet."""
     deadline = time.monotonic() + timeout
@@ -118,12 +127,7 @@ class Kueue(StartStop):
         d.mkdir(parents=True, exist_ok=True)
         c = self.cluster
         t0 = time.monotonic()
-        for crd in sorted(
-            release.glob("kueue.x-k8s.io_*.yaml")
-        ):  # large: server-side apply (no annotation copy)
-            c.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
-        for p in release.glob("kueue.x-k8s.io_*.yaml"):
-            wait_established(c, f"{p.name.split('_', 1)[1].removesuffix('.yaml')}.kueue.x-k8s.io")
+        install_crds(c)
         c.create_namespace(NAMESPACE)
         role = yaml.safe_load((release / "rbac-role.yaml").read_text())
         role["metadata"] = {"name": CLUSTER_ROLE}

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import CRD
+from harness import kueue
 
 pytestmark = pytest.mark.e2e
 ROOT = CRD.parents[1]
@@ -34,8 +35,10 @@ def test_crds_directory_applies_server_side(installed: dict[str, Any], kctl: Any
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_is_accepted_by_the_api_server(
-    path: Path, installed: dict[str, Any], kctl: Any, namespace: str
+    path: Path, installed: dict[str, Any], kctl: Any, namespace: str, cluster: Any
 ) -> None:
+    if "apiVersion: kueue.x-k8s.io/" in path.read_text():  # its queues and priorities: Kueue's own CRDs
+        kueue.install_crds(cluster)
     r = kctl("-n", namespace, "apply", "--dry-run=server", "-f", str(path), check=False)
     assert r.returncode == 0, f"{path.name}: {r.stderr}"
     assert "created (server dry run)" in r.stdout
