@@ -96,18 +96,27 @@ def test_a_pod_deleted_without_eviction_asks_too() -> None:
     assert asked(world) == [RANK0] and "pod demo-r0-1 is being deleted" in world.kube.events()[0][2]
 
 
-def test_kueue_evicting_the_workload_asks() -> None:
-    world = training(labels={"kueue.x-k8s.io/queue-name": "team-a"})
-    job = world.job()
-    world.kube.put({
+def preempted_workload(job: dict[str, Any], message: str) -> dict[str, Any]:
+    """The Kueue Workload of the gang's Job, admitted and then evicted (Preempted) with `message`."""
+    return {
         "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
         "metadata": {"name": "job-demo-r0-abcde", "namespace": "ml",
                      "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "demo-r0", "uid": job["metadata"]["uid"]}]},
         "status": {"conditions": [
             {"type": "QuotaReserved", "status": "True", "reason": "QuotaReserved", "message": "Quota reserved in ClusterQueue cq"},
             {"type": "Admitted", "status": "True", "reason": "Admitted", "message": ""},
-            {"type": "Evicted", "status": "True", "reason": "Preempted", "message": "Preempted to accommodate a workload (UID: x) due to prioritization in the ClusterQueue"}]},
-    })  # fmt: skip
+            {"type": "Evicted", "status": "True", "reason": "Preempted", "message": message}]},
+    }  # fmt: skip
+
+
+def test_kueue_evicting_the_workload_asks() -> None:
+    world = training(labels={"kueue.x-k8s.io/queue-name": "team-a"})
+    job = world.job()
+    world.kube.put(
+        preempted_workload(
+            job, "Preempted to accommodate a workload (UID: x) due to prioritization in the ClusterQueue"
+        )
+    )
     world.watch()
     world.reconcile()
     assert asked(world) == [RANK0]
@@ -119,15 +128,7 @@ def test_kueues_eviction_is_named_as_the_cause_when_the_pods_are_already_going()
     Event names the preemption (the cause), not a pod being deleted (its consequence)."""
     world = training(labels={"kueue.x-k8s.io/queue-name": "team-a"})
     job = world.job()
-    world.kube.put({
-        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
-        "metadata": {"name": "job-demo-r0-abcde", "namespace": "ml",
-                     "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "demo-r0", "uid": job["metadata"]["uid"]}]},
-        "status": {"conditions": [
-            {"type": "QuotaReserved", "status": "True", "reason": "QuotaReserved", "message": "Quota reserved in ClusterQueue cq"},
-            {"type": "Admitted", "status": "True", "reason": "Admitted", "message": ""},
-            {"type": "Evicted", "status": "True", "reason": "Preempted", "message": "Preempted to accommodate a workload"}]},
-    })  # fmt: skip
+    world.kube.put(preempted_workload(job, "Preempted to accommodate a workload"))
     change_pod(world, "demo-r0-1", deletionTimestamp="2026-03-01T12:00:00Z")
     change_pod(world, RANK0, deletionTimestamp="2026-03-01T12:00:00Z")
     world.reconcile()
