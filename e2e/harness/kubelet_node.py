@@ -274,7 +274,7 @@ class KubeletNode(StartStop):
                  "io.containerd.snapshotter.v1.overlayfs")  # fmt: skip
         for part in parts:
             if (first.root / part).exists():
-                subprocess.run(["cp", "-a", "--link", str(first.root / part), str(dst / part)], check=True)
+                self._link_tree(first.root / part, dst / part)
         dbs = [p.relative_to(first.root) for part in parts for p in (first.root / part).rglob("*.db")]
         containerd = next(p for p in first.procs if p.name == "containerd")
         os.kill(containerd.popen.pid, signal.SIGSTOP)
@@ -285,6 +285,25 @@ class KubeletNode(StartStop):
         finally:
             os.kill(containerd.popen.pid, signal.SIGCONT)
         return dst
+
+    @staticmethod
+    def _link_tree(src: Path, dst: Path) -> None:
+        """`cp -a --link` of a tree the first node's containerd keeps using: a container's snapshot it
+        removes while the copy runs is gone from the source (cp: cannot stat ...: No such file or
+        directory) and must be absent from the copy too, so only that error is let through. The image
+        snapshots the extra node needs are committed and stay; the bolt databases are copied afterwards
+        with containerd stopped, and the containers they still name are purged from the copy."""
+        r = subprocess.run(["cp", "-a", "--link", str(src), str(dst)], capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        other = [ln for ln in r.stderr.splitlines() if not ln.endswith("No such file or directory")]
+        if other or not r.stderr.strip():
+            raise RuntimeError(f"copying {src} to {dst} failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
+        print(
+            f"{dst.parent.name}: {len(r.stderr.splitlines())} entries of {src.name} vanished while copied "
+            "(removed by the first node's containerd)",
+            file=sys.stderr,
+        )
 
     def _purge_containers(self, root: Path) -> None:
         """Drop the first node's containers and pod sandboxes from the copy before the CRI plugin sees
