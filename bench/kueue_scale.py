@@ -355,8 +355,36 @@ def queued_by_kueue(custom: Any, ns: str) -> int:
     return n
 
 
+def audited(log: Path | None, user: str, since: datetime, until: datetime) -> dict[str, int]:
+    """Requests `user` made in [since, until), by verb, resource and user agent, from the apiserver's audit log
+    (the harness writes one with KUBETUNE_E2E_AUDIT=1); a watch counts once, when its response began."""
+    out: dict[str, int] = {}
+    if log is None or not log.exists():
+        return out
+    seen: set[str] = set()
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if (e.get("user") or {}).get("username") != user or e.get("auditID") in seen:
+            continue
+        at = datetime.fromisoformat(e["requestReceivedTimestamp"].replace("Z", "+00:00"))
+        if not since <= at < until:
+            continue
+        seen.add(e["auditID"])
+        ref = e.get("objectRef") or {}
+        what = ref.get("resource", e.get("requestURI", "?").split("?")[0])
+        if ref.get("subresource"):
+            what += "/" + ref["subresource"]
+        key = f"{e.get('verb')} {what} ({(e.get('userAgent') or '?').split(' ')[0]})"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def steady(api: Any, suite: ModuleType, op: ops.Operator, ns: str, total: int, running: int, finished: int,
-           stubs: ops.ProgressStubs, window: float, poll: float, timeout: float, kctl: Any) -> dict[str, Any]:  # fmt: skip
+           stubs: ops.ProgressStubs, window: float, poll: float, timeout: float, kctl: Any,
+           audit_log: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """`finished` jobs are already there; `running` more run, the rest (total - finished - running) queue."""
     import yaml
     from kubernetes import client
@@ -439,6 +467,7 @@ def steady(api: Any, suite: ModuleType, op: ops.Operator, ns: str, total: int, r
     stubs.freeze()
     time.sleep(2 * poll + 15)
     rest_before = operator_requests(api)
+    rest_since = datetime.now(timezone.utc)
     tr = time.monotonic()
     rest_rss = []
     while time.monotonic() - tr < window:
@@ -446,6 +475,8 @@ def steady(api: Any, suite: ModuleType, op: ops.Operator, ns: str, total: int, r
         time.sleep(5)
     rest_elapsed = time.monotonic() - tr
     rest = operator_requests(api) - rest_before
+    user = f"system:serviceaccount:{suite.RELEASE_NS}:{suite.SA}"
+    rest_audited = audited(audit_log, user, rest_since, datetime.now(timezone.utc))
     return {
         "total": total, "running": running, "finished": finished, "queued": queued, "phases": last,
         "ramp_running_seconds": ramp, "ramp_queued_seconds": queue_ramp, "window_seconds": elapsed,
@@ -455,6 +486,7 @@ def steady(api: Any, suite: ModuleType, op: ops.Operator, ns: str, total: int, r
         "progress_age_p50_s": statistics.median(stale) if stale else None,
         "progress_age_p99_s": ops.pct(stale, 0.99) if stale else None, "progress_age_max_s": max(stale, default=None),
         "at_rest_window_seconds": rest_elapsed, "operator_requests_at_rest": rest,
+        "operator_requests_at_rest_audited": rest_audited,
         "load_average_1m_after": os.getloadavg()[0],
     }  # fmt: skip
 
@@ -507,6 +539,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
 
     binaries.ensure("kueue")
+    os.environ.setdefault("KUBETUNE_E2E_AUDIT", "1")  # the apiserver's audit log attributes requests at rest
     t0 = time.monotonic()
     with Cluster(work / "cluster") as cluster, Kueue(cluster, work / "kueue") as kueue:
         kctl = suite.Kctl(cluster)
@@ -564,11 +597,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 finished = 0 if a.steady_only else a.jobs
                 kubelet = Kubelet(api, ns, stubs, 0)
                 result["steady"] = s = steady(api, suite, op, ns, a.steady, a.running, finished, stubs, a.window,
-                                              a.poll_interval, a.timeout, kctl)  # fmt: skip
+                                              a.poll_interval, a.timeout, kctl, cluster.audit_log)  # fmt: skip
                 kubelet.stop()
                 print(f"steady {a.steady}: RSS max {s['operator_rss_mib_max']:.0f} MiB; operator {s['operator_requests_per_min']:.0f} "
                       f"requests/min; progress age p99 {s['progress_age_p99_s'] or float('nan'):.1f}s (interval {a.poll_interval:g}s); "
-                      f"at rest {s['operator_requests_at_rest']:.0f} requests in {s['at_rest_window_seconds']:.0f}s", flush=True)  # fmt: skip
+                      f"at rest {s['operator_requests_at_rest']:.0f} requests in {s['at_rest_window_seconds']:.0f}s: "
+                      f"{s['operator_requests_at_rest_audited']}", flush=True)  # fmt: skip
             result["operator_log_errors"] = len(op.errors())
             result["kueue_errors"] = kueue.errors()[:20]
         finally:

@@ -64,8 +64,25 @@ class Cluster(StartStop):
         self.procs: list[Proc] = []
         self.port = 0
         self.server = ""
+        self.audit_log: Path | None = None  # KUBETUNE_E2E_AUDIT=1: the apiserver's audit log
 
     # -- lifecycle -------------------------------------------------------------------
+    def _audit_args(self, pki: Path, logs: Path) -> list[str]:
+        """With KUBETUNE_E2E_AUDIT=1, the apiserver writes an audit log (`audit_log`) of the requests made by
+        ServiceAccounts, at Metadata level (who, verb, resource, user agent, times; no bodies): what a
+        benchmark reads to attribute the requests an account made. Off by default (it costs disk and time)."""
+        self.audit_log = None
+        if os.environ.get("KUBETUNE_E2E_AUDIT") != "1":
+            return []
+        policy = pki / "audit-policy.yaml"
+        policy.write_text(
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n"
+            "- level: Metadata\n  userGroups: [system:serviceaccounts]\n- level: None\n"
+        )
+        self.audit_log = logs / "audit.log"
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
+                "--audit-log-maxsize=500", "--audit-log-maxbackup=1", "--audit-log-mode=blocking"]  # fmt: skip
+
     def start(self) -> None:
         bins = binaries.ensure("etcd", "kube-apiserver", "kube-controller-manager")
         d = self.dir
@@ -156,6 +173,7 @@ class Cluster(StartStop):
                 f"--kubelet-client-key={kubelet_client[1]}",
                 "--kubelet-preferred-address-types=InternalIP",
                 "--v=1",
+                *self._audit_args(pki, logs),
             ],
             logs / "kube-apiserver.log",
         )
