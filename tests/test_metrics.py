@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -187,10 +188,13 @@ def test_kopfs_session_counts_its_watch_streams_and_refused_connections() -> Non
     def count(verb: str, resource: str, code: str) -> float:
         return METRICS.api_requests.labels(verb, resource, code)._value.get()  # type: ignore[no-any-return]
 
+    opened: asyncio.Event
+
     async def pods(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse()
         await resp.prepare(request)
         if request.query.get("watch") == "true":  # a watch: events until the server closes the stream
+            await opened.wait()  # the client has looked at its socket
             for i in range(3):
                 await resp.write(
                     json.dumps({"type": "ADDED", "object": {"metadata": {"name": f"p{i}"}}}).encode() + b"\n"
@@ -198,6 +202,8 @@ def test_kopfs_session_counts_its_watch_streams_and_refused_connections() -> Non
         return resp
 
     async def scenario() -> tuple[float, float, float]:
+        nonlocal opened
+        opened = asyncio.Event()
         app = web.Application()
         app.router.add_get("/api/v1/namespaces/ml/pods", pods)
         runner = web.AppRunner(app)
@@ -210,6 +216,12 @@ def test_kopfs_session_counts_its_watch_streams_and_refused_connections() -> Non
         session = ctx.aiohttp_session
         try:
             async with session.get(f"http://127.0.0.1:{port}/api/v1/namespaces/ml/pods?watch=true") as r:
+                # a quiet watch that died silently is found by TCP keepalive (the operator sets no watch timeout)
+                sock = r.connection.transport.get_extra_info("socket")  # type: ignore[union-attr]
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+                opened.set()
                 lines = [line async for line in r.content]
             assert len(lines) == 3
             async with session.get(f"http://127.0.0.1:{port}/api/v1/namespaces/ml/pods") as r:

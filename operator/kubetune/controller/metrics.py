@@ -11,6 +11,7 @@ and the Grafana dashboard uses only these (tests/test_metrics.py checks both).
 from __future__ import annotations
 
 import re
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -333,6 +334,25 @@ def counting_trace() -> Any:
     return trace
 
 
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 30, 10, 3
+
+
+def keepalive_socket(addr_info: Any) -> socket.socket:
+    """A TCP socket with keepalive probes after 30 s idle, every 10 s, 3 unanswered = dead (aiohttp's
+    `socket_factory`). Kopf's watch streams then need no timeout of their own to notice a connection that died
+    silently (a node or a load balancer gone without a reset): the kernel closes it in about a minute, and
+    Kopf re-opens the watch. Probes are TCP segments, not API requests (the role HTTP/2 pings play for
+    client-go); they also keep a load balancer's idle timer from dropping a quiet watch."""
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                       ("TCP_KEEPCNT", KEEPALIVE_PROBES)):  # fmt: skip
+        if hasattr(socket, opt):  # Linux; macOS names the first TCP_KEEPALIVE
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+    return sock
+
+
 def counted_session(info: Any) -> Any:
     """Kopf's connection (a `kopf.ConnectionInfo` from its login) as a `kopf.AiohttpSession` built the way
     Kopf builds its own, plus `counting_trace()`: Kopf's lists, watch streams and patches are counted too.
@@ -341,7 +361,7 @@ def counted_session(info: Any) -> Any:
     import kopf
 
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, ssl=info.as_ssl_context()),
+        connector=aiohttp.TCPConnector(limit=0, ssl=info.as_ssl_context(), socket_factory=keepalive_socket),
         headers=info.as_http_headers(),
         proxy=info.proxy_url,
         trust_env=info.trust_env,
