@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hub_server import Hub, repo_from_dir
 from kubetune.api.contract import ExitCode
-from trainer_helpers import TINY_MODEL, free_port, job_spec, run_trainer, termination
+from trainer_helpers import TINY_MODEL, job_spec, refused_url, run_trainer, termination
 
 
 @pytest.fixture
@@ -63,7 +63,8 @@ def test_missing_repo_or_revision_is_model_not_found(
 
 def test_unreachable_hub_is_retryable(tmp_path: Path) -> None:
     spec = job_spec(tmp_path, **{"model.source": "hf://acme/tiny-llama"})
-    code, out = run_trainer(tmp_path, spec, nproc=1, env=env(tmp_path, f"http://127.0.0.1:{free_port()}"))
+    with refused_url() as url:
+        code, out = run_trainer(tmp_path, spec, nproc=1, env=env(tmp_path, url))
     message = termination(tmp_path)
     assert code == ExitCode.STORAGE_UNAVAILABLE and message["reason"] == "StorageUnavailable", out[-3000:]
     assert "hf://acme/tiny-llama" in message["message"]

@@ -12,7 +12,7 @@ from kubetune.api.contract import ExitCode
 from kubetune.api.models import StorageSpec
 from kubetune_trainer import storage
 from kubetune_trainer.errors import TrainerError
-from trainer_helpers import SPELL, TINY_MODEL, free_port, job_spec, run_trainer, termination
+from trainer_helpers import SPELL, TINY_MODEL, free_port, job_spec, refused_url, run_trainer, termination
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +133,13 @@ def test_refused_session_token_is_credentials_invalid(s3_endpoint: str) -> None:
     assert err.exit_code == ExitCode.CREDENTIALS_INVALID and "secretRef" in err.message
 
 
-def test_unreachable_endpoint_is_storage_unavailable(tmp_path: Path) -> None:
-    spec = StorageSpec(endpoint=f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(TrainerError) as err:
-        storage.fetch("s3://models/tiny", spec, "spec.model.source", ExitCode.MODEL_NOT_FOUND)
+def test_unreachable_endpoint_is_storage_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")  # credentials there, so only the endpoint can fail
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    with refused_url() as endpoint, pytest.raises(TrainerError) as err:
+        storage.fetch(
+            "s3://models/tiny", StorageSpec(endpoint=endpoint), "spec.model.source", ExitCode.MODEL_NOT_FOUND
+        )
     assert err.value.exit_code == ExitCode.STORAGE_UNAVAILABLE
 
 

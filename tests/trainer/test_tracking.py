@@ -122,15 +122,15 @@ def test_the_wandb_run_id_is_the_same_for_every_gang_of_a_run(tmp_path: Path) ->
 def test_an_unreachable_mlflow_server_is_one_line_naming_the_uri_before_anything_else(tmp_path: Path) -> None:
     from kubetune.api.contract import ExitCode
     from kubetune_trainer.errors import TrainerError
-    from trainer_helpers import free_port
+    from trainer_helpers import refused_url
 
-    uri = f"http://127.0.0.1:{free_port()}"
-    spec = FineTuneJobSpec.model_validate(
-        job_spec(tmp_path, **{"tracking.mlflow": {"uri": uri, "experiment": "e"}})
-    )
-    started = time.monotonic()
-    with pytest.raises(TrainerError) as err:
-        tracking.start_tracking(render_trainer_config(spec, "j"), tmp_path)
+    with refused_url() as uri:
+        spec = FineTuneJobSpec.model_validate(
+            job_spec(tmp_path, **{"tracking.mlflow": {"uri": uri, "experiment": "e"}})
+        )
+        started = time.monotonic()
+        with pytest.raises(TrainerError) as err:
+            tracking.start_tracking(render_trainer_config(spec, "j"), tmp_path)
     assert err.value.exit_code == ExitCode.INFRASTRUCTURE
     assert uri in err.value.message and "\n" not in err.value.message
     assert time.monotonic() - started < 60

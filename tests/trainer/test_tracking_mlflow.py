@@ -24,7 +24,7 @@ from kubetune.api.contract import ExitCode
 from kubetune.api.models import StorageSpec
 from kubetune_trainer import storage
 from mlflow_server import MlflowServer
-from trainer_helpers import free_port, job_spec, launch, run_trainer, termination, write_config
+from trainer_helpers import job_spec, launch, refused_url, run_trainer, termination, write_config
 
 pytestmark = pytest.mark.slow
 EXPERIMENT = "kubetune-tests"
@@ -219,10 +219,10 @@ def test_a_server_that_goes_away_mid_run_neither_fails_nor_stalls_training(
 
 
 def test_an_unreachable_server_fails_the_job_before_training(tmp_path: Path, s3_endpoint: str) -> None:
-    uri = f"http://127.0.0.1:{free_port()}"
-    spec = tracked_spec(tmp_path, s3_endpoint, uri, "unreachable")
-    started = time.monotonic()
-    code, out = run_trainer(tmp_path, spec, nproc=1)
+    with refused_url() as uri:
+        spec = tracked_spec(tmp_path, s3_endpoint, uri, "unreachable")
+        started = time.monotonic()
+        code, out = run_trainer(tmp_path, spec, nproc=1)
     assert code == ExitCode.INFRASTRUCTURE, out[-3000:]
     message = termination(tmp_path)["message"]
     assert uri in message and "\n" not in message

@@ -81,6 +81,18 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def refused_url() -> Iterator[str]:
+    """http://127.0.0.1:PORT where nothing answers for as long as the block runs: the port is held bound but
+    not listening, so every connect is refused (a port found free and let go can be taken meanwhile by
+    another local server: CI once got a 401 from one instead of a refusal)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@contextlib.contextmanager
 def moto_s3() -> Iterator[str]:
     """moto's S3 server (a real HTTP server) on a free loopback port, and its test credentials in the environment
     (restored after): yields the endpoint."""
