@@ -7,7 +7,6 @@ test_honest_resume.py; a shrunk gang's config changes no trained field: test_ela
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 from kubetune.api.contract import ExitCode
 from kubetune.api.models import FineTuneJobSpec
 from kubetune.render.trainer_config import render_trainer_config
-from trainer_helpers import free_port, job_spec, launch, rank_dumps, small_train_file
+from trainer_helpers import free_port, job_spec, kill_run, launch, rank_dumps, small_train_file
 
 EXAMPLES = 100  # about 20 token-budget micro-batches (varlen): 3 steps of 6 an epoch, the rest left out of it
 STEPS = 7  # epochs 0 and 1 whole, one step of epoch 2
@@ -45,7 +44,7 @@ def _gang(tmp: Path, spec: dict[str, Any], nodes: int, stop_at: int = 0) -> tupl
     try:
         out, _ = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        kill_run(proc, tmp)
         raise AssertionError(f"gang of {nodes} did not finish:\n{proc.communicate()[0][-4000:]}") from None
     (tmp / f"gang-{nodes}-{stop_at}.log").write_text(out)
     return proc.returncode, out

@@ -38,7 +38,9 @@ def test_a_tracker_that_hangs_never_slows_the_caller_and_drops_what_does_not_fit
     for step in range(5000):
         channel.put([Point("loss", 1.0, step)])
     elapsed = time.perf_counter() - started
-    assert elapsed < 1.0, f"5,000 puts took {elapsed:.2f}s"
+    # a put that waited for the hung sink would not return while it hangs (the gate opens below); the bound catches
+    # that, not speed (it was 1 s and failed once on a loaded CI machine)
+    assert elapsed < 30.0, f"5,000 puts took {elapsed:.2f}s"
     assert channel.dropped >= 4800  # the queue holds 100; the worker holds one batch
     assert capsys.readouterr().out.count("is not taking metrics") == 1  # warned once
     gate.set()

@@ -10,8 +10,6 @@ artifact, refused credentials from the Secret against MLflow's basic-auth app) i
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import threading
 import time
@@ -24,7 +22,7 @@ from kubetune.api.contract import ExitCode
 from kubetune.api.models import StorageSpec
 from kubetune_trainer import storage
 from mlflow_server import MlflowServer
-from trainer_helpers import job_spec, launch, refused_url, run_trainer, termination, write_config
+from trainer_helpers import job_spec, kill_run, launch, refused_url, run_trainer, termination, write_config
 
 pytestmark = pytest.mark.slow
 EXPERIMENT = "kubetune-tests"
@@ -102,8 +100,7 @@ def test_a_restarted_gang_continues_the_same_run_without_duplicate_steps(
         time.sleep(0.5)
     before = history(mlflow, run.info.run_id, "loss")
     assert [s for s, _ in before] == [2, 4, 6, 8, 10, 12, 14]
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_run(proc, tmp_path)
     # gang 2 resumes from step 10 and re-trains 11..14: the run goes on, steps 12 and 14 are not logged again
     code, out = run_trainer(tmp_path, spec, nproc=1)
     assert code == 0, out[-4000:]

@@ -130,6 +130,21 @@ def launch(
     )
 
 
+def kill_run(proc: subprocess.Popen, tmp: Path) -> None:
+    """SIGKILL a launched run: the launcher's process group (torchrun) and every process whose command line
+    names `tmp` (the ranks: torchrun starts them in sessions of their own, so a killed torchrun's ranks
+    lived on, parented to init, one hung at a debug step holding 1 GB until the machine stopped)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 9)
+    needle = str(tmp).encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if needle in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), 9)
+    proc.wait()
+
+
 def run_trainer(
     tmp: Path, spec: dict[str, Any], nproc: int = 2, timeout: int = 300, env: dict[str, str] | None = None
 ) -> tuple[int, str]:
@@ -138,7 +153,7 @@ def run_trainer(
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)  # the launcher, torchrun and the ranks: nothing outlives the test
+        kill_run(proc, tmp)  # the launcher, torchrun and the ranks: nothing outlives the test
         out, _ = proc.communicate()
         raise AssertionError(f"trainer did not finish in {timeout}s:\n{out[-4000:]}") from None
     return proc.returncode, out
