@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from kubetune.api.contract import ExitCode
 from kubetune_trainer import reach
-from trainer_helpers import free_port
+from trainer_helpers import free_port, kill_run
 
 
 @pytest.fixture
@@ -121,11 +121,11 @@ def _pod(
     )
 
 
-def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+def _finish(proc: subprocess.Popen, timeout: float, tmp: Path) -> tuple[int, str]:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        kill_run(proc, tmp)
         out, _ = proc.communicate()
         raise AssertionError(f"did not finish in {timeout}s:\n{out[-4000:]}") from None
     return proc.returncode, out
@@ -137,8 +137,8 @@ def test_two_pods_reach_rank_zero_then_time_the_ring_and_the_all_reduce(tmp_path
     second = _pod(tmp_path, 1, port)  # first: its probe waits for rank 0's torchrun to listen
     time.sleep(1)
     first = _pod(tmp_path, 0, port)
-    code0, out0 = _finish(first, 120)
-    code1, out1 = _finish(second, 30)
+    code0, out0 = _finish(first, 120, tmp_path)
+    code1, out1 = _finish(second, 30, tmp_path)
     assert code0 == code1 == 0, out0[-3000:] + out1[-3000:]
     assert "network check over gloo, 2 ranks" in out0, out0[-3000:]
     network = json.loads((tmp_path / "network.json").read_text())
@@ -157,10 +157,10 @@ def test_a_pod_that_cannot_reach_rank_zero_fails_with_network_unreachable_in_sec
     try:
         start = time.monotonic()
         blocked = _pod(tmp_path, 1, port, timeout=5, prefix=("unshare", "-n"))  # no route to it
-        code, out = _finish(blocked, 60)
+        code, out = _finish(blocked, 60, tmp_path)
         elapsed = time.monotonic() - start
     finally:
-        os.killpg(first.pid, 9)
+        kill_run(first, tmp_path)  # its torchrun's rank waits for a peer that never comes
         first.communicate()
     assert code == ExitCode.NETWORK_UNREACHABLE, out[-3000:]
     assert elapsed < 15, elapsed  # the 5 s bound, not torchrun's 15-minute join timeout
@@ -183,7 +183,7 @@ def test_a_peer_that_never_answers_over_the_backend_ends_the_rank_at_the_deadlin
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
-    code, out = _finish(proc, 120)
+    code, out = _finish(proc, 120, tmp_path)
     assert code != 0 and not (tmp_path / "network.json").exists(), out[-3000:]
     message = json.loads((tmp_path / "termination").read_text())
     assert message["reason"] == "NetworkUnreachable" and message["exitCode"] == 72, message
