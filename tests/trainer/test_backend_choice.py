@@ -134,25 +134,37 @@ def test_sizes_of_real_architectures(tmp_path: Path) -> None:
     assert 7.6e9 * 20 < big < 7.7e9 * 20
 
 
-def test_deepspeed_on_a_cpu_without_a_build_tool_runs_its_collectives_over_torch(
+def test_deepspeed_on_a_cpu_under_torchrun_never_compiles_its_unused_shared_memory_op(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The trainer image has no ninja: DeepSpeed's CPU accelerator would fail its process group's start trying to
-    compile its shared-memory collectives; the op is marked unavailable and DeepSpeed goes without it."""
+    """Under torchrun (no LOCAL_SIZE) DeepSpeed's shared-memory collectives initialise to nothing, yet DeepSpeed
+    compiled them at every process start (a minute of CPU per pod): the op is marked unavailable, and DeepSpeed's
+    own check then builds nothing and its TorchBackend uses torch.distributed. It is left to DeepSpeed only where
+    it would be used (LOCAL_SIZE equal to WORLD_SIZE, as DeepSpeed's launcher sets) and can be built (ninja)."""
     import deepspeed.ops
     import torch.utils.cpp_extension as cpp
     from deepspeed.comm.torch import build_shm_op
-    from kubetune_trainer.backend import skip_unbuildable_shm_op
+    from kubetune_trainer.backend import skip_shm_op_unless_used
 
     def no_ninja() -> None:
         raise RuntimeError("Ninja is required to load C++ extensions")
 
-    monkeypatch.setattr(deepspeed.ops, "__compatible_ops__", {"deepspeed_shm_comm": True}, raising=False)
-    monkeypatch.setattr(cpp, "verify_ninja_availability", no_ninja)
-    assert skip_unbuildable_shm_op() is True
-    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
-    assert build_shm_op() is None  # DeepSpeed's own check: no op, so its TorchBackend uses torch.distributed
-    monkeypatch.undo()
-    monkeypatch.setattr(deepspeed.ops, "__compatible_ops__", {"deepspeed_shm_comm": True}, raising=False)
-    assert skip_unbuildable_shm_op() is False  # ninja here: left for DeepSpeed to build
+    def fresh(**env: str) -> None:
+        monkeypatch.setattr(deepspeed.ops, "__compatible_ops__", {"deepspeed_shm_comm": True}, raising=False)
+        for key in ("WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+
+    for env in ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, {"WORLD_SIZE": "3", "LOCAL_SIZE": "1"}):
+        fresh(**env)  # torchrun's variables, or a gang across machines: the op would do nothing
+        assert skip_shm_op_unless_used() is True, env
+        assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+        assert build_shm_op() is None  # DeepSpeed's own check: no op, nothing compiled
+    fresh(WORLD_SIZE="2", LOCAL_SIZE="2")  # every rank on this machine, as DeepSpeed's launcher says
+    assert skip_shm_op_unless_used() is False  # ninja here: left for DeepSpeed to build and use
     assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is True
+    fresh(WORLD_SIZE="2", LOCAL_SIZE="2")
+    monkeypatch.setattr(cpp, "verify_ninja_availability", no_ninja)
+    assert skip_shm_op_unless_used() is True  # no build tool: DeepSpeed would fail its process group's start
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False

@@ -107,21 +107,28 @@ def deepspeed_config(
     }
 
 
-def skip_unbuildable_shm_op() -> bool:
-    """DeepSpeed on CPU compiles its shared-memory collectives (deepspeed_shm_comm) when it starts its process
-    group, and fails when it cannot (the trainer image has no ninja or C++ compiler): without a build tool the
-    op is marked unavailable, and DeepSpeed runs its collectives over torch.distributed (gloo) instead. True when
-    it was skipped."""
-    from torch.utils.cpp_extension import verify_ninja_availability
+def skip_shm_op_unless_used() -> bool:
+    """DeepSpeed on CPU compiles its shared-memory collectives (deepspeed_shm_comm, a C++ extension built with
+    ninja) when it starts its process group, in every process that starts one: the pods' cache is empty, so every
+    rank's pod compiled it at every start (about a minute of both cores of this machine, per pod and restart).
+    The op only works when every rank shares one machine and says so in LOCAL_SIZE (DeepSpeed's own launcher
+    sets it; torchrun sets LOCAL_WORLD_SIZE instead), otherwise it initialises to nothing and the collectives go
+    over torch.distributed (gloo) anyway. So under torchrun it is marked unavailable and never built; also where
+    it could not be built (no ninja or compiler: DeepSpeed would fail the process group's start). True when
+    skipped."""
+    import deepspeed.ops
 
-    try:
-        verify_ninja_availability()
-        return False
-    except RuntimeError:
-        import deepspeed.ops
+    world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_SIZE")
+    if local is not None and local == world:
+        from torch.utils.cpp_extension import verify_ninja_availability
 
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        return True
+        try:
+            verify_ninja_availability()
+            return False  # all ranks on this machine, as DeepSpeed's launcher says: the op serves them
+        except RuntimeError:
+            pass
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return True
 
 
 def build_accelerator(config: TrainerConfig, backend: BackendChoice, on_gpu: bool) -> Any:
@@ -147,7 +154,7 @@ def build_accelerator(config: TrainerConfig, backend: BackendChoice, on_gpu: boo
     }
     if backend.deepspeed:
         if not on_gpu:
-            skip_unbuildable_shm_op()
+            skip_shm_op_unless_used()
         ds = deepspeed_config(config.spec, config.world_size, accum, on_gpu)
         # Passing the process-group backend explicitly matters on CPU: without it Accelerate initialises
         # DeepSpeed's process group but records a single process, and every rank trains alone.
