@@ -150,13 +150,17 @@ class FakeCluster:
         del self.objects[ref]  # Background: a Job has no finalizer of its own; it is gone at once
         return None
 
-    def delete_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """Graceful: the pod stays, terminating, until the kubelet has stopped it (`World.kubelet_stops`)."""
+    def delete_pod(
+        self, namespace: str, name: str, grace_seconds: int | None = None
+    ) -> dict[str, Any] | None:
+        """Graceful: the pod stays, terminating, until the kubelet has stopped it (`World.kubelet_stops`); the
+        request's body is {"gracePeriodSeconds": grace_seconds} when one is given."""
         ref = ("Pod", namespace, name)
+        body = None if grace_seconds is None else {"gracePeriodSeconds": grace_seconds}
         if ref not in self.objects:
-            self._record("delete", "Pod", name, None, "404")
+            self._record("delete", "Pod", name, body, "404")
             return None
-        self._record("delete", "Pod", name)
+        self._record("delete", "Pod", name, body)
         pod = self.objects[ref]
         pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
         return self.put(pod)

@@ -66,8 +66,15 @@ def test_before_the_wait_the_gang_waits_and_the_loop_wakes_when_it_ends() -> Non
 
 def test_past_the_wait_the_gang_restarts_on_the_nodes_it_placed_with_the_same_global_batch() -> None:
     world = starting(1, waited=121)
+    pods = sorted(p["metadata"]["name"] for p in world.kube.of_kind("Pod"))
     world.reconcile()
-    assert world.kube.writes() == [*STATUS_AND_EVENT, ("delete", "Job", "demo-r0")]
+    # the gang never formed (a pod found no node): its pods, waiting in the rendezvous, are stopped at once (1 s
+    # grace, nothing to checkpoint), then the Job (a Job's size is fixed) is deleted
+    stops = [("delete", "Pod", n) for n in pods]
+    assert world.kube.writes() == [*STATUS_AND_EVENT, *stops, ("delete", "Job", "demo-r0")]
+    assert {str(c.body) for c in world.kube.requests if c.verb == "delete" and c.kind == "Pod"} == {
+        "{'gracePeriodSeconds': 1}"
+    }
     assert world.status["phase"] == "Restarting" and (
         world.status["gangNodes"],
         world.status["worldSize"],

@@ -279,6 +279,9 @@ def node_lost() -> World:
 def check_node_lost(world: World) -> None:
     lost = world.kube.get("Pod", "ml", "demo-r0-1")
     assert lost is not None and lost["status"]["phase"] == "Failed"  # the Job controller replaces it now
+    # its peer, hung in a collective with the lost rank, cannot checkpoint: stopped at once, not after its grace
+    deletes = [c.body for c in world.kube.requests if c.short == ("delete", "Pod", "demo-r0-0")]
+    assert deletes == [{"gracePeriodSeconds": 1}], deletes
     assert world.job()["metadata"]["uid"] == "uid-job-2"
     world.gated_pods()  # replacements for both ranks; the lost pod stays Terminating on its node
     world.kubelet_stops()  # rank 0 stopped (the fake's kubelet_stops takes the lost pod too: put it back)
@@ -481,6 +484,8 @@ def check_restarting(world: World) -> None:
     )
     assert world.job()["metadata"]["uid"] == "uid-job-2"  # the Job created first: the same Kueue Workload
     assert world.kube.get("Pod", "ml", "demo-r0-1") is not None  # the failed rank is kept (its logs)
+    deletes = [c.body for c in world.kube.requests if c.short == ("delete", "Pod", "demo-r0-0")]
+    assert deletes == [None], deletes  # its peer gets its grace period: it checkpoints on SIGTERM
 
 
 def check_next_gang(world: World) -> None:

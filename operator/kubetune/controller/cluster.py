@@ -49,9 +49,12 @@ class Cluster(Protocol):
         """Merge-patch the workload Job; the patched Job, or None when there is none."""
         ...
 
-    def delete_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """Delete a pod of the gang (with its grace period: the trainer checkpoints on SIGTERM); the pod as the
-        delete left it (terminating), or None when it is gone."""
+    def delete_pod(
+        self, namespace: str, name: str, grace_seconds: int | None = None
+    ) -> dict[str, Any] | None:
+        """Delete a pod of the gang (with its grace period: the trainer checkpoints on SIGTERM; `grace_seconds`
+        overrides it, 0 for a pod with nothing to save); the pod as the delete left it (terminating), or None
+        when it is gone."""
         ...
 
     def fail_pod(self, namespace: str, name: str, reason: str, message: str) -> dict[str, Any] | None:

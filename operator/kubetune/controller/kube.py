@@ -299,9 +299,12 @@ class KubeClient:
             obj if obj.get("kind") == "Job" and (obj.get("metadata") or {}).get("deletionTimestamp") else None
         )
 
-    def delete_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def delete_pod(
+        self, namespace: str, name: str, grace_seconds: int | None = None
+    ) -> dict[str, Any] | None:
         delete = self._api(client.CoreV1Api).delete_namespaced_pod
-        obj = self.request(f"delete Pod {name}", delete, name, namespace, on={404: ABSENT})
+        options = client.V1DeleteOptions(grace_period_seconds=grace_seconds)
+        obj = self.request(f"delete Pod {name}", delete, name, namespace, body=options, on={404: ABSENT})
         if obj is None:
             return None
         return (

@@ -459,6 +459,11 @@ def act(
         # the gang again. A new Job (a new Kueue Workload, queued again) is created once this one's pods are gone.
         log.warning("%s/%s: gang restart %d: Job %s cannot run it again: deleting it", ns, name, restarts,
                     job["metadata"]["name"])  # fmt: skip
+        if elastic.waiting(observed.pods):
+            # A pod of this gang never found a node (the shrink's cause): the gang never formed, its other ranks
+            # wait in torchrun's rendezvous with nothing to save; stopped at once, not after their grace period
+            # (torchrun, the container's first process, has no SIGTERM handler before its workers start).
+            stop_at_once(ns, name, observed, store, kube, "their gang never formed")
         # Background: the Job goes at once and the garbage collector removes its pods.
         left = kube.delete_job(ns, job["metadata"]["name"], propagation="Background")
         if left is not None:
@@ -482,7 +487,8 @@ def act(
 def restart_in_place(
     ns: str, name: str, restarts: int, observed: Observed, store: Store, kube: Cluster
 ) -> None:
-    """Delete the failed generation's pods that still run (gracefully: they checkpoint on SIGTERM), and mark those
+    """Delete the failed generation's pods that still run (gracefully: they checkpoint on SIGTERM; at once when a
+    rank was lost with its node, as its peers cannot checkpoint without it), and mark those
     lost with their node Failed (their kubelet will never finish them; the Job controller replaces a pod only
     once it has stopped). The Job stays, and with it the queue's admission; the Job controller replaces every pod
     behind the gang gate, and the operator releases the new generation once the old one is gone."""
@@ -503,8 +509,31 @@ def restart_in_place(
         )
         if done is not None:
             store.put_child("Pod", done)
+    # A rank lost with its node leaves its peers hung in a collective with it: they cannot checkpoint (a
+    # checkpoint needs every rank) and would only wait out their grace period; the gang resumes from the newest
+    # complete checkpoint, so they are stopped at once. Otherwise each pod gets its grace period to checkpoint.
+    grace = AT_ONCE if lost else None
     for pod in going:
-        left = kube.delete_pod(ns, pod["metadata"]["name"])
+        left = kube.delete_pod(ns, pod["metadata"]["name"], grace_seconds=grace)
+        if left is not None:
+            store.put_child("Pod", left)
+
+
+AT_ONCE = 1
+"""The grace period of a pod with nothing to save: 1 s, not 0 (which removes the object before its kubelet has
+stopped it: a pod gone from the API server would no longer mean a process gone from its node)."""
+
+
+def stop_at_once(ns: str, name: str, observed: Observed, store: Store, kube: Cluster, why: str) -> None:
+    """Delete the gang's live pods with a grace period of AT_ONCE (they have nothing to checkpoint: `why`)."""
+    going = [
+        p for p in observed.pods
+        if not p["metadata"].get("deletionTimestamp") and (p.get("status") or {}).get("phase") in ("Pending", "Running")
+    ]  # fmt: skip
+    if going:
+        log.info("%s/%s: stopping %d pod(s) at once: %s", ns, name, len(going), why)
+    for pod in going:
+        left = kube.delete_pod(ns, pod["metadata"]["name"], grace_seconds=AT_ONCE)
         if left is not None:
             store.put_child("Pod", left)
 
