@@ -35,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,14 @@ class KubeletNode(StartStop):
         self._root_lock: Any = None
         self.errors: list[str] = []
         self._exposed: dict[int, str] = {}
+        # The kubelet's root: under the node's directory unless that path is too long for the unix sockets the
+        # kubelet binds there (pod-resources/<10 digits>: 108 bytes in all, counting the path), as under pytest-xdist's
+        # per-worker temp directories or a deep KUBETUNE_CLUSTER_DIR; then a short directory in /tmp, linked
+        # from the node's directory and removed with the node.
+        self.kubelet_dir = workdir / "kubelet"
+        self._short_kubelet_dir = (
+            len(str(self.kubelet_dir.absolute())) + len("/pod-resources/0123456789") >= 100
+        )
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -121,6 +130,10 @@ class KubeletNode(StartStop):
         d = self.dir
         d.mkdir(parents=True, exist_ok=True)
         self.pod_logs_dir.mkdir(parents=True, exist_ok=True)
+        if self._short_kubelet_dir:
+            self.kubelet_dir = Path(tempfile.mkdtemp(prefix="kt-kubelet-"))
+            (d / "kubelet").unlink(missing_ok=True)
+            (d / "kubelet").symlink_to(self.kubelet_dir)
         self.ctr_sock = d / "containerd.sock"
         self.ctr = [tools["ctr"], "--address", str(self.ctr_sock)]
         if self.first is not None:
@@ -170,6 +183,9 @@ class KubeletNode(StartStop):
             self._root_lock = None
         if self.first is not None:  # an extra node goes now, not with the namespace: leave nothing behind
             self.leftovers = self._remove()
+        if self._short_kubelet_dir and self.kubelet_dir.parent == Path(tempfile.gettempdir()):
+            # what is mounted there lives in the cluster's mount namespace (gone with it); the host sees files
+            subprocess.run(["rm", "-rf", str(self.kubelet_dir)], capture_output=True)
 
     # -- an extra node's power-off and removal ------------------------------------------
     def _shims(self) -> list[int]:
@@ -211,7 +227,7 @@ class KubeletNode(StartStop):
     def _mounts(self) -> list[str]:
         """Mount points of the cluster's mount namespace under this node's directories (kubelet volumes,
         sandbox shm, container rootfs, pod network namespaces)."""
-        under = [str(self.dir)] + ([str(self.clone)] if self.clone else [])
+        under = [str(self.dir), str(self.kubelet_dir)] + ([str(self.clone)] if self.clone else [])
         out = []
         for line in Path(f"/proc/{self.ns.pid}/mountinfo").read_text().splitlines():
             mp = line.split()[4].encode().decode("unicode_escape")
@@ -448,7 +464,7 @@ state = "{d / "containerd-state"}"
                 str(kubelet),
                 f"--config={d / 'kubelet.yaml'}",
                 f"--kubeconfig={kubeconfig}",
-                f"--root-dir={d / 'kubelet'}",
+                f"--root-dir={self.kubelet_dir}",
                 f"--hostname-override={self.name}",
                 f"--node-ip={self.ip}",
                 f"--cert-dir={d / 'kubelet-pki'}",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import NAMESPACES, NODE_MODE, RELEASE_NS, SA
+from conftest import NAMESPACES, NODE_MODE, RELEASE_NS, SA, render_chart
 
 pytestmark = pytest.mark.e2e
 WATCHED = NAMESPACES["happy"]
@@ -156,7 +156,6 @@ def test_cluster_rules_are_only_crd_discovery(installed, kctl):
 
 def test_all_namespaces_mode_renders_clusterrole_without_secrets(installed, kctl, cluster):
     """The default install (watch all namespaces): same rules in a ClusterRole, still no secrets, pods delete."""
-    from conftest import render_chart
 
     docs = render_chart()
     role = next(d for d in docs if d["kind"] == "ClusterRole")
