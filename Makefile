@@ -18,13 +18,15 @@ quickstart: install
 	$(VENV)/bin/kubetune run examples/quickstart.yaml
 
 ## Everything CI runs: lint, types, the docs site, unit + integration + e2e tests (e2e on the real kubelet
-## node; the e2e binaries and images are built on first use and cached, see e2e/README.md)
+## node; the e2e binaries and images are built on first use and cached, see e2e/README.md). Two pytest-xdist
+## workers: one runs the e2e tree (one group, one control plane, mostly waiting on pods), the other the modules
+## under tests/ (a group each; the groups: tests/conftest.py); the e2e group goes first, being the longest
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(MAKE) docs
-	$(VENV)/bin/pytest --durations=40 tests e2e
+	$(VENV)/bin/pytest -n 2 --no-loadscope-reorder --durations=40 e2e tests
 
 ## The same with the e2e pods run by the fast node agent instead of the real kubelet
 test-agent: install
