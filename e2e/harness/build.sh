@@ -252,11 +252,13 @@ GO
   rm -rf "$out/bin" "$out/crds"; mv "$out/bin.tmp" "$out/bin"; mv "$out/crds.tmp" "$out/crds"; rm -rf "$w"
 }
 
-# Default: everything the default (real-kubelet) suite needs, helm first (tests/test_chart.py wants it
-# early when .ci/run builds in the background while the unit tests run). One lock per component:
-# a concurrent caller (a test fixture needing one binary) waits only for the component it asks for.
+# Default: everything the default (real-kubelet) suite needs, in the order the e2e session needs it when
+# .ci/run builds in the background while the tests run (the session's first test starts a cluster: the control
+# plane, a node, CoreDNS, MinIO and the chart by helm; the Coscheduling and Kueue modules come minutes later).
+# One lock per component: a concurrent caller (a test fixture needing one binary) waits only for the component
+# it asks for.
 start=$SECONDS
-for c in ${KUBETUNE_E2E_COMPONENTS:-helm kubernetes etcd node coredns minio registry kserve kueue coscheduling}; do
+for c in ${KUBETUNE_E2E_COMPONENTS:-kubernetes etcd node coredns minio helm registry kserve coscheduling kueue}; do
   t=$SECONDS
   exec 9>"$cache/.build-$c.lock" && flock 9 && "build_$c" && exec 9>&-
   echo "build.sh: $c done in $((SECONDS - t))s"
