@@ -925,7 +925,9 @@ class FineTuneJobSpec(ApiModel):
     need more than the runtime's 64Mi. 64Mi to 1Ti."""
     termination_grace_period_seconds: int = Field(default=300, ge=30, le=86400)
     """Seconds a stopping pod (suspend, preemption, drain, gang restart) has to write its checkpoint to storage
-    before it is killed. Large models on slow storage need more."""
+    before it is killed. Large models on slow storage need more. A pod with nothing to save is stopped after 1 s
+    instead: a peer of a rank lost with its node (it cannot checkpoint without it), a pod of a gang that never
+    formed."""
     labels: dict[str, str] = Field(default_factory=dict)
     """Extra labels for the pods (e.g. for Kueue or cost allocation)."""
     annotations: dict[str, str] = Field(default_factory=dict)
