@@ -46,9 +46,16 @@ CLUSTER_ROLE = "kueue-manager-role"
 WEBHOOKS = {"MutatingWebhookConfiguration": "kueue-mutating-webhook-configuration",
             "ValidatingWebhookConfiguration": "kueue-validating-webhook-configuration"}  # fmt: skip
 API = "kueue.x-k8s.io/v1beta2"
-EXPECTED_ERRORS = ("Provisioning Requests not supported", "not found")
-"""Errors Kueue logs in a healthy cluster: no cluster-autoscaler (ProvisioningRequest checks skipped), and an
-object deleted while a reconcile of it ran (a gang restart deletes its Job while Kueue may be admitting it)."""
+EXPECTED_ERRORS = (
+    "Provisioning Requests not supported",
+    "not found",
+    "Failed to add localQueue to the cache: queue already exists",
+)
+"""Errors Kueue logs in a healthy cluster: no cluster-autoscaler (ProvisioningRequest checks skipped); an
+object deleted while a reconcile of it ran (a gang restart deletes its Job while Kueue may be admitting it); and a
+LocalQueue's create event handled after its ClusterQueue's (the ClusterQueue's entry in Kueue's cache takes the
+LocalQueues that exist then, so the LocalQueue's own event finds itself there: logged at error level, the cache
+is right; seen once, in a cold CI run at load, when the module created both at once)."""
 
 
 def served_here(webhook: dict[str, Any]) -> bool:
