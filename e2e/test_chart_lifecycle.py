@@ -92,11 +92,6 @@ def diagnosis(cluster: Cluster, node: Any, name: str) -> str:
     )
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: passed twice on the real node alone (after 9f4f326/f075c93) but failed in the fresh-clone CI run "
-    "at 63df661 (22:40 UTC); its failure output was not read before the session ended",
-)
 def test_install_previous_version_upgrade_test_and_uninstall(
     cluster: Cluster, kubelet_node: Any, tmp_path: Path
 ) -> None:
