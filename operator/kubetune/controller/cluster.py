@@ -53,7 +53,7 @@ class Cluster(Protocol):
         self, namespace: str, name: str, grace_seconds: int | None = None
     ) -> dict[str, Any] | None:
         """Delete a pod of the gang (with its grace period: the trainer checkpoints on SIGTERM; `grace_seconds`
-        overrides it, 0 for a pod with nothing to save); the pod as the delete left it (terminating), or None
+        overrides it: reconcile.AT_ONCE for a pod with nothing to save); the pod as the delete left it (terminating), or None
         when it is gone."""
         ...
 

@@ -512,11 +512,7 @@ def restart_in_place(
     # A rank lost with its node leaves its peers hung in a collective with it: they cannot checkpoint (a
     # checkpoint needs every rank) and would only wait out their grace period; the gang resumes from the newest
     # complete checkpoint, so they are stopped at once. Otherwise each pod gets its grace period to checkpoint.
-    grace = AT_ONCE if lost else None
-    for pod in going:
-        left = kube.delete_pod(ns, pod["metadata"]["name"], grace_seconds=grace)
-        if left is not None:
-            store.put_child("Pod", left)
+    delete_pods(ns, going, store, kube, AT_ONCE if lost else None)
 
 
 AT_ONCE = 1
@@ -532,8 +528,13 @@ def stop_at_once(ns: str, name: str, observed: Observed, store: Store, kube: Clu
     ]  # fmt: skip
     if going:
         log.info("%s/%s: stopping %d pod(s) at once: %s", ns, name, len(going), why)
-    for pod in going:
-        left = kube.delete_pod(ns, pod["metadata"]["name"], grace_seconds=AT_ONCE)
+    delete_pods(ns, going, store, kube, AT_ONCE)
+
+
+def delete_pods(ns: str, pods: list[dict[str, Any]], store: Store, kube: Cluster, grace: int | None) -> None:
+    """Delete `pods` (with `grace` seconds, or each pod's own grace period) and keep what the deletes left."""
+    for pod in pods:
+        left = kube.delete_pod(ns, pod["metadata"]["name"], grace_seconds=grace)
         if left is not None:
             store.put_child("Pod", left)
 
