@@ -92,12 +92,6 @@ def diagnosis(cluster: Cluster, node: Any, name: str) -> str:
     )
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open, a race in the operator: right after the upgrade the new operator can make its first pass over a "
-    "new job on survivor's output before its initial listing has brought survivor into its store, and records it "
-    "JobSuspended instead of OutputInUse (seen 2026-12-07 at 2dabe71; it passed in the three full runs before)",
-)
 def test_install_previous_version_upgrade_test_and_uninstall(
     cluster: Cluster, kubelet_node: Any, tmp_path: Path
 ) -> None:

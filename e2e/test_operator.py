@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,48 @@ def test_operator_refuses_spec_with_condition_and_no_pods(cluster, operator, nam
     assert get(cluster, namespace, "job", "refused-r0") is None
     events = cluster.kubectl("-n", namespace, "get", "events", "-o", "json").stdout
     assert "SpecInvalid" in events
+
+
+def test_jobs_on_one_output_waiting_when_the_operator_starts_get_one_job_between_them(
+    cluster, crd, namespace, request
+):
+    """The first passes after a start must see every FineTuneJob, not only those listed so far. Jobs created on
+    one output while no operator ran: the first (creationTimestamp) is named to come last in the listing (the
+    API server lists by name). It alone gets a Job; the others wait with OutputInUse naming it. Before the Kopf
+    index that fills the store ahead of any handler, the operator reconciled the jobs listed first before it had
+    seen the first one, and gave one of them a Job too (as it did in e2e/test_chart_lifecycle.py)."""
+    output = {"uri": "s3://out/shared-output"}
+    first = "zz-first"
+
+    def apply(*names: str) -> None:
+        items = [json.loads(ftj(n, output=output, runPolicy={"suspend": True})) for n in names]  # no pods run
+        cluster.kubectl(
+            "-n",
+            namespace,
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
+        )
+
+    apply(first)
+    time.sleep(1.1)  # creationTimestamp has whole seconds: the others are strictly later
+    later = [f"later-{i:02d}" for i in range(8)]
+    apply(*later)
+    # The operator starts only now: every job exists before its first listing.
+    log = request.getfixturevalue("operator")
+    names = [first, *later]
+
+    def recorded() -> list[dict[str, Any]] | None:
+        objs = [get(cluster, namespace, "ftj", n) or {} for n in names]
+        return objs if all((o.get("status") or {}).get("phase") == "Suspended" for o in objs) else None
+
+    objs = wait_for("every job recorded Suspended", recorded, 60)
+    given_a_job = [n for n in names if get(cluster, namespace, "job", f"{n}-r0") is not None]
+    assert given_a_job == [first], (given_a_job, log.read_text()[-3000:])
+    for obj in objs[1:]:
+        running = {c["type"]: c for c in obj["status"]["conditions"]}["Running"]
+        assert running["reason"] == "OutputInUse" and f"{namespace}/{first}" in running["message"], running
 
 
 # Node agent only (it skips on the real node): its job reads the model and data from this checkout (file://), which

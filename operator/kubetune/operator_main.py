@@ -103,6 +103,16 @@ async def stop(**_: Any) -> None:
     await controller().stop()
 
 
+@kopf.index(*RESOURCE)
+async def finetunejobs_listed(body: kopf.Body, **_: Any) -> None:
+    """Puts each FineTuneJob into the store before any handler runs. Kopf runs index handlers first, and holds
+    every other handler, of every kind, until the initial listing of an indexed resource has gone through its
+    index handlers. So the first reconcile after a start (or a new leader) sees every FineTuneJob: a job
+    created on another's output just as the operator starts waits (OutputInUse) instead of being given a Job
+    because the holder had not been listed yet. Nothing is kept in Kopf's index (None)."""
+    controller().on_finetunejob_listed(dict(body))
+
+
 @kopf.on.event(*RESOURCE)
 async def finetunejob_event(type: str | None, event: kopf.RawEvent, **_: Any) -> None:
     obj = dict(event["object"])

@@ -46,6 +46,8 @@ class Controller:
         self.queue: WorkQueue | None = None
         self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="reconcile")
         self._tasks: list[asyncio.Task[None]] = []
+        self._unqueued: set[Key] = set()
+        """FineTuneJobs the index pass put into the store whose event handler has not queued them yet."""
         self.reconciles = 0
         self.progress_reads = 0
 
@@ -76,14 +78,25 @@ class Controller:
 
     # ---------------------------------------------------------------- watch events (on the event loop)
 
+    def on_finetunejob_listed(self, obj: dict[str, Any]) -> None:
+        """Kopf's index pass over a FineTuneJob event (operator_main.finetunejobs_listed): into the store at
+        once, queued by its event handler (`on_finetunejob`), which Kopf runs only once every FineTuneJob
+        listed at start is in the store."""
+        if self.store.put_ftj(obj):
+            self._unqueued.add(key_of(obj))
+
     def on_finetunejob(self, event_type: str | None, obj: dict[str, Any]) -> None:
         key = key_of(obj)
         if event_type == "DELETED":
+            self._unqueued.discard(key)
             self.store.drop_ftj(key)
             if self.queue is not None:
                 self.queue.forget(key)
             return
-        if self.store.put_ftj(obj):  # the echo of our own write (already in the store) queues nothing
+        # New to the store here, or in the index pass of the same event. The echo of our own status write
+        # (already in the store from the write's answer) queues nothing.
+        if self.store.put_ftj(obj) or key in self._unqueued:
+            self._unqueued.discard(key)
             self._enqueue(key)
 
     def on_child(self, kind: str, event_type: str | None, obj: dict[str, Any]) -> None:
