@@ -7,21 +7,30 @@ Run last, the other tests use the time the build takes.
 Under pytest-xdist (`make test` runs two workers) the work is shared out in groups: the whole e2e tree is one (one
 control plane, its tests in their order, on one worker, first since it is the longest) and each module here is one
 (its fixtures set up once). xdist's own `--dist loadgroup` cannot do this under pytest 9.2 (it renames node ids
-through an attribute pytest no longer has), hence the scheduler below: xdist's LoadScope with these groups."""
+through an attribute pytest no longer has), hence the scheduler below: xdist's LoadScope with these groups.
+
+`KUBETUNE_TEST_TIMELINE=<file>`: one JSON line per test phase (worker, node id, phase, start, stop, outcome), written
+by the controlling process; what e2e/README.md's CI figures per worker come from."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
+TIMELINE = os.environ.get("KUBETUNE_TEST_TIMELINE")
 
 
-# e2e modules that start a session of their own (a subprocess with its own cluster) and use nothing of the e2e
-# session's: each is a group of its own, free to run on the other worker beside the session's tests
-OWN_SESSION = ("e2e/test_node_parity.py",)
+# e2e modules that are each a group of their own, queued last (longest first), so that the worker whose other
+# groups run out first takes them, beside the e2e tree on the other: test_multinode runs on the e2e session of
+# the worker that takes it (on the tests/ worker a second cluster of its own: its fixtures start one, as when the
+# module is run alone), test_node_parity starts a session of its own (a subprocess) and uses nothing of the
+# e2e session's. Both need the Go binaries, which a cold machine has by then.
+OWN_GROUP = ("e2e/suite/test_multinode.py", "e2e/test_node_parity.py")
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
@@ -30,7 +39,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     class Groups(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
-            return "e2e" if nodeid.startswith("e2e/") and module not in OWN_SESSION else module
+            return "e2e" if nodeid.startswith("e2e/") and module not in OWN_GROUP else module
 
     return Groups(config, log)
 
@@ -42,6 +51,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     )
     for i, item in zip(ours, order, strict=True):  # the same places: tests outside tests/ (e2e/) keep theirs
         items[i] = item
-    # the OWN_SESSION modules last: they need the Go binaries too, and wait for them on a cold machine
-    own = [item for item in items if item.nodeid.split("::", 1)[0] in OWN_SESSION]
+    # the OWN_GROUP modules last, in OWN_GROUP's order: they need the Go binaries too (a cold machine's wait)
+    own = sorted(
+        (item for item in items if item.nodeid.split("::", 1)[0] in OWN_GROUP),
+        key=lambda item: OWN_GROUP.index(item.nodeid.split("::", 1)[0]),
+    )
     items[:] = [item for item in items if item not in own] + own
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """KUBETUNE_TEST_TIMELINE: under xdist the controlling process gets every worker's reports here."""
+    if not TIMELINE or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    node = getattr(report, "node", None)
+    worker = node.gateway.id if node is not None else "main"
+    line = {"worker": worker, "nodeid": report.nodeid, "when": report.when, "start": report.start,
+            "stop": report.stop, "outcome": report.outcome}  # fmt: skip
+    with open(TIMELINE, "a") as out:
+        out.write(json.dumps(line) + "\n")
