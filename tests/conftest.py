@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,40 @@ TIMELINE = os.environ.get("KUBETUNE_TEST_TIMELINE")
 OWN_GROUP = ("e2e/suite/test_multinode.py", "e2e/test_node_parity.py")
 
 
+def groups(nodeids: Sequence[str]) -> dict[str, str]:
+    """Each test's xdist group, from the order of collection (pytest_collection_modifyitems below): the e2e tree
+    one group ("e2e"), but for the OWN_GROUP modules, a group each; under tests/ a group per run of consecutive
+    tests of one module. A module's `e2e_build` tests, moved after every other test, are a later run: a group
+    of their own, queued after the other modules' groups, instead of holding their worker at the module's place
+    until the Go build has reached their binary (the Kueue scale bench waited 8 minutes there, cold)."""
+    out: dict[str, str] = {}
+    runs: dict[str, int] = {}
+    last = None
+    for nodeid in nodeids:
+        module = nodeid.split("::", 1)[0]
+        if nodeid.startswith("e2e/") and module not in OWN_GROUP:
+            out[nodeid], last = "e2e", None
+            continue
+        if module != last:
+            runs[module] = runs.get(module, -1) + 1
+            last = module
+        out[nodeid] = f"{module}#{runs[module]}" if runs[module] else module
+    return out
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     from xdist.scheduler import LoadScopeScheduling  # noqa: PLC0415 (only under xdist)
 
     class Groups(LoadScopeScheduling):  # type: ignore[misc]
+        scopes: dict[str, str] = {}
+
+        def schedule(self) -> None:
+            if self.collection is None and self.collection_is_completed and self.registered_collections:
+                self.scopes = groups(next(iter(self.registered_collections.values())))
+            super().schedule()
+
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return "e2e" if nodeid.startswith("e2e/") and module not in OWN_GROUP else module
+            return self.scopes.get(nodeid) or groups([nodeid])[nodeid]
 
     return Groups(config, log)
 
