@@ -70,7 +70,12 @@ def test_edit_after_success_starts_a_resumed_run(cluster, kctl, suite_ns, s3, s3
     print(f"\n[suite] {name}: phases {sampler.phases} steps {sampler.steps}", file=sys.stderr)
     assert status["phase"] == "Succeeded" and status["observedGeneration"] == 3, status
     assert argocd_health(kctl.get(suite_ns, "ftj", name)) == "Healthy"
-    assert sampler.saw_in_order("Pending", "Succeeded") and "Succeeded" in sampler.phases[1:], sampler.phases
+    # Run 2 left Succeeded and came back to it. Which phase the samples catch in between depends on timing: the
+    # pass that starts run 2 writes Pending and the next one creates its Job (Initializing), often within one
+    # 0.2 s sample (a cold CI run saw Succeeded, Initializing, Running, Succeeded).
+    between = sampler.phases[1:-1]
+    assert between and sampler.phases[-1] == "Succeeded", sampler.phases
+    assert set(between) <= {"Pending", "Initializing", "Running"}, sampler.phases
 
     [run1] = status["runs"]
     base = f"s3://{s3.bucket}/runs/{name}"
