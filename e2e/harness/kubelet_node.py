@@ -181,6 +181,10 @@ class KubeletNode(StartStop):
         if self._root_lock is not None:
             self._root_lock.close()
             self._root_lock = None
+        elif self.first is None and self.root is not None and self.root.is_relative_to(self.dir):
+            # a containerd root of this node's own (another run held the cache's, or pause_only): 13 GB with
+            # both images, in pytest's temp dirs, which keep the last three runs: removed now
+            subprocess.run(["rm", "-rf", str(self.root)], capture_output=True)
         if self.first is not None:  # an extra node goes now, not with the namespace: leave nothing behind
             self.leftovers = self._remove()
         if self._short_kubelet_dir and self.kubelet_dir.parent == Path(tempfile.gettempdir()):
