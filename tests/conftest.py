@@ -34,6 +34,10 @@ TIMELINE = os.environ.get("KUBETUNE_TEST_TIMELINE")
 OWN_GROUP = ("e2e/suite/test_multinode.py", "e2e/test_node_parity.py")
 
 
+def module_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
 def groups(nodeids: Sequence[str]) -> dict[str, str]:
     """Each test's xdist group, from the order of collection (pytest_collection_modifyitems below): the e2e tree
     one group ("e2e"), but for the OWN_GROUP modules, a group each; under tests/ a group per run of consecutive
@@ -44,7 +48,7 @@ def groups(nodeids: Sequence[str]) -> dict[str, str]:
     runs: dict[str, int] = {}
     last = None
     for nodeid in nodeids:
-        module = nodeid.split("::", 1)[0]
+        module = module_of(nodeid)
         if nodeid.startswith("e2e/") and module not in OWN_GROUP:
             out[nodeid], last = "e2e", None
             continue
@@ -81,8 +85,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         items[i] = item
     # the OWN_GROUP modules last, in OWN_GROUP's order: they need the Go binaries too (a cold machine's wait)
     own = sorted(
-        (item for item in items if item.nodeid.split("::", 1)[0] in OWN_GROUP),
-        key=lambda item: OWN_GROUP.index(item.nodeid.split("::", 1)[0]),
+        (item for item in items if module_of(item.nodeid) in OWN_GROUP),
+        key=lambda item: OWN_GROUP.index(module_of(item.nodeid)),
     )
     items[:] = [item for item in items if item not in own] + own
 
